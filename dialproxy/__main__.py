@@ -1,0 +1,5 @@
+import sys
+
+from dialproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""``dialproxy serve | validate | run-demo | demo-backend``: parse, build, return an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
+
+from aiohttp import web
+
+from dialproxy import logs
+from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
+from dialproxy.config.model import Problem
+from dialproxy.config.store import ConfigStore
+from dialproxy.settings import Settings
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dialproxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="serve the API")
+    _serve_args(serve)
+
+    demo = sub.add_parser("run-demo", help="serve the API and the local demo model backend")
+    _serve_args(demo)
+    demo.add_argument("--demo-port", type=int, default=8081, help="demo backend port")
+
+    validate = sub.add_parser("validate", help="check config files as the server would load them")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("--strict", action="store_true", help="warnings are errors")
+    validate.add_argument("--format", choices=("text", "json"), default="text")
+
+    backend = sub.add_parser("demo-backend", help="run only the demo model backend")
+    backend.add_argument("--host", default="127.0.0.1")
+    backend.add_argument("--port", type=int, default=8081)
+    return parser
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="config file (repeatable; merged in order). Env: DIALPROXY_CONFIG=a.json,b.json",
+    )
+    parser.add_argument("--host", help="listen address (env DIALPROXY_HOST; 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (env DIALPROXY_PORT; 8080)")
+    parser.add_argument("--storage", help="counter storage: memory:// or redis://HOST:PORT/DB")
+    parser.add_argument(
+        "--storage-failure",
+        choices=("allow", "deny", "local"),
+        help="what to do while Redis is unreachable",
+    )
+    parser.add_argument(
+        "--allow-empty-config",
+        action="store_true",
+        help="accept a config with no keys or no models",
+    )
+    parser.add_argument("--no-watch", action="store_true", help="do not reload on file changes")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    changes: dict[str, object] = {}
+    if args.config:
+        changes["config_paths"] = tuple(args.config)
+    for name in ("host", "port", "storage", "storage_failure"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.allow_empty_config:
+        changes["allow_empty_config"] = True
+    if args.no_watch:
+        changes["watch"] = False
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def _report(problems: Sequence[Problem], fmt: str, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    if fmt == "json":
+        print(json.dumps([p.as_dict() for p in problems], indent=2), file=stream)
+        return
+    for p in problems:
+        print(f"{p.file}: {p.path}: {p.severity}: {p.message}", file=stream)
+
+
+def validate(files: Sequence[str], strict: bool, fmt: str) -> int:
+    try:
+        sources = read_sources(files)
+    except OSError as e:
+        print(f"dialproxy validate: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        snapshot = build_snapshot(sources, os.environ)
+        problems = list(snapshot.warnings)
+    except ConfigError as e:
+        problems = list(e.problems)
+    invalid = any(p.severity == "error" or strict for p in problems)
+    _report(problems, fmt, sys.stdout)
+    if fmt == "text":
+        errors = sum(p.severity == "error" for p in problems)
+        warnings = len(problems) - errors
+        verdict = "invalid" if invalid else "valid"
+        print(
+            f"{', '.join(files)}: {verdict} ({errors} error(s), {warnings} warning(s))",
+            file=sys.stderr,
+        )
+    return EXIT_INVALID if invalid else EXIT_OK
+
+
+def _load_store(settings: Settings) -> ConfigStore | None:
+    store = ConfigStore(settings.config_paths, allow_empty=settings.allow_empty_config)
+    try:
+        store.load()
+    except ConfigError as e:
+        print("dialproxy: the config is invalid; not serving:", file=sys.stderr)
+        _report(e.problems, "text")
+        return None
+    return store
+
+
+async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
+    from dialproxy.demo_backend import create_backend_app
+    from dialproxy.server import build_app
+
+    app = build_app(settings, store)
+    runners: list[web.AppRunner] = []
+    if demo_port is not None:
+        demo = web.AppRunner(create_backend_app(), access_log=None)
+        await demo.setup()
+        await web.TCPSite(demo, settings.host, demo_port).start()
+        runners.append(demo)
+        print(f"dialproxy: demo backend on http://{settings.host}:{demo_port}", file=sys.stderr)
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=settings.shutdown_timeout
+    )
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    runners.insert(0, runner)
+    print(f"dialproxy: serving on http://{settings.host}:{settings.port}", file=sys.stderr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("dialproxy: stopping; letting requests in flight finish", file=sys.stderr)
+        for r in runners:
+            await r.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "validate":
+        return validate(args.files, args.strict, args.format)
+    if args.command == "demo-backend":
+        from dialproxy.demo_backend import main as backend_main
+
+        return backend_main(["--host", args.host, "--port", str(args.port)])
+    logs.configure(logging.INFO)
+    settings = _settings(args)
+    missing = [p for p in settings.config_paths if not Path(p).is_file()]
+    if missing:
+        print(f"dialproxy: config file not found: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
+    store = _load_store(settings)
+    if store is None:
+        return EXIT_INVALID
+    demo_port = args.demo_port if args.command == "run-demo" else None
+    asyncio.run(_serve(settings, store, demo_port))
+    return EXIT_OK

@@ -1,0 +1,290 @@
+"""The config snapshot: frozen value objects, with every index the request path needs.
+
+A snapshot is built once per (re)load by :func:`dialproxy.config.loader.build_snapshot` and
+never changes afterwards; a request takes the current one and lives on it to the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+# Token windows and request windows, with their lengths in seconds.  A month is 30 days.
+TOKEN_WINDOWS: tuple[tuple[str, int], ...] = (
+    ("minute", 60),
+    ("day", 86_400),
+    ("week", 604_800),
+    ("month", 2_592_000),
+)
+REQUEST_WINDOWS: tuple[tuple[str, int], ...] = (
+    ("minute", 60),
+    ("hour", 3_600),
+    ("day", 86_400),
+)
+COST_WINDOWS = TOKEN_WINDOWS
+
+Severity = Literal["error", "warning"]
+
+
+def key_digest(secret: str) -> str:
+    """The SHA-256 hex digest of a key secret: how keys are looked up."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible name for a secret, safe for logs and messages."""
+    if secret.startswith("sha256:") and len(secret) == 71:
+        return secret[7:15]
+    return key_digest(secret)[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config, located by file and JSON path."""
+
+    file: str
+    path: str
+    message: str
+    severity: Severity = "error"
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "file": self.file,
+            "path": self.path,
+            "message": self.message,
+            "severity": self.severity,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message} [{self.severity}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One limited window: its name (``minute``, ``hour``...), length and limit."""
+
+    name: str
+    seconds: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A role's (or a key's) limit for one model; ``None`` means unlimited."""
+
+    minute: int | None = None
+    day: int | None = None
+    week: int | None = None
+    month: int | None = None
+    request_minute: int | None = None
+    request_hour: int | None = None
+    request_day: int | None = None
+
+    def token_windows(self) -> tuple[Window, ...]:
+        return tuple(
+            Window(name, seconds, value)
+            for name, seconds in TOKEN_WINDOWS
+            if (value := getattr(self, name)) is not None
+        )
+
+    def request_windows(self) -> tuple[Window, ...]:
+        return tuple(
+            Window(name, seconds, value)
+            for name, seconds in REQUEST_WINDOWS
+            if (value := getattr(self, "request_" + name)) is not None
+        )
+
+    @property
+    def denies(self) -> bool:
+        return any(
+            value is not None and value <= 0
+            for value in (
+                self.minute,
+                self.day,
+                self.week,
+                self.month,
+                self.request_minute,
+                self.request_hour,
+                self.request_day,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    unit: str
+    prompt: Decimal
+    completion: Decimal
+
+    def cost_nano_usd(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Cost in billionths of a dollar (counters are integers)."""
+        if self.unit != "token":
+            return 0
+        cost = self.prompt * prompt_tokens + self.completion * completion_tokens
+        return int(cost * 1_000_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    endpoint: str
+    key: str | None = None
+    extra_data: Any = None
+    weight: int = 1
+    tier: int = 0
+    auth: Literal["bearer", "api-key"] = "bearer"
+
+    @property
+    def key_fingerprint(self) -> str | None:
+        return fingerprint(self.key) if self.key else None
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    type: str  # chat | completion | embedding
+    endpoint: str | None
+    upstreams: tuple[Upstream, ...]
+    display_name: str | None = None
+    display_version: str | None = None
+    icon_url: str | None = None
+    description: str | None = None
+    user_roles: frozenset[str] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    override_name: str | None = None
+    forward_auth_token: bool = False
+    token_limits: Mapping[str, int] = field(default_factory=dict)
+    pricing: Pricing | None = None
+    features: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer_model: str | None = None
+    max_retry_attempts: int = 5
+    input_attachment_types: tuple[str, ...] = ()
+    max_input_attachments: int | None = None
+    description_keywords: tuple[str, ...] = ()
+
+    def admits(self, roles: frozenset[str]) -> bool:
+        """DIAL: absent ``userRoles`` = everyone, ``[]`` = nobody, else a role in common."""
+        return self.user_roles is None or not self.user_roles.isdisjoint(roles)
+
+    def listing(self, object_name: str) -> dict[str, Any]:
+        """The entry of this model in ``/openai/models`` or ``/openai/deployments``."""
+        entry: dict[str, Any] = {
+            "id": self.name,
+            "model": self.name,
+            "object": object_name,
+            "owner": "organization-owner",
+            "status": "succeeded",
+            "created_at": 1672534800,
+            "updated_at": 1672534800,
+            "lifecycle_status": "generally-available",
+            "scale_settings": {"scale_type": "standard"},
+            "display_name": self.display_name,
+            "display_version": self.display_version,
+            "icon_url": self.icon_url,
+            "description": self.description,
+            "reference": self.name,
+            "capabilities": {
+                "chat_completion": self.type == "chat",
+                "completion": self.type == "completion",
+                "embeddings": self.type == "embedding",
+                "fine_tune": False,
+                "inference": True,
+                "scale_types": ["standard"],
+            },
+            "features": dict(self.features),
+            "input_attachment_types": list(self.input_attachment_types),
+            "max_input_attachments": self.max_input_attachments,
+            "description_keywords": list(self.description_keywords),
+        }
+        if self.token_limits:
+            entry["limits"] = {_snake(k): v for k, v in self.token_limits.items()}
+        if self.pricing is not None:
+            entry["pricing"] = {
+                "unit": self.pricing.unit,
+                "prompt": str(self.pricing.prompt),
+                "completion": str(self.pricing.completion),
+            }
+        if self.tokenizer_model:
+            entry["tokenizer_model"] = self.tokenizer_model
+        return {k: v for k, v in entry.items() if v is not None}
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    name: str
+    limits: Mapping[str, Limit] = field(default_factory=dict)
+    cost_limit: Mapping[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a set of roles may do with one model, resolved once by DIAL's rules."""
+
+    model: Model
+    limit: Limit | None  # None: unlimited
+    denied: bool  # a resolved field <= 0: 403 Access denied
+    token_windows: tuple[Window, ...]
+    request_windows: tuple[Window, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Everything a caller with one set of roles may see and call, precomputed."""
+
+    roles: frozenset[str]
+    grants: Mapping[str, Grant]  # only the models these roles may call
+    cost_windows: tuple[Window, ...]  # nano-USD limits across the project's models
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """An API key entry.  ``digest`` is the SHA-256 of the secret; the secret is not kept."""
+
+    digest: str
+    fingerprint: str
+    project: str
+    roles: tuple[str, ...]
+    access: Access
+    secured: bool = False
+    name: str | None = None
+    description: str | None = None
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    disabled: bool = False
+    allowed_ip_ranges: tuple[str, ...] | None = None
+    key_limits: Mapping[str, Limit] = field(default_factory=dict)
+    models: frozenset[str] | None = None
+    can_share: bool = False
+
+    def state(self, now: datetime) -> str:
+        if self.disabled:
+            return "disabled"
+        if self.not_before is not None and now < self.not_before:
+            return "not yet valid"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One loaded config: immutable, with its indexes."""
+
+    models: Mapping[str, Model]
+    roles: Mapping[str, Role]
+    keys: Mapping[str, Key]  # by digest
+    retriable_codes: frozenset[int]
+    digest: str
+    files: tuple[str, ...]
+    warnings: tuple[Problem, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def key_for_secret(self, secret: str) -> Key | None:
+        return self.keys.get(key_digest(secret))

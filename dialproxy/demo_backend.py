@@ -1,0 +1,664 @@
+"""A small, fast OpenAI-compatible model server: the demo backend and the tests' upstream.
+
+The "echo" model answers a chat with the text of the last user message prefixed with
+``"Echo: "``; legacy completions echo the prompt; embeddings are 8 floats derived from a
+hash of each input. Every path ending in ``/chat/completions``, ``/completions`` or
+``/embeddings`` is served (so both ``/v1/chat/completions`` and DIAL adapter paths such as
+``/openai/deployments/{id}/chat/completions`` work), plus ``GET .../models`` and
+``GET /health``.
+
+Tests drive failures through a :class:`BackendControl` object (never through request
+headers) and read back what the server received from ``BackendControl.requests``.
+``GET /health`` is neither recorded nor subject to injected failures.
+
+Run it standalone with ``python -m dialproxy.demo_backend --host 127.0.0.1 --port 8081``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final, Literal
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+__all__ = [
+    "CONTROL_KEY",
+    "DEFAULT_MODEL",
+    "BackendControl",
+    "ReceivedRequest",
+    "create_backend_app",
+    "main",
+]
+
+DEFAULT_MODEL: Final = "echo"
+ECHO_PREFIX: Final = "Echo: "
+EMBEDDING_DIMENSIONS: Final = 8
+
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_EMBEDDING_IN: Final = struct.Struct(f"<{EMBEDDING_DIMENSIONS}I")
+_EMBEDDING_OUT: Final = struct.Struct(f"<{EMBEDDING_DIMENSIONS}f")
+# Words with their leading whitespace; the last one also keeps any trailing whitespace, so
+# joining the pieces gives back the text exactly (modulo leading whitespace, never present).
+_PIECES: Final = re.compile(r"\s*\S+(?:\s+\Z)?")
+_JSON: Final = "application/json"
+_HEALTH_BODY: Final = _encode_json({"status": "ok"}).encode()
+_SSE_DONE: Final = b"data: [DONE]\n\n"
+_SSE_HEADERS: Final = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+}
+
+
+def _dumps(payload: object) -> bytes:
+    return _encode_json(payload).encode()
+
+
+# --------------------------------------------------------------------------------------
+# Control object
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """One request as the backend received it."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        """The body parsed as JSON (raises ``ValueError`` when it is not JSON)."""
+        return json.loads(self.body)
+
+
+@dataclass(slots=True)
+class _Fault:
+    kind: Literal["fail", "drop"]
+    remaining: int
+    status: int = 0
+    body: bytes = b""
+    headers: CIMultiDict[str] | None = None
+
+
+class BackendControl:
+    """Failure injection and request recording for a backend app (used in-process)."""
+
+    requests: list[ReceivedRequest]
+    chunk_delay: float
+    first_byte_delay: float
+
+    def __init__(self) -> None:
+        self.requests = []
+        self.chunk_delay = 0.0
+        self.first_byte_delay = 0.0
+        self._faults: deque[_Fault] = deque()
+        self._stream_breaks: deque[list[int]] = deque()  # [n_chunks, remaining]
+
+    def fail_next(
+        self,
+        status: int,
+        *,
+        times: int = 1,
+        body: dict[str, Any] | str | bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer the next ``times`` requests with ``status`` and ``body``.
+
+        ``body`` defaults to an OpenAI-style error object; a dict is sent as JSON, a str or
+        bytes body is sent as is (as ``text/plain`` unless ``headers`` set a Content-Type).
+        """
+        _check_times(times)
+        out_headers: CIMultiDict[str] = CIMultiDict(headers or {})
+        if body is None:
+            payload = _dumps(_error_payload(status, f"Injected failure: {_status_text(status)}"))
+            out_headers.setdefault("Content-Type", _JSON)
+        elif isinstance(body, dict):
+            payload = _dumps(body)
+            out_headers.setdefault("Content-Type", _JSON)
+        else:
+            payload = body.encode() if isinstance(body, str) else bytes(body)
+            out_headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+        self._faults.append(_Fault("fail", times, status, payload, out_headers))
+
+    def drop_next(self, times: int = 1) -> None:
+        """Close the connection of the next ``times`` requests before any response bytes."""
+        _check_times(times)
+        self._faults.append(_Fault("drop", times))
+
+    def break_stream_after(self, n_chunks: int, times: int = 1) -> None:
+        """Abort the next ``times`` streamed responses after writing ``n_chunks`` chunks.
+
+        The connection is closed without the final chunk, the ``[DONE]`` event or the
+        chunked-encoding terminator, so a client sees an incomplete payload.
+        """
+        if n_chunks < 0:
+            raise ValueError("n_chunks must be >= 0")
+        _check_times(times)
+        self._stream_breaks.append([n_chunks, times])
+
+    def reset(self) -> None:
+        """Forget the recorded requests, pending failures and delays."""
+        self.requests.clear()
+        self._faults.clear()
+        self._stream_breaks.clear()
+        self.chunk_delay = 0.0
+        self.first_byte_delay = 0.0
+
+    @property
+    def last_request(self) -> ReceivedRequest:
+        """The most recent recorded request (``IndexError`` when there is none)."""
+        return self.requests[-1]
+
+    def _take_fault(self) -> _Fault | None:
+        if not self._faults:
+            return None
+        fault = self._faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self._faults.popleft()
+        return fault
+
+    def _take_stream_break(self) -> int | None:
+        if not self._stream_breaks:
+            return None
+        entry = self._stream_breaks[0]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            self._stream_breaks.popleft()
+        return entry[0]
+
+
+def _status_text(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _check_times(times: int) -> None:
+    if times < 1:
+        raise ValueError("times must be >= 1")
+
+
+CONTROL_KEY: Final = web.AppKey("dialproxy.demo_backend.control", BackendControl)
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+    429: "requests",
+}
+
+
+def _error_payload(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    err_type = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "api_error")
+    if code is None and status == 429:
+        code = "rate_limit_exceeded"
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def _error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=_dumps(_error_payload(status, message, param=param, code=code)),
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+def _json_response(payload: object) -> web.Response:
+    return web.Response(body=_dumps(payload), content_type=_JSON)
+
+
+# --------------------------------------------------------------------------------------
+# Request helpers
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def _count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _content_text(content: object) -> str:
+    """The text of a message's content: a string, or the concatenated text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str) and part.get("type", "text") == "text":
+                    texts.append(text)
+        return "".join(texts)
+    return ""
+
+
+def _model_of(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) and model else DEFAULT_MODEL
+
+
+def _max_words(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _BadRequest(f"'{name}' must be an integer >= 1", name)
+        return value
+    return None
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _BadRequest("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise _BadRequest("'stream_options' must be an object", "stream_options")
+    return stream, stream and options.get("include_usage") is True
+
+
+def _reply_pieces(text: str, limit: int | None) -> tuple[list[str], str]:
+    """Split the reply into per-word pieces, capped at ``limit`` -> (pieces, finish_reason)."""
+    pieces = _PIECES.findall(text)
+    if limit is not None and len(pieces) > limit:
+        return pieces[:limit], "length"
+    return pieces, "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _embedding_inputs(value: object) -> list[tuple[str, int]]:
+    """(text to hash, token count) for each input of an embeddings request."""
+    if isinstance(value, str):
+        return [(value, _count_words(value))]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return [(item, _count_words(item)) for item in value]
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return [(_tokens_text(value), len(value))]
+        if all(_is_token_list(item) for item in value):
+            return [(_tokens_text(item), len(item)) for item in value]
+    raise _BadRequest(
+        "'input' must be a string, a non-empty array of strings or an array of token arrays",
+        "input",
+    )
+
+
+def _is_token_list(item: object) -> bool:
+    return (
+        isinstance(item, list)
+        and bool(item)
+        and all(isinstance(tok, int) and not isinstance(tok, bool) for tok in item)
+    )
+
+
+def _tokens_text(tokens: Iterable[object]) -> str:
+    return " ".join(str(tok) for tok in tokens)
+
+
+def embedding_vector(text: str) -> list[float]:
+    """The deterministic 8-float embedding of ``text`` (values exact in float32, in [-1, 1))."""
+    words = _EMBEDDING_IN.unpack(hashlib.sha256(text.encode()).digest())
+    return [(word >> 8) / 8388608.0 - 1.0 for word in words]
+
+
+# --------------------------------------------------------------------------------------
+# Handlers
+
+
+class _Backend:
+    __slots__ = ("control",)
+
+    def __init__(self, control: BackendControl) -> None:
+        self.control = control
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/health":
+            if request.method != "GET":
+                return _error_response(405, "Method not allowed", headers={"Allow": "GET"})
+            return web.Response(body=_HEALTH_BODY, content_type=_JSON)
+
+        control = self.control
+        raw = await request.read()
+        control.requests.append(
+            ReceivedRequest(
+                method=request.method,
+                path=path,
+                query_string=request.query_string,
+                headers=CIMultiDict(request.headers),
+                body=raw,
+            )
+        )
+
+        fault = control._take_fault()
+        if fault is not None and fault.kind == "drop":
+            return self._drop(request)
+        if control.first_byte_delay > 0:
+            await asyncio.sleep(control.first_byte_delay)
+        if fault is not None:
+            return web.Response(status=fault.status, body=fault.body, headers=fault.headers)
+
+        route = path.rstrip("/")
+        if route.endswith("/chat/completions"):
+            endpoint = self._chat
+        elif route.endswith("/completions"):
+            endpoint = self._completions
+        elif route.endswith("/embeddings"):
+            endpoint = self._embeddings
+        elif route.endswith("/models") and request.method == "GET":
+            return _json_response(
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "demo"}
+                    ],
+                }
+            )
+        else:
+            return _error_response(404, f"Unknown path: {path}", code="not_found")
+        if request.method != "POST":
+            return _error_response(
+                405, f"Method {request.method} not allowed", headers={"Allow": "POST"}
+            )
+
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return _error_response(400, f"Request body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error_response(400, "Request body must be a JSON object")
+        try:
+            return await endpoint(request, body)
+        except _BadRequest as exc:
+            return _error_response(400, exc.message, param=exc.param)
+
+    @staticmethod
+    def _drop(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+        # Never sent: writing to the closed transport fails and aiohttp treats that as a
+        # premature client disconnection (no error log, connection discarded).
+        return web.Response(status=502)
+
+    async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("'messages' must be a non-empty array", "messages")
+        prompt_words = 0
+        last_user = ""
+        for message in messages:
+            if not isinstance(message, dict):
+                raise _BadRequest("each message must be an object", "messages")
+            text = _content_text(message.get("content"))
+            prompt_words += _count_words(text)
+            if message.get("role") == "user":
+                last_user = text
+        stream, include_usage = _stream_flags(body)
+        pieces, finish = _reply_pieces(ECHO_PREFIX + last_user, _max_words(body))
+        usage = _usage(max(prompt_words, 1), len(pieces))
+        model = _model_of(body)
+        completion_id = _new_id("chatcmpl-")
+        created = int(time.time())
+
+        if not stream:
+            return _json_response(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(pieces)},
+                            "logprobs": None,
+                            "finish_reason": finish,
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+
+        choices: list[object] = [
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": piece}
+                    if i == 0
+                    else {"content": piece},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+            for i, piece in enumerate(pieces)
+        ]
+        choices.append([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
+        return await self._stream(
+            request,
+            _chunk_prefix(completion_id, "chat.completion.chunk", created, model),
+            choices,
+            usage if include_usage else None,
+        )
+
+    async def _completions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompt = "\n".join(prompt)
+        if not isinstance(prompt, str):
+            raise _BadRequest("'prompt' must be a string or an array of strings", "prompt")
+        stream, include_usage = _stream_flags(body)
+        pieces, finish = _reply_pieces(ECHO_PREFIX + prompt, _max_words(body))
+        usage = _usage(max(_count_words(prompt), 1), len(pieces))
+        model = _model_of(body)
+        completion_id = _new_id("cmpl-")
+        created = int(time.time())
+
+        if not stream:
+            return _json_response(
+                {
+                    "id": completion_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "text": "".join(pieces),
+                            "index": 0,
+                            "logprobs": None,
+                            "finish_reason": finish,
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+
+        choices: list[object] = [
+            [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]
+            for piece in pieces
+        ]
+        choices.append([{"text": "", "index": 0, "logprobs": None, "finish_reason": finish}])
+        return await self._stream(
+            request,
+            _chunk_prefix(completion_id, "text_completion", created, model),
+            choices,
+            usage if include_usage else None,
+        )
+
+    async def _embeddings(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        inputs = _embedding_inputs(body.get("input"))
+        encoding = body.get("encoding_format", "float")
+        if encoding is None:
+            encoding = "float"
+        if encoding not in ("float", "base64"):
+            raise _BadRequest("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+        data: list[dict[str, Any]] = []
+        tokens = 0
+        for index, (text, count) in enumerate(inputs):
+            tokens += count
+            vector = embedding_vector(text)
+            embedding: list[float] | str = (
+                base64.b64encode(_EMBEDDING_OUT.pack(*vector)).decode("ascii")
+                if encoding == "base64"
+                else vector
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = max(tokens, 1)
+        return _json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": _model_of(body),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        prefix: bytes,
+        choices: Sequence[object],
+        usage: dict[str, int] | None,
+    ) -> web.StreamResponse:
+        """Write one SSE event per entry of ``choices`` (+ the usage chunk), then [DONE]."""
+        control = self.control
+        suffix = b',"usage":null}\n\n' if usage is not None else b"}\n\n"
+        events = [prefix + _dumps(choice) + suffix for choice in choices]
+        if usage is not None:
+            events.append(prefix + b'[],"usage":' + _dumps(usage) + b"}\n\n")
+        events.append(_SSE_DONE)
+        break_after = control._take_stream_break()
+
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        try:
+            await resp.prepare(request)
+            for i, event in enumerate(events):
+                if i == break_after:
+                    transport = request.transport
+                    if transport is not None:
+                        transport.close()
+                    return resp
+                if i and control.chunk_delay > 0:
+                    await asyncio.sleep(control.chunk_delay)
+                await resp.write(event)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away
+        return resp
+
+
+def _chunk_prefix(completion_id: str, obj: str, created: int, model: str) -> bytes:
+    return (
+        b'data: {"id":'
+        + _dumps(completion_id)
+        + b',"object":'
+        + _dumps(obj)
+        + b',"created":'
+        + str(created).encode()
+        + b',"model":'
+        + _dumps(model)
+        + b',"choices":'
+    )
+
+
+# --------------------------------------------------------------------------------------
+# App and CLI
+
+
+def create_backend_app(control: BackendControl | None = None) -> web.Application:
+    """The backend app; its control object is ``app[CONTROL_KEY]``."""
+    if control is None:
+        control = BackendControl()
+    app = web.Application(client_max_size=64 * 1024**2)
+    app[CONTROL_KEY] = control
+    app.router.add_route("*", "/{tail:.*}", _Backend(control).handle)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dialproxy.demo_backend",
+        description="Run the OpenAI-compatible demo model backend (model 'echo').",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8081, help="port to listen on (8081)")
+    args = parser.parse_args(argv)
+    host: str = args.host
+    port: int = args.port
+    shown_host = f"[{host}]" if ":" in host else host
+
+    def announce(*_: object) -> None:
+        print(f"demo backend listening on http://{shown_host}:{port}", flush=True)
+
+    web.run_app(
+        create_backend_app(),
+        host=host,
+        port=port,
+        access_log=None,
+        print=announce,
+        handle_signals=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""DIAL's limit rules on top of the ``limits`` library's sliding-window storage.
+
+Counters are keyed by what they count (project or key, model, window), never by the limit's
+value or the config snapshot, so they survive a reload and a changed limit applies to the
+usage already counted.  Any ``limits`` async storage with sliding-window support works:
+memory (the default) or Redis.
+
+- tokens and cost: checked before a request (read only), added after it unconditionally;
+- requests: checked and counted in one atomic storage operation per window; a request that
+  one window refuses is taken back from the windows that had already counted it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage.base import SlidingWindowCounterSupport
+
+from dialproxy.config.model import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Window
+from dialproxy.errors import ProxyError
+
+_UNLIMITED = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class WindowState:
+    """One window's use at a moment, with the seconds until it frees up."""
+
+    window: Window
+    used: int
+    retry_after: float  # seconds until used < limit (0 when it is already below)
+    reset: float  # seconds until the window is empty
+
+    @property
+    def remaining(self) -> int:
+        return max(self.window.limit - self.used, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which counters a request is charged to: ``dp:{owner}:{model}`` and ``dp:{owner}``.
+
+    ``owner`` is ``p:<project>`` for DIAL's project counters, ``k:<digest>`` for per-key
+    quotas.  ``token_windows``/``request_windows`` are the limited ones; ``count_tokens``
+    and ``count_requests`` say whether usage is recorded at all (it is wherever a limit of
+    that kind exists, in every window of that kind, so a limit added later sees it).
+    """
+
+    owner: str
+    model: str
+    token_windows: tuple[Window, ...] = ()
+    request_windows: tuple[Window, ...] = ()
+    cost_windows: tuple[Window, ...] = ()
+
+    @property
+    def counts_tokens(self) -> bool:
+        return bool(self.token_windows)
+
+    @property
+    def counts_requests(self) -> bool:
+        return bool(self.request_windows)
+
+    @property
+    def counts_cost(self) -> bool:
+        return bool(self.cost_windows)
+
+
+class RateLimited(ProxyError):
+    status = 429
+
+    def __init__(self, kind: str, states: Sequence[WindowState], blocking: WindowState) -> None:
+        unit = {"token": "tokens", "request": "requests", "cost": "USD"}[kind]
+        parts = [f"Hit {kind} rate limit."]
+        for s in states:
+            if kind == "cost":
+                parts.append(
+                    f"{s.window.name.capitalize()} limit: {s.used / 1e9:.6g} / "
+                    f"{s.window.limit / 1e9:.6g} {unit}."
+                )
+            else:
+                parts.append(
+                    f"{s.window.name.capitalize()} limit: {s.used} / {s.window.limit} {unit}."
+                )
+        self.retry_after = max(1, math.ceil(blocking.retry_after))
+        super().__init__(" ".join(parts))
+        self.extra = {
+            "limit_type": kind,
+            "window": blocking.window.name,
+            "retry_after": self.retry_after,
+        }
+        self.headers = {"Retry-After": str(self.retry_after)}
+
+
+def _stats(window: Window, counts: tuple[int, float, int, float], extra: int = 0) -> WindowState:
+    """Sliding-window counter arithmetic: weighted = previous * its ttl share + current."""
+    prev, prev_ttl, cur, cur_ttl = counts
+    e = window.seconds
+    cur += extra
+    used = math.floor(prev * prev_ttl / e + cur)
+    limit = window.limit
+    # Seconds until the current window rolls over (the current becomes the previous).
+    to_roll = max(cur_ttl - e, 0.0)
+    if used < limit:
+        retry = 0.0
+    elif cur < limit and prev > 0:
+        retry = max(prev_ttl - (limit - cur) * e / prev, 0.0)
+    elif cur > 0:
+        retry = to_roll + e * (1 - limit / cur) if limit > 0 else to_roll + e
+    else:
+        retry = to_roll
+    reset = to_roll + e if cur > 0 else prev_ttl
+    return WindowState(window, used, retry, reset)
+
+
+class Limiter:
+    def __init__(self, storage: Storage) -> None:
+        if not isinstance(storage, SlidingWindowCounterSupport):
+            raise TypeError("the storage must support sliding window counters")
+        self.storage = storage
+        self._sliding: SlidingWindowCounterSupport = storage
+
+    async def _read(self, key: str, window: Window) -> WindowState:
+        return _stats(window, await self._sliding.get_sliding_window(key, window.seconds))
+
+    async def check_tokens(self, scope: Scope) -> list[WindowState]:
+        """Token windows, read only: 429 when one is full.  Returns their states."""
+        states = [
+            await self._read(f"dp:{scope.owner}:{scope.model}:t:{w.name}", w)
+            for w in scope.token_windows
+        ]
+        if blocking := _blocking(states):
+            raise RateLimited("token", states, blocking)
+        return states
+
+    async def check_cost(self, scope: Scope) -> None:
+        states = [await self._read(f"dp:{scope.owner}:c:{w.name}", w) for w in scope.cost_windows]
+        if blocking := _blocking(states):
+            raise RateLimited("cost", states, blocking)
+
+    async def admit_request(self, scope: Scope) -> list[WindowState]:
+        """Check and count one request in every request window, atomically per window."""
+        limited = {w.name: w for w in scope.request_windows}
+        counted: list[tuple[str, int]] = []
+        states: list[WindowState] = []
+        for name, seconds in REQUEST_WINDOWS:
+            key = f"dp:{scope.owner}:{scope.model}:r:{name}"
+            window = limited.get(name)
+            ok = await self._sliding.acquire_sliding_window_entry(
+                key, window.limit if window else _UNLIMITED, seconds, 1
+            )
+            if not ok:
+                assert window is not None
+                for done_key, done_seconds in counted:
+                    await self._take_back(done_key, done_seconds)
+                reads = [
+                    await self._read(f"dp:{scope.owner}:{scope.model}:r:{w.name}", w)
+                    for w in scope.request_windows
+                ]
+                blocking = next(s for s in reads if s.window.name == name)
+                raise RateLimited("request", reads, _blocking(reads) or blocking)
+            counted.append((key, seconds))
+            if window is not None:
+                states.append(await self._read(key, window))
+        return states
+
+    async def record(self, scope: Scope, tokens: int, cost_nano_usd: int) -> None:
+        """Add a finished request's usage to every window of its kinds (may overshoot)."""
+        if tokens > 0 and scope.counts_tokens:
+            for name, seconds in TOKEN_WINDOWS:
+                await self._sliding.acquire_sliding_window_entry(
+                    f"dp:{scope.owner}:{scope.model}:t:{name}", _UNLIMITED, seconds, tokens
+                )
+        if cost_nano_usd > 0 and scope.counts_cost:
+            for name, seconds in COST_WINDOWS:
+                await self._sliding.acquire_sliding_window_entry(
+                    f"dp:{scope.owner}:c:{name}", _UNLIMITED, seconds, cost_nano_usd
+                )
+
+    async def usage(
+        self, owner: str, model: str, windows: Sequence[Window], kind: str
+    ) -> list[WindowState]:
+        """Current use of the given windows (for the limits endpoints)."""
+        return [await self._read(f"dp:{owner}:{model}:{kind}:{w.name}", w) for w in windows]
+
+    async def release_request(self, scope: Scope) -> None:
+        """Take back a request counted by :meth:`admit_request` (another scope refused it)."""
+        for name, seconds in REQUEST_WINDOWS:
+            await self._take_back(f"dp:{scope.owner}:{scope.model}:r:{name}", seconds)
+
+    async def _take_back(self, key: str, seconds: int) -> None:
+        storage = self.storage
+        if isinstance(storage, MemoryStorage):
+            _, current = storage.sliding_window_keys(key, seconds, time.time())
+            await storage.decr(current, 1)
+        else:  # Redis: the current window's counter is "{key}"
+            await storage.incr(f"{{{key}}}", 2 * seconds, -1)
+
+
+def _blocking(states: Sequence[WindowState]) -> WindowState | None:
+    full = [s for s in states if s.used >= s.window.limit]
+    return max(full, key=lambda s: s.retry_after) if full else None
+
+
+def tightest(states: Sequence[WindowState]) -> WindowState | None:
+    """The window with the least remaining (what the x-ratelimit-* headers report)."""
+    return min(states, key=lambda s: (s.remaining, -s.reset)) if states else None

@@ -1,0 +1,107 @@
+"""Which upstream serves the next attempt: tiers, smooth weighted round-robin, and skipping.
+
+State (round-robin weights, health) is keyed by model name and upstream, not by snapshot,
+so it carries across reloads; an upstream that disappears from the config is forgotten.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from dialproxy.config.model import Model, Upstream
+
+DEFAULT_RETRY_AFTER = 30.0
+FAILURES_BEFORE_BACKOFF = 3
+MAX_BACKOFF = 300.0
+
+
+@dataclass(slots=True)
+class _Health:
+    current_weight: int = 0
+    unavailable_until: float = 0.0
+    failures: int = 0
+    backoff: float = 0.0
+
+
+class Balancer:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._health: dict[tuple[str, str, str | None], _Health] = {}
+
+    def _state(self, model: Model, upstream: Upstream) -> _Health:
+        key = (model.name, upstream.endpoint, upstream.key_fingerprint)
+        state = self._health.get(key)
+        if state is None:
+            state = self._health[key] = _Health()
+        return state
+
+    def routes(self, model: Model) -> list[Upstream]:
+        """The upstreams a model can use: its list, or its endpoint alone."""
+        if model.upstreams:
+            return [u for u in model.upstreams if u.weight > 0]
+        assert model.endpoint is not None
+        return [Upstream(endpoint=model.endpoint)]
+
+    def plan(self, model: Model) -> Iterator[Upstream]:
+        """Yield distinct upstreams for successive attempts, best first, until none is left."""
+        candidates = self.routes(model)
+        tried: set[int] = set()
+        while True:
+            now = self._clock()
+            available = [
+                (i, u)
+                for i, u in enumerate(candidates)
+                if i not in tried and self._state(model, u).unavailable_until <= now
+            ]
+            if not available:
+                return
+            tier = min(u.tier for _, u in available)
+            group = [(i, u) for i, u in available if u.tier == tier]
+            index, chosen = self._pick(model, group)
+            tried.add(index)
+            yield chosen
+
+    def _pick(self, model: Model, group: list[tuple[int, Upstream]]) -> tuple[int, Upstream]:
+        if len(group) == 1:
+            return group[0]
+        total = 0
+        best: tuple[int, Upstream] | None = None
+        best_weight = 0
+        for i, u in group:
+            state = self._state(model, u)
+            state.current_weight += u.weight
+            total += u.weight
+            if best is None or state.current_weight > best_weight:
+                best, best_weight = (i, u), state.current_weight
+        assert best is not None
+        self._state(model, best[1]).current_weight -= total
+        return best
+
+    def succeeded(self, model: Model, upstream: Upstream) -> None:
+        state = self._state(model, upstream)
+        if state.failures or state.unavailable_until:
+            state.failures = 0
+            state.backoff = 0.0
+            state.unavailable_until = 0.0
+
+    def rate_limited(self, model: Model, upstream: Upstream, retry_after: float | None) -> None:
+        state = self._state(model, upstream)
+        wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+        state.unavailable_until = self._clock() + wait
+
+    def failed(self, model: Model, upstream: Upstream) -> None:
+        state = self._state(model, upstream)
+        state.failures += 1
+        if state.failures >= FAILURES_BEFORE_BACKOFF:
+            state.backoff = min(state.backoff * 2 if state.backoff else 1.0, MAX_BACKOFF)
+            state.unavailable_until = self._clock() + state.backoff
+
+    def forget_missing(self, models: dict[str, Model]) -> None:
+        """Drop state of upstreams no longer configured (called after a reload)."""
+        live = {
+            (m.name, u.endpoint, u.key_fingerprint) for m in models.values() for u in self.routes(m)
+        }
+        for key in [k for k in self._health if k not in live]:
+            del self._health[key]

@@ -1,0 +1,208 @@
+"""The app factory, the thin informational handlers and the one error -> response mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from limits.aio.storage import MemoryStorage, Storage
+
+from dialproxy.auth import Principal, authenticate
+from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
+from dialproxy.config.store import ConfigStore
+from dialproxy.errors import NotFound, ProxyError
+from dialproxy.limiter import Limiter
+from dialproxy.settings import Settings
+from dialproxy.upstream.balancer import Balancer
+from dialproxy.web import proxy
+from dialproxy.web.keys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
+
+log = structlog.get_logger("dialproxy.web")
+UNLIMITED = 9223372036854775807
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as e:
+        return error_response(e.status, e.body(), e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.reason if e.status != 404 else f"Not found: {request.path}"
+        return error_response(e.status, {"error": {"message": message, "code": str(e.status)}})
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.error("internal_error", path=request.path, error=type(e).__name__)
+        return error_response(500, {"error": {"message": "Internal error", "code": "500"}})
+
+
+def _principal(request: web.Request) -> Principal:
+    return authenticate(request.headers, request.app[STORE].snapshot, request.remote)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(data).encode(), content_type="application/json"
+    )
+
+
+def _visible(principal: Principal) -> list[str]:
+    key_models = principal.key.models
+    return [name for name in principal.access.grants if key_models is None or name in key_models]
+
+
+def _listing_entry(request: web.Request, deployment: str, object_name: str) -> dict[str, Any]:
+    principal = _principal(request)
+    snapshot = request.app[STORE].snapshot
+    if deployment not in snapshot.models:
+        raise NotFound(f"Unknown application: {deployment}")
+    proxy.resolve(principal, snapshot, deployment)
+    return snapshot.models[deployment].listing(object_name)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    models = request.app[STORE].snapshot.models
+    data = [models[name].listing("model") for name in _visible(principal)]
+    return _json({"object": "list", "data": data})
+
+
+async def list_deployments(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    models = request.app[STORE].snapshot.models
+    data = [models[name].listing("deployment") for name in _visible(principal)]
+    return _json({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return _json(_listing_entry(request, request.match_info["id"], "model"))
+
+
+async def get_deployment(request: web.Request) -> web.Response:
+    return _json(_listing_entry(request, request.match_info["id"], "deployment"))
+
+
+async def openai_models(request: web.Request) -> web.Response:
+    """``GET /openai/v1/models``: the OpenAI SDK's ``client.models.list()``."""
+    principal = _principal(request)
+    data = [
+        {"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"}
+        for name in _visible(principal)
+    ]
+    return _json({"object": "list", "data": data})
+
+
+async def user_info(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    return _json({"project": principal.project, "roles": list(principal.key.roles)})
+
+
+async def deployment_limits(request: web.Request) -> web.Response:
+    """DIAL's ``/v1/deployments/{id}/limits``: the caller's project limits and use."""
+    principal = _principal(request)
+    snapshot = request.app[STORE].snapshot
+    deployment = request.match_info["id"]
+    grant = proxy.resolve(principal, snapshot, deployment)
+    limiter = request.app[LIMITER]
+    owner = "p:" + principal.project
+    limit = grant.limit
+    body: dict[str, Any] = {}
+    for name, seconds in TOKEN_WINDOWS:
+        value = getattr(limit, name) if limit else None
+        window = Window(name, seconds, UNLIMITED if value is None else value)
+        (state,) = await limiter.usage(owner, deployment, [window], "t")
+        body[f"{name}TokenStats"] = {"total": window.limit, "used": state.used}
+    for name, seconds in REQUEST_WINDOWS:
+        value = getattr(limit, "request_" + name) if limit else None
+        window = Window(name, seconds, UNLIMITED if value is None else value)
+        (state,) = await limiter.usage(owner, deployment, [window], "r")
+        body[f"{name}RequestStats"] = {"total": window.limit, "used": state.used}
+    return _json(body)
+
+
+async def health(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    ok = store.last_error is None
+    return _json({"status": "ok" if ok else "degraded", "config": store.health()})
+
+
+def _proxy_route(api: str) -> Handler:
+    async def deployment_route(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, request.match_info["id"], api)
+
+    return deployment_route
+
+
+def _v1_route(api: str) -> Handler:
+    async def v1_route(request: web.Request) -> web.StreamResponse:
+        """``/openai/v1/...``: the deployment is the body's ``model``."""
+        return await proxy.handle(request, None, api)
+
+    return v1_route
+
+
+def create_app(
+    store: ConfigStore,
+    *,
+    settings: Settings | None = None,
+    storage: Storage | None = None,
+    client: aiohttp.ClientSession | None = None,
+) -> web.Application:
+    """Build the app.  Tests inject their own store, counter storage and client session."""
+    settings = settings or Settings()
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body)
+    app[STORE] = store
+    app[SETTINGS] = settings
+    app[LIMITER] = Limiter(storage if storage is not None else MemoryStorage())
+    app[BALANCER] = Balancer()
+    app[BACKGROUND] = set()
+
+    async def client_ctx(app: web.Application) -> AsyncIterator[None]:
+        own = client is None
+        app[CLIENT] = client or aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=settings.connect_timeout, sock_read=settings.idle_timeout
+            ),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            auto_decompress=False,
+        )
+        yield
+        if app[BACKGROUND]:
+            await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+        if own:
+            await app[CLIENT].close()
+
+    app.cleanup_ctx.append(client_ctx)
+    for api in proxy.API_TYPES:
+        app.router.add_post(f"/openai/deployments/{{id}}/{api}", _proxy_route(api))
+        app.router.add_post(f"/openai/v1/{api}", _v1_route(api))
+    app.router.add_get("/openai/models", list_models)
+    app.router.add_get("/openai/models/{id}", get_model)
+    app.router.add_get("/openai/deployments", list_deployments)
+    app.router.add_get("/openai/deployments/{id}", get_deployment)
+    app.router.add_get("/openai/v1/models", openai_models)
+    app.router.add_get("/v1/deployments/{id}/limits", deployment_limits)
+    app.router.add_get("/v1/user/info", user_info)
+    app.router.add_get("/health", health)
+    return app

@@ -1,0 +1,20 @@
+"""Every AppKey in one place: what ``create_app`` builds and the handlers reach."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from dialproxy.config.store import ConfigStore
+from dialproxy.limiter import Limiter
+from dialproxy.settings import Settings
+from dialproxy.upstream.balancer import Balancer
+
+STORE = web.AppKey("store", ConfigStore)
+LIMITER = web.AppKey("limiter", Limiter)
+BALANCER = web.AppKey("balancer", Balancer)
+SETTINGS = web.AppKey("settings", Settings)
+CLIENT = web.AppKey("client", aiohttp.ClientSession)
+BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])

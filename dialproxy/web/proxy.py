@@ -1,0 +1,525 @@
+"""The proxied endpoints: chat/completions, completions, embeddings.
+
+One request: snapshot taken once -> principal -> deployment (404) -> roles (403) -> limits
+(429) -> body rules -> attempts over upstreams until one answers -> bytes relayed as they
+come -> usage recorded (shielded from a client disconnect) -> one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from dialproxy.auth import Principal, authenticate
+from dialproxy.config.model import Grant, Model, Snapshot, Upstream
+from dialproxy.errors import (
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from dialproxy.limiter import Limiter, Scope, WindowState, tightest
+from dialproxy.upstream.balancer import Balancer
+from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
+from dialproxy.web.keys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
+
+log = structlog.get_logger("dialproxy.request")
+
+# Client headers passed on to the upstream; everything else stays here.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        "content-type",
+        "accept",
+        "user-agent",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-conversation-id",
+        "openai-beta",
+    }
+)
+# Upstream response headers never passed back (we set our own or they are per-hop).
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+        "set-cookie",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    }
+)
+API_TYPES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds written as OpenAI writes resets: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def ratelimit_headers(
+    headers: CIMultiDict[str], requests: list[WindowState], tokens: list[WindowState]
+) -> None:
+    for kind, states in (("requests", requests), ("tokens", tokens)):
+        state = tightest(states)
+        if state is None:
+            continue
+        headers[f"x-ratelimit-limit-{kind}"] = str(state.window.limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = go_duration(state.reset)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one request did, for the log line and the usage record."""
+
+    status: int = 0
+    attempts: int = 0
+    upstream: str | None = None
+    usage: Usage | None = None
+    ttfb_ms: float | None = None
+    error: str | None = None
+    model: Model | None = None
+    scopes: list[Scope] = field(default_factory=list)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None
+
+
+async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_body:
+        raise PayloadTooLarge("Request body is too large")
+    content_type = request.headers.get("Content-Type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType("Only application/json is supported")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge("Request body is too large") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("Invalid JSON in the request body") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object")
+    return body
+
+
+def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
+    """Deployment (404), role (403), resolved limit <= 0 (403)."""
+    if deployment not in snapshot.models:
+        raise NotFound(f"Unknown application: {deployment}")
+    grant = principal.access.grants.get(deployment)
+    key = principal.key
+    if grant is None or (key.models is not None and deployment not in key.models):
+        raise Forbidden(f"Forbidden deployment: {deployment}")
+    if grant.denied:
+        raise Forbidden("Access denied")
+    return grant
+
+
+def scopes_for(principal: Principal, grant: Grant) -> list[Scope]:
+    """The counters a request is charged to: its project's, and its key's own quota."""
+    model = grant.model
+    scopes: list[Scope] = []
+    cost = principal.access.cost_windows if model.pricing is not None else ()
+    if grant.token_windows or grant.request_windows or cost:
+        scopes.append(
+            Scope(
+                owner="p:" + principal.project,
+                model=model.name,
+                token_windows=grant.token_windows,
+                request_windows=grant.request_windows,
+                cost_windows=cost,
+            )
+        )
+    key_limit = principal.key.key_limits.get(model.name) or principal.key.key_limits.get("*")
+    if key_limit is not None:
+        if key_limit.denies:
+            raise Forbidden("Access denied")
+        scopes.append(
+            Scope(
+                owner="k:" + principal.key.digest,
+                model=model.name,
+                token_windows=key_limit.token_windows(),
+                request_windows=key_limit.request_windows(),
+            )
+        )
+    return scopes
+
+
+async def admit(
+    limiter: Limiter, scopes: list[Scope]
+) -> tuple[list[WindowState], list[WindowState]]:
+    """Check every scope's tokens and cost, then count the request in each (or in none)."""
+    token_states: list[WindowState] = []
+    for scope in scopes:
+        token_states += await limiter.check_tokens(scope)
+        if scope.cost_windows:
+            await limiter.check_cost(scope)
+    request_states: list[WindowState] = []
+    admitted: list[Scope] = []
+    try:
+        for scope in scopes:
+            if scope.request_windows:
+                request_states += await limiter.admit_request(scope)
+                admitted.append(scope)
+    except ProxyError:
+        for scope in admitted:
+            await limiter.release_request(scope)
+        raise
+    return request_states, token_states
+
+
+def outbound_body(
+    body: dict[str, Any], model: Model, direct: bool, api: str
+) -> tuple[bytes | None, bool]:
+    """Apply ``defaults``/``overrideName``; ask a direct backend for stream usage.
+
+    Returns the new body (None: forward the client's bytes unchanged) and whether usage
+    was asked for on the client's behalf (so it must be hidden from the client).
+    """
+    changed = False
+    injected_usage = False
+    for name, value in model.defaults.items():
+        if name not in body:
+            body[name] = value
+            changed = True
+    if model.override_name is not None and body.get("model") != model.override_name:
+        body["model"] = model.override_name
+        changed = True
+    if direct and api != "embeddings" and body.get("stream") is True:
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+            changed = injected_usage = True
+    if not changed:
+        return None, False
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(), injected_usage
+
+
+def outbound_headers(
+    request: web.Request, principal: Principal, model: Model, upstream: Upstream, direct: bool
+) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
+    headers["Content-Type"] = "application/json"
+    if model.forward_auth_token:
+        authorization = request.headers.get("Authorization")
+        if authorization and principal.secret not in authorization:
+            headers["Authorization"] = authorization
+    if direct:
+        if upstream.key:
+            if upstream.auth == "api-key":
+                headers["api-key"] = upstream.key
+            else:
+                headers["Authorization"] = "Bearer " + upstream.key
+    elif model.upstreams:
+        headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
+        if upstream.key is not None:
+            headers["X-UPSTREAM-KEY"] = upstream.key
+        if upstream.extra_data is not None:
+            headers["X-UPSTREAM-EXTRA-DATA"] = json.dumps(upstream.extra_data)
+    return headers
+
+
+class _StreamFilter:
+    """Hides the usage we asked for on the client's behalf: the usage-only final chunk and
+    the ``"usage":null`` fields, event by event.  Only used when we injected the option."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buffer + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2 :]
+        out = []
+        for event in data[: end + 2].split(b"\n\n")[:-1]:
+            if b'"usage"' in event:
+                if b'"choices":[]' in event.replace(b" ", b""):
+                    continue
+                event = event.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        data, self._buffer = self._buffer, b""
+        return data
+
+
+def sse_error(message: str, status: int = 502) -> bytes:
+    body = {"error": {"message": message, "code": str(status), "type": "upstream_error"}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def handle(request: web.Request, deployment: str | None, api: str) -> web.StreamResponse:
+    app = request.app
+    store, limiter, balancer = app[STORE], app[LIMITER], app[BALANCER]
+    settings = app[SETTINGS]
+    snapshot = store.snapshot  # taken once: the request lives on it whatever reloads happen
+    started = time.perf_counter()
+    outcome = Outcome()
+    principal: Principal | None = None
+    try:
+        principal = authenticate(request.headers, snapshot, request.remote)
+        if deployment is None:  # /openai/v1/...: the deployment is the body's "model"
+            body = await read_json_body(request, settings.max_body)
+            deployment = body.get("model") if isinstance(body.get("model"), str) else None
+            if not deployment:
+                raise BadRequest("The request body must name the deployment in 'model'")
+            grant = resolve(principal, snapshot, deployment)
+        else:
+            grant = resolve(principal, snapshot, deployment)
+            body = await read_json_body(request, settings.max_body)
+        outcome.model = grant.model
+        scopes = scopes_for(principal, grant)
+        request_states, token_states = await admit(limiter, scopes) if scopes else ([], [])
+        outcome.scopes = scopes
+        response = await _forward(
+            request, snapshot, balancer, principal, grant.model, api, body, outcome
+        )
+        if request_states or token_states:
+            ratelimit_headers(response.headers, request_states, token_states)
+        if isinstance(response, web.Response):
+            return response
+        await _relay_stream(request, response, outcome)
+        return response
+    except ProxyError as e:
+        outcome.status = e.status
+        outcome.error = e.message
+        raise
+    finally:
+        if outcome.scopes and outcome.usage is not None and outcome.status == 200:
+            _record(app, limiter, outcome)
+        _log(request, principal, deployment, outcome, started)
+
+
+def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> None:
+    usage, model = outcome.usage, outcome.model
+    assert usage is not None
+    cost = (
+        model.pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
+        if model is not None and model.pricing is not None
+        else 0
+    )
+
+    async def record() -> None:
+        for scope in outcome.scopes:
+            await limiter.record(scope, usage.total_tokens, cost)
+
+    # A task of its own, held by the app: a client that disconnects cannot cancel it.
+    task = asyncio.get_running_loop().create_task(record())
+    tasks = app[BACKGROUND]
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+def _log(
+    request: web.Request,
+    principal: Principal | None,
+    deployment: str | None,
+    outcome: Outcome,
+    started: float,
+) -> None:
+    usage = outcome.usage
+    log.info(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=outcome.status,
+        project=principal.project if principal else None,
+        key=principal.fingerprint if principal else None,
+        deployment=deployment,
+        upstream=outcome.upstream,
+        attempts=outcome.attempts,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        total_tokens=usage.total_tokens if usage else None,
+        ttfb_ms=outcome.ttfb_ms,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        error=outcome.error,
+    )
+
+
+async def _forward(
+    request: web.Request,
+    snapshot: Snapshot,
+    balancer: Balancer,
+    principal: Principal,
+    model: Model,
+    api: str,
+    body: dict[str, Any],
+    outcome: Outcome,
+) -> web.StreamResponse:
+    """Try upstreams until one answers; return a complete response or a prepared stream."""
+    client = request.app[CLIENT]
+    direct = model.endpoint is None
+    payload, injected = outbound_body(body, model, direct, api)
+    data = payload if payload is not None else await request.read()
+    query = request.query_string
+    retry_afters: list[float] = []
+    all_rate_limited = True
+    for upstream in balancer.plan(model):
+        if outcome.attempts >= model.max_retry_attempts:
+            break
+        outcome.attempts += 1
+        url = upstream.endpoint if direct else model.endpoint
+        assert url is not None
+        if query:
+            url += ("&" if "?" in url else "?") + query
+        outcome.upstream = _upstream_name(model, upstream)
+        headers = outbound_headers(request, principal, model, upstream, direct)
+        sent = time.perf_counter()
+        try:
+            resp = await client.post(url, data=data, headers=headers)
+        except (aiohttp.ClientError, TimeoutError):
+            balancer.failed(model, upstream)
+            all_rate_limited = False
+            continue
+        status = resp.status
+        if status in snapshot.retriable_codes:
+            resp.release()
+            if status == 429:
+                after = _retry_after(resp.headers)
+                balancer.rate_limited(model, upstream, after)
+                retry_afters.append(after if after is not None else 30.0)
+            else:
+                balancer.failed(model, upstream)
+                all_rate_limited = False
+            continue
+        outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
+        if status < 500:
+            balancer.succeeded(model, upstream)
+        else:
+            balancer.failed(model, upstream)
+        outcome.status = status
+        return await _respond(request, resp, outcome, injected)
+    if retry_afters and all_rate_limited:
+        wait = max(1, int(min(retry_afters) + 0.999))
+        raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
+    raise BadGateway("No route")
+
+
+def _upstream_name(model: Model, upstream: Upstream) -> str:
+    """How an upstream is named in logs: its index in the model, never its key or URL."""
+    if not model.upstreams:
+        return "endpoint"
+    return f"upstreams[{model.upstreams.index(upstream)}]"
+
+
+def _response_headers(resp: aiohttp.ClientResponse, attempts: int) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in resp.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS
+    )
+    headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
+    return headers
+
+
+async def _respond(
+    request: web.Request, resp: aiohttp.ClientResponse, outcome: Outcome, injected: bool
+) -> web.StreamResponse:
+    headers = _response_headers(resp, outcome.attempts)
+    if resp.content_type != "text/event-stream":
+        try:
+            data = await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            resp.close()
+            raise BadGateway("The upstream broke off its response") from None
+        finally:
+            resp.release()
+        if resp.status == 200:
+            outcome.usage = find_usage(data)
+        return web.Response(status=resp.status, body=data, headers=headers)
+    stream = _UpstreamStream(status=resp.status, headers=headers)
+    stream.upstream = resp
+    stream.injected = injected
+    return stream
+
+
+class _UpstreamStream(web.StreamResponse):
+    """A stream response still tied to the upstream response it relays."""
+
+    upstream: aiohttp.ClientResponse
+    injected: bool
+
+
+async def _relay_stream(
+    request: web.Request, response: web.StreamResponse, outcome: Outcome
+) -> None:
+    assert isinstance(response, _UpstreamStream)
+    upstream = response.upstream
+    scanner = UsageScanner()
+    hide = _StreamFilter() if response.injected else None
+    try:
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                scanner.feed(chunk)
+                if hide is not None:
+                    chunk = hide.feed(chunk)
+                    if not chunk:
+                        continue
+                await response.write(chunk)
+            if hide is not None and (rest := hide.flush()):
+                await response.write(rest)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            outcome.error = f"upstream stream broke off: {type(e).__name__}"
+            await response.write(sse_error("The upstream broke off the response"))
+        await response.write_eof()
+    finally:
+        if upstream.content.is_eof():
+            upstream.release()
+        else:  # broken off, or the client went away: drop the upstream connection at once
+            upstream.close()
+        outcome.usage = scanner.usage if upstream.status == 200 else None

@@ -1,0 +1,406 @@
+"""The demo backend, exercised through the real openai SDK and a raw aiohttp client."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from dialproxy.demo_backend import (
+    CONTROL_KEY,
+    BackendControl,
+    create_backend_app,
+    embedding_vector,
+)
+
+
+@dataclass
+class Backend:
+    server: TestServer
+    control: BackendControl
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+@pytest.fixture
+async def backend(aiohttp_server: AiohttpServer) -> Backend:
+    control = BackendControl()
+    app = create_backend_app(control)
+    assert app[CONTROL_KEY] is control
+    server = await aiohttp_server(app)
+    return Backend(server, control)
+
+
+@pytest.fixture
+async def client(backend: Backend) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=backend.url("/v1"), api_key="x", max_retries=0, timeout=10
+    ) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        yield http
+
+
+async def test_chat_non_streaming(client: openai.AsyncOpenAI) -> None:
+    result = await client.chat.completions.create(
+        model="gpt-test",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello there world"},
+        ],
+    )
+    assert result.object == "chat.completion"
+    assert result.id.startswith("chatcmpl-")
+    assert result.model == "gpt-test"
+    assert len(result.choices) == 1
+    choice = result.choices[0]
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert choice.message.content == "Echo: hello there world"
+    assert choice.finish_reason == "stop"
+    assert result.usage is not None
+    assert result.usage.prompt_tokens == 5
+    assert result.usage.completion_tokens == 4
+    assert result.usage.total_tokens == 9
+
+
+async def test_chat_content_parts_and_max_tokens(client: openai.AsyncOpenAI) -> None:
+    result = await client.chat.completions.create(
+        model="echo",
+        messages=[
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "first answer"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "one two "},
+                    {"type": "text", "text": "three four"},
+                ],
+            },
+        ],
+        max_tokens=3,
+    )
+    choice = result.choices[0]
+    assert choice.message.content == "Echo: one two"
+    assert choice.finish_reason == "length"
+    assert result.usage is not None
+    assert result.usage.prompt_tokens == 8
+    assert result.usage.completion_tokens == 3
+
+
+async def test_chat_streaming_without_usage(backend: Backend, client: openai.AsyncOpenAI) -> None:
+    backend.control.chunk_delay = 0.05
+    stream = await client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "a b c"}],
+        stream=True,
+    )
+    arrivals: list[float] = []
+    pieces: list[str] = []
+    finishes: list[str | None] = []
+    roles: list[str | None] = []
+    async with stream:
+        async for chunk in stream:
+            arrivals.append(time.monotonic())
+            assert chunk.object == "chat.completion.chunk"
+            assert chunk.model == "echo"
+            assert chunk.usage is None
+            assert len(chunk.choices) == 1
+            delta = chunk.choices[0].delta
+            roles.append(delta.role)
+            pieces.append(delta.content or "")
+            finishes.append(chunk.choices[0].finish_reason)
+    # One chunk per word, then the finish chunk.
+    assert len(arrivals) == 5
+    assert "".join(pieces) == "Echo: a b c"
+    assert roles[0] == "assistant"
+    assert roles[1:] == [None] * 4
+    assert finishes == [None, None, None, None, "stop"]
+    # Chunks are written as produced: the first arrives well before the last is sent.
+    assert arrivals[-1] - arrivals[0] >= 0.15
+
+
+async def test_chat_streaming_with_usage(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "hi you"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    *content_chunks, last = chunks
+    assert all(chunk.usage is None for chunk in content_chunks)
+    assert all(len(chunk.choices) == 1 for chunk in content_chunks)
+    assert content_chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in content_chunks) == "Echo: hi you"
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.prompt_tokens == 2
+    assert last.usage.completion_tokens == 3
+    assert last.usage.total_tokens == 5
+
+
+async def test_chat_stream_raw_wire_format(
+    backend: Backend, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(
+        backend.url("/openai/deployments/gpt-4/chat/completions?api-version=2024-02-01"),
+        json={
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 1,
+        },
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = (await resp.read()).decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(event.startswith("data: ") for event in events[:-1])
+    assert '"usage":null' in events[0]
+    assert '"model":"echo"' in events[0]
+    assert '"finish_reason":"length"' in events[1]
+    assert '"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1' in events[2]
+
+
+async def test_legacy_completions(client: openai.AsyncOpenAI) -> None:
+    result = await client.completions.create(model="echo-instruct", prompt="say this")
+    assert result.object == "text_completion"
+    assert result.model == "echo-instruct"
+    assert result.choices[0].text == "Echo: say this"
+    assert result.choices[0].finish_reason == "stop"
+    assert result.choices[0].logprobs is None
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (2, 3)
+
+    stream = await client.completions.create(
+        model="echo-instruct",
+        prompt="say this",
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: say this"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 5
+
+
+async def test_embeddings_base64_default_and_float(
+    backend: Backend, client: openai.AsyncOpenAI
+) -> None:
+    by_default = await client.embeddings.create(model="embed", input=["alpha", "beta gamma"])
+    assert backend.control.last_request.json["encoding_format"] == "base64"
+    as_float = await client.embeddings.create(
+        model="embed", input=["alpha", "beta gamma"], encoding_format="float"
+    )
+    assert backend.control.last_request.json["encoding_format"] == "float"
+    for result in (by_default, as_float):
+        assert result.object == "list"
+        assert result.model == "embed"
+        assert [item.index for item in result.data] == [0, 1]
+        assert result.data[0].embedding == embedding_vector("alpha")
+        assert result.data[1].embedding == embedding_vector("beta gamma")
+        assert len(result.data[0].embedding) == 8
+        assert result.usage.prompt_tokens == result.usage.total_tokens == 3
+    assert embedding_vector("alpha") != embedding_vector("beta gamma")
+
+    single = await client.embeddings.create(model="embed", input="alpha", encoding_format="base64")
+    encoded = single.data[0].embedding
+    # Requesting base64 explicitly leaves the decoding to the caller: little-endian float32.
+    assert isinstance(encoded, str)
+    assert list(struct.unpack("<8f", base64.b64decode(encoded))) == embedding_vector("alpha")
+
+
+async def test_fail_next_429_is_rate_limit_error(
+    backend: Backend, client: openai.AsyncOpenAI
+) -> None:
+    backend.control.fail_next(429, headers={"Retry-After": "7"})
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 429
+    assert caught.value.response.headers["retry-after"] == "7"
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert "Injected failure" in body["message"]
+    # Only the next request failed.
+    ok = await client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert ok.choices[0].message.content == "Echo: hi"
+
+
+async def test_fail_next_times_and_custom_body(
+    backend: Backend, session: aiohttp.ClientSession
+) -> None:
+    backend.control.fail_next(503, times=2, body={"error": {"message": "busy"}})
+    url = backend.url("/v1/chat/completions")
+    payload = {"messages": [{"role": "user", "content": "hi"}]}
+    statuses: list[int] = []
+    for _ in range(3):
+        async with session.post(url, json=payload) as resp:
+            statuses.append(resp.status)
+            if resp.status == 503:
+                assert await resp.json() == {"error": {"message": "busy"}}
+    assert statuses == [503, 503, 200]
+    assert len(backend.control.requests) == 3
+
+
+async def test_break_stream_after_is_a_client_error(
+    backend: Backend, session: aiohttp.ClientSession
+) -> None:
+    backend.control.break_stream_after(2)
+    received: list[bytes] = []
+    async with session.post(
+        backend.url("/v1/chat/completions"),
+        json={"messages": [{"role": "user", "content": "one two three four"}], "stream": True},
+    ) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for line in resp.content:
+                received.append(line)
+    data = [line for line in received if line.startswith(b"data: ")]
+    assert len(data) == 2
+    assert all(b"[DONE]" not in line and b'"finish_reason":"stop"' not in line for line in data)
+
+    # Only one stream was broken; the next one completes.
+    async with session.post(
+        backend.url("/v1/chat/completions"),
+        json={"messages": [{"role": "user", "content": "one"}], "stream": True},
+    ) as resp:
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+
+async def test_break_stream_seen_by_sdk(backend: Backend, client: openai.AsyncOpenAI) -> None:
+    backend.control.break_stream_after(1)
+    stream = await client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "a b c"}], stream=True
+    )
+    seen = 0
+    with pytest.raises(openai.APIError):  # raised mid-iteration
+        async with stream:
+            async for _ in stream:
+                seen += 1
+    assert seen == 1
+
+
+async def test_drop_next_is_a_connection_error(
+    backend: Backend, session: aiohttp.ClientSession, client: openai.AsyncOpenAI
+) -> None:
+    backend.control.drop_next()
+    with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        async with session.post(
+            backend.url("/v1/chat/completions"),
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        ) as resp:
+            await resp.read()
+
+    backend.control.drop_next()
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert len(backend.control.requests) == 2
+
+    ok = await client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert ok.choices[0].message.content == "Echo: hi"
+
+
+async def test_requests_are_recorded(backend: Backend, client: openai.AsyncOpenAI) -> None:
+    await client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "record me"}],
+        extra_headers={"X-Custom-Header": "abc"},
+        extra_query={"api-version": "2024-02-01"},
+    )
+    assert len(backend.control.requests) == 1
+    received = backend.control.requests[0]
+    assert received.method == "POST"
+    assert received.path == "/v1/chat/completions"
+    assert received.query_string == "api-version=2024-02-01"
+    assert received.headers["Authorization"] == "Bearer x"
+    assert received.headers["x-custom-header"] == "abc"
+    assert received.json == {
+        "messages": [{"role": "user", "content": "record me"}],
+        "model": "echo",
+    }
+    assert b"record me" in received.body
+
+    backend.control.fail_next(500)
+    backend.control.chunk_delay = 1.0
+    backend.control.reset()
+    assert backend.control.requests == []
+    assert backend.control.chunk_delay == 0
+    again = await client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert again.choices[0].message.content == "Echo: hi"
+
+
+async def test_recorded_headers_keep_their_case(
+    backend: Backend, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(
+        backend.url("/v1/embeddings"), json={"input": "x"}, headers={"X-Custom-Header": "abc"}
+    ) as resp:
+        assert resp.status == 200
+    received = backend.control.last_request
+    assert "X-Custom-Header" in list(received.headers.keys())
+    assert received.headers["x-custom-header"] == "abc"
+    assert received.json == {"input": "x"}
+
+
+async def test_first_byte_delay(backend: Backend, client: openai.AsyncOpenAI) -> None:
+    backend.control.first_byte_delay = 0.2
+    start = time.monotonic()
+    await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start >= 0.2
+
+
+async def test_errors_and_health(backend: Backend, session: aiohttp.ClientSession) -> None:
+    async with session.post(
+        backend.url("/v1/chat/completions"),
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+        assert body["error"]["type"] == "invalid_request_error"
+        assert isinstance(body["error"]["message"], str)
+
+    async with session.post(backend.url("/v1/chat/completions"), json={"model": "x"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "messages"
+
+    async with session.post(backend.url("/v1/unknown"), json={}) as resp:
+        assert resp.status == 404
+
+    recorded = len(backend.control.requests)
+    backend.control.fail_next(500)
+    async with session.get(backend.url("/health")) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok"}
+    # /health is neither recorded nor subject to injected failures.
+    assert len(backend.control.requests) == recorded
+    async with session.post(backend.url("/v1/embeddings"), json={"input": "x"}) as resp:
+        assert resp.status == 500
+        assert (await resp.json())["error"]["type"] == "server_error"
