@@ -302,11 +302,9 @@ def _collect_secrets(doc: dict[str, Any], redact: _Redactor) -> None:
 
 def _has_path(doc: Any, parts: Sequence[str | int]) -> bool:
     for part in parts:
-        if (isinstance(doc, dict) and isinstance(part, str) and part in doc) or (
-            isinstance(doc, list) and isinstance(part, int) and part < len(doc)
-        ):
+        try:
             doc = doc[part]
-        else:
+        except (KeyError, IndexError, TypeError):
             return False
     return True
 
