@@ -10,8 +10,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
+from tests.conftest import Backend, Proxy, ProxyFactory, new_key
 
 KEY = new_key()
 OTHER_KEY = new_key()
@@ -77,7 +78,8 @@ async def post(proxy: Proxy, path: str, body: Any, **headers: str) -> aiohttp.Cl
         return resp
 
 
-CHAT = {"messages": [{"role": "user", "content": "hello there proxy"}]}
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there proxy"}]
+CHAT: dict[str, Any] = {"messages": MESSAGES}
 
 
 async def test_chat_through_deployment_path(proxy: Proxy, backend: Backend) -> None:
@@ -159,13 +161,13 @@ async def test_openai_sdk_sync_and_async(proxy: Proxy) -> None:
     base = proxy.url("/openai/v1")
     client = openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0)
     async with client:
-        reply = await client.chat.completions.create(model="chat", messages=CHAT["messages"])  # type: ignore[arg-type]
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
         assert reply.choices[0].message.content == "Echo: hello there proxy"
         assert reply.usage is not None and reply.usage.total_tokens == 7
         stream = await client.chat.completions.create(
             model="chat",
-            messages=CHAT["messages"],
-            stream=True,  # type: ignore[arg-type]
+            messages=MESSAGES,
+            stream=True,
         )
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(parts) == "Echo: hello there proxy"
@@ -197,12 +199,12 @@ async def test_azure_openai_sdk(proxy: Proxy, backend: Backend) -> None:
         azure_endpoint=proxy.url(), api_key=KEY, api_version="2024-06-01", max_retries=0
     )
     async with client:
-        reply = await client.chat.completions.create(model="chat", messages=CHAT["messages"])  # type: ignore[arg-type]
+        reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
         assert reply.choices[0].message.content == "Echo: hello there proxy"
         stream = await client.chat.completions.create(
             model="chat",
-            messages=CHAT["messages"],
-            stream=True,  # type: ignore[arg-type]
+            messages=MESSAGES,
+            stream=True,
         )
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(parts) == "Echo: hello there proxy"
