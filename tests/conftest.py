@@ -2,28 +2,69 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from limits.aio.storage import MemoryStorage, Storage
 
+from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore
 from dialproxy.demo_backend import BackendControl, create_backend_app
 from dialproxy.settings import Settings
 from dialproxy.web.app import create_app
+from dialproxy.web.keys import BACKGROUND
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 
-def new_key() -> str:
-    """A key secret of 256 random bits, like `dialproxy keys generate` makes."""
-    return "dp-" + secrets.token_hex(32)
+# Every secret the tests hand out: the session's logs are searched for each of them.
+SECRETS: list[str] = []
+
+
+def new_key(prefix: str = "dp-") -> str:
+    """A key secret of 256 random bits (registered: no log line may ever contain it)."""
+    secret = prefix + secrets.token_hex(32)
+    SECRETS.append(secret)
+    return secret
+
+
+class _LogSink:
+    """Collects every log line of the session, rendered as in production (JSON)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def msg(self, message: str) -> None:
+        self.lines.append(message)
+
+    log = info = warning = error = critical = debug = exception = msg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_logs() -> Iterator[_LogSink]:
+    """All logs of the test suite go here; at the end no secret may appear in them."""
+    sink = _LogSink()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=lambda *_: sink,
+        cache_logger_on_first_use=False,
+    )
+    yield sink
+    text = "\n".join(sink.lines)
+    leaked = [fingerprint(s) for s in SECRETS if s in text]
+    assert not leaked, f"secrets in the logs (by fingerprint): {leaked}"
 
 
 class Backend:
@@ -44,6 +85,10 @@ class Proxy:
     def url(self, path: str = "") -> str:
         return str(self.server.make_url(path))
 
+    async def settle(self) -> None:
+        """Usage is recorded in a task of its own after the response: let it finish."""
+        await asyncio.gather(*self.app[BACKGROUND])
+
     @property
     def app(self) -> web.Application:
         app = self.server.app
@@ -51,11 +96,22 @@ class Proxy:
         return app
 
 
+BackendFactory = Callable[[], Awaitable[Backend]]
+
+
 @pytest.fixture
-async def backend(aiohttp_server: AiohttpServer) -> Backend:
-    control = BackendControl()
-    server = await aiohttp_server(create_backend_app(control))
-    return Backend(server, control)
+def make_backend(aiohttp_server: AiohttpServer) -> BackendFactory:
+    async def factory() -> Backend:
+        control = BackendControl()
+        server = await aiohttp_server(create_backend_app(control))
+        return Backend(server, control)
+
+    return factory
+
+
+@pytest.fixture
+async def backend(make_backend: BackendFactory) -> Backend:
+    return await make_backend()
 
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]

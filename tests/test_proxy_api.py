@@ -17,7 +17,7 @@ from tests.conftest import Backend, Proxy, ProxyFactory, new_key
 KEY = new_key()
 OTHER_KEY = new_key()
 ADMIN_KEY = new_key()
-UPSTREAM_KEY = "upstream-secret-" + new_key()
+UPSTREAM_KEY = new_key("upstream-secret-")
 
 
 def config(backend: Backend) -> dict[str, Any]:

@@ -1,0 +1,211 @@
+"""DIAL's limit rules as a caller sees them: statuses, messages, headers, counters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Backend, Proxy, ProxyFactory, new_key
+
+KEY = new_key()
+SAME_PROJECT = new_key()
+OTHER_PROJECT = new_key()
+MULTI_ROLE = new_key()
+NO_ROLE_ENTRY = new_key()
+CHAT = {"messages": [{"role": "user", "content": "one two three"}]}  # 3 prompt + 4 completion
+
+
+def config(backend: Backend, **limits: Any) -> dict[str, Any]:
+    upstream = [{"endpoint": backend.url(), "key": "k"}]
+    return {
+        "models": {
+            "chat": {"type": "chat", "upstreams": upstream},
+            "priced": {
+                "type": "chat",
+                "upstreams": upstream,
+                "pricing": {"unit": "token", "prompt": "0.001", "completion": "0.002"},
+            },
+        },
+        "roles": {
+            "basic": {
+                "limits": {"chat": limits or {"minute": 10}, "priced": {}},
+                "costLimit": {"minute": "0.02"},
+            },
+            "more": {"limits": {"chat": {"minute": 20, "requestHour": 1}}},
+            "default": {"limits": {"chat": {"requestHour": 2}}},
+            "other": {},
+        },
+        "keys": {
+            KEY: {"project": "p1", "role": "basic"},
+            SAME_PROJECT: {"project": "p1", "role": "basic"},
+            OTHER_PROJECT: {"project": "p2", "role": "basic"},
+            MULTI_ROLE: {"project": "p3", "roles": ["basic", "more"]},
+            NO_ROLE_ENTRY: {"project": "p4", "role": "other"},
+        },
+    }
+
+
+async def chat(
+    s: aiohttp.ClientSession, proxy: Proxy, key: str, model: str = "chat", **body: Any
+) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
+    resp = await s.post(
+        proxy.url(f"/openai/deployments/{model}/chat/completions"),
+        json={**CHAT, **body},
+        headers={"Api-Key": key},
+    )
+    raw = await resp.read()
+    data = json.loads(raw) if not body.get("stream") or resp.status != 200 else {"raw": raw}
+    return resp.status, data, resp
+
+
+async def test_token_limit_refuses_after_usage_and_says_why(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend, minute=10, day=1000))
+    async with aiohttp.ClientSession() as s:
+        status, _, resp = await chat(s, proxy, KEY)
+        assert status == 200
+        assert resp.headers["x-ratelimit-limit-tokens"] == "10"
+        assert resp.headers["x-ratelimit-remaining-tokens"] == "10"
+        await proxy.settle()
+        status, _, resp = await chat(s, proxy, KEY)  # 7 used < 10: admitted, overshoots to 14
+        assert status == 200
+        assert resp.headers["x-ratelimit-remaining-tokens"] == "3"
+        await proxy.settle()
+        status, body, resp = await chat(s, proxy, KEY)
+    assert status == 429
+    assert body["error"]["message"] == (
+        "Hit token rate limit. Minute limit: 14 / 10 tokens. Day limit: 14 / 1000 tokens."
+    )
+    assert body["error"]["code"] == "429"
+    assert body["error"]["window"] == "minute"
+    retry_after = int(resp.headers["Retry-After"])
+    assert 1 <= retry_after <= 120
+    assert body["error"]["retry_after"] == retry_after
+    assert len(backend.control.requests) == 2  # the refused one never reached the upstream
+
+
+async def test_request_limit_is_exact_and_counts_per_project(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend, requestHour=3, requestDay=10))
+    async with aiohttp.ClientSession() as s:
+        statuses = [(await chat(s, proxy, k))[0] for k in (KEY, SAME_PROJECT, KEY)]
+        assert statuses == [200, 200, 200]
+        status, body, resp = await chat(s, proxy, SAME_PROJECT)
+        assert status == 429
+        assert body["error"]["message"] == (
+            "Hit request rate limit. Hour limit: 3 / 3 requests. Day limit: 3 / 10 requests."
+        )
+        assert "Retry-After" in resp.headers
+        # Another project has counters of its own.
+        status, _, resp = await chat(s, proxy, OTHER_PROJECT)
+        assert status == 200
+        assert resp.headers["x-ratelimit-limit-requests"] == "3"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "2"
+        assert resp.headers["x-ratelimit-reset-requests"].endswith("s")
+        # The refused request was not counted.
+        r = await s.get(proxy.url("/v1/deployments/chat/limits"), headers={"Api-Key": KEY})
+        stats = await r.json()
+    assert stats["hourRequestStats"] == {"total": 3, "used": 3}
+    assert stats["dayRequestStats"] == {"total": 10, "used": 3}
+
+
+async def test_max_over_roles_and_default_fallback(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend, minute=10, requestHour=5))
+    async with aiohttp.ClientSession() as s:
+        # basic (minute 10, requestHour 5) and more (minute 20, requestHour 1): max of each.
+        _, _, resp = await chat(s, proxy, MULTI_ROLE)
+        assert resp.headers["x-ratelimit-limit-tokens"] == "20"
+        assert resp.headers["x-ratelimit-limit-requests"] == "5"
+        # A role with no entry for the model falls back to the default role's entry.
+        statuses = [(await chat(s, proxy, NO_ROLE_ENTRY))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+async def test_one_thousand_concurrent_requests_admit_exactly_the_limit(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend, requestHour=100))
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        results = await asyncio.gather(*(chat(s, proxy, KEY) for _ in range(1000)))
+    statuses = [r[0] for r in results]
+    assert statuses.count(200) == 100
+    assert statuses.count(429) == 900
+    assert len(backend.control.requests) == 100
+
+
+async def test_token_limit_overshoots_by_at_most_the_requests_in_flight(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend, minute=50))
+    backend.control.first_byte_delay = 0.05
+    async with aiohttp.ClientSession() as s:
+        first = await asyncio.gather(*(chat(s, proxy, KEY) for _ in range(20)))
+        await proxy.settle()
+        after = await asyncio.gather(*(chat(s, proxy, KEY) for _ in range(5)))
+    admitted = sum(r[0] == 200 for r in first)
+    assert admitted == 20  # all were in flight before any usage was known
+    assert all(r[0] == 429 for r in after)
+    assert after[0][1]["error"]["message"].startswith(
+        "Hit token rate limit. Minute limit: 140 / 50"
+    )
+
+
+async def test_streamed_usage_is_counted(backend: Backend, make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(config(backend, minute=10))
+    async with aiohttp.ClientSession() as s:
+        status, _, resp = await chat(s, proxy, KEY, stream=True)
+        assert status == 200
+        assert resp.headers["x-ratelimit-limit-tokens"] == "10"
+        await proxy.settle()
+        await chat(s, proxy, KEY, stream=True)
+        await proxy.settle()
+        status, body, _ = await chat(s, proxy, KEY, stream=True)
+    assert status == 429
+    assert "Minute limit: 14 / 10 tokens." in body["error"]["message"]
+
+
+async def test_failed_upstream_answer_adds_no_tokens(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend, minute=10))
+    backend.control.fail_next(400, times=3)
+    async with aiohttp.ClientSession() as s:
+        statuses = [(await chat(s, proxy, KEY))[0] for _ in range(3)]
+        await proxy.settle()
+        r = await s.get(proxy.url("/v1/deployments/chat/limits"), headers={"Api-Key": KEY})
+        stats = await r.json()
+    assert statuses == [400, 400, 400]
+    assert stats["minuteTokenStats"] == {"total": 10, "used": 0}
+
+
+async def test_cost_limit(backend: Backend, make_proxy: ProxyFactory) -> None:
+    # Each call costs 3 * 0.001 + 4 * 0.002 = 0.011 USD; the role allows 0.02 a minute.
+    proxy = await make_proxy(config(backend))
+    async with aiohttp.ClientSession() as s:
+        results = []
+        for _ in range(3):
+            results.append(await chat(s, proxy, KEY, model="priced"))
+            await proxy.settle()
+    assert [r[0] for r in results] == [200, 200, 429]
+    message = results[2][1]["error"]["message"]
+    assert message == "Hit cost rate limit. Minute limit: 0.022 / 0.02 USD."
+    assert "Retry-After" in results[2][2].headers
+
+
+@pytest.mark.parametrize("field", ["minute", "requestHour", "requestDay", "month"])
+async def test_zero_limit_is_access_denied(
+    backend: Backend, make_proxy: ProxyFactory, field: str
+) -> None:
+    proxy = await make_proxy(config(backend, **{field: "0"}))
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await chat(s, proxy, KEY)
+    assert (status, body["error"]["message"]) == (403, "Access denied")

@@ -1,0 +1,61 @@
+"""One JSON log line per request, with what ops need and never a secret."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from structlog.testing import capture_logs
+
+from dialproxy.config.model import fingerprint
+from tests.conftest import Backend, ProxyFactory, new_key
+
+KEY = new_key()
+UPSTREAM_KEY = new_key("sk-upstream-")
+
+
+def config(backend: Backend) -> dict[str, Any]:
+    return {
+        "models": {
+            "chat": {
+                "type": "chat",
+                "upstreams": [{"endpoint": backend.url(), "key": UPSTREAM_KEY}],
+            }
+        },
+        "keys": {KEY: {"project": "team-log", "role": "default"}},
+    }
+
+
+async def test_one_line_per_request_with_usage_and_no_secret(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend))
+    body = {"messages": [{"role": "user", "content": "a b"}]}
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as s:
+            for stream in (False, True):
+                r = await s.post(
+                    proxy.url("/openai/deployments/chat/chat/completions"),
+                    json={**body, "stream": stream},
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+                await r.read()
+            r = await s.post(
+                proxy.url("/openai/deployments/chat/chat/completions"),
+                json=body,
+                headers={"Api-Key": KEY + "x"},
+            )
+            await r.read()
+    lines = [e for e in logs if e["event"] == "request"]
+    assert len(lines) == 3
+    ok = lines[0]
+    assert ok["status"] == 200 and ok["project"] == "team-log" and ok["deployment"] == "chat"
+    assert ok["key"] == fingerprint(KEY)
+    assert ok["upstream"] == "upstreams[0]" and ok["attempts"] == 1
+    assert (ok["prompt_tokens"], ok["completion_tokens"], ok["total_tokens"]) == (2, 3, 5)
+    assert ok["duration_ms"] > 0
+    assert lines[1]["total_tokens"] == 5  # the streamed one is counted too
+    assert lines[2]["status"] == 401 and lines[2]["key"] is None
+    text = json.dumps(logs)
+    assert KEY not in text and UPSTREAM_KEY not in text
