@@ -137,13 +137,13 @@ def _load_store(settings: Settings) -> ConfigStore | None:
 
 
 async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
-    from dialproxy.demo_backend import create_backend_app
+    from dialproxy.demo_backend import BackendControl, create_backend_app
     from dialproxy.server import build_app
 
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []
     if demo_port is not None:
-        demo = web.AppRunner(create_backend_app(), access_log=None)
+        demo = web.AppRunner(create_backend_app(BackendControl(record=False)), access_log=None)
         await demo.setup()
         await web.TCPSite(demo, settings.host, demo_port).start()
         runners.append(demo)

@@ -102,9 +102,10 @@ class BackendControl:
     chunk_delay: float
     first_byte_delay: float
 
-    def __init__(self) -> None:
+    def __init__(self, *, record: bool = True, chunk_delay: float = 0.0) -> None:
+        self.record = record  # off when run as a long-lived server: the list would only grow
         self.requests = []
-        self.chunk_delay = 0.0
+        self.chunk_delay = chunk_delay
         self.first_byte_delay = 0.0
         self._faults: deque[_Fault] = deque()
         self._stream_breaks: deque[list[int]] = deque()  # [n_chunks, remaining]
@@ -379,15 +380,16 @@ class _Backend:
 
         control = self.control
         raw = await request.read()
-        control.requests.append(
-            ReceivedRequest(
-                method=request.method,
-                path=path,
-                query_string=request.query_string,
-                headers=CIMultiDict(request.headers),
-                body=raw,
+        if control.record:
+            control.requests.append(
+                ReceivedRequest(
+                    method=request.method,
+                    path=path,
+                    query_string=request.query_string,
+                    headers=CIMultiDict(request.headers),
+                    body=raw,
+                )
             )
-        )
 
         fault = control._take_fault()
         if fault is not None and fault.kind == "drop":
@@ -641,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8081, help="port to listen on (8081)")
+    parser.add_argument(
+        "--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks (0)"
+    )
     args = parser.parse_args(argv)
     host: str = args.host
     port: int = args.port
@@ -650,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo backend listening on http://{shown_host}:{port}", flush=True)
 
     web.run_app(
-        create_backend_app(),
+        create_backend_app(BackendControl(record=False, chunk_delay=args.chunk_delay)),
         host=host,
         port=port,
         access_log=None,
