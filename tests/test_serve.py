@@ -121,8 +121,15 @@ async def test_settings_from_environment_and_graceful_stop(tmp_path: Path) -> No
     (tmp_path / "models.json").write_text(json.dumps(models))
     (tmp_path / "keys.json").write_text(json.dumps(keys))
     backend = subprocess.Popen(
-        [sys.executable, "-m", "dialproxy.demo_backend", "--port", str(demo_port)]
-        + ["--chunk-delay", "0.05"],
+        [
+            sys.executable,
+            "-m",
+            "dialproxy.demo_backend",
+            "--port",
+            str(demo_port),
+            "--chunk-delay",
+            "0.05",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
