@@ -180,6 +180,8 @@ async def test_openai_sdk_sync_and_async(proxy: Proxy) -> None:
 
     def sync_calls() -> tuple[str | None, list[str]]:
         with openai.OpenAI(base_url=base, api_key=KEY, max_retries=0) as c:
+            e = c.embeddings.create(model="embed", input="sync embedding")
+            assert len(e.data[0].embedding) == 8
             r = c.chat.completions.create(
                 model="chat", messages=[{"role": "user", "content": "x y"}]
             )
