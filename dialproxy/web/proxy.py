@@ -517,6 +517,10 @@ async def _relay_stream(
             outcome.error = f"upstream stream broke off: {type(e).__name__}"
             await response.write(sse_error("The upstream broke off the response"))
         await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError) as e:
+        outcome.error = "client disconnected"
+        if isinstance(e, asyncio.CancelledError):
+            raise
     finally:
         if upstream.content.is_eof():
             upstream.release()
