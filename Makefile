@@ -40,8 +40,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The examples read upstream keys from the environment: dummy values stand in for them.
+EXAMPLE_ENV := OPENAI_API_KEY=dummy AZURE_OPENAI_KEY_EAST=dummy AZURE_OPENAI_KEY_WEST=dummy \
+	UPSTREAM_KEY_1=dummy UPSTREAM_KEY_2=dummy UPSTREAM_KEY_3=dummy UPSTREAM_KEY_4=dummy
+
 validate: $(STAMP)
-	$(BIN)/dialproxy validate aidial.config.json config/*.json
+	$(BIN)/dialproxy validate --strict aidial.config.json
+	@for f in config/openai.json config/azure.json config/local-vllm.json config/dial-sample.json; do \
+	  env $(EXAMPLE_ENV) $(BIN)/dialproxy validate --strict $$f || exit 1; done
+	env $(EXAMPLE_ENV) $(BIN)/dialproxy validate --strict config/split/models.json config/split/keys.json
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -102,7 +102,7 @@ async def test_invalid_config_at_start_reports_and_exits(tmp_path: Path) -> None
     proc = spawn("serve", "--config", str(bad), "--port", str(free_port()))
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert f"{bad}: $.models.m: error: unknown field ('bogus' was unexpected)" in err.decode()
+    assert f'{bad}: $.models.m: error: unknown field "bogus" in a model' in err.decode()
 
 
 async def test_settings_from_environment_and_graceful_stop(tmp_path: Path) -> None:

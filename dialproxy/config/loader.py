@@ -2,18 +2,25 @@
 
 Building a snapshot is pure: the sources' bytes and an environment mapping in, a
 :class:`Snapshot` (with its warnings) or a :class:`ConfigError` listing every problem out.
-No secret ever appears in a problem: keys are named by their fingerprint.
+Nothing else is ever raised, whatever the bytes.
+
+No secret ever appears in a problem.  Messages are written here, from the schema and the
+field names, and quote a config value only when it is short and not in a secret-bearing
+field; keys are named by their fingerprint in paths; and every path and message finally goes
+through a :class:`_Redactor` that knows every key secret, upstream key, URL password and
+substituted ``${VAR}`` value of the sources.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -36,6 +43,7 @@ from dialproxy.config.model import (
     Pricing,
     Problem,
     Role,
+    Severity,
     Snapshot,
     Upstream,
     Window,
@@ -47,9 +55,14 @@ SCHEMA_NAME = "aidial.config.schema.json"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
+_IDENTIFIER = re.compile(r"[A-Za-z_$][\w$-]*")
 _DEFAULT_RETRIABLE = frozenset({429, 502, 503, 504})
+_MAX_DEPTH = 64  # nesting levels a document may have
+_MAX_VALUES = 1_000_000  # values a document may expand to (YAML aliases)
+_SECRET_FIELDS = frozenset({"key", "apiKey", "api_key", "secretExtraData", "extraData"})
+_SHOW_MAX = 60  # longest config string quoted in a message
 
-# DIAL's snake_case aliases, normalised to the camelCase names.
+# DIAL's snake_case aliases of model fields, normalised to the camelCase names.
 _MODEL_ALIASES = {
     "display_name": "displayName",
     "display_version": "displayVersion",
@@ -59,7 +72,15 @@ _MODEL_ALIASES = {
     "input_attachment_types": "inputAttachmentTypes",
     "max_input_attachments": "maxInputAttachments",
     "description_keywords": "descriptionKeywords",
+    "override_name": "overrideName",
+    "max_retry_attempts": "maxRetryAttempts",
+    "created_at": "createdAt",
+    "updated_at": "updatedAt",
 }
+
+# Sections whose entries are deployments a role may limit (DIAL's selectDeployment, plus
+# the newer sections).  dialproxy serves only `models`; the others are accepted.
+_DEPLOYMENT_SECTIONS = ("models", "applications", "addons", "toolsets")
 
 
 class ConfigError(Exception):
@@ -100,19 +121,271 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema())
 
 
+# --- a fast yes/no check compiled from the same schema -----------------------------------
+#
+# jsonschema spends ~60 µs on each key entry: 0.6 s for 10,000 keys.  A valid config (the
+# usual case, and every reload) is instead checked by closures compiled from the published
+# schema, ~10 times faster; only when they say "invalid" does jsonschema run, to report the
+# errors.  The compiler knows the keywords the schema uses, with jsonschema's semantics
+# (checked against it in tests/test_loader.py and tests/test_loader_property.py); any other
+# keyword makes it give up, and jsonschema then checks every config.
+
+_Check = Callable[[Any], bool]
+_IGNORED_KEYWORDS = frozenset(
+    {"$schema", "$id", "$defs", "$comment", "title", "description", "default", "examples"}
+    | {"format", "deprecated", "readOnly", "writeOnly", "then", "else"}
+)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _is_integer(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, float) and v.is_integer()
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+_TYPE_CHECKS: dict[str, _Check] = {
+    "string": lambda v: isinstance(v, str),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "number": _is_number,
+    "integer": _is_integer,
+}
+
+
+def _check_type(arg: Any) -> _Check:
+    names = [arg] if isinstance(arg, str) else list(arg)
+    if not all(n in _TYPE_CHECKS for n in names):
+        raise _Unsupported(f"type {names}")
+    kinds = [_TYPE_CHECKS[n] for n in names]
+    if len(kinds) == 1:
+        return kinds[0]
+    return lambda v: any(kind(v) for kind in kinds)
+
+
+def _check_object(subs: dict[str, _Check], extra: _Check | bool) -> _Check:
+    """``properties`` and ``additionalProperties`` (``extra``) in one pass over the object."""
+
+    def check(v: Any) -> bool:
+        if not isinstance(v, dict):
+            return True
+        for k, x in v.items():
+            sub = subs.get(k)
+            if sub is not None:
+                if not sub(x):
+                    return False
+            elif extra is False or (extra is not True and not extra(x)):
+                return False
+        return True
+
+    return check
+
+
+def _check_required(names: tuple[str, ...]) -> _Check:
+    def check(v: Any) -> bool:
+        if isinstance(v, dict):
+            for name in names:
+                if name not in v:
+                    return False
+        return True
+
+    return check
+
+
+def _check_property_names(sub: _Check) -> _Check:
+    return lambda v: not isinstance(v, dict) or all(sub(k) for k in v)
+
+
+def _check_items(sub: _Check) -> _Check:
+    def check(v: Any) -> bool:
+        if isinstance(v, list):
+            for x in v:
+                if not sub(x):
+                    return False
+        return True
+
+    return check
+
+
+def _check_combined(keyword: str, subs: list[_Check]) -> _Check:
+    if keyword == "anyOf":
+        return lambda v: any(sub(v) for sub in subs)
+    if keyword == "allOf":
+        return lambda v: all(sub(v) for sub in subs)
+    return lambda v: sum(sub(v) for sub in subs) == 1
+
+
+def _check_if(cond: _Check, then: _Check, other: _Check) -> _Check:
+    return lambda v: then(v) if cond(v) else other(v)
+
+
+def _check_pattern(regex: re.Pattern[str]) -> _Check:
+    return lambda v: not isinstance(v, str) or regex.search(v) is not None
+
+
+def _check_enum(allowed: frozenset[str]) -> _Check:
+    return lambda v: isinstance(v, str) and v in allowed
+
+
+def _check_size(kind: type[Sized], least: int) -> _Check:
+    def check(v: Any) -> bool:
+        return not isinstance(v, kind) or len(v) >= least
+
+    return check
+
+
+def _check_bound(bound: float, upper: bool) -> _Check:
+    if upper:
+        return lambda v: not _is_number(v) or v <= bound
+    return lambda v: not _is_number(v) or v >= bound
+
+
+def _check_all(checks: list[_Check]) -> _Check:
+    if len(checks) == 1:
+        return checks[0]
+
+    def check(v: Any) -> bool:
+        for one in checks:  # noqa: SIM110 (a loop: faster than all() over a generator)
+            if not one(v):
+                return False
+        return True
+
+    return check
+
+
+def _compile_node(node: Any, defs: Mapping[str, Any], done: dict[str, _Check]) -> _Check:
+    if node is True or node is False:
+        answer = bool(node)
+        return lambda v: answer
+    if not isinstance(node, dict):
+        raise _Unsupported(repr(node))
+    checks: list[_Check] = []
+    for keyword, arg in node.items():
+        if keyword in _IGNORED_KEYWORDS:
+            continue
+        if keyword == "$ref":
+            if not (isinstance(arg, str) and arg.startswith("#/$defs/") and arg[8:] in defs):
+                raise _Unsupported(str(arg))
+            checks.append(_compile_def(arg[8:], defs, done))
+        elif keyword == "type":
+            checks.append(_check_type(arg))
+        elif keyword in ("properties", "additionalProperties"):
+            if "patternProperties" in node:
+                raise _Unsupported(keyword)
+            if keyword == "additionalProperties" and "properties" in node:
+                continue  # checked with `properties`
+            props = node.get("properties") or {}
+            subs = {name: _compile_node(sub, defs, done) for name, sub in props.items()}
+            extra = node.get("additionalProperties", True)
+            if not isinstance(extra, bool):
+                extra = _compile_node(extra, defs, done)
+            checks.append(_check_object(subs, extra))
+        elif keyword == "required":
+            checks.append(_check_required(tuple(arg)))
+        elif keyword == "propertyNames":
+            checks.append(_check_property_names(_compile_node(arg, defs, done)))
+        elif keyword == "items":
+            if "prefixItems" in node:
+                raise _Unsupported(keyword)
+            checks.append(_check_items(_compile_node(arg, defs, done)))
+        elif keyword in ("anyOf", "allOf", "oneOf"):
+            checks.append(_check_combined(keyword, [_compile_node(x, defs, done) for x in arg]))
+        elif keyword == "if":
+            checks.append(
+                _check_if(
+                    _compile_node(arg, defs, done),
+                    _compile_node(node.get("then", True), defs, done),
+                    _compile_node(node.get("else", True), defs, done),
+                )
+            )
+        elif keyword == "pattern":
+            checks.append(_check_pattern(re.compile(arg)))
+        elif keyword == "enum":
+            if not all(isinstance(e, str) for e in arg):
+                raise _Unsupported(keyword)
+            checks.append(_check_enum(frozenset(arg)))
+        elif keyword in ("minLength", "minItems", "minProperties"):
+            kinds: dict[str, type[Sized]] = {
+                "minLength": str,
+                "minItems": list,
+                "minProperties": dict,
+            }
+            kind = kinds[keyword]
+            checks.append(_check_size(kind, int(arg)))
+        elif keyword in ("minimum", "maximum"):
+            checks.append(_check_bound(arg, keyword == "maximum"))
+        else:
+            raise _Unsupported(keyword)
+    if not checks:
+        return lambda v: True
+    return _check_all(checks)
+
+
+def _compile_def(name: str, defs: Mapping[str, Any], done: dict[str, _Check]) -> _Check:
+    if name not in done:
+        cell: list[_Check] = []
+        done[name] = lambda v: cell[0](v)  # a definition that refers to itself
+        compiled = _compile_node(defs[name], defs, done)
+        cell.append(compiled)
+        done[name] = compiled
+    return done[name]
+
+
+@cache
+def _fast_check() -> _Check | None:
+    """``True`` when a document is valid against the schema; ``None`` if it cannot tell."""
+    root = schema()
+    try:
+        return _compile_node(root, root.get("$defs", {}), {})
+    except (_Unsupported, re.error, TypeError, AttributeError):
+        return None
+
+
+def schema_valid(doc: Any) -> bool:
+    """Whether ``doc`` is valid against the published schema (fast path, same answer)."""
+    check = _fast_check()
+    return check(doc) if check is not None else bool(_validator().is_valid(doc))
+
+
+@cache
+def _def_names() -> dict[int, str]:
+    """``id`` of each ``$defs`` entry -> its name, to tell which definition an error is in."""
+    return {id(node): name for name, node in schema().get("$defs", {}).items()}
+
+
 # --- paths ---------------------------------------------------------------------------------
 
 
 def render_path(parts: Sequence[str | int]) -> str:
-    """A JSON path like ``$.models.gpt-4.upstreams[0]``, with key secrets replaced."""
+    """A JSON path like ``$.models.gpt-4.upstreams[0]``, with key secrets replaced.
+
+    The name of an entry of ``keys`` is its secret: it is shown as ``<key 1a2b3c4d>`` (its
+    fingerprint), or as written when it is a bare ``${VAR}`` reference that could not be
+    resolved (the reference is not the secret).
+    """
     out = ["$"]
     for i, part in enumerate(parts):
         if isinstance(part, int):
             out.append(f"[{part}]")
             continue
         if i == 1 and parts[0] == "keys":
-            part = f"<key {fingerprint(part)}>"
-        if re.fullmatch(r"[A-Za-z_$][\w$-]*", part) or part.startswith("<key "):
+            if _ENV_REF.fullmatch(part):
+                out.append("[" + json.dumps(part) + "]")
+            elif part.startswith("sha256:") and _SHA256_KEY.match(part):
+                out.append(f".<key {fingerprint(part)}>")  # the digest's first hex digits
+            else:  # a secret, or a malformed digest that could be one
+                out.append(f".<key {key_digest(part)[:8]}>")
+            continue
+        if _IDENTIFIER.fullmatch(part):
             out.append(f".{part}")
         else:
             out.append("[" + json.dumps(part) + "]")
@@ -120,100 +393,327 @@ def render_path(parts: Sequence[str | int]) -> str:
 
 
 class _Redactor:
-    """Replaces every known secret in a message by its fingerprint."""
+    """Replaces every known secret in a text by ``<secret fingerprint>``.
+
+    Secrets are indexed by their first :data:`MIN` characters, so a text is scanned once
+    whatever the number of secrets (10,000 keys cost nothing per message).
+    """
+
+    MIN = 4  # shorter strings are not treated as secrets (they would garble every message)
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        self._index: dict[str, list[str]] | None = None
 
     def add(self, secret: str) -> None:
-        if len(secret) >= 4:
+        if len(secret) >= self.MIN and secret not in self._secrets:
             self._secrets.add(secret)
+            self._index = None
+
+    def __contains__(self, text: object) -> bool:
+        return text in self._secrets
+
+    def _built(self) -> dict[str, list[str]]:
+        if self._index is None:
+            index: dict[str, list[str]] = {}
+            for secret in self._secrets:
+                index.setdefault(secret[: self.MIN], []).append(secret)
+            for candidates in index.values():
+                candidates.sort(key=len, reverse=True)
+            self._index = index
+        return self._index
 
     def __call__(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            if secret in text:
-                text = text.replace(secret, f"<secret {fingerprint(secret)}>")
-        return text
+        if not self._secrets or len(text) < self.MIN:
+            return text
+        index = self._built()
+        out: list[str] = []
+        start = i = 0
+        end = len(text) - self.MIN
+        while i <= end:
+            for secret in index.get(text[i : i + self.MIN], ()):
+                if text.startswith(secret, i):
+                    out.append(text[start:i])
+                    out.append(f"<secret {fingerprint(secret)}>")
+                    i = start = i + len(secret)
+                    break
+            else:
+                i += 1
+        if not out:
+            return text
+        out.append(text[start:])
+        return "".join(out)
 
 
-# --- parsing and environment ---------------------------------------------------------------
+# --- parsing -------------------------------------------------------------------------------
 
 
-def _parse(source: Source) -> tuple[Any, Problem | None]:
-    yaml_file = source.name.endswith((".yaml", ".yml"))
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with JSON's data model: timestamps stay strings, repeated keys are recorded."""
+
+    duplicates: dict[int, tuple[object, list[str]]]
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml_map(loader: _YamlLoader, node: yaml.MappingNode) -> Iterator[dict[Any, Any]]:
+    data: dict[Any, Any] = {}
+    yield data
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if key_node.value in seen:
+                repeated.append(key_node.value)
+            seen.add(key_node.value)
+    data.update(loader.construct_mapping(node))
+    if repeated:
+        loader.duplicates[id(data)] = (data, repeated)  # holding `data` keeps its id unique
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:map", _yaml_map)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = str(getattr(error, "problem", None) or "not valid YAML")
+    # PyYAML quotes what it found (an alias, a tag...): keep one-character and token quotes
+    # (`'\t'`, `'<scalar>'`), drop the rest, which could be a piece of a secret.
+    problem = re.sub(r"'[^']*'", _keep_short_quote, problem)
+    return f"invalid YAML{where}: {problem}"
+
+
+def _keep_short_quote(m: re.Match[str]) -> str:
+    inner = m.group(0)[1:-1]
+    return m.group(0) if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+@dataclass
+class _Parsed:
+    doc: Any
+    duplicates: dict[int, tuple[object, list[str]]]
+    problem: str | None = None
+
+
+def _parse(source: Source) -> _Parsed:
+    """The document of one source (any JSON value), or why it cannot be read."""
+    duplicates: dict[int, tuple[object, list[str]]] = {}
     try:
         text = source.data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        return None, Problem(source.name, "$", f"not UTF-8 text (byte {e.start})")
-    if yaml_file:
+        line = source.data[: e.start].count(b"\n") + 1
+        return _Parsed(None, duplicates, f"not UTF-8 text (line {line}, byte {e.start})")
+    if source.name.endswith((".yaml", ".yml")):
         try:
-            doc = yaml.safe_load(text)
+            loader = _YamlLoader(text)  # checks the characters: may raise ReaderError
+            loader.duplicates = duplicates
+            try:
+                return _Parsed(loader.get_single_data(), duplicates)
+            finally:
+                loader.dispose()
+        except yaml.reader.ReaderError as e:
+            problem = f"invalid YAML: character #x{e.character:04x} is not allowed"
+            line = text[: e.position].count("\n") + 1
+            return _Parsed(None, duplicates, f"{problem} (line {line})")
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or "invalid YAML"
-            return None, Problem(source.name, "$", f"invalid YAML{where}: {problem}")
-        except (ValueError, TypeError, RecursionError):
-            return None, Problem(source.name, "$", "invalid YAML")
-        try:  # YAML may hold dates, sets, non-string keys...: only JSON's data model is accepted
-            doc = json.loads(json.dumps(doc))
-        except (TypeError, ValueError):
-            return None, Problem(source.name, "$", "YAML holds values JSON cannot represent")
-    else:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            return None, Problem(
-                source.name, "$", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-            )
+            return _Parsed(None, duplicates, _yaml_problem(e))
         except RecursionError:
-            return None, Problem(source.name, "$", "invalid JSON: nested too deeply")
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        return None, Problem(source.name, "$", "the config must be a JSON object")
-    return doc, None
+            return _Parsed(None, duplicates, "invalid YAML: nested too deeply")
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            return _Parsed(None, duplicates, "invalid YAML: a value cannot be constructed")
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) != len(items):
+            seen: set[str] = set()
+            repeated: list[str] = []
+            for k, _ in items:
+                if k in seen:
+                    repeated.append(k)
+                seen.add(k)
+            duplicates[id(obj)] = (obj, repeated)  # holding `obj` keeps its id unique
+        return obj
+
+    try:
+        doc = json.loads(text, object_pairs_hook=pairs, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        return _Parsed(
+            None, duplicates, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        )
+    except RecursionError:
+        return _Parsed(None, duplicates, "invalid JSON: nested too deeply")
+    except ValueError as e:  # NaN/Infinity, or an integer too long to convert
+        reason = str(e) if "JSON number" in str(e) else "a number is too long"
+        return _Parsed(None, duplicates, f"invalid JSON: {reason}")
+    return _Parsed(doc, duplicates)
 
 
-def _resolve_env(
-    value: Any,
-    env: Mapping[str, str],
-    parts: list[str | int],
-    file: str,
-    problems: list[Problem],
-    redact: _Redactor,
-) -> Any:
-    """Replace ``${NAME}`` in strings (and in the names of ``keys``) by the environment."""
+# --- one document: JSON data model, ${VAR}, secrets ---------------------------------------
 
-    def sub(text: str, where: list[str | int]) -> str:
+
+class _TooBig(Exception):
+    """A document expands to too many values (YAML aliases): stop walking it."""
+
+
+@dataclass
+class _Prepared:
+    """One source after parsing and ``${VAR}`` substitution, with what was learnt on the way."""
+
+    name: str
+    doc: dict[str, Any]
+    # (file, rendered path) of values already reported (an unset ${VAR}, a YAML value JSON
+    # cannot hold...): what the later checks find there follows from it and is not reported.
+    reported: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Preparer:
+    """Walks a parsed document once: checks it is JSON, substitutes ``${VAR}``, finds secrets."""
+
+    def __init__(
+        self,
+        file: str,
+        env: Mapping[str, str],
+        duplicates: Mapping[int, tuple[object, list[str]]],
+        problems: list[Problem],
+        redact: _Redactor,
+        env_values: _Redactor,
+    ) -> None:
+        self.file = file
+        self.env = env
+        self.duplicates = duplicates
+        self.problems = problems
+        self.redact = redact
+        self.env_values = env_values
+        self.values = 0
+        self.reported: list[tuple[str, str]] = []
+        self.stack: set[int] = set()
+
+    def error(self, parts: Sequence[str | int], message: str, severity: Severity = "error") -> None:
+        self.problems.append(Problem(self.file, render_path(parts), message, severity))
+
+    def replaced(self, parts: Sequence[str | int], message: str) -> None:
+        """Report a value that is dropped (it becomes null) and what follows from it."""
+        self.error(parts, message)
+        self.reported.append((self.file, render_path(parts)))
+
+    def substitute(self, text: str, parts: Sequence[str | int], secret: bool) -> tuple[str, bool]:
+        """``text`` with its ``${VAR}``s replaced; ``False`` (and the text as written) when one
+        is not set, which is reported at ``parts``."""
         if "${" not in text:
-            return text
+            return text, True
+        missing: list[str] = []
 
         def one(m: re.Match[str]) -> str:
-            name = m.group(1)
-            if name not in env:
-                problems.append(
-                    Problem(file, render_path(where), f"environment variable {name} is not set")
-                )
-                return ""
-            redact.add(env[name])
-            return env[name]
+            value = self.env.get(m.group(1))
+            if value is None:
+                missing.append(m.group(1))
+                return m.group(0)
+            (self.redact if secret else self.env_values).add(value)
+            return value
 
-        return _ENV_REF.sub(one, text)
+        result = _ENV_REF.sub(one, text)
+        for name in dict.fromkeys(missing):
+            self.error(parts, f"environment variable {name} is not set")
+        if missing:
+            self.reported.append((self.file, render_path(parts)))
+            return text, False
+        return result, True
 
-    if isinstance(value, str):
-        return sub(value, parts)
-    if isinstance(value, list):
-        return [
-            _resolve_env(v, env, [*parts, i], file, problems, redact) for i, v in enumerate(value)
-        ]
-    if isinstance(value, dict):
+    def walk(self, value: Any, parts: list[str | int], depth: int) -> Any:
+        self.values += 1
+        if self.values > _MAX_VALUES:
+            self.error(parts, f"the document expands to more than {_MAX_VALUES:,} values")
+            raise _TooBig
+        if isinstance(value, str):
+            secret = bool(parts) and (
+                parts[-1] in _SECRET_FIELDS
+                or (len(parts) > 1 and isinstance(parts[-1], int) and parts[-2] in _SECRET_FIELDS)
+            )
+            text, resolved = self.substitute(value, parts, secret)
+            if secret and resolved:
+                self.redact.add(text)
+            if "@" in text and "://" in text:
+                self._url_password(text)
+            return text
+        if value is None or isinstance(value, bool | int):
+            return value
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return value
+            self.replaced(parts, "not a finite number")
+            return None
+        if not isinstance(value, dict | list):
+            self.replaced(parts, f"a YAML {type(value).__name__} value has no JSON equivalent")
+            return None
+        if depth >= _MAX_DEPTH:
+            self.replaced(parts, f"nested more than {_MAX_DEPTH} levels deep")
+            return None
+        if id(value) in self.stack:
+            self.replaced(parts, "a YAML alias refers to the value that contains it")
+            return None
+        self.stack.add(id(value))
+        secret_list = bool(parts) and parts[-1] in _SECRET_FIELDS
+        try:
+            if isinstance(value, list):
+                self.values += len(value)
+                return [
+                    v
+                    if type(v) is str and "${" not in v and "@" not in v and not secret_list
+                    else self.walk(v, [*parts, i], depth + 1)
+                    for i, v in enumerate(value)
+                ]
+            return self._object(value, parts, depth)
+        finally:
+            self.stack.discard(id(value))
+
+    def _object(self, value: dict[Any, Any], parts: list[str | int], depth: int) -> dict[str, Any]:
+        in_keys = parts == ["keys"]
+        repeated = self.duplicates.get(id(value), (None, []))[1]
         out: dict[str, Any] = {}
         for k, v in value.items():
-            name = sub(k, [*parts, k]) if parts == ["keys"] else k
-            out[name] = _resolve_env(v, env, [*parts, name], file, problems, redact)
+            if (
+                type(v) is str
+                and k not in _SECRET_FIELDS
+                and "${" not in v
+                and "@" not in v
+                and isinstance(k, str)
+                and not in_keys
+            ):  # the usual plain string: nothing to do (the hot path of a big config)
+                self.values += 1
+                out[k] = v
+                continue
+            if not isinstance(k, str):
+                shown = repr(k) if k is None or isinstance(k, bool | int | float) else "it"
+                self.error(parts, f"a field name must be a string (quote the YAML key {shown})")
+                continue
+            name = k
+            if in_keys:
+                name, resolved = self.substitute(k, [*parts, k], secret=True)
+                if resolved:
+                    self.redact.add(name)
+                if name in out:
+                    self.error([*parts, name], "the same key is defined twice in this file")
+            out[name] = self.walk(v, [*parts, name], depth + 1)
+        for k in dict.fromkeys(repeated):
+            if in_keys:
+                self.error([*parts, k], "the same key is defined twice in this file")
+            else:
+                shown = _show_name(k)
+                self.error(parts, f"field {shown} is given twice; the last one is used", "warning")
         return out
-    return value
+
+    def _url_password(self, text: str) -> None:
+        for m in re.finditer(r"://[^/@:\s]*:([^/@\s]+)@", text):
+            self.redact.add(m.group(1))
 
 
 def merge(base: Any, update: Any) -> Any:
@@ -228,237 +728,536 @@ def merge(base: Any, update: Any) -> Any:
     return update
 
 
+class _Locator:
+    """Maps a path in the merged document to the file, and the path in it, it came from."""
+
+    def __init__(self, docs: Sequence[_Prepared], files: Sequence[str]) -> None:
+        self.docs = docs
+        self.fallback = files[-1] if files else "<config>"
+
+    def locate(self, parts: Sequence[str | int]) -> tuple[str, list[str | int]]:
+        chain: list[tuple[str, Any, list[str | int]]] = [(d.name, d.doc, []) for d in self.docs]
+        for part in parts:
+            if isinstance(part, str):
+                found = [
+                    (name, node[part], [*local, part])
+                    for name, node, local in chain
+                    if isinstance(node, dict) and part in node
+                ]
+                chain = _merged_chain(found)
+            else:
+                index, picked = part, []
+                for name, node, local in chain:
+                    if not isinstance(node, list):
+                        continue
+                    if index < len(node):
+                        picked = [(name, node[index], [*local, index])]
+                        break
+                    index -= len(node)
+                chain = picked
+            if not chain:
+                return self.fallback, list(parts)
+        name, _, local = chain[-1]
+        return name, local
+
+    def problem(
+        self, parts: Sequence[str | int], message: str, severity: Severity = "error"
+    ) -> Problem:
+        file, local = self.locate(parts)
+        return Problem(file, render_path(local), message, severity)
+
+
+def _merged_chain(
+    found: list[tuple[str, Any, list[str | int]]],
+) -> list[tuple[str, Any, list[str | int]]]:
+    """The values that make up a merged value: the last run of objects (or of arrays)."""
+    if not found:
+        return found
+    kind = type(found[-1][1])
+    if kind not in (dict, list):
+        return found[-1:]
+    start = len(found) - 1
+    while start > 0 and type(found[start - 1][1]) is kind:
+        start -= 1
+    return found[start:]
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _sensitive(parts: Sequence[str | int]) -> bool:
+    """Values here may be secrets: an upstream key, extra data, a key entry itself."""
+    if parts and parts[0] == "keys" and len(parts) <= 2:
+        return True
+    return any(isinstance(p, str) and p in _SECRET_FIELDS for p in parts)
+
+
+def _show(value: Any, parts: Sequence[str | int]) -> str:
+    """A config value for a message: quoted when short and not secret-bearing, else its type."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float) and not _sensitive(parts):
+        return json.dumps(value)
+    if isinstance(value, str) and not _sensitive(parts) and len(value) <= _SHOW_MAX:
+        return json.dumps(value)
+    return _json_type(value)
+
+
+def _show_name(name: str) -> str:
+    if len(name) > _SHOW_MAX:
+        return json.dumps(name[:_SHOW_MAX] + "…")
+    return json.dumps(name)
+
+
+_TYPE_NAMES = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
+
+# What a value of each definition must look like, for messages.
+_FORMS = {
+    "LimitValue": 'an integer or an integer written as a string, such as "100000"',
+    "CostValue": 'a non-negative amount in USD: a decimal string such as "10.5", or a number',
+    "DecimalString": 'a non-negative decimal number written as a string, such as "0.00003"',
+    "Url": "an absolute URL such as https://host/path",
+    "DateTime": "an RFC 3339 date-time with an offset, such as 2026-01-01T00:00:00Z",
+    "Timestamp": "epoch milliseconds (an integer) or a date string",
+    "LocalizedString": 'a string, or an object of strings by language such as {"en": "..."}',
+}
+
+_KINDS = {
+    "Model": "a model",
+    "Upstream": "an upstream",
+    "Key": "a key",
+    "Role": "a role",
+    "Limit": "a limit",
+    "TokenLimits": "a model's limits",
+    "Pricing": "pricing",
+    "CostLimit": "a cost limit",
+    "RateLimitSchedule": "rateLimitSchedule",
+}
+
+
+def _schema_problem(
+    error: jsonschema.ValidationError, locator: _Locator
+) -> tuple[list[Problem], bool]:
+    """The problem(s) for one schema error; the flag says the path is a key name's."""
+    parts: list[str | int] = list(error.absolute_path)
+    node = cast(dict[str, Any], error.schema) if isinstance(error.schema, dict) else {}
+    where = _def_names().get(id(error.schema))
+    kind = _KINDS.get(where or "", "")
+    validator = str(error.validator)
+    value = error.instance
+    if "propertyNames" in error.schema_path:
+        name = str(value)
+        if name.startswith("sha256:"):
+            message = (
+                "a key written as `sha256:` must be followed by the 64 lowercase hex digits "
+                "of the secret's SHA-256"
+            )
+        else:
+            message = "a key must not be empty"
+        return [locator.problem([*parts, name], message)], True
+    if validator == "additionalProperties" and isinstance(value, dict):
+        known = list(node.get("properties") or {})
+        out: list[Problem] = []
+        for extra in [k for k in value if k not in known]:
+            message = f"unknown field {_show_name(extra)}" + (f" in {kind}" if kind else "")
+            close = difflib.get_close_matches(extra, known, n=1, cutoff=0.75)
+            if close:
+                message += f"; did you mean {json.dumps(close[0])}?"
+            file, local = locator.locate([*parts, extra])
+            out.append(Problem(file, render_path(local[:-1]), message))
+        return out, False
+    if validator == "required" and isinstance(value, dict):
+        missing = [f for f in cast(list[str], error.validator_value) if f not in value]
+        names = ", ".join(json.dumps(f) for f in missing)
+        message = f"{kind or 'the object'} needs {names}" if kind else f"missing {names}"
+        if where == "Upstream" and ("baseUrl" in value or "base_url" in value):
+            message += " (dialproxy does not build URLs from `baseUrl`; give the full endpoint)"
+        elif where == "Upstream" and "interfaces" in value:
+            message += " (dialproxy does not use `interfaces`; give the full endpoint)"
+        return [locator.problem(parts, message)], False
+    if validator == "anyOf" and where == "Key":
+        message = "a key needs at least one role: set `role` or a non-empty `roles`"
+        return [locator.problem(parts, message)], False
+    if where in _FORMS and validator in ("anyOf", "type", "pattern"):
+        message = f"must be {_FORMS[where]} (got {_show(value, parts)})"
+        return [locator.problem(parts, message)], False
+    return [locator.problem(parts, _generic_message(error, parts))], False
+
+
+def _generic_message(error: jsonschema.ValidationError, parts: Sequence[str | int]) -> str:
+    validator, value = str(error.validator), error.instance
+    expected: Any = error.validator_value
+    got = _show(value, parts)
+    if validator == "type":
+        types = [expected] if isinstance(expected, str) else list(expected)
+        wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in types)
+        return f"must be {wanted} (got {got})"
+    if validator == "enum":
+        allowed = ", ".join(json.dumps(v) for v in expected)
+        return f"must be one of {allowed} (got {got})"
+    if validator == "pattern":
+        if parts and parts[-1] == "type":
+            return f"must be chat, completion or embedding (got {got})"
+        if parts and parts[-1] == "resetTime":
+            return f"must be a time of day HH:MM, from 00:00 to 23:59 (got {got})"
+        return f"does not have the expected form (pattern {expected}; got {got})"
+    if validator == "minLength":
+        return "must not be empty" if expected == 1 else f"must have at least {expected} characters"
+    if validator == "minItems":
+        return "must not be empty" if expected == 1 else f"must have at least {expected} items"
+    if validator == "minProperties":
+        return "must not be empty"
+    if validator == "minimum":
+        return f"must be at least {expected} (got {got})"
+    if validator == "maximum":
+        return f"must be at most {expected} (got {got})"
+    if validator == "anyOf":
+        return f"is not one of the accepted forms (got {got})"
+    return f"is not valid ({validator})"
+
+
 # --- the build -----------------------------------------------------------------------------
 
 
 def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapshot:
     """Build a snapshot, or raise :class:`ConfigError` with every problem found."""
     problems: list[Problem] = []
-    redact = _Redactor()
-    docs: list[tuple[str, dict[str, Any]]] = []
+    redact = _Redactor()  # secrets: hidden in paths and messages
+    env_values = _Redactor()  # other ${VAR} values: hidden in messages
+    docs: list[_Prepared] = []
+    unreadable = False
     for source in sources:
-        doc, problem = _parse(source)
-        if problem is not None:
-            problems.append(problem)
+        parsed = _parse(source)
+        if parsed.problem is not None:
+            problems.append(Problem(source.name, "$", parsed.problem))
+            unreadable = True
             continue
-        doc = _resolve_env(doc, env, [], source.name, problems, redact)
-        docs.append((source.name, doc))
-        _collect_secrets(doc, redact)
-    _check_duplicate_keys(docs, problems)
-    if any(p.severity == "error" for p in problems) and len(docs) < len(sources):
-        raise ConfigError(_redacted(problems, redact))
+        if parsed.doc is None:
+            parsed.doc = {}
+        if not isinstance(parsed.doc, dict):
+            problems.append(
+                Problem(
+                    source.name,
+                    "$",
+                    f"the config must be a JSON object, not {_json_type(parsed.doc)}",
+                )
+            )
+            unreadable = True
+            continue
+        preparer = _Preparer(source.name, env, parsed.duplicates, problems, redact, env_values)
+        try:
+            doc = preparer.walk(parsed.doc, [], 0)
+        except _TooBig:
+            unreadable = True
+            continue
+        docs.append(_Prepared(source.name, doc, preparer.reported))
+    found: list[Problem] = []  # by the checks below, which may follow from the above
+    _check_duplicate_keys(docs, found)
+    if unreadable:
+        raise ConfigError(_finish(problems, found, docs, redact, env_values))
 
     merged: dict[str, Any] = {}
-    for _, doc in docs:
-        merged = merge(merged, doc)
+    for prepared in docs:
+        merged = merge(merged, prepared.doc)
     files = tuple(s.name for s in sources)
+    locator = _Locator(docs, files)
 
-    def file_of(parts: Sequence[str | int]) -> str:
-        for name, doc in reversed(docs):
-            if _has_path(doc, parts):
-                return str(name)
-        return str(files[-1]) if files else "<config>"
-
-    for error in _validator().iter_errors(merged):
-        parts = list(error.absolute_path)
-        problems.append(Problem(file_of(parts), render_path(parts), _schema_message(error)))
-
-    schema_ok = not any(p.severity == "error" for p in problems)
-    problems.extend(_semantic_checks(merged, file_of))
-    if any(p.severity == "error" for p in problems) or not schema_ok:
-        raise ConfigError(_redacted(problems, redact))
+    if not schema_valid(merged):
+        for error in _validator().iter_errors(merged):
+            found.extend(_schema_problem(error, locator)[0])
+    found.extend(_semantic_checks(merged, locator))
+    final = _finish(problems, found, docs, redact, env_values)
+    if any(p.severity == "error" for p in final):
+        raise ConfigError(final)
 
     digest = hashlib.sha256(json.dumps(merged, sort_keys=True).encode()).hexdigest()
-    snapshot = _snapshot(merged, files, digest)
+    built = _snapshot(merged, files, digest)
     return Snapshot(
-        models=snapshot.models,
-        roles=snapshot.roles,
-        keys=snapshot.keys,
-        retriable_codes=snapshot.retriable_codes,
-        digest=snapshot.digest,
+        models=built.models,
+        roles=built.roles,
+        keys=built.keys,
+        retriable_codes=built.retriable_codes,
+        digest=digest,
         files=files,
-        warnings=tuple(_redacted(problems, redact)),
+        warnings=tuple(final),
         raw=MappingProxyType(merged),
     )
 
 
-def _redacted(problems: Iterable[Problem], redact: _Redactor) -> list[Problem]:
-    return [Problem(p.file, redact(p.path), redact(p.message), p.severity) for p in problems]
+def _finish(
+    early: Sequence[Problem],
+    late: Sequence[Problem],
+    docs: Sequence[_Prepared],
+    redact: _Redactor,
+    env_values: _Redactor,
+) -> list[Problem]:
+    """Drop the ``late`` problems that follow from an ``early`` one, redact every secret."""
+    reported = {item for d in docs for item in d.reported}
+    out: list[Problem] = []
+    seen: set[Problem] = set()
+    for i, p in enumerate([*early, *late]):
+        if reported and i >= len(early):
+            prefixes = [p.path[:i] for i, c in enumerate(p.path) if c in ".["]
+            if any((p.file, path) in reported for path in [p.path, *prefixes]):
+                continue
+        clean = Problem(p.file, redact(p.path), env_values(redact(p.message)), p.severity)
+        if clean not in seen:
+            seen.add(clean)
+            out.append(clean)
+    return out
 
 
-def _collect_secrets(doc: dict[str, Any], redact: _Redactor) -> None:
-    keys = doc.get("keys")
-    if isinstance(keys, dict):
-        for secret in keys:
-            redact.add(secret)
-    models = doc.get("models")
-    if isinstance(models, dict):
-        for model in models.values():
-            ups = model.get("upstreams") if isinstance(model, dict) else None
-            for up in ups if isinstance(ups, list) else ():
-                if isinstance(up, dict) and isinstance(up.get("key"), str):
-                    redact.add(up["key"])
+def _key_digest_of(name: str) -> str:
+    if name.startswith("sha256:") and _SHA256_KEY.match(name):
+        return name[7:]
+    return key_digest(name)
 
 
-def _has_path(doc: Any, parts: Sequence[str | int]) -> bool:
-    for part in parts:
-        try:
-            doc = doc[part]
-        except (KeyError, IndexError, TypeError):
-            return False
-    return True
-
-
-def _schema_message(error: jsonschema.ValidationError) -> str:
-    if error.validator == "additionalProperties":
-        return error.message.replace("Additional properties are not allowed", "unknown field")
-    return error.message
-
-
-def _check_duplicate_keys(
-    docs: Sequence[tuple[str, dict[str, Any]]], problems: list[Problem]
-) -> None:
+def _check_duplicate_keys(docs: Sequence[_Prepared], problems: list[Problem]) -> None:
+    """The same secret twice across files (or as itself and as its ``sha256:`` form)."""
     seen: dict[str, str] = {}
-    for name, doc in docs:
-        keys = doc.get("keys")
+    for prepared in docs:
+        keys = prepared.doc.get("keys")
         if not isinstance(keys, dict):
             continue
-        for secret in keys:
-            digest = secret[7:] if _SHA256_KEY.match(secret) else key_digest(secret)
+        for name in keys:
+            if not name or _ENV_REF.search(name):
+                continue
+            digest = _key_digest_of(name)
             if digest in seen:
                 problems.append(
                     Problem(
-                        name,
-                        render_path(["keys", secret]),
+                        prepared.name,
+                        render_path(["keys", name]),
                         f"the same key is already defined in {seen[digest]}",
                     )
                 )
             else:
-                seen[digest] = name
+                seen[digest] = prepared.name
 
 
 # --- checks the schema cannot express -----------------------------------------------------
 
 
 def _key_bits(secret: str) -> float:
-    pool = 0
-    if re.search(r"[a-z]", secret):
-        pool += 26
-    if re.search(r"[A-Z]", secret):
-        pool += 26
-    if re.search(r"[0-9]", secret):
-        pool += 10
-    if re.search(r"[^A-Za-z0-9]", secret):
-        pool += 32
-    if re.fullmatch(r"[0-9a-f]+", secret):
-        pool = 16
+    """A rough estimate of the entropy of a key, from its length and alphabet."""
+    if re.fullmatch(r"[0-9a-fA-F-]+", secret) and not re.fullmatch(r"[0-9]+", secret):
+        hex_digits = len(secret) - secret.count("-")
+        pool, length = 16, hex_digits
+    else:
+        pool, length = 0, len(secret)
+        if re.search(r"[a-z]", secret):
+            pool += 26
+        if re.search(r"[A-Z]", secret):
+            pool += 26
+        if re.search(r"[0-9]", secret):
+            pool += 10
+        if re.search(r"[^A-Za-z0-9]", secret):
+            pool += 32
     distinct = len(set(secret))
-    pool = min(pool, distinct) if distinct < len(secret) / 4 else pool
-    return len(secret) * math.log2(max(pool, 1)) if pool > 1 else 0.0
+    if distinct < len(secret) / 4:
+        pool = min(pool, distinct)
+    return length * math.log2(pool) if pool > 1 else 0.0
 
 
-def _check_url(url: Any, parts: list[str | int], file_of: Any) -> Iterator[Problem]:
+def _url_problems(url: Any) -> list[str]:
     if not isinstance(url, str):
-        return
-    where = render_path(parts)
+        return []
     try:
         split = urlsplit(url)
         _ = split.port
     except ValueError:
-        yield Problem(file_of(parts), where, "not a valid URL")
-        return
+        return ["not a valid URL"]
+    found: list[str] = []
     if split.scheme not in ("http", "https") or not split.hostname:
-        yield Problem(file_of(parts), where, "must be an http:// or https:// URL with a host")
+        found.append("must be an http:// or https:// URL with a host")
     if split.username is not None or split.password is not None:
-        yield Problem(
-            file_of(parts),
-            where,
-            "must not carry user:password (put credentials in the upstream's key)",
+        found.append(
+            "must not carry credentials (`user:secret@host`): put them in the upstream's key"
         )
     if _CONTROL.search(url):
-        yield Problem(file_of(parts), where, "contains control characters")
+        found.append("contains control characters")
+    return found
 
 
-def _semantic_checks(doc: dict[str, Any], file_of: Any) -> Iterator[Problem]:
-    models = doc.get("models") if isinstance(doc.get("models"), dict) else {}
-    roles = doc.get("roles") if isinstance(doc.get("roles"), dict) else {}
-    keys = doc.get("keys") if isinstance(doc.get("keys"), dict) else {}
-    assert isinstance(models, dict) and isinstance(roles, dict) and isinstance(keys, dict)
+def _localized(value: Any) -> str | None:
+    """DIAL's localized text: a string, or {language: string}; the `en` text or the first."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and value:
+        text = value.get("en")
+        if not isinstance(text, str):
+            text = next((v for v in value.values() if isinstance(v, str)), None)
+        return text
+    return None
+
+
+def _model_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {_MODEL_ALIASES.get(k, k): v for k, v in raw.items()}
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _deployment_names(doc: Mapping[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for section in _DEPLOYMENT_SECTIONS:
+        names.update(_dict(doc.get(section)))
+    names.update(_dict(_dict(doc.get("assistant")).get("assistants")))
+    return names
+
+
+def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
+    """Cross-references and safety; the document may not match the schema (be defensive)."""
+    models = _dict(doc.get("models"))
+    roles = _dict(doc.get("roles"))
+    keys = _dict(doc.get("keys"))
+    deployments = _deployment_names(doc)
 
     def warn(parts: list[str | int], message: str) -> Problem:
-        return Problem(file_of(parts), render_path(parts), message, "warning")
+        return at.problem(parts, message, "warning")
 
     for secret, key in keys.items():
         if not isinstance(key, dict):
             continue
+        base: list[str | int] = ["keys", secret]
         named: list[tuple[list[str | int], Any]] = []
         if "role" in key:
-            named.append((["keys", secret, "role"], key["role"]))
-        if isinstance(key.get("roles"), list):
-            named += [(["keys", secret, "roles", i], r) for i, r in enumerate(key["roles"])]
+            named.append(([*base, "role"], key["role"]))
+        named += [([*base, "roles", i], r) for i, r in enumerate(_list(key.get("roles")))]
         for parts, role in named:
-            if isinstance(role, str) and role not in roles and role != "default":
-                yield warn(parts, f"role {role!r} is not defined in roles")
-        if not _SHA256_KEY.match(secret) and _key_bits(secret) < 128:
-            yield warn(
-                ["keys", secret],
-                "the key has less than 128 bits of entropy; use `dialproxy keys generate`",
-            )
-        for i, m in enumerate(key.get("models") or ()):
+            if isinstance(role, str) and role and role not in roles and role != "default":
+                yield warn(parts, f"role {_show_name(role)} is not defined in roles")
+        if secret and not secret.startswith("sha256:") and not _ENV_REF.search(secret):
+            if _key_bits(secret) < 128:
+                yield warn(
+                    base,
+                    "the key has less than 128 bits of entropy (DIAL asks for a secure random "
+                    "key of at least 128 bits); make one with `dialproxy keys generate`",
+                )
+            if _CONTROL.search(secret) or secret != secret.strip():
+                yield warn(base, "the key has spaces or control characters: no client can send it")
+        for i, m in enumerate(_list(key.get("models"))):
             if isinstance(m, str) and m not in models:
-                yield warn(["keys", secret, "models", i], f"model {m!r} is not defined")
-        for m in key.get("limits") or {}:
+                yield warn([*base, "models", i], f"model {_show_name(m)} is not defined")
+        for m in _dict(key.get("limits")):
             if m != "*" and m not in models:
-                yield warn(["keys", secret, "limits", m], f"model {m!r} is not defined")
-        for i, cidr in enumerate(key.get("allowedIpAddressRanges") or ()):
+                yield warn([*base, "limits", m], f"model {_show_name(m)} is not defined")
+        for i, cidr in enumerate(_list(key.get("allowedIpAddressRanges"))):
+            if not isinstance(cidr, str):
+                continue
             try:
                 ipaddress.ip_network(cidr, strict=False)
-            except (ValueError, TypeError):
-                yield Problem(
-                    file_of(["keys", secret]),
-                    render_path(["keys", secret, "allowedIpAddressRanges", i]),
-                    "not a valid IP address range (CIDR)",
+            except ValueError:
+                yield at.problem(
+                    [*base, "allowedIpAddressRanges", i], "not a valid IP address range (CIDR)"
                 )
+        instants: dict[str, datetime] = {}
+        for name in ("notBefore", "expiresAt"):
+            value = key.get(name)
+            if isinstance(value, str) and value:
+                try:
+                    instants[name] = _datetime_strict(value)
+                except ValueError:
+                    yield at.problem([*base, name], "not a valid date-time")
+        if len(instants) == 2 and instants["notBefore"] >= instants["expiresAt"]:
+            yield warn([*base, "expiresAt"], "the key expires before it becomes valid")
 
     for role_name, role in roles.items():
-        limits = role.get("limits") if isinstance(role, dict) else None
-        for model_name in limits if isinstance(limits, dict) else ():
-            if model_name not in models:
+        for name in _dict(_dict(role).get("limits")):
+            if name not in deployments:
                 yield warn(
-                    ["roles", role_name, "limits", model_name],
-                    f"model {model_name!r} is not defined in models",
+                    ["roles", role_name, "limits", name],
+                    f"no model (or application, addon, assistant, toolset) {_show_name(name)} "
+                    "is defined",
                 )
 
-    for model_name, model in models.items():
-        if not isinstance(model, dict):
+    for model_name, raw in models.items():
+        if not isinstance(raw, dict):
             continue
-        user_roles = model.get("userRoles", model.get("user_roles"))
-        field_name = "userRoles" if "userRoles" in model else "user_roles"
-        for i, role in enumerate(user_roles if isinstance(user_roles, list) else ()):
-            if isinstance(role, str) and role not in roles and role != "default":
-                yield warn(
-                    ["models", model_name, field_name, i], f"role {role!r} is not defined in roles"
-                )
-        if "endpoint" in model:
-            yield from _check_url(model["endpoint"], ["models", model_name, "endpoint"], file_of)
-        ups = model.get("upstreams")
-        if "endpoint" not in model and not ups:
-            yield Problem(
-                file_of(["models", model_name]),
-                render_path(["models", model_name]),
-                "a model needs an endpoint or at least one upstream",
+        yield from _model_checks(model_name, raw, roles, at)
+
+
+def _model_checks(
+    model_name: str, raw: dict[str, Any], roles: Mapping[str, Any], at: _Locator
+) -> Iterator[Problem]:
+    base: list[str | int] = ["models", model_name]
+    for snake, camel in _MODEL_ALIASES.items():
+        if snake in raw and camel in raw:
+            yield at.problem(
+                [*base, snake], f"`{snake}` is an alias of `{camel}`, which is also set: keep one"
             )
-        for i, up in enumerate(ups if isinstance(ups, list) else ()):
-            if not isinstance(up, dict):
-                continue
-            base: list[str | int] = ["models", model_name, "upstreams", i]
-            yield from _check_url(up.get("endpoint"), [*base, "endpoint"], file_of)
-            if isinstance(up.get("key"), str) and _CONTROL.search(up["key"]):
-                yield Problem(
-                    file_of(base),
-                    render_path([*base, "key"]),
-                    "contains control characters (it is sent as a header value)",
-                )
+    field_name = "userRoles" if "userRoles" in raw else "user_roles"
+    for i, role in enumerate(_list(raw.get(field_name))):
+        if isinstance(role, str) and role not in roles and role != "default":
+            yield at.problem(
+                [*base, field_name, i],
+                f"role {_show_name(role)} is not defined in roles",
+                "warning",
+            )
+    for name in ("endpoint", "responsesEndpoint"):
+        for message in _url_problems(raw.get(name)):
+            yield at.problem([*base, name], message)
+    for name, value in _dict(raw.get("features")).items():
+        if name.endswith("Endpoint"):
+            for message in _url_problems(value):
+                yield at.problem([*base, "features", name], message)
+    ups = raw.get("upstreams")
+    if raw.get("endpoint") is None and not ups:
+        message = "a model needs an `endpoint` or at least one upstream"
+        if "interfaces" in raw:
+            message += " (dialproxy does not call a model through `interfaces` alone)"
+        yield at.problem(base, message)
+    weights: list[Any] = []
+    for i, up in enumerate(_list(ups)):
+        if not isinstance(up, dict):
+            continue
+        where: list[str | int] = [*base, "upstreams", i]
+        for name in ("endpoint", "responsesEndpoint", "baseUrl", "base_url"):
+            for message in _url_problems(up.get(name)):
+                yield at.problem([*where, name], message)
+        if "baseUrl" in up and "base_url" in up:
+            yield at.problem(
+                [*where, "base_url"], "`base_url` is an alias of `baseUrl`, which is also set"
+            )
+        if isinstance(up.get("key"), str) and _CONTROL.search(up["key"]):
+            yield at.problem(
+                [*where, "key"], "contains control characters (it is sent as a header value)"
+            )
+        weights.append(up.get("weight", 1))
+    if weights and all(isinstance(w, int) and w <= 0 for w in weights):
+        yield at.problem(
+            [*base, "upstreams"],
+            "every upstream has a weight of 0 or less: the model can never be called",
+            "warning",
+        )
 
 
 # --- from checked JSON to the snapshot -----------------------------------------------------
@@ -482,16 +1281,25 @@ def _limit(raw: Mapping[str, Any]) -> Limit:
     )
 
 
+_LIMIT_FIELDS = tuple(f.name for f in fields(Limit))
+
+
 def _max_limit(limits: Sequence[Limit]) -> Limit:
     """DIAL: each field is the maximum over the roles' entries; absent = unlimited."""
-
-    def top(name: str) -> int | None:
-        values = [getattr(lim, name) for lim in limits]
-        if any(v is None for v in values):
-            return None
-        return max(cast(list[int], values))
-
-    return Limit(**{name: top(name) for name in Limit.__slots__})
+    if len(limits) == 1:
+        return limits[0]
+    values: dict[str, int | None] = {}
+    for name in _LIMIT_FIELDS:
+        best: int | None = None
+        for lim in limits:
+            value = getattr(lim, name)
+            if value is None:  # this role does not limit it: unlimited
+                best = None
+                break
+            if best is None or value > best:
+                best = value
+        values[name] = best
+    return Limit(**values)
 
 
 def _decimal(value: Any) -> Decimal:
@@ -502,7 +1310,7 @@ def _decimal(value: Any) -> Decimal:
 
 
 def _model(name: str, raw: Mapping[str, Any]) -> Model:
-    raw = {_MODEL_ALIASES.get(k, k): v for k, v in raw.items()}
+    raw = _model_fields(raw)
     pricing = raw.get("pricing")
     user_roles = raw.get("userRoles")
     return Model(
@@ -520,10 +1328,10 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
             )
             for u in raw.get("upstreams") or ()
         ),
-        display_name=raw.get("displayName"),
+        display_name=_localized(raw.get("displayName")),
         display_version=raw.get("displayVersion"),
         icon_url=raw.get("iconUrl"),
-        description=raw.get("description"),
+        description=_localized(raw.get("description")),
         user_roles=None if user_roles is None else frozenset(user_roles),
         defaults=MappingProxyType(dict(raw.get("defaults") or {})),
         override_name=raw.get("overrideName"),
@@ -565,14 +1373,39 @@ def resolve_grant(model: Model, roles: frozenset[str], all_roles: Mapping[str, R
     )
 
 
-def _access(
-    roles: frozenset[str], models: Mapping[str, Model], all_roles: Mapping[str, Role]
-) -> Access:
-    grants = {
-        name: resolve_grant(model, roles, all_roles)
-        for name, model in models.items()
-        if model.admits(roles)
-    }
+class _Grants:
+    """Grants shared between role sets: a grant depends only on the roles that have an entry."""
+
+    def __init__(self, models: Mapping[str, Model], roles: Mapping[str, Role]) -> None:
+        self.models = models
+        self.roles = roles
+        self.limited: dict[str, frozenset[str]] = {}
+        by_model: dict[str, set[str]] = {}
+        for role in roles.values():
+            for model_name in role.limits:
+                by_model.setdefault(model_name, set()).add(role.name)
+        self.limited = {m: frozenset(r) for m, r in by_model.items()}
+        self.cache: dict[tuple[str, frozenset[str]], Grant] = {}
+
+    def access(self, roles: frozenset[str]) -> Access:
+        grants: dict[str, Grant] = {}
+        for name, model in self.models.items():
+            if not model.admits(roles):
+                continue
+            counted = roles if model.user_roles is None else roles & model.user_roles
+            relevant = counted & self.limited.get(name, frozenset())
+            grant = self.cache.get((name, relevant))
+            if grant is None:
+                grant = self.cache[(name, relevant)] = resolve_grant(model, relevant, self.roles)
+            grants[name] = grant
+        return Access(
+            roles=roles,
+            grants=MappingProxyType(grants),
+            cost_windows=_cost_windows(roles, self.roles),
+        )
+
+
+def _cost_windows(roles: frozenset[str], all_roles: Mapping[str, Role]) -> tuple[Window, ...]:
     cost: dict[str, Decimal | None] = {}
     role_list = [all_roles[r] for r in sorted(roles) if r in all_roles]
     for window, _ in COST_WINDOWS:
@@ -582,22 +1415,22 @@ def _access(
             if any(v is not None for v in values) and all(v is not None for v in values)
             else None
         )
-    return Access(
-        roles=roles,
-        grants=MappingProxyType(grants),
-        cost_windows=tuple(
-            Window(window, seconds, int(value * 1_000_000_000))
-            for window, seconds in COST_WINDOWS
-            if (value := cost[window]) is not None
-        ),
+    return tuple(
+        Window(window, seconds, int(value * 1_000_000_000))
+        for window, seconds in COST_WINDOWS
+        if (value := cost[window]) is not None
     )
+
+
+def _datetime_strict(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _datetime(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return _datetime_strict(value)
 
 
 def _snapshot(doc: Mapping[str, Any], files: tuple[str, ...], digest: str) -> Snapshot:
@@ -614,20 +1447,22 @@ def _snapshot(doc: Mapping[str, Any], files: tuple[str, ...], digest: str) -> Sn
         )
         for name, raw in (doc.get("roles") or {}).items()
     }
+    grants = _Grants(models, roles)
     accesses: dict[frozenset[str], Access] = {}
     keys: dict[str, Key] = {}
     for secret, raw in (doc.get("keys") or {}).items():
         role_names = [*(raw.get("roles") or ()), *([raw["role"]] if raw.get("role") else [])]
         role_set = frozenset(role_names)
-        if role_set not in accesses:
-            accesses[role_set] = _access(role_set, models, roles)
-        digest_hex = secret[7:] if _SHA256_KEY.match(secret) else key_digest(secret)
+        access = accesses.get(role_set)
+        if access is None:
+            access = accesses[role_set] = grants.access(role_set)
+        digest_hex = _key_digest_of(secret)
         keys[digest_hex] = Key(
             digest=digest_hex,
             fingerprint=digest_hex[:8],
             project=raw["project"],
             roles=tuple(dict.fromkeys(role_names)),
-            access=accesses[role_set],
+            access=access,
             secured=bool(raw.get("secured", False)),
             name=raw.get("name"),
             description=raw.get("description"),
