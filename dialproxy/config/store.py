@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +23,26 @@ class EmptyConfig(ConfigError):
 
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
+    """What a reload did: ``applied`` (a new generation is served), or refused with
+    ``problems``, or neither (the content is the one already served)."""
+
     applied: bool
     generation: int
     problems: tuple[Problem, ...] = ()
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.problems)
+
+
+def source_digest(sources: Sequence[Source]) -> str:
+    """The digest of the config files' names and bytes, as read (before any parsing)."""
+    h = hashlib.sha256()
+    for source in sources:
+        for part in (source.name.encode("utf-8", "surrogateescape"), source.data):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+    return h.hexdigest()
 
 
 class ConfigStore:
@@ -45,6 +63,9 @@ class ConfigStore:
         self.generation = 0
         self.loaded_at: datetime | None = None
         self.last_error: tuple[Problem, ...] | None = None
+        # The digest of the bytes last built (served or refused); None when unknown or
+        # unreadable.  The watcher skips a rebuild when the files still hold these bytes.
+        self.source_digest: str | None = None
         self._snapshot: Snapshot | None = None
 
     @classmethod
@@ -85,39 +106,61 @@ class ConfigStore:
         except OSError as e:
             raise ConfigError([Problem(str(e.filename or "?"), "$", e.strerror or str(e))]) from e
         snapshot = self.build(sources)
+        self.source_digest = source_digest(sources)
         self._set(snapshot)
         return snapshot
 
-    def reload(self) -> ReloadResult:
-        """Rebuild from the files; on any problem keep serving the current snapshot."""
+    def reload(
+        self, sources: Sequence[Source] | None = None, *, trigger: str = "reload"
+    ) -> ReloadResult:
+        """Rebuild from ``sources`` (or from the files, read now) and swap the snapshot in one
+        step; on any problem keep serving the current one and record why.
+
+        Synchronous on purpose: nothing can interleave between the build and the swap, and a
+        request that took the old snapshot keeps it to its end.
+        """
         try:
-            sources = read_sources(self.paths)
-            snapshot = self.build(sources)
+            if sources is None:
+                sources = read_sources(self.paths)
         except OSError as e:
-            problems: tuple[Problem, ...] = (
-                Problem(str(e.filename or "?"), "$", e.strerror or "cannot be read"),
-            )
-            return self._refuse(problems)
+            self.source_digest = None  # unreadable: whatever appears next is new
+            problem = Problem(str(e.filename or "?"), "$", e.strerror or "cannot be read")
+            return self._refuse((problem,), trigger)
+        self.source_digest = source_digest(sources)
+        try:
+            snapshot = self.build(sources)
         except ConfigError as e:
-            return self._refuse(tuple(p for p in e.problems if p.severity == "error"))
+            return self._refuse(tuple(p for p in e.problems if p.severity == "error"), trigger)
+        except Exception as e:  # a loader bug must not take the reload path (or the watcher) down
+            problem = Problem(
+                sources[-1].name if sources else "<config>",
+                "$",
+                f"unexpected error while building the config ({type(e).__name__})",
+            )
+            return self._refuse((problem,), trigger)
         if self._snapshot is not None and snapshot.digest == self._snapshot.digest:
+            # Same content (perhaps formatted differently): not a reload.  The files hold
+            # what is served again, so an earlier refusal is no longer current.
             self.last_error = None
+            log.info("config_unchanged", trigger=trigger, generation=self.generation)
             return ReloadResult(False, self.generation)
         self._set(snapshot)
         log.info(
             "config_reloaded",
+            trigger=trigger,
             generation=self.generation,
             digest=snapshot.digest[:12],
             models=len(snapshot.models),
             keys=len(snapshot.keys),
-            warnings=len(snapshot.warnings),
+            warnings=[p.as_dict() for p in snapshot.warnings],
         )
         return ReloadResult(True, self.generation)
 
-    def _refuse(self, problems: tuple[Problem, ...]) -> ReloadResult:
+    def _refuse(self, problems: tuple[Problem, ...], trigger: str) -> ReloadResult:
         self.last_error = problems
         log.error(
             "config_reload_refused",
+            trigger=trigger,
             generation=self.generation,
             problems=[p.as_dict() for p in problems],
         )
