@@ -6,22 +6,33 @@ usage already counted.  Any ``limits`` async storage with sliding-window support
 memory (the default) or Redis.
 
 - tokens and cost: checked before a request (read only), added after it unconditionally;
-- requests: checked and counted in one atomic storage operation per window; a request that
-  one window refuses is taken back from the windows that had already counted it.
+- requests: checked and counted in one atomic storage operation per window (a Lua script
+  on Redis, so admission is exact across instances); a request that one window refuses is
+  taken back from the windows that had already counted it.
+
+Each operation runs as one unit through a :class:`~dialproxy.storage.StorageGuard`: on the
+shared storage while it answers, else by the ``--storage-failure`` policy (local counters,
+no limits, or 503).  A storage failure is never a 500.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.storage.base import SlidingWindowCounterSupport
+from limits.aio.storage import Storage
 
 from dialproxy.config.model import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.errors import ProxyError
+from dialproxy.storage import (
+    DEFAULT_FAILURE_POLICY,
+    FailurePolicy,
+    SlidingStorage,
+    StorageGuard,
+    take_back,
+)
 
 _UNLIMITED = 2**62
 
@@ -117,87 +128,118 @@ def _stats(window: Window, counts: tuple[int, float, int, float], extra: int = 0
 
 
 class Limiter:
-    def __init__(self, storage: Storage) -> None:
-        if not isinstance(storage, SlidingWindowCounterSupport):
-            raise TypeError("the storage must support sliding window counters")
+    def __init__(
+        self, storage: Storage, failure: FailurePolicy | str = DEFAULT_FAILURE_POLICY
+    ) -> None:
+        self.guard = StorageGuard(storage, failure)
         self.storage = storage
-        self._sliding: SlidingWindowCounterSupport = storage
 
-    async def _read(self, key: str, window: Window) -> WindowState:
-        return _stats(window, await self._sliding.get_sliding_window(key, window.seconds))
+    def health(self) -> dict[str, Any]:
+        return self.guard.health()
+
+    async def close(self) -> None:
+        await self.guard.close()
 
     async def check_tokens(self, scope: Scope) -> list[WindowState]:
         """Token windows, read only: 429 when one is full.  Returns their states."""
-        states = [
-            await self._read(f"dp:{scope.owner}:{scope.model}:t:{w.name}", w)
-            for w in scope.token_windows
-        ]
-        if blocking := _blocking(states):
-            raise RateLimited("token", states, blocking)
-        return states
+        if not scope.token_windows:
+            return []
+
+        async def check(s: SlidingStorage) -> list[WindowState]:
+            states = [
+                await _read(s, f"dp:{scope.owner}:{scope.model}:t:{w.name}", w)
+                for w in scope.token_windows
+            ]
+            if blocking := _blocking(states):
+                raise RateLimited("token", states, blocking)
+            return states
+
+        return await self.guard.run(check, [])
 
     async def check_cost(self, scope: Scope) -> None:
-        states = [await self._read(f"dp:{scope.owner}:c:{w.name}", w) for w in scope.cost_windows]
-        if blocking := _blocking(states):
-            raise RateLimited("cost", states, blocking)
+        if not scope.cost_windows:
+            return
+
+        async def check(s: SlidingStorage) -> None:
+            states = [await _read(s, f"dp:{scope.owner}:c:{w.name}", w) for w in scope.cost_windows]
+            if blocking := _blocking(states):
+                raise RateLimited("cost", states, blocking)
+
+        await self.guard.run(check, None)
 
     async def admit_request(self, scope: Scope) -> list[WindowState]:
         """Check and count one request in every request window, atomically per window."""
-        limited = {w.name: w for w in scope.request_windows}
-        counted: list[tuple[str, int]] = []
-        states: list[WindowState] = []
-        for name, seconds in REQUEST_WINDOWS:
-            key = f"dp:{scope.owner}:{scope.model}:r:{name}"
-            window = limited.get(name)
-            ok = await self._sliding.acquire_sliding_window_entry(
-                key, window.limit if window else _UNLIMITED, seconds, 1
-            )
-            if not ok:
-                assert window is not None
-                for done_key, done_seconds in counted:
-                    await self._take_back(done_key, done_seconds)
-                reads = [
-                    await self._read(f"dp:{scope.owner}:{scope.model}:r:{w.name}", w)
-                    for w in scope.request_windows
-                ]
-                blocking = next(s for s in reads if s.window.name == name)
-                raise RateLimited("request", reads, _blocking(reads) or blocking)
-            counted.append((key, seconds))
-            if window is not None:
-                states.append(await self._read(key, window))
-        return states
+        return await self.guard.run(lambda s: _admit(s, scope), [])
 
     async def record(self, scope: Scope, tokens: int, cost_nano_usd: int) -> None:
         """Add a finished request's usage to every window of its kinds (may overshoot)."""
-        if tokens > 0 and scope.counts_tokens:
-            for name, seconds in TOKEN_WINDOWS:
-                await self._sliding.acquire_sliding_window_entry(
-                    f"dp:{scope.owner}:{scope.model}:t:{name}", _UNLIMITED, seconds, tokens
-                )
-        if cost_nano_usd > 0 and scope.counts_cost:
-            for name, seconds in COST_WINDOWS:
-                await self._sliding.acquire_sliding_window_entry(
-                    f"dp:{scope.owner}:c:{name}", _UNLIMITED, seconds, cost_nano_usd
-                )
+        add_tokens = tokens > 0 and scope.counts_tokens
+        add_cost = cost_nano_usd > 0 and scope.counts_cost
+        if not (add_tokens or add_cost):
+            return
+
+        async def add(s: SlidingStorage) -> None:
+            if add_tokens:
+                for name, seconds in TOKEN_WINDOWS:
+                    await s.acquire_sliding_window_entry(
+                        f"dp:{scope.owner}:{scope.model}:t:{name}", _UNLIMITED, seconds, tokens
+                    )
+            if add_cost:
+                for name, seconds in COST_WINDOWS:
+                    await s.acquire_sliding_window_entry(
+                        f"dp:{scope.owner}:c:{name}", _UNLIMITED, seconds, cost_nano_usd
+                    )
+
+        await self.guard.run(add, None, refuse=False)
 
     async def usage(
         self, owner: str, model: str, windows: Sequence[Window], kind: str
     ) -> list[WindowState]:
         """Current use of the given windows (for the limits endpoints)."""
-        return [await self._read(f"dp:{owner}:{model}:{kind}:{w.name}", w) for w in windows]
+
+        async def read(s: SlidingStorage) -> list[WindowState]:
+            return [await _read(s, f"dp:{owner}:{model}:{kind}:{w.name}", w) for w in windows]
+
+        return await self.guard.run(read, [WindowState(w, 0, 0.0, 0.0) for w in windows])
 
     async def release_request(self, scope: Scope) -> None:
         """Take back a request counted by :meth:`admit_request` (another scope refused it)."""
-        for name, seconds in REQUEST_WINDOWS:
-            await self._take_back(f"dp:{scope.owner}:{scope.model}:r:{name}", seconds)
 
-    async def _take_back(self, key: str, seconds: int) -> None:
-        storage = self.storage
-        if isinstance(storage, MemoryStorage):
-            _, current = storage.sliding_window_keys(key, seconds, time.time())
-            await storage.decr(current, 1)
-        else:  # Redis: the current window's counter is "{key}"
-            await storage.incr(f"{{{key}}}", 2 * seconds, -1)
+        async def release(s: SlidingStorage) -> None:
+            for name, seconds in REQUEST_WINDOWS:
+                await take_back(s, f"dp:{scope.owner}:{scope.model}:r:{name}", seconds)
+
+        await self.guard.run(release, None, refuse=False)
+
+
+async def _read(s: SlidingStorage, key: str, window: Window) -> WindowState:
+    return _stats(window, await s.get_sliding_window(key, window.seconds))
+
+
+async def _admit(s: SlidingStorage, scope: Scope) -> list[WindowState]:
+    limited = {w.name: w for w in scope.request_windows}
+    counted: list[tuple[str, int]] = []
+    states: list[WindowState] = []
+    for name, seconds in REQUEST_WINDOWS:
+        key = f"dp:{scope.owner}:{scope.model}:r:{name}"
+        window = limited.get(name)
+        ok = await s.acquire_sliding_window_entry(
+            key, window.limit if window else _UNLIMITED, seconds, 1
+        )
+        if not ok:
+            assert window is not None
+            for done_key, done_seconds in counted:
+                await take_back(s, done_key, done_seconds)
+            reads = [
+                await _read(s, f"dp:{scope.owner}:{scope.model}:r:{w.name}", w)
+                for w in scope.request_windows
+            ]
+            blocking = next(r for r in reads if r.window.name == name)
+            raise RateLimited("request", reads, _blocking(reads) or blocking)
+        counted.append((key, seconds))
+        if window is not None:
+            states.append(await _read(s, key, window))
+    return states
 
 
 def _blocking(states: Sequence[WindowState]) -> WindowState | None:

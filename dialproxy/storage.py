@@ -1,0 +1,297 @@
+"""The counter storage, and what the limits mean while it fails.
+
+Every counter lives in one ``limits`` async storage: memory (one process) or Redis (every
+instance behind a load balancer shares it).  :class:`StorageGuard` stands between the
+limiter and that storage.  While the storage answers, every operation goes to it.  When a
+call fails (refused, timed out, any error), the guard marks the storage unhealthy, counts
+the failure, and from then on answers by the failure policy without calling the storage
+at all, so an outage costs at most one call timeout (0.25 s; 0.5 s to connect) to the
+requests in flight when it starts.
+A background probe tries the storage every :data:`PROBE_INTERVAL` seconds (fresh
+connections, Lua scripts loaded); the first success makes it healthy again and shared
+counting resumes.
+
+The policies (``--storage-failure``):
+
+- ``local`` (the default): per-instance memory counters until Redis is back.  Every limit
+  still holds on each instance (counted from zero); across N instances a project can get
+  up to N times its limit more in a window the outage overlaps.  Serving goes on and
+  spend stays bounded.
+- ``allow``: no limits until Redis is back (fail open).  Nothing is refused because of
+  the outage; the operations answered so are counted (``fallbacks`` on ``/health``).
+- ``deny``: every limited request gets 503 with ``Retry-After`` (fail closed).  No limit
+  is ever exceeded; nothing limited is served either.
+
+Usage recorded after a response is never refused: under ``local`` it goes to the local
+counters, under ``allow``/``deny`` it is dropped and counted.  A call that timed out may
+still have reached Redis and be applied when Redis resumes: it errs on counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage.base import SlidingWindowCounterSupport
+from limits.aio.storage.redis.coredis import CoredisBridge
+
+from dialproxy.errors import ProxyError, Unavailable
+
+log = structlog.get_logger("dialproxy.storage")
+
+# A Redis call waits this long at most: an outage adds bounded latency to a request.
+CONNECT_TIMEOUT = 0.5
+READ_TIMEOUT = 0.25
+# Connections per instance.  Commands are multiplexed on them (one is the usual), so a
+# burst of requests waits for a connection being opened rather than opening one each
+# (500 connections opened at once by a busy process miss their own connect timeout).
+MAX_CONNECTIONS = 8
+POOL_TIMEOUT = CONNECT_TIMEOUT
+# While the storage is down, it is pinged this often; the first answer brings it back.
+PROBE_INTERVAL = 0.5
+# What a refused (``deny``) request is told to wait: about two probes.
+RETRY_AFTER = 1
+
+T = TypeVar("T")
+
+
+class FailurePolicy(StrEnum):
+    """What the limits do while the shared storage is unreachable."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    LOCAL = "local"
+
+
+DEFAULT_FAILURE_POLICY = FailurePolicy.LOCAL
+
+
+class StorageUnavailable(Unavailable):
+    """``deny``: the limits cannot be checked, so the request is not served."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Rate limit storage is unavailable",
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+
+
+class SlidingStorage(Protocol):
+    """What the limiter uses of a ``limits`` storage: sliding window counters."""
+
+    async def acquire_sliding_window_entry(
+        self, key: str, limit: int, expiry: int, amount: int = 1
+    ) -> bool: ...
+
+    async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]: ...
+
+    async def check(self) -> bool: ...
+
+
+# Takes back ``amount`` from the window that holds it: the current one, or the previous
+# one if the window rolled over since.  DECRBY keeps the key's TTL (INCRBY -1 on a missing
+# key would not), and the whole thing is one atomic step like the acquire it undoes.
+_TAKE_BACK_LUA = """
+local amount = tonumber(ARGV[1])
+if (tonumber(redis.call('get', KEYS[2])) or 0) >= amount then
+    return redis.call('decrby', KEYS[2], amount)
+end
+if (tonumber(redis.call('get', KEYS[1])) or 0) >= amount then
+    return redis.call('decrby', KEYS[1], amount)
+end
+return 0
+"""
+
+
+def _coredis(storage: object) -> Any | None:
+    """The ``limits`` Redis bridge when it runs on coredis (what :func:`counter_storage`
+    builds), else None."""
+    if isinstance(storage, RedisStorage) and isinstance(storage.bridge, CoredisBridge):
+        return storage.bridge
+    return None
+
+
+def _take_back_script(bridge: Any) -> Any:
+    script = getattr(bridge, "_dialproxy_take_back", None)
+    if script is None:
+        script = bridge.get_connection().register_script(_TAKE_BACK_LUA)
+        bridge._dialproxy_take_back = script
+    return script
+
+
+async def take_back(storage: SlidingStorage, key: str, seconds: int, amount: int = 1) -> None:
+    """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""
+    if isinstance(storage, MemoryStorage):
+        _, current = storage.sliding_window_keys(key, seconds, time.time())
+        await storage.decr(current, amount)  # never below 0
+    elif bridge := _coredis(storage):
+        # limits' Redis keys: "{key}" (current) and "{key}/-1" (previous), each behind the
+        # storage's key prefix ("LIMITS:" by default), as its acquire script writes them.
+        keys = [bridge.prefixed_key(f"{{{key}}}/-1"), bridge.prefixed_key(f"{{{key}}}")]
+        await _take_back_script(bridge).execute(keys, [amount])
+    elif isinstance(storage, RedisStorage):  # another client library: the current window
+        await storage.incr(f"{{{key}}}", 2 * seconds, -amount)
+    else:
+        raise TypeError(f"cannot take back from {type(storage).__name__}")
+
+
+async def prepare(storage: Storage) -> None:
+    """Make the storage ready for a burst of calls: fresh connections, Lua scripts loaded.
+
+    coredis runs a script by its SHA and, when Redis does not know it (a new or restarted
+    Redis), drops the connection that every concurrent call shares: all of them would
+    fail.  So the scripts are loaded first, and before shared counting resumes after an
+    outage (when connections left from before it are dropped too).
+    """
+    bridge = _coredis(storage)
+    if bridge is None:
+        if not await storage.check():
+            raise ConnectionError("the storage does not answer")
+        return
+    client = bridge.get_connection()
+    client.connection_pool.disconnect()
+    for script in (
+        bridge.lua_sliding_window,
+        bridge.lua_acquire_sliding_window,
+        _take_back_script(bridge),
+    ):
+        await client.script_load(script.script)
+
+
+async def close_storage(storage: Storage) -> None:
+    """Close a storage's connections (limits' Redis storage has no close of its own)."""
+    if isinstance(storage, RedisStorage):
+        client: Any = getattr(storage.bridge, "storage", None)
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            pool.disconnect()
+
+
+def backend_name(storage: Storage) -> str:
+    if isinstance(storage, MemoryStorage):
+        return "memory"
+    if isinstance(storage, RedisStorage):
+        return "redis"
+    return type(storage).__name__
+
+
+class StorageGuard:
+    """The shared counter storage while it answers; the failure policy while it does not."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        policy: FailurePolicy | str = DEFAULT_FAILURE_POLICY,
+        *,
+        probe_interval: float = PROBE_INTERVAL,
+    ) -> None:
+        if not isinstance(storage, SlidingWindowCounterSupport):
+            raise TypeError("the storage must support sliding window counters")
+        self.storage: Storage = storage
+        self.shared: SlidingStorage = storage
+        self.local: SlidingStorage = MemoryStorage()
+        self.policy = FailurePolicy(policy)
+        self.backend = backend_name(storage)
+        self.probe_interval = probe_interval
+        self.healthy = True
+        self.failures = 0  # calls to the shared storage that failed
+        self.fallbacks = 0  # operations the policy answered instead of the shared storage
+        self.outages = 0  # times the storage went from healthy to unhealthy
+        self._down_since = 0.0
+        self._probe: asyncio.Task[None] | None = None
+        self._ready = isinstance(storage, MemoryStorage)  # else: prepared before first use
+        self._preparing = asyncio.Lock()
+
+    async def run(
+        self,
+        op: Callable[[SlidingStorage], Awaitable[T]],
+        allowed: T,
+        *,
+        refuse: bool = True,
+    ) -> T:
+        """``op`` on the shared storage; if it cannot answer, the policy's answer.
+
+        ``allowed`` is what ``allow`` answers (and ``deny`` when ``refuse`` is false: usage
+        recorded after a response, take-backs).  A :class:`ProxyError` from ``op`` (a 429)
+        is the storage answering, and passes through.
+        """
+        if self.healthy:
+            try:
+                if not self._ready:
+                    await self._prepare()
+                if self.healthy:  # (not if preparing failed while this call waited)
+                    return await op(self.shared)
+            except ProxyError:
+                raise
+            except Exception as e:  # whatever the storage raised: it did not answer
+                self._failed(e)
+        self.fallbacks += 1
+        if self.policy is FailurePolicy.LOCAL:
+            return await op(self.local)
+        if self.policy is FailurePolicy.DENY and refuse:
+            raise StorageUnavailable()
+        return allowed
+
+    async def _prepare(self) -> None:
+        async with self._preparing:
+            if self.healthy and not self._ready:
+                await prepare(self.storage)
+                self._ready = True
+
+    def _failed(self, error: Exception) -> None:
+        self.failures += 1
+        if not self.healthy:
+            return
+        self.healthy = False
+        self._ready = False
+        self.outages += 1
+        self._down_since = time.monotonic()
+        log.warning(
+            "storage_unavailable",
+            backend=self.backend,
+            error=type(error).__name__,
+            detail=str(error)[:200],
+            policy=str(self.policy),
+        )
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
+
+    async def _wait_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                await prepare(self.storage)
+            except Exception:
+                continue
+            break
+        self._ready = True
+        self.healthy = True
+        log.info(
+            "storage_available",
+            backend=self.backend,
+            down_seconds=round(time.monotonic() - self._down_since, 3),
+        )
+
+    def health(self) -> dict[str, Any]:
+        """What ``/health`` says about the counter storage."""
+        return {
+            "backend": self.backend,
+            "healthy": self.healthy,
+            "policy": str(self.policy),
+            "failures": self.failures,
+            "fallbacks": self.fallbacks,
+            "outages": self.outages,
+        }
+
+    async def close(self) -> None:
+        """Stop the probe and close the storage's connections."""
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.done():
+            probe.cancel()
+            await asyncio.wait({probe})
+        await close_storage(self.storage)

@@ -1,0 +1,254 @@
+"""The limiter over every storage: each test runs once on memory and once on a real Redis.
+
+As the ``limits`` library tests its own strategies, the storage is a parametrized fixture;
+the Redis one is a real ``redis-server`` (started by the session fixture in conftest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage.base import SlidingWindowCounterSupport
+
+from dialproxy import limiter as limiter_module
+from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
+from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _stats
+from dialproxy.server import counter_storage
+from dialproxy.storage import SlidingStorage, close_storage, take_back
+from tests.redis_server import RedisServer
+
+MINUTE, HOUR, DAY = 60, 3_600, 86_400
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+    if request.param == "memory":
+        yield MemoryStorage()
+        return
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    redis.flush()
+    shared = counter_storage(redis.url)
+    yield shared
+    await close_storage(shared)
+
+
+@pytest.fixture
+async def limiter(storage: Storage) -> AsyncIterator[Limiter]:
+    limiter = Limiter(storage)
+    yield limiter
+    await limiter.close()
+
+
+def sliding(storage: Storage) -> SlidingStorage:
+    assert isinstance(storage, SlidingWindowCounterSupport)
+    return storage
+
+
+def requests(owner: str = "p:team", model: str = "chat", **limits: int) -> Scope:
+    windows = dict(REQUEST_WINDOWS)
+    return Scope(
+        owner=owner,
+        model=model,
+        request_windows=tuple(Window(n, windows[n], v) for n, v in limits.items()),
+    )
+
+
+async def used(limiter: Limiter, scope: Scope, kind: str = "r") -> dict[str, int]:
+    windows = {"r": scope.request_windows, "t": scope.token_windows}[kind]
+    states = await limiter.usage(scope.owner, scope.model, windows, kind)
+    return {s.window.name: s.used for s in states}
+
+
+async def admitted(limiter: Limiter, scope: Scope) -> bool:
+    try:
+        await limiter.admit_request(scope)
+    except RateLimited:
+        return False
+    return True
+
+
+# The arithmetic on its own: weighted = previous * (its ttl / window) + current.
+STATS = [
+    # (previous, previous ttl, current, current ttl) -> used, retry_after, reset
+    ((0, 0.0, 3, 90.0), 3, 0.0, 90.0),
+    ((10, 30.0, 0, 120.0), 5, 0.0, 30.0),
+    # full: frees up when 10 * ttl / 60 + 4 < 10, i.e. once the previous ttl is below 36 s
+    ((10, 45.0, 4, 75.0), 11, 9.0, 75.0),
+    # over the limit in the current window alone (usage recorded after admission):
+    # 40 s to the roll-over, then 10 s until 12 * ttl / 60 < 10
+    ((0, 0.0, 12, 100.0), 12, 50.0, 100.0),
+]
+
+
+@pytest.mark.parametrize(("counts", "used_", "retry", "reset"), STATS)
+def test_sliding_window_arithmetic(
+    counts: tuple[int, float, int, float], used_: int, retry: float, reset: float
+) -> None:
+    state = _stats(Window("minute", MINUTE, 10), counts)
+    assert (state.used, state.retry_after, state.reset) == pytest.approx((used_, retry, reset))
+    assert state.remaining == max(10 - used_, 0)
+
+
+async def test_the_previous_window_weighs_by_its_remaining_share(
+    limiter: Limiter, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2 s window, limit 4, on the real storage: the arithmetic and the Retry-After hold."""
+    monkeypatch.setattr(limiter_module, "REQUEST_WINDOWS", (("minute", 2), ("hour", HOUR)))
+    window = Window("minute", 2, 4)
+    scope = Scope(owner="p:slide", model="chat", request_windows=(window,))
+    key = "dp:p:slide:chat:r:minute"
+    _, _, _, current_ttl = await sliding(storage).get_sliding_window(key, 2)
+    if 0 < current_ttl - 2 < 0.6:  # memory's windows follow the clock: start in a fresh one
+        await asyncio.sleep(current_ttl - 2 + 0.01)
+
+    assert [await admitted(limiter, scope) for _ in range(5)] == [True] * 4 + [False]
+    _, _, current, current_ttl = await sliding(storage).get_sliding_window(key, 2)
+    assert current == 4
+
+    await asyncio.sleep(current_ttl - 2 + 0.05)  # rolled over: the 4 are the previous window
+    (state,) = await limiter.usage(scope.owner, scope.model, [window], "r")
+    assert state.used == 3  # floor(4 * ~1.95 / 2)
+    assert await admitted(limiter, scope)
+    assert not await admitted(limiter, scope)
+    (state,) = await limiter.usage(scope.owner, scope.model, [window], "r")
+    # 4 * ttl / 2 + 1 < 4 once the previous ttl is below 1.5 s: about 0.45 s from now
+    assert 0.2 < state.retry_after < 0.5
+    await asyncio.sleep(state.retry_after + 0.05)
+    assert await admitted(limiter, scope)
+    assert not await admitted(limiter, scope)
+
+
+async def test_a_refusal_says_which_window_and_when(limiter: Limiter, storage: Storage) -> None:
+    scope = requests(minute=3, hour=100)
+    for _ in range(3):
+        states = await limiter.admit_request(scope)
+    assert [(s.window.name, s.used, s.remaining) for s in states] == [
+        ("minute", 3, 0),
+        ("hour", 3, 97),
+    ]
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit_request(scope)
+    e = refused.value
+    assert e.status == 429
+    assert e.message == (
+        "Hit request rate limit. Minute limit: 3 / 3 requests. Hour limit: 3 / 100 requests."
+    )
+    assert e.extra["limit_type"] == "request" and e.extra["window"] == "minute"
+    assert e.headers == {"Retry-After": str(e.retry_after)}
+    # Redis windows start at the first hit (a full minute to go); memory's follow the clock.
+    assert 1 <= e.retry_after <= 60
+    if not isinstance(storage, MemoryStorage):
+        assert e.retry_after == 60
+
+
+async def test_a_request_refused_by_a_later_window_is_taken_back(
+    limiter: Limiter, storage: Storage
+) -> None:
+    scope = requests(minute=10, hour=2)
+    assert [await admitted(limiter, scope) for _ in range(7)] == [True, True] + [False] * 5
+    # The minute window counted each refused request before the hour refused it: taken back.
+    assert await used(limiter, scope) == {"minute": 2, "hour": 2}
+    day = await sliding(storage).get_sliding_window("dp:p:team:chat:r:day", DAY)
+    assert day[2] == 2  # counted only for the admitted ones
+    _, _, current, current_ttl = await sliding(storage).get_sliding_window(
+        "dp:p:team:chat:r:minute", MINUTE
+    )
+    assert current == 2
+    assert current_ttl > MINUTE  # the take-back left the window's clock alone
+
+
+async def test_take_back_after_a_roll_over_never_goes_negative(storage: Storage) -> None:
+    key = "dp:p:roll:chat:r:minute"
+    s = sliding(storage)
+    _, _, _, current_ttl = await s.get_sliding_window(key, 1)
+    if 0 < current_ttl - 1 < 0.3:
+        await asyncio.sleep(current_ttl - 1 + 0.01)
+    assert await s.acquire_sliding_window_entry(key, 5, 1, 1)
+    _, _, _, current_ttl = await s.get_sliding_window(key, 1)
+    await asyncio.sleep(current_ttl - 1 + 0.05)  # the hit is now in the previous window
+    await take_back(s, key, 1)
+    previous, _, current, _ = await s.get_sliding_window(key, 1)
+    assert current == 0
+    if not isinstance(storage, MemoryStorage):
+        assert previous == 0  # Redis takes it back from where it went
+
+
+async def test_release_request_undoes_an_admission(limiter: Limiter) -> None:
+    scope = requests(minute=5, hour=5, day=5)
+    await limiter.admit_request(scope)
+    await limiter.admit_request(scope)
+    await limiter.release_request(scope)
+    assert await used(limiter, scope) == {"minute": 1, "hour": 1, "day": 1}
+
+
+async def test_usage_is_recorded_whole_and_may_overshoot(
+    limiter: Limiter, storage: Storage
+) -> None:
+    windows = dict(TOKEN_WINDOWS)
+    scope = Scope(
+        owner="p:tok",
+        model="chat",
+        token_windows=(Window("minute", windows["minute"], 10), Window("day", DAY, 1000)),
+        cost_windows=(Window("day", DAY, 1_000_000),),  # 0.001 USD, in nano-USD
+    )
+    assert [s.used for s in await limiter.check_tokens(scope)] == [0, 0]
+    await limiter.check_cost(scope)
+    await limiter.record(scope, tokens=25, cost_nano_usd=2_000_000)
+    with pytest.raises(RateLimited) as tokens:
+        await limiter.check_tokens(scope)
+    assert tokens.value.message == (
+        "Hit token rate limit. Minute limit: 25 / 10 tokens. Day limit: 25 / 1000 tokens."
+    )
+    with pytest.raises(RateLimited) as cost:
+        await limiter.check_cost(scope)
+    assert cost.value.message == "Hit cost rate limit. Day limit: 0.002 / 0.001 USD."
+    # Every token window counts, limited or not (a limit added later sees the usage).
+    week = await sliding(storage).get_sliding_window("dp:p:tok:chat:t:week", 604_800)
+    assert week[2] == 25
+    # Nothing recorded when there is nothing to record.
+    await limiter.record(scope, tokens=0, cost_nano_usd=0)
+    assert await used(limiter, scope, "t") == {"minute": 25, "day": 25}
+
+
+async def test_one_hundred_concurrent_admissions_limit_five(
+    storage: Storage, request: pytest.FixtureRequest
+) -> None:
+    """100 admissions at once, limit 5: exactly 5 pass.  On Redis they race through two
+    clients, as two instances would; in memory through two limiters on the same counters."""
+    second: Storage
+    if isinstance(storage, MemoryStorage):
+        second = storage
+    else:
+        second = counter_storage(request.getfixturevalue("redis_server").url)
+    limiters = [Limiter(storage), Limiter(second)]
+    scope = requests(hour=5)
+    try:
+        results = await asyncio.gather(*(admitted(limiters[i % 2], scope) for i in range(100)))
+        assert results.count(True) == 5
+        assert await used(limiters[0], scope) == {"hour": 5}
+    finally:
+        if second is not storage:
+            await close_storage(second)
+
+
+async def test_counters_outlive_a_changed_limit(limiter: Limiter) -> None:
+    for _ in range(3):
+        await limiter.admit_request(requests(hour=5))
+    assert not await admitted(limiter, requests(hour=3))  # the 3 already counted
+    assert await admitted(limiter, requests(hour=10))
+    assert await used(limiter, requests(hour=10)) == {"hour": 4}
+
+
+async def test_each_owner_and_model_has_its_own_counters(limiter: Limiter) -> None:
+    assert await admitted(limiter, requests(hour=1))
+    assert not await admitted(limiter, requests(hour=1))
+    assert await admitted(limiter, requests(owner="p:other", hour=1))
+    assert await admitted(limiter, requests(model="embed", hour=1))
+
+
+def test_window_state_remaining_never_negative() -> None:
+    state = WindowState(Window("minute", MINUTE, 5), used=9, retry_after=1.0, reset=2.0)
+    assert state.remaining == 0

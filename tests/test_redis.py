@@ -1,0 +1,580 @@
+"""Several instances, one Redis: exact shared limits, and every failure policy under an outage.
+
+Everything runs against real ``redis-server`` processes.  The session's server (conftest)
+serves the tests that leave it alone; a test that stops, kills or restarts Redis starts its
+own.  The multi-instance tests run ``python -m dialproxy serve`` processes, as ops would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from coredis import BlockingConnectionPool
+from coredis.retry import NoRetryPolicy
+from limits.aio.storage import MemoryStorage, RedisStorage
+
+from dialproxy.config.model import Window
+from dialproxy.errors import ProxyError
+from dialproxy.limiter import Limiter, RateLimited, Scope
+from dialproxy.server import counter_storage
+from dialproxy.settings import Settings
+from dialproxy.storage import (
+    CONNECT_TIMEOUT,
+    MAX_CONNECTIONS,
+    READ_TIMEOUT,
+    FailurePolicy,
+    StorageUnavailable,
+    close_storage,
+)
+from tests.conftest import Backend, ProxyFactory, chat_model, new_key
+from tests.redis_server import BackendProcess, ProxyProcess, RedisServer, free_port
+
+KEY = new_key()
+CHAT = {"messages": [{"role": "user", "content": "hello there proxy"}]}
+HOUR_KEY = "LIMITS:{dp:p:fleet:chat:r:hour}"  # limits' key for project fleet's hour window
+POLICIES = [p.value for p in FailurePolicy]
+FAST = 0.1  # an answer that did not wait for a Redis timeout (0.25 s)
+
+
+# --- the storage URI ------------------------------------------------------------------------
+
+
+def test_storage_uris(tmp_path: Path) -> None:
+    assert isinstance(counter_storage("memory://"), MemoryStorage)
+    for uri in (
+        "redis://127.0.0.1:6390/2",
+        "rediss://user:pw@redis.example:6380/0",
+        f"redis+unix://{tmp_path}/redis.sock?db=0",
+        "async+redis://127.0.0.1:6390",
+    ):
+        storage = counter_storage(uri)
+        assert isinstance(storage, RedisStorage), uri
+        client: Any = storage.bridge.storage  # type: ignore[attr-defined]
+        pool = client.connection_pool
+        assert isinstance(pool, BlockingConnectionPool)
+        assert pool.max_connections == MAX_CONNECTIONS
+        assert pool.connection_kwargs["connect_timeout"] == CONNECT_TIMEOUT
+        assert pool.connection_kwargs["stream_timeout"] == READ_TIMEOUT
+        assert isinstance(client.retry_policy, NoRetryPolicy)
+    unix: Any = counter_storage(f"redis+unix://{tmp_path}/redis.sock?db=3")
+    kwargs = unix.bridge.storage.connection_pool.connection_kwargs
+    assert (kwargs["path"], kwargs["db"]) == (f"{tmp_path}/redis.sock", 3)
+    tls: Any = counter_storage("rediss://user:pw@redis.example:6380/1")
+    kwargs = tls.bridge.storage.connection_pool.connection_kwargs
+    assert kwargs["ssl_context"] is not None and kwargs["password"] == "pw"
+    for bad in ("memcached://127.0.0.1:11211", "127.0.0.1:6379", "redis"):
+        with pytest.raises(ValueError, match="unsupported storage URI"):
+            counter_storage(bad)
+
+
+async def test_redis_over_a_unix_socket(redis_server: RedisServer) -> None:
+    storage = counter_storage(redis_server.unix_url)
+    try:
+        assert await storage.check()
+        limiter = Limiter(storage)
+        scope = Scope("p:unix", "chat", request_windows=(Window("hour", 3_600, 1),))
+        await limiter.admit_request(scope)
+        with pytest.raises(RateLimited):
+            await limiter.admit_request(scope)
+        assert redis_server.command("GET", "LIMITS:{dp:p:unix:chat:r:hour}") == b"1"
+    finally:
+        await close_storage(storage)
+
+
+# --- the failure policies, one limiter against a Redis that stops, dies, comes back ----------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: it gets stopped and killed."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def attempt(limiter: Limiter, scope: Scope) -> tuple[str, float]:
+    """One admission: its outcome (``200``, ``429``, ``503``) and how long it took."""
+    started = time.monotonic()
+    try:
+        await limiter.admit_request(scope)
+        outcome = "200"
+    except ProxyError as e:
+        outcome = str(e.status)
+    return outcome, time.monotonic() - started
+
+
+async def served_at_once(limiter: Limiter, scope: Scope) -> bool:
+    outcome, took = await attempt(limiter, scope)
+    return outcome == "200" and took < FAST
+
+
+async def until_healthy(limiter: Limiter, since: float, timeout: float = 5.0) -> float:
+    while not limiter.guard.healthy:
+        assert time.monotonic() - since < timeout, "the storage never came back"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - since
+
+
+EXPECTED_IN_OUTAGE = {
+    "allow": ["200"] * 6,  # no limits
+    "deny": ["503"] * 6,  # nothing limited is served
+    "local": ["200"] * 3 + ["429"] * 3,  # this instance's own counters, limit 3
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, policy: str) -> None:
+    limiter = Limiter(counter_storage(own_redis.url), policy)
+    scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 3),))
+    try:
+        assert await served_at_once(limiter, scope)
+        assert limiter.health() == {
+            "backend": "redis",
+            "healthy": True,
+            "policy": policy,
+            "failures": 0,
+            "fallbacks": 0,
+            "outages": 0,
+        }
+
+        # SIGSTOP: the call in flight waits out the read timeout; later ones skip Redis.
+        own_redis.pause()
+        outcomes = [await attempt(limiter, scope) for _ in range(6)]
+        assert [o for o, _ in outcomes] == EXPECTED_IN_OUTAGE[policy]
+        assert outcomes[0][1] < READ_TIMEOUT + 0.2
+        assert all(took < FAST for _, took in outcomes[1:])
+        if policy == "deny":
+            with pytest.raises(StorageUnavailable) as refused:
+                await limiter.admit_request(scope)
+            assert refused.value.headers == {"Retry-After": "1"}
+            assert refused.value.body() == {
+                "error": {"message": "Rate limit storage is unavailable", "code": "503"}
+            }
+        await limiter.record(scope, tokens=10, cost_nano_usd=0)  # never raises
+        health = limiter.health()
+        assert health["healthy"] is False and health["failures"] == 1
+        assert health["outages"] == 1 and health["fallbacks"] >= 6
+
+        # SIGCONT: back within a probe.  The admission that timed out had only reached the
+        # (unlimited) minute window, which may count it now; the hour window never saw it.
+        resumed_at = time.monotonic()
+        own_redis.resume()
+        assert await until_healthy(limiter, resumed_at) < 2.0
+        assert own_redis.command("GET", HOUR_KEY) == b"1"
+        assert await served_at_once(limiter, scope)
+        assert await served_at_once(limiter, scope)
+        assert (await attempt(limiter, scope))[0] == "429"  # shared: 3 / 3 in Redis
+
+        # SIGKILL: connections are refused at once; then a fresh Redis on the same port.
+        own_redis.kill()
+        outcomes = [await attempt(limiter, scope) for _ in range(6)]
+        expected = EXPECTED_IN_OUTAGE[policy]
+        if policy == "local":  # the local counters still hold the first outage's 3
+            expected = ["429"] * 6
+        assert [o for o, _ in outcomes] == expected
+        assert all(took < FAST for _, took in outcomes)
+        restarted_at = time.monotonic()
+        own_redis.start()
+        assert await until_healthy(limiter, restarted_at) < 2.0
+        assert await served_at_once(limiter, scope)
+        assert own_redis.command("GET", HOUR_KEY) == b"1"  # counted in the new Redis
+        assert limiter.health()["outages"] == 2
+    finally:
+        await limiter.close()
+
+
+async def test_close_cancels_the_probe_during_an_outage(own_redis: RedisServer) -> None:
+    limiter = Limiter(counter_storage(own_redis.url), "allow")
+    scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 3),))
+    own_redis.kill()
+    assert (await attempt(limiter, scope))[0] == "200"
+    probe = limiter.guard._probe
+    assert probe is not None and not probe.done()
+    await limiter.close()
+    assert probe.cancelled()
+
+
+async def test_the_app_under_deny_answers_503_and_health_says_why(
+    backend: Backend, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """In process: no Redis at all, ``deny``: a limited request is a DIAL-style 503."""
+    config = {
+        "models": {"chat": chat_model(backend), "free": chat_model(backend)},
+        "roles": {"user": {"limits": {"chat": {"requestHour": "5"}, "free": {}}}},
+        "keys": {KEY: {"project": "fleet", "role": "user"}},
+    }
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),))
+    proxy = await make_proxy(
+        config,
+        storage=counter_storage(f"redis://127.0.0.1:{free_port()}/0"),
+        settings=replace(settings, storage_failure="deny"),
+    )
+    async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+        for model, status in (("chat", 503), ("chat", 503), ("free", 200)):
+            url = proxy.url(f"/openai/deployments/{model}/chat/completions")
+            async with s.post(url, json=CHAT) as r:
+                assert r.status == status
+                if status == 503:
+                    assert r.headers["Retry-After"] == "1"
+                    assert await r.json() == {
+                        "error": {"message": "Rate limit storage is unavailable", "code": "503"}
+                    }
+        async with s.get(proxy.url("/health")) as r:
+            assert r.status == 200
+            body = await r.json()
+    assert body["storage"] == {
+        "backend": "redis",
+        "healthy": False,
+        "policy": "deny",
+        "failures": 1,
+        "fallbacks": 2,
+        "outages": 1,
+    }
+
+
+# --- two instances on one Redis ---------------------------------------------------------------
+
+
+def fleet_config(backend: BackendProcess, request_hour: int = 100) -> dict[str, Any]:
+    upstream = [{"endpoint": backend.url(), "key": "demo"}]
+    return {
+        "models": {
+            "chat": {"type": "chat", "upstreams": upstream},
+            "tokens": {"type": "chat", "upstreams": upstream},
+        },
+        "roles": {
+            "user": {
+                "limits": {
+                    "chat": {"requestHour": str(request_hour)},
+                    "tokens": {"minute": "5"},
+                }
+            }
+        },
+        "keys": {KEY: {"project": "fleet", "role": "user"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_backend() -> Iterator[BackendProcess]:
+    backend = BackendProcess()
+    try:
+        backend.wait_ready()
+        yield backend
+    finally:
+        backend.stop()
+
+
+def start_fleet(
+    config: dict[str, Any], directory: Path, storage: str, *args: str
+) -> list[ProxyProcess]:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "aidial.config.json"
+    path.write_text(json.dumps(config))
+    proxies: list[ProxyProcess] = []
+    try:
+        for name in ("a", "b"):
+            proxies.append(
+                ProxyProcess(path, "--storage", storage, *args, log=directory / f"{name}.log")
+            )
+        for proxy in proxies:
+            proxy.wait_ready()
+    except BaseException:
+        for proxy in proxies:
+            proxy.stop()
+        raise
+    return proxies
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    redis_server: RedisServer,
+    demo_backend: BackendProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[list[ProxyProcess]]:
+    """Two `dialproxy serve` processes on the session's Redis."""
+    proxies = start_fleet(
+        fleet_config(demo_backend), tmp_path_factory.mktemp("fleet"), redis_server.url
+    )
+    yield proxies
+    for proxy in proxies:
+        proxy.stop()
+
+
+@dataclass
+class Answer:
+    instance: int
+    sent: float
+    received: float
+    status: int | None  # None: no HTTP answer at all
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    error: str | None = None
+
+
+async def chat(
+    session: aiohttp.ClientSession, proxies: list[ProxyProcess], i: int, model: str = "chat"
+) -> Answer:
+    sent = time.monotonic()
+    url = proxies[i].url + f"/openai/deployments/{model}/chat/completions"
+    try:
+        async with session.post(url, json=CHAT, headers={"Api-Key": KEY}) as r:
+            raw = await r.read()
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode(errors="replace")
+            return Answer(i, sent, time.monotonic(), r.status, dict(r.headers), body)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        return Answer(i, sent, time.monotonic(), None, error=type(e).__name__)
+
+
+def client(limit: int = 100) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit),
+        timeout=aiohttp.ClientTimeout(total=20),
+    )
+
+
+async def test_two_instances_admit_exactly_the_limit(
+    fleet: list[ProxyProcess], redis_server: RedisServer
+) -> None:
+    """1,000 requests at once, spread over two processes, ``requestHour: 100``."""
+    redis_server.flush()
+    async with client(limit=1000) as s:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(chat(s, fleet, i % 2) for i in range(1000)))
+        took = time.monotonic() - started
+    statuses = Counter(a.status for a in answers)
+    assert statuses == {200: 100, 429: 900}, statuses
+    per_instance = [Counter(a.status for a in answers if a.instance == i) for i in (0, 1)]
+    assert all(sum(c.values()) == 500 for c in per_instance)
+    refused = next(a for a in answers if a.status == 429)
+    assert refused.body["error"]["message"] == (
+        "Hit request rate limit. Hour limit: 100 / 100 requests."
+    )
+    assert refused.headers["Retry-After"].isdigit()
+    assert redis_server.command("GET", HOUR_KEY) == b"100"
+    print(
+        f"\n1,000 requests over 2 instances in {took:.2f} s: admitted "
+        f"{per_instance[0][200]} + {per_instance[1][200]} = 100, refused 900"
+    )
+
+
+async def test_token_usage_through_one_instance_blocks_the_other(
+    fleet: list[ProxyProcess], redis_server: RedisServer
+) -> None:
+    redis_server.flush()
+    a, b = 0, 1
+    async with client() as s:
+        first = await chat(s, fleet, a, model="tokens")
+        assert first.status == 200
+        tokens = first.body["usage"]["total_tokens"]
+        assert tokens > 5  # over the minute limit of 5: the next request must wait
+        # Usage is added after the response: B's view of the project shows it shortly.
+        deadline = time.monotonic() + 2
+        while True:
+            async with s.get(
+                fleet[b].url + "/v1/deployments/tokens/limits", headers={"Api-Key": KEY}
+            ) as r:
+                stats = (await r.json())["minuteTokenStats"]
+            if stats["used"] == tokens or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        assert stats == {"total": 5, "used": tokens}
+        second = await chat(s, fleet, b, model="tokens")
+    assert second.status == 429
+    assert second.body["error"]["message"] == (
+        f"Hit token rate limit. Minute limit: {tokens} / 5 tokens."
+    )
+
+
+# --- an outage under load, two processes, each policy -----------------------------------------
+
+LIMIT = 20  # requestHour in the outage tests
+
+
+class Load:
+    """Workers sending chat requests to both instances until the block ends."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, proxies: list[ProxyProcess], workers: int = 4
+    ) -> None:
+        self.session = session
+        self.proxies = proxies
+        self.workers = workers
+        self.answers: list[Answer] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _work(self, i: int) -> None:
+        while not self._stop.is_set():
+            self.answers.append(await chat(self.session, self.proxies, i))
+            await asyncio.sleep(0.01)
+
+    async def __aenter__(self) -> Load:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._work(i))
+            for i in range(len(self.proxies))
+            for _ in range(self.workers)
+        ]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def until(self, seen: Callable[[Answer], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(seen(a) for a in self.answers):
+            assert time.monotonic() < deadline, "the load never saw what it waited for"
+            await asyncio.sleep(0.01)
+
+
+def counted(redis: RedisServer) -> int:
+    """Project fleet's requests in the current hour window, as Redis holds them."""
+    value = redis.command("GET", HOUR_KEY)
+    assert value is None or isinstance(value, bytes)
+    return int(value or 0)
+
+
+async def until_shared(
+    session: aiohttp.ClientSession,
+    proxies: list[ProxyProcess],
+    redis: RedisServer,
+    since: float,
+    timeout: float = 5.0,
+) -> float:
+    """Seconds from ``since`` until a request through each instance is counted in Redis."""
+    while True:
+        before = counted(redis)
+        answers = [await chat(session, proxies, 0), await chat(session, proxies, 1)]
+        after = counted(redis)
+        if after - before == 2 and all(a.status == 200 for a in answers):
+            return time.monotonic() - since
+        assert time.monotonic() - since < timeout, "shared counting never resumed"
+        await asyncio.sleep(0.02)
+
+
+def in_outage(answers: list[Answer], start: float, end: float) -> list[Answer]:
+    """Answers to requests sent after Redis stopped and answered before it came back."""
+    return [a for a in answers if a.sent > start and a.received < end]
+
+
+async def health(session: aiohttp.ClientSession, proxy: ProxyProcess) -> dict[str, Any]:
+    async with session.get(proxy.url + "/health") as r:
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+@pytest.fixture
+def stopped_at_end() -> Iterator[list[ProxyProcess]]:
+    """Proxy processes a test starts itself: stopped when it ends."""
+    proxies: list[ProxyProcess] = []
+    yield proxies
+    for proxy in proxies:
+        proxy.stop()
+
+
+def check_outage(policy: str, outage: list[Answer]) -> None:
+    assert len(outage) >= 20, "too little load during the outage"
+    statuses = Counter(a.status for a in outage)
+    if policy == "allow":
+        assert statuses == {200: len(outage)}, statuses
+    elif policy == "deny":
+        assert statuses == {503: len(outage)}, statuses
+        for a in outage:
+            assert a.headers["Retry-After"] == "1"
+            assert a.body == {
+                "error": {"message": "Rate limit storage is unavailable", "code": "503"}
+            }
+    else:
+        assert set(statuses) <= {200, 429}, statuses
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_outage_under_load(
+    policy: str,
+    own_redis: RedisServer,
+    demo_backend: BackendProcess,
+    tmp_path: Path,
+    stopped_at_end: list[ProxyProcess],
+) -> None:
+    """SIGSTOP then SIGKILL under load, a restart; then SIGSTOP and SIGCONT."""
+    proxies = start_fleet(
+        fleet_config(demo_backend, request_hour=LIMIT),
+        tmp_path / "fleet",
+        own_redis.url,
+        "--storage-failure",
+        policy,
+    )
+    stopped_at_end.extend(proxies)
+    async with client() as s:
+        async with Load(s, proxies) as load:
+            await load.until(lambda a: a.status == 429)  # the shared limit is reached...
+            await asyncio.sleep(0.2)  # ...and every request it admitted is answered
+            stopped = time.monotonic()
+            own_redis.pause()
+            await asyncio.sleep(1.0)
+            own_redis.kill()
+            await asyncio.sleep(0.5)
+            back = time.monotonic()
+        first = load.answers
+        restarted = time.monotonic()
+        own_redis.start()
+        resume_after_restart = await until_shared(s, proxies, own_redis, restarted)
+
+        async with Load(s, proxies) as load:
+            await asyncio.sleep(0.3)
+            stopped_again = time.monotonic()
+            own_redis.pause()
+            await asyncio.sleep(0.8)
+            continued = time.monotonic()
+            own_redis.resume()
+        second = load.answers
+        await asyncio.sleep(0.05)  # what timed out during the pause is applied now...
+        own_redis.flush()  # ...and forgotten, so that the next count is ours alone
+        resume_after_cont = await until_shared(s, proxies, own_redis, continued)
+        healths = [await health(s, p) for p in proxies]
+
+    # Every request got an HTTP answer, never a 500 or a 401.
+    everything = first + second
+    assert all(a.error is None for a in everything), Counter(a.error for a in everything)
+    allowed = {200, 429, 503} if policy == "deny" else {200, 429}
+    assert {a.status for a in everything} <= allowed, Counter(a.status for a in everything)
+    # Before the outage the limit was shared and exact.
+    before = [a for a in first if a.received < stopped]
+    assert sum(a.status == 200 for a in before) == LIMIT
+    outages = [in_outage(first, stopped, back), in_outage(second, stopped_again, continued)]
+    for outage in outages:
+        check_outage(policy, outage)
+    if policy == "local":  # each instance kept the limit on its own
+        for i in (0, 1):
+            served = [a for o in outages for a in o if a.instance == i]
+            admitted = sum(a.status == 200 for a in served)
+            assert 1 <= admitted <= LIMIT
+            assert any(a.status == 429 for a in served)
+    assert resume_after_restart < 2.0
+    assert resume_after_cont < 2.0
+    for h in healths:
+        storage = h["storage"]
+        assert storage["backend"] == "redis" and storage["policy"] == policy
+        assert storage["healthy"] is True and storage["outages"] == 2
+        assert storage["failures"] >= 2 and storage["fallbacks"] > 0
+    for proxy in proxies:
+        assert "Traceback" not in proxy.log()
+    print(
+        f"\n{policy}: {len(everything)} requests, outage answers "
+        f"{[dict(Counter(a.status for a in o)) for o in outages]}, shared counting back "
+        f"{resume_after_restart:.2f} s after the restart, {resume_after_cont:.2f} s after SIGCONT"
+    )
