@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDictProxy
 
 from dialproxy.config.model import Access, Key, Snapshot
 from dialproxy.errors import BadRequest, Forbidden, Unauthorized
+
+if TYPE_CHECKING:
+    from dialproxy.sharedkeys import SharedKey
 
 NO_CREDENTIALS = "At least API-KEY or Authorization header must be provided"
 UNKNOWN_KEY = "Unknown api key"
@@ -20,8 +25,9 @@ BOTH_DIFFER = "Either API-KEY or Authorization header must be provided but not b
 class Principal:
     """Who calls: the key's project and roles, and what those roles may do."""
 
-    key: Key
+    key: Key  # for a shared key: its owner's key
     secret: str  # kept only to avoid forwarding it; never logged
+    shared: SharedKey | None = None  # set when a shared key calls, in its owner's name
 
     @property
     def project(self) -> str:
@@ -64,12 +70,53 @@ def authenticate(
     key = snapshot.key_for_secret(secret)
     if key is None:
         raise Unauthorized(UNKNOWN_KEY)
+    return _admitted(key, secret, remote, now)
+
+
+def _admitted(key: Key, secret: str, remote: str | None, now: datetime | None) -> Principal:
     timed = key.not_before is not None or key.expires_at is not None
     if (key.disabled or timed) and key.state(now or datetime.now(UTC)) != "active":
         raise Unauthorized(UNKNOWN_KEY)
     if key.allowed_ip_ranges is not None and not _address_allowed(remote, key.allowed_ip_ranges):
         raise Forbidden("Access denied")
     return Principal(key, secret)
+
+
+class SharedKeyFinder(Protocol):
+    """What :func:`authenticate_any` needs of the app's shared keys
+    (:class:`dialproxy.sharedkeys.SharedKeys`)."""
+
+    clock: Callable[[], datetime] | None
+
+    async def find(self, secret: str) -> SharedKey | None: ...
+
+
+async def authenticate_any(
+    headers: CIMultiDictProxy[str],
+    snapshot: Snapshot,
+    remote: str | None,
+    shared: SharedKeyFinder | None,
+) -> Principal:
+    """:func:`authenticate`, and for a secret the config does not know, the shared keys.
+
+    A shared key acts as its owner, who is looked up by digest in *this* snapshot: an owner
+    key that is gone, disabled, expired or without ``canShare`` takes its shared keys with
+    it (401 like an unknown key), and the owner's address ranges apply.
+    """
+    clock = shared.clock if shared is not None else None
+    now = clock() if clock is not None else None
+    secret = credentials(headers)
+    key = snapshot.key_for_secret(secret)
+    if key is not None:
+        return _admitted(key, secret, remote, now)
+    found = await shared.find(secret) if shared is not None else None
+    if found is None:
+        raise Unauthorized(UNKNOWN_KEY)
+    owner = snapshot.keys.get(found.owner)
+    now = now or datetime.now(UTC)
+    if owner is None or not owner.can_share or not found.active(now):
+        raise Unauthorized(UNKNOWN_KEY)
+    return Principal(_admitted(owner, secret, remote, now).key, secret, found)
 
 
 def _address_allowed(remote: str | None, ranges: tuple[str, ...]) -> bool:

@@ -16,7 +16,7 @@ from typing import TextIO
 
 from aiohttp import web
 
-from dialproxy import logs
+from dialproxy import keys, logs
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--strict", action="store_true", help="warnings are errors")
     validate.add_argument("--format", choices=("text", "json"), default="text")
 
+    keys.add_parser(sub)
+
     backend = sub.add_parser("demo-backend", help="run only the demo model backend")
     backend.add_argument("--host", default="127.0.0.1")
     backend.add_argument("--port", type=int, default=8081)
@@ -70,6 +72,12 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="what to do while Redis is unreachable",
     )
     parser.add_argument(
+        "--state",
+        metavar="FILE",
+        help="SQLite file for shared keys with memory counters (env DIALPROXY_STATE; "
+        "default: dialproxy-state.sqlite beside the first config file)",
+    )
+    parser.add_argument(
         "--allow-empty-config",
         action="store_true",
         help="accept a config with no keys or no models",
@@ -82,7 +90,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "port", "storage", "storage_failure"):
+    for name in ("host", "port", "storage", "storage_failure", "state"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.allow_empty_config:
@@ -102,14 +110,30 @@ def _report(problems: Sequence[Problem], fmt: str, stream: TextIO | None = None)
 
 
 def validate(files: Sequence[str], strict: bool, fmt: str) -> int:
+    """Load FILEs as the server would; report every problem; 0 valid, 1 invalid, 2 unreadable."""
+    for stream in (sys.stdout, sys.stderr):  # a file name or a config value may not encode
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         sources = read_sources(files)
     except OSError as e:
-        print(f"dialproxy validate: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        reason = e.strerror or type(e).__name__
+        print(f"dialproxy validate: cannot read {e.filename}: {reason}", file=sys.stderr)
         return EXIT_USAGE
     try:
         snapshot = build_snapshot(sources, os.environ)
         problems = list(snapshot.warnings)
+        for section, found in (("models", snapshot.models), ("keys", snapshot.keys)):
+            if not found:  # `dialproxy serve` refuses this unless --allow-empty-config
+                problems.append(
+                    Problem(
+                        files[-1],
+                        f"$.{section}",
+                        f"the config defines no {section}: `dialproxy serve` refuses it "
+                        "unless started with --allow-empty-config",
+                        "warning",
+                    )
+                )
     except ConfigError as e:
         problems = list(e.problems)
     invalid = any(p.severity == "error" or strict for p in problems)
@@ -137,6 +161,7 @@ def _load_store(settings: Settings) -> ConfigStore | None:
 
 
 async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
+    from dialproxy.config.watcher import reload_app
     from dialproxy.demo_backend import BackendControl, create_backend_app
     from dialproxy.server import build_app
 
@@ -159,6 +184,8 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: the same reload as a file change (rebuild, swap or refuse), watcher or not.
+    loop.add_signal_handler(signal.SIGHUP, reload_app, app, "sighup")
     try:
         await stop.wait()
     finally:
@@ -171,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.files, args.strict, args.format)
+    if args.command == "keys":
+        return keys.run(args)
     if args.command == "demo-backend":
         from dialproxy.demo_backend import main as backend_main
 

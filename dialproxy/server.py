@@ -2,20 +2,58 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
+from coredis import BlockingConnectionPool
+from coredis.retry import NoRetryPolicy
 from limits.aio.storage import MemoryStorage, Storage
+from limits.storage import storage_from_string
 
 from dialproxy.config.store import ConfigStore
+from dialproxy.config.watcher import watch_config
 from dialproxy.settings import Settings
+from dialproxy.storage import CONNECT_TIMEOUT, MAX_CONNECTIONS, POOL_TIMEOUT, READ_TIMEOUT
 from dialproxy.web.app import create_app
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
 
 def counter_storage(uri: str) -> Storage:
-    """``memory://`` (default) or ``redis://HOST:PORT/DB`` through the limits library."""
-    if uri.startswith("memory://"):
+    """``memory://`` (the default) or Redis through the ``limits`` library's async storage.
+
+    ``redis://[:password@]HOST:PORT/DB``, ``rediss://...`` (TLS) and
+    ``redis+unix:///path/to/socket?db=0``.  A Redis call gives up after a short timeout
+    (query parameters ``connect_timeout`` and ``stream_timeout`` override it) and is never
+    retried (an acquire that timed out may have been applied: a retry could count it twice);
+    a dropped connection is reopened by the next call.  Commands share a few multiplexed
+    connections: a burst of requests never opens a connection each.
+    """
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "memory":
         return MemoryStorage()
-    raise ValueError(f"unsupported storage URI scheme: {uri.split(':', 1)[0]}")
+    uri = uri.removeprefix("async+")
+    if scheme.removeprefix("async+") in REDIS_SCHEMES:
+        pool = BlockingConnectionPool.from_url(
+            "unix" + uri.removeprefix("redis+unix") if uri.startswith("redis+unix") else uri,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_TIMEOUT,
+            connect_timeout=CONNECT_TIMEOUT,
+            stream_timeout=READ_TIMEOUT,
+        )
+        options: dict[str, Any] = {"connection_pool": pool, "retry_policy": NoRetryPolicy()}
+        storage = storage_from_string("async+" + uri, implementation="coredis", **options)
+        assert isinstance(storage, Storage)
+        return storage
+    raise ValueError(
+        f"unsupported storage URI {scheme + '://' if scheme else repr(uri)}: "
+        "use memory://, redis://, rediss:// or redis+unix://"
+    )
 
 
 def build_app(settings: Settings, store: ConfigStore) -> web.Application:
-    return create_app(store, settings=settings, storage=counter_storage(settings.storage))
+    """The served app; with ``settings.watch`` it reloads its config when the files change."""
+    app = create_app(store, settings=settings, storage=counter_storage(settings.storage))
+    if settings.watch:
+        app.cleanup_ctx.append(watch_config)
+    return app

@@ -17,6 +17,7 @@ class Settings:
     storage: str = "memory://"
     storage_failure: str = "local"
     allow_empty_config: bool = False
+    state: str | None = None  # the shared keys' SQLite file (memory counters only)
     watch: bool = True
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
@@ -39,6 +40,8 @@ class Settings:
             kwargs["port"] = int(env["DIALPROXY_PORT"])
         if env.get("DIALPROXY_STORAGE"):
             kwargs["storage"] = env["DIALPROXY_STORAGE"]
+        if env.get("DIALPROXY_STATE"):
+            kwargs["state"] = env["DIALPROXY_STATE"]
         if env.get("DIALPROXY_STORAGE_FAILURE"):
             kwargs["storage_failure"] = env["DIALPROXY_STORAGE_FAILURE"]
         return cls(**kwargs)  # type: ignore[arg-type]

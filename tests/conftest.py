@@ -146,3 +146,16 @@ def chat_model(backend: Backend, **extra: Any) -> dict[str, Any]:
         "type": "chat",
         "upstreams": [{"endpoint": backend.url(), "key": "upstream-secret-1"}],
     } | extra
+
+
+# A real redis-server for the Redis tests (tests/test_limiter.py, tests/test_redis.py).
+from tests.redis_server import RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole run (tests that stop it start their own)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

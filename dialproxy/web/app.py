@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -12,11 +14,13 @@ import structlog
 from aiohttp import web
 from limits.aio.storage import MemoryStorage, Storage
 
-from dialproxy.auth import Principal, authenticate
+from dialproxy import sharedkeys
+from dialproxy.auth import Principal, authenticate_any
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import NotFound, ProxyError
-from dialproxy.limiter import Limiter
+from dialproxy.keys import iso
+from dialproxy.limiter import Limiter, WindowState
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web import proxy
@@ -56,8 +60,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, {"error": {"message": "Internal error", "code": "500"}})
 
 
-def _principal(request: web.Request) -> Principal:
-    return authenticate(request.headers, request.app[STORE].snapshot, request.remote)
+async def _principal(request: web.Request) -> Principal:
+    """The caller: a key of the config, or a shared key acting as its owner."""
+    app = request.app
+    return await authenticate_any(
+        request.headers, app[STORE].snapshot, request.remote, app[sharedkeys.SHARED]
+    )
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -71,8 +79,8 @@ def _visible(principal: Principal) -> list[str]:
     return [name for name in principal.access.grants if key_models is None or name in key_models]
 
 
-def _listing_entry(request: web.Request, deployment: str, object_name: str) -> dict[str, Any]:
-    principal = _principal(request)
+async def _listing_entry(request: web.Request, deployment: str, object_name: str) -> dict[str, Any]:
+    principal = await _principal(request)
     snapshot = request.app[STORE].snapshot
     if deployment not in snapshot.models:
         raise NotFound(f"Unknown application: {deployment}")
@@ -81,30 +89,30 @@ def _listing_entry(request: web.Request, deployment: str, object_name: str) -> d
 
 
 async def list_models(request: web.Request) -> web.Response:
-    principal = _principal(request)
+    principal = await _principal(request)
     models = request.app[STORE].snapshot.models
     data = [models[name].listing("model") for name in _visible(principal)]
     return _json({"object": "list", "data": data})
 
 
 async def list_deployments(request: web.Request) -> web.Response:
-    principal = _principal(request)
+    principal = await _principal(request)
     models = request.app[STORE].snapshot.models
     data = [models[name].listing("deployment") for name in _visible(principal)]
     return _json({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return _json(_listing_entry(request, request.match_info["id"], "model"))
+    return _json(await _listing_entry(request, request.match_info["id"], "model"))
 
 
 async def get_deployment(request: web.Request) -> web.Response:
-    return _json(_listing_entry(request, request.match_info["id"], "deployment"))
+    return _json(await _listing_entry(request, request.match_info["id"], "deployment"))
 
 
 async def openai_models(request: web.Request) -> web.Response:
     """``GET /openai/v1/models``: the OpenAI SDK's ``client.models.list()``."""
-    principal = _principal(request)
+    principal = await _principal(request)
     data = [
         {"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"}
         for name in _visible(principal)
@@ -113,13 +121,13 @@ async def openai_models(request: web.Request) -> web.Response:
 
 
 async def user_info(request: web.Request) -> web.Response:
-    principal = _principal(request)
+    principal = await _principal(request)
     return _json({"project": principal.project, "roles": list(principal.key.roles)})
 
 
 async def deployment_limits(request: web.Request) -> web.Response:
     """DIAL's ``/v1/deployments/{id}/limits``: the caller's project limits and use."""
-    principal = _principal(request)
+    principal = await _principal(request)
     snapshot = request.app[STORE].snapshot
     deployment = request.match_info["id"]
     grant = proxy.resolve(principal, snapshot, deployment)
@@ -140,10 +148,71 @@ async def deployment_limits(request: web.Request) -> web.Response:
     return _json(body)
 
 
+async def user_limits(request: web.Request) -> web.Response:
+    """``GET /v1/user/limits``: every model the caller may call, with each limited window's
+    limit, use and reset.  ``scope`` says whose limit it is: ``project`` (the roles' limits,
+    counted per project) or ``key`` (the key's own quota; for a shared key, its owner's).
+    A shared key also gets its cap and ``utilized`` in ``sharedKey``."""
+    principal = await _principal(request)
+    limiter = request.app[LIMITER]
+    key = principal.key
+    now = time.time()
+    models: dict[str, Any] = {}
+    for name in _visible(principal):
+        grant = principal.access.grants[name]
+        own = key.key_limits.get(name) or key.key_limits.get("*")
+        if grant.denied or (own is not None and own.denies):
+            continue
+        counted = [
+            ("project", "p:" + principal.project, grant.token_windows, grant.request_windows)
+        ]
+        if own is not None:
+            counted.append(("key", "k:" + key.digest, own.token_windows(), own.request_windows()))
+        windows: list[dict[str, Any]] = []
+        for scope, owner, token_windows, request_windows in counted:
+            for kind, unit, limited in (
+                ("t", "tokens", token_windows),
+                ("r", "requests", request_windows),
+            ):
+                if limited:
+                    states = await limiter.usage(owner, name, limited, kind)
+                    windows += [_window_stats(scope, unit, state, now) for state in states]
+        models[name] = {"limits": windows}
+    body: dict[str, Any] = {"project": principal.project, "key": key.fingerprint, "models": models}
+    if principal.shared is not None:
+        shared = principal.shared
+        body["sharedKey"] = shared.public(principal.project) | {
+            "remaining": None if shared.tokens < 0 else max(shared.tokens - shared.utilized, 0),
+            "capReached": shared.capped,
+        }
+    return _json(body)
+
+
+def _window_stats(scope: str, unit: str, state: WindowState, now: float) -> dict[str, Any]:
+    used = state.used > 0
+    return {
+        "scope": scope,
+        "type": unit,
+        "window": state.window.name,
+        "limit": state.window.limit,
+        "used": state.used,
+        "remaining": state.remaining,
+        "resetSeconds": round(state.reset, 3) if used else 0,
+        "resetAt": iso(datetime.fromtimestamp(now + state.reset, UTC)) if used else None,
+    }
+
+
 async def health(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    ok = store.last_error is None
-    return _json({"status": "ok" if ok else "degraded", "config": store.health()})
+    """Always 200 and ``"ok"`` while a config is served: a refused reload leaves the last good
+    config serving, so a load balancer must not pull the proxy; ``config.lastError`` says why
+    the change was refused (until the next good reload clears it)."""
+    return _json(
+        {
+            "status": "ok",
+            "config": request.app[STORE].health(),
+            "storage": request.app[LIMITER].health(),
+        }
+    )
 
 
 def _proxy_route(api: str) -> Handler:
@@ -161,6 +230,10 @@ def _v1_route(api: str) -> Handler:
     return v1_route
 
 
+async def _close_limiter(app: web.Application) -> None:
+    await app[LIMITER].close()
+
+
 def create_app(
     store: ConfigStore,
     *,
@@ -173,7 +246,9 @@ def create_app(
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body)
     app[STORE] = store
     app[SETTINGS] = settings
-    app[LIMITER] = Limiter(storage if storage is not None else MemoryStorage())
+    app[LIMITER] = Limiter(
+        storage if storage is not None else MemoryStorage(), settings.storage_failure
+    )
     app[BALANCER] = Balancer()
     app[BACKGROUND] = set()
 
@@ -194,6 +269,8 @@ def create_app(
             await app[CLIENT].close()
 
     app.cleanup_ctx.append(client_ctx)
+    app.on_cleanup.append(_close_limiter)  # after client_ctx has awaited the usage records
+    sharedkeys.setup(app)  # the shared key store (opened and closed with the app), its routes
     for api in proxy.API_TYPES:
         app.router.add_post(f"/openai/deployments/{{id}}/{api}", _proxy_route(api))
         app.router.add_post(f"/openai/v1/{api}", _v1_route(api))
@@ -204,5 +281,6 @@ def create_app(
     app.router.add_get("/openai/v1/models", openai_models)
     app.router.add_get("/v1/deployments/{id}/limits", deployment_limits)
     app.router.add_get("/v1/user/info", user_info)
+    app.router.add_get("/v1/user/limits", user_limits)
     app.router.add_get("/health", health)
     return app

@@ -19,7 +19,8 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from dialproxy.auth import Principal, authenticate
+from dialproxy import sharedkeys
+from dialproxy.auth import Principal, authenticate_any
 from dialproxy.config.model import Grant, Model, Snapshot, Upstream
 from dialproxy.errors import (
     BadGateway,
@@ -117,6 +118,7 @@ class Outcome:
     error: str | None = None
     model: Model | None = None
     scopes: list[Scope] = field(default_factory=list)
+    shared: sharedkeys.SharedKey | None = None  # the shared key that called, if one did
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -312,7 +314,9 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
     outcome = Outcome()
     principal: Principal | None = None
     try:
-        principal = authenticate(request.headers, snapshot, request.remote)
+        principal = await authenticate_any(
+            request.headers, snapshot, request.remote, app[sharedkeys.SHARED]
+        )
         if deployment is None:  # /openai/v1/...: the deployment is the body's "model"
             body = await read_json_body(request, settings.max_body)
             deployment = body.get("model") if isinstance(body.get("model"), str) else None
@@ -324,6 +328,9 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
             body = await read_json_body(request, settings.max_body)
         outcome.model = grant.model
         scopes = scopes_for(principal, grant)
+        if principal.shared is not None:  # its own cap first; then the owner's limits
+            sharedkeys.check_cap(principal.shared)
+            outcome.shared = principal.shared
         request_states, token_states = await admit(limiter, scopes) if scopes else ([], [])
         outcome.scopes = scopes
         response = await _forward(
@@ -340,7 +347,11 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
         outcome.error = e.message
         raise
     finally:
-        if outcome.scopes and outcome.usage is not None and outcome.status == 200:
+        if (
+            (outcome.scopes or outcome.shared)
+            and outcome.usage is not None
+            and outcome.status == 200
+        ):
             _record(app, limiter, outcome)
         _log(request, principal, deployment, outcome, started)
 
@@ -355,6 +366,8 @@ def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> None:
     )
 
     async def record() -> None:
+        if outcome.shared is not None:
+            await app[sharedkeys.SHARED].record(outcome.shared, usage.total_tokens)
         for scope in outcome.scopes:
             await limiter.record(scope, usage.total_tokens, cost)
 
@@ -389,6 +402,7 @@ def _log(
         ttfb_ms=outcome.ttfb_ms,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
         error=outcome.error,
+        **({"shared_key": principal.shared.id} if principal and principal.shared else {}),
     )
 
 

@@ -1,0 +1,528 @@
+"""``make bench``: the proxy beside a minimal aiohttp pass-through, on one local backend.
+
+Three child processes on free 127.0.0.1 ports: the demo backend, the real proxy (``dialproxy
+serve`` with auth, token/request/cost limits, pricing, stream usage injection and its
+JSON request log all on) and the pass-through floor.  Then, interleaved:
+
+- throughput: ``--rounds`` x ``--seconds`` at ``--connections`` connections (1 wrk thread),
+  proxy and pass-through alternating, with each one's CPU time per request from
+  /proc/<pid>/stat (utime + stime) and the backend's and wrk's CPU use beside it;
+- added latency at idle: one keep-alive connection, sequential requests, p50/p99 of the
+  proxy and of the pass-through minus the same percentile straight to the backend.
+
+Exit 0 whether the targets are met or not; 1 when the bench itself breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.load import LoadGenerator, LoadResult
+from bench.procs import (
+    BenchError,
+    Child,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    stop_all,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SECRET = "bench-secret-key-0123456789"
+DEPLOYMENT = "echo"
+PROXY_PATH = f"/openai/deployments/{DEPLOYMENT}/chat/completions"
+BACKEND_PATH = "/v1/chat/completions"
+PROMPT = "Tell me briefly why a reverse proxy should add almost no latency"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    connections: int = 32
+    rounds: int = 3
+    seconds: float = 5.0  # per throughput run (wrk -d takes whole seconds)
+    warmup: float = 1.0
+    latency_rounds: int = 3
+    latency_seconds: float = 2.0
+    profile: Path | None = None  # write py-spy flame graphs of the proxy here
+
+
+TARGETS = {"non-streaming": 0.70, "streaming": 0.75}
+LATENCY_TARGET_MS = 0.6
+BACKEND_SATURATED = 0.90  # cores
+OTHER_LOAD = 0.25  # cores used by processes outside the bench: worth a warning
+
+
+def bench_config(backend_port: int) -> dict[str, Any]:
+    """Every check on: key auth, token/request limits never reached, pricing + costLimit."""
+    huge = str(10**12)
+    return {
+        "models": {
+            DEPLOYMENT: {
+                "type": "chat",
+                "upstreams": [
+                    {
+                        "endpoint": f"http://{HOST}:{backend_port}{BACKEND_PATH}",
+                        "key": "bench-upstream-key",
+                    }
+                ],
+                "pricing": {"unit": "token", "prompt": "0.000001", "completion": "0.000002"},
+            }
+        },
+        "roles": {
+            "bench": {
+                "limits": {
+                    DEPLOYMENT: {
+                        "minute": huge,
+                        "day": huge,
+                        "week": huge,
+                        "month": huge,
+                        "requestMinute": str(10**9),
+                        "requestHour": str(10**10),
+                        "requestDay": str(10**11),
+                    }
+                },
+                "costLimit": {"minute": "1000000", "day": "10000000", "month": "100000000"},
+            }
+        },
+        "keys": {SECRET: {"project": "bench", "role": "bench", "name": "bench key"}},
+    }
+
+
+def request_body(stream: bool) -> bytes:
+    body: dict[str, Any] = {
+        "model": DEPLOYMENT,
+        "messages": [{"role": "user", "content": PROMPT}],
+    }
+    if stream:
+        body["stream"] = True  # no stream_options: the proxy injects include_usage itself
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"}
+
+
+# --------------------------------------------------------------------------------------
+# Sanity checks: every path answers 200 with the echo, and the proxy's checks are live
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, headers=HEADERS, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
+def _get_json(url: str) -> Any:
+    req = urllib.request.Request(url, headers=HEADERS)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def sanity_check(urls: dict[str, str], proxy_base: str, proxy_log: Path) -> None:
+    for stream in (False, True):
+        for name, url in urls.items():
+            status, headers, data = _post(url, request_body(stream))
+            if status != 200 or b"Echo:" not in data:
+                raise BenchError(f"{name} (stream={stream}) answered {status}: {data[:300]!r}")
+            if name == "proxy":
+                if "x-ratelimit-remaining-requests" not in {k.lower() for k in headers}:
+                    raise BenchError("the proxy sent no x-ratelimit headers: limits are off")
+                if stream and b'"usage"' in data:
+                    raise BenchError("the proxy leaked the usage chunk it asked for")
+    # Usage parsed and recorded (a background task: give it a moment).
+    limits_url = f"{proxy_base}/v1/deployments/{DEPLOYMENT}/limits"
+    for _ in range(50):
+        if _get_json(limits_url)["minuteTokenStats"]["used"] > 0:
+            break
+        time.sleep(0.02)
+    else:
+        raise BenchError("the proxy recorded no token usage: usage parsing is off")
+    if b'"event": "request"' not in proxy_log.read_bytes():
+        raise BenchError(f"the proxy wrote no request log line to {proxy_log}")
+
+
+# --------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass
+class Throughput:
+    """The runs of one target (proxy or pass-through) in one mode, summed over the rounds."""
+
+    requests: int = 0
+    seconds: float = 0.0  # as the load generator measured its runs
+    wall: float = 0.0  # between the CPU clock reads around the runs
+    cpu: float = 0.0  # of the measured proxy process
+    backend_cpu: float = 0.0
+    load_cpu: float = 0.0  # of the load generator
+    other_cpu: float = 0.0  # of every other process on the machine
+    rounds: list[float] = field(default_factory=list)  # req/s of each round
+
+    def add(
+        self, load: LoadResult, wall: float, cpu: float, backend_cpu: float, busy: float
+    ) -> None:
+        self.requests += load.requests
+        self.seconds += load.seconds
+        self.wall += wall
+        self.cpu += cpu
+        self.backend_cpu += backend_cpu
+        self.load_cpu += load.cpu_seconds
+        self.other_cpu += max(busy - cpu - backend_cpu - load.cpu_seconds, 0.0)
+        self.rounds.append(load.rps)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / self.requests * 1e6 if self.requests else 0.0
+
+    def cores(self, cpu: float) -> float:
+        return cpu / self.wall if self.wall else 0.0
+
+
+def _checked(load: LoadResult, what: str) -> LoadResult:
+    if load.status_errors or load.socket_errors:
+        raise BenchError(
+            f"{what}: {load.status_errors} non-2xx answers, {load.socket_errors} socket errors"
+            f" in {load.requests} requests"
+        )
+    if load.requests == 0:
+        raise BenchError(f"{what}: no request completed")
+    return load
+
+
+class Bench:
+    def __init__(self, workdir: Path, options: Options, say: Callable[[str], None]) -> None:
+        self.workdir = workdir
+        self.options = options
+        self.say = say
+        self.children: list[Child] = []
+        self.loads = {
+            "non-streaming": LoadGenerator(workdir, "nonstream", request_body(False), HEADERS),
+            "streaming": LoadGenerator(workdir, "stream", request_body(True), HEADERS),
+        }
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, argv, self.workdir / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        stop_all(self.children)
+
+    def run(self) -> dict[str, Any]:
+        bport, pport, tport = free_port(), free_port(), free_port()
+        while len({bport, pport, tport}) < 3:
+            pport, tport = free_port(), free_port()
+        config = self.workdir / "bench.config.json"
+        config.write_text(json.dumps(bench_config(bport), indent=2))
+        py = sys.executable
+        backend = self.start(
+            "backend", [py, "-m", "dialproxy.demo_backend", "--host", HOST, "--port", str(bport)]
+        )
+        proxy = self.start(
+            "proxy",
+            [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
+             "--port", str(pport), "--storage", "memory://", "--no-watch"],
+        )  # fmt: skip
+        passthrough = self.start(
+            "passthrough",
+            [py, "-m", "bench.passthrough", "--host", HOST, "--port", str(tport),
+             "--upstream", f"http://{HOST}:{bport}"],
+        )  # fmt: skip
+        backend_base = f"http://{HOST}:{bport}"
+        proxy_base = f"http://{HOST}:{pport}"
+        backend.wait_http(backend_base + "/health")
+        proxy.wait_http(proxy_base + "/health")
+        passthrough.wait_http(f"http://{HOST}:{tport}/")
+        urls = {
+            "direct": backend_base + BACKEND_PATH,
+            "pass-through": f"http://{HOST}:{tport}{BACKEND_PATH}",
+            "proxy": proxy_base + PROXY_PATH,
+        }
+        sanity_check(urls, proxy_base, proxy.log_path)
+        measured = {"proxy": proxy, "pass-through": passthrough}
+
+        def load(mode: str, target: str, connections: int, seconds: float) -> LoadResult:
+            for child in self.children:
+                child.check_alive()
+            what = f"{target} {mode} c={connections}"
+            return _checked(self.loads[mode].run(urls[target], connections, seconds, ROOT), what)
+
+        opts = self.options
+        self.say(f"warming up ({self.loads['streaming'].tool})")
+        for mode in self.loads:
+            for target in urls:
+                load(mode, target, opts.connections, opts.warmup)
+
+        throughput = {m: {t: Throughput() for t in measured} for m in self.loads}
+        for rnd in range(opts.rounds):
+            order = list(measured) if rnd % 2 == 0 else list(reversed(measured))
+            for mode in self.loads:
+                for target in order:
+                    child = measured[target]
+                    wall0, busy0 = time.monotonic(), machine_busy_seconds()
+                    cpu0, bcpu0 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
+                    result = load(mode, target, opts.connections, opts.seconds)
+                    cpu1, bcpu1 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
+                    busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
+                    throughput[mode][target].add(result, wall, cpu1 - cpu0, bcpu1 - bcpu0, busy)
+                    self.say(
+                        f"round {rnd + 1}/{opts.rounds} {mode:13} {target:12}"
+                        f" {result.rps:8.0f} req/s"
+                        f"  {(cpu1 - cpu0) / result.requests * 1e6:6.0f} us CPU/req"
+                        f"  backend {(bcpu1 - bcpu0) / wall:4.2f} cores"
+                    )
+
+        latency: dict[str, dict[str, list[tuple[float, float]]]] = {
+            m: {t: [] for t in urls} for m in self.loads
+        }
+        pids = [c.pid for c in self.children]
+        ours0, busy0, wall0 = sum(map(cpu_seconds, pids)), machine_busy_seconds(), time.monotonic()
+        load_cpu = 0.0
+        for rnd in range(opts.latency_rounds):
+            for mode in self.loads:
+                order = list(urls) if rnd % 2 == 0 else list(reversed(urls))
+                for target in order:
+                    result = load(mode, target, 1, opts.latency_seconds)
+                    load_cpu += result.cpu_seconds
+                    latency[mode][target].append((result.p50_ms, result.p99_ms))
+            self.say(f"latency round {rnd + 1}/{opts.latency_rounds} done")
+        ours = sum(map(cpu_seconds, pids)) - ours0 + load_cpu
+        other = (machine_busy_seconds() - busy0 - ours) / (time.monotonic() - wall0)
+        if opts.profile is not None:
+            for mode in self.loads:
+                self.profile(mode, urls["proxy"], proxy, opts.profile)
+        return {"throughput": throughput, "latency": latency, "latency_other": max(other, 0.0)}
+
+    def profile(self, mode: str, url: str, proxy: Child, out_dir: Path) -> None:
+        """Sample the proxy with py-spy while wrk loads it: a flame graph per mode."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(spy).is_file():
+            raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        svg = out_dir / f"proxy-{mode}.svg"
+        seconds = max(round(self.options.seconds), 3)
+        argv = self.loads[mode].argv(url, self.options.connections, seconds + 2)
+        with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as load:
+            try:
+                time.sleep(1)
+                done = subprocess.run(
+                    [spy, "record", "--pid", str(proxy.pid), "--duration", str(seconds),
+                     "--rate", "200", "--output", str(svg)],
+                    capture_output=True, text=True, timeout=seconds + 30, check=False,
+                )  # fmt: skip
+            finally:
+                load.kill()
+        if done.returncode != 0:
+            raise BenchError(f"py-spy failed ({done.returncode}):\n{done.stderr}")
+        self.say(f"profile of the proxy ({mode}): {svg}")
+
+
+def added_latency(
+    samples: dict[str, list[tuple[float, float]]], target: str
+) -> tuple[float, float]:
+    """Median over the rounds of (target percentile - direct percentile), for p50 and p99."""
+    direct = samples["direct"]
+    p50 = statistics.median(t[0] - d[0] for t, d in zip(samples[target], direct, strict=True))
+    p99 = statistics.median(t[1] - d[1] for t, d in zip(samples[target], direct, strict=True))
+    return p50, p99
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(results: dict[str, Any], tool: str, opts: Options) -> str:
+    throughput: dict[str, dict[str, Throughput]] = results["throughput"]
+    latency: dict[str, dict[str, list[tuple[float, float]]]] = results["latency"]
+    modes = list(throughput)
+    rows: list[tuple[str, ...]] = [("", *modes)]
+
+    def row(label: str, fn: Callable[[str], str]) -> None:
+        rows.append((label, *(fn(m) for m in modes)))
+
+    def spread(t: Throughput) -> str:
+        return f"{t.rps:,.0f} ({min(t.rounds):,.0f}-{max(t.rounds):,.0f})"
+
+    row("proxy req/s (min-max)", lambda m: spread(throughput[m]["proxy"]))
+    row("pass-through req/s (min-max)", lambda m: spread(throughput[m]["pass-through"]))
+    row(
+        "ratio proxy/pass-through",
+        lambda m: f"{throughput[m]['proxy'].rps / throughput[m]['pass-through'].rps:.2f}",
+    )
+    row("proxy CPU us/req", lambda m: f"{throughput[m]['proxy'].cpu_us:.0f}")
+    row("pass-through CPU us/req", lambda m: f"{throughput[m]['pass-through'].cpu_us:.0f}")
+    row(
+        "CPU ratio pass-through/proxy",
+        lambda m: f"{throughput[m]['pass-through'].cpu_us / throughput[m]['proxy'].cpu_us:.2f}",
+    )
+
+    def added(target: str) -> Callable[[str], str]:
+        return lambda m: "{:+.3f} / {:+.3f}".format(*added_latency(latency[m], target))
+
+    row("proxy added p50/p99 ms", added("proxy"))
+    row("pass-through added p50/p99 ms", added("pass-through"))
+    row(
+        "direct p50/p99 ms",
+        lambda m: "{:.3f} / {:.3f}".format(
+            statistics.median(s[0] for s in latency[m]["direct"]),
+            statistics.median(s[1] for s in latency[m]["direct"]),
+        ),
+    )
+
+    def cores(target: str) -> Callable[[str], str]:
+        return lambda m: _cores(throughput[m][target])
+
+    row("cores in proxy runs: proxy/backend/load/other", cores("proxy"))
+    row("cores in pass-through runs: pt/backend/load/other", cores("pass-through"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        f"dialproxy bench: {os.cpu_count()} CPUs, load generator {tool},"
+        f" {opts.connections} connections, {opts.rounds} x {opts.seconds:g} s per target and"
+        f" mode, interleaved; idle latency: 1 connection, {opts.latency_rounds} x"
+        f" {opts.latency_seconds:g} s per target and mode",
+        "",
+    ]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths, strict=True))).rstrip())  # fmt: skip
+    lines.append("")
+    lines.append("targets (every proxy check on: auth, limits, usage parsing, logging):")
+    for mode, goal in TARGETS.items():
+        ratio = throughput[mode]["proxy"].rps / throughput[mode]["pass-through"].rps
+        lines.append(
+            f"  {mode} throughput >= {goal:.2f}x pass-through:"
+            f" {ratio:.2f}x  {verdict(ratio >= goal)}"
+        )
+    for mode in modes:
+        p50, p99 = added_latency(latency[mode], "proxy")
+        lines.append(
+            f"  {mode} added latency at idle (p50) <= {LATENCY_TARGET_MS} ms:"
+            f" {p50:+.3f} ms  {verdict(p50 <= LATENCY_TARGET_MS)}   (p99: {p99:+.3f} ms)"
+        )
+    notes: list[str] = []
+    cpus = os.cpu_count() or 1
+    runs = [(f"{target} {mode}", t) for mode in modes for target, t in throughput[mode].items()]
+    backend = [f"{name} {t.cores(t.backend_cpu):.2f}" for name, t in runs]
+    if any(t.cores(t.backend_cpu) >= BACKEND_SATURATED for _, t in runs):
+        notes.append(
+            f"  the backend (near) saturated a core ({', '.join(backend)}): the throughput"
+            " of those runs is capped by it"
+        )
+    busy = [(name, t.cores(t.cpu + t.backend_cpu + t.load_cpu + t.other_cpu)) for name, t in runs]
+    if saturated := [f"{name} {b:.2f}" for name, b in busy if b >= 0.9 * cpus]:
+        notes.append(
+            f"  the machine's {cpus} cores were (near) all busy in: {', '.join(saturated)}:"
+            " there the faster side is slowed by the backend and the load generator"
+            " taking cores from it, which flatters the slower side's req/s ratio; the CPU"
+            " ratio is the fairer comparison"
+        )
+    other = max((t.cores(t.other_cpu), name) for name, t in runs)
+    latency_other = results["latency_other"]
+    if other[0] >= OTHER_LOAD or latency_other >= OTHER_LOAD:
+        notes.append(
+            f"  processes outside the bench used up to {other[0]:.2f} cores ({other[1]} runs)"
+            f" and {latency_other:.2f} cores during the idle latency runs: the figures are"
+            " noisy (p99 the most); rerun on a quiet machine"
+        )
+    if notes:
+        lines += ["", "notes:", *notes]
+    return "\n".join(lines)
+
+
+def _cores(t: Throughput) -> str:
+    return "/".join(f"{t.cores(c):.2f}" for c in (t.cpu, t.backend_cpu, t.load_cpu, t.other_cpu))
+
+
+class _Terminated(Exception):
+    """SIGTERM: stop like on Ctrl-C."""
+
+
+@contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    def raise_terminated(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parse_options(argv: list[str] | None) -> Options:
+    d = Options()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=d.connections)
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="throughput rounds")
+    parser.add_argument("--seconds", type=float, default=d.seconds, help="per throughput run")
+    parser.add_argument("--latency-rounds", type=int, default=d.latency_rounds)
+    parser.add_argument("--latency-seconds", type=float, default=d.latency_seconds)
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="also write py-spy flame graphs of the proxy"
+    )
+    a = parser.parse_args(argv)
+    if min(a.connections, a.rounds, a.latency_rounds) < 1 or min(a.seconds, a.latency_seconds) < 1:
+        parser.error("counts and durations must be >= 1")
+    return Options(
+        connections=a.connections,
+        rounds=a.rounds,
+        seconds=a.seconds,
+        latency_rounds=a.latency_rounds,
+        latency_seconds=a.latency_seconds,
+        profile=a.profile,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    options = parse_options(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="dialproxy-bench-"))
+    keep = True
+    bench = Bench(workdir, options, say)
+    started = time.monotonic()
+    try:
+        with _terminate_on_sigterm():
+            try:
+                results = bench.run()
+            finally:
+                bench.stop_all()
+        print(report(results, bench.loads["streaming"].tool, options))
+        say(f"bench took {time.monotonic() - started:.0f} s")
+        keep = False
+        return 0
+    except BenchError as e:
+        say(f"bench broken: {e}\n(logs kept in {workdir})")
+        return 1
+    except (KeyboardInterrupt, _Terminated) as e:
+        say("interrupted: every process the bench started is stopped")
+        keep = False
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
