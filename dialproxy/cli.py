@@ -205,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return backend_main(["--host", args.host, "--port", str(args.port)])
     logs.configure(logging.INFO)
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+        settings.check()
+    except ValueError as e:
+        print(f"dialproxy: {e}", file=sys.stderr)
+        return EXIT_USAGE
     missing = [p for p in settings.config_paths if not Path(p).is_file()]
     if missing:
         print(f"dialproxy: config file not found: {', '.join(missing)}", file=sys.stderr)

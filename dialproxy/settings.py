@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_BODY = 16 * 1024 * 1024
+STORAGE_FAILURE_POLICIES = ("allow", "deny", "local")
+STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +25,22 @@ class Settings:
     idle_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     max_body: int = MAX_BODY
-    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the setting at fault."""
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, not {self.port}")
+        if self.storage_failure not in STORAGE_FAILURE_POLICIES:
+            raise ValueError(
+                f"storage failure policy must be one of {', '.join(STORAGE_FAILURE_POLICIES)}, "
+                f"not {self.storage_failure!r}"
+            )
+        scheme = self.storage.split("://", 1)[0].lower() if "://" in self.storage else ""
+        if scheme.removeprefix("async+") not in STORAGE_SCHEMES:
+            raise ValueError(
+                "storage must be memory://, redis://HOST:PORT/DB, rediss://... or "
+                f"redis+unix://..., not {scheme + '://' if scheme else 'that value'}"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -37,7 +54,10 @@ class Settings:
         if env.get("DIALPROXY_HOST"):
             kwargs["host"] = env["DIALPROXY_HOST"]
         if env.get("DIALPROXY_PORT"):
-            kwargs["port"] = int(env["DIALPROXY_PORT"])
+            try:
+                kwargs["port"] = int(env["DIALPROXY_PORT"])
+            except ValueError:
+                raise ValueError("DIALPROXY_PORT must be a port number") from None
         if env.get("DIALPROXY_STORAGE"):
             kwargs["storage"] = env["DIALPROXY_STORAGE"]
         if env.get("DIALPROXY_STATE"):

@@ -512,10 +512,10 @@ def check_cap(key: SharedKey) -> None:
 
 
 def state_path(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
-    """The SQLite file: ``settings.state``, else ``settings.extra["state"]``, else
-    ``DIALPROXY_STATE``, else ``dialproxy-state.sqlite`` next to the first config file."""
+    """The SQLite file: ``settings.state``, else ``DIALPROXY_STATE``, else
+    ``dialproxy-state.sqlite`` next to the first config file."""
     env = os.environ if env is None else env
-    explicit = settings.state or settings.extra.get("state") or env.get("DIALPROXY_STATE")
+    explicit = settings.state or env.get("DIALPROXY_STATE")
     if explicit:
         return Path(explicit)
     first = settings.config_paths[0] if settings.config_paths else "aidial.config.json"

@@ -166,3 +166,16 @@ async def test_settings_from_environment_and_graceful_stop(tmp_path: Path) -> No
             proc.wait()
         backend.terminate()
         backend.wait()
+
+
+def test_bad_settings_are_a_usage_error_not_a_traceback() -> None:
+    for args, env, says in (
+        (["--storage", "mongodb://db"], {}, "storage must be memory://"),
+        (["--storage-failure", "allow", "--port", "70000"], {}, "port must be 1-65535"),
+        ([], {"DIALPROXY_STORAGE_FAILURE": "maybe"}, "storage failure policy must be one of"),
+        ([], {"DIALPROXY_PORT": "eighty"}, "DIALPROXY_PORT must be a port number"),
+    ):
+        proc = spawn("serve", *args, env=env)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 2, err
+        assert says in err.decode() and "Traceback" not in err.decode()

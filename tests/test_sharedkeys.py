@@ -108,10 +108,8 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-def settings_for(tmp_path: Path, storage: str, **extra: str) -> Settings:
-    return Settings(
-        config_paths=(str(tmp_path / "aidial.config.json"),), storage=storage, extra=extra
-    )
+def settings_for(tmp_path: Path, storage: str) -> Settings:
+    return Settings(config_paths=(str(tmp_path / "aidial.config.json"),), storage=storage)
 
 
 async def start(
