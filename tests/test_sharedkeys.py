@@ -3,6 +3,7 @@ owner's limits binding them, the 403s and 404s, restarts, and no secret anywhere
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -463,7 +464,7 @@ def test_the_sqlite_state_file_is_next_to_the_config_unless_set(tmp_path: Path) 
     default = settings_for(tmp_path, "memory://")
     assert state_path(default, {}) == tmp_path.resolve() / STATE_FILE
     assert state_path(default, {"DIALPROXY_STATE": "/x/env.db"}) == Path("/x/env.db")
-    explicit = settings_for(tmp_path, "memory://", state=str(tmp_path / "set.db"))
+    explicit = dataclasses.replace(default, state=str(tmp_path / "set.db"))
     assert state_path(explicit, {"DIALPROXY_STATE": "/x/env.db"}) == tmp_path / "set.db"
 
 
