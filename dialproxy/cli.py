@@ -161,9 +161,8 @@ def _load_store(settings: Settings) -> ConfigStore | None:
 
 
 async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
-    from dialproxy.config.watcher import reload_app
     from dialproxy.demo_backend import BackendControl, create_backend_app
-    from dialproxy.server import build_app
+    from dialproxy.server import build_app, reload_app
 
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -10,11 +11,13 @@ from coredis.retry import NoRetryPolicy
 from limits.aio.storage import MemoryStorage, Storage
 from limits.storage import storage_from_string
 
-from dialproxy.config.store import ConfigStore
-from dialproxy.config.watcher import watch_config
+from dialproxy.config.loader import Source
+from dialproxy.config.store import ConfigStore, ReloadResult
+from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.settings import Settings
 from dialproxy.storage import CONNECT_TIMEOUT, MAX_CONNECTIONS, POOL_TIMEOUT, READ_TIMEOUT
 from dialproxy.web.app import create_app
+from dialproxy.web.keys import BALANCER, STORE
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
@@ -57,3 +60,29 @@ def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     if settings.watch:
         app.cleanup_ctx.append(watch_config)
     return app
+
+
+def reload_app(
+    app: web.Application, trigger: str, sources: Sequence[Source] | None = None
+) -> ReloadResult:
+    """The one reload path of a running app (file watcher and SIGHUP): rebuild and swap,
+    then drop the balancer's state for upstreams that are gone."""
+    store = app[STORE]
+    result = store.reload(sources, trigger=trigger)
+    if result.applied:
+        app[BALANCER].forget_missing(dict(store.snapshot.models))
+    return result
+
+
+WATCHER = web.AppKey("config_watcher", ConfigWatcher)
+
+
+async def watch_config(app: web.Application) -> AsyncIterator[None]:
+    """A ``cleanup_ctx``: the app owns the watcher's task, started and closed with it."""
+    watcher = ConfigWatcher(app[STORE], lambda sources: reload_app(app, "watch", sources))
+    app[WATCHER] = watcher
+    watcher.start()
+    try:
+        yield
+    finally:
+        await watcher.close()

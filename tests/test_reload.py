@@ -22,8 +22,8 @@ from structlog.testing import capture_logs
 from dialproxy.config.loader import Source
 from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore, source_digest
-from dialproxy.config.watcher import WATCHER, ConfigWatcher, reload_app
-from dialproxy.server import build_app
+from dialproxy.config.watcher import ConfigWatcher
+from dialproxy.server import WATCHER, build_app, reload_app
 from dialproxy.settings import Settings
 from dialproxy.web.keys import BALANCER
 from tests.conftest import AiohttpServer, Backend, BackendFactory, Proxy, new_key

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import structlog
-from aiohttp import web
 from watchfiles import awatch
 
 from dialproxy.config.loader import Source, read_sources
 from dialproxy.config.store import ConfigStore, ReloadResult, source_digest
-from dialproxy.web.keys import BALANCER, STORE
 
 log = structlog.get_logger("dialproxy.config")
 
@@ -42,6 +40,10 @@ def watched_dirs(paths: Iterable[Path]) -> tuple[Path, ...]:
             if folder.is_dir():
                 dirs.setdefault(folder)
     return tuple(dirs)
+
+
+def _not_state_file(_: object, path: str) -> bool:
+    return not Path(path).name.startswith("dialproxy-state.sqlite")
 
 
 def _read(paths: Sequence[Path]) -> list[Source] | None:
@@ -155,7 +157,9 @@ class ConfigWatcher:
             return
         batches = awatch(
             *dirs,
-            watch_filter=None,  # any event may change what a path resolves to: check them all
+            # Any event may change what a path resolves to: all are checked, except writes to
+            # the shared keys' SQLite file, which may sit beside the config.
+            watch_filter=_not_state_file,
             debounce=self.debounce_ms,
             step=self.step_ms,
             stop_event=stop,
@@ -189,29 +193,3 @@ class ConfigWatcher:
             if not pending.cancelled():
                 pending.exception()  # retrieved: nothing is left unobserved
             await batches.aclose()
-
-
-def reload_app(
-    app: web.Application, trigger: str, sources: Sequence[Source] | None = None
-) -> ReloadResult:
-    """The one reload path of a running app (file watcher and SIGHUP): rebuild and swap,
-    then drop the balancer's state for upstreams that are gone."""
-    store = app[STORE]
-    result = store.reload(sources, trigger=trigger)
-    if result.applied:
-        app[BALANCER].forget_missing(dict(store.snapshot.models))
-    return result
-
-
-WATCHER = web.AppKey("config_watcher", ConfigWatcher)
-
-
-async def watch_config(app: web.Application) -> AsyncIterator[None]:
-    """A ``cleanup_ctx``: the app owns the watcher's task, started and closed with it."""
-    watcher = ConfigWatcher(app[STORE], lambda sources: reload_app(app, "watch", sources))
-    app[WATCHER] = watcher
-    watcher.start()
-    try:
-        yield
-    finally:
-        await watcher.close()
