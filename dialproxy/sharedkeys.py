@@ -43,12 +43,11 @@ from dialproxy.errors import (
     BadRequest,
     Forbidden,
     NotFound,
-    PayloadTooLarge,
     ProxyError,
-    UnsupportedMediaType,
 )
 from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.settings import Settings
+from dialproxy.web.body import read_json_body
 from dialproxy.web.keys import BACKGROUND, SETTINGS, STORE
 
 log = structlog.get_logger("dialproxy.sharedkeys")
@@ -587,18 +586,7 @@ async def _owner(request: web.Request) -> tuple[Principal, SharedKeys]:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > _MAX_BODY:
-        raise PayloadTooLarge("Request body is too large")
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType("Only application/json is supported")
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("Invalid JSON in the request body") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object")
+    body = await read_json_body(request, _MAX_BODY)
     for field in body:
         if field not in ("name", "tokens", "expiresAt"):
             raise Invalid(field, "unknown field (expected name, tokens, expiresAt)")

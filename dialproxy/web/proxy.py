@@ -27,14 +27,13 @@ from dialproxy.errors import (
     BadRequest,
     Forbidden,
     NotFound,
-    PayloadTooLarge,
     ProxyError,
     Unavailable,
-    UnsupportedMediaType,
 )
 from dialproxy.limiter import Limiter, Scope, WindowState, tightest
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
+from dialproxy.web.body import read_json_body
 from dialproxy.web.keys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
 
 log = structlog.get_logger("dialproxy.request")
@@ -129,25 +128,6 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return max(float(value), 0.0)
     except ValueError:
         return None
-
-
-async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > max_body:
-        raise PayloadTooLarge("Request body is too large")
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType("Only application/json is supported")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge("Request body is too large") from None
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("Invalid JSON in the request body") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object")
-    return body
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
