@@ -24,7 +24,7 @@ from typing import Any
 
 from limits.aio.storage import Storage
 
-from dialproxy.config.model import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Window
+from dialproxy.config.model import Window
 from dialproxy.errors import ProxyError
 from dialproxy.storage import (
     DEFAULT_FAILURE_POLICY,
@@ -56,9 +56,8 @@ class Scope:
     """Which counters a request is charged to: ``dp:{owner}:{model}`` and ``dp:{owner}``.
 
     ``owner`` is ``p:<project>`` for DIAL's project counters, ``k:<digest>`` for per-key
-    quotas.  ``token_windows``/``request_windows`` are the limited ones; ``count_tokens``
-    and ``count_requests`` say whether usage is recorded at all (it is wherever a limit of
-    that kind exists, in every window of that kind, so a limit added later sees it).
+    quotas.  Only the limited windows are counted (each costs a storage operation on every
+    request): a limit added by a reload starts from zero, a changed one keeps its count.
     """
 
     owner: str
@@ -66,18 +65,6 @@ class Scope:
     token_windows: tuple[Window, ...] = ()
     request_windows: tuple[Window, ...] = ()
     cost_windows: tuple[Window, ...] = ()
-
-    @property
-    def counts_tokens(self) -> bool:
-        return bool(self.token_windows)
-
-    @property
-    def counts_requests(self) -> bool:
-        return bool(self.request_windows)
-
-    @property
-    def counts_cost(self) -> bool:
-        return bool(self.cost_windows)
 
 
 class RateLimited(ProxyError):
@@ -140,55 +127,59 @@ class Limiter:
     async def close(self) -> None:
         await self.guard.close()
 
+    async def admit(self, scopes: Sequence[Scope]) -> tuple[list[WindowState], list[WindowState]]:
+        """A request's whole admission in one storage unit: every scope's token and cost
+        windows checked, then its request counted in every scope's request windows (or in
+        none).  Returns the request and token window states, for the x-ratelimit headers."""
+
+        async def admit(s: SlidingStorage) -> tuple[list[WindowState], list[WindowState]]:
+            tokens: list[WindowState] = []
+            for scope in scopes:
+                tokens += await _check_tokens(s, scope)
+                await _check_cost(s, scope)
+            requests: list[WindowState] = []
+            admitted: list[Scope] = []
+            try:
+                for scope in scopes:
+                    requests += await _admit(s, scope)
+                    admitted.append(scope)
+            except RateLimited:
+                for scope in admitted:
+                    await _release(s, scope)
+                raise
+            return requests, tokens
+
+        return await self.guard.run(admit, ([], []))
+
     async def check_tokens(self, scope: Scope) -> list[WindowState]:
         """Token windows, read only: 429 when one is full.  Returns their states."""
-        if not scope.token_windows:
-            return []
-
-        async def check(s: SlidingStorage) -> list[WindowState]:
-            states = [
-                await _read(s, f"dp:{scope.owner}:{scope.model}:t:{w.name}", w)
-                for w in scope.token_windows
-            ]
-            if blocking := _blocking(states):
-                raise RateLimited("token", states, blocking)
-            return states
-
-        return await self.guard.run(check, [])
+        return await self.guard.run(lambda s: _check_tokens(s, scope), [])
 
     async def check_cost(self, scope: Scope) -> None:
-        if not scope.cost_windows:
-            return
-
-        async def check(s: SlidingStorage) -> None:
-            states = [await _read(s, f"dp:{scope.owner}:c:{w.name}", w) for w in scope.cost_windows]
-            if blocking := _blocking(states):
-                raise RateLimited("cost", states, blocking)
-
-        await self.guard.run(check, None)
+        await self.guard.run(lambda s: _check_cost(s, scope), None)
 
     async def admit_request(self, scope: Scope) -> list[WindowState]:
-        """Check and count one request in every request window, atomically per window."""
+        """Check and count one request in every limited request window, atomically per
+        window; a request one window refuses is taken back from the others."""
         return await self.guard.run(lambda s: _admit(s, scope), [])
 
     async def record(self, scope: Scope, tokens: int, cost_nano_usd: int) -> None:
-        """Add a finished request's usage to every window of its kinds (may overshoot)."""
-        add_tokens = tokens > 0 and scope.counts_tokens
-        add_cost = cost_nano_usd > 0 and scope.counts_cost
-        if not (add_tokens or add_cost):
-            return
+        """Add a finished request's usage to its limited windows (may overshoot a limit)."""
+        await self.record_all((scope,), tokens, cost_nano_usd)
 
+    async def record_all(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
         async def add(s: SlidingStorage) -> None:
-            if add_tokens:
-                for name, seconds in TOKEN_WINDOWS:
-                    await s.acquire_sliding_window_entry(
-                        f"dp:{scope.owner}:{scope.model}:t:{name}", _UNLIMITED, seconds, tokens
-                    )
-            if add_cost:
-                for name, seconds in COST_WINDOWS:
-                    await s.acquire_sliding_window_entry(
-                        f"dp:{scope.owner}:c:{name}", _UNLIMITED, seconds, cost_nano_usd
-                    )
+            for scope in scopes:
+                if tokens > 0:
+                    for w in scope.token_windows:
+                        key = f"dp:{scope.owner}:{scope.model}:t:{w.name}"
+                        await s.acquire_sliding_window_entry(key, _UNLIMITED, w.seconds, tokens)
+                if cost_nano_usd > 0:
+                    for w in scope.cost_windows:
+                        key = f"dp:{scope.owner}:c:{w.name}"
+                        await s.acquire_sliding_window_entry(
+                            key, _UNLIMITED, w.seconds, cost_nano_usd
+                        )
 
         await self.guard.run(add, None, refuse=False)
 
@@ -204,42 +195,48 @@ class Limiter:
 
     async def release_request(self, scope: Scope) -> None:
         """Take back a request counted by :meth:`admit_request` (another scope refused it)."""
-
-        async def release(s: SlidingStorage) -> None:
-            for name, seconds in REQUEST_WINDOWS:
-                await take_back(s, f"dp:{scope.owner}:{scope.model}:r:{name}", seconds)
-
-        await self.guard.run(release, None, refuse=False)
+        await self.guard.run(lambda s: _release(s, scope), None, refuse=False)
 
 
 async def _read(s: SlidingStorage, key: str, window: Window) -> WindowState:
     return _stats(window, await s.get_sliding_window(key, window.seconds))
 
 
-async def _admit(s: SlidingStorage, scope: Scope) -> list[WindowState]:
-    limited = {w.name: w for w in scope.request_windows}
-    counted: list[tuple[str, int]] = []
-    states: list[WindowState] = []
-    for name, seconds in REQUEST_WINDOWS:
-        key = f"dp:{scope.owner}:{scope.model}:r:{name}"
-        window = limited.get(name)
-        ok = await s.acquire_sliding_window_entry(
-            key, window.limit if window else _UNLIMITED, seconds, 1
-        )
-        if not ok:
-            assert window is not None
-            for done_key, done_seconds in counted:
-                await take_back(s, done_key, done_seconds)
-            reads = [
-                await _read(s, f"dp:{scope.owner}:{scope.model}:r:{w.name}", w)
-                for w in scope.request_windows
-            ]
-            blocking = next(r for r in reads if r.window.name == name)
-            raise RateLimited("request", reads, _blocking(reads) or blocking)
-        counted.append((key, seconds))
-        if window is not None:
-            states.append(await _read(s, key, window))
+async def _check_tokens(s: SlidingStorage, scope: Scope) -> list[WindowState]:
+    prefix = f"dp:{scope.owner}:{scope.model}:t:"
+    states = [await _read(s, prefix + w.name, w) for w in scope.token_windows]
+    if blocking := _blocking(states):
+        raise RateLimited("token", states, blocking)
     return states
+
+
+async def _check_cost(s: SlidingStorage, scope: Scope) -> None:
+    states = [await _read(s, f"dp:{scope.owner}:c:{w.name}", w) for w in scope.cost_windows]
+    if blocking := _blocking(states):
+        raise RateLimited("cost", states, blocking)
+
+
+async def _admit(s: SlidingStorage, scope: Scope) -> list[WindowState]:
+    prefix = f"dp:{scope.owner}:{scope.model}:r:"
+    counted: list[Window] = []
+    states: list[WindowState] = []
+    for window in scope.request_windows:
+        key = prefix + window.name
+        if not await s.acquire_sliding_window_entry(key, window.limit, window.seconds, 1):
+            for done in counted:
+                await take_back(s, prefix + done.name, done.seconds)
+            reads = [await _read(s, prefix + w.name, w) for w in scope.request_windows]
+            blocking = next(r for r in reads if r.window.name == window.name)
+            raise RateLimited("request", reads, _blocking(reads) or blocking)
+        counted.append(window)
+        states.append(await _read(s, key, window))
+    return states
+
+
+async def _release(s: SlidingStorage, scope: Scope) -> None:
+    prefix = f"dp:{scope.owner}:{scope.model}:r:"
+    for w in scope.request_windows:
+        await take_back(s, prefix + w.name, w.seconds)
 
 
 def _blocking(states: Sequence[WindowState]) -> WindowState | None:

@@ -13,7 +13,6 @@ import pytest
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.storage.base import SlidingWindowCounterSupport
 
-from dialproxy import limiter as limiter_module
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _stats
 from dialproxy.server import counter_storage
@@ -96,7 +95,6 @@ async def test_the_previous_window_weighs_by_its_remaining_share(
     limiter: Limiter, storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 2 s window, limit 4, on the real storage: the arithmetic and the Retry-After hold."""
-    monkeypatch.setattr(limiter_module, "REQUEST_WINDOWS", (("minute", 2), ("hour", HOUR)))
     window = Window("minute", 2, 4)
     scope = Scope(owner="p:slide", model="chat", request_windows=(window,))
     key = "dp:p:slide:chat:r:minute"
@@ -152,7 +150,7 @@ async def test_a_request_refused_by_a_later_window_is_taken_back(
     # The minute window counted each refused request before the hour refused it: taken back.
     assert await used(limiter, scope) == {"minute": 2, "hour": 2}
     day = await sliding(storage).get_sliding_window("dp:p:team:chat:r:day", DAY)
-    assert day[2] == 2  # counted only for the admitted ones
+    assert day[2] == 0  # a window without a limit is not counted
     _, _, current, current_ttl = await sliding(storage).get_sliding_window(
         "dp:p:team:chat:r:minute", MINUTE
     )
@@ -205,9 +203,9 @@ async def test_usage_is_recorded_whole_and_may_overshoot(
     with pytest.raises(RateLimited) as cost:
         await limiter.check_cost(scope)
     assert cost.value.message == "Hit cost rate limit. Day limit: 0.002 / 0.001 USD."
-    # Every token window counts, limited or not (a limit added later sees the usage).
+    # Only limited windows count (each is a storage operation on every request).
     week = await sliding(storage).get_sliding_window("dp:p:tok:chat:t:week", 604_800)
-    assert week[2] == 25
+    assert week[2] == 0
     # Nothing recorded when there is nothing to record.
     await limiter.record(scope, tokens=0, cost_nano_usd=0)
     assert await used(limiter, scope, "t") == {"minute": 25, "day": 25}

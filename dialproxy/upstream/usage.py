@@ -81,6 +81,10 @@ class UsageScanner:
         self._tail = data[-(len(_MARK) - 1) :]
         index = data.find(_MARK)
         while index >= 0:
+            after = data[index + len(_MARK) : index + len(_MARK) + 7]
+            if after.startswith((b":null", b": null")):  # the common case: nothing to decode
+                index = data.find(_MARK, index + len(_MARK))
+                continue
             self._pending = data[index:]
             self._try_pending()
             if self._pending:  # incomplete: wait for the next chunk

@@ -173,29 +173,6 @@ def scopes_for(principal: Principal, grant: Grant) -> list[Scope]:
     return scopes
 
 
-async def admit(
-    limiter: Limiter, scopes: list[Scope]
-) -> tuple[list[WindowState], list[WindowState]]:
-    """Check every scope's tokens and cost, then count the request in each (or in none)."""
-    token_states: list[WindowState] = []
-    for scope in scopes:
-        token_states += await limiter.check_tokens(scope)
-        if scope.cost_windows:
-            await limiter.check_cost(scope)
-    request_states: list[WindowState] = []
-    admitted: list[Scope] = []
-    try:
-        for scope in scopes:
-            if scope.request_windows:
-                request_states += await limiter.admit_request(scope)
-                admitted.append(scope)
-    except ProxyError:
-        for scope in admitted:
-            await limiter.release_request(scope)
-        raise
-    return request_states, token_states
-
-
 def outbound_body(
     body: dict[str, Any], model: Model, direct: bool, api: str
 ) -> tuple[bytes | None, bool]:
@@ -260,20 +237,21 @@ class _StreamFilter:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._buffer + chunk
+        data = self._buffer + chunk if self._buffer else chunk
         end = data.rfind(b"\n\n")
         if end < 0:
             self._buffer = data
             return b""
-        self._buffer = data[end + 2 :]
-        out = []
-        for event in data[: end + 2].split(b"\n\n")[:-1]:
-            if b'"usage"' in event:
-                if b'"choices":[]' in event.replace(b" ", b""):
-                    continue
-                event = event.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
-            out.append(event + b"\n\n")
-        return b"".join(out)
+        head, self._buffer = data[: end + 2], data[end + 2 :]
+        if b'"choices":[]' in head or b'"choices": []' in head:  # the usage-only chunk
+            head = b"".join(
+                event + b"\n\n"
+                for event in head.split(b"\n\n")[:-1]
+                if not (b'"usage"' in event and b'"choices":[]' in event.replace(b" ", b""))
+            )
+        if b'"usage"' not in head:
+            return head
+        return head.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
 
     def flush(self) -> bytes:
         data, self._buffer = self._buffer, b""
@@ -311,7 +289,7 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
-        request_states, token_states = await admit(limiter, scopes) if scopes else ([], [])
+        request_states, token_states = await limiter.admit(scopes) if scopes else ([], [])
         outcome.scopes = scopes
         response = await _forward(
             request, snapshot, balancer, principal, grant.model, api, body, outcome
@@ -328,9 +306,9 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
         raise
     finally:
         if (
-            (outcome.scopes or outcome.shared)
-            and outcome.usage is not None
+            outcome.usage is not None
             and outcome.status == 200
+            and (outcome.shared or any(s.token_windows or s.cost_windows for s in outcome.scopes))
         ):
             _record(app, limiter, outcome)
         _log(request, principal, deployment, outcome, started)
@@ -348,8 +326,8 @@ def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> None:
     async def record() -> None:
         if outcome.shared is not None:
             await app[sharedkeys.SHARED].record(outcome.shared, usage.total_tokens)
-        for scope in outcome.scopes:
-            await limiter.record(scope, usage.total_tokens, cost)
+        if outcome.scopes:
+            await limiter.record_all(outcome.scopes, usage.total_tokens, cost)
 
     # A task of its own, held by the app: a client that disconnects cannot cancel it.
     task = asyncio.get_running_loop().create_task(record())

@@ -1,0 +1,61 @@
+"""Usage found, and injected usage hidden, however the stream is cut into chunks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
+from dialproxy.web.proxy import _StreamFilter
+
+
+def event(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+CHUNKS = [
+    {"id": "c", "choices": [{"delta": {"content": f' w{i} "usage"'}}], "usage": None}
+    for i in range(3)
+]
+USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+STREAM = (
+    b"".join(event(c) for c in CHUNKS)
+    + event({"id": "c", "choices": [], "usage": USAGE})
+    + b"data: [DONE]\n\n"
+)
+EXPECTED_FOR_CLIENT = (
+    b"".join(event({k: v for k, v in c.items() if k != "usage"}) for c in CHUNKS)
+    + b"data: [DONE]\n\n"
+)
+
+
+def cuts(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 13, 64, 10_000])
+def test_any_chunking_finds_usage_and_hides_what_was_injected(size: int) -> None:
+    scanner, hide = UsageScanner(), _StreamFilter()
+    out = b""
+    for chunk in cuts(STREAM, size):
+        scanner.feed(chunk)
+        out += hide.feed(chunk)
+    out += hide.flush()
+    assert scanner.usage == Usage(3, 4, 7)
+    assert out == EXPECTED_FOR_CLIENT
+
+
+def test_every_two_way_split() -> None:
+    for i in range(len(STREAM)):
+        scanner = UsageScanner()
+        scanner.feed(STREAM[:i])
+        scanner.feed(STREAM[i:])
+        assert scanner.usage == Usage(3, 4, 7), i
+
+
+def test_the_last_usage_of_a_body_counts() -> None:
+    body = json.dumps({"usage": {"total_tokens": 1}, "x": {"usage": USAGE}}).encode()
+    assert find_usage(body) == Usage(3, 4, 7)
+    assert find_usage(b'{"choices": []}') is None
+    assert find_usage(b'{"usage": null}') is None
