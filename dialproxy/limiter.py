@@ -193,6 +193,14 @@ class Limiter:
 
         return await self.guard.run(read, [WindowState(w, 0, 0.0, 0.0) for w in windows])
 
+    async def cost_usage(self, owner: str, windows: Sequence[Window]) -> list[WindowState]:
+        """Current use of a project's cost windows (nano-USD), across its models."""
+
+        async def read(s: SlidingStorage) -> list[WindowState]:
+            return [await _read(s, f"dp:{owner}:c:{w.name}", w) for w in windows]
+
+        return await self.guard.run(read, [WindowState(w, 0, 0.0, 0.0) for w in windows])
+
     async def release_request(self, scope: Scope) -> None:
         """Take back a request counted by :meth:`admit_request` (another scope refused it)."""
         await self.guard.run(lambda s: _release(s, scope), None, refuse=False)

@@ -209,3 +209,28 @@ async def test_zero_limit_is_access_denied(
     async with aiohttp.ClientSession() as s:
         status, body, _ = await chat(s, proxy, KEY)
     assert (status, body["error"]["message"]) == (403, "Access denied")
+
+
+async def test_user_limits_shows_token_request_and_cost_windows(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend, minute=100, requestHour=10))
+    async with aiohttp.ClientSession() as s:
+        await chat(s, proxy, KEY, model="priced")
+        await chat(s, proxy, KEY)
+        await proxy.settle()
+        r = await s.get(proxy.url("/v1/user/limits"), headers={"Api-Key": KEY})
+        body = await r.json()
+    assert r.status == 200 and body["project"] == "p1"
+    chat_limits = {(w["type"], w["window"]): w for w in body["models"]["chat"]["limits"]}
+    assert chat_limits["tokens", "minute"]["used"] == 7
+    assert chat_limits["tokens", "minute"]["remaining"] == 93
+    assert chat_limits["requests", "hour"] == chat_limits["requests", "hour"] | {
+        "limit": 10,
+        "used": 1,
+        "remaining": 9,
+        "scope": "project",
+    }
+    (cost,) = body["cost"]
+    assert cost["window"] == "minute" and cost["type"] == "USD"
+    assert cost["limit"] == pytest.approx(0.02) and cost["used"] == pytest.approx(0.011)

@@ -152,7 +152,8 @@ async def user_limits(request: web.Request) -> web.Response:
     """``GET /v1/user/limits``: every model the caller may call, with each limited window's
     limit, use and reset.  ``scope`` says whose limit it is: ``project`` (the roles' limits,
     counted per project) or ``key`` (the key's own quota; for a shared key, its owner's).
-    A shared key also gets its cap and ``utilized`` in ``sharedKey``."""
+    A shared key also gets its cap and ``utilized`` in ``sharedKey``; a project with a
+    ``costLimit`` gets its cost windows (USD) in ``cost``."""
     principal = await _principal(request)
     limiter = request.app[LIMITER]
     key = principal.key
@@ -179,6 +180,17 @@ async def user_limits(request: web.Request) -> web.Response:
                     windows += [_window_stats(scope, unit, state, now) for state in states]
         models[name] = {"limits": windows}
     body: dict[str, Any] = {"project": principal.project, "key": key.fingerprint, "models": models}
+    cost_windows = principal.access.cost_windows
+    if cost_windows:  # USD across the project's priced models
+        body["cost"] = [
+            _window_stats("project", "USD", state, now)
+            | {
+                "limit": state.window.limit / 1e9,
+                "used": state.used / 1e9,
+                "remaining": state.remaining / 1e9,
+            }
+            for state in await limiter.cost_usage("p:" + principal.project, cost_windows)
+        ]
     if principal.shared is not None:
         shared = principal.shared
         body["sharedKey"] = shared.public(principal.project) | {
