@@ -162,7 +162,7 @@ def _load_store(settings: Settings) -> ConfigStore | None:
 
 async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
     from dialproxy.demo_backend import BackendControl, create_backend_app
-    from dialproxy.server import build_app, reload_app
+    from dialproxy.server import build_app, reload_soon
 
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []
@@ -184,7 +184,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # SIGHUP: the same reload as a file change (rebuild, swap or refuse), watcher or not.
-    loop.add_signal_handler(signal.SIGHUP, reload_app, app, "sighup")
+    loop.add_signal_handler(signal.SIGHUP, reload_soon, app, "sighup")
     try:
         await stop.wait()
     finally:

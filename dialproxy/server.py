@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.settings import Settings
 from dialproxy.storage import CONNECT_TIMEOUT, MAX_CONNECTIONS, POOL_TIMEOUT, READ_TIMEOUT
 from dialproxy.web.app import create_app
-from dialproxy.web.keys import BALANCER, STORE
+from dialproxy.web.keys import BACKGROUND, BALANCER, STORE
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
@@ -62,16 +63,26 @@ def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     return app
 
 
-def reload_app(
+async def reload_app(
     app: web.Application, trigger: str, sources: Sequence[Source] | None = None
 ) -> ReloadResult:
-    """The one reload path of a running app (file watcher and SIGHUP): rebuild and swap,
-    then drop the balancer's state for upstreams that are gone."""
+    """The one reload path of a running app (file watcher and SIGHUP): rebuild (in a worker
+    thread) and swap, then drop the balancer's state for upstreams that are gone."""
     store = app[STORE]
-    result = store.reload(sources, trigger=trigger)
+    result = await store.reload_async(sources, trigger=trigger)
     if result.applied:
         app[BALANCER].forget_missing(dict(store.snapshot.models))
     return result
+
+
+def reload_soon(app: web.Application, trigger: str) -> None:
+    """Start :func:`reload_app` from a signal handler; the app holds the task."""
+    async def reload() -> None:
+        await reload_app(app, trigger)
+
+    task = asyncio.get_running_loop().create_task(reload())
+    app[BACKGROUND].add(task)
+    task.add_done_callback(app[BACKGROUND].discard)
 
 
 WATCHER = web.AppKey("config_watcher", ConfigWatcher)

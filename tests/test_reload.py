@@ -265,7 +265,7 @@ async def test_identical_content_is_not_a_reload(backend: Backend, watched: Watc
     assert [e["event"] for e in logs] == ["config_unchanged"]
     assert proxy.store.generation == 1
     # SIGHUP's path (a forced rebuild) agrees.
-    assert not reload_app(proxy.app, "sighup").applied
+    assert not (await reload_app(proxy.app, "sighup")).applied
     assert proxy.store.generation == 1 and proxy.store.last_error is None
 
 

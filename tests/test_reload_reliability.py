@@ -313,10 +313,10 @@ class RecordingStore(ConfigStore):
         self.applied: list[tuple[str, str, str]] = []  # (A marker, B marker, digest)
         self.refused = 0
 
-    def reload(
+    async def reload_async(
         self, sources: Sequence[Source] | None = None, *, trigger: str = "reload"
     ) -> ReloadResult:
-        result = super().reload(sources, trigger=trigger)
+        result = await super().reload_async(sources, trigger=trigger)
         if result.applied:
             raw = self.snapshot.raw
             self.applied.append(

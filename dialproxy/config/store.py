@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -114,30 +115,48 @@ class ConfigStore:
         self, sources: Sequence[Source] | None = None, *, trigger: str = "reload"
     ) -> ReloadResult:
         """Rebuild from ``sources`` (or from the files, read now) and swap the snapshot in one
-        step; on any problem keep serving the current one and record why.
+        step; on any problem keep serving the current one and record why.  A request that
+        took the old snapshot keeps it to its end."""
+        return self._apply(*self._attempt(sources), trigger)
 
-        Synchronous on purpose: nothing can interleave between the build and the swap, and a
-        request that took the old snapshot keeps it to its end.
-        """
+    async def reload_async(
+        self, sources: Sequence[Source] | None = None, *, trigger: str = "reload"
+    ) -> ReloadResult:
+        """:meth:`reload` with the build (pure, and long for a big config) in a worker
+        thread, so the event loop keeps serving; the swap itself happens on the loop."""
+        built = await asyncio.to_thread(self._attempt, sources)
+        return self._apply(*built, trigger)
+
+    def _attempt(
+        self, sources: Sequence[Source] | None
+    ) -> tuple[Snapshot | tuple[Problem, ...], str | None]:
+        """Read (when needed) and build: the snapshot or the problems, and the bytes' digest
+        (None when unreadable).  Touches no state: safe in a worker thread."""
         try:
             if sources is None:
                 sources = read_sources(self.paths)
         except OSError as e:
-            self.source_digest = None  # unreadable: whatever appears next is new
-            problem = Problem(str(e.filename or "?"), "$", e.strerror or "cannot be read")
-            return self._refuse((problem,), trigger)
-        self.source_digest = source_digest(sources)
+            return (Problem(str(e.filename or "?"), "$", e.strerror or "cannot be read"),), None
+        digest = source_digest(sources)
         try:
-            snapshot = self.build(sources)
+            return self.build(sources), digest
         except ConfigError as e:
-            return self._refuse(tuple(p for p in e.problems if p.severity == "error"), trigger)
+            return tuple(p for p in e.problems if p.severity == "error"), digest
         except Exception as e:  # a loader bug must not take the reload path (or the watcher) down
             problem = Problem(
                 sources[-1].name if sources else "<config>",
                 "$",
                 f"unexpected error while building the config ({type(e).__name__})",
             )
-            return self._refuse((problem,), trigger)
+            return (problem,), digest
+
+    def _apply(
+        self, built: Snapshot | tuple[Problem, ...], digest: str | None, trigger: str
+    ) -> ReloadResult:
+        self.source_digest = digest  # None when unreadable: whatever appears next is new
+        if not isinstance(built, Snapshot):
+            return self._refuse(built, trigger)
+        snapshot = built
         if self._snapshot is not None and snapshot.digest == self._snapshot.digest:
             # Same content (perhaps formatted differently): not a reload.  The files hold
             # what is served again, so an earlier refusal is no longer current.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -28,7 +28,7 @@ from dialproxy.config.store import ConfigStore, ReloadResult, source_digest
 
 log = structlog.get_logger("dialproxy.config")
 
-Reload = Callable[[Sequence[Source] | None], ReloadResult]
+Reload = Callable[[Sequence[Source] | None], Awaitable[ReloadResult]]
 
 
 def watched_dirs(paths: Iterable[Path]) -> tuple[Path, ...]:
@@ -73,7 +73,7 @@ class ConfigWatcher:
         retry_delay: float = 1.0,
     ) -> None:
         self.store = store
-        self._reload: Reload = reload or (lambda s: store.reload(s, trigger="watch"))
+        self._reload: Reload = reload or (lambda s: store.reload_async(s, trigger="watch"))
         self.debounce_ms = debounce_ms
         self.step_ms = step_ms
         self.settle = settle
@@ -124,7 +124,7 @@ class ConfigWatcher:
                 return None  # still unreadable: already reported
         elif source_digest(sources) == self.store.source_digest:
             return None
-        return self._reload(sources)
+        return await self._reload(sources)
 
     async def _run(self) -> None:
         failure: str | None = None  # the last one logged: a lasting failure is logged once
