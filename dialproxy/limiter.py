@@ -25,6 +25,7 @@ from typing import Any
 from limits.aio.storage import Storage
 
 from dialproxy.config.model import Window
+from dialproxy.counters import LocalCounters
 from dialproxy.errors import ProxyError
 from dialproxy.storage import (
     DEFAULT_FAILURE_POLICY,
@@ -120,6 +121,11 @@ class Limiter:
     ) -> None:
         self.guard = StorageGuard(storage, failure)
         self.storage = storage
+
+    @property
+    def in_process(self) -> bool:
+        """Counters in this process's memory: calls never wait on I/O."""
+        return isinstance(self.storage, LocalCounters)
 
     def health(self) -> dict[str, Any]:
         return self.guard.health()

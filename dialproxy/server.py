@@ -9,12 +9,13 @@ from typing import Any
 from aiohttp import web
 from coredis import BlockingConnectionPool
 from coredis.retry import NoRetryPolicy
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import Storage
 from limits.storage import storage_from_string
 
 from dialproxy.config.loader import Source
 from dialproxy.config.store import ConfigStore, ReloadResult
 from dialproxy.config.watcher import ConfigWatcher
+from dialproxy.counters import LocalCounters
 from dialproxy.settings import Settings
 from dialproxy.storage import CONNECT_TIMEOUT, MAX_CONNECTIONS, POOL_TIMEOUT, READ_TIMEOUT
 from dialproxy.web.app import create_app
@@ -35,7 +36,7 @@ def counter_storage(uri: str) -> Storage:
     """
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme == "memory":
-        return MemoryStorage()
+        return LocalCounters()
     uri = uri.removeprefix("async+")
     if scheme.removeprefix("async+") in REDIS_SCHEMES:
         pool = BlockingConnectionPool.from_url(
@@ -77,6 +78,7 @@ async def reload_app(
 
 def reload_soon(app: web.Application, trigger: str) -> None:
     """Start :func:`reload_app` from a signal handler; the app holds the task."""
+
     async def reload() -> None:
         await reload_app(app, trigger)
 

@@ -40,6 +40,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.storage.base import SlidingWindowCounterSupport
 from limits.aio.storage.redis.coredis import CoredisBridge
 
+from dialproxy.counters import LocalCounters
 from dialproxy.errors import ProxyError, Unavailable
 
 log = structlog.get_logger("dialproxy.storage")
@@ -194,7 +195,7 @@ class StorageGuard:
             raise TypeError("the storage must support sliding window counters")
         self.storage: Storage = storage
         self.shared: SlidingStorage = storage
-        self.local: SlidingStorage = MemoryStorage()
+        self.local: SlidingStorage = LocalCounters()
         self.policy = FailurePolicy(policy)
         self.backend = backend_name(storage)
         self.probe_interval = probe_interval

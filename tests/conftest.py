@@ -13,10 +13,11 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import Storage
 
 from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore
+from dialproxy.counters import LocalCounters
 from dialproxy.demo_backend import BackendControl, create_backend_app
 from dialproxy.settings import Settings
 from dialproxy.web.app import create_app
@@ -132,7 +133,7 @@ def make_proxy(aiohttp_server: AiohttpServer, tmp_path: Path) -> ProxyFactory:
         app = create_app(
             store,
             settings=settings or Settings(config_paths=(str(path),)),
-            storage=storage if storage is not None else MemoryStorage(),
+            storage=storage if storage is not None else LocalCounters(),
         )
         server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect
         return Proxy(server, store, path)

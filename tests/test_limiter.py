@@ -14,6 +14,7 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.storage.base import SlidingWindowCounterSupport
 
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
+from dialproxy.counters import LocalCounters
 from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _stats
 from dialproxy.server import counter_storage
 from dialproxy.storage import SlidingStorage, close_storage, take_back
@@ -25,7 +26,7 @@ MINUTE, HOUR, DAY = 60, 3_600, 86_400
 @pytest.fixture(params=["memory", "redis"])
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
     if request.param == "memory":
-        yield MemoryStorage()
+        yield LocalCounters()
         return
     redis: RedisServer = request.getfixturevalue("redis_server")
     redis.flush()

@@ -12,12 +12,13 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import Storage
 
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate_any
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.config.store import ConfigStore
+from dialproxy.counters import LocalCounters
 from dialproxy.errors import NotFound, ProxyError
 from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
@@ -259,7 +260,7 @@ def create_app(
     app[STORE] = store
     app[SETTINGS] = settings
     app[LIMITER] = Limiter(
-        storage if storage is not None else MemoryStorage(), settings.storage_failure
+        storage if storage is not None else LocalCounters(), settings.storage_failure
     )
     app[BALANCER] = Balancer()
     app[BACKGROUND] = set()

@@ -310,11 +310,11 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
             and outcome.status == 200
             and (outcome.shared or any(s.token_windows or s.cost_windows for s in outcome.scopes))
         ):
-            _record(app, limiter, outcome)
+            await _record(app, limiter, outcome)
         _log(request, principal, deployment, outcome, started)
 
 
-def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> None:
+async def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> None:
     usage, model = outcome.usage, outcome.model
     assert usage is not None
     cost = (
@@ -329,7 +329,11 @@ def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> None:
         if outcome.scopes:
             await limiter.record_all(outcome.scopes, usage.total_tokens, cost)
 
-    # A task of its own, held by the app: a client that disconnects cannot cancel it.
+    if outcome.shared is None and limiter.in_process:
+        # In-process counters never suspend: a client disconnect cannot cut this off.
+        await record()
+        return
+    # Otherwise a task of its own, held by the app: a client that disconnects cannot cancel it.
     task = asyncio.get_running_loop().create_task(record())
     tasks = app[BACKGROUND]
     tasks.add(task)

@@ -1,0 +1,58 @@
+"""LocalCounters answers exactly as the limits library's MemoryStorage it stands in for."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from limits.aio.storage import MemoryStorage
+
+from dialproxy.counters import SWEEP_EVERY, LocalCounters
+from dialproxy.storage import take_back
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    clock = Clock()
+    monkeypatch.setattr(time, "time", clock)
+    rnd = random.Random(seed)
+    ours, theirs = LocalCounters(), MemoryStorage()
+    keys = [f"dp:p:{i}:chat:r:minute" for i in range(3)]
+    for _ in range(2_000):
+        key, expiry = rnd.choice(keys), rnd.choice([1, 2, 60])
+        op = rnd.random()
+        if op < 0.6:
+            limit, amount = rnd.randint(0, 20), rnd.randint(1, 5)
+            assert await ours.acquire_sliding_window_entry(
+                key, limit, expiry, amount
+            ) == await theirs.acquire_sliding_window_entry(key, limit, expiry, amount)
+        elif op < 0.9:
+            assert await ours.get_sliding_window(key, expiry) == await theirs.get_sliding_window(
+                key, expiry
+            )
+        else:
+            await take_back(ours, key, expiry)
+            await take_back(theirs, key, expiry)
+        clock.now += rnd.choice([0.0, 0.01, 0.3, 1.1, 7.0])
+
+
+async def test_expired_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(time, "time", clock)
+    counters = LocalCounters()
+    for i in range(100):
+        assert await counters.acquire_sliding_window_entry(f"k{i}", 10, 1, 1)
+    assert len(counters.storage) == 100
+    clock.now += SWEEP_EVERY + 1
+    assert await counters.acquire_sliding_window_entry("fresh", 10, 1, 1)
+    assert list(counters.storage) == [k for k in counters.storage if k.startswith("fresh/")]
+    assert len(counters.expirations) == 1
