@@ -1,15 +1,70 @@
 """structlog set-up: one JSON object per line on stderr.  Nothing here ever sees a secret:
-callers log fingerprints."""
+callers log fingerprints.
+
+Lines are written in batches: a request line costs a ``write`` system call otherwise (stderr
+redirected to a file or a pipe is line-buffered).  Buffered lines reach the stream within
+:data:`FLUSH_AFTER` seconds, at once for warnings and errors, and at exit.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+from typing import Any, TextIO
 
 import structlog
 
+FLUSH_AFTER = 0.1
 
-def configure(level: int = logging.INFO) -> None:
+
+class BatchedLines:
+    """A structlog logger writing rendered lines to a stream in batches."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def msg(self, line: str) -> None:
+        self._pending.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: nothing would flush later
+            self.flush()
+            return
+        loop.call_later(FLUSH_AFTER, self.flush)
+        self._scheduled = True
+
+    def urgent(self, line: str) -> None:
+        self._pending.append(line)
+        self.flush()
+
+    log = debug = info = msg
+    warning = warn = error = err = critical = exception = fatal = urgent
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # the stream is gone (closed at exit): nothing to do
+            pass
+
+
+def configure(level: int = logging.INFO, stream: TextIO | None = None) -> BatchedLines:
+    lines = BatchedLines(stream or sys.stderr)
+    atexit.register(lines.flush)
+
+    def factory(*_: Any) -> BatchedLines:
+        return lines
+
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -17,6 +72,7 @@ def configure(level: int = logging.INFO) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    return lines

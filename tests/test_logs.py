@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -59,3 +60,20 @@ async def test_one_line_per_request_with_usage_and_no_secret(
     assert lines[2]["status"] == 401 and lines[2]["key"] is None
     text = json.dumps(logs)
     assert KEY not in text and UPSTREAM_KEY not in text
+
+
+async def test_lines_are_batched_but_errors_go_out_at_once() -> None:
+    import io
+
+    from dialproxy.logs import FLUSH_AFTER, BatchedLines
+
+    stream = io.StringIO()
+    lines = BatchedLines(stream)
+    lines.info('{"event": "a"}')
+    lines.info('{"event": "b"}')
+    assert stream.getvalue() == ""  # batched
+    await asyncio.sleep(FLUSH_AFTER * 2)
+    assert stream.getvalue() == '{"event": "a"}\n{"event": "b"}\n'
+    lines.info('{"event": "c"}')
+    lines.error('{"event": "d"}')  # an error flushes what is pending with it
+    assert stream.getvalue().endswith('{"event": "c"}\n{"event": "d"}\n')
