@@ -62,6 +62,7 @@ class Options:
     latency_rounds: int = 3
     latency_seconds: float = 2.0
     profile: Path | None = None  # write py-spy flame graphs of the proxy here
+    all_windows: bool = False  # limit every window (the worst case), not a typical role's
 
 
 TARGETS = {"non-streaming": 0.70, "streaming": 0.75}
@@ -70,9 +71,18 @@ BACKEND_SATURATED = 0.90  # cores
 OTHER_LOAD = 0.25  # cores used by processes outside the bench: worth a warning
 
 
-def bench_config(backend_port: int) -> dict[str, Any]:
-    """Every check on: key auth, token/request limits never reached, pricing + costLimit."""
+def bench_config(backend_port: int, all_windows: bool = False) -> dict[str, Any]:
+    """Every check on: key auth, token/request limits never reached, pricing + costLimit.
+
+    The role limits what a role typically limits (tokens per minute and day, requests per
+    minute and day, cost per day); ``all_windows`` limits every window there is (7 windows
+    and 3 cost windows: the worst case, each window a counter operation per request)."""
     huge = str(10**12)
+    limit = {"minute": huge, "day": huge, "requestMinute": str(10**9), "requestDay": str(10**11)}
+    cost = {"day": "10000000"}
+    if all_windows:
+        limit |= {"week": huge, "month": huge, "requestHour": str(10**10)}
+        cost |= {"minute": "1000000", "month": "100000000"}
     return {
         "models": {
             DEPLOYMENT: {
@@ -86,22 +96,7 @@ def bench_config(backend_port: int) -> dict[str, Any]:
                 "pricing": {"unit": "token", "prompt": "0.000001", "completion": "0.000002"},
             }
         },
-        "roles": {
-            "bench": {
-                "limits": {
-                    DEPLOYMENT: {
-                        "minute": huge,
-                        "day": huge,
-                        "week": huge,
-                        "month": huge,
-                        "requestMinute": str(10**9),
-                        "requestHour": str(10**10),
-                        "requestDay": str(10**11),
-                    }
-                },
-                "costLimit": {"minute": "1000000", "day": "10000000", "month": "100000000"},
-            }
-        },
+        "roles": {"bench": {"limits": {DEPLOYMENT: limit}, "costLimit": cost}},
         "keys": {SECRET: {"project": "bench", "role": "bench", "name": "bench key"}},
     }
 
@@ -237,7 +232,7 @@ class Bench:
         while len({bport, pport, tport}) < 3:
             pport, tport = free_port(), free_port()
         config = self.workdir / "bench.config.json"
-        config.write_text(json.dumps(bench_config(bport), indent=2))
+        config.write_text(json.dumps(bench_config(bport, self.options.all_windows), indent=2))
         py = sys.executable
         backend = self.start(
             "backend", [py, "-m", "dialproxy.demo_backend", "--host", HOST, "--port", str(bport)]
@@ -484,6 +479,11 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="also write py-spy flame graphs of the proxy"
     )
+    parser.add_argument(
+        "--all-windows",
+        action="store_true",
+        help="limit every token, request and cost window (the worst case)",
+    )
     a = parser.parse_args(argv)
     if min(a.connections, a.rounds, a.latency_rounds) < 1 or min(a.seconds, a.latency_seconds) < 1:
         parser.error("counts and durations must be >= 1")
@@ -494,6 +494,7 @@ def parse_options(argv: list[str] | None) -> Options:
         latency_rounds=a.latency_rounds,
         latency_seconds=a.latency_seconds,
         profile=a.profile,
+        all_windows=a.all_windows,
     )
 
 
