@@ -152,7 +152,11 @@ def sanity_check(urls: dict[str, str], proxy_base: str, proxy_log: Path) -> None
         time.sleep(0.02)
     else:
         raise BenchError("the proxy recorded no token usage: usage parsing is off")
-    if b'"event": "request"' not in proxy_log.read_bytes():
+    for _ in range(50):  # log lines are written in batches, within 0.1 s
+        if b'"event": "request"' in proxy_log.read_bytes():
+            break
+        time.sleep(0.02)
+    else:
         raise BenchError(f"the proxy wrote no request log line to {proxy_log}")
 
 

@@ -45,29 +45,39 @@ class LocalCounters(MemoryStorage):
         current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
         return previous, previous_ttl, current, current_ttl, current_key
 
-    async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
-        previous, previous_ttl, current, current_ttl, _ = self._window(key, expiry, time.time())
-        return previous, previous_ttl, current, current_ttl
-
-    async def acquire_sliding_window_entry(
-        self, key: str, limit: int, expiry: int, amount: int = 1
-    ) -> bool:
-        if amount > limit:
-            return False
-        now = time.time()
-        previous, previous_ttl, current, _, current_key = self._window(key, expiry, now)
-        if floor(previous * previous_ttl / expiry + current) + amount > limit:
-            return False
-        self.storage[current_key] = current + amount
-        if current == 0:
-            self.expirations[current_key] = now + 2 * expiry
-        if now >= self._next_sweep:
-            self._sweep(now)
-        return True
-
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_EVERY
         for key in [k for k, expires in self.expirations.items() if expires <= now]:
             self.storage.pop(key, None)
             self.expirations.pop(key, None)
             self.locks.pop(key, None)
+
+
+# Set after the class is made: limits' Storage.__init_subclass__ wraps these methods in a
+# coroutine that only re-raises the storage's own exceptions (a second await per call).
+async def _get_sliding_window(
+    self: LocalCounters, key: str, expiry: int
+) -> tuple[int, float, int, float]:
+    previous, previous_ttl, current, current_ttl, _ = self._window(key, expiry, time.time())
+    return previous, previous_ttl, current, current_ttl
+
+
+async def _acquire_sliding_window_entry(
+    self: LocalCounters, key: str, limit: int, expiry: int, amount: int = 1
+) -> bool:
+    if amount > limit:
+        return False
+    now = time.time()
+    previous, previous_ttl, current, _, current_key = self._window(key, expiry, now)
+    if floor(previous * previous_ttl / expiry + current) + amount > limit:
+        return False
+    self.storage[current_key] = current + amount
+    if current == 0:
+        self.expirations[current_key] = now + 2 * expiry
+    if now >= self._next_sweep:
+        self._sweep(now)
+    return True
+
+
+LocalCounters.get_sliding_window = _get_sliding_window  # type: ignore[method-assign,assignment]
+LocalCounters.acquire_sliding_window_entry = _acquire_sliding_window_entry  # type: ignore[method-assign,assignment]

@@ -12,6 +12,8 @@ import asyncio
 import atexit
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -58,6 +60,26 @@ class BatchedLines:
             pass
 
 
+class _Timestamp:
+    """``timestamp``: ISO 8601 in UTC with microseconds, the date part made once a second
+    (structlog's ISO stamper builds a datetime for every line)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(
+        self, _: Any, __: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
 def configure(level: int = logging.INFO, stream: TextIO | None = None) -> BatchedLines:
     lines = BatchedLines(stream or sys.stderr)
     atexit.register(lines.flush)
@@ -68,7 +90,7 @@ def configure(level: int = logging.INFO, stream: TextIO | None = None) -> Batche
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _Timestamp(),
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
