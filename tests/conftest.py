@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,19 @@ def session_logs() -> Iterator[_LogSink]:
     text = "\n".join(sink.lines)
     leaked = [fingerprint(s) for s in SECRETS if s in text]
     assert not leaked, f"secrets in the logs (by fingerprint): {leaked}"
+
+
+class Clock:
+    """A clock the test moves (the app's, through its clock hooks)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
 
 
 class Backend:

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from dialproxy import cli
 from dialproxy.config.model import key_digest
 from dialproxy.sharedkeys import SHARED
-from tests.conftest import SECRETS, Backend, Proxy, ProxyFactory, chat_model, new_key
+from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory, chat_model, new_key
 
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}  # 3 + 4 = 7 tokens
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -24,17 +24,6 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 def stamp(when: datetime) -> str:
     return when.isoformat().replace("+00:00", "Z")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
 
 
 def models(backend: Backend) -> dict[str, Any]:

@@ -23,48 +23,18 @@ from dialproxy.config.loader import (
     schema_valid,
 )
 from dialproxy.config.model import Limit, Model, Problem, Role, Snapshot, fingerprint
+from tests.samples import EXAMPLE_ENV, SECRET, base_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
 
-# An example client key secret of 128 random bits (32 hex digits); never a real one.
-SECRET = "cf1e2d3c4b5a69788796a5b4c3d2e1f0"
 KEY = f"$.keys.<key {fingerprint(SECRET)}>"
 UPSTREAM_KEY = "upstream-secret-6f1d0c2b"
 ENV = {"UPSTREAM_KEY": UPSTREAM_KEY}
-# The dummy values the examples in config/ need (what `make validate` sets).
-EXAMPLE_ENV = {
-    name: f"dummy-{name.lower()}"
-    for name in (
-        "OPENAI_API_KEY",
-        "AZURE_OPENAI_KEY_EAST",
-        "AZURE_OPENAI_KEY_WEST",
-        "UPSTREAM_KEY_1",
-        "UPSTREAM_KEY_2",
-        "UPSTREAM_KEY_3",
-        "UPSTREAM_KEY_4",
-    )
-}
 
 
 def sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def base_config() -> dict[str, Any]:
-    """A small valid config that the invalid ones below are derived from."""
-    return {
-        "models": {
-            "m": {
-                "type": "chat",
-                "endpoint": "http://localhost:7001/openai/deployments/m/chat/completions",
-                "upstreams": [{"endpoint": "http://localhost:7001", "key": "${UPSTREAM_KEY}"}],
-                "pricing": {"unit": "token", "prompt": "0.5", "completion": "1.25"},
-            }
-        },
-        "keys": {SECRET: {"project": "p", "role": "r"}},
-        "roles": {"r": {"limits": {"m": {"minute": "100000", "day": 1000000}}}},
-    }
 
 
 def mutated(mutate: Callable[[dict[str, Any]], object]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from tests.samples import SECRET, base_config
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = ROOT / "schemas" / "aidial.config.schema.json"
 CONFIG_DIR = ROOT / "config"
@@ -19,7 +21,6 @@ EXAMPLES = sorted([*CONFIG_DIR.glob("*.json"), *CONFIG_DIR.glob("split/*.json")]
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 
 # An obviously-example client key secret (32 hex digits); never a real one.
-SECRET = "cf1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
 def load_json(path: Path) -> Any:
@@ -37,22 +38,6 @@ def schema() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
-
-
-def base_config() -> dict[str, Any]:
-    """A small valid config that the invalid snippets below are derived from."""
-    return {
-        "models": {
-            "m": {
-                "type": "chat",
-                "endpoint": "http://localhost:7001/openai/deployments/m/chat/completions",
-                "upstreams": [{"endpoint": "http://localhost:7001", "key": "${UPSTREAM_KEY}"}],
-                "pricing": {"unit": "token", "prompt": "0.5", "completion": "1.25"},
-            }
-        },
-        "keys": {SECRET: {"project": "p", "role": "r"}},
-        "roles": {"r": {"limits": {"m": {"minute": "100000", "day": 1000000}}}},
-    }
 
 
 def errors_of(

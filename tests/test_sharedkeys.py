@@ -8,7 +8,7 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys import SHARED, STATE_FILE, SqliteSharedKeyStore, state_path
-from tests.conftest import SECRETS, Backend, Proxy, ProxyFactory, chat_model, new_key
+from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory, chat_model, new_key
 from tests.redis_server import RedisServer
 
 OWNER = new_key()
@@ -26,19 +26,6 @@ PLAIN = new_key()  # no canShare
 OTHER_OWNER = new_key()
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}  # 3 + 4 = 7 tokens
 SHARED_SECRET = re.compile(r"dps_[A-Za-z0-9]{43}")
-
-
-class Clock:
-    """The app's clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
 
 
 def config(backend: Backend, owner: dict[str, Any] | None = None, **role: Any) -> dict[str, Any]:

@@ -14,25 +14,12 @@ from typing import Any
 import pytest
 
 from dialproxy.config.model import fingerprint
+from tests.samples import EXAMPLE_ENV, SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
 DIALPROXY = Path(sys.executable).parent / "dialproxy"
-SECRET = "cf1e2d3c4b5a69788796a5b4c3d2e1f0"
 KEY = f"$.keys.<key {fingerprint(SECRET)}>"
-# What `make validate` sets so the examples' ${VAR}s resolve (no real secret).
-EXAMPLE_ENV = {
-    name: "dummy"
-    for name in (
-        "OPENAI_API_KEY",
-        "AZURE_OPENAI_KEY_EAST",
-        "AZURE_OPENAI_KEY_WEST",
-        "UPSTREAM_KEY_1",
-        "UPSTREAM_KEY_2",
-        "UPSTREAM_KEY_3",
-        "UPSTREAM_KEY_4",
-    )
-}
 LINE = re.compile(r"^(?P<file>.+?): (?P<path>\$.*?): (?P<severity>error|warning): (?P<message>.+)$")
 
 
