@@ -2,17 +2,29 @@
 
 State (round-robin weights, health) is keyed by model name and upstream, not by snapshot,
 so it carries across reloads; an upstream that disappears from the config is forgotten.
+
+With a shared counter storage (Redis), an upstream one instance takes out (a 429 with its
+``Retry-After``, or a failure backoff) is taken out on every instance: the pause is written
+to the storage as a key that expires with it, and each instance looks at a model's keys at
+most once every :data:`SHARED_CHECK_EVERY` seconds (not on every request).  Sharing is
+best-effort: while the storage does not answer, each instance keeps its own view.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import structlog
+from limits.aio.storage import Storage
+
 from dialproxy.config.model import Model, Upstream
 
 DEFAULT_RETRY_AFTER = 30.0
+SHARED_CHECK_EVERY = 1.0
 FAILURES_BEFORE_BACKOFF = 3
 MAX_BACKOFF = 300.0
 
@@ -25,10 +37,21 @@ class _Health:
     backoff: float = 0.0
 
 
+log = structlog.get_logger("dialproxy.upstream")
+
+
 class Balancer:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        shared: Storage | None = None,
+        shared_up: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._clock = clock
         self._health: dict[tuple[str, str, str | None], _Health] = {}
+        self._shared = shared
+        self._shared_up = shared_up  # False during an outage: no call waits on a timeout
+        self._shared_checked: dict[str, float] = {}  # model -> when its keys were read
 
     def _state(self, model: Model, upstream: Upstream) -> _Health:
         key = (model.name, upstream.endpoint, upstream.key_fingerprint)
@@ -79,6 +102,36 @@ class Balancer:
         self._state(model, best[1]).current_weight -= total
         return best
 
+    @staticmethod
+    def _shared_key(model: Model, upstream: Upstream) -> str:
+        name = f"{upstream.endpoint}|{upstream.key_fingerprint}"
+        return f"dp:u:{model.name}:{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+    async def refresh(self, model: Model) -> None:
+        """Take in the pauses other instances wrote for this model's upstreams."""
+        if self._shared is None or not self._shared_up():
+            return
+        now = self._clock()
+        if now - self._shared_checked.get(model.name, -math.inf) < SHARED_CHECK_EVERY:
+            return
+        self._shared_checked[model.name] = now
+        try:
+            for upstream in self.routes(model):
+                if await self._shared.get(self._shared_key(model, upstream)) > 0:
+                    state = self._state(model, upstream)
+                    until = now + SHARED_CHECK_EVERY
+                    state.unavailable_until = max(state.unavailable_until, until)
+        except Exception as e:  # best-effort: the storage's own failures are the guard's
+            log.debug("shared_upstream_state_unavailable", error=type(e).__name__)
+
+    async def _share(self, model: Model, upstream: Upstream, seconds: float) -> None:
+        if self._shared is None or seconds <= 0 or not self._shared_up():
+            return
+        try:
+            await self._shared.incr(self._shared_key(model, upstream), math.ceil(seconds))
+        except Exception as e:
+            log.debug("shared_upstream_state_unavailable", error=type(e).__name__)
+
     def succeeded(self, model: Model, upstream: Upstream) -> None:
         state = self._state(model, upstream)
         if state.failures or state.unavailable_until:
@@ -86,17 +139,21 @@ class Balancer:
             state.backoff = 0.0
             state.unavailable_until = 0.0
 
-    def rate_limited(self, model: Model, upstream: Upstream, retry_after: float | None) -> None:
+    async def rate_limited(
+        self, model: Model, upstream: Upstream, retry_after: float | None
+    ) -> None:
         state = self._state(model, upstream)
         wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         state.unavailable_until = self._clock() + wait
+        await self._share(model, upstream, wait)
 
-    def failed(self, model: Model, upstream: Upstream) -> None:
+    async def failed(self, model: Model, upstream: Upstream) -> None:
         state = self._state(model, upstream)
         state.failures += 1
         if state.failures >= FAILURES_BEFORE_BACKOFF:
             state.backoff = min(state.backoff * 2 if state.backoff else 1.0, MAX_BACKOFF)
             state.unavailable_until = self._clock() + state.backoff
+            await self._share(model, upstream, state.backoff)
 
     def forget_missing(self, models: dict[str, Model]) -> None:
         """Drop state of upstreams no longer configured (called after a reload)."""

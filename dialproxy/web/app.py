@@ -262,7 +262,12 @@ def create_app(
     app[LIMITER] = Limiter(
         storage if storage is not None else LocalCounters(), settings.storage_failure
     )
-    app[BALANCER] = Balancer()
+    # Upstream pauses are shared through the counter storage when it is shared (Redis).
+    limiter = app[LIMITER]
+    app[BALANCER] = Balancer(
+        shared=None if limiter.in_process else limiter.storage,
+        shared_up=lambda: limiter.guard.healthy,
+    )
     app[BACKGROUND] = set()
 
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:

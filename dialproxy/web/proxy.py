@@ -386,6 +386,7 @@ async def _forward(
     query = request.query_string
     retry_afters: list[float] = []
     all_rate_limited = True
+    await balancer.refresh(model)
     for upstream in balancer.plan(model):
         if outcome.attempts >= model.max_retry_attempts:
             break
@@ -400,7 +401,7 @@ async def _forward(
         try:
             resp = await client.post(url, data=data, headers=headers)
         except (aiohttp.ClientError, TimeoutError):
-            balancer.failed(model, upstream)
+            await balancer.failed(model, upstream)
             all_rate_limited = False
             continue
         status = resp.status
@@ -408,17 +409,17 @@ async def _forward(
             resp.release()
             if status == 429:
                 after = _retry_after(resp.headers)
-                balancer.rate_limited(model, upstream, after)
+                await balancer.rate_limited(model, upstream, after)
                 retry_afters.append(after if after is not None else 30.0)
             else:
-                balancer.failed(model, upstream)
+                await balancer.failed(model, upstream)
                 all_rate_limited = False
             continue
         outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
         if status < 500:
             balancer.succeeded(model, upstream)
         else:
-            balancer.failed(model, upstream)
+            await balancer.failed(model, upstream)
         outcome.status = status
         return await _respond(request, resp, outcome, injected)
     if retry_afters and all_rate_limited:
