@@ -14,15 +14,9 @@ import jsonschema
 import pytest
 import yaml
 
-from dialproxy.config.loader import (
-    ConfigError,
-    Source,
-    build_snapshot,
-    resolve_grant,
-    schema,
-    schema_valid,
-)
+from dialproxy.config.loader import ConfigError, Source, build_snapshot, resolve_grant
 from dialproxy.config.model import Limit, Model, Problem, Role, Snapshot, fingerprint
+from dialproxy.config.schema import schema, schema_valid
 from tests.samples import EXAMPLE_ENV, SECRET, base_config
 
 ROOT = Path(__file__).resolve().parents[1]

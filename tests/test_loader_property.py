@@ -20,8 +20,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot, schema, schema_valid
+from dialproxy.config.loader import ConfigError, Source, build_snapshot
 from dialproxy.config.model import Problem
+from dialproxy.config.schema import schema, schema_valid
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [
