@@ -515,7 +515,7 @@ def cmd_add(args: argparse.Namespace, io: Io) -> int:
     _report_warnings(io, warnings)
     print(
         f"dialproxy keys: added key {key_digest(secret)[:8]} to {config.path}; the secret is "
-        "shown only this once (reload the proxy to use it)",
+        "shown only this once; a running proxy takes it up when the file changes",
         file=io.err,
     )
     return EXIT_OK
@@ -635,7 +635,7 @@ def cmd_revoke(args: argparse.Namespace, io: Io) -> int:
     config.save(io.env)
     print(
         f"dialproxy keys: key {fp} disabled in {config.path} (kept for the record); "
-        "reload the proxy to refuse it",
+        "a running proxy refuses it from its next reload",
         file=io.err,
     )
     return EXIT_OK
@@ -677,7 +677,7 @@ def cmd_rotate(args: argparse.Namespace, io: Io) -> int:
     )
     print(
         f"dialproxy keys: key {key_digest(secret)[:8]} replaces {old_fp}, which stops working "
-        f"at {iso(current_end)}; the new secret is shown only this once (reload the proxy)",
+        f"at {iso(current_end)}; the new secret is shown only this once",
         file=io.err,
     )
     return EXIT_OK
