@@ -7,7 +7,9 @@ that never awaits cannot interleave with another, so :class:`LocalCounters` answ
 calls the limiter makes (``acquire_sliding_window_entry``, ``get_sliding_window``) in plain
 synchronous code, on the parent's own dictionaries with the parent's keys and arithmetic:
 every other ``MemoryStorage`` method (``decr`` for a take-back, ``clear``, ``reset``) still
-works on the same data.  Expired counters are swept once a minute.
+works on the same data.  ``acquire_sliding_window_state`` does both calls in one (an
+admitted request's window read back for the headers).  Expired counters are swept once a
+minute.
 """
 
 from __future__ import annotations
@@ -38,12 +40,37 @@ class LocalCounters(MemoryStorage):
     def _window(self, key: str, expiry: int, now: float) -> tuple[int, float, int, float, str]:
         """(previous count, its ttl, current count, its ttl, the current key), as limits'
         ``MemoryStorage._get_sliding_window_info`` computes them."""
-        previous_key, current_key = self.sliding_window_keys(key, expiry, now)
+        # limits' TimestampedSlidingWindow.sliding_window_keys, inlined (a call per read).
+        previous_key = f"{key}/{int((now - expiry) / expiry)}"
+        current_key = f"{key}/{int(now / expiry)}"
         previous = self._count(previous_key, now)
         current = self._count(current_key, now)
         previous_ttl = 0.0 if previous == 0 else (1 - (((now - expiry) / expiry) % 1)) * expiry
         current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
         return previous, previous_ttl, current, current_ttl, current_key
+
+    async def acquire_sliding_window_state(
+        self, key: str, limit: int, expiry: int, amount: int = 1
+    ) -> tuple[int, float, int, float] | None:
+        """``acquire_sliding_window_entry`` and ``get_sliding_window`` in one call: None
+        when refused, else the window's counts with the entry added."""
+        return self._acquire(key, limit, expiry, amount)
+
+    def _acquire(
+        self, key: str, limit: int, expiry: int, amount: int
+    ) -> tuple[int, float, int, float] | None:
+        if amount > limit:
+            return None
+        now = time.time()
+        previous, previous_ttl, current, current_ttl, current_key = self._window(key, expiry, now)
+        if floor(previous * previous_ttl / expiry + current) + amount > limit:
+            return None
+        self.storage[current_key] = current + amount
+        if current == 0:
+            self.expirations[current_key] = now + 2 * expiry
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return previous, previous_ttl, current + amount, current_ttl
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_EVERY
@@ -65,18 +92,7 @@ async def _get_sliding_window(
 async def _acquire_sliding_window_entry(
     self: LocalCounters, key: str, limit: int, expiry: int, amount: int = 1
 ) -> bool:
-    if amount > limit:
-        return False
-    now = time.time()
-    previous, previous_ttl, current, _, current_key = self._window(key, expiry, now)
-    if floor(previous * previous_ttl / expiry + current) + amount > limit:
-        return False
-    self.storage[current_key] = current + amount
-    if current == 0:
-        self.expirations[current_key] = now + 2 * expiry
-    if now >= self._next_sweep:
-        self._sweep(now)
-    return True
+    return self._acquire(key, limit, expiry, amount) is not None
 
 
 LocalCounters.get_sliding_window = _get_sliding_window  # type: ignore[method-assign,assignment]

@@ -234,16 +234,23 @@ async def _admit(s: SlidingStorage, scope: Scope) -> list[WindowState]:
     prefix = f"dp:{scope.owner}:{scope.model}:r:"
     counted: list[Window] = []
     states: list[WindowState] = []
+    local = s if isinstance(s, LocalCounters) else None
     for window in scope.request_windows:
         key = prefix + window.name
-        if not await s.acquire_sliding_window_entry(key, window.limit, window.seconds, 1):
+        if local is not None:  # counted and read back in one call
+            counts = await local.acquire_sliding_window_state(key, window.limit, window.seconds)
+        elif await s.acquire_sliding_window_entry(key, window.limit, window.seconds, 1):
+            counts = await s.get_sliding_window(key, window.seconds)
+        else:
+            counts = None
+        if counts is None:
             for done in counted:
                 await take_back(s, prefix + done.name, done.seconds)
             reads = [await _read(s, prefix + w.name, w) for w in scope.request_windows]
             blocking = next(r for r in reads if r.window.name == window.name)
             raise RateLimited("request", reads, _blocking(reads) or blocking)
         counted.append(window)
-        states.append(await _read(s, key, window))
+        states.append(_stats(window, counts))
     return states
 
 

@@ -30,7 +30,14 @@ async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, s
     for _ in range(2_000):
         key, expiry = rnd.choice(keys), rnd.choice([1, 2, 60])
         op = rnd.random()
-        if op < 0.6:
+        if op < 0.15:  # acquire and read back in one call: as the two calls on theirs
+            limit, amount = rnd.randint(0, 20), rnd.randint(1, 5)
+            state = await ours.acquire_sliding_window_state(key, limit, expiry, amount)
+            if await theirs.acquire_sliding_window_entry(key, limit, expiry, amount):
+                assert state == await theirs.get_sliding_window(key, expiry)
+            else:
+                assert state is None
+        elif op < 0.6:
             limit, amount = rnd.randint(0, 20), rnd.randint(1, 5)
             assert await ours.acquire_sliding_window_entry(
                 key, limit, expiry, amount

@@ -11,13 +11,12 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate_any
@@ -94,15 +93,20 @@ def go_duration(seconds: float) -> str:
 
 
 def ratelimit_headers(
-    headers: CIMultiDict[str], requests: list[WindowState], tokens: list[WindowState]
-) -> None:
+    requests: list[WindowState], tokens: list[WindowState]
+) -> list[tuple[str, str]]:
+    """The ``x-ratelimit-*`` headers: the tightest request and token windows."""
+    headers: list[tuple[str, str]] = []
     for kind, states in (("requests", requests), ("tokens", tokens)):
         state = tightest(states)
         if state is None:
             continue
-        headers[f"x-ratelimit-limit-{kind}"] = str(state.window.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
-        headers[f"x-ratelimit-reset-{kind}"] = go_duration(state.reset)
+        headers += (
+            (f"x-ratelimit-limit-{kind}", str(state.window.limit)),
+            (f"x-ratelimit-remaining-{kind}", str(state.remaining)),
+            (f"x-ratelimit-reset-{kind}", go_duration(state.reset)),
+        )
+    return headers
 
 
 @dataclass(slots=True)
@@ -116,7 +120,7 @@ class Outcome:
     ttfb_ms: float | None = None
     error: str | None = None
     model: Model | None = None
-    scopes: list[Scope] = field(default_factory=list)
+    scopes: tuple[Scope, ...] = ()
     shared: sharedkeys.SharedKey | None = None  # the shared key that called, if one did
 
 
@@ -285,17 +289,20 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
             grant = resolve(principal, snapshot, deployment)
             body = await read_json_body(request, settings.max_body)
         outcome.model = grant.model
-        scopes = scopes_for(principal, grant)
+        scopes = tuple(scopes_for(principal, grant))
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
         request_states, token_states = await limiter.admit(scopes) if scopes else ([], [])
         outcome.scopes = scopes
-        response = await _forward(
-            request, snapshot, balancer, principal, grant.model, api, body, outcome
+        extra_headers = (
+            ratelimit_headers(request_states, token_states)
+            if request_states or token_states
+            else []
         )
-        if request_states or token_states:
-            ratelimit_headers(response.headers, request_states, token_states)
+        response = await _forward(
+            request, snapshot, balancer, principal, grant.model, api, body, outcome, extra_headers
+        )
         if isinstance(response, web.Response):
             return response
         await _relay_stream(request, response, outcome)
@@ -377,8 +384,10 @@ async def _forward(
     api: str,
     body: dict[str, Any],
     outcome: Outcome,
+    extra_headers: list[tuple[str, str]],
 ) -> web.StreamResponse:
-    """Try upstreams until one answers; return a complete response or a prepared stream."""
+    """Try upstreams until one answers; return a complete response or a prepared stream.
+    ``extra_headers`` (the x-ratelimit ones) are added to the upstream's."""
     client = request.app[CLIENT]
     direct = model.endpoint is None
     payload, injected = outbound_body(body, model, direct, api)
@@ -421,7 +430,7 @@ async def _forward(
         else:
             await balancer.failed(model, upstream)
         outcome.status = status
-        return await _respond(request, resp, outcome, injected)
+        return await _respond(resp, outcome, injected, extra_headers)
     if retry_afters and all_rate_limited:
         wait = max(1, int(min(retry_afters) + 0.999))
         raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
@@ -435,18 +444,23 @@ def _upstream_name(model: Model, upstream: Upstream) -> str:
     return f"upstreams[{model.upstreams.index(upstream)}]"
 
 
-def _response_headers(resp: aiohttp.ClientResponse, attempts: int) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in resp.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS
-    )
-    headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
+def _response_headers(
+    resp: aiohttp.ClientResponse, attempts: int, extra: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The upstream's headers we pass back, then ours (the response copies them once)."""
+    headers = [(k, v) for k, v in resp.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS]
+    headers.append(("X-UPSTREAM-ATTEMPTS", str(attempts)))
+    headers += extra
     return headers
 
 
 async def _respond(
-    request: web.Request, resp: aiohttp.ClientResponse, outcome: Outcome, injected: bool
+    resp: aiohttp.ClientResponse,
+    outcome: Outcome,
+    injected: bool,
+    extra_headers: list[tuple[str, str]],
 ) -> web.StreamResponse:
-    headers = _response_headers(resp, outcome.attempts)
+    headers = _response_headers(resp, outcome.attempts, extra_headers)
     if resp.content_type != "text/event-stream":
         try:
             data = await resp.read()
