@@ -136,10 +136,11 @@ class Upstream:
     weight: int = 1
     tier: int = 0
     auth: Literal["bearer", "api-key"] = "bearer"
+    # Names the upstream in logs and in the balancer's state (hashed once, not per request).
+    key_fingerprint: str | None = field(init=False, repr=False, compare=False)
 
-    @property
-    def key_fingerprint(self) -> str | None:
-        return fingerprint(self.key) if self.key else None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_fingerprint", fingerprint(self.key) if self.key else None)
 
 
 @dataclass(frozen=True, slots=True)
