@@ -157,23 +157,9 @@ class Limiter:
 
         return await self.guard.run(admit, ([], []))
 
-    async def check_tokens(self, scope: Scope) -> list[WindowState]:
-        """Token windows, read only: 429 when one is full.  Returns their states."""
-        return await self.guard.run(lambda s: _check_tokens(s, scope), [])
+    async def record(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
+        """Add a finished request's usage to its scopes' limited windows (may overshoot)."""
 
-    async def check_cost(self, scope: Scope) -> None:
-        await self.guard.run(lambda s: _check_cost(s, scope), None)
-
-    async def admit_request(self, scope: Scope) -> list[WindowState]:
-        """Check and count one request in every limited request window, atomically per
-        window; a request one window refuses is taken back from the others."""
-        return await self.guard.run(lambda s: _admit(s, scope), [])
-
-    async def record(self, scope: Scope, tokens: int, cost_nano_usd: int) -> None:
-        """Add a finished request's usage to its limited windows (may overshoot a limit)."""
-        await self.record_all((scope,), tokens, cost_nano_usd)
-
-    async def record_all(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
         async def add(s: SlidingStorage) -> None:
             for scope in scopes:
                 if tokens > 0:
@@ -206,10 +192,6 @@ class Limiter:
             return [await _read(s, f"dp:{owner}:c:{w.name}", w) for w in windows]
 
         return await self.guard.run(read, [WindowState(w, 0, 0.0, 0.0) for w in windows])
-
-    async def release_request(self, scope: Scope) -> None:
-        """Take back a request counted by :meth:`admit_request` (another scope refused it)."""
-        await self.guard.run(lambda s: _release(s, scope), None, refuse=False)
 
 
 async def _read(s: SlidingStorage, key: str, window: Window) -> WindowState:

@@ -20,6 +20,7 @@ from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.demo_backend import BackendControl, create_backend_app
+from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.settings import Settings
 from dialproxy.web.app import create_app
 from dialproxy.web.keys import BACKGROUND
@@ -80,6 +81,16 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
+
+
+async def admit_request(limiter: Limiter, scope: Scope) -> list[WindowState]:
+    """Admit one request charged to one scope: its request windows' states."""
+    return (await limiter.admit([scope]))[0]
+
+
+async def check_tokens(limiter: Limiter, scope: Scope) -> list[WindowState]:
+    """Admit one request to a scope of token (and cost) windows: their states."""
+    return (await limiter.admit([scope]))[1]
 
 
 class Backend:

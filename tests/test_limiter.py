@@ -18,6 +18,7 @@ from dialproxy.counters import LocalCounters
 from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _stats
 from dialproxy.server import counter_storage
 from dialproxy.storage import SlidingStorage, close_storage, take_back
+from tests.conftest import admit_request, check_tokens
 from tests.redis_server import RedisServer
 
 MINUTE, HOUR, DAY = 60, 3_600, 86_400
@@ -64,7 +65,7 @@ async def used(limiter: Limiter, scope: Scope, kind: str = "r") -> dict[str, int
 
 async def admitted(limiter: Limiter, scope: Scope) -> bool:
     try:
-        await limiter.admit_request(scope)
+        await admit_request(limiter, scope)
     except RateLimited:
         return False
     return True
@@ -123,13 +124,13 @@ async def test_the_previous_window_weighs_by_its_remaining_share(
 async def test_a_refusal_says_which_window_and_when(limiter: Limiter, storage: Storage) -> None:
     scope = requests(minute=3, hour=100)
     for _ in range(3):
-        states = await limiter.admit_request(scope)
+        states = await admit_request(limiter, scope)
     assert [(s.window.name, s.used, s.remaining) for s in states] == [
         ("minute", 3, 0),
         ("hour", 3, 97),
     ]
     with pytest.raises(RateLimited) as refused:
-        await limiter.admit_request(scope)
+        await admit_request(limiter, scope)
     e = refused.value
     assert e.status == 429
     assert e.message == (
@@ -175,12 +176,15 @@ async def test_take_back_after_a_roll_over_never_goes_negative(storage: Storage)
         assert previous == 0  # Redis takes it back from where it went
 
 
-async def test_release_request_undoes_an_admission(limiter: Limiter) -> None:
-    scope = requests(minute=5, hour=5, day=5)
-    await limiter.admit_request(scope)
-    await limiter.admit_request(scope)
-    await limiter.release_request(scope)
-    assert await used(limiter, scope) == {"minute": 1, "hour": 1, "day": 1}
+async def test_a_request_one_scope_refuses_is_taken_back_from_the_others(
+    limiter: Limiter,
+) -> None:
+    project = requests(minute=5, hour=5, day=5)
+    key_quota = Scope(owner="k:abc", model="chat", request_windows=(Window("hour", HOUR, 1),))
+    await limiter.admit([project, key_quota])
+    with pytest.raises(RateLimited):
+        await limiter.admit([project, key_quota])  # the key's quota refuses the second one
+    assert await used(limiter, project) == {"minute": 1, "hour": 1, "day": 1}
 
 
 async def test_usage_is_recorded_whole_and_may_overshoot(
@@ -193,22 +197,23 @@ async def test_usage_is_recorded_whole_and_may_overshoot(
         token_windows=(Window("minute", windows["minute"], 10), Window("day", DAY, 1000)),
         cost_windows=(Window("day", DAY, 1_000_000),),  # 0.001 USD, in nano-USD
     )
-    assert [s.used for s in await limiter.check_tokens(scope)] == [0, 0]
-    await limiter.check_cost(scope)
-    await limiter.record(scope, tokens=25, cost_nano_usd=2_000_000)
+    assert [s.used for s in await check_tokens(limiter, scope)] == [0, 0]
+    await check_tokens(limiter, scope)
+    await limiter.record([scope], tokens=25, cost_nano_usd=2_000_000)
     with pytest.raises(RateLimited) as tokens:
-        await limiter.check_tokens(scope)
+        await check_tokens(limiter, scope)
     assert tokens.value.message == (
         "Hit token rate limit. Minute limit: 25 / 10 tokens. Day limit: 25 / 1000 tokens."
     )
+    cost_only = Scope(owner="p:tok", model="chat", cost_windows=scope.cost_windows)
     with pytest.raises(RateLimited) as cost:
-        await limiter.check_cost(scope)
+        await check_tokens(limiter, cost_only)
     assert cost.value.message == "Hit cost rate limit. Day limit: 0.002 / 0.001 USD."
     # Only limited windows count (each is a storage operation on every request).
     week = await sliding(storage).get_sliding_window("dp:p:tok:chat:t:week", 604_800)
     assert week[2] == 0
     # Nothing recorded when there is nothing to record.
-    await limiter.record(scope, tokens=0, cost_nano_usd=0)
+    await limiter.record([scope], tokens=0, cost_nano_usd=0)
     assert await used(limiter, scope, "t") == {"minute": 25, "day": 25}
 
 
@@ -235,7 +240,7 @@ async def test_one_hundred_concurrent_admissions_limit_five(
 
 async def test_counters_outlive_a_changed_limit(limiter: Limiter) -> None:
     for _ in range(3):
-        await limiter.admit_request(requests(hour=5))
+        await admit_request(limiter, requests(hour=5))
     assert not await admitted(limiter, requests(hour=3))  # the 3 already counted
     assert await admitted(limiter, requests(hour=10))
     assert await used(limiter, requests(hour=10)) == {"hour": 4}

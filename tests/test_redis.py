@@ -35,7 +35,7 @@ from dialproxy.storage import (
     StorageUnavailable,
     close_storage,
 )
-from tests.conftest import Backend, ProxyFactory, chat_model, new_key
+from tests.conftest import Backend, ProxyFactory, admit_request, chat_model, new_key
 from tests.redis_server import BackendProcess, ProxyProcess, RedisServer, free_port
 
 KEY = new_key()
@@ -82,9 +82,9 @@ async def test_redis_over_a_unix_socket(redis_server: RedisServer) -> None:
         assert await storage.check()
         limiter = Limiter(storage)
         scope = Scope("p:unix", "chat", request_windows=(Window("hour", 3_600, 1),))
-        await limiter.admit_request(scope)
+        await admit_request(limiter, scope)
         with pytest.raises(RateLimited):
-            await limiter.admit_request(scope)
+            await admit_request(limiter, scope)
         assert redis_server.command("GET", "LIMITS:{dp:p:unix:chat:r:hour}") == b"1"
     finally:
         await close_storage(storage)
@@ -106,7 +106,7 @@ async def attempt(limiter: Limiter, scope: Scope) -> tuple[str, float]:
     """One admission: its outcome (``200``, ``429``, ``503``) and how long it took."""
     started = time.monotonic()
     try:
-        await limiter.admit_request(scope)
+        await admit_request(limiter, scope)
         outcome = "200"
     except ProxyError as e:
         outcome = str(e.status)
@@ -157,12 +157,12 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
         assert all(took < FAST for _, took in outcomes[1:])
         if policy == "deny":
             with pytest.raises(StorageUnavailable) as refused:
-                await limiter.admit_request(scope)
+                await admit_request(limiter, scope)
             assert refused.value.headers == {"Retry-After": "1"}
             assert refused.value.body() == {
                 "error": {"message": "Rate limit storage is unavailable", "code": "503"}
             }
-        await limiter.record(scope, tokens=10, cost_nano_usd=0)  # never raises
+        await limiter.record([scope], tokens=10, cost_nano_usd=0)  # never raises
         health = limiter.health()
         assert health["healthy"] is False and health["failures"] == 1
         assert health["outages"] == 1 and health["fallbacks"] >= 6

@@ -334,7 +334,7 @@ async def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> N
         if outcome.shared is not None:
             await app[sharedkeys.SHARED].record(outcome.shared, usage.total_tokens)
         if outcome.scopes:
-            await limiter.record_all(outcome.scopes, usage.total_tokens, cost)
+            await limiter.record(outcome.scopes, usage.total_tokens, cost)
 
     if outcome.shared is None and limiter.in_process:
         # In-process counters never suspend: a client disconnect cannot cut this off.
