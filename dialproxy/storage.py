@@ -30,6 +30,7 @@ still have reached Redis and be applied when Redis resumes: it errs on counting.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
@@ -59,6 +60,8 @@ PROBE_INTERVAL = 0.5
 RETRY_AFTER = 1
 
 T = TypeVar("T")
+# user:password in a URL an error message may quote: never logged.
+_CREDENTIALS = re.compile(r"://[^@/\s]*@")
 
 
 class FailurePolicy(StrEnum):
@@ -256,7 +259,7 @@ class StorageGuard:
             "storage_unavailable",
             backend=self.backend,
             error=type(error).__name__,
-            detail=str(error)[:200],
+            detail=_CREDENTIALS.sub("://***@", str(error))[:200],
             policy=str(self.policy),
         )
         if self._probe is None or self._probe.done():
