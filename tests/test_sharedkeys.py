@@ -100,6 +100,18 @@ def settings_for(tmp_path: Path, storage: str) -> Settings:
     return Settings(config_paths=(str(tmp_path / "aidial.config.json"),), storage=storage)
 
 
+@pytest.fixture
+async def sk(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+    storage_uri: str,
+) -> Shared:
+    """A proxy with the standard config and the storage under test."""
+    return await start(make_proxy, session, config(backend), settings_for(tmp_path, storage_uri))
+
+
 async def start(
     make_proxy: ProxyFactory,
     session: aiohttp.ClientSession,
@@ -110,13 +122,8 @@ async def start(
 
 
 async def test_the_whole_life_of_a_shared_key(
-    backend: Backend,
-    make_proxy: ProxyFactory,
-    session: aiohttp.ClientSession,
-    tmp_path: Path,
-    storage_uri: str,
+    sk: Shared,
 ) -> None:
-    sk = await start(make_proxy, session, config(backend), settings_for(tmp_path, storage_uri))
     expires = (sk.clock.now + timedelta(days=2)).replace(microsecond=0)
     created = await sk.create(name="for my friend", tokens=10, expiresAt=expires.isoformat())
     secret = created.pop("key")
@@ -264,13 +271,8 @@ async def test_the_owners_limits_quotas_and_models_bind_its_shared_keys(
 
 
 async def test_a_shared_key_cannot_manage_shared_keys(
-    backend: Backend,
-    make_proxy: ProxyFactory,
-    session: aiohttp.ClientSession,
-    tmp_path: Path,
-    storage_uri: str,
+    sk: Shared,
 ) -> None:
-    sk = await start(make_proxy, session, config(backend), settings_for(tmp_path, storage_uri))
     created = await sk.create(name="friend", tokens=100)
     secret, path = created["key"], f"/v1/sharedkeys/{created['id']}"
     for method, url, body in (
@@ -288,13 +290,9 @@ async def test_a_shared_key_cannot_manage_shared_keys(
 
 
 async def test_refusals_name_their_reason(
-    backend: Backend,
-    make_proxy: ProxyFactory,
+    sk: Shared,
     session: aiohttp.ClientSession,
-    tmp_path: Path,
-    storage_uri: str,
 ) -> None:
-    sk = await start(make_proxy, session, config(backend), settings_for(tmp_path, storage_uri))
     # A key without canShare: 403.
     status, error = await sk.call("POST", "/v1/sharedkeys", PLAIN, {"name": "x", "tokens": 1})
     assert status == 403 and "canShare" in error["error"]["message"]
@@ -481,13 +479,8 @@ async def test_the_sqlite_state_is_written_only_for_shared_keys(
 
 
 async def test_no_secret_in_any_log_line_or_listing(
-    backend: Backend,
-    make_proxy: ProxyFactory,
-    session: aiohttp.ClientSession,
-    tmp_path: Path,
-    storage_uri: str,
+    sk: Shared,
 ) -> None:
-    sk = await start(make_proxy, session, config(backend), settings_for(tmp_path, storage_uri))
     with capture_logs() as logs:
         created = await sk.create(name="friend", tokens=10)
         secret = created["key"]
