@@ -60,19 +60,6 @@ def credentials(headers: CIMultiDictProxy[str]) -> str:
     return secret
 
 
-def authenticate(
-    headers: CIMultiDictProxy[str],
-    snapshot: Snapshot,
-    remote: str | None,
-    now: datetime | None = None,
-) -> Principal:
-    secret = credentials(headers)
-    key = snapshot.key_for_secret(secret)
-    if key is None:
-        raise Unauthorized(UNKNOWN_KEY)
-    return _admitted(key, secret, remote, now)
-
-
 def _admitted(key: Key, secret: str, remote: str | None, now: datetime | None) -> Principal:
     timed = key.not_before is not None or key.expires_at is not None
     if (key.disabled or timed) and key.state(now or datetime.now(UTC)) != "active":
@@ -83,7 +70,7 @@ def _admitted(key: Key, secret: str, remote: str | None, now: datetime | None) -
 
 
 class SharedKeyFinder(Protocol):
-    """What :func:`authenticate_any` needs of the app's shared keys
+    """What :func:`authenticate` needs of the app's shared keys
     (:class:`dialproxy.sharedkeys.SharedKeys`)."""
 
     clock: Callable[[], datetime] | None
@@ -91,13 +78,14 @@ class SharedKeyFinder(Protocol):
     async def find(self, secret: str) -> SharedKey | None: ...
 
 
-async def authenticate_any(
+async def authenticate(
     headers: CIMultiDictProxy[str],
     snapshot: Snapshot,
     remote: str | None,
     shared: SharedKeyFinder | None,
 ) -> Principal:
-    """:func:`authenticate`, and for a secret the config does not know, the shared keys.
+    """The key a request carries, from the config or, for a secret the config does not
+    know, from the shared keys.
 
     A shared key acts as its owner, who is looked up by digest in *this* snapshot: an owner
     key that is gone, disabled, expired or without ``canShare`` takes its shared keys with

@@ -37,7 +37,7 @@ import structlog
 from aiohttp import web
 from redis.commands.core import AsyncScript
 
-from dialproxy.auth import Principal, authenticate_any
+from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import key_digest
 from dialproxy.errors import (
     BadRequest,
@@ -577,7 +577,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 async def _owner(request: web.Request) -> tuple[Principal, SharedKeys]:
     shared = request.app[SHARED]
     snapshot = request.app[STORE].snapshot
-    principal = await authenticate_any(request.headers, snapshot, request.remote, shared)
+    principal = await authenticate(request.headers, snapshot, request.remote, shared)
     if principal.shared is not None:
         raise Forbidden("A shared key cannot create, change or list shared keys")
     if not principal.key.can_share:

@@ -69,13 +69,6 @@ class ConfigStore:
         self.source_digest: str | None = None
         self._snapshot: Snapshot | None = None
 
-    @classmethod
-    def from_snapshot(cls, snapshot: Snapshot) -> ConfigStore:
-        """A store serving a prebuilt snapshot (tests, embedding)."""
-        store = cls(snapshot.files)
-        store._set(snapshot)
-        return store
-
     @property
     def snapshot(self) -> Snapshot:
         assert self._snapshot is not None, "load() first"

@@ -15,7 +15,7 @@ from aiohttp import web
 from limits.aio.storage import Storage
 
 from dialproxy import sharedkeys
-from dialproxy.auth import Principal, authenticate_any
+from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
@@ -64,7 +64,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def _principal(request: web.Request) -> Principal:
     """The caller: a key of the config, or a shared key acting as its owner."""
     app = request.app
-    return await authenticate_any(
+    return await authenticate(
         request.headers, app[STORE].snapshot, request.remote, app[sharedkeys.SHARED]
     )
 

@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from dialproxy import sharedkeys
-from dialproxy.auth import Principal, authenticate_any
+from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Grant, Model, Snapshot, Upstream
 from dialproxy.errors import (
     BadGateway,
@@ -276,7 +276,7 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
     outcome = Outcome()
     principal: Principal | None = None
     try:
-        principal = await authenticate_any(
+        principal = await authenticate(
             request.headers, snapshot, request.remote, app[sharedkeys.SHARED]
         )
         if deployment is None:  # /openai/v1/...: the deployment is the body's "model"
