@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dialproxy.settings import Settings
 from dialproxy.web.keys import CLIENT
 from tests.conftest import Backend, BackendFactory, Proxy, ProxyFactory, new_key
 
@@ -228,3 +229,19 @@ async def test_upstream_auth_styles(backend: Backend, make_proxy: ProxyFactory, 
         assert headers["api-key"] == "key-a" and "Authorization" not in headers
     else:
         assert headers["Authorization"] == "Bearer key-a" and "api-key" not in headers
+
+
+async def test_idle_timeout_between_bytes_and_no_total_timeout(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """The idle timeout (300 s in production, 0.5 s here) bounds the wait for each byte,
+    never the whole answer: a slow stream that keeps talking is relayed to its end."""
+    settings = Settings(idle_timeout=0.5)
+    proxy = await make_proxy(config(backend, [upstream(backend, "a")]), settings=settings)
+    backend.control.chunk_delay = 0.3  # 7 content chunks: about 2 s in all
+    status, body, _ = await call(proxy, stream=True)
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    backend.control.chunk_delay = 0.0
+    backend.control.first_byte_delay = 1.0  # silent for longer than the idle timeout
+    status, body, _ = await call(proxy)
+    assert status == 502 and json.loads(body)["error"]["message"] == "No route"
