@@ -19,7 +19,7 @@ from dialproxy.counters import LocalCounters
 from dialproxy.settings import Settings
 from dialproxy.storage import CONNECT_TIMEOUT, MAX_CONNECTIONS, POOL_TIMEOUT, READ_TIMEOUT
 from dialproxy.web.app import create_app
-from dialproxy.web.keys import BACKGROUND, BALANCER, STORE
+from dialproxy.web.appkeys import BACKGROUND, BALANCER, STORE
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 

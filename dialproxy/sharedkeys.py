@@ -47,8 +47,8 @@ from dialproxy.errors import (
 )
 from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.settings import Settings
+from dialproxy.web.appkeys import BACKGROUND, SETTINGS, STORE
 from dialproxy.web.body import read_json_body
-from dialproxy.web.keys import BACKGROUND, SETTINGS, STORE
 
 log = structlog.get_logger("dialproxy.sharedkeys")
 Clock = Callable[[], datetime]

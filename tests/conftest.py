@@ -23,7 +23,7 @@ from dialproxy.demo_backend import BackendControl, create_backend_app
 from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.settings import Settings
 from dialproxy.web.app import create_app
-from dialproxy.web.keys import BACKGROUND
+from dialproxy.web.appkeys import BACKGROUND
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 

@@ -25,7 +25,7 @@ from dialproxy.config.store import ConfigStore, source_digest
 from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.server import WATCHER, build_app, reload_app
 from dialproxy.settings import Settings
-from dialproxy.web.keys import BALANCER
+from dialproxy.web.appkeys import BALANCER
 from tests.conftest import AiohttpServer, Backend, BackendFactory, Proxy, new_key
 
 KEY = new_key()

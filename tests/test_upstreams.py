@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from dialproxy.settings import Settings
-from dialproxy.web.keys import CLIENT
+from dialproxy.web.appkeys import CLIENT
 from tests.conftest import Backend, BackendFactory, Proxy, ProxyFactory, new_key
 
 KEY = new_key()

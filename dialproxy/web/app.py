@@ -25,7 +25,7 @@ from dialproxy.limiter import Limiter, WindowState
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web import proxy
-from dialproxy.web.keys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
+from dialproxy.web.appkeys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
 
 log = structlog.get_logger("dialproxy.web")
 UNLIMITED = 9223372036854775807

@@ -32,8 +32,8 @@ from dialproxy.errors import (
 from dialproxy.limiter import Limiter, Scope, WindowState, tightest
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
+from dialproxy.web.appkeys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
 from dialproxy.web.body import read_json_body
-from dialproxy.web.keys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
 
 log = structlog.get_logger("dialproxy.request")
 
