@@ -162,7 +162,7 @@ def _load_store(settings: Settings) -> ConfigStore | None:
 
 async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
     from dialproxy.demo_backend import BackendControl, create_backend_app
-    from dialproxy.server import build_app, reload_soon
+    from dialproxy.server import build_app, reload_soon, tune_gc
 
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []
@@ -178,6 +178,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
     runners.insert(0, runner)
+    tune_gc()
     print(f"dialproxy: serving on http://{settings.host}:{settings.port}", file=sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -62,6 +63,25 @@ def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     if settings.watch:
         app.cleanup_ctx.append(watch_config)
     return app
+
+
+# The cyclic garbage collector's young-generation threshold while serving (CPython's is
+# 700).  A request allocates a few hundred container objects, nearly all freed by reference
+# counting; at 700 the collector runs about once a request and, with dozens of requests in
+# flight, keeps promoting their live objects into the older generations, whose collections
+# then walk them again.  Measured with `make bench`: about 30-40 us of CPU per request.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Once the app is set up, before the first request: what was allocated to start (the
+    modules, the config) goes to the collector's permanent generation, never walked again,
+    and young collections run about a dozen times less often.  Cyclic garbage is still
+    collected, just in bigger batches."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def reload_app(
