@@ -3,23 +3,34 @@
 The limiter makes a handful of sliding-window calls on every request.  ``limits``'
 ``MemoryStorage`` takes an ``asyncio.Lock`` for each increment and schedules its expiry task
 on each call: about 3-5 us a call, most of a request's limit cost.  On one event loop a call
-that never awaits cannot interleave with another, so :class:`LocalCounters` answers the two
-calls the limiter makes (``acquire_sliding_window_entry``, ``get_sliding_window``) in plain
-synchronous code, on the parent's own dictionaries with the parent's keys and arithmetic:
-every other ``MemoryStorage`` method (``decr`` for a take-back, ``clear``, ``reset``) still
-works on the same data.  ``acquire_sliding_window_state`` does both calls in one (an
-admitted request's window read back for the headers).  Expired counters are swept once a
-minute.
+that never awaits cannot interleave with another, so :class:`LocalCounters` answers the
+sliding-window calls in plain synchronous code, on the parent's own dictionaries with the
+parent's keys and arithmetic: every other ``MemoryStorage`` method (``decr``, ``clear``,
+``reset``) still works on the same data.
+
+Beside the two ``limits`` calls it answers (``acquire_sliding_window_entry``,
+``get_sliding_window``), it has the batch calls the limiter makes on every request, each
+one synchronous step at one instant: :meth:`~LocalCounters.read_many` (the token and cost
+checks), :meth:`~LocalCounters.acquire_many` (a request counted in all its windows or in
+none) and :meth:`~LocalCounters.add_many` (usage recorded).  Expired counters are swept
+once a minute.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from math import floor
 
 from limits.aio.storage import MemoryStorage
 
 SWEEP_EVERY = 60.0
+
+# (previous count, its ttl, current count, its ttl): what ``get_sliding_window`` answers.
+Counts = tuple[int, float, int, float]
+# A counter read: (key, window seconds).  A counter acquired: (key, limit, window seconds).
+Read = tuple[str, int]
+Acquire = tuple[str, int, int]
 
 
 class LocalCounters(MemoryStorage):
@@ -37,40 +48,66 @@ class LocalCounters(MemoryStorage):
             return 0
         return self.storage.get(key, 0)
 
-    def _window(self, key: str, expiry: int, now: float) -> tuple[int, float, int, float, str]:
-        """(previous count, its ttl, current count, its ttl, the current key), as limits'
-        ``MemoryStorage._get_sliding_window_info`` computes them."""
-        # limits' TimestampedSlidingWindow.sliding_window_keys, inlined (a call per read).
-        previous_key = f"{key}/{int((now - expiry) / expiry)}"
-        current_key = f"{key}/{int(now / expiry)}"
-        previous = self._count(previous_key, now)
-        current = self._count(current_key, now)
+    def _window(self, key: str, expiry: int, now: float) -> Counts:
+        """The counts as limits' ``MemoryStorage._get_sliding_window_info`` computes them
+        (its ``TimestampedSlidingWindow.sliding_window_keys`` inlined)."""
+        previous = self._count(f"{key}/{int((now - expiry) / expiry)}", now)
+        current = self._count(f"{key}/{int(now / expiry)}", now)
         previous_ttl = 0.0 if previous == 0 else (1 - (((now - expiry) / expiry) % 1)) * expiry
         current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
-        return previous, previous_ttl, current, current_ttl, current_key
+        return previous, previous_ttl, current, current_ttl
 
-    async def acquire_sliding_window_state(
-        self, key: str, limit: int, expiry: int, amount: int = 1
-    ) -> tuple[int, float, int, float] | None:
-        """``acquire_sliding_window_entry`` and ``get_sliding_window`` in one call: None
-        when refused, else the window's counts with the entry added."""
-        return self._acquire(key, limit, expiry, amount)
-
-    def _acquire(
-        self, key: str, limit: int, expiry: int, amount: int
-    ) -> tuple[int, float, int, float] | None:
+    def _acquire(self, key: str, limit: int, expiry: int, amount: int, now: float) -> Counts | None:
+        """``acquire_sliding_window_entry`` and, when admitted, the counts with the entry."""
         if amount > limit:
             return None
-        now = time.time()
-        previous, previous_ttl, current, current_ttl, current_key = self._window(key, expiry, now)
+        previous, previous_ttl, current, current_ttl = self._window(key, expiry, now)
         if floor(previous * previous_ttl / expiry + current) + amount > limit:
             return None
+        current_key = f"{key}/{int(now / expiry)}"
         self.storage[current_key] = current + amount
         if current == 0:
             self.expirations[current_key] = now + 2 * expiry
         if now >= self._next_sweep:
             self._sweep(now)
         return previous, previous_ttl, current + amount, current_ttl
+
+    def _take_back(self, key: str, expiry: int, amount: int, now: float) -> None:
+        """limits' ``decr`` on the current window (never below zero)."""
+        current_key = f"{key}/{int(now / expiry)}"
+        if current_key in self.storage:
+            self.storage[current_key] = max(self.storage[current_key] - amount, 0)
+
+    def read_many(self, counters: Sequence[Read]) -> list[Counts]:
+        """``get_sliding_window`` of each counter, at one instant."""
+        now = time.time()
+        return [self._window(key, expiry, now) for key, expiry in counters]
+
+    def acquire_many(self, counters: Sequence[Acquire], amount: int = 1) -> list[Counts] | int:
+        """``amount`` acquired in every counter, or in none: the counts with it added, or the
+        index of the counter that refused (the ones before it are taken back)."""
+        now = time.time()
+        counts: list[Counts] = []
+        for index, (key, limit, expiry) in enumerate(counters):
+            state = self._acquire(key, limit, expiry, amount, now)
+            if state is None:
+                for done, _, done_expiry in counters[:index]:
+                    self._take_back(done, done_expiry, amount, now)
+                return index
+            counts.append(state)
+        return counts
+
+    def add_many(self, counters: Sequence[Read], amount: int) -> None:
+        """``amount`` added to every counter, whatever its limit (usage after a response)."""
+        now = time.time()
+        for key, expiry in counters:
+            current_key = f"{key}/{int(now / expiry)}"
+            current = self._count(current_key, now)
+            self.storage[current_key] = current + amount
+            if current == 0:
+                self.expirations[current_key] = now + 2 * expiry
+        if now >= self._next_sweep:
+            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_EVERY
@@ -82,17 +119,14 @@ class LocalCounters(MemoryStorage):
 
 # Set after the class is made: limits' Storage.__init_subclass__ wraps these methods in a
 # coroutine that only re-raises the storage's own exceptions (a second await per call).
-async def _get_sliding_window(
-    self: LocalCounters, key: str, expiry: int
-) -> tuple[int, float, int, float]:
-    previous, previous_ttl, current, current_ttl, _ = self._window(key, expiry, time.time())
-    return previous, previous_ttl, current, current_ttl
+async def _get_sliding_window(self: LocalCounters, key: str, expiry: int) -> Counts:
+    return self._window(key, expiry, time.time())
 
 
 async def _acquire_sliding_window_entry(
     self: LocalCounters, key: str, limit: int, expiry: int, amount: int = 1
 ) -> bool:
-    return self._acquire(key, limit, expiry, amount) is not None
+    return self._acquire(key, limit, expiry, amount, time.time()) is not None
 
 
 LocalCounters.get_sliding_window = _get_sliding_window  # type: ignore[method-assign,assignment]

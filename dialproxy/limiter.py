@@ -18,14 +18,15 @@ no limits, or 503).  A storage failure is never a 500.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, NamedTuple
 
 from limits.aio.storage import Storage
 
 from dialproxy.config.model import Window
-from dialproxy.counters import LocalCounters
+from dialproxy.counters import Acquire, Counts, LocalCounters, Read
 from dialproxy.errors import ProxyError
 from dialproxy.storage import (
     DEFAULT_FAILURE_POLICY,
@@ -38,8 +39,7 @@ from dialproxy.storage import (
 _UNLIMITED = 2**62
 
 
-@dataclass(frozen=True, slots=True)
-class WindowState:
+class WindowState(NamedTuple):
     """One window's use at a moment, with the seconds until it frees up."""
 
     window: Window
@@ -59,6 +59,7 @@ class Scope:
     ``owner`` is ``p:<project>`` for DIAL's project counters, ``k:<digest>`` for per-key
     quotas.  Only the limited windows are counted (each costs a storage operation on every
     request): a limit added by a reload starts from zero, a changed one keeps its count.
+    The counter keys are made once, with the scope.
     """
 
     owner: str
@@ -66,6 +67,24 @@ class Scope:
     token_windows: tuple[Window, ...] = ()
     request_windows: tuple[Window, ...] = ()
     cost_windows: tuple[Window, ...] = ()
+    token_counters: tuple[Read, ...] = field(init=False, repr=False, compare=False)
+    cost_counters: tuple[Read, ...] = field(init=False, repr=False, compare=False)
+    # The token then the cost counters: read together before a request.
+    checked: tuple[Read, ...] = field(init=False, repr=False, compare=False)
+    counted: tuple[Acquire, ...] = field(init=False, repr=False, compare=False)
+    # Whether a finished request's usage is added here (any token or cost window).
+    records: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prefix = f"dp:{self.owner}:{self.model}:"
+        tokens = tuple((f"{prefix}t:{w.name}", w.seconds) for w in self.token_windows)
+        costs = tuple((f"dp:{self.owner}:c:{w.name}", w.seconds) for w in self.cost_windows)
+        counted = tuple((f"{prefix}r:{w.name}", w.limit, w.seconds) for w in self.request_windows)
+        object.__setattr__(self, "token_counters", tokens)
+        object.__setattr__(self, "cost_counters", costs)
+        object.__setattr__(self, "checked", tokens + costs)
+        object.__setattr__(self, "counted", counted)
+        object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
 
 
 class RateLimited(ProxyError):
@@ -121,11 +140,14 @@ class Limiter:
     ) -> None:
         self.guard = StorageGuard(storage, failure)
         self.storage = storage
+        # Counters in this process's memory: calls never wait on I/O and never fail, so
+        # they need no guard.
+        self.local = storage if isinstance(storage, LocalCounters) else None
 
     @property
     def in_process(self) -> bool:
         """Counters in this process's memory: calls never wait on I/O."""
-        return isinstance(self.storage, LocalCounters)
+        return self.local is not None
 
     def health(self) -> dict[str, Any]:
         return self.guard.health()
@@ -137,41 +159,31 @@ class Limiter:
         """A request's whole admission in one storage unit: every scope's token and cost
         windows checked, then its request counted in every scope's request windows (or in
         none).  Returns the request and token window states, for the x-ratelimit headers."""
-
-        async def admit(s: SlidingStorage) -> tuple[list[WindowState], list[WindowState]]:
-            tokens: list[WindowState] = []
-            for scope in scopes:
-                tokens += await _check_tokens(s, scope)
-                await _check_cost(s, scope)
-            requests: list[WindowState] = []
-            admitted: list[Scope] = []
-            try:
-                for scope in scopes:
-                    requests += await _admit(s, scope)
-                    admitted.append(scope)
-            except RateLimited:
-                for scope in admitted:
-                    await _release(s, scope)
-                raise
-            return requests, tokens
-
-        return await self.guard.run(admit, ([], []))
+        if self.local is not None:
+            return await _admit(self.local, scopes)
+        return await self.guard.run(lambda s: _admit(s, scopes), ([], []))
 
     async def record(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
         """Add a finished request's usage to its scopes' limited windows (may overshoot)."""
+        batches = [
+            (counters, amount)
+            for scope in scopes
+            for counters, amount in (
+                (scope.token_counters, tokens),
+                (scope.cost_counters, cost_nano_usd),
+            )
+            if counters and amount > 0
+        ]
+        if not batches:
+            return
+        if self.local is not None:
+            for counters, amount in batches:
+                self.local.add_many(counters, amount)
+            return
 
         async def add(s: SlidingStorage) -> None:
-            for scope in scopes:
-                if tokens > 0:
-                    for w in scope.token_windows:
-                        key = f"dp:{scope.owner}:{scope.model}:t:{w.name}"
-                        await s.acquire_sliding_window_entry(key, _UNLIMITED, w.seconds, tokens)
-                if cost_nano_usd > 0:
-                    for w in scope.cost_windows:
-                        key = f"dp:{scope.owner}:c:{w.name}"
-                        await s.acquire_sliding_window_entry(
-                            key, _UNLIMITED, w.seconds, cost_nano_usd
-                        )
+            for counters, amount in batches:
+                await _add_many(s, counters, amount)
 
         await self.guard.run(add, None, refuse=False)
 
@@ -179,67 +191,86 @@ class Limiter:
         self, owner: str, model: str, windows: Sequence[Window], kind: str
     ) -> list[WindowState]:
         """Current use of the given windows (for the limits endpoints)."""
-
-        async def read(s: SlidingStorage) -> list[WindowState]:
-            return [await _read(s, f"dp:{owner}:{model}:{kind}:{w.name}", w) for w in windows]
-
-        return await self.guard.run(read, [WindowState(w, 0, 0.0, 0.0) for w in windows])
+        return await self._read(windows, [f"dp:{owner}:{model}:{kind}:{w.name}" for w in windows])
 
     async def cost_usage(self, owner: str, windows: Sequence[Window]) -> list[WindowState]:
         """Current use of a project's cost windows (nano-USD), across its models."""
+        return await self._read(windows, [f"dp:{owner}:c:{w.name}" for w in windows])
+
+    async def _read(self, windows: Sequence[Window], keys: list[str]) -> list[WindowState]:
+        counters = [(key, w.seconds) for key, w in zip(keys, windows, strict=True)]
 
         async def read(s: SlidingStorage) -> list[WindowState]:
-            return [await _read(s, f"dp:{owner}:c:{w.name}", w) for w in windows]
+            return _states(windows, await _read_many(s, counters))
 
         return await self.guard.run(read, [WindowState(w, 0, 0.0, 0.0) for w in windows])
 
 
-async def _read(s: SlidingStorage, key: str, window: Window) -> WindowState:
-    return _stats(window, await s.get_sliding_window(key, window.seconds))
+async def _add_many(s: SlidingStorage, counters: Sequence[Read], amount: int) -> None:
+    if isinstance(s, LocalCounters):
+        return s.add_many(counters, amount)
+    for key, seconds in counters:
+        await s.acquire_sliding_window_entry(key, _UNLIMITED, seconds, amount)
 
 
-async def _check_tokens(s: SlidingStorage, scope: Scope) -> list[WindowState]:
-    prefix = f"dp:{scope.owner}:{scope.model}:t:"
-    states = [await _read(s, prefix + w.name, w) for w in scope.token_windows]
-    if blocking := _blocking(states):
-        raise RateLimited("token", states, blocking)
-    return states
+async def _read_many(s: SlidingStorage, counters: Sequence[Read]) -> list[Counts]:
+    if isinstance(s, LocalCounters):
+        return s.read_many(counters)
+    return [await s.get_sliding_window(key, seconds) for key, seconds in counters]
 
 
-async def _check_cost(s: SlidingStorage, scope: Scope) -> None:
-    states = [await _read(s, f"dp:{scope.owner}:c:{w.name}", w) for w in scope.cost_windows]
-    if blocking := _blocking(states):
-        raise RateLimited("cost", states, blocking)
+async def _acquire_many(s: SlidingStorage, counters: Sequence[Acquire]) -> list[Counts] | int:
+    """One request counted in every counter or in none: the counts with it, or the index of
+    the counter that refused (the ones before it taken back)."""
+    if isinstance(s, LocalCounters):
+        return s.acquire_many(counters)
+    counts: list[Counts] = []
+    for index, (key, limit, seconds) in enumerate(counters):
+        if not await s.acquire_sliding_window_entry(key, limit, seconds, 1):
+            for done, _, done_seconds in counters[:index]:
+                await take_back(s, done, done_seconds)
+            return index
+        counts.append(await s.get_sliding_window(key, seconds))
+    return counts
 
 
-async def _admit(s: SlidingStorage, scope: Scope) -> list[WindowState]:
-    prefix = f"dp:{scope.owner}:{scope.model}:r:"
-    counted: list[Window] = []
-    states: list[WindowState] = []
-    local = s if isinstance(s, LocalCounters) else None
-    for window in scope.request_windows:
-        key = prefix + window.name
-        if local is not None:  # counted and read back in one call
-            counts = await local.acquire_sliding_window_state(key, window.limit, window.seconds)
-        elif await s.acquire_sliding_window_entry(key, window.limit, window.seconds, 1):
-            counts = await s.get_sliding_window(key, window.seconds)
-        else:
-            counts = None
-        if counts is None:
-            for done in counted:
-                await take_back(s, prefix + done.name, done.seconds)
-            reads = [await _read(s, prefix + w.name, w) for w in scope.request_windows]
-            blocking = next(r for r in reads if r.window.name == window.name)
-            raise RateLimited("request", reads, _blocking(reads) or blocking)
-        counted.append(window)
-        states.append(_stats(window, counts))
-    return states
+async def _admit(
+    s: SlidingStorage, scopes: Sequence[Scope]
+) -> tuple[list[WindowState], list[WindowState]]:
+    tokens: list[WindowState] = []
+    for scope in scopes:
+        if not scope.checked:
+            continue
+        states = _states(
+            chain(scope.token_windows, scope.cost_windows), await _read_many(s, scope.checked)
+        )
+        split = len(scope.token_windows)
+        for kind, part in (("token", states[:split]), ("cost", states[split:])):
+            if blocking := _blocking(part):
+                raise RateLimited(kind, part, blocking)
+        tokens += states[:split]
+    if len(scopes) == 1:
+        windows, counters = scopes[0].request_windows, scopes[0].counted
+    else:
+        windows = tuple(chain.from_iterable(scope.request_windows for scope in scopes))
+        counters = tuple(chain.from_iterable(scope.counted for scope in scopes))
+    if not counters:
+        return [], tokens
+    counts = await _acquire_many(s, counters)
+    if isinstance(counts, int):  # refused: every request window of the scope that refused
+        refused = counters[counts]
+        scope = next(scope for scope in scopes if refused in scope.counted)
+        reads = _states(
+            scope.request_windows,
+            await _read_many(s, [(key, seconds) for key, _, seconds in scope.counted]),
+        )
+        blocking = reads[scope.counted.index(refused)]
+        raise RateLimited("request", reads, _blocking(reads) or blocking)
+    return _states(windows, counts), tokens
 
 
-async def _release(s: SlidingStorage, scope: Scope) -> None:
-    prefix = f"dp:{scope.owner}:{scope.model}:r:"
-    for w in scope.request_windows:
-        await take_back(s, prefix + w.name, w.seconds)
+def _states(windows: Iterable[Window], counts: Sequence[Counts]) -> list[WindowState]:
+    return [_stats(w, c) for w, c in zip(windows, counts, strict=True)]
 
 
 def _blocking(states: Sequence[WindowState]) -> WindowState | None:

@@ -30,13 +30,29 @@ async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, s
     for _ in range(2_000):
         key, expiry = rnd.choice(keys), rnd.choice([1, 2, 60])
         op = rnd.random()
-        if op < 0.15:  # acquire and read back in one call: as the two calls on theirs
-            limit, amount = rnd.randint(0, 20), rnd.randint(1, 5)
-            state = await ours.acquire_sliding_window_state(key, limit, expiry, amount)
-            if await theirs.acquire_sliding_window_entry(key, limit, expiry, amount):
-                assert state == await theirs.get_sliding_window(key, expiry)
+        if op < 0.15:  # acquire in several counters or in none, as one call after another
+            batch = [(k, rnd.randint(0, 20), rnd.choice([1, 2, 60])) for k in rnd.sample(keys, 2)]
+            amount = rnd.randint(1, 5)
+            got = ours.acquire_many(batch, amount)
+            want: list[tuple[int, float, int, float]] = []
+            for k, limit, e in batch:
+                if not await theirs.acquire_sliding_window_entry(k, limit, e, amount):
+                    for done, _, done_e in batch[: len(want)]:
+                        await take_back(theirs, done, done_e, amount)
+                    assert got == len(want)
+                    break
+                want.append(await theirs.get_sliding_window(k, e))
             else:
-                assert state is None
+                assert got == want
+        elif op < 0.25:  # read several counters in one call
+            batch2 = [(k, rnd.choice([1, 2, 60])) for k in keys]
+            assert ours.read_many(batch2) == [await theirs.get_sliding_window(*c) for c in batch2]
+        elif op < 0.3:  # add usage whatever the limit
+            batch2 = [(k, rnd.choice([1, 2, 60])) for k in rnd.sample(keys, 2)]
+            amount = rnd.randint(1, 5)
+            ours.add_many(batch2, amount)
+            for k, e in batch2:
+                assert await theirs.acquire_sliding_window_entry(k, 10**9, e, amount)
         elif op < 0.6:
             limit, amount = rnd.randint(0, 20), rnd.randint(1, 5)
             assert await ours.acquire_sliding_window_entry(

@@ -147,8 +147,23 @@ def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
     return grant
 
 
-def scopes_for(principal: Principal, grant: Grant) -> list[Scope]:
-    """The counters a request is charged to: its project's, and its key's own quota."""
+# Entries kept in a snapshot's memo of scopes, at most (keys x models called).
+MEMO_SIZE = 100_000
+
+
+def scopes_for(principal: Principal, grant: Grant, snapshot: Snapshot) -> tuple[Scope, ...]:
+    """The counters a request is charged to: its project's, and its key's own quota (worked
+    out once per key and model in a snapshot)."""
+    memo_key = ("scopes", principal.key.digest, grant.model.name)
+    scopes = snapshot.memo.get(memo_key)
+    if scopes is None:
+        scopes = tuple(_scopes(principal, grant))
+        if len(snapshot.memo) < MEMO_SIZE:
+            snapshot.memo[memo_key] = scopes
+    return scopes
+
+
+def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
     model = grant.model
     scopes: list[Scope] = []
     cost = principal.access.cost_windows if model.pricing is not None else ()
@@ -289,7 +304,7 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
             grant = resolve(principal, snapshot, deployment)
             body = await read_json_body(request, settings.max_body)
         outcome.model = grant.model
-        scopes = tuple(scopes_for(principal, grant))
+        scopes = scopes_for(principal, grant, snapshot)
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
@@ -315,7 +330,7 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
         if (
             outcome.usage is not None
             and outcome.status == 200
-            and (outcome.shared or any(s.token_windows or s.cost_windows for s in outcome.scopes))
+            and (outcome.shared or any(s.records for s in outcome.scopes))
         ):
             await _record(app, limiter, outcome)
         _log(request, principal, deployment, outcome, started)
