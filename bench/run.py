@@ -153,7 +153,7 @@ def sanity_check(urls: dict[str, str], proxy_base: str, proxy_log: Path) -> None
     else:
         raise BenchError("the proxy recorded no token usage: usage parsing is off")
     for _ in range(50):  # log lines are written in batches, within 0.1 s
-        if b'"event": "request"' in proxy_log.read_bytes():
+        if b'"event":"request"' in proxy_log.read_bytes():
             break
         time.sleep(0.02)
     else:

@@ -16,6 +16,7 @@ import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 FLUSH_AFTER = 0.1
@@ -80,6 +81,12 @@ class _Timestamp:
         return event
 
 
+def _dumps(event: Any, **kw: Any) -> str:
+    """structlog's JSON serializer: orjson (about ten times json.dumps' speed, which
+    structlog's performance guide recommends), as text for the line stream."""
+    return orjson.dumps(event, default=kw.get("default")).decode()
+
+
 def configure(level: int = logging.INFO, stream: TextIO | None = None) -> BatchedLines:
     lines = BatchedLines(stream or sys.stderr)
     atexit.register(lines.flush)
@@ -91,7 +98,7 @@ def configure(level: int = logging.INFO, stream: TextIO | None = None) -> Batche
         processors=[
             structlog.processors.add_log_level,
             _Timestamp(),
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,

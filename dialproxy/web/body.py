@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from dialproxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -21,8 +21,8 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge("Request body is too large") from None
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         raise BadRequest("Invalid JSON in the request body") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")

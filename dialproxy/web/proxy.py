@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import web
 
@@ -219,7 +220,7 @@ def outbound_body(
             changed = injected_usage = True
     if not changed:
         return None, False
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(), injected_usage
+    return orjson.dumps(body), injected_usage
 
 
 def outbound_headers(
