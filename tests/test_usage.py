@@ -10,8 +10,8 @@ from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
 from dialproxy.web.proxy import _StreamFilter
 
 
-def event(obj: object) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+def event(obj: object, separators: tuple[str, str] = (",", ":")) -> bytes:
+    return b"data: " + json.dumps(obj, separators=separators).encode() + b"\n\n"
 
 
 CHUNKS = [
@@ -30,20 +30,38 @@ EXPECTED_FOR_CLIENT = (
 )
 
 
+# The same stream as Python's json.dumps writes it by default (vLLM and others do).
+SPACED = (", ", ": ")
+STREAM_SPACED = (
+    b"".join(event(c, SPACED) for c in CHUNKS)
+    + event({"id": "c", "choices": [], "usage": USAGE}, SPACED)
+    + b"data: [DONE]\n\n"
+)
+EXPECTED_SPACED = (
+    b"".join(event({k: v for k, v in c.items() if k != "usage"}, SPACED) for c in CHUNKS)
+    + b"data: [DONE]\n\n"
+)
+
+
 def cuts(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 13, 64, 10_000])
-def test_any_chunking_finds_usage_and_hides_what_was_injected(size: int) -> None:
+@pytest.mark.parametrize(
+    ("stream", "expected"), [(STREAM, EXPECTED_FOR_CLIENT), (STREAM_SPACED, EXPECTED_SPACED)]
+)
+def test_any_chunking_finds_usage_and_hides_what_was_injected(
+    size: int, stream: bytes, expected: bytes
+) -> None:
     scanner, hide = UsageScanner(), _StreamFilter()
     out = b""
-    for chunk in cuts(STREAM, size):
+    for chunk in cuts(stream, size):
         scanner.feed(chunk)
         out += hide.feed(chunk)
     out += hide.flush()
     assert scanner.usage == Usage(3, 4, 7)
-    assert out == EXPECTED_FOR_CLIENT
+    assert out == expected
 
 
 def test_every_two_way_split() -> None:
@@ -59,3 +77,13 @@ def test_the_last_usage_of_a_body_counts() -> None:
     assert find_usage(body) == Usage(3, 4, 7)
     assert find_usage(b'{"choices": []}') is None
     assert find_usage(b'{"usage": null}') is None
+
+
+def test_only_usage_only_events_are_hidden() -> None:
+    """Azure's first event has no choices and no usage (its prompt filter results): kept."""
+    azure_first = event({"choices": [], "prompt_filter_results": [{"prompt_index": 0}]})
+    stream = azure_first + STREAM
+    for size in (5, 10_000):
+        hide = _StreamFilter()
+        out = b"".join(hide.feed(chunk) for chunk in cuts(stream, size)) + hide.flush()
+        assert out == azure_first + EXPECTED_FOR_CLIENT

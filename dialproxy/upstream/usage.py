@@ -7,12 +7,14 @@ the bytes ``"usage"`` can only be a key.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 _MARK = b'"usage"'
-_DECODER = json.JSONDecoder()
+_NULLS = (b'"usage":null', b'"usage": null')
+_SPACE = b" \t\r\n"
 _MAX_PENDING = 65_536
 
 
@@ -36,17 +38,33 @@ def _usage(obj: Any) -> Usage | None:
     return Usage(prompt, completion, total)
 
 
+def _skip_space(data: bytes, pos: int) -> int:
+    while pos < len(data) and data[pos] in _SPACE:
+        pos += 1
+    return pos
+
+
 def _decode_at(data: bytes, index: int) -> tuple[Any, bool]:
-    """Decode the value after ``"usage"`` at ``index``: (value, complete)."""
-    text = data[index + len(_MARK) :].decode("utf-8", "replace").lstrip()
-    if not text.startswith(":"):
-        return None, bool(text)
-    text = text[1:].lstrip()
-    try:
-        value, _ = _DECODER.raw_decode(text)
-    except json.JSONDecodeError:
+    """Decode the value after ``"usage"`` at ``index``: (value, complete).  Only an object
+    is decoded (from its ``{`` to the first ``}`` that closes valid JSON: the shortest
+    prefix that parses is the whole object); any other value is None."""
+    pos = _skip_space(data, index + len(_MARK))
+    if pos == len(data):
         return None, False
-    return value, True
+    if data[pos] != ord(":"):
+        return None, True
+    pos = _skip_space(data, pos + 1)
+    if pos == len(data):
+        return None, False
+    if data[pos] != ord("{"):
+        return None, len(data) - pos >= 4  # null, a number...: complete once past "null"
+    end = data.find(b"}", pos)
+    while end >= 0:
+        try:
+            return orjson.loads(data[pos : end + 1]), True
+        except orjson.JSONDecodeError:
+            end = data.find(b"}", end + 1)
+    return None, False
 
 
 def find_usage(body: bytes) -> Usage | None:
@@ -79,17 +97,21 @@ class UsageScanner:
                 return
         data = self._tail + chunk if self._tail else chunk
         self._tail = data[-(len(_MARK) - 1) :]
-        index = data.find(_MARK)
+        if data.count(_MARK) == data.count(_NULLS[0]):
+            return  # the common chunk: no usage, or only (compact) nulls
+        # From the end: the last usage of the chunk is the one that counts.
+        index = data.rfind(_MARK)
         while index >= 0:
-            after = data[index + len(_MARK) : index + len(_MARK) + 7]
-            if after.startswith((b":null", b": null")):  # the common case: nothing to decode
-                index = data.find(_MARK, index + len(_MARK))
-                continue
-            self._pending = data[index:]
-            self._try_pending()
-            if self._pending:  # incomplete: wait for the next chunk
-                return
-            index = data.find(_MARK, index + len(_MARK))
+            if not data.startswith(_NULLS, index):
+                value, complete = _decode_at(data, index)
+                if not complete:  # the chunk ends inside it: wait for the rest
+                    self._pending, self._tail = data[index:], b""
+                    return
+                usage = _usage(value)
+                if usage is not None:
+                    self.usage = usage
+                    return
+            index = data.rfind(_MARK, 0, index)
 
     def _try_pending(self) -> None:
         value, complete = _decode_at(self._pending, 0)

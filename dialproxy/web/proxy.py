@@ -258,24 +258,47 @@ class _StreamFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        end = data.rfind(b"\n\n") + 2  # what is relayed: the complete events
+        if end < 2:
             self._buffer = data
             return b""
-        head, self._buffer = data[: end + 2], data[end + 2 :]
-        if b'"choices":[]' in head or b'"choices": []' in head:  # the usage-only chunk
-            head = b"".join(
-                event + b"\n\n"
-                for event in head.split(b"\n\n")[:-1]
-                if not (b'"usage"' in event and b'"choices":[]' in event.replace(b" ", b""))
-            )
+        if end == len(data):
+            head, self._buffer = data, b""
+        else:
+            head, self._buffer = data[:end], data[end:]
         if b'"usage"' not in head:
             return head
-        return head.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
+        if b',"usage":null' in head:  # a stream is written compact or spaced, not both
+            head = head.replace(b',"usage":null', b"")
+        elif b', "usage": null' in head:
+            head = head.replace(b', "usage": null', b"")
+        if b'"usage"' in head:  # a usage with a value: hidden with its event if no choices
+            head = _drop_usage_only_events(head)
+        return head
 
     def flush(self) -> bytes:
         data, self._buffer = self._buffer, b""
         return data
+
+
+def _drop_usage_only_events(head: bytes) -> bytes:
+    """``head`` (complete events) without the events that have a usage and no choices."""
+    kept: list[bytes] = []
+    done = 0  # head[:done] is decided
+    index = head.find(b'"usage"')
+    while index >= 0:
+        start = head.rfind(b"\n\n", 0, index) + 2
+        start = 0 if start < 2 else start
+        stop = head.find(b"\n\n", index) + 2
+        event = head[start:stop]
+        if b'"choices":[]' in event or b'"choices": []' in event:
+            kept.append(head[done:start])
+            done = stop
+        index = head.find(b'"usage"', stop)
+    if not kept:
+        return head
+    kept.append(head[done:])
+    return b"".join(kept)
 
 
 def sse_error(message: str, status: int = 502) -> bytes:
