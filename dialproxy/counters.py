@@ -50,9 +50,29 @@ class LocalCounters(MemoryStorage):
 
     def _window(self, key: str, expiry: int, now: float) -> Counts:
         """The counts as limits' ``MemoryStorage._get_sliding_window_info`` computes them
-        (its ``TimestampedSlidingWindow.sliding_window_keys`` inlined)."""
-        previous = self._count(f"{key}/{int((now - expiry) / expiry)}", now)
-        current = self._count(f"{key}/{int(now / expiry)}", now)
+        (its ``TimestampedSlidingWindow.sliding_window_keys`` and ``get`` inlined: this
+        runs for every limited window of every request)."""
+        expirations, storage = self.expirations, self.storage
+        previous_key = f"{key}/{int((now - expiry) / expiry)}"
+        expires = expirations.get(previous_key)
+        if expires is None:
+            previous = 0
+        elif expires <= now:
+            previous = 0
+            storage.pop(previous_key, None)
+            del expirations[previous_key]
+        else:
+            previous = storage.get(previous_key, 0)
+        current_key = f"{key}/{int(now / expiry)}"
+        expires = expirations.get(current_key)
+        if expires is None:
+            current = 0
+        elif expires <= now:
+            current = 0
+            storage.pop(current_key, None)
+            del expirations[current_key]
+        else:
+            current = storage.get(current_key, 0)
         previous_ttl = 0.0 if previous == 0 else (1 - (((now - expiry) / expiry) % 1)) * expiry
         current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
         return previous, previous_ttl, current, current_ttl

@@ -18,10 +18,10 @@ no limits, or 503).  A storage failure is never a 500.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, NamedTuple
+from typing import Any
 
 from limits.aio.storage import Storage
 
@@ -37,19 +37,57 @@ from dialproxy.storage import (
 )
 
 _UNLIMITED = 2**62
+_ZERO: Counts = (0, 0.0, 0, 0.0)
 
 
-class WindowState(NamedTuple):
-    """One window's use at a moment, with the seconds until it frees up."""
+class WindowState:
+    """One window's use at a moment: ``used`` of ``window.limit``, and (worked out when
+    asked: most states only go through a comparison) the seconds until it frees up."""
 
-    window: Window
-    used: int
-    retry_after: float  # seconds until used < limit (0 when it is already below)
-    reset: float  # seconds until the window is empty
+    __slots__ = ("counts", "used", "window")
+
+    def __init__(self, window: Window, counts: Counts) -> None:
+        self.window = window
+        self.counts = counts  # (previous, its ttl, current, its ttl)
+        previous, previous_ttl, current, _ = counts
+        # Sliding-window counter arithmetic: weighted = previous * its ttl share + current.
+        self.used = int(previous * previous_ttl / window.seconds + current)
 
     @property
     def remaining(self) -> int:
         return max(self.window.limit - self.used, 0)
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.window.limit
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until used < limit (0 when it is already below)."""
+        previous, previous_ttl, current, current_ttl = self.counts
+        e, limit = self.window.seconds, self.window.limit
+        # Seconds until the current window rolls over (the current becomes the previous).
+        to_roll = max(current_ttl - e, 0.0)
+        if self.used < limit:
+            return 0.0
+        if current < limit and previous > 0:
+            return max(previous_ttl - (limit - current) * e / previous, 0.0)
+        if current > 0:
+            return to_roll + e * (1 - limit / current) if limit > 0 else to_roll + e
+        return to_roll
+
+    @property
+    def reset(self) -> float:
+        """Seconds until the window is empty."""
+        _, previous_ttl, current, current_ttl = self.counts
+        return (
+            max(current_ttl - self.window.seconds, 0.0) + self.window.seconds
+            if current > 0
+            else previous_ttl
+        )
+
+    def __repr__(self) -> str:
+        return f"WindowState({self.window.name}: {self.used}/{self.window.limit})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +107,9 @@ class Scope:
     cost_windows: tuple[Window, ...] = ()
     token_counters: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     cost_counters: tuple[Read, ...] = field(init=False, repr=False, compare=False)
-    # The token then the cost counters: read together before a request.
+    # The token then the cost counters: read together before a request; their windows.
     checked: tuple[Read, ...] = field(init=False, repr=False, compare=False)
+    checked_windows: tuple[Window, ...] = field(init=False, repr=False, compare=False)
     counted: tuple[Acquire, ...] = field(init=False, repr=False, compare=False)
     # Whether a finished request's usage is added here (any token or cost window).
     records: bool = field(init=False, repr=False, compare=False)
@@ -83,6 +122,7 @@ class Scope:
         object.__setattr__(self, "token_counters", tokens)
         object.__setattr__(self, "cost_counters", costs)
         object.__setattr__(self, "checked", tokens + costs)
+        object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
         object.__setattr__(self, "counted", counted)
         object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
 
@@ -113,25 +153,8 @@ class RateLimited(ProxyError):
         self.headers = {"Retry-After": str(self.retry_after)}
 
 
-def _stats(window: Window, counts: tuple[int, float, int, float], extra: int = 0) -> WindowState:
-    """Sliding-window counter arithmetic: weighted = previous * its ttl share + current."""
-    prev, prev_ttl, cur, cur_ttl = counts
-    e = window.seconds
-    cur += extra
-    used = math.floor(prev * prev_ttl / e + cur)
-    limit = window.limit
-    # Seconds until the current window rolls over (the current becomes the previous).
-    to_roll = max(cur_ttl - e, 0.0)
-    if used < limit:
-        retry = 0.0
-    elif cur < limit and prev > 0:
-        retry = max(prev_ttl - (limit - cur) * e / prev, 0.0)
-    elif cur > 0:
-        retry = to_roll + e * (1 - limit / cur) if limit > 0 else to_roll + e
-    else:
-        retry = to_roll
-    reset = to_roll + e if cur > 0 else prev_ttl
-    return WindowState(window, used, retry, reset)
+def _stats(window: Window, counts: Counts) -> WindowState:
+    return WindowState(window, counts)
 
 
 class Limiter:
@@ -203,7 +226,7 @@ class Limiter:
         async def read(s: SlidingStorage) -> list[WindowState]:
             return _states(windows, await _read_many(s, counters))
 
-        return await self.guard.run(read, [WindowState(w, 0, 0.0, 0.0) for w in windows])
+        return await self.guard.run(read, [WindowState(w, _ZERO) for w in windows])
 
 
 async def _add_many(s: SlidingStorage, counters: Sequence[Read], amount: int) -> None:
@@ -239,16 +262,16 @@ async def _admit(
 ) -> tuple[list[WindowState], list[WindowState]]:
     tokens: list[WindowState] = []
     for scope in scopes:
-        if not scope.checked:
-            continue
-        states = _states(
-            chain(scope.token_windows, scope.cost_windows), await _read_many(s, scope.checked)
-        )
-        split = len(scope.token_windows)
-        for kind, part in (("token", states[:split]), ("cost", states[split:])):
-            if blocking := _blocking(part):
-                raise RateLimited(kind, part, blocking)
-        tokens += states[:split]
+        if scope.checked:
+            states = _states(scope.checked_windows, await _read_many(s, scope.checked))
+            for index, state in enumerate(states):
+                if state.full:
+                    split = len(scope.token_windows)
+                    kind, part = (
+                        ("token", states[:split]) if index < split else ("cost", states[split:])
+                    )
+                    raise RateLimited(kind, part, _blocking(part) or state)
+            tokens += states[: len(scope.token_windows)]
     if len(scopes) == 1:
         windows, counters = scopes[0].request_windows, scopes[0].counted
     else:
@@ -269,15 +292,25 @@ async def _admit(
     return _states(windows, counts), tokens
 
 
-def _states(windows: Iterable[Window], counts: Sequence[Counts]) -> list[WindowState]:
-    return [_stats(w, c) for w, c in zip(windows, counts, strict=True)]
+def _states(windows: Sequence[Window], counts: Sequence[Counts]) -> list[WindowState]:
+    return [WindowState(w, c) for w, c in zip(windows, counts, strict=True)]
 
 
 def _blocking(states: Sequence[WindowState]) -> WindowState | None:
-    full = [s for s in states if s.used >= s.window.limit]
+    """Of the full windows, the one that frees up last."""
+    full = [s for s in states if s.full]
     return max(full, key=lambda s: s.retry_after) if full else None
 
 
 def tightest(states: Sequence[WindowState]) -> WindowState | None:
-    """The window with the least remaining (what the x-ratelimit-* headers report)."""
-    return min(states, key=lambda s: (s.remaining, -s.reset)) if states else None
+    """The window with the least remaining, of those the one that empties last (what the
+    x-ratelimit-* headers report)."""
+    best: WindowState | None = None
+    for state in states:
+        if (
+            best is None
+            or state.remaining < best.remaining
+            or (state.remaining == best.remaining and state.reset > best.reset)
+        ):
+            best = state
+    return best

@@ -254,5 +254,5 @@ async def test_each_owner_and_model_has_its_own_counters(limiter: Limiter) -> No
 
 
 def test_window_state_remaining_never_negative() -> None:
-    state = WindowState(Window("minute", MINUTE, 5), used=9, retry_after=1.0, reset=2.0)
-    assert state.remaining == 0
+    state = WindowState(Window("minute", MINUTE, 5), (0, 0.0, 9, 90.0))
+    assert (state.used, state.remaining, state.full) == (9, 0, True)
