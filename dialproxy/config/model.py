@@ -13,6 +13,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
+
 # Token windows and request windows, with their lengths in seconds.  A month is 30 days.
 TOKEN_WINDOWS: tuple[tuple[str, int], ...] = (
     ("minute", 60),
@@ -119,13 +121,23 @@ class Pricing:
     unit: str
     prompt: Decimal
     completion: Decimal
+    # The prices in nano-USD per token when whole numbers (as prices per token usually
+    # are): the cost is then integer arithmetic, no Decimal on the request path.
+    _nano: tuple[int, int] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prompt, completion = self.prompt * NANO, self.completion * NANO
+        whole = prompt == int(prompt) and completion == int(completion)
+        object.__setattr__(self, "_nano", (int(prompt), int(completion)) if whole else None)
 
     def cost_nano_usd(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Cost in billionths of a dollar (counters are integers)."""
         if self.unit != "token":
             return 0
+        if self._nano is not None:
+            return self._nano[0] * prompt_tokens + self._nano[1] * completion_tokens
         cost = self.prompt * prompt_tokens + self.completion * completion_tokens
-        return int(cost * 1_000_000_000)
+        return int(cost * NANO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +177,15 @@ class Model:
     input_attachment_types: tuple[str, ...] = ()
     max_input_attachments: int | None = None
     description_keywords: tuple[str, ...] = ()
+    # The upstreams requests can go to: the weighted ones, or the endpoint alone.
+    routes: tuple[Upstream, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.upstreams:
+            routes = tuple(u for u in self.upstreams if u.weight > 0)
+        else:
+            routes = (Upstream(endpoint=self.endpoint),) if self.endpoint is not None else ()
+        object.__setattr__(self, "routes", routes)
 
     def admits(self, roles: frozenset[str]) -> bool:
         """DIAL: absent ``userRoles`` = everyone, ``[]`` = nobody, else a role in common."""

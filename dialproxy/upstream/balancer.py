@@ -60,16 +60,13 @@ class Balancer:
             state = self._health[key] = _Health()
         return state
 
-    def routes(self, model: Model) -> list[Upstream]:
-        """The upstreams a model can use: its list, or its endpoint alone."""
-        if model.upstreams:
-            return [u for u in model.upstreams if u.weight > 0]
-        assert model.endpoint is not None
-        return [Upstream(endpoint=model.endpoint)]
-
     def plan(self, model: Model) -> Iterator[Upstream]:
         """Yield distinct upstreams for successive attempts, best first, until none is left."""
-        candidates = self.routes(model)
+        candidates = model.routes
+        if len(candidates) == 1:  # the usual model: one upstream, or an endpoint
+            if self._state(model, candidates[0]).unavailable_until <= self._clock():
+                yield candidates[0]
+            return
         tried: set[int] = set()
         while True:
             now = self._clock()
@@ -116,7 +113,7 @@ class Balancer:
             return
         self._shared_checked[model.name] = now
         try:
-            for upstream in self.routes(model):
+            for upstream in model.routes:
                 if await self._shared.get(self._shared_key(model, upstream)) > 0:
                     state = self._state(model, upstream)
                     until = now + SHARED_CHECK_EVERY
@@ -157,8 +154,6 @@ class Balancer:
 
     def forget_missing(self, models: dict[str, Model]) -> None:
         """Drop state of upstreams no longer configured (called after a reload)."""
-        live = {
-            (m.name, u.endpoint, u.key_fingerprint) for m in models.values() for u in self.routes(m)
-        }
+        live = {(m.name, u.endpoint, u.key_fingerprint) for m in models.values() for u in m.routes}
         for key in [k for k in self._health if k not in live]:
             del self._health[key]
