@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from dialproxy.config.loader import ConfigError, Source, build_snapshot, resolve_grant
-from dialproxy.config.model import Limit, Model, Problem, Role, Snapshot, fingerprint
+from dialproxy.config.model import Limit, Model, Pricing, Problem, Role, Snapshot, fingerprint
 from dialproxy.config.schema import schema, schema_valid
 from tests.samples import EXAMPLE_ENV, SECRET, base_config
 
@@ -1069,3 +1069,21 @@ def test_secrets_in_snapshot_warnings_and_error_text() -> None:
         build_snapshot([source(mutated(lambda c: c["keys"].update({s1: {}})))], ENV)
     assert s1 not in str(raised.value)
     assert_no_secret(raised.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion"),
+    [
+        ("0.000001", "0.000002"),
+        ("0.0000025", "0.00001"),
+        ("0.0000000015", "0.000000001"),
+        ("3", "0"),
+    ],
+)
+def test_cost_in_nano_usd_is_exact(prompt: str, completion: str) -> None:
+    """Whole nano-USD prices take integer arithmetic; others Decimal: the same answer."""
+    pricing = Pricing("token", Decimal(prompt), Decimal(completion))
+    for tokens in [(0, 0), (1, 0), (12, 13), (123_456, 7_890)]:
+        cost = Decimal(prompt) * tokens[0] + Decimal(completion) * tokens[1]
+        assert pricing.cost_nano_usd(*tokens) == int(cost * 1_000_000_000)
+    assert Pricing("unit", Decimal(prompt), Decimal(completion)).cost_nano_usd(5, 5) == 0
