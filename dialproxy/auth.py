@@ -21,7 +21,7 @@ UNKNOWN_KEY = "Unknown api key"
 BOTH_DIFFER = "Either API-KEY or Authorization header must be provided but not both"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Principal:
     """Who calls: the key's project and roles, and what those roles may do."""
 

@@ -28,14 +28,13 @@ class Usage:
 def _usage(obj: Any) -> Usage | None:
     if not isinstance(obj, dict):
         return None
+    prompt = _count(obj.get("prompt_tokens"))
+    completion = _count(obj.get("completion_tokens"))
+    return Usage(prompt, completion, _count(obj.get("total_tokens")) or prompt + completion)
 
-    def num(name: str) -> int:
-        value = obj.get(name)
-        return value if isinstance(value, int) and value >= 0 else 0
 
-    prompt, completion = num("prompt_tokens"), num("completion_tokens")
-    total = num("total_tokens") or prompt + completion
-    return Usage(prompt, completion, total)
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def _skip_space(data: bytes, pos: int) -> int:

@@ -93,6 +93,16 @@ def go_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+_RATELIMIT_HEADERS = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
+
+
 def ratelimit_headers(
     requests: list[WindowState], tokens: list[WindowState]
 ) -> list[tuple[str, str]]:
@@ -100,13 +110,13 @@ def ratelimit_headers(
     headers: list[tuple[str, str]] = []
     for kind, states in (("requests", requests), ("tokens", tokens)):
         state = tightest(states)
-        if state is None:
-            continue
-        headers += (
-            (f"x-ratelimit-limit-{kind}", str(state.window.limit)),
-            (f"x-ratelimit-remaining-{kind}", str(state.remaining)),
-            (f"x-ratelimit-reset-{kind}", go_duration(state.reset)),
-        )
+        if state is not None:
+            limit, remaining, reset = _RATELIMIT_HEADERS[kind]
+            headers += (
+                (limit, str(state.window.limit)),
+                (remaining, str(state.remaining)),
+                (reset, go_duration(state.reset)),
+            )
     return headers
 
 
