@@ -188,20 +188,10 @@ class Limiter:
 
     async def record(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
         """Add a finished request's usage to its scopes' limited windows (may overshoot)."""
-        batches = [
-            (counters, amount)
-            for scope in scopes
-            for counters, amount in (
-                (scope.token_counters, tokens),
-                (scope.cost_counters, cost_nano_usd),
-            )
-            if counters and amount > 0
-        ]
-        if not batches:
-            return
         if self.local is not None:
-            for counters, amount in batches:
-                self.local.add_many(counters, amount)
+            return self.record_now(scopes, tokens, cost_nano_usd)
+        batches = _batches(scopes, tokens, cost_nano_usd)
+        if not batches:
             return
 
         async def add(s: SlidingStorage) -> None:
@@ -209,6 +199,12 @@ class Limiter:
                 await _add_many(s, counters, amount)
 
         await self.guard.run(add, None, refuse=False)
+
+    def record_now(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
+        """:meth:`record` on in-process counters: done before it returns."""
+        assert self.local is not None
+        for counters, amount in _batches(scopes, tokens, cost_nano_usd):
+            self.local.add_many(counters, amount)
 
     async def usage(
         self, owner: str, model: str, windows: Sequence[Window], kind: str
@@ -227,6 +223,19 @@ class Limiter:
             return _states(windows, await _read_many(s, counters))
 
         return await self.guard.run(read, [WindowState(w, _ZERO) for w in windows])
+
+
+def _batches(
+    scopes: Sequence[Scope], tokens: int, cost_nano_usd: int
+) -> list[tuple[tuple[Read, ...], int]]:
+    """The counters a usage is added to, with the amount for each."""
+    batches: list[tuple[tuple[Read, ...], int]] = []
+    for scope in scopes:
+        if tokens > 0 and scope.token_counters:
+            batches.append((scope.token_counters, tokens))
+        if cost_nano_usd > 0 and scope.cost_counters:
+            batches.append((scope.cost_counters, cost_nano_usd))
+    return batches
 
 
 async def _add_many(s: SlidingStorage, counters: Sequence[Read], amount: int) -> None:

@@ -7,6 +7,7 @@ never changes afterwards; a request takes the current one and lives on it to the
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -156,6 +157,36 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """One place a model's requests go, with what every request to it carries."""
+
+    upstream: Upstream
+    url: str  # where the request is POSTed
+    headers: Mapping[str, str] = field(repr=False)  # the upstream's key, or DIAL's X-UPSTREAM-*
+    name: str = "endpoint"  # in logs: "upstreams[<index>]" or "endpoint", never a URL or key
+
+
+def _upstream_headers(upstream: Upstream, direct: bool) -> dict[str, str]:
+    """A direct upstream: its key, OpenAI style (``Authorization: Bearer``) or Azure style
+    (``api-key``).  Through the model's endpoint (DIAL's adapter shape): the upstream in
+    ``X-UPSTREAM-ENDPOINT``, ``-KEY`` and ``-EXTRA-DATA``."""
+    headers: dict[str, str] = {}
+    if direct:
+        if upstream.key:
+            if upstream.auth == "api-key":
+                headers["api-key"] = upstream.key
+            else:
+                headers["Authorization"] = "Bearer " + upstream.key
+        return headers
+    headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
+    if upstream.key is not None:
+        headers["X-UPSTREAM-KEY"] = upstream.key
+    if upstream.extra_data is not None:
+        headers["X-UPSTREAM-EXTRA-DATA"] = json.dumps(upstream.extra_data)
+    return headers
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     name: str
     type: str  # chat | completion | embedding
@@ -177,14 +208,25 @@ class Model:
     input_attachment_types: tuple[str, ...] = ()
     max_input_attachments: int | None = None
     description_keywords: tuple[str, ...] = ()
-    # The upstreams requests can go to: the weighted ones, or the endpoint alone.
-    routes: tuple[Upstream, ...] = field(init=False, repr=False, compare=False)
+    # Where requests can go: the weighted upstreams, or the endpoint alone.
+    routes: tuple[Route, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        endpoint = self.endpoint  # None: our extension, straight to each upstream's URL
+        routes: tuple[Route, ...] = ()
         if self.upstreams:
-            routes = tuple(u for u in self.upstreams if u.weight > 0)
-        else:
-            routes = (Upstream(endpoint=self.endpoint),) if self.endpoint is not None else ()
+            routes = tuple(
+                Route(
+                    u,
+                    u.endpoint if endpoint is None else endpoint,
+                    _upstream_headers(u, direct=endpoint is None),
+                    f"upstreams[{i}]",
+                )
+                for i, u in enumerate(self.upstreams)
+                if u.weight > 0
+            )
+        elif endpoint is not None:
+            routes = (Route(Upstream(endpoint=endpoint), endpoint, {}, "endpoint"),)
         object.__setattr__(self, "routes", routes)
 
     def admits(self, roles: frozenset[str]) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 from limits.aio.storage import Storage
 
-from dialproxy.config.model import Model, Upstream
+from dialproxy.config.model import Model, Route, Upstream
 
 DEFAULT_RETRY_AFTER = 30.0
 SHARED_CHECK_EVERY = 1.0
@@ -60,13 +60,14 @@ class Balancer:
             state = self._health[key] = _Health()
         return state
 
-    def plan(self, model: Model) -> Iterator[Upstream]:
-        """Yield distinct upstreams for successive attempts, best first, until none is left."""
-        candidates = model.routes
-        if len(candidates) == 1:  # the usual model: one upstream, or an endpoint
-            if self._state(model, candidates[0]).unavailable_until <= self._clock():
-                yield candidates[0]
+    def plan(self, model: Model) -> Iterator[Route]:
+        """Yield distinct routes for successive attempts, best first, until none is left."""
+        routes = model.routes
+        if len(routes) == 1:  # the usual model: one upstream, or an endpoint
+            if self._state(model, routes[0].upstream).unavailable_until <= self._clock():
+                yield routes[0]
             return
+        candidates = [route.upstream for route in routes]
         tried: set[int] = set()
         while True:
             now = self._clock()
@@ -79,9 +80,9 @@ class Balancer:
                 return
             tier = min(u.tier for _, u in available)
             group = [(i, u) for i, u in available if u.tier == tier]
-            index, chosen = self._pick(model, group)
+            index, _ = self._pick(model, group)
             tried.add(index)
-            yield chosen
+            yield routes[index]
 
     def _pick(self, model: Model, group: list[tuple[int, Upstream]]) -> tuple[int, Upstream]:
         if len(group) == 1:
@@ -104,6 +105,11 @@ class Balancer:
         name = f"{upstream.endpoint}|{upstream.key_fingerprint}"
         return f"dp:u:{model.name}:{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
+    @property
+    def sharing(self) -> bool:
+        """Whether pauses are shared with other instances (through Redis)."""
+        return self._shared is not None
+
     async def refresh(self, model: Model) -> None:
         """Take in the pauses other instances wrote for this model's upstreams."""
         if self._shared is None or not self._shared_up():
@@ -113,7 +119,7 @@ class Balancer:
             return
         self._shared_checked[model.name] = now
         try:
-            for upstream in model.routes:
+            for upstream in (route.upstream for route in model.routes):
                 if await self._shared.get(self._shared_key(model, upstream)) > 0:
                     state = self._state(model, upstream)
                     until = now + SHARED_CHECK_EVERY
@@ -154,6 +160,10 @@ class Balancer:
 
     def forget_missing(self, models: dict[str, Model]) -> None:
         """Drop state of upstreams no longer configured (called after a reload)."""
-        live = {(m.name, u.endpoint, u.key_fingerprint) for m in models.values() for u in m.routes}
+        live = {
+            (m.name, u.endpoint, u.key_fingerprint)
+            for m in models.values()
+            for u in (r.upstream for r in m.routes)
+        }
         for key in [k for k in self._health if k not in live]:
             del self._health[key]

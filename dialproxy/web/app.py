@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -228,21 +229,6 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-def _proxy_route(api: str) -> Handler:
-    async def deployment_route(request: web.Request) -> web.StreamResponse:
-        return await proxy.handle(request, request.match_info["id"], api)
-
-    return deployment_route
-
-
-def _v1_route(api: str) -> Handler:
-    async def v1_route(request: web.Request) -> web.StreamResponse:
-        """``/openai/v1/...``: the deployment is the body's ``model``."""
-        return await proxy.handle(request, None, api)
-
-    return v1_route
-
-
 async def _close_limiter(app: web.Application) -> None:
     await app[LIMITER].close()
 
@@ -290,8 +276,10 @@ def create_app(
     app.on_cleanup.append(_close_limiter)  # after client_ctx has awaited the usage records
     sharedkeys.setup(app)  # the shared key store (opened and closed with the app), its routes
     for api in proxy.API_TYPES:
-        app.router.add_post(f"/openai/deployments/{{id}}/{api}", _proxy_route(api))
-        app.router.add_post(f"/openai/v1/{api}", _v1_route(api))
+        # /openai/v1/...: no {id}, the deployment is the body's "model"
+        handler = functools.partial(proxy.handle, api=api)
+        app.router.add_post(f"/openai/deployments/{{id}}/{api}", handler)
+        app.router.add_post(f"/openai/v1/{api}", handler)
     app.router.add_get("/openai/models", list_models)
     app.router.add_get("/openai/models/{id}", get_model)
     app.router.add_get("/openai/deployments", list_deployments)

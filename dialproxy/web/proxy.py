@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -21,7 +21,7 @@ from aiohttp import web
 
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import Grant, Model, Snapshot, Upstream
+from dialproxy.config.model import Grant, Model, Snapshot
 from dialproxy.errors import (
     BadGateway,
     BadRequest,
@@ -30,18 +30,17 @@ from dialproxy.errors import (
     ProxyError,
     Unavailable,
 )
-from dialproxy.limiter import Limiter, Scope, WindowState, tightest
-from dialproxy.upstream.balancer import Balancer
+from dialproxy.limiter import Scope, WindowState, tightest
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
 from dialproxy.web.appkeys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
 from dialproxy.web.body import read_json_body
 
 log = structlog.get_logger("dialproxy.request")
 
-# Client headers passed on to the upstream; everything else stays here.
+# Client headers passed on to the upstream; everything else stays here (Content-Type is
+# always application/json: it is set, not copied).
 FORWARDED_REQUEST_HEADERS = frozenset(
     {
-        "content-type",
         "accept",
         "user-agent",
         "x-request-id",
@@ -158,22 +157,6 @@ def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
     return grant
 
 
-# Entries kept in a snapshot's memo of scopes, at most (keys x models called).
-MEMO_SIZE = 100_000
-
-
-def scopes_for(principal: Principal, grant: Grant, snapshot: Snapshot) -> tuple[Scope, ...]:
-    """The counters a request is charged to: its project's, and its key's own quota (worked
-    out once per key and model in a snapshot)."""
-    memo_key = ("scopes", principal.key.digest, grant.model.name)
-    scopes = snapshot.memo.get(memo_key)
-    if scopes is None:
-        scopes = tuple(_scopes(principal, grant))
-        if len(snapshot.memo) < MEMO_SIZE:
-            snapshot.memo[memo_key] = scopes
-    return scopes
-
-
 def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
     model = grant.model
     scopes: list[Scope] = []
@@ -233,27 +216,14 @@ def outbound_body(
     return orjson.dumps(body), injected_usage
 
 
-def outbound_headers(
-    request: web.Request, principal: Principal, model: Model, upstream: Upstream, direct: bool
-) -> dict[str, str]:
+def forwarded_headers(request: web.Request, principal: Principal, model: Model) -> dict[str, str]:
+    """The client's headers an upstream gets (each route adds its own, see ``Route``)."""
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
     headers["Content-Type"] = "application/json"
     if model.forward_auth_token:
         authorization = request.headers.get("Authorization")
         if authorization and principal.secret not in authorization:
             headers["Authorization"] = authorization
-    if direct:
-        if upstream.key:
-            if upstream.auth == "api-key":
-                headers["api-key"] = upstream.key
-            else:
-                headers["Authorization"] = "Bearer " + upstream.key
-    elif model.upstreams:
-        headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
-        if upstream.key is not None:
-            headers["X-UPSTREAM-KEY"] = upstream.key
-        if upstream.extra_data is not None:
-            headers["X-UPSTREAM-EXTRA-DATA"] = json.dumps(upstream.extra_data)
     return headers
 
 
@@ -316,45 +286,69 @@ def sse_error(message: str, status: int = 502) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-async def handle(request: web.Request, deployment: str | None, api: str) -> web.StreamResponse:
+class Plan(NamedTuple):
+    """What a key's requests to one deployment need, worked out once per snapshot."""
+
+    model: Model
+    scopes: tuple[Scope, ...]  # the counters they are charged to
+    records: bool  # whether their usage is added to a counter after the response
+
+
+# Plans kept in a snapshot's memo, at most (keys x deployments called).
+MEMO_SIZE = 100_000
+
+
+def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
+    """The deployment (404), the key's right to it (403), its counters: memoised per key
+    and deployment in the snapshot (a 403 from the key's own quota is not memoised)."""
+    memo_key = (principal.key.digest, deployment)
+    plan = snapshot.memo.get(memo_key)
+    if plan is None:
+        grant = resolve(principal, snapshot, deployment)
+        scopes = tuple(_scopes(principal, grant))
+        plan = Plan(grant.model, scopes, any(scope.records for scope in scopes))
+        if len(snapshot.memo) < MEMO_SIZE:
+            snapshot.memo[memo_key] = plan
+    return plan
+
+
+async def handle(request: web.Request, api: str) -> web.StreamResponse:
+    """One proxied request to ``api`` (chat/completions, completions, embeddings).  The
+    deployment is the path's ``{id}``, or for ``/openai/v1/...`` the body's ``model``."""
     app = request.app
-    store, limiter, balancer = app[STORE], app[LIMITER], app[BALANCER]
-    settings = app[SETTINGS]
-    snapshot = store.snapshot  # taken once: the request lives on it whatever reloads happen
+    snapshot = app[STORE].snapshot  # taken once: the request lives on it whatever reloads happen
     started = time.perf_counter()
+    deployment: str | None = request.match_info.get("id")
     outcome = Outcome()
     principal: Principal | None = None
     try:
         principal = await authenticate(
             request.headers, snapshot, request.remote, app[sharedkeys.SHARED]
         )
+        max_body = app[SETTINGS].max_body
         if deployment is None:  # /openai/v1/...: the deployment is the body's "model"
-            body = await read_json_body(request, settings.max_body)
-            deployment = body.get("model") if isinstance(body.get("model"), str) else None
-            if not deployment:
+            body = await read_json_body(request, max_body)
+            name = body.get("model")
+            if not isinstance(name, str) or not name:
                 raise BadRequest("The request body must name the deployment in 'model'")
-            grant = resolve(principal, snapshot, deployment)
-        else:
-            grant = resolve(principal, snapshot, deployment)
-            body = await read_json_body(request, settings.max_body)
-        outcome.model = grant.model
-        scopes = scopes_for(principal, grant, snapshot)
+            deployment = name
+            plan = plan_for(principal, snapshot, deployment)
+        else:  # 404 and 403 before the body is read
+            plan = plan_for(principal, snapshot, deployment)
+            body = await read_json_body(request, max_body)
+        model = outcome.model = plan.model
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
-        request_states, token_states = await limiter.admit(scopes) if scopes else ([], [])
-        outcome.scopes = scopes
-        extra_headers = (
-            ratelimit_headers(request_states, token_states)
-            if request_states or token_states
-            else []
-        )
-        response = await _forward(
-            request, snapshot, balancer, principal, grant.model, api, body, outcome, extra_headers
-        )
-        if isinstance(response, web.Response):
-            return response
-        await _relay_stream(request, response, outcome)
+        extra_headers: list[tuple[str, str]] = []
+        if plan.scopes:
+            request_states, token_states = await app[LIMITER].admit(plan.scopes)
+            outcome.scopes = plan.scopes
+            if request_states or token_states:
+                extra_headers = ratelimit_headers(request_states, token_states)
+        response = await _forward(request, principal, model, api, body, outcome, extra_headers)
+        if isinstance(response, _UpstreamStream):
+            await _relay_stream(request, response, outcome)
         return response
     except ProxyError as e:
         outcome.status = e.status
@@ -364,20 +358,23 @@ async def handle(request: web.Request, deployment: str | None, api: str) -> web.
         if (
             outcome.usage is not None
             and outcome.status == 200
-            and (outcome.shared or any(s.records for s in outcome.scopes))
+            and (outcome.shared is not None or any(s.records for s in outcome.scopes))
         ):
-            await _record(app, limiter, outcome)
+            _record(app, outcome)
         _log(request, principal, deployment, outcome, started)
 
 
-async def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> None:
-    usage, model = outcome.usage, outcome.model
+def _record(app: web.Application, outcome: Outcome) -> None:
+    """Add a 200's usage to its counters (and to the shared key that called): at once in
+    process memory, else in a task of its own, held by the app, so that a client that
+    disconnects cannot cut it off."""
+    usage, model, limiter = outcome.usage, outcome.model, app[LIMITER]
     assert usage is not None
-    cost = (
-        model.pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
-        if model is not None and model.pricing is not None
-        else 0
-    )
+    pricing = model.pricing if model is not None else None
+    cost = pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens) if pricing else 0
+    if outcome.shared is None and limiter.local is not None:
+        limiter.record_now(outcome.scopes, usage.total_tokens, cost)
+        return
 
     async def record() -> None:
         if outcome.shared is not None:
@@ -385,11 +382,6 @@ async def _record(app: web.Application, limiter: Limiter, outcome: Outcome) -> N
         if outcome.scopes:
             await limiter.record(outcome.scopes, usage.total_tokens, cost)
 
-    if outcome.shared is None and limiter.in_process:
-        # In-process counters never suspend: a client disconnect cannot cut this off.
-        await record()
-        return
-    # Otherwise a task of its own, held by the app: a client that disconnects cannot cancel it.
     task = asyncio.get_running_loop().create_task(record())
     tasks = app[BACKGROUND]
     tasks.add(task)
@@ -404,13 +396,17 @@ def _log(
     started: float,
 ) -> None:
     usage = outcome.usage
+    if principal is not None and principal.shared is not None:
+        extra = {"shared_key": principal.shared.id}
+    else:
+        extra = {}
     log.info(
         "request",
         method=request.method,
         path=request.path,
         status=outcome.status,
-        project=principal.project if principal else None,
-        key=principal.fingerprint if principal else None,
+        project=principal.key.project if principal else None,
+        key=principal.key.fingerprint if principal else None,
         deployment=deployment,
         upstream=outcome.upstream,
         attempts=outcome.attempts,
@@ -420,14 +416,12 @@ def _log(
         ttfb_ms=outcome.ttfb_ms,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
         error=outcome.error,
-        **({"shared_key": principal.shared.id} if principal and principal.shared else {}),
+        **extra,
     )
 
 
 async def _forward(
     request: web.Request,
-    snapshot: Snapshot,
-    balancer: Balancer,
     principal: Principal,
     model: Model,
     api: str,
@@ -435,62 +429,57 @@ async def _forward(
     outcome: Outcome,
     extra_headers: list[tuple[str, str]],
 ) -> web.StreamResponse:
-    """Try upstreams until one answers; return a complete response or a prepared stream.
-    ``extra_headers`` (the x-ratelimit ones) are added to the upstream's."""
-    client = request.app[CLIENT]
-    direct = model.endpoint is None
-    payload, injected = outbound_body(body, model, direct, api)
+    """Try the model's routes until one answers; return a complete response or a prepared
+    stream.  ``extra_headers`` (the x-ratelimit ones) are added to the upstream's."""
+    app = request.app
+    balancer = app[BALANCER]
+    payload, injected = outbound_body(body, model, model.endpoint is None, api)
     data = payload if payload is not None else await request.read()
     query = request.query_string
+    headers = forwarded_headers(request, principal, model)
     retry_afters: list[float] = []
     all_rate_limited = True
-    await balancer.refresh(model)
-    for upstream in balancer.plan(model):
+    if balancer.sharing:
+        await balancer.refresh(model)
+    for route in balancer.plan(model):
         if outcome.attempts >= model.max_retry_attempts:
             break
         outcome.attempts += 1
-        url = upstream.endpoint if direct else model.endpoint
-        assert url is not None
+        url = route.url
         if query:
             url += ("&" if "?" in url else "?") + query
-        outcome.upstream = _upstream_name(model, upstream)
-        headers = outbound_headers(request, principal, model, upstream, direct)
+        outcome.upstream = route.name
         sent = time.perf_counter()
         try:
-            resp = await client.post(url, data=data, headers=headers)
+            resp = await app[CLIENT].post(
+                url, data=data, headers={**headers, **route.headers} if route.headers else headers
+            )
         except (aiohttp.ClientError, TimeoutError):
-            await balancer.failed(model, upstream)
+            await balancer.failed(model, route.upstream)
             all_rate_limited = False
             continue
         status = resp.status
-        if status in snapshot.retriable_codes:
+        if status in app[STORE].snapshot.retriable_codes:
             resp.release()
             if status == 429:
                 after = _retry_after(resp.headers)
-                await balancer.rate_limited(model, upstream, after)
+                await balancer.rate_limited(model, route.upstream, after)
                 retry_afters.append(after if after is not None else 30.0)
             else:
-                await balancer.failed(model, upstream)
+                await balancer.failed(model, route.upstream)
                 all_rate_limited = False
             continue
         outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
         if status < 500:
-            balancer.succeeded(model, upstream)
+            balancer.succeeded(model, route.upstream)
         else:
-            await balancer.failed(model, upstream)
+            await balancer.failed(model, route.upstream)
         outcome.status = status
         return await _respond(resp, outcome, injected, extra_headers)
     if retry_afters and all_rate_limited:
         wait = max(1, int(min(retry_afters) + 0.999))
         raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
     raise BadGateway("No route")
-
-
-def _upstream_name(model: Model, upstream: Upstream) -> str:
-    """How an upstream is named in logs: its index in the model, never its key or URL."""
-    if not model.upstreams:
-        return "endpoint"
-    return f"upstreams[{model.upstreams.index(upstream)}]"
 
 
 def _response_headers(
