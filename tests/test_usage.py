@@ -55,13 +55,23 @@ def test_any_chunking_finds_usage_and_hides_what_was_injected(
     size: int, stream: bytes, expected: bytes
 ) -> None:
     scanner, hide = UsageScanner(), _StreamFilter()
-    out = b""
+    out = relayed = b""
     for chunk in cuts(stream, size):
-        scanner.feed(chunk)
+        relayed += scanner.feed(chunk)
         out += hide.feed(chunk)
     out += hide.flush()
-    assert scanner.usage == Usage(3, 4, 7)
+    relayed += scanner.flush()
+    assert scanner.usage == hide.usage == Usage(3, 4, 7)
+    assert relayed == stream  # the scanner relays every byte as it came
     assert out == expected
+
+
+def test_the_filter_finds_a_usage_in_a_stream_cut_off_before_its_last_event_ends() -> None:
+    hide = _StreamFilter()
+    cut = STREAM[: STREAM.index(b"data: [DONE]") - 2]  # the usage event without its "\n\n"
+    out = hide.feed(cut) + hide.flush()
+    assert hide.usage == Usage(3, 4, 7)
+    assert out == cut.replace(b',"usage":null', b"")
 
 
 def test_every_two_way_split() -> None:

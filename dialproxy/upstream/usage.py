@@ -7,8 +7,7 @@ the bytes ``"usage"`` can only be a key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -18,8 +17,7 @@ _SPACE = b" \t\r\n"
 _MAX_PENDING = 65_536
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -79,7 +77,8 @@ def find_usage(body: bytes) -> Usage | None:
 
 
 class UsageScanner:
-    """Fed a stream chunk by chunk; keeps the last non-null usage it has seen."""
+    """Fed a stream chunk by chunk; keeps the last non-null usage it has seen.  Relays
+    each chunk as it is (:meth:`feed` returns it)."""
 
     __slots__ = ("_pending", "_tail", "usage")
 
@@ -88,7 +87,14 @@ class UsageScanner:
         self._pending = b""  # from a "usage" mark whose value is not complete yet
         self._tail = b""  # the last bytes of the previous chunk, for a mark split in two
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
+        self._scan(chunk)
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+    def _scan(self, chunk: bytes) -> None:
         if self._pending:
             self._pending += chunk
             self._try_pending()

@@ -229,12 +229,14 @@ def forwarded_headers(request: web.Request, principal: Principal, model: Model) 
 
 class _StreamFilter:
     """Hides the usage we asked for on the client's behalf: the usage-only final chunk and
-    the ``"usage":null`` fields, event by event.  Only used when we injected the option."""
+    the ``"usage":null`` fields, event by event.  Only used when we injected the option.
+    Keeps the last usage it sees, as :class:`UsageScanner` does (it stands in for one)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "usage")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk if self._buffer else chunk
@@ -253,11 +255,15 @@ class _StreamFilter:
         elif b', "usage": null' in head:
             head = head.replace(b', "usage": null', b"")
         if b'"usage"' in head:  # a usage with a value: hidden with its event if no choices
+            self.usage = find_usage(head) or self.usage
             head = _drop_usage_only_events(head)
         return head
 
     def flush(self) -> bytes:
+        """What is left of a stream that did not end with a complete event: as it came."""
         data, self._buffer = self._buffer, b""
+        if b'"usage"' in data:
+            self.usage = find_usage(data) or self.usage
         return data
 
 
@@ -528,19 +534,15 @@ async def _relay_stream(
 ) -> None:
     assert isinstance(response, _UpstreamStream)
     upstream = response.upstream
-    scanner = UsageScanner()
-    hide = _StreamFilter() if response.injected else None
+    # Finds the usage; hides it too when we asked for it on the client's behalf.
+    relay = _StreamFilter() if response.injected else UsageScanner()
     try:
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
-                scanner.feed(chunk)
-                if hide is not None:
-                    chunk = hide.feed(chunk)
-                    if not chunk:
-                        continue
-                await response.write(chunk)
-            if hide is not None and (rest := hide.flush()):
+                if out := relay.feed(chunk):
+                    await response.write(out)
+            if rest := relay.flush():
                 await response.write(rest)
         except (aiohttp.ClientError, TimeoutError) as e:
             outcome.error = f"upstream stream broke off: {type(e).__name__}"
@@ -555,4 +557,4 @@ async def _relay_stream(
             upstream.release()
         else:  # broken off, or the client went away: drop the upstream connection at once
             upstream.close()
-        outcome.usage = scanner.usage if upstream.status == 200 else None
+        outcome.usage = relay.usage if upstream.status == 200 else None
