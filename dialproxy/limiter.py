@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, NoReturn
 
 from limits.aio.storage import Storage
 
@@ -49,9 +49,7 @@ class WindowState:
     def __init__(self, window: Window, counts: Counts) -> None:
         self.window = window
         self.counts = counts  # (previous, its ttl, current, its ttl)
-        previous, previous_ttl, current, _ = counts
-        # Sliding-window counter arithmetic: weighted = previous * its ttl share + current.
-        self.used = int(previous * previous_ttl / window.seconds + current)
+        self.used = _used(window, counts)
 
     @property
     def remaining(self) -> int:
@@ -118,7 +116,7 @@ class Scope:
         prefix = f"dp:{self.owner}:{self.model}:"
         tokens = tuple((f"{prefix}t:{w.name}", w.seconds) for w in self.token_windows)
         costs = tuple((f"dp:{self.owner}:c:{w.name}", w.seconds) for w in self.cost_windows)
-        counted = tuple((f"{prefix}r:{w.name}", w.limit, w.seconds) for w in self.request_windows)
+        counted = tuple(((f"{prefix}r:{w.name}", w.seconds), w.limit) for w in self.request_windows)
         object.__setattr__(self, "token_counters", tokens)
         object.__setattr__(self, "cost_counters", costs)
         object.__setattr__(self, "checked", tokens + costs)
@@ -178,13 +176,14 @@ class Limiter:
     async def close(self) -> None:
         await self.guard.close()
 
-    async def admit(self, scopes: Sequence[Scope]) -> tuple[list[WindowState], list[WindowState]]:
+    async def admit(self, scopes: Sequence[Scope]) -> tuple[WindowState | None, WindowState | None]:
         """A request's whole admission in one storage unit: every scope's token and cost
         windows checked, then its request counted in every scope's request windows (or in
-        none).  Returns the request and token window states, for the x-ratelimit headers."""
+        none).  Returns the tightest request and token windows (None: no such limit), for
+        the x-ratelimit headers."""
         if self.local is not None:
             return await _admit(self.local, scopes)
-        return await self.guard.run(lambda s: _admit(s, scopes), ([], []))
+        return await self.guard.run(lambda s: _admit(s, scopes), (None, None))
 
     async def record(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
         """Add a finished request's usage to its scopes' limited windows (may overshoot)."""
@@ -257,9 +256,9 @@ async def _acquire_many(s: SlidingStorage, counters: Sequence[Acquire]) -> list[
     if isinstance(s, LocalCounters):
         return s.acquire_many(counters)
     counts: list[Counts] = []
-    for index, (key, limit, seconds) in enumerate(counters):
+    for index, ((key, seconds), limit) in enumerate(counters):
         if not await s.acquire_sliding_window_entry(key, limit, seconds, 1):
-            for done, _, done_seconds in counters[:index]:
+            for (done, done_seconds), _ in counters[:index]:
                 await take_back(s, done, done_seconds)
             return index
         counts.append(await s.get_sliding_window(key, seconds))
@@ -268,37 +267,73 @@ async def _acquire_many(s: SlidingStorage, counters: Sequence[Acquire]) -> list[
 
 async def _admit(
     s: SlidingStorage, scopes: Sequence[Scope]
-) -> tuple[list[WindowState], list[WindowState]]:
-    tokens: list[WindowState] = []
+) -> tuple[WindowState | None, WindowState | None]:
+    token: WindowState | None = None
     for scope in scopes:
-        if scope.checked:
-            states = _states(scope.checked_windows, await _read_many(s, scope.checked))
-            for index, state in enumerate(states):
-                if state.full:
-                    split = len(scope.token_windows)
-                    kind, part = (
-                        ("token", states[:split]) if index < split else ("cost", states[split:])
-                    )
-                    raise RateLimited(kind, part, _blocking(part) or state)
-            tokens += states[: len(scope.token_windows)]
+        if not scope.checked:
+            continue
+        counts = await _read_many(s, scope.checked)
+        for window, (previous, previous_ttl, current, _) in zip(
+            scope.checked_windows, counts, strict=True
+        ):
+            if previous * previous_ttl / window.seconds + current >= window.limit:  # full
+                _refuse_checked(scope, counts)
+        if scope.token_windows:
+            token = _tightest(scope.token_windows, counts, token)
     if len(scopes) == 1:
         windows, counters = scopes[0].request_windows, scopes[0].counted
     else:
         windows = tuple(chain.from_iterable(scope.request_windows for scope in scopes))
         counters = tuple(chain.from_iterable(scope.counted for scope in scopes))
     if not counters:
-        return [], tokens
-    counts = await _acquire_many(s, counters)
-    if isinstance(counts, int):  # refused: every request window of the scope that refused
-        refused = counters[counts]
+        return None, token
+    acquired = await _acquire_many(s, counters)
+    if isinstance(acquired, int):  # refused: every request window of the scope that refused
+        refused = counters[acquired]
         scope = next(scope for scope in scopes if refused in scope.counted)
         reads = _states(
             scope.request_windows,
-            await _read_many(s, [(key, seconds) for key, _, seconds in scope.counted]),
+            await _read_many(s, [window for window, _ in scope.counted]),
         )
         blocking = reads[scope.counted.index(refused)]
         raise RateLimited("request", reads, _blocking(reads) or blocking)
-    return _states(windows, counts), tokens
+    return _tightest(windows, acquired, None), token
+
+
+def _refuse_checked(scope: Scope, counts: Sequence[Counts]) -> NoReturn:
+    """The 429 of a scope whose token or cost windows (``counts``, in that order) are full."""
+    split = len(scope.token_windows)
+    tokens = _states(scope.token_windows, counts[:split])
+    if blocking := _blocking(tokens):
+        raise RateLimited("token", tokens, blocking)
+    costs = _states(scope.cost_windows, counts[split:])
+    blocking = _blocking(costs)
+    assert blocking is not None
+    raise RateLimited("cost", costs, blocking)
+
+
+def _used(window: Window, counts: Counts) -> int:
+    """Sliding-window counter arithmetic: weighted = previous * its ttl share + current."""
+    previous, previous_ttl, current, _ = counts
+    return int(previous * previous_ttl / window.seconds + current)
+
+
+def _tightest(
+    windows: Sequence[Window], counts: Sequence[Counts], best: WindowState | None
+) -> WindowState | None:
+    """Of ``best`` and the windows (the first ``len(windows)`` counts), the one with the
+    least remaining, of those the one that empties last (what the x-ratelimit-* headers
+    report).  A state is made only for a window that may be it."""
+    least = best.window.limit - best.used if best is not None else 0
+    for window, c in zip(windows, counts, strict=False):
+        remaining = window.limit - int(c[0] * c[1] / window.seconds + c[2])
+        if best is None or remaining < least:
+            best, least = WindowState(window, c), remaining
+        elif remaining == least:
+            state = WindowState(window, c)
+            if state.reset > best.reset:
+                best = state
+    return best
 
 
 def _states(windows: Sequence[Window], counts: Sequence[Counts]) -> list[WindowState]:
@@ -309,17 +344,3 @@ def _blocking(states: Sequence[WindowState]) -> WindowState | None:
     """Of the full windows, the one that frees up last."""
     full = [s for s in states if s.full]
     return max(full, key=lambda s: s.retry_after) if full else None
-
-
-def tightest(states: Sequence[WindowState]) -> WindowState | None:
-    """The window with the least remaining, of those the one that empties last (what the
-    x-ratelimit-* headers report)."""
-    best: WindowState | None = None
-    for state in states:
-        if (
-            best is None
-            or state.remaining < best.remaining
-            or (state.remaining == best.remaining and state.reset > best.reset)
-        ):
-            best = state
-    return best

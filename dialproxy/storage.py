@@ -130,7 +130,9 @@ def _take_back_script(bridge: Any) -> Any:
 
 async def take_back(storage: SlidingStorage, key: str, seconds: int, amount: int = 1) -> None:
     """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""
-    if isinstance(storage, MemoryStorage):
+    if isinstance(storage, LocalCounters):
+        storage.take_back(key, seconds, amount)
+    elif isinstance(storage, MemoryStorage):
         _, current = storage.sliding_window_keys(key, seconds, time.time())
         await storage.decr(current, amount)  # never below 0
     elif bridge := _coredis(storage):

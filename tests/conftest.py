@@ -83,13 +83,13 @@ class Clock:
         self.now += timedelta(**delta)
 
 
-async def admit_request(limiter: Limiter, scope: Scope) -> list[WindowState]:
-    """Admit one request charged to one scope: its request windows' states."""
+async def admit_request(limiter: Limiter, scope: Scope) -> WindowState | None:
+    """Admit one request charged to one scope: its tightest request window."""
     return (await limiter.admit([scope]))[0]
 
 
-async def check_tokens(limiter: Limiter, scope: Scope) -> list[WindowState]:
-    """Admit one request to a scope of token (and cost) windows: their states."""
+async def check_tokens(limiter: Limiter, scope: Scope) -> WindowState | None:
+    """Admit one request to a scope of token (and cost) windows: its tightest token window."""
     return (await limiter.admit([scope]))[1]
 
 

@@ -1,4 +1,6 @@
-"""LocalCounters answers exactly as the limits library's MemoryStorage it stands in for."""
+"""LocalCounters answers exactly as the limits library's MemoryStorage it stands in for:
+every call of a random sequence on both, with a clock that jumps by fractions of a window,
+whole windows and more, must give the same answer."""
 
 from __future__ import annotations
 
@@ -27,17 +29,17 @@ async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, s
     rnd = random.Random(seed)
     ours, theirs = LocalCounters(), MemoryStorage()
     keys = [f"dp:p:{i}:chat:r:minute" for i in range(3)]
-    for _ in range(2_000):
+    for _ in range(5_000):
         key, expiry = rnd.choice(keys), rnd.choice([1, 2, 60])
         op = rnd.random()
         if op < 0.15:  # acquire in several counters or in none, as one call after another
-            batch = [(k, rnd.randint(0, 20), rnd.choice([1, 2, 60])) for k in rnd.sample(keys, 2)]
+            batch = [((k, rnd.choice([1, 2, 60])), rnd.randint(0, 20)) for k in rnd.sample(keys, 2)]
             amount = rnd.randint(1, 5)
             got = ours.acquire_many(batch, amount)
             want: list[tuple[int, float, int, float]] = []
-            for k, limit, e in batch:
+            for (k, e), limit in batch:
                 if not await theirs.acquire_sliding_window_entry(k, limit, e, amount):
-                    for done, _, done_e in batch[: len(want)]:
+                    for (done, done_e), _ in batch[: len(want)]:
                         await take_back(theirs, done, done_e, amount)
                     assert got == len(want)
                     break
@@ -65,7 +67,7 @@ async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, s
         else:
             await take_back(ours, key, expiry)
             await take_back(theirs, key, expiry)
-        clock.now += rnd.choice([0.0, 0.01, 0.3, 1.1, 7.0])
+        clock.now += rnd.choice([0.0, 0.01, 0.3, 1.1, 7.0, 7.0, 61.0, 125.0])
 
 
 async def test_expired_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,9 +75,13 @@ async def test_expired_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(time, "time", clock)
     counters = LocalCounters()
     for i in range(100):
-        assert await counters.acquire_sliding_window_entry(f"k{i}", 10, 1, 1)
-    assert len(counters.storage) == 100
+        assert counters.acquire_many([((f"k{i}", 1), 10)]) != 0
+    counters.add_many([("tokens", 60)], 5)
+    assert len(counters.windows) == 101
     clock.now += SWEEP_EVERY + 1
-    assert await counters.acquire_sliding_window_entry("fresh", 10, 1, 1)
-    assert list(counters.storage) == [k for k in counters.storage if k.startswith("fresh/")]
-    assert len(counters.expirations) == 1
+    assert counters.acquire_many([(("fresh", 1), 10)]) != 0
+    assert list(counters.windows) == [("tokens", 60), ("fresh", 1)]  # 61 s: still readable
+    clock.now += SWEEP_EVERY + 1
+    counters.add_many([("tokens", 60)], 5)
+    assert list(counters.windows) == [("tokens", 60)]
+    assert (await counters.get_sliding_window("tokens", 60))[::2] == (0, 5)

@@ -15,7 +15,7 @@ from limits.aio.storage.base import SlidingWindowCounterSupport
 
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.counters import LocalCounters
-from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _stats
+from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _stats, _tightest
 from dialproxy.server import counter_storage
 from dialproxy.storage import SlidingStorage, close_storage, take_back
 from tests.conftest import admit_request, check_tokens
@@ -124,11 +124,10 @@ async def test_the_previous_window_weighs_by_its_remaining_share(
 async def test_a_refusal_says_which_window_and_when(limiter: Limiter, storage: Storage) -> None:
     scope = requests(minute=3, hour=100)
     for _ in range(3):
-        states = await admit_request(limiter, scope)
-    assert [(s.window.name, s.used, s.remaining) for s in states] == [
-        ("minute", 3, 0),
-        ("hour", 3, 97),
-    ]
+        tightest = await admit_request(limiter, scope)
+    assert tightest is not None
+    assert (tightest.window.name, tightest.used, tightest.remaining) == ("minute", 3, 0)
+    assert await used(limiter, scope) == {"minute": 3, "hour": 3}
     with pytest.raises(RateLimited) as refused:
         await admit_request(limiter, scope)
     e = refused.value
@@ -197,7 +196,9 @@ async def test_usage_is_recorded_whole_and_may_overshoot(
         token_windows=(Window("minute", windows["minute"], 10), Window("day", DAY, 1000)),
         cost_windows=(Window("day", DAY, 1_000_000),),  # 0.001 USD, in nano-USD
     )
-    assert [s.used for s in await check_tokens(limiter, scope)] == [0, 0]
+    tightest = await check_tokens(limiter, scope)
+    assert tightest is not None
+    assert (tightest.window.name, tightest.used, tightest.remaining) == ("minute", 0, 10)
     await check_tokens(limiter, scope)
     await limiter.record([scope], tokens=25, cost_nano_usd=2_000_000)
     with pytest.raises(RateLimited) as tokens:
@@ -251,6 +252,25 @@ async def test_each_owner_and_model_has_its_own_counters(limiter: Limiter) -> No
     assert not await admitted(limiter, requests(hour=1))
     assert await admitted(limiter, requests(owner="p:other", hour=1))
     assert await admitted(limiter, requests(model="embed", hour=1))
+
+
+def test_the_tightest_window_is_the_least_remaining_then_the_last_to_empty() -> None:
+    minute, hour, day = (
+        Window("minute", MINUTE, 10),
+        Window("hour", HOUR, 10),
+        Window("day", DAY, 50),
+    )
+    fresh, busy = (0, 0.0, 4, 90.0), (0, 0.0, 4, 5_000.0)
+
+    def name(state: WindowState | None) -> str | None:
+        return state.window.name if state is not None else None
+
+    assert name(_tightest([day, minute], [fresh, fresh], None)) == "minute"
+    # 6 left in both: the hour window takes longer to empty
+    assert name(_tightest([minute, hour], [fresh, busy], None)) == "hour"
+    assert name(_tightest([hour], [busy], WindowState(minute, fresh))) == "hour"
+    assert name(_tightest([minute], [fresh], WindowState(hour, busy))) == "hour"
+    assert _tightest([], [], None) is None
 
 
 def test_window_state_remaining_never_negative() -> None:

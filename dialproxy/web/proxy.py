@@ -30,7 +30,7 @@ from dialproxy.errors import (
     ProxyError,
     Unavailable,
 )
-from dialproxy.limiter import Scope, WindowState, tightest
+from dialproxy.limiter import Scope, WindowState
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
 from dialproxy.web.appkeys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
 from dialproxy.web.body import read_json_body
@@ -103,12 +103,11 @@ _RATELIMIT_HEADERS = {
 
 
 def ratelimit_headers(
-    requests: list[WindowState], tokens: list[WindowState]
+    requests: WindowState | None, tokens: WindowState | None
 ) -> list[tuple[str, str]]:
-    """The ``x-ratelimit-*`` headers: the tightest request and token windows."""
+    """The ``x-ratelimit-*`` headers of the tightest request and token windows."""
     headers: list[tuple[str, str]] = []
-    for kind, states in (("requests", requests), ("tokens", tokens)):
-        state = tightest(states)
+    for kind, state in (("requests", requests), ("tokens", tokens)):
         if state is not None:
             limit, remaining, reset = _RATELIMIT_HEADERS[kind]
             headers += (
@@ -348,10 +347,10 @@ async def handle(request: web.Request, api: str) -> web.StreamResponse:
             outcome.shared = principal.shared
         extra_headers: list[tuple[str, str]] = []
         if plan.scopes:
-            request_states, token_states = await app[LIMITER].admit(plan.scopes)
+            request_state, token_state = await app[LIMITER].admit(plan.scopes)
             outcome.scopes = plan.scopes
-            if request_states or token_states:
-                extra_headers = ratelimit_headers(request_states, token_states)
+            if request_state is not None or token_state is not None:
+                extra_headers = ratelimit_headers(request_state, token_state)
         response = await _forward(request, principal, model, api, body, outcome, extra_headers)
         if isinstance(response, _UpstreamStream):
             await _relay_stream(request, response, outcome)
