@@ -249,14 +249,13 @@ class _StreamFilter:
             head, self._buffer = data[:end], data[end:]
         if b'"usage"' not in head:
             return head
-        if b',"usage":null' in head:  # a stream is written compact or spaced, not both
-            head = head.replace(b',"usage":null', b"")
-        elif b', "usage": null' in head:
-            head = head.replace(b', "usage": null', b"")
-        if b'"usage"' in head:  # a usage with a value: hidden with its event if no choices
-            self.usage = find_usage(head) or self.usage
-            head = _drop_usage_only_events(head)
-        return head
+        out = head.replace(b',"usage":null', b"")  # a stream is written compact or spaced
+        if out is head:
+            out = head.replace(b', "usage": null', b"")
+        if b'"usage"' in out:  # a usage with a value: hidden with its event if no choices
+            self.usage = find_usage(out) or self.usage
+            out = _drop_usage_only_events(out)
+        return out
 
     def flush(self) -> bytes:
         """What is left of a stream that did not end with a complete event: as it came."""
@@ -267,23 +266,20 @@ class _StreamFilter:
 
 
 def _drop_usage_only_events(head: bytes) -> bytes:
-    """``head`` (complete events) without the events that have a usage and no choices."""
-    kept: list[bytes] = []
-    done = 0  # head[:done] is decided
-    index = head.find(b'"usage"')
+    """``head`` (complete events) without the events that have a usage and no choices
+    (searched from the end: the usage-only event is the last but ``[DONE]``)."""
+    index = head.rfind(b'"usage"')
     while index >= 0:
         start = head.rfind(b"\n\n", 0, index) + 2
         start = 0 if start < 2 else start
         stop = head.find(b"\n\n", index) + 2
-        event = head[start:stop]
-        if b'"choices":[]' in event or b'"choices": []' in event:
-            kept.append(head[done:start])
-            done = stop
-        index = head.find(b'"usage"', stop)
-    if not kept:
-        return head
-    kept.append(head[done:])
-    return b"".join(kept)
+        if (
+            head.find(b'"choices":[]', start, stop) >= 0
+            or head.find(b'"choices": []', start, stop) >= 0
+        ):
+            head = head[:start] + head[stop:]
+        index = head.rfind(b'"usage"', 0, start)
+    return head
 
 
 def sse_error(message: str, status: int = 502) -> bytes:
