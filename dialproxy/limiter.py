@@ -77,12 +77,7 @@ class WindowState:
     @property
     def reset(self) -> float:
         """Seconds until the window is empty."""
-        _, previous_ttl, current, current_ttl = self.counts
-        return (
-            max(current_ttl - self.window.seconds, 0.0) + self.window.seconds
-            if current > 0
-            else previous_ttl
-        )
+        return _reset(self.window, self.counts)
 
     def __repr__(self) -> str:
         return f"WindowState({self.window.name}: {self.used}/{self.window.limit})"
@@ -323,17 +318,32 @@ def _tightest(
 ) -> WindowState | None:
     """Of ``best`` and the windows (the first ``len(windows)`` counts), the one with the
     least remaining, of those the one that empties last (what the x-ratelimit-* headers
-    report).  A state is made only for a window that may be it."""
-    least = best.window.limit - best.used if best is not None else 0
+    report)."""
+    if best is None:
+        tight: Window | None = None
+        tight_counts: Counts = _ZERO
+        least = 0
+    else:
+        tight, tight_counts, least = best.window, best.counts, best.window.limit - best.used
     for window, c in zip(windows, counts, strict=False):
         remaining = window.limit - int(c[0] * c[1] / window.seconds + c[2])
-        if best is None or remaining < least:
-            best, least = WindowState(window, c), remaining
-        elif remaining == least:
-            state = WindowState(window, c)
-            if state.reset > best.reset:
-                best = state
-    return best
+        if (
+            tight is None
+            or remaining < least
+            or (remaining == least and _reset(window, c) > _reset(tight, tight_counts))
+        ):
+            tight, tight_counts, least = window, c, remaining
+    if tight is None:
+        return None
+    if best is not None and tight is best.window and tight_counts is best.counts:
+        return best
+    return WindowState(tight, tight_counts)
+
+
+def _reset(window: Window, counts: Counts) -> float:
+    """Seconds until the window is empty: the current bucket's ttl, or the previous one's."""
+    _, previous_ttl, current, current_ttl = counts
+    return max(current_ttl - window.seconds, 0.0) + window.seconds if current > 0 else previous_ttl
 
 
 def _states(windows: Sequence[Window], counts: Sequence[Counts]) -> list[WindowState]:
