@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
 from structlog.testing import capture_logs
 
 from dialproxy.config.model import fingerprint
+from dialproxy.logs import JSONLines
 from tests.conftest import Backend, ProxyFactory, new_key
 
 KEY = new_key()
@@ -77,3 +80,15 @@ async def test_lines_are_batched_but_errors_go_out_at_once() -> None:
     lines.info('{"event": "c"}')
     lines.error('{"event": "d"}')  # an error flushes what is pending with it
     assert stream.getvalue().endswith('{"event": "c"}\n{"event": "d"}\n')
+
+
+def test_the_json_line_has_level_timestamp_and_any_value() -> None:
+    render = JSONLines()
+    line = render(None, "warn", {"event": "x", "cost": Decimal("1.5"), "n": 3, "none": None})
+    parsed = json.loads(line)
+    assert parsed["event"] == "x" and parsed["level"] == "warning"
+    assert (parsed["cost"], parsed["n"], parsed["none"]) == ("Decimal('1.5')", 3, None)
+    stamp = datetime.strptime(parsed["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 5
+    assert json.loads(render(None, "exception", {"event": "y"}))["level"] == "error"
+    assert "\n" not in line

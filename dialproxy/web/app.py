@@ -26,7 +26,15 @@ from dialproxy.limiter import Limiter, WindowState
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web import proxy
-from dialproxy.web.appkeys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
+from dialproxy.web.appkeys import (
+    BACKGROUND,
+    BALANCER,
+    CLIENT,
+    LIMITER,
+    REQUEST_LOG,
+    SETTINGS,
+    STORE,
+)
 
 log = structlog.get_logger("dialproxy.web")
 UNLIMITED = 9223372036854775807
@@ -255,6 +263,7 @@ def create_app(
         shared_up=lambda: limiter.guard.healthy,
     )
     app[BACKGROUND] = set()
+    app[REQUEST_LOG] = structlog.get_logger("dialproxy.request").bind()
 
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from dialproxy.config.store import ConfigStore
@@ -18,3 +19,6 @@ BALANCER = web.AppKey("balancer", Balancer)
 SETTINGS = web.AppKey("settings", Settings)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
+# The request log's logger, bound once (a module's lazy logger proxy costs an attribute
+# lookup through it on every call).
+REQUEST_LOG = web.AppKey("request_log", structlog.typing.FilteringBoundLogger)

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
-import structlog
 from aiohttp import web
 
 from dialproxy import sharedkeys
@@ -32,10 +31,16 @@ from dialproxy.errors import (
 )
 from dialproxy.limiter import Scope, WindowState
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
-from dialproxy.web.appkeys import BACKGROUND, BALANCER, CLIENT, LIMITER, SETTINGS, STORE
+from dialproxy.web.appkeys import (
+    BACKGROUND,
+    BALANCER,
+    CLIENT,
+    LIMITER,
+    REQUEST_LOG,
+    SETTINGS,
+    STORE,
+)
 from dialproxy.web.body import read_json_body
-
-log = structlog.get_logger("dialproxy.request")
 
 # Client headers passed on to the upstream; everything else stays here (Content-Type is
 # always application/json: it is set, not copied).
@@ -401,7 +406,7 @@ def _log(
         extra = {"shared_key": principal.shared.id}
     else:
         extra = {}
-    log.info(
+    request.app[REQUEST_LOG].info(
         "request",
         method=request.method,
         path=request.path,
