@@ -76,7 +76,7 @@ class ReceivedRequest:
 
     method: str
     path: str
-    query_string: str
+    query_string: str  # raw: as it came, percent-escapes and all
     headers: CIMultiDict[str]
     body: bytes
 
@@ -385,7 +385,7 @@ class _Backend:
                 ReceivedRequest(
                     method=request.method,
                     path=path,
-                    query_string=request.query_string,
+                    query_string=request.rel_url.raw_query_string,
                     headers=CIMultiDict(request.headers),
                     body=raw,
                 )

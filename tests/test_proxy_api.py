@@ -85,7 +85,9 @@ CHAT: dict[str, Any] = {"messages": MESSAGES}
 async def test_chat_through_deployment_path(proxy: Proxy, backend: Backend) -> None:
     async with aiohttp.ClientSession() as s:
         resp = await s.post(
-            proxy.url("/openai/deployments/chat/chat/completions?api-version=2024-02-01"),
+            proxy.url(
+                "/openai/deployments/chat/chat/completions?api-version=2024-02-01&n=a%20b%2Bc%26d"
+            ),
             json=CHAT,
             headers={"Api-Key": KEY, "X-Request-Id": "r1", "X-UPSTREAM-KEY": "evil"},
         )
@@ -95,7 +97,7 @@ async def test_chat_through_deployment_path(proxy: Proxy, backend: Backend) -> N
     assert resp.headers["X-UPSTREAM-ATTEMPTS"] == "1"
     seen = backend.control.last_request
     assert seen.path == "/v1/chat/completions"
-    assert seen.query_string == "api-version=2024-02-01"
+    assert seen.query_string == "api-version=2024-02-01&n=a%20b%2Bc%26d"  # byte for byte
     assert seen.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert seen.headers["X-Request-Id"] == "r1"
     assert "Api-Key" not in seen.headers

@@ -441,7 +441,7 @@ async def _forward(
     balancer = app[BALANCER]
     payload, injected = outbound_body(body, model, model.endpoint is None, api)
     data = payload if payload is not None else await request.read()
-    query = request.query_string
+    query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
     headers = forwarded_headers(request, principal, model)
     retry_afters: list[float] = []
     all_rate_limited = True
