@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dialproxy.web.proxy import go_duration
 from tests.conftest import Backend, Proxy, ProxyFactory, new_key
 
 KEY = new_key()
@@ -234,3 +235,20 @@ async def test_user_limits_shows_token_request_and_cost_windows(
     (cost,) = body["cost"]
     assert cost["window"] == "minute" and cost["type"] == "USD"
     assert cost["limit"] == pytest.approx(0.02) and cost["used"] == pytest.approx(0.011)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "written"),
+    [
+        (0.02, "20ms"),
+        (0.9994, "999ms"),
+        (1.0, "1s"),
+        (59.6, "1m0s"),
+        (360, "6m0s"),
+        (3_723.2, "1h2m3s"),
+        (86_400, "24h0m0s"),
+    ],
+)
+def test_resets_are_written_as_openai_writes_them(seconds: float, written: str) -> None:
+    assert go_duration(seconds) == written
+    assert go_duration(seconds) == written  # the second time from the cache: the same

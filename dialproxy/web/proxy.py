@@ -8,6 +8,7 @@ come -> usage recorded (shielded from a client disconnect) -> one log line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Mapping
@@ -87,7 +88,11 @@ def go_duration(seconds: float) -> str:
     """Seconds written as OpenAI writes resets: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
     if seconds < 1:
         return f"{max(int(seconds * 1000), 0)}ms"
-    total = round(seconds)
+    return _whole_seconds(round(seconds))
+
+
+@functools.lru_cache(maxsize=4096)  # resets move by the second: most requests hit
+def _whole_seconds(total: int) -> str:
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -97,14 +102,16 @@ def go_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-_RATELIMIT_HEADERS = {
-    kind: (
-        f"x-ratelimit-limit-{kind}",
-        f"x-ratelimit-remaining-{kind}",
-        f"x-ratelimit-reset-{kind}",
-    )
-    for kind in ("requests", "tokens")
-}
+_REQUEST_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+)
+_TOKEN_HEADERS = (
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
 
 
 def ratelimit_headers(
@@ -112,13 +119,13 @@ def ratelimit_headers(
 ) -> list[tuple[str, str]]:
     """The ``x-ratelimit-*`` headers of the tightest request and token windows."""
     headers: list[tuple[str, str]] = []
-    for kind, state in (("requests", requests), ("tokens", tokens)):
+    for names, state in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
         if state is not None:
-            limit, remaining, reset = _RATELIMIT_HEADERS[kind]
+            limit = state.window.limit
             headers += (
-                (limit, str(state.window.limit)),
-                (remaining, str(state.remaining)),
-                (reset, go_duration(state.reset)),
+                (names[0], str(limit)),
+                (names[1], str(max(limit - state.used, 0))),
+                (names[2], go_duration(state.reset)),
             )
     return headers
 
