@@ -14,6 +14,7 @@ import orjson
 _MARK = b'"usage"'
 _NULLS = (b'"usage":null', b'"usage": null')
 _SPACE = b" \t\r\n"
+_COLON, _BRACE = ord(":"), ord("{")
 _MAX_PENDING = 65_536
 
 
@@ -26,13 +27,16 @@ class Usage(NamedTuple):
 def _usage(obj: Any) -> Usage | None:
     if not isinstance(obj, dict):
         return None
-    prompt = _count(obj.get("prompt_tokens"))
-    completion = _count(obj.get("completion_tokens"))
-    return Usage(prompt, completion, _count(obj.get("total_tokens")) or prompt + completion)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
+    prompt, completion, total = (
+        obj.get("prompt_tokens"),
+        obj.get("completion_tokens"),
+        obj.get("total_tokens"),
+    )
+    # Counts are non-negative ints; anything else counts as 0.
+    prompt = prompt if type(prompt) is int and prompt >= 0 else 0
+    completion = completion if type(completion) is int and completion >= 0 else 0
+    total = total if type(total) is int and total > 0 else prompt + completion
+    return Usage(prompt, completion, total)
 
 
 def _skip_space(data: bytes, pos: int) -> int:
@@ -45,16 +49,20 @@ def _decode_at(data: bytes, index: int) -> tuple[Any, bool]:
     """Decode the value after ``"usage"`` at ``index``: (value, complete).  Only an object
     is decoded (from its ``{`` to the first ``}`` that closes valid JSON: the shortest
     prefix that parses is the whole object); any other value is None."""
-    pos = _skip_space(data, index + len(_MARK))
-    if pos == len(data):
-        return None, False
-    if data[pos] != ord(":"):
-        return None, True
-    pos = _skip_space(data, pos + 1)
-    if pos == len(data):
-        return None, False
-    if data[pos] != ord("{"):
-        return None, len(data) - pos >= 4  # null, a number...: complete once past "null"
+    pos = index + len(_MARK)
+    if data.startswith(b":{", pos):  # compact JSON, the usual
+        pos += 1
+    else:
+        pos = _skip_space(data, pos)
+        if pos == len(data):
+            return None, False
+        if data[pos] != _COLON:
+            return None, True
+        pos = _skip_space(data, pos + 1)
+        if pos == len(data):
+            return None, False
+        if data[pos] != _BRACE:
+            return None, len(data) - pos >= 4  # null, a number...: complete once past "null"
     end = data.find(b"}", pos)
     while end >= 0:
         try:
