@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DEMO_PORT ?= 8081
 
-.PHONY: run test lint typecheck bench validate install redis clean
+.PHONY: run test lint typecheck bench bench-instructions validate install redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ validate: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Instructions per request under valgrind's callgrind: steady where CPU time is noisy.
+bench-instructions: $(STAMP)
+	$(BIN)/python -m bench.instructions
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
