@@ -33,9 +33,8 @@ SWEEP_EVERY = 60.0
 
 # (previous count, its ttl, current count, its ttl): what ``get_sliding_window`` answers.
 Counts = tuple[int, float, int, float]
-# A window: (key, length in seconds).  A window counted into: (window, limit).
+# A window: (key, length in seconds).
 Read = tuple[str, int]
-Acquire = tuple[Read, int]
 
 
 class LocalCounters(MemoryStorage):
@@ -45,25 +44,6 @@ class LocalCounters(MemoryStorage):
         # (a bucket is int(time / seconds), as in limits).
         self.windows: dict[Read, list[int]] = {}
         self._next_sweep = time.time() + SWEEP_EVERY
-
-    def _counts(self, window: Read, now: float) -> Counts:
-        """limits' ``MemoryStorage._get_sliding_window_info``: the buckets of ``now`` and of
-        one window length before, with their time to live."""
-        expiry = window[1]
-        current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
-        record = self.windows.get(window)
-        if record is None:
-            return 0, 0.0, 0, current_ttl
-        bucket, count, other, other_count = record
-        now_bucket = int(now / expiry)
-        previous_bucket = int((now - expiry) / expiry)
-        current = count if bucket == now_bucket else 0
-        previous = (
-            count if bucket == previous_bucket else other_count if other == previous_bucket else 0
-        )
-        if previous == 0:
-            return 0, 0.0, current, current_ttl
-        return previous, (1 - (((now - expiry) / expiry) % 1)) * expiry, current, current_ttl
 
     def _add(self, window: Read, amount: int, now: float) -> int:
         """``amount`` added to the bucket of ``now``: its new count."""
@@ -81,16 +61,6 @@ class LocalCounters(MemoryStorage):
         record[:] = now_bucket, amount, record[0], record[1]
         return amount
 
-    def _acquire(self, window: Read, limit: int, amount: int, now: float) -> Counts | None:
-        """limits' ``acquire_sliding_window_entry``: None when refused, else the counts
-        with the entry added."""
-        if amount > limit:
-            return None
-        previous, previous_ttl, current, current_ttl = self._counts(window, now)
-        if floor(previous * previous_ttl / window[1] + current) + amount > limit:
-            return None
-        return previous, previous_ttl, self._add(window, amount, now), current_ttl
-
     def _take_back(self, window: Read, amount: int, now: float) -> None:
         """limits' ``decr`` of the current bucket (never below zero)."""
         record = self.windows.get(window)
@@ -98,23 +68,55 @@ class LocalCounters(MemoryStorage):
         if record is not None and record[0] == now_bucket:
             record[1] = max(record[1] - amount, 0)
 
-    def read_many(self, windows: Sequence[Read]) -> list[Counts]:
-        """``get_sliding_window`` of each window, at one instant."""
-        now = time.time()
-        return [self._counts(window, now) for window in windows]
-
-    def acquire_many(self, windows: Sequence[Acquire], amount: int = 1) -> list[Counts] | int:
-        """``amount`` acquired in every window, or in none: the counts with it added, or the
-        index of the window that refused (the ones before it are taken back)."""
-        now = time.time()
+    def read_many(self, windows: Sequence[Read], now: float | None = None) -> list[Counts]:
+        """``get_sliding_window`` of each window, at one instant: limits'
+        ``MemoryStorage._get_sliding_window_info``, the buckets of ``now`` and of one window
+        length before, with their time to live.  (One loop, no call per window: this runs
+        for every limited window of every request.)"""
+        if now is None:
+            now = time.time()
+        records = self.windows
         counts: list[Counts] = []
-        for index, (window, limit) in enumerate(windows):
-            state = self._acquire(window, limit, amount, now)
-            if state is None:
-                for done, _ in windows[:index]:
+        for window in windows:
+            expiry = window[1]
+            current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+            record = records.get(window)
+            if record is None:
+                counts.append((0, 0.0, 0, current_ttl))
+                continue
+            bucket, count, other, other_count = record
+            current = count if bucket == int(now / expiry) else 0
+            previous_bucket = int((now - expiry) / expiry)
+            if bucket == previous_bucket:
+                previous = count
+            elif other == previous_bucket:
+                previous = other_count
+            else:
+                counts.append((0, 0.0, current, current_ttl))
+                continue
+            if previous:
+                previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+                counts.append((previous, previous_ttl, current, current_ttl))
+            else:  # (a bucket taken back to 0)
+                counts.append((0, 0.0, current, current_ttl))
+        return counts
+
+    def acquire_many(
+        self, windows: Sequence[Read], limits: Sequence[int], amount: int = 1
+    ) -> list[Counts] | int:
+        """``amount`` acquired in every window (distinct windows, each with its limit), or in
+        none: the counts with it added, or the index of the window that refused (the ones
+        before it are taken back).  Each as limits' ``acquire_sliding_window_entry``."""
+        now = time.time()
+        counts = self.read_many(windows, now)
+        for index, limit in enumerate(limits):
+            previous, previous_ttl, current, current_ttl = counts[index]
+            window = windows[index]
+            if floor(previous * previous_ttl / window[1] + current) + amount > limit:
+                for done in windows[:index]:
                     self._take_back(done, amount, now)
                 return index
-            counts.append(state)
+            counts[index] = (previous, previous_ttl, self._add(window, amount, now), current_ttl)
         if now >= self._next_sweep:
             self._sweep(now)
         return counts
@@ -145,13 +147,13 @@ class LocalCounters(MemoryStorage):
 # Set after the class is made: limits' Storage.__init_subclass__ wraps these methods in a
 # coroutine that only re-raises the storage's own exceptions (a second await per call).
 async def _get_sliding_window(self: LocalCounters, key: str, expiry: int) -> Counts:
-    return self._counts((key, expiry), time.time())
+    return self.read_many([(key, expiry)])[0]
 
 
 async def _acquire_sliding_window_entry(
     self: LocalCounters, key: str, limit: int, expiry: int, amount: int = 1
 ) -> bool:
-    return self._acquire((key, expiry), limit, amount, time.time()) is not None
+    return not isinstance(self.acquire_many([(key, expiry)], [limit], amount), int)
 
 
 LocalCounters.get_sliding_window = _get_sliding_window  # type: ignore[method-assign,assignment]

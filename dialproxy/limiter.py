@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from limits.aio.storage import Storage
 
 from dialproxy.config.model import Window
-from dialproxy.counters import Acquire, Counts, LocalCounters, Read
+from dialproxy.counters import Counts, LocalCounters, Read
 from dialproxy.errors import ProxyError
 from dialproxy.storage import (
     DEFAULT_FAILURE_POLICY,
@@ -103,7 +103,8 @@ class Scope:
     # The token then the cost counters: read together before a request; their windows.
     checked: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     checked_windows: tuple[Window, ...] = field(init=False, repr=False, compare=False)
-    counted: tuple[Acquire, ...] = field(init=False, repr=False, compare=False)
+    counted: tuple[Read, ...] = field(init=False, repr=False, compare=False)
+    counted_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
     # Whether a finished request's usage is added here (any token or cost window).
     records: bool = field(init=False, repr=False, compare=False)
 
@@ -111,12 +112,13 @@ class Scope:
         prefix = f"dp:{self.owner}:{self.model}:"
         tokens = tuple((f"{prefix}t:{w.name}", w.seconds) for w in self.token_windows)
         costs = tuple((f"dp:{self.owner}:c:{w.name}", w.seconds) for w in self.cost_windows)
-        counted = tuple(((f"{prefix}r:{w.name}", w.seconds), w.limit) for w in self.request_windows)
+        counted = tuple((f"{prefix}r:{w.name}", w.seconds) for w in self.request_windows)
         object.__setattr__(self, "token_counters", tokens)
         object.__setattr__(self, "cost_counters", costs)
         object.__setattr__(self, "checked", tokens + costs)
         object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
         object.__setattr__(self, "counted", counted)
+        object.__setattr__(self, "counted_limits", tuple(w.limit for w in self.request_windows))
         object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
 
 
@@ -245,15 +247,17 @@ async def _read_many(s: SlidingStorage, counters: Sequence[Read]) -> list[Counts
     return [await s.get_sliding_window(key, seconds) for key, seconds in counters]
 
 
-async def _acquire_many(s: SlidingStorage, counters: Sequence[Acquire]) -> list[Counts] | int:
-    """One request counted in every counter or in none: the counts with it, or the index of
-    the counter that refused (the ones before it taken back)."""
+async def _acquire_many(
+    s: SlidingStorage, windows: Sequence[Read], limits: Sequence[int]
+) -> list[Counts] | int:
+    """One request counted in every window or in none: the counts with it, or the index of
+    the window that refused (the ones before it taken back)."""
     if isinstance(s, LocalCounters):
-        return s.acquire_many(counters)
+        return s.acquire_many(windows, limits)
     counts: list[Counts] = []
-    for index, ((key, seconds), limit) in enumerate(counters):
+    for index, ((key, seconds), limit) in enumerate(zip(windows, limits, strict=True)):
         if not await s.acquire_sliding_window_entry(key, limit, seconds, 1):
-            for (done, done_seconds), _ in counters[:index]:
+            for done, done_seconds in windows[:index]:
                 await take_back(s, done, done_seconds)
             return index
         counts.append(await s.get_sliding_window(key, seconds))
@@ -276,20 +280,19 @@ async def _admit(
         if scope.token_windows:
             token = _tightest(scope.token_windows, counts, token)
     if len(scopes) == 1:
-        windows, counters = scopes[0].request_windows, scopes[0].counted
+        scope = scopes[0]
+        windows, counted, limits = scope.request_windows, scope.counted, scope.counted_limits
     else:
         windows = tuple(chain.from_iterable(scope.request_windows for scope in scopes))
-        counters = tuple(chain.from_iterable(scope.counted for scope in scopes))
-    if not counters:
+        counted = tuple(chain.from_iterable(scope.counted for scope in scopes))
+        limits = tuple(chain.from_iterable(scope.counted_limits for scope in scopes))
+    if not counted:
         return None, token
-    acquired = await _acquire_many(s, counters)
+    acquired = await _acquire_many(s, counted, limits)
     if isinstance(acquired, int):  # refused: every request window of the scope that refused
-        refused = counters[acquired]
+        refused = counted[acquired]
         scope = next(scope for scope in scopes if refused in scope.counted)
-        reads = _states(
-            scope.request_windows,
-            await _read_many(s, [window for window, _ in scope.counted]),
-        )
+        reads = _states(scope.request_windows, await _read_many(s, scope.counted))
         blocking = reads[scope.counted.index(refused)]
         raise RateLimited("request", reads, _blocking(reads) or blocking)
     return _tightest(windows, acquired, None), token

@@ -35,7 +35,7 @@ async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, s
         if op < 0.15:  # acquire in several counters or in none, as one call after another
             batch = [((k, rnd.choice([1, 2, 60])), rnd.randint(0, 20)) for k in rnd.sample(keys, 2)]
             amount = rnd.randint(1, 5)
-            got = ours.acquire_many(batch, amount)
+            got = ours.acquire_many([w for w, _ in batch], [limit for _, limit in batch], amount)
             want: list[tuple[int, float, int, float]] = []
             for (k, e), limit in batch:
                 if not await theirs.acquire_sliding_window_entry(k, limit, e, amount):
@@ -75,11 +75,11 @@ async def test_expired_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(time, "time", clock)
     counters = LocalCounters()
     for i in range(100):
-        assert counters.acquire_many([((f"k{i}", 1), 10)]) != 0
+        assert counters.acquire_many([(f"k{i}", 1)], [10]) != 0
     counters.add_many([("tokens", 60)], 5)
     assert len(counters.windows) == 101
     clock.now += SWEEP_EVERY + 1
-    assert counters.acquire_many([(("fresh", 1), 10)]) != 0
+    assert counters.acquire_many([("fresh", 1)], [10]) != 0
     assert list(counters.windows) == [("tokens", 60), ("fresh", 1)]  # 61 s: still readable
     clock.now += SWEEP_EVERY + 1
     counters.add_many([("tokens", 60)], 5)
