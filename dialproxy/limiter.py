@@ -148,10 +148,6 @@ class RateLimited(ProxyError):
         self.headers = {"Retry-After": str(self.retry_after)}
 
 
-def _stats(window: Window, counts: Counts) -> WindowState:
-    return WindowState(window, counts)
-
-
 class Limiter:
     def __init__(
         self, storage: Storage, failure: FailurePolicy | str = DEFAULT_FAILURE_POLICY

@@ -15,7 +15,7 @@ from limits.aio.storage.base import SlidingWindowCounterSupport
 
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.counters import LocalCounters
-from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _stats, _tightest
+from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _tightest
 from dialproxy.server import counter_storage
 from dialproxy.storage import SlidingStorage, close_storage, take_back
 from tests.conftest import admit_request, check_tokens
@@ -88,7 +88,7 @@ STATS = [
 def test_sliding_window_arithmetic(
     counts: tuple[int, float, int, float], used_: int, retry: float, reset: float
 ) -> None:
-    state = _stats(Window("minute", MINUTE, 10), counts)
+    state = WindowState(Window("minute", MINUTE, 10), counts)
     assert (state.used, state.retry_after, state.reset) == pytest.approx((used_, retry, reset))
     assert state.remaining == max(10 - used_, 0)
 

@@ -349,8 +349,8 @@ class Snapshot:
     files: tuple[str, ...]
     warnings: tuple[Problem, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    # What the request path works out once per snapshot and reuses (the counters a key's
-    # requests to a model are charged to): filled as requests come, dropped with the snapshot.
+    # What the request path works out once per snapshot and reuses (a key's plan for a
+    # deployment: its model and counters): filled as requests come, dropped with the snapshot.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def key_for_secret(self, secret: str) -> Key | None:

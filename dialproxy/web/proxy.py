@@ -304,7 +304,6 @@ class Plan(NamedTuple):
 
     model: Model
     scopes: tuple[Scope, ...]  # the counters they are charged to
-    records: bool  # whether their usage is added to a counter after the response
 
 
 # Plans kept in a snapshot's memo, at most (keys x deployments called).
@@ -318,8 +317,7 @@ def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
     plan = snapshot.memo.get(memo_key)
     if plan is None:
         grant = resolve(principal, snapshot, deployment)
-        scopes = tuple(_scopes(principal, grant))
-        plan = Plan(grant.model, scopes, any(scope.records for scope in scopes))
+        plan = Plan(grant.model, tuple(_scopes(principal, grant)))
         if len(snapshot.memo) < MEMO_SIZE:
             snapshot.memo[memo_key] = plan
     return plan
