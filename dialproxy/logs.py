@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
 import time
@@ -84,7 +85,10 @@ class JSONLines:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-        return orjson.dumps(event, default=repr).decode()
+        try:
+            return orjson.dumps(event, default=repr).decode()
+        except TypeError:  # what orjson cannot write at all (an int beyond 64 bits)
+            return json.dumps(event, default=repr)
 
 
 def configure(level: int = logging.INFO, stream: TextIO | None = None) -> BatchedLines:

@@ -91,4 +91,5 @@ def test_the_json_line_has_level_timestamp_and_any_value() -> None:
     stamp = datetime.strptime(parsed["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     assert abs((datetime.now(UTC) - stamp).total_seconds()) < 5
     assert json.loads(render(None, "exception", {"event": "y"}))["level"] == "error"
+    assert json.loads(render(None, "info", {"event": "z", "n": 2**70}))["n"] == 2**70
     assert "\n" not in line
