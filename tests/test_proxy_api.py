@@ -377,6 +377,35 @@ async def test_body_errors(proxy: Proxy, backend: Backend) -> None:
     assert backend.control.requests == []
 
 
+async def test_any_valid_json_body_passes(proxy: Proxy, backend: Backend) -> None:
+    """Valid JSON the fast parser refuses (a lone surrogate escape) or reads inexactly (an
+    integer beyond 64 bits, which orjson makes a float) reaches the backend intact, also
+    when the proxy rewrites the body."""
+    body = (
+        b'{"messages": [{"role": "user", "content": "hi"}], "user": "\\ud800",'
+        b' "seed": 123456789012345678901234}'
+    )
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(
+            proxy.url("/openai/deployments/chat/chat/completions"),
+            data=body,
+            headers={"Api-Key": KEY, "Content-Type": "application/json"},
+        )
+        assert r.status == 200
+        assert backend.control.last_request.body == body  # forwarded as it came
+        streamed = body[:-1] + b', "stream": true}'  # rewritten: usage asked for
+        r = await s.post(
+            proxy.url("/openai/deployments/chat/chat/completions"),
+            data=streamed,
+            headers={"Api-Key": KEY, "Content-Type": "application/json"},
+        )
+        assert r.status == 200 and b"[DONE]" in await r.read()
+    sent = json.loads(backend.control.last_request.body)
+    assert sent["seed"] == 123456789012345678901234
+    assert sent["user"] == "\ud800"
+    assert sent["stream_options"] == {"include_usage": True}
+
+
 async def test_defaults_and_override_name(backend: Backend, make_proxy: ProxyFactory) -> None:
     cfg = config(backend)
     cfg["models"]["chat"] |= {

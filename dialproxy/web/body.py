@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -23,7 +24,10 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise BadRequest("Invalid JSON in the request body") from None
+        try:  # what orjson refuses but Python's json reads (a lone surrogate escape, NaN)
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequest("Invalid JSON in the request body") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
     return body

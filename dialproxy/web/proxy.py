@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -197,34 +198,43 @@ def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
     return scopes
 
 
+# orjson reads an integer beyond 64 bits as a float; json keeps it exact.  A body that may
+# hold one (a run of 19 digits, in a string or not) is rewritten from json's reading.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
 def outbound_body(
-    body: dict[str, Any], model: Model, direct: bool, api: str
+    body: dict[str, Any], raw: bytes, model: Model, direct: bool, api: str
 ) -> tuple[bytes | None, bool]:
     """Apply ``defaults``/``overrideName``; ask a direct backend for stream usage.
 
-    Returns the new body (None: forward the client's bytes unchanged) and whether usage
-    was asked for on the client's behalf (so it must be hidden from the client).
+    ``body`` is ``raw`` as read.  Returns the new body (None: forward the client's bytes
+    unchanged) and whether usage was asked for on the client's behalf (so it must be hidden
+    from the client).
     """
-    changed = False
-    injected_usage = False
-    for name, value in model.defaults.items():
-        if name not in body:
-            body[name] = value
-            changed = True
+    updates = {name: value for name, value in model.defaults.items() if name not in body}
     if model.override_name is not None and body.get("model") != model.override_name:
-        body["model"] = model.override_name
-        changed = True
+        updates["model"] = model.override_name
+    injected_usage = False
     if direct and api != "embeddings" and body.get("stream") is True:
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
-            body["stream_options"] = {
+            updates["stream_options"] = {
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,
             }
-            changed = injected_usage = True
-    if not changed:
+            injected_usage = True
+    if not updates:
         return None, False
-    return orjson.dumps(body), injected_usage
+    if _LONG_NUMBER.search(raw) is None:
+        try:
+            return orjson.dumps(body | updates), injected_usage
+        except TypeError:  # a string orjson cannot write (a lone surrogate escape)
+            exact = body | updates
+    else:
+        exact = json.loads(raw) | updates
+    # ASCII with escapes: any string Python's json read, lone surrogates too, written back
+    return json.dumps(exact, separators=(",", ":")).encode(), injected_usage
 
 
 def forwarded_headers(request: web.Request, principal: Principal, model: Model) -> dict[str, str]:
@@ -444,8 +454,9 @@ async def _forward(
     stream.  ``extra_headers`` (the x-ratelimit ones) are added to the upstream's."""
     app = request.app
     balancer = app[BALANCER]
-    payload, injected = outbound_body(body, model, model.endpoint is None, api)
-    data = payload if payload is not None else await request.read()
+    raw = await request.read()  # (read already: the bytes as they came)
+    payload, injected = outbound_body(body, raw, model, model.endpoint is None, api)
+    data = payload if payload is not None else raw
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
     headers = forwarded_headers(request, principal, model)
     retry_afters: list[float] = []
