@@ -199,8 +199,14 @@ def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
 
 
 # orjson reads an integer beyond 64 bits as a float; json keeps it exact.  A body that may
-# hold one (a run of 19 digits, in a string or not) is rewritten from json's reading.
+# hold one (a run of 19 digits, in a string or not) is rewritten from json's reading.  The
+# search runs only on a body with 19 digits in all (a count is ~5x cheaper than the search).
 _LONG_NUMBER = re.compile(rb"\d{19}")
+_NOT_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)
+
+
+def _may_hold_long_number(raw: bytes) -> bool:
+    return len(raw.translate(None, _NOT_DIGITS)) >= 19 and _LONG_NUMBER.search(raw) is not None
 
 
 def outbound_body(
@@ -226,7 +232,7 @@ def outbound_body(
             injected_usage = True
     if not updates:
         return None, False
-    if _LONG_NUMBER.search(raw) is None:
+    if not _may_hold_long_number(raw):
         try:
             return orjson.dumps(body | updates), injected_usage
         except TypeError:  # a string orjson cannot write (a lone surrogate escape)
