@@ -268,10 +268,8 @@ async def _admit(
         if not scope.checked:
             continue
         counts = await _read_many(s, scope.checked)
-        for window, (previous, previous_ttl, current, _) in zip(
-            scope.checked_windows, counts, strict=True
-        ):
-            if previous * previous_ttl / window.seconds + current >= window.limit:  # full
+        for window, c in zip(scope.checked_windows, counts, strict=True):
+            if _used(window, c) >= window.limit:  # full
                 _refuse_checked(scope, counts)
         if scope.token_windows:
             token = _tightest(scope.token_windows, counts, token)
@@ -325,7 +323,7 @@ def _tightest(
     else:
         tight, tight_counts, least = best.window, best.counts, best.window.limit - best.used
     for window, c in zip(windows, counts, strict=False):
-        remaining = window.limit - int(c[0] * c[1] / window.seconds + c[2])
+        remaining = window.limit - _used(window, c)
         if (
             tight is None
             or remaining < least
