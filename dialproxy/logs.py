@@ -91,7 +91,35 @@ class JSONLines:
             return json.dumps(event, default=repr)
 
 
+class RequestLog(structlog.BoundLoggerBase):
+    """The request log's logger (a structlog custom wrapper): :meth:`line` logs an event
+    at info level with its fields given as one dict.  ``log.info("request", **fields)``
+    would pass a request line's fifteen fields as keywords through two more calls, three
+    copies of them: about half of what a line costs."""
+
+    def line(self, event: str, fields: dict[str, Any]) -> None:
+        if _level > logging.INFO:
+            return
+        try:
+            args, kw = self._process_event("info", event, fields)
+        except structlog.DropEvent:
+            return
+        self._logger.info(*args, **kw)
+
+
+def request_log() -> RequestLog:
+    """A :class:`RequestLog` on the configured processors and logger."""
+    log = structlog.wrap_logger(None, wrapper_class=RequestLog).bind()
+    assert isinstance(log, RequestLog)
+    return log
+
+
+_level = logging.INFO  # as configured: RequestLog obeys it as structlog's loggers do
+
+
 def configure(level: int = logging.INFO, stream: TextIO | None = None) -> BatchedLines:
+    global _level
+    _level = level
     lines = BatchedLines(stream or sys.stderr)
     atexit.register(lines.flush)
 

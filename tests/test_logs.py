@@ -93,3 +93,37 @@ def test_the_json_line_has_level_timestamp_and_any_value() -> None:
     assert json.loads(render(None, "exception", {"event": "y"}))["level"] == "error"
     assert json.loads(render(None, "info", {"event": "z", "n": 2**70}))["n"] == 2**70
     assert "\n" not in line
+
+
+def test_the_request_log_renders_through_the_configured_chain_and_obeys_its_level() -> None:
+    import io
+    import logging
+
+    import structlog
+
+    from dialproxy import logs
+
+    saved = structlog.get_config()
+    try:
+        for level, expected in ((logging.WARNING, 0), (logging.INFO, 1)):
+            stream = io.StringIO()
+            lines = logs.configure(level, stream)
+            fields = {"status": 200, "deployment": "chat", "shared_key": None}
+            logs.request_log().line("request", fields)
+            lines.flush()
+            out = [json.loads(line) for line in stream.getvalue().splitlines()]
+            assert len(out) == expected
+            if expected:
+                assert out[0] == {
+                    **fields,
+                    "event": "request",
+                    "level": "info",
+                    "timestamp": out[0]["timestamp"],
+                }
+            assert fields == {"status": 200, "deployment": "chat", "shared_key": None}
+        with capture_logs() as captured:  # and a processor that drops the event
+            logs.request_log().line("request", {"status": 200})
+        assert captured == [{"event": "request", "status": 200, "log_level": "info"}]
+    finally:
+        logs.configure(logging.INFO, io.StringIO())
+        structlog.configure(**saved)

@@ -72,12 +72,16 @@ def _decode_at(data: bytes, index: int) -> tuple[Any, bool]:
     return None, False
 
 
+def usage_at(data: bytes, index: int) -> Usage | None:
+    """The usage object after the ``"usage"`` mark at ``index`` (None: not an object)."""
+    return _usage(_decode_at(data, index)[0])
+
+
 def find_usage(body: bytes) -> Usage | None:
     """The last usage object of a complete (non-streamed) body."""
     index = body.rfind(_MARK)
     while index >= 0:
-        value, _ = _decode_at(body, index)
-        usage = _usage(value)
+        usage = usage_at(body, index)
         if usage is not None:
             return usage
         index = body.rfind(_MARK, 0, index)

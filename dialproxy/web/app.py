@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from limits.aio.storage import Storage
 
-from dialproxy import sharedkeys
+from dialproxy import logs, sharedkeys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.config.store import ConfigStore
@@ -263,7 +263,7 @@ def create_app(
         shared_up=lambda: limiter.guard.healthy,
     )
     app[BACKGROUND] = set()
-    app[REQUEST_LOG] = structlog.get_logger("dialproxy.request").bind()
+    app[REQUEST_LOG] = logs.request_log()
 
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None

@@ -32,7 +32,7 @@ from dialproxy.errors import (
     Unavailable,
 )
 from dialproxy.limiter import Scope, WindowState
-from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
+from dialproxy.upstream.usage import Usage, UsageScanner, find_usage, usage_at
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -254,6 +254,9 @@ def forwarded_headers(request: web.Request, principal: Principal, model: Model) 
     return headers
 
 
+_USAGE_MARK = b'"usage"'
+
+
 class _StreamFilter:
     """Hides the usage we asked for on the client's behalf: the usage-only final chunk and
     the ``"usage":null`` fields, event by event.  Only used when we injected the option.
@@ -267,23 +270,46 @@ class _StreamFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n\n") + 2  # what is relayed: the complete events
-        if end < 2:
-            self._buffer = data
-            return b""
-        if end == len(data):
+        if data.endswith(b"\n\n"):  # what is relayed: the complete events
             head, self._buffer = data, b""
         else:
+            end = data.rfind(b"\n\n") + 2
+            if end < 2:
+                self._buffer = data
+                return b""
             head, self._buffer = data[:end], data[end:]
-        if b'"usage"' not in head:
+        if _USAGE_MARK not in head:
             return head
-        out = head.replace(b',"usage":null', b"")  # a stream is written compact or spaced
-        if out is head:
-            out = head.replace(b', "usage": null', b"")
-        if b'"usage"' in out:  # a usage with a value: hidden with its event if no choices
-            self.usage = find_usage(out) or self.usage
-            out = _drop_usage_only_events(out)
-        return out
+        # Split and joined: one pass over the bytes (replace takes two).  A stream is
+        # written compact or spaced.
+        parts = head.split(b',"usage":null')
+        if len(parts) == 1:
+            parts = head.split(b', "usage": null')
+        out = b"".join(parts) if len(parts) > 1 else head
+        # What is left is a usage with a value: searched from the end, where a stream's
+        # usage-only event is.
+        index = out.rfind(_USAGE_MARK)
+        return out if index < 0 else self._take_usage(out, index)
+
+    def _take_usage(self, head: bytes, index: int) -> bytes:
+        """``head`` (complete events, a ``"usage"`` mark at ``index``, the last) without
+        the events that have a usage and no choices; the last usage object is kept."""
+        found = None
+        while index >= 0:
+            if found is None:
+                found = usage_at(head, index)
+            start = head.rfind(b"\n\n", 0, index) + 2
+            start = 0 if start < 2 else start
+            stop = head.find(b"\n\n", index) + 2
+            if (
+                head.find(b'"choices":[]', start, stop) >= 0
+                or head.find(b'"choices": []', start, stop) >= 0
+            ):
+                head = head[:start] + head[stop:]
+            index = head.rfind(_USAGE_MARK, 0, start)
+        if found is not None:
+            self.usage = found
+        return head
 
     def flush(self) -> bytes:
         """What is left of a stream that did not end with a complete event: as it came."""
@@ -291,23 +317,6 @@ class _StreamFilter:
         if b'"usage"' in data:
             self.usage = find_usage(data) or self.usage
         return data
-
-
-def _drop_usage_only_events(head: bytes) -> bytes:
-    """``head`` (complete events) without the events that have a usage and no choices
-    (searched from the end: the usage-only event is the last but ``[DONE]``)."""
-    index = head.rfind(b'"usage"')
-    while index >= 0:
-        start = head.rfind(b"\n\n", 0, index) + 2
-        start = 0 if start < 2 else start
-        stop = head.find(b"\n\n", index) + 2
-        if (
-            head.find(b'"choices":[]', start, stop) >= 0
-            or head.find(b'"choices": []', start, stop) >= 0
-        ):
-            head = head[:start] + head[stop:]
-        index = head.rfind(b'"usage"', 0, start)
-    return head
 
 
 def sse_error(message: str, status: int = 502) -> bytes:
@@ -423,28 +432,25 @@ def _log(
     started: float,
 ) -> None:
     usage = outcome.usage
+    fields = {
+        "method": request.method,
+        "path": request.path,
+        "status": outcome.status,
+        "project": principal.key.project if principal else None,
+        "key": principal.key.fingerprint if principal else None,
+        "deployment": deployment,
+        "upstream": outcome.upstream,
+        "attempts": outcome.attempts,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "total_tokens": usage.total_tokens if usage else None,
+        "ttfb_ms": outcome.ttfb_ms,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        "error": outcome.error,
+    }
     if principal is not None and principal.shared is not None:
-        extra = {"shared_key": principal.shared.id}
-    else:
-        extra = {}
-    request.app[REQUEST_LOG].info(
-        "request",
-        method=request.method,
-        path=request.path,
-        status=outcome.status,
-        project=principal.key.project if principal else None,
-        key=principal.key.fingerprint if principal else None,
-        deployment=deployment,
-        upstream=outcome.upstream,
-        attempts=outcome.attempts,
-        prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None,
-        total_tokens=usage.total_tokens if usage else None,
-        ttfb_ms=outcome.ttfb_ms,
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
-        error=outcome.error,
-        **extra,
-    )
+        fields["shared_key"] = principal.shared.id
+    request.app[REQUEST_LOG].line("request", fields)
 
 
 async def _forward(
