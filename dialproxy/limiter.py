@@ -46,10 +46,10 @@ class WindowState:
 
     __slots__ = ("counts", "used", "window")
 
-    def __init__(self, window: Window, counts: Counts) -> None:
+    def __init__(self, window: Window, counts: Counts, used: int | None = None) -> None:
         self.window = window
         self.counts = counts  # (previous, its ttl, current, its ttl)
-        self.used = _used(window, counts)
+        self.used = _used(window, counts) if used is None else used
 
     @property
     def remaining(self) -> int:
@@ -268,8 +268,10 @@ async def _admit(
         if not scope.checked:
             continue
         counts = await _read_many(s, scope.checked)
-        for window, c in zip(scope.checked_windows, counts, strict=True):
-            if _used(window, c) >= window.limit:  # full
+        for window, (previous, previous_ttl, current, _) in zip(
+            scope.checked_windows, counts, strict=True
+        ):  # _used, inline: this runs for every limited window of every request
+            if int(previous * previous_ttl / window.seconds + current) >= window.limit:
                 _refuse_checked(scope, counts)
         if scope.token_windows:
             token = _tightest(scope.token_windows, counts, token)
@@ -323,7 +325,7 @@ def _tightest(
     else:
         tight, tight_counts, least = best.window, best.counts, best.window.limit - best.used
     for window, c in zip(windows, counts, strict=False):
-        remaining = window.limit - _used(window, c)
+        remaining = window.limit - int(c[0] * c[1] / window.seconds + c[2])  # _used, inline
         if (
             tight is None
             or remaining < least
@@ -334,7 +336,7 @@ def _tightest(
         return None
     if best is not None and tight is best.window and tight_counts is best.counts:
         return best
-    return WindowState(tight, tight_counts)
+    return WindowState(tight, tight_counts, tight.limit - least)
 
 
 def _reset(window: Window, counts: Counts) -> float:
