@@ -121,9 +121,10 @@ class LocalCounters(MemoryStorage):
             self._sweep(now)
         return counts
 
-    def add_many(self, windows: Sequence[Read], amount: int) -> None:
+    def add_many(self, windows: Sequence[Read], amount: int, now: float | None = None) -> None:
         """``amount`` added to every window, whatever its limit (usage after a response)."""
-        now = time.time()
+        if now is None:
+            now = time.time()
         for window in windows:
             self._add(window, amount, now)
         if now >= self._next_sweep:

@@ -18,6 +18,7 @@ no limits, or 503).  A storage failure is never a 500.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -194,9 +195,14 @@ class Limiter:
 
     def record_now(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
         """:meth:`record` on in-process counters: done before it returns."""
-        assert self.local is not None
-        for counters, amount in _batches(scopes, tokens, cost_nano_usd):
-            self.local.add_many(counters, amount)
+        local = self.local
+        assert local is not None
+        now = time.time()
+        for scope in scopes:
+            if tokens > 0 and scope.token_counters:
+                local.add_many(scope.token_counters, tokens, now)
+            if cost_nano_usd > 0 and scope.cost_counters:
+                local.add_many(scope.cost_counters, cost_nano_usd, now)
 
     async def usage(
         self, owner: str, model: str, windows: Sequence[Window], kind: str

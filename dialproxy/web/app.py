@@ -284,9 +284,23 @@ def create_app(
     app.cleanup_ctx.append(client_ctx)
     app.on_cleanup.append(_close_limiter)  # after client_ctx has awaited the usage records
     sharedkeys.setup(app)  # the shared key store (opened and closed with the app), its routes
+    services = proxy.Services(
+        store=store,
+        settings=settings,
+        limiter=limiter,
+        balancer=app[BALANCER],
+        shared=app[sharedkeys.SHARED],
+        background=app[BACKGROUND],
+        log=app[REQUEST_LOG],
+    )
+
+    async def bind_client(app: web.Application) -> None:
+        services.client = app[CLIENT]
+
+    app.on_startup.append(bind_client)  # (after the cleanup contexts have run their start)
     for api in proxy.API_TYPES:
         # /openai/v1/...: no {id}, the deployment is the body's "model"
-        handler = functools.partial(proxy.handle, api=api)
+        handler = functools.partial(proxy.handle, services=services, api=api)
         app.router.add_post(f"/openai/deployments/{{id}}/{api}", handler)
         app.router.add_post(f"/openai/v1/{api}", handler)
     app.router.add_get("/openai/models", list_models)

@@ -23,6 +23,7 @@ from aiohttp import web
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Grant, Model, Snapshot
+from dialproxy.config.store import ConfigStore
 from dialproxy.errors import (
     BadGateway,
     BadRequest,
@@ -31,17 +32,11 @@ from dialproxy.errors import (
     ProxyError,
     Unavailable,
 )
-from dialproxy.limiter import Scope, WindowState
+from dialproxy.limiter import Limiter, Scope, WindowState
+from dialproxy.logs import RequestLog
+from dialproxy.settings import Settings
+from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage, usage_at
-from dialproxy.web.appkeys import (
-    BACKGROUND,
-    BALANCER,
-    CLIENT,
-    LIMITER,
-    REQUEST_LOG,
-    SETTINGS,
-    STORE,
-)
 from dialproxy.web.body import read_json_body
 
 # Client headers passed on to the upstream; everything else stays here (Content-Type is
@@ -120,15 +115,20 @@ def ratelimit_headers(
 ) -> list[tuple[str, str]]:
     """The ``x-ratelimit-*`` headers of the tightest request and token windows."""
     headers: list[tuple[str, str]] = []
-    for names, state in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if state is not None:
-            limit = state.window.limit
-            headers += (
-                (names[0], str(limit)),
-                (names[1], str(max(limit - state.used, 0))),
-                (names[2], go_duration(state.reset)),
-            )
+    if requests is not None:
+        headers += _window_headers(_REQUEST_HEADERS, requests)
+    if tokens is not None:
+        headers += _window_headers(_TOKEN_HEADERS, tokens)
     return headers
+
+
+def _window_headers(names: tuple[str, str, str], state: WindowState) -> tuple[tuple[str, str], ...]:
+    limit, used = state.window.limit, state.used
+    return (
+        (names[0], str(limit)),
+        (names[1], str(limit - used) if used < limit else "0"),
+        (names[2], go_duration(state.reset)),
+    )
 
 
 @dataclass(slots=True)
@@ -143,6 +143,7 @@ class Outcome:
     error: str | None = None
     model: Model | None = None
     scopes: tuple[Scope, ...] = ()
+    records: bool = False  # whether a scope counts usage
     shared: sharedkeys.SharedKey | None = None  # the shared key that called, if one did
 
 
@@ -329,6 +330,7 @@ class Plan(NamedTuple):
 
     model: Model
     scopes: tuple[Scope, ...]  # the counters they are charged to
+    records: bool  # whether a scope counts usage (tokens or cost)
 
 
 # Plans kept in a snapshot's memo, at most (keys x deployments called).
@@ -342,26 +344,39 @@ def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
     plan = snapshot.memo.get(memo_key)
     if plan is None:
         grant = resolve(principal, snapshot, deployment)
-        plan = Plan(grant.model, tuple(_scopes(principal, grant)))
+        scopes = tuple(_scopes(principal, grant))
+        plan = Plan(grant.model, scopes, any(scope.records for scope in scopes))
         if len(snapshot.memo) < MEMO_SIZE:
             snapshot.memo[memo_key] = plan
     return plan
 
 
-async def handle(request: web.Request, api: str) -> web.StreamResponse:
+@dataclass(slots=True)
+class Services:
+    """What a proxied request uses of its app, gathered once and handed to :func:`handle`
+    with the route (an ``app[KEY]`` lookup is a Python call: there were nine a request)."""
+
+    store: ConfigStore
+    settings: Settings
+    limiter: Limiter
+    balancer: Balancer
+    shared: sharedkeys.SharedKeys
+    background: set[asyncio.Task[None]]
+    log: RequestLog
+    client: aiohttp.ClientSession | None = None  # set when the app starts
+
+
+async def handle(request: web.Request, services: Services, api: str) -> web.StreamResponse:
     """One proxied request to ``api`` (chat/completions, completions, embeddings).  The
     deployment is the path's ``{id}``, or for ``/openai/v1/...`` the body's ``model``."""
-    app = request.app
-    snapshot = app[STORE].snapshot  # taken once: the request lives on it whatever reloads happen
+    snapshot = services.store.snapshot  # taken once: the request lives on it, reloads or not
     started = time.perf_counter()
     deployment: str | None = request.match_info.get("id")
     outcome = Outcome()
     principal: Principal | None = None
     try:
-        principal = await authenticate(
-            request.headers, snapshot, request.remote, app[sharedkeys.SHARED]
-        )
-        max_body = app[SETTINGS].max_body
+        principal = await authenticate(request.headers, snapshot, request.remote, services.shared)
+        max_body = services.settings.max_body
         if deployment is None:  # /openai/v1/...: the deployment is the body's "model"
             body = await read_json_body(request, max_body)
             name = body.get("model")
@@ -378,11 +393,13 @@ async def handle(request: web.Request, api: str) -> web.StreamResponse:
             outcome.shared = principal.shared
         extra_headers: list[tuple[str, str]] = []
         if plan.scopes:
-            request_state, token_state = await app[LIMITER].admit(plan.scopes)
-            outcome.scopes = plan.scopes
+            request_state, token_state = await services.limiter.admit(plan.scopes)
+            outcome.scopes, outcome.records = plan.scopes, plan.records
             if request_state is not None or token_state is not None:
                 extra_headers = ratelimit_headers(request_state, token_state)
-        response = await _forward(request, principal, model, api, body, outcome, extra_headers)
+        response = await _forward(
+            request, services, snapshot, principal, model, api, body, outcome, extra_headers
+        )
         if isinstance(response, _UpstreamStream):
             await _relay_stream(request, response, outcome)
         return response
@@ -394,17 +411,17 @@ async def handle(request: web.Request, api: str) -> web.StreamResponse:
         if (
             outcome.usage is not None
             and outcome.status == 200
-            and (outcome.shared is not None or any(s.records for s in outcome.scopes))
+            and (outcome.shared is not None or outcome.records)
         ):
-            _record(app, outcome)
-        _log(request, principal, deployment, outcome, started)
+            _record(services, outcome)
+        _log(services.log, request, principal, deployment, outcome, started)
 
 
-def _record(app: web.Application, outcome: Outcome) -> None:
+def _record(services: Services, outcome: Outcome) -> None:
     """Add a 200's usage to its counters (and to the shared key that called): at once in
     process memory, else in a task of its own, held by the app, so that a client that
     disconnects cannot cut it off."""
-    usage, model, limiter = outcome.usage, outcome.model, app[LIMITER]
+    usage, model, limiter = outcome.usage, outcome.model, services.limiter
     assert usage is not None
     pricing = model.pricing if model is not None else None
     cost = pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens) if pricing else 0
@@ -414,17 +431,18 @@ def _record(app: web.Application, outcome: Outcome) -> None:
 
     async def record() -> None:
         if outcome.shared is not None:
-            await app[sharedkeys.SHARED].record(outcome.shared, usage.total_tokens)
+            await services.shared.record(outcome.shared, usage.total_tokens)
         if outcome.scopes:
             await limiter.record(outcome.scopes, usage.total_tokens, cost)
 
     task = asyncio.get_running_loop().create_task(record())
-    tasks = app[BACKGROUND]
+    tasks = services.background
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 
 
 def _log(
+    log: RequestLog,
     request: web.Request,
     principal: Principal | None,
     deployment: str | None,
@@ -450,11 +468,13 @@ def _log(
     }
     if principal is not None and principal.shared is not None:
         fields["shared_key"] = principal.shared.id
-    request.app[REQUEST_LOG].line("request", fields)
+    log.line("request", fields)
 
 
 async def _forward(
     request: web.Request,
+    services: Services,
+    snapshot: Snapshot,
     principal: Principal,
     model: Model,
     api: str,
@@ -464,8 +484,8 @@ async def _forward(
 ) -> web.StreamResponse:
     """Try the model's routes until one answers; return a complete response or a prepared
     stream.  ``extra_headers`` (the x-ratelimit ones) are added to the upstream's."""
-    app = request.app
-    balancer = app[BALANCER]
+    balancer, client = services.balancer, services.client
+    assert client is not None
     raw = await request.read()  # (read already: the bytes as they came)
     payload, injected = outbound_body(body, raw, model, model.endpoint is None, api)
     data = payload if payload is not None else raw
@@ -485,7 +505,7 @@ async def _forward(
         outcome.upstream = route.name
         sent = time.perf_counter()
         try:
-            resp = await app[CLIENT].post(
+            resp = await client.post(
                 url, data=data, headers={**headers, **route.headers} if route.headers else headers
             )
         except (aiohttp.ClientError, TimeoutError):
@@ -493,7 +513,7 @@ async def _forward(
             all_rate_limited = False
             continue
         status = resp.status
-        if status in app[STORE].snapshot.retriable_codes:
+        if status in snapshot.retriable_codes:
             resp.release()
             if status == 429:
                 after = _retry_after(resp.headers)
