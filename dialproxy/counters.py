@@ -102,12 +102,17 @@ class LocalCounters(MemoryStorage):
         return counts
 
     def acquire_many(
-        self, windows: Sequence[Read], limits: Sequence[int], amount: int = 1
+        self,
+        windows: Sequence[Read],
+        limits: Sequence[int],
+        amount: int = 1,
+        now: float | None = None,
     ) -> list[Counts] | int:
         """``amount`` acquired in every window (distinct windows, each with its limit), or in
         none: the counts with it added, or the index of the window that refused (the ones
         before it are taken back).  Each as limits' ``acquire_sliding_window_entry``."""
-        now = time.time()
+        if now is None:
+            now = time.time()
         counts = self.read_many(windows, now)
         for index, limit in enumerate(limits):
             previous, previous_ttl, current, current_ttl = counts[index]
@@ -116,7 +121,8 @@ class LocalCounters(MemoryStorage):
                 for done in windows[:index]:
                     self._take_back(done, amount, now)
                 return index
-            counts[index] = (previous, previous_ttl, self._add(window, amount, now), current_ttl)
+            self._add(window, amount, now)  # (the current bucket is the one read, with amount)
+            counts[index] = (previous, previous_ttl, current + amount, current_ttl)
         if now >= self._next_sweep:
             self._sweep(now)
         return counts

@@ -269,18 +269,20 @@ async def _acquire_many(
 async def _admit(
     s: SlidingStorage, scopes: Sequence[Scope]
 ) -> tuple[WindowState | None, WindowState | None]:
-    token: WindowState | None = None
+    # In-process counters are called directly: this runs on every request.
+    local = s if isinstance(s, LocalCounters) else None
+    now = time.time()
+    token: Tight | None = None
     for scope in scopes:
         if not scope.checked:
             continue
-        counts = await _read_many(s, scope.checked)
-        for window, (previous, previous_ttl, current, _) in zip(
-            scope.checked_windows, counts, strict=True
-        ):  # _used, inline: this runs for every limited window of every request
-            if int(previous * previous_ttl / window.seconds + current) >= window.limit:
-                _refuse_checked(scope, counts)
-        if scope.token_windows:
-            token = _tightest(scope.token_windows, counts, token)
+        if local is not None:
+            counts = local.read_many(scope.checked, now)
+        else:
+            counts = await _read_many(s, scope.checked)
+        token, full = _scan(scope.checked_windows, counts, len(scope.token_windows), token)
+        if full:
+            _refuse_checked(scope, counts)
     if len(scopes) == 1:
         scope = scopes[0]
         windows, counted, limits = scope.request_windows, scope.counted, scope.counted_limits
@@ -289,15 +291,18 @@ async def _admit(
         counted = tuple(chain.from_iterable(scope.counted for scope in scopes))
         limits = tuple(chain.from_iterable(scope.counted_limits for scope in scopes))
     if not counted:
-        return None, token
-    acquired = await _acquire_many(s, counted, limits)
+        return None, _state(token)
+    if local is not None:
+        acquired = local.acquire_many(counted, limits, 1, now)
+    else:
+        acquired = await _acquire_many(s, counted, limits)
     if isinstance(acquired, int):  # refused: every request window of the scope that refused
         refused = counted[acquired]
         scope = next(scope for scope in scopes if refused in scope.counted)
         reads = _states(scope.request_windows, await _read_many(s, scope.counted))
         blocking = reads[scope.counted.index(refused)]
         raise RateLimited("request", reads, _blocking(reads) or blocking)
-    return _tightest(windows, acquired, None), token
+    return _state(_scan(windows, acquired, len(windows), None)[0]), _state(token)
 
 
 def _refuse_checked(scope: Scope, counts: Sequence[Counts]) -> NoReturn:
@@ -318,31 +323,37 @@ def _used(window: Window, counts: Counts) -> int:
     return int(previous * previous_ttl / window.seconds + current)
 
 
-def _tightest(
-    windows: Sequence[Window], counts: Sequence[Counts], best: WindowState | None
-) -> WindowState | None:
-    """Of ``best`` and the windows (the first ``len(windows)`` counts), the one with the
-    least remaining, of those the one that empties last (what the x-ratelimit-* headers
-    report)."""
-    if best is None:
-        tight: Window | None = None
-        tight_counts: Counts = _ZERO
-        least = 0
-    else:
-        tight, tight_counts, least = best.window, best.counts, best.window.limit - best.used
-    for window, c in zip(windows, counts, strict=False):
-        remaining = window.limit - int(c[0] * c[1] / window.seconds + c[2])  # _used, inline
-        if (
+# The tightest window so far: the window, its counts and what is left of it.
+Tight = tuple[Window, Counts, int]
+
+
+def _scan(
+    windows: Sequence[Window], counts: Sequence[Counts], select: int, tight: Tight | None
+) -> tuple[Tight | None, bool]:
+    """What is left of each window: whether one is full, and of ``tight`` and the first
+    ``select`` windows the tightest: the one with the least left, of those the one that
+    empties last (what the x-ratelimit-* headers report).  One loop, the sliding-window
+    weighting (:func:`_used`) inline: it runs for every limited window of every request."""
+    full = False
+    for index, window in enumerate(windows):
+        c = counts[index]
+        left = window.limit - int(c[0] * c[1] / window.seconds + c[2])
+        if left <= 0:
+            full = True
+        if index < select and (
             tight is None
-            or remaining < least
-            or (remaining == least and _reset(window, c) > _reset(tight, tight_counts))
+            or left < tight[2]
+            or (left == tight[2] and _reset(window, c) > _reset(tight[0], tight[1]))
         ):
-            tight, tight_counts, least = window, c, remaining
+            tight = (window, c, left)
+    return tight, full
+
+
+def _state(tight: Tight | None) -> WindowState | None:
     if tight is None:
         return None
-    if best is not None and tight is best.window and tight_counts is best.counts:
-        return best
-    return WindowState(tight, tight_counts, tight.limit - least)
+    window, counts, left = tight
+    return WindowState(window, counts, window.limit - left)
 
 
 def _reset(window: Window, counts: Counts) -> float:

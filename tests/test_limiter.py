@@ -14,8 +14,8 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.storage.base import SlidingWindowCounterSupport
 
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
-from dialproxy.counters import LocalCounters
-from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _tightest
+from dialproxy.counters import Counts, LocalCounters
+from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _scan, _state
 from dialproxy.server import counter_storage
 from dialproxy.storage import SlidingStorage, close_storage, take_back
 from tests.conftest import admit_request, check_tokens
@@ -264,6 +264,12 @@ def test_the_tightest_window_is_the_least_remaining_then_the_last_to_empty() -> 
 
     def name(state: WindowState | None) -> str | None:
         return state.window.name if state is not None else None
+
+    def _tightest(
+        windows: list[Window], counts: list[Counts], best: WindowState | None
+    ) -> WindowState | None:
+        tight = None if best is None else (best.window, best.counts, best.remaining)
+        return _state(_scan(windows, counts, len(windows), tight)[0])
 
     assert name(_tightest([day, minute], [fresh, fresh], None)) == "minute"
     # 6 left in both: the hour window takes longer to empty
