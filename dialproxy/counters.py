@@ -113,16 +113,38 @@ class LocalCounters(MemoryStorage):
         before it are taken back).  Each as limits' ``acquire_sliding_window_entry``."""
         if now is None:
             now = time.time()
-        counts = self.read_many(windows, now)
-        for index, limit in enumerate(limits):
-            previous, previous_ttl, current, current_ttl = counts[index]
-            window = windows[index]
-            if floor(previous * previous_ttl / window[1] + current) + amount > limit:
+        # read_many and _add in one pass, each window looked up once: this runs for every
+        # request window of every request.  (The differential test holds both to limits.)
+        records = self.windows
+        counts: list[Counts] = []
+        for index, window in enumerate(windows):
+            expiry = window[1]
+            now_bucket = int(now / expiry)
+            current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+            record = records.get(window)
+            previous, previous_ttl, current = 0, 0.0, 0
+            if record is not None:
+                bucket, count, other, other_count = record
+                if bucket == now_bucket:
+                    current = count
+                previous_bucket = int((now - expiry) / expiry)
+                if bucket == previous_bucket:
+                    previous = count
+                elif other == previous_bucket:
+                    previous = other_count
+                if previous:
+                    previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+            if floor(previous * previous_ttl / expiry + current) + amount > limits[index]:
                 for done in windows[:index]:
                     self._take_back(done, amount, now)
                 return index
-            self._add(window, amount, now)  # (the current bucket is the one read, with amount)
-            counts[index] = (previous, previous_ttl, current + amount, current_ttl)
+            if record is None:
+                records[window] = [now_bucket, amount, -1, 0]
+            elif record[0] == now_bucket:
+                record[1] += amount
+            else:  # a new bucket (see _add)
+                record[:] = now_bucket, amount, record[0], record[1]
+            counts.append((previous, previous_ttl, current + amount, current_ttl))
         if now >= self._next_sweep:
             self._sweep(now)
         return counts
