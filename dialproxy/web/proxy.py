@@ -281,22 +281,26 @@ class _StreamFilter:
             head, self._buffer = data[:end], data[end:]
         if _USAGE_MARK not in head:
             return head
-        # Split and joined: one pass over the bytes (replace takes two).  A stream is
-        # written compact or spaced.
+        # The nulls cut out with one split (replace would search twice); the usages with a
+        # value are the marks left over, looked at from the end (where a stream's usage-only
+        # event is) and no further than the last of them: every search is a pass over the
+        # bytes, the filter's whole cost.  A stream is written compact or spaced.
         parts = head.split(b',"usage":null')
         if len(parts) == 1:
             parts = head.split(b', "usage": null')
+        valued = head.count(_USAGE_MARK) - (len(parts) - 1)
         out = b"".join(parts) if len(parts) > 1 else head
-        # What is left is a usage with a value: searched from the end, where a stream's
-        # usage-only event is.
-        index = out.rfind(_USAGE_MARK)
-        return out if index < 0 else self._take_usage(out, index)
+        return self._take_usage(out, valued) if valued else out
 
-    def _take_usage(self, head: bytes, index: int) -> bytes:
-        """``head`` (complete events, a ``"usage"`` mark at ``index``, the last) without
-        the events that have a usage and no choices; the last usage object is kept."""
+    def _take_usage(self, head: bytes, valued: int) -> bytes:
+        """``head`` (complete events, ``valued`` usage marks in it) without the events that
+        have a usage and no choices; the last usage object is kept."""
         found = None
-        while index >= 0:
+        end = len(head)
+        for _ in range(valued):
+            index = head.rfind(_USAGE_MARK, 0, end)
+            if index < 0:  # (the rest were in an event already dropped)
+                break
             if found is None:
                 found = usage_at(head, index)
             start = head.rfind(b"\n\n", 0, index) + 2
@@ -307,7 +311,9 @@ class _StreamFilter:
                 or head.find(b'"choices": []', start, stop) >= 0
             ):
                 head = head[:start] + head[stop:]
-            index = head.rfind(_USAGE_MARK, 0, start)
+                end = start
+            else:
+                end = index
         if found is not None:
             self.usage = found
         return head
