@@ -24,19 +24,24 @@ class Usage(NamedTuple):
     total_tokens: int = 0
 
 
+_new_usage = tuple.__new__  # (Usage(...) is a Python-level call)
+
+
 def _usage(obj: Any) -> Usage | None:
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return None
-    prompt, completion, total = (
-        obj.get("prompt_tokens"),
-        obj.get("completion_tokens"),
-        obj.get("total_tokens"),
-    )
+    prompt = obj.get("prompt_tokens")
+    completion = obj.get("completion_tokens")
+    total = obj.get("total_tokens")
     # Counts are non-negative ints; anything else counts as 0.
-    prompt = prompt if type(prompt) is int and prompt >= 0 else 0
-    completion = completion if type(completion) is int and completion >= 0 else 0
-    total = total if type(total) is int and total > 0 else prompt + completion
-    return Usage(prompt, completion, total)
+    if type(prompt) is not int or prompt < 0:
+        prompt = 0
+    if type(completion) is not int or completion < 0:
+        completion = 0
+    if type(total) is not int or total <= 0:
+        total = prompt + completion
+    usage: Usage = _new_usage(Usage, (prompt, completion, total))
+    return usage
 
 
 def _skip_space(data: bytes, pos: int) -> int:

@@ -279,16 +279,16 @@ class _StreamFilter:
                 self._buffer = data
                 return b""
             head, self._buffer = data[:end], data[end:]
-        if _USAGE_MARK not in head:
-            return head
         # The nulls cut out with one split (replace would search twice); the usages with a
         # value are the marks left over, looked at from the end (where a stream's usage-only
         # event is) and no further than the last of them: every search is a pass over the
         # bytes, the filter's whole cost.  A stream is written compact or spaced.
         parts = head.split(b',"usage":null')
         if len(parts) == 1:
+            if _USAGE_MARK not in head:
+                return head
             parts = head.split(b', "usage": null')
-        valued = head.count(_USAGE_MARK) - (len(parts) - 1)
+        valued = head.count(_USAGE_MARK) + 1 - len(parts)
         out = b"".join(parts) if len(parts) > 1 else head
         return self._take_usage(out, valued) if valued else out
 
