@@ -143,6 +143,25 @@ async def test_stream_relayed_and_usage_hidden_when_not_asked(
     assert text == "Echo: hello there proxy"
 
 
+async def test_asking_for_usage_keeps_the_clients_bytes(proxy: Proxy, backend: Backend) -> None:
+    """Only the option is added: the rest of the body reaches the backend as the client
+    wrote it (spacing, key order, a number no float can hold)."""
+    body = (
+        b'{ "messages": [{"role": "user", "content": "hi"}],\n'
+        b' "seed": 12345678901234567890123,  "stream": true }\n'
+    )
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(
+            proxy.url("/openai/deployments/chat/chat/completions"),
+            data=body,
+            headers={"Api-Key": KEY, "Content-Type": "application/json"},
+        )
+        assert resp.status == 200 and b"[DONE]" in await resp.read()
+    sent = backend.control.last_request.body
+    assert sent == body.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
+    assert json.loads(sent)["seed"] == 12345678901234567890123
+
+
 async def test_stream_with_usage_when_asked(proxy: Proxy, backend: Backend) -> None:
     async with aiohttp.ClientSession() as s:
         resp = await s.post(

@@ -210,6 +210,10 @@ def _may_hold_long_number(raw: bytes) -> bool:
     return len(raw.translate(None, _NOT_DIGITS)) >= 19 and _LONG_NUMBER.search(raw) is not None
 
 
+# Appended to a streamed body (its closing brace replaced) to ask for usage.
+_USAGE_OPTION = b',"stream_options":{"include_usage":true}}'
+
+
 def outbound_body(
     body: dict[str, Any], raw: bytes, model: Model, direct: bool, api: str
 ) -> tuple[bytes | None, bool]:
@@ -219,7 +223,11 @@ def outbound_body(
     unchanged) and whether usage was asked for on the client's behalf (so it must be hidden
     from the client).
     """
-    updates = {name: value for name, value in model.defaults.items() if name not in body}
+    updates = (
+        {name: value for name, value in model.defaults.items() if name not in body}
+        if model.defaults
+        else {}
+    )
     if model.override_name is not None and body.get("model") != model.override_name:
         updates["model"] = model.override_name
     injected_usage = False
@@ -233,6 +241,9 @@ def outbound_body(
             injected_usage = True
     if not updates:
         return None, False
+    if injected_usage and len(updates) == 1 and "stream_options" not in body:
+        # Only the option to add: the client's bytes with it appended (nothing re-encoded).
+        return raw.rstrip()[:-1] + _USAGE_OPTION, True
     if not _may_hold_long_number(raw):
         try:
             return orjson.dumps(body | updates), injected_usage
