@@ -79,12 +79,11 @@ class JSONLines:
 
     def __call__(self, _: Any, method: str, event: MutableMapping[str, Any]) -> str:
         event["level"] = _LEVELS.get(method, method)
-        now = time.time()
-        second = int(now)
+        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        event["timestamp"] = f"{self._prefix}.{micros:06d}Z"
         try:
             return orjson.dumps(event, default=repr).decode()
         except TypeError:  # what orjson cannot write at all (an int beyond 64 bits)
