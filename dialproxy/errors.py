@@ -1,7 +1,7 @@
 """The one exception tree: every refusal the proxy makes is a ProxyError with DIAL's message.
 
-:func:`dialproxy.web.middleware.error_middleware` is the one place that turns it into a
-response ``{"error": {"message": ..., "code": "<status>"}}``.  Messages never carry a secret.
+:func:`dialproxy.web.guard.response_for` is the one place that turns it into a response
+``{"error": {"message": ..., "code": "<status>"}}``.  Messages never carry a secret.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import BACKGROUND, SETTINGS, STORE
 from dialproxy.web.body import read_json_body
+from dialproxy.web.guard import guarded
 
 log = structlog.get_logger("dialproxy.sharedkeys")
 Clock = Callable[[], datetime]
@@ -548,11 +549,11 @@ def setup(app: web.Application) -> None:
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/v1/sharedkeys", create)
-    app.router.add_get("/v1/sharedkeys", list_keys)
-    app.router.add_get("/v1/sharedkeys/{id}", get)
-    app.router.add_patch("/v1/sharedkeys/{id}", update)
-    app.router.add_delete("/v1/sharedkeys/{id}", delete)
+    app.router.add_post("/v1/sharedkeys", guarded(create))
+    app.router.add_get("/v1/sharedkeys", guarded(list_keys))
+    app.router.add_get("/v1/sharedkeys/{id}", guarded(get))
+    app.router.add_patch("/v1/sharedkeys/{id}", guarded(update))
+    app.router.add_delete("/v1/sharedkeys/{id}", guarded(delete))
 
 
 # --- HTTP -----------------------------------------------------------------------------------

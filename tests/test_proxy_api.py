@@ -396,6 +396,42 @@ async def test_body_errors(proxy: Proxy, backend: Backend) -> None:
     assert backend.control.requests == []
 
 
+async def test_wrong_methods_and_internal_errors_answer_json(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import capture_logs
+
+    from dialproxy.web.appkeys import BALANCER, STORE
+
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(proxy.url("/openai/deployments/chat/chat/completions"))
+        assert r.status == 405 and r.headers["Allow"] == "POST"
+        assert await r.json() == {"error": {"message": "Method Not Allowed", "code": "405"}}
+        r = await s.delete(proxy.url("/health"))
+        assert r.status == 405 and r.headers["Allow"] == "GET,HEAD"
+
+        def broken(*_: object) -> object:
+            raise RuntimeError("a secret-bearing message that must not be shown")
+
+        monkeypatch.setattr(proxy.app[BALANCER], "plan", broken)
+        monkeypatch.setattr(proxy.app[STORE], "health", broken)
+        with capture_logs() as logs:
+            r = await s.post(
+                proxy.url("/openai/deployments/chat/chat/completions"),
+                json=CHAT,
+                headers={"Api-Key": KEY},
+            )
+            assert r.status == 500
+            assert await r.json() == {"error": {"message": "Internal error", "code": "500"}}
+            r = await s.get(proxy.url("/health"))
+            assert r.status == 500
+            assert await r.json() == {"error": {"message": "Internal error", "code": "500"}}
+    errors = [e for e in logs if e["event"] == "internal_error"]
+    assert [e["error"] for e in errors] == ["RuntimeError", "RuntimeError"]
+    assert [e["status"] for e in logs if e["event"] == "request"] == [500]
+    assert "secret-bearing" not in json.dumps(logs)
+
+
 async def test_any_valid_json_body_passes(proxy: Proxy, backend: Backend) -> None:
     """Valid JSON the fast parser refuses (a lone surrogate escape) or reads inexactly (an
     integer beyond 64 bits, which orjson makes a float) reaches the backend intact, also

@@ -6,12 +6,11 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import structlog
 from aiohttp import web
 from limits.aio.storage import Storage
 
@@ -20,7 +19,7 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
-from dialproxy.errors import NotFound, ProxyError
+from dialproxy.errors import NotFound
 from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
 from dialproxy.settings import Settings
@@ -35,39 +34,9 @@ from dialproxy.web.appkeys import (
     SETTINGS,
     STORE,
 )
+from dialproxy.web.guard import guarded, unmatched
 
-log = structlog.get_logger("dialproxy.web")
 UNLIMITED = 9223372036854775807
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(
-    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ProxyError as e:
-        return error_response(e.status, e.body(), e.headers)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        message = e.reason if e.status != 404 else f"Not found: {request.path}"
-        return error_response(e.status, {"error": {"message": message, "code": str(e.status)}})
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        log.error("internal_error", path=request.path, error=type(e).__name__)
-        return error_response(500, {"error": {"message": "Internal error", "code": "500"}})
 
 
 async def _principal(request: web.Request) -> Principal:
@@ -250,7 +219,7 @@ def create_app(
 ) -> web.Application:
     """Build the app.  Tests inject their own store, counter storage and client session."""
     settings = settings or Settings()
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body)
+    app = web.Application(client_max_size=settings.max_body)
     app[STORE] = store
     app[SETTINGS] = settings
     app[LIMITER] = Limiter(
@@ -303,13 +272,17 @@ def create_app(
         handler = functools.partial(proxy.handle, services=services, api=api)
         app.router.add_post(f"/openai/deployments/{{id}}/{api}", handler)
         app.router.add_post(f"/openai/v1/{api}", handler)
-    app.router.add_get("/openai/models", list_models)
-    app.router.add_get("/openai/models/{id}", get_model)
-    app.router.add_get("/openai/deployments", list_deployments)
-    app.router.add_get("/openai/deployments/{id}", get_deployment)
-    app.router.add_get("/openai/v1/models", openai_models)
-    app.router.add_get("/v1/deployments/{id}/limits", deployment_limits)
-    app.router.add_get("/v1/user/info", user_info)
-    app.router.add_get("/v1/user/limits", user_limits)
-    app.router.add_get("/health", health)
+    for path, route in (
+        ("/openai/models", list_models),
+        ("/openai/models/{id}", get_model),
+        ("/openai/deployments", list_deployments),
+        ("/openai/deployments/{id}", get_deployment),
+        ("/openai/v1/models", openai_models),
+        ("/v1/deployments/{id}/limits", deployment_limits),
+        ("/v1/user/info", user_info),
+        ("/v1/user/limits", user_limits),
+        ("/health", health),
+    ):
+        app.router.add_get(path, guarded(route))
+    app.router.add_route("*", "/{tail:.*}", unmatched)  # last: JSON 404s and 405s
     return app

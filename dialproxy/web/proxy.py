@@ -37,6 +37,7 @@ from dialproxy.logs import RequestLog
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage, usage_at
+from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 
 # Client headers passed on to the upstream; everything else stays here (Content-Type is
@@ -423,7 +424,11 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
     except ProxyError as e:
         outcome.status = e.status
         outcome.error = e.message
-        raise
+        return guard.response_for(request, e)
+    except Exception as e:  # (the route is not guarded: its errors are answered here)
+        response = guard.response_for(request, e)
+        outcome.status = response.status
+        return response
     finally:
         if (
             outcome.usage is not None
