@@ -78,7 +78,7 @@ class WindowState:
     @property
     def reset(self) -> float:
         """Seconds until the window is empty."""
-        return _reset(self.window, self.counts)
+        return seconds_to_empty(self.window, self.counts)
 
     def __repr__(self) -> str:
         return f"WindowState({self.window.name}: {self.used}/{self.window.limit})"
@@ -343,7 +343,10 @@ def _scan(
         if index < select and (
             tight is None
             or left < tight[2]
-            or (left == tight[2] and _reset(window, c) > _reset(tight[0], tight[1]))
+            or (
+                left == tight[2]
+                and seconds_to_empty(window, c) > seconds_to_empty(tight[0], tight[1])
+            )
         ):
             tight = (window, c, left)
     return tight, full
@@ -356,7 +359,7 @@ def _state(tight: Tight | None) -> WindowState | None:
     return WindowState(window, counts, window.limit - left)
 
 
-def _reset(window: Window, counts: Counts) -> float:
+def seconds_to_empty(window: Window, counts: Counts) -> float:
     """Seconds until the window is empty: the current bucket's ttl, or the previous one's."""
     _, previous_ttl, current, current_ttl = counts
     return max(current_ttl - window.seconds, 0.0) + window.seconds if current > 0 else previous_ttl

@@ -12,7 +12,8 @@ from dialproxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 
 async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > max_body:
+    length = request.content_length
+    if length is not None and length > max_body:
         raise PayloadTooLarge("Request body is too large")
     content_type = request.headers.get("Content-Type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":

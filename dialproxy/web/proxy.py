@@ -32,7 +32,7 @@ from dialproxy.errors import (
     ProxyError,
     Unavailable,
 )
-from dialproxy.limiter import Limiter, Scope, WindowState
+from dialproxy.limiter import Limiter, Scope, WindowState, seconds_to_empty
 from dialproxy.logs import RequestLog
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
@@ -128,7 +128,7 @@ def _window_headers(names: tuple[str, str, str], state: WindowState) -> tuple[tu
     return (
         (names[0], str(limit)),
         (names[1], str(limit - used) if used < limit else "0"),
-        (names[2], go_duration(state.reset)),
+        (names[2], go_duration(seconds_to_empty(state.window, state.counts))),
     )
 
 
