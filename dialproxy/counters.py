@@ -45,21 +45,19 @@ class LocalCounters(MemoryStorage):
         self.windows: dict[Read, list[int]] = {}
         self._next_sweep = time.time() + SWEEP_EVERY
 
-    def _add(self, window: Read, amount: int, now: float) -> int:
-        """``amount`` added to the bucket of ``now``: its new count."""
+    def _add(self, window: Read, amount: int, now: float) -> None:
+        """``amount`` added to the bucket of ``now``."""
         now_bucket = int(now / window[1])
         record = self.windows.get(window)
         if record is None:
             self.windows[window] = [now_bucket, amount, -1, 0]
-            return amount
-        if record[0] == now_bucket:
+        elif record[0] == now_bucket:
             record[1] += amount
-            return record[1]
-        # A new bucket: the last one is kept, as the only one that can still be read (as
-        # the previous bucket).  The clock is taken to move forward, as limits' own
-        # sliding windows take it.
-        record[:] = now_bucket, amount, record[0], record[1]
-        return amount
+        else:
+            # A new bucket: the last one is kept, as the only one that can still be read
+            # (as the previous bucket).  The clock is taken to move forward, as limits'
+            # own sliding windows take it.
+            record[:] = now_bucket, amount, record[0], record[1]
 
     def _take_back(self, window: Read, amount: int, now: float) -> None:
         """limits' ``decr`` of the current bucket (never below zero)."""

@@ -78,6 +78,17 @@ async def post(proxy: Proxy, path: str, body: Any, **headers: str) -> aiohttp.Cl
         return resp
 
 
+async def post_raw(proxy: Proxy, body: bytes) -> tuple[int, bytes]:
+    """``body`` as it is, to the chat deployment: the status and the answer's bytes."""
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(
+            proxy.url("/openai/deployments/chat/chat/completions"),
+            data=body,
+            headers={"Api-Key": KEY, "Content-Type": "application/json"},
+        )
+        return resp.status, await resp.read()
+
+
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there proxy"}]
 CHAT: dict[str, Any] = {"messages": MESSAGES}
 
@@ -150,13 +161,8 @@ async def test_asking_for_usage_keeps_the_clients_bytes(proxy: Proxy, backend: B
         b'{ "messages": [{"role": "user", "content": "hi"}],\n'
         b' "seed": 12345678901234567890123,  "stream": true }\n'
     )
-    async with aiohttp.ClientSession() as s:
-        resp = await s.post(
-            proxy.url("/openai/deployments/chat/chat/completions"),
-            data=body,
-            headers={"Api-Key": KEY, "Content-Type": "application/json"},
-        )
-        assert resp.status == 200 and b"[DONE]" in await resp.read()
+    status, answer = await post_raw(proxy, body)
+    assert status == 200 and b"[DONE]" in answer
     sent = backend.control.last_request.body
     assert sent == body.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
     assert json.loads(sent)["seed"] == 12345678901234567890123
@@ -440,21 +446,11 @@ async def test_any_valid_json_body_passes(proxy: Proxy, backend: Backend) -> Non
         b'{"messages": [{"role": "user", "content": "hi"}], "user": "\\ud800",'
         b' "seed": 123456789012345678901234}'
     )
-    async with aiohttp.ClientSession() as s:
-        r = await s.post(
-            proxy.url("/openai/deployments/chat/chat/completions"),
-            data=body,
-            headers={"Api-Key": KEY, "Content-Type": "application/json"},
-        )
-        assert r.status == 200
-        assert backend.control.last_request.body == body  # forwarded as it came
-        streamed = body[:-1] + b', "stream": true}'  # rewritten: usage asked for
-        r = await s.post(
-            proxy.url("/openai/deployments/chat/chat/completions"),
-            data=streamed,
-            headers={"Api-Key": KEY, "Content-Type": "application/json"},
-        )
-        assert r.status == 200 and b"[DONE]" in await r.read()
+    status, _ = await post_raw(proxy, body)
+    assert status == 200
+    assert backend.control.last_request.body == body  # forwarded as it came
+    status, answer = await post_raw(proxy, body[:-1] + b', "stream": true}')  # usage asked for
+    assert status == 200 and b"[DONE]" in answer
     sent = json.loads(backend.control.last_request.body)
     assert sent["seed"] == 123456789012345678901234
     assert sent["user"] == "\ud800"
