@@ -362,7 +362,12 @@ def _state(tight: Tight | None) -> WindowState | None:
 def seconds_to_empty(window: Window, counts: Counts) -> float:
     """Seconds until the window is empty: the current bucket's ttl, or the previous one's."""
     _, previous_ttl, current, current_ttl = counts
-    return max(current_ttl - window.seconds, 0.0) + window.seconds if current > 0 else previous_ttl
+    if current <= 0:
+        return previous_ttl
+    seconds = window.seconds
+    return (
+        current_ttl if current_ttl > seconds else float(seconds)
+    )  # (the current ttl, >= one window)
 
 
 def _states(windows: Sequence[Window], counts: Sequence[Counts]) -> list[WindowState]:
