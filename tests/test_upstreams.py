@@ -245,3 +245,68 @@ async def test_idle_timeout_between_bytes_and_no_total_timeout(
     backend.control.first_byte_delay = 1.0  # silent for longer than the idle timeout
     status, body, _ = await call(proxy)
     assert status == 502 and json.loads(body)["error"]["message"] == "No route"
+
+
+async def test_idle_timeout_while_the_body_is_read(
+    aiohttp_server: Any, make_proxy: ProxyFactory
+) -> None:
+    """An upstream that goes silent after its headers and some of its body: the
+    non-streamed answer is a 502, the stream ends with an SSE error event after what had
+    come; both within about the idle timeout (0.5 s here), not the 5 s it stays silent."""
+
+    async def stalls(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        stream = (await request.json()).get("stream") is True
+        if stream:
+            headers = {"Content-Type": "text/event-stream"}
+        else:
+            headers = {"Content-Type": "application/json", "Content-Length": "100"}
+        resp = aiohttp.web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": []}\n\n' if stream else b'{"id": "x",')
+        await asyncio.sleep(5)
+        return resp
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/v1/chat/completions", stalls)
+    server = await aiohttp_server(app)
+    upstreams = [{"endpoint": str(server.make_url("/v1/chat/completions")), "key": "k"}]
+    cfg = {
+        "models": {"chat": {"type": "chat", "upstreams": upstreams}},
+        "keys": {KEY: {"project": "p", "role": "default"}},
+    }
+    proxy = await make_proxy(cfg, settings=Settings(idle_timeout=0.5))
+    started = time.monotonic()
+    status, body, _ = await call(proxy)
+    assert status == 502
+    assert json.loads(body)["error"]["message"] == "The upstream broke off its response"
+    status, body, _ = await call(proxy, stream=True, stream_options={"include_usage": True})
+    assert status == 200
+    assert body.startswith(b'data: {"choices": []}\n\n')
+    assert body.endswith(b"\n\n") and b"The upstream broke off the response" in body
+    assert time.monotonic() - started < 3.5
+
+
+async def test_a_client_gone_while_waiting_for_headers_is_no_upstream_timeout(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """The idle watch cancels a request that waits too long for its headers; a client that
+    goes away in that wait cancels it too, and that must stay a cancellation: the backend
+    request is dropped at once and nothing is retried elsewhere."""
+    proxy = await make_proxy(
+        config(backend, [upstream(backend, "a"), upstream(backend, "b")]),
+        settings=Settings(idle_timeout=0.4),
+    )
+    backend_server = backend.server.runner.server if backend.server.runner else None
+    assert backend_server is not None
+    backend.control.first_byte_delay = 3.0
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(TimeoutError):
+            await s.post(
+                proxy.url("/openai/deployments/chat/chat/completions"),
+                json=CHAT,
+                headers={"Api-Key": KEY},
+                timeout=aiohttp.ClientTimeout(total=0.2),  # gone before the idle timeout
+            )
+    await asyncio.sleep(1.0)  # past the idle timeout: a timed-out wait would try "b"
+    assert len(backend.control.requests) == 1
+    assert backend_server.connections == []

@@ -24,6 +24,7 @@ from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
+from dialproxy.upstream.idle import IdleWatch
 from dialproxy.web import proxy
 from dialproxy.web.appkeys import (
     BACKGROUND,
@@ -234,17 +235,18 @@ def create_app(
     app[BACKGROUND] = set()
     app[REQUEST_LOG] = logs.request_log()
 
+    idle = IdleWatch(settings.idle_timeout)  # (not aiohttp's sock_read: see its module)
+
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None
         app[CLIENT] = client or aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=settings.connect_timeout, sock_read=settings.idle_timeout
-            ),
+            timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
             auto_decompress=False,
         )
-        yield
+        async with idle.running():
+            yield
         if app[BACKGROUND]:
             await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
         if own:
@@ -261,6 +263,7 @@ def create_app(
         shared=app[sharedkeys.SHARED],
         background=app[BACKGROUND],
         log=app[REQUEST_LOG],
+        idle=idle,
     )
 
     async def bind_client(app: web.Application) -> None:

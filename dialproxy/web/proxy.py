@@ -36,6 +36,7 @@ from dialproxy.limiter import Limiter, Scope, WindowState, seconds_to_empty
 from dialproxy.logs import RequestLog
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
+from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage, usage_at
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
@@ -381,6 +382,7 @@ class Services:
     shared: sharedkeys.SharedKeys
     background: set[asyncio.Task[None]]
     log: RequestLog
+    idle: IdleWatch  # the upstream idle timeout while an answer's body is read
     client: aiohttp.ClientSession | None = None  # set when the app starts
 
 
@@ -419,7 +421,7 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             request, services, snapshot, principal, model, api, body, outcome, extra_headers
         )
         if isinstance(response, _UpstreamStream):
-            await _relay_stream(request, response, outcome)
+            await _relay_stream(request, response, outcome, services.idle)
         return response
     except ProxyError as e:
         outcome.status = e.status
@@ -527,9 +529,12 @@ async def _forward(
         outcome.upstream = route.name
         sent = time.perf_counter()
         try:
-            resp = await client.post(
-                url, data=data, headers={**headers, **route.headers} if route.headers else headers
-            )
+            async with services.idle.headers():  # (the idle timeout until the headers)
+                resp = await client.post(
+                    url,
+                    data=data,
+                    headers={**headers, **route.headers} if route.headers else headers,
+                )
         except (aiohttp.ClientError, TimeoutError):
             await balancer.failed(model, route.upstream)
             all_rate_limited = False
@@ -551,7 +556,7 @@ async def _forward(
         else:
             await balancer.failed(model, route.upstream)
         outcome.status = status
-        return await _respond(resp, outcome, injected, extra_headers)
+        return await _respond(resp, outcome, injected, extra_headers, services.idle)
     if retry_afters and all_rate_limited:
         wait = max(1, int(min(retry_afters) + 0.999))
         raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
@@ -573,15 +578,18 @@ async def _respond(
     outcome: Outcome,
     injected: bool,
     extra_headers: list[tuple[str, str]],
+    idle: IdleWatch,
 ) -> web.StreamResponse:
     headers = _response_headers(resp, outcome.attempts, extra_headers)
     if resp.content_type != "text/event-stream":
+        idle.watch(resp)
         try:
             data = await resp.read()
         except (aiohttp.ClientError, TimeoutError):
             resp.close()
             raise BadGateway("The upstream broke off its response") from None
         finally:
+            idle.release(resp)
             resp.release()
         if resp.status == 200:
             outcome.usage = find_usage(data)
@@ -600,12 +608,13 @@ class _UpstreamStream(web.StreamResponse):
 
 
 async def _relay_stream(
-    request: web.Request, response: web.StreamResponse, outcome: Outcome
+    request: web.Request, response: web.StreamResponse, outcome: Outcome, idle: IdleWatch
 ) -> None:
     assert isinstance(response, _UpstreamStream)
     upstream = response.upstream
     # Finds the usage; hides it too when we asked for it on the client's behalf.
     relay = _StreamFilter() if response.injected else UsageScanner()
+    idle.watch(upstream)
     try:
         await response.prepare(request)
         try:
@@ -623,6 +632,7 @@ async def _relay_stream(
         if isinstance(e, asyncio.CancelledError):
             raise
     finally:
+        idle.release(upstream)
         if upstream.content.is_eof():
             upstream.release()
         else:  # broken off, or the client went away: drop the upstream connection at once
