@@ -62,7 +62,7 @@ class HeadersWait:
 
 class IdleWatch:
     def __init__(self, idle: float) -> None:
-        self.idle = idle
+        self.idle = idle  # <= 0: no idle timeout
         self.period = min(1.0, idle / 4)
         self._waits: set[HeadersWait] = set()
         # answer -> [bytes received when last seen to move, loop time then (None: not yet)]
@@ -101,6 +101,9 @@ class IdleWatch:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """The periodic check, for as long as the block runs."""
+        if self.idle <= 0:
+            yield
+            return
         loop = asyncio.get_running_loop()
 
         async def run() -> None:
