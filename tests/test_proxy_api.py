@@ -100,7 +100,13 @@ async def test_chat_through_deployment_path(proxy: Proxy, backend: Backend) -> N
                 "/openai/deployments/chat/chat/completions?api-version=2024-02-01&n=a%20b%2Bc%26d"
             ),
             json=CHAT,
-            headers={"Api-Key": KEY, "X-Request-Id": "r1", "X-UPSTREAM-KEY": "evil"},
+            headers={
+                "Api-Key": KEY,
+                "X-Request-Id": "r1",
+                "TRACEPARENT": "00-abc-def-01",
+                "X-Other": "kept here",
+                "X-UPSTREAM-KEY": "evil",
+            },
         )
         body = await resp.json()
     assert resp.status == 200
@@ -111,6 +117,8 @@ async def test_chat_through_deployment_path(proxy: Proxy, backend: Backend) -> N
     assert seen.query_string == "api-version=2024-02-01&n=a%20b%2Bc%26d"  # byte for byte
     assert seen.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert seen.headers["X-Request-Id"] == "r1"
+    assert seen.headers["traceparent"] == "00-abc-def-01"  # (names match in any case)
+    assert "X-Other" not in seen.headers  # only the listed ones go on
     assert "Api-Key" not in seen.headers
     assert "X-UPSTREAM-KEY" not in seen.headers  # a client can never set it
     assert "Accept-Encoding" not in seen.headers

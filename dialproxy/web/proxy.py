@@ -43,17 +43,15 @@ from dialproxy.web.body import read_json_body
 
 # Client headers passed on to the upstream; everything else stays here (Content-Type is
 # always application/json: it is set, not copied).
-FORWARDED_REQUEST_HEADERS = frozenset(
-    {
-        "accept",
-        "user-agent",
-        "x-request-id",
-        "traceparent",
-        "tracestate",
-        "baggage",
-        "x-conversation-id",
-        "openai-beta",
-    }
+FORWARDED_REQUEST_HEADERS = (
+    "accept",
+    "user-agent",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "x-conversation-id",
+    "openai-beta",
 )
 # Upstream response headers never passed back (we set our own or they are per-hop).
 DROPPED_RESPONSE_HEADERS = frozenset(
@@ -78,6 +76,10 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "x-ratelimit-remaining-tokens",
         "x-ratelimit-reset-tokens",
     }
+)
+# The same as most servers write them: found without lowercasing each header.
+_DROPPED_AS_WRITTEN = frozenset(
+    "-".join(part.capitalize() for part in name.split("-")) for name in DROPPED_RESPONSE_HEADERS
 )
 API_TYPES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
 
@@ -259,7 +261,10 @@ def outbound_body(
 
 def forwarded_headers(request: web.Request, principal: Principal, model: Model) -> dict[str, str]:
     """The client's headers an upstream gets (each route adds its own, see ``Route``)."""
-    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
+    client = request.headers  # (looked up by name: no lowercasing of every header the client sent)
+    headers = {
+        name: value for name in FORWARDED_REQUEST_HEADERS if (value := client.get(name)) is not None
+    }
     headers["Content-Type"] = "application/json"
     if model.forward_auth_token:
         authorization = request.headers.get("Authorization")
@@ -567,7 +572,11 @@ def _response_headers(
     resp: aiohttp.ClientResponse, attempts: int, extra: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
     """The upstream's headers we pass back, then ours (the response copies them once)."""
-    headers = [(k, v) for k, v in resp.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS]
+    headers = [
+        (k, v)
+        for k, v in resp.headers.items()
+        if k not in _DROPPED_AS_WRITTEN and k.lower() not in DROPPED_RESPONSE_HEADERS
+    ]
     headers.append(("X-UPSTREAM-ATTEMPTS", str(attempts)))
     headers += extra
     return headers
