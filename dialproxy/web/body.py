@@ -16,7 +16,10 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     if length is not None and length > max_body:
         raise PayloadTooLarge("Request body is too large")
     content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+    if (
+        content_type != "application/json"  # (the usual: no parsing)
+        and content_type.split(";", 1)[0].strip().lower() != "application/json"
+    ):
         raise UnsupportedMediaType("Only application/json is supported")
     try:
         raw = await request.read()
