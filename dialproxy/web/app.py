@@ -31,7 +31,6 @@ from dialproxy.web.appkeys import (
     BALANCER,
     CLIENT,
     LIMITER,
-    REQUEST_LOG,
     SETTINGS,
     STORE,
 )
@@ -233,7 +232,6 @@ def create_app(
         shared_up=lambda: limiter.guard.healthy,
     )
     app[BACKGROUND] = set()
-    app[REQUEST_LOG] = logs.request_log()
 
     idle = IdleWatch(settings.idle_timeout)  # (not aiohttp's sock_read: see its module)
 
@@ -262,7 +260,7 @@ def create_app(
         balancer=app[BALANCER],
         shared=app[sharedkeys.SHARED],
         background=app[BACKGROUND],
-        log=app[REQUEST_LOG],
+        log=logs.request_log(),  # bound once, not a lazy proxy per call
         idle=idle,
     )
 

@@ -9,7 +9,6 @@ from aiohttp import web
 
 from dialproxy.config.store import ConfigStore
 from dialproxy.limiter import Limiter
-from dialproxy.logs import RequestLog
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 
@@ -19,6 +18,3 @@ BALANCER = web.AppKey("balancer", Balancer)
 SETTINGS = web.AppKey("settings", Settings)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
-# The request log's logger, bound once (a module's lazy logger proxy costs an attribute
-# lookup through it on every call).
-REQUEST_LOG = web.AppKey("request_log", RequestLog)

@@ -428,13 +428,11 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
         if isinstance(response, _UpstreamStream):
             await _relay_stream(request, response, outcome, services.idle)
         return response
-    except ProxyError as e:
-        outcome.status = e.status
-        outcome.error = e.message
-        return guard.response_for(request, e)
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         response = guard.response_for(request, e)
         outcome.status = response.status
+        if isinstance(e, ProxyError):
+            outcome.error = e.message
         return response
     finally:
         if (
