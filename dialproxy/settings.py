@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dialproxy.upstream.sse import MAX_EVENT
+
 MAX_BODY = 16 * 1024 * 1024
 STORAGE_FAILURE_POLICIES = ("allow", "deny", "local")
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
@@ -25,6 +27,8 @@ class Settings:
     idle_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     max_body: int = MAX_BODY
+    max_event: int = MAX_EVENT  # the most one upstream stream event may hold
+    stream_drain: float = 5.0  # how long a stream the client left is still read for usage
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""

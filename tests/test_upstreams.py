@@ -198,7 +198,9 @@ async def test_stream_broken_by_backend_ends_with_sse_error(
 async def test_client_disconnect_releases_the_backend_request(
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:
-    proxy = await make_proxy(config(backend, [upstream(backend, "a")]))
+    """Within the drain bound: the stream is read on for its usage for at most 0.2 s."""
+    settings = Settings(stream_drain=0.2)
+    proxy = await make_proxy(config(backend, [upstream(backend, "a")]), settings=settings)
     backend.control.chunk_delay = 0.2
     backend_server = backend.server.runner.server if backend.server.runner else None
     assert backend_server is not None
@@ -216,6 +218,7 @@ async def test_client_disconnect_releases_the_backend_request(
             break
         await asyncio.sleep(0.01)
     assert backend_server.connections == []  # well before the 1.6 s the stream would take
+    await proxy.settle()
     connector = proxy.app[CLIENT].connector
     assert connector is not None
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dialproxy.upstream.usage import Usage, UsageScanner, find_usage
-from dialproxy.web.proxy import _StreamFilter
+from dialproxy.upstream.relay import UsageHider, UsageScanner
+from dialproxy.upstream.usage import Usage, find_usage
 
 
 def event(obj: object, separators: tuple[str, str] = (",", ":")) -> bytes:
@@ -54,7 +54,7 @@ def cuts(data: bytes, size: int) -> list[bytes]:
 def test_any_chunking_finds_usage_and_hides_what_was_injected(
     size: int, stream: bytes, expected: bytes
 ) -> None:
-    scanner, hide = UsageScanner(), _StreamFilter()
+    scanner, hide = UsageScanner(), UsageHider()
     out = relayed = b""
     for chunk in cuts(stream, size):
         relayed += scanner.feed(chunk)
@@ -67,11 +67,11 @@ def test_any_chunking_finds_usage_and_hides_what_was_injected(
 
 
 def test_the_filter_finds_a_usage_in_a_stream_cut_off_before_its_last_event_ends() -> None:
-    hide = _StreamFilter()
+    hide = UsageHider()
     cut = STREAM[: STREAM.index(b"data: [DONE]") - 2]  # the usage event without its "\n\n"
     out = hide.feed(cut) + hide.flush()
     assert hide.usage == Usage(3, 4, 7)
-    assert out == cut.replace(b',"usage":null', b"")
+    assert out == EXPECTED_FOR_CLIENT[: -len(b"data: [DONE]\n\n")]  # (hidden all the same)
 
 
 def test_every_two_way_split() -> None:
@@ -82,9 +82,12 @@ def test_every_two_way_split() -> None:
         assert scanner.usage == Usage(3, 4, 7), i
 
 
-def test_the_last_usage_of_a_body_counts() -> None:
+def test_only_the_top_level_usage_of_a_body_counts() -> None:
     body = json.dumps({"usage": {"total_tokens": 1}, "x": {"usage": USAGE}}).encode()
-    assert find_usage(body) == Usage(3, 4, 7)
+    assert find_usage(body) == Usage(0, 0, 1)
+    nested = {"usage": USAGE | {"usage": {"total_tokens": 10**9}}}
+    assert find_usage(json.dumps(nested).encode()) == Usage(3, 4, 7)
+    assert find_usage(json.dumps({"x": {"usage": USAGE}}).encode()) is None
     assert find_usage(b'{"choices": []}') is None
     assert find_usage(b'{"usage": null}') is None
 
@@ -94,7 +97,7 @@ def test_only_usage_only_events_are_hidden() -> None:
     azure_first = event({"choices": [], "prompt_filter_results": [{"prompt_index": 0}]})
     stream = azure_first + STREAM
     for size in (5, 10_000):
-        hide = _StreamFilter()
+        hide = UsageHider()
         out = b"".join(hide.feed(chunk) for chunk in cuts(stream, size)) + hide.flush()
         assert out == azure_first + EXPECTED_FOR_CLIENT
 

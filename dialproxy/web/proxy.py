@@ -12,7 +12,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,7 +37,9 @@ from dialproxy.logs import RequestLog
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.upstream.usage import Usage, UsageScanner, find_usage, usage_at
+from dialproxy.upstream.relay import UsageHider, UsageScanner
+from dialproxy.upstream.sse import EventTooLarge
+from dialproxy.upstream.usage import Usage, estimate, find_usage
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 
@@ -149,6 +151,10 @@ class Outcome:
     scopes: tuple[Scope, ...] = ()
     records: bool = False  # whether a scope counts usage
     shared: sharedkeys.SharedKey | None = None  # the shared key that called, if one did
+    request_bytes: int = 0  # the body sent upstream (what a usage estimate goes by)
+    estimated: bool = False  # the usage is an estimate (a stream cut before its usage)
+    # An abandoned stream's upstream and reader, still to be drained for the usage.
+    leftover: tuple[aiohttp.ClientResponse, UsageScanner | UsageHider] | None = None
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -273,77 +279,6 @@ def forwarded_headers(request: web.Request, principal: Principal, model: Model) 
     return headers
 
 
-_USAGE_MARK = b'"usage"'
-
-
-class _StreamFilter:
-    """Hides the usage we asked for on the client's behalf: the usage-only final chunk and
-    the ``"usage":null`` fields, event by event.  Only used when we injected the option.
-    Keeps the last usage it sees, as :class:`UsageScanner` does (it stands in for one)."""
-
-    __slots__ = ("_buffer", "usage")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self.usage: Usage | None = None
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._buffer + chunk if self._buffer else chunk
-        if data.endswith(b"\n\n"):  # what is relayed: the complete events
-            head, self._buffer = data, b""
-        else:
-            end = data.rfind(b"\n\n") + 2
-            if end < 2:
-                self._buffer = data
-                return b""
-            head, self._buffer = data[:end], data[end:]
-        # The nulls cut out with one split (replace would search twice); the usages with a
-        # value are the marks left over, looked at from the end (where a stream's usage-only
-        # event is) and no further than the last of them: every search is a pass over the
-        # bytes, the filter's whole cost.  A stream is written compact or spaced.
-        parts = head.split(b',"usage":null')
-        if len(parts) == 1:
-            if _USAGE_MARK not in head:
-                return head
-            parts = head.split(b', "usage": null')
-        valued = head.count(_USAGE_MARK) + 1 - len(parts)
-        out = b"".join(parts) if len(parts) > 1 else head
-        return self._take_usage(out, valued) if valued else out
-
-    def _take_usage(self, head: bytes, valued: int) -> bytes:
-        """``head`` (complete events, ``valued`` usage marks in it) without the events that
-        have a usage and no choices; the last usage object is kept."""
-        found = None
-        end = len(head)
-        for _ in range(valued):
-            index = head.rfind(_USAGE_MARK, 0, end)
-            if index < 0:  # (the rest were in an event already dropped)
-                break
-            if found is None:
-                found = usage_at(head, index)
-            start = head.rfind(b"\n\n", 0, index) + 2
-            start = 0 if start < 2 else start
-            stop = head.find(b"\n\n", index) + 2
-            if (
-                head.find(b'"choices":[]', start, stop) >= 0
-                or head.find(b'"choices": []', start, stop) >= 0
-            ):
-                head = head[:start] + head[stop:]
-                end = start
-            else:
-                end = index
-        if found is not None:
-            self.usage = found
-        return head
-
-    def flush(self) -> bytes:
-        """What is left of a stream that did not end with a complete event: as it came."""
-        data, self._buffer = self._buffer, b""
-        if b'"usage"' in data:
-            self.usage = find_usage(data) or self.usage
-        return data
-
-
 def sse_error(message: str, status: int = 502) -> bytes:
     body = {"error": {"message": message, "code": str(status), "type": "upstream_error"}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -426,7 +361,7 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             request, services, snapshot, principal, model, api, body, outcome, extra_headers
         )
         if isinstance(response, _UpstreamStream):
-            await _relay_stream(request, response, outcome, services.idle)
+            await _relay_stream(request, response, outcome, services)
         return response
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         response = guard.response_for(request, e)
@@ -435,13 +370,51 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             outcome.error = e.message
         return response
     finally:
-        if (
-            outcome.usage is not None
-            and outcome.status == 200
-            and (outcome.shared is not None or outcome.records)
-        ):
-            _record(services, outcome)
-        _log(services.log, request, principal, deployment, outcome, started)
+        if outcome.leftover is None:
+            _settle(services, request, principal, deployment, outcome, started)
+        else:  # the client left a stream before its usage: read on for it, then settle
+            _hold(
+                services,
+                _settle_after_drain(services, request, principal, deployment, outcome, started),
+            )
+
+
+def _settle(
+    services: Services,
+    request: web.Request,
+    principal: Principal | None,
+    deployment: str | None,
+    outcome: Outcome,
+    started: float,
+) -> None:
+    """The request's usage recorded, its log line written."""
+    if (
+        outcome.usage is not None
+        and outcome.status == 200
+        and (outcome.shared is not None or outcome.records)
+    ):
+        _record(services, outcome)
+    _log(services.log, request, principal, deployment, outcome, started)
+
+
+async def _settle_after_drain(
+    services: Services,
+    request: web.Request,
+    principal: Principal | None,
+    deployment: str | None,
+    outcome: Outcome,
+    started: float,
+) -> None:
+    await _drain(outcome, services.settings.stream_drain)
+    _settle(services, request, principal, deployment, outcome, started)
+
+
+def _hold(services: Services, work: Coroutine[Any, Any, None]) -> None:
+    """Runs ``work`` in a task of its own, held by the app (awaited when it stops)."""
+    task = asyncio.get_running_loop().create_task(work)
+    tasks = services.background
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _record(services: Services, outcome: Outcome) -> None:
@@ -462,10 +435,7 @@ def _record(services: Services, outcome: Outcome) -> None:
         if outcome.scopes:
             await limiter.record(outcome.scopes, usage.total_tokens, cost)
 
-    task = asyncio.get_running_loop().create_task(record())
-    tasks = services.background
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+    _hold(services, record())
 
 
 def _log(
@@ -495,6 +465,8 @@ def _log(
     }
     if principal is not None and principal.shared is not None:
         fields["shared_key"] = principal.shared.id
+    if outcome.estimated:
+        fields["usage"] = "estimated"
     log.line("request", fields)
 
 
@@ -516,6 +488,7 @@ async def _forward(
     raw = await request.read()  # (read already: the bytes as they came)
     payload, injected = outbound_body(body, raw, model, model.endpoint is None, api)
     data = payload if payload is not None else raw
+    outcome.request_bytes = len(data)
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
     headers = forwarded_headers(request, principal, model)
     retry_afters: list[float] = []
@@ -615,12 +588,18 @@ class _UpstreamStream(web.StreamResponse):
 
 
 async def _relay_stream(
-    request: web.Request, response: web.StreamResponse, outcome: Outcome, idle: IdleWatch
+    request: web.Request, response: web.StreamResponse, outcome: Outcome, services: Services
 ) -> None:
+    """Relays the upstream's stream as it comes.  A stream that is cut (the upstream breaks
+    off, sends an event over the cap, or the client goes away) is still charged: what the
+    upstream reports, else an estimate; a client gone before the usage came leaves the
+    upstream in ``outcome.leftover`` to be drained for it."""
     assert isinstance(response, _UpstreamStream)
-    upstream = response.upstream
+    upstream, idle = response.upstream, services.idle
+    max_event = services.settings.max_event
     # Finds the usage; hides it too when we asked for it on the client's behalf.
-    relay = _StreamFilter() if response.injected else UsageScanner()
+    relay = UsageHider(max_event) if response.injected else UsageScanner(max_event)
+    cut = client_gone = False
     idle.watch(upstream)
     try:
         await response.prepare(request)
@@ -631,17 +610,62 @@ async def _relay_stream(
             if rest := relay.flush():
                 await response.write(rest)
         except (aiohttp.ClientError, TimeoutError) as e:
+            cut = True
             outcome.error = f"upstream stream broke off: {type(e).__name__}"
             await response.write(sse_error("The upstream broke off the response"))
+        except EventTooLarge as e:
+            cut = True
+            outcome.error = str(e)
+            await response.write(sse_error("The upstream sent an event too large to relay"))
         await response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError) as e:
         outcome.error = "client disconnected"
+        cut = client_gone = True
         if isinstance(e, asyncio.CancelledError):
             raise
     finally:
         idle.release(upstream)
-        if upstream.content.is_eof():
-            upstream.release()
-        else:  # broken off, or the client went away: drop the upstream connection at once
-            upstream.close()
-        outcome.usage = relay.usage if upstream.status == 200 else None
+        if upstream.status != 200:
+            _let_go(upstream)
+        elif client_gone and relay.usage is None and not upstream.content.is_eof():
+            outcome.leftover = (upstream, relay)  # drained for its usage after the answer
+        else:
+            _let_go(upstream)
+            _charge(outcome, relay, cut)
+
+
+def _let_go(upstream: aiohttp.ClientResponse) -> None:
+    if upstream.content.is_eof():
+        upstream.release()
+    else:  # broken off, or the client went away: drop the upstream connection at once
+        upstream.close()
+
+
+def _charge(outcome: Outcome, relay: UsageScanner | UsageHider, cut: bool) -> None:
+    """The usage of a relayed 200 stream: what it reported; if it reported none, an
+    estimate when it was cut, or when usage was asked for (a direct backend), and it
+    relayed something."""
+    outcome.usage = relay.usage
+    if relay.usage is None and relay.events:
+        model = outcome.model
+        if cut or (model is not None and model.endpoint is None):
+            outcome.usage = estimate(outcome.request_bytes, relay.events)
+            outcome.estimated = True
+
+
+async def _drain(outcome: Outcome, seconds: float) -> None:
+    """Reads what is left of an abandoned stream, for at most ``seconds``, to charge the
+    usage the upstream reports at its end (else an estimate)."""
+    assert outcome.leftover is not None
+    upstream, relay = outcome.leftover
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in upstream.content.iter_any():
+                relay.feed(chunk)
+            relay.flush()
+    except (aiohttp.ClientError, TimeoutError, EventTooLarge):
+        pass
+    finally:
+        _let_go(upstream)
+        outcome.leftover = None
+    _charge(outcome, relay, cut=True)

@@ -1,0 +1,149 @@
+"""Stream readers that sit in the relay: fed each chunk as it comes from the upstream, they
+return what goes on to the client and keep the stream's usage.
+
+- :class:`UsageScanner` relays every byte as it came and reads the usage of the complete
+  events (the client asked for usage itself, or the backend is an adapter).
+- :class:`UsageHider` relays complete events only, without the usage the proxy asked for
+  on the client's behalf: the usage-only final event and the ``"usage": null`` fields.
+
+Both hold back at most one unfinished event, up to ``max_event`` bytes (beyond it
+:class:`~dialproxy.upstream.sse.EventTooLarge`), and count the ``data:`` lines they have
+seen (``events``: what an estimate goes by when a stream is cut before its usage).
+"""
+
+from __future__ import annotations
+
+import re
+
+from dialproxy.upstream import sse
+from dialproxy.upstream.sse import EventTooLarge
+from dialproxy.upstream.usage import MARK, Usage, usage_of
+
+_NULL = b'"usage":null'
+_NULL_SPACED = b'"usage": null'
+_COMMA_NULL = b',"usage":null'
+_COMMA_NULL_SPACED = b', "usage": null'
+# A null usage field written any other way (spaces, tabs, line breaks, first in its object).
+_ANY_NULL = re.compile(rb'\s*,\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,\s*')
+_DATA = b"data:"
+
+
+class _Reader:
+    __slots__ = ("_max", "_pending", "events", "usage")
+
+    def __init__(self, max_event: int = sse.MAX_EVENT) -> None:
+        self._max = max_event
+        self._pending = b""  # an event that has not ended yet
+        self.usage: Usage | None = None
+        self.events = 0
+
+    def _complete(self, chunk: bytes) -> bytes:
+        """The complete events of what is held with ``chunk``; the rest is held."""
+        data = self._pending + chunk if self._pending else chunk
+        end = sse.complete_end(data)
+        if end == len(data):
+            self._pending = b""
+        else:
+            self._pending = data[end:]
+            if len(self._pending) > self._max:
+                raise EventTooLarge(f"an upstream event grew past {self._max} bytes")
+            data = data[:end]
+        self.events += data.count(_DATA)
+        return data
+
+    def _rest(self) -> bytes:
+        """What is held when the stream ends (an event the upstream did not end)."""
+        data, self._pending = self._pending, b""
+        self.events += data.count(_DATA)
+        return data
+
+    def _read_usage(self, events: bytes, end: int) -> int:
+        """Looks at the events of ``events[:end]`` that hold a usage mark, from the last;
+        keeps the first usage with a value.  Returns where that event starts (0: none)."""
+        while end > 0:
+            index = events.rfind(MARK, 0, end)
+            if index < 0:
+                return 0
+            start, stop = sse.event_around(events, index)
+            usage = usage_of(sse.event_json(events[start:stop]))
+            if usage is not None:
+                self.usage = usage
+                return start
+            end = start
+        return 0
+
+
+class UsageScanner(_Reader):
+    """Relays each chunk as it came; reads the usage of the events as they complete."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._complete(chunk)
+        if MARK in events:
+            self._scan(events)
+        return chunk
+
+    def flush(self) -> bytes:
+        rest = self._rest()
+        if MARK in rest:
+            self._scan(rest)
+        return b""  # (every byte was relayed as it came)
+
+    def _scan(self, events: bytes) -> None:
+        marks = events.count(MARK)
+        nulls = events.count(_NULL)
+        if nulls < marks:
+            nulls += events.count(_NULL_SPACED)
+        if nulls < marks:  # a usage with a value, or a null written otherwise
+            self._read_usage(events, len(events))
+
+
+class UsageHider(_Reader):
+    """Relays complete events without the usage asked for on the client's behalf; keeps
+    the last usage it sees.  An event with a usage and no choices is dropped whole."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._complete(chunk)
+        return self._hide(events) if MARK in events else events
+
+    def flush(self) -> bytes:
+        rest = self._rest()
+        return self._hide(rest) if MARK in rest else rest
+
+    def _hide(self, events: bytes) -> bytes:
+        # The nulls cut with one split (the usual: compact JSON, a null in every event).
+        parts = events.split(_COMMA_NULL)
+        if len(parts) > 1:
+            events = b"".join(parts)
+            if MARK not in events:
+                return events
+        if _COMMA_NULL_SPACED in events:
+            events = events.replace(_COMMA_NULL_SPACED, b"")
+            if MARK not in events:
+                return events
+        events = _ANY_NULL.sub(b"", events)
+        if MARK not in events:
+            return events
+        return self._drop_usage_events(events)
+
+    def _drop_usage_events(self, events: bytes) -> bytes:
+        found = self.usage
+        end = len(events)
+        while end > 0:
+            index = events.rfind(MARK, 0, end)
+            if index < 0:
+                break
+            start, stop = sse.event_around(events, index)
+            answer = sse.event_json(events[start:stop])
+            usage = usage_of(answer)
+            if usage is not None:
+                if found is self.usage:  # the last usage of the stream so far
+                    found = usage
+                if answer.get("choices") == []:
+                    events = events[:start] + events[stop:]
+            end = start
+        self.usage = found
+        return events

@@ -1,0 +1,80 @@
+"""Server-sent events as a relay needs them: where events end, and what an event says.
+
+An event ends at a blank line.  A line ends with CRLF, LF or a lone CR (the SSE spec allows
+all three), so a blank line follows wherever two line ends meet, and that is always one of
+three byte pairs: ``\\n\\n`` (LF LF, CRLF LF), ``\\n\\r`` (LF CR, CRLF CRLF, LF CRLF) or
+``\\r\\r`` (CR CR, CR CRLF).  When the blank line itself ends with CRLF its LF belongs to it.
+
+A relay never parses every event: it finds where the complete events of what it holds end
+(a pass from the end, stopping at the first blank line) and decodes only the few events
+its rules need (those that carry a usage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_BLANKS = (b"\n\n", b"\n\r", b"\r\r")
+_CR, _LF = 13, 10
+
+# The most an event may hold before its end is seen (a setting overrides it per app).
+MAX_EVENT = 4 * 1024 * 1024
+
+
+class EventTooLarge(Exception):
+    """An upstream event grew past the cap before it ended: the stream is cut."""
+
+
+def _past_blank(data: bytes, index: int) -> int:
+    """Where the blank line whose byte pair starts at ``index`` ends."""
+    end = index + 2
+    if data[end - 1] == _CR and data[end : end + 1] == b"\n":
+        end += 1
+    return end
+
+
+def complete_end(data: bytes, start: int = 0, stop: int | None = None) -> int:
+    """Where the last complete event of ``data[start:stop]`` ends (``start``: none ends)."""
+    if stop is None:
+        if data.endswith(b"\n\n"):  # the usual chunk: whole events, LF-framed
+            return len(data)
+        stop = len(data)
+    index = max(
+        data.rfind(b"\n\n", start, stop),
+        data.rfind(b"\n\r", start, stop),
+        data.rfind(b"\r\r", start, stop),
+    )
+    return start if index < 0 else _past_blank(data, index)
+
+
+def event_around(data: bytes, index: int) -> tuple[int, int]:
+    """The start and end of the event of ``data`` that holds the byte at ``index``; an
+    event that has not ended runs to the end of ``data``."""
+    start = complete_end(data, 0, index)
+    ends = [found for blank in _BLANKS if (found := data.find(blank, index)) >= 0]
+    return start, _past_blank(data, min(ends)) if ends else len(data)
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The event's data: its ``data:`` lines joined by LF (None: it has none)."""
+    if b"\r" in event:
+        event = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    parts = [
+        line[6:] if line.startswith(b"data: ") else line[5:]
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(parts) if parts else None
+
+
+def event_json(event: bytes) -> Any:
+    """The event's data decoded as JSON (None: no data, or not JSON)."""
+    data = event_data(event)
+    if data is None:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None

@@ -1,0 +1,251 @@
+"""Streams from a hostile upstream, through the real proxy: any SSE framing is relayed as it
+comes, and a stream the client abandons (or the upstream breaks off) is still charged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from dialproxy.settings import Settings
+from dialproxy.web.appkeys import BACKGROUND
+from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
+
+KEY = new_key()
+EOLS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
+PROMPT = "one two three four five six seven eight"
+
+
+class StreamUpstream:
+    """An OpenAI-style upstream whose stream the test shapes with query parameters (the
+    proxy forwards the client's query string): ``eol`` (lf, crlf, cr), ``events`` (content
+    events; 0: endless), ``delay`` (seconds between events), ``hang`` (stop sending after
+    the content events, never end), ``usage`` (0: send no usage)."""
+
+    def __init__(self) -> None:
+        self.open_streams = 0
+        self.finished = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        body = await request.json()
+        eol = EOLS[q.get("eol", "lf")]
+        events, delay = int(q.get("events", "5")), float(q.get("delay", "0"))
+        include = (body.get("stream_options") or {}).get("include_usage") is True
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        self.open_streams += 1
+        null = ',"usage":null' if include else ""
+        try:
+            i = 0
+            while events == 0 or i < events:
+                chunk = {"id": "s", "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}
+                await resp.write(b"data: " + json.dumps(chunk)[:-1].encode() + null.encode())
+                await resp.write(b"}" + eol + eol)
+                i += 1
+                if delay:
+                    await asyncio.sleep(delay)
+            if q.get("hang"):
+                await asyncio.sleep(3600)
+            if include and q.get("usage", "1") == "1":
+                usage = {
+                    "prompt_tokens": 8,
+                    "completion_tokens": events,
+                    "total_tokens": 8 + events,
+                }
+                data = {"id": "s", "choices": [], "usage": usage}
+                await resp.write(b"data: " + json.dumps(data).encode() + eol + eol)
+            await resp.write(b"data: [DONE]" + eol + eol)
+            await resp.write_eof()
+            self.finished += 1
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.open_streams -= 1
+        return resp
+
+
+async def start_upstream(aiohttp_server: AiohttpServer) -> tuple[StreamUpstream, str]:
+    upstream, server = await start_upstream_server(aiohttp_server)
+    return upstream, str(server.make_url("/v1/chat/completions"))
+
+
+async def start_upstream_server(aiohttp_server: AiohttpServer) -> tuple[StreamUpstream, TestServer]:
+    upstream = StreamUpstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream.handle)
+    return upstream, await aiohttp_server(app)
+
+
+def config(url: str) -> dict[str, Any]:
+    return {
+        "models": {"chat": {"type": "chat", "upstreams": [{"endpoint": url, "key": "up-key"}]}},
+        "roles": {"default": {"limits": {"chat": {"minute": 10_000_000}}}},
+        "keys": {KEY: {"project": "p", "role": "default"}},
+    }
+
+
+async def used_tokens(proxy: Proxy) -> int:
+    await proxy.settle()
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(proxy.url("/v1/deployments/chat/limits"), headers={"Api-Key": KEY})
+        stats = await r.json()
+    return int(stats["minuteTokenStats"]["used"])
+
+
+async def until(done: Callable[[], object], seconds: float = 10) -> None:
+    """Waits (polling) until ``done()`` is true; fails after ``seconds``."""
+    for _ in range(int(seconds / 0.02)):
+        if done():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("still not done")
+
+
+def url(proxy: Proxy, **query: Any) -> str:
+    path = "/openai/deployments/chat/chat/completions"
+    return proxy.url(path) + ("?" + "&".join(f"{k}={v}" for k, v in query.items()))
+
+
+BODY = {"messages": [{"role": "user", "content": PROMPT}], "stream": True}
+
+
+async def test_crlf_and_cr_streams_reach_the_client_as_they_come(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    _, upstream_url = await start_upstream(aiohttp_server)
+    proxy = await make_proxy(config(upstream_url), settings=Settings(stream_drain=0.2))
+    async with aiohttp.ClientSession() as s:
+        for eol in ("lf", "crlf", "cr"):
+            async with s.post(url(proxy, eol=eol), json=BODY, headers={"Api-Key": KEY}) as resp:
+                data = await resp.read()
+            assert data.count(b"data:") == 6  # five content events and [DONE]
+            assert b"usage" not in data  # what we asked for on the client's behalf stays here
+            assert data.endswith(b"data: [DONE]" + EOLS[eol] * 2)
+        assert await used_tokens(proxy) == 3 * 13  # the usage counted, whatever the framing
+        for eol in ("crlf", "cr"):
+            # an endless stream: its events must come through while it goes on
+            async with s.post(
+                url(proxy, eol=eol, events=0, delay=0.05), json=BODY, headers={"Api-Key": KEY}
+            ) as resp:
+                assert resp.status == 200
+                got = b""
+                async with asyncio.timeout(10):
+                    while got.count(b"data:") < 3:
+                        got += await resp.content.readany()
+                assert got.startswith(b'data: {"id": "s"')
+                assert b"usage" not in got
+
+
+async def _abandon(s: aiohttp.ClientSession, target: str, after_events: int) -> None:
+    """Reads ``after_events`` events of a stream, then hangs up."""
+    resp = await s.post(target, json=BODY, headers={"Api-Key": KEY})
+    assert resp.status == 200
+    seen = 0
+    while seen < after_events:
+        seen += (await resp.content.readany()).count(b"data:")
+    resp.close()
+
+
+async def test_a_client_that_hangs_up_before_the_usage_is_charged_what_the_upstream_reports(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    upstream, upstream_url = await start_upstream(aiohttp_server)
+    proxy = await make_proxy(config(upstream_url))
+    async with aiohttp.ClientSession() as s:
+        # 20 events 20 ms apart: the client leaves after 19, before the usage event
+        await _abandon(s, url(proxy, events=20, delay=0.02), after_events=19)
+    await until(lambda: not upstream.open_streams)  # the proxy reads on to the stream's end
+    await asyncio.sleep(0.05)
+    assert await used_tokens(proxy) == 8 + 20  # the upstream's own count, read after it left
+    assert upstream.finished == 1
+
+
+async def test_an_abandoned_stream_without_usage_is_charged_an_estimate_in_bounded_time(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    upstream, upstream_url = await start_upstream(aiohttp_server)
+    settings = Settings(stream_drain=0.3)
+    proxy = await make_proxy(config(upstream_url), settings=settings)
+    async with aiohttp.ClientSession() as s:
+        await _abandon(s, url(proxy, events=4, hang=1), after_events=4)
+    await until(lambda: not upstream.open_streams)  # the drain gives up after 0.3 s
+    await asyncio.sleep(0.05)
+    used = await used_tokens(proxy)
+    body_bytes = len(json.dumps(BODY | {"stream_options": {"include_usage": True}}))
+    assert used >= 4  # never zero: at least a token per event relayed
+    assert used <= body_bytes // 4 + 4 + 1
+
+
+async def test_a_stream_the_upstream_breaks_off_is_charged(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(b'data: {"choices":[{"delta":{"content":"x%d"}}]}\r\n\r\n' % i)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", broken)
+    server = await aiohttp_server(app)
+    proxy = await make_proxy(config(str(server.make_url("/v1/chat/completions"))))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url(proxy), json=BODY, headers={"Api-Key": KEY}) as resp,
+    ):
+        data = await resp.read()
+    assert data.count(b"x") >= 3 and b'"code": "502"' in data
+    assert await used_tokens(proxy) > 0
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_thousand_streams_abandoned_at_random_points_are_each_charged(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, session_logs: Any
+) -> None:
+    upstream, upstream_server = await start_upstream_server(aiohttp_server)
+    upstream_url = str(upstream_server.make_url("/v1/chat/completions"))
+    proxy = await make_proxy(config(upstream_url), settings=Settings(stream_drain=1.0))
+    rng = random.Random(11)
+    before = len(session_logs.lines)
+    fds = _open_fds()
+
+    async def one(s: aiohttp.ClientSession, n: int) -> None:
+        events = rng.randint(2, 12)
+        eol = rng.choice(list(EOLS))
+        hang = rng.random() < 0.2  # some upstreams never send the usage
+        target = url(proxy, eol=eol, events=events, delay=0.005, **({"hang": 1} if hang else {}))
+        await _abandon(s, target, after_events=rng.randint(1, events))
+
+    connector = aiohttp.TCPConnector(limit=50, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        for start in range(0, 1000, 100):
+            await asyncio.gather(*(one(s, n) for n in range(start, start + 100)))
+    await until(lambda: not (upstream.open_streams or proxy.app[BACKGROUND]), 30)
+    lines = [json.loads(line) for line in session_logs.lines[before:]]
+    charged = [line["total_tokens"] for line in lines if line.get("event") == "request"]
+    assert len(charged) == 1000
+    assert all(isinstance(t, int) and t > 0 for t in charged), charged
+    await asyncio.sleep(0.1)
+    # Nothing left open: no client connection, no upstream stream; the sockets still open
+    # are the idle keep-alive connections of the proxy's upstream pool (two ends each).
+    assert proxy.server.runner is not None and upstream_server.runner is not None
+    assert proxy.server.runner.server is not None and upstream_server.runner.server is not None
+    assert proxy.server.runner.server.connections == []
+    pooled = len(upstream_server.runner.server.connections)
+    assert pooled <= 50
+    assert _open_fds() <= fds + 2 * pooled
