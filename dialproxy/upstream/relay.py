@@ -24,7 +24,8 @@ _NULL_SPACED = b'"usage": null'
 _COMMA_NULL = b',"usage":null'
 _COMMA_NULL_SPACED = b', "usage": null'
 # A null usage field written any other way (spaces, tabs, line breaks, first in its object).
-_ANY_NULL = re.compile(rb'\s*,\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,\s*')
+_ANY_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+_SPACE = b" \t\r\n"
 _DATA = b"data:"
 
 
@@ -114,27 +115,29 @@ class UsageHider(_Reader):
         return self._hide(rest) if MARK in rest else rest
 
     def _hide(self, events: bytes) -> bytes:
-        # The nulls cut with one split (the usual: compact JSON, a null in every event).
+        # The nulls cut with one split (the usual: compact JSON, a null in every event);
+        # the marks left are usages with a value, or nulls written otherwise.
+        marks = events.count(MARK)
         parts = events.split(_COMMA_NULL)
+        left = marks + 1 - len(parts)
         if len(parts) > 1:
             events = b"".join(parts)
-            if MARK not in events:
-                return events
-        if _COMMA_NULL_SPACED in events:
+        if left and _COMMA_NULL_SPACED in events:
+            left -= events.count(_COMMA_NULL_SPACED)
             events = events.replace(_COMMA_NULL_SPACED, b"")
-            if MARK not in events:
-                return events
-        events = _ANY_NULL.sub(b"", events)
-        if MARK not in events:
-            return events
-        return self._drop_usage_events(events)
+        if left and _has_null(events):
+            events = _ANY_NULL.sub(b"", events)
+            left = events.count(MARK)
+        return self._drop_usage_events(events, left) if left else events
 
-    def _drop_usage_events(self, events: bytes) -> bytes:
+    def _drop_usage_events(self, events: bytes, marks: int) -> bytes:
+        """``events`` without those that have a usage and no choices (``marks``: how many
+        usage marks are left in it); the last usage is kept."""
         found = self.usage
         end = len(events)
-        while end > 0:
+        for _ in range(marks):
             index = events.rfind(MARK, 0, end)
-            if index < 0:
+            if index < 0:  # (the rest were in an event already dropped)
                 break
             start, stop = sse.event_around(events, index)
             answer = sse.event_json(events[start:stop])
@@ -147,3 +150,15 @@ class UsageHider(_Reader):
             end = start
         self.usage = found
         return events
+
+
+def _has_null(events: bytes) -> bool:
+    """Whether a usage mark of ``events`` is followed by a null (however spaced)."""
+    index = events.find(MARK)
+    while index >= 0:
+        pos = index + len(MARK)
+        value = events[pos : pos + 16].lstrip(_SPACE)
+        if value.startswith(b":") and value[1:].lstrip(_SPACE).startswith(b"null"):
+            return True
+        index = events.find(MARK, pos)
+    return False

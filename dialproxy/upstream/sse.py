@@ -41,11 +41,13 @@ def complete_end(data: bytes, start: int = 0, stop: int | None = None) -> int:
         if data.endswith(b"\n\n"):  # the usual chunk: whole events, LF-framed
             return len(data)
         stop = len(data)
-    index = max(
-        data.rfind(b"\n\n", start, stop),
-        data.rfind(b"\n\r", start, stop),
-        data.rfind(b"\r\r", start, stop),
-    )
+    # Each search after the first looks only past what was found (found near the end, it
+    # costs nothing; the common LF framing never needs the later two to go far).
+    index = data.rfind(b"\n\n", start, stop)
+    for blank in (b"\n\r", b"\r\r"):
+        found = data.rfind(blank, max(index, start), stop)
+        if found > index:
+            index = found
     return start if index < 0 else _past_blank(data, index)
 
 
