@@ -520,6 +520,7 @@ async def _forward(
     headers = forwarded_headers(request, principal, model)
     retry_afters: list[float] = []
     all_rate_limited = True
+    redirected: int | None = None  # the status of an upstream's redirect, for the log line
     if balancer.sharing:
         await balancer.refresh(model)
     for route in balancer.plan(model):
@@ -537,12 +538,19 @@ async def _forward(
                     url,
                     data=data,
                     headers={**headers, **route.headers} if route.headers else headers,
+                    allow_redirects=False,  # the route's credentials go to its URL, nowhere else
                 )
         except (aiohttp.ClientError, TimeoutError):
             await balancer.failed(model, route.upstream)
             all_rate_limited = False
             continue
         status = resp.status
+        if 300 <= status < 400:  # a redirect is not followed: a failure, as a 5xx is
+            resp.release()
+            redirected = status
+            await balancer.failed(model, route.upstream)
+            all_rate_limited = False
+            continue
         if status in snapshot.retriable_codes:
             resp.release()
             if status == 429:
@@ -563,7 +571,16 @@ async def _forward(
     if retry_afters and all_rate_limited:
         wait = max(1, int(min(retry_afters) + 0.999))
         raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
+    if redirected is not None:
+        raise _NoRoute(f"upstream answered {redirected}")
     raise BadGateway("No route")
+
+
+class _NoRoute(BadGateway):
+    """DIAL's "No route" to the client; the log line says what went wrong (the message)."""
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": "No route", "code": "502"}}
 
 
 def _response_headers(

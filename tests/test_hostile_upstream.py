@@ -1,0 +1,159 @@
+"""What an upstream that misbehaves can do to a client, its counters and the other upstreams:
+redirects, Retry-After values, huge answers, encodings, hop-by-hop and stray headers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from dialproxy.upstream.balancer import Balancer
+from dialproxy.web.appkeys import BALANCER
+from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
+from tests.hostile_upstream import (
+    USAGE,
+    Hostile,
+    HostileServer,
+    Recorder,
+    chat_answer,
+    create_hostile_app,
+)
+
+KEY = new_key()
+UPSTREAM_KEY = new_key("sk-upstream-")
+SPARE_KEY = new_key("sk-spare-")
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+TOKEN_LIMIT = 1_000_000  # a limit of ours: the project's tokens are counted
+
+
+HostileFactory = Callable[[], Awaitable[HostileServer]]
+
+
+@pytest.fixture
+def make_hostile(aiohttp_server: AiohttpServer) -> HostileFactory:
+    async def factory() -> HostileServer:
+        control = Hostile()
+        return HostileServer(await aiohttp_server(create_hostile_app(control)), control)
+
+    return factory
+
+
+@pytest.fixture
+async def hostile(make_hostile: HostileFactory) -> HostileServer:
+    return await make_hostile()
+
+
+@pytest.fixture
+async def recorder(aiohttp_server: AiohttpServer) -> tuple[Recorder, str]:
+    """The other host a redirect points to: (what it received, its URL)."""
+    record = Recorder()
+    server = await aiohttp_server(record.app())
+    return record, str(server.make_url("/stolen"))
+
+
+def config(
+    upstreams: list[dict[str, Any]],
+    *,
+    endpoint: str | None = None,
+    limited: bool = True,
+    model: str = "chat",
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": "chat", "upstreams": upstreams}
+    if endpoint is not None:
+        spec["endpoint"] = endpoint
+    return {
+        "models": {model: spec},
+        "roles": {"default": {"limits": {model: {"minute": TOKEN_LIMIT}} if limited else {}}},
+        "keys": {KEY: {"project": "p", "role": "default"}},
+    }
+
+
+async def call(
+    proxy: Proxy, model: str = "chat", *, raw: bool = False, **body: Any
+) -> tuple[int, bytes, aiohttp.ClientResponse]:
+    """POST a chat; ``raw``: the bytes as the proxy sent them (nothing decoded)."""
+    async with aiohttp.ClientSession(auto_decompress=not raw) as s:
+        resp = await s.post(
+            proxy.url(f"/openai/deployments/{model}/chat/completions"),
+            json={**CHAT, **body},
+            headers={"Api-Key": KEY},
+        )
+        return resp.status, await resp.read(), resp
+
+
+async def tokens_used(proxy: Proxy, model: str = "chat") -> int:
+    await proxy.settle()
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(proxy.url(f"/v1/deployments/{model}/limits"), headers={"Api-Key": KEY})
+        used: int = (await r.json())["minuteTokenStats"]["used"]
+        return used
+
+
+def advance(proxy: Proxy, seconds: float) -> None:
+    """Move the balancer's clock on (a pause ends without waiting for it)."""
+    balancer: Balancer = proxy.app[BALANCER]
+    now = balancer._clock
+    balancer._clock = lambda: now() + seconds
+
+
+NO_ROUTE = {"error": {"message": "No route", "code": "502"}}
+
+
+# 1. Redirects: never followed; a failure of that upstream.
+
+
+@pytest.mark.parametrize("status", [302, 307])
+@pytest.mark.parametrize("shape", ["direct", "endpoint"])
+async def test_a_redirect_is_not_followed_and_no_credential_leaves(
+    status: int,
+    shape: str,
+    hostile: HostileServer,
+    recorder: tuple[Recorder, str],
+    make_proxy: ProxyFactory,
+) -> None:
+    record, elsewhere = recorder
+    if shape == "direct":  # the key in api-key (Azure style)
+        upstreams = [{"endpoint": hostile.url(), "key": UPSTREAM_KEY, "auth": "api-key"}]
+        cfg = config(upstreams)
+    else:  # DIAL's adapter shape: the key in X-UPSTREAM-KEY, with X-UPSTREAM-EXTRA-DATA
+        upstream = {"endpoint": "https://provider.example/v1", "key": UPSTREAM_KEY}
+        cfg = config([upstream | {"extraData": {"a": 1}}], endpoint=hostile.url())
+    proxy = await make_proxy(cfg)
+    hostile.control.redirect, hostile.control.redirect_to = status, elsewhere
+    with capture_logs() as logs:
+        code, body, _ = await call(proxy)
+    assert (code, json.loads(body)) == (502, NO_ROUTE)
+    assert record.requests == []  # nothing reached the other host: no key, no body
+    assert len(hostile.control.requests) == 1
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert (line["status"], line["error"]) == (502, f"upstream answered {status}")
+    assert await tokens_used(proxy) == 0
+
+
+async def test_a_redirecting_upstream_is_retried_on_the_next(
+    hostile: HostileServer,
+    recorder: tuple[Recorder, str],
+    make_hostile: HostileFactory,
+    make_proxy: ProxyFactory,
+) -> None:
+    record, elsewhere = recorder
+    spare = await make_hostile()
+    proxy = await make_proxy(
+        config(
+            [
+                {"endpoint": hostile.url(), "key": UPSTREAM_KEY},
+                {"endpoint": spare.url(), "key": SPARE_KEY, "tier": 1},
+            ]
+        )
+    )
+    hostile.control.redirect, hostile.control.redirect_to = 307, elsewhere
+    code, body, resp = await call(proxy)
+    assert code == 200 and json.loads(body) == chat_answer()
+    assert resp.headers["X-UPSTREAM-ATTEMPTS"] == "2"
+    assert record.requests == []
+    assert spare.control.requests[0].headers["Authorization"] == f"Bearer {SPARE_KEY}"
+    assert await tokens_used(proxy) == USAGE["total_tokens"]  # the spare's, not the 99
