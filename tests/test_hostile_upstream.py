@@ -4,13 +4,19 @@ redirects, Retry-After values, huge answers, encodings, hop-by-hop and stray hea
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from dialproxy.config.model import Model, Upstream
+from dialproxy.server import counter_storage
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web.appkeys import BALANCER
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
@@ -22,6 +28,7 @@ from tests.hostile_upstream import (
     chat_answer,
     create_hostile_app,
 )
+from tests.redis_server import RedisServer
 
 KEY = new_key()
 UPSTREAM_KEY = new_key("sk-upstream-")
@@ -157,3 +164,79 @@ async def test_a_redirecting_upstream_is_retried_on_the_next(
     assert record.requests == []
     assert spare.control.requests[0].headers["Authorization"] == f"Bearer {SPARE_KEY}"
     assert await tokens_used(proxy) == USAGE["total_tokens"]  # the spare's, not the 99
+
+
+# 3. Retry-After: delta-seconds or an HTTP date, else absent; every pause at most 300 s.
+
+
+@pytest.mark.parametrize(
+    ("value", "told"),
+    [
+        ("nan", 30),  # not a number: absent (the default pause, 30 s)
+        ("inf", 30),
+        ("-5", 30),
+        ("1e12", 30),  # not delta-seconds
+        ("soon", 30),
+        ("99999999999", 300),  # capped
+        ("2.5", 3),  # a decimal, accepted
+        ("12", 12),
+    ],
+)
+async def test_no_retry_after_takes_an_upstream_out_for_long(
+    value: str, told: int, hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    hostile.control.retry_after = value
+    code, body, resp = await call(proxy)
+    assert code == 503  # every upstream rate limited (never a 500)
+    assert json.loads(body)["error"]["code"] == "503"
+    assert resp.headers["Retry-After"] == str(told)
+    hostile.control.retry_after = None
+    assert (await call(proxy))[0] == 502  # paused: not asked again yet (no route)
+    assert len(hostile.control.requests) == 1
+    advance(proxy, 301)  # the longest pause there is, and a second
+    code, body, _ = await call(proxy)
+    assert (code, json.loads(body)) == (200, chat_answer())
+
+
+async def test_retry_after_as_an_http_date(
+    hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    for when, low, high in (
+        (datetime.now(UTC) + timedelta(seconds=20), 19, 21),
+        (datetime.now(UTC) - timedelta(days=1), 1, 1),  # past: at once (told 1 s)
+        (datetime.now(UTC) + timedelta(days=3650), 300, 300),  # capped
+    ):
+        hostile.control.retry_after = format_datetime(when, usegmt=True)
+        code, _, resp = await call(proxy)
+        assert code == 503 and low <= int(resp.headers["Retry-After"]) <= high
+        advance(proxy, 301)
+
+
+async def test_the_balancer_caps_every_pause() -> None:
+    """Whatever reaches it (a caller that did not parse the header): 0..300 s."""
+    upstream = Upstream(endpoint="http://u")
+    model = Model(name="m", type="chat", endpoint=None, upstreams=(upstream,))
+    clock = [1000.0]
+    balancer = Balancer(clock=lambda: clock[0])
+    for seconds, paused in ((float("nan"), 30), (float("inf"), 300), (1e12, 300), (-3, 0)):
+        await balancer.rate_limited(model, upstream, seconds)
+        assert [r.url for r in balancer.plan(model)] == ([] if paused else ["http://u"])
+        clock[0] += paused + 0.001
+        assert [r.url for r in balancer.plan(model)] == ["http://u"]
+
+
+async def test_a_shared_pause_is_capped_too(
+    hostile: HostileServer, make_proxy: ProxyFactory, redis_server: RedisServer
+) -> None:
+    model = f"chat-{uuid.uuid4().hex[:8]}"  # the Redis server lives for the whole run
+    storage = counter_storage(redis_server.url)
+    cfg = config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}], model=model)
+    proxy = await make_proxy(cfg, storage=storage)
+    hostile.control.retry_after = "99999999999"
+    assert (await call(proxy, model))[0] == 503
+    snapshot_model = proxy.store.snapshot.models[model]
+    key = Balancer._shared_key(snapshot_model, snapshot_model.routes[0].upstream)
+    expiry = await storage.get_expiry(key)
+    assert 0 < expiry - time.time() <= 300

@@ -8,12 +8,14 @@ come -> usage recorded (shielded from a client disconnect) -> one log line.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import json
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -35,7 +37,7 @@ from dialproxy.errors import (
 from dialproxy.limiter import Limiter, Scope, WindowState, seconds_to_empty
 from dialproxy.logs import RequestLog
 from dialproxy.settings import Settings
-from dialproxy.upstream.balancer import Balancer
+from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage, usage_at
 from dialproxy.web import guard
@@ -151,14 +153,28 @@ class Outcome:
     shared: sharedkeys.SharedKey | None = None  # the shared key that called, if one did
 
 
+# Retry-After's delta-seconds: digits (a decimal point accepted too); anything else that is
+# not an HTTP date (nan, inf, -1, 1e12, words) counts as absent.
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?", re.ASCII)
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """An upstream's ``Retry-After`` in seconds, at most ``MAX_PAUSE``; None when absent or
+    not a delta-seconds or HTTP date (the balancer then waits its default)."""
     value = headers.get("Retry-After")
     if value is None:
         return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return min(float(value), MAX_PAUSE)
     try:
-        return max(float(value), 0.0)
-    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # (-0000: UTC, says RFC 5322)
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    except Exception:  # whatever the date parser makes of it: no date
         return None
+    return min(max(seconds, 0.0), MAX_PAUSE)
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
