@@ -240,3 +240,63 @@ async def test_a_shared_pause_is_capped_too(
     key = Balancer._shared_key(snapshot_model, snapshot_model.routes[0].upstream)
     expiry = await storage.get_expiry(key)
     assert 0 < expiry - time.time() <= 300
+
+
+# 11b. Response headers: an allow-list; nothing the Connection header names.
+
+
+async def test_headers_named_by_connection_never_pass(
+    hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    hostile.control.headers = {
+        "Connection": "X-Hop, x-request-id",
+        "X-Hop": "per-hop",
+        "X-Request-Id": "req-1",  # allowed, but named as per-hop here
+        "request-id": "req-2",
+    }
+    code, _, resp = await call(proxy)
+    assert code == 200
+    assert "X-Hop" not in resp.headers and "X-Request-Id" not in resp.headers
+    assert resp.headers["request-id"] == "req-2"
+
+
+SENT = {
+    "x-request-id": "req-1",
+    "Request-Id": "req-2",
+    "openai-processing-ms": "12",
+    "openai-version": "2020-10-01",
+    "Content-Language": "en",
+    "Set-Cookie": "session=1",
+    "X-Internal-Debug": "node-7",
+    "openai-organization": "org-secret",
+    "X-UPSTREAM-ATTEMPTS": "9",
+    "x-ratelimit-remaining-tokens": "5",
+    "anthropic-ratelimit-requests-remaining": "7",
+}
+
+
+@pytest.mark.parametrize("limited", [False, True])
+async def test_only_listed_response_headers_pass(
+    limited: bool, hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(
+        config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}], limited=limited)
+    )
+    hostile.control.headers = SENT
+    code, _, resp = await call(proxy)
+    assert code == 200
+    got = resp.headers
+    for name in ("x-request-id", "Request-Id", "openai-processing-ms", "openai-version"):
+        assert got[name] == SENT[name]
+    assert got["Content-Language"] == "en"
+    assert got["Content-Type"].startswith("application/json")
+    for name in ("Set-Cookie", "X-Internal-Debug", "openai-organization"):
+        assert name not in got
+    assert got.getall("X-UPSTREAM-ATTEMPTS") == ["1"]  # ours only
+    if limited:  # ours replace the provider's
+        assert got["x-ratelimit-remaining-tokens"] == str(TOKEN_LIMIT)
+        assert "anthropic-ratelimit-requests-remaining" not in got
+    else:  # no limit of ours: the provider's pass
+        assert got["x-ratelimit-remaining-tokens"] == "5"
+        assert got["anthropic-ratelimit-requests-remaining"] == "7"

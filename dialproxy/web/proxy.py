@@ -55,34 +55,86 @@ FORWARDED_REQUEST_HEADERS = (
     "x-conversation-id",
     "openai-beta",
 )
-# Upstream response headers never passed back (we set our own or they are per-hop).
-DROPPED_RESPONSE_HEADERS = frozenset(
+# Upstream response headers passed back: an allow-list, everything else stays here (the
+# upstream's cookies, its server's name, its hop-by-hop headers, whatever else it sends).
+# aiohttp writes Content-Length (and Transfer-Encoding) itself; a body is relayed decoded.
+PASSED_RESPONSE_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        # the content
+        "content-type",
+        "content-language",
+        "content-disposition",
+        "cache-control",
+        "x-accel-buffering",  # (an upstream's "no" keeps a stream unbuffered by nginx)
+        # request ids, as the SDKs read them (openai: x-request-id; anthropic: request-id)
+        "x-request-id",
+        "request-id",
+        "apim-request-id",  # Azure OpenAI's
+        "openai-processing-ms",
+        "openai-version",
+        # retry advice on an answer passed through (a retried status never reaches the client)
+        "retry-after",
+        "retry-after-ms",
+        "x-should-retry",
+    }
+)
+# The provider's rate-limit headers: passed only when no limit of ours applies to the
+# request; when one does, ours (x-ratelimit-*, from our counters) replace them all.
+PROVIDER_RATELIMIT_HEADERS = frozenset(
+    [
+        f"x-ratelimit-{kind}-{unit}"
+        for kind in ("limit", "remaining", "reset")
+        for unit in ("requests", "tokens")
+    ]
+    + [
+        f"anthropic-ratelimit-{unit}-{kind}"
+        for unit in ("requests", "tokens", "input-tokens", "output-tokens")
+        for kind in ("limit", "remaining", "reset")
+    ]
+)
+# Dropped headers most upstreams send (known by name only to skip lowercasing them).
+_COMMON_DROPPED = frozenset(
+    {
         "content-length",
         "content-encoding",
+        "transfer-encoding",
+        "keep-alive",
         "date",
         "server",
         "set-cookie",
-        "x-ratelimit-limit-requests",
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-limit-tokens",
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
+        "vary",
+        "strict-transport-security",
+        "x-content-type-options",
+        "alt-svc",
+        "cf-ray",
+        "cf-cache-status",
+        "openai-organization",
+        "openai-project",
+        "x-envoy-upstream-service-time",
+        "x-upstream-attempts",
     }
 )
-# The same as most servers write them: found without lowercasing each header.
-_DROPPED_AS_WRITTEN = frozenset(
-    "-".join(part.capitalize() for part in name.split("-")) for name in DROPPED_RESPONSE_HEADERS
-)
+
+_CONNECTION = 2  # the verdict on the Connection header: the names it lists are dropped too
+_CONNECTION_USUAL = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})  # (no name)
+
+
+def _verdicts(passed: frozenset[str]) -> dict[str, int]:
+    """Header name -> 1 (passes), 0 (dropped), 2 (Connection): the names we know, as servers
+    write them (lowercase, Capitalized-Words): found without lowercasing each header."""
+    known = {
+        name: 1 if name in passed else 0
+        for name in PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS | _COMMON_DROPPED
+    }
+    known["connection"] = _CONNECTION
+    verdicts: dict[str, int] = {}
+    for name, verdict in known.items():
+        verdicts[name] = verdicts["-".join(p.capitalize() for p in name.split("-"))] = verdict
+    return verdicts
+
+
+_VERDICTS_OURS = _verdicts(PASSED_RESPONSE_HEADERS)  # limits of ours apply
+_VERDICTS_THEIRS = _verdicts(PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS)
 API_TYPES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
 
 
@@ -602,12 +654,22 @@ class _NoRoute(BadGateway):
 def _response_headers(
     resp: aiohttp.ClientResponse, attempts: int, extra: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """The upstream's headers we pass back, then ours (the response copies them once)."""
-    headers = [
-        (k, v)
-        for k, v in resp.headers.items()
-        if k not in _DROPPED_AS_WRITTEN and k.lower() not in DROPPED_RESPONSE_HEADERS
-    ]
+    """The upstream's headers we pass back (see ``PASSED_RESPONSE_HEADERS``), then ours (the
+    response copies them once).  ``extra``: our x-ratelimit-* (none: no limit of ours)."""
+    verdicts = _VERDICTS_OURS if extra else _VERDICTS_THEIRS
+    headers: list[tuple[str, str]] = []
+    listed: list[str] | None = None  # what the Connection header names
+    for k, v in resp.headers.items():
+        verdict = verdicts.get(k)
+        if verdict is None:  # a name not written as we know it
+            verdict = verdicts.get(k.lower(), 0)
+        if verdict == 1:
+            headers.append((k, v))
+        elif verdict == _CONNECTION and v not in _CONNECTION_USUAL:
+            listed = (listed or []) + v.split(",")
+    if listed and headers:
+        named = {name.strip().lower() for name in listed}
+        headers = [(k, v) for k, v in headers if k.lower() not in named]
     headers.append(("X-UPSTREAM-ATTEMPTS", str(attempts)))
     headers += extra
     return headers
