@@ -15,8 +15,10 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from dialproxy import cli
 from dialproxy.config.model import Model, Upstream
 from dialproxy.server import counter_storage
+from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web.appkeys import BALANCER
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
@@ -240,6 +242,61 @@ async def test_a_shared_pause_is_capped_too(
     key = Balancer._shared_key(snapshot_model, snapshot_model.routes[0].upstream)
     expiry = await storage.get_expiry(key)
     assert 0 < expiry - time.time() <= 300
+
+
+# 6. A non-streamed answer over max_response: a 502, read no further.
+
+CAP = 1024 * 1024
+
+
+@pytest.mark.parametrize("with_length", [False, True])
+async def test_an_answer_over_max_response_is_a_502(
+    with_length: bool, hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(
+        config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]),
+        settings=Settings(max_response=CAP),
+    )
+    hostile.control.huge, hostile.control.huge_length = 80 * 1024 * 1024, with_length
+    with capture_logs() as logs:
+        code, body, _ = await call(proxy)
+    assert code == 502
+    assert json.loads(body)["error"]["message"] == (
+        f"The upstream's response is over the {CAP}-byte limit"
+    )
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["status"] == 502 and "over the" in line["error"]
+    # The proxy stopped reading at the cap: the upstream could not write much more.
+    assert hostile.control.huge_sent < 24 * 1024 * 1024
+    hostile.control.huge = 0
+    assert (await call(proxy))[0] == 200  # the next answer is served
+
+
+async def test_an_answer_of_max_response_is_served(
+    hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(
+        config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]),
+        settings=Settings(max_response=CAP),
+    )
+    for with_length in (False, True):
+        hostile.control.huge, hostile.control.huge_sent = CAP, 0
+        hostile.control.huge_length = with_length
+        code, body, _ = await call(proxy)
+        assert code == 200 and len(body) == CAP
+
+
+def test_max_response_from_the_flag_or_the_environment() -> None:
+    assert (
+        cli._settings(cli._parser().parse_args(["serve", "--max-response", "99"])).max_response
+        == 99
+    )
+    assert Settings.from_env({}).max_response == 64 * 1024 * 1024
+    assert Settings.from_env({"DIALPROXY_MAX_RESPONSE": "1000"}).max_response == 1000
+    with pytest.raises(ValueError, match="DIALPROXY_MAX_RESPONSE"):
+        Settings.from_env({"DIALPROXY_MAX_RESPONSE": "lots"})
+    with pytest.raises(ValueError, match="max response"):
+        Settings(max_response=0).check()
 
 
 # 11b. Response headers: an allow-list; nothing the Connection header names.

@@ -635,7 +635,9 @@ async def _forward(
         else:
             await balancer.failed(model, route.upstream)
         outcome.status = status
-        return await _respond(resp, outcome, injected, extra_headers, services.idle)
+        return await _respond(
+            resp, outcome, injected, extra_headers, services.idle, services.settings.max_response
+        )
     if retry_afters and all_rate_limited:
         wait = max(1, int(min(retry_afters) + 0.999))
         raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
@@ -681,12 +683,13 @@ async def _respond(
     injected: bool,
     extra_headers: list[tuple[str, str]],
     idle: IdleWatch,
+    max_response: int,
 ) -> web.StreamResponse:
     headers = _response_headers(resp, outcome.attempts, extra_headers)
     if resp.content_type != "text/event-stream":
         idle.watch(resp)
         try:
-            data = await resp.read()
+            data = await _read_bounded(resp, max_response)
         except (aiohttp.ClientError, TimeoutError):
             resp.close()
             raise BadGateway("The upstream broke off its response") from None
@@ -700,6 +703,29 @@ async def _respond(
     stream.upstream = resp
     stream.injected = injected
     return stream
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """A non-streamed answer's body, at most ``cap`` bytes; over it: a 502 and the connection
+    closed.  A body of a known length within the cap is read at once; any other is read
+    chunk by chunk, counted as it comes."""
+    length = resp.content_length
+    if length is not None:
+        if length <= cap:
+            return await resp.read()
+    else:
+        parts: list[bytes] = []
+        size = 0
+        content = resp.content
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > cap:
+                break
+            parts.append(chunk)
+        else:
+            return b"".join(parts)
+    resp.close()
+    raise BadGateway(f"The upstream's response is over the {cap}-byte limit")
 
 
 class _UpstreamStream(web.StreamResponse):
