@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip as gzip_module
 import json
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ class Hostile:
     # a 429 with this Retry-After value (None: no 429)
     retry_after: str | None = None
     # a non-streamed 200 of this many bytes, written in CHUNKs (0: off); with its
-    # Content-Length when huge_length, else chunked
+    # Content-Length when huge_length, else chunked; gzip-encoded with gzip (a "bomb")
     huge: int = 0
     huge_length: bool = False
     # the answer gzip-encoded (Content-Encoding: gzip) whatever the request accepts
@@ -112,15 +113,19 @@ async def _huge(
     if not control.huge:
         return None
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    if control.huge_length:
+    encoder = zlib.compressobj(wbits=31) if control.gzip else None  # (31: gzip)
+    if encoder is not None:
+        response.headers["Content-Encoding"] = "gzip"
+    elif control.huge_length:
         response.content_length = control.huge
     await response.prepare(request)
     chunk = b" " * CHUNK
     try:
         while control.huge_sent < control.huge:
             part = chunk[: control.huge - control.huge_sent]
-            await response.write(part)
+            await response.write(encoder.compress(part) if encoder else part)
             control.huge_sent += len(part)
+        await response.write(encoder.flush() if encoder else b"")
         await response.write_eof()
     except (ConnectionError, RuntimeError):  # the reader went away: what it wanted
         pass

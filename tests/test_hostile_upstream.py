@@ -299,6 +299,66 @@ def test_max_response_from_the_flag_or_the_environment() -> None:
         Settings(max_response=0).check()
 
 
+# 11a. Encodings: identity asked for; gzip answered anyway is decoded, usage counted.
+
+
+@pytest.mark.parametrize("client_accepts_gzip", [False, True])
+async def test_a_gzip_answer_is_relayed_decoded_and_counted(
+    client_accepts_gzip: bool, hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    hostile.control.gzip = True
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        resp = await s.post(
+            proxy.url("/openai/deployments/chat/chat/completions"),
+            json=CHAT,
+            headers={"Api-Key": KEY} | ({"Accept-Encoding": "gzip"} if client_accepts_gzip else {}),
+            skip_auto_headers=() if client_accepts_gzip else ("Accept-Encoding",),
+        )
+        raw = await resp.read()
+    assert resp.status == 200
+    assert "Content-Encoding" not in resp.headers
+    assert json.loads(raw) == chat_answer()  # the bytes as they came: plain JSON
+    assert hostile.control.requests[0].headers["Accept-Encoding"] == "identity"
+    assert await tokens_used(proxy) == USAGE["total_tokens"]
+
+
+async def test_a_gzip_answer_is_capped_as_decoded(
+    hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    """80 MB of spaces gzip-encoded (about 80 kB): refused at the cap, as decoded."""
+    proxy = await make_proxy(
+        config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]),
+        settings=Settings(max_response=CAP),
+    )
+    hostile.control.huge, hostile.control.gzip = 80 * 1024 * 1024, True
+    code, body, _ = await call(proxy)
+    assert code == 502 and b"over the" in body  # (the few kB sent: decoded to the cap only)
+
+
+async def test_a_gzip_stream_is_relayed_decoded_and_counted(
+    hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    hostile.control.gzip = True
+    code, raw, resp = await call(proxy, raw=True, stream=True)
+    assert code == 200 and "Content-Encoding" not in resp.headers
+    assert raw.startswith(b"data: {") and raw.endswith(b"data: [DONE]\n\n")
+    assert b'"usage"' not in raw  # asked for on the client's behalf: hidden
+    assert await tokens_used(proxy) == USAGE["total_tokens"]
+
+
+async def test_an_encoding_not_decoded_is_relayed_with_its_name(
+    hostile: HostileServer, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    hostile.control.encoding = "x-custom"  # (sent as is: the body is plain JSON)
+    code, raw, resp = await call(proxy, raw=True)
+    assert code == 200
+    assert resp.headers["Content-Encoding"] == "x-custom"  # the bytes match the headers
+    assert json.loads(raw) == chat_answer()
+
+
 # 11b. Response headers: an allow-list; nothing the Connection header names.
 
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import compression_utils, web
 
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
@@ -586,6 +586,7 @@ async def _forward(
     data = payload if payload is not None else raw
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
     headers = forwarded_headers(request, principal, model)
+    headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
     retry_afters: list[float] = []
     all_rate_limited = True
     redirected: int | None = None  # the status of an upstream's redirect, for the log line
@@ -686,10 +687,15 @@ async def _respond(
     max_response: int,
 ) -> web.StreamResponse:
     headers = _response_headers(resp, outcome.attempts, extra_headers)
+    encoding = resp.headers.get("Content-Encoding")
+    if encoding is not None and encoding.lower() not in _DECODED:
+        # Not one the client session decodes: relayed as it came, with its encoding named
+        # (the usage in it cannot be read).
+        headers.append(("Content-Encoding", encoding))
     if resp.content_type != "text/event-stream":
         idle.watch(resp)
         try:
-            data = await _read_bounded(resp, max_response)
+            data = await _read_bounded(resp, max_response, encoding is None)
         except (aiohttp.ClientError, TimeoutError):
             resp.close()
             raise BadGateway("The upstream broke off its response") from None
@@ -705,12 +711,21 @@ async def _respond(
     return stream
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """A non-streamed answer's body, at most ``cap`` bytes; over it: a 502 and the connection
-    closed.  A body of a known length within the cap is read at once; any other is read
-    chunk by chunk, counted as it comes."""
+# What the client session decodes (auto_decompress, see app.py; the name as aiohttp matches
+# it): gzip and deflate, br and zstd with their libraries installed ("identity": no coding).
+_DECODED = frozenset(
+    ["identity", "gzip", "deflate"]
+    + (["br"] if compression_utils.HAS_BROTLI else [])
+    + (["zstd"] if compression_utils.HAS_ZSTD else [])
+)
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, cap: int, plain: bool) -> bytes:
+    """A non-streamed answer's body (decoded), at most ``cap`` bytes; over it: a 502 and the
+    connection closed.  A plain body (no Content-Encoding) of a known length within the cap
+    is read at once; any other is read chunk by chunk, counted as it comes."""
     length = resp.content_length
-    if length is not None:
+    if length is not None and plain:
         if length <= cap:
             return await resp.read()
     else:
