@@ -695,7 +695,12 @@ async def _respond(
     if resp.content_type != "text/event-stream":
         idle.watch(resp)
         try:
-            data = await _read_bounded(resp, max_response, encoding is None)
+            # (encoded, its Content-Length is not the size read: the decoded bytes count)
+            length = resp.content_length if encoding is None else None
+            if length is not None and length <= max_response:
+                data = await resp.read()  # the usual answer: its length known, within the cap
+            else:
+                data = await _read_bounded(resp, max_response, length)
         except (aiohttp.ClientError, TimeoutError):
             resp.close()
             raise BadGateway("The upstream broke off its response") from None
@@ -720,15 +725,11 @@ _DECODED = frozenset(
 )
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, cap: int, plain: bool) -> bytes:
-    """A non-streamed answer's body (decoded), at most ``cap`` bytes; over it: a 502 and the
-    connection closed.  A plain body (no Content-Encoding) of a known length within the cap
-    is read at once; any other is read chunk by chunk, counted as it comes."""
-    length = resp.content_length
-    if length is not None and plain:
-        if length <= cap:
-            return await resp.read()
-    else:
+async def _read_bounded(resp: aiohttp.ClientResponse, cap: int, length: int | None) -> bytes:
+    """A non-streamed answer's body (decoded) of no known ``length`` (None), read chunk by
+    chunk no further than ``cap`` bytes; over it (or a ``length`` over it): a 502 and the
+    connection closed."""
+    if length is None:
         parts: list[bytes] = []
         size = 0
         content = resp.content
