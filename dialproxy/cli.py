@@ -83,6 +83,13 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="accept a config with no keys or no models",
     )
     parser.add_argument("--no-watch", action="store_true", help="do not reload on file changes")
+    parser.add_argument(
+        "--max-response",
+        type=int,
+        metavar="BYTES",
+        help="largest non-streamed upstream answer relayed, decoded; over it: 502 "
+        "(env DIALPROXY_MAX_RESPONSE; 67108864 = 64 MiB)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -90,7 +97,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "port", "storage", "storage_failure", "state"):
+    for name in ("host", "port", "storage", "storage_failure", "state", "max_response"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.allow_empty_config:

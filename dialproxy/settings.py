@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from dialproxy.upstream.sse import MAX_EVENT
 
 MAX_BODY = 16 * 1024 * 1024
+MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed upstream answer, decoded (over it: 502)
 STORAGE_FAILURE_POLICIES = ("allow", "deny", "local")
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 
@@ -27,6 +28,7 @@ class Settings:
     idle_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     max_body: int = MAX_BODY
+    max_response: int = MAX_RESPONSE
     max_event: int = MAX_EVENT  # the most one upstream stream event may hold
     stream_drain: float = 5.0  # how long a stream the client left is still read for usage
 
@@ -34,6 +36,8 @@ class Settings:
         """Raise ``ValueError`` naming the setting at fault."""
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, not {self.port}")
+        if self.max_response < 1:
+            raise ValueError(f"max response must be at least 1 byte, not {self.max_response}")
         if self.storage_failure not in STORAGE_FAILURE_POLICIES:
             raise ValueError(
                 f"storage failure policy must be one of {', '.join(STORAGE_FAILURE_POLICIES)}, "
@@ -62,6 +66,11 @@ class Settings:
                 kwargs["port"] = int(env["DIALPROXY_PORT"])
             except ValueError:
                 raise ValueError("DIALPROXY_PORT must be a port number") from None
+        if env.get("DIALPROXY_MAX_RESPONSE"):
+            try:
+                kwargs["max_response"] = int(env["DIALPROXY_MAX_RESPONSE"])
+            except ValueError:
+                raise ValueError("DIALPROXY_MAX_RESPONSE must be a number of bytes") from None
         if env.get("DIALPROXY_STORAGE"):
             kwargs["storage"] = env["DIALPROXY_STORAGE"]
         if env.get("DIALPROXY_STATE"):

@@ -121,7 +121,7 @@ async def test_chat_through_deployment_path(proxy: Proxy, backend: Backend) -> N
     assert "X-Other" not in seen.headers  # only the listed ones go on
     assert "Api-Key" not in seen.headers
     assert "X-UPSTREAM-KEY" not in seen.headers  # a client can never set it
-    assert "Accept-Encoding" not in seen.headers
+    assert seen.headers["Accept-Encoding"] == "identity"  # ours, never the client's
     assert seen.body == json.dumps(CHAT).encode()  # untouched: forwarded as sent
 
 

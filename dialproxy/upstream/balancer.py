@@ -27,6 +27,16 @@ DEFAULT_RETRY_AFTER = 30.0
 SHARED_CHECK_EVERY = 1.0
 FAILURES_BEFORE_BACKOFF = 3
 MAX_BACKOFF = 300.0
+# No pause is longer (DIAL's backoff ceiling): an upstream's Retry-After of a year, or one
+# that is not a number, cannot take it out for longer, here or on other instances.
+MAX_PAUSE = 300.0
+
+
+def _pause(seconds: float) -> float:
+    """``seconds`` as a pause: within 0..MAX_PAUSE (not a number: the default)."""
+    if seconds >= 0.0:
+        return seconds if seconds <= MAX_PAUSE else MAX_PAUSE
+    return 0.0 if seconds < 0.0 else DEFAULT_RETRY_AFTER  # (nan is neither)
 
 
 @dataclass(slots=True)
@@ -128,6 +138,7 @@ class Balancer:
             log.debug("shared_upstream_state_unavailable", error=type(e).__name__)
 
     async def _share(self, model: Model, upstream: Upstream, seconds: float) -> None:
+        seconds = _pause(seconds)
         if self._shared is None or seconds <= 0 or not self._shared_up():
             return
         try:
@@ -146,7 +157,7 @@ class Balancer:
         self, model: Model, upstream: Upstream, retry_after: float | None
     ) -> None:
         state = self._state(model, upstream)
-        wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+        wait = DEFAULT_RETRY_AFTER if retry_after is None else _pause(retry_after)
         state.unavailable_until = self._clock() + wait
         await self._share(model, upstream, wait)
 

@@ -8,17 +8,19 @@ come -> usage recorded (shielded from a client disconnect) -> one log line.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import json
 import re
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import compression_utils, web
 
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
@@ -35,7 +37,7 @@ from dialproxy.errors import (
 from dialproxy.limiter import Limiter, Scope, WindowState, seconds_to_empty
 from dialproxy.logs import RequestLog
 from dialproxy.settings import Settings
-from dialproxy.upstream.balancer import Balancer
+from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.relay import UsageHider, UsageScanner
 from dialproxy.upstream.sse import EventTooLarge
@@ -55,34 +57,86 @@ FORWARDED_REQUEST_HEADERS = (
     "x-conversation-id",
     "openai-beta",
 )
-# Upstream response headers never passed back (we set our own or they are per-hop).
-DROPPED_RESPONSE_HEADERS = frozenset(
+# Upstream response headers passed back: an allow-list, everything else stays here (the
+# upstream's cookies, its server's name, its hop-by-hop headers, whatever else it sends).
+# aiohttp writes Content-Length (and Transfer-Encoding) itself; a body is relayed decoded.
+PASSED_RESPONSE_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        # the content
+        "content-type",
+        "content-language",
+        "content-disposition",
+        "cache-control",
+        "x-accel-buffering",  # (an upstream's "no" keeps a stream unbuffered by nginx)
+        # request ids, as the SDKs read them (openai: x-request-id; anthropic: request-id)
+        "x-request-id",
+        "request-id",
+        "apim-request-id",  # Azure OpenAI's
+        "openai-processing-ms",
+        "openai-version",
+        # retry advice on an answer passed through (a retried status never reaches the client)
+        "retry-after",
+        "retry-after-ms",
+        "x-should-retry",
+    }
+)
+# The provider's rate-limit headers: passed only when no limit of ours applies to the
+# request; when one does, ours (x-ratelimit-*, from our counters) replace them all.
+PROVIDER_RATELIMIT_HEADERS = frozenset(
+    [
+        f"x-ratelimit-{kind}-{unit}"
+        for kind in ("limit", "remaining", "reset")
+        for unit in ("requests", "tokens")
+    ]
+    + [
+        f"anthropic-ratelimit-{unit}-{kind}"
+        for unit in ("requests", "tokens", "input-tokens", "output-tokens")
+        for kind in ("limit", "remaining", "reset")
+    ]
+)
+# Dropped headers most upstreams send (known by name only to skip lowercasing them).
+_COMMON_DROPPED = frozenset(
+    {
         "content-length",
         "content-encoding",
+        "transfer-encoding",
+        "keep-alive",
         "date",
         "server",
         "set-cookie",
-        "x-ratelimit-limit-requests",
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-limit-tokens",
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
+        "vary",
+        "strict-transport-security",
+        "x-content-type-options",
+        "alt-svc",
+        "cf-ray",
+        "cf-cache-status",
+        "openai-organization",
+        "openai-project",
+        "x-envoy-upstream-service-time",
+        "x-upstream-attempts",
     }
 )
-# The same as most servers write them: found without lowercasing each header.
-_DROPPED_AS_WRITTEN = frozenset(
-    "-".join(part.capitalize() for part in name.split("-")) for name in DROPPED_RESPONSE_HEADERS
-)
+
+_CONNECTION = 2  # the verdict on the Connection header: the names it lists are dropped too
+_CONNECTION_USUAL = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})  # (no name)
+
+
+def _verdicts(passed: frozenset[str]) -> dict[str, int]:
+    """Header name -> 1 (passes), 0 (dropped), 2 (Connection): the names we know, as servers
+    write them (lowercase, Capitalized-Words): found without lowercasing each header."""
+    known = {
+        name: 1 if name in passed else 0
+        for name in PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS | _COMMON_DROPPED
+    }
+    known["connection"] = _CONNECTION
+    verdicts: dict[str, int] = {}
+    for name, verdict in known.items():
+        verdicts[name] = verdicts["-".join(p.capitalize() for p in name.split("-"))] = verdict
+    return verdicts
+
+
+_VERDICTS_OURS = _verdicts(PASSED_RESPONSE_HEADERS)  # limits of ours apply
+_VERDICTS_THEIRS = _verdicts(PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS)
 API_TYPES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
 
 
@@ -157,14 +211,28 @@ class Outcome:
     leftover: tuple[aiohttp.ClientResponse, UsageScanner | UsageHider] | None = None
 
 
+# Retry-After's delta-seconds: digits (a decimal point accepted too); anything else that is
+# not an HTTP date (nan, inf, -1, 1e12, words) counts as absent.
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?", re.ASCII)
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """An upstream's ``Retry-After`` in seconds, at most ``MAX_PAUSE``; None when absent or
+    not a delta-seconds or HTTP date (the balancer then waits its default)."""
     value = headers.get("Retry-After")
     if value is None:
         return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return min(float(value), MAX_PAUSE)
     try:
-        return max(float(value), 0.0)
-    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # (-0000: UTC, says RFC 5322)
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    except Exception:  # whatever the date parser makes of it: no date
         return None
+    return min(max(seconds, 0.0), MAX_PAUSE)
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -491,8 +559,10 @@ async def _forward(
     outcome.request_bytes = len(data)
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
     headers = forwarded_headers(request, principal, model)
+    headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
     retry_afters: list[float] = []
     all_rate_limited = True
+    redirected: int | None = None  # the status of an upstream's redirect, for the log line
     if balancer.sharing:
         await balancer.refresh(model)
     for route in balancer.plan(model):
@@ -510,12 +580,19 @@ async def _forward(
                     url,
                     data=data,
                     headers={**headers, **route.headers} if route.headers else headers,
+                    allow_redirects=False,  # the route's credentials go to its URL, nowhere else
                 )
         except (aiohttp.ClientError, TimeoutError):
             await balancer.failed(model, route.upstream)
             all_rate_limited = False
             continue
         status = resp.status
+        if 300 <= status < 400:  # a redirect is not followed: a failure, as a 5xx is
+            resp.release()
+            redirected = status
+            await balancer.failed(model, route.upstream)
+            all_rate_limited = False
+            continue
         if status in snapshot.retriable_codes:
             resp.release()
             if status == 429:
@@ -532,22 +609,43 @@ async def _forward(
         else:
             await balancer.failed(model, route.upstream)
         outcome.status = status
-        return await _respond(resp, outcome, injected, extra_headers, services.idle)
+        return await _respond(
+            resp, outcome, injected, extra_headers, services.idle, services.settings.max_response
+        )
     if retry_afters and all_rate_limited:
         wait = max(1, int(min(retry_afters) + 0.999))
         raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
+    if redirected is not None:
+        raise _NoRoute(f"upstream answered {redirected}")
     raise BadGateway("No route")
+
+
+class _NoRoute(BadGateway):
+    """DIAL's "No route" to the client; the log line says what went wrong (the message)."""
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": "No route", "code": "502"}}
 
 
 def _response_headers(
     resp: aiohttp.ClientResponse, attempts: int, extra: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """The upstream's headers we pass back, then ours (the response copies them once)."""
-    headers = [
-        (k, v)
-        for k, v in resp.headers.items()
-        if k not in _DROPPED_AS_WRITTEN and k.lower() not in DROPPED_RESPONSE_HEADERS
-    ]
+    """The upstream's headers we pass back (see ``PASSED_RESPONSE_HEADERS``), then ours (the
+    response copies them once).  ``extra``: our x-ratelimit-* (none: no limit of ours)."""
+    verdicts = _VERDICTS_OURS if extra else _VERDICTS_THEIRS
+    headers: list[tuple[str, str]] = []
+    listed: list[str] | None = None  # what the Connection header names
+    for k, v in resp.headers.items():
+        verdict = verdicts.get(k)
+        if verdict is None:  # a name not written as we know it
+            verdict = verdicts.get(k.lower(), 0)
+        if verdict == 1:
+            headers.append((k, v))
+        elif verdict == _CONNECTION and v not in _CONNECTION_USUAL:
+            listed = (listed or []) + v.split(",")
+    if listed and headers:
+        named = {name.strip().lower() for name in listed}
+        headers = [(k, v) for k, v in headers if k.lower() not in named]
     headers.append(("X-UPSTREAM-ATTEMPTS", str(attempts)))
     headers += extra
     return headers
@@ -559,12 +657,23 @@ async def _respond(
     injected: bool,
     extra_headers: list[tuple[str, str]],
     idle: IdleWatch,
+    max_response: int,
 ) -> web.StreamResponse:
     headers = _response_headers(resp, outcome.attempts, extra_headers)
+    encoding = resp.headers.get("Content-Encoding")
+    if encoding is not None and encoding.lower() not in _DECODED:
+        # Not one the client session decodes: relayed as it came, with its encoding named
+        # (the usage in it cannot be read).
+        headers.append(("Content-Encoding", encoding))
     if resp.content_type != "text/event-stream":
         idle.watch(resp)
         try:
-            data = await resp.read()
+            # (encoded, its Content-Length is not the size read: the decoded bytes count)
+            length = resp.content_length if encoding is None else None
+            if length is not None and length <= max_response:
+                data = await resp.read()  # the usual answer: its length known, within the cap
+            else:
+                data = await _read_bounded(resp, max_response, length)
         except (aiohttp.ClientError, TimeoutError):
             resp.close()
             raise BadGateway("The upstream broke off its response") from None
@@ -578,6 +687,34 @@ async def _respond(
     stream.upstream = resp
     stream.injected = injected
     return stream
+
+
+# What the client session decodes (auto_decompress, see app.py; the name as aiohttp matches
+# it): gzip and deflate, br and zstd with their libraries installed ("identity": no coding).
+_DECODED = frozenset(
+    ["identity", "gzip", "deflate"]
+    + (["br"] if compression_utils.HAS_BROTLI else [])
+    + (["zstd"] if compression_utils.HAS_ZSTD else [])
+)
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, cap: int, length: int | None) -> bytes:
+    """A non-streamed answer's body (decoded) of no known ``length`` (None), read chunk by
+    chunk no further than ``cap`` bytes; over it (or a ``length`` over it): a 502 and the
+    connection closed."""
+    if length is None:
+        parts: list[bytes] = []
+        size = 0
+        content = resp.content
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > cap:
+                break
+            parts.append(chunk)
+        else:
+            return b"".join(parts)
+    resp.close()
+    raise BadGateway(f"The upstream's response is over the {cap}-byte limit")
 
 
 class _UpstreamStream(web.StreamResponse):

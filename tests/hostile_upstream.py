@@ -1,0 +1,209 @@
+"""A hostile upstream: an OpenAI-style chat server that misbehaves on demand.
+
+Each misbehaviour is one switch of a mutable :class:`Hostile` control object; the test
+turns it on (and off) between requests.  Off, every switch: a well-behaved chat answer with
+its usage (:data:`USAGE`), streamed when the request asks for a stream.
+
+To add a behaviour: a field of :class:`Hostile` (off by default), and a function in
+:data:`BEHAVIOURS` that answers when it is on (returns a response) and else returns None;
+the first that answers wins, the ordinary answer comes last.  A :class:`Recorder` is a
+second server that only records what reaches it (the place a redirect points to).
+"""
+
+from __future__ import annotations
+
+import gzip as gzip_module
+import json
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+CHUNK = 64 * 1024  # what a huge answer is written in
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One request as a server received it."""
+
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class Hostile:
+    """The switches (all off: a well-behaved upstream) and what the server saw and did."""
+
+    # 3xx status answered, with Location: redirect_to (None: no redirect)
+    redirect: int | None = None
+    redirect_to: str = ""
+    # a 429 with this Retry-After value (None: no 429)
+    retry_after: str | None = None
+    # a non-streamed 200 of this many bytes, written in CHUNKs (0: off); with its
+    # Content-Length when huge_length, else chunked; gzip-encoded with gzip (a "bomb")
+    huge: int = 0
+    huge_length: bool = False
+    # the answer gzip-encoded (Content-Encoding: gzip) whatever the request accepts
+    gzip: bool = False
+    # Content-Encoding claimed for an answer sent as it is (None: off)
+    encoding: str | None = None
+    # headers added to the ordinary answer (e.g. a Connection naming one of them)
+    headers: dict[str, str] = field(default_factory=dict)
+    # what the server saw and did
+    requests: list[Received] = field(default_factory=list)
+    huge_sent: int = 0  # bytes of the huge answer written before the reader stopped
+
+
+Behaviour = Callable[[Hostile, web.Request, dict[str, Any]], Awaitable[web.StreamResponse | None]]
+
+
+def chat_answer(text: str = "hello") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "hostile",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
+        "usage": USAGE,
+    }
+
+
+def sse_answer(text: str = "hello") -> bytes:
+    events: list[dict[str, Any]] = [
+        {"id": "c", "object": "chat.completion.chunk", "choices": [{"delta": {"content": w}}]}
+        for w in text.split()
+    ]
+    events.append({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": USAGE})
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+async def _redirect(
+    control: Hostile, request: web.Request, body: dict[str, Any]
+) -> web.Response | None:
+    if control.redirect is None:
+        return None
+    return web.Response(status=control.redirect, headers={"Location": control.redirect_to})
+
+
+async def _retry_after(
+    control: Hostile, request: web.Request, body: dict[str, Any]
+) -> web.Response | None:
+    if control.retry_after is None:
+        return None
+    return web.json_response(
+        {"error": {"message": "slow down", "type": "rate_limit"}},
+        status=429,
+        headers={"Retry-After": control.retry_after},
+    )
+
+
+async def _huge(
+    control: Hostile, request: web.Request, body: dict[str, Any]
+) -> web.StreamResponse | None:
+    if not control.huge:
+        return None
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    encoder = zlib.compressobj(wbits=31) if control.gzip else None  # (31: gzip)
+    if encoder is not None:
+        response.headers["Content-Encoding"] = "gzip"
+    elif control.huge_length:
+        response.content_length = control.huge
+    await response.prepare(request)
+    chunk = b" " * CHUNK
+    try:
+        while control.huge_sent < control.huge:
+            part = chunk[: control.huge - control.huge_sent]
+            await response.write(encoder.compress(part) if encoder else part)
+            control.huge_sent += len(part)
+        await response.write(encoder.flush() if encoder else b"")
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):  # the reader went away: what it wanted
+        pass
+    return response
+
+
+async def _encoded(
+    control: Hostile, request: web.Request, body: dict[str, Any]
+) -> web.Response | None:
+    if not control.gzip and control.encoding is None:
+        return None
+    streamed = body.get("stream") is True
+    data = sse_answer() if streamed else json.dumps(chat_answer()).encode()
+    headers = {"Content-Type": "text/event-stream" if streamed else "application/json"}
+    if control.gzip:
+        data = gzip_module.compress(data)
+        headers["Content-Encoding"] = "gzip"
+    else:
+        assert control.encoding is not None
+        headers["Content-Encoding"] = control.encoding
+    return web.Response(body=data, headers=headers)
+
+
+# The misbehaviours, tried in order; the first that answers wins.
+BEHAVIOURS: list[Behaviour] = [_redirect, _retry_after, _huge, _encoded]
+
+
+def create_hostile_app(control: Hostile) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        control.requests.append(Received(request.method, request.path, request.headers.copy(), raw))
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {}
+        for behaviour in BEHAVIOURS:
+            response = await behaviour(control, request, body)
+            if response is not None:
+                return response
+        if body.get("stream") is True:
+            return web.Response(
+                body=sse_answer(), headers={"Content-Type": "text/event-stream", **control.headers}
+            )
+        return web.json_response(chat_answer(), headers=control.headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+@dataclass(slots=True)
+class Recorder:
+    """Records every request; answers a chat completion with usage (so a followed redirect
+    would be served and counted)."""
+
+    requests: list[Received] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            raw = await request.read()
+            self.requests.append(
+                Received(request.method, request.path, request.headers.copy(), raw)
+            )
+            return web.json_response(
+                chat_answer("from elsewhere") | {"usage": {"total_tokens": 99}}
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+class HostileServer:
+    """A running hostile upstream: its control and its URLs."""
+
+    def __init__(self, server: TestServer, control: Hostile) -> None:
+        self.server = server
+        self.control = control
+
+    def url(self, path: str = "/v1/chat/completions") -> str:
+        return str(self.server.make_url(path))
