@@ -83,6 +83,13 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="accept a config with no keys or no models",
     )
     parser.add_argument("--no-watch", action="store_true", help="do not reload on file changes")
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may finish before open streams are "
+        "ended (env DIALPROXY_SHUTDOWN_TIMEOUT; 30)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -90,7 +97,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "port", "storage", "storage_failure", "state"):
+    for name in ("host", "port", "storage", "storage_failure", "state", "shutdown_timeout"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.allow_empty_config:
@@ -163,6 +170,8 @@ def _load_store(settings: Settings) -> ConfigStore | None:
 async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
     from dialproxy.demo_backend import BackendControl, create_backend_app
     from dialproxy.server import build_app, reload_soon, tune_gc
+    from dialproxy.web.appkeys import DRAIN
+    from dialproxy.web.drain import FINISH_TIMEOUT, shut_down
 
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []
@@ -172,8 +181,9 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
         await web.TCPSite(demo, settings.host, demo_port).start()
         runners.append(demo)
         print(f"dialproxy: demo backend on http://{settings.host}:{demo_port}", file=sys.stderr)
+    # The grace is shut_down's; aiohttp's own timeout (applied twice) only follows it.
     runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=settings.shutdown_timeout
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=FINISH_TIMEOUT
     )
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
@@ -189,8 +199,13 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     try:
         await stop.wait()
     finally:
-        print("dialproxy: stopping; letting requests in flight finish", file=sys.stderr)
-        for r in runners:
+        grace = settings.shutdown_timeout
+        print(
+            f"dialproxy: stopping; letting requests in flight finish (up to {grace:g} s)",
+            file=sys.stderr,
+        )
+        await shut_down(runner, app[DRAIN], grace)
+        for r in runners[1:]:  # the demo backend
             await r.cleanup()
 
 

@@ -40,6 +40,7 @@ from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.usage import Usage, UsageScanner, find_usage, usage_at
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
+from dialproxy.web.drain import Drain
 
 # Client headers passed on to the upstream; everything else stays here (Content-Type is
 # always application/json: it is set, not copied).
@@ -349,6 +350,10 @@ def sse_error(message: str, status: int = 502) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+# What a stream still open when a shutdown's grace runs out ends with.
+_SHUTDOWN_EVENT = sse_error("The server is shutting down: the stream was ended", 503)
+
+
 class Plan(NamedTuple):
     """What a key's requests to one deployment need, worked out once per snapshot."""
 
@@ -388,6 +393,7 @@ class Services:
     background: set[asyncio.Task[None]]
     log: RequestLog
     idle: IdleWatch  # the upstream idle timeout while an answer's body is read
+    drain: Drain  # the streams open now: ended with an error event when a shutdown's grace ends
     client: aiohttp.ClientSession | None = None  # set when the app starts
 
 
@@ -426,7 +432,9 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             request, services, snapshot, principal, model, api, body, outcome, extra_headers
         )
         if isinstance(response, _UpstreamStream):
-            await _relay_stream(request, response, outcome, services.idle)
+            relay = _relay_stream(request, response, outcome, services.idle)
+            if await services.drain.relay(response, relay, _SHUTDOWN_EVENT):
+                outcome.error = "stream ended: the server is shutting down"
         return response
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         response = guard.response_for(request, e)
