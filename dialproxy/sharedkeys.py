@@ -10,7 +10,9 @@ keys stop working with it.
 The secret (``dps_`` + 43 base62 characters) is shown once, when the key is created; stores
 keep only its SHA-256.  Two stores behind one protocol, chosen by the counter storage:
 SQLite (stdlib; one proxy process per file, for memory counters) and Redis (every instance
-sees the same keys).
+sees the same keys).  While Redis is down (the counters' :class:`StorageHealth`, shared),
+lookups follow the ``--storage-failure`` policy without waiting for it (see
+:class:`SharedKeys`).
 
 HTTP: ``POST/GET /v1/sharedkeys``, ``GET/PATCH/DELETE /v1/sharedkeys/{id}``, for the owner
 key only (a shared key is refused with 403).
