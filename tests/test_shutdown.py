@@ -78,7 +78,10 @@ async def refused(port: int, within: float) -> bool:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except ConnectionRefusedError:
             return True
-        writer.close()
+        except ConnectionResetError:  # (in the backlog as the socket closed: try again)
+            pass
+        else:
+            writer.close()
         await asyncio.sleep(0.05)
     return False
 
@@ -158,6 +161,8 @@ async def test_sigterm_gives_the_grace_then_ends_open_streams_with_an_error_even
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 async def test_with_nothing_in_flight_sigterm_exits_at_once(tmp_path: Path) -> None:
@@ -180,6 +185,8 @@ async def test_with_nothing_in_flight_sigterm_exits_at_once(tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def test_the_grace_is_a_setting() -> None:
