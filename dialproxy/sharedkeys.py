@@ -427,11 +427,13 @@ class RedisSharedKeyStore:
             raise _unavailable()
         try:
             return await _resolved(command())
-        except (redis.RedisError, OSError) as e:
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             if health is None:
                 raise _unavailable(e) from None
-            health.failed(e, "shared_keys")  # (logged once per outage)
+            health.failed(e, "shared_keys")  # Redis is down (logged once per outage)
             raise _unavailable() from None
+        except redis.RedisError as e:  # Redis answered with an error: this call's alone
+            raise _unavailable(e) from None
 
     async def find(self, digest: str) -> SharedKey | None:
         fields = await self._call(lambda: self.client.hgetall(self._k(digest)))

@@ -15,12 +15,13 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from dialproxy.config.model import key_digest
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys import REDIS_TIMEOUT, SHARED
 from dialproxy.storage import FailurePolicy
 from dialproxy.web.appkeys import LIMITER
-from tests.conftest import Backend, Proxy, ProxyFactory
+from tests.conftest import SECRETS, Backend, Proxy, ProxyFactory
 from tests.redis_server import RedisServer
 from tests.test_sharedkeys import OWNER, Shared, config
 
@@ -154,3 +155,27 @@ async def test_a_key_seen_before_keeps_its_cap_while_redis_is_down(
     assert (await sk.chat(capped))[0] == 200  # 14 used: 7 in Redis, 7 here
     status, body = await sk.chat(capped)
     assert status == 429 and body["error"]["limit_type"] == "shared_key_tokens"
+
+
+async def test_an_error_answer_from_redis_is_not_an_outage(
+    own_redis: RedisServer,
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """Redis answering with an error (here WRONGTYPE) fails that lookup alone."""
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),), storage=own_redis.url)
+    proxy = await make_proxy(
+        config(backend), settings=settings, storage=counter_storage(own_redis.url)
+    )
+    sk = Shared(proxy, session)
+    broken = "dps_" + "B" * 43
+    SECRETS.append(broken)
+    own_redis.command("SET", f"dp:sk:k:{key_digest(broken)}", "not a hash")
+    with capture_logs() as logs:
+        status, message, _ = await chat(sk, broken)
+    assert (status, message) == (503, STORE_DOWN)
+    assert proxy.app[LIMITER].guard.healthy
+    assert [entry["event"] for entry in logs].count("shared_key_store_error") == 1
+    assert (await chat(sk, OWNER))[0] == 200
