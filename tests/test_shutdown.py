@@ -26,14 +26,17 @@ EVENT = b"data: " + json.dumps(CHUNK).encode() + b"\n\n"
 
 class Upstream:
     """A model backend in the test's loop: ``/forever`` streams an event every 0.1 s until
-    the connection goes; ``/slow`` answers after 1 s (within the grace)."""
+    the connection goes; ``/slow`` answers after 1 s (within the grace); ``/hang`` takes a
+    minute (beyond it)."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.slow_started = asyncio.Event()
+        self.hang_started = asyncio.Event()
         app = web.Application()
         app.router.add_post("/forever", self.forever)
         app.router.add_post("/slow", self.slow)
+        app.router.add_post("/hang", self.hang)
         self.runner = web.AppRunner(app, shutdown_timeout=0.1)
 
     async def forever(self, request: web.Request) -> web.StreamResponse:
@@ -56,6 +59,11 @@ class Upstream:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
         return web.json_response(body)
+
+    async def hang(self, request: web.Request) -> web.Response:
+        self.hang_started.set()
+        await asyncio.sleep(60)
+        return web.json_response({})
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -92,7 +100,7 @@ async def test_sigterm_gives_the_grace_then_ends_open_streams_with_an_error_even
     config = {
         "models": {
             name: {"type": "chat", "upstreams": [{"endpoint": upstream.url("/" + name)}]}
-            for name in ("forever", "slow")
+            for name in ("forever", "slow", "hang")
         },
         "keys": {KEY: {"project": "p", "role": "default"}},
     }
@@ -122,7 +130,11 @@ async def test_sigterm_gives_the_grace_then_ends_open_streams_with_an_error_even
             slow = asyncio.create_task(
                 s.post(base + "/openai/deployments/slow/chat/completions", json=chat)
             )
+            hang = asyncio.create_task(
+                s.post(base + "/openai/deployments/hang/chat/completions", json=chat)
+            )
             await asyncio.wait_for(upstream.slow_started.wait(), 10)
+            await asyncio.wait_for(upstream.hang_started.wait(), 10)
 
             proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
@@ -144,6 +156,8 @@ async def test_sigterm_gives_the_grace_then_ends_open_streams_with_an_error_even
             assert all(e + b"\n\n" == EVENT for e in events[:-2])  # the stream ran until then
             assert ended >= GRACE, f"the stream was ended {ended:.2f} s after SIGTERM"
 
+            with pytest.raises(aiohttp.ServerDisconnectedError):  # cut after the grace
+                await hang
             code = await exited
             took = time.monotonic() - signalled
         _, raw = proc.communicate()
@@ -155,6 +169,7 @@ async def test_sigterm_gives_the_grace_then_ends_open_streams_with_an_error_even
         lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
         requests = {e["deployment"]: e for e in lines if e.get("event") == "request"}
         assert requests["slow"]["status"] == 200 and requests["slow"]["error"] is None
+        assert requests["hang"]["status"] == 0  # cancelled: no answer was sent
         assert requests["forever"]["status"] == 200
         assert requests["forever"]["error"] == "stream ended: the server is shutting down"
     finally:
