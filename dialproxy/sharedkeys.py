@@ -27,7 +27,6 @@ import json
 import os
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -531,7 +530,7 @@ class SharedKeys:
         self.clock = clock
         self.health = health
         self.remembers = health is not None and health.policy is not FailurePolicy.DENY
-        self._seen: dict[str, tuple[SharedKey, float]] = {}  # digest -> key, when found
+        self._seen: dict[str, tuple[SharedKey, datetime]] = {}  # digest -> key, when found
         self.fallbacks = 0  # lookups answered from what was seen, while the store was down
 
     def now(self) -> datetime:
@@ -549,13 +548,13 @@ class SharedKeys:
             key = await self.store.find(digest)
         except StoreUnavailable:
             found = seen.get(digest)
-            if found is None or time.monotonic() - found[1] > REMEMBER_SECONDS:
+            if found is None or (self.now() - found[1]).total_seconds() > REMEMBER_SECONDS:
                 raise
             self.fallbacks += 1
             return found[0]
         seen.pop(digest, None)  # (re-inserted last: the oldest are dropped first)
         if key is not None:
-            seen[digest] = (key, time.monotonic())
+            seen[digest] = (key, self.now())
             if len(seen) > REMEMBER_KEYS:
                 del seen[next(iter(seen))]
         return key

@@ -15,13 +15,14 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from dialproxy import sharedkeys as sharedkeys_module
 from dialproxy.config.model import key_digest
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
-from dialproxy.sharedkeys import REDIS_TIMEOUT, SHARED
-from dialproxy.storage import FailurePolicy
+from dialproxy.sharedkeys import REDIS_TIMEOUT, SHARED, SharedKey, SharedKeys, StoreUnavailable
+from dialproxy.storage import FailurePolicy, StorageHealth
 from dialproxy.web.appkeys import LIMITER
-from tests.conftest import SECRETS, Backend, Proxy, ProxyFactory
+from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory
 from tests.redis_server import RedisServer
 from tests.test_sharedkeys import OWNER, Shared, config
 
@@ -179,3 +180,47 @@ async def test_an_error_answer_from_redis_is_not_an_outage(
     assert proxy.app[LIMITER].guard.healthy
     assert [entry["event"] for entry in logs].count("shared_key_store_error") == 1
     assert (await chat(sk, OWNER))[0] == 200
+
+
+class _FlakyStore:
+    """A store whose lookups answer from a dict, or fail while ``down``."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, SharedKey] = {}
+        self.down = False
+
+    async def find(self, digest: str) -> SharedKey | None:
+        if self.down:
+            raise StoreUnavailable("The shared key store is unavailable")
+        return self.keys.get(digest)
+
+    async def add_utilized(self, key: SharedKey, tokens: int) -> None:
+        if self.down:
+            return  # (a store drops it while down)
+
+
+async def test_what_is_remembered_and_for_how_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(sharedkeys_module, "REMEMBER_KEYS", 3)
+    store = _FlakyStore()
+    secrets = [f"dps_{i:043d}" for i in range(5)]
+    for i, secret in enumerate(secrets):
+        digest = key_digest(secret)
+        store.keys[digest] = SharedKey(str(i), digest, "owner", f"k{i}", tokens=10)
+    health = StorageHealth("redis", "local")
+    shared = SharedKeys(store, clock, health=health)  # type: ignore[arg-type]
+    for secret in secrets:  # only the last 3 are kept
+        assert await shared.find(secret) is not None
+    assert await shared.find(secrets[2]) is not None  # used again: now the latest
+    await shared.record(store.keys[key_digest(secrets[2])], 4)
+    store.down = True
+    for secret in secrets[:2]:
+        with pytest.raises(StoreUnavailable):
+            await shared.find(secret)
+    remembered = await shared.find(secrets[2])
+    assert remembered is not None and remembered.utilized == 4  # (counted here)
+    clock.advance(seconds=sharedkeys_module.REMEMBER_SECONDS + 1)  # an hour on: forgotten
+    with pytest.raises(StoreUnavailable):
+        await shared.find(secrets[2])
+    # deny remembers nothing
+    assert not SharedKeys(store, health=StorageHealth("redis", "deny")).remembers  # type: ignore[arg-type]
