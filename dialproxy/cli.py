@@ -90,6 +90,13 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="largest non-streamed upstream answer relayed, decoded; over it: 502 "
         "(env DIALPROXY_MAX_RESPONSE; 67108864 = 64 MiB)",
     )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may finish before open streams are "
+        "ended (env DIALPROXY_SHUTDOWN_TIMEOUT; 30)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -97,7 +104,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "port", "storage", "storage_failure", "state", "max_response"):
+    for name in (
+        "host",
+        "port",
+        "storage",
+        "storage_failure",
+        "state",
+        "max_response",
+        "shutdown_timeout",
+    ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.allow_empty_config:
@@ -170,6 +185,8 @@ def _load_store(settings: Settings) -> ConfigStore | None:
 async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
     from dialproxy.demo_backend import BackendControl, create_backend_app
     from dialproxy.server import build_app, reload_soon, tune_gc
+    from dialproxy.web.appkeys import DRAIN
+    from dialproxy.web.drain import FINISH_TIMEOUT, shut_down
 
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []
@@ -179,8 +196,9 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
         await web.TCPSite(demo, settings.host, demo_port).start()
         runners.append(demo)
         print(f"dialproxy: demo backend on http://{settings.host}:{demo_port}", file=sys.stderr)
+    # The grace is shut_down's; aiohttp's own timeout (applied twice) only follows it.
     runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=settings.shutdown_timeout
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=FINISH_TIMEOUT
     )
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
@@ -196,8 +214,13 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     try:
         await stop.wait()
     finally:
-        print("dialproxy: stopping; letting requests in flight finish", file=sys.stderr)
-        for r in runners:
+        grace = settings.shutdown_timeout
+        print(
+            f"dialproxy: stopping; letting requests in flight finish (up to {grace:g} s)",
+            file=sys.stderr,
+        )
+        await shut_down(runner, app[DRAIN], grace)
+        for r in runners[1:]:  # the demo backend
             await r.cleanup()
 
 

@@ -26,7 +26,7 @@ class Settings:
     watch: bool = True
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = 30.0  # SIGTERM's grace for requests in flight (seconds)
     max_body: int = MAX_BODY
     max_response: int = MAX_RESPONSE
     max_event: int = MAX_EVENT  # the most one upstream stream event may hold
@@ -42,6 +42,10 @@ class Settings:
             raise ValueError(
                 f"storage failure policy must be one of {', '.join(STORAGE_FAILURE_POLICIES)}, "
                 f"not {self.storage_failure!r}"
+            )
+        if not 0 <= self.shutdown_timeout < float("inf"):  # (NaN fails too)
+            raise ValueError(
+                f"shutdown timeout must be a number of seconds >= 0, not {self.shutdown_timeout}"
             )
         scheme = self.storage.split("://", 1)[0].lower() if "://" in self.storage else ""
         if scheme.removeprefix("async+") not in STORAGE_SCHEMES:
@@ -77,4 +81,9 @@ class Settings:
             kwargs["state"] = env["DIALPROXY_STATE"]
         if env.get("DIALPROXY_STORAGE_FAILURE"):
             kwargs["storage_failure"] = env["DIALPROXY_STORAGE_FAILURE"]
+        if env.get("DIALPROXY_SHUTDOWN_TIMEOUT"):
+            try:
+                kwargs["shutdown_timeout"] = float(env["DIALPROXY_SHUTDOWN_TIMEOUT"])
+            except ValueError:
+                raise ValueError("DIALPROXY_SHUTDOWN_TIMEOUT must be a number of seconds") from None
         return cls(**kwargs)  # type: ignore[arg-type]

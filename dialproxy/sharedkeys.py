@@ -10,7 +10,9 @@ keys stop working with it.
 The secret (``dps_`` + 43 base62 characters) is shown once, when the key is created; stores
 keep only its SHA-256.  Two stores behind one protocol, chosen by the counter storage:
 SQLite (stdlib; one proxy process per file, for memory counters) and Redis (every instance
-sees the same keys).
+sees the same keys).  While Redis is down (the counters' :class:`StorageHealth`, shared),
+lookups follow the ``--storage-failure`` policy without waiting for it (see
+:class:`SharedKeys`).
 
 HTTP: ``POST/GET /v1/sharedkeys``, ``GET/PATCH/DELETE /v1/sharedkeys/{id}``, for the owner
 key only (a shared key is refused with 403).
@@ -35,6 +37,8 @@ from typing import Any, Protocol, TypeVar, cast
 import redis.asyncio
 import structlog
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from dialproxy.auth import Principal, authenticate
@@ -47,7 +51,8 @@ from dialproxy.errors import (
 )
 from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.settings import Settings
-from dialproxy.web.appkeys import BACKGROUND, SETTINGS, STORE
+from dialproxy.storage import RETRY_AFTER, FailurePolicy, StorageHealth
+from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, STORE
 from dialproxy.web.body import read_json_body
 from dialproxy.web.guard import guarded
 
@@ -57,9 +62,14 @@ STATE_FILE = "dialproxy-state.sqlite"
 MAX_TOKENS = 2**62
 MAX_NAME = 200
 _MAX_BODY = 64 * 1024
-# A shared key's lookup waits this long at most while Redis does not answer (then 503).
+# A shared key's lookup waits this long at most while Redis does not answer; only the calls
+# in flight when an outage starts wait (see StorageHealth), the later ones skip Redis.
 REDIS_CONNECT_TIMEOUT = 0.5
 REDIS_TIMEOUT = 1.0
+# Under `local` and `allow`, while Redis is down, a shared key this instance found in the
+# last hour still works as it was then (at most this many are remembered, the latest used).
+REMEMBER_SECONDS = 3600.0
+REMEMBER_KEYS = 10_000
 _T = TypeVar("_T")
 
 
@@ -136,9 +146,14 @@ class SharedKeyStore(Protocol):
     async def add_utilized(self, key: SharedKey, tokens: int) -> None: ...
 
 
-def _unavailable(e: BaseException) -> StoreUnavailable:
-    log.error("shared_key_store_error", error=type(e).__name__, detail=str(e)[:200])
-    return StoreUnavailable("The shared key store is unavailable")
+def _unavailable(e: BaseException | None = None) -> StoreUnavailable:
+    """The 503 of a store that did not answer; ``e`` is logged (not when an outage of the
+    shared storage is logged once by its :class:`StorageHealth` instead)."""
+    if e is not None:
+        log.error("shared_key_store_error", error=type(e).__name__, detail=str(e)[:200])
+    return StoreUnavailable(
+        "The shared key store is unavailable", headers={"Retry-After": str(RETRY_AFTER)}
+    )
 
 
 def _time(value: str | None) -> datetime | None:
@@ -359,6 +374,9 @@ class RedisSharedKeyStore:
     def __init__(self, url: str, prefix: str = "dp:sk:") -> None:
         self.url = url
         self.prefix = prefix
+        # Up or down (set by setup(): the counters' when they are in Redis too).  While it is
+        # down, calls fail at once; a call that fails marks it down.
+        self.health: StorageHealth | None = None
         self._client: redis.asyncio.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
 
@@ -382,6 +400,9 @@ class RedisSharedKeyStore:
             decode_responses=True,
             socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
             socket_timeout=REDIS_TIMEOUT,
+            # Never retried (redis-py retries 3 times by default): a call that failed is an
+            # outage, and a retried HINCRBY could count twice.
+            retry=Retry(NoBackoff(), 0),
         )
         self._scripts = {
             name: self._client.register_script(lua)
@@ -393,18 +414,32 @@ class RedisSharedKeyStore:
             await self._client.aclose()
             self._client = None
 
-    async def _call(self, value: Any) -> Any:
+    async def probe(self) -> None:
+        """The check that Redis answers again (fresh connections, then a PING)."""
+        await self.client.connection_pool.disconnect()
+        await _resolved(self.client.ping())
+
+    async def _call(self, command: Callable[[], Any]) -> Any:
+        """``command()`` (a redis-py call), unless Redis is known to be down."""
+        health = self.health
+        if health is not None and not health.healthy:
+            raise _unavailable()
         try:
-            return await _resolved(value)
-        except (redis.RedisError, OSError) as e:
+            return await _resolved(command())
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            if health is None:
+                raise _unavailable(e) from None
+            health.failed(e, "shared_keys")  # Redis is down (logged once per outage)
+            raise _unavailable() from None
+        except redis.RedisError as e:  # Redis answered with an error: this call's alone
             raise _unavailable(e) from None
 
     async def find(self, digest: str) -> SharedKey | None:
-        fields = await self._call(self.client.hgetall(self._k(digest)))
+        fields = await self._call(lambda: self.client.hgetall(self._k(digest)))
         return _from_hash(cast(dict[str, str], fields))
 
     async def _digest(self, key_id: str) -> str | None:
-        return cast(str | None, await self._call(self.client.get(self._i(key_id))))
+        return cast(str | None, await self._call(lambda: self.client.get(self._i(key_id))))
 
     async def get(self, owner: str, key_id: str) -> SharedKey | None:
         digest = await self._digest(key_id)
@@ -412,7 +447,7 @@ class RedisSharedKeyStore:
         return key if key is not None and key.owner == owner else None
 
     async def list(self, owner: str) -> list[SharedKey]:
-        ids = cast(set[str], await self._call(self.client.smembers(self._o(owner))))
+        ids = cast(set[str], await self._call(lambda: self.client.smembers(self._o(owner))))
         out = []
         for key_id in sorted(ids):
             key = await self.get(owner, key_id)
@@ -435,7 +470,7 @@ class RedisSharedKeyStore:
         pipe.hset(self._k(key.digest), mapping=cast(Any, fields))
         pipe.set(self._i(key.id), key.digest)
         pipe.sadd(self._o(key.owner), key.id)
-        await self._call(pipe.execute())
+        await self._call(pipe.execute)
 
     async def update(self, owner: str, key_id: str, changes: Changes) -> SharedKey | None:
         digest = await self._digest(key_id)
@@ -450,7 +485,7 @@ class RedisSharedKeyStore:
             args += ["expires_at", iso(changes.expires_at) if changes.expires_at else ""]
         if len(args) > 1:
             script = self._scripts["update"]
-            if not await self._call(script(keys=[self._k(digest)], args=args)):
+            if not await self._call(lambda: script(keys=[self._k(digest)], args=args)):
                 return None
         return await self.get(owner, key_id)
 
@@ -460,14 +495,14 @@ class RedisSharedKeyStore:
             return False
         script = self._scripts["delete"]
         keys = [self._k(digest), self._i(key_id), self._o(owner)]
-        return bool(await self._call(script(keys=keys, args=[owner, key_id])))
+        return bool(await self._call(lambda: script(keys=keys, args=[owner, key_id])))
 
     async def add_utilized(self, key: SharedKey, tokens: int) -> None:
         if tokens <= 0:
             return
         script = self._scripts["add"]
         with contextlib.suppress(StoreUnavailable):  # logged
-            await self._call(script(keys=[self._k(key.digest)], args=[tokens]))
+            await self._call(lambda: script(keys=[self._k(key.digest)], args=[tokens]))
 
 
 # --- what the app holds ---------------------------------------------------------------------
@@ -475,11 +510,28 @@ class RedisSharedKeyStore:
 
 class SharedKeys:
     """The app's shared keys: the store, and the clock (None: the system clock; tests set
-    one to move time)."""
+    one to move time).
 
-    def __init__(self, store: SharedKeyStore, clock: Clock | None = None) -> None:
+    With ``health`` (the store is in Redis), lookups follow the ``--storage-failure`` policy
+    while Redis is down, without waiting for it: ``deny``, 503; ``local`` and ``allow``, the
+    keys found in the last :data:`REMEMBER_SECONDS` work as they were last seen (their own
+    cap counted here meanwhile), any other shared key gets the 503.  A shared key acts as
+    its owner, and only the store knows who that is: no policy can let an unknown one in.
+    """
+
+    def __init__(
+        self,
+        store: SharedKeyStore,
+        clock: Clock | None = None,
+        *,
+        health: StorageHealth | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.health = health
+        self.remembers = health is not None and health.policy is not FailurePolicy.DENY
+        self._seen: dict[str, tuple[SharedKey, datetime]] = {}  # digest -> key, when found
+        self.fallbacks = 0  # lookups answered from what was seen, while the store was down
 
     def now(self) -> datetime:
         return self.clock() if self.clock is not None else datetime.now(UTC)
@@ -488,10 +540,33 @@ class SharedKeys:
         """The shared key a secret names (only ``dps_`` secrets are looked up)."""
         if not secret.startswith(SHARED_KEY_PREFIX):
             return None
-        return await self.store.find(key_digest(secret))
+        digest = key_digest(secret)
+        if not self.remembers:
+            return await self.store.find(digest)
+        seen = self._seen
+        try:
+            key = await self.store.find(digest)
+        except StoreUnavailable:
+            found = seen.get(digest)
+            if found is None or (self.now() - found[1]).total_seconds() > REMEMBER_SECONDS:
+                raise
+            self.fallbacks += 1
+            return found[0]
+        seen.pop(digest, None)  # (re-inserted last: the oldest are dropped first)
+        if key is not None:
+            seen[digest] = (key, self.now())
+            if len(seen) > REMEMBER_KEYS:
+                del seen[next(iter(seen))]
+        return key
 
     async def record(self, key: SharedKey, tokens: int) -> None:
         """Add a finished request's tokens to ``utilized`` (runs after the response)."""
+        found = self._seen.get(key.digest) if self.remembers else None
+        if found is not None:  # so that its cap goes on counting here while Redis is down
+            self._seen[key.digest] = (
+                replace(found[0], utilized=found[0].utilized + tokens),
+                found[1],
+            )
         try:
             await self.store.add_utilized(key, tokens)
         except Exception as e:  # never lose the owner's counters to this
@@ -535,8 +610,20 @@ def store_for(settings: Settings) -> SharedKeyStore:
 
 def setup(app: web.Application) -> None:
     """Create the store (by the app's settings), open and close it with the app, and add the
-    ``/v1/sharedkeys`` routes."""
-    app[SHARED] = SharedKeys(store_for(app[SETTINGS]))
+    ``/v1/sharedkeys`` routes.  A Redis store shares the counters' :class:`StorageHealth`
+    when they are in Redis too (one outage, one log, one probe), else has one of its own."""
+    settings = app[SETTINGS]
+    store = store_for(settings)
+    health = None
+    if isinstance(store, RedisSharedKeyStore):
+        guard = app[LIMITER].guard
+        if guard.backend == "redis":
+            health = guard.state
+        else:  # (memory counters with a Redis store: tests build that)
+            health = StorageHealth("redis", settings.storage_failure)
+        health.add_probe(store.probe)
+        store.health = health
+    app[SHARED] = SharedKeys(store, health=health)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         store = app[SHARED].store
@@ -546,6 +633,8 @@ def setup(app: web.Application) -> None:
         pending = list(background)  # usage records still adding to utilized
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if health is not None:
+            await health.close()  # (no probe of a closed store)
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)

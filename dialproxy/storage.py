@@ -9,7 +9,9 @@ at all, so an outage costs at most one call timeout (0.25 s; 0.5 s to connect) t
 requests in flight when it starts.
 A background probe tries the storage every :data:`PROBE_INTERVAL` seconds (fresh
 connections, Lua scripts loaded); the first success makes it healthy again and shared
-counting resumes.
+counting resumes.  Up or down is a :class:`StorageHealth` of its own, which the shared keys
+share when they live in the same Redis (:mod:`dialproxy.sharedkeys`): one outage, logged
+once when it starts and once when it ends, one probe, one policy for both.
 
 The policies (``--storage-failure``):
 
@@ -186,6 +188,81 @@ def backend_name(storage: Storage) -> str:
     return type(storage).__name__
 
 
+class StorageHealth:
+    """Whether the shared storage (Redis) answers: one for the counters and the shared keys
+    of a process, since they live in the same Redis.
+
+    The first call that fails (:meth:`failed`) marks it down, logs ``storage_unavailable``
+    once and starts one background probe; while it is down, callers answer by the policy
+    without calling Redis.  Every ``probe_interval`` seconds the probe runs each registered
+    check (:meth:`add_probe`: fresh connections, scripts loaded, a PING); the first round in
+    which all succeed marks it up again and logs ``storage_available`` once.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        policy: FailurePolicy | str = DEFAULT_FAILURE_POLICY,
+        *,
+        probe_interval: float = PROBE_INTERVAL,
+    ) -> None:
+        self.backend = backend
+        self.policy = FailurePolicy(policy)
+        self.probe_interval = probe_interval
+        self.healthy = True
+        self.failures = 0  # calls to the storage that failed
+        self.outages = 0  # times the storage went from healthy to unhealthy
+        self._probes: list[Callable[[], Awaitable[None]]] = []
+        self._down_since = 0.0
+        self._probe: asyncio.Task[None] | None = None
+
+    def add_probe(self, probe: Callable[[], Awaitable[None]]) -> None:
+        """A check the storage must pass to be up again (it raises if not)."""
+        self._probes.append(probe)
+
+    def failed(self, error: BaseException, caller: str) -> None:
+        """A call by ``caller`` (``counters``, ``shared_keys``) failed: down, if it was up."""
+        self.failures += 1
+        if not self.healthy:
+            return
+        self.healthy = False
+        self.outages += 1
+        self._down_since = time.monotonic()
+        log.warning(
+            "storage_unavailable",
+            backend=self.backend,
+            caller=caller,
+            error=type(error).__name__,
+            detail=_CREDENTIALS.sub("://***@", str(error))[:200],
+            policy=str(self.policy),
+        )
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
+
+    async def _wait_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                for probe in self._probes:
+                    await probe()
+            except Exception:
+                continue
+            break
+        self.healthy = True
+        log.info(
+            "storage_available",
+            backend=self.backend,
+            down_seconds=round(time.monotonic() - self._down_since, 3),
+        )
+
+    async def close(self) -> None:
+        """Stop the probe (if an outage is on)."""
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.done():
+            probe.cancel()
+            await asyncio.wait({probe})
+
+
 class StorageGuard:
     """The shared counter storage while it answers; the failure policy while it does not."""
 
@@ -203,15 +280,16 @@ class StorageGuard:
         self.local: SlidingStorage = LocalCounters()
         self.policy = FailurePolicy(policy)
         self.backend = backend_name(storage)
-        self.probe_interval = probe_interval
-        self.healthy = True
-        self.failures = 0  # calls to the shared storage that failed
+        # Up or down, shared with the shared keys when they are in the same Redis.
+        self.state = StorageHealth(self.backend, self.policy, probe_interval=probe_interval)
+        self.state.add_probe(self._prepare_again)
         self.fallbacks = 0  # operations the policy answered instead of the shared storage
-        self.outages = 0  # times the storage went from healthy to unhealthy
-        self._down_since = 0.0
-        self._probe: asyncio.Task[None] | None = None
         self._ready = isinstance(storage, MemoryStorage)  # else: prepared before first use
         self._preparing = asyncio.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self.state.healthy
 
     async def run(
         self,
@@ -226,16 +304,18 @@ class StorageGuard:
         recorded after a response, take-backs).  A :class:`ProxyError` from ``op`` (a 429)
         is the storage answering, and passes through.
         """
-        if self.healthy:
+        state = self.state
+        if state.healthy:
             try:
                 if not self._ready:
                     await self._prepare()
-                if self.healthy:  # (not if preparing failed while this call waited)
+                if state.healthy:  # (not if preparing failed while this call waited)
                     return await op(self.shared)
             except ProxyError:
                 raise
             except Exception as e:  # whatever the storage raised: it did not answer
-                self._failed(e)
+                self._ready = False
+                state.failed(e, "counters")
         self.fallbacks += 1
         if self.policy is FailurePolicy.LOCAL:
             return await op(self.local)
@@ -245,59 +325,28 @@ class StorageGuard:
 
     async def _prepare(self) -> None:
         async with self._preparing:
-            if self.healthy and not self._ready:
+            if self.state.healthy and not self._ready:
                 await prepare(self.storage)
                 self._ready = True
 
-    def _failed(self, error: Exception) -> None:
-        self.failures += 1
-        if not self.healthy:
-            return
-        self.healthy = False
-        self._ready = False
-        self.outages += 1
-        self._down_since = time.monotonic()
-        log.warning(
-            "storage_unavailable",
-            backend=self.backend,
-            error=type(error).__name__,
-            detail=_CREDENTIALS.sub("://***@", str(error))[:200],
-            policy=str(self.policy),
-        )
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
-
-    async def _wait_until_back(self) -> None:
-        while True:
-            await asyncio.sleep(self.probe_interval)
-            try:
-                await prepare(self.storage)
-            except Exception:
-                continue
-            break
+    async def _prepare_again(self) -> None:
+        """The probe's check of the counter storage (it leaves it prepared)."""
+        await prepare(self.storage)
         self._ready = True
-        self.healthy = True
-        log.info(
-            "storage_available",
-            backend=self.backend,
-            down_seconds=round(time.monotonic() - self._down_since, 3),
-        )
 
     def health(self) -> dict[str, Any]:
         """What ``/health`` says about the counter storage."""
+        state = self.state
         return {
             "backend": self.backend,
-            "healthy": self.healthy,
+            "healthy": state.healthy,
             "policy": str(self.policy),
-            "failures": self.failures,
+            "failures": state.failures,
             "fallbacks": self.fallbacks,
-            "outages": self.outages,
+            "outages": state.outages,
         }
 
     async def close(self) -> None:
         """Stop the probe and close the storage's connections."""
-        probe, self._probe = self._probe, None
-        if probe is not None and not probe.done():
-            probe.cancel()
-            await asyncio.wait({probe})
+        await self.state.close()
         await close_storage(self.storage)

@@ -200,7 +200,7 @@ async def test_close_cancels_the_probe_during_an_outage(own_redis: RedisServer) 
     scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 3),))
     own_redis.kill()
     assert (await attempt(limiter, scope))[0] == "200"
-    probe = limiter.guard._probe
+    probe = limiter.guard.state._probe
     assert probe is not None and not probe.done()
     await limiter.close()
     assert probe.cancelled()

@@ -30,10 +30,12 @@ from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
     CLIENT,
+    DRAIN,
     LIMITER,
     SETTINGS,
     STORE,
 )
+from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded, unmatched
 
 UNLIMITED = 9223372036854775807
@@ -232,6 +234,7 @@ def create_app(
         shared_up=lambda: limiter.guard.healthy,
     )
     app[BACKGROUND] = set()
+    app[DRAIN] = Drain()  # the open streams a shutdown ends (see dialproxy.web.drain)
 
     idle = IdleWatch(settings.idle_timeout)  # (not aiohttp's sock_read: see its module)
 
@@ -262,6 +265,7 @@ def create_app(
         background=app[BACKGROUND],
         log=logs.request_log(),  # bound once, not a lazy proxy per call
         idle=idle,
+        drain=app[DRAIN],
     )
 
     async def bind_client(app: web.Application) -> None:

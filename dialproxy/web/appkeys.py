@@ -11,6 +11,7 @@ from dialproxy.config.store import ConfigStore
 from dialproxy.limiter import Limiter
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
+from dialproxy.web.drain import Drain
 
 STORE = web.AppKey("store", ConfigStore)
 LIMITER = web.AppKey("limiter", Limiter)
@@ -18,3 +19,4 @@ BALANCER = web.AppKey("balancer", Balancer)
 SETTINGS = web.AppKey("settings", Settings)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
+DRAIN = web.AppKey("drain", Drain)

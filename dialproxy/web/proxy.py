@@ -44,6 +44,7 @@ from dialproxy.upstream.sse import EventTooLarge
 from dialproxy.upstream.usage import Usage, estimate, find_usage
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
+from dialproxy.web.drain import Drain
 
 # Client headers passed on to the upstream; everything else stays here (Content-Type is
 # always application/json: it is set, not copied).
@@ -352,6 +353,10 @@ def sse_error(message: str, status: int = 502) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+# What a stream still open when a shutdown's grace runs out ends with.
+_SHUTDOWN_EVENT = sse_error("The server is shutting down: the stream was ended", 503)
+
+
 class Plan(NamedTuple):
     """What a key's requests to one deployment need, worked out once per snapshot."""
 
@@ -391,6 +396,7 @@ class Services:
     background: set[asyncio.Task[None]]
     log: RequestLog
     idle: IdleWatch  # the upstream idle timeout while an answer's body is read
+    drain: Drain  # the streams open now: ended with an error event when a shutdown's grace ends
     client: aiohttp.ClientSession | None = None  # set when the app starts
 
 
@@ -429,7 +435,10 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             request, services, snapshot, principal, model, api, body, outcome, extra_headers
         )
         if isinstance(response, _UpstreamStream):
-            await _relay_stream(request, response, outcome, services)
+            relay = _relay_stream(request, response, outcome, services)
+            if await services.drain.relay(response, relay, _SHUTDOWN_EVENT):
+                outcome.error = "stream ended: the server is shutting down"
+                _stop_draining(outcome)  # no reading on when the process stops
         return response
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         response = guard.response_for(request, e)
@@ -788,6 +797,15 @@ def _charge(outcome: Outcome, relay: UsageScanner | UsageHider, cut: bool) -> No
         if cut or (model is not None and model.endpoint is None):
             outcome.usage = estimate(outcome.request_bytes, relay.events)
             outcome.estimated = True
+
+
+def _stop_draining(outcome: Outcome) -> None:
+    """A stream ended by the shutdown is charged what it reported, else the estimate, now."""
+    if outcome.leftover is not None:
+        upstream, relay = outcome.leftover
+        outcome.leftover = None
+        _let_go(upstream)
+        _charge(outcome, relay, cut=True)
 
 
 async def _drain(outcome: Outcome, seconds: float) -> None:
