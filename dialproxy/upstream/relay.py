@@ -122,10 +122,8 @@ class UsageHider(_Reader):
         left = marks + 1 - len(parts)
         if len(parts) > 1:
             events = b"".join(parts)
-        if left and _COMMA_NULL_SPACED in events:
-            left -= events.count(_COMMA_NULL_SPACED)
+        if left and _has_null(events, left):
             events = events.replace(_COMMA_NULL_SPACED, b"")
-        if left and _has_null(events):
             events = _ANY_NULL.sub(b"", events)
             left = events.count(MARK)
         return self._drop_usage_events(events, left) if left else events
@@ -152,13 +150,15 @@ class UsageHider(_Reader):
         return events
 
 
-def _has_null(events: bytes) -> bool:
-    """Whether a usage mark of ``events`` is followed by a null (however spaced)."""
-    index = events.find(MARK)
-    while index >= 0:
+def _has_null(events: bytes, marks: int) -> bool:
+    """Whether one of the last ``marks`` usage marks of ``events`` (all there are) is
+    followed by a null, however spaced.  From the end: a value is usually the last event."""
+    end = len(events)
+    for _ in range(marks):
+        index = events.rfind(MARK, 0, end)
         pos = index + len(MARK)
         value = events[pos : pos + 16].lstrip(_SPACE)
         if value.startswith(b":") and value[1:].lstrip(_SPACE).startswith(b"null"):
             return True
-        index = events.find(MARK, pos)
+        end = index
     return False

@@ -55,12 +55,19 @@ def event_around(data: bytes, index: int) -> tuple[int, int]:
     """The start and end of the event of ``data`` that holds the byte at ``index``; an
     event that has not ended runs to the end of ``data``."""
     start = complete_end(data, 0, index)
-    ends = [found for blank in _BLANKS if (found := data.find(blank, index)) >= 0]
-    return start, _past_blank(data, min(ends)) if ends else len(data)
+    end = data.find(b"\n\n", index)
+    stop = len(data) if end < 0 else end
+    for blank in (b"\n\r", b"\r\r"):  # only before the first found
+        found = data.find(blank, index, stop)
+        if found >= 0:
+            end = stop = found
+    return start, len(data) if end < 0 else _past_blank(data, end)
 
 
 def event_data(event: bytes) -> bytes | None:
     """The event's data: its ``data:`` lines joined by LF (None: it has none)."""
+    if event.startswith(b"data: ") and event.count(b"\n") == 2 and b"\r" not in event:
+        return event[6:].rstrip(b"\n")  # the usual: one data line, LF-framed
     if b"\r" in event:
         event = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     parts = [
