@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+import structlog
 from aiohttp import web
 
 from dialproxy import keys, logs
@@ -23,6 +24,8 @@ from dialproxy.config.store import ConfigStore
 from dialproxy.settings import Settings
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+log = structlog.get_logger("dialproxy.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -171,7 +174,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
         await demo.setup()
         await web.TCPSite(demo, settings.host, demo_port).start()
         runners.append(demo)
-        print(f"dialproxy: demo backend on http://{settings.host}:{demo_port}", file=sys.stderr)
+        log.info("demo_backend_serving", url=f"http://{settings.host}:{demo_port}")
     runner = web.AppRunner(
         app, access_log=None, handler_cancellation=True, shutdown_timeout=settings.shutdown_timeout
     )
@@ -179,7 +182,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     await web.TCPSite(runner, settings.host, settings.port).start()
     runners.insert(0, runner)
     tune_gc()
-    print(f"dialproxy: serving on http://{settings.host}:{settings.port}", file=sys.stderr)
+    log.info("serving", url=f"http://{settings.host}:{settings.port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,7 +192,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     try:
         await stop.wait()
     finally:
-        print("dialproxy: stopping; letting requests in flight finish", file=sys.stderr)
+        log.info("stopping", detail="letting requests in flight finish")
         for r in runners:
             await r.cleanup()
 
@@ -204,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dialproxy.demo_backend import main as backend_main
 
         return backend_main(["--host", args.host, "--port", str(args.port)])
-    logs.configure(logging.INFO)
+    logs.capture_stdlib(logs.configure(logging.INFO))
     try:
         settings = _settings(args)
         settings.check()
