@@ -62,7 +62,7 @@ async def _listing_entry(request: web.Request, deployment: str, object_name: str
     principal = await _principal(request)
     snapshot = request.app[STORE].snapshot
     if deployment not in snapshot.models:
-        raise NotFound(f"Unknown application: {deployment}")
+        raise NotFound(f"Unknown application: {logs.cut(deployment)}")
     proxy.resolve(principal, snapshot, deployment)
     return snapshot.models[deployment].listing(object_name)
 
