@@ -86,6 +86,21 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="accept a config with no keys or no models",
     )
     parser.add_argument("--no-watch", action="store_true", help="do not reload on file changes")
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a connection's time to send complete request headers, from its opening or its "
+        "previous answer; idle keep-alive connections close after it too "
+        "(env DIALPROXY_HEADER_TIMEOUT; 10)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a request body that receives no byte for this long is answered 408 "
+        "(env DIALPROXY_BODY_TIMEOUT; 30)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -93,7 +108,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "port", "storage", "storage_failure", "state"):
+    for name in (
+        "host",
+        "port",
+        "storage",
+        "storage_failure",
+        "state",
+        "header_timeout",
+        "body_timeout",
+    ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.allow_empty_config:

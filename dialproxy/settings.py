@@ -25,11 +25,20 @@ class Settings:
     idle_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     max_body: int = MAX_BODY
+    # A connection must send a request's complete headers within this time of opening, or
+    # of the previous answer (an idle keep-alive connection is closed after it too).
+    header_timeout: float = 10.0
+    # A request body that receives no byte for this long is answered 408.
+    body_timeout: float = 30.0
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, not {self.port}")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not 0 < value <= 86400:  # (nan fails too)
+                raise ValueError(f"{name.replace('_', ' ')} must be 0-86400 seconds, not {value}")
         if self.storage_failure not in STORAGE_FAILURE_POLICIES:
             raise ValueError(
                 f"storage failure policy must be one of {', '.join(STORAGE_FAILURE_POLICIES)}, "
@@ -64,4 +73,11 @@ class Settings:
             kwargs["state"] = env["DIALPROXY_STATE"]
         if env.get("DIALPROXY_STORAGE_FAILURE"):
             kwargs["storage_failure"] = env["DIALPROXY_STORAGE_FAILURE"]
+        for name in ("header_timeout", "body_timeout"):
+            variable = "DIALPROXY_" + name.upper()
+            if env.get(variable):
+                try:
+                    kwargs[name] = float(env[variable])
+                except ValueError:
+                    raise ValueError(f"{variable} must be a number of seconds") from None
         return cls(**kwargs)  # type: ignore[arg-type]
