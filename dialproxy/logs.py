@@ -19,6 +19,7 @@ import atexit
 import json
 import logging
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, MutableMapping
@@ -249,3 +250,15 @@ def capture_stdlib(lines: BatchedLines, level: int = logging.INFO) -> None:
     root.addHandler(stdlib_handler(lines.urgent))
     root.setLevel(level)
     logging.captureWarnings(True)
+    uncaught = logging.getLogger("dialproxy.uncaught")
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        uncaught.critical("uncaught exception", exc_info=(kind, value, tb))
+        lines.flush()
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            uncaught.critical("uncaught exception in a thread", exc_info=args.exc_value)
+
+    sys.excepthook = excepthook  # (a traceback printed as text is not a JSON line)
+    threading.excepthook = thread_excepthook

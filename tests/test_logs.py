@@ -127,3 +127,23 @@ def test_the_request_log_renders_through_the_configured_chain_and_obeys_its_leve
     finally:
         logs.configure(logging.INFO, io.StringIO())
         structlog.configure(**saved)
+
+
+def test_the_served_process_writes_an_uncaught_exception_as_a_json_line() -> None:
+    """What `dialproxy serve` sets up: an exception nobody caught (its message may quote
+    anything) is one JSON line with its class and frames, not a text traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "from dialproxy import logs; logs.capture_stdlib(logs.configure()); "
+        "import warnings; warnings.warn('careful'); "
+        "raise ValueError('Api-Key: sk-in-a-message')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    lines = [json.loads(line) for line in err.splitlines()]  # every line: JSON
+    assert [line["logger"] for line in lines] == ["py.warnings", "dialproxy.uncaught"]
+    assert lines[1]["event"] == "uncaught exception (ValueError)"
+    assert lines[1]["exception"].endswith("ValueError") and "sk-in-a-message" not in err
