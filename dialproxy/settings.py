@@ -38,7 +38,10 @@ class Settings:
         for name in ("header_timeout", "body_timeout"):
             value = getattr(self, name)
             if not 0 < value <= 86400:  # (nan fails too)
-                raise ValueError(f"{name.replace('_', ' ')} must be 0-86400 seconds, not {value}")
+                raise ValueError(
+                    f"{name.replace('_', ' ')} must be over 0 and at most 86400 seconds, "
+                    f"not {value}"
+                )
         if self.storage_failure not in STORAGE_FAILURE_POLICIES:
             raise ValueError(
                 f"storage failure policy must be one of {', '.join(STORAGE_FAILURE_POLICIES)}, "

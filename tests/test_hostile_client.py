@@ -246,7 +246,9 @@ def gzipped(data: bytes, wbits: int = 16 + zlib.MAX_WBITS) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
-async def _bomb_and_health(proxy: Proxy, key: str | None) -> tuple[int, dict[str, Any], int, float]:
+async def _bomb_and_health(
+    proxy: Proxy, key: str | None, path: str = CHAT
+) -> tuple[int, dict[str, Any], int, float]:
     """The bomb POSTed, /health asked beside it: the bomb's status and body, the health
     check's status, and the CPU time of this process (the proxy's, the client's) meanwhile."""
     headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
@@ -256,7 +258,7 @@ async def _bomb_and_health(proxy: Proxy, key: str | None) -> tuple[int, dict[str
     async with aiohttp.ClientSession() as s:
 
         async def post() -> tuple[int, dict[str, Any]]:
-            async with s.post(proxy.url(CHAT), data=bomb, headers=headers) as r:
+            async with s.post(proxy.url(path), data=bomb, headers=headers) as r:
                 return r.status, await r.json()
 
         async def health() -> int:
@@ -269,11 +271,13 @@ async def _bomb_and_health(proxy: Proxy, key: str | None) -> tuple[int, dict[str
         return status, body, health_status, time.process_time() - cpu
 
 
+@pytest.mark.parametrize("path", [CHAT, "/openai/v1/chat/completions"])
 async def test_a_gzip_bomb_without_a_key_is_refused_before_a_byte_is_inflated(
-    make_proxy: ProxyFactory, tmp_path: Path
+    make_proxy: ProxyFactory, tmp_path: Path, path: str
 ) -> None:
+    """On /openai/v1/... too, where the deployment is in the body: the key comes first."""
     proxy = await start(make_proxy, tmp_path)
-    status, body, health, cpu = await _bomb_and_health(proxy, None)
+    status, body, health, cpu = await _bomb_and_health(proxy, None, path)
     assert status == 401 and body["error"]["code"] == "401"
     assert health == 200
     assert cpu < 2.0  # inflating the 1 GiB takes seconds of CPU; sending 1 MiB a few ms
