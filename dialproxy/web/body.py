@@ -95,13 +95,14 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     length = request.content_length
     if length is not None and length > max_body:
         raise PayloadTooLarge("Request body is too large")
-    content_type = request.headers.get("Content-Type", "")
+    headers = request.headers
+    content_type = headers.get("Content-Type", "")
     if (
         content_type != "application/json"  # (the usual: no parsing)
         and content_type.split(";", 1)[0].strip().lower() != "application/json"
     ):
         raise UnsupportedMediaType("Only application/json is supported")
-    encoding = request.headers.get("Content-Encoding")
+    encoding = headers.get("Content-Encoding")
     try:
         if encoding is None and request.content.is_eof():  # (the usual: all arrived)
             raw = await request.read()
