@@ -165,20 +165,26 @@ class ClientErrorFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and _from_client(exc):
             record.msg = f"bad HTTP request from client: {type(exc).__name__}"
-            record.args = None
         elif exc is not None:
             frames = "".join(traceback.format_tb(exc.__traceback__))
-            record.msg = f"{cut(record.getMessage(), 1024)} ({type(exc).__name__})"
-            record.args = None
-            record.exc_text = None
+            record.msg = f"{_message(record)} ({type(exc).__name__})"
             record.__dict__["exception"] = f"{frames}{type(exc).__name__}"
         else:
-            record.msg = cut(record.getMessage(), 1024)
-            record.args = None
+            record.msg = _message(record)
+        record.args = None
         record.exc_info = None
         record.exc_text = None
         record.stack_info = None
         return True
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message, cut; its bare format string when its arguments do not fit it
+    (a filter's error would reach the code that logged)."""
+    try:
+        return cut(record.getMessage(), 1024)
+    except Exception:
+        return cut(str(record.msg), 1024)
 
 
 def _from_client(exc: BaseException) -> bool:
@@ -257,7 +263,7 @@ def capture_stdlib(lines: BatchedLines, level: int = logging.INFO) -> None:
         lines.flush()
 
     def thread_excepthook(args: threading.ExceptHookArgs) -> None:
-        if args.exc_value is not None:
+        if args.exc_value is not None and args.exc_type is not SystemExit:
             uncaught.critical("uncaught exception in a thread", exc_info=args.exc_value)
 
     sys.excepthook = excepthook  # (a traceback printed as text is not a JSON line)
