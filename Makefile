@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DEMO_PORT ?= 8081
 
-.PHONY: run test lint typecheck bench bench-instructions validate install redis clean
+.PHONY: run test lint typecheck bench bench-instructions bench-hostile validate install redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +59,7 @@ bench-instructions: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# What hostile clients cost: a gzip bomb's proxy CPU, p99 latency beside 500 slowloris connections.
+bench-hostile: $(STAMP)
+	$(BIN)/python -m bench.hostile

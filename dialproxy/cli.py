@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+import structlog
 from aiohttp import web
 
 from dialproxy import keys, logs
@@ -23,6 +24,8 @@ from dialproxy.config.store import ConfigStore
 from dialproxy.settings import Settings
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+log = structlog.get_logger("dialproxy.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,6 +100,21 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, how long requests in flight may finish before open streams are "
         "ended (env DIALPROXY_SHUTDOWN_TIMEOUT; 30)",
     )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a connection's time to send complete request headers, from its opening or its "
+        "previous answer; idle keep-alive connections close after it too "
+        "(env DIALPROXY_HEADER_TIMEOUT; 10)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a request body that receives no byte for this long is answered 408 "
+        "(env DIALPROXY_BODY_TIMEOUT; 30)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -112,6 +130,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "state",
         "max_response",
         "shutdown_timeout",
+        "header_timeout",
+        "body_timeout",
     ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
@@ -195,7 +215,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
         await demo.setup()
         await web.TCPSite(demo, settings.host, demo_port).start()
         runners.append(demo)
-        print(f"dialproxy: demo backend on http://{settings.host}:{demo_port}", file=sys.stderr)
+        log.info("demo_backend_serving", url=f"http://{settings.host}:{demo_port}")
     # The grace is shut_down's; aiohttp's own timeout (applied twice) only follows it.
     runner = web.AppRunner(
         app, access_log=None, handler_cancellation=True, shutdown_timeout=FINISH_TIMEOUT
@@ -204,7 +224,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
     await web.TCPSite(runner, settings.host, settings.port).start()
     runners.insert(0, runner)
     tune_gc()
-    print(f"dialproxy: serving on http://{settings.host}:{settings.port}", file=sys.stderr)
+    log.info("serving", url=f"http://{settings.host}:{settings.port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -215,10 +235,7 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
         await stop.wait()
     finally:
         grace = settings.shutdown_timeout
-        print(
-            f"dialproxy: stopping; letting requests in flight finish (up to {grace:g} s)",
-            file=sys.stderr,
-        )
+        log.info("stopping", detail=f"letting requests in flight finish (up to {grace:g} s)")
         await shut_down(runner, app[DRAIN], grace)
         for r in runners[1:]:  # the demo backend
             await r.cleanup()
@@ -234,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dialproxy.demo_backend import main as backend_main
 
         return backend_main(["--host", args.host, "--port", str(args.port)])
-    logs.configure(logging.INFO)
+    logs.capture_stdlib(logs.configure(logging.INFO))
     try:
         settings = _settings(args)
         settings.check()

@@ -47,6 +47,10 @@ class NotFound(ProxyError):
     status = 404
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
 

@@ -1,6 +1,12 @@
 """structlog set-up: one JSON object per line on stderr.  Nothing here ever sees a secret:
 callers log fingerprints.
 
+The standard library's loggers (aiohttp's, asyncio's, warnings) go through the same JSON
+rendering (:func:`stdlib_handler`).  What they log about a client's bad bytes is cut down
+to the error's class: aiohttp quotes the raw request line or header (an ``Api-Key`` value
+with it) in the message of a malformed request's error.  A string longer than
+:data:`MAX_VALUE` is cut in any line that would be longer than :data:`MAX_LINE`.
+
 Lines are written in batches: a request line costs a ``write`` system call otherwise (stderr
 redirected to a file or a pipe is line-buffered).  Buffered lines reach the stream within
 :data:`FLUSH_AFTER` seconds, at once for warnings and errors, and at exit.
@@ -13,14 +19,18 @@ import atexit
 import json
 import logging
 import sys
+import threading
 import time
-from collections.abc import MutableMapping
+import traceback
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
 import structlog
 
 FLUSH_AFTER = 0.1
+MAX_VALUE = 256  # characters of a string kept in an overlong log line
+MAX_LINE = 4096  # a line longer than this has its long strings cut
 
 
 class BatchedLines:
@@ -84,10 +94,38 @@ class JSONLines:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         event["timestamp"] = f"{self._prefix}.{micros:06d}Z"
-        try:
-            return orjson.dumps(event, default=repr).decode()
-        except TypeError:  # what orjson cannot write at all (an int beyond 64 bits)
-            return json.dumps(event, default=repr)
+        line = _render(event)
+        if len(line) > MAX_LINE:  # (one length test on the common path)
+            line = _render({name: cut_value(value) for name, value in event.items()})
+        return line
+
+
+def _render(event: MutableMapping[str, Any]) -> str:
+    try:
+        return orjson.dumps(event, default=repr).decode()
+    except TypeError:  # what orjson cannot write at all (an int beyond 64 bits)
+        return json.dumps(event, default=repr)
+
+
+def cut(text: str, limit: int = MAX_VALUE) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis saying so (a 1 MB model name
+    is not echoed in an error body or a log line)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def cut_value(value: Any) -> Any:
+    """A log field's value with its long strings cut (in lists and dicts too)."""
+    if isinstance(value, str):
+        return cut(value)
+    if isinstance(value, bytes | bytearray):
+        return cut(repr(bytes(value[: MAX_VALUE + 1])))
+    if isinstance(value, dict):
+        return {cut(str(k)): cut_value(v) for k, v in list(value.items())[:MAX_VALUE]}
+    if isinstance(value, list | tuple):
+        return [cut_value(v) for v in value[:MAX_VALUE]]
+    return value
 
 
 class RequestLog(structlog.BoundLoggerBase):
@@ -116,6 +154,81 @@ def request_log() -> RequestLog:
 _level = logging.INFO  # as configured: RequestLog obeys it as structlog's loggers do
 
 
+class ClientErrorFilter(logging.Filter):
+    """Cuts a standard library log record down to what may be logged: no exception message
+    and no argument, which may quote a client's bytes (aiohttp's "Error handling request"
+    for a malformed request quotes the raw header line; asyncio's messages carry reprs).
+    A malformed request becomes ``bad HTTP request from client: BadHttpMessage``; any other
+    exception keeps its class and its traceback's frames, never its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _from_client(exc):
+            record.msg = f"bad HTTP request from client: {type(exc).__name__}"
+        elif exc is not None:
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            record.msg = f"{_message(record)} ({type(exc).__name__})"
+            record.__dict__["exception"] = f"{frames}{type(exc).__name__}"
+        else:
+            record.msg = _message(record)
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message, cut; its bare format string when its arguments do not fit it
+    (a filter's error would reach the code that logged)."""
+    try:
+        return cut(record.getMessage(), 1024)
+    except Exception:
+        return cut(str(record.msg), 1024)
+
+
+def _from_client(exc: BaseException) -> bool:
+    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.web_protocol import RequestPayloadError
+
+    return isinstance(exc, HttpProcessingError | RequestPayloadError)
+
+
+def _stdlib_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The record's logger name and, from :class:`ClientErrorFilter`, its frames."""
+    record = event.get("_record")
+    if record is not None:
+        event["logger"] = record.name
+        if "exception" in record.__dict__:
+            event["exception"] = record.__dict__["exception"]
+    return event
+
+
+def stdlib_handler(write: Callable[[str], None]) -> logging.Handler:
+    """A handler rendering standard library records as the JSON lines of this module,
+    through :class:`ClientErrorFilter`, each handed to ``write``."""
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                write(self.format(record))
+            except Exception:  # (as logging.Handler does: a log line never breaks a request)
+                self.handleError(record)
+
+    handler = Lines()
+    handler.addFilter(ClientErrorFilter())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                _stdlib_fields,
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                JSONLines(),
+            ],
+        )
+    )
+    return handler
+
+
 def configure(level: int = logging.INFO, stream: TextIO | None = None) -> BatchedLines:
     global _level
     _level = level
@@ -132,3 +245,26 @@ def configure(level: int = logging.INFO, stream: TextIO | None = None) -> Batche
         cache_logger_on_first_use=True,
     )
     return lines
+
+
+def capture_stdlib(lines: BatchedLines, level: int = logging.INFO) -> None:
+    """The served process's standard library loggers (aiohttp's, asyncio's) and warnings
+    as JSON lines on ``lines`` (the only handler): nothing else writes to stderr."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(stdlib_handler(lines.urgent))
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    uncaught = logging.getLogger("dialproxy.uncaught")
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        uncaught.critical("uncaught exception", exc_info=(kind, value, tb))
+        lines.flush()
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and args.exc_type is not SystemExit:
+            uncaught.critical("uncaught exception in a thread", exc_info=args.exc_value)
+
+    sys.excepthook = excepthook  # (a traceback printed as text is not a JSON line)
+    threading.excepthook = thread_excepthook

@@ -31,6 +31,11 @@ class Settings:
     max_response: int = MAX_RESPONSE
     max_event: int = MAX_EVENT  # the most one upstream stream event may hold
     stream_drain: float = 5.0  # how long a stream the client left is still read for usage
+    # A connection must send a request's complete headers within this time of opening, or
+    # of the previous answer (an idle keep-alive connection is closed after it too).
+    header_timeout: float = 10.0
+    # A request body that receives no byte for this long is answered 408.
+    body_timeout: float = 30.0
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""
@@ -38,6 +43,13 @@ class Settings:
             raise ValueError(f"port must be 1-65535, not {self.port}")
         if self.max_response < 1:
             raise ValueError(f"max response must be at least 1 byte, not {self.max_response}")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not 0 < value <= 86400:  # (nan fails too)
+                raise ValueError(
+                    f"{name.replace('_', ' ')} must be over 0 and at most 86400 seconds, "
+                    f"not {value}"
+                )
         if self.storage_failure not in STORAGE_FAILURE_POLICIES:
             raise ValueError(
                 f"storage failure policy must be one of {', '.join(STORAGE_FAILURE_POLICIES)}, "
@@ -86,4 +98,11 @@ class Settings:
                 kwargs["shutdown_timeout"] = float(env["DIALPROXY_SHUTDOWN_TIMEOUT"])
             except ValueError:
                 raise ValueError("DIALPROXY_SHUTDOWN_TIMEOUT must be a number of seconds") from None
+        for name in ("header_timeout", "body_timeout"):
+            variable = "DIALPROXY_" + name.upper()
+            if env.get(variable):
+                try:
+                    kwargs[name] = float(env[variable])
+                except ValueError:
+                    raise ValueError(f"{variable} must be a number of seconds") from None
         return cls(**kwargs)  # type: ignore[arg-type]

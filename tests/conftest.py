@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from limits.aio.storage import Storage
 
+from dialproxy import logs
 from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
@@ -51,10 +53,22 @@ class _LogSink:
     log = info = warning = error = critical = debug = exception = msg
 
 
+def assert_json_lines_without_secrets(text: str) -> None:
+    """Every line of ``text`` is a JSON object and no test secret is in any of them."""
+    for line in text.splitlines():
+        assert isinstance(json.loads(line), dict), line[:200]
+    leaked = [fingerprint(s) for s in SECRETS if s in text]
+    assert not leaked, f"secrets in the logs (by fingerprint): {leaked}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_logs() -> Iterator[_LogSink]:
-    """All logs of the test suite go here; at the end no secret may appear in them."""
+    """All logs of the test suite go here, the standard library's (aiohttp's, asyncio's)
+    rendered as the served process renders them: at the end every line must be JSON and
+    no secret may appear in them."""
     sink = _LogSink()
+    handler = logs.stdlib_handler(sink.msg)
+    logging.getLogger().addHandler(handler)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -64,10 +78,11 @@ def session_logs() -> Iterator[_LogSink]:
         logger_factory=lambda *_: sink,
         cache_logger_on_first_use=False,
     )
-    yield sink
-    text = "\n".join(sink.lines)
-    leaked = [fingerprint(s) for s in SECRETS if s in text]
-    assert not leaked, f"secrets in the logs (by fingerprint): {leaked}"
+    try:
+        yield sink
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert_json_lines_without_secrets("\n".join(sink.lines))
 
 
 class Clock:

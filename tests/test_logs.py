@@ -127,3 +127,56 @@ def test_the_request_log_renders_through_the_configured_chain_and_obeys_its_leve
     finally:
         logs.configure(logging.INFO, io.StringIO())
         structlog.configure(**saved)
+
+
+def test_the_served_process_writes_an_uncaught_exception_as_a_json_line() -> None:
+    """What `dialproxy serve` sets up: an exception nobody caught (its message may quote
+    anything) is one JSON line with its class and frames, not a text traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "from dialproxy import logs; logs.capture_stdlib(logs.configure()); "
+        "import warnings; warnings.warn('careful'); "
+        "raise ValueError('Api-Key: sk-in-a-message')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    lines = [json.loads(line) for line in err.splitlines()]  # every line: JSON
+    assert [line["logger"] for line in lines] == ["py.warnings", "dialproxy.uncaught"]
+    assert lines[1]["event"] == "uncaught exception (ValueError)"
+    assert lines[1]["exception"].endswith("ValueError") and "sk-in-a-message" not in err
+
+
+def test_standard_library_records_lose_exception_messages_and_keep_their_class() -> None:
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from dialproxy import logs
+
+    out: list[str] = []
+    logger = logging.getLogger("dialproxy.test.stdlib")
+    handler = logs.stdlib_handler(out.append)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for exc in (BadHttpMessage(f"Invalid header: Api-Key: {KEY}\r"), KeyError(KEY)):
+            try:
+                raise exc
+            except Exception as e:
+                logger.exception("Error handling request from %s", "127.0.0.1", exc_info=e)
+        logger.warning("%s arguments %s", "too few")  # (the bare format string, no error)
+        logger.warning("long " + "x" * 5000)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    lines = [json.loads(line) for line in out]
+    assert KEY not in "".join(out)
+    assert lines[0]["event"] == "bad HTTP request from client: BadHttpMessage"
+    assert "exception" not in lines[0]
+    assert lines[1]["event"] == "Error handling request from 127.0.0.1 (KeyError)"
+    assert lines[1]["exception"].endswith("KeyError") and "test_logs.py" in lines[1]["exception"]
+    assert lines[2]["event"] == "%s arguments %s"
+    assert len(lines[3]["event"]) < 1100 and lines[3]["event"].endswith("more characters)")

@@ -35,7 +35,14 @@ from dialproxy.storage import (
     StorageUnavailable,
     close_storage,
 )
-from tests.conftest import Backend, ProxyFactory, admit_request, chat_model, new_key
+from tests.conftest import (
+    Backend,
+    ProxyFactory,
+    admit_request,
+    assert_json_lines_without_secrets,
+    chat_model,
+    new_key,
+)
 from tests.redis_server import BackendProcess, ProxyProcess, RedisServer, free_port
 
 KEY = new_key()
@@ -310,6 +317,8 @@ def fleet(
     yield proxies
     for proxy in proxies:
         proxy.stop()
+    for proxy in proxies:  # everything the processes wrote on stderr
+        assert_json_lines_without_secrets(proxy.log())
 
 
 @dataclass

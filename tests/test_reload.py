@@ -26,7 +26,14 @@ from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.server import WATCHER, build_app, reload_app
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import BALANCER
-from tests.conftest import AiohttpServer, Backend, BackendFactory, Proxy, new_key
+from tests.conftest import (
+    AiohttpServer,
+    Backend,
+    BackendFactory,
+    Proxy,
+    assert_json_lines_without_secrets,
+    new_key,
+)
 
 KEY = new_key()
 OTHER_KEY = new_key()
@@ -539,7 +546,8 @@ async def test_sighup_reloads_dialproxy_serve(
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err.decode()
-    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert_json_lines_without_secrets(err.decode())  # everything the process wrote
+    lines = [json.loads(line) for line in err.decode().splitlines()]
     reloads = [e for e in lines if e["event"] in ("config_reloaded", "config_reload_refused")]
     assert [(e["event"], e["trigger"]) for e in reloads] == [
         ("config_reloaded", "sighup"),

@@ -16,6 +16,7 @@ import aiohttp
 import openai
 
 from dialproxy.server import GC_YOUNG_THRESHOLD, tune_gc
+from tests.conftest import assert_json_lines_without_secrets, new_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_KEY = "dp-demo-key-change-me"
@@ -94,8 +95,10 @@ async def test_shipped_config_serves_a_first_request(tmp_path: Path) -> None:
     finally:
         code, err = stop(proc)
     assert code == 0, err
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in err.splitlines()]  # every line: JSON
     assert [entry["status"] for entry in lines if entry.get("event") == "request"] == [200, 200]
+    assert [entry["event"] for entry in lines][:2] == ["demo_backend_serving", "serving"]
+    assert lines[-1]["event"] == "stopping"
     assert DEMO_KEY not in err
 
 
@@ -111,7 +114,7 @@ async def test_invalid_config_at_start_reports_and_exits(tmp_path: Path) -> None
 async def test_settings_from_environment_and_graceful_stop(tmp_path: Path) -> None:
     """DIALPROXY_* variables configure it; SIGTERM lets a streaming request finish."""
     demo_port, port = free_port(), free_port()
-    key = "dp-" + "ab12" * 16
+    key = new_key()
     models = {
         "models": {
             "echo": {
@@ -163,6 +166,7 @@ async def test_settings_from_environment_and_graceful_stop(tmp_path: Path) -> No
         assert rest.endswith(b"data: [DONE]\n\n")
         _, err = proc.communicate(timeout=30)  # it stops by itself once the stream is done
         assert proc.returncode == 0, err.decode()
+        assert_json_lines_without_secrets(err.decode())
     finally:
         if proc.poll() is None:
             proc.kill()

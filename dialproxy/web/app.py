@@ -35,6 +35,7 @@ from dialproxy.web.appkeys import (
     SETTINGS,
     STORE,
 )
+from dialproxy.web.body import BODY_WATCH, BodyWatch
 from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded, unmatched
 
@@ -64,7 +65,7 @@ async def _listing_entry(request: web.Request, deployment: str, object_name: str
     principal = await _principal(request)
     snapshot = request.app[STORE].snapshot
     if deployment not in snapshot.models:
-        raise NotFound(f"Unknown application: {deployment}")
+        raise NotFound(f"Unknown application: {logs.cut(deployment)}")
     proxy.resolve(principal, snapshot, deployment)
     return snapshot.models[deployment].listing(object_name)
 
@@ -221,7 +222,19 @@ def create_app(
 ) -> web.Application:
     """Build the app.  Tests inject their own store, counter storage and client session."""
     settings = settings or Settings()
-    app = web.Application(client_max_size=settings.max_body)
+    app = web.Application(
+        client_max_size=settings.max_body,
+        # Passed to each connection's aiohttp RequestHandler (they override the runner's).
+        handler_args={
+            # Bodies are decoded by read_json_body, after authentication, within the limit.
+            "auto_decompress": False,
+            # aiohttp closes a connection that has not sent complete request headers this
+            # long after it opened or after its previous answer: the header timeout.
+            "keepalive_timeout": settings.header_timeout,
+            # What is read (and dropped) of a body left unread after the answer.
+            "lingering_time": min(10.0, settings.body_timeout),
+        },
+    )
     app[STORE] = store
     app[SETTINGS] = settings
     app[LIMITER] = Limiter(
@@ -237,6 +250,7 @@ def create_app(
     app[DRAIN] = Drain()  # the open streams a shutdown ends (see dialproxy.web.drain)
 
     idle = IdleWatch(settings.idle_timeout)  # (not aiohttp's sock_read: see its module)
+    bodies = app[BODY_WATCH] = BodyWatch(settings.body_timeout)
 
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None
@@ -246,7 +260,7 @@ def create_app(
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
             auto_decompress=True,  # (bounded: decoded as read, see proxy._read_bounded)
         )
-        async with idle.running():
+        async with idle.running(), bodies.running():
             yield
         if app[BACKGROUND]:
             await asyncio.gather(*app[BACKGROUND], return_exceptions=True)

@@ -1,30 +1,119 @@
-"""Reading a JSON request body: DIAL's 413, 415 and 400."""
+"""Reading a JSON request body: DIAL's 413, 415 and 400; gzip and deflate decoded within the
+limit; a body that stops arriving is a 408.
+
+aiohttp's own decompression is off (``auto_decompress=False``, see
+:func:`dialproxy.web.app.create_app`): it would inflate a body whole, before the handler
+has checked the caller's key, whatever its size.  A ``Content-Encoding`` body is inflated
+here instead, after authentication, step by step: at most :data:`STEP` bytes of output per
+step, the event loop given back between steps, and refused (413) as soon as the decoded
+bytes pass the limit.
+
+The body timeout is kept as the upstream idle timeout is (``dialproxy/upstream/idle.py``):
+one periodic check of the bodies being read, no timer per request; a body that has fully
+arrived with its headers (most do) is not watched at all.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
-from dialproxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from dialproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+
+STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)
+# Content-Encoding -> zlib's wbits (deflate: the zlib format, as RFC 9110 defines it)
+DECODED = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class BodyTimeout(TimeoutError):
+    """Set on a body's stream when nothing of it arrived for the body timeout (a
+    ``TimeoutError``: aiohttp's lingering read after the answer takes it as a timeout and
+    closes the connection)."""
+
+
+class BodyWatch:
+    """The body timeout: a body being read that receives no byte for ``idle`` seconds gets
+    :class:`BodyTimeout` (within ``idle`` plus two periods)."""
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle  # <= 0: no body timeout
+        self.period = min(1.0, idle / 4)
+        # stream -> [bytes received when last seen to move, loop time then (None: not yet)]
+        self._streams: dict[StreamReader, list[float | None]] = {}
+
+    @contextlib.contextmanager
+    def watching(self, stream: StreamReader) -> Iterator[None]:
+        self._streams[stream] = [-1, None]
+        try:
+            yield
+        finally:
+            self._streams.pop(stream, None)
+
+    def check(self, now: float) -> None:
+        for stream, seen in list(self._streams.items()):
+            received = stream.total_bytes
+            since = seen[1]
+            if received != seen[0] or since is None:
+                seen[0], seen[1] = received, now
+            elif now - since >= self.idle:
+                del self._streams[stream]
+                stream.set_exception(BodyTimeout("The request body stopped arriving"))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The periodic check, for as long as the block runs."""
+        if self.idle <= 0:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(self.period)
+                self.check(loop.time())
+
+        task = loop.create_task(run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+BODY_WATCH = web.AppKey("body_watch", BodyWatch)
 
 
 async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     length = request.content_length
     if length is not None and length > max_body:
         raise PayloadTooLarge("Request body is too large")
-    content_type = request.headers.get("Content-Type", "")
+    headers = request.headers
+    content_type = headers.get("Content-Type", "")
     if (
         content_type != "application/json"  # (the usual: no parsing)
         and content_type.split(";", 1)[0].strip().lower() != "application/json"
     ):
         raise UnsupportedMediaType("Only application/json is supported")
+    encoding = headers.get("Content-Encoding")
     try:
-        raw = await request.read()
+        if encoding is None and request.content.is_eof():  # (the usual: all arrived)
+            raw = await request.read()
+        else:
+            watch = request.app.get(BODY_WATCH)
+            with watch.watching(request.content) if watch else contextlib.nullcontext():
+                raw = await _read(request, encoding, max_body)
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge("Request body is too large") from None
+    except BodyTimeout:
+        raise RequestTimeout("The request body stopped arriving") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -35,3 +124,49 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
     return body
+
+
+async def _read(request: web.Request, encoding: str | None, max_body: int) -> bytes:
+    """The body, decoded when it has a ``Content-Encoding``; ``request.read()`` gives the
+    decoded bytes afterwards (they are what the upstream gets, with no Content-Encoding)."""
+    name = encoding.strip().lower() if encoding is not None else "identity"
+    if name in ("identity", ""):
+        return await request.read()
+    wbits = DECODED.get(name)
+    if wbits is None:
+        raise UnsupportedMediaType(
+            "Unsupported Content-Encoding: only gzip and deflate are decoded"
+        )
+    decoded = await _inflate(request.content, wbits, max_body, name)
+    request._read_bytes = decoded  # what request.read() returns from now on
+    return decoded
+
+
+async def _inflate(stream: StreamReader, wbits: int, max_body: int, name: str) -> bytes:
+    inflater = zlib.decompressobj(wbits)
+    parts: list[bytes] = []
+    received = size = 0
+    try:
+        while chunk := await stream.readany():
+            received += len(chunk)
+            if received > max_body:
+                raise PayloadTooLarge("Request body is too large")
+            if inflater.eof:
+                raise BadRequest(f"Invalid {name} request body: data after its end")
+            data = chunk
+            while data:
+                part = inflater.decompress(data, STEP)
+                size += len(part)
+                if size > max_body:
+                    raise PayloadTooLarge("Request body is too large")
+                parts.append(part)
+                data = inflater.unconsumed_tail
+                if inflater.eof and (data or inflater.unused_data):
+                    raise BadRequest(f"Invalid {name} request body: data after its end")
+                if data:
+                    await asyncio.sleep(0)  # (the event loop's turn between steps)
+    except zlib.error:
+        raise BadRequest(f"Invalid {name} request body") from None
+    if not inflater.eof:
+        raise BadRequest(f"Invalid {name} request body: truncated")
+    return b"".join(parts)

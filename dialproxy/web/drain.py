@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import Awaitable
 
+import structlog
 from aiohttp import web
+
+_log = structlog.get_logger("dialproxy.shutdown")
 
 # After the grace: how long aiohttp waits for the handlers to finish (twice, at most).
 FINISH_TIMEOUT = 0.5
@@ -98,8 +100,5 @@ async def shut_down(runner: web.AppRunner, drain: Drain, grace: float) -> None:
             await asyncio.sleep(min(_POLL, left))
     ended = drain.end_streams()
     if ended:
-        print(
-            f"dialproxy: the {grace:g} s grace is over; ending {ended} open stream(s)",
-            file=sys.stderr,
-        )
+        _log.warning("grace_over", grace_seconds=grace, streams_ended=ended)
     await runner.cleanup()

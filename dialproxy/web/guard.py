@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from dialproxy.errors import ProxyError
+from dialproxy.logs import cut
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -45,7 +46,7 @@ def response_for(request: web.Request, error: Exception) -> web.Response:
     if isinstance(error, web.HTTPException):
         if error.status < 400:
             raise error
-        message = error.reason if error.status != 404 else f"Not found: {request.path}"
+        message = error.reason if error.status != 404 else f"Not found: {cut(request.path)}"
         return error_response(
             error.status, {"error": {"message": message, "code": str(error.status)}}
         )

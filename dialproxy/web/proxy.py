@@ -35,7 +35,7 @@ from dialproxy.errors import (
     Unavailable,
 )
 from dialproxy.limiter import Limiter, Scope, WindowState, seconds_to_empty
-from dialproxy.logs import RequestLog
+from dialproxy.logs import RequestLog, cut
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
 from dialproxy.upstream.idle import IdleWatch
@@ -239,11 +239,11 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
     """Deployment (404), role (403), resolved limit <= 0 (403)."""
     if deployment not in snapshot.models:
-        raise NotFound(f"Unknown application: {deployment}")
+        raise NotFound(f"Unknown application: {cut(deployment)}")
     grant = principal.access.grants.get(deployment)
     key = principal.key
     if grant is None or (key.models is not None and deployment not in key.models):
-        raise Forbidden(f"Forbidden deployment: {deployment}")
+        raise Forbidden(f"Forbidden deployment: {cut(deployment)}")
     if grant.denied:
         raise Forbidden("Access denied")
     return grant
