@@ -12,6 +12,7 @@ second server that only records what reaches it (the place a redirect points to)
 
 from __future__ import annotations
 
+import asyncio
 import gzip as gzip_module
 import json
 import zlib
@@ -56,6 +57,18 @@ class Hostile:
     encoding: str | None = None
     # headers added to the ordinary answer (e.g. a Connection naming one of them)
     headers: dict[str, str] = field(default_factory=dict)
+    # Streams (a request with "stream": true).  A request's query string may set any of
+    # these for itself (?eol=crlf&events=0&...: the proxy forwards it), so requests running
+    # at once can each misbehave their own way.
+    eol: str = "lf"  # line ends: lf, crlf or cr (SSE allows all three)
+    events: int = 1  # content events (0: endless)
+    delay: float = 0.0  # seconds between events
+    hang: bool = False  # after the content events: send nothing more, never end
+    usage: str = "top"  # the final usage: top (USAGE), none, nested (a huge one inside
+    # the usage object), inner (a huge one only inside a choice), invalid (not counts)
+    abort_at: int = -1  # bytes of the stream after which the connection is cut (-1: never)
+    open_streams: int = 0  # streams being written now
+    finished: int = 0  # streams written to their end
     # what the server saw and did
     requests: list[Received] = field(default_factory=list)
     huge_sent: int = 0  # bytes of the huge answer written before the reader stopped
@@ -149,8 +162,83 @@ async def _encoded(
     return web.Response(body=data, headers=headers)
 
 
+EOLS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
+HUGE = {"total_tokens": 10**9}
+_USAGES: dict[str, Any] = {
+    "top": USAGE,
+    "nested": USAGE | {"usage": HUGE},
+    "invalid": {"prompt_tokens": "3", "completion_tokens": -5},
+}
+
+
+def _stream_switches(control: Hostile, request: web.Request) -> Hostile:
+    query = request.query
+    if not query:
+        return control
+    return Hostile(
+        eol=query.get("eol", control.eol),
+        events=int(query.get("events", control.events)),
+        delay=float(query.get("delay", control.delay)),
+        hang=query.get("hang", "1" if control.hang else "") == "1",
+        usage=query.get("usage", control.usage),
+        abort_at=int(query.get("abort_at", control.abort_at)),
+    )
+
+
+async def _stream(
+    control: Hostile, request: web.Request, body: dict[str, Any]
+) -> web.StreamResponse | None:
+    """Every stream: ``events`` content events framed with ``eol`` (the usage asked for,
+    ``"usage": null`` in each), then the usage event and ``[DONE]``, shaped by the switches."""
+    if body.get("stream") is not True:
+        return None
+    shape = _stream_switches(control, request)
+    eol = EOLS[shape.eol]
+    include = (body.get("stream_options") or {}).get("include_usage") is True
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **control.headers})
+    await response.prepare(request)
+    control.open_streams += 1
+    sent = 0
+
+    async def send(data: bytes) -> None:
+        nonlocal sent
+        if shape.abort_at >= 0 and sent + len(data) > shape.abort_at:
+            await response.write(data[: shape.abort_at - sent])
+            assert request.transport is not None
+            request.transport.close()  # cut: mid-event, wherever abort_at falls
+            raise ConnectionResetError
+        sent += len(data)
+        await response.write(data)
+
+    try:
+        i = 0
+        while shape.events == 0 or i < shape.events:
+            chunk: dict[str, Any] = {"id": "s", "choices": [{"delta": {"content": f"w{i} "}}]}
+            if shape.usage == "inner":
+                chunk["choices"][0]["usage"] = HUGE
+            if include:
+                chunk["usage"] = None
+            await send(b"data: " + json.dumps(chunk).encode() + eol + eol)
+            i += 1
+            if shape.delay:
+                await asyncio.sleep(shape.delay)
+        if shape.hang:
+            await asyncio.sleep(3600)
+        if include and shape.usage in _USAGES:
+            final = {"id": "s", "choices": [], "usage": _USAGES[shape.usage]}
+            await send(b"data: " + json.dumps(final).encode() + eol + eol)
+        await send(b"data: [DONE]" + eol + eol)
+        await response.write_eof()
+        control.finished += 1
+    except (ConnectionError, RuntimeError, asyncio.CancelledError):
+        pass  # the reader went away, or the cut above
+    finally:
+        control.open_streams -= 1
+    return response
+
+
 # The misbehaviours, tried in order; the first that answers wins.
-BEHAVIOURS: list[Behaviour] = [_redirect, _retry_after, _huge, _encoded]
+BEHAVIOURS: list[Behaviour] = [_redirect, _retry_after, _huge, _encoded, _stream]
 
 
 def create_hostile_app(control: Hostile) -> web.Application:
@@ -165,10 +253,6 @@ def create_hostile_app(control: Hostile) -> web.Application:
             response = await behaviour(control, request, body)
             if response is not None:
                 return response
-        if body.get("stream") is True:
-            return web.Response(
-                body=sse_answer(), headers={"Content-Type": "text/event-stream", **control.headers}
-            )
         return web.json_response(chat_answer(), headers=control.headers)
 
     app = web.Application()

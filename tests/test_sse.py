@@ -105,11 +105,11 @@ def test_only_the_top_level_usage_of_an_event_counts() -> None:
     assert scanner.usage is None
 
 
-def test_invalid_counts_are_zero() -> None:
+def test_a_usage_whose_counts_are_not_counts_is_no_usage() -> None:
     bad = {"choices": [], "usage": {"prompt_tokens": -5, "completion_tokens": "9"}}
     scanner = UsageScanner()
     scanner.feed(_event(bad, b"\n", (",", ":")))
-    assert scanner.usage == Usage(0, 0, 0)
+    assert scanner.usage is None
 
 
 @pytest.mark.parametrize("reader", [UsageScanner, UsageHider])

@@ -17,71 +17,22 @@ from aiohttp.test_utils import TestServer
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import BACKGROUND
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
+from tests.hostile_upstream import EOLS, USAGE, Hostile, create_hostile_app
 
 KEY = new_key()
-EOLS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 PROMPT = "one two three four five six seven eight"
 
 
-class StreamUpstream:
-    """An OpenAI-style upstream whose stream the test shapes with query parameters (the
-    proxy forwards the client's query string): ``eol`` (lf, crlf, cr), ``events`` (content
-    events; 0: endless), ``delay`` (seconds between events), ``hang`` (stop sending after
-    the content events, never end), ``usage`` (0: send no usage)."""
-
-    def __init__(self) -> None:
-        self.open_streams = 0
-        self.finished = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        q = request.query
-        body = await request.json()
-        eol = EOLS[q.get("eol", "lf")]
-        events, delay = int(q.get("events", "5")), float(q.get("delay", "0"))
-        include = (body.get("stream_options") or {}).get("include_usage") is True
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        self.open_streams += 1
-        null = ',"usage":null' if include else ""
-        try:
-            i = 0
-            while events == 0 or i < events:
-                chunk = {"id": "s", "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}
-                await resp.write(b"data: " + json.dumps(chunk)[:-1].encode() + null.encode())
-                await resp.write(b"}" + eol + eol)
-                i += 1
-                if delay:
-                    await asyncio.sleep(delay)
-            if q.get("hang"):
-                await asyncio.sleep(3600)
-            if include and q.get("usage", "1") == "1":
-                usage = {
-                    "prompt_tokens": 8,
-                    "completion_tokens": events,
-                    "total_tokens": 8 + events,
-                }
-                data = {"id": "s", "choices": [], "usage": usage}
-                await resp.write(b"data: " + json.dumps(data).encode() + eol + eol)
-            await resp.write(b"data: [DONE]" + eol + eol)
-            await resp.write_eof()
-            self.finished += 1
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self.open_streams -= 1
-        return resp
-
-
-async def start_upstream(aiohttp_server: AiohttpServer) -> tuple[StreamUpstream, str]:
+async def start_upstream(aiohttp_server: AiohttpServer) -> tuple[Hostile, str]:
     upstream, server = await start_upstream_server(aiohttp_server)
     return upstream, str(server.make_url("/v1/chat/completions"))
 
 
-async def start_upstream_server(aiohttp_server: AiohttpServer) -> tuple[StreamUpstream, TestServer]:
-    upstream = StreamUpstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", upstream.handle)
-    return upstream, await aiohttp_server(app)
+async def start_upstream_server(aiohttp_server: AiohttpServer) -> tuple[Hostile, TestServer]:
+    """The hostile upstream (tests/hostile_upstream.py): each request shapes its stream with
+    its query string (``eol``, ``events``, ``delay``, ``hang``, ``usage``, ``abort_at``)."""
+    control = Hostile()
+    return control, await aiohttp_server(create_hostile_app(control))
 
 
 def config(url: str) -> dict[str, Any]:
@@ -124,12 +75,14 @@ async def test_crlf_and_cr_streams_reach_the_client_as_they_come(
     proxy = await make_proxy(config(upstream_url), settings=Settings(stream_drain=0.2))
     async with aiohttp.ClientSession() as s:
         for eol in ("lf", "crlf", "cr"):
-            async with s.post(url(proxy, eol=eol), json=BODY, headers={"Api-Key": KEY}) as resp:
+            target = url(proxy, eol=eol, events=5)
+            async with s.post(target, json=BODY, headers={"Api-Key": KEY}) as resp:
                 data = await resp.read()
             assert data.count(b"data:") == 6  # five content events and [DONE]
             assert b"usage" not in data  # what we asked for on the client's behalf stays here
             assert data.endswith(b"data: [DONE]" + EOLS[eol] * 2)
-        assert await used_tokens(proxy) == 3 * 13  # the usage counted, whatever the framing
+        total = USAGE["total_tokens"]
+        assert await used_tokens(proxy) == 3 * total  # the usage counted, whatever the framing
         for eol in ("crlf", "cr"):
             # an endless stream: its events must come through while it goes on
             async with s.post(
@@ -164,7 +117,7 @@ async def test_a_client_that_hangs_up_before_the_usage_is_charged_what_the_upstr
         await _abandon(s, url(proxy, events=20, delay=0.02), after_events=19)
     await until(lambda: not upstream.open_streams)  # the proxy reads on to the stream's end
     await asyncio.sleep(0.05)
-    assert await used_tokens(proxy) == 8 + 20  # the upstream's own count, read after it left
+    assert await used_tokens(proxy) == USAGE["total_tokens"]  # the upstream's, read after it left
     assert upstream.finished == 1
 
 
@@ -249,3 +202,53 @@ async def test_a_thousand_streams_abandoned_at_random_points_are_each_charged(
     pooled = len(upstream_server.runner.server.connections)
     assert pooled <= 50
     assert _open_fds() <= fds + 2 * pooled
+
+
+async def test_only_a_valid_top_level_usage_is_counted(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """A usage nested in the usage, or only inside a choice, or with counts that are not
+    counts: never the 10^9 tokens hidden there; without a valid usage, the estimate."""
+    upstream, upstream_url = await start_upstream(aiohttp_server)
+    proxy = await make_proxy(config(upstream_url))
+    charged, estimates = [], []
+    async with aiohttp.ClientSession() as s:
+        for usage in ("nested", "inner", "invalid", "none"):
+            before = await used_tokens(proxy)
+            target = url(proxy, events=3, usage=usage)
+            async with s.post(target, json=BODY, headers={"Api-Key": KEY}) as resp:
+                data = await resp.read()
+            assert resp.status == 200 and b"[DONE]" in data
+            if usage != "inner":  # (a choice's own "usage" is the upstream's content)
+                assert b"usage" not in data  # what we asked for, valid or not, is hidden
+            charged.append(await used_tokens(proxy) - before)
+            # the prompt at a token per 4 bytes sent, a token per event: 3, [DONE], and
+            # the usage event when there is one
+            events = 4 + (usage == "invalid")
+            estimates.append(len(upstream.requests[-1].body) // 4 + events)
+    assert charged == [USAGE["total_tokens"], *estimates[1:]]
+
+
+async def test_a_stream_cut_at_any_point_ends_with_an_error_and_is_charged(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    _, upstream_url = await start_upstream(aiohttp_server)
+    proxy = await make_proxy(config(upstream_url))
+    async with aiohttp.ClientSession() as s:
+        target = url(proxy, events=3, eol="crlf")
+        async with s.post(target, json=BODY, headers={"Api-Key": KEY}) as resp:
+            whole = len(await resp.read())  # (as the client gets it: our usage hidden)
+        used = await used_tokens(proxy)
+        for abort_at in range(0, whole + 60, 7):  # every 7th byte, into the usage event
+            target = url(proxy, events=3, eol="crlf", abort_at=abort_at)
+            async with s.post(target, json=BODY, headers={"Api-Key": KEY}) as resp:
+                data = await resp.read()
+            assert resp.status == 200
+            now = await used_tokens(proxy)
+            if b"[DONE]" in data:
+                assert now - used == USAGE["total_tokens"], abort_at
+            else:
+                assert data.endswith(b"\n\n") and b'"code": "502"' in data, (abort_at, data)
+                if data.count(b"data:") > 1:  # content relayed before the error event
+                    assert now - used > 0, abort_at  # the estimate, never zero
+            used = now

@@ -102,13 +102,16 @@ def test_only_usage_only_events_are_hidden() -> None:
         assert out == azure_first + EXPECTED_FOR_CLIENT
 
 
-def test_counts_that_are_not_counts_are_zero_and_a_missing_total_is_the_sum() -> None:
+def test_counts_that_are_not_counts_make_no_usage_and_a_missing_total_is_the_sum() -> None:
     def usage(obj: object) -> Usage | None:
         return find_usage(json.dumps({"usage": obj}).encode())
 
     assert usage({"prompt_tokens": 3, "completion_tokens": 4}) == Usage(3, 4, 7)
     assert usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 9}) == Usage(3, 4, 9)
     bad = {"prompt_tokens": "3", "completion_tokens": -1, "total_tokens": True}
-    assert usage(bad) == Usage(0, 0, 0)
-    assert usage({"prompt_tokens": 2.5, "completion_tokens": None}) == Usage(0, 0, 0)
+    assert usage(bad) is None
+    assert usage({"prompt_tokens": 2.5, "completion_tokens": None}) is None
+    assert usage({"prompt_tokens": 2, "completion_tokens": None}) == Usage(2, 0, 2)
+    assert usage({"prompt_tokens": 2, "total_tokens": -1}) is None
+    assert usage({"prompt_tokens": 5, "total_tokens": 5}) == Usage(5, 0, 5)  # embeddings
     assert find_usage(b'{"usage" :\n {"prompt_tokens": 1}}') == Usage(1, 0, 1)  # spaced

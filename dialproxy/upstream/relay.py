@@ -140,11 +140,14 @@ class UsageHider(_Reader):
             start, stop = sse.event_around(events, index)
             answer = sse.event_json(events[start:stop])
             usage = usage_of(answer)
-            if usage is not None:
-                if found is self.usage:  # the last usage of the stream so far
-                    found = usage
-                if answer.get("choices") == []:
-                    events = events[:start] + events[stop:]
+            if usage is not None and found is self.usage:  # the last usage so far
+                found = usage
+            if (
+                type(answer) is dict
+                and answer.get("usage") is not None
+                and answer.get("choices") == []
+            ):  # the usage event (a usage not valid is hidden all the same)
+                events = events[:start] + events[stop:]
             end = start
         self.usage = found
         return events

@@ -1,9 +1,9 @@
 """The usage an answer reports, by DIAL's rule: the top-level ``usage`` object of a
 non-streamed answer, or of the last stream event that has one with a value.
 
-Counts are non-negative integers; a count that is not one is 0, and a missing total is the
-sum.  A ``usage`` anywhere else (inside another object, inside the usage itself) is not a
-usage.
+Counts are non-negative integers: a usage with a count that is not one is no usage; a
+missing count is 0, a missing total the sum.  A ``usage`` anywhere else (inside another
+object, inside the usage itself) is not a usage.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ _new_usage = tuple.__new__  # (Usage(...) is a Python-level call)
 
 
 def usage_of(answer: Any) -> Usage | None:
-    """The usage of a decoded answer or event (None: it has none with a value)."""
+    """The usage of a decoded answer or event (None: it has none, or one whose counts are
+    not counts: a count present must be a non-negative integer; a missing or null one is
+    0, a missing total the sum)."""
     if type(answer) is not dict:
         return None
     obj = answer.get("usage")
@@ -37,12 +39,18 @@ def usage_of(answer: Any) -> Usage | None:
     prompt = obj.get("prompt_tokens")
     completion = obj.get("completion_tokens")
     total = obj.get("total_tokens")
-    if type(prompt) is not int or prompt < 0:
+    if prompt is None:
         prompt = 0
-    if type(completion) is not int or completion < 0:
+    elif type(prompt) is not int or prompt < 0:
+        return None
+    if completion is None:
         completion = 0
-    if type(total) is not int or total <= 0:
+    elif type(completion) is not int or completion < 0:
+        return None
+    if total is None:
         total = prompt + completion
+    elif type(total) is not int or total < 0:
+        return None
     usage: Usage = _new_usage(Usage, (prompt, completion, total))
     return usage
 
