@@ -28,6 +28,7 @@ from aiohttp import StreamReader, web
 from dialproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)
+PIECE = 64 * 1024  # decoded bytes per call of zlib (below the allocator's mmap threshold)
 # Content-Encoding -> zlib's wbits (deflate: the zlib format, as RFC 9110 defines it)
 DECODED = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -143,30 +144,50 @@ async def _read(request: web.Request, encoding: str | None, max_body: int) -> by
 
 
 async def _inflate(stream: StreamReader, wbits: int, max_body: int, name: str) -> bytes:
+    """The body's bytes received (up to the limit), decoded twice: first only measured (a
+    body that inflates past the limit, a "bomb", is refused after zlib's time alone),
+    then kept.  Keeping what is decoded costs as much again as decoding it (fresh memory,
+    its pages faulted in), so only a body known to fit pays that."""
+    compressed: list[bytes] = []
+    received = 0
+    while chunk := await stream.readany():
+        received += len(chunk)
+        if received > max_body:
+            raise PayloadTooLarge("Request body is too large")
+        compressed.append(chunk)
+    await _decode(compressed, wbits, max_body, name, None)
+    decoded = bytearray()
+    await _decode(compressed, wbits, max_body, name, decoded)
+    return bytes(decoded)
+
+
+async def _decode(
+    compressed: list[bytes], wbits: int, max_body: int, name: str, into: bytearray | None
+) -> None:
+    """Decodes ``compressed`` (into ``into``, if given) in pieces, the event loop getting
+    a turn every :data:`STEP` decoded bytes; 413 past ``max_body``, 400 if corrupt."""
     inflater = zlib.decompressobj(wbits)
-    parts: list[bytes] = []
-    received = size = 0
+    size = 0
+    turn = STEP  # decoded bytes at which the event loop gets its next turn
     try:
-        while chunk := await stream.readany():
-            received += len(chunk)
-            if received > max_body:
-                raise PayloadTooLarge("Request body is too large")
+        for chunk in compressed:
             if inflater.eof:
                 raise BadRequest(f"Invalid {name} request body: data after its end")
             data = chunk
             while data:
-                part = inflater.decompress(data, STEP)
-                size += len(part)
+                piece = inflater.decompress(data, PIECE)
+                size += len(piece)
                 if size > max_body:
                     raise PayloadTooLarge("Request body is too large")
-                parts.append(part)
+                if into is not None:
+                    into += piece
                 data = inflater.unconsumed_tail
                 if inflater.eof and (data or inflater.unused_data):
                     raise BadRequest(f"Invalid {name} request body: data after its end")
-                if data:
+                if data and size >= turn:
+                    turn = size + STEP
                     await asyncio.sleep(0)  # (the event loop's turn between steps)
     except zlib.error:
         raise BadRequest(f"Invalid {name} request body") from None
     if not inflater.eof:
         raise BadRequest(f"Invalid {name} request body: truncated")
-    return b"".join(parts)
