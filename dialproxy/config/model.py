@@ -258,7 +258,7 @@ class Model:
                 "inference": True,
                 "scale_types": ["standard"],
             },
-            "features": dict(self.features),
+            "features": listed_features(self.features),
             "input_attachment_types": list(self.input_attachment_types),
             "max_input_attachments": self.max_input_attachments,
             "description_keywords": list(self.description_keywords),
@@ -274,6 +274,36 @@ class Model:
         if self.tokenizer_model:
             entry["tokenizer_model"] = self.tokenizer_model
         return {k: v for k, v in entry.items() if v is not None}
+
+
+# DIAL's listing of a deployment's ``features`` (FeaturesData): whether each feature
+# endpoint is set (never its URL), and the ``*Supported`` flags with DIAL's defaults.
+_ENDPOINT_FEATURES = (
+    ("rate", "rateEndpoint"),
+    ("tokenize", "tokenizeEndpoint"),
+    ("truncate_prompt", "truncatePromptEndpoint"),
+    ("configuration", "configurationEndpoint"),
+)
+_FLAG_FEATURES = (
+    ("system_prompt", "systemPromptSupported", True),
+    ("tools", "toolsSupported", False),
+    ("seed", "seedSupported", False),
+    ("url_attachments", "urlAttachmentsSupported", False),
+    ("folder_attachments", "folderAttachmentsSupported", False),
+    ("allow_resume", "allowResume", True),
+    ("accessible_by_per_request_key", "accessibleByPerRequestKey", True),
+)
+
+
+def listed_features(features: Mapping[str, Any] | None) -> dict[str, bool]:
+    """A config's ``features`` as DIAL lists them: booleans only.  A feature endpoint's URL
+    is the operator's (it may name an internal host or carry a token): it is not shown."""
+    features = features if isinstance(features, Mapping) else {}
+    listed = {name: features.get(url) is not None for name, url in _ENDPOINT_FEATURES}
+    for name, flag, default in _FLAG_FEATURES:
+        value = features.get(flag)
+        listed[name] = value if isinstance(value, bool) else default
+    return listed
 
 
 def _snake(name: str) -> str:

@@ -16,16 +16,16 @@ from limits.aio.storage import Storage
 
 from dialproxy import logs, sharedkeys
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
+from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Snapshot, Window, listed_features
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
-from dialproxy.errors import NotFound
+from dialproxy.errors import Forbidden, NotFound
 from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import proxy
+from dialproxy.web import features, proxy
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -100,6 +100,113 @@ async def openai_models(request: web.Request) -> web.Response:
         for name in _visible(principal)
     ]
     return _json({"object": "list", "data": data})
+
+
+async def openai_model(request: web.Request) -> web.Response:
+    """``GET /openai/v1/models/{id}``: the OpenAI SDK's ``client.models.retrieve(id)``.  A
+    model the key does not see in ``/openai/v1/models`` is 404 here too, as OpenAI answers."""
+    principal = await _principal(request)
+    name = request.match_info["id"]
+    if name not in _visible(principal):
+        raise NotFound(f"The model '{name}' does not exist or you do not have access to it")
+    return _json({"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"})
+
+
+def _applications(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
+    """The config's ``applications`` (listed, not served: their entries are not checked)."""
+    section = snapshot.raw.get("applications")
+    if not isinstance(section, dict):
+        return {}
+    return {name: entry for name, entry in section.items() if isinstance(entry, dict)}
+
+
+def _admits(principal: Principal, name: str, entry: dict[str, Any]) -> bool:
+    """DIAL's ``hasAccess`` for an application: no ``userRoles`` = everyone, ``[]`` = nobody,
+    else a role in common with the key's; and the key's own ``models`` allow-list, if any."""
+    models = principal.key.models
+    if models is not None and name not in models:
+        return False
+    roles = entry.get("userRoles", entry.get("user_roles"))
+    if roles is None:
+        return True
+    return isinstance(roles, list) and not principal.access.roles.isdisjoint(
+        r for r in roles if isinstance(r, str)
+    )
+
+
+def _application_entry(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """An application as DIAL lists it (its ApplicationData)."""
+
+    def field(camel: str, snake: str) -> Any:
+        return entry.get(camel, entry.get(snake))
+
+    data: dict[str, Any] = {
+        "id": name,
+        "application": name,
+        "display_name": field("displayName", "display_name"),
+        "display_version": field("displayVersion", "display_version"),
+        "icon_url": field("iconUrl", "icon_url"),
+        "description": entry.get("description"),
+        "reference": entry.get("reference") or name,
+        "owner": "organization-owner",
+        "object": "application",
+        "status": "succeeded",
+        "created_at": 1672534800,
+        "updated_at": 1672534800,
+        "features": listed_features(entry.get("features")),
+        "input_attachment_types": field("inputAttachmentTypes", "input_attachment_types"),
+        "max_input_attachments": field("maxInputAttachments", "max_input_attachments"),
+        "defaults": entry.get("defaults"),
+        "description_keywords": field("descriptionKeywords", "description_keywords"),
+    }
+    return {k: v for k, v in data.items() if v is not None}
+
+
+async def list_applications(request: web.Request) -> web.Response:
+    """``GET /openai/applications``: the config's applications the key's roles admit."""
+    principal = await _principal(request)
+    apps = _applications(request.app[STORE].snapshot)
+    data = [_application_entry(n, e) for n, e in apps.items() if _admits(principal, n, e)]
+    return _json({"object": "list", "data": data})
+
+
+async def get_application(request: web.Request) -> web.Response:
+    """``GET /openai/applications/{id}``: as DIAL answers, 403 for a deployment the key may
+    not see, 404 for a model (not an application) or an unknown name."""
+    principal = await _principal(request)
+    snapshot = request.app[STORE].snapshot
+    name = request.match_info["id"]
+    entry = _applications(snapshot).get(name)
+    if entry is not None:
+        if not _admits(principal, name, entry):
+            raise Forbidden(f"Forbidden deployment: {name}")
+        return _json(_application_entry(name, entry))
+    if name in snapshot.models:
+        if name not in _visible(principal):
+            raise Forbidden(f"Forbidden deployment: {name}")
+        raise NotFound(f"Application is not found: {name}")
+    raise NotFound(f"Unknown application: {name}")
+
+
+_NAME_TYPES = ("model", "application", "toolset")
+
+
+async def deployment_names(request: web.Request) -> web.Response:
+    """``GET /v1/deployment-names[?type=model,application]``: aidial-client's
+    ``deployments.list_names()``: ``[{"id", "object"}]`` of what the key may see (models,
+    then applications; dialproxy has no toolsets to list)."""
+    principal = await _principal(request)
+    wanted = {t.strip() for t in request.query.get("type", "").split(",") if t.strip()}
+    wanted = wanted or set(_NAME_TYPES)
+    names: list[dict[str, str]] = []
+    if "model" in wanted:
+        names += [{"id": name, "object": "model"} for name in _visible(principal)]
+    if "application" in wanted:
+        apps = _applications(request.app[STORE].snapshot)
+        names += [
+            {"id": n, "object": "application"} for n, e in apps.items() if _admits(principal, n, e)
+        ]
+    return _json(names)
 
 
 async def user_info(request: web.Request) -> web.Response:
@@ -297,11 +404,24 @@ def create_app(
         ("/openai/deployments", list_deployments),
         ("/openai/deployments/{id}", get_deployment),
         ("/openai/v1/models", openai_models),
+        ("/openai/v1/models/{id}", openai_model),
+        ("/openai/applications", list_applications),
+        ("/openai/applications/{id}", get_application),
+        ("/v1/deployment-names", deployment_names),
         ("/v1/deployments/{id}/limits", deployment_limits),
         ("/v1/user/info", user_info),
         ("/v1/user/limits", user_limits),
         ("/health", health),
     ):
         app.router.add_get(path, guarded(route))
+    # DIAL's feature endpoints: forwarded to the model's features.*Endpoint (features.py)
+    app.router.add_post("/v1/{id}/rate", functools.partial(features.handle, feature="rate"))
+    for feature in ("tokenize", "truncate_prompt"):
+        handler = functools.partial(features.handle, feature=feature)
+        app.router.add_post(f"/v1/deployments/{{id}}/{feature}", handler)
+    app.router.add_get(
+        "/v1/deployments/{id}/configuration",
+        functools.partial(features.handle, feature="configuration"),
+    )
     app.router.add_route("*", "/{tail:.*}", unmatched)  # last: JSON 404s and 405s
     return app

@@ -1,0 +1,157 @@
+"""DIAL's deployment feature endpoints: rate, tokenize, truncate_prompt, configuration.
+
+Each is forwarded to the URL the model's ``features`` names (``rateEndpoint``,
+``tokenizeEndpoint``, ``truncatePromptEndpoint``, ``configurationEndpoint``), as DIAL Core's
+``DeploymentFeatureController`` does:
+
+- the caller is authenticated and checked as for the deployment itself (404 unknown, 403 a
+  deployment its roles or key may not call: :func:`dialproxy.web.proxy.plan_for`);
+- a model without the endpoint: ``rate`` and ``configuration`` answer 200 with an empty
+  body, ``tokenize`` and ``truncate_prompt`` 403 ``Forbidden deployment``;
+- the client's body goes as it came; the answer comes back with its status and body;
+- these are not model requests: no request or token limit counts them, nothing is charged.
+
+What dialproxy adds: the answer is read up to ``max_response`` bytes (over it: 502), a
+redirect is not followed (502: the request goes to the configured URL and nowhere else), and
+the whole call is bounded by the idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from dialproxy import sharedkeys
+from dialproxy.auth import Principal, authenticate
+from dialproxy.config.model import Model
+from dialproxy.errors import BadGateway, Forbidden, ProxyError
+from dialproxy.logs import request_log
+from dialproxy.web import guard, proxy
+from dialproxy.web.appkeys import CLIENT, SETTINGS, STORE
+
+# The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
+# model without one answers 403 (else 200 with an empty body), as DIAL Core does.
+FEATURES: dict[str, tuple[str, bool]] = {
+    "rate": ("rateEndpoint", False),
+    "tokenize": ("tokenizeEndpoint", True),
+    "truncate_prompt": ("truncatePromptEndpoint", True),
+    "configuration": ("configurationEndpoint", False),
+}
+
+
+def endpoint_headers(request: web.Request, principal: Principal, model: Model) -> dict[str, str]:
+    """Every header a call to one of the model's endpoints carries: the client's headers an
+    upstream gets (see :func:`dialproxy.web.proxy.forwarded_headers`) and, for a model
+    behind a DIAL adapter (``endpoint`` set), its first upstream in ``X-UPSTREAM-ENDPOINT``
+    and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them.
+
+    The one place these headers are built: DIAL's per-request key (``Api-Key``) goes here.
+    """
+    headers = proxy.forwarded_headers(request, principal, model)
+    if model.endpoint is not None and model.upstreams:
+        upstream = model.upstreams[0]
+        headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
+        if upstream.key is not None:
+            headers["X-UPSTREAM-KEY"] = upstream.key
+    return headers
+
+
+# The answer's headers passed back: the proxied endpoints' allow-list (content type,
+# request ids...), nothing else of the feature endpoint's.
+_PASSED = proxy.PASSED_RESPONSE_HEADERS
+
+
+async def handle(request: web.Request, feature: str) -> web.StreamResponse:
+    """``POST /v1/{id}/rate``, ``POST /v1/deployments/{id}/tokenize`` and
+    ``/truncate_prompt``, ``GET /v1/deployments/{id}/configuration``."""
+    app = request.app
+    snapshot = app[STORE].snapshot
+    started = time.perf_counter()
+    deployment = request.match_info["id"]
+    fields: dict[str, Any] = {"upstream": None, "error": None}
+    principal: Principal | None = None
+    status = 500
+    try:
+        principal = await authenticate(
+            request.headers, snapshot, request.remote, app[sharedkeys.SHARED]
+        )
+        model = proxy.plan_for(principal, snapshot, deployment).model  # 404, 403
+        field, required = FEATURES[feature]
+        body = await request.read()  # (bounded by the app's client_max_size: max_body)
+        url = model.features.get(field)
+        if not isinstance(url, str) or not url:
+            if required:
+                raise Forbidden("Forbidden deployment")
+            status = 200
+            return web.Response(status=200)
+        fields["upstream"] = "features." + field
+        response = await _call(request, principal, model, url, body)
+        status = response.status
+        return response
+    except Exception as e:
+        response = guard.response_for(request, e)
+        status = response.status
+        if isinstance(e, ProxyError):
+            fields["error"] = e.message
+        return response
+    finally:
+        request_log().line(
+            "request",
+            {
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "project": principal.key.project if principal else None,
+                "key": principal.key.fingerprint if principal else None,
+                "deployment": deployment,
+                **fields,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+
+
+async def _call(
+    request: web.Request, principal: Principal, model: Model, url: str, body: bytes
+) -> web.Response:
+    """The request to the feature endpoint, its answer relayed (bounded, no redirect)."""
+    app = request.app
+    settings, client = app[SETTINGS], app[CLIENT]
+    headers = endpoint_headers(request, principal, model)
+    headers["Accept-Encoding"] = "identity"
+    try:
+        async with asyncio.timeout(settings.idle_timeout):
+            async with client.request(
+                request.method,
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,  # the credentials go to the configured URL, nowhere else
+            ) as resp:
+                if 300 <= resp.status < 400:
+                    raise BadGateway(f"The feature endpoint answered {resp.status}")
+                data = await _read_bounded(resp, settings.max_response)
+                passed = [(k, v) for k, v in resp.headers.items() if k.lower() in _PASSED]
+                return web.Response(status=resp.status, body=data, headers=passed)
+    except (aiohttp.ClientError, TimeoutError):
+        raise BadGateway("connection error to origin") from None
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The answer's body (decoded), read no further than ``cap`` bytes (over it: 502)."""
+    length = resp.content_length
+    if length is not None and length > cap:
+        resp.close()
+        raise BadGateway(f"The feature endpoint's response is over the {cap}-byte limit")
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.readany():
+        size += len(chunk)
+        if size > cap:
+            resp.close()
+            raise BadGateway(f"The feature endpoint's response is over the {cap}-byte limit")
+        parts.append(chunk)
+    return b"".join(parts)
