@@ -1,10 +1,8 @@
 """The upstream idle timeout, kept by one periodic check instead of a timer per request.
 
-A timer costs much more than it looks: arming and cancelling one (aiohttp's ``sock_read``,
-or ``asyncio.timeout``) costs about 40k instructions of a proxied request's ~960k, the event
-loop's heap of timer handles comparing them in Python; aiohttp's ``sock_read`` re-arms one
-on every chunk that arrives.  So :class:`IdleWatch` looks, every ``period``, at what is
-waiting on an upstream:
+A timer per request is what :mod:`dialproxy.stalls` avoids (aiohttp's ``sock_read`` even
+re-arms one on every chunk that arrives).  So :class:`IdleWatch` looks, every ``period``,
+at what is waiting on an upstream:
 
 - a request waiting for its answer's headers (:meth:`IdleWatch.headers`, around the
   request): its task is cancelled once it has waited ``idle`` seconds, and the block raises
@@ -21,11 +19,12 @@ periods of silence (300 to 302 s with the default).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from types import TracebackType
 
 import aiohttp
+from aiohttp import StreamReader
+
+from dialproxy.stalls import StallWatch
 
 
 class HeadersWait:
@@ -60,22 +59,25 @@ class HeadersWait:
             raise TimeoutError("No answer from the upstream") from exc
 
 
-class IdleWatch:
+class IdleWatch(StallWatch[aiohttp.ClientResponse]):
+    """The upstream idle timeout: waits for headers (:meth:`headers`) and answers whose body
+    is read (:meth:`watch` / :meth:`release`)."""
+
     def __init__(self, idle: float) -> None:
-        self.idle = idle  # <= 0: no idle timeout
-        self.period = min(1.0, idle / 4)
+        super().__init__(idle)
         self._waits: set[HeadersWait] = set()
-        # answer -> [bytes received when last seen to move, loop time then (None: not yet)]
-        self._answers: dict[aiohttp.ClientResponse, list[float | None]] = {}
 
     def headers(self) -> HeadersWait:
         return HeadersWait(self)
 
-    def watch(self, answer: aiohttp.ClientResponse) -> None:
-        self._answers[answer] = [-1, None]
+    def stream(self, read: aiohttp.ClientResponse) -> StreamReader:
+        return read.content
 
-    def release(self, answer: aiohttp.ClientResponse) -> None:
-        self._answers.pop(answer, None)
+    def stalled(self, read: aiohttp.ClientResponse) -> None:
+        read.content.set_exception(
+            aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+        )
+        read.close()
 
     def check(self, now: float) -> None:
         """Time out what has waited ``idle`` seconds with nothing from its upstream."""
@@ -86,35 +88,4 @@ class IdleWatch:
                 self._waits.discard(wait)
                 wait.expired = True
                 wait.task.cancel()
-        for answer, seen in list(self._answers.items()):
-            received = answer.content.total_bytes
-            since = seen[1]
-            if received != seen[0] or since is None:
-                seen[0], seen[1] = received, now
-            elif now - since >= self.idle:
-                del self._answers[answer]
-                answer.content.set_exception(
-                    aiohttp.SocketTimeoutError("Timeout on reading data from socket")
-                )
-                answer.close()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """The periodic check, for as long as the block runs."""
-        if self.idle <= 0:
-            yield
-            return
-        loop = asyncio.get_running_loop()
-
-        async def run() -> None:
-            while True:
-                await asyncio.sleep(self.period)
-                self.check(loop.time())
-
-        task = loop.create_task(run())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        super().check(now)

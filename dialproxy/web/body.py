@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import json
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from aiohttp import StreamReader, web
 
 from dialproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from dialproxy.stalls import StallWatch
 
 STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)
 PIECE = 64 * 1024  # decoded bytes per call of zlib (below the allocator's mmap threshold)
@@ -39,54 +40,23 @@ class BodyTimeout(TimeoutError):
     closes the connection)."""
 
 
-class BodyWatch:
+class BodyWatch(StallWatch[StreamReader]):
     """The body timeout: a body being read that receives no byte for ``idle`` seconds gets
     :class:`BodyTimeout` (within ``idle`` plus two periods)."""
 
-    def __init__(self, idle: float) -> None:
-        self.idle = idle  # <= 0: no body timeout
-        self.period = min(1.0, idle / 4)
-        # stream -> [bytes received when last seen to move, loop time then (None: not yet)]
-        self._streams: dict[StreamReader, list[float | None]] = {}
-
     @contextlib.contextmanager
     def watching(self, stream: StreamReader) -> Iterator[None]:
-        self._streams[stream] = [-1, None]
+        self.watch(stream)
         try:
             yield
         finally:
-            self._streams.pop(stream, None)
+            self.release(stream)
 
-    def check(self, now: float) -> None:
-        for stream, seen in list(self._streams.items()):
-            received = stream.total_bytes
-            since = seen[1]
-            if received != seen[0] or since is None:
-                seen[0], seen[1] = received, now
-            elif now - since >= self.idle:
-                del self._streams[stream]
-                stream.set_exception(BodyTimeout("The request body stopped arriving"))
+    def stream(self, read: StreamReader) -> StreamReader:
+        return read
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """The periodic check, for as long as the block runs."""
-        if self.idle <= 0:
-            yield
-            return
-        loop = asyncio.get_running_loop()
-
-        async def run() -> None:
-            while True:
-                await asyncio.sleep(self.period)
-                self.check(loop.time())
-
-        task = loop.create_task(run())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def stalled(self, read: StreamReader) -> None:
+        read.set_exception(BodyTimeout("The request body stopped arriving"))
 
 
 BODY_WATCH = web.AppKey("body_watch", BodyWatch)

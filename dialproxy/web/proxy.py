@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -450,10 +450,10 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
         if outcome.leftover is None:
             _settle(services, request, principal, deployment, outcome, started)
         else:  # the client left a stream before its usage: read on for it, then settle
-            _hold(
-                services,
-                _settle_after_drain(services, request, principal, deployment, outcome, started),
+            settle = functools.partial(
+                _settle, services, request, principal, deployment, outcome, started
             )
+            _hold(services, _settle_after_drain(outcome, services.settings.stream_drain, settle))
 
 
 def _settle(
@@ -474,16 +474,9 @@ def _settle(
     _log(services.log, request, principal, deployment, outcome, started)
 
 
-async def _settle_after_drain(
-    services: Services,
-    request: web.Request,
-    principal: Principal | None,
-    deployment: str | None,
-    outcome: Outcome,
-    started: float,
-) -> None:
-    await _drain(outcome, services.settings.stream_drain)
-    _settle(services, request, principal, deployment, outcome, started)
+async def _settle_after_drain(outcome: Outcome, seconds: float, settle: Callable[[], None]) -> None:
+    await _drain(outcome, seconds)
+    settle()
 
 
 def _hold(services: Services, work: Coroutine[Any, Any, None]) -> None:
