@@ -7,18 +7,24 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DEMO_PORT ?= 8081
 
-.PHONY: run test lint typecheck bench bench-instructions bench-hostile validate install redis clean
+.PHONY: lock run test lint typecheck bench bench-instructions bench-hostile validate install redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps 'aidial-client==0.18.0'  # (see pyproject.toml)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The pinned versions of everything the tests, lint and typecheck use (after an upgrade).
+lock: $(STAMP)
+	{ echo "# Versions the suite, lint and typecheck were last run with (make install applies them as"; \
+	  echo "# pip constraints). Refresh: make lock."; \
+	  $(BIN)/pip freeze | grep -v "^-e \|^dialproxy\|^aidial-client"; } > constraints.txt
 
 # Serves aidial.config.json, with the demo model backend it points at.
 run: $(STAMP)
