@@ -67,11 +67,11 @@ class SharedKeyByDigest(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Origin:
-    """Who a per-request key acts for: the originator's config key (by digest) and the
-    shared key it called with, if it did."""
+    """Who a per-request key acts for: the originator's config key and the shared key it
+    called with, if it did (by their digests: both are looked up again on every use)."""
 
     owner: str
-    shared: SharedKey | None
+    shared: str | None
 
 
 def new_key() -> str:
@@ -95,10 +95,11 @@ class PerRequestKeys:
         key's principal is its originator: the new key acts for the same caller)."""
         secret = new_key()
         digest = key_digest(secret)
-        origin = _Origin(principal.key.digest, principal.shared)
+        shared = principal.shared
+        origin = _Origin(principal.key.digest, shared.digest if shared is not None else None)
         self._live[digest] = origin
         if self.redis is not None:
-            value = origin.owner + ("|" + origin.shared.digest if origin.shared else "")
+            value = origin.owner + ("|" + origin.shared if origin.shared else "")
             redis = self.redis
             # (memory alone while Redis is down: the calls back to this instance still work)
             with contextlib.suppress(Exception):
@@ -133,10 +134,7 @@ class PerRequestKeys:
             value = await redis.call(lambda: redis.client.get(self._r(digest)))
             if value:
                 owner, _, shared_digest = str(value).partition("|")
-                found = await shared.find_digest(shared_digest) if shared_digest else None
-                if shared_digest and found is None:
-                    raise Unauthorized(UNKNOWN_KEY)
-                origin = _Origin(owner, found)
+                origin = _Origin(owner, shared_digest or None)
         if origin is None:
             raise Unauthorized(UNKNOWN_KEY)
         key = snapshot.keys.get(origin.owner)
@@ -145,9 +143,12 @@ class PerRequestKeys:
         timed = key.not_before is not None or key.expires_at is not None
         if (key.disabled or timed) and key.state(now) != "active":
             raise Unauthorized(UNKNOWN_KEY)
-        if origin.shared is not None and (not key.can_share or not origin.shared.active(now)):
-            raise Unauthorized(UNKNOWN_KEY)
-        return Principal(key, secret, origin.shared, per_request=True)
+        found = None
+        if origin.shared is not None:  # (deleted, expired or its owner unshared: over too)
+            found = await shared.find_digest(origin.shared)
+            if found is None or not key.can_share or not found.active(now):
+                raise Unauthorized(UNKNOWN_KEY)
+        return Principal(key, secret, found, per_request=True)
 
     def _r(self, digest: str) -> str:
         return REDIS_PREFIX + digest
