@@ -114,8 +114,8 @@ class PerRequestKeys:
             redis = self.redis
             try:
                 await redis.call(lambda: redis.client.delete(self._r(digest)))
-            except Exception as e:  # the TTL ends it
-                log.warning("per_request_key_not_deleted", error=type(e).__name__)
+            except Exception as e:  # (an outage is logged once, by the storage's health)
+                log.debug("per_request_key_not_deleted", error=type(e).__name__)
 
     async def principal(
         self,

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dialproxy.auth import PER_REQUEST_KEY_PREFIX
+from dialproxy.auth import PER_REQUEST_KEY_PREFIX, Principal
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys import SHARED
@@ -412,3 +412,83 @@ async def test_a_refused_request_uses_up_no_request_window(
     assert (await chat(session, proxy, "chat"))[0] == 200
     counts = await used(session, proxy, "chat")
     assert counts["hourRequestStats"] == 1 and counts["dayRequestStats"] == 1
+
+
+async def mint(proxy: Proxy, secret: str = KEY) -> str:
+    """A per-request key made as the proxy makes one for a request of ``secret``'s."""
+    shared = proxy.app[SHARED]
+    key = proxy.store.snapshot.key_for_secret(secret)
+    found = await shared.find(secret)
+    if key is None:
+        assert found is not None
+        key = proxy.store.snapshot.keys[found.owner]
+    assert shared.per_request is not None
+    made = await shared.per_request.mint(Principal(key, secret, found))
+    SECRETS.append(made)
+    return made
+
+
+async def test_a_per_request_key_works_where_the_originators_key_does_until_it_ends(
+    adapter: str,
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    proxy = await start(make_proxy, config(adapter, backend), tmp_path)
+    made = await mint(proxy)
+    for path in ("/v1/user/info", "/v1/user/limits", "/openai/models", "/openai/deployments"):
+        assert (await call(session, proxy, path, made))[0] == 200, path
+    assert (await call(session, proxy, "/v1/deployments/chat/limits", made))[0] == 200
+    status, _ = await call(session, proxy, "/v1/sharedkeys", made, {"name": "n", "tokens": 1})
+    assert status == 403  # a per-request key does not manage shared keys
+    # A per-request key of a shared key ends with the shared key.
+    status, created = await call(session, proxy, "/v1/sharedkeys", KEY, {"name": "n", "tokens": 9})
+    SECRETS.append(created["key"])
+    through_shared = await mint(proxy, created["key"])
+    assert (await call(session, proxy, "/v1/user/info", through_shared))[0] == 200
+    assert (await call(session, proxy, f"/v1/sharedkeys/{created['id']}", KEY, None))[0] == 200
+    resp = await session.delete(
+        proxy.url(f"/v1/sharedkeys/{created['id']}"), headers={"Api-Key": KEY}
+    )
+    assert resp.status == 204
+    assert (await call(session, proxy, "/v1/user/info", through_shared))[0] == 401
+    # And every per-request key ends with its originator's key (here: disabled by a reload).
+    cfg = config(adapter, backend)
+    cfg["keys"][KEY]["disabled"] = True
+    proxy.path.write_text(json.dumps(cfg))
+    assert proxy.store.reload().applied
+    status, error = await call(session, proxy, "/v1/user/info", made)
+    assert (status, error["error"]["message"]) == (401, "Unknown api key")
+    # An unknown per-request key, and one with a user's JWT beside it: 401, not 400.
+    unknown = PER_REQUEST_KEY_PREFIX + "x" * 43
+    status, _ = await call(session, proxy, "/v1/user/info", unknown, Authorization="Bearer jwt")
+    assert status == 401
+
+
+async def test_while_redis_is_down_keys_work_on_the_instance_that_made_them(
+    adapter: str,
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        cfg = config(adapter, backend)
+        a = await start(make_proxy, cfg, tmp_path, redis.url)
+        b = await start(make_proxy, cfg, tmp_path, redis.url)
+        before = await mint(a)
+        assert (await call(session, b, "/v1/user/info", before))[0] == 200
+        redis.kill()
+        status, error = await call(session, b, "/v1/user/info", before)
+        assert (status, error["error"]["message"]) == (503, "The shared key store is unavailable")
+        assert (await call(session, a, "/v1/user/info", before))[0] == 200
+        during = await mint(a)  # in memory only
+        assert (await call(session, a, "/v1/user/info", during))[0] == 200
+        status, body = await chat(session, a, "adapter")  # and an adapter is still served
+        assert status == 200
+        seen_by_adapter(body)
+    finally:
+        redis.stop()
