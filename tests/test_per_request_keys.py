@@ -8,6 +8,7 @@ instance.  And a request the proxy refuses never uses up a request window.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -19,12 +20,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from dialproxy.auth import PER_REQUEST_KEY_PREFIX, Principal
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys import SHARED
-from tests.conftest import SECRETS, Backend, Proxy, ProxyFactory, chat_model, new_key
+from tests.conftest import SECRETS, AiohttpServer, Backend, Proxy, ProxyFactory, chat_model, new_key
 from tests.redis_server import ROOT, RedisServer, free_port
 
 KEY = new_key()
@@ -492,3 +494,48 @@ async def test_while_redis_is_down_keys_work_on_the_instance_that_made_them(
         seen_by_adapter(body)
     finally:
         redis.stop()
+
+
+async def test_an_abandoned_streams_key_ends_when_its_drain_does(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    got: list[str] = []
+
+    async def slow_adapter(request: web.Request) -> web.StreamResponse:
+        got.append(request.headers["Api-Key"])
+        SECRETS.append(got[-1])
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(10):
+            await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"w "}}]}\n\n')
+            await asyncio.sleep(0.05)
+        usage = b'{"prompt_tokens":1,"completion_tokens":10,"total_tokens":11}'
+        await resp.write(b'data: {"choices":[],"usage":' + usage + b"}\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/chat", slow_adapter)
+    adapter = await aiohttp_server(app)
+    cfg = {
+        "models": {"slow": {"type": "chat", "endpoint": str(adapter.make_url("/chat"))}},
+        "roles": {"user": {"limits": {"slow": {"day": 1000}}}},
+        "keys": {KEY: {"project": "p1", "role": "user"}},
+    }
+    proxy = await make_proxy(cfg)
+    resp = await session.post(
+        proxy.url("/openai/deployments/slow/chat/completions"),
+        json={"messages": [], "stream": True},
+        headers={"Api-Key": KEY},
+    )
+    assert resp.status == 200
+    await resp.content.readany()
+    resp.close()  # the client leaves; the proxy reads on for the usage
+    assert (await call(session, proxy, "/v1/user/info", got[0]))[0] == 200
+    for _ in range(500):  # the drain is over once the usage is charged (10 s at most)
+        if (await used(session, proxy, "slow"))["dayTokenStats"] == 11:
+            break
+        await asyncio.sleep(0.02)
+    assert (await call(session, proxy, "/v1/user/info", got[0]))[0] == 401
