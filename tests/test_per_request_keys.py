@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from dialproxy.auth import PER_REQUEST_KEY_PREFIX, Principal
+from dialproxy.config.loader import ConfigError, Source, build_snapshot
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys import SHARED
@@ -539,3 +540,22 @@ async def test_an_abandoned_streams_key_ends_when_its_drain_does(
             break
         await asyncio.sleep(0.02)
     assert (await call(session, proxy, "/v1/user/info", got[0]))[0] == 401
+
+
+def test_the_config_takes_accessible_by_per_request_key_as_a_boolean() -> None:
+    flag = "accessibleByPerRequestKey"
+
+    def build(value: object) -> Any:
+        cfg = {
+            "models": {"m": endpoint("http://127.0.0.1:1", "m", features={flag: value})},
+            "keys": {KEY: {"project": "p1", "role": "user"}},
+            "roles": {"user": {}},
+        }
+        return build_snapshot([Source("aidial.config.json", json.dumps(cfg).encode())], {})
+
+    assert build(False).models["m"].features[flag] is False
+    with pytest.raises(ConfigError) as refused:
+        build("no")
+    assert [(p.path, p.message) for p in refused.value.problems] == [
+        (f"$.models.m.features.{flag}", 'must be true or false (got "no")')
+    ]
