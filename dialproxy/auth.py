@@ -14,11 +14,15 @@ from dialproxy.config.model import Access, Key, Snapshot
 from dialproxy.errors import BadRequest, Forbidden, Unauthorized
 
 if TYPE_CHECKING:
+    from dialproxy.perrequest import PerRequestKeys
     from dialproxy.sharedkeys import SharedKey
 
 NO_CREDENTIALS = "At least API-KEY or Authorization header must be provided"
 UNKNOWN_KEY = "Unknown api key"
 BOTH_DIFFER = "Either API-KEY or Authorization header must be provided but not both"
+# A per-request key's secret starts so (see dialproxy.perrequest); a config key may too, and
+# then it is that key (the config is looked up first).
+PER_REQUEST_KEY_PREFIX = "dprk_"
 
 
 @dataclass(slots=True)
@@ -28,6 +32,7 @@ class Principal:
     key: Key  # for a shared key: its owner's key
     secret: str  # kept only to avoid forwarding it; never logged
     shared: SharedKey | None = None  # set when a shared key calls, in its owner's name
+    per_request: bool = False  # a per-request key calls, for its originator (``key``)
 
     @property
     def project(self) -> str:
@@ -51,7 +56,11 @@ def credentials(headers: CIMultiDictProxy[str]) -> str:
         scheme, _, token = authorization.partition(" ")
         bearer = token.strip() if scheme.lower() == "bearer" else None
     if api_key is not None and bearer is not None and api_key != bearer:
-        raise BadRequest(BOTH_DIFFER)
+        # DIAL: a per-request key in Api-Key may come with the user's JWT in Authorization
+        # (forwarded as it is when the deployment has forwardAuthToken)
+        if not api_key.startswith(PER_REQUEST_KEY_PREFIX):
+            raise BadRequest(BOTH_DIFFER)
+        return api_key
     secret = api_key if api_key is not None else bearer
     if not secret:
         if api_key is None and authorization is None:
@@ -74,8 +83,11 @@ class SharedKeyFinder(Protocol):
     (:class:`dialproxy.sharedkeys.SharedKeys`)."""
 
     clock: Callable[[], datetime] | None
+    per_request: PerRequestKeys | None  # the per-request keys in flight
 
     async def find(self, secret: str) -> SharedKey | None: ...
+
+    async def find_digest(self, digest: str) -> SharedKey | None: ...
 
 
 async def authenticate(
@@ -85,7 +97,7 @@ async def authenticate(
     shared: SharedKeyFinder | None,
 ) -> Principal:
     """The key a request carries, from the config or, for a secret the config does not
-    know, from the shared keys.
+    know, from the per-request keys in flight (their prefix) or the shared keys.
 
     A shared key acts as its owner, who is looked up by digest in *this* snapshot: an owner
     key that is gone, disabled, expired or without ``canShare`` takes its shared keys with
@@ -97,6 +109,12 @@ async def authenticate(
     key = snapshot.key_for_secret(secret)
     if key is not None:
         return _admitted(key, secret, remote, now)
+    if secret.startswith(PER_REQUEST_KEY_PREFIX) and shared is not None:
+        if shared.per_request is None:
+            raise Unauthorized(UNKNOWN_KEY)
+        return await shared.per_request.principal(
+            secret, snapshot, shared, now or datetime.now(UTC)
+        )
     found = await shared.find(secret) if shared is not None else None
     if found is None:
         raise Unauthorized(UNKNOWN_KEY)

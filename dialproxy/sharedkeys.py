@@ -41,6 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from dialproxy import perrequest
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import key_digest
 from dialproxy.errors import (
@@ -434,6 +435,11 @@ class RedisSharedKeyStore:
         except redis.RedisError as e:  # Redis answered with an error: this call's alone
             raise _unavailable(e) from None
 
+    async def call(self, command: Callable[[], Any]) -> Any:
+        """A call of another user of this Redis (the per-request keys), under the same
+        health: 503 (:class:`StoreUnavailable`) while Redis is down or when it fails."""
+        return await self._call(command)
+
     async def find(self, digest: str) -> SharedKey | None:
         fields = await self._call(lambda: self.client.hgetall(self._k(digest)))
         return _from_hash(cast(dict[str, str], fields))
@@ -530,6 +536,8 @@ class SharedKeys:
         self.clock = clock
         self.health = health
         self.remembers = health is not None and health.policy is not FailurePolicy.DENY
+        # The per-request keys in flight (set by setup(); in the same Redis when these are).
+        self.per_request: perrequest.PerRequestKeys | None = None
         self._seen: dict[str, tuple[SharedKey, datetime]] = {}  # digest -> key, when found
         self.fallbacks = 0  # lookups answered from what was seen, while the store was down
 
@@ -540,7 +548,10 @@ class SharedKeys:
         """The shared key a secret names (only ``dps_`` secrets are looked up)."""
         if not secret.startswith(SHARED_KEY_PREFIX):
             return None
-        digest = key_digest(secret)
+        return await self.find_digest(key_digest(secret))
+
+    async def find_digest(self, digest: str) -> SharedKey | None:
+        """The shared key of a digest (a per-request key's record names its shared key so)."""
         if not self.remembers:
             return await self.store.find(digest)
         seen = self._seen
@@ -624,6 +635,9 @@ def setup(app: web.Application) -> None:
         health.add_probe(store.probe)
         store.health = health
     app[SHARED] = SharedKeys(store, health=health)
+    app[SHARED].per_request = perrequest.PerRequestKeys(
+        store if isinstance(store, RedisSharedKeyStore) else None
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         store = app[SHARED].store
@@ -670,6 +684,8 @@ async def _owner(request: web.Request) -> tuple[Principal, SharedKeys]:
     principal = await authenticate(request.headers, snapshot, request.remote, shared)
     if principal.shared is not None:
         raise Forbidden("A shared key cannot create, change or list shared keys")
+    if principal.per_request:
+        raise Forbidden("A per-request key cannot create, change or list shared keys")
     if not principal.key.can_share:
         raise Forbidden('This key may not share: its config entry has no "canShare": true')
     return principal, shared

@@ -210,6 +210,7 @@ class Outcome:
     estimated: bool = False  # the usage is an estimate (a stream cut before its usage)
     # An abandoned stream's upstream and reader, still to be drained for the usage.
     leftover: tuple[aiohttp.ClientResponse, UsageScanner | UsageHider] | None = None
+    per_request_key: str | None = None  # the key sent to an adapter: ended with the request
 
 
 # Retry-After's delta-seconds: digits (a decimal point accepted too); anything else that is
@@ -422,6 +423,8 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             plan = plan_for(principal, snapshot, deployment)
             body = await read_json_body(request, max_body)
         model = outcome.model = plan.model
+        if principal.per_request and model.features.get("accessibleByPerRequestKey") is False:
+            raise Forbidden(f"Forbidden deployment: {model.name}")
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
@@ -449,11 +452,13 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
     finally:
         if outcome.leftover is None:
             _settle(services, request, principal, deployment, outcome, started)
+            if outcome.per_request_key is not None:
+                await _end_key(services, outcome.per_request_key)
         else:  # the client left a stream before its usage: read on for it, then settle
             settle = functools.partial(
                 _settle, services, request, principal, deployment, outcome, started
             )
-            _hold(services, _settle_after_drain(outcome, services.settings.stream_drain, settle))
+            _hold(services, _settle_after_drain(services, outcome, settle))
 
 
 def _settle(
@@ -474,9 +479,20 @@ def _settle(
     _log(services.log, request, principal, deployment, outcome, started)
 
 
-async def _settle_after_drain(outcome: Outcome, seconds: float, settle: Callable[[], None]) -> None:
-    await _drain(outcome, seconds)
+async def _settle_after_drain(
+    services: Services, outcome: Outcome, settle: Callable[[], None]
+) -> None:
+    await _drain(outcome, services.settings.stream_drain)
     settle()
+    if outcome.per_request_key is not None:
+        await _end_key(services, outcome.per_request_key)
+
+
+async def _end_key(services: Services, key: str) -> None:
+    """The request is over: its per-request key stops working (here and in Redis)."""
+    keys = services.shared.per_request
+    if keys is not None:
+        await keys.release(key)
 
 
 def _hold(services: Services, work: Coroutine[Any, Any, None]) -> None:
@@ -561,6 +577,9 @@ async def _forward(
     outcome.request_bytes = len(data)
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
     headers = forwarded_headers(request, principal, model)
+    if model.endpoint is not None and (keys := services.shared.per_request) is not None:
+        # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
+        outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
     retry_afters: list[float] = []
     all_rate_limited = True
