@@ -304,12 +304,12 @@ class Model:
                 routes = routes_to("", False)
             else:
                 continue  # the strict `interfaces` map: this API is not served
-            headers = dict(self.default_headers)
-            if interface is not None:
-                headers.update(interface.default_headers)
+            headers = {name.lower(): value for name, value in self.default_headers.items()}
+            if interface is not None:  # laid over the model's (names are case-insensitive)
+                headers.update((n.lower(), v) for n, v in interface.default_headers.items())
             serving[api] = Serving(
                 routes,
-                tuple((name.lower(), value) for name, value in headers.items()),
+                tuple(headers.items()),
                 MappingProxyType({r.upstream.id: r for r in routes if r.upstream.id is not None}),
             )
         all_routes: dict[int, Route] = {}
