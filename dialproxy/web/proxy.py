@@ -432,7 +432,9 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             plan = plan_for(principal, snapshot, deployment)
             body = await read_json_body(request, max_body)
         model = outcome.model = plan.model
-        serving = _serving(request, model, deployment, api)  # (503, 400: before the limits)
+        serving = model.serving.get(api)  # (refused here, 503 or 400, before the limits count)
+        if serving is None or "X-UPSTREAM-ID" in request.headers:
+            serving = _serving(request, model, deployment, api)
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
