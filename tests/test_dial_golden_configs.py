@@ -96,6 +96,6 @@ def test_default_headers_are_merged_per_interface() -> None:
     ]
 
 
-def test_role_share_and_pricing_none() -> None:
+def test_role_share_loads() -> None:
     snapshot = load(CONFIGS / "share-limit-config.json")
     assert "share-limited" in snapshot.roles

@@ -428,11 +428,23 @@ def test_model_with_only_interfaces_is_servable() -> None:
     assert problems({"models": {"m": model}}) == []
 
 
-def test_model_serving_no_proxied_interface_is_a_warning() -> None:
-    model = {"type": "chat", "interfaces": {"anthropicMessages": {"base_url": "http://h"}}}
+@pytest.mark.parametrize("upstreams", [[], [{"endpoint": "http://u"}]])
+def test_model_serving_no_proxied_interface_is_a_warning(upstreams: list[Any]) -> None:
+    model = {
+        "type": "chat",
+        "interfaces": {"anthropicMessages": {"base_url": "http://h"}},
+        "upstreams": upstreams,
+    }
     p = the_problem(problems({"models": {"m": model}}))
     assert (p.path, p.severity) == ("$.models.m", "warning")
     assert "503" in p.message
+    assert build({"models": {"m": model}}).models["m"].serving == {}
+
+
+def test_empty_interfaces_with_upstreams_is_a_direct_model() -> None:
+    model = {"type": "chat", "interfaces": {}, "upstreams": [{"endpoint": "http://u"}]}
+    assert problems({"models": {"m": model}}) == []
+    assert build({"models": {"m": model}}).models["m"].direct
 
 
 @pytest.mark.parametrize(

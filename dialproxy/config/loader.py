@@ -1028,8 +1028,8 @@ def _model_checks(
             for message in _url_problems(value):
                 yield at.problem([*base, "features", name], message)
     ups = raw.get("upstreams")
-    if raw.get("endpoint") is None and not ups and not served:
-        if "interfaces" in raw:  # DIAL loads it; it answers every proxied API with 503
+    if raw.get("endpoint") is None and not served and (_dict(raw.get("interfaces")) or not ups):
+        if _dict(raw.get("interfaces")):  # DIAL loads it; it answers every proxied API with 503
             yield at.problem(
                 base,
                 "no `endpoint` and no `openaiChatCompletions`/`openaiEmbeddings` interface "
