@@ -7,14 +7,18 @@ what dialproxy does not serve), errors are not.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from dialproxy.cli import validate
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Snapshot
+from tests.conftest import Backend, ProxyFactory
 
 CONFIGS = Path(__file__).parent / "dial_configs"
 FILES = sorted(CONFIGS.glob("*.json"))
@@ -99,3 +103,32 @@ def test_default_headers_are_merged_per_interface() -> None:
 def test_role_share_loads() -> None:
     snapshot = load(CONFIGS / "share-limit-config.json")
     assert "share-limited" in snapshot.roles
+
+
+async def test_dial_embeddings_config_is_served_as_dial_serves_it(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """DIAL's own openai-embeddings.json, its adapter address pointed at the test backend."""
+    text = (CONFIGS / "openai-embeddings.json").read_text("utf-8")
+    proxy = await make_proxy(json.loads(text.replace("http://localhost:4848", backend.url(""))))
+    headers = {"Api-Key": "proxyKey1"}
+    async with aiohttp.ClientSession() as s:
+
+        async def post(deployment: str, api: str, body: dict[str, Any]) -> int:
+            path = f"/openai/deployments/{deployment}/{api}"
+            async with s.post(proxy.url(path), json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        assert await post("embeddings-iface", "embeddings", {"input": "a b"}) == 200
+        assert await post("embeddings-override", "embeddings", {"input": "a b"}) == 200
+        assert await post("embeddings-chat-only", "embeddings", {"input": "a b"}) == 503
+        assert await post("embeddings-iface", "chat/completions", {"messages": []}) == 503
+        assert await post("embeddings-legacy", "embeddings", {"input": "a b"}) == 200
+    sent = backend.control.requests
+    assert [r.path for r in sent] == [
+        "/openai/deployments/embeddings-iface/embeddings",
+        "/openai/deployments/embeddings-override/embeddings",
+        "/openai/deployments/ada/embeddings",  # the legacy endpoint, verbatim
+    ]
+    assert sent[1].json["model"] == "text-embedding-ada-002"  # overrideName
