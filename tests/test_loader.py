@@ -387,7 +387,7 @@ def test_pricing_unit() -> None:
     p = the_problem(problems(mutated(lambda c: c["models"]["m"]["pricing"].update(unit="tokens"))))
     assert (p.path, p.message) == (
         "$.models.m.pricing.unit",
-        'must be one of "token", "char_without_whitespace" (got "tokens")',
+        'must be one of "token", "char_without_whitespace", "none" (got "tokens")',
     )
 
 
@@ -420,14 +420,85 @@ def test_model_with_neither_endpoint_nor_upstreams() -> None:
 
     p = the_problem(problems(mutated(mutate)))
     assert (p.path, p.severity) == ("$.models.m", "error")
-    assert p.message == "a model needs an `endpoint` or at least one upstream"
+    assert p.message == "a model needs an `endpoint`, `interfaces` or an upstream"
 
 
-def test_model_with_only_interfaces_is_not_servable() -> None:
+def test_model_with_only_interfaces_is_servable() -> None:
     model = {"type": "chat", "interfaces": {"openaiChatCompletions": {"base_url": "http://h"}}}
+    assert problems({"models": {"m": model}}) == []
+
+
+@pytest.mark.parametrize("upstreams", [[], [{"endpoint": "http://u"}]])
+def test_model_serving_no_proxied_interface_is_a_warning(upstreams: list[Any]) -> None:
+    model = {
+        "type": "chat",
+        "interfaces": {"anthropicMessages": {"base_url": "http://h"}},
+        "upstreams": upstreams,
+    }
     p = the_problem(problems({"models": {"m": model}}))
-    assert p.path == "$.models.m"
-    assert "`interfaces` alone" in p.message
+    assert (p.path, p.severity) == ("$.models.m", "warning")
+    assert "503" in p.message
+    assert build({"models": {"m": model}}).models["m"].serving == {}
+
+
+def test_empty_interfaces_with_upstreams_is_a_direct_model() -> None:
+    model = {"type": "chat", "interfaces": {}, "upstreams": [{"endpoint": "http://u"}]}
+    assert problems({"models": {"m": model}}) == []
+    assert build({"models": {"m": model}}).models["m"].direct
+
+
+@pytest.mark.parametrize(
+    ("entry", "path", "words"),
+    [
+        ({}, "$.models.m.interfaces.openaiChatCompletions", "no `base_url`"),
+        (
+            {"base_url": "http://h", "overridePaths": {"postAzureOpenaiChatCompletions": "/x"}},
+            "$.models.m.interfaces.openaiChatCompletions.overridePaths",
+            "does not apply overridePaths",
+        ),
+        (
+            {"mode": "translator", "translator": "t"},
+            "$.models.m.interfaces.openaiChatCompletions.mode",
+            "translators",
+        ),
+        (
+            {"base_url": "http://h", "defaultHeaders": {"Connection": "close"}},
+            "$.models.m.interfaces.openaiChatCompletions.defaultHeaders.Connection",
+            "never forwarded",
+        ),
+    ],
+)
+def test_interface_entries_dialproxy_does_not_serve_as_written_warn(
+    entry: dict[str, Any], path: str, words: str
+) -> None:
+    model = {"endpoint": "http://e", "interfaces": {"openaiChatCompletions": entry}}
+    p = the_problem(problems({"models": {"m": model}}))
+    assert (p.path, p.severity) == (path, "warning")
+    assert words in p.message
+
+
+@pytest.mark.parametrize("name", ["Api-Key", "authorization", "X-UPSTREAM-KEY", "Host"])
+def test_default_headers_the_proxy_owns_are_ignored(name: str) -> None:
+    model = {"endpoint": "http://e", "defaultHeaders": {name: "v", "x-custom": "w"}}
+    p = the_problem(problems({"models": {"m": model}}))
+    assert (p.path, p.severity) == (f"$.models.m.defaultHeaders.{name}", "warning")
+    snapshot = build({"models": {"m": model}})
+    assert dict(snapshot.models["m"].serving["chat/completions"].default_headers) == {
+        "x-custom": "w"
+    }
+
+
+def test_unknown_interface_type_is_an_error() -> None:
+    model = {"endpoint": "http://e", "interfaces": {"openaiChat": {"base_url": "http://h"}}}
+    p = the_problem(problems({"models": {"m": model}}))
+    assert (p.path, p.severity) == ("$.models.m.interfaces", "error")
+    assert "openaiChat" in p.message
+
+
+def test_pricing_unit_none_counts_no_cost() -> None:
+    model = {"endpoint": "http://e", "pricing": {"unit": "none", "prompt": "1", "completion": "1"}}
+    snapshot = build({"models": {"m": model}})
+    assert snapshot.models["m"].pricing is None
 
 
 @pytest.mark.parametrize(

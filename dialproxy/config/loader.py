@@ -35,6 +35,7 @@ from dialproxy.config.model import (
     COST_WINDOWS,
     Access,
     Grant,
+    Interface,
     Key,
     Limit,
     Model,
@@ -47,6 +48,7 @@ from dialproxy.config.model import (
     Window,
     fingerprint,
     key_digest,
+    never_default_header,
 )
 from dialproxy.config.schema import def_names, schema_valid, validator
 
@@ -963,19 +965,79 @@ def _model_checks(
                 f"role {_show_name(role)} is not defined in roles",
                 "warning",
             )
-    for name in ("endpoint", "responsesEndpoint"):
+    for name in ("endpoint", "responsesEndpoint", "baseUrl"):
         for message in _url_problems(raw.get(name)):
             yield at.problem([*base, name], message)
+    yield from _header_checks(raw.get("defaultHeaders"), [*base, "defaultHeaders"], at)
+    served = False  # whether an interface entry has a base URL dialproxy forwards to
+    for kind, entry in _dict(raw.get("interfaces")).items():
+        if not isinstance(entry, dict):
+            continue
+        at_kind: list[str | int] = [*base, "interfaces", kind]
+        for name in ("base_url", "baseUrl"):
+            for message in _url_problems(entry.get(name)):
+                yield at.problem([*at_kind, name], message)
+        if "base_url" in entry and "baseUrl" in entry:
+            yield at.problem(
+                [*at_kind, "baseUrl"], "`baseUrl` is an alias of `base_url`, which is also set"
+            )
+        if "defaultHeaders" in entry and "default_headers" in entry:
+            yield at.problem(
+                [*at_kind, "default_headers"],
+                "`default_headers` is an alias of `defaultHeaders`, which is also set",
+            )
+        yield from _header_checks(
+            entry.get("defaultHeaders", entry.get("default_headers")),
+            [*at_kind, "defaultHeaders" if "defaultHeaders" in entry else "default_headers"],
+            at,
+        )
+        has_url = any(isinstance(entry.get(n), str) for n in ("base_url", "baseUrl"))
+        has_url = has_url or isinstance(raw.get("baseUrl"), str)
+        if kind not in ("openaiChatCompletions", "openaiEmbeddings"):
+            continue  # accepted and listed; dialproxy serves neither API yet
+        if entry.get("mode") == "translator":
+            yield at.problem(
+                [*at_kind, "mode"],
+                "dialproxy does not run translators: this interface is not served (503)",
+                "warning",
+            )
+        elif not has_url:
+            yield at.problem(
+                at_kind,
+                "no `base_url` here and no model `baseUrl`: this interface is not served (503)",
+                "warning",
+            )
+        else:
+            served = True
+        for name in ("overridePaths", "override_paths"):
+            if entry.get(name):
+                yield at.problem(
+                    [*at_kind, name],
+                    "dialproxy does not apply overridePaths: requests go to the base URL + "
+                    "the path they came in on",
+                    "warning",
+                )
+        if entry.get("defaults"):
+            yield at.problem(
+                [*at_kind, "defaults"],
+                "dialproxy does not apply per-interface defaults: the model's `defaults` apply",
+                "warning",
+            )
     for name, value in _dict(raw.get("features")).items():
         if name.endswith("Endpoint"):
             for message in _url_problems(value):
                 yield at.problem([*base, "features", name], message)
     ups = raw.get("upstreams")
-    if raw.get("endpoint") is None and not ups:
-        message = "a model needs an `endpoint` or at least one upstream"
-        if "interfaces" in raw:
-            message += " (dialproxy does not call a model through `interfaces` alone)"
-        yield at.problem(base, message)
+    if raw.get("endpoint") is None and not served and (_dict(raw.get("interfaces")) or not ups):
+        if _dict(raw.get("interfaces")):  # DIAL loads it; it answers every proxied API with 503
+            yield at.problem(
+                base,
+                "no `endpoint` and no `openaiChatCompletions`/`openaiEmbeddings` interface "
+                "with a base URL: dialproxy serves no request of this model (503)",
+                "warning",
+            )
+        else:
+            yield at.problem(base, "a model needs an `endpoint`, `interfaces` or an upstream")
     weights: list[Any] = []
     for i, up in enumerate(_list(ups)):
         if not isinstance(up, dict):
@@ -999,6 +1061,19 @@ def _model_checks(
             "every upstream has a weight of 0 or less: the model can never be called",
             "warning",
         )
+
+
+def _header_checks(headers: Any, where: list[str | int], at: _Locator) -> Iterator[Problem]:
+    for name, value in _dict(headers).items():
+        if never_default_header(name):
+            yield at.problem(
+                [*where, name],
+                f"{_show_name(name)} is never forwarded (hop-by-hop, the body's framing, a key, "
+                "or set by the proxy): ignored",
+                "warning",
+            )
+        elif isinstance(value, str) and _CONTROL.search(value):
+            yield at.problem([*where, name], "contains control characters (a header value)")
 
 
 # --- from checked JSON to the snapshot -----------------------------------------------------
@@ -1066,6 +1141,7 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
                 weight=int(u.get("weight", 1)),
                 tier=int(u.get("tier", 0)),
                 auth=u.get("auth", "bearer"),
+                id=u.get("id"),
             )
             for u in raw.get("upstreams") or ()
         ),
@@ -1079,7 +1155,7 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
         forward_auth_token=bool(raw.get("forwardAuthToken", False)),
         token_limits=MappingProxyType(dict(raw.get("limits") or {})),
         pricing=None
-        if not pricing
+        if not pricing or pricing.get("unit") == "none"  # DIAL: `none` tracks no cost
         else Pricing(
             unit=pricing.get("unit", "token"),
             prompt=_decimal(pricing.get("prompt", "0")),
@@ -1091,6 +1167,33 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
         input_attachment_types=tuple(raw.get("inputAttachmentTypes") or ()),
         max_input_attachments=raw.get("maxInputAttachments"),
         description_keywords=tuple(raw.get("descriptionKeywords") or ()),
+        interfaces=MappingProxyType(
+            {
+                kind: _interface(entry, raw.get("baseUrl"))
+                for kind, entry in (raw.get("interfaces") or {}).items()
+            }
+        ),
+        default_headers=_default_headers(raw.get("defaultHeaders")),
+        responses_endpoint=raw.get("responsesEndpoint"),
+    )
+
+
+def _default_headers(raw: Mapping[str, str] | None) -> Mapping[str, str]:
+    """``defaultHeaders`` without the names that are never forwarded (validate warns)."""
+    return MappingProxyType(
+        {name: value for name, value in (raw or {}).items() if not never_default_header(name)}
+    )
+
+
+def _interface(raw: Mapping[str, Any], model_base_url: str | None) -> Interface:
+    """One ``interfaces`` entry: its base URL (its own, else the model's ``baseUrl``; none for
+    a translator, which dialproxy does not run), trailing slash dropped, and its headers."""
+    base_url = raw.get("base_url", raw.get("baseUrl", model_base_url))
+    if raw.get("mode") == "translator":
+        base_url = None
+    return Interface(
+        base_url=base_url.rstrip("/") if isinstance(base_url, str) else None,
+        default_headers=_default_headers(raw.get("defaultHeaders", raw.get("default_headers"))),
     )
 
 

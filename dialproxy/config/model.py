@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, Literal
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
@@ -149,6 +150,7 @@ class Upstream:
     weight: int = 1
     tier: int = 0
     auth: Literal["bearer", "api-key"] = "bearer"
+    id: str | None = None  # what a client's X-UPSTREAM-ID names
     # Names the upstream in logs and in the balancer's state (hashed once, not per request).
     key_fingerprint: str | None = field(init=False, repr=False, compare=False)
 
@@ -164,6 +166,69 @@ class Route:
     url: str  # where the request is POSTed
     headers: Mapping[str, str] = field(repr=False)  # the upstream's key, or DIAL's X-UPSTREAM-*
     name: str = "endpoint"  # in logs: "upstreams[<index>]" or "endpoint", never a URL or key
+    append_path: bool = False  # an `interfaces` base URL: the request's own path goes after it
+
+
+# The interface types of DIAL's `interfaces` map, in the order listings report them, and the
+# one each proxied API belongs to.
+INTERFACE_TYPES = (
+    "openaiChatCompletions",
+    "openaiEmbeddings",
+    "openaiResponses",
+    "anthropicMessages",
+)
+API_INTERFACES = {
+    "chat/completions": "openaiChatCompletions",
+    "completions": "openaiChatCompletions",
+    "embeddings": "openaiEmbeddings",
+}
+# Names a `defaultHeaders` entry can never set: hop-by-hop, the body's framing and type,
+# the client's key, and what the proxy sets itself (compared lowercased).
+NEVER_DEFAULT_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        "expect",
+        "api-key",
+        "x-api-key",
+        "authorization",
+    }
+)
+
+
+def never_default_header(name: str) -> bool:
+    lower = name.lower()
+    return lower in NEVER_DEFAULT_HEADERS or lower.startswith("x-upstream-")
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """One entry of a model's ``interfaces``: where it is served, and its headers."""
+
+    base_url: str | None  # None: not served by dialproxy (no base URL, or a translator)
+    default_headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """How a model serves one API (chat/completions, completions, embeddings): its routes,
+    the default headers its requests get, and its upstreams by ``id``."""
+
+    routes: tuple[Route, ...]
+    default_headers: tuple[tuple[str, str], ...] = ()  # (lowercased name, value)
+    by_id: Mapping[str, Route] = field(default_factory=dict)
 
 
 def _upstream_headers(upstream: Upstream, direct: bool) -> dict[str, str]:
@@ -208,26 +273,81 @@ class Model:
     input_attachment_types: tuple[str, ...] = ()
     max_input_attachments: int | None = None
     description_keywords: tuple[str, ...] = ()
+    interfaces: Mapping[str, Interface] = field(default_factory=dict)
+    default_headers: Mapping[str, str] = field(default_factory=dict)
+    responses_endpoint: str | None = None
     # Where requests can go: the weighted upstreams, or the endpoint alone.
     routes: tuple[Route, ...] = field(init=False, repr=False, compare=False)
+    # How each proxied API is served; an API that is absent is not served (503).
+    serving: Mapping[str, Serving] = field(init=False, repr=False, compare=False)
+    # Neither `endpoint` nor `interfaces`: our extension, straight to each upstream's URL.
+    direct: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        endpoint = self.endpoint  # None: our extension, straight to each upstream's URL
-        routes: tuple[Route, ...] = ()
+        direct = self.endpoint is None and not self.interfaces
+        by_url: dict[tuple[str, bool], tuple[Route, ...]] = {}
+
+        def routes_to(url: str, append_path: bool) -> tuple[Route, ...]:
+            found = by_url.get((url, append_path))
+            if found is None:
+                found = by_url[(url, append_path)] = self._routes(url, append_path, direct)
+            return found
+
+        serving: dict[str, Serving] = {}
+        for api, kind in API_INTERFACES.items():
+            interface = self.interfaces.get(kind)
+            if interface is not None and interface.base_url is not None:
+                routes = routes_to(interface.base_url, True)
+            elif self.endpoint is not None:
+                routes = routes_to(self.endpoint, False)
+            elif direct:
+                routes = routes_to("", False)
+            else:
+                continue  # the strict `interfaces` map: this API is not served
+            headers = {name.lower(): value for name, value in self.default_headers.items()}
+            if interface is not None:  # laid over the model's (names are case-insensitive)
+                headers.update((n.lower(), v) for n, v in interface.default_headers.items())
+            serving[api] = Serving(
+                routes,
+                tuple(headers.items()),
+                MappingProxyType({r.upstream.id: r for r in routes if r.upstream.id is not None}),
+            )
+        all_routes: dict[int, Route] = {}
+        for s in serving.values():
+            for r in s.routes:
+                all_routes.setdefault(id(r), r)
+        object.__setattr__(self, "routes", tuple(all_routes.values()))
+        object.__setattr__(self, "serving", MappingProxyType(serving))
+        object.__setattr__(self, "direct", direct)
+
+    def _routes(self, url: str, append_path: bool, direct: bool) -> tuple[Route, ...]:
+        """The routes to one URL (a direct model: to each upstream's own)."""
         if self.upstreams:
-            routes = tuple(
+            return tuple(
                 Route(
                     u,
-                    u.endpoint if endpoint is None else endpoint,
-                    _upstream_headers(u, direct=endpoint is None),
+                    u.endpoint if direct else url,
+                    _upstream_headers(u, direct=direct),
                     f"upstreams[{i}]",
+                    append_path,
                 )
                 for i, u in enumerate(self.upstreams)
                 if u.weight > 0
             )
-        elif endpoint is not None:
-            routes = (Route(Upstream(endpoint=endpoint), endpoint, {}, "endpoint"),)
-        object.__setattr__(self, "routes", routes)
+        if direct:
+            return ()
+        return (Route(Upstream(endpoint=url), url, {}, "endpoint", append_path),)
+
+    def interface_types(self) -> list[str]:
+        """The interface types listings report: the declared ones, and a legacy ``endpoint``
+        as the one its ``type`` says (``responsesEndpoint`` as ``openaiResponses``)."""
+        declared = set(self.interfaces)
+        if self.endpoint is not None or self.direct:
+            kind = "openaiEmbeddings" if self.type == "embedding" else "openaiChatCompletions"
+            declared.add(kind)
+        if self.responses_endpoint is not None:
+            declared.add("openaiResponses")
+        return [kind for kind in INTERFACE_TYPES if kind in declared]
 
     def admits(self, roles: frozenset[str]) -> bool:
         """DIAL: absent ``userRoles`` = everyone, ``[]`` = nobody, else a role in common."""
@@ -259,6 +379,7 @@ class Model:
                 "scale_types": ["standard"],
             },
             "features": listed_features(self.features),
+            "interfaces": self.interface_types(),
             "input_attachment_types": list(self.input_attachment_types),
             "max_input_attachments": self.max_input_attachments,
             "description_keywords": list(self.description_keywords),

@@ -70,9 +70,12 @@ class Balancer:
             state = self._health[key] = _Health()
         return state
 
-    def plan(self, model: Model) -> Iterator[Route]:
-        """Yield distinct routes for successive attempts, best first, until none is left."""
-        routes = model.routes
+    def plan(self, model: Model, routes: tuple[Route, ...] | None = None) -> Iterator[Route]:
+        """Yield distinct routes for successive attempts, best first, until none is left.
+        ``routes``: the model's routes for the request's API (default: ``model.routes``), or
+        the one a client's ``X-UPSTREAM-ID`` pins it to."""
+        if routes is None:
+            routes = model.routes
         if len(routes) == 1:  # the usual model: one upstream, or an endpoint
             if self._state(model, routes[0].upstream).unavailable_until <= self._clock():
                 yield routes[0]

@@ -8,6 +8,7 @@ come -> usage recorded (shielded from a client disconnect) -> one log line.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import functools
 import json
@@ -24,7 +25,7 @@ from aiohttp import compression_utils, web
 
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import Grant, Model, Snapshot
+from dialproxy.config.model import API_INTERFACES, Grant, Model, Serving, Snapshot
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import (
     BadGateway,
@@ -335,12 +336,21 @@ def outbound_body(
     return json.dumps(exact, separators=(",", ":")).encode(), injected_usage
 
 
-def forwarded_headers(request: web.Request, principal: Principal, model: Model) -> dict[str, str]:
-    """The client's headers an upstream gets (each route adds its own, see ``Route``)."""
+def forwarded_headers(
+    request: web.Request,
+    principal: Principal,
+    model: Model,
+    defaults: tuple[tuple[str, str], ...] = (),
+) -> dict[str, str]:
+    """The client's headers an upstream gets, then the model's ``defaultHeaders`` (lowercased
+    names) it did not send (each route adds its own, which win, see ``Route``)."""
     client = request.headers  # (looked up by name: no lowercasing of every header the client sent)
     headers = {
         name: value for name in FORWARDED_REQUEST_HEADERS if (value := client.get(name)) is not None
     }
+    for name, value in defaults:  # (never a name the proxy sets: see NEVER_DEFAULT_HEADERS)
+        if name not in headers:
+            headers[name] = value
     headers["Content-Type"] = "application/json"
     if model.forward_auth_token:
         authorization = request.headers.get("Authorization")
@@ -425,6 +435,9 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
         model = outcome.model = plan.model
         if principal.per_request and model.features.get("accessibleByPerRequestKey") is False:
             raise Forbidden(f"Forbidden deployment: {model.name}")
+        serving = model.serving.get(api)  # (refused here, 503 or 400, before the limits count)
+        if serving is None or "X-UPSTREAM-ID" in request.headers:
+            serving = _serving(request, model, deployment, api)
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
@@ -435,7 +448,16 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             if request_state is not None or token_state is not None:
                 extra_headers = ratelimit_headers(request_state, token_state)
         response = await _forward(
-            request, services, snapshot, principal, model, api, body, outcome, extra_headers
+            request,
+            services,
+            snapshot,
+            principal,
+            model,
+            api,
+            body,
+            outcome,
+            extra_headers,
+            serving,
         )
         if isinstance(response, _UpstreamStream):
             relay = _relay_stream(request, response, outcome, services)
@@ -566,18 +588,19 @@ async def _forward(
     body: dict[str, Any],
     outcome: Outcome,
     extra_headers: list[tuple[str, str]],
+    serving: Serving,
 ) -> web.StreamResponse:
-    """Try the model's routes until one answers; return a complete response or a prepared
+    """Try the ``serving`` routes until one answers; return a complete response or a prepared
     stream.  ``extra_headers`` (the x-ratelimit ones) are added to the upstream's."""
     balancer, client = services.balancer, services.client
     assert client is not None
     raw = await request.read()  # (read already: the bytes as they came)
-    payload, injected = outbound_body(body, raw, model, model.endpoint is None, api)
+    payload, injected = outbound_body(body, raw, model, model.direct, api)
     data = payload if payload is not None else raw
     outcome.request_bytes = len(data)
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
-    headers = forwarded_headers(request, principal, model)
-    if model.endpoint is not None and (keys := services.shared.per_request) is not None:
+    headers = forwarded_headers(request, principal, model, serving.default_headers)
+    if not model.direct and (keys := services.shared.per_request) is not None:
         # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
         outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
@@ -586,11 +609,13 @@ async def _forward(
     redirected: int | None = None  # the status of an upstream's redirect, for the log line
     if balancer.sharing:
         await balancer.refresh(model)
-    for route in balancer.plan(model):
+    for route in balancer.plan(model, serving.routes):
         if outcome.attempts >= model.max_retry_attempts:
             break
         outcome.attempts += 1
         url = route.url
+        if route.append_path:  # an `interfaces` base URL + the path the request came in on
+            url += request.rel_url.raw_path
         if query:
             url += ("&" if "?" in url else "?") + query
         outcome.upstream = route.name
@@ -639,6 +664,21 @@ async def _forward(
     if redirected is not None:
         raise _NoRoute(f"upstream answered {redirected}")
     raise BadGateway("No route")
+
+
+def _serving(request: web.Request, model: Model, deployment: str, api: str) -> Serving:
+    """How ``model`` serves ``api``: none (DIAL's strict ``interfaces`` map): 503; a client's
+    ``X-UPSTREAM-ID`` pins it to that upstream alone (an id no upstream has: 400)."""
+    serving = model.serving.get(api)
+    if serving is None:
+        kind = API_INTERFACES[api]
+        raise Unavailable(f"Deployment {deployment} does not serve {api}: no {kind} interface")
+    if (pin := request.headers.get("X-UPSTREAM-ID")) is not None:
+        route = serving.by_id.get(pin)
+        if route is None:
+            raise BadRequest(f"Deployment {deployment} has no upstream with id {pin[:64]!r}")
+        serving = dataclasses.replace(serving, routes=(route,))
+    return serving
 
 
 class _NoRoute(BadGateway):
@@ -806,7 +846,7 @@ def _charge(outcome: Outcome, relay: UsageScanner | UsageHider, cut: bool) -> No
     outcome.usage = relay.usage
     if relay.usage is None and relay.events:
         model = outcome.model
-        if cut or (model is not None and model.endpoint is None):
+        if cut or (model is not None and model.direct):
             outcome.usage = estimate(outcome.request_bytes, relay.events)
             outcome.estimated = True
 
