@@ -280,8 +280,10 @@ async def test_feature_endpoints_forwarded(proxy: Proxy, features: FeatureBacken
             if model == "adapter":
                 assert seen.headers["X-UPSTREAM-ENDPOINT"] == "https://provider.example/v1"
                 assert seen.headers["X-UPSTREAM-KEY"] == UPSTREAM_KEY
+                assert seen.headers["Api-Key"].startswith("dprk_")  # a per-request key
             else:  # a direct model's upstream key goes to its upstream only
                 assert "X-UPSTREAM-KEY" not in seen.headers
+                assert "Api-Key" not in seen.headers
                 assert UPSTREAM_KEY not in str(list(seen.headers.items()))
             if name == "configuration":
                 assert seen.query == f"t={FEATURE_SECRET}"

@@ -47,10 +47,8 @@ def endpoint_headers(request: web.Request, principal: Principal, model: Model) -
     """Every header a call to one of the model's endpoints carries: the client's headers an
     upstream gets (see :func:`dialproxy.web.proxy.forwarded_headers`) and, for a model
     behind a DIAL adapter (``endpoint`` set), its first upstream in ``X-UPSTREAM-ENDPOINT``
-    and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them.
-
-    The one place these headers are built: DIAL's per-request key (``Api-Key``) goes here.
-    """
+    and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them (the per-request key,
+    which needs an await, is added by :func:`_call`)."""
     headers = proxy.forwarded_headers(request, principal, model)
     if model.endpoint is not None and model.upstreams:
         upstream = model.upstreams[0]
@@ -122,6 +120,10 @@ async def _call(
     settings, client = app[SETTINGS], app[CLIENT]
     headers = endpoint_headers(request, principal, model)
     headers["Accept-Encoding"] = "identity"
+    keys = app[sharedkeys.SHARED].per_request
+    key = None
+    if not model.direct and keys is not None:  # an adapter: a per-request key, as for chat
+        key = headers["Api-Key"] = await keys.mint(principal)
     try:
         async with asyncio.timeout(settings.idle_timeout):
             async with client.request(
@@ -138,6 +140,9 @@ async def _call(
                 return web.Response(status=resp.status, body=data, headers=passed)
     except (aiohttp.ClientError, TimeoutError):
         raise BadGateway("connection error to origin") from None
+    finally:
+        if key is not None and keys is not None:
+            await keys.release(key)
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, cap: int) -> bytes:
