@@ -21,7 +21,7 @@ from dialproxy import keys, logs
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
-from dialproxy.settings import Settings
+from dialproxy.settings import NUMBERS, Settings
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -94,6 +94,20 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "(env DIALPROXY_MAX_RESPONSE; 67108864 = 64 MiB)",
     )
     parser.add_argument(
+        "--max-event",
+        type=int,
+        metavar="BYTES",
+        help="largest unfinished upstream stream event held; over it the stream ends with an "
+        "SSE error (env DIALPROXY_MAX_EVENT; 4194304 = 4 MiB)",
+    )
+    parser.add_argument(
+        "--stream-drain",
+        type=float,
+        metavar="SECONDS",
+        help="how long a stream the client left is still read for its usage "
+        "(env DIALPROXY_STREAM_DRAIN; 5)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         metavar="SECONDS",
@@ -122,17 +136,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in (
-        "host",
-        "port",
-        "storage",
-        "storage_failure",
-        "state",
-        "max_response",
-        "shutdown_timeout",
-        "header_timeout",
-        "body_timeout",
-    ):
+    for name in ("host", "storage", "storage_failure", "state", *NUMBERS):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.allow_empty_config:

@@ -14,6 +14,20 @@ STORAGE_FAILURE_POLICIES = ("allow", "deny", "local")
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
 
 
+# The numeric settings a DIALPROXY_* variable (and a flag) may set: bytes are ints, seconds
+# floats.
+NUMBERS: dict[str, type[int] | type[float]] = {
+    "port": int,
+    "max_response": int,
+    "max_event": int,
+    "shutdown_timeout": float,
+    "header_timeout": float,
+    "body_timeout": float,
+    "stream_drain": float,
+}
+_UNITS = {int: "a number of bytes", float: "a number of seconds"}
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     config_paths: tuple[str, ...] = ("aidial.config.json",)
@@ -41,8 +55,13 @@ class Settings:
         """Raise ``ValueError`` naming the setting at fault."""
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, not {self.port}")
-        if self.max_response < 1:
-            raise ValueError(f"max response must be at least 1 byte, not {self.max_response}")
+        for name in ("max_response", "max_event"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name.replace('_', ' ')} must be at least 1 byte, not {getattr(self, name)}"
+                )
+        if not 0 <= self.stream_drain <= 3600:  # (NaN fails too)
+            raise ValueError(f"stream drain must be 0 to 3600 seconds, not {self.stream_drain}")
         for name in ("header_timeout", "body_timeout"):
             value = getattr(self, name)
             if not 0 < value <= 86400:  # (nan fails too)
@@ -77,32 +96,18 @@ class Settings:
             )
         if env.get("DIALPROXY_HOST"):
             kwargs["host"] = env["DIALPROXY_HOST"]
-        if env.get("DIALPROXY_PORT"):
-            try:
-                kwargs["port"] = int(env["DIALPROXY_PORT"])
-            except ValueError:
-                raise ValueError("DIALPROXY_PORT must be a port number") from None
-        if env.get("DIALPROXY_MAX_RESPONSE"):
-            try:
-                kwargs["max_response"] = int(env["DIALPROXY_MAX_RESPONSE"])
-            except ValueError:
-                raise ValueError("DIALPROXY_MAX_RESPONSE must be a number of bytes") from None
+        for name, kind in NUMBERS.items():
+            variable = "DIALPROXY_" + name.upper()
+            if env.get(variable):
+                try:
+                    kwargs[name] = kind(env[variable])
+                except ValueError:
+                    what = "a port number" if name == "port" else _UNITS[kind]
+                    raise ValueError(f"{variable} must be {what}") from None
         if env.get("DIALPROXY_STORAGE"):
             kwargs["storage"] = env["DIALPROXY_STORAGE"]
         if env.get("DIALPROXY_STATE"):
             kwargs["state"] = env["DIALPROXY_STATE"]
         if env.get("DIALPROXY_STORAGE_FAILURE"):
             kwargs["storage_failure"] = env["DIALPROXY_STORAGE_FAILURE"]
-        if env.get("DIALPROXY_SHUTDOWN_TIMEOUT"):
-            try:
-                kwargs["shutdown_timeout"] = float(env["DIALPROXY_SHUTDOWN_TIMEOUT"])
-            except ValueError:
-                raise ValueError("DIALPROXY_SHUTDOWN_TIMEOUT must be a number of seconds") from None
-        for name in ("header_timeout", "body_timeout"):
-            variable = "DIALPROXY_" + name.upper()
-            if env.get(variable):
-                try:
-                    kwargs[name] = float(env[variable])
-                except ValueError:
-                    raise ValueError(f"{variable} must be a number of seconds") from None
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ import aiohttp
 import openai
 
 from dialproxy.server import GC_YOUNG_THRESHOLD, tune_gc
+from dialproxy.settings import Settings
 from tests.conftest import assert_json_lines_without_secrets, new_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,10 @@ def test_bad_settings_are_a_usage_error_not_a_traceback() -> None:
         (["--storage-failure", "allow", "--port", "70000"], {}, "port must be 1-65535"),
         ([], {"DIALPROXY_STORAGE_FAILURE": "maybe"}, "storage failure policy must be one of"),
         ([], {"DIALPROXY_PORT": "eighty"}, "DIALPROXY_PORT must be a port number"),
+        ([], {"DIALPROXY_MAX_EVENT": "big"}, "DIALPROXY_MAX_EVENT must be a number of bytes"),
+        (["--max-event", "0"], {}, "max event must be at least 1 byte"),
+        (["--stream-drain", "nan"], {}, "stream drain must be 0 to 3600 seconds"),
+        ([], {"DIALPROXY_STREAM_DRAIN": "-1"}, "stream drain must be 0 to 3600 seconds"),
     ):
         proc = spawn("serve", *args, env=env)
         _, err = proc.communicate(timeout=30)
@@ -199,3 +204,9 @@ def test_serving_tunes_the_garbage_collector() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_stream_settings_come_from_the_environment() -> None:
+    env = {"DIALPROXY_MAX_EVENT": "1000", "DIALPROXY_STREAM_DRAIN": "2.5"}
+    settings = Settings.from_env(env)
+    assert (settings.max_event, settings.stream_drain) == (1000, 2.5)
