@@ -122,10 +122,15 @@ def test_an_event_over_the_cap_is_refused(reader: type[UsageScanner | UsageHider
     assert reader(max_event=1000).feed(b"data: " + b"y" * 5000 + b"\n\n").endswith(b"y\n\n")
 
 
-def test_events_are_counted_for_estimates() -> None:
+def test_events_are_estimated_from_chunks_and_bytes() -> None:
+    """About an event a chunk (an upstream streams one at a time), or one per 256 bytes
+    when it sends them together."""
     full, _ = stream(b"\r\n")
     scanner = UsageScanner()
     for i in range(0, len(full), 7):
         scanner.feed(full[i : i + 7])
     scanner.flush()
-    assert scanner.events == 5
+    assert scanner.events == len(range(0, len(full), 7))
+    whole = UsageScanner()
+    whole.feed(full * 4)
+    assert whole.events == len(full) * 4 // 256 > 1

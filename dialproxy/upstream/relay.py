@@ -7,8 +7,9 @@ return what goes on to the client and keep the stream's usage.
   on the client's behalf: the usage-only final event and the ``"usage": null`` fields.
 
 Both hold back at most one unfinished event, up to ``max_event`` bytes (beyond it
-:class:`~dialproxy.upstream.sse.EventTooLarge`), and count the ``data:`` lines they have
-seen (``events``: what an estimate goes by when a stream is cut before its usage).
+:class:`~dialproxy.upstream.sse.EventTooLarge`), and count the chunks and bytes they have
+been fed (what an estimate goes by when a stream is cut before its usage: see
+:attr:`_Reader.events`).
 """
 
 from __future__ import annotations
@@ -25,21 +26,29 @@ _COMMA_NULL = b',"usage":null'
 _COMMA_NULL_SPACED = b', "usage": null'
 # A null usage field written any other way (spaces, tabs, line breaks, first in its object).
 _ANY_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
-_SPACE = b" \t\r\n"
-_DATA = b"data:"
+EVENT_BYTES = 256  # bytes of a stream taken for one event in an estimate
 
 
 class _Reader:
-    __slots__ = ("_max", "_pending", "events", "usage")
+    __slots__ = ("_max", "_pending", "bytes", "chunks", "usage")
 
     def __init__(self, max_event: int = sse.MAX_EVENT) -> None:
         self._max = max_event
         self._pending = b""  # an event that has not ended yet
         self.usage: Usage | None = None
-        self.events = 0
+        self.chunks = self.bytes = 0
+
+    @property
+    def events(self) -> int:
+        """About how many events came: an upstream sends about one a chunk as it streams,
+        and an event of a chat stream is 150-250 bytes (counted, not searched for: a count
+        of ``data:`` would be one more pass over every chunk)."""
+        return max(self.chunks, self.bytes // EVENT_BYTES)
 
     def _complete(self, chunk: bytes) -> bytes:
         """The complete events of what is held with ``chunk``; the rest is held."""
+        self.chunks += 1
+        self.bytes += len(chunk)
         data = self._pending + chunk if self._pending else chunk
         end = sse.complete_end(data)
         if end == len(data):
@@ -49,13 +58,11 @@ class _Reader:
             if len(self._pending) > self._max:
                 raise EventTooLarge(f"an upstream event grew past {self._max} bytes")
             data = data[:end]
-        self.events += data.count(_DATA)
         return data
 
     def _rest(self) -> bytes:
         """What is held when the stream ends (an event the upstream did not end)."""
         data, self._pending = self._pending, b""
-        self.events += data.count(_DATA)
         return data
 
     def _read_usage(self, events: bytes, end: int) -> int:
@@ -65,8 +72,8 @@ class _Reader:
             index = events.rfind(MARK, 0, end)
             if index < 0:
                 return 0
-            start, stop = sse.event_around(events, index)
-            usage = usage_of(sse.event_json(events[start:stop]))
+            start, _, answer = sse.decoded_event_around(events, index)
+            usage = usage_of(answer)
             if usage is not None:
                 self.usage = usage
                 return start
@@ -122,46 +129,32 @@ class UsageHider(_Reader):
         left = marks + 1 - len(parts)
         if len(parts) > 1:
             events = b"".join(parts)
-        if left and _has_null(events, left):
-            events = events.replace(_COMMA_NULL_SPACED, b"")
-            events = _ANY_NULL.sub(b"", events)
-            left = events.count(MARK)
         return self._drop_usage_events(events, left) if left else events
 
     def _drop_usage_events(self, events: bytes, marks: int) -> bytes:
         """``events`` without those that have a usage and no choices (``marks``: how many
-        usage marks are left in it); the last usage is kept."""
+        usage marks are left in it), and without null usages written other than compactly;
+        the last usage is kept."""
         found = self.usage
         end = len(events)
+        nulls = False
         for _ in range(marks):
             index = events.rfind(MARK, 0, end)
             if index < 0:  # (the rest were in an event already dropped)
                 break
-            start, stop = sse.event_around(events, index)
-            answer = sse.event_json(events[start:stop])
-            usage = usage_of(answer)
-            if usage is not None and found is self.usage:  # the last usage so far
-                found = usage
-            if (
-                type(answer) is dict
-                and answer.get("usage") is not None
-                and answer.get("choices") == []
-            ):  # the usage event (a usage not valid is hidden all the same)
-                events = events[:start] + events[stop:]
+            start, stop, answer = sse.decoded_event_around(events, index)
+            if type(answer) is dict:
+                value = answer.get("usage", MARK)
+                if value is None:
+                    nulls = True  # "usage": null, spaced: cut below
+                elif value is not MARK:
+                    usage = usage_of(answer)
+                    if usage is not None and found is self.usage:  # the last usage so far
+                        found = usage
+                    if answer.get("choices") == []:  # the usage event (valid or not)
+                        events = events[:start] + events[stop:]
             end = start
         self.usage = found
+        if nulls:
+            events = _ANY_NULL.sub(b"", events.replace(_COMMA_NULL_SPACED, b""))
         return events
-
-
-def _has_null(events: bytes, marks: int) -> bool:
-    """Whether one of the last ``marks`` usage marks of ``events`` (all there are) is
-    followed by a null, however spaced.  From the end: a value is usually the last event."""
-    end = len(events)
-    for _ in range(marks):
-        index = events.rfind(MARK, 0, end)
-        pos = index + len(MARK)
-        value = events[pos : pos + 16].lstrip(_SPACE)
-        if value.startswith(b":") and value[1:].lstrip(_SPACE).startswith(b"null"):
-            return True
-        end = index
-    return False

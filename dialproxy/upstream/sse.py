@@ -54,6 +54,10 @@ def complete_end(data: bytes, start: int = 0, stop: int | None = None) -> int:
 def event_around(data: bytes, index: int) -> tuple[int, int]:
     """The start and end of the event of ``data`` that holds the byte at ``index``; an
     event that has not ended runs to the end of ``data``."""
+    start = data.rfind(b"\n\n", 0, index) + 2  # the usual: LF framing (1: none before)
+    stop = data.find(b"\n\n", index) + 2
+    if stop > 1 and b"\r" not in data[start:stop]:  # no CR in between: no other blank line
+        return (start if start > 1 else 0), stop
     start = complete_end(data, 0, index)
     end = data.find(b"\n\n", index)
     stop = len(data) if end < 0 else end
@@ -87,3 +91,21 @@ def event_json(event: bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+def decoded_event_around(data: bytes, index: int) -> tuple[int, int, Any]:
+    """:func:`event_around` and :func:`event_json` of that event, in one call (the usual
+    event, one ``data: `` line framed with LF, without building the lines)."""
+    start = data.rfind(b"\n\n", 0, index) + 2
+    if start < 2:
+        start = 0
+    stop = data.find(b"\n\n", index) + 2
+    if stop > 1 and data.startswith(b"data: ", start):
+        line = data[start + 6 : stop - 2]
+        if b"\n" not in line and b"\r" not in line:
+            try:
+                return start, stop, orjson.loads(line)
+            except orjson.JSONDecodeError:
+                return start, stop, None
+    start, stop = event_around(data, index)
+    return start, stop, event_json(data[start:stop])

@@ -73,8 +73,8 @@ def find_usage(body: bytes) -> Usage | None:
 
 def estimate(request_bytes: int, events: int) -> Usage:
     """What a stream cut off before its usage is charged: the prompt at one token per four
-    bytes of the request body, the completion at one token per event relayed (a chat or
-    messages stream sends about one token an event)."""
+    bytes of the request body, the completion at one token per event that came (a chat or
+    messages stream sends about one token an event; see ``relay._Reader.events``)."""
     prompt = max(request_bytes // 4, 1)
     completion = max(events, 1)
     usage: Usage = _new_usage(Usage, (prompt, completion, prompt + completion))
