@@ -79,7 +79,7 @@ _MODEL_ALIASES = {
 }
 
 # Sections whose entries are deployments a role may limit (DIAL's selectDeployment, plus
-# the newer sections).  dialproxy serves only `models`; the others are accepted.
+# the newer sections).  dialproxy serves `models` and `applications`; the others are accepted.
 _DEPLOYMENT_SECTIONS = ("models", "applications", "addons", "toolsets")
 
 
