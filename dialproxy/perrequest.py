@@ -9,7 +9,7 @@ same shared key), so that everything spent down the chain is charged to that cal
 call back that goes to an ``endpoint`` again gets a key of its own (each hop its own).
 
 :func:`PerRequestKeys.mint` makes one for an outbound request (any deployment kind: a
-model's adapter today; applications and routes can use the same call), and
+XX
 :func:`PerRequestKeys.release` ends it when the request ends.  Only the SHA-256 of a key is
 kept.  In process memory always (a call back that lands on the same instance never waits
 for Redis); with Redis storage also in Redis (``dp:prk:<digest>`` -> the originator's key

@@ -91,13 +91,17 @@ async def test_shipped_config_serves_a_first_request(tmp_path: Path) -> None:
                 model="echo", messages=[{"role": "user", "content": "Hello"}], stream=True
             )
             parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            app_reply = await client.chat.completions.create(  # the demo's application
+                model="echo-app", messages=[{"role": "user", "content": "Hello, app"}]
+            )
         assert reply.choices[0].message.content == "Echo: Hello, proxy"
         assert "".join(parts) == "Echo: Hello"
+        assert app_reply.choices[0].message.content == "Echo: Hello, app"
     finally:
         code, err = stop(proc)
     assert code == 0, err
     lines = [json.loads(line) for line in err.splitlines()]  # every line: JSON
-    assert [entry["status"] for entry in lines if entry.get("event") == "request"] == [200, 200]
+    assert [entry["status"] for entry in lines if entry.get("event") == "request"] == [200] * 3
     assert [entry["event"] for entry in lines][:2] == ["demo_backend_serving", "serving"]
     assert lines[-1]["event"] == "stopping"
     assert DEMO_KEY not in err

@@ -79,7 +79,7 @@ _MODEL_ALIASES = {
 }
 
 # Sections whose entries are deployments a role may limit (DIAL's selectDeployment, plus
-# the newer sections).  dialproxy serves only `models`; the others are accepted.
+# the newer sections).  dialproxy serves `models` and `applications`; the others are accepted.
 _DEPLOYMENT_SECTIONS = ("models", "applications", "addons", "toolsets")
 
 
@@ -883,6 +883,7 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
     roles = _dict(doc.get("roles"))
     keys = _dict(doc.get("keys"))
     deployments = _deployment_names(doc)
+    served = set(models) | set(_dict(doc.get("applications")))  # what a key may name
 
     def warn(parts: list[str | int], message: str) -> Problem:
         return at.problem(parts, message, "warning")
@@ -908,10 +909,10 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
             if _CONTROL.search(secret) or secret != secret.strip():
                 yield warn(base, "the key has spaces or control characters: no client can send it")
         for i, m in enumerate(_list(key.get("models"))):
-            if isinstance(m, str) and m not in models:
+            if isinstance(m, str) and m not in served:
                 yield warn([*base, "models", i], f"model {_show_name(m)} is not defined")
         for m in _dict(key.get("limits")):
-            if m != "*" and m not in models:
+            if m != "*" and m not in served:
                 yield warn([*base, "limits", m], f"model {_show_name(m)} is not defined")
         for i, cidr in enumerate(_list(key.get("allowedIpAddressRanges"))):
             if not isinstance(cidr, str):
@@ -946,6 +947,60 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
         if not isinstance(raw, dict):
             continue
         yield from _model_checks(model_name, raw, roles, at)
+    for app_name, raw in _dict(doc.get("applications")).items():
+        if not isinstance(raw, dict):
+            continue
+        if app_name in models:
+            yield at.problem(
+                ["applications", app_name],
+                f"{_show_name(app_name)} is also a model ({render_path(['models', app_name])}): "
+                "a deployment name must be unique",
+            )
+        yield from _application_checks(app_name, raw, at)
+
+
+def _application_checks(app_name: str, raw: dict[str, Any], at: _Locator) -> Iterator[Problem]:
+    """What dialproxy serves of an application: its endpoint (or chat interface), roles,
+    headers and feature endpoints."""
+    base: list[str | int] = ["applications", app_name]
+    for snake, camel in _MODEL_ALIASES.items():
+        if snake in raw and camel in raw:
+            yield at.problem(
+                [*base, snake], f"`{snake}` is an alias of `{camel}`, which is also set: keep one"
+            )
+    # (`userRoles` naming a role no key has is not warned: DIAL's sample apps name IDP roles)
+    for message in _url_problems(raw.get("endpoint")):
+        yield at.problem([*base, "endpoint"], message)
+    yield from _header_checks(raw.get("defaultHeaders"), [*base, "defaultHeaders"], at)
+    served = isinstance(raw.get("endpoint"), str)
+    for kind, entry in _dict(raw.get("interfaces")).items():
+        at_kind: list[str | int] = [*base, "interfaces", kind]
+        if kind != "openaiChatCompletions":
+            yield at.problem(
+                at_kind,
+                "an application serves only `openaiChatCompletions` (as DIAL): ignored",
+                "warning",
+            )
+            continue
+        if not isinstance(entry, dict):
+            continue
+        for name in ("base_url", "baseUrl"):
+            for message in _url_problems(entry.get(name)):
+                yield at.problem([*at_kind, name], message)
+        yield from _header_checks(entry.get("defaultHeaders"), [*at_kind, "defaultHeaders"], at)
+        served = served or any(isinstance(entry.get(n), str) for n in ("base_url", "baseUrl"))
+    for name, value in _dict(raw.get("features")).items():
+        if name.endswith("Endpoint"):
+            for message in _url_problems(value):
+                yield at.problem([*base, "features", name], message)
+    if not served:
+        why = (
+            "a schema-rich application (`applicationTypeSchemaId`) is served by the endpoint "
+            "of its schema, which dialproxy does not read"
+            if "applicationTypeSchemaId" in raw
+            else "no `endpoint` and no `openaiChatCompletions` interface with a `base_url`"
+        )
+        yield at.problem(base, f"{why}: listed, and answered 503", "warning")
 
 
 def _model_checks(
@@ -1178,6 +1233,43 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
     )
 
 
+def _application(name: str, raw: Mapping[str, Any]) -> Model:
+    """An application, served as a chat model with no upstreams: its ``endpoint`` verbatim
+    (or its ``openaiChatCompletions`` interface); with neither, listed and answered 503."""
+    raw = _model_fields(raw)
+    user_roles = raw.get("userRoles")
+    interfaces = _dict(raw.get("interfaces"))
+    return Model(
+        name=name,
+        type="chat",
+        endpoint=raw.get("endpoint"),
+        upstreams=(),
+        display_name=_localized(raw.get("displayName")),
+        display_version=raw.get("displayVersion"),
+        icon_url=raw.get("iconUrl"),
+        description=_localized(raw.get("description")),
+        user_roles=None if user_roles is None else frozenset(user_roles),
+        defaults=MappingProxyType(dict(raw.get("defaults") or {})),
+        override_name=raw.get("overrideName"),
+        forward_auth_token=bool(raw.get("forwardAuthToken", False)),
+        features=MappingProxyType(dict(raw.get("features") or {})),
+        max_retry_attempts=int(raw.get("maxRetryAttempts", 5)),
+        input_attachment_types=tuple(raw.get("inputAttachmentTypes") or ()),
+        max_input_attachments=raw.get("maxInputAttachments"),
+        description_keywords=tuple(raw.get("descriptionKeywords") or ()),
+        interfaces=MappingProxyType(
+            {
+                kind: _interface(entry, None)
+                for kind, entry in interfaces.items()
+                if kind == "openaiChatCompletions"  # DIAL drops the others (validate warns)
+            }
+        ),
+        default_headers=_default_headers(raw.get("defaultHeaders")),
+        kind="application",
+        reference=raw.get("reference"),
+    )
+
+
 def _default_headers(raw: Mapping[str, str] | None) -> Mapping[str, str]:
     """``defaultHeaders`` without the names that are never forwarded (validate warns)."""
     return MappingProxyType(
@@ -1279,6 +1371,8 @@ def _datetime(value: Any) -> datetime | None:
 
 def _snapshot(doc: Mapping[str, Any], files: tuple[str, ...], digest: str) -> Snapshot:
     models = {name: _model(name, raw) for name, raw in (doc.get("models") or {}).items()}
+    for name, raw in (doc.get("applications") or {}).items():
+        models[name] = _application(name, raw)  # (a name of both is refused by the checks)
     roles = {
         name: Role(
             name=name,

@@ -251,8 +251,16 @@ def _upstream_headers(upstream: Upstream, direct: bool) -> dict[str, str]:
     return headers
 
 
+# The APIs an application serves: DIAL calls an application for chat completions only.
+APPLICATION_APIS = frozenset({"chat/completions"})
+
+
 @dataclass(frozen=True, slots=True)
 class Model:
+    """A deployment dialproxy serves: a model of ``models``, or an application of
+    ``applications`` (``kind``), which the request path serves the same way: an
+    application is a model with an ``endpoint`` (or ``interfaces``) and no upstreams."""
+
     name: str
     type: str  # chat | completion | embedding
     endpoint: str | None
@@ -276,6 +284,8 @@ class Model:
     interfaces: Mapping[str, Interface] = field(default_factory=dict)
     default_headers: Mapping[str, str] = field(default_factory=dict)
     responses_endpoint: str | None = None
+    kind: Literal["model", "application"] = "model"
+    reference: str | None = None  # an application's `reference`, listed (default: its name)
     # Where requests can go: the weighted upstreams, or the endpoint alone.
     routes: tuple[Route, ...] = field(init=False, repr=False, compare=False)
     # How each proxied API is served; an API that is absent is not served (503).
@@ -284,7 +294,8 @@ class Model:
     direct: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        direct = self.endpoint is None and not self.interfaces
+        # (an application without `endpoint` or `interfaces` is not direct: it serves nothing)
+        direct = self.endpoint is None and not self.interfaces and self.kind == "model"
         by_url: dict[tuple[str, bool], tuple[Route, ...]] = {}
 
         def routes_to(url: str, append_path: bool) -> tuple[Route, ...]:
@@ -295,6 +306,8 @@ class Model:
 
         serving: dict[str, Serving] = {}
         for api, kind in API_INTERFACES.items():
+            if self.kind == "application" and api not in APPLICATION_APIS:
+                continue
             interface = self.interfaces.get(kind)
             if interface is not None and interface.base_url is not None:
                 routes = routes_to(interface.base_url, True)
@@ -352,6 +365,29 @@ class Model:
     def admits(self, roles: frozenset[str]) -> bool:
         """DIAL: absent ``userRoles`` = everyone, ``[]`` = nobody, else a role in common."""
         return self.user_roles is None or not self.user_roles.isdisjoint(roles)
+
+    def application_listing(self) -> dict[str, Any]:
+        """This application as DIAL lists it (its ApplicationData)."""
+        data: dict[str, Any] = {
+            "id": self.name,
+            "application": self.name,
+            "display_name": self.display_name,
+            "display_version": self.display_version,
+            "icon_url": self.icon_url,
+            "description": self.description,
+            "reference": self.reference or self.name,
+            "owner": "organization-owner",
+            "object": "application",
+            "status": "succeeded",
+            "created_at": 1672534800,
+            "updated_at": 1672534800,
+            "features": listed_features(self.features),
+            "input_attachment_types": list(self.input_attachment_types) or None,
+            "max_input_attachments": self.max_input_attachments,
+            "defaults": dict(self.defaults) or None,
+            "description_keywords": list(self.description_keywords) or None,
+        }
+        return {k: v for k, v in data.items() if v is not None}
 
     def listing(self, object_name: str) -> dict[str, Any]:
         """The entry of this model in ``/openai/models`` or ``/openai/deployments``."""

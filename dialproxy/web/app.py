@@ -16,7 +16,7 @@ from limits.aio.storage import Storage
 
 from dialproxy import logs, sharedkeys
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Snapshot, Window, listed_features
+from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import Forbidden, NotFound
@@ -56,18 +56,26 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def _visible(principal: Principal) -> list[str]:
+def _callable(principal: Principal) -> list[str]:
+    """Every deployment (model or application) the key may call."""
     key_models = principal.key.models
     return [name for name in principal.access.grants if key_models is None or name in key_models]
+
+
+def _visible(principal: Principal, kind: str = "model") -> list[str]:
+    """The models (or the applications) the key may call: DIAL lists them apart."""
+    grants = principal.access.grants
+    return [name for name in _callable(principal) if grants[name].model.kind == kind]
 
 
 async def _listing_entry(request: web.Request, deployment: str, object_name: str) -> dict[str, Any]:
     principal = await _principal(request)
     snapshot = request.app[STORE].snapshot
-    if deployment not in snapshot.models:
+    model = snapshot.models.get(deployment)
+    if model is None or model.kind != "model":  # DIAL lists models only here
         raise NotFound(f"Unknown application: {logs.cut(deployment)}")
     proxy.resolve(principal, snapshot, deployment)
-    return snapshot.models[deployment].listing(object_name)
+    return model.listing(object_name)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -112,61 +120,11 @@ async def openai_model(request: web.Request) -> web.Response:
     return _json({"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"})
 
 
-def _applications(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
-    """The config's ``applications`` (listed, not served: their entries are not checked)."""
-    section = snapshot.raw.get("applications")
-    if not isinstance(section, dict):
-        return {}
-    return {name: entry for name, entry in section.items() if isinstance(entry, dict)}
-
-
-def _admits(principal: Principal, name: str, entry: dict[str, Any]) -> bool:
-    """DIAL's ``hasAccess`` for an application: no ``userRoles`` = everyone, ``[]`` = nobody,
-    else a role in common with the key's; and the key's own ``models`` allow-list, if any."""
-    models = principal.key.models
-    if models is not None and name not in models:
-        return False
-    roles = entry.get("userRoles", entry.get("user_roles"))
-    if roles is None:
-        return True
-    return isinstance(roles, list) and not principal.access.roles.isdisjoint(
-        r for r in roles if isinstance(r, str)
-    )
-
-
-def _application_entry(name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """An application as DIAL lists it (its ApplicationData)."""
-
-    def field(camel: str, snake: str) -> Any:
-        return entry.get(camel, entry.get(snake))
-
-    data: dict[str, Any] = {
-        "id": name,
-        "application": name,
-        "display_name": field("displayName", "display_name"),
-        "display_version": field("displayVersion", "display_version"),
-        "icon_url": field("iconUrl", "icon_url"),
-        "description": entry.get("description"),
-        "reference": entry.get("reference") or name,
-        "owner": "organization-owner",
-        "object": "application",
-        "status": "succeeded",
-        "created_at": 1672534800,
-        "updated_at": 1672534800,
-        "features": listed_features(entry.get("features")),
-        "input_attachment_types": field("inputAttachmentTypes", "input_attachment_types"),
-        "max_input_attachments": field("maxInputAttachments", "max_input_attachments"),
-        "defaults": entry.get("defaults"),
-        "description_keywords": field("descriptionKeywords", "description_keywords"),
-    }
-    return {k: v for k, v in data.items() if v is not None}
-
-
 async def list_applications(request: web.Request) -> web.Response:
     """``GET /openai/applications``: the config's applications the key's roles admit."""
     principal = await _principal(request)
-    apps = _applications(request.app[STORE].snapshot)
-    data = [_application_entry(n, e) for n, e in apps.items() if _admits(principal, n, e)]
+    grants = principal.access.grants
+    data = [grants[n].model.application_listing() for n in _visible(principal, "application")]
     return _json({"object": "list", "data": data})
 
 
@@ -176,14 +134,12 @@ async def get_application(request: web.Request) -> web.Response:
     principal = await _principal(request)
     snapshot = request.app[STORE].snapshot
     name = request.match_info["id"]
-    entry = _applications(snapshot).get(name)
-    if entry is not None:
-        if not _admits(principal, name, entry):
+    model = snapshot.models.get(name)
+    if model is not None:
+        if name not in _callable(principal):
             raise Forbidden(f"Forbidden deployment: {name}")
-        return _json(_application_entry(name, entry))
-    if name in snapshot.models:
-        if name not in _visible(principal):
-            raise Forbidden(f"Forbidden deployment: {name}")
+        if model.kind == "application":
+            return _json(model.application_listing())
         raise NotFound(f"Application is not found: {name}")
     raise NotFound(f"Unknown application: {name}")
 
@@ -202,10 +158,7 @@ async def deployment_names(request: web.Request) -> web.Response:
     if "model" in wanted:
         names += [{"id": name, "object": "model"} for name in _visible(principal)]
     if "application" in wanted:
-        apps = _applications(request.app[STORE].snapshot)
-        names += [
-            {"id": n, "object": "application"} for n, e in apps.items() if _admits(principal, n, e)
-        ]
+        names += [{"id": n, "object": "application"} for n in _visible(principal, "application")]
     return _json(names)
 
 
@@ -238,9 +191,10 @@ async def deployment_limits(request: web.Request) -> web.Response:
 
 
 async def user_limits(request: web.Request) -> web.Response:
-    """``GET /v1/user/limits``: every model the caller may call, with each limited window's
-    limit, use and reset.  ``scope`` says whose limit it is: ``project`` (the roles' limits,
-    counted per project) or ``key`` (the key's own quota; for a shared key, its owner's).
+    """``GET /v1/user/limits``: every model and application the caller may call, with each
+    limited window's limit, use and reset.  ``scope`` says whose limit it is: ``project``
+    (the roles' limits, counted per project) or ``key`` (the key's own quota; for a shared
+    key, its owner's).
     A shared key also gets its cap and ``utilized`` in ``sharedKey``; a project with a
     ``costLimit`` gets its cost windows (USD) in ``cost``."""
     principal = await _principal(request)
@@ -248,7 +202,7 @@ async def user_limits(request: web.Request) -> web.Response:
     key = principal.key
     now = time.time()
     models: dict[str, Any] = {}
-    for name in _visible(principal):
+    for name in _callable(principal):
         grant = principal.access.grants[name]
         own = key.key_limits.get(name) or key.key_limits.get("*")
         if grant.denied or (own is not None and own.denies):

@@ -671,6 +671,13 @@ def _serving(request: web.Request, model: Model, deployment: str, api: str) -> S
     ``X-UPSTREAM-ID`` pins it to that upstream alone (an id no upstream has: 400)."""
     serving = model.serving.get(api)
     if serving is None:
+        if model.kind == "application":
+            if model.serving:
+                raise Unavailable(f"Application {deployment} serves chat/completions only")
+            raise Unavailable(
+                f"Application {deployment} has no endpoint dialproxy can call "
+                "(a schema-rich application's is its schema's, which dialproxy does not read)"
+            )
         kind = API_INTERFACES[api]
         raise Unavailable(f"Deployment {deployment} does not serve {api}: no {kind} interface")
     if (pin := request.headers.get("X-UPSTREAM-ID")) is not None:
