@@ -50,6 +50,7 @@ from dialproxy.config.model import (
     key_digest,
     never_default_header,
 )
+from dialproxy.config.routes import build_routes, route_problems
 from dialproxy.config.schema import def_names, schema_valid, validator
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -746,6 +747,7 @@ def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapsho
         files=files,
         warnings=tuple(final),
         raw=MappingProxyType(merged),
+        dial_routes=build_routes(merged.get("routes")),
     )
 
 
@@ -946,6 +948,15 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
         if not isinstance(raw, dict):
             continue
         yield from _model_checks(model_name, raw, roles, at)
+
+    for parts, message, severity in route_problems(doc.get("routes")):
+        yield at.problem(parts, message, severity)
+    for route_name, route in _dict(doc.get("routes")).items():
+        for i, up in enumerate(_list(_dict(route).get("upstreams"))):
+            url = _dict(up).get("endpoint")
+            if isinstance(url, str) and url.lower().startswith(("http://", "https://")):
+                for message in _url_problems(url):
+                    yield at.problem(["routes", route_name, "upstreams", i, "endpoint"], message)
 
 
 def _model_checks(
