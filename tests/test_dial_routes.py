@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from dialproxy import sharedkeys
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
+from dialproxy.settings import Settings
 from dialproxy.web.routes import select
 from tests.conftest import ProxyFactory, new_key
 
@@ -41,6 +42,7 @@ class Recorder:
     seen: list[Seen] = field(default_factory=list)
     status: int = 201  # a plain answer's status (a 503 makes it a failing upstream)
     server: TestServer | None = None
+    callback: str | None = None  # /callback: GET this URL with the Api-Key received
 
     def url(self, path: str = "") -> str:
         assert self.server is not None
@@ -49,6 +51,13 @@ class Recorder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(Seen(request.method, request.path_qs, dict(request.headers), body))
+        if request.path.endswith("/callback") and self.callback is not None:
+            headers = {"Api-Key": request.headers.get("Api-Key", "")}
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(self.callback, headers=headers) as resp,
+            ):
+                return web.Response(status=resp.status, body=await resp.read())
         if request.path.endswith("/stream"):
             stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await stream.prepare(request)
@@ -97,7 +106,9 @@ async def call(
         return resp.status, await resp.read(), resp.headers
 
 
-async def test_a_route_end_to_end(aiohttp_server: AiohttpServer, make_proxy: ProxyFactory) -> None:
+async def test_a_route_end_to_end(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     """Method, body (any type), the path rewritten, a per-request key and never the
     client's, the answer relayed through the header allow-list, a stream relayed."""
     rec = await recorder(aiohttp_server)
@@ -115,7 +126,8 @@ async def test_a_route_end_to_end(aiohttp_server: AiohttpServer, make_proxy: Pro
                     "upstreams": [{"endpoint": rec.url("/there?a=1"), "key": ROUTE_KEY}],
                 },
             }
-        )
+        ),
+        settings=Settings(config_paths=(str(tmp_path / "aidial.config.json"),), max_body=4096),
     )
     data = b"\x00\x01 binary \xff"
     with capture_logs() as logs:
@@ -143,6 +155,15 @@ async def test_a_route_end_to_end(aiohttp_server: AiohttpServer, make_proxy: Pro
     assert status == 201 and body == b'echo:{"a": 1}'
     assert rec.seen[-1].path == "/there?a=1"
     assert rec.seen[-1].headers["Api-Key"] == ROUTE_KEY
+
+    # the per-request key acts for the caller while the request lasts (DIAL's calls back)
+    rec.callback = proxy.url("/v1/user/info")
+    status, body, _ = await call(proxy.url("/v1/files/callback"))
+    assert status == 200 and json.loads(body)["project"] == "team-a"
+
+    # a body over max_body: 413, as for the proxied endpoints
+    status, body, _ = await call(proxy.url("/v1/files/big"), "PUT", data=b"x" * 5000)
+    assert status == 413
 
     # a stream, relayed as it comes
     status, body, headers = await call(proxy.url("/v1/files/stream"))
