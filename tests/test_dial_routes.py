@@ -313,6 +313,22 @@ def test_a_path_that_is_no_regex_is_an_error_with_its_json_path(tmp_path: Path) 
     assert [p.path for p in problems if p.severity == "error"] == ["$.routes.bad.paths[1]"]
     assert "not a valid regular expression" in problems[0].message
 
+    upstreams = [
+        {"endpoint": "http://user:pw@host/x"},
+        {"endpoint": "http://host/x", "key": "a\r\nb"},
+        {"endpoint": "wss://host/x"},
+    ]
+    path.write_text(json.dumps(config({"up": {"upstreams": upstreams}, "x": {"order": -1}})))
+    with pytest.raises(ConfigError) as raised:
+        build_snapshot(read_sources([path]), {})
+    assert sorted((p.path, p.severity) for p in raised.value.problems) == [
+        ("$.routes.up.upstreams[0].endpoint", "error"),
+        ("$.routes.up.upstreams[1].key", "error"),
+        ("$.routes.up.upstreams[2].endpoint", "warning"),
+        ("$.routes.x", "warning"),  # neither response nor upstreams
+        ("$.routes.x.order", "error"),  # the schema: order >= 0
+    ]
+
 
 def test_dial_golden_config_routes_compile() -> None:
     snapshot = build_snapshot(read_sources([CONFIGS / "aidial.config.json"]), {})

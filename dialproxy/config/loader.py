@@ -953,10 +953,15 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
         yield at.problem(parts, message, severity)
     for route_name, route in _dict(doc.get("routes")).items():
         for i, up in enumerate(_list(_dict(route).get("upstreams"))):
+            where: list[str | int] = ["routes", route_name, "upstreams", i]
             url = _dict(up).get("endpoint")
             if isinstance(url, str) and url.lower().startswith(("http://", "https://")):
                 for message in _url_problems(url):
-                    yield at.problem(["routes", route_name, "upstreams", i, "endpoint"], message)
+                    yield at.problem([*where, "endpoint"], message)
+            key = _dict(up).get("key")
+            if isinstance(key, str) and _CONTROL.search(key):
+                message = "contains control characters (it is sent as a header value)"
+                yield at.problem([*where, "key"], message)
 
 
 def _model_checks(
