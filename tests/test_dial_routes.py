@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from dialproxy import sharedkeys
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.settings import Settings
+from dialproxy.web.appkeys import DRAIN
 from dialproxy.web.routes import select
 from tests.conftest import ProxyFactory, new_key
 
@@ -58,6 +60,11 @@ class Recorder:
                 s.get(self.callback, headers=headers) as resp,
             ):
                 return web.Response(status=resp.status, body=await resp.read())
+        if request.path.endswith("/endless"):
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await stream.prepare(request)
+            await stream.write(b"data: first\n\n")
+            await asyncio.sleep(3600)
         if request.path.endswith("/stream"):
             stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await stream.prepare(request)
@@ -170,6 +177,22 @@ async def test_a_route_end_to_end(
     assert status == 200 and headers["Content-Type"] == "text/event-stream"
     assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert rec.seen[-1].method == "GET"
+
+
+async def test_a_shutdown_ends_an_open_route_stream_with_an_event(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    rec = await recorder(aiohttp_server)
+    route = {"paths": ["/s/.*"], "rewritePath": True, "upstreams": [{"endpoint": rec.url()}]}
+    proxy = await make_proxy(config({"s": route}))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(proxy.url("/s/endless"), headers={"Api-Key": USER}) as resp,
+    ):
+        assert await resp.content.readuntil(b"\n\n") == b"data: first\n\n"
+        assert proxy.app[DRAIN].end_streams() == 1
+        rest = await resp.content.read()
+    assert b"shutting down" in rest and rest.startswith(b"data: ")
 
 
 async def test_routes_match_in_order_and_by_method(make_proxy: ProxyFactory) -> None:

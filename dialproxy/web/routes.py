@@ -135,7 +135,11 @@ async def serve(
         response, streamed = await _answer(resp, services, fields, extra)
         status = response.status
         if streamed is not None:
-            await _relay(request, response, streamed, services, fields)
+            sse = streamed.content_type == "text/event-stream"
+            farewell = proxy._SHUTDOWN_EVENT if sse else b""  # (else the stream just ends)
+            relay = _relay(request, response, streamed, services, fields)
+            if await services.drain.relay(response, relay, farewell):
+                fields["error"] = "stream ended: the server is shutting down"
         return response
     except Exception as e:
         response = guard.response_for(request, e)
