@@ -195,6 +195,16 @@ async def test_a_shutdown_ends_an_open_route_stream_with_an_event(
     assert b"shutting down" in rest and rest.startswith(b"data: ")
 
 
+async def test_routes_follow_a_reload(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(config({"a": {"paths": ["/a"], "response": {"body": "one"}}}))
+    assert (await call(proxy.url("/a")))[:2] == (200, b"one")
+    new = config({"a": {"paths": ["/b"], "response": {"body": "two"}}})
+    proxy.path.write_text(json.dumps(new))
+    proxy.store.load()
+    assert (await call(proxy.url("/a")))[0] == 404
+    assert (await call(proxy.url("/b")))[:2] == (200, b"two")
+
+
 async def test_routes_match_in_order_and_by_method(make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy(
         config(
