@@ -362,11 +362,27 @@ def test_unknown_top_level_sections_are_accepted(
 
 def test_loose_sections_accept_any_content(validator: jsonschema.Draft202012Validator) -> None:
     def mutate(c: dict[str, Any]) -> None:
-        for section in ("applications", "routes", "interceptors", "addons", "toolsets"):
+        for section in ("applications", "interceptors", "addons", "toolsets"):
             c[section] = {"x": {"whatever": True, "nested": {"deep": [None]}}}
         c["assistant"] = {"endpoint": "http://localhost:7001", "assistants": {}}
 
     assert error_paths(validator, mutated(mutate)) == []
+
+
+def test_routes_are_checked(validator: jsonschema.Draft202012Validator) -> None:
+    """``routes`` is served, so its entries are checked (an unknown field is an error)."""
+
+    def mutate(c: dict[str, Any]) -> None:
+        c["routes"] = {
+            "ok": {"paths": ["/v1/x"], "methods": ["GET"], "response": {"status": 200}},
+            "bad": {"paths": "/v1/x", "order": -1, "whatever": True},
+        }
+
+    assert sorted(error_paths(validator, mutated(mutate))) == [
+        "$.routes.bad",
+        "$.routes.bad.order",
+        "$.routes.bad.paths",
+    ]
 
 
 def test_unknown_feature_flags_are_accepted(validator: jsonschema.Draft202012Validator) -> None:

@@ -50,6 +50,7 @@ from dialproxy.config.model import (
     key_digest,
     never_default_header,
 )
+from dialproxy.config.routes import build_routes, route_problems
 from dialproxy.config.schema import def_names, schema_valid, validator
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -746,6 +747,7 @@ def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapsho
         files=files,
         warnings=tuple(final),
         raw=MappingProxyType(merged),
+        dial_routes=build_routes(merged.get("routes")),
     )
 
 
@@ -957,6 +959,20 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
                 "a deployment name must be unique",
             )
         yield from _application_checks(app_name, raw, at)
+
+    for parts, message, severity in route_problems(doc.get("routes")):
+        yield at.problem(parts, message, severity)
+    for route_name, route in _dict(doc.get("routes")).items():
+        for i, up in enumerate(_list(_dict(route).get("upstreams"))):
+            where: list[str | int] = ["routes", route_name, "upstreams", i]
+            url = _dict(up).get("endpoint")
+            if isinstance(url, str) and url.lower().startswith(("http://", "https://")):
+                for message in _url_problems(url):
+                    yield at.problem([*where, "endpoint"], message)
+            key = _dict(up).get("key")
+            if isinstance(key, str) and _CONTROL.search(key):
+                message = "contains control characters (it is sent as a header value)"
+                yield at.problem([*where, "key"], message)
 
 
 def _application_checks(app_name: str, raw: dict[str, Any], at: _Locator) -> Iterator[Problem]:

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dialproxy.config.routes import DialRoute
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
 
@@ -539,6 +542,8 @@ class Snapshot:
     # What the request path works out once per snapshot and reuses (a key's plan for a
     # deployment: its model and counters): filled as requests come, dropped with the snapshot.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The config's `routes`, compiled and in `order` (dialproxy.config.routes).
+    dial_routes: tuple[DialRoute, ...] = field(default=(), repr=False)
 
     def key_for_secret(self, secret: str) -> Key | None:
         return self.keys.get(key_digest(secret))

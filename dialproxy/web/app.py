@@ -25,7 +25,7 @@ from dialproxy.limiter import Limiter, WindowState
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import features, proxy
+from dialproxy.web import features, proxy, routes
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -37,7 +37,7 @@ from dialproxy.web.appkeys import (
 )
 from dialproxy.web.body import BODY_WATCH, BodyWatch
 from dialproxy.web.drain import Drain
-from dialproxy.web.guard import guarded, unmatched
+from dialproxy.web.guard import guarded
 
 UNLIMITED = 9223372036854775807
 
@@ -377,5 +377,6 @@ def create_app(
         "/v1/deployments/{id}/configuration",
         functools.partial(features.handle, feature="configuration"),
     )
-    app.router.add_route("*", "/{tail:.*}", unmatched)  # last: JSON 404s and 405s
+    # last: the config's DIAL routes (a path no route above has), else JSON 404s and 405s
+    app.router.add_route("*", "/{tail:.*}", functools.partial(routes.handle, services=services))
     return app
