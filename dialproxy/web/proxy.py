@@ -734,20 +734,7 @@ async def _respond(
         # (the usage in it cannot be read).
         headers.append(("Content-Encoding", encoding))
     if resp.content_type != "text/event-stream":
-        idle.watch(resp)
-        try:
-            # (encoded, its Content-Length is not the size read: the decoded bytes count)
-            length = resp.content_length if encoding is None else None
-            if length is not None and length <= max_response:
-                data = await resp.read()  # the usual answer: its length known, within the cap
-            else:
-                data = await _read_bounded(resp, max_response, length)
-        except (aiohttp.ClientError, TimeoutError):
-            resp.close()
-            raise BadGateway("The upstream broke off its response") from None
-        finally:
-            idle.release(resp)
-            resp.release()
+        data = await read_answer(resp, idle, max_response)
         if resp.status == 200:
             outcome.usage = find_usage(data)
         return web.Response(status=resp.status, body=data, headers=headers)
@@ -764,6 +751,25 @@ _DECODED = frozenset(
     + (["br"] if compression_utils.HAS_BROTLI else [])
     + (["zstd"] if compression_utils.HAS_ZSTD else [])
 )
+
+
+async def read_answer(resp: aiohttp.ClientResponse, idle: IdleWatch, cap: int) -> bytes:
+    """A non-streamed answer's body, decoded, read within the idle timeout and no further
+    than ``cap`` bytes; the upstream response released.  502 past the cap or when the
+    upstream breaks off (the connection closed)."""
+    idle.watch(resp)
+    try:
+        # (encoded, its Content-Length is not the size read: the decoded bytes count)
+        length = resp.content_length if "Content-Encoding" not in resp.headers else None
+        if length is not None and length <= cap:
+            return await resp.read()  # the usual answer: its length known, within the cap
+        return await _read_bounded(resp, cap, length)
+    except (aiohttp.ClientError, TimeoutError):
+        resp.close()
+        raise BadGateway("The upstream broke off its response") from None
+    finally:
+        idle.release(resp)
+        resp.release()
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, cap: int, length: int | None) -> bytes:

@@ -280,20 +280,7 @@ async def _answer(
         headers.append(("Content-Encoding", encoding))  # relayed as it came, still encoded
     if resp.content_type in STREAMED_TYPES:
         return web.StreamResponse(status=resp.status, headers=headers), resp
-    idle, cap = services.idle, services.settings.max_response
-    idle.watch(resp)
-    try:
-        length = resp.content_length if encoding is None else None
-        if length is not None and length <= cap:
-            data = await resp.read()
-        else:
-            data = await proxy._read_bounded(resp, cap, length)
-    except (aiohttp.ClientError, TimeoutError):
-        resp.close()
-        raise BadGateway("The upstream broke off its response") from None
-    finally:
-        idle.release(resp)
-        resp.release()
+    data = await proxy.read_answer(resp, services.idle, services.settings.max_response)
     return web.Response(status=resp.status, body=data, headers=headers), None
 
 
