@@ -113,13 +113,34 @@ def test_a_usage_whose_counts_are_not_counts_is_no_usage() -> None:
 
 
 @pytest.mark.parametrize("reader", [UsageScanner, UsageHider])
-def test_an_event_over_the_cap_is_refused(reader: type[UsageScanner | UsageHider]) -> None:
-    relay = reader(max_event=1000)
+def test_whole_events_of_any_size_pass(reader: type[UsageScanner | UsageHider]) -> None:
+    assert reader(max_event=1000).feed(b"data: " + b"y" * 5000 + b"\n\n").endswith(b"y\n\n")
+
+
+def test_the_hider_refuses_to_hold_an_event_over_the_cap() -> None:
+    relay = UsageHider(max_event=1000)
     relay.feed(b"data: " + b"x" * 900)
     with pytest.raises(EventTooLarge):
         relay.feed(b"x" * 200)
-    # whole events of any size pass: only what is held back is bounded
-    assert reader(max_event=1000).feed(b"data: " + b"y" * 5000 + b"\n\n").endswith(b"y\n\n")
+
+
+def test_the_scanner_relays_an_event_over_the_cap_and_reads_the_usage_after_it() -> None:
+    """It holds nothing back from the client: a big event is relayed whole, in pieces."""
+    scanner = UsageScanner(max_event=1000)
+    big = b"data: " + b"z" * 5000 + b"\r\n\r\n"
+    usage = _event({"choices": [], "usage": USAGE}, b"\r\n", (",", ":"))
+    stream = big + usage
+    relayed = b"".join(scanner.feed(stream[i : i + 100]) for i in range(0, len(stream), 100))
+    assert relayed == stream and scanner.usage == Usage(11, 5, 16)
+
+
+@pytest.mark.parametrize("eol", FRAMINGS.values(), ids=FRAMINGS.keys())
+def test_an_event_in_many_small_chunks(eol: bytes) -> None:
+    """Held as it comes (searched and joined once when it ends), byte by byte too."""
+    event = b"data: " + json.dumps({"choices": [], "usage": USAGE}).encode() + eol + eol
+    hider = UsageHider()
+    out = b"".join(hider.feed(event[i : i + 1]) for i in range(len(event))) + hider.flush()
+    assert hider.usage == Usage(11, 5, 16) and b"usage" not in out
 
 
 def test_events_are_estimated_from_chunks_and_bytes() -> None:

@@ -30,11 +30,12 @@ EVENT_BYTES = 256  # bytes of a stream taken for one event in an estimate
 
 
 class _Reader:
-    __slots__ = ("_max", "_pending", "bytes", "chunks", "usage")
+    __slots__ = ("_held", "_max", "_size", "bytes", "chunks", "usage")
 
     def __init__(self, max_event: int = sse.MAX_EVENT) -> None:
         self._max = max_event
-        self._pending = b""  # an event that has not ended yet
+        self._held: list[bytes] = []  # an event that has not ended yet, as it came
+        self._size = 0  # its bytes
         self.usage: Usage | None = None
         self.chunks = self.bytes = 0
 
@@ -46,23 +47,44 @@ class _Reader:
         return max(self.chunks, self.bytes // EVENT_BYTES)
 
     def _complete(self, chunk: bytes) -> bytes:
-        """The complete events of what is held with ``chunk``; the rest is held."""
+        """The complete events of what is held with ``chunk``; the rest is held.  An event
+        arriving in many chunks is searched and copied once, not once a chunk."""
         self.chunks += 1
         self.bytes += len(chunk)
-        data = self._pending + chunk if self._pending else chunk
-        end = sse.complete_end(data)
-        if end == len(data):
-            self._pending = b""
-        else:
-            self._pending = data[end:]
-            if len(self._pending) > self._max:
-                raise EventTooLarge(f"an upstream event grew past {self._max} bytes")
-            data = data[:end]
+        held = self._held
+        if not held:
+            end = sse.complete_end(chunk)
+            if end == len(chunk):  # the usual: whole events
+                return chunk
+            self._hold(chunk[end:])
+            return chunk[:end]
+        # A blank line may start in the last bytes held: those two and the new chunk.
+        tail = held[-1][-2:]
+        end = sse.complete_end(tail + chunk) - len(tail)
+        if end <= 0:
+            self._hold(chunk)
+            return b""
+        data = b"".join(held) + chunk[:end]
+        held.clear()
+        self._size = 0
+        if end < len(chunk):
+            self._hold(chunk[end:])
         return data
+
+    def _hold(self, part: bytes) -> None:
+        self._held.append(part)
+        self._size += len(part)
+        if self._size > self._max:
+            self._overflow()
+
+    def _overflow(self) -> None:
+        raise EventTooLarge(f"an upstream event grew past {self._max} bytes")
 
     def _rest(self) -> bytes:
         """What is held when the stream ends (an event the upstream did not end)."""
-        data, self._pending = self._pending, b""
+        data = b"".join(self._held)
+        self._held.clear()
+        self._size = 0
         return data
 
     def _read_usage(self, events: bytes, end: int) -> int:
@@ -82,9 +104,15 @@ class _Reader:
 
 
 class UsageScanner(_Reader):
-    """Relays each chunk as it came; reads the usage of the events as they complete."""
+    """Relays each chunk as it came; reads the usage of the events as they complete.  It
+    holds nothing back from the client, so an event over ``max_event`` is not a reason to
+    cut the stream: what is held of it is dropped (its usage, if any, is not read)."""
 
     __slots__ = ()
+
+    def _overflow(self) -> None:
+        self._held[:] = [self._held[-1][-2:]]  # (a blank line may start in the last bytes)
+        self._size = len(self._held[0])
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._complete(chunk)
