@@ -9,8 +9,8 @@ same shared key), so that everything spent down the chain is charged to that cal
 call back that goes to an ``endpoint`` again gets a key of its own (each hop its own).
 
 :func:`PerRequestKeys.mint` makes one for an outbound request (any deployment kind: a
-XX
-:func:`PerRequestKeys.release` ends it when the request ends.  Only the SHA-256 of a key is
+model's adapter, an application, a route's upstream, a feature endpoint), and
+:func:`PerRequestKeys.end` ends it when the request ends.  Only the SHA-256 of a key is
 kept.  In process memory always (a call back that lands on the same instance never waits
 for Redis); with Redis storage also in Redis (``dp:prk:<digest>`` -> the originator's key
 digest and shared key digest, with a TTL as a safety net for a process that dies
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -106,16 +107,27 @@ class PerRequestKeys:
                 await redis.call(lambda: redis.client.set(self._r(digest), value, ex=self.ttl))
         return secret
 
-    async def release(self, secret: str) -> None:
-        """The request is over: the key stops working (never raises)."""
+    def end(self, secret: str) -> Coroutine[Any, Any, None] | None:
+        """The request is over: the key stops working on this instance at once.  Returned
+        (None without Redis): the work that deletes it from Redis, for the caller to run in
+        the background (the answer need not wait for it; the TTL is the safety net)."""
         digest = key_digest(secret)
         self._live.pop(digest, None)
-        if self.redis is not None:
-            redis = self.redis
-            try:
-                await redis.call(lambda: redis.client.delete(self._r(digest)))
-            except Exception as e:  # (an outage is logged once, by the storage's health)
-                log.debug("per_request_key_not_deleted", error=type(e).__name__)
+        return self._forget(digest) if self.redis is not None else None
+
+    async def release(self, secret: str) -> None:
+        """:meth:`end`, waiting for Redis too (never raises)."""
+        work = self.end(secret)
+        if work is not None:
+            await work
+
+    async def _forget(self, digest: str) -> None:
+        redis = self.redis
+        assert redis is not None
+        try:
+            await redis.call(lambda: redis.client.delete(self._r(digest)))
+        except Exception as e:  # (an outage is logged once, by the storage's health)
+            log.debug("per_request_key_not_deleted", error=type(e).__name__)
 
     async def principal(
         self,

@@ -344,6 +344,10 @@ async def test_a_model_closed_to_per_request_keys_refuses_them(
         "body": {"error": {"message": "Forbidden deployment: closed", "code": "403"}},
     }
     assert (await chat(session, proxy, "closed"))[0] == 200  # the client's own key may
+    made = await mint(proxy)  # nor on its feature endpoints (every route to the model)
+    for path in ("/v1/closed/rate", "/v1/deployments/closed/tokenize"):
+        assert (await call(session, proxy, path, made, {}))[0] == 403, path
+    assert (await call(session, proxy, "/v1/closed/rate", KEY, {}))[0] == 200
 
 
 async def test_a_call_back_works_on_another_instance_sharing_redis(

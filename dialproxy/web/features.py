@@ -31,7 +31,7 @@ from dialproxy.config.model import Model
 from dialproxy.errors import BadGateway, Forbidden, ProxyError
 from dialproxy.logs import request_log
 from dialproxy.web import guard, proxy
-from dialproxy.web.appkeys import CLIENT, SETTINGS, STORE
+from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, STORE
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
 # model without one answers 403 (else 200 with an empty body), as DIAL Core does.
@@ -141,8 +141,8 @@ async def _call(
     except (aiohttp.ClientError, TimeoutError):
         raise BadGateway("connection error to origin") from None
     finally:
-        if key is not None and keys is not None:
-            await keys.release(key)
+        if key is not None and keys is not None and (work := keys.end(key)) is not None:
+            proxy.hold(app[BACKGROUND], work)
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, cap: int) -> bytes:

@@ -391,6 +391,8 @@ def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
         plan = Plan(grant.model, scopes, any(scope.records for scope in scopes))
         if len(snapshot.memo) < MEMO_SIZE:
             snapshot.memo[memo_key] = plan
+    if principal.per_request and plan.model.features.get("accessibleByPerRequestKey") is False:
+        raise Forbidden(f"Forbidden deployment: {plan.model.name}")  # (every route's check)
     return plan
 
 
@@ -433,8 +435,6 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             plan = plan_for(principal, snapshot, deployment)
             body = await read_json_body(request, max_body)
         model = outcome.model = plan.model
-        if principal.per_request and model.features.get("accessibleByPerRequestKey") is False:
-            raise Forbidden(f"Forbidden deployment: {model.name}")
         serving = model.serving.get(api)  # (refused here, 503 or 400, before the limits count)
         if serving is None or "X-UPSTREAM-ID" in request.headers:
             serving = _serving(request, model, deployment, api)
@@ -475,7 +475,7 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
         if outcome.leftover is None:
             _settle(services, request, principal, deployment, outcome, started)
             if outcome.per_request_key is not None:
-                await _end_key(services, outcome.per_request_key)
+                _end_key(services, outcome.per_request_key)
         else:  # the client left a stream before its usage: read on for it, then settle
             settle = functools.partial(
                 _settle, services, request, principal, deployment, outcome, started
@@ -504,23 +504,30 @@ def _settle(
 async def _settle_after_drain(
     services: Services, outcome: Outcome, settle: Callable[[], None]
 ) -> None:
-    await _drain(outcome, services.settings.stream_drain)
-    settle()
-    if outcome.per_request_key is not None:
-        await _end_key(services, outcome.per_request_key)
+    try:
+        await _drain(outcome, services.settings.stream_drain)
+    finally:  # (settled and its key ended whatever became of the drain)
+        settle()
+        if outcome.per_request_key is not None:
+            _end_key(services, outcome.per_request_key)
 
 
-async def _end_key(services: Services, key: str) -> None:
-    """The request is over: its per-request key stops working (here and in Redis)."""
+def _end_key(services: Services, key: str) -> None:
+    """The request is over: its per-request key stops working here at once, and in Redis
+    in the background (the answer does not wait for Redis)."""
     keys = services.shared.per_request
-    if keys is not None:
-        await keys.release(key)
+    if keys is not None and (work := keys.end(key)) is not None:
+        hold(services.background, work)
 
 
 def _hold(services: Services, work: Coroutine[Any, Any, None]) -> None:
-    """Runs ``work`` in a task of its own, held by the app (awaited when it stops)."""
+    hold(services.background, work)
+
+
+def hold(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+    """Runs ``work`` in a task of its own, held in ``tasks`` (the app's: awaited when it
+    stops)."""
     task = asyncio.get_running_loop().create_task(work)
-    tasks = services.background
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 

@@ -149,8 +149,8 @@ async def serve(
         return response
     finally:
         keys = services.shared.per_request
-        if minted and keys is not None:
-            await keys.release(minted[0])
+        if minted and keys is not None and (work := keys.end(minted[0])) is not None:
+            proxy.hold(services.background, work)
         services.log.line(
             "request",
             {
