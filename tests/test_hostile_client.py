@@ -393,6 +393,11 @@ async def test_the_served_process_writes_only_short_json_lines_without_secrets(
             assert json.loads(body)["error"]["message"].startswith("Unknown application: mmmm")
             r = await s.get(f"http://127.0.0.1:{port}/" + "p" * 8000, headers={"Api-Key": KEY})
             assert r.status == 404 and len(await r.read()) < 1000
+            for path in ("/openai/v1/models/", "/openai/applications/"):  # the lookups too
+                r = await s.get(
+                    f"http://127.0.0.1:{port}{path}{'n' * 6000}", headers={"Api-Key": KEY}
+                )
+                assert r.status == 404 and len(await r.read()) < 1000, path
     finally:
         code, err = stop(proc)
     assert code == 0, err[-2000:]

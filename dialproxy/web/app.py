@@ -22,6 +22,7 @@ from dialproxy.counters import LocalCounters
 from dialproxy.errors import Forbidden, NotFound
 from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
+from dialproxy.logs import cut
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
@@ -116,7 +117,7 @@ async def openai_model(request: web.Request) -> web.Response:
     principal = await _principal(request)
     name = request.match_info["id"]
     if name not in _visible(principal):
-        raise NotFound(f"The model '{name}' does not exist or you do not have access to it")
+        raise NotFound(f"The model '{cut(name)}' does not exist or you do not have access to it")
     return _json({"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"})
 
 
@@ -137,11 +138,11 @@ async def get_application(request: web.Request) -> web.Response:
     model = snapshot.models.get(name)
     if model is not None:
         if name not in _callable(principal):
-            raise Forbidden(f"Forbidden deployment: {name}")
+            raise Forbidden(f"Forbidden deployment: {cut(name)}")
         if model.kind == "application":
             return _json(model.application_listing())
-        raise NotFound(f"Application is not found: {name}")
-    raise NotFound(f"Unknown application: {name}")
+        raise NotFound(f"Application is not found: {cut(name)}")
+    raise NotFound(f"Unknown application: {cut(name)}")
 
 
 _NAME_TYPES = ("model", "application", "toolset")
