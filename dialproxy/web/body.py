@@ -161,3 +161,21 @@ async def _decode(
         raise BadRequest(f"Invalid {name} request body") from None
     if not inflater.eof:
         raise BadRequest(f"Invalid {name} request body: truncated")
+
+
+async def read_raw_body(request: web.Request, max_body: int) -> bytes:
+    """The body as it came (any type, still encoded if it is): over ``max_body`` 413, a
+    body that stops arriving 408, as for the proxied endpoints."""
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise PayloadTooLarge("Request body is too large")
+    try:
+        if request.content.is_eof():  # (the usual: all arrived with the headers)
+            return await request.read()
+        watch = request.app.get(BODY_WATCH)
+        with watch.watching(request.content) if watch else contextlib.nullcontext():
+            return await request.read()  # (bounded by the app's client_max_size: max_body)
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge("Request body is too large") from None
+    except BodyTimeout:
+        raise RequestTimeout("The request body stopped arriving") from None

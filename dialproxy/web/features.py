@@ -32,6 +32,7 @@ from dialproxy.errors import BadGateway, Forbidden, ProxyError
 from dialproxy.logs import request_log
 from dialproxy.web import guard, proxy
 from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, STORE
+from dialproxy.web.body import read_raw_body
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
 # model without one answers 403 (else 200 with an empty body), as DIAL Core does.
@@ -50,7 +51,7 @@ def endpoint_headers(request: web.Request, principal: Principal, model: Model) -
     and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them (the per-request key,
     which needs an await, is added by :func:`_call`)."""
     headers = proxy.forwarded_headers(request, principal, model)
-    if model.endpoint is not None and model.upstreams:
+    if not model.direct and model.upstreams:
         upstream = model.upstreams[0]
         headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
         if upstream.key is not None:
@@ -79,7 +80,7 @@ async def handle(request: web.Request, feature: str) -> web.StreamResponse:
         )
         model = proxy.plan_for(principal, snapshot, deployment).model  # 404, 403
         field, required = FEATURES[feature]
-        body = await request.read()  # (bounded by the app's client_max_size: max_body)
+        body = await read_raw_body(request, app[SETTINGS].max_body)  # (413, 408)
         url = model.features.get(field)
         if not isinstance(url, str) or not url:
             if required:
@@ -125,7 +126,8 @@ async def _call(
     if not model.direct and keys is not None:  # an adapter: a per-request key, as for chat
         key = headers["Api-Key"] = await keys.mint(principal)
     try:
-        async with asyncio.timeout(settings.idle_timeout):
+        idle = settings.idle_timeout
+        async with asyncio.timeout(idle if idle > 0 else None):  # (the whole call)
             async with client.request(
                 request.method,
                 url,

@@ -21,7 +21,7 @@ when it has one, else a per-request key (as DIAL does), released when the reques
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -36,14 +36,12 @@ from dialproxy.config.routes import DialRoute
 from dialproxy.errors import (
     BadGateway,
     Forbidden,
-    PayloadTooLarge,
     ProxyError,
-    RequestTimeout,
     Unavailable,
 )
 from dialproxy.limiter import Scope
 from dialproxy.web import guard, proxy
-from dialproxy.web.body import BODY_WATCH, BodyTimeout
+from dialproxy.web.body import read_raw_body
 
 # The client's headers a route's upstream gets: the proxied endpoints' allow-list, and the
 # body's own description (a route's body goes as it came, in any type and encoding).
@@ -125,7 +123,7 @@ async def serve(
             request_state, _ = await services.limiter.admit(scopes)
             if request_state is not None:
                 extra = proxy.ratelimit_headers(request_state, None)
-        body = await read_body(request, services.settings.max_body)
+        body = await read_raw_body(request, services.settings.max_body)
         if route.response is not None:
             status = route.response[0]
             return web.Response(
@@ -164,24 +162,6 @@ async def serve(
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
-
-
-async def read_body(request: web.Request, max_body: int) -> bytes:
-    """The body as it came (any type, still encoded if it is): over ``max_body`` 413, a
-    body that stops arriving 408, as for the proxied endpoints."""
-    length = request.content_length
-    if length is not None and length > max_body:
-        raise PayloadTooLarge("Request body is too large")
-    try:
-        if request.content.is_eof():  # (the usual: all arrived with the headers)
-            return await request.read()
-        watch = request.app.get(BODY_WATCH)
-        with watch.watching(request.content) if watch else contextlib.nullcontext():
-            return await request.read()  # (bounded by the app's client_max_size: max_body)
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge("Request body is too large") from None
-    except BodyTimeout:
-        raise RequestTimeout("The request body stopped arriving") from None
 
 
 def upstream_url(endpoint: str, route: DialRoute, request: web.Request) -> str:
@@ -308,8 +288,10 @@ async def _relay(
                 request.transport.abort()
                 return
         await response.write_eof()
-    except ConnectionResetError:
+    except (ConnectionResetError, asyncio.CancelledError) as e:
         fields["error"] = fields["error"] or "client disconnected"
+        if isinstance(e, asyncio.CancelledError):
+            raise  # (a cancellation goes on: the client went away, or the shutdown's end)
     finally:
         idle.release(upstream)
         if upstream.content.is_eof():
