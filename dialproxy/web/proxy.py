@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import functools
 import json
 import re
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -38,7 +36,8 @@ from dialproxy.errors import (
 from dialproxy.limiter import Limiter, Scope, WindowState, seconds_to_empty
 from dialproxy.logs import RequestLog, cut
 from dialproxy.settings import Settings
-from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
+from dialproxy.upstream.attempts import Attempts
+from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.relay import UsageHider, UsageScanner
 from dialproxy.upstream.sse import EventTooLarge
@@ -212,30 +211,6 @@ class Outcome:
     # An abandoned stream's upstream and reader, still to be drained for the usage.
     leftover: tuple[aiohttp.ClientResponse, UsageScanner | UsageHider] | None = None
     per_request_key: str | None = None  # the key sent to an adapter: ended with the request
-
-
-# Retry-After's delta-seconds: digits (a decimal point accepted too); anything else that is
-# not an HTTP date (nan, inf, -1, 1e12, words) counts as absent.
-_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?", re.ASCII)
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """An upstream's ``Retry-After`` in seconds, at most ``MAX_PAUSE``; None when absent or
-    not a delta-seconds or HTTP date (the balancer then waits its default)."""
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    value = value.strip()
-    if _DELTA_SECONDS.fullmatch(value):
-        return min(float(value), MAX_PAUSE)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-        if when.tzinfo is None:  # (-0000: UTC, says RFC 5322)
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    except Exception:  # whatever the date parser makes of it: no date
-        return None
-    return min(max(seconds, 0.0), MAX_PAUSE)
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -611,9 +586,7 @@ async def _forward(
         # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
         outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
-    retry_afters: list[float] = []
-    all_rate_limited = True
-    redirected: int | None = None  # the status of an upstream's redirect, for the log line
+    attempts = Attempts(balancer, model, snapshot.retriable_codes)
     if balancer.sharing:
         await balancer.refresh(model)
     for route in balancer.plan(model, serving.routes):
@@ -636,41 +609,16 @@ async def _forward(
                     allow_redirects=False,  # the route's credentials go to its URL, nowhere else
                 )
         except (aiohttp.ClientError, TimeoutError):
-            await balancer.failed(model, route.upstream)
-            all_rate_limited = False
+            await attempts.broke(route.upstream)
             continue
-        status = resp.status
-        if 300 <= status < 400:  # a redirect is not followed: a failure, as a 5xx is
-            resp.release()
-            redirected = status
-            await balancer.failed(model, route.upstream)
-            all_rate_limited = False
-            continue
-        if status in snapshot.retriable_codes:
-            resp.release()
-            if status == 429:
-                after = _retry_after(resp.headers)
-                await balancer.rate_limited(model, route.upstream, after)
-                retry_afters.append(after if after is not None else 30.0)
-            else:
-                await balancer.failed(model, route.upstream)
-                all_rate_limited = False
+        if not await attempts.served(resp, route.upstream):
             continue
         outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
-        if status < 500:
-            balancer.succeeded(model, route.upstream)
-        else:
-            await balancer.failed(model, route.upstream)
-        outcome.status = status
+        outcome.status = resp.status
         return await _respond(
             resp, outcome, injected, extra_headers, services.idle, services.settings.max_response
         )
-    if retry_afters and all_rate_limited:
-        wait = max(1, int(min(retry_afters) + 0.999))
-        raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
-    if redirected is not None:
-        raise _NoRoute(f"upstream answered {redirected}")
-    raise BadGateway("No route")
+    raise attempts.refusal()
 
 
 def _serving(request: web.Request, model: Model, deployment: str, api: str) -> Serving:
@@ -693,13 +641,6 @@ def _serving(request: web.Request, model: Model, deployment: str, api: str) -> S
             raise BadRequest(f"Deployment {deployment} has no upstream with id {pin[:64]!r}")
         serving = dataclasses.replace(serving, routes=(route,))
     return serving
-
-
-class _NoRoute(BadGateway):
-    """DIAL's "No route" to the client; the log line says what went wrong (the message)."""
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": "No route", "code": "502"}}
 
 
 def _response_headers(

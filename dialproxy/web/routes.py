@@ -34,12 +34,11 @@ from dialproxy.config.loader import resolve_grant
 from dialproxy.config.model import Snapshot
 from dialproxy.config.routes import DialRoute
 from dialproxy.errors import (
-    BadGateway,
     Forbidden,
     ProxyError,
-    Unavailable,
 )
 from dialproxy.limiter import Scope
+from dialproxy.upstream.attempts import Attempts
 from dialproxy.web import guard, proxy
 from dialproxy.web.body import read_raw_body
 
@@ -192,8 +191,7 @@ async def _forward(
     client_headers = request.headers
     headers = {n: v for n in FORWARDED_HEADERS if (v := client_headers.get(n)) is not None}
     headers["Accept-Encoding"] = "identity"
-    retry_afters: list[float] = []
-    all_rate_limited = True
+    attempts = Attempts(balancer, model, snapshot.retriable_codes)
     if balancer.sharing:
         await balancer.refresh(model)
     for planned in balancer.plan(model):
@@ -221,29 +219,11 @@ async def _forward(
                     allow_redirects=False,  # the key goes to the configured URL alone
                 )
         except (aiohttp.ClientError, TimeoutError):
-            await balancer.failed(model, upstream)
-            all_rate_limited = False
+            await attempts.broke(upstream)
             continue
-        code = resp.status
-        if 300 <= code < 400 or code in snapshot.retriable_codes:
-            resp.release()
-            if code == 429:
-                after = proxy._retry_after(resp.headers)
-                await balancer.rate_limited(model, upstream, after)
-                retry_afters.append(after if after is not None else 30.0)
-            else:
-                await balancer.failed(model, upstream)
-                all_rate_limited = False
-            continue
-        if code < 500:
-            balancer.succeeded(model, upstream)
-        else:
-            await balancer.failed(model, upstream)
-        return resp
-    if retry_afters and all_rate_limited:
-        wait = max(1, int(min(retry_afters) + 0.999))
-        raise Unavailable("Too many requests to the upstreams", headers={"Retry-After": str(wait)})
-    raise BadGateway("No route")
+        if await attempts.served(resp, upstream):
+            return resp
+    raise attempts.refusal()
 
 
 async def _answer(

@@ -1,0 +1,103 @@
+"""One request's attempts over a deployment's upstreams: what each answer means.
+
+An answer is served, or it is a failed attempt that moves on to the next upstream: a
+connection error, a redirect (never followed: the upstream's credentials go to its URL and
+nowhere else), a retriable status (429 pauses the upstream for its ``Retry-After``).  When no
+attempt is served, :meth:`Attempts.refusal` is the error: 503 with ``Retry-After`` when every
+upstream was rate-limited, else 502 ``No route``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from dialproxy.config.model import Model, Upstream
+from dialproxy.errors import BadGateway, ProxyError, Unavailable
+from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
+
+# Retry-After's delta-seconds: digits (a decimal point accepted too); anything else that is
+# not an HTTP date (nan, inf, -1, 1e12, words) counts as absent.
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?", re.ASCII)
+DEFAULT_PAUSE = 30.0  # a 429 without a Retry-After we can read
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """An upstream's ``Retry-After`` in seconds, at most ``MAX_PAUSE``; None when absent or
+    not a delta-seconds or HTTP date (the balancer then waits its default)."""
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return min(float(value), MAX_PAUSE)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # (-0000: UTC, says RFC 5322)
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    except Exception:  # whatever the date parser makes of it: no date
+        return None
+    return min(max(seconds, 0.0), MAX_PAUSE)
+
+
+class NoRoute(BadGateway):
+    """DIAL's "No route" to the client; the log line says what went wrong (the message)."""
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": "No route", "code": "502"}}
+
+
+class Attempts:
+    """The attempts of one request to ``model``'s upstreams, as its balancer sees them."""
+
+    __slots__ = ("_all_limited", "_balancer", "_model", "_redirected", "_retriable", "_waits")
+
+    def __init__(self, balancer: Balancer, model: Model, retriable: Collection[int]) -> None:
+        self._balancer, self._model, self._retriable = balancer, model, retriable
+        self._waits: list[float] = []  # the rate-limited upstreams' Retry-After
+        self._all_limited = True
+        self._redirected: int | None = None  # a redirect's status, for the log line
+
+    async def broke(self, upstream: Upstream) -> None:
+        """The attempt failed before an answer (a connection error, a timeout)."""
+        self._all_limited = False
+        await self._balancer.failed(self._model, upstream)
+
+    async def served(self, resp: aiohttp.ClientResponse, upstream: Upstream) -> bool:
+        """Whether ``resp`` is the answer to serve; if not, it is released and the next
+        upstream is tried."""
+        status = resp.status
+        redirect = 300 <= status < 400
+        if redirect or status in self._retriable:
+            resp.release()
+            if status == 429:
+                after = retry_after(resp.headers)
+                await self._balancer.rate_limited(self._model, upstream, after)
+                self._waits.append(after if after is not None else DEFAULT_PAUSE)
+            else:
+                if redirect:
+                    self._redirected = status
+                await self.broke(upstream)
+            return False
+        if status < 500:
+            self._balancer.succeeded(self._model, upstream)
+        else:
+            await self._balancer.failed(self._model, upstream)
+        return True
+
+    def refusal(self) -> ProxyError:
+        """The error when no attempt was served."""
+        if self._waits and self._all_limited:
+            wait = max(1, int(min(self._waits) + 0.999))
+            return Unavailable(
+                "Too many requests to the upstreams", headers={"Retry-After": str(wait)}
+            )
+        if self._redirected is not None:
+            return NoRoute(f"upstream answered {self._redirected}")
+        return BadGateway("No route")
