@@ -1204,18 +1204,7 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
         name=name,
         type=str(raw.get("type", "chat")).lower(),
         endpoint=raw.get("endpoint"),
-        upstreams=tuple(
-            Upstream(
-                endpoint=u["endpoint"],
-                key=u.get("key"),
-                extra_data=u.get("extraData"),
-                weight=int(u.get("weight", 1)),
-                tier=int(u.get("tier", 0)),
-                auth=u.get("auth", "bearer"),
-                id=u.get("id"),
-            )
-            for u in raw.get("upstreams") or ()
-        ),
+        upstreams=tuple(Upstream.of(u) for u in raw.get("upstreams") or ()),
         display_name=_localized(raw.get("displayName")),
         display_version=raw.get("displayVersion"),
         icon_url=raw.get("iconUrl"),

@@ -160,6 +160,19 @@ class Upstream:
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_fingerprint", fingerprint(self.key) if self.key else None)
 
+    @classmethod
+    def of(cls, raw: Mapping[str, Any]) -> Upstream:
+        """An upstream as the config writes it (checked by the loader)."""
+        return cls(
+            endpoint=raw["endpoint"],
+            key=raw.get("key"),
+            extra_data=raw.get("extraData"),
+            weight=int(raw.get("weight", 1)),
+            tier=int(raw.get("tier", 0)),
+            auth=raw.get("auth", "bearer"),
+            id=raw.get("id"),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

@@ -57,13 +57,7 @@ def build_routes(section: Any) -> tuple[DialRoute, ...]:
         if not isinstance(raw, dict):
             continue
         upstreams = tuple(
-            Upstream(
-                endpoint=u["endpoint"],
-                key=u.get("key"),
-                extra_data=u.get("extraData"),
-                weight=int(u.get("weight", 1)),
-                tier=int(u.get("tier", 0)),
-            )
+            Upstream.of(u)
             for u in raw.get("upstreams") or ()
             if isinstance(u, dict) and _served_url(u.get("endpoint"))
         )
