@@ -362,6 +362,15 @@ def test_a_path_that_is_no_regex_is_an_error_with_its_json_path(tmp_path: Path) 
         ("$.routes.x.order", "error"),  # the schema: order >= 0
     ]
 
+    # not lists where lists belong: the schema's errors, no crash of the semantic checks
+    path.write_text(json.dumps(config({"odd": {"paths": 500, "upstreams": "http://h/"}})))
+    with pytest.raises(ConfigError) as raised:
+        build_snapshot(read_sources([path]), {})
+    assert {p.path for p in raised.value.problems} >= {
+        "$.routes.odd.paths",
+        "$.routes.odd.upstreams",
+    }
+
 
 def test_dial_golden_config_routes_compile() -> None:
     snapshot = build_snapshot(read_sources([CONFIGS / "aidial.config.json"]), {})

@@ -102,7 +102,7 @@ def route_problems(section: Any) -> Iterator[tuple[list[str | int], str, Severit
     for name, raw in section.items():
         if not isinstance(raw, dict):
             continue
-        for i, path in enumerate(raw.get("paths") or ()):
+        for i, path in enumerate(_items(raw.get("paths"))):
             if not isinstance(path, str):
                 continue
             try:
@@ -116,7 +116,7 @@ def route_problems(section: Any) -> Iterator[tuple[list[str | int], str, Severit
                 "`user_roles` is an alias of `userRoles`, which is also set: keep one",
                 "error",
             )
-        for i, upstream in enumerate(raw.get("upstreams") or ()):
+        for i, upstream in enumerate(_items(raw.get("upstreams"))):
             if not isinstance(upstream, dict):
                 continue
             url = upstream.get("endpoint")
@@ -133,3 +133,8 @@ def route_problems(section: Any) -> Iterator[tuple[list[str | int], str, Severit
                 "the route has neither `response` nor `upstreams`: its requests get 502",
                 "warning",
             )
+
+
+def _items(value: Any) -> list[Any]:
+    """A list the schema may have refused (its own error says so): else nothing to check."""
+    return value if isinstance(value, list) else []
