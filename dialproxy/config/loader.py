@@ -1196,23 +1196,35 @@ def _decimal(value: Any) -> Decimal:
         return Decimal(0)
 
 
+def _deployment_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """What a model and an application have alike (``raw`` with its aliases resolved)."""
+    user_roles = raw.get("userRoles")
+    return {
+        "endpoint": raw.get("endpoint"),
+        "display_name": _localized(raw.get("displayName")),
+        "display_version": raw.get("displayVersion"),
+        "icon_url": raw.get("iconUrl"),
+        "description": _localized(raw.get("description")),
+        "user_roles": None if user_roles is None else frozenset(user_roles),
+        "defaults": MappingProxyType(dict(raw.get("defaults") or {})),
+        "override_name": raw.get("overrideName"),
+        "forward_auth_token": bool(raw.get("forwardAuthToken", False)),
+        "features": MappingProxyType(dict(raw.get("features") or {})),
+        "max_retry_attempts": int(raw.get("maxRetryAttempts", 5)),
+        "input_attachment_types": tuple(raw.get("inputAttachmentTypes") or ()),
+        "max_input_attachments": raw.get("maxInputAttachments"),
+        "description_keywords": tuple(raw.get("descriptionKeywords") or ()),
+        "default_headers": _default_headers(raw.get("defaultHeaders")),
+    }
+
+
 def _model(name: str, raw: Mapping[str, Any]) -> Model:
     raw = _model_fields(raw)
     pricing = raw.get("pricing")
-    user_roles = raw.get("userRoles")
     return Model(
         name=name,
         type=str(raw.get("type", "chat")).lower(),
-        endpoint=raw.get("endpoint"),
         upstreams=tuple(Upstream.of(u) for u in raw.get("upstreams") or ()),
-        display_name=_localized(raw.get("displayName")),
-        display_version=raw.get("displayVersion"),
-        icon_url=raw.get("iconUrl"),
-        description=_localized(raw.get("description")),
-        user_roles=None if user_roles is None else frozenset(user_roles),
-        defaults=MappingProxyType(dict(raw.get("defaults") or {})),
-        override_name=raw.get("overrideName"),
-        forward_auth_token=bool(raw.get("forwardAuthToken", False)),
         token_limits=MappingProxyType(dict(raw.get("limits") or {})),
         pricing=None
         if not pricing or pricing.get("unit") == "none"  # DIAL: `none` tracks no cost
@@ -1221,20 +1233,15 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
             prompt=_decimal(pricing.get("prompt", "0")),
             completion=_decimal(pricing.get("completion", "0")),
         ),
-        features=MappingProxyType(dict(raw.get("features") or {})),
         tokenizer_model=raw.get("tokenizerModel"),
-        max_retry_attempts=int(raw.get("maxRetryAttempts", 5)),
-        input_attachment_types=tuple(raw.get("inputAttachmentTypes") or ()),
-        max_input_attachments=raw.get("maxInputAttachments"),
-        description_keywords=tuple(raw.get("descriptionKeywords") or ()),
         interfaces=MappingProxyType(
             {
                 kind: _interface(entry, raw.get("baseUrl"))
                 for kind, entry in (raw.get("interfaces") or {}).items()
             }
         ),
-        default_headers=_default_headers(raw.get("defaultHeaders")),
         responses_endpoint=raw.get("responsesEndpoint"),
+        **_deployment_fields(raw),
     )
 
 
@@ -1242,36 +1249,20 @@ def _application(name: str, raw: Mapping[str, Any]) -> Model:
     """An application, served as a chat model with no upstreams: its ``endpoint`` verbatim
     (or its ``openaiChatCompletions`` interface); with neither, listed and answered 503."""
     raw = _model_fields(raw)
-    user_roles = raw.get("userRoles")
-    interfaces = _dict(raw.get("interfaces"))
     return Model(
         name=name,
         type="chat",
-        endpoint=raw.get("endpoint"),
         upstreams=(),
-        display_name=_localized(raw.get("displayName")),
-        display_version=raw.get("displayVersion"),
-        icon_url=raw.get("iconUrl"),
-        description=_localized(raw.get("description")),
-        user_roles=None if user_roles is None else frozenset(user_roles),
-        defaults=MappingProxyType(dict(raw.get("defaults") or {})),
-        override_name=raw.get("overrideName"),
-        forward_auth_token=bool(raw.get("forwardAuthToken", False)),
-        features=MappingProxyType(dict(raw.get("features") or {})),
-        max_retry_attempts=int(raw.get("maxRetryAttempts", 5)),
-        input_attachment_types=tuple(raw.get("inputAttachmentTypes") or ()),
-        max_input_attachments=raw.get("maxInputAttachments"),
-        description_keywords=tuple(raw.get("descriptionKeywords") or ()),
         interfaces=MappingProxyType(
             {
                 kind: _interface(entry, None)
-                for kind, entry in interfaces.items()
+                for kind, entry in _dict(raw.get("interfaces")).items()
                 if kind == "openaiChatCompletions"  # DIAL drops the others (validate warns)
             }
         ),
-        default_headers=_default_headers(raw.get("defaultHeaders")),
         kind="application",
         reference=raw.get("reference"),
+        **_deployment_fields(raw),
     )
 
 
