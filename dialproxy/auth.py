@@ -47,9 +47,12 @@ class Principal:
         return self.key.access
 
 
-def credentials(headers: CIMultiDictProxy[str]) -> str:
-    """The API key the request carries (``Api-Key`` or ``Authorization: Bearer``)."""
+def credentials(headers: CIMultiDictProxy[str], x_api_key: bool = False) -> str:
+    """The API key the request carries (``Api-Key`` or ``Authorization: Bearer``; with
+    ``x_api_key``, Anthropic's ``x-api-key`` too, taken as ``Api-Key``)."""
     api_key = headers.get("Api-Key")
+    if x_api_key and api_key is None:
+        api_key = headers.get("x-api-key")
     authorization = headers.get("Authorization")
     bearer = None
     if authorization is not None:
@@ -95,6 +98,7 @@ async def authenticate(
     snapshot: Snapshot,
     remote: str | None,
     shared: SharedKeyFinder | None,
+    x_api_key: bool = False,
 ) -> Principal:
     """The key a request carries, from the config or, for a secret the config does not
     know, from the per-request keys in flight (their prefix) or the shared keys.
@@ -105,7 +109,7 @@ async def authenticate(
     """
     clock = shared.clock if shared is not None else None
     now = clock() if clock is not None else None
-    secret = credentials(headers)
+    secret = credentials(headers, x_api_key)
     key = snapshot.key_for_secret(secret)
     if key is not None:
         return _admitted(key, secret, remote, now)

@@ -71,7 +71,14 @@ def test_interfaces_are_served_as_dial_serves_them() -> None:
 def test_model_base_url_and_upstream_ids() -> None:
     models = load(CONFIGS / "interface-feature-overrides.json").models
     inheriting = models["feature-inheritance"]  # entries without base_url: the model's baseUrl
-    assert set(inheriting.serving) == {"chat/completions", "completions", "embeddings"}
+    assert set(inheriting.serving) == {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "responses",
+        "messages",
+        "messages/count_tokens",
+    }
     routes = inheriting.serving["chat/completions"].routes
     assert [(r.url, r.append_path) for r in routes] == [("http://localhost:4848", True)]
     assert routes[0].headers["X-UPSTREAM-ENDPOINT"] == "http://provider"  # DIAL's adapter shape

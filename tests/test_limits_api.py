@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dialproxy.web.proxy import go_duration
+from dialproxy.apis.openai import go_duration
 from tests.conftest import Backend, Proxy, ProxyFactory, new_key
 
 KEY = new_key()

@@ -432,13 +432,31 @@ def test_model_with_only_interfaces_is_servable() -> None:
 def test_model_serving_no_proxied_interface_is_a_warning(upstreams: list[Any]) -> None:
     model = {
         "type": "chat",
-        "interfaces": {"anthropicMessages": {"base_url": "http://h"}},
+        "interfaces": {"anthropicMessages": {"mode": "translator"}},
         "upstreams": upstreams,
     }
-    p = the_problem(problems({"models": {"m": model}}))
-    assert (p.path, p.severity) == ("$.models.m", "warning")
-    assert "503" in p.message
+    found = problems({"models": {"m": model}})
+    assert [(p.path, p.severity) for p in found] == [
+        ("$.models.m.interfaces.anthropicMessages.mode", "warning"),
+        ("$.models.m", "warning"),
+    ]
+    assert "503" in found[1].message
     assert build({"models": {"m": model}}).models["m"].serving == {}
+
+
+def test_anthropic_and_responses_interfaces_serve_their_apis() -> None:
+    model = {
+        "type": "chat",
+        "interfaces": {
+            "anthropicMessages": {"base_url": "http://a/"},
+            "openaiResponses": {"base_url": "http://r"},
+        },
+    }
+    assert problems({"models": {"m": model}}) == []
+    serving = build({"models": {"m": model}}).models["m"].serving
+    assert set(serving) == {"messages", "messages/count_tokens", "responses"}
+    assert [(r.url, r.append_path) for r in serving["messages"].routes] == [("http://a", True)]
+    assert [(r.url, r.append_path) for r in serving["responses"].routes] == [("http://r", True)]
 
 
 def test_empty_interfaces_with_upstreams_is_a_direct_model() -> None:

@@ -1019,6 +1019,22 @@ def _application_checks(app_name: str, raw: dict[str, Any], at: _Locator) -> Ite
         yield at.problem(base, f"{why}: listed, and answered 503", "warning")
 
 
+def _serves_responses(raw: dict[str, Any]) -> bool:
+    """Whether a model (as written) serves the Responses API."""
+    if raw.get("responsesEndpoint") is not None or "openaiResponses" in _dict(
+        raw.get("interfaces")
+    ):
+        return True
+    return (
+        raw.get("endpoint") is None
+        and not _dict(raw.get("interfaces"))
+        and any(
+            isinstance(up, dict) and up.get("responsesEndpoint") is not None
+            for up in _list(raw.get("upstreams"))
+        )
+    )
+
+
 def _model_checks(
     model_name: str, raw: dict[str, Any], roles: Mapping[str, Any], at: _Locator
 ) -> Iterator[Problem]:
@@ -1064,8 +1080,6 @@ def _model_checks(
         )
         has_url = any(isinstance(entry.get(n), str) for n in ("base_url", "baseUrl"))
         has_url = has_url or isinstance(raw.get("baseUrl"), str)
-        if kind not in ("openaiChatCompletions", "openaiEmbeddings"):
-            continue  # accepted and listed; dialproxy serves neither API yet
         if entry.get("mode") == "translator":
             yield at.problem(
                 [*at_kind, "mode"],
@@ -1099,12 +1113,13 @@ def _model_checks(
             for message in _url_problems(value):
                 yield at.problem([*base, "features", name], message)
     ups = raw.get("upstreams")
+    served = served or raw.get("responsesEndpoint") is not None
     if raw.get("endpoint") is None and not served and (_dict(raw.get("interfaces")) or not ups):
         if _dict(raw.get("interfaces")):  # DIAL loads it; it answers every proxied API with 503
             yield at.problem(
                 base,
-                "no `endpoint` and no `openaiChatCompletions`/`openaiEmbeddings` interface "
-                "with a base URL: dialproxy serves no request of this model (503)",
+                "no `endpoint` and no interface with a base URL: dialproxy serves no "
+                "request of this model (503)",
                 "warning",
             )
         else:
@@ -1126,6 +1141,16 @@ def _model_checks(
                 [*where, "key"], "contains control characters (it is sent as a header value)"
             )
         weights.append(up.get("weight", 1))
+    if _serves_responses(raw) and isinstance(ups, list) and len(ups) > 1:
+        for i, up in enumerate(ups):
+            if isinstance(up, dict) and up.get("id") is None:
+                yield at.problem(
+                    [*base, "upstreams", i],
+                    "no `id`: DIAL requires one where the Responses API is served (it routes "
+                    "follow-ups back to the upstream); dialproxy names it by its index, which "
+                    "changes when the list does",
+                    "warning",
+                )
     if weights and all(isinstance(w, int) and w <= 0 for w in weights):
         yield at.problem(
             [*base, "upstreams"],
@@ -1241,6 +1266,7 @@ def _model(name: str, raw: Mapping[str, Any]) -> Model:
             }
         ),
         responses_endpoint=raw.get("responsesEndpoint"),
+        responses_defaults=MappingProxyType(dict(raw.get("responsesDefaults") or {})),
         **_deployment_fields(raw),
     )
 

@@ -152,8 +152,9 @@ class Upstream:
     extra_data: Any = None
     weight: int = 1
     tier: int = 0
-    auth: Literal["bearer", "api-key"] = "bearer"
+    auth: Literal["bearer", "api-key", "x-api-key"] = "bearer"
     id: str | None = None  # what a client's X-UPSTREAM-ID names
+    responses_endpoint: str | None = None  # its OpenAI Responses API URL
     # Names the upstream in logs and in the balancer's state (hashed once, not per request).
     key_fingerprint: str | None = field(init=False, repr=False, compare=False)
 
@@ -171,6 +172,7 @@ class Upstream:
             tier=int(raw.get("tier", 0)),
             auth=raw.get("auth", "bearer"),
             id=raw.get("id"),
+            responses_endpoint=raw.get("responsesEndpoint"),
         )
 
 
@@ -197,7 +199,14 @@ API_INTERFACES = {
     "chat/completions": "openaiChatCompletions",
     "completions": "openaiChatCompletions",
     "embeddings": "openaiEmbeddings",
+    "responses": "openaiResponses",
+    "messages": "anthropicMessages",
+    "messages/count_tokens": "anthropicMessages",
 }
+# The APIs a model's legacy `endpoint` serves (verbatim); `responsesEndpoint` serves
+# "responses"; the Anthropic Messages API is served by `interfaces` (or directly) only.
+ENDPOINT_APIS = frozenset({"chat/completions", "completions", "embeddings"})
+ANTHROPIC_APIS = frozenset({"messages", "messages/count_tokens"})
 # Names a `defaultHeaders` entry can never set: hop-by-hop, the body's framing and type,
 # the client's key, and what the proxy sets itself (compared lowercased).
 NEVER_DEFAULT_HEADERS = frozenset(
@@ -247,24 +256,59 @@ class Serving:
     by_id: Mapping[str, Route] = field(default_factory=dict)
 
 
-def _upstream_headers(upstream: Upstream, direct: bool) -> dict[str, str]:
-    """A direct upstream: its key, OpenAI style (``Authorization: Bearer``) or Azure style
-    (``api-key``).  Through the model's endpoint (DIAL's adapter shape): the upstream in
-    ``X-UPSTREAM-ENDPOINT``, ``-KEY`` and ``-EXTRA-DATA``."""
+def _upstream_headers(upstream: Upstream, direct: bool, api: str) -> dict[str, str]:
+    """A direct upstream: its key, OpenAI style (``Authorization: Bearer``), Azure style
+    (``api-key``) or Anthropic style (``x-api-key``).  Through the model's endpoint (DIAL's
+    adapter shape): the upstream in ``X-UPSTREAM-ENDPOINT`` (for the Responses API its
+    ``responsesEndpoint``), ``-KEY`` and ``-EXTRA-DATA``."""
     headers: dict[str, str] = {}
     if direct:
         if upstream.key:
-            if upstream.auth == "api-key":
-                headers["api-key"] = upstream.key
-            else:
+            if upstream.auth == "bearer":
                 headers["Authorization"] = "Bearer " + upstream.key
+            else:
+                headers[upstream.auth] = upstream.key
         return headers
-    headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
+    endpoint = upstream.endpoint
+    if api == "responses" and upstream.responses_endpoint is not None:
+        endpoint = upstream.responses_endpoint
+    headers["X-UPSTREAM-ENDPOINT"] = endpoint
     if upstream.key is not None:
         headers["X-UPSTREAM-KEY"] = upstream.key
     if upstream.extra_data is not None:
         headers["X-UPSTREAM-EXTRA-DATA"] = json.dumps(upstream.extra_data)
     return headers
+
+
+def _route_variant(api: str, direct: bool) -> str:
+    """What makes one API's routes differ from another's to the same URL: a direct model's
+    upstream URL and key header; an adapter's ``X-UPSTREAM-ENDPOINT`` (Responses)."""
+    if direct:
+        return (
+            api
+            if api in ("responses", "messages/count_tokens")
+            else ("messages" if api in ANTHROPIC_APIS else "")
+        )
+    return "responses" if api == "responses" else ""
+
+
+def _direct_url(upstream: Upstream, api: str) -> str | None:
+    """Where a direct model sends ``api`` to ``upstream`` (None: it does not serve it): the
+    Responses API to its ``responsesEndpoint``; the Messages API to an ``x-api-key``
+    upstream's ``endpoint`` (token counts to its ``/count_tokens``); the others to the
+    ``endpoint`` of any other upstream."""
+    if api == "responses":
+        return upstream.responses_endpoint
+    anthropic = upstream.auth == "x-api-key"
+    if api in ANTHROPIC_APIS:
+        if not anthropic:
+            return None
+        return (
+            upstream.endpoint.rstrip("/") + "/count_tokens"
+            if api != "messages"
+            else upstream.endpoint
+        )
+    return None if anthropic else upstream.endpoint
 
 
 # The APIs an application serves: DIAL calls an application for chat completions only.
@@ -300,6 +344,7 @@ class Model:
     interfaces: Mapping[str, Interface] = field(default_factory=dict)
     default_headers: Mapping[str, str] = field(default_factory=dict)
     responses_endpoint: str | None = None
+    responses_defaults: Mapping[str, Any] = field(default_factory=dict)
     kind: Literal["model", "application"] = "model"
     reference: str | None = None  # an application's `reference`, listed (default: its name)
     # Where requests can go: the weighted upstreams, or the endpoint alone.
@@ -312,12 +357,14 @@ class Model:
     def __post_init__(self) -> None:
         # (an application without `endpoint` or `interfaces` is not direct: it serves nothing)
         direct = self.endpoint is None and not self.interfaces and self.kind == "model"
-        by_url: dict[tuple[str, bool], tuple[Route, ...]] = {}
+        by_url: dict[tuple[str, bool, str], tuple[Route, ...]] = {}
 
-        def routes_to(url: str, append_path: bool) -> tuple[Route, ...]:
-            found = by_url.get((url, append_path))
+        def routes_to(url: str, append_path: bool, api: str) -> tuple[Route, ...]:
+            variant = _route_variant(api, direct)  # what differs in the routes between APIs
+            found = by_url.get((url, append_path, variant))
             if found is None:
-                found = by_url[(url, append_path)] = self._routes(url, append_path, direct)
+                found = self._routes(url, append_path, direct, api)
+                by_url[(url, append_path, variant)] = found
             return found
 
         serving: dict[str, Serving] = {}
@@ -325,14 +372,19 @@ class Model:
             if self.kind == "application" and api not in APPLICATION_APIS:
                 continue
             interface = self.interfaces.get(kind)
+            legacy = self.endpoint if api in ENDPOINT_APIS else None
+            if api == "responses":
+                legacy = self.responses_endpoint
             if interface is not None and interface.base_url is not None:
-                routes = routes_to(interface.base_url, True)
-            elif self.endpoint is not None:
-                routes = routes_to(self.endpoint, False)
+                routes = routes_to(interface.base_url, True, api)
+            elif legacy is not None:
+                routes = routes_to(legacy, False, api)
             elif direct:
-                routes = routes_to("", False)
+                routes = routes_to("", False, api)
             else:
                 continue  # the strict `interfaces` map: this API is not served
+            if direct and not any(_direct_url(u, api) is not None for u in self.upstreams):
+                continue  # no upstream of a direct model serves this API
             headers = {name.lower(): value for name, value in self.default_headers.items()}
             if interface is not None:  # laid over the model's (names are case-insensitive)
                 headers.update((n.lower(), v) for n, v in interface.default_headers.items())
@@ -349,20 +401,16 @@ class Model:
         object.__setattr__(self, "serving", MappingProxyType(serving))
         object.__setattr__(self, "direct", direct)
 
-    def _routes(self, url: str, append_path: bool, direct: bool) -> tuple[Route, ...]:
-        """The routes to one URL (a direct model: to each upstream's own)."""
+    def _routes(self, url: str, append_path: bool, direct: bool, api: str) -> tuple[Route, ...]:
+        """The routes to one URL (a direct model: to each upstream's own for ``api``)."""
         if self.upstreams:
-            return tuple(
-                Route(
-                    u,
-                    u.endpoint if direct else url,
-                    _upstream_headers(u, direct=direct),
-                    f"upstreams[{i}]",
-                    append_path,
-                )
-                for i, u in enumerate(self.upstreams)
-                if u.weight > 0
-            )
+            found = []
+            for i, u in enumerate(self.upstreams):
+                target = _direct_url(u, api) if direct else url
+                if u.weight > 0 and target is not None:
+                    headers = _upstream_headers(u, direct=direct, api=api)
+                    found.append(Route(u, target, headers, f"upstreams[{i}]", append_path))
+            return tuple(found)
         if direct:
             return ()
         return (Route(Upstream(endpoint=url), url, {}, "endpoint", append_path),)
@@ -371,11 +419,13 @@ class Model:
         """The interface types listings report: the declared ones, and a legacy ``endpoint``
         as the one its ``type`` says (``responsesEndpoint`` as ``openaiResponses``)."""
         declared = set(self.interfaces)
-        if self.endpoint is not None or self.direct:
+        if self.endpoint is not None or (self.direct and "chat/completions" in self.serving):
             kind = "openaiEmbeddings" if self.type == "embedding" else "openaiChatCompletions"
             declared.add(kind)
-        if self.responses_endpoint is not None:
+        if self.responses_endpoint is not None or (self.direct and "responses" in self.serving):
             declared.add("openaiResponses")
+        if self.direct and "messages" in self.serving:
+            declared.add("anthropicMessages")
         return [kind for kind in INTERFACE_TYPES if kind in declared]
 
     def admits(self, roles: frozenset[str]) -> bool:

@@ -15,10 +15,11 @@ been fed (what an estimate goes by when a stream is cut before its usage: see
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from dialproxy.upstream import sse
 from dialproxy.upstream.sse import EventTooLarge
-from dialproxy.upstream.usage import MARK, Usage, usage_of
+from dialproxy.upstream.usage import CHAT_USAGE, MARK, Usage, UsageRule, usage_of
 
 _NULL = b'"usage":null'
 _NULL_SPACED = b'"usage": null'
@@ -30,10 +31,11 @@ EVENT_BYTES = 256  # bytes of a stream taken for one event in an estimate
 
 
 class _Reader:
-    __slots__ = ("_held", "_max", "_size", "bytes", "chunks", "usage")
+    __slots__ = ("_held", "_max", "_rule", "_size", "bytes", "chunks", "usage")
 
-    def __init__(self, max_event: int = sse.MAX_EVENT) -> None:
+    def __init__(self, max_event: int = sse.MAX_EVENT, rule: UsageRule = CHAT_USAGE) -> None:
         self._max = max_event
+        self._rule = rule  # where the API's events say what was used
         self._held: list[bytes] = []  # an event that has not ended yet, as it came
         self._size = 0  # its bytes
         self.usage: Usage | None = None
@@ -89,18 +91,23 @@ class _Reader:
 
     def _read_usage(self, events: bytes, end: int) -> int:
         """Looks at the events of ``events[:end]`` that hold a usage mark, from the last;
-        keeps the first usage with a value.  Returns where that event starts (0: none)."""
+        keeps the first usage with a value (or, when every event adds to the usage, reads
+        them all).  Returns where the event read last starts (0: none)."""
+        read, last_wins = self._rule
+        found = 0
         while end > 0:
             index = events.rfind(MARK, 0, end)
             if index < 0:
-                return 0
+                return found
             start, _, answer = sse.decoded_event_around(events, index)
-            usage = usage_of(answer)
+            usage = read(answer, self.usage)
             if usage is not None:
                 self.usage = usage
-                return start
+                if last_wins:
+                    return start
+                found = start
             end = start
-        return 0
+        return found
 
 
 class UsageScanner(_Reader):
@@ -186,3 +193,32 @@ class UsageHider(_Reader):
         if nulls:
             events = _ANY_NULL.sub(b"", events.replace(_COMMA_NULL_SPACED, b""))
         return events
+
+
+class EventRewriter(_Reader):
+    """Relays complete events, each batch passed through ``rewrite`` (an API's ids made the
+    proxy's own); reads the usage of the events as they complete.  An event over
+    ``max_event`` cuts the stream (:class:`~dialproxy.upstream.sse.EventTooLarge`)."""
+
+    __slots__ = ("rewrite",)
+
+    def __init__(
+        self,
+        rewrite: Callable[[bytes], bytes],
+        max_event: int = sse.MAX_EVENT,
+        rule: UsageRule = CHAT_USAGE,
+    ) -> None:
+        super().__init__(max_event, rule)
+        self.rewrite = rewrite
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._complete(chunk)
+        if MARK in events:
+            self._read_usage(events, len(events))
+        return self.rewrite(events) if events else events
+
+    def flush(self) -> bytes:
+        rest = self._rest()
+        if MARK in rest:
+            self._read_usage(rest, len(rest))
+        return self.rewrite(rest) if rest else rest

@@ -9,6 +9,7 @@ object, inside the usage itself) is not a usage.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -22,6 +23,8 @@ class Usage(NamedTuple):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # What the API reports beside the counts (cached, reasoning tokens...): for the log line.
+    details: Mapping[str, int] | None = None
 
 
 _new_usage = tuple.__new__  # (Usage(...) is a Python-level call)
@@ -51,24 +54,71 @@ def usage_of(answer: Any) -> Usage | None:
         total = prompt + completion
     elif type(total) is not int or total < 0:
         return None
-    usage: Usage = _new_usage(Usage, (prompt, completion, total))
+    usage: Usage = _new_usage(Usage, (prompt, completion, total, None))
     return usage
 
 
-def find_usage(body: bytes) -> Usage | None:
-    """The usage of a complete (non-streamed) JSON answer."""
-    if MARK not in body:
+class UsageRule(NamedTuple):
+    """Where an API's answers say what they used.
+
+    ``read(answer, so_far)``: the usage of a decoded answer or stream event, given the
+    stream's usage so far (None: this one says nothing).  ``last_wins``: the last event that
+    has a usage has all of it (a relay reads back from the end and stops at the first);
+    else every event that has one adds to it (read in any order: ``read`` must not care).
+    """
+
+    read: Callable[[Any, Usage | None], Usage | None]
+    last_wins: bool = True
+
+
+def _chat_usage(answer: Any, so_far: Usage | None) -> Usage | None:
+    return usage_of(answer)
+
+
+CHAT_USAGE = UsageRule(_chat_usage)  # the top-level ``usage`` (DIAL's rule)
+
+
+def counts(
+    obj: Any, prompt_name: str, completion_name: str, total_name: str | None
+) -> Usage | None:
+    """A usage object's counts under the given names, by the rule of :func:`usage_of`."""
+    if type(obj) is not dict:
         return None
+    found = []
+    for name in (prompt_name, completion_name):
+        value = obj.get(name)
+        if value is None:
+            value = 0
+        elif type(value) is not int or value < 0:
+            return None
+        found.append(value)
+    total = obj.get(total_name)
+    if total is None:
+        total = found[0] + found[1]
+    elif type(total) is not int or total < 0:
+        return None
+    usage: Usage = _new_usage(Usage, (found[0], found[1], total, None))
+    return usage
+
+
+def decoded(body: bytes) -> Any:
+    """A complete JSON answer decoded (None: not JSON)."""
     try:
-        answer = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         if len(body) > _JSON_FALLBACK_MAX:
             return None
         try:  # what orjson refuses and Python's json reads (NaN, a lone surrogate escape)
-            answer = json.loads(body)
+            return json.loads(body)
         except (ValueError, RecursionError):
             return None
-    return usage_of(answer)
+
+
+def find_usage(body: bytes, rule: UsageRule = CHAT_USAGE) -> Usage | None:
+    """The usage of a complete (non-streamed) JSON answer."""
+    if MARK not in body:
+        return None
+    return rule.read(decoded(body), None)
 
 
 def estimate(request_bytes: int, events: int) -> Usage:
@@ -77,5 +127,5 @@ def estimate(request_bytes: int, events: int) -> Usage:
     messages stream sends about one token an event; see ``relay._Reader.events``)."""
     prompt = max(request_bytes // 4, 1)
     completion = max(events, 1)
-    usage: Usage = _new_usage(Usage, (prompt, completion, prompt + completion))
+    usage: Usage = _new_usage(Usage, (prompt, completion, prompt + completion, None))
     return usage

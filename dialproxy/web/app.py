@@ -15,6 +15,7 @@ from aiohttp import web
 from limits.aio.storage import Storage
 
 from dialproxy import logs, sharedkeys
+from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.config.store import ConfigStore
@@ -348,11 +349,10 @@ def create_app(
         services.client = app[CLIENT]
 
     app.on_startup.append(bind_client)  # (after the cleanup contexts have run their start)
-    for api in proxy.API_TYPES:
-        # /openai/v1/...: no {id}, the deployment is the body's "model"
+    for api in APIS:  # (a path without {id}: the deployment is the body's "model")
         handler = functools.partial(proxy.handle, services=services, api=api)
-        app.router.add_post(f"/openai/deployments/{{id}}/{api}", handler)
-        app.router.add_post(f"/openai/v1/{api}", handler)
+        for path in api.paths:
+            app.router.add_post(path, handler)
     for path, route in (
         ("/openai/models", list_models),
         ("/openai/models/{id}", get_model),

@@ -1,8 +1,9 @@
-"""The proxied endpoints: chat/completions, completions, embeddings.
+"""The proxied endpoints: one straight line for every API (:mod:`dialproxy.apis`).
 
 One request: snapshot taken once -> principal -> deployment (404) -> roles (403) -> limits
-(429) -> body rules -> attempts over upstreams until one answers -> bytes relayed as they
-come -> usage recorded (shielded from a client disconnect) -> one log line.
+(429) -> the API's body rule -> attempts over upstreams until one answers -> bytes relayed
+as they come (the API's usage rule reading them) -> usage recorded (shielded from a client
+disconnect) -> one log line.  What the proxy says itself is in the API's error shape.
 """
 
 from __future__ import annotations
@@ -10,20 +11,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
-import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import aiohttp
-import orjson
 from aiohttp import compression_utils, web
 
 from dialproxy import sharedkeys
+from dialproxy.apis import AnswerIds, Api
+from dialproxy.apis.openai import FORWARDED_HEADERS
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import API_INTERFACES, Grant, Model, Serving, Snapshot
+from dialproxy.config.model import Grant, Model, Serving, Snapshot
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import (
     BadGateway,
@@ -33,31 +33,18 @@ from dialproxy.errors import (
     ProxyError,
     Unavailable,
 )
-from dialproxy.limiter import Limiter, Scope, WindowState, seconds_to_empty
+from dialproxy.limiter import Limiter, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.settings import Settings
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.upstream.relay import UsageHider, UsageScanner
+from dialproxy.upstream.relay import EventRewriter, UsageHider, UsageScanner
 from dialproxy.upstream.sse import EventTooLarge
 from dialproxy.upstream.usage import Usage, estimate, find_usage
-from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 from dialproxy.web.drain import Drain
 
-# Client headers passed on to the upstream; everything else stays here (Content-Type is
-# always application/json: it is set, not copied).
-FORWARDED_REQUEST_HEADERS = (
-    "accept",
-    "user-agent",
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-    "baggage",
-    "x-conversation-id",
-    "openai-beta",
-)
 # Upstream response headers passed back: an allow-list, everything else stays here (the
 # upstream's cookies, its server's name, its hop-by-hop headers, whatever else it sends).
 # aiohttp writes Content-Length (and Transfer-Encoding) itself; a body is relayed decoded.
@@ -138,58 +125,9 @@ def _verdicts(passed: frozenset[str]) -> dict[str, int]:
 
 _VERDICTS_OURS = _verdicts(PASSED_RESPONSE_HEADERS)  # limits of ours apply
 _VERDICTS_THEIRS = _verdicts(PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS)
-API_TYPES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
 
 
-def go_duration(seconds: float) -> str:
-    """Seconds written as OpenAI writes resets: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
-    if seconds < 1:
-        return f"{max(int(seconds * 1000), 0)}ms"
-    return _whole_seconds(round(seconds))
-
-
-@functools.lru_cache(maxsize=4096)  # resets move by the second: most requests hit
-def _whole_seconds(total: int) -> str:
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-_REQUEST_HEADERS = (
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-)
-_TOKEN_HEADERS = (
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-)
-
-
-def ratelimit_headers(
-    requests: WindowState | None, tokens: WindowState | None
-) -> list[tuple[str, str]]:
-    """The ``x-ratelimit-*`` headers of the tightest request and token windows."""
-    headers: list[tuple[str, str]] = []
-    if requests is not None:
-        headers += _window_headers(_REQUEST_HEADERS, requests)
-    if tokens is not None:
-        headers += _window_headers(_TOKEN_HEADERS, tokens)
-    return headers
-
-
-def _window_headers(names: tuple[str, str, str], state: WindowState) -> tuple[tuple[str, str], ...]:
-    limit, used = state.window.limit, state.used
-    return (
-        (names[0], str(limit)),
-        (names[1], str(limit - used) if used < limit else "0"),
-        (names[2], go_duration(seconds_to_empty(state.window, state.counts))),
-    )
+Relay = UsageScanner | UsageHider | EventRewriter
 
 
 @dataclass(slots=True)
@@ -209,8 +147,9 @@ class Outcome:
     request_bytes: int = 0  # the body sent upstream (what a usage estimate goes by)
     estimated: bool = False  # the usage is an estimate (a stream cut before its usage)
     # An abandoned stream's upstream and reader, still to be drained for the usage.
-    leftover: tuple[aiohttp.ClientResponse, UsageScanner | UsageHider] | None = None
+    leftover: tuple[aiohttp.ClientResponse, Relay] | None = None
     per_request_key: str | None = None  # the key sent to an adapter: ended with the request
+    ids: AnswerIds | None = None  # the API's ids rewritten in the answer (Responses)
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -255,74 +194,18 @@ def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
     return scopes
 
 
-# orjson reads an integer beyond 64 bits as a float; json keeps it exact.  A body that may
-# hold one (a run of 19 digits, in a string or not) is rewritten from json's reading.  The
-# search runs only on a body with 19 digits in all (a count is ~5x cheaper than the search).
-_LONG_NUMBER = re.compile(rb"\d{19}")
-_NOT_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)
-
-
-def _may_hold_long_number(raw: bytes) -> bool:
-    return len(raw.translate(None, _NOT_DIGITS)) >= 19 and _LONG_NUMBER.search(raw) is not None
-
-
-# Appended to a streamed body (its closing brace replaced) to ask for usage.
-_USAGE_OPTION = b',"stream_options":{"include_usage":true}}'
-
-
-def outbound_body(
-    body: dict[str, Any], raw: bytes, model: Model, direct: bool, api: str
-) -> tuple[bytes | None, bool]:
-    """Apply ``defaults``/``overrideName``; ask a direct backend for stream usage.
-
-    ``body`` is ``raw`` as read.  Returns the new body (None: forward the client's bytes
-    unchanged) and whether usage was asked for on the client's behalf (so it must be hidden
-    from the client).
-    """
-    updates = (
-        {name: value for name, value in model.defaults.items() if name not in body}
-        if model.defaults
-        else {}
-    )
-    if model.override_name is not None and body.get("model") != model.override_name:
-        updates["model"] = model.override_name
-    injected_usage = False
-    if direct and api != "embeddings" and body.get("stream") is True:
-        options = body.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            updates["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-            injected_usage = True
-    if not updates:
-        return None, False
-    if injected_usage and len(updates) == 1 and "stream_options" not in body:
-        # Only the option to add: the client's bytes with it appended (nothing re-encoded).
-        return raw.rstrip()[:-1] + _USAGE_OPTION, True
-    if not _may_hold_long_number(raw):
-        try:
-            return orjson.dumps(body | updates), injected_usage
-        except TypeError:  # a string orjson cannot write (a lone surrogate escape)
-            exact = body | updates
-    else:
-        exact = json.loads(raw) | updates
-    # ASCII with escapes: any string Python's json read, lone surrogates too, written back
-    return json.dumps(exact, separators=(",", ":")).encode(), injected_usage
-
-
 def forwarded_headers(
     request: web.Request,
     principal: Principal,
     model: Model,
     defaults: tuple[tuple[str, str], ...] = (),
+    names: tuple[str, ...] = FORWARDED_HEADERS,
 ) -> dict[str, str]:
-    """The client's headers an upstream gets, then the model's ``defaultHeaders`` (lowercased
-    names) it did not send (each route adds its own, which win, see ``Route``)."""
+    """The client's headers an upstream gets (``names``: the API's), then the model's
+    ``defaultHeaders`` (lowercased names) it did not send (each route adds its own, which
+    win, see ``Route``)."""
     client = request.headers  # (looked up by name: no lowercasing of every header the client sent)
-    headers = {
-        name: value for name in FORWARDED_REQUEST_HEADERS if (value := client.get(name)) is not None
-    }
+    headers = {name: value for name in names if (value := client.get(name)) is not None}
     for name, value in defaults:  # (never a name the proxy sets: see NEVER_DEFAULT_HEADERS)
         if name not in headers:
             headers[name] = value
@@ -332,15 +215,6 @@ def forwarded_headers(
         if authorization and principal.secret not in authorization:
             headers["Authorization"] = authorization
     return headers
-
-
-def sse_error(message: str, status: int = 502) -> bytes:
-    body = {"error": {"message": message, "code": str(status), "type": "upstream_error"}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-# What a stream still open when a shutdown's grace runs out ends with.
-_SHUTDOWN_EVENT = sse_error("The server is shutting down: the stream was ended", 503)
 
 
 class Plan(NamedTuple):
@@ -388,16 +262,18 @@ class Services:
     client: aiohttp.ClientSession | None = None  # set when the app starts
 
 
-async def handle(request: web.Request, services: Services, api: str) -> web.StreamResponse:
-    """One proxied request to ``api`` (chat/completions, completions, embeddings).  The
-    deployment is the path's ``{id}``, or for ``/openai/v1/...`` the body's ``model``."""
+async def handle(request: web.Request, services: Services, api: Api) -> web.StreamResponse:
+    """One proxied request to ``api``.  The deployment is the path's ``{id}``, or (a path
+    without one) the body's ``model``."""
     snapshot = services.store.snapshot  # taken once: the request lives on it, reloads or not
     started = time.perf_counter()
     deployment: str | None = request.match_info.get("id")
     outcome = Outcome()
     principal: Principal | None = None
     try:
-        principal = await authenticate(request.headers, snapshot, request.remote, services.shared)
+        principal = await authenticate(
+            request.headers, snapshot, request.remote, services.shared, api.x_api_key
+        )
         max_body = services.settings.max_body
         if deployment is None:  # /openai/v1/...: the deployment is the body's "model"
             body = await read_json_body(request, max_body)
@@ -410,18 +286,20 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
             plan = plan_for(principal, snapshot, deployment)
             body = await read_json_body(request, max_body)
         model = outcome.model = plan.model
-        serving = model.serving.get(api)  # (refused here, 503 or 400, before the limits count)
+        serving = model.serving.get(api.name)  # (refused here, 503 or 400, before limits count)
         if serving is None or "X-UPSTREAM-ID" in request.headers:
             serving = _serving(request, model, deployment, api)
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
         extra_headers: list[tuple[str, str]] = []
-        if plan.scopes:
+        if plan.scopes and api.counted:
             request_state, token_state = await services.limiter.admit(plan.scopes)
             outcome.scopes, outcome.records = plan.scopes, plan.records
             if request_state is not None or token_state is not None:
-                extra_headers = ratelimit_headers(request_state, token_state)
+                extra_headers = api.errors.ratelimit_headers(request_state, token_state)
+        if api.ids is not None:
+            outcome.ids = api.ids(body, deployment, principal.project)
         response = await _forward(
             request,
             services,
@@ -436,12 +314,12 @@ async def handle(request: web.Request, services: Services, api: str) -> web.Stre
         )
         if isinstance(response, _UpstreamStream):
             relay = _relay_stream(request, response, outcome, services)
-            if await services.drain.relay(response, relay, _SHUTDOWN_EVENT):
+            if await services.drain.relay(response, relay, api.shutdown_event):
                 outcome.error = "stream ended: the server is shutting down"
                 _stop_draining(outcome)  # no reading on when the process stops
         return response
     except Exception as e:  # (the route is not guarded: its errors are answered here)
-        response = guard.response_for(request, e)
+        response = api.errors.response(request, e)
         outcome.status = response.status
         if isinstance(e, ProxyError):
             outcome.error = e.message
@@ -557,6 +435,8 @@ def _log(
         fields["shared_key"] = principal.shared.id
     if outcome.estimated:
         fields["usage"] = "estimated"
+    elif usage is not None and usage.details:
+        fields["usage_details"] = dict(usage.details)  # cached, reasoning tokens...
     log.line("request", fields)
 
 
@@ -566,7 +446,7 @@ async def _forward(
     snapshot: Snapshot,
     principal: Principal,
     model: Model,
-    api: str,
+    api: Api,
     body: dict[str, Any],
     outcome: Outcome,
     extra_headers: list[tuple[str, str]],
@@ -577,11 +457,13 @@ async def _forward(
     balancer, client = services.balancer, services.client
     assert client is not None
     raw = await request.read()  # (read already: the bytes as they came)
-    payload, injected = outbound_body(body, raw, model, model.direct, api)
+    payload, injected = api.body(body, raw, model)
     data = payload if payload is not None else raw
     outcome.request_bytes = len(data)
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
-    headers = forwarded_headers(request, principal, model, serving.default_headers)
+    headers = forwarded_headers(
+        request, principal, model, serving.default_headers, api.forwarded_headers
+    )
     if not model.direct and (keys := services.shared.per_request) is not None:
         # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
         outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
@@ -615,16 +497,16 @@ async def _forward(
             continue
         outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
         outcome.status = resp.status
-        return await _respond(
-            resp, outcome, injected, extra_headers, services.idle, services.settings.max_response
-        )
+        if outcome.ids is not None:
+            outcome.ids.served_by(route, serving)
+        return await _respond(resp, outcome, api, injected, extra_headers, services)
     raise attempts.refusal()
 
 
-def _serving(request: web.Request, model: Model, deployment: str, api: str) -> Serving:
+def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> Serving:
     """How ``model`` serves ``api``: none (DIAL's strict ``interfaces`` map): 503; a client's
     ``X-UPSTREAM-ID`` pins it to that upstream alone (an id no upstream has: 400)."""
-    serving = model.serving.get(api)
+    serving = model.serving.get(api.name)
     if serving is None:
         if model.kind == "application":
             if model.serving:
@@ -633,8 +515,9 @@ def _serving(request: web.Request, model: Model, deployment: str, api: str) -> S
                 f"Application {deployment} has no endpoint dialproxy can call "
                 "(a schema-rich application's is its schema's, which dialproxy does not read)"
             )
-        kind = API_INTERFACES[api]
-        raise Unavailable(f"Deployment {deployment} does not serve {api}: no {kind} interface")
+        raise Unavailable(
+            f"Deployment {deployment} does not serve {api.name}: no {api.interface} interface"
+        )
     if (pin := request.headers.get("X-UPSTREAM-ID")) is not None:
         route = serving.by_id.get(pin)
         if route is None:
@@ -670,10 +553,10 @@ def _response_headers(
 async def _respond(
     resp: aiohttp.ClientResponse,
     outcome: Outcome,
+    api: Api,
     injected: bool,
     extra_headers: list[tuple[str, str]],
-    idle: IdleWatch,
-    max_response: int,
+    services: Services,
 ) -> web.StreamResponse:
     headers = _response_headers(resp, outcome.attempts, extra_headers)
     encoding = resp.headers.get("Content-Encoding")
@@ -681,14 +564,25 @@ async def _respond(
         # Not one the client session decodes: relayed as it came, with its encoding named
         # (the usage in it cannot be read).
         headers.append(("Content-Encoding", encoding))
+    settings, ids = services.settings, outcome.ids
     if resp.content_type != "text/event-stream":
-        data = await read_answer(resp, idle, max_response)
+        data = await read_answer(resp, services.idle, settings.max_response)
         if resp.status == 200:
-            outcome.usage = find_usage(data)
+            outcome.usage = find_usage(data, api.usage)
+            if ids is not None:
+                data = ids.body(data, None)
         return web.Response(status=resp.status, body=data, headers=headers)
     stream = _UpstreamStream(status=resp.status, headers=headers)
     stream.upstream = resp
-    stream.injected = injected
+    stream.stream_error = api.errors.stream_error
+    max_event = settings.max_event
+    stream.relay = (
+        EventRewriter(ids.events, max_event, api.usage)
+        if ids is not None and resp.status == 200
+        else UsageHider(max_event)
+        if injected
+        else UsageScanner(max_event, api.usage)
+    )
     return stream
 
 
@@ -743,7 +637,8 @@ class _UpstreamStream(web.StreamResponse):
     """A stream response still tied to the upstream response it relays."""
 
     upstream: aiohttp.ClientResponse
-    injected: bool
+    relay: Relay  # what reads the stream (its usage) and gives what goes on to the client
+    stream_error: Callable[[str, int], bytes]  # the API's error event
 
 
 async def _relay_stream(
@@ -754,10 +649,7 @@ async def _relay_stream(
     upstream reports, else an estimate; a client gone before the usage came leaves the
     upstream in ``outcome.leftover`` to be drained for it."""
     assert isinstance(response, _UpstreamStream)
-    upstream, idle = response.upstream, services.idle
-    max_event = services.settings.max_event
-    # Finds the usage; hides it too when we asked for it on the client's behalf.
-    relay = UsageHider(max_event) if response.injected else UsageScanner(max_event)
+    upstream, idle, relay = response.upstream, services.idle, response.relay
     cut = client_gone = False
     idle.watch(upstream)
     try:
@@ -771,11 +663,12 @@ async def _relay_stream(
         except (aiohttp.ClientError, TimeoutError) as e:
             cut = True
             outcome.error = f"upstream stream broke off: {type(e).__name__}"
-            await response.write(sse_error("The upstream broke off the response"))
+            await response.write(response.stream_error("The upstream broke off the response", 502))
         except EventTooLarge as e:
             cut = True
             outcome.error = str(e)
-            await response.write(sse_error("The upstream sent an event too large to relay"))
+            message = "The upstream sent an event too large to relay"
+            await response.write(response.stream_error(message, 502))
         await response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError) as e:
         outcome.error = "client disconnected"
@@ -800,7 +693,7 @@ def _let_go(upstream: aiohttp.ClientResponse) -> None:
         upstream.close()
 
 
-def _charge(outcome: Outcome, relay: UsageScanner | UsageHider, cut: bool) -> None:
+def _charge(outcome: Outcome, relay: Relay, cut: bool) -> None:
     """The usage of a relayed 200 stream: what it reported; if it reported none, an
     estimate when it was cut, or when usage was asked for (a direct backend), and it
     relayed something."""

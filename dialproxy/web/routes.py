@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from aiohttp import web
 
+from dialproxy.apis import openai
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.loader import resolve_grant
 from dialproxy.config.model import Snapshot
@@ -44,7 +45,7 @@ from dialproxy.web.body import read_raw_body
 
 # The client's headers a route's upstream gets: the proxied endpoints' allow-list, and the
 # body's own description (a route's body goes as it came, in any type and encoding).
-FORWARDED_HEADERS = (*proxy.FORWARDED_REQUEST_HEADERS, "content-type", "content-encoding")
+FORWARDED_HEADERS = (*openai.FORWARDED_HEADERS, "content-type", "content-encoding")
 # Answers relayed chunk by chunk as they come (others are read whole, within max_response).
 STREAMED_TYPES = frozenset({"text/event-stream", "application/x-ndjson"})
 
@@ -121,7 +122,7 @@ async def serve(
         if scopes:
             request_state, _ = await services.limiter.admit(scopes)
             if request_state is not None:
-                extra = proxy.ratelimit_headers(request_state, None)
+                extra = openai.ratelimit_headers(request_state, None)
         body = await read_raw_body(request, services.settings.max_body)
         if route.response is not None:
             status = route.response[0]
@@ -133,7 +134,7 @@ async def serve(
         status = response.status
         if streamed is not None:
             sse = streamed.content_type == "text/event-stream"
-            farewell = proxy._SHUTDOWN_EVENT if sse else b""  # (else the stream just ends)
+            farewell = openai.CHAT.shutdown_event if sse else b""  # (else the stream just ends)
             relay = _relay(request, response, streamed, services, fields)
             if await services.drain.relay(response, relay, farewell):
                 fields["error"] = "stream ended: the server is shutting down"
@@ -263,7 +264,7 @@ async def _relay(
             fields["error"] = f"upstream stream broke off: {type(e).__name__}"
             upstream.close()
             if upstream.content_type == "text/event-stream":  # said as the proxied streams say it
-                await response.write(proxy.sse_error("The upstream broke off the response"))
+                await response.write(openai.sse_error("The upstream broke off the response"))
             elif request.transport is not None:  # the client sees the answer end unfinished
                 request.transport.abort()
                 return

@@ -1,0 +1,138 @@
+"""DIAL's own APIs, OpenAI's shape: chat/completions, completions, embeddings.
+
+Route: ``/openai/deployments/{id}/<api>`` (the deployment in the path) and
+``/openai/v1/<api>`` (in the body's ``model``).  Body rule: the model's ``defaults`` and
+``overrideName``; a direct backend's stream asked for its usage (hidden from a client that
+did not ask).  Usage: the top-level ``usage`` of the answer or of the last event that has
+one.  Errors: DIAL's ``{"error": {"message", "code"}}``, ``x-ratelimit-*`` headers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import TYPE_CHECKING, Any
+
+from dialproxy.apis import (
+    FORWARDED_REQUEST_HEADERS,
+    Api,
+    ErrorShape,
+    rewritten,
+    with_defaults,
+)
+from dialproxy.limiter import WindowState, seconds_to_empty
+from dialproxy.upstream.usage import CHAT_USAGE
+from dialproxy.web import guard
+
+if TYPE_CHECKING:
+    from dialproxy.config.model import Model
+
+FORWARDED_HEADERS = (*FORWARDED_REQUEST_HEADERS, "openai-beta")
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds written as OpenAI writes resets: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    return _whole_seconds(round(seconds))
+
+
+@functools.lru_cache(maxsize=4096)  # resets move by the second: most requests hit
+def _whole_seconds(total: int) -> str:
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+_REQUEST_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+)
+_TOKEN_HEADERS = (
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+
+
+def ratelimit_headers(
+    requests: WindowState | None, tokens: WindowState | None
+) -> list[tuple[str, str]]:
+    """The ``x-ratelimit-*`` headers of the tightest request and token windows."""
+    headers: list[tuple[str, str]] = []
+    if requests is not None:
+        headers += _window_headers(_REQUEST_HEADERS, requests)
+    if tokens is not None:
+        headers += _window_headers(_TOKEN_HEADERS, tokens)
+    return headers
+
+
+def _window_headers(names: tuple[str, str, str], state: WindowState) -> tuple[tuple[str, str], ...]:
+    limit, used = state.window.limit, state.used
+    return (
+        (names[0], str(limit)),
+        (names[1], str(limit - used) if used < limit else "0"),
+        (names[2], go_duration(seconds_to_empty(state.window, state.counts))),
+    )
+
+
+def sse_error(message: str, status: int = 502) -> bytes:
+    """The event a stream ends with when it cannot go on (the openai SDK raises an
+    ``APIError`` with the message on an event that has an ``error``)."""
+    body = {"error": {"message": message, "code": str(status), "type": "upstream_error"}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+DIAL_ERRORS = ErrorShape(guard.response_for, sse_error, ratelimit_headers)
+
+
+# Appended to a streamed body (its closing brace replaced) to ask for usage.
+_USAGE_OPTION = b',"stream_options":{"include_usage":true}}'
+
+
+def chat_body(body: dict[str, Any], raw: bytes, model: Model) -> tuple[bytes | None, bool]:
+    """``defaults``/``overrideName``; a direct backend's stream asked for its usage."""
+    updates = with_defaults(body, model.defaults, model.override_name)
+    injected_usage = False
+    if model.direct and body.get("stream") is True:
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            updates["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+            injected_usage = True
+    if not updates:
+        return None, False
+    if injected_usage and len(updates) == 1 and "stream_options" not in body:
+        # Only the option to add: the client's bytes with it appended (nothing re-encoded).
+        return raw.rstrip()[:-1] + _USAGE_OPTION, True
+    return rewritten(body, raw, updates), injected_usage
+
+
+def embeddings_body(body: dict[str, Any], raw: bytes, model: Model) -> tuple[bytes | None, bool]:
+    """``defaults``/``overrideName`` (embeddings never stream)."""
+    updates = with_defaults(body, model.defaults, model.override_name)
+    return (rewritten(body, raw, updates) if updates else None), False
+
+
+def _api(name: str, interface: str, body: Any) -> Api:
+    return Api(
+        name=name,
+        interface=interface,
+        paths=(f"/openai/deployments/{{id}}/{name}", f"/openai/v1/{name}"),
+        body=body,
+        usage=CHAT_USAGE,
+        errors=DIAL_ERRORS,
+        forwarded_headers=FORWARDED_HEADERS,
+    )
+
+
+CHAT = _api("chat/completions", "openaiChatCompletions", chat_body)
+COMPLETIONS = _api("completions", "openaiChatCompletions", chat_body)
+EMBEDDINGS = _api("embeddings", "openaiEmbeddings", embeddings_body)
