@@ -9,7 +9,8 @@ hash of each input. Every path ending in ``/chat/completions``, ``/completions``
 
 Tests drive failures through a :class:`BackendControl` object (never through request
 headers) and read back what the server received from ``BackendControl.requests``.
-``GET /health`` is neither recorded nor subject to injected failures.
+``GET /health`` is neither recorded nor subject to injected failures. Every SSE stream is
+framed with ``BackendControl.line_ending`` (``"\\n"``, ``"\\r\\n"`` or ``"\\r"``).
 
 Run it standalone with ``python -m dialproxy.demo_backend --host 127.0.0.1 --port 8081``.
 """
@@ -101,12 +102,15 @@ class BackendControl:
     requests: list[ReceivedRequest]
     chunk_delay: float
     first_byte_delay: float
+    line_ending: str
 
     def __init__(self, *, record: bool = True, chunk_delay: float = 0.0) -> None:
         self.record = record  # off when run as a long-lived server: the list would only grow
         self.requests = []
         self.chunk_delay = chunk_delay
         self.first_byte_delay = 0.0
+        # What ends every line (and blank line) of every SSE stream: "\n", "\r\n" or "\r".
+        self.line_ending = "\n"
         self._faults: deque[_Fault] = deque()
         self._stream_breaks: deque[list[int]] = deque()  # [n_chunks, remaining]
 
@@ -153,12 +157,13 @@ class BackendControl:
         self._stream_breaks.append([n_chunks, times])
 
     def reset(self) -> None:
-        """Forget the recorded requests, pending failures and delays."""
+        """Forget the recorded requests, pending failures and delays; frame streams with LF."""
         self.requests.clear()
         self._faults.clear()
         self._stream_breaks.clear()
         self.chunk_delay = 0.0
         self.first_byte_delay = 0.0
+        self.line_ending = "\n"
 
     @property
     def last_request(self) -> ReceivedRequest:
@@ -582,13 +587,26 @@ class _Backend:
         usage: dict[str, int] | None,
     ) -> web.StreamResponse:
         """Write one SSE event per entry of ``choices`` (+ the usage chunk), then [DONE]."""
-        control = self.control
         suffix = b',"usage":null}\n\n' if usage is not None else b"}\n\n"
         events = [prefix + _dumps(choice) + suffix for choice in choices]
         if usage is not None:
             events.append(prefix + b'[],"usage":' + _dumps(usage) + b"}\n\n")
         events.append(_SSE_DONE)
+        return await self._write_events(request, events)
+
+    async def _write_events(
+        self,
+        request: web.Request,
+        events: Sequence[bytes],
+    ) -> web.StreamResponse:
+        """Stream ``events`` (each framed with "\\n").
+
+        Lines end with ``BackendControl.line_ending``; ``chunk_delay`` is waited between two
+        events and ``break_stream_after`` counts the events written.
+        """
+        control = self.control
         break_after = control._take_stream_break()
+        newline = control.line_ending.encode()
 
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         try:
@@ -601,6 +619,8 @@ class _Backend:
                     return resp
                 if i and control.chunk_delay > 0:
                     await asyncio.sleep(control.chunk_delay)
+                if newline != b"\n":
+                    event = event.replace(b"\n", newline)  # (JSON data holds no raw LF)
                 await resp.write(event)
             await resp.write_eof()
         except ConnectionResetError:

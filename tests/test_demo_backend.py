@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import time
@@ -404,3 +405,57 @@ async def test_errors_and_health(backend: Backend, session: aiohttp.ClientSessio
     async with session.post(backend.url("/v1/embeddings"), json={"input": "x"}) as resp:
         assert resp.status == 500
         assert (await resp.json())["error"]["type"] == "server_error"
+
+
+# --------------------------------------------------------------------------------------
+# Stream framing
+
+
+def _assert_framed(raw: bytes, line_ending: str, lines: int) -> None:
+    """Every line of ``raw`` ends with ``line_ending``: no other CR or LF is left."""
+    newline = line_ending.encode()
+    assert raw.endswith(newline * 2)
+    assert raw.count(newline) == lines
+    assert b"\n" not in raw.replace(newline, b"")
+    assert b"\r" not in raw.replace(newline, b"")
+
+
+@pytest.mark.parametrize("line_ending", ["\r\n", "\r"])
+async def test_chat_streams_framed_with_line_ending(
+    backend: Backend,
+    client: openai.AsyncOpenAI,
+    session: aiohttp.ClientSession,
+    line_ending: str,
+) -> None:
+    backend.control.line_ending = line_ending
+    chat = await client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "a b"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in chat]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: a b"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 5
+
+    completion = await client.completions.create(model="echo", prompt="c d", stream=True)
+    assert "".join([c.choices[0].text async for c in completion]) == "Echo: c d"
+
+    def sync_chat() -> str:
+        with openai.OpenAI(base_url=backend.url("/v1"), api_key="x", max_retries=0) as sdk:
+            stream = sdk.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "e f"}], stream=True
+            )
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert await asyncio.to_thread(sync_chat) == "Echo: e f"
+
+    async with session.post(
+        backend.url("/v1/chat/completions"),
+        json={"messages": [{"role": "user", "content": "x y"}], "stream": True},
+    ) as resp:
+        raw = await resp.read()
+    # 3 pieces + the finish chunk + [DONE]: 5 events of one line and a blank one.
+    _assert_framed(raw, line_ending, 5 * 2)
+    assert raw.endswith(b"data: [DONE]" + line_ending.encode() * 2)
