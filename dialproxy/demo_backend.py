@@ -1,11 +1,16 @@
-"""A small, fast OpenAI-compatible model server: the demo backend and the tests' upstream.
+"""A small, fast model server for OpenAI and Anthropic clients: the demo backend and the
+tests' upstream.
 
 The "echo" model answers a chat with the text of the last user message prefixed with
 ``"Echo: "``; legacy completions echo the prompt; embeddings are 8 floats derived from a
 hash of each input. Every path ending in ``/chat/completions``, ``/completions`` or
 ``/embeddings`` is served (so both ``/v1/chat/completions`` and DIAL adapter paths such as
 ``/openai/deployments/{id}/chat/completions`` work), plus ``GET .../models`` and
-``GET /health``.
+``GET /health``. Tokens are words.
+
+The same echo answers Anthropic's Messages API: ``POST .../v1/messages`` (``messages``,
+``system``, ``max_tokens``, ``stream``) and ``POST .../v1/messages/count_tokens``, with
+errors in Anthropic's shape (``{"type": "error", "error": {"type", "message"}}``).
 
 Tests drive failures through a :class:`BackendControl` object (never through request
 headers) and read back what the server received from ``BackendControl.requests``.
@@ -94,6 +99,7 @@ class _Fault:
     status: int = 0
     body: bytes = b""
     headers: CIMultiDict[str] | None = None
+    anthropic_body: bytes | None = None  # the default body, as the Anthropic paths send it
 
 
 class BackendControl:
@@ -124,13 +130,17 @@ class BackendControl:
     ) -> None:
         """Answer the next ``times`` requests with ``status`` and ``body``.
 
-        ``body`` defaults to an OpenAI-style error object; a dict is sent as JSON, a str or
-        bytes body is sent as is (as ``text/plain`` unless ``headers`` set a Content-Type).
+        ``body`` defaults to an OpenAI-style error object (an Anthropic-style one on the
+        Anthropic paths); a dict is sent as JSON, a str or bytes body is sent as is (as
+        ``text/plain`` unless ``headers`` set a Content-Type).
         """
         _check_times(times)
         out_headers: CIMultiDict[str] = CIMultiDict(headers or {})
+        anthropic_payload = None
         if body is None:
-            payload = _dumps(_error_payload(status, f"Injected failure: {_status_text(status)}"))
+            message = f"Injected failure: {_status_text(status)}"
+            payload = _dumps(_error_payload(status, message))
+            anthropic_payload = _dumps(_anthropic_error_payload(status, message))
             out_headers.setdefault("Content-Type", _JSON)
         elif isinstance(body, dict):
             payload = _dumps(body)
@@ -138,7 +148,7 @@ class BackendControl:
         else:
             payload = body.encode() if isinstance(body, str) else bytes(body)
             out_headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-        self._faults.append(_Fault("fail", times, status, payload, out_headers))
+        self._faults.append(_Fault("fail", times, status, payload, out_headers, anthropic_payload))
 
     def drop_next(self, times: int = 1) -> None:
         """Close the connection of the next ``times`` requests before any response bytes."""
@@ -252,6 +262,46 @@ def _error_response(
     )
 
 
+_ANTHROPIC_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_error_payload(status: int, message: str) -> dict[str, Any]:
+    default = "api_error" if status >= 500 else "invalid_request_error"
+    err_type = _ANTHROPIC_ERROR_TYPES.get(status, default)
+    return {"type": "error", "error": {"type": err_type, "message": message}}
+
+
+def _anthropic_error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,  # (the Anthropic shape has no param: same signature as above)
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=_dumps(_anthropic_error_payload(status, message)),
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+def _is_anthropic(route: str) -> bool:
+    return route.endswith(("/v1/messages", "/v1/messages/count_tokens"))
+
+
 def _json_response(payload: object) -> web.Response:
     return web.Response(body=_dumps(payload), content_type=_JSON)
 
@@ -331,6 +381,52 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _bool_field(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _BadRequest(f"'{name}' must be a boolean", name)
+    return value
+
+
+def _sse_event(event: str, data: object) -> bytes:
+    """One named SSE event (framed with "\\n": the writer swaps in the line ending)."""
+    return b"event: " + event.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
+
+
+def _anthropic_input(body: dict[str, Any]) -> tuple[int, str]:
+    """(input tokens, text of the last user message) of an Anthropic Messages request."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("messages: Field required (a non-empty array)", "messages")
+    system = body.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise _BadRequest("system: must be a string or an array of text blocks", "system")
+    words = _count_words(_content_text(system))
+    last_user = ""
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise _BadRequest(
+                "messages: each message must be an object with role 'user' or 'assistant'",
+                "messages",
+            )
+        text = _content_text(message.get("content"))
+        words += _count_words(text)
+        if message["role"] == "user":
+            last_user = text
+    return max(words, 1), last_user
+
+
+def _anthropic_usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
 def _embedding_inputs(value: object) -> list[tuple[str, int]]:
     """(text to hash, token count) for each input of an embeddings request."""
     if isinstance(value, str):
@@ -401,10 +497,14 @@ class _Backend:
             return self._drop(request)
         if control.first_byte_delay > 0:
             await asyncio.sleep(control.first_byte_delay)
-        if fault is not None:
-            return web.Response(status=fault.status, body=fault.body, headers=fault.headers)
-
         route = path.rstrip("/")
+        if fault is not None:
+            fault_body = fault.body
+            if fault.anthropic_body is not None and _is_anthropic(route):
+                fault_body = fault.anthropic_body
+            return web.Response(status=fault.status, body=fault_body, headers=fault.headers)
+
+        errors = _error_response
         if route.endswith("/chat/completions"):
             endpoint = self._chat
         elif route.endswith("/completions"):
@@ -420,23 +520,27 @@ class _Backend:
                     ],
                 }
             )
+        elif route.endswith("/v1/messages"):
+            endpoint = self._messages
+            errors = _anthropic_error_response
+        elif route.endswith("/v1/messages/count_tokens"):
+            endpoint = self._count_tokens
+            errors = _anthropic_error_response
         else:
             return _error_response(404, f"Unknown path: {path}", code="not_found")
         if request.method != "POST":
-            return _error_response(
-                405, f"Method {request.method} not allowed", headers={"Allow": "POST"}
-            )
+            return errors(405, f"Method {request.method} not allowed", headers={"Allow": "POST"})
 
         try:
             body = json.loads(raw)
         except ValueError as exc:
-            return _error_response(400, f"Request body is not valid JSON: {exc}")
+            return errors(400, f"Request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
-            return _error_response(400, "Request body must be a JSON object")
+            return errors(400, "Request body must be a JSON object")
         try:
             return await endpoint(request, body)
         except _BadRequest as exc:
-            return _error_response(400, exc.message, param=exc.param)
+            return errors(400, exc.message, param=exc.param)
 
     @staticmethod
     def _drop(request: web.Request) -> web.StreamResponse:
@@ -627,6 +731,86 @@ class _Backend:
             pass  # the client went away
         return resp
 
+    # ----------------------------------------------------------------------------------
+    # Anthropic Messages API
+
+    async def _messages(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        input_tokens, last_user = _anthropic_input(body)
+        limit = body.get("max_tokens")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise _BadRequest("max_tokens: Field required (an integer >= 1)", "max_tokens")
+        stream = _bool_field(body, "stream")
+        pieces, finish = _reply_pieces(ECHO_PREFIX + last_user, limit)
+        stop_reason = "max_tokens" if finish == "length" else "end_turn"
+        message_id = _new_id("msg_")
+        model = _model_of(body)
+        if not stream:
+            return _json_response(
+                {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [{"type": "text", "text": "".join(pieces)}],
+                    "stop_reason": stop_reason,
+                    "stop_sequence": None,
+                    "usage": _anthropic_usage(input_tokens, len(pieces)),
+                }
+            )
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": _anthropic_usage(input_tokens, 1),
+            },
+        }
+        events = [
+            _sse_event("message_start", start),
+            _sse_event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            ),
+            _sse_event("ping", {"type": "ping"}),
+        ]
+        events.extend(
+            _sse_event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": piece},
+                },
+            )
+            for piece in pieces
+        )
+        events.append(_sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        events.append(
+            _sse_event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": len(pieces)},
+                },
+            )
+        )
+        events.append(_sse_event("message_stop", {"type": "message_stop"}))
+        return await self._write_events(request, events)
+
+    async def _count_tokens(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        input_tokens, _ = _anthropic_input(body)
+        return _json_response({"input_tokens": input_tokens})
+
 
 def _chunk_prefix(completion_id: str, obj: str, created: int, model: str) -> bytes:
     return (
@@ -659,7 +843,7 @@ def create_backend_app(control: BackendControl | None = None) -> web.Application
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dialproxy.demo_backend",
-        description="Run the OpenAI-compatible demo model backend (model 'echo').",
+        description="Run the demo model backend (OpenAI and Anthropic APIs, model 'echo').",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8081, help="port to listen on (8081)")

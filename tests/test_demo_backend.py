@@ -1,4 +1,5 @@
-"""The demo backend, exercised through the real openai SDK and a raw aiohttp client."""
+"""The demo backend, exercised through the real openai and anthropic SDKs and a raw aiohttp
+client."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+import anthropic
+import httpx2
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
@@ -408,6 +411,245 @@ async def test_errors_and_health(backend: Backend, session: aiohttp.ClientSessio
 
 
 # --------------------------------------------------------------------------------------
+# Anthropic Messages API
+
+
+@pytest.fixture
+async def claude(backend: Backend) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic.AsyncAnthropic(
+        base_url=backend.url("/anthropic"), api_key="x", max_retries=0, timeout=10
+    ) as sdk:
+        yield sdk
+
+
+async def test_messages_create(backend: Backend, claude: anthropic.AsyncAnthropic) -> None:
+    message = await claude.messages.create(
+        model="claude-test",
+        max_tokens=100,
+        system="be brief",
+        messages=[
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": [{"type": "text", "text": "first answer"}]},
+            {"role": "user", "content": [{"type": "text", "text": "hello there world"}]},
+        ],
+    )
+    assert backend.control.last_request.path == "/anthropic/v1/messages"
+    assert message.id.startswith("msg_")
+    assert message.type == "message"
+    assert message.role == "assistant"
+    assert message.model == "claude-test"
+    [block] = message.content
+    assert block.type == "text"
+    assert block.text == "Echo: hello there world"
+    assert message.stop_reason == "end_turn"
+    assert message.stop_sequence is None
+    # Words: 2 of system + 2 + 2 + 3 of the messages; "Echo:" + 3 words out.
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (9, 4)
+    assert message.usage.cache_creation_input_tokens == 0
+    assert message.usage.cache_read_input_tokens == 0
+
+    capped = await claude.messages.create(
+        model="claude-test", max_tokens=2, messages=[{"role": "user", "content": "a b c"}]
+    )
+    assert capped.stop_reason == "max_tokens"
+    assert [b.text for b in capped.content if b.type == "text"] == ["Echo: a"]
+    assert capped.usage.output_tokens == 2
+
+
+async def test_messages_sync_client(backend: Backend) -> None:
+    def call() -> tuple[str, int, str, int, int]:
+        with anthropic.Anthropic(
+            base_url=backend.url(""), api_key="x", max_retries=0, timeout=10
+        ) as sdk:
+            message = sdk.messages.create(
+                model="c", max_tokens=10, messages=[{"role": "user", "content": "sync hi"}]
+            )
+            with sdk.messages.stream(
+                model="c", max_tokens=10, messages=[{"role": "user", "content": "streamed"}]
+            ) as stream:
+                text = "".join(stream.text_stream)
+                final = stream.get_final_message()
+            counted = sdk.messages.count_tokens(
+                model="c", messages=[{"role": "user", "content": "count these words"}]
+            )
+            block = message.content[0]
+            assert block.type == "text"
+            return (
+                block.text,
+                message.usage.output_tokens,
+                text,
+                final.usage.output_tokens,
+                (counted.input_tokens),
+            )
+
+    assert await asyncio.to_thread(call) == ("Echo: sync hi", 3, "Echo: streamed", 2, 3)
+    assert backend.control.requests[0].path == "/v1/messages"
+
+
+async def test_messages_stream_helper(backend: Backend, claude: anthropic.AsyncAnthropic) -> None:
+    backend.control.chunk_delay = 0.02
+    async with claude.messages.stream(
+        model="claude-test",
+        max_tokens=50,
+        system=[{"type": "text", "text": "sys"}],
+        messages=[{"role": "user", "content": "stream this text"}],
+    ) as stream:
+        pieces = [text async for text in stream.text_stream]
+        final = await stream.get_final_message()
+    assert pieces == ["Echo:", " stream", " this", " text"]
+    assert final.content[0].type == "text"
+    assert final.content[0].text == "Echo: stream this text"
+    assert final.stop_reason == "end_turn"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (4, 4)
+
+
+async def test_messages_raw_stream_events(claude: anthropic.AsyncAnthropic) -> None:
+    stream = await claude.messages.create(
+        model="claude-test",
+        max_tokens=2,
+        messages=[{"role": "user", "content": "x y z"}],
+        stream=True,
+    )
+    events = [event async for event in stream]
+    assert [event.type for event in events] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]  # (the SDK passes the ping over)
+    start = events[0]
+    assert start.type == "message_start"
+    assert start.message.usage.input_tokens == 3
+    assert start.message.usage.output_tokens == 1
+    assert start.message.content == []
+    deltas = [
+        e.delta.text
+        for e in events
+        if e.type == "content_block_delta" and e.delta.type == "text_delta"
+    ]
+    assert deltas == ["Echo:", " x"]
+    delta = events[5]
+    assert delta.type == "message_delta"
+    assert delta.delta.stop_reason == "max_tokens"
+    assert delta.usage.output_tokens == 2
+
+
+async def test_messages_raw_wire_format(backend: Backend, session: aiohttp.ClientSession) -> None:
+    async with session.post(
+        backend.url("/v1/messages"),
+        json={
+            "model": "c",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+        },
+    ) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = (await resp.read()).decode()
+    events = raw.split("\n\n")
+    assert events[-1] == ""
+    names = [event.split("\n")[0] for event in events[:-1]]
+    assert names == [
+        "event: message_start",
+        "event: content_block_start",
+        "event: ping",
+        "event: content_block_delta",
+        "event: content_block_delta",
+        "event: content_block_stop",
+        "event: message_delta",
+        "event: message_stop",
+    ]
+    assert events[6].split("\n")[1] == (
+        'data: {"type":"message_delta","delta":{"stop_reason":"end_turn",'
+        '"stop_sequence":null},"usage":{"output_tokens":2}}'
+    )
+
+
+async def test_messages_count_tokens(claude: anthropic.AsyncAnthropic) -> None:
+    counted = await claude.messages.count_tokens(
+        model="claude-test",
+        system="one two",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "three four five"}]}],
+    )
+    assert counted.input_tokens == 5
+    message = await claude.messages.create(
+        model="claude-test",
+        max_tokens=10,
+        system="one two",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "three four five"}]}],
+    )
+    assert message.usage.input_tokens == 5
+
+
+async def test_messages_errors(
+    backend: Backend, claude: anthropic.AsyncAnthropic, session: aiohttp.ClientSession
+) -> None:
+    backend.control.fail_next(429, headers={"Retry-After": "3"})
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        await claude.messages.create(
+            model="c", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert limited.value.status_code == 429
+    assert limited.value.response.headers["retry-after"] == "3"
+    assert limited.value.body == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "Injected failure: 429 Too Many Requests"},
+    }
+
+    backend.control.fail_next(529)
+    with pytest.raises(anthropic.APIStatusError) as overloaded:
+        await claude.messages.create(
+            model="c", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert overloaded.value.status_code == 529
+    assert isinstance(overloaded.value.body, dict)
+    assert overloaded.value.body["error"]["type"] == "overloaded_error"
+
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        await claude.messages.create(
+            model="c", max_tokens=0, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert isinstance(bad.value.body, dict)
+    assert bad.value.body["type"] == "error"
+    assert bad.value.body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in bad.value.body["error"]["message"]
+
+    async with session.post(
+        backend.url("/v1/messages"), data=b"{nope", headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+        assert body["type"] == "error"
+        assert body["error"]["type"] == "invalid_request_error"
+    async with session.post(backend.url("/v1/messages/count_tokens"), json={}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    async with session.get(backend.url("/v1/messages")) as resp:
+        assert resp.status == 405
+        assert (await resp.json())["type"] == "error"
+
+    backend.control.drop_next()
+    with pytest.raises(anthropic.APIConnectionError):
+        await claude.messages.create(
+            model="c", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    # A broken stream: the anthropic SDK lets its HTTP client's error through.
+    backend.control.break_stream_after(5)
+    texts: list[str] = []
+    with pytest.raises(httpx2.RemoteProtocolError):
+        async with claude.messages.stream(
+            model="c", max_tokens=5, messages=[{"role": "user", "content": "a b c"}]
+        ) as stream:
+            async for text in stream.text_stream:
+                texts.append(text)
+    assert texts == ["Echo:", " a"]  # start, block start, ping, two deltas
+
+
+# --------------------------------------------------------------------------------------
 # Stream framing
 
 
@@ -459,3 +701,57 @@ async def test_chat_streams_framed_with_line_ending(
     # 3 pieces + the finish chunk + [DONE]: 5 events of one line and a blank one.
     _assert_framed(raw, line_ending, 5 * 2)
     assert raw.endswith(b"data: [DONE]" + line_ending.encode() * 2)
+
+
+@pytest.mark.parametrize("line_ending", ["\r\n", "\r"])
+async def test_messages_streams_framed_with_line_ending(
+    backend: Backend,
+    claude: anthropic.AsyncAnthropic,
+    session: aiohttp.ClientSession,
+    line_ending: str,
+) -> None:
+    backend.control.line_ending = line_ending
+    async with claude.messages.stream(
+        model="c", max_tokens=10, messages=[{"role": "user", "content": "g h"}]
+    ) as stream:
+        assert [t async for t in stream.text_stream] == ["Echo:", " g", " h"]
+        message = await stream.get_final_message()
+    assert message.usage.output_tokens == 3
+    raw_events = [
+        e.type
+        async for e in await claude.messages.create(
+            model="c", max_tokens=10, messages=[{"role": "user", "content": "i"}], stream=True
+        )
+    ]
+    assert raw_events == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+
+    def sync_stream() -> str:
+        with (
+            anthropic.Anthropic(base_url=backend.url(""), api_key="x", max_retries=0) as sdk,
+            sdk.messages.stream(
+                model="c", max_tokens=10, messages=[{"role": "user", "content": "sync two"}]
+            ) as stream,
+        ):
+            return "".join(stream.text_stream)
+
+    assert await asyncio.to_thread(sync_stream) == "Echo: sync two"
+
+    async with session.post(
+        backend.url("/v1/messages"),
+        json={"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "stream": True},
+    ) as resp:
+        raw = await resp.read()
+    # 8 events (start, block start, ping, 2 deltas, block stop, delta, stop) of 3 lines.
+    _assert_framed(raw, line_ending, 8 * 3)
+    newline = line_ending.encode()
+    assert raw.endswith(
+        b"event: message_stop" + newline + b'data: {"type":"message_stop"}' + newline * 2
+    )
