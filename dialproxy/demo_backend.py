@@ -8,9 +8,17 @@ hash of each input. Every path ending in ``/chat/completions``, ``/completions``
 ``/openai/deployments/{id}/chat/completions`` work), plus ``GET .../models`` and
 ``GET /health``. Tokens are words.
 
-The same echo answers Anthropic's Messages API: ``POST .../v1/messages`` (``messages``,
-``system``, ``max_tokens``, ``stream``) and ``POST .../v1/messages/count_tokens``, with
-errors in Anthropic's shape (``{"type": "error", "error": {"type", "message"}}``).
+Two more APIs answer the same echo:
+
+* OpenAI's Responses API: ``POST .../responses`` (``input``, ``instructions``,
+  ``max_output_tokens``, ``stream``, ``background``, ``store``), and for a kept response
+  ``GET .../responses/{id}`` (``?stream=true&starting_after=N`` replays and follows its
+  events), ``DELETE .../responses/{id}`` and ``POST .../responses/{id}/cancel``. A
+  background response is ``queued``, then ``in_progress``, then ``completed`` over
+  ``BackendControl.background_delay`` seconds; the last 10,000 responses are kept.
+* Anthropic's Messages API: ``POST .../v1/messages`` (``messages``, ``system``,
+  ``max_tokens``, ``stream``) and ``POST .../v1/messages/count_tokens``, with errors in
+  Anthropic's shape (``{"type": "error", "error": {"type", "message"}}``).
 
 Tests drive failures through a :class:`BackendControl` object (never through request
 headers) and read back what the server received from ``BackendControl.requests``.
@@ -50,6 +58,9 @@ __all__ = [
 ]
 
 DEFAULT_MODEL: Final = "echo"
+DEFAULT_BACKGROUND_DELAY: Final = 0.2
+# Responses kept for GET .../responses/{id} (the oldest are forgotten first).
+MAX_KEPT_RESPONSES: Final = 10_000
 ECHO_PREFIX: Final = "Echo: "
 EMBEDDING_DIMENSIONS: Final = 8
 
@@ -59,6 +70,8 @@ _EMBEDDING_OUT: Final = struct.Struct(f"<{EMBEDDING_DIMENSIONS}f")
 # Words with their leading whitespace; the last one also keeps any trailing whitespace, so
 # joining the pieces gives back the text exactly (modulo leading whitespace, never present).
 _PIECES: Final = re.compile(r"\s*\S+(?:\s+\Z)?")
+# .../responses/{id} and .../responses/{id}/cancel
+_RESPONSE_PATH: Final = re.compile(r"/responses/([^/]+)(/cancel)?\Z")
 _JSON: Final = "application/json"
 _HEALTH_BODY: Final = _encode_json({"status": "ok"}).encode()
 _SSE_DONE: Final = b"data: [DONE]\n\n"
@@ -108,6 +121,7 @@ class BackendControl:
     requests: list[ReceivedRequest]
     chunk_delay: float
     first_byte_delay: float
+    background_delay: float
     line_ending: str
 
     def __init__(self, *, record: bool = True, chunk_delay: float = 0.0) -> None:
@@ -115,6 +129,9 @@ class BackendControl:
         self.requests = []
         self.chunk_delay = chunk_delay
         self.first_byte_delay = 0.0
+        # Seconds a background response (Responses API) takes: queued for the first half,
+        # in_progress for the second, then completed.
+        self.background_delay = DEFAULT_BACKGROUND_DELAY
         # What ends every line (and blank line) of every SSE stream: "\n", "\r\n" or "\r".
         self.line_ending = "\n"
         self._faults: deque[_Fault] = deque()
@@ -173,6 +190,7 @@ class BackendControl:
         self._stream_breaks.clear()
         self.chunk_delay = 0.0
         self.first_byte_delay = 0.0
+        self.background_delay = DEFAULT_BACKGROUND_DELAY
         self.line_ending = "\n"
 
     @property
@@ -395,6 +413,41 @@ def _sse_event(event: str, data: object) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
 
 
+def _input_text(content: object) -> str:
+    """The text of a Responses API input message: a string or its text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict)
+            and isinstance(part.get("text"), str)
+            and part.get("type") in ("input_text", "output_text", "text")
+        )
+    return ""
+
+
+def _responses_input(value: object) -> tuple[int, str]:
+    """(words in all input messages, text of the last user message) of a Responses input."""
+    if isinstance(value, str):
+        return _count_words(value), value
+    if not isinstance(value, list) or not value:
+        raise _BadRequest("'input' must be a string or a non-empty array of input items", "input")
+    words = 0
+    last_user = ""
+    for item in value:
+        if not isinstance(item, dict):
+            raise _BadRequest("each input item must be an object", "input")
+        if item.get("type", "message") != "message":
+            continue  # tool calls, their outputs, reasoning: nothing to echo
+        text = _input_text(item.get("content"))
+        words += _count_words(text)
+        if item.get("role") == "user":
+            last_user = text
+    return words, last_user
+
+
 def _anthropic_input(body: dict[str, Any]) -> tuple[int, str]:
     """(input tokens, text of the last user message) of an Anthropic Messages request."""
     messages = body.get("messages")
@@ -463,14 +516,198 @@ def embedding_vector(text: str) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------
+# Responses API: one response, its state and its stream events
+
+
+class _ResponseRun:
+    """A Responses API response: its current state and the SSE events it has produced.
+
+    A foreground one is produced at once; a background one is ``queued``, then
+    ``in_progress``, then ``completed`` (or ``incomplete`` when ``max_output_tokens``
+    cut it) over ``BackendControl.background_delay`` seconds, unless it is cancelled.
+    """
+
+    __slots__ = (
+        "_waiter",
+        "background",
+        "created_at",
+        "events",
+        "finished",
+        "id",
+        "incomplete",
+        "input_tokens",
+        "instructions",
+        "max_output_tokens",
+        "model",
+        "msg_id",
+        "pieces",
+        "status",
+        "store",
+        "task",
+    )
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        instructions: str | None,
+        max_output_tokens: int | None,
+        store: bool,
+        background: bool,
+        pieces: list[str],
+        incomplete: bool,
+        input_tokens: int,
+    ) -> None:
+        self.id = _new_id("resp_")
+        self.msg_id = _new_id("msg_")
+        self.created_at = int(time.time())
+        self.model = model
+        self.instructions = instructions
+        self.max_output_tokens = max_output_tokens
+        self.store = store
+        self.background = background
+        self.pieces = pieces
+        self.incomplete = incomplete
+        self.input_tokens = input_tokens
+        self.status = "queued" if background else "in_progress"
+        self.finished = False
+        self.events: list[bytes] = []  # event i has sequence_number i
+        self.task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The Response object as it stands."""
+        done = self.status in ("completed", "incomplete")
+        output_tokens = len(self.pieces)
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": self.status,
+            "background": self.background,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"}
+            if self.status == "incomplete"
+            else None,
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "metadata": {},
+            "model": self.model,
+            "output": [self._message(self.status, "".join(self.pieces))] if done else [],
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": self.store,
+            "temperature": 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": self.input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.input_tokens + output_tokens,
+            }
+            if done
+            else None,
+            "user": None,
+        }
+
+    def _message(self, status: str, text: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.msg_id,
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": [] if text is None else [_output_text(text)],
+        }
+
+    def _emit(self, event_type: str, **fields: object) -> None:
+        data = {"type": event_type, "sequence_number": len(self.events), **fields}
+        self.events.append(_sse_event(event_type, data))
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Wait for the next event (or the end)."""
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def start(self) -> None:
+        self._emit("response.created", response=self.snapshot())
+        if self.status == "queued":
+            self._emit("response.queued", response=self.snapshot())
+
+    def begin(self) -> None:
+        self.status = "in_progress"
+        self._emit("response.in_progress", response=self.snapshot())
+
+    def finish(self) -> None:
+        item_status = "incomplete" if self.incomplete else "completed"
+        text = "".join(self.pieces)
+        where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
+        self._emit("response.output_item.added", output_index=0, item=self._message("in_progress"))
+        self._emit("response.content_part.added", **where, part=_output_text(""))
+        for piece in self.pieces:
+            self._emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+        self._emit("response.output_text.done", **where, text=text, logprobs=[])
+        self._emit("response.content_part.done", **where, part=_output_text(text))
+        self._emit(
+            "response.output_item.done", output_index=0, item=self._message(item_status, text)
+        )
+        self.status = item_status
+        self.finished = True
+        self._emit(f"response.{item_status}", response=self.snapshot())
+
+    def stop(self, status: str) -> None:
+        """End an unfinished response (cancelled, deleted or forgotten) where it stands."""
+        if self.task is not None:
+            self.task.cancel()
+        if not self.finished:
+            self.status = status
+            self.finished = True
+            self._wake()
+
+    async def run_in_background(self, delay: float) -> None:
+        await asyncio.sleep(delay / 2)
+        self.begin()
+        await asyncio.sleep(delay / 2)
+        self.finish()
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+# --------------------------------------------------------------------------------------
 # Handlers
 
 
 class _Backend:
-    __slots__ = ("control",)
+    __slots__ = ("control", "responses")
 
     def __init__(self, control: BackendControl) -> None:
         self.control = control
+        # The Responses API's kept responses, oldest first (dicts keep insertion order).
+        self.responses: dict[str, _ResponseRun] = {}
+
+    async def close(self, _app: web.Application) -> None:
+        """Stop the background responses still running (on the app's cleanup)."""
+        tasks = [run.task for run in self.responses.values() if run.task is not None]
+        for run in self.responses.values():
+            run.stop("cancelled")
+        self.responses.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
@@ -520,6 +757,8 @@ class _Backend:
                     ],
                 }
             )
+        elif route.endswith("/responses"):
+            endpoint = self._responses_create
         elif route.endswith("/v1/messages"):
             endpoint = self._messages
             errors = _anthropic_error_response
@@ -527,7 +766,10 @@ class _Backend:
             endpoint = self._count_tokens
             errors = _anthropic_error_response
         else:
-            return _error_response(404, f"Unknown path: {path}", code="not_found")
+            match = _RESPONSE_PATH.search(route)
+            if match is None:
+                return _error_response(404, f"Unknown path: {path}", code="not_found")
+            return await self._response_by_id(request, match[1], match[2] is not None)
         if request.method != "POST":
             return errors(405, f"Method {request.method} not allowed", headers={"Allow": "POST"})
 
@@ -702,9 +944,12 @@ class _Backend:
         self,
         request: web.Request,
         events: Sequence[bytes],
+        run: _ResponseRun | None = None,
+        start: int = 0,
     ) -> web.StreamResponse:
-        """Stream ``events`` (each framed with "\\n").
+        """Stream ``events`` (each framed with "\\n") from ``events[start]`` on.
 
+        With a ``run``, ``events`` is its growing list: written as they come until it ends.
         Lines end with ``BackendControl.line_ending``; ``chunk_delay`` is waited between two
         events and ``break_stream_after`` counts the events written.
         """
@@ -715,21 +960,130 @@ class _Backend:
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         try:
             await resp.prepare(request)
-            for i, event in enumerate(events):
-                if i == break_after:
-                    transport = request.transport
-                    if transport is not None:
-                        transport.close()
-                    return resp
-                if i and control.chunk_delay > 0:
-                    await asyncio.sleep(control.chunk_delay)
-                if newline != b"\n":
-                    event = event.replace(b"\n", newline)  # (JSON data holds no raw LF)
-                await resp.write(event)
+            written = 0
+            index = start
+            while True:
+                while index < len(events):
+                    if written == break_after:
+                        transport = request.transport
+                        if transport is not None:
+                            transport.close()
+                        return resp
+                    if written and control.chunk_delay > 0:
+                        await asyncio.sleep(control.chunk_delay)
+                    event = events[index]
+                    if newline != b"\n":
+                        event = event.replace(b"\n", newline)  # (JSON data holds no raw LF)
+                    await resp.write(event)
+                    index += 1
+                    written += 1
+                if run is None or run.finished:
+                    break
+                await run.changed()
             await resp.write_eof()
         except ConnectionResetError:
             pass  # the client went away
         return resp
+
+    # ----------------------------------------------------------------------------------
+    # OpenAI Responses API
+
+    async def _responses_create(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise _BadRequest("'instructions' must be a string", "instructions")
+        prompt_words, last_user = _responses_input(body.get("input"))
+        if instructions:
+            prompt_words += _count_words(instructions)
+        limit = body.get("max_output_tokens")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise _BadRequest("'max_output_tokens' must be an integer >= 1", "max_output_tokens")
+        background = _bool_field(body, "background")
+        store = body.get("store", True)
+        if not isinstance(store, bool):
+            raise _BadRequest("'store' must be a boolean", "store")
+        if background and not store:
+            raise _BadRequest(
+                "Background responses must be stored: 'store' cannot be false", "store"
+            )
+        stream = _bool_field(body, "stream")
+        pieces, finish = _reply_pieces(ECHO_PREFIX + last_user, limit)
+        run = _ResponseRun(
+            model=_model_of(body),
+            instructions=instructions,
+            max_output_tokens=limit,
+            store=store,
+            background=background,
+            pieces=pieces,
+            incomplete=finish == "length",
+            input_tokens=max(prompt_words, 1),
+        )
+        run.start()
+        if store:
+            self._keep(run)
+        if background:
+            run.task = asyncio.create_task(run.run_in_background(self.control.background_delay))
+            if stream:
+                return await self._write_events(request, run.events, run)
+            return _json_response(run.snapshot())
+        run.begin()
+        run.finish()
+        if stream:
+            return await self._write_events(request, run.events)
+        return _json_response(run.snapshot())
+
+    def _keep(self, run: _ResponseRun) -> None:
+        responses = self.responses
+        responses[run.id] = run
+        while len(responses) > MAX_KEPT_RESPONSES:
+            oldest = responses.pop(next(iter(responses)))
+            oldest.stop("cancelled")
+
+    async def _response_by_id(
+        self, request: web.Request, response_id: str, cancel: bool
+    ) -> web.StreamResponse:
+        method = request.method
+        allowed = "POST" if cancel else "GET, DELETE"
+        if method not in allowed.split(", "):
+            return _error_response(405, f"Method {method} not allowed", headers={"Allow": allowed})
+        run = self.responses.get(response_id)
+        if run is None:
+            # (OpenAI's own 404 here says invalid_request_error, not not_found_error)
+            error = {
+                "message": f"Response with id '{response_id}' not found.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+            return web.Response(status=404, body=_dumps({"error": error}), content_type=_JSON)
+        if cancel:
+            if not run.background:
+                return _error_response(400, "Only background responses can be cancelled.")
+            if run.finished:
+                return _error_response(400, f"Cannot cancel a response with status '{run.status}'.")
+            run.stop("cancelled")
+            return _json_response(run.snapshot())
+        if method == "DELETE":
+            del self.responses[response_id]
+            run.stop("cancelled")
+            return _json_response({"id": response_id, "object": "response", "deleted": True})
+        query = request.rel_url.query
+        if query.get("stream", "false").lower() != "true":
+            return _json_response(run.snapshot())
+        after = query.get("starting_after")
+        start = 0
+        if after is not None:
+            try:
+                start = int(after) + 1
+            except ValueError:
+                return _error_response(
+                    400, "'starting_after' must be an integer", param="starting_after"
+                )
+        return await self._write_events(request, run.events, run, max(start, 0))
 
     # ----------------------------------------------------------------------------------
     # Anthropic Messages API
@@ -836,7 +1190,9 @@ def create_backend_app(control: BackendControl | None = None) -> web.Application
         control = BackendControl()
     app = web.Application(client_max_size=64 * 1024**2)
     app[CONTROL_KEY] = control
-    app.router.add_route("*", "/{tail:.*}", _Backend(control).handle)
+    backend = _Backend(control)
+    app.router.add_route("*", "/{tail:.*}", backend.handle)
+    app.on_cleanup.append(backend.close)
     return app
 
 
