@@ -127,8 +127,12 @@ class Proxy:
         return str(self.server.make_url(path))
 
     async def settle(self) -> None:
-        """Usage is recorded in a task of its own after the response: let it finish."""
-        await asyncio.gather(*self.app[BACKGROUND])
+        """Usage is recorded in a task of its own after the response: let it finish (and
+        the tasks it starts)."""
+        for _ in range(10):
+            if not self.app[BACKGROUND]:
+                break
+            await asyncio.gather(*self.app[BACKGROUND])
 
     @property
     def app(self) -> web.Application:

@@ -66,8 +66,9 @@ class AnswerIds(Protocol):
     def served_by(self, route: Route, serving: Serving) -> None:
         """The upstream that answers (what the proxy's ids name)."""
 
-    def body(self, data: bytes, answer: Any) -> bytes:
-        """A whole answer, its ids rewritten (``answer``: decoded, None if it was not)."""
+    def body(self, data: bytes, answer: Any, learn: bool = True) -> bytes:
+        """A whole answer, its ids rewritten (``answer``: decoded, None if it was not;
+        ``learn``: the answer may make a new one, a success)."""
 
     def events(self, data: bytes) -> bytes:
         """Complete stream events, their ids rewritten."""

@@ -85,6 +85,11 @@ class ResponseRef(NamedTuple):
     upstream_id: str  # the upstream's own response id
 
 
+def digest(response_id: str) -> str:
+    """A short name of one of our ids (for a storage key)."""
+    return hashlib.sha256(response_id.encode()).hexdigest()[:32]
+
+
 def project_tag(project: str) -> str:
     return hashlib.sha256(project.encode()).hexdigest()[:16]
 
@@ -143,31 +148,32 @@ class ResponseIds:
     upstream: str
     project: str
     background: bool
-    upstream_id: bytes = b""  # quoted, as it appears in the JSON
+    upstream_id: bytes = b""  # as it appears in the JSON (and in an error's message)
     ours: bytes = b""
 
     @classmethod
     def of(cls, ref: ResponseRef, ours: str) -> ResponseIds:
         """For a follow-up: both ids known."""
         ids = cls(ref.deployment, ref.upstream, ref.project, ref.background)
-        ids.upstream_id = orjson.dumps(ref.upstream_id)
-        ids.ours = orjson.dumps(ours)
+        ids.upstream_id = _bare(ref.upstream_id)
+        ids.ours = ours.encode()
         return ids
 
     def served_by(self, route: Route, serving: Serving) -> None:
         self.upstream = upstream_tag(route, serving)
 
     def _learn(self, upstream_id: Any) -> None:
-        if type(upstream_id) is str and upstream_id:
+        if type(upstream_id) is str and len(upstream_id) >= 8:  # (a shorter one may be a word)
             ref = ResponseRef(
                 self.deployment, self.upstream, self.project, self.background, upstream_id
             )
-            self.upstream_id = orjson.dumps(upstream_id)
-            self.ours = orjson.dumps(mint(ref))
+            self.upstream_id = _bare(upstream_id)
+            self.ours = mint(ref).encode()
 
-    def body(self, data: bytes, answer: Any) -> bytes:
-        """A whole answer (``answer``: decoded, or None when it was not)."""
-        if not self.upstream_id:
+    def body(self, data: bytes, answer: Any, learn: bool = True) -> bytes:
+        """A whole answer (``answer``: decoded, or None when it was not); ``learn``: an id
+        not known yet is the answer's (a response made), else nothing is rewritten."""
+        if not self.upstream_id and learn:
             if answer is None:
                 try:
                     answer = orjson.loads(data)
@@ -194,6 +200,11 @@ class ResponseIds:
                 self._learn(response.get("id"))
                 return
             index = data.find(b'"response"', stop)
+
+
+def _bare(upstream_id: str) -> bytes:
+    """An id as JSON writes it inside a string (replaced wherever it appears)."""
+    return orjson.dumps(upstream_id)[1:-1]
 
 
 def ids_for(body: dict[str, Any], deployment: str, project: str) -> ResponseIds:

@@ -31,7 +31,7 @@ EVENT_BYTES = 256  # bytes of a stream taken for one event in an estimate
 
 
 class _Reader:
-    __slots__ = ("_held", "_max", "_rule", "_size", "bytes", "chunks", "usage")
+    __slots__ = ("_held", "_max", "_rule", "_size", "bytes", "chunks", "ended", "usage")
 
     def __init__(self, max_event: int = sse.MAX_EVENT, rule: UsageRule = CHAT_USAGE) -> None:
         self._max = max_event
@@ -40,6 +40,7 @@ class _Reader:
         self._size = 0  # its bytes
         self.usage: Usage | None = None
         self.chunks = self.bytes = 0
+        self.ended = False  # the stream ended (flushed), not cut
 
     @property
     def events(self) -> int:
@@ -47,6 +48,12 @@ class _Reader:
         and an event of a chat stream is 150-250 bytes (counted, not searched for: a count
         of ``data:`` would be one more pass over every chunk)."""
         return max(self.chunks, self.bytes // EVENT_BYTES)
+
+    @property
+    def has_all_usage(self) -> bool:
+        """Whether the usage read so far is the stream's (an API whose events each add to
+        it has it all only once the stream has ended)."""
+        return self.usage is not None and (self._rule.last_wins or self.ended)
 
     def _complete(self, chunk: bytes) -> bytes:
         """The complete events of what is held with ``chunk``; the rest is held.  An event
@@ -84,6 +91,7 @@ class _Reader:
 
     def _rest(self) -> bytes:
         """What is held when the stream ends (an event the upstream did not end)."""
+        self.ended = True
         data = b"".join(self._held)
         self._held.clear()
         self._size = 0

@@ -27,7 +27,7 @@ from dialproxy.logs import cut
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import features, proxy, routes
+from dialproxy.web import features, proxy, responses, routes
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -353,6 +353,7 @@ def create_app(
         handler = functools.partial(proxy.handle, services=services, api=api)
         for path in api.paths:
             app.router.add_post(path, handler)
+    responses.routes(app, services)  # the Responses API's follow-ups on its ids
     for path, route in (
         ("/openai/models", list_models),
         ("/openai/models/{id}", get_model),

@@ -569,8 +569,8 @@ async def _respond(
         data = await read_answer(resp, services.idle, settings.max_response)
         if resp.status == 200:
             outcome.usage = find_usage(data, api.usage)
-            if ids is not None:
-                data = ids.body(data, None)
+        if ids is not None:  # (an error names a response by the id the client knows too)
+            data = ids.body(data, None, resp.status < 300)
         return web.Response(status=resp.status, body=data, headers=headers)
     stream = _UpstreamStream(status=resp.status, headers=headers)
     stream.upstream = resp
@@ -578,7 +578,7 @@ async def _respond(
     max_event = settings.max_event
     stream.relay = (
         EventRewriter(ids.events, max_event, api.usage)
-        if ids is not None and resp.status == 200
+        if ids is not None
         else UsageHider(max_event)
         if injected
         else UsageScanner(max_event, api.usage)
@@ -679,7 +679,7 @@ async def _relay_stream(
         idle.release(upstream)
         if upstream.status != 200:
             _let_go(upstream)
-        elif client_gone and relay.usage is None and not upstream.content.is_eof():
+        elif client_gone and not relay.has_all_usage and not upstream.content.is_eof():
             outcome.leftover = (upstream, relay)  # drained for its usage after the answer
         else:
             _let_go(upstream)
@@ -696,12 +696,18 @@ def _let_go(upstream: aiohttp.ClientResponse) -> None:
 def _charge(outcome: Outcome, relay: Relay, cut: bool) -> None:
     """The usage of a relayed 200 stream: what it reported; if it reported none, an
     estimate when it was cut, or when usage was asked for (a direct backend), and it
-    relayed something."""
-    outcome.usage = relay.usage
-    if relay.usage is None and relay.events:
+    relayed something.  A stream cut with part of its usage (Anthropic's prompt, from its
+    first event) is charged that part and, for the rest, the estimate."""
+    usage = outcome.usage = relay.usage
+    if relay.events and (usage is None or (cut and not relay.has_all_usage)):
         model = outcome.model
         if cut or (model is not None and model.direct):
-            outcome.usage = estimate(outcome.request_bytes, relay.events)
+            guess = estimate(outcome.request_bytes, relay.events)
+            if usage is not None:  # the prompt as reported; the completion as it came
+                completion = max(usage.completion_tokens, guess.completion_tokens)
+                total = usage.prompt_tokens + completion
+                guess = Usage(usage.prompt_tokens, completion, total, usage.details)
+            outcome.usage = guess
             outcome.estimated = True
 
 

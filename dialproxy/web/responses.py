@@ -1,0 +1,223 @@
+"""The Responses API's follow-ups: ``GET``/``DELETE /openai/v1/responses/{id}`` and
+``POST /openai/v1/responses/{id}/cancel``, on one of the proxy's response ids.
+
+One request: the caller (401) -> the id, one of ours and of the caller's project (404) ->
+its deployment (404, 403) -> the upstream that made the response (404 when the config has
+it no more) -> one attempt, to that upstream alone (no other has the response) -> the
+answer relayed with the ids made ours again -> one log line.  A follow-up is not counted
+as a request.  A background response's usage is charged when a follow-up first sees it
+(it was not known when it was created): once, however many follow-ups see it, on any
+instance when the storage is Redis.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import OrderedDict
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from dialproxy.apis import responses
+from dialproxy.apis.responses import RESPONSES, ResponseIds, ResponseRef
+from dialproxy.auth import Principal, authenticate
+from dialproxy.config.model import Route, Serving
+from dialproxy.errors import BadGateway, NotFound, ProxyError, Unavailable
+from dialproxy.logs import cut
+from dialproxy.perrequest import RedisCalls
+from dialproxy.upstream.attempts import NoRoute
+from dialproxy.web import proxy
+from dialproxy.web.body import read_raw_body
+
+log = structlog.get_logger("dialproxy.responses")
+
+# A background response's usage is charged once: the ids charged are remembered this long.
+CHARGED_TTL = 30 * 24 * 3600
+CHARGED_PREFIX = "dp:resp:charged:"
+
+
+class Charged:
+    """The background responses whose usage has been charged (this instance's memory, and
+    with Redis every instance's: ``SET NX``)."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    async def first(self, response_id: str, redis: RedisCalls | None) -> bool:
+        """Whether this is the first time ``response_id``'s usage is to be charged."""
+        if response_id in self._seen:
+            return False
+        self._seen[response_id] = None
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        if redis is None:
+            return True
+        key = CHARGED_PREFIX + responses.digest(response_id)
+        try:
+            done = await redis.call(lambda: redis.client.set(key, "1", nx=True, ex=CHARGED_TTL))
+        except Exception as e:  # Redis down: charged here (a charge twice beats none)
+            log.warning("charge_mark_failed", error=type(e).__name__)
+            return True
+        return bool(done)
+
+
+def follow_up_url(route: Route, upstream_id: str, action: str) -> str:
+    """Where a follow-up goes: after an ``interfaces`` base URL the Responses path, after a
+    verbatim endpoint its ``/{id}`` (``/cancel`` for a cancel)."""
+    base = route.url + "/openai/v1/responses" if route.append_path else route.url.rstrip("/")
+    return f"{base}/{upstream_id}" + ("/cancel" if action == "cancel" else "")
+
+
+async def handle(
+    request: web.Request, services: proxy.Services, charged: Charged, action: str
+) -> web.StreamResponse:
+    """One follow-up (``action``: retrieve, delete, cancel) on a response id of ours."""
+    snapshot = services.store.snapshot
+    started = time.perf_counter()
+    outcome = proxy.Outcome()
+    principal: Principal | None = None
+    ref: ResponseRef | None = None
+    our_id = request.match_info["response_id"]
+    try:
+        principal = await authenticate(request.headers, snapshot, request.remote, services.shared)
+        ref = responses.parse(our_id)
+        if ref is None or ref.project != responses.project_tag(principal.project):
+            raise NotFound(f"Response {cut(our_id)} not found")
+        plan = proxy.plan_for(principal, snapshot, ref.deployment)
+        model = plan.model
+        serving = model.serving.get(RESPONSES.name)
+        if serving is None:
+            raise Unavailable(f"Deployment {ref.deployment} no longer serves responses")
+        route = responses.find_route(serving, ref.upstream)
+        if route is None:
+            raise NotFound(f"Response {cut(our_id)} not found: its upstream is gone")
+        if ref.background:  # its usage is counted when first seen
+            outcome.model, outcome.scopes, outcome.records = model, plan.scopes, plan.records
+        outcome.ids = ResponseIds.of(ref, our_id)
+        body = await read_raw_body(request, services.settings.max_body)
+        return await _forward(request, services, principal, route, serving, ref, body, outcome)
+    except Exception as e:
+        response = RESPONSES.errors.response(request, e)
+        outcome.status = response.status
+        if isinstance(e, ProxyError):
+            outcome.error = e.message
+        return response
+    finally:
+        settle = functools.partial(
+            _settle, services, charged, request, principal, ref, our_id, outcome, started
+        )
+        if outcome.leftover is None:
+            settle()
+        else:
+            proxy.hold(services.background, proxy._settle_after_drain(services, outcome, settle))
+        if outcome.per_request_key is not None and outcome.leftover is None:
+            proxy._end_key(services, outcome.per_request_key)
+
+
+async def _forward(
+    request: web.Request,
+    services: proxy.Services,
+    principal: Principal,
+    route: Route,
+    serving: Serving,
+    ref: ResponseRef,
+    body: bytes,
+    outcome: proxy.Outcome,
+) -> web.StreamResponse:
+    """One attempt, to the upstream that made the response; its answer relayed."""
+    client = services.client
+    assert client is not None and outcome.ids is not None
+    headers = proxy.forwarded_headers(
+        request,
+        principal,
+        services.store.snapshot.models[ref.deployment],
+        serving.default_headers,
+        RESPONSES.forwarded_headers,
+    )
+    if body:
+        headers["Content-Type"] = request.headers.get("Content-Type", "application/json")
+    else:
+        headers.pop("Content-Type", None)
+    if route.name == "endpoint" or "X-UPSTREAM-ENDPOINT" in route.headers:
+        keys = services.shared.per_request  # an adapter: a per-request key (as for a create)
+        if keys is not None:
+            outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
+    headers["Accept-Encoding"] = "identity"
+    url = follow_up_url(route, ref.upstream_id, _action(request))
+    if query := request.rel_url.raw_query_string:
+        url += "?" + query
+    outcome.attempts, outcome.upstream = 1, route.name
+    sent = time.perf_counter()
+    try:
+        async with services.idle.headers():
+            resp = await client.request(
+                request.method,
+                url,
+                data=body or None,
+                headers={**headers, **route.headers},
+                allow_redirects=False,
+            )
+    except (aiohttp.ClientError, TimeoutError):
+        raise BadGateway("No route") from None
+    if 300 <= resp.status < 400:
+        resp.release()
+        raise NoRoute(f"upstream answered {resp.status}")
+    outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
+    outcome.status = resp.status
+    response = await proxy._respond(resp, outcome, RESPONSES, False, [], services)
+    if isinstance(response, proxy._UpstreamStream):
+        relay = proxy._relay_stream(request, response, outcome, services)
+        if await services.drain.relay(response, relay, RESPONSES.shutdown_event):
+            outcome.error = "stream ended: the server is shutting down"
+            proxy._stop_draining(outcome)
+    return response
+
+
+def _action(request: web.Request) -> str:
+    if request.method == "POST":
+        return "cancel"
+    return "delete" if request.method == "DELETE" else "retrieve"
+
+
+def _settle(
+    services: proxy.Services,
+    charged: Charged,
+    request: web.Request,
+    principal: Principal | None,
+    ref: ResponseRef | None,
+    our_id: str,
+    outcome: proxy.Outcome,
+    started: float,
+) -> None:
+    """The log line; a background response's usage charged the first time it is seen (an
+    estimate is never charged: the response runs on whatever became of this request)."""
+    if outcome.estimated:
+        outcome.usage, outcome.estimated = None, False
+    usage = outcome.usage
+    if usage is not None and outcome.status == 200 and outcome.records and ref is not None:
+        keys = services.shared.per_request  # (its Redis: the shared keys' store)
+        redis = keys.redis if keys is not None else None
+
+        async def charge() -> None:
+            if await charged.first(our_id, redis):
+                proxy._record(services, outcome)
+
+        proxy.hold(services.background, charge())
+    deployment = ref.deployment if ref is not None else None
+    proxy._log(services.log, request, principal, deployment, outcome, started)
+
+
+def routes(app: web.Application, services: proxy.Services) -> None:
+    """The follow-up routes."""
+    charged = Charged()
+    path = "/openai/v1/responses/{response_id}"
+    for method, route_path, action in (
+        ("GET", path, "retrieve"),
+        ("DELETE", path, "delete"),
+        ("POST", path + "/cancel", "cancel"),
+    ):
+        handler = functools.partial(handle, services=services, charged=charged, action=action)
+        app.router.add_route(method, route_path, handler)

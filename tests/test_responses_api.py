@@ -1,0 +1,270 @@
+"""The OpenAI Responses API through the proxy, driven by the real openai SDK against the
+demo backend's Responses API: created (sync, async, streamed, background), followed up
+(retrieve, cancel, delete) on the proxy's own ids, limited and counted like chat."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from dialproxy.apis import responses
+from dialproxy.server import counter_storage
+from dialproxy.settings import Settings
+from tests.conftest import Backend, BackendFactory, Proxy, ProxyFactory, new_key
+from tests.redis_server import RedisServer
+
+KEY = new_key()
+OTHER_PROJECT = new_key()
+UPSTREAM_KEY = new_key("upstream-secret-")
+
+
+def config(*backends: Backend, **limits: Any) -> dict[str, Any]:
+    """One model served by each backend's Responses API directly (its upstream `id` the
+    backend's place: east, west)."""
+    names = ["east", "west"]
+    return {
+        "models": {
+            "m": {
+                "type": "chat",
+                "upstreams": [
+                    {
+                        "id": names[i],
+                        "endpoint": b.url(),
+                        "responsesEndpoint": b.url("/v1/responses"),
+                        "key": UPSTREAM_KEY,
+                    }
+                    for i, b in enumerate(backends)
+                ],
+                "responsesDefaults": {"max_output_tokens": 50},
+                "pricing": {"unit": "token", "prompt": "0.001", "completion": "0.002"},
+            }
+        },
+        "roles": {"r": {"limits": {"m": limits or {"minute": 100000}}}},
+        "keys": {
+            KEY: {"project": "p", "role": "r"},
+            OTHER_PROJECT: {"project": "q", "role": "r"},
+        },
+    }
+
+
+def client(proxy: Proxy, key: str = KEY, **options: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url("/openai/v1"), api_key=key, **options)
+
+
+def aclient(proxy: Proxy, key: str = KEY, **options: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.url("/openai/v1"), api_key=key, **options)
+
+
+async def used_tokens(proxy: Proxy) -> int:
+    await proxy.settle()
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(proxy.url("/v1/deployments/m/limits"), headers={"Api-Key": KEY})
+        used: int = (await r.json())["minuteTokenStats"]["used"]
+        return used
+
+
+def upstream_ids(backend: Backend) -> list[tuple[str, str]]:
+    """(method, path) of what the backend got on its Responses API."""
+    return [(r.method, r.path) for r in backend.control.requests if "/responses" in r.path]
+
+
+async def test_create_sync_and_async_with_usage_counted_and_ids_made_ours(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend))
+    made = await asyncio.to_thread(
+        lambda: client(proxy).responses.create(model="m", input="Hello there")
+    )
+    assert made.output_text == "Echo: Hello there"
+    assert made.id.startswith("resp_dial_")
+    ref = responses.parse(made.id)
+    assert ref is not None and (ref.deployment, ref.upstream) == ("m", "east")
+    assert made.id not in json.dumps([r.json for r in backend.control.requests])
+    sent = backend.control.requests[-1]
+    assert sent.json["max_output_tokens"] == 50  # responsesDefaults
+    assert sent.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert made.usage is not None
+    first = made.usage.total_tokens
+
+    async with aclient(proxy) as ac:
+        again = await ac.responses.create(
+            model="m", input=[{"role": "user", "content": "one two three"}]
+        )
+    assert again.output_text == "Echo: one two three" and again.usage is not None
+    assert await used_tokens(proxy) == first + again.usage.total_tokens
+
+
+@pytest.mark.parametrize("line_ending", ["\n", "\r\n", "\r"])
+async def test_a_stream_reaches_the_sdk_with_our_ids_and_its_usage_counted(
+    backend: Backend, make_proxy: ProxyFactory, line_ending: str
+) -> None:
+    backend.control.line_ending = line_ending
+    proxy = await make_proxy(config(backend))
+    async with aclient(proxy) as ac:
+        stream = await ac.responses.create(model="m", input="a b c d", stream=True)
+        events = [event async for event in stream]
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "Echo: a b c d"
+    created, completed = events[0], events[-1]
+    assert created.type == "response.created" and completed.type == "response.completed"
+    assert created.response.id == completed.response.id
+    assert created.response.id.startswith("resp_dial_")
+    usage = completed.response.usage
+    assert usage is not None and usage.total_tokens > 0
+    assert await used_tokens(proxy) == usage.total_tokens
+    # and the openai SDK's own stream helper reads it whole
+    async with aclient(proxy) as ac, ac.responses.stream(model="m", input="x y") as helper:
+        final = await helper.get_final_response()
+    assert final.output_text == "Echo: x y" and final.id.startswith("resp_dial_")
+
+
+async def test_background_retrieve_cancel_delete_on_our_ids_and_usage_charged_once(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    backend.control.background_delay = 0.3
+    proxy = await make_proxy(config(backend))
+    async with aclient(proxy) as ac:
+        queued = await ac.responses.create(model="m", input="in the back", background=True)
+        assert queued.status == "queued" and queued.id.startswith("resp_dial_")
+        for _ in range(100):
+            seen = await ac.responses.retrieve(queued.id)
+            if seen.status == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert seen.id == queued.id and seen.output_text == "Echo: in the back"
+        assert seen.usage is not None
+        again = await ac.responses.retrieve(queued.id)  # seen twice: charged once
+        assert again.usage == seen.usage
+        assert await used_tokens(proxy) == seen.usage.total_tokens
+        streamed = await ac.responses.retrieve(queued.id, stream=True)
+        replay = [e async for e in streamed]
+        assert replay[-1].type == "response.completed"
+        assert replay[-1].response.id == queued.id
+        assert await used_tokens(proxy) == seen.usage.total_tokens
+
+        running = await ac.responses.create(model="m", input="stop me", background=True)
+        cancelled = await ac.responses.cancel(running.id)
+        assert (cancelled.id, cancelled.status) == (running.id, "cancelled")
+
+        await ac.responses.delete(queued.id)
+        with pytest.raises(openai.NotFoundError) as gone:
+            await ac.responses.retrieve(queued.id)
+    upstream_id = responses.parse(queued.id)
+    assert upstream_id is not None
+    assert upstream_id.upstream_id not in str(gone.value)  # the error names our id, not theirs
+    paths = upstream_ids(backend)
+    assert ("DELETE", f"/v1/responses/{upstream_id.upstream_id}") in paths
+    assert ("POST", f"/v1/responses/{responses.parse(running.id)[4]}/cancel") in paths  # type: ignore[index]
+
+
+async def test_follow_ups_go_to_the_upstream_that_made_the_response(
+    backend: Backend, make_backend: BackendFactory, make_proxy: ProxyFactory
+) -> None:
+    west = await make_backend()
+    proxy = await make_proxy(config(backend, west))
+    async with aclient(proxy) as ac:
+        made = [await ac.responses.create(model="m", input=f"n{i}") for i in range(6)]
+        makers = {r.id: responses.parse(r.id).upstream for r in made}  # type: ignore[union-attr]
+        assert set(makers.values()) == {"east", "west"}  # (weighted round-robin: both used)
+        for _ in range(2):
+            for r in made:
+                assert (await ac.responses.retrieve(r.id)).output_text == r.output_text
+    for name, b in (("east", backend), ("west", west)):
+        gets = [path for method, path in upstream_ids(b) if method == "GET"]
+        mine = [responses.parse(i).upstream_id for i, m in makers.items() if m == name]  # type: ignore[union-attr]
+        assert sorted(gets) == sorted(f"/v1/responses/{u}" for u in mine * 2)
+
+
+async def test_an_id_of_another_project_or_not_ours_is_404_and_nothing_is_sent(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    proxy = await make_proxy(config(backend))
+    async with aclient(proxy) as ac:
+        made = await ac.responses.create(model="m", input="mine")
+    before = len(backend.control.requests)
+    async with aclient(proxy, OTHER_PROJECT) as other:
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.retrieve(made.id)
+    async with aclient(proxy) as ac:
+        for bad in ("resp_123", "resp_dial_%%%", "resp_dial_" + "x" * 5000):
+            with pytest.raises((openai.NotFoundError, openai.APIStatusError)) as e:
+                await ac.responses.retrieve(bad)
+            assert e.value.status_code in (404, 414, 400)
+    assert len(backend.control.requests) == before
+
+
+async def test_limits_429_through_the_sdk(backend: Backend, make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(config(backend, requestMinute=2))
+    sdk = client(proxy, max_retries=0)
+    raw = await asyncio.to_thread(
+        lambda: sdk.responses.with_raw_response.create(model="m", input="hi")
+    )
+    assert raw.headers["x-ratelimit-limit-requests"] == "2"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "1"
+    await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="hi"))
+    with pytest.raises(openai.RateLimitError) as limited:
+        await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="hi"))
+    assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+    assert "Hit request rate limit" in limited.value.message
+    assert len(upstream_ids(backend)) == 2  # the third never left the proxy
+
+
+async def test_a_stream_the_client_leaves_is_charged_its_reported_usage(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    backend.control.chunk_delay = 0.02
+    proxy = await make_proxy(config(backend))
+    words = " ".join(f"w{i}" for i in range(30))
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(
+            proxy.url("/openai/v1/responses"),
+            json={"model": "m", "input": words, "stream": True},
+            headers={"Api-Key": KEY},
+        )
+        assert resp.status == 200
+        await resp.content.readany()  # the first events, then the client goes away
+        resp.close()
+    for _ in range(200):  # drained in the background for the usage at its end
+        if await used_tokens(proxy):
+            break
+        await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession() as s:  # what the whole stream reports
+        resp = await s.post(
+            backend.url("/v1/responses"), json={"model": "m", "input": words, "stream": False}
+        )
+        expected = (await resp.json())["usage"]["total_tokens"]
+    assert await used_tokens(proxy) == expected
+
+
+async def test_two_instances_on_redis_follow_up_and_charge_a_background_response_once(
+    backend: Backend, make_proxy: ProxyFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    redis_server.flush()
+    url = redis_server.url
+    cfg = config(backend)
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),), storage=url)
+    one = await make_proxy(cfg, settings=settings, storage=counter_storage(url))
+    two = await make_proxy(cfg, settings=settings, storage=counter_storage(url))
+    backend.control.background_delay = 0.1
+    async with aclient(one) as a, aclient(two) as b:
+        queued = await a.responses.create(model="m", input="shared", background=True)
+        for _ in range(100):
+            if (await b.responses.retrieve(queued.id)).status == "completed":
+                break
+            await asyncio.sleep(0.05)
+        done_one = await a.responses.retrieve(queued.id)
+        done_two = await b.responses.retrieve(queued.id)
+    assert done_one.usage is not None and done_one.usage == done_two.usage
+    await two.settle()  # (charged by the instance that saw it complete first)
+    assert await used_tokens(one) == done_one.usage.total_tokens
+    assert await used_tokens(two) == done_one.usage.total_tokens
+    marks = redis_server.command("KEYS", "dp:resp:charged:*")
+    assert isinstance(marks, list) and len(marks) == 1
