@@ -221,3 +221,10 @@ def test_anthropic_reset_is_an_rfc3339_time() -> None:
     assert headers["anthropic-ratelimit-requests-remaining"] == "7"
     reset = datetime.fromisoformat(headers["anthropic-ratelimit-requests-reset"])
     assert reset.tzinfo is not None and reset >= datetime.now(UTC).replace(microsecond=0)
+
+
+def test_an_upstream_id_too_short_or_too_long_is_not_taken_for_a_response_id() -> None:
+    for upstream_id in ("resp", "r" * 600):
+        ids = responses.ids_for({}, "m", "p")
+        body = json.dumps({"id": upstream_id, "text": f"{upstream_id} said"}).encode()
+        assert ids.body(body, None) == body

@@ -268,3 +268,93 @@ async def test_two_instances_on_redis_follow_up_and_charge_a_background_response
     assert await used_tokens(two) == done_one.usage.total_tokens
     marks = redis_server.command("KEYS", "dp:resp:charged:*")
     assert isinstance(marks, list) and len(marks) == 1
+
+
+async def test_previous_response_id_goes_to_the_upstream_that_made_it(
+    backend: Backend, make_backend: BackendFactory, make_proxy: ProxyFactory
+) -> None:
+    west = await make_backend()
+    proxy = await make_proxy(config(backend, west))
+    async with aclient(proxy) as ac:
+        first = [await ac.responses.create(model="m", input=f"turn {i}") for i in range(4)]
+        for made in first:
+            ref = responses.parse(made.id)
+            assert ref is not None
+            target = backend if ref.upstream == "east" else west
+            before = len(target.control.requests)
+            follow = await ac.responses.create(
+                model="m", input="and then?", previous_response_id=made.id
+            )
+            assert len(target.control.requests) == before + 1  # pinned: no other upstream
+            sent = target.control.requests[-1].json
+            assert sent["previous_response_id"] == ref.upstream_id  # the upstream's own id
+            assert responses.parse(follow.id).upstream == ref.upstream  # type: ignore[union-attr]
+    async with aclient(proxy, OTHER_PROJECT) as other:
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.create(model="m", input="x", previous_response_id=first[0].id)
+
+
+async def test_a_failed_attempt_moves_on_and_the_id_names_the_upstream_that_answered(
+    backend: Backend, make_backend: BackendFactory, make_proxy: ProxyFactory
+) -> None:
+    west = await make_backend()
+    cfg = config(backend, west)
+    cfg["models"]["m"]["upstreams"][1]["tier"] = 1  # east first, west when east fails
+    proxy = await make_proxy(cfg)
+    backend.control.fail_next(502)
+    async with aclient(proxy, max_retries=0) as ac:
+        raw = await ac.responses.with_raw_response.create(model="m", input="retry")
+        assert raw.headers["X-UPSTREAM-ATTEMPTS"] == "2"
+        made = raw.parse()
+        ref = responses.parse(made.id)
+        assert ref is not None and ref.upstream == "west"
+        assert (await ac.responses.retrieve(made.id)).output_text == "Echo: retry"
+    assert [r.path for r in west.control.requests] == [
+        "/v1/responses",
+        f"/v1/responses/{ref.upstream_id}",
+    ]
+
+
+async def test_an_adapter_gets_the_upstream_in_headers_and_a_per_request_key(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    cfg = config(backend)
+    cfg["models"]["m"] = {
+        "type": "chat",
+        "responsesEndpoint": backend.url("/openai/v1/responses"),
+        "upstreams": [
+            {
+                "id": "one",
+                "endpoint": "http://provider/chat",
+                "responsesEndpoint": "http://provider/v1/responses",
+                "key": UPSTREAM_KEY,
+            }
+        ],
+    }
+    cfg["models"]["i"] = {
+        "type": "chat",
+        "interfaces": {"openaiResponses": {"base_url": backend.url("/base/")}},
+    }
+    cfg["roles"]["r"]["limits"]["i"] = {}
+    proxy = await make_proxy(cfg)
+    async with aclient(proxy) as ac:
+        made = await ac.responses.create(model="m", input="via adapter")
+        got = backend.control.requests[-1]
+        assert got.path == "/openai/v1/responses"
+        assert got.headers["X-UPSTREAM-ENDPOINT"] == "http://provider/v1/responses"
+        assert got.headers["X-UPSTREAM-KEY"] == UPSTREAM_KEY
+        assert got.headers["Api-Key"].startswith("dprk_")
+        await ac.responses.retrieve(made.id)
+        ref = responses.parse(made.id)
+        assert ref is not None
+        follow = backend.control.requests[-1]
+        assert follow.path == f"/openai/v1/responses/{ref.upstream_id}"
+        assert follow.headers["Api-Key"].startswith("dprk_")
+        assert follow.headers["Api-Key"] != got.headers["Api-Key"]
+
+        via_base = await ac.responses.create(model="i", input="via interfaces")
+        assert backend.control.requests[-1].path == "/base/openai/v1/responses"
+        await ac.responses.retrieve(via_base.id)
+        ref = responses.parse(via_base.id)
+        assert ref is not None
+        assert backend.control.requests[-1].path == f"/base/openai/v1/responses/{ref.upstream_id}"

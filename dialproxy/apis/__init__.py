@@ -66,6 +66,9 @@ class AnswerIds(Protocol):
     def served_by(self, route: Route, serving: Serving) -> None:
         """The upstream that answers (what the proxy's ids name)."""
 
+    def route(self, serving: Serving) -> Route | None:
+        """The one upstream the request may go to (None: any)."""
+
     def body(self, data: bytes, answer: Any, learn: bool = True) -> bytes:
         """A whole answer, its ids rewritten (``answer``: decoded, None if it was not;
         ``learn``: the answer may make a new one, a success)."""

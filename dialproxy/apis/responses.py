@@ -30,6 +30,8 @@ import orjson
 
 from dialproxy.apis import Api, rewritten, with_defaults
 from dialproxy.apis.openai import DIAL_ERRORS, FORWARDED_HEADERS
+from dialproxy.errors import BadRequest, NotFound
+from dialproxy.logs import cut
 from dialproxy.upstream import sse
 from dialproxy.upstream.usage import Usage, UsageRule, counts
 
@@ -38,11 +40,16 @@ if TYPE_CHECKING:
 
 PREFIX = "resp_dial_"
 _MAX_ID = 2048  # an id longer than this is not one of ours
+_MAX_UPSTREAM_ID = 512  # an upstream id longer than this is not rewritten (nor followed up)
 
 
 def body_rule(body: dict[str, Any], raw: bytes, model: Model) -> tuple[bytes | None, bool]:
-    """``responsesDefaults`` and ``overrideName``."""
+    """``responsesDefaults`` and ``overrideName``; a ``previous_response_id`` of ours made
+    the upstream's again (the request goes to that upstream: :meth:`ResponseIds.route`)."""
     updates = with_defaults(body, model.responses_defaults, model.override_name)
+    previous = body.get("previous_response_id")
+    if type(previous) is str and (ref := parse(previous)) is not None:
+        updates["previous_response_id"] = ref.upstream_id
     return (rewritten(body, raw, updates) if updates else None), False
 
 
@@ -150,6 +157,7 @@ class ResponseIds:
     background: bool
     upstream_id: bytes = b""  # as it appears in the JSON (and in an error's message)
     ours: bytes = b""
+    previous: ResponseRef | None = None  # the response a new one follows (its upstream's)
 
     @classmethod
     def of(cls, ref: ResponseRef, ours: str) -> ResponseIds:
@@ -162,8 +170,19 @@ class ResponseIds:
     def served_by(self, route: Route, serving: Serving) -> None:
         self.upstream = upstream_tag(route, serving)
 
+    def route(self, serving: Serving) -> Route | None:
+        """The one upstream a request that follows a response may go to: the one that made
+        it (None: any; 404 when the config has it no more)."""
+        if self.previous is None:
+            return None
+        found = find_route(serving, self.previous.upstream)
+        if found is None:
+            raise NotFound("The previous response's upstream is no longer configured")
+        return found
+
     def _learn(self, upstream_id: Any) -> None:
-        if type(upstream_id) is str and len(upstream_id) >= 8:  # (a shorter one may be a word)
+        # (a shorter one may be a word in the text; a longer one would make ours too long)
+        if type(upstream_id) is str and 8 <= len(upstream_id) <= _MAX_UPSTREAM_ID:
             ref = ResponseRef(
                 self.deployment, self.upstream, self.project, self.background, upstream_id
             )
@@ -208,8 +227,21 @@ def _bare(upstream_id: str) -> bytes:
 
 
 def ids_for(body: dict[str, Any], deployment: str, project: str) -> ResponseIds:
-    """The ids of a response being created (the upstream's tag is set once one answers)."""
-    return ResponseIds(deployment, "", project_tag(project), body.get("background") is True)
+    """The ids of a response being created (the upstream's tag is set once one answers).
+    A ``previous_response_id`` of ours must be the project's (404) and the deployment's
+    (400); another is the upstream's business."""
+    tag = project_tag(project)
+    ids = ResponseIds(deployment, "", tag, body.get("background") is True)
+    previous = body.get("previous_response_id")
+    if type(previous) is str and (ref := parse(previous)) is not None:
+        if ref.project != tag:
+            raise NotFound(f"Previous response with id {previous[:64]!r} not found")
+        if ref.deployment != deployment:
+            raise BadRequest(
+                f"The previous response was made by another deployment ({cut(ref.deployment)})"
+            )
+        ids.previous = ref
+    return ids
 
 
 RESPONSES = Api(

@@ -351,12 +351,18 @@ class Model:
     routes: tuple[Route, ...] = field(init=False, repr=False, compare=False)
     # How each proxied API is served; an API that is absent is not served (503).
     serving: Mapping[str, Serving] = field(init=False, repr=False, compare=False)
-    # Neither `endpoint` nor `interfaces`: our extension, straight to each upstream's URL.
+    # No `endpoint`, `responsesEndpoint` or `interfaces`: our extension, straight to each
+    # upstream's URL.
     direct: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # (an application without `endpoint` or `interfaces` is not direct: it serves nothing)
-        direct = self.endpoint is None and not self.interfaces and self.kind == "model"
+        direct = (
+            self.endpoint is None
+            and self.responses_endpoint is None
+            and not self.interfaces
+            and self.kind == "model"
+        )
         by_url: dict[tuple[str, bool, str], tuple[Route, ...]] = {}
 
         def routes_to(url: str, append_path: bool, api: str) -> tuple[Route, ...]:

@@ -289,6 +289,10 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
         serving = model.serving.get(api.name)  # (refused here, 503 or 400, before limits count)
         if serving is None or "X-UPSTREAM-ID" in request.headers:
             serving = _serving(request, model, deployment, api)
+        if api.ids is not None:
+            ids = outcome.ids = api.ids(body, deployment, principal.project)
+            if (route := ids.route(serving)) is not None:  # (the upstream that has the rest)
+                serving = dataclasses.replace(serving, routes=(route,))
         if principal.shared is not None:  # its own cap first; then the owner's limits
             sharedkeys.check_cap(principal.shared)
             outcome.shared = principal.shared
@@ -298,8 +302,6 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             outcome.scopes, outcome.records = plan.scopes, plan.records
             if request_state is not None or token_state is not None:
                 extra_headers = api.errors.ratelimit_headers(request_state, token_state)
-        if api.ids is not None:
-            outcome.ids = api.ids(body, deployment, principal.project)
         response = await _forward(
             request,
             services,
