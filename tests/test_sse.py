@@ -155,3 +155,18 @@ def test_events_are_estimated_from_chunks_and_bytes() -> None:
     whole = UsageScanner()
     whole.feed(full * 4)
     assert whole.events == len(full) * 4 // 256 > 1
+
+
+def test_events_before_an_event_over_the_cap_in_the_same_chunk_still_go_out() -> None:
+    first = b'data: {"id": "c", "choices": [{"delta": {"content": "hi"}}]}\n\n'
+    for framing in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        event = first.replace(b"\n\n", framing)
+        hider = UsageHider(max_event=1000)
+        with pytest.raises(EventTooLarge) as cut:
+            hider.feed(event + b"data: " + b"x" * 2000)
+        assert cut.value.relayed == event
+        held = UsageHider(max_event=1000)
+        held.feed(b"data: ")  # an event held from an earlier chunk, then more
+        with pytest.raises(EventTooLarge) as cut:
+            held.feed(b'"a"' + framing + event + b"data: " + b"x" * 2000)
+        assert cut.value.relayed == b'data: "a"' + framing + event

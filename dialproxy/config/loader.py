@@ -1019,20 +1019,19 @@ def _application_checks(app_name: str, raw: dict[str, Any], at: _Locator) -> Ite
         yield at.problem(base, f"{why}: listed, and answered 503", "warning")
 
 
-def _serves_responses(raw: dict[str, Any]) -> bool:
-    """Whether a model (as written) serves the Responses API."""
-    if raw.get("responsesEndpoint") is not None or "openaiResponses" in _dict(
-        raw.get("interfaces")
-    ):
-        return True
-    return (
-        raw.get("endpoint") is None
-        and not _dict(raw.get("interfaces"))
-        and any(
-            isinstance(up, dict) and up.get("responsesEndpoint") is not None
-            for up in _list(raw.get("upstreams"))
-        )
-    )
+def _responses_upstreams(raw: dict[str, Any]) -> list[int]:
+    """The places of a model's upstreams that serve the Responses API (as written)."""
+    ups = _list(raw.get("upstreams"))
+    interfaces = _dict(raw.get("interfaces"))
+    if raw.get("responsesEndpoint") is not None or "openaiResponses" in interfaces:
+        return [i for i, up in enumerate(ups) if isinstance(up, dict)]
+    if raw.get("endpoint") is None and not interfaces:  # direct: those with their own URL
+        return [
+            i
+            for i, up in enumerate(ups)
+            if isinstance(up, dict) and up.get("responsesEndpoint") is not None
+        ]
+    return []
 
 
 def _model_checks(
@@ -1141,9 +1140,10 @@ def _model_checks(
                 [*where, "key"], "contains control characters (it is sent as a header value)"
             )
         weights.append(up.get("weight", 1))
-    if _serves_responses(raw) and isinstance(ups, list) and len(ups) > 1:
-        for i, up in enumerate(ups):
-            if isinstance(up, dict) and up.get("id") is None:
+    serving = _responses_upstreams(raw)
+    if len(serving) > 1:
+        for i in serving:
+            if _list(ups)[i].get("id") is None:
                 yield at.problem(
                     [*base, "upstreams", i],
                     "no `id`: DIAL requires one where the Responses API is served (it routes "

@@ -65,7 +65,7 @@ class _Reader:
             end = sse.complete_end(chunk)
             if end == len(chunk):  # the usual: whole events
                 return chunk
-            self._hold(chunk[end:])
+            self._hold(chunk[end:], chunk[:end])
             return chunk[:end]
         # A blank line may start in the last bytes held: those two and the new chunk.
         tail = held[-1][-2:]
@@ -77,17 +77,18 @@ class _Reader:
         held.clear()
         self._size = 0
         if end < len(chunk):
-            self._hold(chunk[end:])
+            self._hold(chunk[end:], data)
         return data
 
-    def _hold(self, part: bytes) -> None:
+    def _hold(self, part: bytes, complete: bytes = b"") -> None:
+        """Holds ``part`` (an event not ended); ``complete``: the events ended before it."""
         self._held.append(part)
         self._size += len(part)
         if self._size > self._max:
-            self._overflow()
+            self._overflow(complete)
 
-    def _overflow(self) -> None:
-        raise EventTooLarge(f"an upstream event grew past {self._max} bytes")
+    def _overflow(self, complete: bytes) -> None:
+        raise EventTooLarge(f"an upstream event grew past {self._max} bytes", complete)
 
     def _rest(self) -> bytes:
         """What is held when the stream ends (an event the upstream did not end)."""
@@ -125,7 +126,7 @@ class UsageScanner(_Reader):
 
     __slots__ = ()
 
-    def _overflow(self) -> None:
+    def _overflow(self, complete: bytes) -> None:
         self._held[:] = [self._held[-1][-2:]]  # (a blank line may start in the last bytes)
         self._size = len(self._held[0])
 
@@ -157,7 +158,11 @@ class UsageHider(_Reader):
     __slots__ = ()
 
     def feed(self, chunk: bytes) -> bytes:
-        events = self._complete(chunk)
+        try:
+            events = self._complete(chunk)
+        except EventTooLarge as e:  # the events before it still go out
+            e.relayed = self._hide(e.relayed) if MARK in e.relayed else e.relayed
+            raise
         return self._hide(events) if MARK in events else events
 
     def flush(self) -> bytes:
@@ -220,7 +225,11 @@ class EventRewriter(_Reader):
         self.rewrite = rewrite
 
     def feed(self, chunk: bytes) -> bytes:
-        events = self._complete(chunk)
+        try:
+            events = self._complete(chunk)
+        except EventTooLarge as e:  # the events before it still go out
+            e.relayed = self.rewrite(e.relayed) if e.relayed else e.relayed
+            raise
         if MARK in events:
             self._read_usage(events, len(events))
         return self.rewrite(events) if events else events

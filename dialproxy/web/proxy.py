@@ -669,6 +669,8 @@ async def _relay_stream(
         except EventTooLarge as e:
             cut = True
             outcome.error = str(e)
+            if e.relayed:  # the events that came before it
+                await response.write(e.relayed)
             message = "The upstream sent an event too large to relay"
             await response.write(response.stream_error(message, 502))
         await response.write_eof()
