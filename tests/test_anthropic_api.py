@@ -5,6 +5,8 @@ the demo backend's Messages API: keys as the SDK sends them, errors in Anthropic
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from typing import Any
 
 import aiohttp
@@ -65,17 +67,17 @@ async def test_create_with_the_sdks_key_header_reaches_the_upstream_with_its_own
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:
     proxy = await make_proxy(config(backend))
-    sdk = anthropic.Anthropic(base_url=proxy.url("/anthropic"), api_key=KEY)
-    message = await asyncio.to_thread(
-        lambda: sdk.messages.create(model="claude", max_tokens=50, messages=MESSAGES)
-    )
-    assert message.content[0].type == "text"
-    assert message.content[0].text == "Echo: one two three"
-    got = backend.control.last_request
-    assert got.path == "/v1/messages"
-    assert got.headers["x-api-key"] == UPSTREAM_KEY  # never the client's
-    assert got.headers["anthropic-version"] == sdk.default_headers["anthropic-version"]
-    assert KEY not in str(dict(got.headers))
+    with anthropic.Anthropic(base_url=proxy.url("/anthropic"), api_key=KEY) as sdk:
+        message = await asyncio.to_thread(
+            lambda: sdk.messages.create(model="claude", max_tokens=50, messages=MESSAGES)
+        )
+        assert message.content[0].type == "text"
+        assert message.content[0].text == "Echo: one two three"
+        got = backend.control.last_request
+        assert got.path == "/v1/messages"
+        assert got.headers["x-api-key"] == UPSTREAM_KEY  # never the client's
+        assert got.headers["anthropic-version"] == sdk.default_headers["anthropic-version"]
+        assert KEY not in str(dict(got.headers))
     usage = message.usage
     assert await used_tokens(proxy) == usage.input_tokens + usage.output_tokens
 
@@ -226,3 +228,20 @@ async def test_a_stream_the_client_leaves_is_charged_its_reported_usage(
             break
         await asyncio.sleep(0.05)
     assert await used_tokens(proxy) == 30 + len(("Echo: " + words).split())
+
+
+async def test_the_sdk_waits_the_retry_after_the_proxy_sends(
+    backend: Backend, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = await make_proxy(config(backend, requestMinute=1))
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)  # (the sync SDK's wait, recorded)
+    with anthropic.Anthropic(base_url=proxy.url("/anthropic"), api_key=KEY, max_retries=2) as sdk:
+        create = functools.partial(
+            sdk.messages.create, model="claude", max_tokens=5, messages=MESSAGES
+        )
+        await asyncio.to_thread(create)
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await asyncio.to_thread(create)
+        after = float(limited.value.response.headers["retry-after"])
+        assert len(waits) == 2 and all(after - 1 <= w <= after for w in waits)

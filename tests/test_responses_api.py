@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,8 @@ async def test_create_sync_and_async_with_usage_counted_and_ids_made_ours(
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:
     proxy = await make_proxy(config(backend))
-    made = await asyncio.to_thread(
-        lambda: client(proxy).responses.create(model="m", input="Hello there")
-    )
+    with client(proxy) as sdk:
+        made = await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="Hello there"))
     assert made.output_text == "Echo: Hello there"
     assert made.id.startswith("resp_dial_")
     ref = responses.parse(made.id)
@@ -203,17 +203,17 @@ async def test_an_id_of_another_project_or_not_ours_is_404_and_nothing_is_sent(
 
 async def test_limits_429_through_the_sdk(backend: Backend, make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy(config(backend, requestMinute=2))
-    sdk = client(proxy, max_retries=0)
-    raw = await asyncio.to_thread(
-        lambda: sdk.responses.with_raw_response.create(model="m", input="hi")
-    )
-    assert raw.headers["x-ratelimit-limit-requests"] == "2"
-    assert raw.headers["x-ratelimit-remaining-requests"] == "1"
-    await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="hi"))
-    with pytest.raises(openai.RateLimitError) as limited:
+    with client(proxy, max_retries=0) as sdk:
+        raw = await asyncio.to_thread(
+            lambda: sdk.responses.with_raw_response.create(model="m", input="hi")
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "2"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "1"
         await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="hi"))
-    assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
-    assert "Hit request rate limit" in limited.value.message
+        with pytest.raises(openai.RateLimitError) as limited:
+            await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="hi"))
+        assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+        assert "Hit request rate limit" in limited.value.message
     assert len(upstream_ids(backend)) == 2  # the third never left the proxy
 
 
@@ -358,3 +358,17 @@ async def test_an_adapter_gets_the_upstream_in_headers_and_a_per_request_key(
         ref = responses.parse(via_base.id)
         assert ref is not None
         assert backend.control.requests[-1].path == f"/base/openai/v1/responses/{ref.upstream_id}"
+
+
+async def test_the_sdk_waits_the_retry_after_the_proxy_sends(
+    backend: Backend, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = await make_proxy(config(backend, requestMinute=1))
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)  # (the sync SDK's wait, recorded)
+    with client(proxy, max_retries=2) as sdk:
+        await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="hi"))
+        with pytest.raises(openai.RateLimitError) as limited:
+            await asyncio.to_thread(lambda: sdk.responses.create(model="m", input="hi"))
+        after = float(limited.value.response.headers["retry-after"])
+        assert len(waits) == 2 and all(after - 1 <= w <= after for w in waits)
