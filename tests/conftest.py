@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 from aiohttp import web
@@ -183,6 +184,16 @@ def make_proxy(aiohttp_server: AiohttpServer, tmp_path: Path) -> ProxyFactory:
         return Proxy(server, store, path)
 
     return factory
+
+
+async def used_tokens(proxy: Proxy, key: str, deployment: str) -> int:
+    """The tokens ``key``'s project used of ``deployment`` in the minute window (once the
+    usage records are done), as ``/v1/deployments/{id}/limits`` says."""
+    await proxy.settle()
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(proxy.url(f"/v1/deployments/{deployment}/limits"), headers={"Api-Key": key})
+        used: int = (await r.json())["minuteTokenStats"]["used"]
+        return used
 
 
 def chat_model(backend: Backend, **extra: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pytest
 from anthropic.types import MessageParam
 
 from tests.conftest import Backend, Proxy, ProxyFactory, new_key
+from tests.conftest import used_tokens as used_tokens_of
 
 KEY = new_key()
 NO_ACCESS = new_key()
@@ -56,11 +57,7 @@ def client(proxy: Proxy, **options: Any) -> anthropic.AsyncAnthropic:
 
 
 async def used_tokens(proxy: Proxy) -> int:
-    await proxy.settle()
-    async with aiohttp.ClientSession() as s:
-        r = await s.get(proxy.url("/v1/deployments/claude/limits"), headers={"Api-Key": KEY})
-        used: int = (await r.json())["minuteTokenStats"]["used"]
-        return used
+    return await used_tokens_of(proxy, KEY, "claude")
 
 
 async def test_create_with_the_sdks_key_header_reaches_the_upstream_with_its_own_key(

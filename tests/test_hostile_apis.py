@@ -17,6 +17,7 @@ from aiohttp import web
 from dialproxy.apis import responses
 from dialproxy.settings import Settings
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
+from tests.conftest import used_tokens as used_tokens_of
 
 KEY = new_key()
 UPSTREAM_KEY = new_key("sk-upstream-")
@@ -75,11 +76,7 @@ def a_response(response_id: str, status: str = "completed") -> dict[str, Any]:
 
 
 async def used(proxy: Proxy) -> int:
-    await proxy.settle()
-    async with aiohttp.ClientSession() as s:
-        r = await s.get(proxy.url("/v1/deployments/m/limits"), headers={"Api-Key": KEY})
-        count: int = (await r.json())["minuteTokenStats"]["used"]
-        return count
+    return await used_tokens_of(proxy, KEY, "m")
 
 
 @pytest.fixture

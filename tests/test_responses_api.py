@@ -18,6 +18,7 @@ from dialproxy.apis import responses
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from tests.conftest import Backend, BackendFactory, Proxy, ProxyFactory, new_key
+from tests.conftest import used_tokens as used_tokens_of
 from tests.redis_server import RedisServer
 
 KEY = new_key()
@@ -63,11 +64,7 @@ def aclient(proxy: Proxy, key: str = KEY, **options: Any) -> openai.AsyncOpenAI:
 
 
 async def used_tokens(proxy: Proxy) -> int:
-    await proxy.settle()
-    async with aiohttp.ClientSession() as s:
-        r = await s.get(proxy.url("/v1/deployments/m/limits"), headers={"Api-Key": KEY})
-        used: int = (await r.json())["minuteTokenStats"]["used"]
-        return used
+    return await used_tokens_of(proxy, KEY, "m")
 
 
 def upstream_ids(backend: Backend) -> list[tuple[str, str]]:

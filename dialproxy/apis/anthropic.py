@@ -21,7 +21,7 @@ from aiohttp import web
 
 from dialproxy.apis import FORWARDED_REQUEST_HEADERS, Api, ErrorShape, rewritten, with_defaults
 from dialproxy.limiter import WindowState, seconds_to_empty
-from dialproxy.upstream.usage import Usage, UsageRule
+from dialproxy.upstream.usage import Usage, UsageRule, read_counts
 from dialproxy.web import guard
 
 if TYPE_CHECKING:
@@ -112,16 +112,9 @@ def _usage(answer: Any, so_far: Usage | None) -> Usage | None:
         obj = answer.get("usage")
     else:
         return None
-    if type(obj) is not dict:
+    values = read_counts(obj, _COUNTS)
+    if values is None:
         return None
-    values = []
-    for name in _COUNTS:
-        value = obj.get(name)
-        if value is None:
-            value = 0
-        elif type(value) is not int or value < 0:
-            return None
-        values.append(value)
     fresh, written, read, output = values
     details = dict(so_far.details or {}) if so_far is not None else {}
     for name, value in (
@@ -139,24 +132,20 @@ def _usage(answer: Any, so_far: Usage | None) -> Usage | None:
 
 USAGE = UsageRule(_usage, last_wins=False)
 
-MESSAGES = Api(
-    name="messages",
-    interface="anthropicMessages",
-    paths=("/anthropic/v1/messages",),
-    body=body_rule,
-    usage=USAGE,
-    errors=ANTHROPIC_ERRORS,
-    forwarded_headers=FORWARDED_HEADERS,
-    x_api_key=True,
-)
-COUNT_TOKENS = Api(
-    name="messages/count_tokens",
-    interface="anthropicMessages",
-    paths=("/anthropic/v1/messages/count_tokens",),
-    body=body_rule,
-    usage=USAGE,
-    errors=ANTHROPIC_ERRORS,
-    forwarded_headers=FORWARDED_HEADERS,
-    counted=False,
-    x_api_key=True,
-)
+
+def _api(name: str, counted: bool = True) -> Api:
+    return Api(
+        name=name,
+        interface="anthropicMessages",
+        paths=(f"/anthropic/v1/{name}",),
+        body=body_rule,
+        usage=USAGE,
+        errors=ANTHROPIC_ERRORS,
+        forwarded_headers=FORWARDED_HEADERS,
+        counted=counted,
+        x_api_key=True,
+    )
+
+
+MESSAGES = _api("messages")
+COUNT_TOKENS = _api("messages/count_tokens", counted=False)  # (a count is free)

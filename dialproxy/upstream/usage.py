@@ -78,20 +78,28 @@ def _chat_usage(answer: Any, so_far: Usage | None) -> Usage | None:
 CHAT_USAGE = UsageRule(_chat_usage)  # the top-level ``usage`` (DIAL's rule)
 
 
-def counts(
-    obj: Any, prompt_name: str, completion_name: str, total_name: str | None
-) -> Usage | None:
-    """A usage object's counts under the given names, by the rule of :func:`usage_of`."""
+def read_counts(obj: Any, names: tuple[str, ...]) -> list[int] | None:
+    """The counts under ``names`` of a usage object: each a non-negative integer, a missing
+    or null one 0 (None: not an object, or a count that is not a count)."""
     if type(obj) is not dict:
         return None
     found = []
-    for name in (prompt_name, completion_name):
+    for name in names:
         value = obj.get(name)
         if value is None:
             value = 0
         elif type(value) is not int or value < 0:
             return None
         found.append(value)
+    return found
+
+
+def counts(obj: Any, prompt_name: str, completion_name: str, total_name: str) -> Usage | None:
+    """A usage object's counts under the given names, by the rule of :func:`usage_of` (a
+    missing total is the sum)."""
+    found = read_counts(obj, (prompt_name, completion_name))
+    if found is None:
+        return None
     total = obj.get(total_name)
     if total is None:
         total = found[0] + found[1]

@@ -321,11 +321,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
                 _stop_draining(outcome)  # no reading on when the process stops
         return response
     except Exception as e:  # (the route is not guarded: its errors are answered here)
-        response = api.errors.response(request, e)
-        outcome.status = response.status
-        if isinstance(e, ProxyError):
-            outcome.error = e.message
-        return response
+        return refused(request, api, outcome, e)
     finally:
         if outcome.leftover is None:
             _settle(services, request, principal, deployment, outcome, started)
@@ -336,6 +332,16 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
                 _settle, services, request, principal, deployment, outcome, started
             )
             _hold(services, _settle_after_drain(services, outcome, settle))
+
+
+def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) -> web.Response:
+    """The answer to what a request of ``api`` raised, in the API's shape, noted in the
+    request's outcome (its log line)."""
+    response = api.errors.response(request, error)
+    outcome.status = response.status
+    if isinstance(error, ProxyError):
+        outcome.error = error.message
+    return response
 
 
 def _settle(

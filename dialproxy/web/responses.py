@@ -24,7 +24,7 @@ from dialproxy.apis import responses
 from dialproxy.apis.responses import RESPONSES, ResponseIds, ResponseRef
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Route, Serving
-from dialproxy.errors import BadGateway, NotFound, ProxyError, Unavailable
+from dialproxy.errors import BadGateway, NotFound, Unavailable
 from dialproxy.logs import cut
 from dialproxy.perrequest import RedisCalls
 from dialproxy.upstream.attempts import NoRoute
@@ -100,11 +100,7 @@ async def handle(
         body = await read_raw_body(request, services.settings.max_body)
         return await _forward(request, services, principal, route, serving, ref, body, outcome)
     except Exception as e:
-        response = RESPONSES.errors.response(request, e)
-        outcome.status = response.status
-        if isinstance(e, ProxyError):
-            outcome.error = e.message
-        return response
+        return proxy.refused(request, RESPONSES, outcome, e)
     finally:
         settle = functools.partial(
             _settle, services, charged, request, principal, ref, our_id, outcome, started
