@@ -8,7 +8,9 @@ own.  The multi-instance tests run ``python -m dialproxy serve`` processes, as o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -260,12 +262,14 @@ def fleet_config(backend: BackendProcess, request_hour: int = 100) -> dict[str, 
         "models": {
             "chat": {"type": "chat", "upstreams": upstream},
             "tokens": {"type": "chat", "upstreams": upstream},
+            "busy": {"type": "chat", "upstreams": upstream},
         },
         "roles": {
             "user": {
                 "limits": {
                     "chat": {"requestHour": str(request_hour)},
                     "tokens": {"minute": "5"},
+                    "busy": {"minute": "1000000000", "requestDay": "1000000000"},
                 }
             }
         },
@@ -407,6 +411,49 @@ async def test_token_usage_through_one_instance_blocks_the_other(
     assert second.body["error"]["message"] == (
         f"Hit token rate limit. Minute limit: {tokens} / 5 tokens."
     )
+
+
+async def storage_health(session: aiohttp.ClientSession, proxy: ProxyProcess) -> Any:
+    async with session.get(proxy.url + "/health") as r:
+        return (await r.json())["storage"]
+
+
+async def test_clients_that_go_away_never_knock_an_instance_off_redis(
+    fleet: list[ProxyProcess],
+) -> None:
+    """Half the clients leave after 0-5 ms, mid-request (their handlers are cancelled while
+    they wait on Redis): every other request's Redis call goes on; no outage, no
+    fallback, and both instances see the same counters."""
+    url = "/openai/deployments/busy/chat/completions"
+    rng = random.Random(7)
+
+    async def leaving(session: aiohttp.ClientSession, i: int) -> None:
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            async with asyncio.timeout(rng.uniform(0.001, 0.02)):
+                async with session.post(
+                    fleet[i % 2].url + url, json=CHAT, headers={"Api-Key": KEY}
+                ) as r:
+                    await r.read()
+
+    async with client(limit=500) as s:
+        before = [await storage_health(s, p) for p in fleet]
+        work = [leaving(s, i) for i in range(1000)]
+        work += [chat(s, fleet, i % 2, "busy") for i in range(1000)]
+        rng.shuffle(work)
+        answers = [a for a in await asyncio.gather(*work) if a is not None]
+        after = [await storage_health(s, p) for p in fleet]
+        limits = []
+        for p in fleet:
+            async with s.get(p.url + "/v1/deployments/busy/limits", headers={"Api-Key": KEY}) as r:
+                limits.append((await r.json())["dayRequestStats"]["used"])
+    assert Counter(a.status for a in answers) == {200: 1000}
+    for b, a in zip(before, after, strict=True):
+        assert (a["outages"], a["fallbacks"], a["failures"]) == (
+            b["outages"],
+            b["fallbacks"],
+            b["failures"],
+        ), (b, a)
+    assert limits[0] == limits[1] >= 1000
 
 
 # --- an outage under load, two processes, each policy -----------------------------------------
