@@ -59,11 +59,20 @@ class LocalCounters(MemoryStorage):
             # own sliding windows take it.
             record[:] = now_bucket, amount, record[0], record[1]
 
-    def _take_back(self, window: Read, amount: int, now: float) -> None:
-        """limits' ``decr`` of the current bucket (never below zero)."""
+    def _take_back(self, window: Read, amount: int, now: float, previous_too: bool = False) -> None:
+        """limits' ``decr`` of the current bucket (never below zero); ``previous_too``: what
+        the current bucket lacks is taken from the previous one."""
         record = self.windows.get(window)
+        if record is None:
+            return
         now_bucket = int(now / window[1])
-        if record is not None and record[0] == now_bucket:
+        if record[0] == now_bucket:
+            here = min(record[1], amount)
+            record[1] -= here
+            amount -= here
+            if previous_too and amount and record[2] == now_bucket - 1:
+                record[3] = max(record[3] - amount, 0)
+        elif previous_too and record[0] == now_bucket - 1:
             record[1] = max(record[1] - amount, 0)
 
     def read_many(self, windows: Sequence[Read], now: float | None = None) -> list[Counts]:
@@ -155,6 +164,47 @@ class LocalCounters(MemoryStorage):
             self._add(window, amount, now)
         if now >= self._next_sweep:
             self._sweep(now)
+
+    def admit(
+        self,
+        windows: Sequence[Read],
+        limits: Sequence[int],
+        modes: Sequence[int],
+        amounts: Sequence[int],
+        now: float | None = None,
+    ) -> tuple[int, list[Counts]]:
+        """:meth:`dialproxy.rediscounters.RedisCounters.admit` in memory: every window read
+        (mode 0: refused when full; 1: when adding its amount would pass its limit), then,
+        if none refused, every amount added; one step at one instant."""
+        if now is None:
+            now = time.time()
+        counts = self.read_many(windows, now)
+        for index, (window, c) in enumerate(zip(windows, counts, strict=True)):
+            used = floor(c[0] * c[1] / window[1] + c[2])
+            amount = amounts[index]
+            if used >= limits[index] if modes[index] == 0 else used + amount > limits[index]:
+                return index + 1, counts[: index + 1]
+        for index, window in enumerate(windows):
+            if amount := amounts[index]:
+                self._add(window, amount, now)
+                c = counts[index]
+                counts[index] = (c[0], c[1], c[2] + amount, c[3])
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return 0, counts
+
+    def settle(
+        self, windows: Sequence[Read], amounts: Sequence[int], now: float | None = None
+    ) -> None:
+        """Signed amounts added: a negative one taken from the current bucket, and what it
+        lacks from the previous one (as Redis does)."""
+        if now is None:
+            now = time.time()
+        for window, amount in zip(windows, amounts, strict=True):
+            if amount > 0:
+                self._add(window, amount, now)
+            elif amount < 0:
+                self._take_back(window, -amount, now, previous_too=True)
 
     def take_back(self, key: str, seconds: int, amount: int = 1) -> None:
         """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""

@@ -1,14 +1,19 @@
-"""DIAL's limit rules on top of the ``limits`` library's sliding-window storage.
+"""DIAL's limit rules on sliding-window counters (the ``limits`` library's arithmetic) in
+memory or in Redis.
 
 Counters are keyed by what they count (project or key, model, window), never by the limit's
 value or the config snapshot, so they survive a reload and a changed limit applies to the
-usage already counted.  Any ``limits`` async storage with sliding-window support works:
-memory (the default) or Redis.
+usage already counted.
 
-- tokens and cost: checked before a request (read only), added after it unconditionally;
-- requests: checked and counted in one atomic storage operation per window (a Lua script
-  on Redis, so admission is exact across instances); a request that one window refuses is
-  taken back from the windows that had already counted it.
+A request costs two storage operations, whatever its windows (each one atomic step: a Lua
+script on Redis, so it holds across instances):
+
+- **admission**: every token and cost window of every scope checked (refused when full),
+  every request window checked with the request in it; then, all or nothing, the request
+  counted and the request's **reservation** (an estimate of its tokens and cost) added to
+  every token and cost window, as if used: requests that arrive together see each other's;
+- **settlement**: the reservation replaced by the real usage (the difference added; a
+  negative one taken back), or given back when the request fails.
 
 Each operation runs as one unit through a :class:`~dialproxy.storage.StorageGuard`: on the
 shared storage while it answers, else by the ``--storage-failure`` policy (local counters,
@@ -18,13 +23,10 @@ no limits, or 503).  A storage failure is never a 500.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, NoReturn
-
-from limits.aio.storage import Storage
 
 from dialproxy.config.model import Window
 from dialproxy.counters import Counts, LocalCounters, Read
@@ -32,9 +34,9 @@ from dialproxy.errors import ProxyError
 from dialproxy.storage import (
     DEFAULT_FAILURE_POLICY,
     FailurePolicy,
-    SlidingStorage,
+    Storage,
     StorageGuard,
-    take_back,
+    read,
 )
 
 _UNLIMITED = 2**62
@@ -106,6 +108,7 @@ class Scope:
     checked_windows: tuple[Window, ...] = field(init=False, repr=False, compare=False)
     counted: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     counted_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    checked_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
     # Whether a finished request's usage is added here (any token or cost window).
     records: bool = field(init=False, repr=False, compare=False)
 
@@ -120,6 +123,7 @@ class Scope:
         object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
         object.__setattr__(self, "counted", counted)
         object.__setattr__(self, "counted_limits", tuple(w.limit for w in self.request_windows))
+        object.__setattr__(self, "checked_limits", tuple(w.limit for w in self.checked_windows))
         object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
 
 
@@ -170,39 +174,47 @@ class Limiter:
     async def close(self) -> None:
         await self.guard.close()
 
-    async def admit(self, scopes: Sequence[Scope]) -> tuple[WindowState | None, WindowState | None]:
-        """A request's whole admission in one storage unit: every scope's token and cost
-        windows checked, then its request counted in every scope's request windows (or in
-        none).  Returns the tightest request and token windows (None: no such limit), for
-        the x-ratelimit headers."""
+    async def admit(
+        self, scopes: Sequence[Scope], reserve_tokens: int = 0, reserve_cost: int = 0
+    ) -> tuple[WindowState | None, WindowState | None]:
+        """A request's whole admission in one storage step: every scope's token and cost
+        windows checked, its request windows too (with the request in them); then, all or
+        nothing, the request counted and ``reserve_tokens``/``reserve_cost`` (nano-USD)
+        added to the token and cost windows (settled by :meth:`settle`).  Returns the
+        tightest request and token windows (None: no such limit), for the rate-limit
+        headers."""
+        batch = _Batch(scopes, reserve_tokens, reserve_cost)
         if self.local is not None:
-            return await _admit(self.local, scopes)
-        return await self.guard.run(lambda s: _admit(s, scopes), (None, None))
+            return _admit_now(self.local, batch)
+        return await self.guard.run(lambda s: _admit(s, batch), (None, None))
 
-    async def record(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
-        """Add a finished request's usage to its scopes' limited windows (may overshoot)."""
-        if self.local is not None:
-            return self.record_now(scopes, tokens, cost_nano_usd)
-        batches = _batches(scopes, tokens, cost_nano_usd)
-        if not batches:
+    async def settle(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
+        """Add signed amounts to the scopes' token and cost windows, in one storage step:
+        the real usage less the reservation (negative: taken back)."""
+        windows, amounts = _settlement(scopes, tokens, cost_nano_usd)
+        if not windows:
             return
+        if self.local is not None:
+            return self.local.settle(windows, amounts)
 
-        async def add(s: SlidingStorage) -> None:
-            for counters, amount in batches:
-                await _add_many(s, counters, amount)
+        async def add(s: Storage) -> None:
+            if isinstance(s, LocalCounters):
+                return s.settle(windows, amounts)
+            await s.settle(windows, amounts)
 
         await self.guard.run(add, None, refuse=False)
 
+    async def record(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
+        """Add a finished request's usage (nothing reserved) to its scopes' windows."""
+        await self.settle(scopes, tokens, cost_nano_usd)
+
     def record_now(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
-        """:meth:`record` on in-process counters: done before it returns."""
+        """:meth:`settle` on in-process counters: done before it returns."""
         local = self.local
         assert local is not None
-        now = time.time()
-        for scope in scopes:
-            if tokens > 0 and scope.token_counters:
-                local.add_many(scope.token_counters, tokens, now)
-            if cost_nano_usd > 0 and scope.cost_counters:
-                local.add_many(scope.cost_counters, cost_nano_usd, now)
+        windows, amounts = _settlement(scopes, tokens, cost_nano_usd)
+        if windows:
+            local.settle(windows, amounts)
 
     async def usage(
         self, owner: str, model: str, windows: Sequence[Window], kind: str
@@ -217,92 +229,111 @@ class Limiter:
     async def _read(self, windows: Sequence[Window], keys: list[str]) -> list[WindowState]:
         counters = [(key, w.seconds) for key, w in zip(keys, windows, strict=True)]
 
-        async def read(s: SlidingStorage) -> list[WindowState]:
-            return _states(windows, await _read_many(s, counters))
+        async def states(s: Storage) -> list[WindowState]:
+            return _states(windows, await read(s, counters))
 
-        return await self.guard.run(read, [WindowState(w, _ZERO) for w in windows])
+        return await self.guard.run(states, [WindowState(w, _ZERO) for w in windows])
 
 
-def _batches(
+def _settlement(
     scopes: Sequence[Scope], tokens: int, cost_nano_usd: int
-) -> list[tuple[tuple[Read, ...], int]]:
-    """The counters a usage is added to, with the amount for each."""
-    batches: list[tuple[tuple[Read, ...], int]] = []
+) -> tuple[list[Read], list[int]]:
+    """The windows a settlement changes, with the amount for each."""
+    windows: list[Read] = []
+    amounts: list[int] = []
     for scope in scopes:
-        if tokens > 0 and scope.token_counters:
-            batches.append((scope.token_counters, tokens))
-        if cost_nano_usd > 0 and scope.cost_counters:
-            batches.append((scope.cost_counters, cost_nano_usd))
-    return batches
+        if tokens and scope.token_counters:
+            windows += scope.token_counters
+            amounts += [tokens] * len(scope.token_counters)
+        if cost_nano_usd and scope.cost_counters:
+            windows += scope.cost_counters
+            amounts += [cost_nano_usd] * len(scope.cost_counters)
+    return windows, amounts
 
 
-async def _add_many(s: SlidingStorage, counters: Sequence[Read], amount: int) -> None:
+class _Batch:
+    """One admission's windows, in the order the storage checks them: every scope's token
+    and cost windows (refused when full), then every scope's request windows (refused when
+    the request would pass the limit)."""
+
+    __slots__ = ("amounts", "checks", "limits", "modes", "scopes", "windows")
+
+    def __init__(self, scopes: Sequence[Scope], tokens: int, cost: int) -> None:
+        self.scopes = scopes
+        windows: list[Read] = []
+        limits: list[int] = []
+        amounts: list[int] = []
+        for scope in scopes:
+            windows += scope.checked
+            limits += scope.checked_limits
+            amounts += [tokens] * len(scope.token_counters) + [cost] * len(scope.cost_counters)
+        self.checks = len(windows)
+        for scope in scopes:
+            windows += scope.counted
+            limits += scope.counted_limits
+        amounts += [1] * (len(windows) - self.checks)
+        self.windows, self.limits, self.amounts = windows, limits, amounts
+        self.modes = [0] * self.checks + [1] * (len(windows) - self.checks)
+
+    def args(self) -> tuple[list[Read], list[int], list[int], list[int]]:
+        return self.windows, self.limits, self.modes, self.amounts
+
+    def refusing_scope(self, index: int) -> Scope:
+        """The scope of the window at ``index`` (from 0) of :attr:`windows`."""
+        window = self.windows[index]
+        for scope in self.scopes:
+            if window in (scope.checked if index < self.checks else scope.counted):
+                return scope
+        raise AssertionError("a window of no scope")
+
+
+async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowState | None]:
     if isinstance(s, LocalCounters):
-        return s.add_many(counters, amount)
-    for key, seconds in counters:
-        await s.acquire_sliding_window_entry(key, _UNLIMITED, seconds, amount)
+        return _admit_now(s, batch)
+    refused, counts = await s.admit(*batch.args())
+    if refused:  # the refusing scope's windows, all of them, for the message
+        scope = batch.refusing_scope(refused - 1)
+        if refused <= batch.checks:
+            _refuse_checked(scope, await s.read(list(scope.checked)))
+        _refuse_counted(scope, await s.read(list(scope.counted)), batch.windows[refused - 1])
+    return _admitted(batch, counts)
 
 
-async def _read_many(s: SlidingStorage, counters: Sequence[Read]) -> list[Counts]:
-    if isinstance(s, LocalCounters):
-        return s.read_many(counters)
-    return [await s.get_sliding_window(key, seconds) for key, seconds in counters]
-
-
-async def _acquire_many(
-    s: SlidingStorage, windows: Sequence[Read], limits: Sequence[int]
-) -> list[Counts] | int:
-    """One request counted in every window or in none: the counts with it, or the index of
-    the window that refused (the ones before it taken back)."""
-    if isinstance(s, LocalCounters):
-        return s.acquire_many(windows, limits)
-    counts: list[Counts] = []
-    for index, ((key, seconds), limit) in enumerate(zip(windows, limits, strict=True)):
-        if not await s.acquire_sliding_window_entry(key, limit, seconds, 1):
-            for done, done_seconds in windows[:index]:
-                await take_back(s, done, done_seconds)
-            return index
-        counts.append(await s.get_sliding_window(key, seconds))
-    return counts
-
-
-async def _admit(
-    s: SlidingStorage, scopes: Sequence[Scope]
+def _admit_now(
+    local: LocalCounters, batch: _Batch
 ) -> tuple[WindowState | None, WindowState | None]:
-    # In-process counters are called directly: this runs on every request.
-    local = s if isinstance(s, LocalCounters) else None
-    now = time.time()
+    """:func:`_admit` on in-process counters: done before it returns."""
+    refused, counts = local.admit(*batch.args())
+    if refused:
+        scope = batch.refusing_scope(refused - 1)
+        if refused <= batch.checks:
+            _refuse_checked(scope, local.read_many(scope.checked))
+        _refuse_counted(scope, local.read_many(scope.counted), batch.windows[refused - 1])
+    return _admitted(batch, counts)
+
+
+def _admitted(batch: _Batch, counts: list[Counts]) -> tuple[WindowState | None, WindowState | None]:
+    """The tightest request and token windows of an admission (the rate-limit headers)."""
     token: Tight | None = None
-    for scope in scopes:
-        if not scope.checked:
-            continue
-        if local is not None:
-            counts = local.read_many(scope.checked, now)
-        else:
-            counts = await _read_many(s, scope.checked)
-        token, full = _scan(scope.checked_windows, counts, len(scope.token_windows), token)
-        if full:
-            _refuse_checked(scope, counts)
-    if len(scopes) == 1:
-        scope = scopes[0]
-        windows, counted, limits = scope.request_windows, scope.counted, scope.counted_limits
-    else:
-        windows = tuple(chain.from_iterable(scope.request_windows for scope in scopes))
-        counted = tuple(chain.from_iterable(scope.counted for scope in scopes))
-        limits = tuple(chain.from_iterable(scope.counted_limits for scope in scopes))
-    if not counted:
+    start = 0
+    for scope in batch.scopes:
+        end = start + len(scope.checked)
+        if scope.token_windows:
+            select = len(scope.token_windows)
+            token, _ = _scan(scope.checked_windows, counts[start:end], select, token)
+        start = end
+    if batch.checks == len(batch.windows):
         return None, _state(token)
-    if local is not None:
-        acquired = local.acquire_many(counted, limits, 1, now)
-    else:
-        acquired = await _acquire_many(s, counted, limits)
-    if isinstance(acquired, int):  # refused: every request window of the scope that refused
-        refused = counted[acquired]
-        scope = next(scope for scope in scopes if refused in scope.counted)
-        reads = _states(scope.request_windows, await _read_many(s, scope.counted))
-        blocking = reads[scope.counted.index(refused)]
-        raise RateLimited("request", reads, _blocking(reads) or blocking)
-    return _state(_scan(windows, acquired, len(windows), None)[0]), _state(token)
+    windows = tuple(chain.from_iterable(scope.request_windows for scope in batch.scopes))
+    request = _scan(windows, counts[batch.checks :], len(windows), None)[0]
+    return _state(request), _state(token)
+
+
+def _refuse_counted(scope: Scope, counts: Sequence[Counts], refused: Read) -> NoReturn:
+    """The 429 of a scope whose request window ``refused`` would pass its limit."""
+    reads = _states(scope.request_windows, counts)
+    blocking = reads[scope.counted.index(refused)]
+    raise RateLimited("request", reads, _blocking(reads) or blocking)
 
 
 def _refuse_checked(scope: Scope, counts: Sequence[Counts]) -> NoReturn:

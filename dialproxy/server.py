@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from aiohttp import web
-from coredis import BlockingConnectionPool
-from coredis.retry import NoRetryPolicy
-from limits.aio.storage import Storage
-from limits.storage import storage_from_string
 
 from dialproxy.config.loader import Source
 from dialproxy.config.store import ConfigStore, ReloadResult
 from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.counters import LocalCounters
+from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
-from dialproxy.storage import CONNECT_TIMEOUT, MAX_CONNECTIONS, POOL_TIMEOUT, READ_TIMEOUT
+from dialproxy.storage import Storage
 from dialproxy.web.app import create_app
 from dialproxy.web.appkeys import BACKGROUND, BALANCER, STORE
 
@@ -26,31 +22,22 @@ REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
 
 def counter_storage(uri: str) -> Storage:
-    """``memory://`` (the default) or Redis through the ``limits`` library's async storage.
+    """``memory://`` (the default) or Redis (:class:`~dialproxy.rediscounters.RedisCounters`).
 
     ``redis://[:password@]HOST:PORT/DB``, ``rediss://...`` (TLS) and
-    ``redis+unix:///path/to/socket?db=0``.  A Redis call gives up after a short timeout
-    (query parameters ``connect_timeout`` and ``stream_timeout`` override it) and is never
-    retried (an acquire that timed out may have been applied: a retry could count it twice);
-    a dropped connection is reopened by the next call.  Commands share a few multiplexed
-    connections: a burst of requests never opens a connection each.
+    ``redis+unix:///path/to/socket?db=0``.  A Redis call gives up after a short timeout and
+    is never retried (one that timed out may have been applied: a retry could count it
+    twice); a dropped connection is reopened by the next call.  The one Redis client of
+    the process: the shared keys and the per-request keys use it too.
     """
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme == "memory":
         return LocalCounters()
     uri = uri.removeprefix("async+")
     if scheme.removeprefix("async+") in REDIS_SCHEMES:
-        pool = BlockingConnectionPool.from_url(
-            "unix" + uri.removeprefix("redis+unix") if uri.startswith("redis+unix") else uri,
-            max_connections=MAX_CONNECTIONS,
-            timeout=POOL_TIMEOUT,
-            connect_timeout=CONNECT_TIMEOUT,
-            stream_timeout=READ_TIMEOUT,
-        )
-        options: dict[str, Any] = {"connection_pool": pool, "retry_policy": NoRetryPolicy()}
-        storage = storage_from_string("async+" + uri, implementation="coredis", **options)
-        assert isinstance(storage, Storage)
-        return storage
+        if uri.startswith("redis+unix"):
+            uri = "unix" + uri.removeprefix("redis+unix")
+        return RedisCounters(uri)
     raise ValueError(
         f"unsupported storage URI {scheme + '://' if scheme else repr(uri)}: "
         "use memory://, redis://, rediss:// or redis+unix://"

@@ -51,6 +51,7 @@ from dialproxy.errors import (
     ProxyError,
 )
 from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
+from dialproxy.rediscounters import RedisCounters, uncancelled
 from dialproxy.settings import Settings
 from dialproxy.storage import RETRY_AFTER, FailurePolicy, StorageHealth
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, STORE
@@ -372,9 +373,13 @@ class RedisSharedKeyStore:
     """Redis: ``{prefix}k:<digest>`` a hash per key, ``{prefix}i:<id>`` -> digest, and
     ``{prefix}o:<owner digest>`` the set of an owner's ids.  Every instance sees them."""
 
-    def __init__(self, url: str, prefix: str = "dp:sk:") -> None:
+    def __init__(
+        self, url: str, prefix: str = "dp:sk:", client: redis.asyncio.Redis | None = None
+    ) -> None:
         self.url = url
         self.prefix = prefix
+        # The process's one Redis client (the counters'), else one of its own.
+        self._shared_client = client
         # Up or down (set by setup(): the counters' when they are in Redis too).  While it is
         # down, calls fail at once; a call that fails marks it down.
         self.health: StorageHealth | None = None
@@ -396,7 +401,17 @@ class RedisSharedKeyStore:
         return f"{self.prefix}o:{owner}"
 
     async def start(self) -> None:
-        self._client = redis.asyncio.Redis.from_url(
+        if self._shared_client is not None:
+            self._client = self._shared_client
+        else:
+            self._client = self._own_client()
+        self._scripts = {
+            name: self._client.register_script(lua)
+            for name, lua in (("update", _UPDATE), ("delete", _DELETE), ("add", _ADD))
+        }
+
+    def _own_client(self) -> redis.asyncio.Redis:
+        return redis.asyncio.Redis.from_url(
             self.url,
             decode_responses=True,
             socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
@@ -405,15 +420,11 @@ class RedisSharedKeyStore:
             # outage, and a retried HINCRBY could count twice.
             retry=Retry(NoBackoff(), 0),
         )
-        self._scripts = {
-            name: self._client.register_script(lua)
-            for name, lua in (("update", _UPDATE), ("delete", _DELETE), ("add", _ADD))
-        }
 
     async def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._client is not self._shared_client:
             await self._client.aclose()
-            self._client = None
+        self._client = None
 
     async def probe(self) -> None:
         """The check that Redis answers again (fresh connections, then a PING)."""
@@ -426,7 +437,7 @@ class RedisSharedKeyStore:
         if health is not None and not health.healthy:
             raise _unavailable()
         try:
-            return await _resolved(command())
+            return await uncancelled(_resolved(command()))
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             if health is None:
                 raise _unavailable(e) from None
@@ -608,14 +619,16 @@ def state_path(settings: Settings, env: Mapping[str, str] | None = None) -> Path
     return Path(first).resolve().parent / STATE_FILE
 
 
-def store_for(settings: Settings) -> SharedKeyStore:
-    """Redis when the counters are in Redis (every instance sees the keys), else SQLite."""
+def store_for(settings: Settings, counters: object = None) -> SharedKeyStore:
+    """Redis when the counters are in Redis (every instance sees the keys; on the counters'
+    client when they are given: one Redis client a process), else SQLite."""
     uri = settings.storage.removeprefix("async+")
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    client = counters.client if isinstance(counters, RedisCounters) else None
     if scheme in ("redis", "rediss"):
-        return RedisSharedKeyStore(uri)
+        return RedisSharedKeyStore(uri, client=client)
     if scheme == "redis+unix":  # the limits library's spelling; redis-py's is unix://
-        return RedisSharedKeyStore("unix://" + uri.split("://", 1)[1])
+        return RedisSharedKeyStore("unix://" + uri.split("://", 1)[1], client=client)
     return SqliteSharedKeyStore(state_path(settings))
 
 
@@ -624,7 +637,7 @@ def setup(app: web.Application) -> None:
     ``/v1/sharedkeys`` routes.  A Redis store shares the counters' :class:`StorageHealth`
     when they are in Redis too (one outage, one log, one probe), else has one of its own."""
     settings = app[SETTINGS]
-    store = store_for(settings)
+    store = store_for(settings, app[LIMITER].storage)
     health = None
     if isinstance(store, RedisSharedKeyStore):
         guard = app[LIMITER].guard

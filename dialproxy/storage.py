@@ -1,7 +1,8 @@
 """The counter storage, and what the limits mean while it fails.
 
-Every counter lives in one ``limits`` async storage: memory (one process) or Redis (every
-instance behind a load balancer shares it).  :class:`StorageGuard` stands between the
+Every counter lives in one storage: memory (one process, :class:`~dialproxy.counters.
+LocalCounters`) or Redis (every instance behind a load balancer shares it, :class:`~dialproxy.
+rediscounters.RedisCounters`).  :class:`StorageGuard` stands between the
 limiter and that storage.  While the storage answers, every operation goes to it.  When a
 call fails (refused, timed out, any error), the guard marks the storage unhealthy, counts
 the failure, and from then on answers by the failure policy without calling the storage
@@ -39,23 +40,16 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import structlog
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.storage.base import SlidingWindowCounterSupport
-from limits.aio.storage.redis.coredis import CoredisBridge
 
-from dialproxy.counters import LocalCounters
+from dialproxy.counters import Counts, LocalCounters, Read
 from dialproxy.errors import ProxyError, Unavailable
+from dialproxy.rediscounters import TIMEOUT, RedisCounters
 
 log = structlog.get_logger("dialproxy.storage")
 
-# A Redis call waits this long at most: an outage adds bounded latency to a request.
-CONNECT_TIMEOUT = 0.5
-READ_TIMEOUT = 0.25
-# Connections per instance.  Commands are multiplexed on them (one is the usual), so a
-# burst of requests waits for a connection being opened rather than opening one each
-# (500 connections opened at once by a busy process miss their own connect timeout).
-MAX_CONNECTIONS = 8
-POOL_TIMEOUT = CONNECT_TIMEOUT
+# A Redis call waits CONNECT_TIMEOUT to connect, TIMEOUT for an answer, at most: an outage
+# adds bounded latency to a request.
+READ_TIMEOUT = TIMEOUT
 # While the storage is down, it is pinged this often; the first answer brings it back.
 PROBE_INTERVAL = 0.5
 # What a refused (``deny``) request is told to wait: about two probes.
@@ -88,104 +82,50 @@ class StorageUnavailable(Unavailable):
 
 
 class SlidingStorage(Protocol):
-    """What the limiter uses of a ``limits`` storage: sliding window counters."""
+    """What the limiter uses of a counter storage: sliding window counters, one at a time
+    (as ``limits`` storages offer them) or a request's all in one step."""
 
     async def acquire_sliding_window_entry(
         self, key: str, limit: int, expiry: int, amount: int = 1
     ) -> bool: ...
 
-    async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]: ...
+    async def get_sliding_window(self, key: str, expiry: int) -> Counts: ...
 
     async def check(self) -> bool: ...
 
 
-# Takes back ``amount`` from the window that holds it: the current one, or the previous
-# one if the window rolled over since.  DECRBY keeps the key's TTL (INCRBY -1 on a missing
-# key would not), and the whole thing is one atomic step like the acquire it undoes.
-_TAKE_BACK_LUA = """
-local amount = tonumber(ARGV[1])
-if (tonumber(redis.call('get', KEYS[2])) or 0) >= amount then
-    return redis.call('decrby', KEYS[2], amount)
-end
-if (tonumber(redis.call('get', KEYS[1])) or 0) >= amount then
-    return redis.call('decrby', KEYS[1], amount)
-end
-return 0
-"""
+Storage = LocalCounters | RedisCounters
 
 
-def _coredis(storage: object) -> Any | None:
-    """The ``limits`` Redis bridge when it runs on coredis (what :func:`counter_storage`
-    builds), else None."""
-    if isinstance(storage, RedisStorage) and isinstance(storage.bridge, CoredisBridge):
-        return storage.bridge
-    return None
-
-
-def _take_back_script(bridge: Any) -> Any:
-    script = getattr(bridge, "_dialproxy_take_back", None)
-    if script is None:
-        script = bridge.get_connection().register_script(_TAKE_BACK_LUA)
-        bridge._dialproxy_take_back = script
-    return script
-
-
-async def take_back(storage: SlidingStorage, key: str, seconds: int, amount: int = 1) -> None:
+async def take_back(storage: Storage, key: str, seconds: int, amount: int = 1) -> None:
     """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""
     if isinstance(storage, LocalCounters):
         storage.take_back(key, seconds, amount)
-    elif isinstance(storage, MemoryStorage):
-        _, current = storage.sliding_window_keys(key, seconds, time.time())
-        await storage.decr(current, amount)  # never below 0
-    elif bridge := _coredis(storage):
-        # limits' Redis keys: "{key}" (current) and "{key}/-1" (previous), each behind the
-        # storage's key prefix ("LIMITS:" by default), as its acquire script writes them.
-        keys = [bridge.prefixed_key(f"{{{key}}}/-1"), bridge.prefixed_key(f"{{{key}}}")]
-        await _take_back_script(bridge).execute(keys, [amount])
-    elif isinstance(storage, RedisStorage):  # another client library: the current window
-        await storage.incr(f"{{{key}}}", 2 * seconds, -amount)
     else:
-        raise TypeError(f"cannot take back from {type(storage).__name__}")
+        await storage.settle([(key, seconds)], [-amount])
+
+
+async def read(storage: Storage, windows: list[Read]) -> list[Counts]:
+    if isinstance(storage, LocalCounters):
+        return storage.read_many(windows)
+    return await storage.read(windows)
 
 
 async def prepare(storage: Storage) -> None:
-    """Make the storage ready for a burst of calls: fresh connections, Lua scripts loaded.
-
-    coredis runs a script by its SHA and, when Redis does not know it (a new or restarted
-    Redis), drops the connection that every concurrent call shares: all of them would
-    fail.  So the scripts are loaded first, and before shared counting resumes after an
-    outage (when connections left from before it are dropped too).
-    """
-    bridge = _coredis(storage)
-    if bridge is None:
-        if not await storage.check():
-            raise ConnectionError("the storage does not answer")
-        return
-    client = bridge.get_connection()
-    client.connection_pool.disconnect()
-    for script in (
-        bridge.lua_sliding_window,
-        bridge.lua_acquire_sliding_window,
-        _take_back_script(bridge),
-    ):
-        await client.script_load(script.script)
+    """Make the storage ready for a burst of calls (Redis: fresh connections, its scripts
+    loaded, so that no call finds Redis without them), before the first use and after an
+    outage."""
+    if isinstance(storage, RedisCounters):
+        await storage.prepare()
 
 
 async def close_storage(storage: Storage) -> None:
-    """Close a storage's connections (limits' Redis storage has no close of its own)."""
-    if isinstance(storage, RedisStorage):
-        client: Any = getattr(storage.bridge, "storage", None)
-        pool = getattr(client, "connection_pool", None)
-        if pool is not None:
-            pool.disconnect()
+    if isinstance(storage, RedisCounters):
+        await storage.close()
 
 
 def backend_name(storage: Storage) -> str:
-    if isinstance(storage, MemoryStorage):
-        return "memory"
-    if isinstance(storage, RedisStorage):
-        return "redis"
-    return type(storage).__name__
+    return "memory" if isinstance(storage, LocalCounters) else "redis"
 
 
 class StorageHealth:
@@ -273,18 +213,16 @@ class StorageGuard:
         *,
         probe_interval: float = PROBE_INTERVAL,
     ) -> None:
-        if not isinstance(storage, SlidingWindowCounterSupport):
-            raise TypeError("the storage must support sliding window counters")
         self.storage: Storage = storage
-        self.shared: SlidingStorage = storage
-        self.local: SlidingStorage = LocalCounters()
+        self.shared: Storage = storage
+        self.local: LocalCounters = LocalCounters()
         self.policy = FailurePolicy(policy)
         self.backend = backend_name(storage)
         # Up or down, shared with the shared keys when they are in the same Redis.
         self.state = StorageHealth(self.backend, self.policy, probe_interval=probe_interval)
         self.state.add_probe(self._prepare_again)
         self.fallbacks = 0  # operations the policy answered instead of the shared storage
-        self._ready = isinstance(storage, MemoryStorage)  # else: prepared before first use
+        self._ready = isinstance(storage, LocalCounters)  # else: prepared before first use
         self._preparing = asyncio.Lock()
 
     @property
@@ -293,7 +231,7 @@ class StorageGuard:
 
     async def run(
         self,
-        op: Callable[[SlidingStorage], Awaitable[T]],
+        op: Callable[[Storage], Awaitable[T]],
         allowed: T,
         *,
         refuse: bool = True,

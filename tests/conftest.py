@@ -16,7 +16,6 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from limits.aio.storage import Storage
 
 from dialproxy import logs
 from dialproxy.config.model import fingerprint
@@ -25,6 +24,7 @@ from dialproxy.counters import LocalCounters
 from dialproxy.demo_backend import BackendControl, create_backend_app
 from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.settings import Settings
+from dialproxy.storage import Storage
 from dialproxy.web.app import create_app
 from dialproxy.web.appkeys import BACKGROUND
 

@@ -4,14 +4,28 @@ whole windows and more, must give the same answer."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
 import pytest
-from limits.aio.storage import MemoryStorage
+import redis.asyncio
+from limits.aio.storage import MemoryStorage, RedisStorage
 
-from dialproxy.counters import SWEEP_EVERY, LocalCounters
-from dialproxy.storage import take_back
+from dialproxy.counters import SWEEP_EVERY, Counts, LocalCounters
+from dialproxy.rediscounters import RedisCounters
+from tests.redis_server import RedisServer
+
+
+async def take_back(
+    storage: LocalCounters | MemoryStorage, key: str, expiry: int, n: int = 1
+) -> None:
+    """Undo an acquire: ours, and limits' own (a ``decr`` of the current bucket)."""
+    if isinstance(storage, LocalCounters):
+        storage.take_back(key, expiry, n)
+    else:
+        _, current = storage.sliding_window_keys(key, expiry, time.time())
+        await storage.decr(current, n)
 
 
 class Clock:
@@ -85,3 +99,46 @@ async def test_expired_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> No
     counters.add_many([("tokens", 60)], 5)
     assert list(counters.windows) == [("tokens", 60)]
     assert (await counters.get_sliding_window("tokens", 60))[::2] == (0, 5)
+
+
+@pytest.mark.parametrize("seed", range(2))
+async def test_redis_counters_answer_as_limits_own_redis_storage(
+    redis_server: RedisServer, seed: int
+) -> None:
+    """The same calls, at the same moments, on our scripts and on limits' RedisStorage
+    (other keys of the same Redis): the same counts (TTLs within 50 ms, the calls being a
+    moment apart), windows of 1 and 2 s crossed by the sleeps."""
+    redis_server.flush()
+    ours = RedisCounters(redis_server.url)
+    pool = redis.asyncio.ConnectionPool.from_url(redis_server.url)  # (closed by the test)
+    theirs = RedisStorage(
+        "async+" + redis_server.url,
+        implementation="redispy",
+        key_prefix="THEIRS",
+        connection_pool=pool,  # type: ignore[arg-type]
+    )
+    rnd = random.Random(seed)
+    keys = [(f"dp:p:{i}:chat:r:x", i + 1) for i in range(2)]  # (a key has one length)
+
+    def same(a: Counts, b: tuple[int, float, int, float]) -> bool:
+        return (a[0], a[2]) == (b[0], b[2]) and all(
+            abs(x - y) < 0.05 for x, y in ((a[1], b[1]), (a[3], b[3]))
+        )
+
+    try:
+        for _ in range(60):
+            key, expiry = rnd.choice(keys)
+            op = rnd.random()
+            if op < 0.5:
+                limit, amount = rnd.randint(0, 12), rnd.randint(1, 4)
+                assert await ours.acquire_sliding_window_entry(
+                    key, limit, expiry, amount
+                ) == await theirs.acquire_sliding_window_entry(key, limit, expiry, amount)
+            else:
+                got = await ours.get_sliding_window(key, expiry)
+                want = await theirs.get_sliding_window(key, expiry)
+                assert same(got, want), (got, want)
+            await asyncio.sleep(rnd.choice([0.0, 0.0, 0.01, 0.05, 0.3]))
+    finally:
+        await ours.close()
+        await pool.disconnect()

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
-from limits.aio.storage import Storage
 
 from dialproxy.config.model import Model, Route, Upstream
+from dialproxy.rediscounters import RedisCounters
 
 DEFAULT_RETRY_AFTER = 30.0
 SHARED_CHECK_EVERY = 1.0
@@ -54,7 +54,7 @@ class Balancer:
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,
-        shared: Storage | None = None,
+        shared: RedisCounters | None = None,
         shared_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self._clock = clock

@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from limits.aio.storage import Storage
 
 from dialproxy import logs, sharedkeys
 from dialproxy.apis.all import APIS
@@ -24,7 +23,9 @@ from dialproxy.errors import Forbidden, NotFound
 from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
 from dialproxy.logs import cut
+from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
+from dialproxy.storage import Storage
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.web import features, proxy, responses, routes
@@ -306,7 +307,7 @@ def create_app(
     # Upstream pauses are shared through the counter storage when it is shared (Redis).
     limiter = app[LIMITER]
     app[BALANCER] = Balancer(
-        shared=None if limiter.in_process else limiter.storage,
+        shared=limiter.storage if isinstance(limiter.storage, RedisCounters) else None,
         shared_up=lambda: limiter.guard.healthy,
     )
     app[BACKGROUND] = set()

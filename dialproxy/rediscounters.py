@@ -1,0 +1,266 @@
+"""Sliding-window counters in Redis, on redis-py, each operation one script call.
+
+The windows are the ``limits`` library's sliding window counters, kept as ``limits`` keeps
+them in Redis (``{prefix}{key}`` the current bucket, ``{prefix}{key}/-1`` the previous one,
+the current bucket's TTL telling where the window stands: when it falls under one window
+length the current bucket becomes the previous one), with ``limits``' arithmetic (the
+weighted count: previous x its TTL share + current).  A differential test holds these
+scripts to ``limits``' own.  What ``limits`` has no call for is here too, each in one
+script call, so that a request costs two Redis round trips whatever its windows:
+
+- :meth:`RedisCounters.admit`: every window of a request checked, then (all or nothing) its
+  request counted and its reservation added;
+- :meth:`RedisCounters.settle`: the reservation replaced by the real usage (a signed amount
+  per window: a negative one is taken from the current bucket, then the previous).
+
+No call is retried (one that timed out may have been applied: a retry could count twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from dialproxy.counters import Counts, Read
+
+T = TypeVar("T")
+
+PREFIX = "LIMITS:"  # limits' own prefix: the keys are the ones it would write
+# A call waits this long at most (to connect, for an answer): an outage adds bounded
+# latency to a request.
+CONNECT_TIMEOUT = 0.5
+TIMEOUT = 0.25
+# Connections per instance: a burst of requests waits its turn for one (each call holds one
+# for at most TIMEOUT) rather than opening one each, and never fails for want of one (that
+# is no outage of Redis).
+MAX_CONNECTIONS = 64
+
+# Shared by the scripts: the window of KEYS[p] (previous) and KEYS[c] (current), rolled
+# over when the current bucket's TTL fell under one window (limits' acquire script), then
+# its counts (TTLs in ms, 0 when absent).
+_WINDOW = """
+local function window(p, c, expiry)
+    local current_ttl = tonumber(redis.call('pttl', KEYS[c]))
+    if current_ttl > 0 and current_ttl < expiry then
+        redis.call('rename', KEYS[c], KEYS[p])
+        redis.call('set', KEYS[c], 0, 'PX', current_ttl + expiry)
+    end
+    local pc = tonumber(redis.call('get', KEYS[p])) or 0
+    local pt = tonumber(redis.call('pttl', KEYS[p])) or 0
+    local cc = tonumber(redis.call('get', KEYS[c])) or 0
+    local ct = tonumber(redis.call('pttl', KEYS[c])) or 0
+    if pt < 0 then pt = 0 end
+    if ct < 0 then ct = 0 end
+    return pc, pt, cc, ct
+end
+local function add(c, expiry, amount)
+    if redis.call('exists', KEYS[c]) == 1 then
+        return redis.call('incrby', KEYS[c], amount)
+    end
+    redis.call('set', KEYS[c], amount, 'PX', expiry * 2)
+    return amount
+end
+"""
+
+# ARGV: n, then per window: seconds, limit, mode, amount.  Mode 0: refused when full (a
+# token or cost window); 1: refused when adding ``amount`` would pass the limit (a request
+# window).  Nothing is added unless no window refuses.  Returns {refused index (0: none),
+# then per window read: previous, its ttl, current (with what was added), its ttl}.
+_ADMIT = (
+    _WINDOW
+    + """
+local n = tonumber(ARGV[1])
+local out = {0}
+for i = 1, n do
+    local expiry = tonumber(ARGV[i * 4 - 2]) * 1000
+    local limit = tonumber(ARGV[i * 4 - 1])
+    local mode = tonumber(ARGV[i * 4])
+    local amount = tonumber(ARGV[i * 4 + 1])
+    local pc, pt, cc, ct = window(i * 2 - 1, i * 2, expiry)
+    local weighted = math.floor(pc * pt / expiry) + cc
+    table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
+    if (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit) then
+        out[1] = i
+        return out
+    end
+end
+for i = 1, n do
+    local amount = tonumber(ARGV[i * 4 + 1])
+    if amount > 0 then
+        local expiry = tonumber(ARGV[i * 4 - 2]) * 1000
+        out[i * 4] = add(i * 2, expiry, amount)
+        out[i * 4 + 1] = tonumber(redis.call('pttl', KEYS[i * 2]))
+    end
+end
+return out
+"""
+)
+
+# ARGV: n, then per window: seconds, amount (signed).  A positive amount is added to the
+# current bucket; a negative one taken from it, and what it lacks from the previous one.
+_SETTLE = (
+    _WINDOW
+    + """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+    local expiry = tonumber(ARGV[i * 2]) * 1000
+    local amount = tonumber(ARGV[i * 2 + 1])
+    if amount > 0 then
+        window(i * 2 - 1, i * 2, expiry)
+        add(i * 2, expiry, amount)
+    elseif amount < 0 then
+        local pc, pt, cc, ct = window(i * 2 - 1, i * 2, expiry)
+        local left = -amount
+        local here = math.min(cc, left)
+        if here > 0 then redis.call('decrby', KEYS[i * 2], here) end
+        left = left - here
+        here = math.min(pc, left)
+        if here > 0 then redis.call('decrby', KEYS[i * 2 - 1], here) end
+    end
+end
+return n
+"""
+)
+
+# ARGV: n, then per window: seconds.  Returns the counts of each (limits' read script).
+_READ = (
+    _WINDOW
+    + """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do
+    local pc, pt, cc, ct = window(i * 2 - 1, i * 2, tonumber(ARGV[i + 1]) * 1000)
+    table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
+end
+return out
+"""
+)
+
+
+def _keys(windows: Sequence[Read]) -> list[str]:
+    keys: list[str] = []
+    for key, _ in windows:
+        current = f"{PREFIX}{{{key}}}"
+        keys += (current + "/-1", current)
+    return keys
+
+
+def _counts(flat: Sequence[Any], start: int = 0) -> list[Counts]:
+    """Counts from a script's flat answer (TTLs from ms to seconds)."""
+    return [
+        (int(flat[i]), int(flat[i + 1]) / 1000, int(flat[i + 2]), int(flat[i + 3]) / 1000)
+        for i in range(start, len(flat), 4)
+    ]
+
+
+class RedisCounters:
+    """The counters of every instance, in one Redis (``url``: redis://, rediss://,
+    unix://); the client is shared with the shared keys (:attr:`client`)."""
+
+    def __init__(self, url: str, *, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.url = url
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=TIMEOUT,
+            max_connections=max_connections,
+            timeout=None,  # (waiting for a free connection: see MAX_CONNECTIONS)
+            # Never retried (redis-py retries 3 times by default): a call that failed is an
+            # outage, and a retried INCRBY could count twice.
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)  # (owns it)
+        self._admit = self.client.register_script(_ADMIT)
+        self._settle = self.client.register_script(_SETTLE)
+        self._read = self.client.register_script(_READ)
+
+    async def _run(self, call: Awaitable[T]) -> T:
+        return await uncancelled(call)
+
+    async def admit(
+        self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int],
+        amounts: Sequence[int],
+    ) -> tuple[int, list[Counts]]:  # fmt: skip
+        """One atomic step: the index (from 1) of the window that refused, or 0 and every
+        amount added; the counts read (up to the one that refused), after the adding."""
+        args: list[Any] = [len(windows)]
+        for (_, seconds), limit, mode, amount in zip(windows, limits, modes, amounts, strict=True):
+            args += (seconds, limit, mode, amount)
+        flat = await self._run(self._admit(keys=_keys(windows), args=args))
+        return int(flat[0]), _counts(flat, 1)
+
+    async def settle(self, windows: Sequence[Read], amounts: Sequence[int]) -> None:
+        """Signed ``amounts`` added to the windows, in one step."""
+        args: list[Any] = [len(windows)]
+        for (_, seconds), amount in zip(windows, amounts, strict=True):
+            args += (seconds, amount)
+        await self._run(self._settle(keys=_keys(windows), args=args))
+
+    async def read(self, windows: Sequence[Read]) -> list[Counts]:
+        if not windows:
+            return []
+        args: list[Any] = [len(windows), *(seconds for _, seconds in windows)]
+        return _counts(await self._run(self._read(keys=_keys(windows), args=args)))
+
+    # What ``limits`` storages offer that the rest of dialproxy uses (one window at a time).
+
+    async def acquire_sliding_window_entry(
+        self, key: str, limit: int, expiry: int, amount: int = 1
+    ) -> bool:
+        refused, _ = await self.admit([(key, expiry)], [limit], [1], [amount])
+        return refused == 0
+
+    async def get_sliding_window(self, key: str, expiry: int) -> Counts:
+        return (await self.read([(key, expiry)]))[0]
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        """A plain counter that lives ``expiry`` seconds, or longer if it had longer."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incrby(PREFIX + key, amount)
+        pipe.expire(PREFIX + key, expiry, nx=True)  # (a new key)
+        pipe.expire(PREFIX + key, expiry, gt=True)  # (a longer one than it had)
+        value, _, _ = await self._run(pipe.execute())
+        return int(value)
+
+    async def get(self, key: str) -> int:
+        return int(await self._run(self.client.get(PREFIX + key)) or 0)
+
+    async def check(self) -> bool:
+        try:
+            return bool(await self._run(self.client.ping()))
+        except Exception:
+            return False
+
+    async def prepare(self) -> None:
+        """Fresh connections, the scripts loaded (so a call never finds Redis without
+        them), then a PING: before the first use and after an outage."""
+        await self.client.connection_pool.disconnect()
+        for script in (self._admit, self._settle, self._read):
+            await self.client.script_load(script.script)
+        await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def uncancelled(call: Awaitable[T]) -> T:
+    """``call`` (a Redis command) to its end even when the request that made it is
+    cancelled (a client that went away): a command cut off mid-way costs its connection,
+    and its failure must not pass for Redis failing."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_consume)
+        raise
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # (retrieved: an outage is seen by the next call)
