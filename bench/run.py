@@ -2,13 +2,16 @@
 
 Three child processes on free 127.0.0.1 ports: the demo backend, the real proxy (``dialproxy
 serve`` with auth, token/request/cost limits, pricing, stream usage injection and its
-JSON request log all on) and the pass-through floor.  Then, interleaved:
+JSON request log all on) and the pass-through floor.  The modes (:data:`MODES`): chat
+completions non-streaming and streaming, a Responses API stream and an Anthropic Messages
+stream, each its own body, proxy route and backend path.  Then, interleaved:
 
-- throughput: ``--rounds`` x ``--seconds`` at ``--connections`` connections (1 wrk thread),
-  proxy and pass-through alternating, with each one's CPU time per request from
-  /proc/<pid>/stat (utime + stime) and the backend's and wrk's CPU use beside it;
-- added latency at idle: one keep-alive connection, sequential requests, p50/p99 of the
-  proxy and of the pass-through minus the same percentile straight to the backend.
+- throughput, every mode: ``--rounds`` x ``--seconds`` at ``--connections`` connections
+  (1 wrk thread), proxy and pass-through alternating, with each one's CPU time per request
+  from /proc/<pid>/stat (utime + stime) and the backend's and wrk's CPU use beside it;
+- added latency at idle, the chat modes: one keep-alive connection, sequential requests,
+  p50/p99 of the proxy and of the pass-through minus the same percentile straight to the
+  backend.
 
 Exit 0 whether the targets are met or not; 1 when the bench itself breaks.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -50,22 +54,14 @@ SECRET = "bench-secret-key-0123456789"
 DEPLOYMENT = "echo"
 PROXY_PATH = f"/openai/deployments/{DEPLOYMENT}/chat/completions"
 BACKEND_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"
+MESSAGES_PATH = "/v1/messages"
 PROMPT = "Tell me briefly why a reverse proxy should add almost no latency"
+_BACKEND_RESPONSE_ID = re.compile(rb'"resp_(?!dial_)')  # the demo backend's ids: resp_<hex>
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
-    connections: int = 32
-    rounds: int = 3
-    seconds: float = 5.0  # per throughput run (wrk -d takes whole seconds)
-    warmup: float = 1.0
-    latency_rounds: int = 3
-    latency_seconds: float = 2.0
-    profile: Path | None = None  # write py-spy flame graphs of the proxy here
-    all_windows: bool = False  # limit every window (the worst case), not a typical role's
-
-
-TARGETS = {"non-streaming": 0.70, "streaming": 0.75}
+NONSTREAM_TARGET = 0.70
+STREAM_TARGET = 0.75
 LATENCY_TARGET_MS = 0.6
 BACKEND_SATURATED = 0.90  # cores
 OTHER_LOAD = 0.25  # cores used by processes outside the bench: worth a warning
@@ -89,9 +85,17 @@ def bench_config(backend_port: int, all_windows: bool = False) -> dict[str, Any]
                 "type": "chat",
                 "upstreams": [
                     {
+                        "id": "openai",
                         "endpoint": f"http://{HOST}:{backend_port}{BACKEND_PATH}",
+                        "responsesEndpoint": f"http://{HOST}:{backend_port}{RESPONSES_PATH}",
                         "key": "bench-upstream-key",
-                    }
+                    },
+                    {
+                        "id": "anthropic",
+                        "endpoint": f"http://{HOST}:{backend_port}{MESSAGES_PATH}",
+                        "auth": "x-api-key",
+                        "key": "bench-upstream-key",
+                    },
                 ],
                 "pricing": {"unit": "token", "prompt": "0.000001", "completion": "0.000002"},
             }
@@ -101,17 +105,87 @@ def bench_config(backend_port: int, all_windows: bool = False) -> dict[str, Any]
     }
 
 
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def request_body(stream: bool) -> bytes:
+    """A chat completions request (no stream_options: the proxy injects include_usage)."""
     body: dict[str, Any] = {
         "model": DEPLOYMENT,
         "messages": [{"role": "user", "content": PROMPT}],
     }
     if stream:
-        body["stream"] = True  # no stream_options: the proxy injects include_usage itself
-    return json.dumps(body, separators=(",", ":")).encode()
+        body["stream"] = True
+    return _json(body)
 
 
 HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"}
+
+
+def _no_usage_leak(data: bytes) -> str | None:
+    return "the proxy leaked the usage chunk it asked for" if b'"usage"' in data else None
+
+
+def _ids_rewritten(data: bytes) -> str | None:
+    if b'"resp_dial_' not in data:
+        return "the proxy's Responses stream has no resp_dial_ id: ids are not rewritten"
+    if _BACKEND_RESPONSE_ID.search(data):
+        return "the backend's own resp_ id reached the client: ids are not rewritten"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    """One kind of request: the same body to the proxy's route and the backend's path."""
+
+    name: str
+    body: bytes
+    proxy_path: str
+    backend_path: str
+    target: float  # proxy req/s >= target x the pass-through's in the same run
+    ratelimit_header: str  # one the proxy must send (its limits are on)
+    check: Callable[[bytes], str | None] | None = None  # of the proxy's answer: an error
+    latency: bool = True  # also measured at idle (1 connection)
+
+
+MODES = (
+    Mode(
+        "non-streaming", request_body(False), PROXY_PATH, BACKEND_PATH,
+        NONSTREAM_TARGET, "x-ratelimit-remaining-requests",
+    ),
+    Mode(
+        "streaming", request_body(True), PROXY_PATH, BACKEND_PATH,
+        STREAM_TARGET, "x-ratelimit-remaining-requests", _no_usage_leak,
+    ),
+    Mode(
+        "responses stream",
+        _json({"model": DEPLOYMENT, "input": PROMPT, "stream": True}),
+        "/openai/v1/responses", RESPONSES_PATH,
+        STREAM_TARGET, "x-ratelimit-remaining-requests", _ids_rewritten, latency=False,
+    ),
+    Mode(
+        "anthropic stream",
+        _json({"model": DEPLOYMENT, "max_tokens": 256, "stream": True,
+               "messages": [{"role": "user", "content": PROMPT}]}),
+        "/anthropic/v1/messages", MESSAGES_PATH,
+        STREAM_TARGET, "anthropic-ratelimit-requests-remaining", latency=False,
+    ),
+)  # fmt: skip
+TARGETS = {m.name: m.target for m in MODES}
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    connections: int = 32
+    rounds: int = 3
+    seconds: float = 5.0  # per throughput run (wrk -d takes whole seconds)
+    warmup: float = 1.0
+    latency_rounds: int = 3
+    latency_seconds: float = 2.0
+    profile: Path | None = None  # write py-spy flame graphs of the proxy here
+    all_windows: bool = False  # limit every window (the worst case), not a typical role's
+    modes: tuple[Mode, ...] = MODES
 
 
 # --------------------------------------------------------------------------------------
@@ -133,30 +207,53 @@ def _get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def sanity_check(urls: dict[str, str], proxy_base: str, proxy_log: Path) -> None:
-    for stream in (False, True):
-        for name, url in urls.items():
-            status, headers, data = _post(url, request_body(stream))
+def _wait_for(done: Callable[[], bool], attempts: int = 50) -> bool:
+    for _ in range(attempts):
+        if done():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """Where each target listens: the proxy serves a mode on its own path, the others on
+    the backend's."""
+
+    bases: dict[str, str]  # "direct", "pass-through", "proxy" -> base URL
+
+    def url(self, mode: Mode, target: str) -> str:
+        return self.bases[target] + (mode.proxy_path if target == "proxy" else mode.backend_path)
+
+
+def sanity_check(modes: tuple[Mode, ...], targets: Targets, proxy_log: Path) -> None:
+    limits_url = f"{targets.bases['proxy']}/v1/deployments/{DEPLOYMENT}/limits"
+
+    def tokens_used() -> int:
+        return int(_get_json(limits_url)["minuteTokenStats"]["used"])
+
+    def usage_grew(before: int) -> bool:
+        return _wait_for(lambda: tokens_used() > before)
+
+    for mode in modes:
+        for target in targets.bases:
+            used = tokens_used() if target == "proxy" else 0
+            status, headers, data = _post(targets.url(mode, target), mode.body)
             if status != 200 or b"Echo:" not in data:
-                raise BenchError(f"{name} (stream={stream}) answered {status}: {data[:300]!r}")
-            if name == "proxy":
-                if "x-ratelimit-remaining-requests" not in {k.lower() for k in headers}:
-                    raise BenchError("the proxy sent no x-ratelimit headers: limits are off")
-                if stream and b'"usage"' in data:
-                    raise BenchError("the proxy leaked the usage chunk it asked for")
-    # Usage parsed and recorded (a background task: give it a moment).
-    limits_url = f"{proxy_base}/v1/deployments/{DEPLOYMENT}/limits"
-    for _ in range(50):
-        if _get_json(limits_url)["minuteTokenStats"]["used"] > 0:
-            break
-        time.sleep(0.02)
-    else:
-        raise BenchError("the proxy recorded no token usage: usage parsing is off")
-    for _ in range(50):  # log lines are written in batches, within 0.1 s
-        if b'"event":"request"' in proxy_log.read_bytes():
-            break
-        time.sleep(0.02)
-    else:
+                raise BenchError(f"{target} {mode.name} answered {status}: {data[:300]!r}")
+            if target != "proxy":
+                continue
+            if mode.ratelimit_header not in {k.lower() for k in headers}:
+                raise BenchError(f"the proxy sent no {mode.ratelimit_header} ({mode.name}):"
+                                 " limits are off")  # fmt: skip
+            if mode.check is not None and (error := mode.check(data)) is not None:
+                raise BenchError(f"{mode.name}: {error}")
+            # Usage parsed and recorded (a background task: give it a moment).
+            if not usage_grew(used):
+                raise BenchError(f"the proxy recorded no token usage for {mode.name}:"
+                                 " usage parsing is off")  # fmt: skip
+    # log lines are written in batches, within 0.1 s
+    if not _wait_for(lambda: b'"event":"request"' in proxy_log.read_bytes()):
         raise BenchError(f"the proxy wrote no request log line to {proxy_log}")
 
 
@@ -218,10 +315,15 @@ class Bench:
         self.options = options
         self.say = say
         self.children: list[Child] = []
+        self.modes = {m.name: m for m in options.modes}
         self.loads = {
-            "non-streaming": LoadGenerator(workdir, "nonstream", request_body(False), HEADERS),
-            "streaming": LoadGenerator(workdir, "stream", request_body(True), HEADERS),
+            m.name: LoadGenerator(workdir, f"mode{i}", m.body, HEADERS)
+            for i, m in enumerate(options.modes)
         }
+
+    @property
+    def tool(self) -> str:
+        return next(iter(self.loads.values())).tool
 
     def start(self, name: str, argv: list[str]) -> Child:
         child = Child(name, argv, self.workdir / f"{name}.log")
@@ -256,24 +358,27 @@ class Bench:
         backend.wait_http(backend_base + "/health")
         proxy.wait_http(proxy_base + "/health")
         passthrough.wait_http(f"http://{HOST}:{tport}/")
-        urls = {
-            "direct": backend_base + BACKEND_PATH,
-            "pass-through": f"http://{HOST}:{tport}{BACKEND_PATH}",
-            "proxy": proxy_base + PROXY_PATH,
-        }
-        sanity_check(urls, proxy_base, proxy.log_path)
+        targets = Targets(
+            {
+                "direct": backend_base,
+                "pass-through": f"http://{HOST}:{tport}",
+                "proxy": proxy_base,
+            }
+        )
+        sanity_check(self.options.modes, targets, proxy.log_path)
         measured = {"proxy": proxy, "pass-through": passthrough}
 
         def load(mode: str, target: str, connections: int, seconds: float) -> LoadResult:
             for child in self.children:
                 child.check_alive()
             what = f"{target} {mode} c={connections}"
-            return _checked(self.loads[mode].run(urls[target], connections, seconds, ROOT), what)
+            url = targets.url(self.modes[mode], target)
+            return _checked(self.loads[mode].run(url, connections, seconds, ROOT), what)
 
         opts = self.options
-        self.say(f"warming up ({self.loads['streaming'].tool})")
+        self.say(f"warming up ({self.tool})")
         for mode in self.loads:
-            for target in urls:
+            for target in targets.bases:
                 load(mode, target, opts.connections, opts.warmup)
 
         throughput = {m: {t: Throughput() for t in measured} for m in self.loads}
@@ -289,21 +394,24 @@ class Bench:
                     busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
                     throughput[mode][target].add(result, wall, cpu1 - cpu0, bcpu1 - bcpu0, busy)
                     self.say(
-                        f"round {rnd + 1}/{opts.rounds} {mode:13} {target:12}"
+                        f"round {rnd + 1}/{opts.rounds} {mode:16} {target:12}"
                         f" {result.rps:8.0f} req/s"
                         f"  {(cpu1 - cpu0) / result.requests * 1e6:6.0f} us CPU/req"
                         f"  backend {(bcpu1 - bcpu0) / wall:4.2f} cores"
                     )
 
+        idle = [m.name for m in opts.modes if m.latency]
         latency: dict[str, dict[str, list[tuple[float, float]]]] = {
-            m: {t: [] for t in urls} for m in self.loads
+            m: {t: [] for t in targets.bases} for m in idle
         }
         pids = [c.pid for c in self.children]
         ours0, busy0, wall0 = sum(map(cpu_seconds, pids)), machine_busy_seconds(), time.monotonic()
         load_cpu = 0.0
         for rnd in range(opts.latency_rounds):
-            for mode in self.loads:
-                order = list(urls) if rnd % 2 == 0 else list(reversed(urls))
+            for mode in idle:
+                order = list(targets.bases)
+                if rnd % 2:
+                    order.reverse()
                 for target in order:
                     result = load(mode, target, 1, opts.latency_seconds)
                     load_cpu += result.cpu_seconds
@@ -313,7 +421,7 @@ class Bench:
         other = (machine_busy_seconds() - busy0 - ours) / (time.monotonic() - wall0)
         if opts.profile is not None:
             for mode in self.loads:
-                self.profile(mode, urls["proxy"], proxy, opts.profile)
+                self.profile(mode, targets.url(self.modes[mode], "proxy"), proxy, opts.profile)
         return {"throughput": throughput, "latency": latency, "latency_other": max(other, 0.0)}
 
     def profile(self, mode: str, url: str, proxy: Child, out_dir: Path) -> None:
@@ -322,7 +430,7 @@ class Bench:
         if not Path(spy).is_file():
             raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
         out_dir.mkdir(parents=True, exist_ok=True)
-        svg = out_dir / f"proxy-{mode}.svg"
+        svg = out_dir / f"proxy-{mode.replace(' ', '-')}.svg"
         seconds = max(round(self.options.seconds), 3)
         argv = self.loads[mode].argv(url, self.options.connections, seconds + 2)
         with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as load:
@@ -380,17 +488,22 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     )
 
     def added(target: str) -> Callable[[str], str]:
-        return lambda m: "{:+.3f} / {:+.3f}".format(*added_latency(latency[m], target))
+        def cell(m: str) -> str:
+            if m not in latency:
+                return "-"
+            return "{:+.3f} / {:+.3f}".format(*added_latency(latency[m], target))
+
+        return cell
+
+    def direct(m: str) -> str:
+        if m not in latency:
+            return "-"
+        p50 = statistics.median(s[0] for s in latency[m]["direct"])
+        return f"{p50:.3f} / {statistics.median(s[1] for s in latency[m]['direct']):.3f}"
 
     row("proxy added p50/p99 ms", added("proxy"))
     row("pass-through added p50/p99 ms", added("pass-through"))
-    row(
-        "direct p50/p99 ms",
-        lambda m: "{:.3f} / {:.3f}".format(
-            statistics.median(s[0] for s in latency[m]["direct"]),
-            statistics.median(s[1] for s in latency[m]["direct"]),
-        ),
-    )
+    row("direct p50/p99 ms", direct)
 
     def cores(target: str) -> Callable[[str], str]:
         return lambda m: _cores(throughput[m][target])
@@ -401,8 +514,8 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     lines = [
         f"dialproxy bench: {os.cpu_count()} CPUs, load generator {tool},"
         f" {opts.connections} connections, {opts.rounds} x {opts.seconds:g} s per target and"
-        f" mode, interleaved; idle latency: 1 connection, {opts.latency_rounds} x"
-        f" {opts.latency_seconds:g} s per target and mode",
+        f" mode, interleaved; idle latency ({', '.join(latency) or 'no mode'}): 1 connection,"
+        f" {opts.latency_rounds} x {opts.latency_seconds:g} s per target and mode",
         "",
     ]
     for r in rows:
@@ -410,13 +523,14 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
                                enumerate(zip(r, widths, strict=True))).rstrip())  # fmt: skip
     lines.append("")
     lines.append("targets (every proxy check on: auth, limits, usage parsing, logging):")
-    for mode, goal in TARGETS.items():
+    for mode in modes:
+        goal = TARGETS[mode]
         ratio = throughput[mode]["proxy"].rps / throughput[mode]["pass-through"].rps
         lines.append(
             f"  {mode} throughput >= {goal:.2f}x pass-through:"
             f" {ratio:.2f}x  {verdict(ratio >= goal)}"
         )
-    for mode in modes:
+    for mode in latency:
         p50, p99 = added_latency(latency[mode], "proxy")
         lines.append(
             f"  {mode} added latency at idle (p50) <= {LATENCY_TARGET_MS} ms:"
@@ -488,7 +602,16 @@ def parse_options(argv: list[str] | None) -> Options:
         action="store_true",
         help="limit every token, request and cost window (the worst case)",
     )
+    parser.add_argument(
+        "--modes",
+        default=",".join(TARGETS),
+        help=f"comma-separated, of: {', '.join(TARGETS)} (default: all)",
+    )
     a = parser.parse_args(argv)
+    names = [n.strip() for n in a.modes.split(",") if n.strip()]
+    if not names or (unknown := set(names) - set(TARGETS)):
+        parser.error(f"--modes: unknown {sorted(unknown) if names else 'empty'}")
+    modes = tuple(m for m in MODES if m.name in names)
     if min(a.connections, a.rounds, a.latency_rounds) < 1 or min(a.seconds, a.latency_seconds) < 1:
         parser.error("counts and durations must be >= 1")
     return Options(
@@ -499,6 +622,7 @@ def parse_options(argv: list[str] | None) -> Options:
         latency_seconds=a.latency_seconds,
         profile=a.profile,
         all_windows=a.all_windows,
+        modes=modes,
     )
 
 
@@ -517,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = bench.run()
             finally:
                 bench.stop_all()
-        print(report(results, bench.loads["streaming"].tool, options))
+        print(report(results, bench.tool, options))
         say(f"bench took {time.monotonic() - started:.0f} s")
         keep = False
         return 0
