@@ -13,8 +13,11 @@ our limits in ``anthropic-ratelimit-*``.
 
 from __future__ import annotations
 
+import functools
 import json
-from datetime import UTC, datetime, timedelta
+import math
+import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -66,20 +69,25 @@ def ratelimit_headers(
     requests: WindowState | None, tokens: WindowState | None
 ) -> list[tuple[str, str]]:
     """Our tightest request and token windows as Anthropic names them: the limit, what is
-    left, and when the window is empty again (RFC 3339)."""
+    left, and when the window is empty again (RFC 3339, to the second)."""
     headers: list[tuple[str, str]] = []
-    now = datetime.now(UTC)
+    now = time.time()
     for unit, state in (("requests", requests), ("tokens", tokens)):
         if state is None:
             continue
         limit, used = state.window.limit, state.used
-        reset = now + timedelta(seconds=seconds_to_empty(state.window, state.counts))
+        reset = _rfc3339(math.ceil(now + seconds_to_empty(state.window, state.counts)))
         headers += [
             (f"anthropic-ratelimit-{unit}-limit", str(limit)),
-            (f"anthropic-ratelimit-{unit}-remaining", str(max(limit - used, 0))),
-            (f"anthropic-ratelimit-{unit}-reset", reset.isoformat(timespec="seconds")[:-6] + "Z"),
+            (f"anthropic-ratelimit-{unit}-remaining", str(limit - used) if used < limit else "0"),
+            (f"anthropic-ratelimit-{unit}-reset", reset),
         ]
     return headers
+
+
+@functools.lru_cache(maxsize=1024)  # resets move by the second: most requests hit
+def _rfc3339(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 ANTHROPIC_ERRORS = ErrorShape(error_response, stream_error, ratelimit_headers)

@@ -53,7 +53,7 @@ def body_rule(body: dict[str, Any], raw: bytes, model: Model) -> tuple[bytes | N
     return (rewritten(body, raw, updates) if updates else None), False
 
 
-_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_COMPACT_ID = b'"response":{"id":"'  # (how OpenAI writes a stream event's response)
 
 
 def _usage(answer: Any, so_far: Usage | None) -> Usage | None:
@@ -211,7 +211,16 @@ class ResponseIds:
         return data.replace(self.upstream_id, self.ours)
 
     def _learn_from_events(self, data: bytes) -> None:
-        """The id of the first event with a response in it (``response.created``)."""
+        """The id of the first event with a response in it (``response.created``): read
+        where compact JSON writes it first, else from the decoded event."""
+        index = data.find(_COMPACT_ID)
+        if index >= 0:
+            begin = index + len(_COMPACT_ID)
+            end = data.find(b'"', begin)
+            if end > begin and b"\\" not in data[begin:end]:  # (no escape: the id as it is)
+                self._learn(data[begin:end].decode("utf-8", "replace"))
+                if self.upstream_id:
+                    return
         index = data.find(b'"response"')
         while index >= 0:
             _, stop, event = sse.decoded_event_around(data, index)

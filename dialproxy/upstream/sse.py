@@ -100,17 +100,22 @@ def event_json(event: bytes) -> Any:
 
 def decoded_event_around(data: bytes, index: int) -> tuple[int, int, Any]:
     """:func:`event_around` and :func:`event_json` of that event, in one call (the usual
-    event, one ``data: `` line framed with LF, without building the lines)."""
+    event, one ``data: `` line framed with LF, after an ``event: `` line or not, without
+    building the lines)."""
     start = data.rfind(b"\n\n", 0, index) + 2
     if start < 2:
         start = 0
     stop = data.find(b"\n\n", index) + 2
-    if stop > 1 and data.startswith(b"data: ", start):
-        line = data[start + 6 : stop - 2]
-        if b"\n" not in line and b"\r" not in line:
-            try:
-                return start, stop, orjson.loads(line)
-            except orjson.JSONDecodeError:
-                return start, stop, None
+    if stop > 1:
+        begin = start
+        if data.startswith(b"event: ", start):  # (a named event: its name on a line first)
+            begin = data.find(b"\n", start, stop) + 1
+        if data.startswith(b"data: ", begin):
+            line = data[begin + 6 : stop - 2]
+            if b"\n" not in line and b"\r" not in line:
+                try:
+                    return start, stop, orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    return start, stop, None
     start, stop = event_around(data, index)
     return start, stop, event_json(data[start:stop])
