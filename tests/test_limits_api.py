@@ -10,7 +10,9 @@ import aiohttp
 import pytest
 
 from dialproxy.apis.openai import go_duration
+from dialproxy.server import counter_storage
 from tests.conftest import Backend, Proxy, ProxyFactory, new_key
+from tests.redis_server import RedisServer
 
 KEY = new_key()
 SAME_PROJECT = new_key()
@@ -71,11 +73,12 @@ async def test_token_limit_refuses_after_usage_and_says_why(
         status, _, resp = await chat(s, proxy, KEY)
         assert status == 200
         assert resp.headers["x-ratelimit-limit-tokens"] == "10"
-        assert resp.headers["x-ratelimit-remaining-tokens"] == "10"
-        await proxy.settle()
+        # its reservation (the body's bytes / 4 + 256 completion tokens) holds the window
+        assert resp.headers["x-ratelimit-remaining-tokens"] == "0"
+        await proxy.settle()  # settled to the 7 it used
         status, _, resp = await chat(s, proxy, KEY)  # 7 used < 10: admitted, overshoots to 14
         assert status == 200
-        assert resp.headers["x-ratelimit-remaining-tokens"] == "3"
+        assert resp.headers["x-ratelimit-remaining-tokens"] == "0"
         await proxy.settle()
         status, body, resp = await chat(s, proxy, KEY)
     assert status == 429
@@ -143,21 +146,45 @@ async def test_one_thousand_concurrent_requests_admit_exactly_the_limit(
     assert len(backend.control.requests) == 100
 
 
-async def test_token_limit_overshoots_by_at_most_the_requests_in_flight(
-    backend: Backend, make_proxy: ProxyFactory
+PROMPT = " ".join(f"w{i}" for i in range(50))  # 50 prompt tokens, 51 completion: 101
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+@pytest.mark.parametrize("max_tokens", [None, 60])
+async def test_concurrent_requests_end_within_one_estimate_of_the_token_limit(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    request: pytest.FixtureRequest,
+    storage: str,
+    max_tokens: int | None,
 ) -> None:
-    proxy = await make_proxy(config(backend, minute=50))
-    backend.control.first_byte_delay = 0.05
+    """``minute: 1000``, 50 requests of 101 tokens at once (over two instances on Redis):
+    each reserves its estimate at admission, so those in flight see each other and the
+    window ends within one request's estimate of the limit (it was 5,100 before)."""
+    cfg = config(backend, minute=1000)
+    if storage == "memory":
+        proxies = [await make_proxy(cfg)]
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        redis.flush()
+        proxies = [await make_proxy(cfg, storage=counter_storage(redis.url)) for _ in range(2)]
+    backend.control.first_byte_delay = 0.05  # all 50 in flight together
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": PROMPT}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     async with aiohttp.ClientSession() as s:
-        first = await asyncio.gather(*(chat(s, proxy, KEY) for _ in range(20)))
-        await proxy.settle()
-        after = await asyncio.gather(*(chat(s, proxy, KEY) for _ in range(5)))
-    admitted = sum(r[0] == 200 for r in first)
-    assert admitted == 20  # all were in flight before any usage was known
-    assert all(r[0] == 429 for r in after)
-    assert after[0][1]["error"]["message"].startswith(
-        "Hit token rate limit. Minute limit: 140 / 50"
-    )
+        answers = await asyncio.gather(
+            *(chat(s, proxies[i % len(proxies)], KEY, **body) for i in range(50))
+        )
+        for proxy in proxies:
+            await proxy.settle()
+        r = await s.get(proxies[0].url("/v1/deployments/chat/limits"), headers={"Api-Key": KEY})
+        used = (await r.json())["minuteTokenStats"]["used"]
+    served = [a for a in answers if a[0] == 200]
+    charged = sum(a[1]["usage"]["total_tokens"] for a in served)
+    assert served and all(a[0] in (200, 429) for a in answers)
+    assert used == charged <= 1100, (len(served), used)
+    assert any("Hit token rate limit" in a[1]["error"]["message"] for a in answers if a[0] == 429)
 
 
 async def test_streamed_usage_is_counted(backend: Backend, make_proxy: ProxyFactory) -> None:

@@ -89,6 +89,8 @@ class Api:
     errors: ErrorShape
     forwarded_headers: tuple[str, ...] = FORWARDED_REQUEST_HEADERS
     counted: bool = True  # False: neither limited nor counted (a token count)
+    # The body's fields that cap the completion (its reservation; none: it has none)
+    completion_fields: tuple[str, ...] = ()
     x_api_key: bool = False  # the key may come in `x-api-key` too (Anthropic's clients)
     # (body, deployment, project) -> the ids of the answer to rewrite (None: none are)
     ids: Callable[[dict[str, Any], str, str], AnswerIds] | None = None

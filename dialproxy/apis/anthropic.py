@@ -152,6 +152,7 @@ def _api(name: str, counted: bool = True) -> Api:
         forwarded_headers=FORWARDED_HEADERS,
         counted=counted,
         x_api_key=True,
+        completion_fields=("max_tokens",),
     )
 
 

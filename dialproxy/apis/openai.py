@@ -121,7 +121,7 @@ def embeddings_body(body: dict[str, Any], raw: bytes, model: Model) -> tuple[byt
     return (rewritten(body, raw, updates) if updates else None), False
 
 
-def _api(name: str, interface: str, body: Any) -> Api:
+def _api(name: str, interface: str, body: Any, completion: tuple[str, ...]) -> Api:
     return Api(
         name=name,
         interface=interface,
@@ -130,9 +130,11 @@ def _api(name: str, interface: str, body: Any) -> Api:
         usage=CHAT_USAGE,
         errors=DIAL_ERRORS,
         forwarded_headers=FORWARDED_HEADERS,
+        completion_fields=completion,
     )
 
 
-CHAT = _api("chat/completions", "openaiChatCompletions", chat_body)
-COMPLETIONS = _api("completions", "openaiChatCompletions", chat_body)
-EMBEDDINGS = _api("embeddings", "openaiEmbeddings", embeddings_body)
+_MAX = ("max_completion_tokens", "max_tokens")
+CHAT = _api("chat/completions", "openaiChatCompletions", chat_body, _MAX)
+COMPLETIONS = _api("completions", "openaiChatCompletions", chat_body, _MAX)
+EMBEDDINGS = _api("embeddings", "openaiEmbeddings", embeddings_body, ())

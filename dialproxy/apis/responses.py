@@ -262,4 +262,5 @@ RESPONSES = Api(
     errors=DIAL_ERRORS,
     forwarded_headers=FORWARDED_HEADERS,
     ids=ids_for,
+    completion_fields=("max_output_tokens",),
 )

@@ -150,6 +150,7 @@ class Outcome:
     leftover: tuple[aiohttp.ClientResponse, Relay] | None = None
     per_request_key: str | None = None  # the key sent to an adapter: ended with the request
     ids: AnswerIds | None = None  # the API's ids rewritten in the answer (Responses)
+    reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -298,8 +299,11 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             outcome.shared = principal.shared
         extra_headers: list[tuple[str, str]] = []
         if plan.scopes and api.counted:
-            request_state, token_state = await services.limiter.admit(plan.scopes)
-            outcome.scopes, outcome.records = plan.scopes, plan.records
+            held = (0, 0)
+            if plan.records:  # the request's tokens and cost held in its windows until settled
+                held = reservation(api, body, len(await request.read()), model)
+            request_state, token_state = await services.limiter.admit(plan.scopes, *held)
+            outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
             if request_state is not None or token_state is not None:
                 extra_headers = api.errors.ratelimit_headers(request_state, token_state)
         response = await _forward(
@@ -344,6 +348,32 @@ def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) 
     return response
 
 
+def reservation(api: Api, body: dict[str, Any], size: int, model: Model) -> tuple[int, int]:
+    """What a request holds in its token and cost windows from admission until it is
+    settled: the prompt at one token per four bytes of its body, the completion at the most
+    it asks for (the API's ``max_tokens`` field), else the model's ``maxCompletionTokens``,
+    else :data:`DEFAULT_COMPLETION_RESERVE`; an embedding, none."""
+    prompt = max(size // 4, 1)
+    completion = 0
+    if api.completion_fields:
+        for name in api.completion_fields:
+            value = body.get(name)
+            if type(value) is int and value > 0:
+                completion = value
+                break
+        else:
+            most = model.token_limits.get("maxCompletionTokens")
+            completion = most if type(most) is int and most > 0 else DEFAULT_COMPLETION_RESERVE
+    pricing = model.pricing
+    cost = pricing.cost_nano_usd(prompt, completion) if pricing is not None else 0
+    return prompt + completion, cost
+
+
+# The completion tokens a request reserves when it says no maximum and its model has no
+# `limits.maxCompletionTokens`.
+DEFAULT_COMPLETION_RESERVE = 256
+
+
 def _settle(
     services: Services,
     request: web.Request,
@@ -352,12 +382,12 @@ def _settle(
     outcome: Outcome,
     started: float,
 ) -> None:
-    """The request's usage recorded, its log line written."""
-    if (
-        outcome.usage is not None
-        and outcome.status == 200
-        and (outcome.shared is not None or outcome.records)
-    ):
+    """The request's usage recorded (its reservation settled), its log line written."""
+    if outcome.usage is not None and outcome.status == 200:
+        if outcome.shared is not None or outcome.records:
+            _record(services, outcome)
+    elif outcome.reserved != (0, 0):  # no usage to charge: the reservation given back
+        outcome.usage = None
         _record(services, outcome)
     _log(services.log, request, principal, deployment, outcome, started)
 
@@ -394,22 +424,27 @@ def hold(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> Non
 
 
 def _record(services: Services, outcome: Outcome) -> None:
-    """Add a 200's usage to its counters (and to the shared key that called): at once in
-    process memory, else in a task of its own, held by the app, so that a client that
+    """Settle a request in its counters: a 200's usage (also to the shared key that called)
+    less what was reserved at admission, or (no usage) the reservation given back.  At once
+    in process memory, else in a task of its own, held by the app, so that a client that
     disconnects cannot cut it off."""
     usage, model, limiter = outcome.usage, outcome.model, services.limiter
-    assert usage is not None
     pricing = model.pricing if model is not None else None
-    cost = pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens) if pricing else 0
+    tokens = cost = 0
+    if usage is not None:
+        tokens = usage.total_tokens
+        if pricing is not None:
+            cost = pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
+    held_tokens, held_cost = outcome.reserved
     if outcome.shared is None and limiter.local is not None:
-        limiter.record_now(outcome.scopes, usage.total_tokens, cost)
+        limiter.record_now(outcome.scopes, tokens - held_tokens, cost - held_cost)
         return
 
     async def record() -> None:
-        if outcome.shared is not None:
-            await services.shared.record(outcome.shared, usage.total_tokens)
+        if outcome.shared is not None and tokens:
+            await services.shared.record(outcome.shared, tokens)
         if outcome.scopes:
-            await limiter.record(outcome.scopes, usage.total_tokens, cost)
+            await limiter.settle(outcome.scopes, tokens - held_tokens, cost - held_cost)
 
     _hold(services, record())
 
