@@ -43,6 +43,7 @@ class LocalCounters(MemoryStorage):
         # (key, seconds) -> [last bucket counted in, its count, the one before, its count]
         # (a bucket is int(time / seconds), as in limits).
         self.windows: dict[Read, list[int]] = {}
+        self.slots: dict[str, set[str]] = {}  # slot set -> the members that hold a slot
         self._next_sweep = time.time() + SWEEP_EVERY
 
     def _add(self, window: Read, amount: int, now: float) -> None:
@@ -171,33 +172,86 @@ class LocalCounters(MemoryStorage):
         limits: Sequence[int],
         modes: Sequence[int],
         amounts: Sequence[int],
+        slots: Sequence[tuple[str, int]] = (),
+        member: str = "",
         now: float | None = None,
     ) -> tuple[int, list[Counts]]:
         """:meth:`dialproxy.rediscounters.RedisCounters.admit` in memory: every window read
-        (mode 0: refused when full; 1: when adding its amount would pass its limit), then,
-        if none refused, every amount added; one step at one instant."""
+        (mode 0: refused when full; 1: when adding its amount would pass its limit), every
+        slot set (``slots``: key, limit) refused when it holds its limit; then, if none
+        refused, every amount added and a slot taken for ``member``; one step."""
         if now is None:
             now = time.time()
-        counts = self.read_many(windows, now)
-        for index, (window, c) in enumerate(zip(windows, counts, strict=True)):
-            used = floor(c[0] * c[1] / window[1] + c[2])
-            amount = amounts[index]
-            if used >= limits[index] if modes[index] == 0 else used + amount > limits[index]:
-                return index + 1, counts[: index + 1]
+        # read_many and the checks in one pass, each window looked up once (this runs for
+        # every window of every request; the differential tests hold it to limits)
+        records = self.windows
+        counts: list[Counts] = []
+        found: list[list[int] | None] = []
+        refused = 0
         for index, window in enumerate(windows):
-            if amount := amounts[index]:
-                self._add(window, amount, now)
-                c = counts[index]
-                counts[index] = (c[0], c[1], c[2] + amount, c[3])
+            expiry = window[1]
+            now_bucket = int(now / expiry)
+            current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+            record = records.get(window)
+            found.append(record)
+            previous, previous_ttl, current = 0, 0.0, 0
+            if record is not None:
+                bucket, count, other, other_count = record
+                if bucket == now_bucket:
+                    current = count
+                previous_bucket = int((now - expiry) / expiry)
+                if bucket == previous_bucket:
+                    previous = count
+                elif other == previous_bucket:
+                    previous = other_count
+                if previous:
+                    previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+            counts.append((previous, previous_ttl, current, current_ttl))
+            if not refused:
+                used = floor(previous * previous_ttl / expiry + current)
+                limit = limits[index]
+                if used >= limit if modes[index] == 0 else used + amounts[index] > limit:
+                    refused = index + 1
+        if refused:
+            return refused, counts
+        for index, (key, limit) in enumerate(slots):
+            if len(self.slots.get(key, ())) >= limit:
+                return len(windows) + index + 1, counts
+        for key, _ in slots:
+            self.slots.setdefault(key, set()).add(member)
+        for index, window in enumerate(windows):
+            amount = amounts[index]
+            if not amount:
+                continue
+            now_bucket = int(now / window[1])
+            record = found[index]
+            if record is None:
+                records[window] = [now_bucket, amount, -1, 0]
+            elif record[0] == now_bucket:
+                record[1] += amount
+            else:  # a new bucket (see _add)
+                record[:] = now_bucket, amount, record[0], record[1]
+            c = counts[index]
+            counts[index] = (c[0], c[1], c[2] + amount, c[3])
         if now >= self._next_sweep:
             self._sweep(now)
         return 0, counts
 
     def settle(
-        self, windows: Sequence[Read], amounts: Sequence[int], now: float | None = None
+        self,
+        windows: Sequence[Read],
+        amounts: Sequence[int],
+        slots: Sequence[str] = (),
+        member: str = "",
+        now: float | None = None,
     ) -> None:
         """Signed amounts added: a negative one taken from the current bucket, and what it
-        lacks from the previous one (as Redis does)."""
+        lacks from the previous one (as Redis does); ``member``'s ``slots`` freed."""
+        for key in slots:
+            if (members := self.slots.get(key)) is not None:
+                members.discard(member)
+                if not members:
+                    del self.slots[key]
         if now is None:
             now = time.time()
         for window, amount in zip(windows, amounts, strict=True):

@@ -101,6 +101,7 @@ class Scope:
     token_windows: tuple[Window, ...] = ()
     request_windows: tuple[Window, ...] = ()
     cost_windows: tuple[Window, ...] = ()
+    concurrency: int | None = None  # requests in flight at once (None: no cap)
     token_counters: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     cost_counters: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     # The token then the cost counters: read together before a request; their windows.
@@ -111,6 +112,7 @@ class Scope:
     checked_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
     # Whether a finished request's usage is added here (any token or cost window).
     records: bool = field(init=False, repr=False, compare=False)
+    slot_set: str = field(init=False, repr=False, compare=False)  # its requests in flight
 
     def __post_init__(self) -> None:
         prefix = f"dp:{self.owner}:{self.model}:"
@@ -125,6 +127,7 @@ class Scope:
         object.__setattr__(self, "counted_limits", tuple(w.limit for w in self.request_windows))
         object.__setattr__(self, "checked_limits", tuple(w.limit for w in self.checked_windows))
         object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
+        object.__setattr__(self, "slot_set", f"{prefix}f")
 
 
 class RateLimited(ProxyError):
@@ -175,32 +178,44 @@ class Limiter:
         await self.guard.close()
 
     async def admit(
-        self, scopes: Sequence[Scope], reserve_tokens: int = 0, reserve_cost: int = 0
+        self,
+        scopes: Sequence[Scope] | Admission,
+        reserve_tokens: int = 0,
+        reserve_cost: int = 0,
+        member: str = "",
     ) -> tuple[WindowState | None, WindowState | None]:
         """A request's whole admission in one storage step: every scope's token and cost
         windows checked, its request windows too (with the request in them); then, all or
         nothing, the request counted and ``reserve_tokens``/``reserve_cost`` (nano-USD)
         added to the token and cost windows (settled by :meth:`settle`).  Returns the
         tightest request and token windows (None: no such limit), for the rate-limit
-        headers."""
-        batch = _Batch(scopes, reserve_tokens, reserve_cost)
+        headers.  A scope with a concurrency cap gives ``member`` (the request) a slot, or
+        refuses (freed by :meth:`settle`)."""
+        admission = scopes if isinstance(scopes, Admission) else Admission(scopes)
+        batch = _Batch(admission, reserve_tokens, reserve_cost, member)
         if self.local is not None:
             return _admit_now(self.local, batch)
         return await self.guard.run(lambda s: _admit(s, batch), (None, None))
 
-    async def settle(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
-        """Add signed amounts to the scopes' token and cost windows, in one storage step:
-        the real usage less the reservation (negative: taken back)."""
+    async def settle(
+        self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int, member: str = ""
+    ) -> None:
+        """Add signed amounts to the scopes' token and cost windows, and free ``member``'s
+        slots, in one storage step: the real usage less the reservation (negative: taken
+        back)."""
         windows, amounts = _settlement(scopes, tokens, cost_nano_usd)
-        if not windows:
+        slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
+        if not windows and not slots:
             return
         if self.local is not None:
-            return self.local.settle(windows, amounts)
+            return self.local.settle(windows, amounts, slots, member)
+        if slots:  # (taken in memory while Redis was down: freed there too)
+            self.guard.local.settle((), (), slots, member)
 
         async def add(s: Storage) -> None:
             if isinstance(s, LocalCounters):
-                return s.settle(windows, amounts)
-            await s.settle(windows, amounts)
+                return s.settle(windows, amounts, slots, member)
+            await s.settle(windows, amounts, slots, member)
 
         await self.guard.run(add, None, refuse=False)
 
@@ -208,13 +223,16 @@ class Limiter:
         """Add a finished request's usage (nothing reserved) to its scopes' windows."""
         await self.settle(scopes, tokens, cost_nano_usd)
 
-    def record_now(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
+    def record_now(
+        self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int, member: str = ""
+    ) -> None:
         """:meth:`settle` on in-process counters: done before it returns."""
         local = self.local
         assert local is not None
         windows, amounts = _settlement(scopes, tokens, cost_nano_usd)
-        if windows:
-            local.settle(windows, amounts)
+        slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
+        if windows or slots:
+            local.settle(windows, amounts, slots, member)
 
     async def usage(
         self, owner: str, model: str, windows: Sequence[Window], kind: str
@@ -251,51 +269,88 @@ def _settlement(
     return windows, amounts
 
 
-class _Batch:
-    """One admission's windows, in the order the storage checks them: every scope's token
-    and cost windows (refused when full), then every scope's request windows (refused when
-    the request would pass the limit)."""
+class Admission:
+    """What admitting a request to some scopes takes, worked out once per scopes (a plan
+    keeps it): every scope's token and cost windows (refused when full), then every scope's
+    request windows (refused when the request would pass the limit), in the order the
+    storage checks them, with the amount each gets (``kinds``: 0 the token reservation, 1
+    the cost reservation, 2 the request), and the slot sets of the scopes with a
+    concurrency cap."""
 
-    __slots__ = ("amounts", "checks", "limits", "modes", "scopes", "windows")
+    __slots__ = (
+        "checks",
+        "kinds",
+        "limits",
+        "modes",
+        "owners",
+        "request_windows",
+        "scopes",
+        "slots",
+        "token_spans",
+        "windows",
+    )
 
-    def __init__(self, scopes: Sequence[Scope], tokens: int, cost: int) -> None:
-        self.scopes = scopes
+    def __init__(self, scopes: Sequence[Scope]) -> None:
+        self.scopes = tuple(scopes)
         windows: list[Read] = []
         limits: list[int] = []
-        amounts: list[int] = []
+        kinds: list[int] = []
+        owners: list[Scope] = []
+        spans: list[tuple[int, int, Scope]] = []
         for scope in scopes:
+            start = len(windows)
             windows += scope.checked
             limits += scope.checked_limits
-            amounts += [tokens] * len(scope.token_counters) + [cost] * len(scope.cost_counters)
+            kinds += [0] * len(scope.token_counters) + [1] * len(scope.cost_counters)
+            owners += [scope] * len(scope.checked)
+            if scope.token_windows:
+                spans.append((start, len(windows), scope))
         self.checks = len(windows)
         for scope in scopes:
             windows += scope.counted
             limits += scope.counted_limits
-        amounts += [1] * (len(windows) - self.checks)
-        self.windows, self.limits, self.amounts = windows, limits, amounts
+            owners += [scope] * len(scope.counted)
+        kinds += [2] * (len(windows) - self.checks)
+        self.windows, self.limits, self.kinds, self.owners = windows, limits, kinds, owners
         self.modes = [0] * self.checks + [1] * (len(windows) - self.checks)
+        self.token_spans = spans
+        self.request_windows = tuple(chain.from_iterable(s.request_windows for s in scopes))
+        self.slots = [(s.slot_set, s.concurrency) for s in scopes if s.concurrency is not None]
 
-    def args(self) -> tuple[list[Read], list[int], list[int], list[int]]:
-        return self.windows, self.limits, self.modes, self.amounts
 
-    def refusing_scope(self, index: int) -> Scope:
-        """The scope of the window at ``index`` (from 0) of :attr:`windows`."""
-        window = self.windows[index]
-        for scope in self.scopes:
-            if window in (scope.checked if index < self.checks else scope.counted):
-                return scope
-        raise AssertionError("a window of no scope")
+class _Batch:
+    """One request's admission: the scopes' :class:`Admission` with its amounts."""
+
+    __slots__ = ("admission", "amounts", "member", "slots")
+
+    def __init__(self, admission: Admission, tokens: int, cost: int, member: str) -> None:
+        self.admission = admission
+        by_kind = (tokens, cost, 1)
+        self.amounts = [by_kind[kind] for kind in admission.kinds]
+        self.member = member
+        self.slots = admission.slots if member else []
+
+    @property
+    def windows(self) -> list[Read]:
+        return self.admission.windows
+
+    @property
+    def checks(self) -> int:
+        return self.admission.checks
+
+    def args(
+        self,
+    ) -> tuple[list[Read], list[int], list[int], list[int], list[tuple[str, int]], str]:
+        a = self.admission
+        return a.windows, a.limits, a.modes, self.amounts, self.slots, self.member
 
 
 async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowState | None]:
     if isinstance(s, LocalCounters):
         return _admit_now(s, batch)
     refused, counts = await s.admit(*batch.args())
-    if refused:  # the refusing scope's windows, all of them, for the message
-        scope = batch.refusing_scope(refused - 1)
-        if refused <= batch.checks:
-            _refuse_checked(scope, await s.read(list(scope.checked)))
-        _refuse_counted(scope, await s.read(list(scope.counted)), batch.windows[refused - 1])
+    if refused:
+        _refuse(batch, refused, counts)
     return _admitted(batch, counts)
 
 
@@ -305,28 +360,55 @@ def _admit_now(
     """:func:`_admit` on in-process counters: done before it returns."""
     refused, counts = local.admit(*batch.args())
     if refused:
-        scope = batch.refusing_scope(refused - 1)
-        if refused <= batch.checks:
-            _refuse_checked(scope, local.read_many(scope.checked))
-        _refuse_counted(scope, local.read_many(scope.counted), batch.windows[refused - 1])
+        _refuse(batch, refused, counts)
     return _admitted(batch, counts)
+
+
+def _refuse(batch: _Batch, refused: int, counts: list[Counts]) -> NoReturn:
+    """The 429 of a refused admission, from the counts of that instant: the refusing
+    scope's windows (all of them: the message names each) or its slots."""
+    if refused > len(batch.windows):
+        raise _over_concurrency(batch, refused)
+    owners = batch.admission.owners
+    scope = owners[refused - 1]
+    checked = refused <= batch.checks
+    part = range(batch.checks) if checked else range(batch.checks, len(owners))
+    mine = [counts[i] for i in part if owners[i] is scope]
+    if checked:
+        _refuse_checked(scope, mine)
+    _refuse_counted(scope, mine, batch.windows[refused - 1])
 
 
 def _admitted(batch: _Batch, counts: list[Counts]) -> tuple[WindowState | None, WindowState | None]:
     """The tightest request and token windows of an admission (the rate-limit headers)."""
+    admission = batch.admission
     token: Tight | None = None
-    start = 0
-    for scope in batch.scopes:
-        end = start + len(scope.checked)
-        if scope.token_windows:
-            select = len(scope.token_windows)
-            token, _ = _scan(scope.checked_windows, counts[start:end], select, token)
-        start = end
-    if batch.checks == len(batch.windows):
+    for start, end, scope in admission.token_spans:
+        select = len(scope.token_windows)
+        token, _ = _scan(scope.checked_windows, counts[start:end], select, token)
+    windows = admission.request_windows
+    if not windows:
         return None, _state(token)
-    windows = tuple(chain.from_iterable(scope.request_windows for scope in batch.scopes))
-    request = _scan(windows, counts[batch.checks :], len(windows), None)[0]
+    request = _scan(windows, counts[admission.checks :], len(windows), None)[0]
     return _state(request), _state(token)
+
+
+class ConcurrencyLimited(ProxyError):
+    """A scope's requests in flight are at its cap."""
+
+    status = 429
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Hit concurrency limit: {limit} / {limit} requests in flight.",
+            headers={"Retry-After": "1"},
+            extra={"limit_type": "concurrency", "retry_after": 1},
+        )
+
+
+def _over_concurrency(batch: _Batch, refused: int) -> ConcurrencyLimited:
+    """The 429 of a scope whose slots are all taken."""
+    return ConcurrencyLimited(batch.slots[refused - len(batch.windows) - 1][1])
 
 
 def _refuse_counted(scope: Scope, counts: Sequence[Counts], refused: Read) -> NoReturn:

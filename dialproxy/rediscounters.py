@@ -23,12 +23,14 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from dialproxy.counters import Counts, Read
 
 T = TypeVar("T")
+log = structlog.get_logger("dialproxy.rediscounters")
 
 PREFIX = "LIMITS:"  # limits' own prefix: the keys are the ones it would write
 # A call waits this long at most (to connect, for an answer): an outage adds bounded
@@ -39,6 +41,9 @@ TIMEOUT = 0.25
 # for at most TIMEOUT) rather than opening one each, and never fails for want of one (that
 # is no outage of Redis).
 MAX_CONNECTIONS = 64
+# How long a concurrency slot outlives the last renewal of its lease: what an instance that
+# died holds, at most (its live requests renew theirs every LEASE / 3 seconds).
+LEASE = 60.0
 
 # Shared by the scripts: the window of KEYS[p] (previous) and KEYS[c] (current), rolled
 # over when the current bucket's TTL fell under one window (limits' acquire script), then
@@ -67,10 +72,14 @@ local function add(c, expiry, amount)
 end
 """
 
-# ARGV: n, then per window: seconds, limit, mode, amount.  Mode 0: refused when full (a
-# token or cost window); 1: refused when adding ``amount`` would pass the limit (a request
-# window).  Nothing is added unless no window refuses.  Returns {refused index (0: none),
-# then per window read: previous, its ttl, current (with what was added), its ttl}.
+# ARGV: n, then per window: seconds, limit, mode, amount; then m, member, lease (ms), and per
+# slot set its limit.  Mode 0: refused when full (a token or cost window); 1: refused when
+# adding ``amount`` would pass the limit (a request window).  A slot set (KEYS after the
+# windows' pairs: members scored by their lease's end, Redis's own clock) refuses when it
+# holds its limit of live members.  Nothing is added unless nothing refuses.  Returns
+# {refused index (0: none; past n: a slot set), then per window read (all of them, at the
+# same instant, refused or not): previous, its ttl, current (with what was added), its ttl;
+# for a refusing slot set, its members}.
 _ADMIT = (
     _WINDOW
     + """
@@ -84,10 +93,33 @@ for i = 1, n do
     local pc, pt, cc, ct = window(i * 2 - 1, i * 2, expiry)
     local weighted = math.floor(pc * pt / expiry) + cc
     table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
-    if (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit) then
+    local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
+    if full and out[1] == 0 then
         out[1] = i
+    end
+end
+if out[1] ~= 0 then
+    return out
+end
+local m = tonumber(ARGV[n * 4 + 2] or '0')
+local member, lease, now = ARGV[n * 4 + 3], tonumber(ARGV[n * 4 + 4] or '0'), 0
+if m > 0 then
+    local t = redis.call('time')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+for j = 1, m do
+    local key = KEYS[n * 2 + j]
+    redis.call('zremrangebyscore', key, '-inf', now)
+    local held = redis.call('zcard', key)
+    if held >= tonumber(ARGV[n * 4 + 4 + j]) then
+        out[1] = n + j
+        table.insert(out, held)
         return out
     end
+end
+for j = 1, m do
+    redis.call('zadd', KEYS[n * 2 + j], now + lease, member)
+    redis.call('pexpire', KEYS[n * 2 + j], lease * 2)
 end
 for i = 1, n do
     local amount = tonumber(ARGV[i * 4 + 1])
@@ -101,8 +133,9 @@ return out
 """
 )
 
-# ARGV: n, then per window: seconds, amount (signed).  A positive amount is added to the
-# current bucket; a negative one taken from it, and what it lacks from the previous one.
+# ARGV: n, then per window: seconds, amount (signed); then m and the member whose slots
+# (KEYS after the windows' pairs) are freed.  A positive amount is added to the current
+# bucket; a negative one taken from it, and what it lacks from the previous one.
 _SETTLE = (
     _WINDOW
     + """
@@ -123,9 +156,24 @@ for i = 1, n do
         if here > 0 then redis.call('decrby', KEYS[i * 2 - 1], here) end
     end
 end
+local m = tonumber(ARGV[n * 2 + 2] or '0')
+for j = 1, m do
+    redis.call('zrem', KEYS[n * 2 + j], ARGV[n * 2 + 3])
+end
 return n
 """
 )
+
+# KEYS: slot sets; ARGV: lease (ms), then the member of each: its lease renewed (if held).
+_RENEW = """
+local t = redis.call('time')
+local until_ = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 1, #KEYS do
+    redis.call('zadd', KEYS[i], 'XX', until_, ARGV[i + 1])
+    redis.call('pexpire', KEYS[i], tonumber(ARGV[1]) * 2)
+end
+return #KEYS
+"""
 
 # ARGV: n, then per window: seconds.  Returns the counts of each (limits' read script).
 _READ = (
@@ -162,8 +210,11 @@ class RedisCounters:
     """The counters of every instance, in one Redis (``url``: redis://, rediss://,
     unix://); the client is shared with the shared keys (:attr:`client`)."""
 
-    def __init__(self, url: str, *, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self, url: str, *, max_connections: int = MAX_CONNECTIONS, lease: float = LEASE
+    ) -> None:
         self.url = url
+        self.lease = lease  # a slot's lease (see LEASE)
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
             decode_responses=True,
@@ -179,28 +230,76 @@ class RedisCounters:
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
         self._read = self.client.register_script(_READ)
+        self._renew = self.client.register_script(_RENEW)
+        # The slots this instance holds (slot set -> members): their leases renewed while
+        # their requests run, by one task (a dead instance's lapse within LEASE seconds).
+        self.held: dict[str, set[str]] = {}
+        self._renewing: asyncio.Task[None] | None = None
 
     async def _run(self, call: Awaitable[T]) -> T:
         return await uncancelled(call)
 
     async def admit(
         self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int],
-        amounts: Sequence[int],
+        amounts: Sequence[int], slots: Sequence[tuple[str, int]] = (), member: str = "",
     ) -> tuple[int, list[Counts]]:  # fmt: skip
-        """One atomic step: the index (from 1) of the window that refused, or 0 and every
-        amount added; the counts read (up to the one that refused), after the adding."""
+        """One atomic step: the index (from 1) of the first window that refused (past the
+        windows: the slot set), or 0 and every amount added and a slot taken in every slot
+        set (``slots``: key, limit) for ``member``; the counts of every window (after the
+        adding, if nothing refused)."""
         args: list[Any] = [len(windows)]
         for (_, seconds), limit, mode, amount in zip(windows, limits, modes, amounts, strict=True):
             args += (seconds, limit, mode, amount)
-        flat = await self._run(self._admit(keys=_keys(windows), args=args))
-        return int(flat[0]), _counts(flat, 1)
+        keys = _keys(windows)
+        if slots:
+            args += (len(slots), member, int(self.lease * 1000), *(limit for _, limit in slots))
+            keys += (PREFIX + key for key, _ in slots)
+        flat = await self._run(self._admit(keys=keys, args=args))
+        refused = int(flat[0])
+        if refused > len(windows):
+            return refused, _counts(flat[1 : len(flat) - 1], 0)
+        if slots and not refused:
+            for key, _ in slots:
+                self.held.setdefault(key, set()).add(member)
+            if self._renewing is None or self._renewing.done():
+                self._renewing = asyncio.get_running_loop().create_task(self._renew_leases())
+        return refused, _counts(flat, 1)
 
-    async def settle(self, windows: Sequence[Read], amounts: Sequence[int]) -> None:
-        """Signed ``amounts`` added to the windows, in one step."""
+    async def settle(
+        self,
+        windows: Sequence[Read],
+        amounts: Sequence[int],
+        slots: Sequence[str] = (),
+        member: str = "",
+    ) -> None:
+        """Signed ``amounts`` added to the windows, and ``member``'s ``slots`` freed, in one
+        step."""
         args: list[Any] = [len(windows)]
         for (_, seconds), amount in zip(windows, amounts, strict=True):
             args += (seconds, amount)
-        await self._run(self._settle(keys=_keys(windows), args=args))
+        keys = _keys(windows)
+        if slots:
+            args += (len(slots), member)
+            keys += (PREFIX + key for key in slots)
+            for key in slots:
+                if (members := self.held.get(key)) is not None:
+                    members.discard(member)
+                    if not members:
+                        del self.held[key]
+        await self._run(self._settle(keys=keys, args=args))
+
+    async def _renew_leases(self) -> None:
+        """Every lease / 3 seconds while slots are held: their leases renewed, in one call."""
+        while self.held:
+            await asyncio.sleep(self.lease / 3)
+            pairs = [(key, m) for key, members in self.held.items() for m in members]
+            if not pairs:
+                continue
+            args: list[Any] = [int(self.lease * 1000), *(m for _, m in pairs)]
+            try:
+                await self._renew(keys=[PREFIX + key for key, _ in pairs], args=args)
+            except Exception as e:  # (the next round tries again; the outage is the guard's)
+                log.debug("slot_leases_not_renewed", error=type(e).__name__)
 
     async def read(self, windows: Sequence[Read]) -> list[Counts]:
         if not windows:
@@ -246,6 +345,9 @@ class RedisCounters:
         await self.client.ping()
 
     async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
         await self.client.aclose()
 
 

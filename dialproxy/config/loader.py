@@ -1190,6 +1190,7 @@ def _limit(raw: Mapping[str, Any]) -> Limit:
         request_minute=_int(raw.get("requestMinute")),
         request_hour=_int(raw.get("requestHour")),
         request_day=_int(raw.get("requestDay")),
+        concurrent=_int(raw.get("concurrentRequests")),
     )
 
 
@@ -1328,6 +1329,7 @@ def resolve_grant(model: Model, roles: frozenset[str], all_roles: Mapping[str, R
         denied=limit.denies if limit else False,
         token_windows=limit.token_windows() if limit else (),
         request_windows=limit.request_windows() if limit else (),
+        concurrency=limit.concurrent if limit else None,
     )
 
 

@@ -90,6 +90,7 @@ class Limit:
     request_minute: int | None = None
     request_hour: int | None = None
     request_day: int | None = None
+    concurrent: int | None = None  # requests in flight at once (`concurrentRequests`)
 
     def token_windows(self) -> tuple[Window, ...]:
         return tuple(
@@ -117,6 +118,7 @@ class Limit:
                 self.request_minute,
                 self.request_hour,
                 self.request_day,
+                self.concurrent,
             )
         )
 
@@ -555,6 +557,7 @@ class Grant:
     denied: bool  # a resolved field <= 0: 403 Access denied
     token_windows: tuple[Window, ...]
     request_windows: tuple[Window, ...]
+    concurrency: int | None = None  # requests in flight at once (None: no cap)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -33,7 +34,7 @@ from dialproxy.errors import (
     ProxyError,
     Unavailable,
 )
-from dialproxy.limiter import Limiter, Scope
+from dialproxy.limiter import Admission, Limiter, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.settings import Settings
 from dialproxy.upstream.attempts import Attempts
@@ -151,6 +152,7 @@ class Outcome:
     per_request_key: str | None = None  # the key sent to an adapter: ended with the request
     ids: AnswerIds | None = None  # the API's ids rewritten in the answer (Responses)
     reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
+    slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -170,7 +172,7 @@ def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
     model = grant.model
     scopes: list[Scope] = []
     cost = principal.access.cost_windows if model.pricing is not None else ()
-    if grant.token_windows or grant.request_windows or cost:
+    if grant.token_windows or grant.request_windows or cost or grant.concurrency is not None:
         scopes.append(
             Scope(
                 owner="p:" + principal.project,
@@ -178,6 +180,7 @@ def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
                 token_windows=grant.token_windows,
                 request_windows=grant.request_windows,
                 cost_windows=cost,
+                concurrency=grant.concurrency,
             )
         )
     key_limit = principal.key.key_limits.get(model.name) or principal.key.key_limits.get("*")
@@ -190,6 +193,7 @@ def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
                 model=model.name,
                 token_windows=key_limit.token_windows(),
                 request_windows=key_limit.request_windows(),
+                concurrency=key_limit.concurrent,
             )
         )
     return scopes
@@ -224,6 +228,8 @@ class Plan(NamedTuple):
     model: Model
     scopes: tuple[Scope, ...]  # the counters they are charged to
     records: bool  # whether a scope counts usage (tokens or cost)
+    capped: bool  # whether a scope caps the requests in flight
+    admission: Admission  # what admitting a request to the scopes takes
 
 
 # Plans kept in a snapshot's memo, at most (keys x deployments called).
@@ -238,7 +244,13 @@ def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
     if plan is None:
         grant = resolve(principal, snapshot, deployment)
         scopes = tuple(_scopes(principal, grant))
-        plan = Plan(grant.model, scopes, any(scope.records for scope in scopes))
+        plan = Plan(
+            grant.model,
+            scopes,
+            any(scope.records for scope in scopes),
+            any(scope.concurrency is not None for scope in scopes),
+            Admission(scopes),
+        )
         if len(snapshot.memo) < MEMO_SIZE:
             snapshot.memo[memo_key] = plan
     if principal.per_request and plan.model.features.get("accessibleByPerRequestKey") is False:
@@ -302,8 +314,10 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             held = (0, 0)
             if plan.records:  # the request's tokens and cost held in its windows until settled
                 held = reservation(api, body, len(await request.read()), model)
-            request_state, token_state = await services.limiter.admit(plan.scopes, *held)
+            slot = uuid.uuid4().hex if plan.capped else ""  # (its slot, freed when it ends)
+            request_state, token_state = await services.limiter.admit(plan.admission, *held, slot)
             outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
+            outcome.slot = slot
             if request_state is not None or token_state is not None:
                 extra_headers = api.errors.ratelimit_headers(request_state, token_state)
         response = await _forward(
@@ -384,9 +398,9 @@ def _settle(
 ) -> None:
     """The request's usage recorded (its reservation settled), its log line written."""
     if outcome.usage is not None and outcome.status == 200:
-        if outcome.shared is not None or outcome.records:
+        if outcome.shared is not None or outcome.records or outcome.slot:
             _record(services, outcome)
-    elif outcome.reserved != (0, 0):  # no usage to charge: the reservation given back
+    elif outcome.reserved != (0, 0) or outcome.slot:  # nothing to charge: given back
         outcome.usage = None
         _record(services, outcome)
     _log(services.log, request, principal, deployment, outcome, started)
@@ -437,14 +451,16 @@ def _record(services: Services, outcome: Outcome) -> None:
             cost = pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
     held_tokens, held_cost = outcome.reserved
     if outcome.shared is None and limiter.local is not None:
-        limiter.record_now(outcome.scopes, tokens - held_tokens, cost - held_cost)
+        limiter.record_now(outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot)
         return
 
     async def record() -> None:
         if outcome.shared is not None and tokens:
             await services.shared.record(outcome.shared, tokens)
         if outcome.scopes:
-            await limiter.settle(outcome.scopes, tokens - held_tokens, cost - held_cost)
+            await limiter.settle(
+                outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot
+            )
 
     _hold(services, record())
 
