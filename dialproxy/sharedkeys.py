@@ -147,6 +147,8 @@ class SharedKeyStore(Protocol):
     async def delete(self, owner: str, key_id: str) -> bool: ...
     async def add_utilized(self, key: SharedKey, tokens: int) -> None: ...
 
+    async def reserve(self, key: SharedKey, tokens: int) -> bool: ...
+
 
 def _unavailable(e: BaseException | None = None) -> StoreUnavailable:
     """The 503 of a store that did not answer; ``e`` is logged (not when an outage of the
@@ -315,11 +317,21 @@ class SqliteSharedKeyStore:
         self._by_id.pop(key_id, None)
         return True
 
+    async def reserve(self, key: SharedKey, tokens: int) -> bool:
+        """``tokens`` added to ``utilized`` unless the cap is reached: one step (the keys
+        are this process's: checked and added in memory, then written)."""
+        current = self._by_digest.get(key.digest)
+        if current is not None and current.capped:
+            return False
+        await self.add_utilized(key, tokens)
+        return True
+
     async def add_utilized(self, key: SharedKey, tokens: int) -> None:
         current = self._by_digest.get(key.digest)
-        if current is None or tokens <= 0:
+        if current is None or tokens == 0:
             return
-        self._by_digest[key.digest] = replace(current, utilized=current.utilized + tokens)
+        utilized = max(current.utilized + tokens, 0)
+        self._by_digest[key.digest] = replace(current, utilized=utilized)
 
         def add(db: sqlite3.Connection) -> None:
             db.execute(
@@ -346,6 +358,16 @@ return 1
 _ADD = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 return redis.call('HINCRBY', KEYS[1], 'utilized', ARGV[1])
+"""
+# ARGV[1] added to utilized unless the cap (tokens >= 0) is reached: 1, else 0 (-1: gone).
+_RESERVE = """
+local cap = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
+if cap == nil then return -1 end
+if cap >= 0 and tonumber(redis.call('HGET', KEYS[1], 'utilized') or '0') >= cap then
+    return 0
+end
+redis.call('HINCRBY', KEYS[1], 'utilized', ARGV[1])
+return 1
 """
 
 
@@ -407,7 +429,12 @@ class RedisSharedKeyStore:
             self._client = self._own_client()
         self._scripts = {
             name: self._client.register_script(lua)
-            for name, lua in (("update", _UPDATE), ("delete", _DELETE), ("add", _ADD))
+            for name, lua in (
+                ("update", _UPDATE),
+                ("delete", _DELETE),
+                ("add", _ADD),
+                ("reserve", _RESERVE),
+            )
         }
 
     def _own_client(self) -> redis.asyncio.Redis:
@@ -514,8 +541,13 @@ class RedisSharedKeyStore:
         keys = [self._k(digest), self._i(key_id), self._o(owner)]
         return bool(await self._call(lambda: script(keys=keys, args=[owner, key_id])))
 
+    async def reserve(self, key: SharedKey, tokens: int) -> bool:
+        script = self._scripts["reserve"]
+        args = [tokens]
+        return int(await self._call(lambda: script(keys=[self._k(key.digest)], args=args))) != 0
+
     async def add_utilized(self, key: SharedKey, tokens: int) -> None:
-        if tokens <= 0:
+        if tokens == 0:
             return
         script = self._scripts["add"]
         with contextlib.suppress(StoreUnavailable):  # logged
@@ -581,14 +613,35 @@ class SharedKeys:
                 del seen[next(iter(seen))]
         return key
 
-    async def record(self, key: SharedKey, tokens: int) -> None:
-        """Add a finished request's tokens to ``utilized`` (runs after the response)."""
+    async def reserve(self, key: SharedKey, tokens: int) -> int:
+        """Before forwarding: ``tokens`` held in the key's ``utilized`` (settled by
+        :meth:`record` with the difference), or 429 when its cap is reached, in one step,
+        so that requests arriving together see each other.  With the store down, the cap
+        as the key was last seen.  Returns what it holds (0: nothing)."""
+        if key.tokens < 0:
+            return 0
+        try:
+            held = await self.store.reserve(key, tokens)
+        except StoreUnavailable:
+            check_cap(key)
+            return 0
+        if not held:
+            check_cap(replace(key, utilized=max(key.utilized, key.tokens)))
+        self._remember_use(key, tokens)
+        return tokens
+
+    def _remember_use(self, key: SharedKey, tokens: int) -> None:
+        """The remembered copy counts too, so that its cap goes on counting here while
+        Redis is down."""
         found = self._seen.get(key.digest) if self.remembers else None
-        if found is not None:  # so that its cap goes on counting here while Redis is down
-            self._seen[key.digest] = (
-                replace(found[0], utilized=found[0].utilized + tokens),
-                found[1],
-            )
+        if found is not None:
+            utilized = max(found[0].utilized + tokens, 0)
+            self._seen[key.digest] = (replace(found[0], utilized=utilized), found[1])
+
+    async def record(self, key: SharedKey, tokens: int) -> None:
+        """Add a finished request's tokens to ``utilized`` (runs after the response; less
+        what :meth:`reserve` held: negative, given back)."""
+        self._remember_use(key, tokens)
         try:
             await self.store.add_utilized(key, tokens)
         except Exception as e:  # never lose the owner's counters to this

@@ -508,3 +508,23 @@ async def test_no_secret_in_any_log_line_or_listing(
     text = repr(logs) + json.dumps([listed, one, limits])
     for s in (secret, OWNER, PLAIN, OTHER_OWNER):
         assert s not in text
+
+
+async def test_a_cap_with_one_token_left_admits_at_most_one_of_fifty_at_once(
+    sk: Shared, backend: Backend
+) -> None:
+    """Each request holds its estimate in the key's ``utilized`` from admission (atomic in
+    the store), so fifty that arrive together see each other (all 50 passed before)."""
+    capped = (await sk.create(name="capped", tokens=8))["key"]
+    assert (await sk.chat(capped))[0] == 200  # 7 of 8 used: one token left
+    backend.control.first_byte_delay = 0.05  # all fifty in flight together
+    answers = await asyncio.gather(
+        *(sk.call("POST", "/openai/deployments/chat/completions", capped, CHAT) for _ in range(50))
+    )
+    await sk.proxy.settle()
+    statuses = [status for status, _ in answers]
+    assert statuses.count(200) == 1 and statuses.count(429) == 49, statuses
+    listing, listed = await sk.call("GET", "/v1/sharedkeys", OWNER)
+    assert listing == 200
+    (entry,) = [k for k in listed["data"] if k["name"] == "capped"]
+    assert entry["utilized"] == 14  # the reservations settled to what was used

@@ -153,6 +153,7 @@ class Outcome:
     ids: AnswerIds | None = None  # the API's ids rewritten in the answer (Responses)
     reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
+    shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -306,14 +307,18 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             ids = outcome.ids = api.ids(body, deployment, principal.project)
             if (route := ids.route(serving)) is not None:  # (the upstream that has the rest)
                 serving = dataclasses.replace(serving, routes=(route,))
-        if principal.shared is not None:  # its own cap first; then the owner's limits
-            sharedkeys.check_cap(principal.shared)
-            outcome.shared = principal.shared
+        shared = principal.shared
+        held = (0, 0)  # the request's tokens and cost, held in its windows until settled
+        if api.counted and (plan.records or (shared is not None and shared.tokens >= 0)):
+            held = reservation(api, body, len(await request.read()), model)
+        if shared is not None:  # its own cap first (its share held); then the owner's limits
+            outcome.shared = shared
+            if api.counted:
+                outcome.shared_reserved = await services.shared.reserve(shared, held[0])
         extra_headers: list[tuple[str, str]] = []
         if plan.scopes and api.counted:
-            held = (0, 0)
-            if plan.records:  # the request's tokens and cost held in its windows until settled
-                held = reservation(api, body, len(await request.read()), model)
+            if not plan.records:
+                held = (0, 0)
             slot = uuid.uuid4().hex if plan.capped else ""  # (its slot, freed when it ends)
             request_state, token_state = await services.limiter.admit(plan.admission, *held, slot)
             outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
@@ -400,7 +405,7 @@ def _settle(
     if outcome.usage is not None and outcome.status == 200:
         if outcome.shared is not None or outcome.records or outcome.slot:
             _record(services, outcome)
-    elif outcome.reserved != (0, 0) or outcome.slot:  # nothing to charge: given back
+    elif outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved:  # given back
         outcome.usage = None
         _record(services, outcome)
     _log(services.log, request, principal, deployment, outcome, started)
@@ -455,8 +460,8 @@ def _record(services: Services, outcome: Outcome) -> None:
         return
 
     async def record() -> None:
-        if outcome.shared is not None and tokens:
-            await services.shared.record(outcome.shared, tokens)
+        if outcome.shared is not None and tokens != outcome.shared_reserved:
+            await services.shared.record(outcome.shared, tokens - outcome.shared_reserved)
         if outcome.scopes:
             await limiter.settle(
                 outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot
