@@ -260,6 +260,14 @@ class LocalCounters(MemoryStorage):
             elif amount < 0:
                 self._take_back(window, -amount, now, previous_too=True)
 
+    def change_many(self, windows: Sequence[Read], amount: int, now: float) -> None:
+        """:meth:`settle` with one signed amount for every window."""
+        if amount > 0:
+            self.add_many(windows, amount, now)
+        else:
+            for window in windows:
+                self._take_back(window, -amount, now, previous_too=True)
+
     def take_back(self, key: str, seconds: int, amount: int = 1) -> None:
         """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""
         self._take_back((key, seconds), amount, time.time())

@@ -23,6 +23,7 @@ no limits, or 503).  A storage failure is never a 500.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -229,10 +230,14 @@ class Limiter:
         """:meth:`settle` on in-process counters: done before it returns."""
         local = self.local
         assert local is not None
-        windows, amounts = _settlement(scopes, tokens, cost_nano_usd)
-        slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
-        if windows or slots:
-            local.settle(windows, amounts, slots, member)
+        now = time.time()
+        for scope in scopes:  # (this runs on every request: no lists built)
+            if tokens and scope.token_counters:
+                local.change_many(scope.token_counters, tokens, now)
+            if cost_nano_usd and scope.cost_counters:
+                local.change_many(scope.cost_counters, cost_nano_usd, now)
+            if member and scope.concurrency is not None:
+                local.settle((), (), (scope.slot_set,), member)
 
     async def usage(
         self, owner: str, model: str, windows: Sequence[Window], kind: str
@@ -279,6 +284,9 @@ class Admission:
 
     __slots__ = (
         "checks",
+        "cost_counters",
+        "counted",
+        "counted_limits",
         "kinds",
         "limits",
         "modes",
@@ -286,6 +294,7 @@ class Admission:
         "request_windows",
         "scopes",
         "slots",
+        "token_counters",
         "token_spans",
         "windows",
     )
@@ -316,19 +325,27 @@ class Admission:
         self.token_spans = spans
         self.request_windows = tuple(chain.from_iterable(s.request_windows for s in scopes))
         self.slots = [(s.slot_set, s.concurrency) for s in scopes if s.concurrency is not None]
+        self.counted = windows[self.checks :]
+        self.counted_limits = limits[self.checks :]
+        self.token_counters = list(chain.from_iterable(s.token_counters for s in scopes))
+        self.cost_counters = list(chain.from_iterable(s.cost_counters for s in scopes))
 
 
 class _Batch:
     """One request's admission: the scopes' :class:`Admission` with its amounts."""
 
-    __slots__ = ("admission", "amounts", "member", "slots")
+    __slots__ = ("admission", "member", "reserved", "slots")
 
     def __init__(self, admission: Admission, tokens: int, cost: int, member: str) -> None:
         self.admission = admission
-        by_kind = (tokens, cost, 1)
-        self.amounts = [by_kind[kind] for kind in admission.kinds]
+        self.reserved = (tokens, cost)
         self.member = member
         self.slots = admission.slots if member else []
+
+    @property
+    def amounts(self) -> list[int]:
+        by_kind = (self.reserved[0], self.reserved[1], 1)
+        return [by_kind[kind] for kind in self.admission.kinds]
 
     @property
     def windows(self) -> list[Read]:
@@ -357,11 +374,40 @@ async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowS
 def _admit_now(
     local: LocalCounters, batch: _Batch
 ) -> tuple[WindowState | None, WindowState | None]:
-    """:func:`_admit` on in-process counters: done before it returns."""
-    refused, counts = local.admit(*batch.args())
-    if refused:
-        _refuse(batch, refused, counts)
-    return _admitted(batch, counts)
+    """:func:`_admit` on in-process counters: done before it returns, so one step (nothing
+    else runs on the loop meanwhile).  The scopes' token and cost windows read and checked,
+    the request counted in every request window or in none, then the reservation added
+    (this runs on every request: the counters' batch calls, each window looked up once)."""
+    admission, now = batch.admission, time.time()
+    token: Tight | None = None
+    for scope in admission.scopes:
+        if scope.checked:
+            counts = local.read_many(scope.checked, now)
+            token, full = _scan(scope.checked_windows, counts, len(scope.token_windows), token)
+            if full:
+                _refuse_checked(scope, counts)
+    slots = local.slots
+    for key, limit in batch.slots:
+        if len(slots.get(key, ())) >= limit:
+            raise ConcurrencyLimited(limit)
+    request: Tight | None = None
+    if admission.counted:
+        acquired = local.acquire_many(admission.counted, admission.counted_limits, 1, now)
+        if isinstance(acquired, int):  # (the windows before it taken back)
+            scope = admission.owners[admission.checks + acquired]
+            reads = local.read_many(scope.counted, now)
+            _refuse_counted(scope, reads, admission.counted[acquired])
+        request = _scan(admission.request_windows, acquired, len(acquired), None)[0]
+    tokens, cost = batch.reserved
+    if tokens and admission.token_counters:
+        local.add_many(admission.token_counters, tokens, now)
+        if token is not None:  # (the headers count the request's own reservation)
+            token = (token[0], token[1], token[2] - tokens)
+    if cost and admission.cost_counters:
+        local.add_many(admission.cost_counters, cost, now)
+    for key, _ in batch.slots:
+        slots.setdefault(key, set()).add(batch.member)
+    return _state(request), _state(token)
 
 
 def _refuse(batch: _Batch, refused: int, counts: list[Counts]) -> NoReturn:
