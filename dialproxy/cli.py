@@ -22,6 +22,7 @@ from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
 from dialproxy.settings import NUMBERS, Settings
+from dialproxy.workers import FORWARDED, WORKER_FLAG, supervise, watch_parent
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -41,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the API")
     _serve_args(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serving processes on the one port (SO_REUSEPORT); over 1 needs "
+        "--storage redis://... (env DIALPROXY_WORKERS; 1)",
+    )
+    # Internal: a worker started by `serve --workers N`, the supervising parent's pid.
+    serve.add_argument(WORKER_FLAG, type=int, dest="worker_of", help=argparse.SUPPRESS)
 
     demo = sub.add_parser("run-demo", help="serve the API and the local demo model backend")
     _serve_args(demo)
@@ -137,12 +147,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     if args.config:
         changes["config_paths"] = tuple(args.config)
     for name in ("host", "storage", "storage_failure", "state", *NUMBERS):
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:  # (run-demo has no --workers)
             changes[name] = getattr(args, name)
     if args.allow_empty_config:
         changes["allow_empty_config"] = True
     if args.no_watch:
         changes["watch"] = False
+    if args.command == "run-demo" or getattr(args, "worker_of", None) is not None:
+        changes["workers"] = 1  # run-demo is one process; a worker is one of the N
     return replace(settings, **changes)  # type: ignore[arg-type]
 
 
@@ -206,7 +218,11 @@ def _load_store(settings: Settings) -> ConfigStore | None:
     return store
 
 
-async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) -> None:
+async def _serve(
+    settings: Settings, store: ConfigStore, demo_port: int | None, parent: int | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT.  ``parent``: this is a worker of ``serve --workers N``
+    (listening with SO_REUSEPORT beside the others; it stops if that process goes)."""
     from dialproxy.demo_backend import BackendControl, create_backend_app
     from dialproxy.server import build_app, reload_soon, tune_gc
     from dialproxy.web.appkeys import DRAIN
@@ -225,7 +241,9 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
         app, access_log=None, handler_cancellation=True, shutdown_timeout=FINISH_TIMEOUT
     )
     await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port).start()
+    await web.TCPSite(
+        runner, settings.host, settings.port, reuse_port=True if parent is not None else None
+    ).start()
     runners.insert(0, runner)
     tune_gc()
     log.info("serving", url=f"http://{settings.host}:{settings.port}")
@@ -235,17 +253,24 @@ async def _serve(settings: Settings, store: ConfigStore, demo_port: int | None) 
         loop.add_signal_handler(sig, stop.set)
     # SIGHUP: the same reload as a file change (rebuild, swap or refuse), watcher or not.
     loop.add_signal_handler(signal.SIGHUP, reload_soon, app, "sighup")
+    watching = None
+    if parent is not None:  # the supervisor started it with them blocked (workers.py)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        watching = asyncio.create_task(watch_parent(parent, stop))
     try:
         await stop.wait()
     finally:
         grace = settings.shutdown_timeout
         log.info("stopping", detail=f"letting requests in flight finish (up to {grace:g} s)")
+        if watching is not None:
+            watching.cancel()
         await shut_down(runner, app[DRAIN], grace)
         for r in runners[1:]:  # the demo backend
             await r.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.files, args.strict, args.format)
@@ -256,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return backend_main(["--host", args.host, "--port", str(args.port)])
     logs.capture_stdlib(logs.configure(logging.INFO))
+    worker_of = getattr(args, "worker_of", None)
+    if worker_of is not None:
+        logs.tag_pid()
     try:
         settings = _settings(args)
         settings.check()
@@ -269,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = _load_store(settings)
     if store is None:
         return EXIT_INVALID
+    if settings.workers > 1:  # the config is valid: the workers load it each
+        del store
+        return supervise(settings, argv)
     demo_port = args.demo_port if args.command == "run-demo" else None
-    asyncio.run(_serve(settings, store, demo_port))
+    asyncio.run(_serve(settings, store, demo_port, worker_of))
     return EXIT_OK

@@ -18,6 +18,7 @@ import asyncio
 import atexit
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -94,6 +95,8 @@ class JSONLines:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         event["timestamp"] = f"{self._prefix}.{micros:06d}Z"
+        if _pid is not None:
+            event["pid"] = _pid
         line = _render(event)
         if len(line) > MAX_LINE:  # (one length test on the common path)
             line = _render({name: cut_value(value) for name, value in event.items()})
@@ -152,6 +155,14 @@ def request_log() -> RequestLog:
 
 
 _level = logging.INFO  # as configured: RequestLog obeys it as structlog's loggers do
+_pid: int | None = None  # with --workers: every line says which process wrote it
+
+
+def tag_pid() -> None:
+    """From now on every line carries ``"pid"``: the processes of ``serve --workers N``
+    write to one stderr."""
+    global _pid
+    _pid = os.getpid()
 
 
 class ClientErrorFilter(logging.Filter):

@@ -12,12 +12,14 @@ MAX_BODY = 16 * 1024 * 1024
 MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed upstream answer, decoded (over it: 502)
 STORAGE_FAILURE_POLICIES = ("allow", "deny", "local")
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
+MAX_WORKERS = 256
 
 
 # The numeric settings a DIALPROXY_* variable (and a flag) may set: bytes are ints, seconds
 # floats.
 NUMBERS: dict[str, type[int] | type[float]] = {
     "port": int,
+    "workers": int,
     "max_response": int,
     "max_event": int,
     "shutdown_timeout": float,
@@ -26,6 +28,7 @@ NUMBERS: dict[str, type[int] | type[float]] = {
     "stream_drain": float,
 }
 _UNITS = {int: "a number of bytes", float: "a number of seconds"}
+_WHAT = {"port": "a port number", "workers": "a number of processes"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,7 @@ class Settings:
     config_paths: tuple[str, ...] = ("aidial.config.json",)
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1  # serving processes on the port (SO_REUSEPORT when over 1)
     storage: str = "memory://"
     storage_failure: str = "local"
     allow_empty_config: bool = False
@@ -84,6 +88,14 @@ class Settings:
                 "storage must be memory://, redis://HOST:PORT/DB, rediss://... or "
                 f"redis+unix://..., not {scheme + '://' if scheme else 'that value'}"
             )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1-{MAX_WORKERS}, not {self.workers}")
+        if self.workers > 1 and scheme == "memory":
+            raise ValueError(
+                f"{self.workers} workers need shared counters: with memory:// storage each "
+                f"process would keep its own and every limit would be {self.workers} times "
+                "looser; use --storage redis://HOST:PORT/DB (or DIALPROXY_STORAGE), or one worker"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -102,7 +114,7 @@ class Settings:
                 try:
                     kwargs[name] = kind(env[variable])
                 except ValueError:
-                    what = "a port number" if name == "port" else _UNITS[kind]
+                    what = _WHAT.get(name) or _UNITS[kind]
                     raise ValueError(f"{variable} must be {what}") from None
         if env.get("DIALPROXY_STORAGE"):
             kwargs["storage"] = env["DIALPROXY_STORAGE"]

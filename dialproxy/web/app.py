@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -267,6 +268,7 @@ async def health(request: web.Request) -> web.Response:
     return _json(
         {
             "status": "ok",
+            "pid": os.getpid(),  # which process answered (serve --workers N: one of N)
             "config": request.app[STORE].health(),
             "storage": request.app[LIMITER].health(),
         }

@@ -1,0 +1,263 @@
+"""``dialproxy serve --workers N``: N processes on one port (SO_REUSEPORT) sharing Redis
+counters, under one parent that forwards signals and stops them all if one dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dialproxy.settings import Settings
+from tests.conftest import assert_json_lines_without_secrets, new_key
+from tests.redis_server import ROOT, BackendProcess, RedisServer, free_port
+
+KEY = new_key()
+CHAT = {"messages": [{"role": "user", "content": "hello workers"}]}
+
+
+class Served:
+    """``python -m dialproxy serve ...`` on a free port, stderr to a file."""
+
+    def __init__(self, directory: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = directory / f"serve-{self.port}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dialproxy", "serve", "--port", str(self.port), *args],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("DIALPROXY_")},
+                    **(env or {}),
+                },
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log().splitlines()]
+
+    def lines_so_far(self) -> list[dict[str, Any]]:
+        """:meth:`lines` while the processes write: a last line may be half written."""
+        text = self.log()
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+    async def pids(self, want: int, timeout: float = 30.0) -> set[int]:
+        """The pids answering ``/health`` on new connections, once ``want`` of them have."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        connector = aiohttp.TCPConnector(force_close=True)  # a new connection each time
+        async with aiohttp.ClientSession(connector=connector) as s:
+            while len(seen) < want and time.monotonic() < deadline:
+                assert self.proc.poll() is None, f"dialproxy exited:\n{self.log()}"
+                try:
+                    async with s.get(self.url + "/health") as r:
+                        if r.status == 200:
+                            seen.add((await r.json())["pid"])
+                            continue
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        assert len(seen) >= want, f"answered by {seen} only:\n{self.log()}"
+        return seen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def write_config(directory: Path, backend: BackendProcess | None = None) -> Path:
+    endpoint = backend.url() if backend else "http://127.0.0.1:9/"
+    config = {
+        "models": {"chat": {"type": "chat", "upstreams": [{"endpoint": endpoint, "key": "k"}]}},
+        "roles": {"user": {"limits": {"chat": {"requestHour": "10"}}}},
+        "keys": {KEY: {"project": "workers", "role": "user"}},
+    }
+    path = directory / "aidial.config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def served() -> Iterator[list[Served]]:
+    started: list[Served] = []
+    yield started
+    for one in started:
+        one.stop()
+
+
+async def test_two_workers_share_the_port_and_the_limit(
+    tmp_path: Path, redis_server: RedisServer, served: list[Served]
+) -> None:
+    backend = BackendProcess()
+    try:
+        backend.wait_ready()
+        redis_server.flush()
+        config = write_config(tmp_path, backend)
+        proxy = Served(
+            tmp_path,
+            "--config",
+            str(config),
+            "--no-watch",
+            "--workers",
+            "2",
+            "--storage",
+            redis_server.url,
+        )
+        served.append(proxy)
+        workers = await proxy.pids(2)
+        assert all(parent_of(pid) == proxy.proc.pid for pid in workers)
+
+        connector = aiohttp.TCPConnector(force_close=True, limit=100)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+
+            async def chat() -> int:
+                url = proxy.url + "/openai/deployments/chat/chat/completions"
+                async with s.post(url, json=CHAT, headers={"Api-Key": KEY}) as r:
+                    await r.read()
+                    return r.status
+
+            statuses = Counter(await asyncio.gather(*(chat() for _ in range(30))))
+        assert statuses == {200: 10, 429: 20}, statuses
+
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proxy.proc.wait, 30) == 0, proxy.log()
+    finally:
+        backend.stop()
+    lines = proxy.lines()
+    assert_json_lines_without_secrets(proxy.log())
+    by_pid = Counter(line["pid"] for line in lines if line["event"] == "request")
+    assert set(by_pid) == workers and sum(by_pid.values()) == 30, by_pid  # both answered
+    assert {line["pid"] for line in lines if line["event"] == "serving"} == workers
+    started = next(line for line in lines if line["event"] == "workers_started")
+    assert started["pid"] == proxy.proc.pid and set(started["pids"]) == workers
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_workers_with_memory_counters_are_refused(tmp_path: Path, how: str) -> None:
+    config = write_config(tmp_path)
+    args = ["--config", str(config)]
+    if how == "flag":
+        args += ["--workers", "2"]
+    env = {"DIALPROXY_WORKERS": "2"} if how == "env" else {}
+    proxy = Served(tmp_path, *args, env=env)
+    try:
+        assert proxy.proc.wait(30) == 2
+    finally:
+        proxy.stop()
+    (line,) = proxy.log().splitlines()
+    assert line.startswith("dialproxy: 2 workers need shared counters")
+    assert "memory://" in line and "2 times looser" in line and "--storage redis://" in line
+
+
+async def test_sighup_reloads_each_worker_and_sigterm_stops_them_all(
+    tmp_path: Path, redis_server: RedisServer, served: list[Served]
+) -> None:
+    grace = 3.0
+    config = write_config(tmp_path)
+    proxy = Served(
+        tmp_path,
+        "--config",
+        str(config),
+        "--workers",
+        "2",
+        "--storage",
+        redis_server.url,
+        "--shutdown-timeout",
+        str(grace),
+    )
+    served.append(proxy)
+    workers = await proxy.pids(2)
+    proxy.proc.send_signal(signal.SIGHUP)  # forwarded: each worker reloads itself
+    deadline = time.monotonic() + 20
+    while {e["pid"] for e in proxy.lines_so_far() if e.get("trigger") == "sighup"} != workers:
+        assert time.monotonic() < deadline, f"not reloaded by both workers:\n{proxy.log()}"
+        await asyncio.sleep(0.1)
+    assert proxy.proc.poll() is None
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proxy.proc.wait, grace + 20) == 0, proxy.log()
+    assert all(gone(pid) for pid in workers)
+    lines = proxy.lines()
+    assert sorted(e["worker"] for e in lines if e["event"] == "worker_exited") == sorted(workers)
+    assert Counter(e["pid"] for e in lines if e["event"] == "stopping") == dict.fromkeys(workers, 1)
+
+
+async def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(
+    tmp_path: Path, redis_server: RedisServer, served: list[Served]
+) -> None:
+    config = write_config(tmp_path)
+    proxy = Served(
+        tmp_path,
+        "--config",
+        str(config),
+        "--no-watch",
+        "--workers",
+        "2",
+        "--storage",
+        redis_server.url,
+    )
+    served.append(proxy)
+    victim, survivor = sorted(await proxy.pids(2))
+    os.kill(victim, signal.SIGKILL)
+    assert await asyncio.to_thread(proxy.proc.wait, 30) == 1, proxy.log()
+    assert gone(survivor)
+    lines = proxy.lines()
+    (died,) = [e for e in lines if e["event"] == "worker_died"]
+    assert died["worker"] == victim and died["code"] == -signal.SIGKILL
+    assert died["level"] == "error" and died["pid"] == proxy.proc.pid
+    assert [e["pid"] for e in lines if e["event"] == "stopping"] == [survivor]
+
+
+async def test_one_worker_is_the_process_itself(tmp_path: Path, served: list[Served]) -> None:
+    """The default: no parent, no fork; log lines as before (no pid)."""
+    proxy = Served(tmp_path, "--config", str(write_config(tmp_path)), "--no-watch")
+    served.append(proxy)
+    assert await proxy.pids(1) == {proxy.proc.pid}
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proxy.proc.wait, 30) == 0
+    assert all("pid" not in line for line in proxy.lines())
+
+
+def test_the_workers_setting() -> None:
+    assert Settings().workers == 1
+    assert Settings.from_env({"DIALPROXY_WORKERS": "4"}).workers == 4
+    with pytest.raises(ValueError, match="DIALPROXY_WORKERS must be a number of processes"):
+        Settings.from_env({"DIALPROXY_WORKERS": "many"})
+    for bad in (0, -1, 257):
+        with pytest.raises(ValueError, match="workers must be 1-256"):
+            Settings(workers=bad, storage="redis://127.0.0.1:6379/0").check()
+    Settings(workers=4, storage="redis://127.0.0.1:6379/0").check()
+    with pytest.raises(ValueError, match="4 workers need shared counters"):
+        Settings(workers=4).check()
