@@ -157,6 +157,8 @@ class Upstream:
     auth: Literal["bearer", "api-key", "x-api-key"] = "bearer"
     id: str | None = None  # what a client's X-UPSTREAM-ID names
     responses_endpoint: str | None = None  # its OpenAI Responses API URL
+    # Its own capacity per minute (`limits`): tokens, requests (None: not limited).
+    capacity: tuple[int | None, int | None] = (None, None)
     # Names the upstream in logs and in the balancer's state (hashed once, not per request).
     key_fingerprint: str | None = field(init=False, repr=False, compare=False)
 
@@ -175,7 +177,19 @@ class Upstream:
             auth=raw.get("auth", "bearer"),
             id=raw.get("id"),
             responses_endpoint=raw.get("responsesEndpoint"),
+            capacity=_capacity(raw.get("limits")),
         )
+
+
+def _capacity(raw: Any) -> tuple[int | None, int | None]:
+    """An upstream's ``limits`` (tokens and requests per minute), as checked by the schema."""
+    if not isinstance(raw, Mapping):
+        return None, None
+    tokens, requests = raw.get("minute"), raw.get("requestMinute")
+    return (
+        int(tokens) if tokens is not None else None,
+        int(requests) if requests is not None else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ upstream was rate-limited, else 502 ``No route``.
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
@@ -56,13 +57,22 @@ class NoRoute(BadGateway):
 class Attempts:
     """The attempts of one request to ``model``'s upstreams, as its balancer sees them."""
 
-    __slots__ = ("_all_limited", "_balancer", "_model", "_redirected", "_retriable", "_waits")
+    __slots__ = (
+        "_all_limited",
+        "_balancer",
+        "_full",
+        "_model",
+        "_redirected",
+        "_retriable",
+        "_waits",
+    )
 
     def __init__(self, balancer: Balancer, model: Model, retriable: Collection[int]) -> None:
         self._balancer, self._model, self._retriable = balancer, model, retriable
         self._waits: list[float] = []  # the rate-limited upstreams' Retry-After
         self._all_limited = True
         self._redirected: int | None = None  # a redirect's status, for the log line
+        self._full: list[float] = []  # the upstreams skipped at capacity: when they free up
 
     async def broke(self, upstream: Upstream) -> None:
         """The attempt failed before an answer (a connection error, a timeout)."""
@@ -91,8 +101,21 @@ class Attempts:
             await self._balancer.failed(self._model, upstream)
         return True
 
+    def at_capacity(self, retry_after: float) -> None:
+        """An upstream skipped: at its own capacity (free again in ``retry_after`` s)."""
+        self._full.append(retry_after)
+
     def refusal(self) -> ProxyError:
-        """The error when no attempt was served."""
+        """The error when no attempt was served (every upstream at its capacity, and none
+        tried: 429 with ``Retry-After``)."""
+        if self._full and not self._waits and self._all_limited and self._redirected is None:
+            wait = max(1, math.ceil(min(self._full)))
+            return ProxyError(
+                f"Every upstream of {self._model.name} is at its capacity",
+                status=429,
+                headers={"Retry-After": str(wait)},
+                extra={"limit_type": "upstream_capacity", "retry_after": wait},
+            )
         if self._waits and self._all_limited:
             wait = max(1, int(min(self._waits) + 0.999))
             return Unavailable(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -24,7 +25,7 @@ from dialproxy import sharedkeys
 from dialproxy.apis import AnswerIds, Api
 from dialproxy.apis.openai import FORWARDED_HEADERS
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import Grant, Model, Serving, Snapshot
+from dialproxy.config.model import Grant, Model, Serving, Snapshot, Upstream, Window
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import (
     BadGateway,
@@ -34,7 +35,7 @@ from dialproxy.errors import (
     ProxyError,
     Unavailable,
 )
-from dialproxy.limiter import Admission, Limiter, Scope
+from dialproxy.limiter import Admission, Limiter, RateLimited, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.settings import Settings
 from dialproxy.upstream.attempts import Attempts
@@ -154,6 +155,7 @@ class Outcome:
     reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
     shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
+    capacity: tuple[Admission, int] | None = None  # the serving upstream's, and its hold
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -402,10 +404,11 @@ def _settle(
     started: float,
 ) -> None:
     """The request's usage recorded (its reservation settled), its log line written."""
+    holds = outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved
     if outcome.usage is not None and outcome.status == 200:
-        if outcome.shared is not None or outcome.records or outcome.slot:
+        if holds or outcome.shared is not None or outcome.records or outcome.capacity:
             _record(services, outcome)
-    elif outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved:  # given back
+    elif holds or outcome.capacity is not None:  # nothing to charge: what it held given back
         outcome.usage = None
         _record(services, outcome)
     _log(services.log, request, principal, deployment, outcome, started)
@@ -455,6 +458,13 @@ def _record(services: Services, outcome: Outcome) -> None:
         if pricing is not None:
             cost = pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
     held_tokens, held_cost = outcome.reserved
+    if outcome.capacity is not None:  # the upstream's own capacity: what it really served
+        capacity, held = outcome.capacity
+        outcome.capacity = None
+        if limiter.local is not None:
+            limiter.record_now(capacity.scopes, tokens - held, 0)
+        else:
+            _hold(services, limiter.settle(capacity.scopes, tokens - held, 0))
     if outcome.shared is None and limiter.local is not None:
         limiter.record_now(outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot)
         return
@@ -538,6 +548,15 @@ async def _forward(
     for route in balancer.plan(model, serving.routes):
         if outcome.attempts >= model.max_retry_attempts:
             break
+        capacity = capacity_of(snapshot, route.upstream)
+        held = 0
+        if capacity is not None:  # its own capacity first: at it, skipped like a paused one
+            held = outcome.reserved[0] or reservation(api, body, len(raw), model)[0]
+            try:
+                await services.limiter.admit(capacity, held)
+            except RateLimited as full:
+                attempts.at_capacity(full.retry_after)
+                continue
         outcome.attempts += 1
         url = route.url
         if route.append_path:  # an `interfaces` base URL + the path the request came in on
@@ -556,15 +575,46 @@ async def _forward(
                 )
         except (aiohttp.ClientError, TimeoutError):
             await attempts.broke(route.upstream)
+            await _give_back(services, capacity, held)
             continue
         if not await attempts.served(resp, route.upstream):
+            await _give_back(services, capacity, held)
             continue
+        if capacity is not None:
+            outcome.capacity = (capacity, held)
         outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
         outcome.status = resp.status
         if outcome.ids is not None:
             outcome.ids.served_by(route, serving)
         return await _respond(resp, outcome, api, injected, extra_headers, services)
     raise attempts.refusal()
+
+
+def capacity_of(snapshot: Snapshot, upstream: Upstream) -> Admission | None:
+    """The counters of an upstream's own capacity (its ``limits``), shared by every model
+    that calls it (the same URL and key), worked out once per snapshot."""
+    tokens, requests = upstream.capacity
+    if tokens is None and requests is None:
+        return None
+    memo_key = ("capacity", upstream.endpoint, upstream.key_fingerprint, upstream.capacity)
+    found: Admission | None = snapshot.memo.get(memo_key)
+    if found is None:
+        name = f"{upstream.endpoint}|{upstream.key_fingerprint}"
+        scope = Scope(
+            owner="u:" + hashlib.sha256(name.encode()).hexdigest()[:16],
+            model="capacity",
+            token_windows=(Window("minute", 60, tokens),) if tokens is not None else (),
+            request_windows=(Window("minute", 60, requests),) if requests is not None else (),
+        )
+        found = snapshot.memo[memo_key] = Admission([scope])
+    return found
+
+
+async def _give_back(services: Services, capacity: Admission | None, held: int) -> None:
+    """An attempt that was not served gives its upstream's capacity the tokens it held
+    back (its request stays counted: the upstream did get it)."""
+    if capacity is not None and held:
+        await services.limiter.settle(capacity.scopes, -held, 0)
 
 
 def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> Serving:
