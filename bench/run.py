@@ -660,7 +660,7 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
             each = sorted(t.redis_calls.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append(
                 f"  {mode}: {t.redis_commands:.2f} = "
-                + ", ".join(f"{name} {t.per_request(calls):.2f}" for name, calls in each)
+                + ", ".join(f"{name} {_per_request(t.per_request(calls))}" for name, calls in each)
             )
     lines.append("")
     lines.append("targets (every proxy check on: auth, limits, usage parsing, logging):")
@@ -714,6 +714,11 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     if notes:
         lines += ["", "notes:", *notes]
     return "\n".join(lines)
+
+
+def _per_request(calls: float) -> str:
+    """A command's calls per request: the rare ones (reconnections) as <0.01, not 0.00."""
+    return f"{calls:.2f}" if calls >= 0.005 else "<0.01"
 
 
 def _cores(t: Throughput) -> str:
