@@ -30,12 +30,13 @@ lock: $(STAMP)
 run: $(STAMP)
 	$(BIN)/dialproxy run-demo --config aidial.config.json --host $(HOST) --port $(PORT) --demo-port $(DEMO_PORT)
 
-# The Redis tests need a real redis-server: install it when the machine has none.
+# The Redis tests and the bench's Redis mode need a real redis-server: install it when the
+# machine has none.
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "redis-server not found: installing it with apt-get"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
-	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is required for the tests"; exit 1; }
+	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is required for the tests and the bench"; exit 1; }
 
 test: $(STAMP) redis
 	$(BIN)/python -m pytest
@@ -57,7 +58,9 @@ validate: $(STAMP)
 	  env $(EXAMPLE_ENV) $(BIN)/dialproxy validate --strict $$f || exit 1; done
 	env $(EXAMPLE_ENV) $(BIN)/dialproxy validate --strict config/split/models.json config/split/keys.json
 
-bench: $(STAMP)
+# The pass-through floor on uvloop, the proxy with memory and with Redis counters (a
+# redis-server of its own); `.venv/bin/python -m bench --no-redis` skips the latter.
+bench: $(STAMP) redis
 	$(BIN)/python -m bench
 
 # Instructions per request under valgrind's callgrind: steady where CPU time is noisy.

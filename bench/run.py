@@ -1,17 +1,24 @@
 """``make bench``: the proxy beside a minimal aiohttp pass-through, on one local backend.
 
-Three child processes on free 127.0.0.1 ports: the demo backend, the real proxy (``dialproxy
+Child processes on free 127.0.0.1 ports: the demo backend, the real proxy (``dialproxy
 serve`` with auth, token/request/cost limits, pricing, stream usage injection and its
-JSON request log all on) and the pass-through floor.  The modes (:data:`MODES`): chat
-completions non-streaming and streaming, a Responses API stream and an Anthropic Messages
-stream, each its own body, proxy route and backend path.  Then, interleaved:
+JSON request log all on) with in-process counters, the same proxy with its counters in
+Redis (a ``redis-server`` of the bench's own, no persistence; the chat modes only; off
+with ``--no-redis``) and the pass-through floor (aiohttp on uvloop).  The modes
+(:data:`MODES`): chat completions non-streaming and streaming, a Responses API stream and
+an Anthropic Messages stream, each its own body, proxy route and backend path.  Then,
+interleaved:
 
 - throughput, every mode: ``--rounds`` x ``--seconds`` at ``--connections`` connections
-  (1 wrk thread), proxy and pass-through alternating, with each one's CPU time per request
-  from /proc/<pid>/stat (utime + stime) and the backend's and wrk's CPU use beside it;
+  (1 wrk thread), proxy (and Redis-counter proxy) and pass-through alternating, with each
+  one's CPU time per request from /proc/<pid>/stat (utime + stime) and the backend's and
+  wrk's CPU use beside it;
 - added latency at idle, the chat modes: one keep-alive connection, sequential requests,
   p50/p99 of the proxy and of the pass-through minus the same percentile straight to the
   backend.
+
+With Redis, each run's Redis commands (``INFO commandstats``, reset before the run) and
+the server's CPU (``INFO cpu``) are divided by the requests completed.
 
 Exit 0 whether the targets are met or not; 1 when the bench itself breaks.
 """
@@ -34,6 +41,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -47,6 +55,7 @@ from bench.procs import (
     machine_busy_seconds,
     stop_all,
 )
+from bench.redisserver import RedisServer, redis_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -63,6 +72,10 @@ _BACKEND_RESPONSE_ID = re.compile(rb'"resp_(?!dial_)')  # the demo backend's ids
 NONSTREAM_TARGET = 0.70
 STREAM_TARGET = 0.75
 LATENCY_TARGET_MS = 0.6
+REDIS_TARGET = 0.80  # Redis-counter proxy req/s >= this x the memory-counter proxy's
+REDIS_SETTLE = 0.1  # s after a run before Redis's stats are read: the last settlements land
+PROXY, PROXY_REDIS, PASS = "proxy", "proxy redis", "pass-through"
+PROXIES = frozenset({PROXY, PROXY_REDIS})
 BACKEND_SATURATED = 0.90  # cores
 OTHER_LOAD = 0.25  # cores used by processes outside the bench: worth a warning
 
@@ -147,16 +160,17 @@ class Mode:
     ratelimit_header: str  # one the proxy must send (its limits are on)
     check: Callable[[bytes], str | None] | None = None  # of the proxy's answer: an error
     latency: bool = True  # also measured at idle (1 connection)
+    redis: bool = False  # also through the proxy with its counters in Redis
 
 
 MODES = (
     Mode(
         "non-streaming", request_body(False), PROXY_PATH, BACKEND_PATH,
-        NONSTREAM_TARGET, "x-ratelimit-remaining-requests",
+        NONSTREAM_TARGET, "x-ratelimit-remaining-requests", redis=True,
     ),
     Mode(
         "streaming", request_body(True), PROXY_PATH, BACKEND_PATH,
-        STREAM_TARGET, "x-ratelimit-remaining-requests", _no_usage_leak,
+        STREAM_TARGET, "x-ratelimit-remaining-requests", _no_usage_leak, redis=True,
     ),
     Mode(
         "responses stream",
@@ -186,6 +200,7 @@ class Options:
     profile: Path | None = None  # write py-spy flame graphs of the proxy here
     all_windows: bool = False  # limit every window (the worst case), not a typical role's
     modes: tuple[Mode, ...] = MODES
+    redis: bool = True  # the Redis-counter proxy too, in the modes marked redis
 
 
 # --------------------------------------------------------------------------------------
@@ -220,28 +235,35 @@ class Targets:
     """Where each target listens: the proxy serves a mode on its own path, the others on
     the backend's."""
 
-    bases: dict[str, str]  # "direct", "pass-through", "proxy" -> base URL
+    bases: dict[str, str]  # "direct", "pass-through", "proxy"[, "proxy redis"] -> base URL
 
     def url(self, mode: Mode, target: str) -> str:
-        return self.bases[target] + (mode.proxy_path if target == "proxy" else mode.backend_path)
+        return self.bases[target] + (mode.proxy_path if target in PROXIES else mode.backend_path)
+
+    def of(self, mode: Mode) -> list[str]:
+        """The targets a mode runs on: the Redis-counter proxy in its modes only."""
+        return [t for t in self.bases if t != PROXY_REDIS or mode.redis]
 
 
-def sanity_check(modes: tuple[Mode, ...], targets: Targets, proxy_log: Path) -> None:
-    limits_url = f"{targets.bases['proxy']}/v1/deployments/{DEPLOYMENT}/limits"
+def _logged_request(log: Path) -> bool:
+    return b'"event":"request"' in log.read_bytes()
 
-    def tokens_used() -> int:
+
+def sanity_check(modes: tuple[Mode, ...], targets: Targets, proxy_logs: dict[str, Path]) -> None:
+    def tokens_used(target: str) -> int:
+        limits_url = f"{targets.bases[target]}/v1/deployments/{DEPLOYMENT}/limits"
         return int(_get_json(limits_url)["minuteTokenStats"]["used"])
 
-    def usage_grew(before: int) -> bool:
-        return _wait_for(lambda: tokens_used() > before)
+    def usage_grew(target: str, before: int) -> bool:
+        return _wait_for(lambda: tokens_used(target) > before)
 
     for mode in modes:
-        for target in targets.bases:
-            used = tokens_used() if target == "proxy" else 0
+        for target in targets.of(mode):
+            used = tokens_used(target) if target in PROXIES else 0
             status, headers, data = _post(targets.url(mode, target), mode.body)
             if status != 200 or b"Echo:" not in data:
                 raise BenchError(f"{target} {mode.name} answered {status}: {data[:300]!r}")
-            if target != "proxy":
+            if target not in PROXIES:
                 continue
             if mode.ratelimit_header not in {k.lower() for k in headers}:
                 raise BenchError(f"the proxy sent no {mode.ratelimit_header} ({mode.name}):"
@@ -249,12 +271,13 @@ def sanity_check(modes: tuple[Mode, ...], targets: Targets, proxy_log: Path) -> 
             if mode.check is not None and (error := mode.check(data)) is not None:
                 raise BenchError(f"{mode.name}: {error}")
             # Usage parsed and recorded (a background task: give it a moment).
-            if not usage_grew(used):
-                raise BenchError(f"the proxy recorded no token usage for {mode.name}:"
+            if not usage_grew(target, used):
+                raise BenchError(f"{target} recorded no token usage for {mode.name}:"
                                  " usage parsing is off")  # fmt: skip
     # log lines are written in batches, within 0.1 s
-    if not _wait_for(lambda: b'"event":"request"' in proxy_log.read_bytes()):
-        raise BenchError(f"the proxy wrote no request log line to {proxy_log}")
+    for target, log in proxy_logs.items():
+        if not _wait_for(partial(_logged_request, log)):
+            raise BenchError(f"{target} wrote no request log line to {log}")
 
 
 # --------------------------------------------------------------------------------------
@@ -272,10 +295,19 @@ class Throughput:
     backend_cpu: float = 0.0
     load_cpu: float = 0.0  # of the load generator
     other_cpu: float = 0.0  # of every other process on the machine
+    redis_cpu: float = 0.0  # of redis-server (INFO cpu), in the Redis-counter proxy's runs
+    redis_calls: dict[str, int] = field(default_factory=dict)  # INFO commandstats, summed
     rounds: list[float] = field(default_factory=list)  # req/s of each round
 
     def add(
-        self, load: LoadResult, wall: float, cpu: float, backend_cpu: float, busy: float
+        self,
+        load: LoadResult,
+        wall: float,
+        cpu: float,
+        backend_cpu: float,
+        busy: float,
+        redis_cpu: float = 0.0,
+        redis_calls: dict[str, int] | None = None,
     ) -> None:
         self.requests += load.requests
         self.seconds += load.seconds
@@ -283,8 +315,14 @@ class Throughput:
         self.cpu += cpu
         self.backend_cpu += backend_cpu
         self.load_cpu += load.cpu_seconds
-        self.other_cpu += max(busy - cpu - backend_cpu - load.cpu_seconds, 0.0)
+        self.redis_cpu += redis_cpu
+        self.other_cpu += max(busy - cpu - backend_cpu - load.cpu_seconds - redis_cpu, 0.0)
+        for command, calls in (redis_calls or {}).items():
+            self.redis_calls[command] = self.redis_calls.get(command, 0) + calls
         self.rounds.append(load.rps)
+
+    def per_request(self, amount: float) -> float:
+        return amount / self.requests if self.requests else 0.0
 
     @property
     def rps(self) -> float:
@@ -292,7 +330,12 @@ class Throughput:
 
     @property
     def cpu_us(self) -> float:
-        return self.cpu / self.requests * 1e6 if self.requests else 0.0
+        return self.per_request(self.cpu) * 1e6
+
+    @property
+    def redis_commands(self) -> float:
+        """Redis commands per request (those run inside scripts and MULTI blocks too)."""
+        return self.per_request(sum(self.redis_calls.values()))
 
     def cores(self, cpu: float) -> float:
         return cpu / self.wall if self.wall else 0.0
@@ -315,6 +358,7 @@ class Bench:
         self.options = options
         self.say = say
         self.children: list[Child] = []
+        self.redis: RedisServer | None = None
         self.modes = {m.name: m for m in options.modes}
         self.loads = {
             m.name: LoadGenerator(workdir, f"mode{i}", m.body, HEADERS)
@@ -331,42 +375,62 @@ class Bench:
         return child
 
     def stop_all(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
         stop_all(self.children)
 
     def run(self) -> dict[str, Any]:
-        bport, pport, tport = free_port(), free_port(), free_port()
-        while len({bport, pport, tport}) < 3:
-            pport, tport = free_port(), free_port()
+        with_redis = self.options.redis and any(m.redis for m in self.options.modes)
+        ports: set[int] = set()
+        while len(ports) < 5:
+            ports.add(free_port())
+        bport, pport, tport, rport, qport = ports
         config = self.workdir / "bench.config.json"
         config.write_text(json.dumps(bench_config(bport, self.options.all_windows), indent=2))
         py = sys.executable
         backend = self.start(
             "backend", [py, "-m", "dialproxy.demo_backend", "--host", HOST, "--port", str(bport)]
         )
-        proxy = self.start(
-            "proxy",
-            [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
-             "--port", str(pport), "--storage", "memory://", "--no-watch"],
-        )  # fmt: skip
+
+        def start_proxy(name: str, port: int, storage: list[str]) -> Child:
+            return self.start(
+                name,
+                [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
+                 "--port", str(port), "--no-watch", "--storage", *storage],
+            )  # fmt: skip
+
+        proxy = start_proxy("proxy", pport, ["memory://"])
+        if with_redis:
+            redis_dir = self.workdir / "redis"
+            redis_dir.mkdir()
+            self.redis = RedisServer(self.start("redis", redis_argv(rport, redis_dir)), rport)
+            self.redis.wait_ready()
+            # deny: a Redis failure is a 503 (the bench stops), never a silent fallback to
+            # in-process counters that would measure the memory path under the Redis name
+            proxy_redis = start_proxy(
+                "proxy-redis", qport, [self.redis.url, "--storage-failure", "deny"]
+            )
         passthrough = self.start(
             "passthrough",
             [py, "-m", "bench.passthrough", "--host", HOST, "--port", str(tport),
              "--upstream", f"http://{HOST}:{bport}"],
         )  # fmt: skip
         backend_base = f"http://{HOST}:{bport}"
-        proxy_base = f"http://{HOST}:{pport}"
         backend.wait_http(backend_base + "/health")
-        proxy.wait_http(proxy_base + "/health")
-        passthrough.wait_http(f"http://{HOST}:{tport}/")
-        targets = Targets(
-            {
-                "direct": backend_base,
-                "pass-through": f"http://{HOST}:{tport}",
-                "proxy": proxy_base,
-            }
-        )
-        sanity_check(self.options.modes, targets, proxy.log_path)
-        measured = {"proxy": proxy, "pass-through": passthrough}
+        bases = {"direct": backend_base, PASS: f"http://{HOST}:{tport}"}
+        measured = {PROXY: proxy}
+        bases[PROXY] = f"http://{HOST}:{pport}"
+        if with_redis:
+            bases[PROXY_REDIS] = f"http://{HOST}:{qport}"
+            measured[PROXY_REDIS] = proxy_redis
+        measured[PASS] = passthrough
+        for target, child in measured.items():
+            child.wait_http(bases[target] + ("/health" if target in PROXIES else "/"))
+        if "event loop: uvloop" not in passthrough.tail():
+            raise BenchError(f"the pass-through does not run on uvloop: {passthrough.tail()}")
+        targets = Targets(bases)
+        proxy_logs = {t: c.log_path for t, c in measured.items() if t in PROXIES}
+        sanity_check(self.options.modes, targets, proxy_logs)
 
         def load(mode: str, target: str, connections: int, seconds: float) -> LoadResult:
             for child in self.children:
@@ -378,38 +442,31 @@ class Bench:
         opts = self.options
         self.say(f"warming up ({self.tool})")
         for mode in self.loads:
-            for target in targets.bases:
+            for target in targets.of(self.modes[mode]):
                 load(mode, target, opts.connections, opts.warmup)
 
-        throughput = {m: {t: Throughput() for t in measured} for m in self.loads}
+        throughput = {
+            m: {t: Throughput() for t in measured if t in targets.of(self.modes[m])}
+            for m in self.loads
+        }
         for rnd in range(opts.rounds):
-            order = list(measured) if rnd % 2 == 0 else list(reversed(measured))
             for mode in self.loads:
+                order = list(throughput[mode])
+                if rnd % 2:
+                    order.reverse()
                 for target in order:
-                    child = measured[target]
-                    wall0, busy0 = time.monotonic(), machine_busy_seconds()
-                    cpu0, bcpu0 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
-                    result = load(mode, target, opts.connections, opts.seconds)
-                    cpu1, bcpu1 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
-                    busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
-                    throughput[mode][target].add(result, wall, cpu1 - cpu0, bcpu1 - bcpu0, busy)
-                    self.say(
-                        f"round {rnd + 1}/{opts.rounds} {mode:16} {target:12}"
-                        f" {result.rps:8.0f} req/s"
-                        f"  {(cpu1 - cpu0) / result.requests * 1e6:6.0f} us CPU/req"
-                        f"  backend {(bcpu1 - bcpu0) / wall:4.2f} cores"
-                    )
+                    self.measure(rnd, mode, target, measured[target], backend, load, throughput)
 
         idle = [m.name for m in opts.modes if m.latency]
         latency: dict[str, dict[str, list[tuple[float, float]]]] = {
-            m: {t: [] for t in targets.bases} for m in idle
+            m: {t: [] for t in targets.of(self.modes[m])} for m in idle
         }
         pids = [c.pid for c in self.children]
         ours0, busy0, wall0 = sum(map(cpu_seconds, pids)), machine_busy_seconds(), time.monotonic()
         load_cpu = 0.0
         for rnd in range(opts.latency_rounds):
             for mode in idle:
-                order = list(targets.bases)
+                order = list(latency[mode])
                 if rnd % 2:
                     order.reverse()
                 for target in order:
@@ -423,6 +480,52 @@ class Bench:
             for mode in self.loads:
                 self.profile(mode, targets.url(self.modes[mode], "proxy"), proxy, opts.profile)
         return {"throughput": throughput, "latency": latency, "latency_other": max(other, 0.0)}
+
+    def measure(
+        self,
+        rnd: int,
+        mode: str,
+        target: str,
+        child: Child,
+        backend: Child,
+        load: Callable[[str, str, int, float], LoadResult],
+        throughput: dict[str, dict[str, Throughput]],
+    ) -> None:
+        """One throughput run of a target, with the CPU clocks (and Redis's stats) around it."""
+        opts = self.options
+        redis = self.redis if target == PROXY_REDIS else None
+        if redis is not None:
+            rcpu0 = redis.cpu_seconds()
+            redis.reset_stats()
+        wall0, busy0 = time.monotonic(), machine_busy_seconds()
+        cpu0, bcpu0 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
+        result = load(mode, target, opts.connections, opts.seconds)
+        cpu1, bcpu1 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
+        busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
+        redis_cpu, calls, extra = 0.0, None, ""
+        if redis is not None:
+            time.sleep(REDIS_SETTLE)
+            calls = redis.command_calls()
+            redis_cpu = redis.cpu_seconds() - rcpu0
+            per_request = sum(calls.values()) / result.requests
+            if calls.get("evalsha", 0) < result.requests:
+                raise BenchError(
+                    f"{target} {mode}: {calls.get('evalsha', 0)} Redis script calls for"
+                    f" {result.requests} requests: are its counters in Redis? {calls}"
+                )
+            extra = (
+                f"  redis {per_request:.2f} commands/req"
+                f" {redis_cpu / result.requests * 1e6:4.0f} us CPU/req"
+            )
+        throughput[mode][target].add(
+            result, wall, cpu1 - cpu0, bcpu1 - bcpu0, busy, redis_cpu, calls
+        )
+        self.say(
+            f"round {rnd + 1}/{opts.rounds} {mode:16} {target:12}"
+            f" {result.rps:8.0f} req/s"
+            f"  {(cpu1 - cpu0) / result.requests * 1e6:6.0f} us CPU/req"
+            f"  backend {(bcpu1 - bcpu0) / wall:4.2f} cores{extra}"
+        )
 
     def profile(self, mode: str, url: str, proxy: Child, out_dir: Path) -> None:
         """Sample the proxy with py-spy while wrk loads it: a flame graph per mode."""
@@ -471,25 +574,39 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     def row(label: str, fn: Callable[[str], str]) -> None:
         rows.append((label, *(fn(m) for m in modes)))
 
+    redis_modes = [m for m in modes if PROXY_REDIS in throughput[m]]
+
     def spread(t: Throughput) -> str:
         return f"{t.rps:,.0f} ({min(t.rounds):,.0f}-{max(t.rounds):,.0f})"
 
-    row("proxy req/s (min-max)", lambda m: spread(throughput[m]["proxy"]))
-    row("pass-through req/s (min-max)", lambda m: spread(throughput[m]["pass-through"]))
+    def redis_row(label: str, fn: Callable[[Throughput, str], str]) -> None:
+        if redis_modes:
+            row(label, lambda m: fn(throughput[m][PROXY_REDIS], m) if m in redis_modes else "-")
+
+    row("proxy req/s (min-max)", lambda m: spread(throughput[m][PROXY]))
+    redis_row("proxy redis req/s (min-max)", lambda t, m: spread(t))
+    row("pass-through req/s (min-max)", lambda m: spread(throughput[m][PASS]))
     row(
         "ratio proxy/pass-through",
-        lambda m: f"{throughput[m]['proxy'].rps / throughput[m]['pass-through'].rps:.2f}",
+        lambda m: f"{throughput[m][PROXY].rps / throughput[m][PASS].rps:.2f}",
     )
-    row("proxy CPU us/req", lambda m: f"{throughput[m]['proxy'].cpu_us:.0f}")
-    row("pass-through CPU us/req", lambda m: f"{throughput[m]['pass-through'].cpu_us:.0f}")
+    redis_row(
+        "ratio proxy redis/pass-through", lambda t, m: f"{t.rps / throughput[m][PASS].rps:.2f}"
+    )
+    redis_row("ratio proxy redis/proxy", lambda t, m: f"{t.rps / throughput[m][PROXY].rps:.2f}")
+    row("proxy CPU us/req", lambda m: f"{throughput[m][PROXY].cpu_us:.0f}")
+    redis_row("proxy redis CPU us/req", lambda t, m: f"{t.cpu_us:.0f}")
+    redis_row("redis-server CPU us/req", lambda t, m: f"{t.per_request(t.redis_cpu) * 1e6:.0f}")
+    redis_row("redis commands/req", lambda t, m: f"{t.redis_commands:.2f}")
+    row("pass-through CPU us/req", lambda m: f"{throughput[m][PASS].cpu_us:.0f}")
     row(
         "CPU ratio pass-through/proxy",
-        lambda m: f"{throughput[m]['pass-through'].cpu_us / throughput[m]['proxy'].cpu_us:.2f}",
+        lambda m: f"{throughput[m][PASS].cpu_us / throughput[m][PROXY].cpu_us:.2f}",
     )
 
     def added(target: str) -> Callable[[str], str]:
         def cell(m: str) -> str:
-            if m not in latency:
+            if m not in latency or target not in latency[m]:
                 return "-"
             return "{:+.3f} / {:+.3f}".format(*added_latency(latency[m], target))
 
@@ -501,34 +618,64 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
         p50 = statistics.median(s[0] for s in latency[m]["direct"])
         return f"{p50:.3f} / {statistics.median(s[1] for s in latency[m]['direct']):.3f}"
 
-    row("proxy added p50/p99 ms", added("proxy"))
-    row("pass-through added p50/p99 ms", added("pass-through"))
+    row("proxy added p50/p99 ms", added(PROXY))
+    if redis_modes:
+        row("proxy redis added p50/p99 ms", added(PROXY_REDIS))
+    row("pass-through added p50/p99 ms", added(PASS))
     row("direct p50/p99 ms", direct)
 
     def cores(target: str) -> Callable[[str], str]:
-        return lambda m: _cores(throughput[m][target])
+        return lambda m: _cores(throughput[m][target]) if target in throughput[m] else "-"
 
-    row("cores in proxy runs: proxy/backend/load/other", cores("proxy"))
-    row("cores in pass-through runs: pt/backend/load/other", cores("pass-through"))
+    row("cores in proxy runs: proxy/backend/load/other", cores(PROXY))
+    if redis_modes:
+        row("cores in proxy redis runs: proxy/backend/load/other/redis", cores(PROXY_REDIS))
+    row("cores in pass-through runs: pt/backend/load/other", cores(PASS))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         f"dialproxy bench: {os.cpu_count()} CPUs, load generator {tool},"
         f" {opts.connections} connections, {opts.rounds} x {opts.seconds:g} s per target and"
         f" mode, interleaved; idle latency ({', '.join(latency) or 'no mode'}): 1 connection,"
-        f" {opts.latency_rounds} x {opts.latency_seconds:g} s per target and mode",
+        f" {opts.latency_rounds} x {opts.latency_seconds:g} s per target and mode;"
+        " pass-through on uvloop, the proxy on asyncio's loop"
+        + (
+            f"; proxy redis: the proxy with --storage redis:// ({', '.join(redis_modes)})"
+            if redis_modes
+            else ""
+        ),
         "",
     ]
     for r in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                                enumerate(zip(r, widths, strict=True))).rstrip())  # fmt: skip
+    if redis_modes:
+        lines += [
+            "",
+            "Redis commands per proxied request (INFO commandstats over the measured runs,"
+            " / the requests completed; commands run inside Lua scripts and MULTI blocks"
+            " count too):",
+        ]
+        for mode in redis_modes:
+            t = throughput[mode][PROXY_REDIS]
+            each = sorted(t.redis_calls.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append(
+                f"  {mode}: {t.redis_commands:.2f} = "
+                + ", ".join(f"{name} {_per_request(t.per_request(calls))}" for name, calls in each)
+            )
     lines.append("")
     lines.append("targets (every proxy check on: auth, limits, usage parsing, logging):")
     for mode in modes:
         goal = TARGETS[mode]
-        ratio = throughput[mode]["proxy"].rps / throughput[mode]["pass-through"].rps
+        ratio = throughput[mode][PROXY].rps / throughput[mode][PASS].rps
         lines.append(
             f"  {mode} throughput >= {goal:.2f}x pass-through:"
             f" {ratio:.2f}x  {verdict(ratio >= goal)}"
+        )
+    for mode in redis_modes:
+        ratio = throughput[mode][PROXY_REDIS].rps / throughput[mode][PROXY].rps
+        lines.append(
+            f"  {mode} Redis counters throughput >= {REDIS_TARGET:.2f}x memory counters:"
+            f" {ratio:.2f}x  {verdict(ratio >= REDIS_TARGET)}"
         )
     for mode in latency:
         p50, p99 = added_latency(latency[mode], "proxy")
@@ -545,7 +692,10 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
             f"  the backend (near) saturated a core ({', '.join(backend)}): the throughput"
             " of those runs is capped by it"
         )
-    busy = [(name, t.cores(t.cpu + t.backend_cpu + t.load_cpu + t.other_cpu)) for name, t in runs]
+    busy = [
+        (name, t.cores(t.cpu + t.backend_cpu + t.load_cpu + t.other_cpu + t.redis_cpu))
+        for name, t in runs
+    ]
     if saturated := [f"{name} {b:.2f}" for name, b in busy if b >= 0.9 * cpus]:
         notes.append(
             f"  the machine's {cpus} cores were (near) all busy in: {', '.join(saturated)}:"
@@ -566,8 +716,16 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     return "\n".join(lines)
 
 
+def _per_request(calls: float) -> str:
+    """A command's calls per request: the rare ones (reconnections) as <0.01, not 0.00."""
+    return f"{calls:.2f}" if calls >= 0.005 else "<0.01"
+
+
 def _cores(t: Throughput) -> str:
-    return "/".join(f"{t.cores(c):.2f}" for c in (t.cpu, t.backend_cpu, t.load_cpu, t.other_cpu))
+    cpus = [t.cpu, t.backend_cpu, t.load_cpu, t.other_cpu]
+    if t.redis_calls:
+        cpus.append(t.redis_cpu)
+    return "/".join(f"{t.cores(c):.2f}" for c in cpus)
 
 
 class _Terminated(Exception):
@@ -607,6 +765,11 @@ def parse_options(argv: list[str] | None) -> Options:
         default=",".join(TARGETS),
         help=f"comma-separated, of: {', '.join(TARGETS)} (default: all)",
     )
+    parser.add_argument(
+        "--no-redis",
+        action="store_true",
+        help="skip the proxy with its counters in Redis (and the redis-server it needs)",
+    )
     a = parser.parse_args(argv)
     names = [n.strip() for n in a.modes.split(",") if n.strip()]
     if not names or (unknown := set(names) - set(TARGETS)):
@@ -623,6 +786,7 @@ def parse_options(argv: list[str] | None) -> Options:
         profile=a.profile,
         all_windows=a.all_windows,
         modes=modes,
+        redis=not a.no_redis,
     )
 
 
