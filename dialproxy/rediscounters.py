@@ -49,6 +49,9 @@ LEASE = 60.0
 # over when the current bucket's TTL fell under one window (limits' acquire script), then
 # its counts (TTLs in ms, 0 when absent).
 _WINDOW = """
+local ARGV_PACKED = ARGV[1]
+local ARGV = {}  -- (the arguments come as one comma-separated string: one to encode, not 20)
+for v in string.gmatch(ARGV_PACKED, '[^,]+') do ARGV[#ARGV + 1] = v end
 local function window(p, c, expiry)
     local current_ttl = tonumber(redis.call('pttl', KEYS[c]))
     if current_ttl > 0 and current_ttl < expiry then
@@ -190,6 +193,11 @@ return out
 )
 
 
+def _packed(args: list[Any]) -> str:
+    """A script's arguments as one string (redis-py encodes each argument on its own)."""
+    return ",".join(map(str, args))
+
+
 def _keys(windows: Sequence[Read]) -> list[str]:
     keys: list[str] = []
     for key, _ in windows:
@@ -254,7 +262,7 @@ class RedisCounters:
         if slots:
             args += (len(slots), member, int(self.lease * 1000), *(limit for _, limit in slots))
             keys += (PREFIX + key for key, _ in slots)
-        flat = await self._run(self._admit(keys=keys, args=args))
+        flat = await self._run(self._admit(keys=keys, args=[_packed(args)]))
         refused = int(flat[0])
         if refused > len(windows):
             return refused, _counts(flat[1 : len(flat) - 1], 0)
@@ -286,7 +294,7 @@ class RedisCounters:
                     members.discard(member)
                     if not members:
                         del self.held[key]
-        await self._run(self._settle(keys=keys, args=args))
+        await self._run(self._settle(keys=keys, args=[_packed(args)]))
 
     async def _renew_leases(self) -> None:
         """Every lease / 3 seconds while slots are held: their leases renewed, in one call."""
@@ -305,7 +313,7 @@ class RedisCounters:
         if not windows:
             return []
         args: list[Any] = [len(windows), *(seconds for _, seconds in windows)]
-        return _counts(await self._run(self._read(keys=_keys(windows), args=args)))
+        return _counts(await self._run(self._read(keys=_keys(windows), args=[_packed(args)])))
 
     # What ``limits`` storages offer that the rest of dialproxy uses (one window at a time).
 
