@@ -77,7 +77,7 @@ async def test_a_cap_of_five_holds_under_a_hundred_at_once(
     request: pytest.FixtureRequest,
     storage: str,
 ) -> None:
-    upstream = await slow_upstream(aiohttp_server, 0.3)
+    upstream = await slow_upstream(aiohttp_server, 1.0)
     cfg = config(upstream, 5)
     if storage == "memory":
         proxies = [await make_proxy(cfg)]
@@ -88,8 +88,10 @@ async def test_a_cap_of_five_holds_under_a_hundred_at_once(
     async with aiohttp.ClientSession() as s:
         answers = await asyncio.gather(*(call(s, proxies[i % len(proxies)]) for i in range(100)))
         statuses = Counter(status for status, _ in answers)
-        assert statuses == {200: 5, 429: 95}
+        # never more than 5 at once at the upstream (a slow machine may admit a few more in
+        # all, after the first ones end)
         assert upstream.most == 5
+        assert set(statuses) == {200, 429} and statuses[200] >= 5 and statuses[429] >= 80
         refused = next(body for status, body in answers if status == 429)
         assert refused["error"]["message"] == "Hit concurrency limit: 5 / 5 requests in flight."
         for proxy in proxies:
