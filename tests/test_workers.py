@@ -97,6 +97,13 @@ def gone(pid: int) -> bool:
     return False
 
 
+def two_workers(directory: Path, config: Path, redis: RedisServer, *args: str) -> Served:
+    """``serve --workers 2`` on ``redis``'s counters."""
+    return Served(
+        directory, "--config", str(config), "--workers", "2", "--storage", redis.url, *args
+    )
+
+
 def write_config(directory: Path, backend: BackendProcess | None = None) -> Path:
     endpoint = backend.url() if backend else "http://127.0.0.1:9/"
     config = {
@@ -125,16 +132,7 @@ async def test_two_workers_share_the_port_and_the_limit(
         backend.wait_ready()
         redis_server.flush()
         config = write_config(tmp_path, backend)
-        proxy = Served(
-            tmp_path,
-            "--config",
-            str(config),
-            "--no-watch",
-            "--workers",
-            "2",
-            "--storage",
-            redis_server.url,
-        )
+        proxy = two_workers(tmp_path, config, redis_server, "--no-watch")
         served.append(proxy)
         workers = await proxy.pids(2)
         assert all(parent_of(pid) == proxy.proc.pid for pid in workers)
@@ -187,17 +185,7 @@ async def test_sighup_reloads_each_worker_and_sigterm_stops_them_all(
 ) -> None:
     grace = 3.0
     config = write_config(tmp_path)
-    proxy = Served(
-        tmp_path,
-        "--config",
-        str(config),
-        "--workers",
-        "2",
-        "--storage",
-        redis_server.url,
-        "--shutdown-timeout",
-        str(grace),
-    )
+    proxy = two_workers(tmp_path, config, redis_server, "--shutdown-timeout", str(grace))
     served.append(proxy)
     workers = await proxy.pids(2)
     proxy.proc.send_signal(signal.SIGHUP)  # forwarded: each worker reloads itself
@@ -218,16 +206,7 @@ async def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(
     tmp_path: Path, redis_server: RedisServer, served: list[Served]
 ) -> None:
     config = write_config(tmp_path)
-    proxy = Served(
-        tmp_path,
-        "--config",
-        str(config),
-        "--no-watch",
-        "--workers",
-        "2",
-        "--storage",
-        redis_server.url,
-    )
+    proxy = two_workers(tmp_path, config, redis_server, "--no-watch")
     served.append(proxy)
     victim, survivor = sorted(await proxy.pids(2))
     os.kill(victim, signal.SIGKILL)

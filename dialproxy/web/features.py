@@ -28,7 +28,7 @@ from aiohttp import web
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Model
-from dialproxy.errors import BadGateway, Forbidden, ProxyError
+from dialproxy.errors import BadGateway, Forbidden
 from dialproxy.logs import request_log
 from dialproxy.web import guard, proxy
 from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, STORE
@@ -92,10 +92,10 @@ async def handle(request: web.Request, feature: str) -> web.StreamResponse:
         status = response.status
         return response
     except Exception as e:
-        response = guard.response_for(request, e)
+        response, message = guard.refusal(request, e)
         status = response.status
-        if isinstance(e, ProxyError):
-            fields["error"] = e.message
+        if message is not None:
+            fields["error"] = message
         return response
     finally:
         request_log().line(

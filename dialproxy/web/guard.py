@@ -54,6 +54,16 @@ def response_for(request: web.Request, error: Exception) -> web.Response:
     return error_response(500, {"error": {"message": "Internal error", "code": "500"}})
 
 
+def refusal(
+    request: web.Request,
+    error: Exception,
+    shape: Callable[[web.Request, Exception], web.Response] = response_for,
+) -> tuple[web.Response, str | None]:
+    """The answer to what a handler raised (``shape``: an API's error shape), and what its
+    log line says of it (a refusal's message; None: nothing more to say)."""
+    return shape(request, error), error.message if isinstance(error, ProxyError) else None
+
+
 def guarded(handler: Handler) -> Handler:
     """``handler`` with its errors answered by :func:`response_for`."""
 

@@ -32,7 +32,6 @@ from dialproxy.errors import (
     BadRequest,
     Forbidden,
     NotFound,
-    ProxyError,
     Unavailable,
 )
 from dialproxy.limiter import Admission, Limiter, RateLimited, Scope
@@ -44,6 +43,7 @@ from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.relay import EventRewriter, UsageHider, UsageScanner
 from dialproxy.upstream.sse import EventTooLarge
 from dialproxy.upstream.usage import Usage, estimate, find_usage
+from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 from dialproxy.web.drain import Drain
 
@@ -362,10 +362,10 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
 def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) -> web.Response:
     """The answer to what a request of ``api`` raised, in the API's shape, noted in the
     request's outcome (its log line)."""
-    response = api.errors.response(request, error)
+    response, message = guard.refusal(request, error, api.errors.response)
     outcome.status = response.status
-    if isinstance(error, ProxyError):
-        outcome.error = error.message
+    if message is not None:
+        outcome.error = message
     return response
 
 
@@ -545,13 +545,16 @@ async def _forward(
     attempts = Attempts(balancer, model, snapshot.retriable_codes)
     if balancer.sharing:
         await balancer.refresh(model)
+    estimate = 0  # the request's tokens, held in an upstream's capacity while it is served
     for route in balancer.plan(model, serving.routes):
         if outcome.attempts >= model.max_retry_attempts:
             break
         capacity = capacity_of(snapshot, route.upstream)
         held = 0
         if capacity is not None:  # its own capacity first: at it, skipped like a paused one
-            held = outcome.reserved[0] or reservation(api, body, len(raw), model)[0]
+            if not estimate:  # (worked out once, for the first upstream with a capacity)
+                estimate = outcome.reserved[0] or reservation(api, body, len(raw), model)[0]
+            held = estimate
             try:
                 await services.limiter.admit(capacity, held)
             except RateLimited as full:

@@ -36,7 +36,6 @@ from dialproxy.config.model import Snapshot
 from dialproxy.config.routes import DialRoute
 from dialproxy.errors import (
     Forbidden,
-    ProxyError,
 )
 from dialproxy.limiter import Scope
 from dialproxy.upstream.attempts import Attempts
@@ -140,10 +139,10 @@ async def serve(
                 fields["error"] = "stream ended: the server is shutting down"
         return response
     except Exception as e:
-        response = guard.response_for(request, e)
+        response, message = guard.refusal(request, e)
         status = response.status
-        if isinstance(e, ProxyError):
-            fields["error"] = e.message
+        if message is not None:
+            fields["error"] = message
         return response
     finally:
         keys = services.shared.per_request
