@@ -220,10 +220,6 @@ class Limiter:
 
         await self.guard.run(add, None, refuse=False)
 
-    async def record(self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int) -> None:
-        """Add a finished request's usage (nothing reserved) to its scopes' windows."""
-        await self.settle(scopes, tokens, cost_nano_usd)
-
     def record_now(
         self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int, member: str = ""
     ) -> None:

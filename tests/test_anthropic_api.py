@@ -64,7 +64,10 @@ async def test_create_with_the_sdks_key_header_reaches_the_upstream_with_its_own
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:
     proxy = await make_proxy(config(backend))
-    with anthropic.Anthropic(base_url=proxy.url("/anthropic"), api_key=KEY) as sdk:
+    beta = {"anthropic-beta": "prompt-caching-2024-07-31"}
+    with anthropic.Anthropic(
+        base_url=proxy.url("/anthropic"), api_key=KEY, default_headers=beta
+    ) as sdk:
         message = await asyncio.to_thread(
             lambda: sdk.messages.create(model="claude", max_tokens=50, messages=MESSAGES)
         )
@@ -74,6 +77,7 @@ async def test_create_with_the_sdks_key_header_reaches_the_upstream_with_its_own
         assert got.path == "/v1/messages"
         assert got.headers["x-api-key"] == UPSTREAM_KEY  # never the client's
         assert got.headers["anthropic-version"] == sdk.default_headers["anthropic-version"]
+        assert got.headers["anthropic-beta"] == "prompt-caching-2024-07-31"
         assert KEY not in str(dict(got.headers))
     usage = message.usage
     assert await used_tokens(proxy) == usage.input_tokens + usage.output_tokens
@@ -101,6 +105,16 @@ async def test_an_api_key_header_is_taken_too(backend: Backend, make_proxy: Prox
         differ = await s.post(proxy.url("/anthropic/v1/messages"), json=body, headers=both)
         assert differ.status == 400
         assert (await differ.json())["type"] == "error"
+        for bad in (b"{not json", b'{"model": 7}', b"\xff\xfe"):  # said in Anthropic's shape
+            refused = await s.post(
+                proxy.url("/anthropic/v1/messages"),
+                data=bad,
+                headers={"x-api-key": KEY, "Content-Type": "application/json"},
+            )
+            error = await refused.json()
+            assert refused.status == 400, bad
+            assert error["type"] == "error"
+            assert error["error"]["type"] == "invalid_request_error"
         # x-api-key is Anthropic's: the OpenAI routes do not read it
         chat = await s.post(
             proxy.url("/openai/deployments/claude/chat/completions"),

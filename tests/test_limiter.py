@@ -198,7 +198,7 @@ async def test_usage_is_recorded_whole_and_may_overshoot(
     assert tightest is not None
     assert (tightest.window.name, tightest.used, tightest.remaining) == ("minute", 0, 10)
     await check_tokens(limiter, scope)
-    await limiter.record([scope], tokens=25, cost_nano_usd=2_000_000)
+    await limiter.settle([scope], tokens=25, cost_nano_usd=2_000_000)
     with pytest.raises(RateLimited) as tokens:
         await check_tokens(limiter, scope)
     assert tokens.value.message == (
@@ -212,7 +212,7 @@ async def test_usage_is_recorded_whole_and_may_overshoot(
     week = await sliding(storage).get_sliding_window("dp:p:tok:chat:t:week", 604_800)
     assert week[2] == 0
     # Nothing recorded when there is nothing to record.
-    await limiter.record([scope], tokens=0, cost_nano_usd=0)
+    await limiter.settle([scope], tokens=0, cost_nano_usd=0)
     assert await used(limiter, scope, "t") == {"minute": 25, "day": 25}
 
 

@@ -170,7 +170,7 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
             assert refused.value.body() == {
                 "error": {"message": "Rate limit storage is unavailable", "code": "503"}
             }
-        await limiter.record([scope], tokens=10, cost_nano_usd=0)  # never raises
+        await limiter.settle([scope], tokens=10, cost_nano_usd=0)  # never raises
         health = limiter.health()
         assert health["healthy"] is False and health["failures"] == 1
         assert health["outages"] == 1 and health["fallbacks"] >= 6
