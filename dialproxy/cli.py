@@ -118,6 +118,13 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "(env DIALPROXY_STREAM_DRAIN; 5)",
     )
     parser.add_argument(
+        "--slot-lease",
+        type=float,
+        metavar="SECONDS",
+        help="with Redis storage: how long a concurrency slot of an instance that died stays "
+        "taken (live ones are renewed every third of it; env DIALPROXY_SLOT_LEASE; 60)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         metavar="SECONDS",

@@ -19,6 +19,11 @@ instant: :meth:`~LocalCounters.read_many` (the token and cost checks),
 :meth:`~LocalCounters.acquire_many` (a request counted in all its windows or in none),
 :meth:`~LocalCounters.add_many` (usage recorded) and :meth:`~LocalCounters.take_back`.
 Windows that have not been counted in for two lengths are swept once a minute.
+
+A calendar window (a day, week or month on DIAL's ``rateLimitSchedule``) is a plain
+counter of one period: its ``Read`` is ``(key@start, -end)``, a negative length naming the
+period's end (epoch seconds), when it lapses; its counts are ``(0, 0.0, count, seconds to
+the end)``, so the sliding arithmetic reads it as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ SWEEP_EVERY = 60.0
 
 # (previous count, its ttl, current count, its ttl): what ``get_sliding_window`` answers.
 Counts = tuple[int, float, int, float]
-# A window: (key, length in seconds).
+# A window: (key, length in seconds), or a calendar period's counter: (key@start, -end).
 Read = tuple[str, int]
 
 
@@ -48,8 +53,14 @@ class LocalCounters(MemoryStorage):
 
     def _add(self, window: Read, amount: int, now: float) -> None:
         """``amount`` added to the bucket of ``now``."""
-        now_bucket = int(now / window[1])
         record = self.windows.get(window)
+        if window[1] < 0:  # a calendar period: [end, count, -1, 0]
+            if record is None:
+                self.windows[window] = [-window[1], amount, -1, 0]
+            else:
+                record[1] += amount
+            return
+        now_bucket = int(now / window[1])
         if record is None:
             self.windows[window] = [now_bucket, amount, -1, 0]
         elif record[0] == now_bucket:
@@ -65,6 +76,9 @@ class LocalCounters(MemoryStorage):
         the current bucket lacks is taken from the previous one."""
         record = self.windows.get(window)
         if record is None:
+            return
+        if window[1] < 0:
+            record[1] = max(record[1] - amount, 0)
             return
         now_bucket = int(now / window[1])
         if record[0] == now_bucket:
@@ -87,8 +101,13 @@ class LocalCounters(MemoryStorage):
         counts: list[Counts] = []
         for window in windows:
             expiry = window[1]
-            current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
             record = records.get(window)
+            if expiry < 0:  # a calendar period
+                left = -expiry - now
+                count = record[1] if record is not None and left > 0 else 0
+                counts.append((0, 0.0, count, max(left, 0.0)))
+                continue
+            current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
             if record is None:
                 counts.append((0, 0.0, 0, current_ttl))
                 continue
@@ -127,6 +146,19 @@ class LocalCounters(MemoryStorage):
         counts: list[Counts] = []
         for index, window in enumerate(windows):
             expiry = window[1]
+            if expiry < 0:  # a calendar period: a plain counter until its end
+                record = records.get(window)
+                current = record[1] if record is not None else 0
+                if current + amount > limits[index]:
+                    for done in windows[:index]:
+                        self._take_back(done, amount, now)
+                    return index
+                if record is None:
+                    records[window] = [-expiry, amount, -1, 0]
+                else:
+                    record[1] += amount
+                counts.append((0, 0.0, current + amount, max(-expiry - now, 0.0)))
+                continue
             now_bucket = int(now / expiry)
             current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
             record = records.get(window)
@@ -203,7 +235,11 @@ class LocalCounters(MemoryStorage):
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_EVERY
-        stale = [w for w, record in self.windows.items() if record[0] < int(now / w[1]) - 1]
+        stale = [
+            w
+            for w, record in self.windows.items()
+            if (record[0] <= now if w[1] < 0 else record[0] < int(now / w[1]) - 1)
+        ]
         for window in stale:
             del self.windows[window]
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, NoReturn
 
-from dialproxy.config.model import Window
+from dialproxy.config.model import UNLIMITED, Window
 from dialproxy.counters import Counts, LocalCounters, Read
 from dialproxy.errors import ProxyError
 from dialproxy.storage import (
@@ -37,10 +37,10 @@ from dialproxy.storage import (
     FailurePolicy,
     Storage,
     StorageGuard,
+    on_clock,
     read,
 )
 
-_UNLIMITED = 2**62
 _ZERO: Counts = (0, 0.0, 0, 0.0)
 
 
@@ -68,6 +68,8 @@ class WindowState:
         """Seconds until used < limit (0 when it is already below)."""
         previous, previous_ttl, current, current_ttl = self.counts
         e, limit = self.window.seconds, self.window.limit
+        if self.window.calendar is not None:  # (it empties at the period's end)
+            return current_ttl if self.used >= limit else 0.0
         # Seconds until the current window rolls over (the current becomes the previous).
         to_roll = max(current_ttl - e, 0.0)
         if self.used < limit:
@@ -87,14 +89,26 @@ class WindowState:
         return f"WindowState({self.window.name}: {self.used}/{self.window.limit})"
 
 
+def counter(key: str, window: Window, now: float) -> Read:
+    """The counter of ``window`` at ``now``: ``(key, seconds)`` for a sliding window; for a
+    calendar window, the period's own counter, ``(key@start, -end)`` (epoch seconds: the
+    storage lets it lapse at the end)."""
+    calendar = window.calendar
+    if calendar is None:
+        return key, window.seconds
+    start, end = calendar.period(now)
+    return f"{key}@{start}", -end
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """Which counters a request is charged to: ``dp:{owner}:{model}`` and ``dp:{owner}``.
 
     ``owner`` is ``p:<project>`` for DIAL's project counters, ``k:<digest>`` for per-key
-    quotas.  Only the limited windows are counted (each costs a storage operation on every
-    request): a limit added by a reload starts from zero, a changed one keeps its count.
-    The counter keys are made once, with the scope.
+    quotas.  The windows given are counted (a limited scope counts every window, limited
+    or not: the limits answers say its use): a limit added by a reload starts from zero, a
+    changed one keeps its count.  The counter keys are made with the scope, and again when
+    a calendar window's period ends (:meth:`current`).
     """
 
     owner: str
@@ -114,21 +128,57 @@ class Scope:
     # Whether a finished request's usage is added here (any token or cost window).
     records: bool = field(init=False, repr=False, compare=False)
     slot_set: str = field(init=False, repr=False, compare=False)  # its requests in flight
+    # [start, end) of the counters' periods (the calendar windows'; else all time).
+    period: list[float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        prefix = f"dp:{self.owner}:{self.model}:"
-        tokens = tuple((f"{prefix}t:{w.name}", w.seconds) for w in self.token_windows)
-        costs = tuple((f"dp:{self.owner}:c:{w.name}", w.seconds) for w in self.cost_windows)
-        counted = tuple((f"{prefix}r:{w.name}", w.seconds) for w in self.request_windows)
-        object.__setattr__(self, "token_counters", tokens)
-        object.__setattr__(self, "cost_counters", costs)
-        object.__setattr__(self, "checked", tokens + costs)
+        object.__setattr__(self, "period", [-math.inf, math.inf])
+        self._count_at(time.time())
         object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
-        object.__setattr__(self, "counted", counted)
         object.__setattr__(self, "counted_limits", tuple(w.limit for w in self.request_windows))
         object.__setattr__(self, "checked_limits", tuple(w.limit for w in self.checked_windows))
         object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
-        object.__setattr__(self, "slot_set", f"{prefix}f")
+        object.__setattr__(self, "slot_set", f"dp:{self.owner}:{self.model}:f")
+
+    def counters(self, now: float) -> tuple[tuple[Read, ...], tuple[Read, ...], tuple[Read, ...]]:
+        """The token, cost and request counters at ``now``."""
+        prefix = f"dp:{self.owner}:{self.model}:"
+        return (
+            tuple(counter(f"{prefix}t:{w.name}", w, now) for w in self.token_windows),
+            tuple(counter(f"dp:{self.owner}:c:{w.name}", w, now) for w in self.cost_windows),
+            tuple(counter(f"{prefix}r:{w.name}", w, now) for w in self.request_windows),
+        )
+
+    def _count_at(self, now: float) -> None:
+        tokens, costs, counted = self.counters(now)
+        object.__setattr__(self, "token_counters", tokens)
+        object.__setattr__(self, "cost_counters", costs)
+        object.__setattr__(self, "checked", tokens + costs)
+        object.__setattr__(self, "counted", counted)
+        calendars = [
+            w.calendar.period(now)
+            for w in chain(self.token_windows, self.cost_windows, self.request_windows)
+            if w.calendar is not None
+        ]
+        if calendars:
+            self.period[:] = max(p[0] for p in calendars), min(p[1] for p in calendars)
+
+    def current(self, now: float) -> bool:
+        """Its counters made for ``now``'s periods if a calendar period ended (True then)."""
+        period = self.period
+        if period[0] <= now < period[1]:
+            return False
+        self._count_at(now)
+        return True
+
+    def counters_at(self, when: float) -> tuple[tuple[Read, ...], tuple[Read, ...]]:
+        """The token and cost counters of the periods of ``when`` (a request is settled in
+        the periods it was admitted in)."""
+        period = self.period
+        if period[0] <= when < period[1]:
+            return self.token_counters, self.cost_counters
+        tokens, costs, _ = self.counters(when)
+        return tokens, costs
 
 
 class RateLimited(ProxyError):
@@ -138,6 +188,8 @@ class RateLimited(ProxyError):
         unit = {"token": "tokens", "request": "requests", "cost": "USD"}[kind]
         parts = [f"Hit {kind} rate limit."]
         for s in states:
+            if not s.window.limited:  # (counted, not limited: nothing to say)
+                continue
             if kind == "cost":
                 parts.append(
                     f"{s.window.name.capitalize()} limit: {s.used / 1e9:.6g} / "
@@ -159,8 +211,12 @@ class RateLimited(ProxyError):
 
 class Limiter:
     def __init__(
-        self, storage: Storage, failure: FailurePolicy | str = DEFAULT_FAILURE_POLICY
+        self,
+        storage: Storage,
+        failure: FailurePolicy | str = DEFAULT_FAILURE_POLICY,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock  # (the tests' calendar windows cross their boundaries on their own)
         self.guard = StorageGuard(storage, failure)
         self.storage = storage
         # Counters in this process's memory: calls never wait on I/O and never fail, so
@@ -192,24 +248,36 @@ class Limiter:
         tightest request and token windows (None: no such limit), for the rate-limit
         headers.  A scope with a concurrency cap gives ``member`` (the request) a slot, or
         refuses (freed by :meth:`settle`)."""
+        now = self.clock()
         admission = scopes if isinstance(scopes, Admission) else Admission(scopes)
-        batch = _Batch(admission, reserve_tokens, reserve_cost, member)
+        if now >= admission.period[1] or now < admission.period[0]:
+            admission.current(now)  # (a calendar period ended: its new counters)
+        batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         if self.local is not None:
             return _admit_now(self.local, batch)
         return await self.guard.run(lambda s: _admit(s, batch), (None, None))
 
     async def settle(
-        self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int, member: str = ""
+        self,
+        scopes: Sequence[Scope],
+        tokens: int,
+        cost_nano_usd: int,
+        member: str = "",
+        admitted: float | None = None,
     ) -> None:
         """Add signed amounts to the scopes' token and cost windows, and free ``member``'s
         slots, in one storage step: the real usage less the reservation (negative: taken
-        back)."""
-        windows, amounts = _settlement(scopes, tokens, cost_nano_usd)
+        back), in the calendar periods of ``admitted`` (when the request was admitted: where
+        its reservation is)."""
+        now = self.clock()
+        windows, amounts = _settlement(
+            scopes, tokens, cost_nano_usd, now if admitted is None else admitted
+        )
         slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
         if not windows and not slots:
             return
         if self.local is not None:
-            return self.local.settle(windows, amounts, slots, member)
+            return self.local.settle(windows, amounts, slots, member, now)
         if slots:  # (taken in memory while Redis was down: freed there too)
             self.guard.local.settle((), (), slots, member)
 
@@ -221,19 +289,30 @@ class Limiter:
         await self.guard.run(add, None, refuse=False)
 
     def record_now(
-        self, scopes: Sequence[Scope], tokens: int, cost_nano_usd: int, member: str = ""
+        self,
+        scopes: Sequence[Scope],
+        tokens: int,
+        cost_nano_usd: int,
+        member: str = "",
+        admitted: float | None = None,
     ) -> None:
         """:meth:`settle` on in-process counters: done before it returns."""
         local = self.local
         assert local is not None
-        now = time.time()
+        now = self.clock()
+        when = now if admitted is None else admitted
         for scope in scopes:  # (this runs on every request: no lists built)
-            if tokens and scope.token_counters:
-                local.change_many(scope.token_counters, tokens, now)
-            if cost_nano_usd and scope.cost_counters:
-                local.change_many(scope.cost_counters, cost_nano_usd, now)
+            period = scope.period
+            if period[0] <= when < period[1]:
+                token_counters, cost_counters = scope.token_counters, scope.cost_counters
+            else:
+                token_counters, cost_counters = scope.counters_at(when)
+            if tokens and token_counters:
+                local.change_many(token_counters, tokens, now)
+            if cost_nano_usd and cost_counters:
+                local.change_many(cost_counters, cost_nano_usd, now)
             if member and scope.concurrency is not None:
-                local.settle((), (), (scope.slot_set,), member)
+                local.settle((), (), (scope.slot_set,), member, now)
 
     async def usage(
         self, owner: str, model: str, windows: Sequence[Window], kind: str
@@ -246,27 +325,30 @@ class Limiter:
         return await self._read(windows, [f"dp:{owner}:c:{w.name}" for w in windows])
 
     async def _read(self, windows: Sequence[Window], keys: list[str]) -> list[WindowState]:
-        counters = [(key, w.seconds) for key, w in zip(keys, windows, strict=True)]
+        now = self.clock()
+        counters = [counter(key, w, now) for key, w in zip(keys, windows, strict=True)]
 
         async def states(s: Storage) -> list[WindowState]:
-            return _states(windows, await read(s, counters))
+            return _states(windows, await read(s, counters, now))
 
         return await self.guard.run(states, [WindowState(w, _ZERO) for w in windows])
 
 
 def _settlement(
-    scopes: Sequence[Scope], tokens: int, cost_nano_usd: int
+    scopes: Sequence[Scope], tokens: int, cost_nano_usd: int, when: float
 ) -> tuple[list[Read], list[int]]:
-    """The windows a settlement changes, with the amount for each."""
+    """The windows a settlement changes (in the calendar periods of ``when`` the request was
+    admitted), with the amount for each."""
     windows: list[Read] = []
     amounts: list[int] = []
     for scope in scopes:
-        if tokens and scope.token_counters:
-            windows += scope.token_counters
-            amounts += [tokens] * len(scope.token_counters)
-        if cost_nano_usd and scope.cost_counters:
-            windows += scope.cost_counters
-            amounts += [cost_nano_usd] * len(scope.cost_counters)
+        token_counters, cost_counters = scope.counters_at(when)
+        if tokens and token_counters:
+            windows += token_counters
+            amounts += [tokens] * len(token_counters)
+        if cost_nano_usd and cost_counters:
+            windows += cost_counters
+            amounts += [cost_nano_usd] * len(cost_counters)
     return windows, amounts
 
 
@@ -287,6 +369,7 @@ class Admission:
         "limits",
         "modes",
         "owners",
+        "period",
         "request_windows",
         "scopes",
         "slots",
@@ -297,6 +380,21 @@ class Admission:
 
     def __init__(self, scopes: Sequence[Scope]) -> None:
         self.scopes = tuple(scopes)
+        self.period = [-math.inf, math.inf]
+        self._build()
+
+    def current(self, now: float) -> None:
+        """Its counters made for ``now`` (a calendar period of a scope ended)."""
+        for scope in self.scopes:
+            scope.current(now)
+        self._build()
+
+    def _build(self) -> None:
+        scopes = self.scopes
+        self.period[:] = (
+            max((s.period[0] for s in scopes), default=-math.inf),
+            min((s.period[1] for s in scopes), default=math.inf),
+        )
         windows: list[Read] = []
         limits: list[int] = []
         kinds: list[int] = []
@@ -330,10 +428,13 @@ class Admission:
 class _Batch:
     """One request's admission: the scopes' :class:`Admission` with its amounts."""
 
-    __slots__ = ("admission", "member", "reserved", "slots")
+    __slots__ = ("admission", "member", "now", "reserved", "slots")
 
-    def __init__(self, admission: Admission, tokens: int, cost: int, member: str) -> None:
+    def __init__(
+        self, admission: Admission, tokens: int, cost: int, member: str, now: float
+    ) -> None:
         self.admission = admission
+        self.now = now
         self.reserved = (tokens, cost)
         self.member = member
         self.slots = admission.slots if member else []
@@ -362,6 +463,7 @@ async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowS
     if isinstance(s, LocalCounters):
         return _admit_now(s, batch)
     refused, counts = await s.admit(*batch.args())
+    on_clock(batch.windows, counts, batch.now)
     if refused:
         _refuse(batch, refused, counts)
     return _admitted(batch, counts)
@@ -374,7 +476,7 @@ def _admit_now(
     else runs on the loop meanwhile).  The scopes' token and cost windows read and checked,
     the request counted in every request window or in none, then the reservation added
     (this runs on every request: the counters' batch calls, each window looked up once)."""
-    admission, now = batch.admission, time.time()
+    admission, now = batch.admission, batch.now
     token: Tight | None = None
     for scope in admission.scopes:
         if scope.checked:
@@ -478,6 +580,9 @@ def _used(window: Window, counts: Counts) -> int:
     return int(previous * previous_ttl / window.seconds + current)
 
 
+# More left than this: an unlimited window (counted, never the tightest).
+_FAR = UNLIMITED // 2
+
 # The tightest window so far: the window, its counts and what is left of it.
 Tight = tuple[Window, Counts, int]
 
@@ -495,12 +600,16 @@ def _scan(
         left = window.limit - int(c[0] * c[1] / window.seconds + c[2])
         if left <= 0:
             full = True
-        if index < select and (
-            tight is None
-            or left < tight[2]
-            or (
-                left == tight[2]
-                and seconds_to_empty(window, c) > seconds_to_empty(tight[0], tight[1])
+        if (
+            index < select
+            and left < _FAR
+            and (
+                tight is None
+                or left < tight[2]
+                or (
+                    left == tight[2]
+                    and seconds_to_empty(window, c) > seconds_to_empty(tight[0], tight[1])
+                )
             )
         ):
             tight = (window, c, left)
@@ -515,8 +624,11 @@ def _state(tight: Tight | None) -> WindowState | None:
 
 
 def seconds_to_empty(window: Window, counts: Counts) -> float:
-    """Seconds until the window is empty: the current bucket's ttl, or the previous one's."""
+    """Seconds until the window is empty: the current bucket's ttl, or the previous one's
+    (a calendar window: its period's end)."""
     _, previous_ttl, current, current_ttl = counts
+    if window.calendar is not None:
+        return current_ttl if current > 0 else 0.0
     if current <= 0:
         return previous_ttl
     seconds = window.seconds

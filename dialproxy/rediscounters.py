@@ -4,9 +4,11 @@ The windows are the ``limits`` library's sliding window counters, kept as ``limi
 them in Redis (``{prefix}{key}`` the current bucket, ``{prefix}{key}/-1`` the previous one,
 the current bucket's TTL telling where the window stands: when it falls under one window
 length the current bucket becomes the previous one), with ``limits``' arithmetic (the
-weighted count: previous x its TTL share + current).  A differential test holds these
-scripts to ``limits``' own.  What ``limits`` has no call for is here too, each in one
-script call, so that a request costs two Redis round trips whatever its windows:
+weighted count: previous x its TTL share + current).  A calendar period's counter (a
+negative length: its end, see ``counters``) is one key that lapses at the period's end.
+A differential test holds these scripts to ``limits``' own.  What ``limits`` has no call
+for is here too, each in one script call, so that a request costs two Redis round trips
+whatever its windows:
 
 - :meth:`RedisCounters.admit`: every window of a request checked, then (all or nothing) its
   request counted and its reservation added;
@@ -53,6 +55,11 @@ local ARGV_PACKED = ARGV[1]
 local ARGV = {}  -- (the arguments come as one comma-separated string: one to encode, not 20)
 for v in string.gmatch(ARGV_PACKED, '[^,]+') do ARGV[#ARGV + 1] = v end
 local function window(p, c, expiry)
+    if expiry < 0 then  -- a calendar period's counter (expiry: -its end, epoch ms)
+        local ct = tonumber(redis.call('pttl', KEYS[c]))
+        if ct < 0 then ct = 0 end
+        return 0, 0, tonumber(redis.call('get', KEYS[c])) or 0, ct
+    end
     local current_ttl = tonumber(redis.call('pttl', KEYS[c]))
     if current_ttl > 0 and current_ttl < expiry then
         redis.call('rename', KEYS[c], KEYS[p])
@@ -69,6 +76,10 @@ end
 local function add(c, expiry, amount)
     if redis.call('exists', KEYS[c]) == 1 then
         return redis.call('incrby', KEYS[c], amount)
+    end
+    if expiry < 0 then  -- (lapses at its period's end)
+        redis.call('set', KEYS[c], amount, 'PXAT', -expiry)
+        return amount
     end
     redis.call('set', KEYS[c], amount, 'PX', expiry * 2)
     return amount

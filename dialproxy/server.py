@@ -12,7 +12,7 @@ from dialproxy.config.loader import Source
 from dialproxy.config.store import ConfigStore, ReloadResult
 from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.counters import LocalCounters
-from dialproxy.rediscounters import RedisCounters
+from dialproxy.rediscounters import LEASE, RedisCounters
 from dialproxy.settings import Settings
 from dialproxy.storage import Storage
 from dialproxy.web.app import create_app
@@ -21,7 +21,7 @@ from dialproxy.web.appkeys import BACKGROUND, BALANCER, STORE
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
 
-def counter_storage(uri: str) -> Storage:
+def counter_storage(uri: str, slot_lease: float = LEASE) -> Storage:
     """``memory://`` (the default) or Redis (:class:`~dialproxy.rediscounters.RedisCounters`).
 
     ``redis://[:password@]HOST:PORT/DB``, ``rediss://...`` (TLS) and
@@ -37,7 +37,7 @@ def counter_storage(uri: str) -> Storage:
     if scheme.removeprefix("async+") in REDIS_SCHEMES:
         if uri.startswith("redis+unix"):
             uri = "unix" + uri.removeprefix("redis+unix")
-        return RedisCounters(uri)
+        return RedisCounters(uri, lease=slot_lease)
     raise ValueError(
         f"unsupported storage URI {scheme + '://' if scheme else repr(uri)}: "
         "use memory://, redis://, rediss:// or redis+unix://"
@@ -46,7 +46,9 @@ def counter_storage(uri: str) -> Storage:
 
 def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     """The served app; with ``settings.watch`` it reloads its config when the files change."""
-    app = create_app(store, settings=settings, storage=counter_storage(settings.storage))
+    app = create_app(
+        store, settings=settings, storage=counter_storage(settings.storage, settings.slot_lease)
+    )
     if settings.watch:
         app.cleanup_ctx.append(watch_config)
     return app

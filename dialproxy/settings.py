@@ -26,6 +26,7 @@ NUMBERS: dict[str, type[int] | type[float]] = {
     "header_timeout": float,
     "body_timeout": float,
     "stream_drain": float,
+    "slot_lease": float,
 }
 _UNITS = {int: "a number of bytes", float: "a number of seconds"}
 _WHAT = {"port": "a port number", "workers": "a number of processes"}
@@ -54,6 +55,8 @@ class Settings:
     header_timeout: float = 10.0
     # A request body that receives no byte for this long is answered 408.
     body_timeout: float = 30.0
+    # With Redis: how long a concurrency slot outlives its instance (renewed every third).
+    slot_lease: float = 60.0
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""
@@ -64,6 +67,8 @@ class Settings:
                 raise ValueError(
                     f"{name.replace('_', ' ')} must be at least 1 byte, not {getattr(self, name)}"
                 )
+        if not 1 <= self.slot_lease <= 3600:  # (NaN fails too)
+            raise ValueError(f"slot lease must be 1 to 3600 seconds, not {self.slot_lease}")
         if not 0 <= self.stream_drain <= 3600:  # (NaN fails too)
             raise ValueError(f"stream drain must be 0 to 3600 seconds, not {self.stream_drain}")
         for name in ("header_timeout", "body_timeout"):

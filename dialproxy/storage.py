@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
@@ -105,10 +105,23 @@ async def take_back(storage: Storage, key: str, seconds: int, amount: int = 1) -
         await storage.settle([(key, seconds)], [-amount])
 
 
-async def read(storage: Storage, windows: list[Read]) -> list[Counts]:
+async def read(storage: Storage, windows: list[Read], now: float | None = None) -> list[Counts]:
+    """The counts of ``windows`` at ``now`` (a calendar window's time to its end by that
+    clock, not the storage's)."""
     if isinstance(storage, LocalCounters):
-        return storage.read_many(windows)
-    return await storage.read(windows)
+        return storage.read_many(windows, now)
+    return on_clock(windows, await storage.read(windows), now)
+
+
+def on_clock(windows: Sequence[Read], counts: list[Counts], now: float | None) -> list[Counts]:
+    """``counts`` of ``windows`` from Redis with each calendar window's time to its period's
+    end by ``now`` (the instance's clock, that made the period: Redis's may differ)."""
+    if now is None:
+        now = time.time()
+    for index, (_, seconds) in enumerate(windows):
+        if seconds < 0 and index < len(counts):
+            counts[index] = (0, 0.0, counts[index][2], max(-seconds - now, 0.0))
+    return counts
 
 
 async def prepare(storage: Storage) -> None:

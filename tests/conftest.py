@@ -215,3 +215,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+def utc_day_end() -> str:
+    """When today's day window resets on the default schedule (UTC midnight), as the limits
+    answers say it (``resetsAt``)."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (today + timedelta(days=1)).isoformat()

@@ -19,7 +19,14 @@ from aiohttp import web
 
 from dialproxy.auth import PER_REQUEST_KEY_PREFIX
 from dialproxy.config.loader import ConfigError, Source, build_snapshot
-from tests.conftest import AiohttpServer, Backend, BackendFactory, ProxyFactory, new_key
+from tests.conftest import (
+    AiohttpServer,
+    Backend,
+    BackendFactory,
+    ProxyFactory,
+    new_key,
+    utc_day_end,
+)
 from tests.test_serve import DEMO_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +169,7 @@ async def test_served_end_to_end_with_a_per_request_key(served: tuple[App, str, 
         # the usage the application reported is counted (2 requests x 7 tokens)
         async with session.get(url + "/v1/deployments/my-app/limits", headers=headers()) as resp:
             stats = await resp.json()
-        assert stats["dayTokenStats"] == {"total": 1000, "used": 14}
+        assert stats["dayTokenStats"] == {"total": 1000, "used": 14, "resetsAt": utc_day_end()}
         assert stats["minuteRequestStats"] == {"total": 2, "used": 2}
 
 

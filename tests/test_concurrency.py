@@ -4,7 +4,10 @@ instances, freed when a request ends however it ends, and after an instance dies
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -145,3 +148,49 @@ async def test_an_instance_that_dies_frees_its_slots_within_the_lease(
         await b.admit([scope], member="second")  # the lease ran out
     finally:
         await b.close()
+
+
+async def test_a_killed_instance_frees_its_slot_within_the_lease(
+    aiohttp_server: AiohttpServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A real ``dialproxy serve`` holding the only slot is killed (SIGKILL: no settlement, no
+    goodbye); another instance on the same Redis refuses while the slot is held, then admits
+    once the dead one's lease (``--slot-lease 3``) has run out."""
+    from tests.test_workers import Served  # (real processes, as the workers' tests run them)
+
+    redis_server.flush()
+    upstream = await slow_upstream(aiohttp_server, delay=3600)  # the first call never ends
+    path = tmp_path / "aidial.config.json"
+    path.write_text(json.dumps(config(upstream, cap=1)))
+    args = ("--config", str(path), "--storage", redis_server.url, "--slot-lease", "3")
+    dying, other = Served(tmp_path, *args), Served(tmp_path, *args)
+    try:
+        await dying.pids(1)
+        await other.pids(1)
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        url = "/openai/deployments/m/chat/completions"
+        async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+            held = asyncio.ensure_future(s.post(dying.url + url, json=chat))
+            for _ in range(600):  # (until the upstream holds it)
+                if upstream.now:
+                    break
+                await asyncio.sleep(0.05)
+            assert upstream.now == 1
+            async with s.post(other.url + url, json=chat) as r:
+                assert r.status == 429
+                assert "concurrency limit: 1 / 1" in (await r.json())["error"]["message"]
+            dying.stop()  # SIGKILL
+            with contextlib.suppress(aiohttp.ClientError):
+                await held
+            upstream.delay = 0  # (the next call is answered at once)
+            statuses = []
+            for _ in range(60):  # the lease (3 s) and a wide margin for a busy machine
+                async with s.post(other.url + url, json=chat) as r:
+                    statuses.append(r.status)
+                if r.status == 200:
+                    break
+                await asyncio.sleep(0.5)
+        assert statuses[-1] == 200 and set(statuses[:-1]) <= {429}, statuses
+    finally:
+        dying.stop()
+        other.stop()

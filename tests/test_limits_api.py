@@ -11,7 +11,7 @@ import pytest
 
 from dialproxy.apis.openai import go_duration
 from dialproxy.server import counter_storage
-from tests.conftest import Backend, Proxy, ProxyFactory, new_key
+from tests.conftest import Backend, Proxy, ProxyFactory, new_key, utc_day_end
 from tests.redis_server import RedisServer
 
 KEY = new_key()
@@ -116,7 +116,7 @@ async def test_request_limit_is_exact_and_counts_per_project(
         r = await s.get(proxy.url("/v1/deployments/chat/limits"), headers={"Api-Key": KEY})
         stats = await r.json()
     assert stats["hourRequestStats"] == {"total": 3, "used": 3}
-    assert stats["dayRequestStats"] == {"total": 10, "used": 3}
+    assert stats["dayRequestStats"] == {"total": 10, "used": 3, "resetsAt": utc_day_end()}
 
 
 async def test_max_over_roles_and_default_fallback(

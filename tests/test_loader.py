@@ -988,8 +988,12 @@ def test_each_field_is_the_maximum_over_the_roles() -> None:
     # a: minute 100, day 1000, requestHour 5; b: minute 200, day absent (unlimited), 0 requests
     assert grant.limit == Limit(minute=200, day=None, request_hour=5)
     assert not grant.denied
-    assert [(w.name, w.limit) for w in grant.token_windows] == [("minute", 200)]
-    assert [(w.name, w.seconds, w.limit) for w in grant.request_windows] == [("hour", 3600, 5)]
+    limited = [(w.name, w.seconds, w.limit) for w in grant.request_windows if w.limited]
+    assert [(w.name, w.limit) for w in grant.token_windows if w.limited] == [("minute", 200)]
+    assert limited == [("hour", 3600, 5)]
+    # every window of a limited grant is counted (DIAL: its use is known in each)
+    assert [w.name for w in grant.token_windows] == ["minute", "day", "week", "month"]
+    assert [w.name for w in grant.request_windows] == ["minute", "hour", "day"]
 
 
 def test_only_the_roles_the_model_admits_count() -> None:
@@ -1022,8 +1026,8 @@ def test_cost_windows_are_the_maximum_and_need_every_role_to_limit() -> None:
     snapshot = build(limits_config())
     ab = snapshot.keys[sha256("limits-ab")].access
     a = snapshot.keys[sha256("limits-a")].access
-    assert [(w.name, w.limit) for w in ab.cost_windows] == [("day", 20_000_000_000)]
-    assert [(w.name, w.limit) for w in a.cost_windows] == [
+    assert [(w.name, w.limit) for w in ab.cost_windows if w.limited] == [("day", 20_000_000_000)]
+    assert [(w.name, w.limit) for w in a.cost_windows if w.limited] == [
         ("day", 10_000_000_000),
         ("month", 100_000_000_000),
     ]

@@ -19,7 +19,16 @@ from structlog.testing import capture_logs
 
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys import SHARED, STATE_FILE, SqliteSharedKeyStore, state_path
-from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory, chat_model, new_key
+from tests.conftest import (
+    SECRETS,
+    Backend,
+    Clock,
+    Proxy,
+    ProxyFactory,
+    chat_model,
+    new_key,
+    utc_day_end,
+)
 from tests.redis_server import RedisServer
 
 OWNER = new_key()
@@ -161,7 +170,11 @@ async def test_the_whole_life_of_a_shared_key(
         "capReached": False,
     }
     status, day = await sk.call("GET", "/v1/deployments/chat/limits", secret)
-    assert status == 200 and day["dayTokenStats"] == {"total": 100_000, "used": 7}
+    assert status == 200 and day["dayTokenStats"] == {
+        "total": 100_000,
+        "used": 7,
+        "resetsAt": utc_day_end(),
+    }
 
     # The owner sees it (never its secret); the cap stops it, and only it.
     status, listed = await sk.call("GET", "/v1/sharedkeys", OWNER)

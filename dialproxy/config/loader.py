@@ -49,8 +49,10 @@ from dialproxy.config.model import (
     fingerprint,
     key_digest,
     never_default_header,
+    windows,
 )
 from dialproxy.config.routes import build_routes, route_problems
+from dialproxy.config.schedule import DEFAULT_SCHEDULE, Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -747,6 +749,7 @@ def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapsho
         files=files,
         warnings=tuple(final),
         raw=MappingProxyType(merged),
+        schedule=built.schedule,
         dial_routes=build_routes(merged.get("routes")),
     )
 
@@ -935,6 +938,14 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
                     yield at.problem([*base, name], "not a valid date-time")
         if len(instants) == 2 and instants["notBefore"] >= instants["expiresAt"]:
             yield warn([*base, "expiresAt"], "the key expires before it becomes valid")
+
+    schedule = doc.get("rateLimitSchedule")
+    timezone = schedule.get("timezone") if isinstance(schedule, dict) else None
+    if isinstance(timezone, str) and zone(timezone) is None:
+        yield at.problem(
+            ["rateLimitSchedule", "timezone"],
+            f"unknown time zone {_show_name(timezone)} (an IANA name such as UTC or Europe/Berlin)",
+        )
 
     for role_name, role in roles.items():
         for name in _dict(_dict(role).get("limits")):
@@ -1312,8 +1323,14 @@ def _interface(raw: Mapping[str, Any], model_base_url: str | None) -> Interface:
     )
 
 
-def resolve_grant(model: Model, roles: frozenset[str], all_roles: Mapping[str, Role]) -> Grant:
-    """DIAL's limit resolution for one model and a caller's roles."""
+def resolve_grant(
+    model: Model,
+    roles: frozenset[str],
+    all_roles: Mapping[str, Role],
+    schedule: Schedule = DEFAULT_SCHEDULE,
+) -> Grant:
+    """DIAL's limit resolution for one model and a caller's roles.  A limited grant counts
+    every window (its use is known in each), its day, week and month ones on ``schedule``."""
     counted = roles if model.user_roles is None else roles & model.user_roles
     entries = [
         all_roles[r].limits[model.name]
@@ -1327,8 +1344,8 @@ def resolve_grant(model: Model, roles: frozenset[str], all_roles: Mapping[str, R
         model=model,
         limit=limit,
         denied=limit.denies if limit else False,
-        token_windows=limit.token_windows() if limit else (),
-        request_windows=limit.request_windows() if limit else (),
+        token_windows=limit.token_windows(schedule) if limit and limit.limits_anything else (),
+        request_windows=limit.request_windows(schedule) if limit and limit.limits_anything else (),
         concurrency=limit.concurrent if limit else None,
     )
 
@@ -1336,9 +1353,12 @@ def resolve_grant(model: Model, roles: frozenset[str], all_roles: Mapping[str, R
 class _Grants:
     """Grants shared between role sets: a grant depends only on the roles that have an entry."""
 
-    def __init__(self, models: Mapping[str, Model], roles: Mapping[str, Role]) -> None:
+    def __init__(
+        self, models: Mapping[str, Model], roles: Mapping[str, Role], schedule: Schedule
+    ) -> None:
         self.models = models
         self.roles = roles
+        self.schedule = schedule
         self.limited: dict[str, frozenset[str]] = {}
         by_model: dict[str, set[str]] = {}
         for role in roles.values():
@@ -1356,16 +1376,21 @@ class _Grants:
             relevant = counted & self.limited.get(name, frozenset())
             grant = self.cache.get((name, relevant))
             if grant is None:
-                grant = self.cache[(name, relevant)] = resolve_grant(model, relevant, self.roles)
+                grant = self.cache[(name, relevant)] = resolve_grant(
+                    model, relevant, self.roles, self.schedule
+                )
             grants[name] = grant
         return Access(
             roles=roles,
             grants=MappingProxyType(grants),
-            cost_windows=_cost_windows(roles, self.roles),
+            cost_windows=_cost_windows(roles, self.roles, self.schedule),
         )
 
 
-def _cost_windows(roles: frozenset[str], all_roles: Mapping[str, Role]) -> tuple[Window, ...]:
+def _cost_windows(
+    roles: frozenset[str], all_roles: Mapping[str, Role], schedule: Schedule
+) -> tuple[Window, ...]:
+    """The project's cost windows (nano-USD): every one when any is limited."""
     cost: dict[str, Decimal | None] = {}
     role_list = [all_roles[r] for r in sorted(roles) if r in all_roles]
     for window, _ in COST_WINDOWS:
@@ -1375,11 +1400,10 @@ def _cost_windows(roles: frozenset[str], all_roles: Mapping[str, Role]) -> tuple
             if any(v is not None for v in values) and all(v is not None for v in values)
             else None
         )
-    return tuple(
-        Window(window, seconds, int(value * 1_000_000_000))
-        for window, seconds in COST_WINDOWS
-        if (value := cost[window]) is not None
-    )
+    if all(value is None for value in cost.values()):
+        return ()
+    nano = tuple(None if v is None else int(v * 1_000_000_000) for v in cost.values())
+    return windows(COST_WINDOWS, nano, schedule, every=True)
 
 
 def _datetime_strict(value: str) -> datetime:
@@ -1409,7 +1433,8 @@ def _snapshot(doc: Mapping[str, Any], files: tuple[str, ...], digest: str) -> Sn
         )
         for name, raw in (doc.get("roles") or {}).items()
     }
-    grants = _Grants(models, roles)
+    schedule = Schedule.parse(doc.get("rateLimitSchedule"))
+    grants = _Grants(models, roles, schedule)
     accesses: dict[frozenset[str], Access] = {}
     keys: dict[str, Key] = {}
     for secret, raw in (doc.get("keys") or {}).items():
@@ -1448,4 +1473,5 @@ def _snapshot(doc: Mapping[str, Any], files: tuple[str, ...], digest: str) -> Sn
         retriable_codes=retriable,
         digest=digest,
         files=files,
+        schedule=schedule,
     )

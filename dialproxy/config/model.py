@@ -15,6 +15,8 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from dialproxy.config.schedule import DEFAULT_SCHEDULE, Calendar, Schedule
+
 if TYPE_CHECKING:
     from dialproxy.config.routes import DialRoute
 
@@ -33,6 +35,9 @@ REQUEST_WINDOWS: tuple[tuple[str, int], ...] = (
     ("day", 86_400),
 )
 COST_WINDOWS = TOKEN_WINDOWS
+# The limit of a window that is counted but not limited (every window of a limited scope is
+# counted, so that its use is known).
+UNLIMITED = 2**62
 
 Severity = Literal["error", "warning"]
 
@@ -72,11 +77,35 @@ class Problem:
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """One limited window: its name (``minute``, ``hour``...), length and limit."""
+    """One counted window: its name (``minute``, ``hour``...), length and limit
+    (:data:`UNLIMITED`: counted, not limited).  A day, week or month window has its
+    ``calendar``: it resets on the schedule's boundaries (DIAL's ``rateLimitSchedule``),
+    ``seconds`` then being its nominal length; the others slide."""
 
     name: str
     seconds: int
     limit: int
+    calendar: Calendar | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def limited(self) -> bool:
+        return self.limit < UNLIMITED
+
+
+def windows(
+    lengths: tuple[tuple[str, int], ...],
+    limits: tuple[int | None, ...],
+    schedule: Schedule | None = DEFAULT_SCHEDULE,
+    every: bool = False,
+) -> tuple[Window, ...]:
+    """The windows of ``limits`` (None: unlimited; one per entry of ``lengths``): the
+    limited ones, or (``every``) all of them; on ``schedule``'s calendar where it has one."""
+    calendars = schedule.calendars if schedule is not None else {}
+    return tuple(
+        Window(name, seconds, UNLIMITED if value is None else value, calendars.get(name))
+        for (name, seconds), value in zip(lengths, limits, strict=True)
+        if every or value is not None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,18 +121,35 @@ class Limit:
     request_day: int | None = None
     concurrent: int | None = None  # requests in flight at once (`concurrentRequests`)
 
-    def token_windows(self) -> tuple[Window, ...]:
-        return tuple(
-            Window(name, seconds, value)
-            for name, seconds in TOKEN_WINDOWS
-            if (value := getattr(self, name)) is not None
-        )
+    def token_windows(
+        self, schedule: Schedule | None = DEFAULT_SCHEDULE, every: bool = True
+    ) -> tuple[Window, ...]:
+        """Its token windows: all of them (``every``: DIAL counts every window of a limited
+        scope, so its use is known), or only the limited ones."""
+        values = (self.minute, self.day, self.week, self.month)
+        return windows(TOKEN_WINDOWS, values, schedule, every)
 
-    def request_windows(self) -> tuple[Window, ...]:
-        return tuple(
-            Window(name, seconds, value)
-            for name, seconds in REQUEST_WINDOWS
-            if (value := getattr(self, "request_" + name)) is not None
+    def request_windows(
+        self, schedule: Schedule | None = DEFAULT_SCHEDULE, every: bool = True
+    ) -> tuple[Window, ...]:
+        values = (self.request_minute, self.request_hour, self.request_day)
+        return windows(REQUEST_WINDOWS, values, schedule, every)
+
+    @property
+    def limits_anything(self) -> bool:
+        """Whether any field is set (an empty entry limits nothing and counts nothing)."""
+        return any(
+            value is not None
+            for value in (
+                self.minute,
+                self.day,
+                self.week,
+                self.month,
+                self.request_minute,
+                self.request_hour,
+                self.request_day,
+                self.concurrent,
+            )
         )
 
     @property
@@ -625,6 +671,8 @@ class Snapshot:
     files: tuple[str, ...]
     warnings: tuple[Problem, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # Where the day, week and month windows start (`rateLimitSchedule`).
+    schedule: Schedule = DEFAULT_SCHEDULE
     # What the request path works out once per snapshot and reuses (a key's plan for a
     # deployment: its model and counters): filled as requests come, dropped with the snapshot.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)

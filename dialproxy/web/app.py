@@ -17,7 +17,7 @@ from aiohttp import web
 from dialproxy import logs, sharedkeys
 from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
+from dialproxy.config.model import Limit
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import Forbidden, NotFound
@@ -43,7 +43,7 @@ from dialproxy.web.body import BODY_WATCH, BodyWatch
 from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded
 
-UNLIMITED = 9223372036854775807
+LONG_MAX = 9223372036854775807  # DIAL's `total` of an unlimited window (Java's Long.MAX_VALUE)
 
 
 async def _principal(request: web.Request) -> Principal:
@@ -179,18 +179,23 @@ async def deployment_limits(request: web.Request) -> web.Response:
     grant = proxy.resolve(principal, snapshot, deployment)
     limiter = request.app[LIMITER]
     owner = "p:" + principal.project
-    limit = grant.limit
+    limit = grant.limit or Limit()
+    schedule = snapshot.schedule
+    now = time.time()
     body: dict[str, Any] = {}
-    for name, seconds in TOKEN_WINDOWS:
-        value = getattr(limit, name) if limit else None
-        window = Window(name, seconds, UNLIMITED if value is None else value)
-        (state,) = await limiter.usage(owner, deployment, [window], "t")
-        body[f"{name}TokenStats"] = {"total": window.limit, "used": state.used}
-    for name, seconds in REQUEST_WINDOWS:
-        value = getattr(limit, "request_" + name) if limit else None
-        window = Window(name, seconds, UNLIMITED if value is None else value)
-        (state,) = await limiter.usage(owner, deployment, [window], "r")
-        body[f"{name}RequestStats"] = {"total": window.limit, "used": state.used}
+    for kind, stats, windowed in (
+        ("t", "TokenStats", limit.token_windows(schedule)),
+        ("r", "RequestStats", limit.request_windows(schedule)),
+    ):
+        for state in await limiter.usage(owner, deployment, windowed, kind):
+            window = state.window
+            entry: dict[str, Any] = {
+                "total": window.limit if window.limited else LONG_MAX,
+                "used": state.used,
+            }
+            if window.calendar is not None:  # (DIAL: a calendar window says when it resets)
+                entry["resetsAt"] = schedule.resets_at(window.calendar.period(now)[1])
+            body[f"{window.name}{stats}"] = entry
     return _json(body)
 
 
@@ -215,19 +220,28 @@ async def user_limits(request: web.Request) -> web.Response:
             ("project", "p:" + principal.project, grant.token_windows, grant.request_windows)
         ]
         if own is not None:
-            counted.append(("key", "k:" + key.digest, own.token_windows(), own.request_windows()))
+            schedule = request.app[STORE].snapshot.schedule
+            counted.append(
+                (
+                    "key",
+                    "k:" + key.digest,
+                    own.token_windows(schedule),
+                    own.request_windows(schedule),
+                )
+            )
         windows: list[dict[str, Any]] = []
         for scope, owner, token_windows, request_windows in counted:
             for kind, unit, limited in (
                 ("t", "tokens", token_windows),
                 ("r", "requests", request_windows),
             ):
+                limited = tuple(w for w in limited if w.limited)  # (the others: counted only)
                 if limited:
                     states = await limiter.usage(owner, name, limited, kind)
                     windows += [_window_stats(scope, unit, state, now) for state in states]
         models[name] = {"limits": windows}
     body: dict[str, Any] = {"project": principal.project, "key": key.fingerprint, "models": models}
-    cost_windows = principal.access.cost_windows
+    cost_windows = tuple(w for w in principal.access.cost_windows if w.limited)
     if cost_windows:  # USD across the project's priced models
         body["cost"] = [
             _window_stats("project", "USD", state, now)
@@ -249,6 +263,19 @@ async def user_limits(request: web.Request) -> web.Response:
 
 def _window_stats(scope: str, unit: str, state: WindowState, now: float) -> dict[str, Any]:
     used = state.used > 0
+    calendar = state.window.calendar
+    if calendar is not None:  # (a calendar window resets at its period's end, used or not)
+        end = calendar.period(now)[1]
+        return {
+            "scope": scope,
+            "type": unit,
+            "window": state.window.name,
+            "limit": state.window.limit,
+            "used": state.used,
+            "remaining": state.remaining,
+            "resetSeconds": round(end - now, 3),
+            "resetAt": calendar.schedule.resets_at(end),
+        }
     return {
         "scope": scope,
         "type": unit,

@@ -153,6 +153,7 @@ class Outcome:
     per_request_key: str | None = None  # the key sent to an adapter: ended with the request
     ids: AnswerIds | None = None  # the API's ids rewritten in the answer (Responses)
     reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
+    admitted: float | None = None  # when (its calendar periods: the ones it is settled in)
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
     shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
     capacity: tuple[Admission, int] | None = None  # the serving upstream's, and its hold
@@ -171,7 +172,7 @@ def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
     return grant
 
 
-def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
+def _scopes(principal: Principal, grant: Grant, snapshot: Snapshot) -> list[Scope]:
     model = grant.model
     scopes: list[Scope] = []
     cost = principal.access.cost_windows if model.pricing is not None else ()
@@ -187,15 +188,15 @@ def _scopes(principal: Principal, grant: Grant) -> list[Scope]:
             )
         )
     key_limit = principal.key.key_limits.get(model.name) or principal.key.key_limits.get("*")
-    if key_limit is not None:
-        if key_limit.denies:
-            raise Forbidden("Access denied")
+    if key_limit is not None and key_limit.denies:
+        raise Forbidden("Access denied")
+    if key_limit is not None and key_limit.limits_anything:  # (an empty entry counts nothing)
         scopes.append(
             Scope(
                 owner="k:" + principal.key.digest,
                 model=model.name,
-                token_windows=key_limit.token_windows(),
-                request_windows=key_limit.request_windows(),
+                token_windows=key_limit.token_windows(snapshot.schedule),
+                request_windows=key_limit.request_windows(snapshot.schedule),
                 concurrency=key_limit.concurrent,
             )
         )
@@ -246,7 +247,7 @@ def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
     plan = snapshot.memo.get(memo_key)
     if plan is None:
         grant = resolve(principal, snapshot, deployment)
-        scopes = tuple(_scopes(principal, grant))
+        scopes = tuple(_scopes(principal, grant, snapshot))
         plan = Plan(
             grant.model,
             scopes,
@@ -324,6 +325,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             slot = uuid.uuid4().hex if plan.capped else ""  # (its slot, freed when it ends)
             request_state, token_state = await services.limiter.admit(plan.admission, *held, slot)
             outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
+            outcome.admitted = time.time()
             outcome.slot = slot
             if request_state is not None or token_state is not None:
                 extra_headers = api.errors.ratelimit_headers(request_state, token_state)
@@ -466,7 +468,9 @@ def _record(services: Services, outcome: Outcome) -> None:
         else:
             _hold(services, limiter.settle(capacity.scopes, tokens - held, 0))
     if outcome.shared is None and limiter.local is not None:
-        limiter.record_now(outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot)
+        limiter.record_now(
+            outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot, outcome.admitted
+        )
         return
 
     async def record() -> None:
@@ -474,7 +478,11 @@ def _record(services: Services, outcome: Outcome) -> None:
             await services.shared.record(outcome.shared, tokens - outcome.shared_reserved)
         if outcome.scopes:
             await limiter.settle(
-                outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot
+                outcome.scopes,
+                tokens - held_tokens,
+                cost - held_cost,
+                outcome.slot,
+                outcome.admitted,
             )
 
     _hold(services, record())

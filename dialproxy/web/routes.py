@@ -86,11 +86,11 @@ def _scopes(principal: Principal, snapshot: Snapshot, route: DialRoute) -> tuple
     found: tuple[Scope, ...] | None = snapshot.memo.get(memo_key)
     if found is None:
         counted = principal.access.roles & snapshot.roles.keys()
-        grant = resolve_grant(route.model, frozenset(counted), snapshot.roles)
+        grant = resolve_grant(route.model, frozenset(counted), snapshot.roles, snapshot.schedule)
         if grant.denied:
             raise Forbidden("Access denied")
         found = ()
-        if grant.request_windows:
+        if any(w.limited for w in grant.request_windows):  # (tokens: none on a route)
             found = (
                 Scope(
                     owner="p:" + principal.project,
