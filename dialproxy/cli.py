@@ -21,7 +21,7 @@ from dialproxy import keys, logs
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
-from dialproxy.settings import NUMBERS, Settings
+from dialproxy.settings import LOOPS, NUMBERS, Settings
 from dialproxy.workers import FORWARDED, WORKER_FLAG, supervise, watch_parent
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -83,6 +83,12 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "--storage-failure",
         choices=("allow", "deny", "local"),
         help="what to do while Redis is unreachable",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        help="the event loop: uvloop (libuv's, the default: fewer instructions per request) "
+        "or asyncio (Python's own) (env DIALPROXY_LOOP)",
     )
     parser.add_argument(
         "--state",
@@ -153,7 +159,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "storage", "storage_failure", "state", *NUMBERS):
+    for name in ("host", "storage", "storage_failure", "state", "loop", *NUMBERS):
         if getattr(args, name, None) is not None:  # (run-demo has no --workers)
             changes[name] = getattr(args, name)
     if args.allow_empty_config:
@@ -308,5 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         del store
         return supervise(settings, argv)
     demo_port = args.demo_port if args.command == "run-demo" else None
-    asyncio.run(_serve(settings, store, demo_port, worker_of))
+    from dialproxy.server import event_loop_factory
+
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.loop)) as runner:
+        runner.run(_serve(settings, store, demo_port, worker_of))
     return EXIT_OK

