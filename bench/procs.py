@@ -43,6 +43,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def family_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and of its live descendants (``serve --workers N``: the
+    supervisor and its workers), from each one's /proc/<pid>/stat."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # (gone meanwhile)
+    return total
+
+
 class Child:
     """One long-running child process, its output sent to a log file (never a pipe)."""
 

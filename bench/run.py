@@ -51,6 +51,7 @@ from bench.procs import (
     BenchError,
     Child,
     cpu_seconds,
+    family_cpu_seconds,
     free_port,
     machine_busy_seconds,
     stop_all,
@@ -75,7 +76,10 @@ LATENCY_TARGET_MS = 0.6
 REDIS_TARGET = 0.80  # Redis-counter proxy req/s >= this x the memory-counter proxy's
 REDIS_SETTLE = 0.1  # s after a run before Redis's stats are read: the last settlements land
 PROXY, PROXY_REDIS, PASS = "proxy", "proxy redis", "pass-through"
-PROXIES = frozenset({PROXY, PROXY_REDIS})
+PROXY_WORKERS = "proxy redis x2"  # serve --workers 2 on the same Redis (reported, no target)
+WORKERS = 2
+PROXIES = frozenset({PROXY, PROXY_REDIS, PROXY_WORKERS})
+REDIS_TARGETS = frozenset({PROXY_REDIS, PROXY_WORKERS})
 BACKEND_SATURATED = 0.90  # cores
 OTHER_LOAD = 0.25  # cores used by processes outside the bench: worth a warning
 
@@ -241,8 +245,8 @@ class Targets:
         return self.bases[target] + (mode.proxy_path if target in PROXIES else mode.backend_path)
 
     def of(self, mode: Mode) -> list[str]:
-        """The targets a mode runs on: the Redis-counter proxy in its modes only."""
-        return [t for t in self.bases if t != PROXY_REDIS or mode.redis]
+        """The targets a mode runs on: the Redis-counter proxies in their modes only."""
+        return [t for t in self.bases if t not in REDIS_TARGETS or mode.redis]
 
 
 def _logged_request(log: Path) -> bool:
@@ -382,9 +386,9 @@ class Bench:
     def run(self) -> dict[str, Any]:
         with_redis = self.options.redis and any(m.redis for m in self.options.modes)
         ports: set[int] = set()
-        while len(ports) < 5:
+        while len(ports) < 6:
             ports.add(free_port())
-        bport, pport, tport, rport, qport = ports
+        bport, pport, tport, rport, qport, wport = ports
         config = self.workdir / "bench.config.json"
         config.write_text(json.dumps(bench_config(bport, self.options.all_windows), indent=2))
         py = sys.executable
@@ -392,11 +396,12 @@ class Bench:
             "backend", [py, "-m", "dialproxy.demo_backend", "--host", HOST, "--port", str(bport)]
         )
 
-        def start_proxy(name: str, port: int, storage: list[str]) -> Child:
+        def start_proxy(name: str, port: int, storage: list[str], workers: int = 1) -> Child:
             return self.start(
                 name,
                 [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
-                 "--port", str(port), "--no-watch", "--storage", *storage],
+                 "--port", str(port), "--no-watch", "--workers", str(workers),
+                 "--storage", *storage],
             )  # fmt: skip
 
         proxy = start_proxy("proxy", pport, ["memory://"])
@@ -407,9 +412,9 @@ class Bench:
             self.redis.wait_ready()
             # deny: a Redis failure is a 503 (the bench stops), never a silent fallback to
             # in-process counters that would measure the memory path under the Redis name
-            proxy_redis = start_proxy(
-                "proxy-redis", qport, [self.redis.url, "--storage-failure", "deny"]
-            )
+            redis_storage = [self.redis.url, "--storage-failure", "deny"]
+            proxy_redis = start_proxy("proxy-redis", qport, redis_storage)
+            proxy_workers = start_proxy("proxy-workers", wport, redis_storage, WORKERS)
         passthrough = self.start(
             "passthrough",
             [py, "-m", "bench.passthrough", "--host", HOST, "--port", str(tport),
@@ -423,6 +428,8 @@ class Bench:
         if with_redis:
             bases[PROXY_REDIS] = f"http://{HOST}:{qport}"
             measured[PROXY_REDIS] = proxy_redis
+            bases[PROXY_WORKERS] = f"http://{HOST}:{wport}"
+            measured[PROXY_WORKERS] = proxy_workers
         measured[PASS] = passthrough
         for target, child in measured.items():
             child.wait_http(bases[target] + ("/health" if target in PROXIES else "/"))
@@ -493,14 +500,14 @@ class Bench:
     ) -> None:
         """One throughput run of a target, with the CPU clocks (and Redis's stats) around it."""
         opts = self.options
-        redis = self.redis if target == PROXY_REDIS else None
+        redis = self.redis if target in REDIS_TARGETS else None
         if redis is not None:
             rcpu0 = redis.cpu_seconds()
             redis.reset_stats()
         wall0, busy0 = time.monotonic(), machine_busy_seconds()
-        cpu0, bcpu0 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
+        cpu0, bcpu0 = family_cpu_seconds(child.pid), cpu_seconds(backend.pid)
         result = load(mode, target, opts.connections, opts.seconds)
-        cpu1, bcpu1 = cpu_seconds(child.pid), cpu_seconds(backend.pid)
+        cpu1, bcpu1 = family_cpu_seconds(child.pid), cpu_seconds(backend.pid)
         busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
         redis_cpu, calls, extra = 0.0, None, ""
         if redis is not None:
@@ -598,6 +605,17 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     redis_row("proxy redis CPU us/req", lambda t, m: f"{t.cpu_us:.0f}")
     redis_row("redis-server CPU us/req", lambda t, m: f"{t.per_request(t.redis_cpu) * 1e6:.0f}")
     redis_row("redis commands/req", lambda t, m: f"{t.redis_commands:.2f}")
+
+    def workers_row(label: str, fn: Callable[[Throughput, str], str]) -> None:
+        if redis_modes:
+            row(label, lambda m: fn(throughput[m][PROXY_WORKERS], m) if m in redis_modes else "-")
+
+    workers_row(f"proxy redis x{WORKERS} req/s (min-max)", lambda t, m: spread(t))
+    workers_row(
+        f"ratio proxy redis x{WORKERS}/proxy redis",
+        lambda t, m: f"{t.rps / throughput[m][PROXY_REDIS].rps:.2f}",
+    )
+    workers_row(f"proxy redis x{WORKERS} CPU us/req", lambda t, m: f"{t.cpu_us:.0f}")
     row("pass-through CPU us/req", lambda m: f"{throughput[m][PASS].cpu_us:.0f}")
     row(
         "CPU ratio pass-through/proxy",
@@ -630,6 +648,7 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     row("cores in proxy runs: proxy/backend/load/other", cores(PROXY))
     if redis_modes:
         row("cores in proxy redis runs: proxy/backend/load/other/redis", cores(PROXY_REDIS))
+        row(f"cores in proxy redis x{WORKERS} runs: ...", cores(PROXY_WORKERS))
     row("cores in pass-through runs: pt/backend/load/other", cores(PASS))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
@@ -637,9 +656,10 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
         f" {opts.connections} connections, {opts.rounds} x {opts.seconds:g} s per target and"
         f" mode, interleaved; idle latency ({', '.join(latency) or 'no mode'}): 1 connection,"
         f" {opts.latency_rounds} x {opts.latency_seconds:g} s per target and mode;"
-        " pass-through on uvloop, the proxy on asyncio's loop"
+        " pass-through and proxy on uvloop"
         + (
-            f"; proxy redis: the proxy with --storage redis:// ({', '.join(redis_modes)})"
+            f"; proxy redis: the proxy with --storage redis:// ({', '.join(redis_modes)}),"
+            f" x{WORKERS}: with --workers {WORKERS} too"
             if redis_modes
             else ""
         ),
@@ -676,6 +696,12 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
         lines.append(
             f"  {mode} Redis counters throughput >= {REDIS_TARGET:.2f}x memory counters:"
             f" {ratio:.2f}x  {verdict(ratio >= REDIS_TARGET)}"
+        )
+    for mode in redis_modes:
+        ratio = throughput[mode][PROXY_WORKERS].rps / throughput[mode][PROXY_REDIS].rps
+        lines.append(
+            f"  {mode} --workers {WORKERS} with Redis (reported, no target):"
+            f" {ratio:.2f}x one worker's throughput"
         )
     for mode in latency:
         p50, p99 = added_latency(latency[mode], "proxy")
