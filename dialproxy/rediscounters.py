@@ -55,34 +55,46 @@ local ARGV_PACKED = ARGV[1]
 local ARGV = {}  -- (the arguments come as one comma-separated string: one to encode, not 20)
 for v in string.gmatch(ARGV_PACKED, '[^,]+') do ARGV[#ARGV + 1] = v end
 local function window(p, c, expiry)
+    -- (a TTL of -2: no such key, so no GET; Redis 7 holds its clock still in a script, so a
+    -- TTL just set reads back as set)
+    local ct = tonumber(redis.call('pttl', KEYS[c]))
+    local cc = 0
     if expiry < 0 then  -- a calendar period's counter (expiry: -its end, epoch ms)
-        local ct = tonumber(redis.call('pttl', KEYS[c]))
+        local here = ct ~= -2
+        if here then cc = tonumber(redis.call('get', KEYS[c])) or 0 end
         if ct < 0 then ct = 0 end
-        return 0, 0, tonumber(redis.call('get', KEYS[c])) or 0, ct
+        return 0, 0, cc, ct, here
     end
-    local current_ttl = tonumber(redis.call('pttl', KEYS[c]))
-    if current_ttl > 0 and current_ttl < expiry then
+    local here = ct ~= -2
+    if ct > 0 and ct < expiry then
         redis.call('rename', KEYS[c], KEYS[p])
-        redis.call('set', KEYS[c], 0, 'PX', current_ttl + expiry)
+        redis.call('set', KEYS[c], 0, 'PX', ct + expiry)
+        ct = ct + expiry
+    elseif here then
+        cc = tonumber(redis.call('get', KEYS[c])) or 0
     end
-    local pc = tonumber(redis.call('get', KEYS[p])) or 0
-    local pt = tonumber(redis.call('pttl', KEYS[p])) or 0
-    local cc = tonumber(redis.call('get', KEYS[c])) or 0
-    local ct = tonumber(redis.call('pttl', KEYS[c])) or 0
+    local pc = 0
+    local pt = tonumber(redis.call('pttl', KEYS[p]))
+    if pt ~= -2 then pc = tonumber(redis.call('get', KEYS[p])) or 0 end
     if pt < 0 then pt = 0 end
     if ct < 0 then ct = 0 end
-    return pc, pt, cc, ct
+    return pc, pt, cc, ct, here
 end
-local function add(c, expiry, amount)
-    if redis.call('exists', KEYS[c]) == 1 then
-        return redis.call('incrby', KEYS[c], amount)
+-- ``amount`` added to KEYS[c], which ``window`` just read (``here``: it existed, with ``ct``
+-- ms to live); returns its count and TTL (ms) after.  (SET NX: the same key twice in one
+-- call finds it made by the first.)
+local function add(c, expiry, amount, here, ct)
+    if not here then
+        if expiry < 0 then  -- (lapses at its period's end)
+            if redis.call('set', KEYS[c], amount, 'PXAT', -expiry, 'NX') then
+                return amount, tonumber(redis.call('pttl', KEYS[c]))
+            end
+        elseif redis.call('set', KEYS[c], amount, 'PX', expiry * 2, 'NX') then
+            return amount, expiry * 2
+        end
+        ct = tonumber(redis.call('pttl', KEYS[c]))
     end
-    if expiry < 0 then  -- (lapses at its period's end)
-        redis.call('set', KEYS[c], amount, 'PXAT', -expiry)
-        return amount
-    end
-    redis.call('set', KEYS[c], amount, 'PX', expiry * 2)
-    return amount
+    return redis.call('incrby', KEYS[c], amount), ct
 end
 """
 
@@ -99,12 +111,14 @@ _ADMIT = (
     + """
 local n = tonumber(ARGV[1])
 local out = {0}
+local found = {}  -- (per window: whether its current bucket exists)
 for i = 1, n do
     local expiry = tonumber(ARGV[i * 4 - 2]) * 1000
     local limit = tonumber(ARGV[i * 4 - 1])
     local mode = tonumber(ARGV[i * 4])
     local amount = tonumber(ARGV[i * 4 + 1])
-    local pc, pt, cc, ct = window(i * 2 - 1, i * 2, expiry)
+    local pc, pt, cc, ct, here = window(i * 2 - 1, i * 2, expiry)
+    found[i] = here
     local weighted = math.floor(pc * pt / expiry) + cc
     table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
     local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
@@ -139,8 +153,7 @@ for i = 1, n do
     local amount = tonumber(ARGV[i * 4 + 1])
     if amount > 0 then
         local expiry = tonumber(ARGV[i * 4 - 2]) * 1000
-        out[i * 4] = add(i * 2, expiry, amount)
-        out[i * 4 + 1] = tonumber(redis.call('pttl', KEYS[i * 2]))
+        out[i * 4], out[i * 4 + 1] = add(i * 2, expiry, amount, found[i], out[i * 4 + 1])
     end
 end
 return out
@@ -158,8 +171,8 @@ for i = 1, n do
     local expiry = tonumber(ARGV[i * 2]) * 1000
     local amount = tonumber(ARGV[i * 2 + 1])
     if amount > 0 then
-        window(i * 2 - 1, i * 2, expiry)
-        add(i * 2, expiry, amount)
+        local _, _, _, ct, here = window(i * 2 - 1, i * 2, expiry)
+        add(i * 2, expiry, amount, here, ct)
     elseif amount < 0 then
         local pc, pt, cc, ct = window(i * 2 - 1, i * 2, expiry)
         local left = -amount

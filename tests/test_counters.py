@@ -146,3 +146,21 @@ async def test_redis_counters_answer_as_limits_own_redis_storage(
     finally:
         await ours.close()
         await pool.disconnect()
+
+
+async def test_redis_admit_counts_a_window_named_twice_twice(redis_server: RedisServer) -> None:
+    """Two scopes may name the same counter in one admission: both amounts count (the
+    second add finds the bucket the first made), a sliding and a calendar window alike."""
+    redis_server.flush()
+    counters = RedisCounters(redis_server.url)
+    end = int(time.time()) + 3600  # (a calendar period's end, epoch seconds)
+    try:
+        for window in (("dp:p:m:tok:minute", 60), ("dp:p:m:tok:day@1", -end)):
+            refused, counts = await counters.admit([window, window], [100, 100], [0, 0], [3, 4])
+            assert refused == 0
+            assert [c[2] for c in counts] == [3, 7]  # (each as it stood after its own add)
+            (after,) = await counters.read([window])
+            assert after[2] == 7
+            assert 0 < after[3] <= (120 if window[1] > 0 else 3600)
+    finally:
+        await counters.close()
