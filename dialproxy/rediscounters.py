@@ -28,6 +28,8 @@ import redis.asyncio
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from dialproxy.counters import Counts, Read
 
@@ -263,6 +265,7 @@ class RedisCounters:
         self._settle = self.client.register_script(_SETTLE)
         self._read = self.client.register_script(_READ)
         self._renew = self.client.register_script(_RENEW)
+        self._batch = ScriptBatch(self.client)
         # The slots this instance holds (slot set -> members): their leases renewed while
         # their requests run, by one task (a dead instance's lapse within LEASE seconds).
         self.held: dict[str, set[str]] = {}
@@ -286,7 +289,7 @@ class RedisCounters:
         if slots:
             args += (len(slots), member, int(self.lease * 1000), *(limit for _, limit in slots))
             keys += (PREFIX + key for key, _ in slots)
-        flat = await self._run(self._admit(keys=keys, args=[_packed(args)]))
+        flat = await self._batch.call(self._admit, keys, _packed(args))
         refused = int(flat[0])
         if refused > len(windows):
             return refused, _counts(flat[1 : len(flat) - 1], 0)
@@ -318,7 +321,7 @@ class RedisCounters:
                     members.discard(member)
                     if not members:
                         del self.held[key]
-        await self._run(self._settle(keys=keys, args=[_packed(args)]))
+        await self._batch.call(self._settle, keys, _packed(args))
 
     async def _renew_leases(self) -> None:
         """Every lease / 3 seconds while slots are held: their leases renewed, in one call."""
@@ -377,10 +380,83 @@ class RedisCounters:
         await self.client.ping()
 
     async def close(self) -> None:
+        await self._batch.close()
         if self._renewing is not None:
             self._renewing.cancel()
             await asyncio.gather(self._renewing, return_exceptions=True)
         await self.client.aclose()
+
+
+_Call = tuple[AsyncScript, list[str], str, "asyncio.Future[Any]"]
+
+
+class ScriptBatch:
+    """Script calls made in one turn of the event loop go to Redis together: one pipeline
+    (not a transaction: each script is atomic on its own), one round trip.  Under load many
+    requests reach their admission or settlement in the same turn, and redis-py's per-call
+    cost (its pool, its packing, a task, two more turns of the loop) is mostly paid once per
+    batch instead of once per call: a third of it at 32 calls a batch, half at 4, measured
+    beside single calls.  The batch runs in a task of its own, so a request that is
+    cancelled (a client gone) never cuts off the others' calls, nor its own."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.pending: list[_Call] = []
+        self.sending: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: AsyncScript, keys: list[str], arg: str) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self._flush)
+        self.pending.append((script, keys, arg, future))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_consume)  # (its outcome is no one's now)
+            raise
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            if len(batch) == 1:
+                script, keys, arg, _ = batch[0]
+                results: list[Any] = [await script(keys=keys, args=[arg])]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for script, keys, arg, _ in batch:
+                    pipe.evalsha(script.sha, len(keys), *keys, arg)
+                results = await pipe.execute(raise_on_error=False)
+                for i, result in enumerate(results):
+                    if isinstance(result, NoScriptError):  # (Redis restarted: not run)
+                        script, keys, arg, _ = batch[i]
+                        results[i] = await script(keys=keys, args=[arg])  # (loads it)
+        except BaseException as e:  # (an outage: every call of the batch sees it)
+            for *_, future in batch:
+                if future.done():
+                    continue
+                if isinstance(e, Exception):
+                    future.set_exception(e)
+                else:
+                    future.cancel()  # (the loop is closing)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self.sending, return_exceptions=True)
 
 
 async def uncancelled(call: Awaitable[T]) -> T:

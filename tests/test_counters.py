@@ -164,3 +164,37 @@ async def test_redis_admit_counts_a_window_named_twice_twice(redis_server: Redis
             assert 0 < after[3] <= (120 if window[1] > 0 else 3600)
     finally:
         await counters.close()
+
+
+async def test_redis_calls_made_together_are_answered_each_as_alone(
+    redis_server: RedisServer,
+) -> None:
+    """Admissions made in the same turn of the loop travel together (one pipeline): each
+    still gets its own answer, the limit holds exactly, a caller that is cancelled changes
+    nobody else's answer, and scripts that Redis lost (SCRIPT FLUSH, as after a restart)
+    are loaded again for the whole batch."""
+    redis_server.flush()
+    counters = RedisCounters(redis_server.url)
+    window = ("dp:p:m:req:minute", 60)
+    try:
+        await counters.prepare()
+
+        async def one() -> int:
+            refused, _ = await counters.admit([window], [10], [1], [1])
+            return refused
+
+        calls = [asyncio.ensure_future(one()) for _ in range(30)]
+        cancelled = calls.pop(7)
+        await asyncio.sleep(0)  # (all of them queued, none sent yet)
+        cancelled.cancel()
+        answers = await asyncio.gather(*calls)
+        # the cancelled caller's admission still ran (a command is never cut off mid-way)
+        assert sorted(answers) == [0] * 9 + [1] * 20 or sorted(answers) == [0] * 10 + [1] * 19
+        (counts,) = await counters.read([window])
+        assert counts[2] == 10
+        redis_server.command("SCRIPT", "FLUSH")
+        again = await asyncio.gather(*(counters.admit([window], [20], [1], [1]) for _ in range(5)))
+        assert [refused for refused, _ in again] == [0] * 5
+        assert [counts[0][2] for _, counts in again] == [11, 12, 13, 14, 15]
+    finally:
+        await counters.close()
