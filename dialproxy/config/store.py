@@ -6,10 +6,12 @@ import asyncio
 import gc
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -48,6 +50,40 @@ def source_digest(sources: Sequence[Source]) -> str:
     return h.hexdigest()
 
 
+# Entries a snapshot's memo keeps, at most (keys x deployments called, upstream capacities,
+# route scopes): the least recently used goes first.
+MEMO_SIZE = 100_000
+
+
+class Memo:
+    """What the request path works out once per snapshot and reuses (a key's plan for a
+    deployment, an upstream's capacity counters...): a bounded map that evicts the least
+    recently used entry.  Owned by the store: a new one with each snapshot served."""
+
+    __slots__ = ("_entries", "size")
+
+    def __init__(self, size: int = MEMO_SIZE) -> None:
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self.size = size
+
+    def get(self, key: Hashable) -> Any:
+        """The value kept for ``key`` (now the most recently used), or None."""
+        entries = self._entries
+        value = entries.get(key)
+        if value is not None:
+            entries.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        entries = self._entries
+        entries[key] = value
+        if len(entries) > self.size:
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class ConfigStore:
     """Holds the current snapshot; ``reload`` swaps it in one step or keeps the old one."""
 
@@ -58,6 +94,7 @@ class ConfigStore:
         env: Mapping[str, str] | None = None,
         allow_empty: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        memo_size: int = MEMO_SIZE,
     ) -> None:
         self.paths = tuple(Path(p) for p in paths)
         self._env = env
@@ -72,6 +109,15 @@ class ConfigStore:
         self._snapshot: Snapshot | None = None
         # The last good build's entries: a rebuild takes the unchanged ones from it.
         self._built: Built | None = None
+        self.memo_size = memo_size
+        self._memo = Memo(memo_size)  # the served snapshot's
+
+    def memo_for(self, snapshot: Snapshot) -> Memo:
+        """The memo of ``snapshot`` when it is the one served; a request still on an older
+        one gets an empty memo of its own (what it works out is not kept)."""
+        if snapshot is self._snapshot:
+            return self._memo
+        return Memo(0)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -193,6 +239,7 @@ class ConfigStore:
         return ReloadResult(False, self.generation, problems)
 
     def _set(self, snapshot: Snapshot) -> None:
+        self._memo = Memo(self.memo_size)  # (first: a request never pairs it with the old one)
         self._snapshot = snapshot
         self.generation += 1
         self.loaded_at = self._clock()
