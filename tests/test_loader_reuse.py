@@ -5,6 +5,7 @@ the same problems."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from typing import Any
 
@@ -254,3 +255,16 @@ def test_several_files_merged_after_a_change() -> None:
     assert store.snapshot == build_snapshot(files, ENV)
     assert store.snapshot.warnings == build_snapshot(files, ENV).warnings
     assert {p.file for p in store.snapshot.warnings} == {"keys.json"}
+
+
+def test_the_digest_is_the_sha256_of_the_merged_config_with_sorted_keys() -> None:
+    doc = config()
+    doc["retriableErrorCodes"] = [500]
+    doc["models"]["m0"]["displayName"] = "Modèle \u2028 «zéro»"
+    doc["models"]["m0"]["maxInputAttachments"] = 3
+    doc["roles"]["a"]["costLimit"] = {"day": 5.5, "month": 1e-06}
+    store = loaded(doc)
+    doc["keys"][KEYS[0]]["name"] = "again"
+    snapshot = reloaded(store, doc)
+    text = json.dumps(dict(snapshot.raw), sort_keys=True)
+    assert snapshot.digest == hashlib.sha256(text.encode()).hexdigest()
