@@ -268,3 +268,19 @@ def test_the_digest_is_the_sha256_of_the_merged_config_with_sorted_keys() -> Non
     snapshot = reloaded(store, doc)
     text = json.dumps(dict(snapshot.raw), sort_keys=True)
     assert snapshot.digest == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_grants_a_role_change_leaves_alone_are_kept_across_reloads() -> None:
+    doc = config()
+    store = loaded(doc)
+    before = store.snapshot
+    doc["keys"][KEYS[0]]["name"] = "a key change first: every access is taken whole"
+    reloaded(store, doc)
+    doc["roles"]["b"]["limits"]["m2"]["requestHour"] = "20"
+    after = reloaded(store, doc)
+    assert after == fresh(doc)
+    old, new = key(before, KEYS[1]).access, key(after, KEYS[1]).access
+    assert new is not old  # it has role b: re-resolved
+    assert new.grants["m2"].limit.request_hour == 20
+    for model in ("m0", "m1", "m3"):  # grants role b's change does not touch
+        assert new.grants[model] is old.grants[model]

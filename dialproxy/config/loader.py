@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -1422,7 +1422,11 @@ class _Grants:
         self.limited = {m: frozenset(r) for m, r in by_model.items()}
         self.cache: dict[tuple[str, frozenset[str]], Grant] = {}
         self.last = last or {}
-        self.kept: dict[tuple[str, frozenset[str]], tuple[Grant, Any]] = {}
+        # What the next build may take: this one's grants, and the last one's for the models
+        # still there (an access taken whole from the last build resolves none of its own).
+        self.kept: dict[tuple[str, frozenset[str]], tuple[Grant, Any]] = {
+            k: v for k, v in self.last.items() if k[0] in models
+        }
 
     def _grant(self, model: Model, relevant: frozenset[str]) -> Grant:
         name = model.name
@@ -1572,10 +1576,12 @@ def _snapshot(
             built.access_roles[role_set] = inputs
         text = key_texts.get(secret)
         found_key = prev.keys.get(secret)
-        if found_key is not None and found_key[0] == text and found_key[1].access is access:
-            key = found_key[1]
-        else:
+        if found_key is None or found_key[0] != text:
             key = _key(secret, raw, role_names, access)
+        elif found_key[1].access is access:
+            key = found_key[1]
+        else:  # the same entry, re-resolved (a role of it changed): no digest, no parsing
+            key = replace(found_key[1], access=access)
         if text is not None:
             built.keys[secret] = (text, key)
         keys[key.digest] = key
