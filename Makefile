@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DEMO_PORT ?= 8081
 
-.PHONY: lock run test lint typecheck bench bench-instructions bench-hostile validate install redis clean
+.PHONY: lock run test lint typecheck bench bench-instructions bench-hostile bench-reload validate install redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,3 +73,7 @@ clean:
 # What hostile clients cost: a gzip bomb's proxy CPU, p99 latency beside 500 slowloris connections.
 bench-hostile: $(STAMP)
 	$(BIN)/python -m bench.hostile
+
+# What reloading a 10,000-key config costs: CPU of one build, throughput while it is rewritten.
+bench-reload: $(STAMP)
+	$(BIN)/python -m bench.reload

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDictProxy
 
-from dialproxy.config.model import Access, Key, Snapshot
+from dialproxy.config.model import Access, IPNetwork, Key, Snapshot
 from dialproxy.errors import BadRequest, Forbidden, Unauthorized
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def _admitted(key: Key, secret: str, remote: str | None, now: datetime | None) -
     timed = key.not_before is not None or key.expires_at is not None
     if (key.disabled or timed) and key.state(now or datetime.now(UTC)) != "active":
         raise Unauthorized(UNKNOWN_KEY)
-    if key.allowed_ip_ranges is not None and not _address_allowed(remote, key.allowed_ip_ranges):
+    if key.allowed_networks is not None and not _address_allowed(remote, key.allowed_networks):
         raise Forbidden("Access denied")
     return Principal(key, secret)
 
@@ -129,11 +129,11 @@ async def authenticate(
     return Principal(_admitted(owner, secret, remote, now).key, secret, found)
 
 
-def _address_allowed(remote: str | None, ranges: tuple[str, ...]) -> bool:
+def _address_allowed(remote: str | None, ranges: tuple[IPNetwork, ...]) -> bool:
     if remote is None:
         return False
     try:
         address = ipaddress.ip_address(remote)
     except ValueError:
         return False
-    return any(address in ipaddress.ip_network(r, strict=False) for r in ranges)
+    return any(address in network for network in ranges)

@@ -14,13 +14,12 @@ substituted ``${VAR}`` value of the sources.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import ipaddress
 import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -51,6 +50,7 @@ from dialproxy.config.model import (
     never_default_header,
     windows,
 )
+from dialproxy.config.reuse import Built, Canonical, RawProblem, changed_only
 from dialproxy.config.routes import build_routes, route_problems
 from dialproxy.config.schedule import DEFAULT_SCHEDULE, Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
@@ -689,6 +689,14 @@ def _generic_message(error: jsonschema.ValidationError, parts: Sequence[str | in
 
 def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapshot:
     """Build a snapshot, or raise :class:`ConfigError` with every problem found."""
+    return build_reusing(sources, env, None)[0]
+
+
+def build_reusing(
+    sources: Sequence[Source], env: Mapping[str, str], last: Built | None
+) -> tuple[Snapshot, Built]:
+    """:func:`build_snapshot`, taking from ``last`` (the last good build) what did not
+    change (:mod:`dialproxy.config.reuse`); with what to hand the next build."""
     problems: list[Problem] = []
     redact = _Redactor()  # secrets: hidden in paths and messages
     env_values = _Redactor()  # other ${VAR} values: hidden in messages
@@ -730,17 +738,21 @@ def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapsho
     files = tuple(s.name for s in sources)
     locator = _Locator(docs, files)
 
-    if not schema_valid(merged):
+    canonical = Canonical.of(merged)
+    built_now = Built(canonical)
+    # The entries the last good build had as they are were valid: the others are checked,
+    # and when one is not, the whole document, for errors located as in a full build.
+    if not schema_valid(changed_only(merged, canonical, last)):
         for error in validator().iter_errors(merged):
             found.extend(_schema_problem(error, locator)[0])
-    found.extend(_semantic_checks(merged, locator))
+    found.extend(_semantic_checks(merged, locator, canonical, last, built_now))
     final = _finish(problems, found, docs, redact, env_values)
     if any(p.severity == "error" for p in final):
         raise ConfigError(final)
 
-    digest = hashlib.sha256(json.dumps(merged, sort_keys=True).encode()).hexdigest()
-    built = _snapshot(merged, files, digest)
-    return Snapshot(
+    digest = canonical.digest
+    built = _snapshot(merged, files, digest, canonical, last, built_now)
+    snapshot = Snapshot(
         models=built.models,
         roles=built.roles,
         keys=built.keys,
@@ -752,6 +764,7 @@ def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapsho
         schedule=built.schedule,
         dial_routes=build_routes(merged.get("routes")),
     )
+    return snapshot, built_now
 
 
 def _finish(
@@ -882,8 +895,16 @@ def _deployment_names(doc: Mapping[str, Any]) -> set[str]:
     return names
 
 
-def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
-    """Cross-references and safety; the document may not match the schema (be defensive)."""
+def _semantic_checks(
+    doc: dict[str, Any],
+    at: _Locator,
+    canonical: Canonical | None = None,
+    last: Built | None = None,
+    built: Built | None = None,
+) -> Iterator[Problem]:
+    """Cross-references and safety; the document may not match the schema (be defensive).
+    A key's checks are the last good build's when its entry and the names it may refer to
+    are the same (``canonical``, ``last``); they are kept in ``built``."""
     models = _dict(doc.get("models"))
     roles = _dict(doc.get("roles"))
     keys = _dict(doc.get("keys"))
@@ -893,51 +914,24 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
     def warn(parts: list[str | int], message: str) -> Problem:
         return at.problem(parts, message, "warning")
 
+    context = (frozenset(roles), frozenset(served))
+    before = last.key_checks if last is not None and last.check_context == context else {}
+    texts = canonical.entries.get("keys", {}) if canonical is not None else {}
+    kept: dict[str, tuple[str, tuple[RawProblem, ...]]] = {}
     for secret, key in keys.items():
-        if not isinstance(key, dict):
-            continue
-        base: list[str | int] = ["keys", secret]
-        named: list[tuple[list[str | int], Any]] = []
-        if "role" in key:
-            named.append(([*base, "role"], key["role"]))
-        named += [([*base, "roles", i], r) for i, r in enumerate(_list(key.get("roles")))]
-        for parts, role in named:
-            if isinstance(role, str) and role and role not in roles and role != "default":
-                yield warn(parts, f"role {_show_name(role)} is not defined in roles")
-        if secret and not secret.startswith("sha256:") and not _ENV_REF.search(secret):
-            if _key_bits(secret) < 128:
-                yield warn(
-                    base,
-                    "the key has less than 128 bits of entropy (DIAL asks for a secure random "
-                    "key of at least 128 bits); make one with `dialproxy keys generate`",
-                )
-            if _CONTROL.search(secret) or secret != secret.strip():
-                yield warn(base, "the key has spaces or control characters: no client can send it")
-        for i, m in enumerate(_list(key.get("models"))):
-            if isinstance(m, str) and m not in served:
-                yield warn([*base, "models", i], f"model {_show_name(m)} is not defined")
-        for m in _dict(key.get("limits")):
-            if m != "*" and m not in served:
-                yield warn([*base, "limits", m], f"model {_show_name(m)} is not defined")
-        for i, cidr in enumerate(_list(key.get("allowedIpAddressRanges"))):
-            if not isinstance(cidr, str):
-                continue
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                yield at.problem(
-                    [*base, "allowedIpAddressRanges", i], "not a valid IP address range (CIDR)"
-                )
-        instants: dict[str, datetime] = {}
-        for name in ("notBefore", "expiresAt"):
-            value = key.get(name)
-            if isinstance(value, str) and value:
-                try:
-                    instants[name] = _datetime_strict(value)
-                except ValueError:
-                    yield at.problem([*base, name], "not a valid date-time")
-        if len(instants) == 2 and instants["notBefore"] >= instants["expiresAt"]:
-            yield warn([*base, "expiresAt"], "the key expires before it becomes valid")
+        text = texts.get(secret)
+        found = before.get(secret)
+        if found is not None and text is not None and found[0] == text:
+            raw = found[1]
+        else:
+            raw = tuple(_key_problems(secret, key, roles, served))
+        if text is not None:
+            kept[secret] = (text, raw)
+        for key_parts, key_message, key_severity in raw:
+            yield at.problem(list(key_parts), key_message, cast(Severity, key_severity))
+    if built is not None:
+        built.check_context = context
+        built.key_checks = kept
 
     schedule = doc.get("rateLimitSchedule")
     timezone = schedule.get("timezone") if isinstance(schedule, dict) else None
@@ -984,6 +978,59 @@ def _semantic_checks(doc: dict[str, Any], at: _Locator) -> Iterator[Problem]:
             if isinstance(key, str) and _CONTROL.search(key):
                 message = "contains control characters (it is sent as a header value)"
                 yield at.problem([*where, "key"], message)
+
+
+def _key_problems(
+    secret: str, key: Any, roles: Mapping[str, Any], served: set[str]
+) -> Iterator[RawProblem]:
+    """One key's checks beyond the schema, not yet located in a file."""
+    if not isinstance(key, dict):
+        return
+    base: tuple[str | int, ...] = ("keys", secret)
+    named: list[tuple[tuple[str | int, ...], Any]] = []
+    if "role" in key:
+        named.append(((*base, "role"), key["role"]))
+    named += [((*base, "roles", i), r) for i, r in enumerate(_list(key.get("roles")))]
+    for parts, role in named:
+        if isinstance(role, str) and role and role not in roles and role != "default":
+            yield parts, f"role {_show_name(role)} is not defined in roles", "warning"
+    if secret and not secret.startswith("sha256:") and not _ENV_REF.search(secret):
+        if _key_bits(secret) < 128:
+            yield (
+                base,
+                "the key has less than 128 bits of entropy (DIAL asks for a secure random "
+                "key of at least 128 bits); make one with `dialproxy keys generate`",
+                "warning",
+            )
+        if _CONTROL.search(secret) or secret != secret.strip():
+            yield base, "the key has spaces or control characters: no client can send it", "warning"
+    for i, m in enumerate(_list(key.get("models"))):
+        if isinstance(m, str) and m not in served:
+            yield (*base, "models", i), f"model {_show_name(m)} is not defined", "warning"
+    for m in _dict(key.get("limits")):
+        if m != "*" and m not in served:
+            yield (*base, "limits", m), f"model {_show_name(m)} is not defined", "warning"
+    for i, cidr in enumerate(_list(key.get("allowedIpAddressRanges"))):
+        if not isinstance(cidr, str):
+            continue
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            yield (
+                (*base, "allowedIpAddressRanges", i),
+                "not a valid IP address range (CIDR)",
+                "error",
+            )
+    instants: dict[str, datetime] = {}
+    for name in ("notBefore", "expiresAt"):
+        value = key.get(name)
+        if isinstance(value, str) and value:
+            try:
+                instants[name] = _datetime_strict(value)
+            except ValueError:
+                yield (*base, name), "not a valid date-time", "error"
+    if len(instants) == 2 and instants["notBefore"] >= instants["expiresAt"]:
+        yield (*base, "expiresAt"), "the key expires before it becomes valid", "warning"
 
 
 def _application_checks(app_name: str, raw: dict[str, Any], at: _Locator) -> Iterator[Problem]:
@@ -1351,10 +1398,18 @@ def resolve_grant(
 
 
 class _Grants:
-    """Grants shared between role sets: a grant depends only on the roles that have an entry."""
+    """Grants shared between role sets: a grant depends only on the roles that have an entry.
+
+    ``last`` holds the last good build's grants with their inputs (the roles' entries for
+    the model, and the `default` role's): a grant whose model is the same object and whose
+    inputs are equal is taken from it (the caller gives none when the schedule changed)."""
 
     def __init__(
-        self, models: Mapping[str, Model], roles: Mapping[str, Role], schedule: Schedule
+        self,
+        models: Mapping[str, Model],
+        roles: Mapping[str, Role],
+        schedule: Schedule,
+        last: Mapping[tuple[str, frozenset[str]], tuple[Grant, Any]] | None = None,
     ) -> None:
         self.models = models
         self.roles = roles
@@ -1366,6 +1421,27 @@ class _Grants:
                 by_model.setdefault(model_name, set()).add(role.name)
         self.limited = {m: frozenset(r) for m, r in by_model.items()}
         self.cache: dict[tuple[str, frozenset[str]], Grant] = {}
+        self.last = last or {}
+        # What the next build may take: this one's grants, and the last one's for the models
+        # still there (an access taken whole from the last build resolves none of its own).
+        self.kept: dict[tuple[str, frozenset[str]], tuple[Grant, Any]] = {
+            k: v for k, v in self.last.items() if k[0] in models
+        }
+
+    def _grant(self, model: Model, relevant: frozenset[str]) -> Grant:
+        name = model.name
+        default = self.roles.get("default")
+        inputs = (
+            tuple(self.roles[r].limits.get(name) for r in sorted(relevant)),
+            default.limits.get(name) if default is not None else None,
+        )
+        found = self.last.get((name, relevant))
+        if found is not None and found[0].model is model and found[1] == inputs:
+            grant = found[0]
+        else:
+            grant = resolve_grant(model, relevant, self.roles, self.schedule)
+        self.kept[(name, relevant)] = (grant, inputs)
+        return grant
 
     def access(self, roles: frozenset[str]) -> Access:
         grants: dict[str, Grant] = {}
@@ -1376,9 +1452,7 @@ class _Grants:
             relevant = counted & self.limited.get(name, frozenset())
             grant = self.cache.get((name, relevant))
             if grant is None:
-                grant = self.cache[(name, relevant)] = resolve_grant(
-                    model, relevant, self.roles, self.schedule
-                )
+                grant = self.cache[(name, relevant)] = self._grant(model, relevant)
             grants[name] = grant
         return Access(
             roles=roles,
@@ -1417,54 +1491,101 @@ def _datetime(value: Any) -> datetime | None:
     return _datetime_strict(value)
 
 
-def _snapshot(doc: Mapping[str, Any], files: tuple[str, ...], digest: str) -> Snapshot:
-    models = {name: _model(name, raw) for name, raw in (doc.get("models") or {}).items()}
-    for name, raw in (doc.get("applications") or {}).items():
-        models[name] = _application(name, raw)  # (a name of both is refused by the checks)
-    roles = {
-        name: Role(
-            name=name,
-            limits=MappingProxyType(
-                {m: _limit(lim) for m, lim in (raw.get("limits") or {}).items()}
-            ),
-            cost_limit=MappingProxyType(
-                {w: _decimal(v) for w, v in (raw.get("costLimit") or {}).items()}
-            ),
-        )
-        for name, raw in (doc.get("roles") or {}).items()
-    }
-    schedule = Schedule.parse(doc.get("rateLimitSchedule"))
-    grants = _Grants(models, roles, schedule)
+def _snapshot(
+    doc: Mapping[str, Any],
+    files: tuple[str, ...],
+    digest: str,
+    canonical: Canonical | None = None,
+    last: Built | None = None,
+    built: Built | None = None,
+) -> Snapshot:
+    """The frozen objects of a checked document.  With ``canonical`` and ``last``, an entry
+    unchanged since the last good build is its object there, and an access or a key whose
+    inputs are all unchanged is too (:mod:`dialproxy.config.reuse`); ``built`` keeps them."""
+    canon = canonical or Canonical({}, {}, digest)
+    built = built or Built(canon)
+    prev = last or Built(Canonical({}, {}, ""))
+
+    models: dict[str, Model] = {}
+    for section, make in (("models", _model), ("applications", _application)):
+        for name, raw in (doc.get(section) or {}).items():
+            text = canon.entry(section, name)
+            found = prev.models.get((section, name))
+            model = found[1] if found is not None and found[0] == text else make(name, raw)
+            if text is not None:
+                built.models[(section, name)] = (text, model)
+            models[name] = model  # (a name of both is refused by the checks)
+    roles: dict[str, Role] = {}
+    for name, raw in (doc.get("roles") or {}).items():
+        text = canon.entry("roles", name)
+        found_role = prev.roles.get(name)
+        if found_role is not None and found_role[0] == text:
+            role = found_role[1]
+        else:
+            role = Role(
+                name=name,
+                limits=MappingProxyType(
+                    {m: _limit(lim) for m, lim in (raw.get("limits") or {}).items()}
+                ),
+                cost_limit=MappingProxyType(
+                    {w: _decimal(v) for w, v in (raw.get("costLimit") or {}).items()}
+                ),
+            )
+        if text is not None:
+            built.roles[name] = (text, role)
+        roles[name] = role
+    schedule_text = canon.rest.get("rateLimitSchedule")
+    if prev.schedule is not None and prev.schedule[0] == schedule_text:
+        schedule = prev.schedule[1]
+    else:
+        schedule = Schedule.parse(doc.get("rateLimitSchedule"))
+    built.schedule = (schedule_text, schedule)
+    model_list = tuple(models.values())
+    built.model_list = model_list
+    # An access depends on every model, the schedule, and the roles of its set (and
+    # `default`, the fallback): when all are the same objects, it is the same.
+    same_models = (
+        prev.schedule is not None
+        and prev.schedule[1] is schedule
+        and len(prev.model_list) == len(model_list)
+        and all(a is b for a, b in zip(prev.model_list, model_list, strict=True))
+    )
+    same_schedule = prev.schedule is not None and prev.schedule[1] is schedule
+    grants = _Grants(models, roles, schedule, prev.grants if same_schedule else None)
     accesses: dict[frozenset[str], Access] = {}
     keys: dict[str, Key] = {}
+    key_texts = canon.entries.get("keys", {})
     for secret, raw in (doc.get("keys") or {}).items():
         role_names = [*(raw.get("roles") or ()), *([raw["role"]] if raw.get("role") else [])]
         role_set = frozenset(role_names)
         access = accesses.get(role_set)
         if access is None:
-            access = accesses[role_set] = grants.access(role_set)
-        digest_hex = _key_digest_of(secret)
-        keys[digest_hex] = Key(
-            digest=digest_hex,
-            fingerprint=digest_hex[:8],
-            project=raw["project"],
-            roles=tuple(dict.fromkeys(role_names)),
-            access=access,
-            secured=bool(raw.get("secured", False)),
-            name=raw.get("name"),
-            description=raw.get("description"),
-            not_before=_datetime(raw.get("notBefore")),
-            expires_at=_datetime(raw.get("expiresAt")),
-            disabled=bool(raw.get("disabled", False)),
-            allowed_ip_ranges=tuple(raw["allowedIpAddressRanges"])
-            if raw.get("allowedIpAddressRanges") is not None
-            else None,
-            key_limits=MappingProxyType(
-                {m: _limit(lim) for m, lim in (raw.get("limits") or {}).items()}
-            ),
-            models=frozenset(raw["models"]) if raw.get("models") is not None else None,
-            can_share=bool(raw.get("canShare", False)),
-        )
+            inputs = tuple(roles.get(r) for r in sorted(role_set | {"default"}))
+            before = prev.accesses.get(role_set)
+            if (
+                before is not None
+                and same_models
+                and len(inputs) == len(prev.access_roles[role_set])
+                and all(a is b for a, b in zip(inputs, prev.access_roles[role_set], strict=True))
+            ):
+                access = before
+            else:
+                access = grants.access(role_set)
+            accesses[role_set] = access
+            built.accesses[role_set] = access
+            built.access_roles[role_set] = inputs
+        text = key_texts.get(secret)
+        found_key = prev.keys.get(secret)
+        if found_key is None or found_key[0] != text:
+            key = _key(secret, raw, role_names, access)
+        elif found_key[1].access is access:
+            key = found_key[1]
+        else:  # the same entry, re-resolved (a role of it changed): no digest, no parsing
+            key = replace(found_key[1], access=access)
+        if text is not None:
+            built.keys[secret] = (text, key)
+        keys[key.digest] = key
+    built.grants = grants.kept
     retriable = _DEFAULT_RETRIABLE | frozenset(doc.get("retriableErrorCodes") or ())
     return Snapshot(
         models=MappingProxyType(models),
@@ -1474,4 +1595,29 @@ def _snapshot(doc: Mapping[str, Any], files: tuple[str, ...], digest: str) -> Sn
         digest=digest,
         files=files,
         schedule=schedule,
+    )
+
+
+def _key(secret: str, raw: Mapping[str, Any], role_names: list[str], access: Access) -> Key:
+    digest_hex = _key_digest_of(secret)
+    return Key(
+        digest=digest_hex,
+        fingerprint=digest_hex[:8],
+        project=raw["project"],
+        roles=tuple(dict.fromkeys(role_names)),
+        access=access,
+        secured=bool(raw.get("secured", False)),
+        name=raw.get("name"),
+        description=raw.get("description"),
+        not_before=_datetime(raw.get("notBefore")),
+        expires_at=_datetime(raw.get("expiresAt")),
+        disabled=bool(raw.get("disabled", False)),
+        allowed_ip_ranges=tuple(raw["allowedIpAddressRanges"])
+        if raw.get("allowedIpAddressRanges") is not None
+        else None,
+        key_limits=MappingProxyType(
+            {m: _limit(lim) for m, lim in (raw.get("limits") or {}).items()}
+        ),
+        models=frozenset(raw["models"]) if raw.get("models") is not None else None,
+        can_share=bool(raw.get("canShare", False)),
     )

@@ -7,6 +7,7 @@ never changes afterwards; a request takes the current one and lives on it to the
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -648,6 +649,14 @@ class Key:
     key_limits: Mapping[str, Limit] = field(default_factory=dict)
     models: frozenset[str] | None = None
     can_share: bool = False
+    # `allowed_ip_ranges` parsed once (a request's address is checked against these).
+    allowed_networks: tuple[IPNetwork, ...] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        networks = None
+        if self.allowed_ip_ranges is not None:
+            networks = tuple(_network(r) for r in self.allowed_ip_ranges)
+        object.__setattr__(self, "allowed_networks", networks)
 
     def state(self, now: datetime) -> str:
         if self.disabled:
@@ -657,6 +666,19 @@ class Key:
         if self.expires_at is not None and now >= self.expires_at:
             return "expired"
         return "active"
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NO_ADDRESS = ipaddress.IPv6Network("::/128")  # (::: no client has it)
+
+
+def _network(text: str) -> IPNetwork:
+    """One ``allowedIpAddressRanges`` entry (checked by the loader; one that is not a
+    range admits no client, as before)."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return _NO_ADDRESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,9 +695,6 @@ class Snapshot:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
     # Where the day, week and month windows start (`rateLimitSchedule`).
     schedule: Schedule = DEFAULT_SCHEDULE
-    # What the request path works out once per snapshot and reuses (a key's plan for a
-    # deployment: its model and counters): filled as requests come, dropped with the snapshot.
-    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     # The config's `routes`, compiled and in `order` (dialproxy.config.routes).
     dial_routes: tuple[DialRoute, ...] = field(default=(), repr=False)
 

@@ -78,7 +78,8 @@ async def handle(request: web.Request, feature: str) -> web.StreamResponse:
         principal = await authenticate(
             request.headers, snapshot, request.remote, app[sharedkeys.SHARED]
         )
-        model = proxy.plan_for(principal, snapshot, deployment).model  # 404, 403
+        memo = app[STORE].memo_for(snapshot)
+        model = proxy.plan_for(principal, snapshot, deployment, memo).model  # 404, 403
         field, required = FEATURES[feature]
         body = await read_raw_body(request, app[SETTINGS].max_body)  # (413, 408)
         url = model.features.get(field)

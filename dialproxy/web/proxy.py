@@ -26,7 +26,7 @@ from dialproxy.apis import AnswerIds, Api
 from dialproxy.apis.openai import FORWARDED_HEADERS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Grant, Model, Serving, Snapshot, Upstream, Window
-from dialproxy.config.store import ConfigStore
+from dialproxy.config.store import ConfigStore, Memo
 from dialproxy.errors import (
     BadGateway,
     BadRequest,
@@ -236,15 +236,11 @@ class Plan(NamedTuple):
     admission: Admission  # what admitting a request to the scopes takes
 
 
-# Plans kept in a snapshot's memo, at most (keys x deployments called).
-MEMO_SIZE = 100_000
-
-
-def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
+def plan_for(principal: Principal, snapshot: Snapshot, deployment: str, memo: Memo) -> Plan:
     """The deployment (404), the key's right to it (403), its counters: memoised per key
-    and deployment in the snapshot (a 403 from the key's own quota is not memoised)."""
+    and deployment in the snapshot's ``memo`` (a 403 from the key's own quota is not)."""
     memo_key = (principal.key.digest, deployment)
-    plan = snapshot.memo.get(memo_key)
+    plan: Plan | None = memo.get(memo_key)
     if plan is None:
         grant = resolve(principal, snapshot, deployment)
         scopes = tuple(_scopes(principal, grant, snapshot))
@@ -255,8 +251,7 @@ def plan_for(principal: Principal, snapshot: Snapshot, deployment: str) -> Plan:
             any(scope.concurrency is not None for scope in scopes),
             Admission(scopes),
         )
-        if len(snapshot.memo) < MEMO_SIZE:
-            snapshot.memo[memo_key] = plan
+        memo.put(memo_key, plan)
     if principal.per_request and plan.model.features.get("accessibleByPerRequestKey") is False:
         raise Forbidden(f"Forbidden deployment: {plan.model.name}")  # (every route's check)
     return plan
@@ -283,6 +278,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
     """One proxied request to ``api``.  The deployment is the path's ``{id}``, or (a path
     without one) the body's ``model``."""
     snapshot = services.store.snapshot  # taken once: the request lives on it, reloads or not
+    memo = services.store.memo_for(snapshot)
     started = time.perf_counter()
     deployment: str | None = request.match_info.get("id")
     outcome = Outcome()
@@ -298,9 +294,9 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             if not isinstance(name, str) or not name:
                 raise BadRequest("The request body must name the deployment in 'model'")
             deployment = name
-            plan = plan_for(principal, snapshot, deployment)
+            plan = plan_for(principal, snapshot, deployment, memo)
         else:  # 404 and 403 before the body is read
-            plan = plan_for(principal, snapshot, deployment)
+            plan = plan_for(principal, snapshot, deployment, memo)
             body = await read_json_body(request, max_body)
         model = outcome.model = plan.model
         serving = model.serving.get(api.name)  # (refused here, 503 or 400, before limits count)
@@ -557,7 +553,7 @@ async def _forward(
     for route in balancer.plan(model, serving.routes):
         if outcome.attempts >= model.max_retry_attempts:
             break
-        capacity = capacity_of(snapshot, route.upstream)
+        capacity = capacity_of(route.upstream, services.store.memo_for(snapshot))
         held = 0
         if capacity is not None:  # its own capacity first: at it, skipped like a paused one
             if not estimate:  # (worked out once, for the first upstream with a capacity)
@@ -601,14 +597,14 @@ async def _forward(
     raise attempts.refusal()
 
 
-def capacity_of(snapshot: Snapshot, upstream: Upstream) -> Admission | None:
+def capacity_of(upstream: Upstream, memo: Memo) -> Admission | None:
     """The counters of an upstream's own capacity (its ``limits``), shared by every model
-    that calls it (the same URL and key), worked out once per snapshot."""
+    that calls it (the same URL and key), worked out once per snapshot (its ``memo``)."""
     tokens, requests = upstream.capacity
     if tokens is None and requests is None:
         return None
     memo_key = ("capacity", upstream.endpoint, upstream.key_fingerprint, upstream.capacity)
-    found: Admission | None = snapshot.memo.get(memo_key)
+    found: Admission | None = memo.get(memo_key)
     if found is None:
         name = f"{upstream.endpoint}|{upstream.key_fingerprint}"
         scope = Scope(
@@ -617,7 +613,8 @@ def capacity_of(snapshot: Snapshot, upstream: Upstream) -> Admission | None:
             token_windows=(Window("minute", 60, tokens),) if tokens is not None else (),
             request_windows=(Window("minute", 60, requests),) if requests is not None else (),
         )
-        found = snapshot.memo[memo_key] = Admission([scope])
+        found = Admission([scope])
+        memo.put(memo_key, found)
     return found
 
 

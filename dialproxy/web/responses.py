@@ -86,7 +86,9 @@ async def handle(
         ref = responses.parse(our_id)
         if ref is None or ref.project != responses.project_tag(principal.project):
             raise NotFound(f"Response {cut(our_id)} not found")
-        plan = proxy.plan_for(principal, snapshot, ref.deployment)
+        plan = proxy.plan_for(
+            principal, snapshot, ref.deployment, services.store.memo_for(snapshot)
+        )
         model = plan.model
         serving = model.serving.get(RESPONSES.name)
         if serving is None:

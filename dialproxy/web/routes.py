@@ -34,6 +34,7 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config.loader import resolve_grant
 from dialproxy.config.model import Snapshot
 from dialproxy.config.routes import DialRoute
+from dialproxy.config.store import Memo
 from dialproxy.errors import (
     Forbidden,
 )
@@ -79,11 +80,13 @@ async def handle(request: web.Request, services: proxy.Services) -> web.StreamRe
     return await guard.unmatched(request)
 
 
-def _scopes(principal: Principal, snapshot: Snapshot, route: DialRoute) -> tuple[Scope, ...]:
+def _scopes(
+    principal: Principal, snapshot: Snapshot, route: DialRoute, memo: Memo
+) -> tuple[Scope, ...]:
     """The project counters a route request counts in: the request windows of the roles'
     ``limits`` entry for the route's name, resolved as for a model (memoised per snapshot)."""
     memo_key = ("dial-route", route.name, principal.access.roles, principal.project)
-    found: tuple[Scope, ...] | None = snapshot.memo.get(memo_key)
+    found: tuple[Scope, ...] | None = memo.get(memo_key)
     if found is None:
         counted = principal.access.roles & snapshot.roles.keys()
         grant = resolve_grant(route.model, frozenset(counted), snapshot.roles, snapshot.schedule)
@@ -98,8 +101,7 @@ def _scopes(principal: Principal, snapshot: Snapshot, route: DialRoute) -> tuple
                     request_windows=grant.request_windows,
                 ),
             )
-        if len(snapshot.memo) < proxy.MEMO_SIZE:
-            snapshot.memo[memo_key] = found
+        memo.put(memo_key, found)
     return found
 
 
@@ -117,7 +119,7 @@ async def serve(
         if not route.admits(principal.access.roles):
             raise Forbidden("Forbidden route")
         extra: list[tuple[str, str]] = []
-        scopes = _scopes(principal, snapshot, route)
+        scopes = _scopes(principal, snapshot, route, services.store.memo_for(snapshot))
         if scopes:
             request_state, _ = await services.limiter.admit(scopes)
             if request_state is not None:
