@@ -75,7 +75,9 @@ class LedgerStore(Protocol):
     before ``keep_from`` (None: not this time); it raises when it failed (nothing written)."""
 
     async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None: ...
-    async def read(self, start: int, end: int) -> list[tuple[RowKey, list[int]]]: ...
+    async def read(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]: ...
     async def close(self) -> None: ...
 
 
@@ -164,7 +166,7 @@ class Ledger:
     ) -> list[dict[str, Any]]:
         """The ledger's rows of the hours from ``start`` to before ``end`` (epoch seconds),
         this process's pending ones included, filtered and summed by ``by``."""
-        found = await self.store.read(int(start) // HOUR * HOUR, int(end))
+        found = await self.store.read(int(start) // HOUR * HOUR, int(end), project)
         lo, hi = int(start) // HOUR * HOUR, int(end)
         found += [(k, list(v)) for k, v in self.pending.items() if lo <= k[0] < hi]
         return aggregate(found, by, project, key, shared_key, deployment)
@@ -320,15 +322,18 @@ class SqliteLedgerStore:
                 db.execute("ROLLBACK")
                 raise
 
-    def read_now(self, start: int, end: int) -> list[tuple[RowKey, list[int]]]:
+    def read_now(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]:
         with self._lock:
             db = self._connect(create=False)
             if db is None:
                 return []
             cursor = db.execute(
                 f"SELECT {', '.join(DIMENSIONS)}, {', '.join(MEASURES)} FROM usage_hours "
-                "WHERE hour >= ? AND hour < ?",
-                (start, end),
+                "WHERE hour >= ? AND hour < ?"
+                + (" AND project = ?" if project is not None else ""),
+                (start, end) if project is None else (start, end, project),
             )
             n = len(DIMENSIONS)
             return [(tuple(r[:n]), list(r[n:])) for r in cursor]
@@ -336,8 +341,10 @@ class SqliteLedgerStore:
     async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
         await asyncio.to_thread(self.write_now, rows, keep_from)
 
-    async def read(self, start: int, end: int) -> list[tuple[RowKey, list[int]]]:
-        return await asyncio.to_thread(self.read_now, start, end)
+    async def read(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]:
+        return await asyncio.to_thread(self.read_now, start, end, project)
 
     async def close(self) -> None:
         def close() -> None:
@@ -396,7 +403,10 @@ class RedisLedgerStore:
             if len(pipe):
                 await pipe.execute()
 
-    async def read(self, start: int, end: int) -> list[tuple[RowKey, list[int]]]:
+    async def read(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]:
+        """Whole hours (a project's rows are picked out by the caller)."""
         listed = await self.client.zrangebyscore(self.prefix + "hours", start, f"({end}")
         hours = [int(_decoded(hour)) for hour in listed]
         if not hours:

@@ -400,7 +400,9 @@ async def test_a_failed_write_keeps_its_rows() -> None:
                 raise OSError("disk full")
             self.written.append({k: list(v) for k, v in rows.items()})
 
-        async def read(self, start: int, end: int) -> list[tuple[RowKey, list[int]]]:
+        async def read(
+            self, start: int, end: int, project: str | None = None
+        ) -> list[tuple[RowKey, list[int]]]:
             return []
 
         async def close(self) -> None:
