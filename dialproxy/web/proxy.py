@@ -421,12 +421,23 @@ def _settle(
     elif holds or outcome.capacity is not None:  # nothing to charge: what it held given back
         outcome.usage = None
         _record(services, outcome)
-    if services.ledger is not None and principal is not None:  # (in memory: written in batches)
-        shared = principal.shared
-        row = (principal.project, principal.fingerprint, shared.id if shared else "")
-        name = deployment if deployment in services.store.snapshot.models else None
-        services.ledger.add((*row, name or UNKNOWN_DEPLOYMENT, outcome.api), outcome)
+    if services.ledger is not None and principal is not None:
+        add_to_ledger(services.ledger, services.store.snapshot, principal, deployment, outcome)
     _log(services.log, request, principal, deployment, outcome, started)
+
+
+def add_to_ledger(
+    ledger: Ledger,
+    snapshot: Snapshot,
+    principal: Principal,
+    deployment: str | None,
+    outcome: Outcome,
+) -> None:
+    """A finished request in the usage ledger (in memory: written in batches)."""
+    shared = principal.shared
+    row = (principal.project, principal.fingerprint, shared.id if shared else "")
+    name = deployment if deployment in snapshot.models else None
+    ledger.add((*row, name or UNKNOWN_DEPLOYMENT, outcome.api), outcome)
 
 
 async def _settle_after_drain(
