@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--ledger", choices=("on", "off"), default="on", help="serve --ledger")
     opts = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("bench.instructions needs valgrind: apt-get install valgrind", file=sys.stderr)
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             proxy = count(
                 workdir, "proxy",
                 [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
-                 "--port", str(pport), "--storage", "memory://", "--no-watch"],
+                 "--port", str(pport), "--storage", "memory://", "--no-watch",
+                 "--ledger", opts.ledger],
                 f"http://{HOST}:{pport}{PROXY_PATH}", f"http://{HOST}:{pport}/health", opts,
             )  # fmt: skip
             floor = count(
@@ -122,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             stop_all([backend])
-    print(f"instructions per request ({opts.requests} requests, {opts.connections} connections)")
+    print(
+        f"instructions per request ({opts.requests} requests, {opts.connections} connections, "
+        f"ledger {opts.ledger})"
+    )
     print(f"{'':16}{'proxy':>12}{'pass-through':>14}{'ratio':>8}")
     for mode in MODES:
         ratio = floor[mode] / proxy[mode]

@@ -205,6 +205,7 @@ class Options:
     all_windows: bool = False  # limit every window (the worst case), not a typical role's
     modes: tuple[Mode, ...] = MODES
     redis: bool = True  # the Redis-counter proxy too, in the modes marked redis
+    ledger: str = "on"  # the proxies' usage ledger (serve --ledger): on as served, or off
 
 
 # --------------------------------------------------------------------------------------
@@ -401,6 +402,7 @@ class Bench:
                 name,
                 [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
                  "--port", str(port), "--no-watch", "--workers", str(workers),
+                 "--ledger", self.options.ledger,
                  "--storage", *storage],
             )  # fmt: skip
 
@@ -796,6 +798,13 @@ def parse_options(argv: list[str] | None) -> Options:
         action="store_true",
         help="skip the proxy with its counters in Redis (and the redis-server it needs)",
     )
+    parser.add_argument(
+        "--ledger",
+        choices=("on", "off"),
+        default=d.ledger,
+        help="the proxies' usage ledger (serve --ledger; on, as served): run once each way "
+        "to see what it costs",
+    )
     a = parser.parse_args(argv)
     names = [n.strip() for n in a.modes.split(",") if n.strip()]
     if not names or (unknown := set(names) - set(TARGETS)):
@@ -813,6 +822,7 @@ def parse_options(argv: list[str] | None) -> Options:
         all_windows=a.all_windows,
         modes=modes,
         redis=not a.no_redis,
+        ledger=a.ledger,
     )
 
 

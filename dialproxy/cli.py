@@ -9,19 +9,21 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 from aiohttp import web
 
-from dialproxy import keys, logs
+from dialproxy import keys, ledger, logs
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
-from dialproxy.settings import LOOPS, NUMBERS, Settings
+from dialproxy.settings import LEDGER_MODES, LOOPS, NUMBERS, Settings
 from dialproxy.workers import FORWARDED, WORKER_FLAG, supervise, watch_parent
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -63,6 +65,41 @@ def _parser() -> argparse.ArgumentParser:
 
     keys.add_parser(sub)
 
+    usage = sub.add_parser(
+        "usage",
+        help="print the usage ledger (the served process's SQLite file, or Redis)",
+        description="The usage ledger's hourly rows from --from to before --to, summed by the "
+        "--by groups, as a table, CSV or JSON.  Reads what serve writes: the SQLite file beside "
+        "the state file (--state / --config), or Redis (--storage redis://...).",
+    )
+    usage.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="the served config file: the state file is beside the first (env DIALPROXY_CONFIG)",
+    )
+    usage.add_argument(
+        "--state", metavar="FILE", help="the served state file (env DIALPROXY_STATE)"
+    )
+    usage.add_argument(
+        "--storage", help="redis://HOST:PORT/DB: the ledger in Redis (env DIALPROXY_STORAGE)"
+    )
+    usage.add_argument(
+        "--from", dest="start", metavar="DATE", help="ISO date or date-time (UTC); default: all"
+    )
+    usage.add_argument(
+        "--to", dest="end", metavar="DATE", help="up to before it (a date: up to its end); now"
+    )
+    usage.add_argument(
+        "--by",
+        action="append",
+        choices=ledger.GROUPS,
+        help="group by (repeatable, in order; default: --by project --by deployment)",
+    )
+    usage.add_argument("--project", help="only this project")
+    usage.add_argument("--key", metavar="FINGERPRINT", help="only this key (its fingerprint)")
+    usage.add_argument("--format", choices=ledger.FORMATS, default="table")
+
     backend = sub.add_parser("demo-backend", help="run only the demo model backend")
     backend.add_argument("--host", default="127.0.0.1")
     backend.add_argument("--port", type=int, default=8081)
@@ -95,6 +132,25 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="SQLite file for shared keys with memory counters (env DIALPROXY_STATE; "
         "default: dialproxy-state.sqlite beside the first config file)",
+    )
+    parser.add_argument(
+        "--ledger",
+        choices=LEDGER_MODES,
+        help="the usage ledger: hourly usage per project, key, deployment and API, in an "
+        "SQLite file beside the state file or (Redis storage) in Redis (env DIALPROXY_LEDGER; on)",
+    )
+    parser.add_argument(
+        "--ledger-flush",
+        type=float,
+        metavar="SECONDS",
+        help="how often the ledger is written: the most a crash loses (env "
+        "DIALPROXY_LEDGER_FLUSH; 5)",
+    )
+    parser.add_argument(
+        "--ledger-retention",
+        type=int,
+        metavar="DAYS",
+        help="days of usage the ledger keeps (env DIALPROXY_LEDGER_RETENTION; 400)",
     )
     parser.add_argument(
         "--allow-empty-config",
@@ -159,7 +215,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "storage", "storage_failure", "state", "loop", *NUMBERS):
+    for name in ("host", "storage", "storage_failure", "state", "loop", "ledger", *NUMBERS):
         if getattr(args, name, None) is not None:  # (run-demo has no --workers)
             changes[name] = getattr(args, name)
     if args.allow_empty_config:
@@ -218,6 +274,77 @@ def validate(files: Sequence[str], strict: bool, fmt: str) -> int:
             file=sys.stderr,
         )
     return EXIT_INVALID if invalid else EXIT_OK
+
+
+def _date(value: str | None, end: bool) -> float | None:
+    if value is None:
+        return None
+    when = keys.parse_datetime(value)
+    if end and "T" not in value.upper():  # a date: up to its end
+        when += timedelta(days=1)
+    return when.timestamp()
+
+
+def usage(args: argparse.Namespace) -> int:
+    """``dialproxy usage``: the ledger's rows printed; 0, 1 (no ledger there), 2 (usage)."""
+    settings = Settings.from_env()
+    changes: dict[str, object] = {}
+    if args.config:
+        changes["config_paths"] = tuple(args.config)
+    for name in ("state", "storage"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    settings = replace(settings, **changes)  # type: ignore[arg-type]
+    try:
+        start = _date(args.start, end=False)
+        end = _date(args.end, end=True)
+    except ValueError:
+        print("dialproxy usage: --from and --to take ISO dates or date-times", file=sys.stderr)
+        return EXIT_USAGE
+    uri = settings.storage.removeprefix("async+")
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    store: ledger.LedgerStore
+    if scheme in ("redis", "rediss", "redis+unix"):
+        import redis.asyncio
+
+        if scheme == "redis+unix":
+            uri = "unix" + uri.removeprefix("redis+unix")
+        client = redis.asyncio.Redis.from_url(uri, decode_responses=True, socket_timeout=10)
+        store = ledger.RedisLedgerStore(client, settings.ledger_retention)
+        store.owns_client = True
+    elif scheme == "memory":
+        from dialproxy.sharedkeys import state_path
+
+        path = ledger.usage_path(state_path(settings))
+        if not path.is_file():
+            print(f"dialproxy usage: no ledger at {path} (see --state, --config)", file=sys.stderr)
+            return EXIT_INVALID
+        store = ledger.SqliteLedgerStore(path)
+    else:
+        print("dialproxy usage: --storage must be memory:// or redis://...", file=sys.stderr)
+        return EXIT_USAGE
+    by = tuple(args.by or ("project", "deployment"))
+
+    async def read() -> list[dict[str, Any]]:
+        book = ledger.Ledger(store)
+        try:
+            return await book.rows(
+                start if start is not None else 0,
+                end if end is not None else time.time() + ledger.HOUR,
+                by,
+                args.project,
+                args.key,
+            )
+        finally:
+            await store.close()
+
+    try:
+        rows = asyncio.run(read())
+    except Exception as e:  # (Redis unreachable, a file that is no ledger)
+        print(f"dialproxy usage: cannot read the ledger: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    sys.stdout.write(ledger.render(rows, by, args.format))
+    return EXIT_OK
 
 
 def _load_store(settings: Settings) -> ConfigStore | None:
@@ -289,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return validate(args.files, args.strict, args.format)
     if args.command == "keys":
         return keys.run(args)
+    if args.command == "usage":
+        return usage(args)
     if args.command == "demo-backend":
         from dialproxy.demo_backend import main as backend_main
 

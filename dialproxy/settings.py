@@ -27,10 +27,17 @@ NUMBERS: dict[str, type[int] | type[float]] = {
     "body_timeout": float,
     "stream_drain": float,
     "slot_lease": float,
+    "ledger_flush": float,
+    "ledger_retention": int,
 }
 LOOPS = ("uvloop", "asyncio")
 _UNITS = {int: "a number of bytes", float: "a number of seconds"}
-_WHAT = {"port": "a port number", "workers": "a number of processes"}
+_WHAT = {
+    "port": "a port number",
+    "workers": "a number of processes",
+    "ledger_retention": "a number of days",
+}
+LEDGER_MODES = ("on", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,11 @@ class Settings:
     body_timeout: float = 30.0
     # With Redis: how long a concurrency slot outlives its instance (renewed every third).
     slot_lease: float = 60.0
+    # The usage ledger (dialproxy.ledger): on or off; seconds between its writes (the most
+    # a crash loses); days of hours kept.
+    ledger: str = "on"
+    ledger_flush: float = 5.0
+    ledger_retention: int = 400
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""
@@ -80,6 +92,14 @@ class Settings:
                     f"{name.replace('_', ' ')} must be over 0 and at most 86400 seconds, "
                     f"not {value}"
                 )
+        if self.ledger not in LEDGER_MODES:
+            raise ValueError(f"ledger must be on or off, not {self.ledger!r}")
+        if not 0.05 <= self.ledger_flush <= 3600:  # (NaN fails too)
+            raise ValueError(f"ledger flush must be 0.05 to 3600 seconds, not {self.ledger_flush}")
+        if not 1 <= self.ledger_retention <= 100_000:
+            raise ValueError(
+                f"ledger retention must be 1 to 100000 days, not {self.ledger_retention}"
+            )
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
         if self.storage_failure not in STORAGE_FAILURE_POLICIES:
@@ -131,6 +151,8 @@ class Settings:
             kwargs["state"] = env["DIALPROXY_STATE"]
         if env.get("DIALPROXY_LOOP"):
             kwargs["loop"] = env["DIALPROXY_LOOP"]
+        if env.get("DIALPROXY_LEDGER"):
+            kwargs["ledger"] = env["DIALPROXY_LEDGER"]
         if env.get("DIALPROXY_STORAGE_FAILURE"):
             kwargs["storage_failure"] = env["DIALPROXY_STORAGE_FAILURE"]
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import pytest
 from dialproxy.apis import responses
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
+from dialproxy.web.appkeys import LEDGER
 from tests.conftest import Backend, BackendFactory, Proxy, ProxyFactory, new_key
 from tests.conftest import used_tokens as used_tokens_of
 from tests.redis_server import RedisServer
@@ -141,6 +142,8 @@ async def test_background_retrieve_cancel_delete_on_our_ids_and_usage_charged_on
         again = await ac.responses.retrieve(queued.id)  # seen twice: charged once
         assert again.usage == seen.usage
         assert await used_tokens(proxy) == seen.usage.total_tokens
+        (ledger,) = await proxy.app[LEDGER].rows(0, time.time() + 3600, (), project="p")
+        assert ledger["total_tokens"] == seen.usage.total_tokens  # (the follow-up's, once)
         streamed = await ac.responses.retrieve(queued.id, stream=True)
         replay = [e async for e in streamed]
         assert replay[-1].type == "response.completed"

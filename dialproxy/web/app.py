@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dialproxy import logs, sharedkeys
+from dialproxy import ledger, logs, sharedkeys
 from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Limit
@@ -29,12 +29,13 @@ from dialproxy.settings import Settings
 from dialproxy.storage import Storage
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import features, proxy, responses, routes
+from dialproxy.web import features, proxy, responses, routes, usage
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
     CLIENT,
     DRAIN,
+    LEDGER,
     LIMITER,
     SETTINGS,
     STORE,
@@ -306,6 +307,29 @@ async def _close_limiter(app: web.Application) -> None:
     await app[LIMITER].close()
 
 
+def usage_ledger(settings: Settings, counters: Storage) -> ledger.Ledger:
+    """The usage ledger: in Redis when the counters are (on their client), else in an
+    SQLite file beside the state file."""
+    store: ledger.LedgerStore
+    if isinstance(counters, RedisCounters):
+        store = ledger.RedisLedgerStore(counters.client, settings.ledger_retention)
+    else:
+        store = ledger.SqliteLedgerStore(ledger.usage_path(sharedkeys.state_path(settings)))
+    return ledger.Ledger(
+        store, flush_every=settings.ledger_flush, retention_days=settings.ledger_retention
+    )
+
+
+async def _run_ledger(app: web.Application) -> AsyncIterator[None]:
+    """Writes every ``--ledger-flush`` seconds while the app runs; the rest when it stops
+    (after the requests in flight and their usage records: see create_app)."""
+    app[LEDGER].start()
+    yield
+    if app[BACKGROUND]:  # (the streams still drained for their usage)
+        await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+    await app[LEDGER].close()
+
+
 def create_app(
     store: ConfigStore,
     *,
@@ -341,6 +365,9 @@ def create_app(
     )
     app[BACKGROUND] = set()
     app[DRAIN] = Drain()  # the open streams a shutdown ends (see dialproxy.web.drain)
+    if settings.ledger == "on":  # (first: its last write follows the usage records' end)
+        app[LEDGER] = usage_ledger(settings, limiter.storage)
+        app.cleanup_ctx.append(_run_ledger)
 
     idle = IdleWatch(settings.idle_timeout)  # (not aiohttp's sock_read: see its module)
     bodies = app[BODY_WATCH] = BodyWatch(settings.body_timeout)
@@ -373,6 +400,7 @@ def create_app(
         log=logs.request_log(),  # bound once, not a lazy proxy per call
         idle=idle,
         drain=app[DRAIN],
+        ledger=app.get(LEDGER),
     )
 
     async def bind_client(app: web.Application) -> None:
@@ -384,6 +412,7 @@ def create_app(
         for path in api.paths:
             app.router.add_post(path, handler)
     responses.routes(app, services)  # the Responses API's follow-ups on its ids
+    usage.routes(app)  # DIAL's usage endpoints, on the ledger
     for path, route in (
         ("/openai/models", list_models),
         ("/openai/models/{id}", get_model),

@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from dialproxy.config.store import ConfigStore
+from dialproxy.ledger import Ledger
 from dialproxy.limiter import Limiter
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
@@ -20,3 +21,4 @@ SETTINGS = web.AppKey("settings", Settings)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
+LEDGER = web.AppKey("ledger", Ledger)  # set unless --ledger off

@@ -34,6 +34,7 @@ from dialproxy.errors import (
     NotFound,
     Unavailable,
 )
+from dialproxy.ledger import Ledger
 from dialproxy.limiter import Admission, Limiter, RateLimited, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.settings import Settings
@@ -157,6 +158,7 @@ class Outcome:
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
     shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
     capacity: tuple[Admission, int] | None = None  # the serving upstream's, and its hold
+    api: str = ""  # the API's name (the usage ledger's rows are per API)
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -272,6 +274,7 @@ class Services:
     idle: IdleWatch  # the upstream idle timeout while an answer's body is read
     drain: Drain  # the streams open now: ended with an error event when a shutdown's grace ends
     client: aiohttp.ClientSession | None = None  # set when the app starts
+    ledger: Ledger | None = None  # the usage ledger (None: --ledger off)
 
 
 async def handle(request: web.Request, services: Services, api: Api) -> web.StreamResponse:
@@ -281,7 +284,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
     memo = services.store.memo_for(snapshot)
     started = time.perf_counter()
     deployment: str | None = request.match_info.get("id")
-    outcome = Outcome()
+    outcome = Outcome(api=api.name)
     principal: Principal | None = None
     try:
         principal = await authenticate(
@@ -388,6 +391,10 @@ def reservation(api: Api, body: dict[str, Any], size: int, model: Model) -> tupl
     return prompt + completion, cost
 
 
+# The ledger's deployment of a request that named none the config has (any name a client
+# sends would be a row of its own).
+UNKNOWN_DEPLOYMENT = "(unknown)"
+
 # The completion tokens a request reserves when it says no maximum and its model has no
 # `limits.maxCompletionTokens`.
 DEFAULT_COMPLETION_RESERVE = 256
@@ -401,7 +408,8 @@ def _settle(
     outcome: Outcome,
     started: float,
 ) -> None:
-    """The request's usage recorded (its reservation settled), its log line written."""
+    """The request's usage recorded (its reservation settled), added to the usage ledger,
+    its log line written."""
     holds = outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved
     if outcome.usage is not None and outcome.status == 200:
         if holds or outcome.shared is not None or outcome.records or outcome.capacity:
@@ -409,7 +417,23 @@ def _settle(
     elif holds or outcome.capacity is not None:  # nothing to charge: what it held given back
         outcome.usage = None
         _record(services, outcome)
+    if services.ledger is not None and principal is not None:
+        add_to_ledger(services.ledger, services.store.snapshot, principal, deployment, outcome)
     _log(services.log, request, principal, deployment, outcome, started)
+
+
+def add_to_ledger(
+    ledger: Ledger,
+    snapshot: Snapshot,
+    principal: Principal,
+    deployment: str | None,
+    outcome: Outcome,
+) -> None:
+    """A finished request in the usage ledger (in memory: written in batches)."""
+    shared = principal.shared
+    row = (principal.project, principal.fingerprint, shared.id if shared else "")
+    name = deployment if deployment in snapshot.models else None
+    ledger.add((*row, name or UNKNOWN_DEPLOYMENT, outcome.api), outcome)
 
 
 async def _settle_after_drain(

@@ -77,7 +77,7 @@ async def handle(
     """One follow-up (``action``: retrieve, delete, cancel) on a response id of ours."""
     snapshot = services.store.snapshot
     started = time.perf_counter()
-    outcome = proxy.Outcome()
+    outcome = proxy.Outcome(api=RESPONSES.name)
     principal: Principal | None = None
     ref: ResponseRef | None = None
     our_id = request.match_info["response_id"]
@@ -202,6 +202,11 @@ def _settle(
         async def charge() -> None:
             if await charged.first(our_id, redis):
                 proxy._record(services, outcome)
+                if services.ledger is not None and principal is not None:  # (once too)
+                    snapshot = services.store.snapshot
+                    proxy.add_to_ledger(
+                        services.ledger, snapshot, principal, ref.deployment, outcome
+                    )
 
         proxy.hold(services.background, charge())
     deployment = ref.deployment if ref is not None else None

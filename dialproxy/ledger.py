@@ -1,0 +1,501 @@
+"""The usage ledger: every finished request added to an hourly aggregate.
+
+One row per (hour, project, key fingerprint, shared key id, deployment, API) holds the
+requests, the errors, the prompt, completion and total tokens and the cost (nano-USD, an
+integer, as the cost counters keep it).  :meth:`Ledger.add` is the request path's part: a
+dict lookup and six integer additions in process memory, nothing awaited.  A background task
+(:meth:`Ledger.run`) writes what was added to the store every ``flush_every`` seconds (and
+once more when the app stops), in one step:
+
+- :class:`SqliteLedgerStore` (embedded, the default): an SQLite file beside the state file,
+  one upsert per row, written off the event loop;
+- :class:`RedisLedgerStore` (with Redis storage): one hash per hour (``dp:usage:h:<hour>``,
+  a field per row and measure, HINCRBY) and a sorted set of the hours (``dp:usage:hours``)
+  in one MULTI/EXEC, each hour's hash expiring at the end of the retention, on the process's
+  one Redis client, so that every instance adds to the same ledger.
+
+What a restart can lose is what was added since the last write: at most ``flush_every``
+seconds of requests, and none on a clean stop (SIGTERM writes the rest).  A write that
+fails (Redis down, a disk error) keeps its rows for the next one, so an outage delays the
+ledger rather than losing it; a write that timed out after Redis applied it is counted
+twice, as the limit counters err (on counting).
+
+Retention: hours older than ``retention_days`` are dropped (at most once an hour, with a
+write; in Redis the hashes expire too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+    from dialproxy.web.proxy import Outcome
+
+log = structlog.get_logger("dialproxy.ledger")
+
+HOUR = 3600
+DAY = 86400
+FLUSH_EVERY = 5.0  # seconds between writes (the most a crash can lose)
+RETENTION_DAYS = 400
+USAGE_FILE_SUFFIX = ".usage.sqlite"  # beside the state file: dialproxy-state.usage.sqlite
+
+# A row's key without its hour (what the request path hands in) and with it.
+Row = tuple[str, str, str, str, str]  # project, key fingerprint, shared key id, deployment, API
+RowKey = tuple[int, str, str, str, str, str]  # hour (epoch seconds of its start), then Row
+MEASURES = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_nano_usd",
+)
+DIMENSIONS = ("hour", "project", "key", "shared_key", "deployment", "api")
+# What `by` may group by: a dimension, or `day` (the hour's UTC day).
+GROUPS = ("project", "key", "shared_key", "deployment", "api", "hour", "day")
+Clock = Callable[[], float]
+
+
+class LedgerStore(Protocol):
+    """Where the ledger's rows live.  ``write`` adds (never replaces) and drops the hours
+    before ``keep_from`` (None: not this time); it raises when it failed (nothing written)."""
+
+    async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None: ...
+    async def read(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]: ...
+    async def close(self) -> None: ...
+
+
+def _errored(outcome: Outcome) -> bool:
+    """An error: no answer, an answer of 400 or over, or a stream that ended on an error
+    (the upstream broke off, the client left, the shutdown ended it)."""
+    status = outcome.status
+    return status == 0 or status >= 400 or outcome.error is not None
+
+
+class Ledger:
+    """The process's pending hours in memory, written to ``store`` in batches."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        *,
+        flush_every: float = FLUSH_EVERY,
+        retention_days: int = RETENTION_DAYS,
+        clock: Clock = time.time,
+    ) -> None:
+        self.store = store
+        self.flush_every = flush_every
+        self.retention_days = retention_days
+        self.clock = clock
+        self.pending: dict[RowKey, list[int]] = {}
+        self.writes = 0  # batches written
+        self.failures = 0  # batches that failed (kept for the next write)
+        self._pruned_hour = -1  # the hour retention last ran in
+        self._lock = asyncio.Lock()  # one write at a time (the task's and a shutdown's)
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, row: Row, outcome: Outcome) -> None:
+        """One finished request: O(1), in memory."""
+        hour = int(self.clock()) // HOUR * HOUR
+        key = (hour, *row)
+        totals = self.pending.get(key)
+        if totals is None:
+            totals = self.pending[key] = [0, 0, 0, 0, 0, 0]
+        totals[0] += 1
+        if _errored(outcome):
+            totals[1] += 1
+        usage = outcome.usage
+        if usage is not None and outcome.status == 200:  # (what the limits are charged)
+            totals[2] += usage.prompt_tokens
+            totals[3] += usage.completion_tokens
+            totals[4] += usage.total_tokens
+            model = outcome.model
+            if model is not None and (pricing := model.pricing) is not None:
+                totals[5] += pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
+
+    async def flush(self) -> bool:
+        """Write what is pending (True: written, or nothing to write).  A batch that fails
+        is merged back into the pending rows, for the next write."""
+        async with self._lock:
+            now = self.clock()
+            hour = int(now) // HOUR
+            keep_from = None
+            if hour != self._pruned_hour:
+                keep_from = (int(now) - self.retention_days * DAY) // HOUR * HOUR
+            if not self.pending and keep_from is None:
+                return True
+            batch, self.pending = self.pending, {}
+            try:
+                await self.store.write(batch, keep_from)
+            except Exception as e:
+                self.failures += 1
+                log.warning("ledger_write_failed", error=type(e).__name__, rows=len(batch))
+                merge(self.pending, batch.items())
+                return False
+            self.writes += 1
+            if keep_from is not None:
+                self._pruned_hour = hour
+            return True
+
+    async def rows(
+        self,
+        start: float,
+        end: float,
+        by: Sequence[str] = (),
+        project: str | None = None,
+        key: str | None = None,
+        *,
+        shared_key: str | None = None,
+        deployment: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The ledger's rows of the hours from ``start`` to before ``end`` (epoch seconds),
+        this process's pending ones included, filtered and summed by ``by``."""
+        found = await self.store.read(int(start) // HOUR * HOUR, int(end), project)
+        lo, hi = int(start) // HOUR * HOUR, int(end)
+        found += [(k, list(v)) for k, v in self.pending.items() if lo <= k[0] < hi]
+        return aggregate(found, by, project, key, shared_key, deployment)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_every)
+            try:
+                await self.flush()
+            except Exception as e:  # (flush logs a failed write; anything else, once a round)
+                log.error("ledger_flush_error", error=type(e).__name__)
+
+    async def close(self) -> None:
+        """Stop the task, write the rest (once; a failure is logged), close the store."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.pending and not await self.flush():
+            log.error("ledger_rows_lost", rows=len(self.pending))
+        await self.store.close()
+
+
+def merge(into: dict[RowKey, list[int]], rows: Iterable[tuple[RowKey, Sequence[int]]]) -> None:
+    for key, values in rows:
+        totals = into.get(key)
+        if totals is None:
+            into[key] = list(values)
+        else:
+            for i, v in enumerate(values):
+                totals[i] += v
+
+
+def _group(key: RowKey, by: Sequence[str]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for name in by:
+        if name == "day":
+            out.append(key[0] // DAY * DAY)
+        else:
+            out.append(key[DIMENSIONS.index(name)])
+    return tuple(out)
+
+
+def aggregate(
+    found: Iterable[tuple[RowKey, Sequence[int]]],
+    by: Sequence[str],
+    project: str | None = None,
+    key: str | None = None,
+    shared_key: str | None = None,
+    deployment: str | None = None,
+) -> list[dict[str, Any]]:
+    """Rows summed by the ``by`` groups (in that order; none: one total row), sorted."""
+    for name in by:
+        if name not in GROUPS:
+            raise ValueError(f"cannot group by {name!r}: one of {', '.join(GROUPS)}")
+    sums: dict[tuple[Any, ...], list[int]] = {}
+    for row, values in found:
+        if (
+            (project is not None and row[1] != project)
+            or (key is not None and row[2] != key)
+            or (shared_key is not None and row[3] != shared_key)
+            or (deployment is not None and row[4] != deployment)
+        ):
+            continue
+        group = _group(row, by)
+        totals = sums.get(group)
+        if totals is None:
+            sums[group] = list(values)
+        else:
+            for i, v in enumerate(values):
+                totals[i] += v
+    if not by and not sums:
+        sums[()] = [0] * len(MEASURES)
+    return [
+        {**dict(zip(by, group, strict=True)), **dict(zip(MEASURES, totals, strict=True))}
+        for group, totals in sorted(sums.items())
+    ]
+
+
+# --- SQLite ---------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage_hours (
+    hour INTEGER NOT NULL,
+    project TEXT NOT NULL,
+    key TEXT NOT NULL,
+    shared_key TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    api TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL,
+    cost_nano_usd INTEGER NOT NULL,
+    PRIMARY KEY (hour, project, key, shared_key, deployment, api)
+) WITHOUT ROWID;
+"""
+_UPSERT = (
+    f"INSERT INTO usage_hours ({', '.join(DIMENSIONS)}, {', '.join(MEASURES)}) "
+    f"VALUES ({', '.join('?' * (len(DIMENSIONS) + len(MEASURES)))}) "
+    "ON CONFLICT DO UPDATE SET " + ", ".join(f"{m} = {m} + excluded.{m}" for m in MEASURES)
+)
+
+
+def usage_path(state: Path) -> Path:
+    """The ledger's SQLite file, beside the state file (``x.sqlite`` -> ``x.usage.sqlite``)."""
+    return state.with_name(state.stem + USAGE_FILE_SUFFIX)
+
+
+class SqliteLedgerStore:
+    """One SQLite file (WAL), written off the event loop; created by the first write.
+    Several processes may add to one file (each write is one transaction of additions)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self, create: bool) -> sqlite3.Connection | None:
+        if self._db is None:
+            if not create and not self.path.exists():
+                return None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA busy_timeout=5000")
+                db.executescript(_SCHEMA)
+            except sqlite3.Error:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def write_now(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
+        with self._lock:
+            db = self._connect(create=bool(rows))
+            if db is None:
+                return
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_UPSERT, [(*k, *v) for k, v in rows.items()])
+                if keep_from is not None:
+                    db.execute("DELETE FROM usage_hours WHERE hour < ?", (keep_from,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def read_now(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]:
+        with self._lock:
+            db = self._connect(create=False)
+            if db is None:
+                return []
+            cursor = db.execute(
+                f"SELECT {', '.join(DIMENSIONS)}, {', '.join(MEASURES)} FROM usage_hours "
+                "WHERE hour >= ? AND hour < ?"
+                + (" AND project = ?" if project is not None else ""),
+                (start, end) if project is None else (start, end, project),
+            )
+            n = len(DIMENSIONS)
+            return [(tuple(r[:n]), list(r[n:])) for r in cursor]
+
+    async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
+        await asyncio.to_thread(self.write_now, rows, keep_from)
+
+    async def read(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]:
+        return await asyncio.to_thread(self.read_now, start, end, project)
+
+    async def close(self) -> None:
+        def close() -> None:
+            with self._lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+
+        await asyncio.to_thread(close)
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+PREFIX = "dp:usage:"
+_SEP = "\x1f"  # between a field's parts (never in a project, a key name or a deployment)
+ROWS_PER_CALL = 500  # rows in one MULTI/EXEC (each is six HINCRBYs)
+
+
+def _field(row: RowKey, measure: int) -> str:
+    return _SEP.join((*row[1:], str(measure)))
+
+
+class RedisLedgerStore:
+    """``dp:usage:h:<hour>``: a hash per hour, a field per row and measure; ``dp:usage:hours``:
+    the hours (a sorted set scored by the hour).  Each hour's hash expires when the retention
+    drops it."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        retention_days: int = RETENTION_DAYS,
+        prefix: str = PREFIX,
+    ) -> None:
+        self.client = client
+        self.retention_days = retention_days
+        self.prefix = prefix
+        self.owns_client = False  # (the CLI's own; a served process shares the counters')
+
+    async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
+        items = list(rows.items())
+        hours_key = self.prefix + "hours"
+        for first in range(0, max(len(items), 1), ROWS_PER_CALL):
+            pipe = self.client.pipeline(transaction=True)
+            hours: set[int] = set()
+            for row, values in items[first : first + ROWS_PER_CALL]:
+                key = f"{self.prefix}h:{row[0]}"
+                for i, v in enumerate(values):
+                    if v:
+                        pipe.hincrby(key, _field(row, i), v)
+                hours.add(row[0])
+            for hour in hours:
+                pipe.expireat(f"{self.prefix}h:{hour}", hour + HOUR + self.retention_days * DAY)
+                pipe.zadd(hours_key, {str(hour): hour})
+            if keep_from is not None and first == 0:
+                pipe.zremrangebyscore(hours_key, "-inf", f"({keep_from}")
+            if len(pipe):
+                await pipe.execute()
+
+    async def read(
+        self, start: int, end: int, project: str | None = None
+    ) -> list[tuple[RowKey, list[int]]]:
+        """Whole hours (a project's rows are picked out by the caller)."""
+        listed = await self.client.zrangebyscore(self.prefix + "hours", start, f"({end}")
+        hours = [int(_decoded(hour)) for hour in listed]
+        if not hours:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for hour in hours:
+            pipe.hgetall(f"{self.prefix}h:{hour}")
+        found: dict[RowKey, list[int]] = {}
+        for hour, fields in zip(hours, await pipe.execute(), strict=True):
+            for name, value in fields.items():
+                *parts, measure = _decoded(name).split(_SEP)
+                row: RowKey = (hour, *parts)  # type: ignore[assignment]
+                totals = found.get(row)
+                if totals is None:
+                    totals = found[row] = [0] * len(MEASURES)
+                totals[int(measure)] += int(value)
+        return list(found.items())
+
+    async def close(self) -> None:
+        if self.owns_client:
+            await self.client.aclose()
+
+
+def _decoded(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- dialproxy usage: the rows printed ------------------------------------------------------
+
+FORMATS = ("table", "csv", "json")
+
+
+def _cell(name: str, value: Any) -> Any:
+    if name == "hour":
+        return time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(value))
+    if name == "day":
+        return time.strftime("%Y-%m-%d", time.gmtime(value))
+    return value
+
+
+def usd(nano: int) -> str:
+    """Nano-USD as an exact decimal string of dollars."""
+    sign, nano = ("-", -nano) if nano < 0 else ("", nano)
+    return f"{sign}{nano // 1_000_000_000}.{nano % 1_000_000_000:09d}"
+
+
+def printable(rows: Sequence[Mapping[str, Any]], by: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows as printed: hours and days as ISO text, the cost in USD (and in nano-USD)."""
+    return [
+        {name: _cell(name, row[name]) for name in by}
+        | {m: row[m] for m in MEASURES[:5]}
+        | {"cost_usd": usd(row["cost_nano_usd"]), "cost_nano_usd": row["cost_nano_usd"]}
+        for row in rows
+    ]
+
+
+def render(rows: Sequence[Mapping[str, Any]], by: Sequence[str], fmt: str) -> str:
+    """The ``dialproxy usage`` output: ``table`` (aligned, with a total line), ``csv`` (a
+    header line, then a line per row) or ``json`` (a list of objects)."""
+    out = printable(rows, by)
+    if fmt == "json":
+        return json.dumps(out, indent=2) + "\n"
+    columns = [*by, *MEASURES[:5], "cost_usd"] + (["cost_nano_usd"] if fmt == "csv" else [])
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(out)
+        return buffer.getvalue()
+    lines = [[str(row[c]) for c in columns] for row in out]
+    if len(out) > 1 and by:
+        total = {m: sum(row[m] for row in rows) for m in MEASURES}
+        lines.append(
+            ["total"]
+            + [""] * (len(by) - 1)
+            + [str(total[m]) for m in MEASURES[:5]]
+            + [usd(total["cost_nano_usd"])]
+        )
+    widths = [max([len(c)] + [len(line[i]) for line in lines]) for i, c in enumerate(columns)]
+    numeric = len(by)  # (the measures are right-aligned)
+
+    def text(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(w) if i >= numeric else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    body = [text(line) for line in lines]
+    if len(out) > 1 and by:
+        body.insert(-1, rule)
+    return "\n".join([text(columns), rule, *body]) + "\n"

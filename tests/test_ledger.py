@@ -1,0 +1,421 @@
+"""The usage ledger: its totals are what the limits counted, across a restart (SQLite) and
+across two instances (Redis); ``dialproxy usage`` in each format; DIAL's usage endpoints;
+retention."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dialproxy import cli
+from dialproxy.ledger import (
+    DAY,
+    HOUR,
+    Ledger,
+    RedisLedgerStore,
+    RowKey,
+    SqliteLedgerStore,
+    usage_path,
+)
+from dialproxy.rediscounters import RedisCounters
+from dialproxy.server import counter_storage
+from dialproxy.settings import Settings
+from dialproxy.upstream.usage import Usage
+from dialproxy.web.appkeys import LEDGER
+from dialproxy.web.proxy import Outcome
+from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
+from tests.redis_server import RedisServer
+
+KEY = new_key()
+SAME_PROJECT = new_key()
+OTHER_PROJECT = new_key()
+CHAT = {"messages": [{"role": "user", "content": "one two three"}]}
+PRICING = {"unit": "token", "prompt": "0.001", "completion": "0.002"}
+
+
+def config(backend: Backend, project: str = "p1") -> dict[str, Any]:
+    return {
+        "models": {
+            "chat": chat_model(backend, pricing=PRICING),
+            "other": chat_model(backend),
+            "closed": chat_model(backend, userRoles=["admin"]),
+        },
+        "roles": {
+            "basic": {
+                "limits": {
+                    "chat": {"day": 10_000_000, "requestDay": 100_000},
+                    "other": {"day": 10_000_000, "requestDay": 100_000},
+                },
+                "costLimit": {"day": "1000"},
+            },
+        },
+        "keys": {
+            KEY: {"project": project, "role": "basic"},
+            SAME_PROJECT: {"project": project, "role": "basic"},
+            OTHER_PROJECT: {"project": project + "-other", "role": "basic"},
+        },
+    }
+
+
+async def traffic(s: aiohttp.ClientSession, proxy: Proxy, keys: list[str]) -> list[int]:
+    """Known traffic: plain and streamed chats to two models, and requests that fail (an
+    unknown deployment, a forbidden one, a bad body)."""
+    statuses = []
+    for i, key in enumerate(keys):
+        for model, body in (
+            ("chat", CHAT),
+            ("chat", CHAT | {"stream": True}),
+            ("other", CHAT | {"max_tokens": 5}),
+            ("nope", CHAT),
+            ("closed", CHAT),
+        ):
+            headers = {"Api-Key": key}
+            url = proxy.url(f"/openai/deployments/{model}/chat/completions")
+            async with s.post(url, json=body, headers=headers) as r:
+                await r.read()
+                statuses.append(r.status)
+        async with s.post(
+            proxy.url("/openai/deployments/chat/chat/completions"),
+            data=b"{not json",
+            headers={"Api-Key": key, "Content-Type": "application/json"},
+        ) as r:
+            statuses.append(r.status)
+        if i % 2:
+            async with s.post(
+                proxy.url("/openai/v1/chat/completions"),
+                json=CHAT | {"model": "chat"},
+                headers={"Api-Key": key},
+            ) as r:
+                await r.read()
+                statuses.append(r.status)
+    return statuses
+
+
+async def limits(s: aiohttp.ClientSession, proxy: Proxy, key: str, model: str) -> dict[str, Any]:
+    await proxy.settle()
+    async with s.get(proxy.url(f"/v1/deployments/{model}/limits"), headers={"Api-Key": key}) as r:
+        assert r.status == 200
+        stats: dict[str, Any] = await r.json()
+    return stats
+
+
+async def cost_used(s: aiohttp.ClientSession, proxy: Proxy, key: str) -> float:
+    async with s.get(proxy.url("/v1/user/limits"), headers={"Api-Key": key}) as r:
+        body = await r.json()
+    (day,) = [c for c in body["cost"] if c["window"] == "day"]
+    return float(day["used"])
+
+
+def ledger_of(proxy: Proxy) -> Ledger:
+    return proxy.app[LEDGER]
+
+
+def settings_for(proxy_dir: Path, **extra: Any) -> Settings:
+    return Settings(config_paths=(str(proxy_dir / "aidial.config.json"),), **extra)
+
+
+def today() -> tuple[float, float]:
+    now = time.time()
+    return now // DAY * DAY, now + HOUR
+
+
+async def by_deployment(ledger: Ledger, project: str) -> dict[str, dict[str, Any]]:
+    rows = await ledger.rows(*today(), ("deployment",), project=project)
+    return {r["deployment"]: r for r in rows}
+
+
+async def test_totals_equal_the_limit_counters_across_a_restart(
+    backend: Backend, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    # a flush interval longer than the test: what reaches the file is the shutdown's write
+    settings = settings_for(tmp_path, ledger_flush=3600)
+    proxy = await make_proxy(config(backend), settings=settings)
+    async with aiohttp.ClientSession() as s:
+        statuses = await traffic(s, proxy, [KEY, SAME_PROJECT, KEY, OTHER_PROJECT])
+        assert statuses.count(200) == 4 * 3 + 2 and {404, 403, 400} <= set(statuses)
+        chat, other = await limits(s, proxy, KEY, "chat"), await limits(s, proxy, KEY, "other")
+        cost = await cost_used(s, proxy, KEY)
+    found = await by_deployment(ledger_of(proxy), "p1")
+    assert found["chat"]["total_tokens"] == chat["dayTokenStats"]["used"] > 0
+    assert found["chat"]["requests"] - found["chat"]["errors"] == chat["dayRequestStats"]["used"]
+    assert found["other"]["total_tokens"] == other["dayTokenStats"]["used"] > 0
+    assert found["other"]["requests"] == other["dayRequestStats"]["used"] == 3
+    assert found["chat"]["cost_nano_usd"] / 1e9 == pytest.approx(cost)
+    assert cost > 0
+    assert found["(unknown)"] == found["(unknown)"] | {
+        "requests": 3,
+        "errors": 3,
+        "total_tokens": 0,
+    }
+    assert found["closed"]["errors"] == 3
+    assert (found["chat"]["errors"], found["chat"]["requests"]) == (3, 3 * 2 + 1 + 3)
+    assert ledger_of(proxy).writes == 0  # nothing written yet: all of it pending
+
+    await proxy.server.close()  # a clean stop writes the rest
+    assert usage_path(tmp_path / "dialproxy-state.sqlite").is_file()
+    again = await make_proxy(config(backend), settings=settings)
+    assert not ledger_of(again).pending
+    assert await by_deployment(ledger_of(again), "p1") == found
+    async with aiohttp.ClientSession() as s:  # DIAL's endpoint, on the new instance
+        url = again.url("/v1/deployments/chat/usage")
+        async with s.get(url, headers={"Api-Key": SAME_PROJECT}) as r:
+            assert r.status == 200
+            body = await r.json()
+    assert body["dayTokenStats"] == {"total": 10_000_000, "used": chat["dayTokenStats"]["used"]}
+    assert body["usage"]["totalTokens"] == chat["dayTokenStats"]["used"]
+    assert body["usage"]["requests"] == found["chat"]["requests"]
+    assert body["dayCostStats"]["used"] == pytest.approx(cost)
+
+
+async def test_two_instances_on_one_redis_add_to_one_ledger(
+    backend: Backend, make_proxy: ProxyFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    project = "ledger-" + uuid.uuid4().hex[:8]  # (the session's Redis: counters of its own)
+    proxies = [
+        await make_proxy(
+            config(backend, project),
+            storage=counter_storage(redis_server.url),
+            settings=settings_for(tmp_path, storage=redis_server.url, ledger_flush=0.1),
+        )
+        for _ in range(2)
+    ]
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(
+            traffic(s, proxies[0], [KEY, SAME_PROJECT]), traffic(s, proxies[1], [KEY, KEY])
+        )
+        chat = await limits(s, proxies[0], KEY, "chat")
+        await proxies[1].settle()
+        other = await limits(s, proxies[1], KEY, "other")
+        await asyncio.sleep(0.4)  # both instances' writes (every 0.1 s)
+        for proxy in proxies:
+            assert not ledger_of(proxy).pending
+        for proxy in proxies:  # either instance reads the whole ledger
+            found = await by_deployment(ledger_of(proxy), project)
+            assert found["chat"]["total_tokens"] == chat["dayTokenStats"]["used"] > 0
+            assert (
+                found["chat"]["requests"] - found["chat"]["errors"]
+                == chat["dayRequestStats"]["used"]
+            )
+            assert found["other"]["total_tokens"] == other["dayTokenStats"]["used"] > 0
+            assert found["other"]["requests"] == 4
+        async with s.get(proxies[1].url("/v1/user/usage"), headers={"Api-Key": KEY}) as r:
+            body = await r.json()
+    assert body["deployments"]["chat"]["usage"]["totalTokens"] == chat["dayTokenStats"]["used"]
+    assert body["deployments"]["chat"]["dayTokenStats"]["used"] == chat["dayTokenStats"]["used"]
+    assert body["usage"]["requests"] == sum(r["requests"] for r in found.values())
+    hour = int(time.time()) // HOUR * HOUR
+    ttl = redis_server.command("TTL", f"dp:usage:h:{hour}")
+    assert isinstance(ttl, int) and 399 * DAY < ttl <= 400 * DAY + HOUR  # the retention
+
+
+async def test_dialproxy_usage_prints_each_format(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = await make_proxy(config(backend), settings=settings_for(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        await traffic(s, proxy, [KEY, OTHER_PROJECT])
+        chat = await limits(s, proxy, KEY, "chat")
+    await proxy.server.close()
+    state = str(tmp_path / "dialproxy-state.sqlite")
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+
+    async def run(*args: str) -> str:  # (in a thread: the command runs an event loop of its own)
+        code = await asyncio.to_thread(cli.main, ["usage", "--state", state, *args])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    rows = json.loads(await run("--format", "json", "--by", "project", "--by", "deployment"))
+    mine = {r["deployment"]: r for r in rows if r["project"] == "p1"}
+    assert mine["chat"]["total_tokens"] == chat["dayTokenStats"]["used"]
+    assert set(rows[0]) == {
+        "project",
+        "deployment",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cost_usd",
+        "cost_nano_usd",
+    }
+    assert {r["project"] for r in rows} == {"p1", "p1-other"}
+
+    found = list(
+        csv.DictReader(io.StringIO(await run("--format", "csv", "--by", "day", "--by", "api")))
+    )
+    assert {(r["day"], r["api"]) for r in found} == {(day, "chat/completions")}
+    assert sum(int(r["requests"]) for r in found) == sum(r["requests"] for r in rows)
+    cost = sum(int(r["cost_nano_usd"]) for r in found)
+    assert found[0]["cost_usd"] == f"0.{cost:09d}" and cost > 0
+
+    table = (
+        await run("--project", "p1", "--by", "deployment", "--from", day, "--to", day)
+    ).splitlines()
+    assert table[0].split() == [
+        "deployment",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cost_usd",
+    ]
+    cells = {line.split()[0]: line.split() for line in table[2:] if not line.startswith("-")}
+    assert int(cells["chat"][5]) == chat["dayTokenStats"]["used"]
+    assert int(cells["total"][1]) == sum(r["requests"] for r in mine.values())
+    # another day: nothing; a key's fingerprint: that key's rows
+    assert (
+        json.loads(await run("--format", "json", "--from", "2020-01-01", "--to", "2020-01-02"))
+        == []
+    )
+    assert json.loads(await run("--format", "json", "--by", "hour", "--key", "nope")) == []
+
+    # Redis: the same command, --storage
+    project = "cli-" + uuid.uuid4().hex[:8]
+    store = RedisLedgerStore(RedisCounters(redis_server.url).client)
+    row: RowKey = (int(time.time()) // HOUR * HOUR, project, "fp", "", "chat", "responses")
+    await store.write({row: [2, 1, 10, 20, 30, 1234]}, None)
+    await store.client.aclose()
+    argv = ["usage", "--storage", redis_server.url, "--project", project, "--format", "json"]
+    code = await asyncio.to_thread(cli.main, argv)
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert json.loads(out) == [
+        {
+            "project": project,
+            "deployment": "chat",
+            "requests": 2,
+            "errors": 1,
+            "prompt_tokens": 10,
+            "completion_tokens": 20,
+            "total_tokens": 30,
+            "cost_usd": "0.000001234",
+            "cost_nano_usd": 1234,
+        }
+    ]
+    assert cli.main(["usage", "--state", str(tmp_path / "none.sqlite")]) == 1  # (no file)
+
+
+async def test_usage_endpoints_show_the_callers_own(
+    backend: Backend, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy = await make_proxy(config(backend), settings=settings_for(tmp_path))
+    async with aiohttp.ClientSession() as s:
+        await traffic(s, proxy, [KEY, KEY, SAME_PROJECT])
+        await proxy.settle()
+
+        async def get(path: str, key: str) -> tuple[int, dict[str, Any]]:
+            async with s.get(proxy.url(path), headers={"Api-Key": key}) as r:
+                return r.status, await r.json()
+
+        _, project = await get("/v1/user/usage", KEY)
+        _, own = await get("/v1/user/usage?scope=key", SAME_PROJECT)
+        _, other = await get("/v1/user/usage", OTHER_PROJECT)
+        _, old = await get("/v1/user/usage?from=2020-01-01&to=2020-01-31", KEY)
+        status, forbidden = await get("/v1/deployments/closed/usage", KEY)
+        bad, _ = await get("/v1/user/usage?from=yesterday", KEY)
+        unknown, _ = await get("/v1/deployments/nope/usage", KEY)
+    assert set(project["deployments"]) == {"chat", "other", "(unknown)", "closed"}
+    assert project["deployments"]["other"]["usage"]["requests"] == 3
+    assert own["deployments"]["other"]["usage"]["requests"] == 1
+    entry = project["deployments"]["chat"]
+    assert set(entry) >= {
+        "dayTokenStats",
+        "weekTokenStats",
+        "monthTokenStats",
+        "hourRequestStats",
+        "dayRequestStats",
+        "dayCostStats",
+        "weekCostStats",
+        "monthCostStats",
+        "usage",
+    }
+    assert entry["weekTokenStats"]["total"] == 9223372036854775807  # (no week limit)
+    assert entry["dayTokenStats"]["used"] == entry["usage"]["totalTokens"] > 0
+    assert project["dayCostStats"]["total"] == 1000
+    assert other["deployments"] == {} and other["usage"]["requests"] == 0
+    assert old["deployments"] == {} or all("usage" not in d for d in old["deployments"].values())
+    assert old["from"] == "2020-01-01T00:00:00Z" and old["to"] == "2020-02-01T00:00:00Z"
+    assert (status, forbidden["error"]["message"]) == (403, "Forbidden deployment: closed")
+    assert (bad, unknown) == (400, 404)
+
+
+async def test_retention_drops_old_hours(tmp_path: Path, redis_server: RedisServer) -> None:
+    now = [1_800_000_000.0]
+    store = SqliteLedgerStore(tmp_path / "usage.sqlite")
+    ledger = Ledger(store, retention_days=10, clock=lambda: now[0])
+    row = ("p", "fp", "", "chat", "chat/completions")
+    ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+    assert await ledger.flush()
+    first = int(now[0]) // HOUR * HOUR
+    now[0] += 9 * DAY
+    ledger.add(row, Outcome(status=500))
+    assert await ledger.flush()
+    everything = (0, now[0] + HOUR)
+    assert [r["requests"] for r in await ledger.rows(*everything, ("hour",))] == [1, 1]
+    now[0] += 2 * DAY  # the first hour is now 11 days old
+    assert await ledger.flush()  # (a write with nothing to add still drops old hours)
+    (left,) = await ledger.rows(*everything, ("hour",))
+    assert left["hour"] == first + 9 * DAY and left["errors"] == 1
+    await ledger.close()
+
+    client = RedisCounters(redis_server.url).client
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    redis_ledger = Ledger(
+        RedisLedgerStore(client, 10, prefix), retention_days=10, clock=lambda: now[0]
+    )
+    redis_ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+    assert await redis_ledger.flush()
+    now[0] += 11 * DAY
+    redis_ledger.add(row, Outcome(status=200, usage=Usage(1, 1, 2)))
+    assert await redis_ledger.flush()
+    rows = await redis_ledger.rows(0, now[0] + HOUR, ("hour",))
+    assert [r["total_tokens"] for r in rows] == [2]  # the old hour is out of the index
+    await client.aclose()
+
+
+async def test_a_failed_write_keeps_its_rows() -> None:
+    class Broken:
+        def __init__(self) -> None:
+            self.fail = True
+            self.written: list[dict[RowKey, list[int]]] = []
+
+        async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
+            if self.fail:
+                raise OSError("disk full")
+            self.written.append({k: list(v) for k, v in rows.items()})
+
+        async def read(
+            self, start: int, end: int, project: str | None = None
+        ) -> list[tuple[RowKey, list[int]]]:
+            return []
+
+        async def close(self) -> None:
+            pass
+
+    store = Broken()
+    ledger = Ledger(store)
+    row = ("p", "fp", "", "chat", "chat/completions")
+    ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+    assert not await ledger.flush()
+    ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+    assert ledger.failures == 1
+    store.fail = False
+    assert await ledger.flush()
+    (written,) = store.written
+    assert list(written.values()) == [[2, 0, 6, 8, 14, 0]]
