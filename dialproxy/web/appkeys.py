@@ -9,6 +9,7 @@ from aiohttp import web
 
 from dialproxy.config.store import ConfigStore
 from dialproxy.limiter import Limiter
+from dialproxy.metrics import Metrics
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web.drain import Drain
@@ -20,3 +21,4 @@ SETTINGS = web.AppKey("settings", Settings)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
+METRICS = web.AppKey("metrics", Metrics)  # (absent with --no-metrics)
