@@ -8,23 +8,31 @@ route's name (``upstreams[<index>]`` or ``endpoint``), ``api`` one of the proxie
 per-key label (``key``: the config key's fingerprint) is off unless asked for
 (``--metrics-key-label``): one series per key is a cardinality the operator chooses.
 
-The request path pays a dictionary lookup per request (the label children are cached per
-label tuple: a ``labels()`` call each time costs several times more) and a counter
-increment per series it moves.  What can be read when scraped is read then, by
-:class:`_StateCollector`: the config's generation and reloads, the storage's health, the
+The request path pays a dictionary lookup per request and per attempt (a cell of plain
+numbers per label tuple) and an addition per series it moves: prometheus-client's own
+children take a lock per increment and several per histogram observation, which
+``make bench`` could see.  The numbers become families when scraped
+(:class:`_CountsCollector`), and what can be read then is read then
+(:class:`_StateCollector`): the config's generation and reloads, the storage's health, the
 streams open, the requests in flight.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -83,28 +91,60 @@ def refusal_reason(error: BaseException) -> tuple[str, str] | None:
     return (reason, "") if reason is not None else None
 
 
-@dataclass(slots=True)
+class _Histogram:
+    """A histogram's bucket counts (not cumulative: the last one past the largest bound)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative, by ``le`` (as prometheus-client writes it: ``0.5``, ``1.0``, ``+Inf``)."""
+        total, out = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == math.inf else repr(float(bound)), float(total)))
+        return out
+
+
 class _Cell:
-    """The children of one (api, deployment, project[, key]): looked up once, kept."""
+    """The counts of one (api, deployment, project[, key])."""
 
-    labels: tuple[str, ...]
-    requests: list[Any]  # by status class (index: status // 100), made when first used
-    prompt: Any = None
-    completion: Any = None
-    cost: Any = None
+    __slots__ = ("completion", "cost", "labels", "priced", "prompt", "requests", "used")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.requests = [0] * len(STATUS_CLASSES)  # by status class (index: status // 100)
+        self.used = self.priced = False  # (a usage counted; a cost: their series exist)
+        self.prompt = self.completion = 0
+        self.cost = 0.0
 
 
-@dataclass(slots=True)
 class _UpstreamCell:
-    labels: tuple[str, str]  # (deployment, upstream)
-    attempts: Any
-    ttfb: Any
-    duration: Any
-    failures: dict[str, Any] = field(default_factory=dict)
+    """The counts of one upstream of a deployment."""
+
+    __slots__ = ("attempts", "duration", "failures", "labels", "ttfb")
+
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self.labels = labels  # (deployment, upstream)
+        self.attempts = 0
+        self.failures: dict[str, int] = {}
+        self.ttfb = _Histogram(TTFB_BUCKETS)
+        self.duration = _Histogram(DURATION_BUCKETS)
 
 
 class Metrics:
-    """The series of one app (its own registry: tests run several apps in one process)."""
+    """The series of one app (its own registry: tests run several apps in one process).
+
+    Counted in plain numbers as requests go (one event loop: no lock needed), turned into
+    Prometheus families when scraped."""
 
     def __init__(
         self,
@@ -114,70 +154,16 @@ class Metrics:
         streams: Callable[[], int] | None = None,
         storage: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.key_label = key_label
         self._store = store
-        key = ("key",) if key_label else ()
-        registry = self.registry
-        self._requests = Counter(
-            "dialproxy_requests",
-            "Proxied requests answered, by API, deployment, project and status class.",
-            ("api", "deployment", "project", "status", *key),
-            registry=registry,
-        )
-        self._refusals = Counter(
-            "dialproxy_refusals",
-            "Requests the proxy refused itself, by reason (tokens, requests, cost: a limit's "
-            "window; concurrency, upstream_capacity, shared_key_cap, auth, access, not_found, "
-            "invalid, storage: the storage failure policy).",
-            ("api", "deployment", "project", "reason", "window"),
-            registry=registry,
-        )
-        self._tokens = Counter(
-            "dialproxy_tokens",
-            "Tokens of the answered requests' usage, by deployment, project and type "
-            "(prompt, completion).",
-            ("deployment", "project", "type", *key),
-            registry=registry,
-        )
-        self._cost = Counter(
-            "dialproxy_cost_usd",
-            "The cost of the answered requests' usage in USD (priced deployments).",
-            ("deployment", "project", *key),
-            registry=registry,
-        )
-        self._attempts = Counter(
-            "dialproxy_upstream_attempts",
-            "Requests sent to an upstream, by deployment and upstream.",
-            ("deployment", "upstream"),
-            registry=registry,
-        )
-        self._failures = Counter(
-            "dialproxy_upstream_failures",
-            "Upstream attempts that failed, by reason (error: no answer; status: a 5xx or "
-            "a retriable status; rate_limited: a 429; redirect).",
-            ("deployment", "upstream", "reason"),
-            registry=registry,
-        )
-        self._ttfb = Histogram(
-            "dialproxy_upstream_ttfb_seconds",
-            "Seconds from an attempt's request to its answer's headers.",
-            ("deployment", "upstream"),
-            buckets=TTFB_BUCKETS,
-            registry=registry,
-        )
-        self._duration = Histogram(
-            "dialproxy_upstream_duration_seconds",
-            "Seconds from an attempt's request to its end (the answer relayed, or the failure).",
-            ("deployment", "upstream"),
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
         self.in_flight = 0  # requests begun, not yet finished (read when scraped)
         self.reservations = 0  # requests holding a reservation (tokens, cost, a shared cap)
-        self._cells: dict[tuple[str, ...], _Cell] = {}
-        self._upstreams: dict[tuple[str, str], _UpstreamCell] = {}
-        registry.register(_StateCollector(self, store, streams, storage))
+        self.cells: dict[tuple[str, ...], _Cell] = {}
+        self.upstreams: dict[tuple[str, str], _UpstreamCell] = {}
+        self.refusals: dict[tuple[str, str, str, str, str], int] = {}
+        self.registry.register(_CountsCollector(self))
+        self.registry.register(_StateCollector(self, store, streams, storage))
 
     # -- the request path ---------------------------------------------------------------
 
@@ -212,63 +198,41 @@ class Metrics:
             name = ""  # never a name the config does not have
         project = principal.key.project if principal is not None else ""
         if self.key_label:
-            labels: tuple[str, ...] = (
-                api,
-                name,
-                project,
-                principal.key.fingerprint if principal is not None else "",
-            )
+            key = principal.key.fingerprint if principal is not None else ""
+            labels: tuple[str, ...] = (api, name, project, key)
         else:
             labels = (api, name, project)
-        cell = self._cells.get(labels)
+        cell = self.cells.get(labels)
         if cell is None:
-            cell = self._cells[labels] = _Cell(labels, [None] * len(STATUS_CLASSES))
-        index = status // 100 if 0 <= status < 600 else 0
-        child = cell.requests[index]
-        if child is None:
-            api_, *rest = labels
-            child = cell.requests[index] = self._requests.labels(
-                api_, rest[0], rest[1], STATUS_CLASSES[index], *rest[2:]
-            )
-        child.inc()
+            cell = self.cells[labels] = _Cell(labels)
+        cell.requests[status // 100 if 0 <= status < 600 else 0] += 1
         if usage is not None:
-            if cell.prompt is None:
-                by = labels[1:]
-                cell.prompt = self._tokens.labels(by[0], by[1], "prompt", *by[2:])
-                cell.completion = self._tokens.labels(by[0], by[1], "completion", *by[2:])
             prompt, completion = usage
-            cell.prompt.inc(prompt)
-            cell.completion.inc(completion)
+            cell.used = True
+            cell.prompt += prompt
+            cell.completion += completion
             pricing = model.pricing if model is not None else None
             if pricing is not None:
-                if cell.cost is None:
-                    cell.cost = self._cost.labels(*labels[1:])
-                cell.cost.inc(pricing.cost_nano_usd(prompt, completion) / 1e9)
+                cell.priced = True
+                cell.cost += pricing.cost_nano_usd(prompt, completion) / 1e9
         if refusal is not None and (why := refusal_reason(refusal)) is not None:
-            self._refusals.labels(api, name, project, *why).inc()
+            refused = (api, name, project, *why)
+            self.refusals[refused] = self.refusals.get(refused, 0) + 1
 
     def _known(self, deployment: str) -> bool:
         return self._store is not None and deployment in self._store.snapshot.models
 
     def upstream(self, deployment: str, route: str) -> _UpstreamCell:
-        """The series of one upstream of a deployment (both from the config)."""
-        cell = self._upstreams.get((deployment, route))
+        """The counts of one upstream of a deployment (both from the config)."""
+        cell = self.upstreams.get((deployment, route))
         if cell is None:
-            cell = self._upstreams[(deployment, route)] = _UpstreamCell(
-                (deployment, route),
-                self._attempts.labels(deployment, route),
-                self._ttfb.labels(deployment, route),
-                self._duration.labels(deployment, route),
-            )
+            cell = self.upstreams[(deployment, route)] = _UpstreamCell((deployment, route))
         return cell
 
     def failed(self, cell: _UpstreamCell, reason: str, seconds: float | None) -> None:
         """An attempt failed (``reason``: error, status, rate_limited, redirect), ended
         ``seconds`` after it was sent (None: a 5xx served all the same, timed when relayed)."""
-        child = cell.failures.get(reason)
-        if child is None:
-            child = cell.failures[reason] = self._failures.labels(*cell.labels, reason)
-        child.inc()
+        cell.failures[reason] = cell.failures.get(reason, 0) + 1
         if seconds is not None:
             cell.duration.observe(seconds)
 
@@ -278,6 +242,86 @@ class Metrics:
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _counter(name: str, text: str, labels: Sequence[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, labels=labels)
+
+
+class _CountsCollector(Collector):
+    """The counted series, from :class:`Metrics`' numbers."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        key = ("key",) if m.key_label else ()
+        requests = _counter(
+            "dialproxy_requests",
+            "Proxied requests answered, by API, deployment, project and status class.",
+            ("api", "deployment", "project", "status", *key),
+        )
+        tokens = _counter(
+            "dialproxy_tokens",
+            "Tokens of the answered requests' usage, by deployment, project and type "
+            "(prompt, completion).",
+            ("deployment", "project", "type", *key),
+        )
+        cost = _counter(
+            "dialproxy_cost_usd",
+            "The cost of the answered requests' usage in USD (priced deployments).",
+            ("deployment", "project", *key),
+        )
+        for cell in list(m.cells.values()):
+            api, deployment, project, *rest = cell.labels
+            for index, count in enumerate(cell.requests):
+                if count:
+                    status = STATUS_CLASSES[index]
+                    requests.add_metric((api, deployment, project, status, *rest), count)
+            if cell.used:
+                tokens.add_metric((deployment, project, "prompt", *rest), cell.prompt)
+                tokens.add_metric((deployment, project, "completion", *rest), cell.completion)
+            if cell.priced:
+                cost.add_metric((deployment, project, *rest), cell.cost)
+        refusals = _counter(
+            "dialproxy_refusals",
+            "Requests the proxy refused itself, by reason (tokens, requests, cost: a limit, "
+            "window its window; concurrency, upstream_capacity, shared_key_cap, auth, access, "
+            "not_found, invalid, storage: the storage failure policy's deny).",
+            ("api", "deployment", "project", "reason", "window"),
+        )
+        for labels, count in list(m.refusals.items()):
+            refusals.add_metric(labels, count)
+        upstream = ("deployment", "upstream")
+        attempts = _counter(
+            "dialproxy_upstream_attempts",
+            "Requests sent to an upstream, by deployment and upstream.",
+            upstream,
+        )
+        failures = _counter(
+            "dialproxy_upstream_failures",
+            "Upstream attempts that failed, by reason (error: no answer; status: a 5xx or "
+            "a retriable status; rate_limited: a 429; redirect).",
+            (*upstream, "reason"),
+        )
+        ttfb = HistogramMetricFamily(
+            "dialproxy_upstream_ttfb_seconds",
+            "Seconds from an attempt's request to its answer's headers.",
+            labels=upstream,
+        )
+        duration = HistogramMetricFamily(
+            "dialproxy_upstream_duration_seconds",
+            "Seconds from an attempt's request to its end (the answer relayed, or the failure).",
+            labels=upstream,
+        )
+        for ucell in list(m.upstreams.values()):
+            attempts.add_metric(ucell.labels, ucell.attempts)
+            for reason, count in list(ucell.failures.items()):
+                failures.add_metric((*ucell.labels, reason), count)
+            for family, histogram in ((ttfb, ucell.ttfb), (duration, ucell.duration)):
+                family.add_metric(ucell.labels, histogram.buckets(), histogram.sum)
+        yield from (requests, refusals, tokens, cost, attempts, failures, ttfb, duration)
 
 
 class _StateCollector(Collector):

@@ -319,3 +319,39 @@ async def test_dashboard_series_exist(backend: Backend, make_proxy: ProxyFactory
     used = {n for e in exprs for n in re.findall(r"\bdialproxy_[a-z_]+", e)}
     missing = sorted(used - names)
     assert not missing, f"the dashboard queries series no scrape has: {missing}"
+
+
+def test_settings_from_flags_and_env() -> None:
+    from dialproxy import cli
+
+    env = Settings.from_env(
+        {
+            "DIALPROXY_METRICS": "off",
+            "DIALPROXY_METRICS_PORT": "9100",
+            "DIALPROXY_METRICS_KEY_LABEL": "on",
+            "DIALPROXY_METRICS_AUTH": "key",
+        }
+    )
+    assert (env.metrics, env.metrics_port, env.metrics_key_label, env.metrics_auth) == (
+        False,
+        9100,
+        True,
+        "key",
+    )
+    with pytest.raises(ValueError, match="DIALPROXY_METRICS must be on or off"):
+        Settings.from_env({"DIALPROXY_METRICS": "maybe"})
+    with pytest.raises(ValueError, match="metrics port must differ"):
+        Settings(metrics_port=8080).check()
+    with pytest.raises(ValueError, match="metrics auth"):
+        Settings(metrics_auth="admin").check()
+    args = cli._parser().parse_args(
+        ["serve", "--metrics-port", "9101", "--metrics-key-label", "--metrics-auth", "key"]
+    )
+    flags = cli._settings(args)
+    assert (flags.metrics, flags.metrics_port, flags.metrics_key_label, flags.metrics_auth) == (
+        True,
+        9101,
+        True,
+        "key",
+    )
+    assert not cli._settings(cli._parser().parse_args(["serve", "--no-metrics"])).metrics

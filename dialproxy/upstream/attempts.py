@@ -101,7 +101,7 @@ class Attempts:
         context goes into ``headers`` (the upstream's ``traceparent``)."""
         if self._metrics is not None:
             self._cell = self._metrics.upstream(self._model.name, route.name)
-            self._cell.attempts.inc()
+            self._cell.attempts += 1
         if self._tracing is not None and self._parent is not None:
             self.span = self._tracing.attempt(self._parent, self._model.name, route.name, headers)
         self._sent = time.perf_counter()
