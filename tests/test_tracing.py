@@ -4,6 +4,8 @@ upstream gets in traceparent; and off unless the OTEL_* variables ask."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,25 @@ async def test_off_without_otel_variables(
     traceparent = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
     assert await chat(proxy, "chat", traceparent=traceparent) == 200
     assert backend.control.requests[-1].headers["traceparent"] == traceparent
+
+
+async def test_client_leaving_ends_the_attempt_span(
+    backend: Backend, aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    proxy, exporter = await traced_proxy(backend, aiohttp_server, tmp_path)
+    backend.control.first_byte_delay = 2.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as s:
+        with contextlib.suppress(TimeoutError):
+            await s.post(
+                proxy.url("/openai/deployments/chat/chat/completions"),
+                json=CHAT,
+                headers={"Api-Key": KEY},
+            )
+    for _ in range(50):  # the handler is cancelled when the connection closes
+        if by_kind(exporter.get_finished_spans(), SpanKind.SERVER):
+            break
+        await asyncio.sleep(0.05)
+    spans = exporter.get_finished_spans()
+    assert by_kind(spans, SpanKind.SERVER)
+    [client] = by_kind(spans, SpanKind.CLIENT)
+    assert dict(client.attributes or {})["error.type"] == "cancelled"

@@ -121,6 +121,14 @@ class Attempts:
         self._failed("error", None)
         await self._down(upstream)
 
+    def cancelled(self) -> None:
+        """The request was cancelled (the client left) before the attempt's answer: its
+        span ends (its upstream is not blamed, nor counted failed)."""
+        if self.span is not None:
+            assert self._tracing is not None
+            self._tracing.attempt_end(self.span, None, "cancelled")
+            self.span = None
+
     async def _down(self, upstream: Upstream) -> None:
         self._all_limited = False
         await self._balancer.failed(self._model, upstream)

@@ -662,6 +662,9 @@ async def _forward(
             await attempts.broke(route.upstream)
             await _give_back(services, capacity, held)
             continue
+        except asyncio.CancelledError:  # the client left while the upstream was asked
+            attempts.cancelled()
+            raise
         if not await attempts.served(resp, route.upstream):
             await _give_back(services, capacity, held)
             continue
