@@ -26,7 +26,15 @@ from pathlib import Path
 import aiohttp
 
 from bench.procs import BenchError, Child, free_port, stop_all
-from bench.run import BACKEND_PATH, HEADERS, HOST, PROXY_PATH, bench_config, request_body
+from bench.run import (
+    BACKEND_PATH,
+    BARE_FLAGS,
+    HEADERS,
+    HOST,
+    PROXY_PATH,
+    bench_config,
+    request_body,
+)
 
 MODES = {"non-streaming": False, "streaming": True}
 
@@ -90,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--ledger", choices=("on", "off"), default="on", help="serve --ledger")
+    parser.add_argument(
+        "--bare",
+        action="store_true",
+        help=f"also count the proxy with {' '.join(BARE_FLAGS)}: what the metrics cost",
+    )
     opts = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("bench.instructions needs valgrind: apt-get install valgrind", file=sys.stderr)
@@ -113,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                  "--ledger", opts.ledger],
                 f"http://{HOST}:{pport}{PROXY_PATH}", f"http://{HOST}:{pport}/health", opts,
             )  # fmt: skip
+            bare: dict[str, int] = {}
+            if opts.bare:
+                bare = count(
+                    workdir, "proxy-bare",
+                    [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
+                     "--port", str(pport), "--storage", "memory://", "--no-watch", *BARE_FLAGS],
+                    f"http://{HOST}:{pport}{PROXY_PATH}", f"http://{HOST}:{pport}/health", opts,
+                )  # fmt: skip
             floor = count(
                 workdir, "passthrough",
                 [py, "-m", "bench.passthrough", "--host", HOST, "--port", str(tport),
@@ -132,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in MODES:
         ratio = floor[mode] / proxy[mode]
         print(f"{mode:16}{proxy[mode]:>12,}{floor[mode]:>14,}{ratio:>8.2f}")
+    if bare:
+        print(f"\nthe proxy with {' '.join(BARE_FLAGS)} (metrics off; tracing off in both)")
+        print(f"{'':16}{'proxy':>12}{'bare':>14}{'on/off':>8}")
+        for mode in MODES:
+            print(f"{mode:16}{proxy[mode]:>12,}{bare[mode]:>14,}{proxy[mode] / bare[mode]:>8.3f}")
     return 0
 
 

@@ -4,7 +4,8 @@ Child processes on free 127.0.0.1 ports: the demo backend, the real proxy (``dia
 serve`` with auth, token/request/cost limits, pricing, stream usage injection and its
 JSON request log all on) with in-process counters, the same proxy with its counters in
 Redis (a ``redis-server`` of the bench's own, no persistence; the chat modes only; off
-with ``--no-redis``) and the pass-through floor (aiohttp on uvloop).  The modes
+with ``--no-redis``), the same proxy with its metrics off (``--no-metrics``: what they cost;
+off with ``--no-bare``) and the pass-through floor (aiohttp on uvloop).  The modes
 (:data:`MODES`): chat completions non-streaming and streaming, a Responses API stream and
 an Anthropic Messages stream, each its own body, proxy route and backend path.  Then,
 interleaved:
@@ -78,7 +79,13 @@ REDIS_SETTLE = 0.1  # s after a run before Redis's stats are read: the last sett
 PROXY, PROXY_REDIS, PASS = "proxy", "proxy redis", "pass-through"
 PROXY_WORKERS = "proxy redis x2"  # serve --workers 2 on the same Redis (reported, no target)
 WORKERS = 2
-PROXIES = frozenset({PROXY, PROXY_REDIS, PROXY_WORKERS})
+# The proxy with what observes it off (--bare): the cost of the metrics and the usage ledger
+# on (tracing is off in both: no OTEL_* variables), as the proxy's req/s and CPU per request
+# over its.
+PROXY_BARE = "proxy bare"
+BARE_FLAGS = ("--no-metrics", "--ledger", "off")
+OBSERVED_TARGET = 0.95  # proxy (metrics and ledger on) req/s >= this x the bare proxy's
+PROXIES = frozenset({PROXY, PROXY_REDIS, PROXY_WORKERS, PROXY_BARE})
 REDIS_TARGETS = frozenset({PROXY_REDIS, PROXY_WORKERS})
 BACKEND_SATURATED = 0.90  # cores
 OTHER_LOAD = 0.25  # cores used by processes outside the bench: worth a warning
@@ -206,6 +213,7 @@ class Options:
     modes: tuple[Mode, ...] = MODES
     redis: bool = True  # the Redis-counter proxy too, in the modes marked redis
     ledger: str = "on"  # the proxies' usage ledger (serve --ledger): on as served, or off
+    bare: bool = True  # the proxy with its metrics off too (PROXY_BARE)
 
 
 # --------------------------------------------------------------------------------------
@@ -387,9 +395,9 @@ class Bench:
     def run(self) -> dict[str, Any]:
         with_redis = self.options.redis and any(m.redis for m in self.options.modes)
         ports: set[int] = set()
-        while len(ports) < 6:
+        while len(ports) < 7:
             ports.add(free_port())
-        bport, pport, tport, rport, qport, wport = ports
+        bport, pport, tport, rport, qport, wport, nport = ports
         config = self.workdir / "bench.config.json"
         config.write_text(json.dumps(bench_config(bport, self.options.all_windows), indent=2))
         py = sys.executable
@@ -407,6 +415,8 @@ class Bench:
             )  # fmt: skip
 
         proxy = start_proxy("proxy", pport, ["memory://"])
+        if self.options.bare:
+            bare = start_proxy("proxy-bare", nport, ["memory://", *BARE_FLAGS])
         if with_redis:
             redis_dir = self.workdir / "redis"
             redis_dir.mkdir()
@@ -432,6 +442,9 @@ class Bench:
             measured[PROXY_REDIS] = proxy_redis
             bases[PROXY_WORKERS] = f"http://{HOST}:{wport}"
             measured[PROXY_WORKERS] = proxy_workers
+        if self.options.bare:
+            bases[PROXY_BARE] = f"http://{HOST}:{nport}"
+            measured[PROXY_BARE] = bare
         measured[PASS] = passthrough
         for target, child in measured.items():
             child.wait_http(bases[target] + ("/health" if target in PROXIES else "/"))
@@ -623,6 +636,17 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
         "CPU ratio pass-through/proxy",
         lambda m: f"{throughput[m][PASS].cpu_us / throughput[m][PROXY].cpu_us:.2f}",
     )
+    bare_modes = [m for m in modes if PROXY_BARE in throughput[m]]
+    if bare_modes:
+        row("proxy bare req/s (min-max)", lambda m: spread(throughput[m][PROXY_BARE]))
+        row("proxy bare CPU us/req", lambda m: f"{throughput[m][PROXY_BARE].cpu_us:.0f}")
+        row(
+            "ratio proxy/proxy bare (req/s; CPU bare/proxy)",
+            lambda m: (
+                f"{throughput[m][PROXY].rps / throughput[m][PROXY_BARE].rps:.3f}; "
+                f"{throughput[m][PROXY_BARE].cpu_us / throughput[m][PROXY].cpu_us:.3f}"
+            ),
+        )
 
     def added(target: str) -> Callable[[str], str]:
         def cell(m: str) -> str:
@@ -704,6 +728,14 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
         lines.append(
             f"  {mode} --workers {WORKERS} with Redis (reported, no target):"
             f" {ratio:.2f}x one worker's throughput"
+        )
+    for mode in bare_modes:
+        ratio = throughput[mode][PROXY].rps / throughput[mode][PROXY_BARE].rps
+        cpu = throughput[mode][PROXY_BARE].cpu_us / throughput[mode][PROXY].cpu_us
+        lines.append(
+            f"  {mode} metrics and ledger on: throughput >= {OBSERVED_TARGET:.2f}x off"
+            f" ({' '.join(BARE_FLAGS)}): {ratio:.3f}x (CPU per request: {cpu:.3f}x)"
+            f"  {verdict(ratio >= OBSERVED_TARGET)}"
         )
     for mode in latency:
         p50, p99 = added_latency(latency[mode], "proxy")
@@ -794,6 +826,11 @@ def parse_options(argv: list[str] | None) -> Options:
         help=f"comma-separated, of: {', '.join(TARGETS)} (default: all)",
     )
     parser.add_argument(
+        "--no-bare",
+        action="store_true",
+        help="skip the proxy with its metrics off (what the metrics cost is measured by it)",
+    )
+    parser.add_argument(
         "--no-redis",
         action="store_true",
         help="skip the proxy with its counters in Redis (and the redis-server it needs)",
@@ -823,6 +860,7 @@ def parse_options(argv: list[str] | None) -> Options:
         modes=modes,
         redis=not a.no_redis,
         ledger=a.ledger,
+        bare=not a.no_bare,
     )
 
 

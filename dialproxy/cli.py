@@ -23,7 +23,7 @@ from dialproxy import keys, ledger, logs
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
-from dialproxy.settings import LEDGER_MODES, LOOPS, NUMBERS, Settings
+from dialproxy.settings import LEDGER_MODES, LOOPS, METRICS_AUTH, NUMBERS, Settings
 from dialproxy.workers import FORWARDED, WORKER_FLAG, supervise, watch_parent
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -159,6 +159,31 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-watch", action="store_true", help="do not reload on file changes")
     parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="serve no GET /metrics and count nothing for it (env DIALPROXY_METRICS=off)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve GET /metrics on this port (same host) instead of the main port "
+        "(env DIALPROXY_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-key-label",
+        action="store_true",
+        help="add a key label (the config key's fingerprint) to the request, token and cost "
+        "series: one series per key (env DIALPROXY_METRICS_KEY_LABEL=on)",
+    )
+    parser.add_argument(
+        "--metrics-auth",
+        choices=METRICS_AUTH,
+        help="who may read /metrics: none (anyone who reaches it; the default) or key (a "
+        "request carrying any key of the config, as Api-Key or Authorization: Bearer) "
+        "(env DIALPROXY_METRICS_AUTH)",
+    )
+    parser.add_argument(
         "--max-response",
         type=int,
         metavar="BYTES",
@@ -215,13 +240,26 @@ def _settings(args: argparse.Namespace) -> Settings:
     changes: dict[str, object] = {}
     if args.config:
         changes["config_paths"] = tuple(args.config)
-    for name in ("host", "storage", "storage_failure", "state", "loop", "ledger", *NUMBERS):
+    for name in (
+        "host",
+        "storage",
+        "storage_failure",
+        "state",
+        "loop",
+        "ledger",
+        "metrics_auth",
+        *NUMBERS,
+    ):
         if getattr(args, name, None) is not None:  # (run-demo has no --workers)
             changes[name] = getattr(args, name)
     if args.allow_empty_config:
         changes["allow_empty_config"] = True
     if args.no_watch:
         changes["watch"] = False
+    if args.no_metrics:
+        changes["metrics"] = False
+    if args.metrics_key_label:
+        changes["metrics_key_label"] = True
     if args.command == "run-demo" or getattr(args, "worker_of", None) is not None:
         changes["workers"] = 1  # run-demo is one process; a worker is one of the N
     return replace(settings, **changes)  # type: ignore[arg-type]
@@ -385,6 +423,19 @@ async def _serve(
         runner, settings.host, settings.port, reuse_port=True if parent is not None else None
     ).start()
     runners.insert(0, runner)
+    if settings.metrics and settings.metrics_port is not None:
+        from dialproxy.web.app import metrics_app
+
+        scrape = web.AppRunner(metrics_app(app), access_log=None)
+        await scrape.setup()
+        await web.TCPSite(
+            scrape,
+            settings.host,
+            settings.metrics_port,
+            reuse_port=True if parent is not None else None,
+        ).start()
+        runners.append(scrape)
+        log.info("metrics_serving", url=f"http://{settings.host}:{settings.metrics_port}/metrics")
     tune_gc()
     log.info("serving", url=f"http://{settings.host}:{settings.port}")
     stop = asyncio.Event()
@@ -405,7 +456,7 @@ async def _serve(
         if watching is not None:
             watching.cancel()
         await shut_down(runner, app[DRAIN], grace)
-        for r in runners[1:]:  # the demo backend
+        for r in runners[1:]:  # the demo backend, the metrics port
             await r.cleanup()
 
 

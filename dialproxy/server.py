@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
+from dialproxy import tracing
 from dialproxy.config.loader import Source
 from dialproxy.config.store import ConfigStore, ReloadResult
 from dialproxy.config.watcher import ConfigWatcher
@@ -57,7 +58,10 @@ def event_loop_factory(loop: str = "uvloop") -> Callable[[], asyncio.AbstractEve
 def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     """The served app; with ``settings.watch`` it reloads its config when the files change."""
     app = create_app(
-        store, settings=settings, storage=counter_storage(settings.storage, settings.slot_lease)
+        store,
+        settings=settings,
+        storage=counter_storage(settings.storage, settings.slot_lease),
+        tracing=tracing.from_env(),  # (decided here, once: None unless OTEL_* ask for traces)
     )
     if settings.watch:
         app.cleanup_ctx.append(watch_config)

@@ -12,6 +12,7 @@ MAX_BODY = 16 * 1024 * 1024
 MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed upstream answer, decoded (over it: 502)
 STORAGE_FAILURE_POLICIES = ("allow", "deny", "local")
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix")
+METRICS_AUTH = ("none", "key")  # GET /metrics: open, or any key of the config
 MAX_WORKERS = 256
 
 
@@ -19,6 +20,7 @@ MAX_WORKERS = 256
 # floats.
 NUMBERS: dict[str, type[int] | type[float]] = {
     "port": int,
+    "metrics_port": int,
     "workers": int,
     "max_response": int,
     "max_event": int,
@@ -31,9 +33,11 @@ NUMBERS: dict[str, type[int] | type[float]] = {
     "ledger_retention": int,
 }
 LOOPS = ("uvloop", "asyncio")
+_BOOLEANS = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 _UNITS = {int: "a number of bytes", float: "a number of seconds"}
 _WHAT = {
     "port": "a port number",
+    "metrics_port": "a port number",
     "workers": "a number of processes",
     "ledger_retention": "a number of days",
 }
@@ -71,6 +75,13 @@ class Settings:
     ledger: str = "on"
     ledger_flush: float = 5.0
     ledger_retention: int = 400
+    # GET /metrics (Prometheus): served unless off; on its own port when one is given (else
+    # the main port's /metrics); a `key` label per config key when asked (its cardinality);
+    # "key": only for a request carrying a key of the config (see METRICS_AUTH).
+    metrics: bool = True
+    metrics_port: int | None = None
+    metrics_key_label: bool = False
+    metrics_auth: str = "none"
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""
@@ -81,6 +92,17 @@ class Settings:
                 raise ValueError(
                     f"{name.replace('_', ' ')} must be at least 1 byte, not {getattr(self, name)}"
                 )
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ValueError(f"metrics port must be 1-65535, not {self.metrics_port}")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(
+                "metrics port must differ from the port (without --metrics-port, /metrics "
+                "is served on the port)"
+            )
+        if self.metrics_auth not in METRICS_AUTH:
+            raise ValueError(
+                f"metrics auth must be one of {', '.join(METRICS_AUTH)}, not {self.metrics_auth!r}"
+            )
         if not 1 <= self.slot_lease <= 3600:  # (NaN fails too)
             raise ValueError(f"slot lease must be 1 to 3600 seconds, not {self.slot_lease}")
         if not 0 <= self.stream_drain <= 3600:  # (NaN fails too)
@@ -155,4 +177,13 @@ class Settings:
             kwargs["ledger"] = env["DIALPROXY_LEDGER"]
         if env.get("DIALPROXY_STORAGE_FAILURE"):
             kwargs["storage_failure"] = env["DIALPROXY_STORAGE_FAILURE"]
+        for name in ("metrics", "metrics_key_label"):
+            variable = "DIALPROXY_" + name.upper()
+            if env.get(variable):
+                value = env[variable].strip().lower()
+                if value not in _BOOLEANS:
+                    raise ValueError(f"{variable} must be on or off (true/false, 1/0)")
+                kwargs[name] = _BOOLEANS[value]
+        if env.get("DIALPROXY_METRICS_AUTH"):
+            kwargs["metrics_auth"] = env["DIALPROXY_METRICS_AUTH"]
         return cls(**kwargs)  # type: ignore[arg-type]

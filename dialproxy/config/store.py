@@ -103,6 +103,8 @@ class ConfigStore:
         self.generation = 0
         self.loaded_at: datetime | None = None
         self.last_error: tuple[Problem, ...] | None = None
+        self.reloads_applied = 0  # reloads that swapped in a new generation (/metrics)
+        self.reloads_refused = 0  # reloads refused: the last good config kept serving
         # The digest of the bytes last built (served or refused); None when unknown or
         # unreadable.  The watcher skips a rebuild when the files still hold these bytes.
         self.source_digest: str | None = None
@@ -217,6 +219,7 @@ class ConfigStore:
             log.info("config_unchanged", trigger=trigger, generation=self.generation)
             return ReloadResult(False, self.generation)
         self._set(snapshot)
+        self.reloads_applied += 1
         log.info(
             "config_reloaded",
             trigger=trigger,
@@ -230,6 +233,7 @@ class ConfigStore:
 
     def _refuse(self, problems: tuple[Problem, ...], trigger: str) -> ReloadResult:
         self.last_error = problems
+        self.reloads_refused += 1
         log.error(
             "config_reload_refused",
             trigger=trigger,

@@ -12,14 +12,17 @@ from __future__ import annotations
 import email.utils
 import math
 import re
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Collection, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-from dialproxy.config.model import Model, Upstream
+from dialproxy.config.model import Model, Route, Upstream
 from dialproxy.errors import BadGateway, ProxyError, Unavailable
+from dialproxy.metrics import Metrics
+from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
 
 # Retry-After's delta-seconds: digits (a decimal point accepted too); anything else that is
@@ -55,27 +58,78 @@ class NoRoute(BadGateway):
 
 
 class Attempts:
-    """The attempts of one request to ``model``'s upstreams, as its balancer sees them."""
+    """The attempts of one request to ``model``'s upstreams, as its balancer sees them (and
+    its metrics and traces, when they are on: each attempt counted, timed, and a span)."""
 
     __slots__ = (
         "_all_limited",
         "_balancer",
+        "_cell",
         "_full",
+        "_metrics",
         "_model",
+        "_parent",
         "_redirected",
         "_retriable",
+        "_sent",
+        "_tracing",
         "_waits",
+        "span",
     )
 
-    def __init__(self, balancer: Balancer, model: Model, retriable: Collection[int]) -> None:
+    def __init__(
+        self,
+        balancer: Balancer,
+        model: Model,
+        retriable: Collection[int],
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
+        parent: Any = None,
+    ) -> None:
         self._balancer, self._model, self._retriable = balancer, model, retriable
         self._waits: list[float] = []  # the rate-limited upstreams' Retry-After
         self._all_limited = True
         self._redirected: int | None = None  # a redirect's status, for the log line
         self._full: list[float] = []  # the upstreams skipped at capacity: when they free up
+        self._metrics, self._tracing, self._parent = metrics, tracing, parent
+        self._cell: Any = None  # the metrics of the upstream tried now
+        self._sent = 0.0
+        self.span: Any = None  # the attempt's client span (tracing on)
+
+    def sending(self, route: Route, headers: MutableMapping[str, str]) -> float:
+        """An attempt to ``route`` starts now (returned: when); with tracing on, its span's
+        context goes into ``headers`` (the upstream's ``traceparent``)."""
+        if self._metrics is not None:
+            self._cell = self._metrics.upstream(self._model.name, route.name)
+            self._cell.attempts += 1
+        if self._tracing is not None and self._parent is not None:
+            self.span = self._tracing.attempt(self._parent, self._model.name, route.name, headers)
+        self._sent = time.perf_counter()
+        return self._sent
+
+    def _failed(self, reason: str, status: int | None) -> None:
+        if self._cell is not None:
+            assert self._metrics is not None
+            self._metrics.failed(self._cell, reason, time.perf_counter() - self._sent)
+        if self.span is not None:
+            assert self._tracing is not None
+            self._tracing.attempt_end(self.span, status, reason)
+            self.span = None
 
     async def broke(self, upstream: Upstream) -> None:
         """The attempt failed before an answer (a connection error, a timeout)."""
+        self._failed("error", None)
+        await self._down(upstream)
+
+    def cancelled(self) -> None:
+        """The request was cancelled (the client left) before the attempt's answer: its
+        span ends (its upstream is not blamed, nor counted failed)."""
+        if self.span is not None:
+            assert self._tracing is not None
+            self._tracing.attempt_end(self.span, None, "cancelled")
+            self.span = None
+
+    async def _down(self, upstream: Upstream) -> None:
         self._all_limited = False
         await self._balancer.failed(self._model, upstream)
 
@@ -83,21 +137,28 @@ class Attempts:
         """Whether ``resp`` is the answer to serve; if not, it is released and the next
         upstream is tried."""
         status = resp.status
+        if self._cell is not None:
+            self._cell.ttfb.observe(time.perf_counter() - self._sent)
         redirect = 300 <= status < 400
         if redirect or status in self._retriable:
             resp.release()
             if status == 429:
+                self._failed("rate_limited", status)
                 after = retry_after(resp.headers)
                 await self._balancer.rate_limited(self._model, upstream, after)
                 self._waits.append(after if after is not None else DEFAULT_PAUSE)
             else:
                 if redirect:
                     self._redirected = status
-                await self.broke(upstream)
+                self._failed("redirect" if redirect else "status", status)
+                await self._down(upstream)
             return False
         if status < 500:
             self._balancer.succeeded(self._model, upstream)
         else:
+            if self._cell is not None:  # (served all the same: its span ends with the request)
+                assert self._metrics is not None
+                self._metrics.failed(self._cell, "status", None)
             await self._balancer.failed(self._model, upstream)
         return True
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dialproxy import ledger, logs, sharedkeys
+from dialproxy import ledger, logs, metrics, sharedkeys
 from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Limit
@@ -27,9 +27,10 @@ from dialproxy.logs import cut
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
 from dialproxy.storage import Storage
+from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import features, proxy, responses, routes, usage
+from dialproxy.web import features, guard, proxy, responses, routes, usage
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -37,6 +38,7 @@ from dialproxy.web.appkeys import (
     DRAIN,
     LEDGER,
     LIMITER,
+    METRICS,
     SETTINGS,
     STORE,
 )
@@ -336,8 +338,10 @@ def create_app(
     settings: Settings | None = None,
     storage: Storage | None = None,
     client: aiohttp.ClientSession | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
-    """Build the app.  Tests inject their own store, counter storage and client session."""
+    """Build the app.  Tests inject their own store, counter storage and client session;
+    ``tracing``: the process's (None: off; see :func:`dialproxy.tracing.from_env`)."""
     settings = settings or Settings()
     app = web.Application(
         client_max_size=settings.max_body,
@@ -390,6 +394,21 @@ def create_app(
     app.cleanup_ctx.append(client_ctx)
     app.on_cleanup.append(_close_limiter)  # after client_ctx has awaited the usage records
     sharedkeys.setup(app)  # the shared key store (opened and closed with the app), its routes
+    measured = None
+    if settings.metrics:
+        drain = app[DRAIN]
+        measured = app[METRICS] = metrics.Metrics(
+            store,
+            key_label=settings.metrics_key_label,
+            streams=lambda: len(drain),
+            storage=limiter.health,
+        )
+    if tracing is not None:
+
+        async def close_tracing(app: web.Application) -> None:
+            tracing.close()
+
+        app.on_cleanup.append(close_tracing)
     services = proxy.Services(
         store=store,
         settings=settings,
@@ -401,6 +420,8 @@ def create_app(
         idle=idle,
         drain=app[DRAIN],
         ledger=app.get(LEDGER),
+        metrics=measured,
+        tracing=tracing,
     )
 
     async def bind_client(app: web.Application) -> None:
@@ -429,6 +450,8 @@ def create_app(
         ("/health", health),
     ):
         app.router.add_get(path, guarded(route))
+    if measured is not None and settings.metrics_port is None:
+        app.router.add_get("/metrics", scrape_handler(app, measured))
     # DIAL's feature endpoints: forwarded to the model's features.*Endpoint (features.py)
     app.router.add_post("/v1/{id}/rate", functools.partial(features.handle, feature="rate"))
     for feature in ("tokenize", "truncate_prompt"):
@@ -441,3 +464,25 @@ def create_app(
     # last: the config's DIAL routes (a path no route above has), else JSON 404s and 405s
     app.router.add_route("*", "/{tail:.*}", functools.partial(routes.handle, services=services))
     return app
+
+
+def scrape_handler(app: web.Application, measured: metrics.Metrics) -> guard.Handler:
+    """``GET /metrics`` of ``app``: open, or (``--metrics-auth key``) for a key of the
+    config only (401 without one)."""
+    require = None
+    if app[SETTINGS].metrics_auth == "key":
+        store = app[STORE]
+
+        async def require(request: web.Request) -> None:
+            await authenticate(
+                request.headers, store.snapshot, request.remote, app[sharedkeys.SHARED]
+            )
+
+    return guarded(metrics.handler(measured, require))
+
+
+def metrics_app(app: web.Application) -> web.Application:
+    """The app of ``--metrics-port``: ``GET /metrics`` of ``app`` alone."""
+    scrape = web.Application()
+    scrape.router.add_get("/metrics", scrape_handler(app, app[METRICS]))
+    return scrape

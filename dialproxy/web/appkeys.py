@@ -10,6 +10,7 @@ from aiohttp import web
 from dialproxy.config.store import ConfigStore
 from dialproxy.ledger import Ledger
 from dialproxy.limiter import Limiter
+from dialproxy.metrics import Metrics
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web.drain import Drain
@@ -22,3 +23,4 @@ CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
 LEDGER = web.AppKey("ledger", Ledger)  # set unless --ledger off
+METRICS = web.AppKey("metrics", Metrics)  # (absent with --no-metrics)

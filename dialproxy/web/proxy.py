@@ -37,7 +37,9 @@ from dialproxy.errors import (
 from dialproxy.ledger import Ledger
 from dialproxy.limiter import Admission, Limiter, RateLimited, Scope
 from dialproxy.logs import RequestLog, cut
+from dialproxy.metrics import Metrics
 from dialproxy.settings import Settings
+from dialproxy.tracing import Tracing
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
@@ -158,7 +160,15 @@ class Outcome:
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
     shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
     capacity: tuple[Admission, int] | None = None  # the serving upstream's, and its hold
-    api: str = ""  # the API's name (the usage ledger's rows are per API)
+    # The API's name (the usage ledger's rows and the metrics are per API); observed
+    # (dialproxy.metrics, dialproxy.tracing): what refused the request, when the served
+    # attempt was sent, whether it holds a reservation, its spans.
+    api: str = ""
+    refusal: Exception | None = None
+    sent: float = 0.0
+    holding: bool = False
+    span: Any = None
+    attempt_span: Any = None
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -275,6 +285,8 @@ class Services:
     drain: Drain  # the streams open now: ended with an error event when a shutdown's grace ends
     client: aiohttp.ClientSession | None = None  # set when the app starts
     ledger: Ledger | None = None  # the usage ledger (None: --ledger off)
+    metrics: Metrics | None = None  # None: --no-metrics
+    tracing: Tracing | None = None  # None: off (no OTEL_* variables ask for traces)
 
 
 async def handle(request: web.Request, services: Services, api: Api) -> web.StreamResponse:
@@ -284,7 +296,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
     memo = services.store.memo_for(snapshot)
     started = time.perf_counter()
     deployment: str | None = request.match_info.get("id")
-    outcome = Outcome(api=api.name)
+    outcome = begin(services, request, api.name)
     principal: Principal | None = None
     try:
         principal = await authenticate(
@@ -328,6 +340,8 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             outcome.slot = slot
             if request_state is not None or token_state is not None:
                 extra_headers = api.errors.ratelimit_headers(request_state, token_state)
+        if services.metrics is not None and (held != (0, 0) or outcome.shared_reserved):
+            outcome.holding = services.metrics.reserved()
         response = await _forward(
             request,
             services,
@@ -364,7 +378,7 @@ def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) 
     """The answer to what a request of ``api`` raised, in the API's shape, noted in the
     request's outcome (its log line)."""
     response, message = guard.refusal(request, error, api.errors.response)
-    outcome.status = response.status
+    outcome.status, outcome.refusal = response.status, error
     if message is not None:
         outcome.error = message
     return response
@@ -419,7 +433,7 @@ def _settle(
         _record(services, outcome)
     if services.ledger is not None and principal is not None:
         add_to_ledger(services.ledger, services.store.snapshot, principal, deployment, outcome)
-    _log(services.log, request, principal, deployment, outcome, started)
+    _log(services, request, principal, deployment, outcome, started)
 
 
 def add_to_ledger(
@@ -509,7 +523,7 @@ def _record(services: Services, outcome: Outcome) -> None:
 
 
 def _log(
-    log: RequestLog,
+    services: Services,
     request: web.Request,
     principal: Principal | None,
     deployment: str | None,
@@ -539,7 +553,65 @@ def _log(
         fields["usage"] = "estimated"
     elif usage is not None and usage.details:
         fields["usage_details"] = dict(usage.details)  # cached, reasoning tokens...
-    log.line("request", fields)
+    services.log.line("request", fields)
+    if services.metrics is not None or services.tracing is not None:
+        _observe(services, principal, deployment, outcome, fields)
+
+
+def begin(services: Services, request: web.Request, api: str) -> Outcome:
+    """A request's outcome, to be filled; its start observed (in flight, its server span)."""
+    outcome = Outcome(api=api)
+    if services.metrics is not None:
+        services.metrics.begin()
+    if services.tracing is not None:
+        outcome.span = services.tracing.request(request, api)
+    return outcome
+
+
+def _observe(
+    services: Services,
+    principal: Principal | None,
+    deployment: str | None,
+    outcome: Outcome,
+    fields: dict[str, Any],
+) -> None:
+    """A request's end in the metrics and its spans (after its log line: ``fields``)."""
+    usage, model, status = outcome.usage, outcome.model, outcome.status
+    metrics, tracing = services.metrics, services.tracing
+    if metrics is not None:
+        counted = None
+        if usage is not None and status == 200:
+            counted = (usage.prompt_tokens, usage.completion_tokens)
+        metrics.finish(
+            outcome.api,
+            principal,
+            deployment,
+            model,
+            status,
+            counted,
+            outcome.refusal,
+            outcome.holding,
+        )
+        if outcome.sent and model is not None and outcome.upstream is not None:
+            metrics.served(model.name, outcome.upstream, time.perf_counter() - outcome.sent)
+    if tracing is not None:
+        if outcome.attempt_span is not None:
+            tracing.attempt_end(outcome.attempt_span, status, outcome.error)
+        if outcome.span is not None:
+            tracing.request_end(
+                outcome.span,
+                {
+                    "dialproxy.deployment": model.name if model is not None else None,
+                    "dialproxy.project": fields["project"],
+                    "dialproxy.key": fields["key"],
+                    "dialproxy.upstream": outcome.upstream,
+                    "dialproxy.attempts": outcome.attempts,
+                    "gen_ai.usage.input_tokens": fields["prompt_tokens"],
+                    "gen_ai.usage.output_tokens": fields["completion_tokens"],
+                    "error.type": outcome.error,
+                },
+                status,
+            )
 
 
 async def _forward(
@@ -570,7 +642,9 @@ async def _forward(
         # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
         outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
-    attempts = Attempts(balancer, model, snapshot.retriable_codes)
+    attempts = Attempts(
+        balancer, model, snapshot.retriable_codes, services.metrics, services.tracing, outcome.span
+    )
     if balancer.sharing:
         await balancer.refresh(model)
     estimate = 0  # the request's tokens, held in an upstream's capacity while it is served
@@ -595,7 +669,7 @@ async def _forward(
         if query:
             url += ("&" if "?" in url else "?") + query
         outcome.upstream = route.name
-        sent = time.perf_counter()
+        sent = attempts.sending(route, headers)
         try:
             async with services.idle.headers():  # (the idle timeout until the headers)
                 resp = await client.post(
@@ -608,13 +682,16 @@ async def _forward(
             await attempts.broke(route.upstream)
             await _give_back(services, capacity, held)
             continue
+        except asyncio.CancelledError:  # the client left while the upstream was asked
+            attempts.cancelled()
+            raise
         if not await attempts.served(resp, route.upstream):
             await _give_back(services, capacity, held)
             continue
         if capacity is not None:
             outcome.capacity = (capacity, held)
         outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
-        outcome.status = resp.status
+        outcome.status, outcome.sent, outcome.attempt_span = resp.status, sent, attempts.span
         if outcome.ids is not None:
             outcome.ids.served_by(route, serving)
         return await _respond(resp, outcome, api, injected, extra_headers, services)

@@ -77,7 +77,7 @@ async def handle(
     """One follow-up (``action``: retrieve, delete, cancel) on a response id of ours."""
     snapshot = services.store.snapshot
     started = time.perf_counter()
-    outcome = proxy.Outcome(api=RESPONSES.name)
+    outcome = proxy.begin(services, request, RESPONSES.name)
     principal: Principal | None = None
     ref: ResponseRef | None = None
     our_id = request.match_info["response_id"]
@@ -210,7 +210,7 @@ def _settle(
 
         proxy.hold(services.background, charge())
     deployment = ref.deployment if ref is not None else None
-    proxy._log(services.log, request, principal, deployment, outcome, started)
+    proxy._log(services, request, principal, deployment, outcome, started)
 
 
 def routes(app: web.Application, services: proxy.Services) -> None:
