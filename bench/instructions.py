@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bare",
         action="store_true",
-        help=f"also count the proxy with {' '.join(BARE_FLAGS)}: what the metrics cost",
+        help=f"also count the proxy with {' '.join(BARE_FLAGS)}: what metrics and ledger cost",
     )
     opts = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = floor[mode] / proxy[mode]
         print(f"{mode:16}{proxy[mode]:>12,}{floor[mode]:>14,}{ratio:>8.2f}")
     if bare:
-        print(f"\nthe proxy with {' '.join(BARE_FLAGS)} (metrics off; tracing off in both)")
+        print(
+            f"\nthe proxy with {' '.join(BARE_FLAGS)} (metrics and ledger off; tracing off in both)"
+        )
         print(f"{'':16}{'proxy':>12}{'bare':>14}{'on/off':>8}")
         for mode in MODES:
             print(f"{mode:16}{proxy[mode]:>12,}{bare[mode]:>14,}{proxy[mode] / bare[mode]:>8.3f}")
