@@ -106,6 +106,7 @@ class Ledger:
         self.pending: dict[RowKey, list[int]] = {}
         self.writes = 0  # batches written
         self.failures = 0  # batches that failed (kept for the next write)
+        self.failing = 0  # writes failed in a row: one warning an outage, not one a flush
         self._pruned_hour = -1  # the hour retention last ran in
         self._lock = asyncio.Lock()  # one write at a time (the task's and a shutdown's)
         self._task: asyncio.Task[None] | None = None
@@ -145,10 +146,15 @@ class Ledger:
                 await self.store.write(batch, keep_from)
             except Exception as e:
                 self.failures += 1
-                log.warning("ledger_write_failed", error=type(e).__name__, rows=len(batch))
+                self.failing += 1
+                if self.failing == 1:
+                    log.warning("ledger_write_failed", error=type(e).__name__, rows=len(batch))
                 merge(self.pending, batch.items())
                 return False
             self.writes += 1
+            if self.failing:
+                log.info("ledger_write_recovered", failed_writes=self.failing, rows=len(batch))
+                self.failing = 0
             if keep_from is not None:
                 self._pruned_hour = hour
             return True

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from dialproxy import cli
 from dialproxy.ledger import (
@@ -411,11 +412,17 @@ async def test_a_failed_write_keeps_its_rows() -> None:
     store = Broken()
     ledger = Ledger(store)
     row = ("p", "fp", "", "chat", "chat/completions")
-    ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
-    assert not await ledger.flush()
-    ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
-    assert ledger.failures == 1
-    store.fail = False
-    assert await ledger.flush()
+    with capture_logs() as logs:
+        ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+        assert not await ledger.flush()
+        ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+        assert not await ledger.flush()  # (an outage of several flushes: one warning)
+        assert ledger.failures == 2
+        store.fail = False
+        assert await ledger.flush()
+    assert [(e["event"], e.get("failed_writes")) for e in logs] == [
+        ("ledger_write_failed", None),
+        ("ledger_write_recovered", 2),
+    ]
     (written,) = store.written
     assert list(written.values()) == [[2, 0, 6, 8, 14, 0]]
