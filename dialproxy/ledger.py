@@ -130,6 +130,16 @@ class Ledger:
             if model is not None and (pricing := model.pricing) is not None:
                 totals[5] += pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
 
+    def health(self) -> dict[str, Any]:
+        """For ``/health``: rows waiting for the next write, writes done and failed, and
+        whether the last ones failed (an outage in progress)."""
+        return {
+            "pendingRows": len(self.pending),
+            "writes": self.writes,
+            "failedWrites": self.failures,
+            "failing": self.failing > 0,
+        }
+
     async def flush(self) -> bool:
         """Write what is pending (True: written, or nothing to write).  A batch that fails
         is merged back into the pending rows, for the next write."""

@@ -161,6 +161,11 @@ async def test_totals_equal_the_limit_counters_across_a_restart(
     assert found["closed"]["errors"] == 3
     assert (found["chat"]["errors"], found["chat"]["requests"]) == (3, 3 * 2 + 1 + 3)
     assert ledger_of(proxy).writes == 0  # nothing written yet: all of it pending
+    async with aiohttp.ClientSession() as s, s.get(proxy.url("/health")) as r:
+        health = (await r.json())["ledger"]
+    assert health == {"pendingRows": health["pendingRows"], "writes": 0, "failedWrites": 0,
+                      "failing": False}  # fmt: skip
+    assert health["pendingRows"] >= 4  # (chat, other, (unknown), closed: one hour, project)
 
     await proxy.server.close()  # a clean stop writes the rest
     assert usage_path(tmp_path / "dialproxy-state.sqlite").is_file()

@@ -295,14 +295,15 @@ async def health(request: web.Request) -> web.Response:
     """Always 200 and ``"ok"`` while a config is served: a refused reload leaves the last good
     config serving, so a load balancer must not pull the proxy; ``config.lastError`` says why
     the change was refused (until the next good reload clears it)."""
-    return _json(
-        {
-            "status": "ok",
-            "pid": os.getpid(),  # which process answered (serve --workers N: one of N)
-            "config": request.app[STORE].health(),
-            "storage": request.app[LIMITER].health(),
-        }
-    )
+    body = {
+        "status": "ok",
+        "pid": os.getpid(),  # which process answered (serve --workers N: one of N)
+        "config": request.app[STORE].health(),
+        "storage": request.app[LIMITER].health(),
+    }
+    if (ledger_ := request.app.get(LEDGER)) is not None:
+        body["ledger"] = ledger_.health()
+    return _json(body)
 
 
 async def _close_limiter(app: web.Application) -> None:
