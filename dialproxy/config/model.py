@@ -39,6 +39,8 @@ COST_WINDOWS = TOKEN_WINDOWS
 # The limit of a window that is counted but not limited (every window of a limited scope is
 # counted, so that its use is known).
 UNLIMITED = 2**62
+# What DIAL answers as the ``total`` of a window with no limit (Java's Long.MAX_VALUE).
+LONG_MAX = 2**63 - 1
 
 Severity = Literal["error", "warning"]
 

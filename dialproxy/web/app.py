@@ -17,7 +17,7 @@ from aiohttp import web
 from dialproxy import ledger, logs, metrics, sharedkeys
 from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import Limit
+from dialproxy.config.model import LONG_MAX, Limit
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import Forbidden, NotFound
@@ -45,8 +45,6 @@ from dialproxy.web.appkeys import (
 from dialproxy.web.body import BODY_WATCH, BodyWatch
 from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded
-
-LONG_MAX = 9223372036854775807  # DIAL's `total` of an unlimited window (Java's Long.MAX_VALUE)
 
 
 async def _principal(request: web.Request) -> Principal:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import Window
+from dialproxy.config.model import LONG_MAX, Window
 from dialproxy.errors import BadRequest, NotFound
 from dialproxy.keys import iso, parse_datetime
 from dialproxy.ledger import DAY, HOUR, MEASURES, Ledger
@@ -29,7 +29,6 @@ from dialproxy.web import proxy
 from dialproxy.web.appkeys import LEDGER, STORE
 from dialproxy.web.guard import guarded
 
-LONG_MAX = 9223372036854775807  # DIAL's `total` of an unlimited window
 DEFAULT_DAYS = 30  # DIAL's /v1/user/usage: what was used in the trailing 30 days
 # DIAL's stats the ledger can tell (it has hours: no minute), window name -> period length.
 TOKEN_WINDOWS = ("day", "week", "month")
