@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import os
 import sqlite3
 import threading
@@ -56,7 +55,7 @@ from dialproxy.settings import Settings
 from dialproxy.storage import RETRY_AFTER, FailurePolicy, StorageHealth
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, STORE
 from dialproxy.web.body import read_json_body
-from dialproxy.web.guard import guarded
+from dialproxy.web.guard import guarded, json_response
 
 log = structlog.get_logger("dialproxy.sharedkeys")
 Clock = Callable[[], datetime]
@@ -735,15 +734,6 @@ class Invalid(BadRequest):
         super().__init__(f"Invalid field '{field}': {message}", extra={"field": field})
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(data).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
 async def _owner(request: web.Request) -> tuple[Principal, SharedKeys]:
     shared = request.app[SHARED]
     snapshot = request.app[STORE].snapshot
@@ -823,7 +813,7 @@ async def create(request: web.Request) -> web.Response:
         expires_at=iso(key.expires_at) if key.expires_at else None,
     )
     data = {"id": key.id, "key": secret} | key.public(principal.project)
-    return _json(data, 201, {"Location": f"/v1/sharedkeys/{key.id}"})
+    return json_response(data, 201, {"Location": f"/v1/sharedkeys/{key.id}"})
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -831,7 +821,7 @@ async def list_keys(request: web.Request) -> web.Response:
     principal, shared = await _owner(request)
     keys = await shared.store.list(principal.key.digest)
     keys.sort(key=lambda k: (k.created_at or datetime.min.replace(tzinfo=UTC), k.id))
-    return _json({"data": [k.public(principal.project) for k in keys]})
+    return json_response({"data": [k.public(principal.project) for k in keys]})
 
 
 async def get(request: web.Request) -> web.Response:
@@ -840,7 +830,7 @@ async def get(request: web.Request) -> web.Response:
     key = await shared.store.get(principal.key.digest, key_id)
     if key is None:
         raise NotFound(f"Unknown shared key: {key_id}")
-    return _json(key.public(principal.project))
+    return json_response(key.public(principal.project))
 
 
 async def update(request: web.Request) -> web.Response:
@@ -865,7 +855,7 @@ async def update(request: web.Request) -> web.Response:
         fields=sorted(body),
         tokens=key.tokens,
     )
-    return _json(key.public(principal.project))
+    return json_response(key.public(principal.project))
 
 
 async def delete(request: web.Request) -> web.Response:

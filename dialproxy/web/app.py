@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +43,7 @@ from dialproxy.web.appkeys import (
 )
 from dialproxy.web.body import BODY_WATCH, BodyWatch
 from dialproxy.web.drain import Drain
-from dialproxy.web.guard import guarded
+from dialproxy.web.guard import guarded, json_response
 
 
 async def _principal(request: web.Request) -> Principal:
@@ -52,12 +51,6 @@ async def _principal(request: web.Request) -> Principal:
     app = request.app
     return await authenticate(
         request.headers, app[STORE].snapshot, request.remote, app[sharedkeys.SHARED]
-    )
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(data).encode(), content_type="application/json"
     )
 
 
@@ -87,22 +80,22 @@ async def list_models(request: web.Request) -> web.Response:
     principal = await _principal(request)
     models = request.app[STORE].snapshot.models
     data = [models[name].listing("model") for name in _visible(principal)]
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 async def list_deployments(request: web.Request) -> web.Response:
     principal = await _principal(request)
     models = request.app[STORE].snapshot.models
     data = [models[name].listing("deployment") for name in _visible(principal)]
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return _json(await _listing_entry(request, request.match_info["id"], "model"))
+    return json_response(await _listing_entry(request, request.match_info["id"], "model"))
 
 
 async def get_deployment(request: web.Request) -> web.Response:
-    return _json(await _listing_entry(request, request.match_info["id"], "deployment"))
+    return json_response(await _listing_entry(request, request.match_info["id"], "deployment"))
 
 
 async def openai_models(request: web.Request) -> web.Response:
@@ -112,7 +105,7 @@ async def openai_models(request: web.Request) -> web.Response:
         {"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"}
         for name in _visible(principal)
     ]
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 async def openai_model(request: web.Request) -> web.Response:
@@ -122,7 +115,9 @@ async def openai_model(request: web.Request) -> web.Response:
     name = request.match_info["id"]
     if name not in _visible(principal):
         raise NotFound(f"The model '{cut(name)}' does not exist or you do not have access to it")
-    return _json({"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"})
+    return json_response(
+        {"id": name, "object": "model", "created": 1672534800, "owned_by": "dialproxy"}
+    )
 
 
 async def list_applications(request: web.Request) -> web.Response:
@@ -130,7 +125,7 @@ async def list_applications(request: web.Request) -> web.Response:
     principal = await _principal(request)
     grants = principal.access.grants
     data = [grants[n].model.application_listing() for n in _visible(principal, "application")]
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 async def get_application(request: web.Request) -> web.Response:
@@ -144,7 +139,7 @@ async def get_application(request: web.Request) -> web.Response:
         if name not in _callable(principal):
             raise Forbidden(f"Forbidden deployment: {cut(name)}")
         if model.kind == "application":
-            return _json(model.application_listing())
+            return json_response(model.application_listing())
         raise NotFound(f"Application is not found: {cut(name)}")
     raise NotFound(f"Unknown application: {cut(name)}")
 
@@ -164,12 +159,12 @@ async def deployment_names(request: web.Request) -> web.Response:
         names += [{"id": name, "object": "model"} for name in _visible(principal)]
     if "application" in wanted:
         names += [{"id": n, "object": "application"} for n in _visible(principal, "application")]
-    return _json(names)
+    return json_response(names)
 
 
 async def user_info(request: web.Request) -> web.Response:
     principal = await _principal(request)
-    return _json({"project": principal.project, "roles": list(principal.key.roles)})
+    return json_response({"project": principal.project, "roles": list(principal.key.roles)})
 
 
 async def deployment_limits(request: web.Request) -> web.Response:
@@ -197,7 +192,7 @@ async def deployment_limits(request: web.Request) -> web.Response:
             if window.calendar is not None:  # (DIAL: a calendar window says when it resets)
                 entry["resetsAt"] = schedule.resets_at(window.calendar.period(now)[1])
             body[f"{window.name}{stats}"] = entry
-    return _json(body)
+    return json_response(body)
 
 
 async def user_limits(request: web.Request) -> web.Response:
@@ -259,7 +254,7 @@ async def user_limits(request: web.Request) -> web.Response:
             "remaining": None if shared.tokens < 0 else max(shared.tokens - shared.utilized, 0),
             "capReached": shared.capped,
         }
-    return _json(body)
+    return json_response(body)
 
 
 def _window_stats(scope: str, unit: str, state: WindowState, now: float) -> dict[str, Any]:
@@ -301,7 +296,7 @@ async def health(request: web.Request) -> web.Response:
     }
     if (ledger_ := request.app.get(LEDGER)) is not None:
         body["ledger"] = ledger_.health()
-    return _json(body)
+    return json_response(body)
 
 
 async def _close_limiter(app: web.Application) -> None:

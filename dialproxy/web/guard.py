@@ -26,15 +26,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("dialproxy.web")
 
 
-def error_response(
-    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
+    """The one JSON answer of the proxy's own routes (errors and feature endpoints alike)."""
     return web.Response(
         status=status,
-        body=json.dumps(body).encode(),
+        body=json.dumps(data).encode(),
         content_type="application/json",
         headers=headers,
     )
+
+
+def error_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response(body, status, headers)
 
 
 def response_for(request: web.Request, error: Exception) -> web.Response:

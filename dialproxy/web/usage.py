@@ -13,7 +13,6 @@ project's, as the limits count it).
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,17 +26,13 @@ from dialproxy.keys import iso, parse_datetime
 from dialproxy.ledger import DAY, HOUR, MEASURES, Ledger
 from dialproxy.web import proxy
 from dialproxy.web.appkeys import LEDGER, STORE
-from dialproxy.web.guard import guarded
+from dialproxy.web.guard import guarded, json_response
 
 DEFAULT_DAYS = 30  # DIAL's /v1/user/usage: what was used in the trailing 30 days
 # DIAL's stats the ledger can tell (it has hours: no minute), window name -> period length.
 TOKEN_WINDOWS = ("day", "week", "month")
 REQUEST_WINDOWS = ("hour", "day")
 COST_WINDOWS = ("day", "week", "month")
-
-
-def _json(data: Any) -> web.Response:
-    return web.Response(body=json.dumps(data).encode(), content_type="application/json")
 
 
 def _ledger(request: web.Request) -> Ledger:
@@ -199,7 +194,7 @@ async def user_usage(request: web.Request) -> web.Response:
     body |= _cost_stats(hours, periods, principal.access.cost_windows)
     totals = {m: sum(r[m] for r in found) for m in MEASURES}
     body["usage"] = _usage(totals)
-    return _json(body)
+    return json_response(body)
 
 
 async def deployment_usage(request: web.Request) -> web.Response:
@@ -213,7 +208,7 @@ async def deployment_usage(request: web.Request) -> web.Response:
     body |= _cost_stats(hours, periods, principal.access.cost_windows)
     totals = {m: sum(r[m] for r in found) for m in MEASURES}
     body["usage"] = _usage(totals)
-    return _json(body)
+    return json_response(body)
 
 
 async def _principal(request: web.Request) -> Principal:
