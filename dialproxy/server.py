@@ -17,7 +17,7 @@ from dialproxy.rediscounters import LEASE, RedisCounters
 from dialproxy.settings import Settings
 from dialproxy.storage import Storage
 from dialproxy.web.app import create_app
-from dialproxy.web.appkeys import BACKGROUND, BALANCER, STORE
+from dialproxy.web.appkeys import BACKGROUND, BALANCER, STORE, WATCHER
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
@@ -108,9 +108,6 @@ def reload_soon(app: web.Application, trigger: str) -> None:
     task = asyncio.get_running_loop().create_task(reload())
     app[BACKGROUND].add(task)
     task.add_done_callback(app[BACKGROUND].discard)
-
-
-WATCHER = web.AppKey("config_watcher", ConfigWatcher)
 
 
 async def watch_config(app: web.Application) -> AsyncIterator[None]:

@@ -53,7 +53,7 @@ from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.rediscounters import RedisCounters, uncancelled
 from dialproxy.settings import Settings
 from dialproxy.storage import RETRY_AFTER, FailurePolicy, StorageHealth
-from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, STORE
+from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_json_body
 from dialproxy.web.guard import guarded, json_response
 
@@ -645,9 +645,6 @@ class SharedKeys:
             await self.store.add_utilized(key, tokens)
         except Exception as e:  # never lose the owner's counters to this
             log.error("shared_key_record_failed", id=key.id, error=type(e).__name__)
-
-
-SHARED = web.AppKey("shared_keys", SharedKeys)
 
 
 def check_cap(key: SharedKey) -> None:

@@ -15,11 +15,10 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
-from dialproxy import sharedkeys
 from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.settings import Settings
-from dialproxy.web.appkeys import DRAIN
+from dialproxy.web.appkeys import DRAIN, SHARED
 from dialproxy.web.routes import select
 from tests.conftest import ProxyFactory, new_key
 
@@ -152,7 +151,7 @@ async def test_a_route_end_to_end(
     assert seen.headers["Content-Type"] == "application/octet-stream"
     assert seen.headers["Api-Key"] not in (USER, ADMIN)  # a per-request key
     assert all(USER not in v for v in seen.headers.values())  # nor in Authorization
-    assert len(proxy.app[sharedkeys.SHARED].per_request or ()) == 0  # released at the end
+    assert len(proxy.app[SHARED].per_request or ()) == 0  # released at the end
     (line,) = [e for e in logs if e["event"] == "request"]
     assert line["route"] == "files" and line["status"] == 201 and line["attempts"] == 1
     assert line["upstream"] == "upstreams[0]" and line["project"] == "team-a"

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from dialproxy import cli
 from dialproxy.config.model import key_digest
-from dialproxy.sharedkeys import SHARED
+from dialproxy.web.appkeys import SHARED
 from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory, chat_model, new_key
 
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}  # 3 + 4 = 7 tokens

@@ -26,7 +26,7 @@ from dialproxy.auth import PER_REQUEST_KEY_PREFIX, Principal
 from dialproxy.config.loader import ConfigError, Source, build_snapshot
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
-from dialproxy.sharedkeys import SHARED
+from dialproxy.web.appkeys import SHARED
 from tests.conftest import SECRETS, AiohttpServer, Backend, Proxy, ProxyFactory, chat_model, new_key
 from tests.redis_server import ROOT, RedisServer, free_port
 

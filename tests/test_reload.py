@@ -23,9 +23,9 @@ from dialproxy.config.loader import Source
 from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore, source_digest
 from dialproxy.config.watcher import ConfigWatcher
-from dialproxy.server import WATCHER, build_app, reload_app
+from dialproxy.server import build_app, reload_app
 from dialproxy.settings import Settings
-from dialproxy.web.appkeys import BALANCER
+from dialproxy.web.appkeys import BALANCER, WATCHER
 from tests.conftest import (
     AiohttpServer,
     Backend,

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.store import ConfigStore, ReloadResult
-from dialproxy.server import WATCHER
+from dialproxy.web.appkeys import WATCHER
 from tests.conftest import AiohttpServer, Backend, BackendFactory, new_key
 from tests.test_reload import (
     HELLO,

@@ -19,9 +19,9 @@ from dialproxy import sharedkeys as sharedkeys_module
 from dialproxy.config.model import key_digest
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
-from dialproxy.sharedkeys import REDIS_TIMEOUT, SHARED, SharedKey, SharedKeys, StoreUnavailable
+from dialproxy.sharedkeys import REDIS_TIMEOUT, SharedKey, SharedKeys, StoreUnavailable
 from dialproxy.storage import FailurePolicy, StorageHealth
-from dialproxy.web.appkeys import LIMITER
+from dialproxy.web.appkeys import LIMITER, SHARED
 from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory
 from tests.redis_server import RedisServer
 from tests.test_sharedkeys import OWNER, Shared, config

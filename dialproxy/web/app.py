@@ -33,15 +33,17 @@ from dialproxy.web import features, guard, proxy, responses, routes, usage
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
+    BODY_WATCH,
     CLIENT,
     DRAIN,
     LEDGER,
     LIMITER,
     METRICS,
     SETTINGS,
+    SHARED,
     STORE,
 )
-from dialproxy.web.body import BODY_WATCH, BodyWatch
+from dialproxy.web.body import BodyWatch
 from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded, json_response
 
@@ -49,9 +51,7 @@ from dialproxy.web.guard import guarded, json_response
 async def _principal(request: web.Request) -> Principal:
     """The caller: a key of the config, or a shared key acting as its owner."""
     app = request.app
-    return await authenticate(
-        request.headers, app[STORE].snapshot, request.remote, app[sharedkeys.SHARED]
-    )
+    return await authenticate(request.headers, app[STORE].snapshot, request.remote, app[SHARED])
 
 
 def _callable(principal: Principal) -> list[str]:
@@ -408,7 +408,7 @@ def create_app(
         settings=settings,
         limiter=limiter,
         balancer=app[BALANCER],
-        shared=app[sharedkeys.SHARED],
+        shared=app[SHARED],
         background=app[BACKGROUND],
         log=logs.request_log(),  # bound once, not a lazy proxy per call
         idle=idle,
@@ -468,9 +468,7 @@ def scrape_handler(app: web.Application, measured: metrics.Metrics) -> guard.Han
         store = app[STORE]
 
         async def require(request: web.Request) -> None:
-            await authenticate(
-                request.headers, store.snapshot, request.remote, app[sharedkeys.SHARED]
-            )
+            await authenticate(request.headers, store.snapshot, request.remote, app[SHARED])
 
     return guarded(metrics.handler(measured, require))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +16,11 @@ from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web.drain import Drain
 
+if TYPE_CHECKING:  # (their modules reach the app through these keys)
+    from dialproxy.config.watcher import ConfigWatcher
+    from dialproxy.sharedkeys import SharedKeys
+    from dialproxy.web.body import BodyWatch
+
 STORE = web.AppKey("store", ConfigStore)
 LIMITER = web.AppKey("limiter", Limiter)
 BALANCER = web.AppKey("balancer", Balancer)
@@ -24,3 +30,6 @@ BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
 LEDGER = web.AppKey("ledger", Ledger)  # set unless --ledger off
 METRICS = web.AppKey("metrics", Metrics)  # (absent with --no-metrics)
+SHARED: web.AppKey[SharedKeys] = web.AppKey("shared_keys")
+BODY_WATCH: web.AppKey[BodyWatch] = web.AppKey("body_watch")  # (absent: no body timeout)
+WATCHER: web.AppKey[ConfigWatcher] = web.AppKey("config_watcher")  # (absent with --no-watch)

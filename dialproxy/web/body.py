@@ -27,6 +27,7 @@ from aiohttp import StreamReader, web
 
 from dialproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from dialproxy.stalls import StallWatch
+from dialproxy.web.appkeys import BODY_WATCH
 
 STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)
 PIECE = 64 * 1024  # decoded bytes per call of zlib (below the allocator's mmap threshold)
@@ -57,9 +58,6 @@ class BodyWatch(StallWatch[StreamReader]):
 
     def stalled(self, read: StreamReader) -> None:
         read.set_exception(BodyTimeout("The request body stopped arriving"))
-
-
-BODY_WATCH = web.AppKey("body_watch", BodyWatch)
 
 
 async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:

@@ -25,13 +25,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Model
 from dialproxy.errors import BadGateway, Forbidden
 from dialproxy.logs import request_log
 from dialproxy.web import guard, proxy
-from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, STORE
+from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_raw_body
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
@@ -75,9 +74,7 @@ async def handle(request: web.Request, feature: str) -> web.StreamResponse:
     principal: Principal | None = None
     status = 500
     try:
-        principal = await authenticate(
-            request.headers, snapshot, request.remote, app[sharedkeys.SHARED]
-        )
+        principal = await authenticate(request.headers, snapshot, request.remote, app[SHARED])
         memo = app[STORE].memo_for(snapshot)
         model = proxy.plan_for(principal, snapshot, deployment, memo).model  # 404, 403
         field, required = FEATURES[feature]
@@ -122,7 +119,7 @@ async def _call(
     settings, client = app[SETTINGS], app[CLIENT]
     headers = endpoint_headers(request, principal, model)
     headers["Accept-Encoding"] = "identity"
-    keys = app[sharedkeys.SHARED].per_request
+    keys = app[SHARED].per_request
     key = None
     if not model.direct and keys is not None:  # an adapter: a per-request key, as for chat
         key = headers["Api-Key"] = await keys.mint(principal)

@@ -18,14 +18,13 @@ from typing import Any
 
 from aiohttp import web
 
-from dialproxy import sharedkeys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import LONG_MAX, Window
 from dialproxy.errors import BadRequest, NotFound
 from dialproxy.keys import iso, parse_datetime
 from dialproxy.ledger import DAY, HOUR, MEASURES, Ledger
 from dialproxy.web import proxy
-from dialproxy.web.appkeys import LEDGER, STORE
+from dialproxy.web.appkeys import LEDGER, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
 
 DEFAULT_DAYS = 30  # DIAL's /v1/user/usage: what was used in the trailing 30 days
@@ -213,9 +212,7 @@ async def deployment_usage(request: web.Request) -> web.Response:
 
 async def _principal(request: web.Request) -> Principal:
     app = request.app
-    return await authenticate(
-        request.headers, app[STORE].snapshot, request.remote, app[sharedkeys.SHARED]
-    )
+    return await authenticate(request.headers, app[STORE].snapshot, request.remote, app[SHARED])
 
 
 def routes(app: web.Application) -> None:
