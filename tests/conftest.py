@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -222,3 +223,13 @@ def utc_day_end() -> str:
     answers say it (``resetsAt``)."""
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     return (today + timedelta(days=1)).isoformat()
+
+
+async def clear_of_minute_boundary(margin: float = 5.0) -> None:
+    """Waits out the last ``margin`` seconds of a clock minute: a sliding minute window
+    whose requests straddle two buckets weighs the first bucket's down (limits' arithmetic:
+    ``floor(previous x share) + current``), so a test that expects the Nth request refused
+    must not start just before a minute turns."""
+    left = 60.0 - time.time() % 60.0
+    if left < margin:
+        await asyncio.sleep(left + 0.05)

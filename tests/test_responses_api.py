@@ -18,7 +18,14 @@ from dialproxy.apis import responses
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import LEDGER
-from tests.conftest import Backend, BackendFactory, Proxy, ProxyFactory, new_key
+from tests.conftest import (
+    Backend,
+    BackendFactory,
+    Proxy,
+    ProxyFactory,
+    clear_of_minute_boundary,
+    new_key,
+)
 from tests.conftest import used_tokens as used_tokens_of
 from tests.redis_server import RedisServer
 
@@ -203,6 +210,7 @@ async def test_an_id_of_another_project_or_not_ours_is_404_and_nothing_is_sent(
 
 async def test_limits_429_through_the_sdk(backend: Backend, make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy(config(backend, requestMinute=2))
+    await clear_of_minute_boundary()  # (three requests in one minute bucket)
     with client(proxy, max_retries=0) as sdk:
         raw = await asyncio.to_thread(
             lambda: sdk.responses.with_raw_response.create(model="m", input="hi")
