@@ -14,7 +14,7 @@ import anthropic
 import pytest
 from anthropic.types import MessageParam
 
-from tests.conftest import Backend, Proxy, ProxyFactory, new_key
+from tests.conftest import Backend, Proxy, ProxyFactory, clear_of_minute_boundary, new_key
 from tests.conftest import used_tokens as used_tokens_of
 
 KEY = new_key()
@@ -149,6 +149,7 @@ async def test_count_tokens_is_answered_and_not_counted(
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:
     proxy = await make_proxy(config(backend, requestMinute=1))
+    await clear_of_minute_boundary()  # (its requests in one minute bucket)
     async with client(proxy) as sdk:
         for _ in range(3):  # over the request limit: a token count is not a request
             counted = await sdk.messages.count_tokens(model="claude", messages=MESSAGES)
@@ -176,6 +177,7 @@ async def test_refusals_are_anthropics_errors_the_sdk_raises_as_its_own(
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:
     proxy = await make_proxy(config(backend, requestMinute=1))
+    await clear_of_minute_boundary()  # (its requests in one minute bucket)
     async with client(proxy, max_retries=0) as sdk:
         raw = await sdk.messages.with_raw_response.create(
             model="claude", max_tokens=5, messages=MESSAGES
@@ -245,6 +247,7 @@ async def test_the_sdk_waits_the_retry_after_the_proxy_sends(
     backend: Backend, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proxy = await make_proxy(config(backend, requestMinute=1))
+    await clear_of_minute_boundary()  # (its requests in one minute bucket)
     waits: list[float] = []
     monkeypatch.setattr(time, "sleep", waits.append)  # (the sync SDK's wait, recorded)
     with anthropic.Anthropic(base_url=proxy.url("/anthropic"), api_key=KEY, max_retries=2) as sdk:

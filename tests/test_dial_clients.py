@@ -17,7 +17,15 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from dialproxy.settings import Settings
-from tests.conftest import AiohttpServer, Backend, Proxy, ProxyFactory, chat_model, new_key
+from tests.conftest import (
+    AiohttpServer,
+    Backend,
+    Proxy,
+    ProxyFactory,
+    chat_model,
+    clear_of_minute_boundary,
+    new_key,
+)
 
 KEY = new_key()
 ADMIN_KEY = new_key()
@@ -331,6 +339,7 @@ async def test_feature_calls_are_not_model_requests(proxy: Proxy) -> None:
             assert status == 200
     chat = json.dumps({"messages": [{"role": "user", "content": "a"}]}).encode()
     path = "/openai/deployments/echo/chat/completions"
+    await clear_of_minute_boundary()  # (both requests in one minute bucket)
     assert (await call(proxy, "POST", path, chat))[0] == 200
     assert (await call(proxy, "POST", path, chat))[0] == 429
 

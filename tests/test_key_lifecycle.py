@@ -16,7 +16,16 @@ from structlog.testing import capture_logs
 from dialproxy import cli
 from dialproxy.config.model import key_digest
 from dialproxy.web.appkeys import SHARED
-from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory, chat_model, new_key
+from tests.conftest import (
+    SECRETS,
+    Backend,
+    Clock,
+    Proxy,
+    ProxyFactory,
+    chat_model,
+    clear_of_minute_boundary,
+    new_key,
+)
 
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}  # 3 + 4 = 7 tokens
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -137,6 +146,7 @@ async def test_the_keys_quota_and_the_roles_limit_must_both_pass(
         }
     )
     # The key's own quota (2), counted for it alone; the project's (3), for the team.
+    await clear_of_minute_boundary()  # (the minute windows' requests in one bucket)
     assert [(await call(session, proxy, quota))[0] for _ in range(3)] == [200, 200, 429]
     assert [(await call(session, proxy, teammate))[0] for _ in range(2)] == [200, 429]
     _, error = await call(session, proxy, teammate)

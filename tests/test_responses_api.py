@@ -372,6 +372,7 @@ async def test_the_sdk_waits_the_retry_after_the_proxy_sends(
     backend: Backend, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proxy = await make_proxy(config(backend, requestMinute=1))
+    await clear_of_minute_boundary()  # (its requests in one minute bucket)
     waits: list[float] = []
     monkeypatch.setattr(time, "sleep", waits.append)  # (the sync SDK's wait, recorded)
     with client(proxy, max_retries=2) as sdk:

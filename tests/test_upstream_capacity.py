@@ -8,7 +8,14 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import Backend, BackendFactory, Proxy, ProxyFactory, new_key
+from tests.conftest import (
+    Backend,
+    BackendFactory,
+    Proxy,
+    ProxyFactory,
+    clear_of_minute_boundary,
+    new_key,
+)
 
 KEY = new_key()
 
@@ -42,6 +49,7 @@ async def test_an_upstream_at_capacity_is_skipped_and_all_at_capacity_is_our_429
             {"endpoint": spare.url(), "key": "b", "limits": {"requestMinute": 2}},
         )
     )
+    await clear_of_minute_boundary()  # (the requests in one minute bucket)
     async with aiohttp.ClientSession() as s:
         answers = [await call(s, proxy) for _ in range(4)]
         assert [status for status, _, _ in answers] == [200] * 4
