@@ -14,7 +14,8 @@ import jsonschema
 import pytest
 import yaml
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot, resolve_grant
+from dialproxy.config.grants import resolve_grant
+from dialproxy.config.loader import ConfigError, Source, build_snapshot
 from dialproxy.config.model import Limit, Model, Pricing, Problem, Role, Snapshot, fingerprint
 from dialproxy.config.schema import schema, schema_valid
 from tests.samples import EXAMPLE_ENV, SECRET, base_config

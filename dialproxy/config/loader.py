@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -30,10 +30,9 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 
+from dialproxy.config.grants import Grants
 from dialproxy.config.model import (
-    COST_WINDOWS,
     Access,
-    Grant,
     Interface,
     Key,
     Limit,
@@ -44,15 +43,13 @@ from dialproxy.config.model import (
     Severity,
     Snapshot,
     Upstream,
-    Window,
     fingerprint,
     key_digest,
     never_default_header,
-    windows,
 )
 from dialproxy.config.reuse import Built, Canonical, RawProblem, changed_only
 from dialproxy.config.routes import build_routes, route_problems
-from dialproxy.config.schedule import DEFAULT_SCHEDULE, Schedule, zone
+from dialproxy.config.schedule import Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -1252,27 +1249,6 @@ def _limit(raw: Mapping[str, Any]) -> Limit:
     )
 
 
-_LIMIT_FIELDS = tuple(f.name for f in fields(Limit))
-
-
-def _max_limit(limits: Sequence[Limit]) -> Limit:
-    """DIAL: each field is the maximum over the roles' entries; absent = unlimited."""
-    if len(limits) == 1:
-        return limits[0]
-    values: dict[str, int | None] = {}
-    for name in _LIMIT_FIELDS:
-        best: int | None = None
-        for lim in limits:
-            value = getattr(lim, name)
-            if value is None:  # this role does not limit it: unlimited
-                best = None
-                break
-            if best is None or value > best:
-                best = value
-        values[name] = best
-    return Limit(**values)
-
-
 def _decimal(value: Any) -> Decimal:
     try:
         return Decimal(str(value))
@@ -1370,116 +1346,6 @@ def _interface(raw: Mapping[str, Any], model_base_url: str | None) -> Interface:
     )
 
 
-def resolve_grant(
-    model: Model,
-    roles: frozenset[str],
-    all_roles: Mapping[str, Role],
-    schedule: Schedule = DEFAULT_SCHEDULE,
-) -> Grant:
-    """DIAL's limit resolution for one model and a caller's roles.  A limited grant counts
-    every window (its use is known in each), its day, week and month ones on ``schedule``."""
-    counted = roles if model.user_roles is None else roles & model.user_roles
-    entries = [
-        all_roles[r].limits[model.name]
-        for r in sorted(counted)
-        if r in all_roles and model.name in all_roles[r].limits
-    ]
-    if not entries and "default" in all_roles and model.name in all_roles["default"].limits:
-        entries = [all_roles["default"].limits[model.name]]
-    limit = _max_limit(entries) if entries else None
-    return Grant(
-        model=model,
-        limit=limit,
-        denied=limit.denies if limit else False,
-        token_windows=limit.token_windows(schedule) if limit and limit.limits_anything else (),
-        request_windows=limit.request_windows(schedule) if limit and limit.limits_anything else (),
-        concurrency=limit.concurrent if limit else None,
-    )
-
-
-class _Grants:
-    """Grants shared between role sets: a grant depends only on the roles that have an entry.
-
-    ``last`` holds the last good build's grants with their inputs (the roles' entries for
-    the model, and the `default` role's): a grant whose model is the same object and whose
-    inputs are equal is taken from it (the caller gives none when the schedule changed)."""
-
-    def __init__(
-        self,
-        models: Mapping[str, Model],
-        roles: Mapping[str, Role],
-        schedule: Schedule,
-        last: Mapping[tuple[str, frozenset[str]], tuple[Grant, Any]] | None = None,
-    ) -> None:
-        self.models = models
-        self.roles = roles
-        self.schedule = schedule
-        self.limited: dict[str, frozenset[str]] = {}
-        by_model: dict[str, set[str]] = {}
-        for role in roles.values():
-            for model_name in role.limits:
-                by_model.setdefault(model_name, set()).add(role.name)
-        self.limited = {m: frozenset(r) for m, r in by_model.items()}
-        self.cache: dict[tuple[str, frozenset[str]], Grant] = {}
-        self.last = last or {}
-        # What the next build may take: this one's grants, and the last one's for the models
-        # still there (an access taken whole from the last build resolves none of its own).
-        self.kept: dict[tuple[str, frozenset[str]], tuple[Grant, Any]] = {
-            k: v for k, v in self.last.items() if k[0] in models
-        }
-
-    def _grant(self, model: Model, relevant: frozenset[str]) -> Grant:
-        name = model.name
-        default = self.roles.get("default")
-        inputs = (
-            tuple(self.roles[r].limits.get(name) for r in sorted(relevant)),
-            default.limits.get(name) if default is not None else None,
-        )
-        found = self.last.get((name, relevant))
-        if found is not None and found[0].model is model and found[1] == inputs:
-            grant = found[0]
-        else:
-            grant = resolve_grant(model, relevant, self.roles, self.schedule)
-        self.kept[(name, relevant)] = (grant, inputs)
-        return grant
-
-    def access(self, roles: frozenset[str]) -> Access:
-        grants: dict[str, Grant] = {}
-        for name, model in self.models.items():
-            if not model.admits(roles):
-                continue
-            counted = roles if model.user_roles is None else roles & model.user_roles
-            relevant = counted & self.limited.get(name, frozenset())
-            grant = self.cache.get((name, relevant))
-            if grant is None:
-                grant = self.cache[(name, relevant)] = self._grant(model, relevant)
-            grants[name] = grant
-        return Access(
-            roles=roles,
-            grants=MappingProxyType(grants),
-            cost_windows=_cost_windows(roles, self.roles, self.schedule),
-        )
-
-
-def _cost_windows(
-    roles: frozenset[str], all_roles: Mapping[str, Role], schedule: Schedule
-) -> tuple[Window, ...]:
-    """The project's cost windows (nano-USD): every one when any is limited."""
-    cost: dict[str, Decimal | None] = {}
-    role_list = [all_roles[r] for r in sorted(roles) if r in all_roles]
-    for window, _ in COST_WINDOWS:
-        values = [r.cost_limit.get(window) for r in role_list if r.cost_limit]
-        cost[window] = (
-            max(v for v in values if v is not None)
-            if any(v is not None for v in values) and all(v is not None for v in values)
-            else None
-        )
-    if all(value is None for value in cost.values()):
-        return ()
-    nano = tuple(None if v is None else int(v * 1_000_000_000) for v in cost.values())
-    return windows(COST_WINDOWS, nano, schedule, every=True)
-
-
 def _datetime_strict(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
@@ -1551,7 +1417,7 @@ def _snapshot(
         and all(a is b for a, b in zip(prev.model_list, model_list, strict=True))
     )
     same_schedule = prev.schedule is not None and prev.schedule[1] is schedule
-    grants = _Grants(models, roles, schedule, prev.grants if same_schedule else None)
+    grants = Grants(models, roles, schedule, prev.grants if same_schedule else None)
     accesses: dict[frozenset[str], Access] = {}
     keys: dict[str, Key] = {}
     key_texts = canon.entries.get("keys", {})
