@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from dialproxy.config.model import key_digest
+from dialproxy.settings import Settings
 from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
 
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}
@@ -273,3 +274,73 @@ async def test_an_env_named_key_is_not_edited(
         proxy.url(f"/v1/admin/keys/{fp}"), headers=write_headers(k.admin, tag)
     )
     assert resp.status == 409
+
+
+async def test_validate_health_schema_and_reload(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    admin, viewer = {"Api-Key": k.admin}, {"Api-Key": k.viewer}
+    good = config(backend, k)
+    resp = await session.post(proxy.url("/v1/admin/validate"), json=good, headers=viewer)
+    assert resp.status == 200
+    assert (await resp.json())["valid"] is True
+    bad = good | {"models": {"chat": {"type": "chat"}}}  # no endpoint, no upstreams
+    resp = await session.post(proxy.url("/v1/admin/validate"), json=bad, headers=admin)
+    body = await resp.json()
+    assert resp.status == 200 and body["valid"] is False and body["problems"]
+    assert proxy.path.read_text() == json.dumps(good, indent=2) + "\n"  # nothing applied
+    resp = await session.post(
+        proxy.url("/v1/admin/validate"), json=good, headers={"Api-Key": k.user}
+    )
+    assert resp.status == 403
+
+    resp = await session.get(proxy.url("/v1/admin/health/config"), headers=viewer)
+    health = await resp.json()
+    tag, _ = await listing(session, proxy, k.admin)
+    assert health["files"] == [{"file": str(proxy.path), "etag": tag}]
+    assert health["lastError"] is None
+
+    resp = await session.get(proxy.url("/v1/admin/schema"), headers=viewer)
+    assert resp.status == 200 and "properties" in await resp.json()
+
+    # reload: viewers may not; a bad file is refused (422) and the last good config serves
+    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=viewer)
+    assert resp.status == 403
+    proxy.path.write_text(json.dumps(bad))
+    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+    assert resp.status == 422 and (await resp.json())["problems"]
+    assert await call(session, proxy, k.user) == 200
+    other = new_key()
+    good["keys"]["sha256:" + key_digest(other)] = {"project": "q", "role": "user"}
+    proxy.path.write_text(json.dumps(good))
+    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+    assert resp.status == 200 and (await resp.json())["applied"] is True
+    assert await call(session, proxy, other) == 200
+
+
+async def test_role_names_from_settings_and_yaml_is_not_written(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    k = Keys()
+    doc = config(backend, k)
+    doc["roles"]["root"] = {}
+    doc["keys"]["sha256:" + key_digest(k.user)]["role"] = "root"
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(doc))  # (JSON is YAML)
+    settings = Settings(config_paths=(str(path),), admin_role="root")
+    proxy = await make_proxy(doc, settings=settings)
+    proxy.store.paths = (path,)
+    # "admin" is no admin role here; "root" is
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.admin})
+    assert resp.status == 403
+    tag, listed = await listing(session, proxy, k.user)
+    assert len(listed) == 3
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["user"]},
+        headers=write_headers(k.user, tag),
+    )
+    assert resp.status == 409 and "YAML" in (await resp.json())["error"]["message"]
+    assert path.read_text() == json.dumps(doc)

@@ -15,6 +15,7 @@ body, and no ``Origin`` other than the request's own host.  Each write logs one
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,8 @@ from aiohttp import web
 
 from dialproxy import keys, sharedkeys
 from dialproxy.auth import Principal, authenticate
+from dialproxy.config import schema
+from dialproxy.config.loader import ConfigError, Source, build_snapshot
 from dialproxy.config.model import key_digest
 from dialproxy.errors import BadRequest, Forbidden, NotFound, ProxyError
 from dialproxy.web.appkeys import BALANCER, SETTINGS, STORE
@@ -36,7 +39,6 @@ from dialproxy.web.guard import guarded
 log = structlog.get_logger("dialproxy.admin")
 
 ADMIN, VIEWER = "admin", "viewer"
-SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "aidial.config.schema.json"
 _EDITABLE = ("name", "description", "roles", "expiresAt")
 
 
@@ -377,6 +379,69 @@ async def rotate_key(request: web.Request) -> web.Response:
     return _json(answer, status=201, headers={"ETag": tag})
 
 
+async def validate(request: web.Request) -> web.Response:
+    """``POST /v1/admin/validate``: the body, a candidate config, checked as the proxy would
+    load it (alone, with the proxy's environment); nothing is applied."""
+    await _caller(request, write=False)
+    _same_origin(request)
+    if request.content_type != "application/json":
+        raise ProxyError("Content-Type must be application/json", status=415)
+    data = await request.read()
+    env = request.app[STORE].env()
+    try:
+        snapshot = await asyncio.to_thread(build_snapshot, [Source("candidate.json", data)], env)
+    except ConfigError as e:
+        problems = [p.as_dict() for p in e.problems]
+        return _json({"valid": False, "problems": problems})
+    warnings = [p.as_dict() for p in snapshot.warnings]
+    return _json(
+        {
+            "valid": True,
+            "problems": warnings,
+            "models": len(snapshot.models),
+            "keys": len(snapshot.keys),
+        }
+    )
+
+
+async def config_health(request: web.Request) -> web.Response:
+    """``GET /v1/admin/health/config``: the served generation, its last refusal, and the
+    files with the ETag of each (what a write's ``If-Match`` must be)."""
+    await _caller(request, write=False)
+    store = request.app[STORE]
+    files = []
+    for path in store.paths:
+        try:
+            files.append({"file": str(path), "etag": etag(path.read_bytes())})
+        except OSError as e:
+            files.append({"file": str(path), "error": e.strerror or type(e).__name__})
+    return _json(store.health() | {"files": files})
+
+
+async def get_schema(request: web.Request) -> web.Response:
+    """``GET /v1/admin/schema``: the config's JSON Schema."""
+    await _caller(request, write=False)
+    return _json(schema.schema())
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    """``POST /v1/ops/config/reload`` (DIAL's reload trigger): read the files now and serve
+    them when they validate; 422 with the problems when not (the last good config serves)."""
+    who = await _caller(request, write=True)
+    _same_origin(request)
+    store = request.app[STORE]
+    result = await store.reload_async(trigger="admin")
+    if result.applied:
+        request.app[BALANCER].forget_missing(dict(store.snapshot.models))
+    log.info("admin_write", who=who.fingerprint, action="reload", applied=result.applied)
+    body = {
+        "applied": result.applied,
+        "generation": result.generation,
+        "problems": [p.as_dict() for p in result.problems],
+    }
+    return _json(body, status=422 if result.refused else 200)
+
+
 def routes(app: web.Application) -> None:
     """Register the admin API's routes on ``app``."""
     table: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
@@ -385,6 +450,10 @@ def routes(app: web.Application) -> None:
         ("PATCH", "/v1/admin/keys/{fingerprint}", edit_key),
         ("DELETE", "/v1/admin/keys/{fingerprint}", revoke_key),
         ("POST", "/v1/admin/keys/{fingerprint}/rotate", rotate_key),
+        ("POST", "/v1/admin/validate", validate),
+        ("GET", "/v1/admin/health/config", config_health),
+        ("GET", "/v1/admin/schema", get_schema),
+        ("POST", "/v1/ops/config/reload", reload_config),
     ]
     for method, path, handler in table:
         app.router.add_route(method, path, guarded(handler))
