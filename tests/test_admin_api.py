@@ -3,6 +3,7 @@ byte for byte except the change, and the running proxy serving the change."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -167,13 +168,33 @@ async def test_edit_and_rotate(
     tag, _ = await listing(session, proxy, k.admin)
     fp = key_digest(k.user)[:8]
     before = proxy.path.read_text()
+    for key in (k.viewer, k.user):  # neither may write
+        resp = await session.patch(
+            proxy.url(f"/v1/admin/keys/{fp}"), json={"name": "x"}, headers=write_headers(key, tag)
+        )
+        assert resp.status == 403
+        resp = await session.delete(
+            proxy.url(f"/v1/admin/keys/{fp}"), headers=write_headers(key, tag)
+        )
+        assert resp.status == 403
     resp = await session.patch(
-        proxy.url(f"/v1/admin/keys/{fp}"),
-        json={"name": "alice2", "description": "renamed", "roles": ["user", "viewer"]},
-        headers=write_headers(k.admin, tag),
+        proxy.url(f"/v1/admin/keys/{fp}"), json={}, headers=write_headers(k.admin, tag)
     )
-    assert resp.status == 200, await resp.text()
-    edited = await resp.json()
+    assert resp.status == 400
+    assert proxy.path.read_text() == before
+    with capture_logs() as logs:
+        resp = await session.patch(
+            proxy.url(f"/v1/admin/keys/{fp}"),
+            json={"name": "alice2", "description": "renamed", "roles": ["user", "viewer"]},
+            headers=write_headers(k.admin, tag),
+        )
+        assert resp.status == 200, await resp.text()
+        edited = await resp.json()
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["action"] == "edit" and audit["key"] == fp
+    assert audit["before"]["name"] == "alice" and audit["after"]["name"] == "alice2"
+    assert audit["after"]["roles"] == ["viewer"]
+    assert edited["etag"] == '"' + hashlib.sha256(proxy.path.read_bytes()).hexdigest() + '"'
     assert edited["name"] == "alice2" and edited["roles"] == ["user", "viewer"]
     after = proxy.path.read_text()
     # byte for byte except the changed values (the second role after the first's "role")

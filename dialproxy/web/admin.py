@@ -40,6 +40,8 @@ log = structlog.get_logger("dialproxy.admin")
 
 ADMIN, VIEWER = "admin", "viewer"
 _EDITABLE = ("name", "description", "roles", "expiresAt")
+# One admin write at a time in a process (another process's: its write_atomic's check).
+WRITES = web.AppKey("admin_writes", asyncio.Lock)
 
 
 def etag(data: bytes) -> str:
@@ -186,7 +188,8 @@ async def _commit(
     warnings the edit introduced and what the reload did."""
     store = request.app[STORE]
     try:
-        warnings = config.save(store.env(), strict=True)
+        async with request.app[WRITES]:  # (the checks build the config twice: in a thread)
+            warnings = await asyncio.to_thread(config.save, store.env(), True)
     except keys.InvalidEdit as e:
         raise ProxyError(str(e), status=422) from None
     except keys.FileChanged as e:
@@ -210,8 +213,8 @@ async def _commit(
         "generation": result.generation,
         "problems": [p.as_dict() for p in result.problems],
     }
-    new_tag = etag(config.path.read_bytes())
-    return new_tag, [p.as_dict() for p in warnings], reload
+    written = (b"\xef\xbb\xbf" if config.bom else b"") + config.text.text.encode("utf-8")
+    return etag(written), [p.as_dict() for p in warnings], reload
 
 
 def _expiry(value: Any, now: datetime) -> datetime | None:
@@ -302,6 +305,8 @@ async def edit_key(request: web.Request) -> web.Response:
     unknown = sorted(set(body) - set(_EDITABLE))
     if unknown:
         raise BadRequest(f"Only {', '.join(_EDITABLE)} can be edited, not {', '.join(unknown)}")
+    if not body:
+        raise BadRequest(f"Nothing to edit: give one of {', '.join(_EDITABLE)}")
     config = _open(request)
     env = request.app[STORE].env()
     name, fp = _find(config, request.match_info["fingerprint"], env)
@@ -444,6 +449,7 @@ async def reload_config(request: web.Request) -> web.Response:
 
 def routes(app: web.Application) -> None:
     """Register the admin API's routes on ``app``."""
+    app[WRITES] = asyncio.Lock()
     table: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
         ("GET", "/v1/admin/keys", list_keys),
         ("POST", "/v1/admin/keys", create_key),
