@@ -11,6 +11,10 @@ included), the result is checked to parse to exactly the intended document and t
 no worse than before, and it replaces the file atomically (a temporary file in the same
 folder, then ``os.replace``).  YAML files are listed but never written.
 
+The commands' cores (:func:`create_key`, :func:`find_key`, :func:`revoke_key`,
+:func:`set_roles`, :func:`rotate_key`, then :meth:`ConfigFile.save`) are what the admin API
+(:mod:`dialproxy.web.admin`) calls too.
+
 Revoking sets ``"disabled": true`` and keeps the entry, so the file keeps a record of the key
 (its fingerprint, name, project) for audit; delete the entry by hand to forget it.
 Exit codes: 0 done, 1 not found or invalid, 2 usage (bad arguments, unreadable file).

@@ -365,3 +365,33 @@ async def test_role_names_from_settings_and_yaml_is_not_written(
     )
     assert resp.status == 409 and "YAML" in (await resp.json())["error"]["message"]
     assert path.read_text() == json.dumps(doc)
+
+
+async def test_edit_refusals_and_expiry(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    url = proxy.url(f"/v1/admin/keys/{fp}")
+    headers = write_headers(k.admin, tag)
+    original = proxy.path.read_bytes()
+    for body, status in (
+        ({"roles": ["nope"]}, 422),  # a role the config does not define
+        ({"roles": []}, 400),
+        ({"project": "q"}, 400),  # not editable
+        ({"expiresAt": "2001-01-01"}, 400),  # not in the future
+        ({"name": 5}, 400),
+    ):
+        resp = await session.patch(url, json=body, headers=headers)
+        assert resp.status == status, (body, await resp.text())
+    for bad in ("xyz", "12"):  # not 4 to 64 hex digits
+        resp = await session.delete(proxy.url(f"/v1/admin/keys/{bad}"), headers=headers)
+        assert resp.status == 400
+    assert proxy.path.read_bytes() == original
+    resp = await session.patch(url, json={"expiresAt": "1h"}, headers=headers)
+    assert resp.status == 200
+    edited = await resp.json()
+    assert edited["state"] == "active" and edited["expiresAt"].endswith("Z")
+    assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
