@@ -38,7 +38,6 @@ from dialproxy.web.guard import guarded
 
 log = structlog.get_logger("dialproxy.admin")
 
-ADMIN, VIEWER = "admin", "viewer"
 _EDITABLE = ("name", "description", "roles", "expiresAt")
 # One admin write at a time in a process (another process's: its write_atomic's check).
 WRITES = web.AppKey("admin_writes", asyncio.Lock)
@@ -119,9 +118,8 @@ def _open(request: web.Request) -> keys.ConfigFile:
     if wanted is None:
         raise ProxyError("If-Match is required: the ETag of GET /v1/admin/keys", status=428)
     current = etag(config.original)
-    if wanted.strip() not in (current, "*") and current not in [
-        w.strip() for w in wanted.split(",")
-    ]:
+    # (no "*": a write must say which version of the file it was made from)
+    if current not in [w.strip() for w in wanted.split(",")]:
         raise ProxyError(
             "The config file changed since it was read: GET /v1/admin/keys again",
             status=412,
