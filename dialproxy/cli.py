@@ -184,6 +184,16 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "(env DIALPROXY_METRICS_AUTH)",
     )
     parser.add_argument(
+        "--admin-role",
+        help="a key with this role may use the whole admin API (/v1/admin/...) "
+        "(env DIALPROXY_ADMIN_ROLE; admin)",
+    )
+    parser.add_argument(
+        "--viewer-role",
+        help="a key with this role may read the admin API, not write "
+        "(env DIALPROXY_VIEWER_ROLE; viewer)",
+    )
+    parser.add_argument(
         "--max-response",
         type=int,
         metavar="BYTES",
@@ -248,6 +258,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "loop",
         "ledger",
         "metrics_auth",
+        "admin_role",
+        "viewer_role",
         *NUMBERS,
     ):
         if getattr(args, name, None) is not None:  # (run-demo has no --workers)

@@ -11,6 +11,10 @@ included), the result is checked to parse to exactly the intended document and t
 no worse than before, and it replaces the file atomically (a temporary file in the same
 folder, then ``os.replace``).  YAML files are listed but never written.
 
+The commands' cores (:func:`create_key`, :func:`find_key`, :func:`revoke_key`,
+:func:`set_roles`, :func:`rotate_key`, then :meth:`ConfigFile.save`) are what the admin API
+(:mod:`dialproxy.web.admin`) calls too.
+
 Revoking sets ``"disabled": true`` and keeps the entry, so the file keeps a record of the key
 (its fingerprint, name, project) for audit; delete the entry by hand to forget it.
 Exit codes: 0 done, 1 not found or invalid, 2 usage (bad arguments, unreadable file).
@@ -141,6 +145,22 @@ class KeysError(Exception):
         self.code = code
 
 
+class KeyNotFound(KeysError):
+    """No key has the fingerprint given."""
+
+
+class InvalidEdit(KeysError):
+    """The edit would make the config invalid (it is not written)."""
+
+
+class FileChanged(KeysError):
+    """The file changed since it was read (it is not written)."""
+
+
+class NotEditable(KeysError):
+    """The file (YAML) or the key (named by a ``${VAR}``) is not edited."""
+
+
 def _is_yaml(path: Path) -> bool:
     return path.suffix.lower() in (".yaml", ".yml")
 
@@ -207,7 +227,7 @@ def _find(path: Path, doc: Mapping[str, Any], prefix: str, env: Mapping[str, str
         and digest.startswith(wanted)
     ]
     if not found:
-        raise KeysError(f"{path}: no key with fingerprint {wanted}")
+        raise KeyNotFound(f"{path}: no key with fingerprint {wanted}")
     if len(found) > 1:
         names = ", ".join(
             f"{(_digest_of(n, env) or '')[:12]} ({_safe(str(doc['keys'][n].get('name', '')))})"
@@ -351,7 +371,7 @@ class ConfigFile:
 
     def __init__(self, path: Path) -> None:
         if _is_yaml(path):
-            raise KeysError(
+            raise NotEditable(
                 f"{path}: YAML config files are not edited (their comments and layout "
                 "would be lost): run `dialproxy keys generate` and add the printed "
                 '"sha256:..." entry under keys by hand'
@@ -380,8 +400,9 @@ class ConfigFile:
         self.text.set_member(["keys", name], field, value)
         self.doc["keys"][name][field] = value
 
-    def save(self, env: Mapping[str, str]) -> list[Problem]:
-        """Check and write the edited text; returns the warnings the edit introduced."""
+    def save(self, env: Mapping[str, str], strict: bool = False) -> list[Problem]:
+        """Check and write the edited text; returns the warnings the edit introduced
+        (``strict``: refuses those too, as errors)."""
         new = self.text.text
         try:
             same = json.loads(new) == self.doc
@@ -394,10 +415,10 @@ class ConfigFile:
         after = _problems(self.path, data, env)
         seen = {(p.path, p.message) for p in before}
         introduced = [p for p in after if (p.path, p.message) not in seen]
-        errors = [p for p in introduced if p.severity == "error"]
+        errors = [p for p in introduced if strict or p.severity == "error"]
         if errors:
             detail = "; ".join(f"{p.path}: {p.message}" for p in errors)
-            raise KeysError(f"{self.path}: the edit would make the config invalid: {detail}")
+            raise InvalidEdit(f"{self.path}: the edit would make the config invalid: {detail}")
         write_atomic(self.path, data, self.original)
         return introduced
 
@@ -422,7 +443,7 @@ def write_atomic(path: Path, data: bytes, expected: bytes | None = None) -> None
             os.fsync(f.fileno())
         os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         if expected is not None and target.read_bytes() != expected:
-            raise KeysError(f"{path}: the file changed while it was being edited; run again")
+            raise FileChanged(f"{path}: the file changed while it was being edited; run again")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -496,20 +517,47 @@ def _entry(
     return entry
 
 
+def create_key(
+    config: ConfigFile,
+    *,
+    project: str,
+    roles: Sequence[str],
+    name: str | None = None,
+    description: str | None = None,
+    expires: datetime | None = None,
+    models: Sequence[str] | None = None,
+    can_share: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """Add a new key to ``config`` (not saved yet): its secret (shown once) and entry."""
+    if not project:
+        raise KeysError("the project must not be empty", EXIT_USAGE)
+    if not roles:
+        raise KeysError("a key needs at least one role", EXIT_USAGE)
+    secret = new_secret()
+    entry = _entry(project, roles, name=name, description=description, expires=expires)
+    if models:
+        entry["models"] = list(dict.fromkeys(models))
+    if can_share:
+        entry["canShare"] = True
+    config.add_key(hashed(secret), entry)
+    return secret, entry
+
+
 def cmd_add(args: argparse.Namespace, io: Io) -> int:
     if not args.project:
         raise KeysError("--project must not be empty", EXIT_USAGE)
     expires = _expiry_arg(args.expires, io.now)
     config = ConfigFile(Path(args.config))
-    secret = new_secret()
-    entry = _entry(
-        args.project, args.role, name=args.name, description=args.description, expires=expires
+    secret, entry = create_key(
+        config,
+        project=args.project,
+        roles=args.role,
+        name=args.name,
+        description=args.description,
+        expires=expires,
+        models=args.model,
+        can_share=args.can_share,
     )
-    if args.model:
-        entry["models"] = list(dict.fromkeys(args.model))
-    if args.can_share:
-        entry["canShare"] = True
-    config.add_key(hashed(secret), entry)
     warnings = config.save(io.env)
     _print_secret(io, args.format, secret, file=str(config.path), **_public(entry))
     _report_warnings(io, warnings)
@@ -624,14 +672,81 @@ def cmd_list(args: argparse.Namespace, io: Io) -> int:
     return EXIT_OK
 
 
+def find_key(config: ConfigFile, fingerprint: str, env: Mapping[str, str]) -> tuple[str, str]:
+    """The ``keys`` map name of the one key whose fingerprint starts so, and its 8-digit
+    fingerprint."""
+    name = _find(config.path, config.doc, fingerprint, env)
+    return name, (_digest_of(name, env) or "")[:8]
+
+
+def revoke_key(config: ConfigFile, name: str) -> bool:
+    """Set ``"disabled": true`` on the key (not saved yet); False: it already was."""
+    if config.keys[name].get("disabled") is True:
+        return False
+    config.set_field(name, "disabled", True)
+    return True
+
+
+def set_roles(config: ConfigFile, name: str, roles: Sequence[str]) -> None:
+    """Make the key's roles ``roles`` (not saved yet).  Members are never removed from the
+    text: a key written with ``role`` keeps it (the first role) and ``roles`` holds the rest."""
+    unique = list(dict.fromkeys(roles))
+    if not unique:
+        raise KeysError("a key needs at least one role", EXIT_USAGE)
+    entry = config.keys[name]
+    if "role" not in entry:
+        config.set_field(name, "roles", unique)
+        return
+    config.set_field(name, "role", unique[0])
+    if len(unique) > 1 or "roles" in entry:
+        config.set_field(name, "roles", unique[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    secret: str
+    entry: dict[str, Any]
+    old_fingerprint: str
+    old_expires_at: datetime
+
+
+def rotate_key(
+    config: ConfigFile,
+    name: str,
+    *,
+    now: datetime,
+    overlap: timedelta,
+    new_name: str | None = None,
+    expires: datetime | None = None,
+    env: Mapping[str, str],
+) -> Rotated:
+    """Add a new key with the old one's project, roles and the rest, and let the old one
+    expire ``overlap`` from now (sooner if it already did); not saved yet."""
+    old = config.keys[name]
+    old_fp = (_digest_of(name, env) or "")[:8]
+    if old.get("disabled") is True:
+        raise KeysError(f"key {old_fp} is disabled (revoked): add a new key instead")
+    secret = new_secret()
+    entry = {k: v for k, v in old.items() if k not in ("expiresAt", "notBefore", "disabled")}
+    if new_name is not None:
+        entry["name"] = new_name
+    if expires is not None:
+        entry["expiresAt"] = iso(expires)
+    end = now + overlap
+    current_end = _entry_time(old.get("expiresAt"))
+    config.add_key(hashed(secret), entry)
+    if current_end is None or end < current_end:
+        config.set_field(name, "expiresAt", iso(end))
+        current_end = end
+    return Rotated(secret, entry, old_fp, current_end)
+
+
 def cmd_revoke(args: argparse.Namespace, io: Io) -> int:
     config = ConfigFile(Path(args.config))
-    name = _find(config.path, config.doc, args.fingerprint, io.env)
-    fp = (_digest_of(name, io.env) or "")[:8]
-    if config.keys[name].get("disabled") is True:
+    name, fp = find_key(config, args.fingerprint, io.env)
+    if not revoke_key(config, name):
         print(f"dialproxy keys: key {fp} is already disabled", file=io.err)
         return EXIT_OK
-    config.set_field(name, "disabled", True)
     config.save(io.env)
     print(
         f"dialproxy keys: key {fp} disabled in {config.path} (kept for the record); "
@@ -648,36 +763,31 @@ def cmd_rotate(args: argparse.Namespace, io: Io) -> int:
         raise KeysError(f"--overlap: {e}", EXIT_USAGE) from None
     expires = _expiry_arg(args.expires, io.now)
     config = ConfigFile(Path(args.config))
-    name = _find(config.path, config.doc, args.fingerprint, io.env)
-    old = config.keys[name]
-    old_fp = (_digest_of(name, io.env) or "")[:8]
-    if old.get("disabled") is True:
-        raise KeysError(f"key {old_fp} is disabled (revoked): add a new key instead")
-    secret = new_secret()
-    entry = {k: v for k, v in old.items() if k not in ("expiresAt", "notBefore", "disabled")}
-    if args.name is not None:
-        entry["name"] = args.name
-    if expires is not None:
-        entry["expiresAt"] = iso(expires)
-    end = io.now + overlap
-    current_end = _entry_time(old.get("expiresAt"))
-    config.add_key(hashed(secret), entry)
-    if current_end is None or end < current_end:
-        config.set_field(name, "expiresAt", iso(end))
-        current_end = end
+    name, _ = find_key(config, args.fingerprint, io.env)
+    rotated = rotate_key(
+        config,
+        name,
+        now=io.now,
+        overlap=overlap,
+        new_name=args.name,
+        expires=expires,
+        env=io.env,
+    )
     config.save(io.env)
+    secret = rotated.secret
     _print_secret(
         io,
         args.format,
         secret,
         file=str(config.path),
-        replaces=old_fp,
-        oldExpiresAt=iso(current_end),
-        **_public(entry),
+        replaces=rotated.old_fingerprint,
+        oldExpiresAt=iso(rotated.old_expires_at),
+        **_public(rotated.entry),
     )
     print(
-        f"dialproxy keys: key {key_digest(secret)[:8]} replaces {old_fp}, which stops working "
-        f"at {iso(current_end)}; the new secret is shown only this once",
+        f"dialproxy keys: key {key_digest(secret)[:8]} replaces {rotated.old_fingerprint}, "
+        f"which stops working at {iso(rotated.old_expires_at)}; the new secret is shown only "
+        "this once",
         file=io.err,
     )
     return EXIT_OK

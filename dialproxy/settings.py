@@ -82,6 +82,10 @@ class Settings:
     metrics_port: int | None = None
     metrics_key_label: bool = False
     metrics_auth: str = "none"
+    # The admin API (dialproxy.web.admin): a key with this role may do everything, one with
+    # the viewer role read only.
+    admin_role: str = "admin"
+    viewer_role: str = "viewer"
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""
@@ -102,6 +106,13 @@ class Settings:
         if self.metrics_auth not in METRICS_AUTH:
             raise ValueError(
                 f"metrics auth must be one of {', '.join(METRICS_AUTH)}, not {self.metrics_auth!r}"
+            )
+        for name in ("admin_role", "viewer_role"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name.replace('_', ' ')} must not be empty")
+        if self.admin_role == self.viewer_role:
+            raise ValueError(
+                f"admin role and viewer role must differ, not both {self.admin_role!r}"
             )
         if not 1 <= self.slot_lease <= 3600:  # (NaN fails too)
             raise ValueError(f"slot lease must be 1 to 3600 seconds, not {self.slot_lease}")
@@ -184,6 +195,9 @@ class Settings:
                 if value not in _BOOLEANS:
                     raise ValueError(f"{variable} must be on or off (true/false, 1/0)")
                 kwargs[name] = _BOOLEANS[value]
+        for name in ("admin_role", "viewer_role"):
+            if env.get("DIALPROXY_" + name.upper()):
+                kwargs[name] = env["DIALPROXY_" + name.upper()]
         if env.get("DIALPROXY_METRICS_AUTH"):
             kwargs["metrics_auth"] = env["DIALPROXY_METRICS_AUTH"]
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -192,6 +192,8 @@ def test_bad_settings_are_a_usage_error_not_a_traceback() -> None:
         ([], {"DIALPROXY_STREAM_DRAIN": "-1"}, "stream drain must be 0 to 3600 seconds"),
         ([], {"DIALPROXY_LOOP": "twisted"}, "loop must be one of uvloop, asyncio"),
         (["--slot-lease", "0"], {}, "slot lease must be 1 to 3600 seconds"),
+        (["--admin-role", "ops", "--viewer-role", "ops"], {}, "admin role and viewer role"),
+        ([], {"DIALPROXY_VIEWER_ROLE": " "}, "viewer role must not be empty"),
     ):
         proc = spawn("serve", *args, env=env)
         _, err = proc.communicate(timeout=30)
@@ -216,3 +218,5 @@ def test_stream_settings_come_from_the_environment() -> None:
     env = {"DIALPROXY_MAX_EVENT": "1000", "DIALPROXY_STREAM_DRAIN": "2.5"}
     settings = Settings.from_env(env)
     assert (settings.max_event, settings.stream_drain) == (1000, 2.5)
+    settings = Settings.from_env({"DIALPROXY_ADMIN_ROLE": "root", "DIALPROXY_VIEWER_ROLE": "ro"})
+    assert (settings.admin_role, settings.viewer_role) == ("root", "ro")

@@ -29,7 +29,7 @@ from dialproxy.storage import Storage
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import features, guard, proxy, responses, routes, usage
+from dialproxy.web import admin, features, guard, proxy, responses, routes, usage
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -428,6 +428,7 @@ def create_app(
             app.router.add_post(path, handler)
     responses.routes(app, services)  # the Responses API's follow-ups on its ids
     usage.routes(app)  # DIAL's usage endpoints, on the ledger
+    admin.routes(app)  # the admin API (keys, reload, validate, schema)
     for path, route in (
         ("/openai/models", list_models),
         ("/openai/models/{id}", get_model),

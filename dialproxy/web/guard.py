@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -27,7 +27,7 @@ log = structlog.get_logger("dialproxy.web")
 
 
 def json_response(
-    data: Any, status: int = 200, headers: dict[str, str] | None = None
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """The one JSON answer of the proxy's own routes (errors and feature endpoints alike)."""
     return web.Response(

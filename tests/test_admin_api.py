@@ -1,0 +1,398 @@
+"""The admin API through the real app: each key operation, each refusal, the config file
+byte for byte except the change, and the running proxy serving the change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from dialproxy.config.model import key_digest
+from dialproxy.settings import Settings
+from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
+
+CHAT = {"messages": [{"role": "user", "content": "one two three"}]}
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.admin, self.viewer, self.user = new_key(), new_key(), new_key()
+
+
+def config(backend: Backend, k: Keys) -> dict[str, Any]:
+    return {
+        "models": {"chat": chat_model(backend)},
+        "roles": {"user": {}, "admin": {}, "viewer": {}},
+        "keys": {
+            "sha256:" + key_digest(k.admin): {"project": "ops", "role": "admin", "name": "root"},
+            "sha256:" + key_digest(k.viewer): {"project": "ops", "role": "viewer"},
+            "sha256:" + key_digest(k.user): {
+                "project": "p",
+                "role": "user",
+                "name": "alice",
+                "description": "the first user",
+            },
+        },
+    }
+
+
+async def start(make_proxy: ProxyFactory, backend: Backend, k: Keys) -> Proxy:
+    """The proxy on an indented config file (so a splice shows what it kept)."""
+    proxy = await make_proxy(config(backend, k))
+    proxy.path.write_text(json.dumps(config(backend, k), indent=2) + "\n")
+    assert not (await proxy.store.reload_async()).refused
+    return proxy
+
+
+async def call(s: aiohttp.ClientSession, proxy: Proxy, key: str) -> int:
+    resp = await s.post(
+        proxy.url("/openai/deployments/chat/chat/completions"),
+        json=CHAT,
+        headers={"Api-Key": key},
+    )
+    await resp.read()
+    await proxy.settle()
+    return resp.status
+
+
+async def listing(s: aiohttp.ClientSession, proxy: Proxy, key: str) -> tuple[str, Any]:
+    resp = await s.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": key})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert resp.headers["ETag"] == body["etag"]
+    return resp.headers["ETag"], body["keys"]
+
+
+def change(before: str, after: str) -> tuple[str, str]:
+    """What ``after`` differs from ``before`` by: (the text taken out, the text put in)."""
+    i = 0
+    while i < min(len(before), len(after)) and before[i] == after[i]:
+        i += 1
+    j = 0
+    while j < min(len(before), len(after)) - i and before[-1 - j] == after[-1 - j]:
+        j += 1
+    return before[i : len(before) - j], after[i : len(after) - j]
+
+
+def write_headers(key: str, tag: str | None) -> dict[str, str]:
+    headers = {"Api-Key": key}
+    if tag is not None:
+        headers["If-Match"] = tag
+    return headers
+
+
+async def test_list_create_use_revoke(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    tag, listed = await listing(session, proxy, k.admin)
+    alice = next(e for e in listed if e["name"] == "alice")
+    assert alice == {
+        "fingerprint": key_digest(k.user)[:8],
+        "name": "alice",
+        "description": "the first user",
+        "project": "p",
+        "roles": ["user"],
+        "models": None,
+        "limits": None,
+        "canShare": False,
+        "notBefore": None,
+        "expiresAt": None,
+        "state": "active",
+        "stored": "sha256",
+    }
+    before = proxy.path.read_text()
+    with capture_logs() as logs:
+        resp = await session.post(
+            proxy.url("/v1/admin/keys"),
+            json={"project": "p", "roles": ["user"], "name": "bob", "expiresAt": "30d"},
+            headers=write_headers(k.admin, tag),
+        )
+        assert resp.status == 201, await resp.text()
+        created = await resp.json()
+    secret = created["key"]
+    assert secret.startswith("dpk_")
+    assert created["fingerprint"] == key_digest(secret)[:8]
+    assert created["reload"]["applied"] is True
+    text = proxy.path.read_text()
+    assert secret not in text and "sha256:" + key_digest(secret) in text
+    # the file: the old text, the new entry spliced in, nothing else
+    removed, added = change(before, text)
+    assert removed == ""
+    assert added.startswith(',\n    "sha256:' + key_digest(secret) + '": {\n      "project": "p"')
+    assert '"name": "bob"' in added and "alice" not in added
+    assert json.loads(text)["keys"] == json.loads(before)["keys"] | {
+        "sha256:" + key_digest(secret): {
+            "project": "p",
+            "role": "user",
+            "name": "bob",
+            "expiresAt": json.loads(text)["keys"]["sha256:" + key_digest(secret)]["expiresAt"],
+        }
+    }
+    audit = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit and audit[0]["who"] == key_digest(k.admin)[:8]
+    assert audit[0]["action"] == "create" and secret not in json.dumps(audit, default=str)
+    assert resp.headers["ETag"] == created["etag"]
+    # the running proxy serves the new key
+    assert await call(session, proxy, secret) == 200
+    # revoke it: 401 from then on, and the entry kept with "disabled": true
+    before = proxy.path.read_text()
+    resp = await session.delete(
+        proxy.url(f"/v1/admin/keys/{created['fingerprint']}"),
+        headers=write_headers(k.admin, created["etag"]),
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["state"] == "disabled"
+    assert await call(session, proxy, secret) == 401
+    after = proxy.path.read_text()
+    assert change(before, after) == ("", ',\n      "disabled": true')
+
+
+async def test_edit_and_rotate(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    before = proxy.path.read_text()
+    for key in (k.viewer, k.user):  # neither may write
+        resp = await session.patch(
+            proxy.url(f"/v1/admin/keys/{fp}"), json={"name": "x"}, headers=write_headers(key, tag)
+        )
+        assert resp.status == 403
+        resp = await session.delete(
+            proxy.url(f"/v1/admin/keys/{fp}"), headers=write_headers(key, tag)
+        )
+        assert resp.status == 403
+    resp = await session.patch(
+        proxy.url(f"/v1/admin/keys/{fp}"), json={}, headers=write_headers(k.admin, tag)
+    )
+    assert resp.status == 400
+    assert proxy.path.read_text() == before
+    with capture_logs() as logs:
+        resp = await session.patch(
+            proxy.url(f"/v1/admin/keys/{fp}"),
+            json={"name": "alice2", "description": "renamed", "roles": ["user", "viewer"]},
+            headers=write_headers(k.admin, tag),
+        )
+        assert resp.status == 200, await resp.text()
+        edited = await resp.json()
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["action"] == "edit" and audit["key"] == fp
+    assert audit["before"]["name"] == "alice" and audit["after"]["name"] == "alice2"
+    assert audit["after"]["roles"] == ["viewer"]
+    assert edited["etag"] == '"' + hashlib.sha256(proxy.path.read_bytes()).hexdigest() + '"'
+    assert edited["name"] == "alice2" and edited["roles"] == ["user", "viewer"]
+    after = proxy.path.read_text()
+    # byte for byte except the changed values (the second role after the first's "role")
+    expected = before.replace('"name": "alice"', '"name": "alice2"').replace(
+        '"description": "the first user"',
+        '"description": "renamed",\n      "roles": ["viewer"]',
+    )
+    assert after == expected
+    # the proxy serves the edit: the user key is now a viewer of the admin API
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.user})
+    assert resp.status == 200
+    # rotate: a new key for the same project and roles; the old works during the overlap
+    resp = await session.post(
+        proxy.url(f"/v1/admin/keys/{fp}/rotate"),
+        json={"overlap": "1h"},
+        headers=write_headers(k.admin, edited["etag"]),
+    )
+    assert resp.status == 201, await resp.text()
+    rotated = await resp.json()
+    assert rotated["replaces"] == fp and rotated["project"] == "p"
+    assert await call(session, proxy, rotated["key"]) == 200
+    assert await call(session, proxy, k.user) == 200
+    doc = json.loads(proxy.path.read_text())
+    assert doc["keys"]["sha256:" + key_digest(k.user)]["expiresAt"] == rotated["oldExpiresAt"]
+
+
+async def test_refusals(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    url = proxy.url("/v1/admin/keys")
+    # a key without an admin role: 403, even to read; no key: 401
+    resp = await session.get(url, headers={"Api-Key": k.user})
+    assert resp.status == 403
+    resp = await session.get(url)
+    assert resp.status == 401
+    tag, _ = await listing(session, proxy, k.viewer)  # a viewer reads
+    original = proxy.path.read_bytes()
+    new = {"project": "p", "roles": ["user"]}
+    # a viewer may not write, nor may a user
+    for key in (k.viewer, k.user):
+        resp = await session.post(url, json=new, headers=write_headers(key, tag))
+        assert resp.status == 403, key
+    # without If-Match: 428; with a stale one: 412
+    resp = await session.post(url, json=new, headers=write_headers(k.admin, None))
+    assert resp.status == 428
+    for stale in ('"0000"', "*"):
+        resp = await session.post(url, json=new, headers=write_headers(k.admin, stale))
+        assert resp.status == 412
+    assert resp.headers["ETag"] == tag
+    # cross-site: another Origin, or a body not declared JSON
+    resp = await session.post(
+        url, json=new, headers=write_headers(k.admin, tag) | {"Origin": "https://evil.example"}
+    )
+    assert resp.status == 403
+    resp = await session.post(
+        url,
+        data=json.dumps(new),
+        headers=write_headers(k.admin, tag) | {"Content-Type": "text/plain"},
+    )
+    assert resp.status == 415
+    # the result would not validate (an unknown role): 422
+    resp = await session.post(
+        url, json={"project": "p", "roles": ["nope"]}, headers=write_headers(k.admin, tag)
+    )
+    assert resp.status == 422, await resp.text()
+    assert "nope" in (await resp.json())["error"]["message"]
+    # an unknown fingerprint: 404
+    resp = await session.delete(url + "/abcdef12", headers=write_headers(k.admin, tag))
+    assert resp.status == 404
+    assert proxy.path.read_bytes() == original  # nothing written
+    # the same origin is fine
+    resp = await session.post(
+        url,
+        json=new,
+        headers=write_headers(k.admin, tag) | {"Origin": proxy.url("").rstrip("/")},
+    )
+    assert resp.status == 201, await resp.text()
+    # the file changed since: the old ETag is stale now
+    resp = await session.post(url, json=new, headers=write_headers(k.admin, tag))
+    assert resp.status == 412
+
+
+async def test_an_env_named_key_is_not_edited(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await make_proxy(config(backend, k))
+    doc = config(backend, k)
+    doc["keys"]["${ENV_KEY}"] = {"project": "p", "role": "user"}
+    proxy.path.write_text(json.dumps(doc, indent=2))
+    proxy.store._env = {"ENV_KEY": "env-secret"}
+    assert (await proxy.store.reload_async()).applied
+    tag, listed = await listing(session, proxy, k.admin)
+    assert {e["stored"] for e in listed} == {"sha256", "env"}
+    fp = key_digest("env-secret")[:8]
+    resp = await session.delete(
+        proxy.url(f"/v1/admin/keys/{fp}"), headers=write_headers(k.admin, tag)
+    )
+    assert resp.status == 409
+
+
+async def test_validate_health_schema_and_reload(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    admin, viewer = {"Api-Key": k.admin}, {"Api-Key": k.viewer}
+    good = config(backend, k)
+    resp = await session.post(proxy.url("/v1/admin/validate"), json=good, headers=viewer)
+    assert resp.status == 200
+    assert (await resp.json())["valid"] is True
+    bad = good | {"models": {"chat": {"type": "chat"}}}  # no endpoint, no upstreams
+    resp = await session.post(proxy.url("/v1/admin/validate"), json=bad, headers=admin)
+    body = await resp.json()
+    assert resp.status == 200 and body["valid"] is False and body["problems"]
+    assert proxy.path.read_text() == json.dumps(good, indent=2) + "\n"  # nothing applied
+    resp = await session.post(
+        proxy.url("/v1/admin/validate"), json=good, headers={"Api-Key": k.user}
+    )
+    assert resp.status == 403
+
+    resp = await session.get(proxy.url("/v1/admin/health/config"), headers=viewer)
+    health = await resp.json()
+    tag, _ = await listing(session, proxy, k.admin)
+    assert health["files"] == [{"file": str(proxy.path), "etag": tag}]
+    assert health["lastError"] is None
+
+    resp = await session.get(proxy.url("/v1/admin/schema"), headers=viewer)
+    assert resp.status == 200 and "properties" in await resp.json()
+
+    # reload: viewers may not; a bad file is refused (422) and the last good config serves
+    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=viewer)
+    assert resp.status == 403
+    proxy.path.write_text(json.dumps(bad))
+    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+    assert resp.status == 422 and (await resp.json())["problems"]
+    assert await call(session, proxy, k.user) == 200
+    other = new_key()
+    good["keys"]["sha256:" + key_digest(other)] = {"project": "q", "role": "user"}
+    proxy.path.write_text(json.dumps(good))
+    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+    assert resp.status == 200 and (await resp.json())["applied"] is True
+    assert await call(session, proxy, other) == 200
+
+
+async def test_role_names_from_settings_and_yaml_is_not_written(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    k = Keys()
+    doc = config(backend, k)
+    doc["roles"]["root"] = {}
+    doc["keys"]["sha256:" + key_digest(k.user)]["role"] = "root"
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(doc))  # (JSON is YAML)
+    settings = Settings(config_paths=(str(path),), admin_role="root")
+    proxy = await make_proxy(doc, settings=settings)
+    proxy.store.paths = (path,)
+    # "admin" is no admin role here; "root" is
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.admin})
+    assert resp.status == 403
+    tag, listed = await listing(session, proxy, k.user)
+    assert len(listed) == 3
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["user"]},
+        headers=write_headers(k.user, tag),
+    )
+    assert resp.status == 409 and "YAML" in (await resp.json())["error"]["message"]
+    assert path.read_text() == json.dumps(doc)
+
+
+async def test_edit_refusals_and_expiry(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    url = proxy.url(f"/v1/admin/keys/{fp}")
+    headers = write_headers(k.admin, tag)
+    original = proxy.path.read_bytes()
+    for body, status in (
+        ({"roles": ["nope"]}, 422),  # a role the config does not define
+        ({"roles": []}, 400),
+        ({"project": "q"}, 400),  # not editable
+        ({"expiresAt": "2001-01-01"}, 400),  # not in the future
+        ({"name": 5}, 400),
+    ):
+        resp = await session.patch(url, json=body, headers=headers)
+        assert resp.status == status, (body, await resp.text())
+    for bad in ("xyz", "12"):  # not 4 to 64 hex digits
+        resp = await session.delete(proxy.url(f"/v1/admin/keys/{bad}"), headers=headers)
+        assert resp.status == 400
+    assert proxy.path.read_bytes() == original
+    resp = await session.patch(url, json={"expiresAt": "1h"}, headers=headers)
+    assert resp.status == 200
+    edited = await resp.json()
+    assert edited["state"] == "active" and edited["expiresAt"].endswith("Z")
+    assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
