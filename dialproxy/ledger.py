@@ -30,7 +30,6 @@ import asyncio
 import csv
 import io
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
+
+from dialproxy.statefile import open_db
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -309,18 +310,7 @@ class SqliteLedgerStore:
         if self._db is None:
             if not create and not self.path.exists():
                 return None
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA busy_timeout=5000")
-                db.executescript(_SCHEMA)
-            except sqlite3.Error:
-                db.close()
-                raise
-            self._db = db
+            self._db = open_db(self.path, _SCHEMA)
         return self._db
 
     def write_now(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:

@@ -52,6 +52,7 @@ from dialproxy.errors import (
 from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.rediscounters import RedisCounters, uncancelled
 from dialproxy.settings import Settings
+from dialproxy.statefile import open_db
 from dialproxy.storage import RETRY_AFTER, FailurePolicy, StorageHealth
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_json_body
@@ -209,18 +210,7 @@ class SqliteSharedKeyStore:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA busy_timeout=5000")
-                db.executescript(_SCHEMA)
-            except sqlite3.Error:
-                db.close()
-                raise
-            self._db = db
+            self._db = open_db(self.path, _SCHEMA)
         return self._db
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
