@@ -30,8 +30,6 @@ import asyncio
 import csv
 import io
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -39,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from dialproxy.statefile import open_db
+from dialproxy.statefile import StateDb
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -303,19 +301,11 @@ class SqliteLedgerStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    def _connect(self, create: bool) -> sqlite3.Connection | None:
-        if self._db is None:
-            if not create and not self.path.exists():
-                return None
-            self._db = open_db(self.path, _SCHEMA)
-        return self._db
+        self._file = StateDb(path, _SCHEMA)
 
     def write_now(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
-        with self._lock:
-            db = self._connect(create=bool(rows))
+        with self._file.lock:
+            db = self._file.connect(create=bool(rows))
             if db is None:
                 return
             db.execute("BEGIN IMMEDIATE")
@@ -331,8 +321,8 @@ class SqliteLedgerStore:
     def read_now(
         self, start: int, end: int, project: str | None = None
     ) -> list[tuple[RowKey, list[int]]]:
-        with self._lock:
-            db = self._connect(create=False)
+        with self._file.lock:
+            db = self._file.connect(create=False)
             if db is None:
                 return []
             cursor = db.execute(
@@ -353,13 +343,7 @@ class SqliteLedgerStore:
         return await asyncio.to_thread(self.read_now, start, end, project)
 
     async def close(self) -> None:
-        def close() -> None:
-            with self._lock:
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-
-        await asyncio.to_thread(close)
+        await self._file.close()
 
 
 # --- Redis ----------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import os
 import sqlite3
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -52,7 +51,7 @@ from dialproxy.errors import (
 from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.rediscounters import RedisCounters, uncancelled
 from dialproxy.settings import Settings
-from dialproxy.statefile import open_db
+from dialproxy.statefile import StateDb
 from dialproxy.storage import RETRY_AFTER, FailurePolicy, StorageHealth
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_json_body
@@ -203,20 +202,16 @@ class SqliteSharedKeyStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._file = StateDb(path, _SCHEMA)
         self._by_digest: dict[str, SharedKey] = {}
         self._by_id: dict[str, str] = {}
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            self._db = open_db(self.path, _SCHEMA)
-        return self._db
-
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         def call() -> _T:
-            with self._lock:
-                return fn(self._connect())
+            with self._file.lock:
+                db = self._file.connect()
+                assert db is not None  # (created when missing)
+                return fn(db)
 
         try:
             return await asyncio.to_thread(call)
@@ -235,13 +230,7 @@ class SqliteSharedKeyStore:
             self._by_id[key.id] = key.digest
 
     async def close(self) -> None:
-        def close() -> None:
-            with self._lock:
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-
-        await asyncio.to_thread(close)
+        await self._file.close()
 
     async def find(self, digest: str) -> SharedKey | None:
         return self._by_digest.get(digest)

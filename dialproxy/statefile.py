@@ -1,9 +1,12 @@
-"""The SQLite files beside the state file (shared keys, the usage ledger): opened one way."""
+"""The SQLite files beside the state file (shared keys, the usage ledger): opened, used from
+worker threads and closed one way."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 
@@ -22,3 +25,31 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+class StateDb:
+    """One such file, opened on first use: :meth:`connect` and the calls on what it returns
+    run under :attr:`lock` (in a worker thread, off the event loop)."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = path
+        self.schema = schema
+        self.lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def connect(self, create: bool = True) -> sqlite3.Connection | None:
+        """The open connection; None when the file does not exist and ``create`` is false."""
+        if self._db is None:
+            if not create and not self.path.exists():
+                return None
+            self._db = open_db(self.path, self.schema)
+        return self._db
+
+    async def close(self) -> None:
+        def close() -> None:
+            with self.lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+
+        await asyncio.to_thread(close)
