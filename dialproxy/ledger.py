@@ -208,7 +208,8 @@ class Ledger:
         await self.store.close()
 
 
-def merge(into: dict[RowKey, list[int]], rows: Iterable[tuple[RowKey, Sequence[int]]]) -> None:
+def merge(into: dict[Any, list[int]], rows: Iterable[tuple[Any, Sequence[int]]]) -> None:
+    """``rows``' values added to ``into``'s, key by key (a row or a group)."""
     for key, values in rows:
         totals = into.get(key)
         if totals is None:
@@ -241,21 +242,17 @@ def aggregate(
         if name not in GROUPS:
             raise ValueError(f"cannot group by {name!r}: one of {', '.join(GROUPS)}")
     sums: dict[tuple[Any, ...], list[int]] = {}
-    for row, values in found:
-        if (
-            (project is not None and row[1] != project)
-            or (key is not None and row[2] != key)
-            or (shared_key is not None and row[3] != shared_key)
-            or (deployment is not None and row[4] != deployment)
-        ):
-            continue
-        group = _group(row, by)
-        totals = sums.get(group)
-        if totals is None:
-            sums[group] = list(values)
-        else:
-            for i, v in enumerate(values):
-                totals[i] += v
+    merge(
+        sums,
+        (
+            (_group(row, by), values)
+            for row, values in found
+            if (project is None or row[1] == project)
+            and (key is None or row[2] == key)
+            and (shared_key is None or row[3] == shared_key)
+            and (deployment is None or row[4] == deployment)
+        ),
+    )
     if not by and not sums:
         sums[()] = [0] * len(MEASURES)
     return [
