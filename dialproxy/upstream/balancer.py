@@ -70,6 +70,18 @@ class Balancer:
             state = self._health[key] = _Health()
         return state
 
+    def status(self, model: Model, upstream: Upstream) -> tuple[str, float, int]:
+        """What the console shows of an upstream: ``ok``, ``paused`` (a 429's Retry-After)
+        or ``backed off`` (failures in a row), the seconds until it is tried again, and its
+        failures in a row.  Reads only (no state is made for an upstream never called)."""
+        state = self._health.get((model.name, upstream.endpoint, upstream.key_fingerprint))
+        if state is None:
+            return "ok", 0.0, 0
+        left = max(state.unavailable_until - self._clock(), 0.0)
+        if not left:
+            return "ok", 0.0, state.failures
+        return ("backed off" if state.backoff else "paused"), left, state.failures
+
     def plan(self, model: Model, routes: tuple[Route, ...] | None = None) -> Iterator[Route]:
         """Yield distinct routes for successive attempts, best first, until none is left.
         ``routes``: the model's routes for the request's API (default: ``model.routes``), or

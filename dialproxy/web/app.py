@@ -29,7 +29,7 @@ from dialproxy.storage import Storage
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import admin, features, guard, proxy, responses, routes, usage
+from dialproxy.web import admin, console, features, guard, proxy, responses, routes, usage
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -202,8 +202,13 @@ async def user_limits(request: web.Request) -> web.Response:
     key, its owner's).
     A shared key also gets its cap and ``utilized`` in ``sharedKey``; a project with a
     ``costLimit`` gets its cost windows (USD) in ``cost``."""
-    principal = await _principal(request)
-    limiter = request.app[LIMITER]
+    return json_response(await limits_of(request.app, await _principal(request)))
+
+
+async def limits_of(app: web.Application, principal: Principal) -> dict[str, Any]:
+    """What ``GET /v1/user/limits`` answers for ``principal`` (the console asks it for any
+    key of the config)."""
+    limiter = app[LIMITER]
     key = principal.key
     now = time.time()
     models: dict[str, Any] = {}
@@ -216,7 +221,7 @@ async def user_limits(request: web.Request) -> web.Response:
             ("project", "p:" + principal.project, grant.token_windows, grant.request_windows)
         ]
         if own is not None:
-            schedule = request.app[STORE].snapshot.schedule
+            schedule = app[STORE].snapshot.schedule
             counted.append(
                 (
                     "key",
@@ -254,7 +259,7 @@ async def user_limits(request: web.Request) -> web.Response:
             "remaining": None if shared.tokens < 0 else max(shared.tokens - shared.utilized, 0),
             "capReached": shared.capped,
         }
-    return json_response(body)
+    return body
 
 
 def _window_stats(scope: str, unit: str, state: WindowState, now: float) -> dict[str, Any]:
@@ -429,6 +434,7 @@ def create_app(
     responses.routes(app, services)  # the Responses API's follow-ups on its ids
     usage.routes(app)  # DIAL's usage endpoints, on the ledger
     admin.routes(app)  # the admin API (keys, reload, validate, schema)
+    console.routes(app)  # the /console page and its read-only data endpoints
     for path, route in (
         ("/openai/models", list_models),
         ("/openai/models/{id}", get_model),
