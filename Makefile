@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DEMO_PORT ?= 8081
 
-.PHONY: lock run test lint typecheck bench bench-instructions bench-hostile bench-reload validate install redis clean
+.PHONY: lock run test lint typecheck bench bench-instructions bench-hostile bench-reload validate install redis browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,15 @@ redis:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
 	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is required for the tests and the bench"; exit 1; }
 
-test: $(STAMP) redis
+# The console's browser tests (tests/test_console_browser.py) drive Debian's chromium with
+# Playwright: install it when the machine has none (never a browser Playwright downloads).
+browser:
+	@test -x /usr/bin/chromium || { \
+	  echo "/usr/bin/chromium not found: installing Debian's chromium with apt-get"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
+	@test -x /usr/bin/chromium || { echo "Debian's chromium (/usr/bin/chromium) is required for the console tests"; exit 1; }
+
+test: $(STAMP) redis browser
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

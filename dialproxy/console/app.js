@@ -19,6 +19,12 @@ const canWrite = () => me && me.level === "admin";
 const split = (text) => text.split(",").map((t) => t.trim()).filter(Boolean);
 const facts = (pairs) => h("dl.facts", {}, pairs.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
 const heading = (text) => h("h1", { tabindex: "-1", text });
+let cards = 0;
+// A titled card: a region named by its heading.
+const card = (title, ...children) => {
+  const id = `card-${++cards}`;
+  return h("section.card", { "aria-labelledby": id }, h("h2", { id, text: title }), ...children);
+};
 
 // --- theme --------------------------------------------------------------------------------
 function setupTheme() {
@@ -132,18 +138,14 @@ async function overview() {
     : h("p", {}, badge("ok"), " No reload refused since the last good one.");
   const storage = o.storage;
   const cards = h("div.grid", {},
-    h("section.card", {},
-      h("h2", { text: "Config" }),
-      facts([
+    card("Config", facts([
         ["Generation", String(c.generation)],
         ["Loaded", fmt.date(c.loadedAt)],
         ["Reloads", `${c.reloadsApplied} applied, ${c.reloadsRefused} refused`],
         ["Serves", `${c.models} models, ${c.applications} apps, ${c.keys} keys, ${c.roles} roles`],
       ]),
       h("h3", { text: "Last refusal" }), refusal),
-    h("section.card", {},
-      h("h2", { text: "Storage" }),
-      facts([
+    card("Storage", facts([
         ["Counters", [storage.backend, " ", badge(storage.healthy ? "ok" : "bad")]],
         ["If it fails", storage.policy],
         ["Ledger", o.ledger
@@ -158,18 +160,14 @@ async function overview() {
   }
   const u = o.usage;
   parts.push(h("div.grid", {},
-    h("section.card", {}, h("h2", { text: "This hour" }),
-      h("p.big", { text: `${fmt.num(u.hour.requests)} requests` }),
+    card("This hour", h("p.big", { text: `${fmt.num(u.hour.requests)} requests` }),
       h("p", { text: `${fmt.num(u.hour.totalTokens)} tokens · ${u.hour.errors} errors · ${fmt.usd(u.hour.cost)}` })),
-    h("section.card", {}, h("h2", { text: "Last 24 hours" }),
-      h("p.big", { text: `${fmt.num(u.day.requests)} requests` }),
+    card("Last 24 hours", h("p.big", { text: `${fmt.num(u.day.requests)} requests` }),
       h("p", { text: `${fmt.num(u.day.totalTokens)} tokens · ${u.day.errors} errors · ${fmt.usd(u.day.cost)}` }))));
   const series = u.series;
   parts.push(h("div.grid", {},
-    h("section.card", {}, h("h2", { text: "Requests per hour (UTC)" }),
-      bars(series.map((p) => ({ label: hourLabel(p.hour), value: p.requests })), { title: "Requests per hour", unit: "requests" })),
-    h("section.card", {}, h("h2", { text: "Tokens per hour (UTC)" }),
-      bars(series.map((p) => ({ label: hourLabel(p.hour), value: p.totalTokens })), { title: "Tokens per hour", unit: "tokens", alt: true }))));
+    card("Requests per hour (UTC)", bars(series.map((p) => ({ label: hourLabel(p.hour), value: p.requests })), { title: "Requests per hour", unit: "requests" })),
+    card("Tokens per hour (UTC)", bars(series.map((p) => ({ label: hourLabel(p.hour), value: p.totalTokens })), { title: "Tokens per hour", unit: "tokens", alt: true }))));
   const ranked = (rows, label) => table([
     { label, value: (r) => r.name },
     { label: "Requests", num: true, value: (r) => fmt.num(r.requests) },
@@ -177,10 +175,9 @@ async function overview() {
     { label: "Cost", num: true, value: (r) => fmt.usd(r.cost) },
   ], rows, "No requests in the last 24 hours.");
   parts.push(h("div.grid", {},
-    h("section.card", {}, h("h2", { text: "Top projects (24 h)" }), ranked(u.topProjects, "Project")),
-    h("section.card", {}, h("h2", { text: "Top models (24 h)" }), ranked(u.topModels, "Model"))));
-  parts.push(h("section.card", {}, h("h2", { text: "Limit utilisation" }),
-    h("p.muted", { text: "The fullest limit windows of the projects and models used in the last 24 hours, as counted now." }),
+    card("Top projects (24 h)", ranked(u.topProjects, "Project")),
+    card("Top models (24 h)", ranked(u.topModels, "Model"))));
+  parts.push(card("Limit utilisation", h("p.muted", { text: "The fullest limit windows of the projects and models used in the last 24 hours, as counted now." }),
     o.utilisation.length
       ? meters(o.utilisation.map((b) => ({ label: `${b.project} · ${b.model} · ${b.type} per ${b.window}`, used: b.used, limit: b.limit })))
       : h("p.muted", { text: "No limited window in use." })));
@@ -511,8 +508,7 @@ async function mine() {
       ["Name", me.name || "(no name)"], ["Fingerprint", h("code", { text: me.fingerprint })],
       ["Project", me.project], ["Roles", me.roles.join(", ")]]))];
   const rows = windowRows(limits.models);
-  parts.push(h("section.card", {}, h("h2", { text: "Limits" }),
-    rows.length
+  parts.push(card("Limits", rows.length
       ? meters(rows.map((w) => ({
         label: `${w.model} · ${w.type} per ${w.window}${w.scope === "key" ? " (this key)" : " (project)"}${w.resetAt ? ` · resets ${fmt.date(w.resetAt)}` : ""}`,
         used: w.used, limit: w.limit })))
@@ -520,8 +516,7 @@ async function mine() {
     h("p.muted", { text: `Models this key may call: ${Object.keys(limits.models).join(", ") || "none"}` })));
   try {
     const u = await api("/v1/user/usage?scope=key");
-    parts.push(h("section.card", {}, h("h2", { text: "Usage (last 30 days, this key)" }),
-      h("p", { text: `${fmt.num(u.usage.requests)} requests, ${fmt.num(u.usage.totalTokens)} tokens, ${fmt.usd(u.usage.cost)}` }),
+    parts.push(card("Usage (last 30 days, this key)", h("p", { text: `${fmt.num(u.usage.requests)} requests, ${fmt.num(u.usage.totalTokens)} tokens, ${fmt.usd(u.usage.cost)}` }),
       table([
         { label: "Model", value: (r) => r[0] },
         { label: "Requests", num: true, value: (r) => fmt.num(r[1].usage ? r[1].usage.requests : 0) },
@@ -529,7 +524,7 @@ async function mine() {
         { label: "Cost", num: true, value: (r) => fmt.usd(r[1].usage ? r[1].usage.cost : 0) },
       ], Object.entries(u.deployments), "No usage yet.")));
   } catch (e) {
-    parts.push(h("section.card", {}, h("h2", { text: "Usage" }), h("p.muted", { text: e.message })));
+    parts.push(card("Usage", h("p.muted", { text: e.message })));
   }
   if (me.canShare) parts.push(await sharedKeys());
   return h("div", {}, parts);
@@ -572,8 +567,7 @@ async function sharedKeys() {
     await route();
     toast(`${s.name} deleted`);
   };
-  return h("section.card", {}, h("h2", { text: "Shared keys" }),
-    h("div.toolbar", {}, h("button.primary", { type: "button", id: "new-shared-key", onclick: create, text: "New shared key" })),
+  return card("Shared keys", h("div.toolbar", {}, h("button.primary", { type: "button", id: "new-shared-key", onclick: create, text: "New shared key" })),
     table([
       { label: "Name", value: (s) => s.name },
       { label: "Used / cap", num: true, value: (s) => `${fmt.num(s.utilized)} / ${s.tokens < 0 ? "no cap" : fmt.num(s.tokens)}` },

@@ -29,7 +29,8 @@ export function bars(points, { title, unit, alt = false, every = 6 }) {
     }, s("title", {}, `${p.label}: ${fmt.num(p.value)} ${unit}`));
     svg.append(bar);
     if (i % every === 0 || i === points.length - 1) {
-      svg.append(s("text", { x: x + step * 0.35, y: height - 6, "text-anchor": "middle" }, p.label));
+      const last = i === points.length - 1;
+      svg.append(s("text", { x: last ? width : x + step * 0.35, y: height - 6, "text-anchor": last ? "end" : "middle" }, p.label));
     }
   });
   return svg;

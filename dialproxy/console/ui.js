@@ -186,6 +186,6 @@ export function table(columns, rows, empty = "Nothing yet.") {
     h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: c.num ? "num" : c.cls, scope: "col", text: c.label })))),
     h("tbody", {}, rows.map((row) => h("tr", {}, columns.map((c) => {
       const value = c.value(row);
-      return h("td", { class: c.num ? "num" : c.cls }, value);
+      return h("td", { class: c.num ? "num" : c.cls, "data-label": c.label }, h("span.cell", {}, value));
     }))))));
 }
