@@ -283,8 +283,11 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await dialog.get_by_role("button", name="Create key").click()
     shown = page.get_by_role("dialog", name="Key created")
     await expect(shown.get_by_text("Copy this key now.")).to_be_visible()
-    await expect(shown.get_by_role("button", name="Copy")).to_be_visible()
     secret = await shown.locator("code").inner_text()
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    await shown.get_by_role("button", name="Copy").click()
+    await expect(shown.get_by_role("button", name="Copied")).to_be_visible()
+    assert await page.evaluate("navigator.clipboard.readText()") == secret
     SECRETS.append(secret)
     fingerprint = _digest(secret)[:8]
     assert secret.startswith("dpk_") and f"Fingerprint {fingerprint}" in await shown.inner_text()
@@ -326,8 +329,19 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     assert f",{fingerprint},1,0," in csv_text
     await shot(page, "console-usage.png")
 
-    # Its windows: Escape closes the dialog and focus goes back to the button that opened it.
+    # Edit (after a confirmation): the config file and the list say the new name.
     await page.get_by_role("link", name="Keys").click()
+    await key_row(page, fingerprint).get_by_role("button", name="Edit").click()
+    edit = page.get_by_role("dialog", name=f"Edit key {fingerprint}")
+    await edit.get_by_label("Name").fill("browser key, renamed")
+    await edit.get_by_role("button", name="Save").click()
+    confirm_edit = page.get_by_role("dialog", name="Save these changes?")
+    await expect(confirm_edit).to_contain_text(f"Key {fingerprint}: name will be written")
+    await confirm_edit.get_by_role("button", name="Save changes").click()
+    await expect(key_row(page, fingerprint)).to_contain_text("browser key, renamed")
+    assert '"name": "browser key, renamed"' in server.config.read_text()
+
+    # Its windows: Escape closes the dialog and focus goes back to the button that opened it.
     details = key_row(page, fingerprint).get_by_role("button", name="Details")
     await details.click()
     windows = page.get_by_role("dialog")

@@ -16,6 +16,7 @@ const PAGES = {
   key: [["mine", "My key"]],
 };
 const canWrite = () => me && me.level === "admin";
+const plural = (n, word) => `${fmt.num(n)} ${word}${n === 1 ? "" : "s"}`;
 const split = (text) => text.split(",").map((t) => t.trim()).filter(Boolean);
 const facts = (pairs) => h("dl.facts", {}, pairs.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
 const heading = (text) => h("h1", { tabindex: "-1", text });
@@ -487,7 +488,7 @@ async function usagePage() {
   h("button", { type: "button", id: "export-csv", onclick: (e) => exportCsv(e.currentTarget), text: "Export CSV" }));
   const t = data.total;
   return h("div", {}, heading("Usage"), form,
-    h("p", { "aria-live": "polite", text: `${fmt.num(t.requests)} requests, ${fmt.num(t.totalTokens)} tokens, ${fmt.usd(t.cost)} from ${data.from.slice(0, 10)} to ${data.to.slice(0, 10)} (UTC days).` }),
+    h("p", { "aria-live": "polite", text: `${plural(t.requests, "request")}, ${plural(t.totalTokens, "token")}, ${fmt.usd(t.cost)} from ${usageQuery.from} to ${usageQuery.to} (UTC days, both included).` }),
     h("section.card", {}, table([
       { label: "Day", value: (r) => r.day },
       { label, value: (r) => (data.by === "key" ? [h("code", { text: r.key }), r.keyName ? ` ${r.keyName}` : ""] : r[data.by]) },
