@@ -304,6 +304,18 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await page.reload()
     await expect(key_row(page, fingerprint)).to_contain_text("browser test key")
     assert secret not in await page.content()
+    # Search and filters
+    await page.get_by_label("Search").fill("browser test")
+    await expect(page.locator("tbody tr")).to_have_count(1)
+    await page.get_by_label("State").select_option("disabled")
+    await expect(page.get_by_text("No key matches these filters.")).to_be_visible()
+    await page.get_by_label("State").select_option("")
+    await page.get_by_label("Search").fill("")
+    await page.get_by_label("Role").select_option("viewer")
+    await expect(page.locator("tbody tr")).to_have_count(1)
+    await expect(page.locator("tbody tr")).to_contain_text("ops viewer")
+    await page.get_by_label("Role").select_option("")
+    await expect(page.locator("tbody tr")).to_have_count(4)
 
     # The key works through the proxy, and its usage appears on the page.
     assert await chat(server, secret, "hello from the console test") == (

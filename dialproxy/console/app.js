@@ -211,29 +211,70 @@ async function write(path, options) {
   }
 }
 
+const PAGE = 50; // keys a page of the table
+const STATES = ["active", "expired", "disabled", "not yet valid"];
+let keyOffset = 0;
+
+// One page of keys under the filters: the API filters and pages when it can (its answer
+// has `total`); an API that lists every key is filtered and paged here.
+async function listKeys() {
+  const query = new URLSearchParams();
+  for (const [name, value] of Object.entries(keyFilters)) if (value) query.set(name, value);
+  query.set("limit", PAGE);
+  query.set("offset", keyOffset);
+  keyList = await api(`/v1/admin/keys?${query}`);
+  if (typeof keyList.total === "number") return { rows: keyList.keys, total: keyList.total };
+  const shown = keyList.keys.filter(matches);
+  return { rows: shown.slice(keyOffset, keyOffset + PAGE), total: shown.length };
+}
+
+// The config's role names: GET /v1/admin/roles where the API has it, else the listed keys'.
+async function roleNames(listed) {
+  try {
+    const data = await api("/v1/admin/roles");
+    const roles = data && data.roles !== undefined ? data.roles : data;
+    const names = Array.isArray(roles) ? roles.map((r) => (typeof r === "string" ? r : r.name)) : Object.keys(roles || {});
+    if (names.length) return names.sort();
+  } catch { /* an API without it */ }
+  return [...new Set(listed.flatMap((k) => k.roles || []))].sort();
+}
+
 async function keys() {
-  keyList = await api("/v1/admin/keys");
-  const all = keyList.keys;
-  const distinct = (values) => [...new Set(values.filter(Boolean))].sort();
-  const projects = distinct(all.map((k) => k.project));
-  const roles = distinct(all.flatMap((k) => k.roles || []));
-  const states = distinct(all.map((k) => k.state));
+  let page = await listKeys();
+  const roles = await roleNames(keyList.keys);
+  const projects = [...new Set(keyList.keys.map((k) => k.project).filter(Boolean))].sort();
   const body = h("div");
+  let typing;
+  const refresh = async (again = false) => {
+    if (!again) keyOffset = 0;
+    try {
+      page = await listKeys();
+      draw();
+    } catch (e) {
+      clear(body, h("p.error", { role: "alert", text: e.message }));
+    }
+  };
   const select = (name, label, options) => h("div", {},
     h("label", { for: `filter-${name}`, text: label }),
-    h("select", { id: `filter-${name}`, onchange: (e) => { keyFilters[name] = e.target.value; draw(); } },
+    h("select", { id: `filter-${name}`, onchange: (e) => { keyFilters[name] = e.target.value; refresh(); } },
       h("option", { value: "", text: "Any" }),
       options.map((o) => h("option", { value: o, selected: keyFilters[name] === o, text: o }))));
   const toolbar = h("div.toolbar", { role: "search" },
     h("div", {}, h("label", { for: "filter-q", text: "Search" }),
       h("input", { id: "filter-q", type: "search", value: keyFilters.q, placeholder: "name, fingerprint, project…",
-        oninput: (e) => { keyFilters.q = e.target.value; draw(); } })),
-    select("project", "Project", projects), select("role", "Role", roles), select("state", "State", states),
+        oninput: (e) => { keyFilters.q = e.target.value; clearTimeout(typing); typing = setTimeout(refresh, 250); } })),
+    h("div", {}, h("label", { for: "filter-project", text: "Project" }),
+      h("input", { id: "filter-project", type: "search", list: "projects", value: keyFilters.project,
+        onchange: (e) => { keyFilters.project = e.target.value.trim(); refresh(); } }),
+      h("datalist", { id: "projects" }, projects.map((p) => h("option", { value: p })))),
+    select("role", "Role", roles), select("state", "State", STATES),
     canWrite() ? h("button.primary", { type: "button", id: "new-key", onclick: () => createKey(roles), text: "New key" }) : null);
+  const move = (offset) => { keyOffset = Math.max(offset, 0); refresh(true); };
   function draw() {
-    const shown = all.filter(matches);
+    const { rows, total } = page;
+    const last = Math.min(keyOffset + rows.length, total);
     clear(body,
-      h("p.muted", { "aria-live": "polite", text: `${shown.length} of ${all.length} keys` }),
+      h("p.muted", { "aria-live": "polite", text: total ? `Keys ${keyOffset + 1}–${last} of ${total}` : "" }),
       table([
         { label: "Name", value: (k) => [k.name || h("span.muted", { text: "(no name)" }),
           k.description ? h("div.muted", { text: k.description }) : null] },
@@ -243,7 +284,10 @@ async function keys() {
         { label: "State", value: (k) => badge(k.state) },
         { label: "Expires", cls: "hide-narrow", value: (k) => fmt.date(k.expiresAt) },
         { label: "Actions", cls: "actions", value: (k) => keyActions(k) },
-      ], shown, all.length ? "No key matches these filters." : "The config has no keys."));
+      ], rows, Object.values(keyFilters).some(Boolean) ? "No key matches these filters." : "The config has no keys."),
+      total > PAGE ? h("div.actions-row", {},
+        h("button", { type: "button", disabled: keyOffset === 0, onclick: () => move(keyOffset - PAGE), text: "Previous page" }),
+        h("button", { type: "button", disabled: last >= total, onclick: () => move(keyOffset + PAGE), text: "Next page" })) : null);
   }
   draw();
   const note = canWrite() ? null
