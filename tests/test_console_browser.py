@@ -395,6 +395,15 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await page.get_by_role("link", name="Overview").click()
     await expect(page.get_by_role("img", name="Requests per hour")).to_be_visible()
     await expect(page.get_by_role("region", name="Top projects (24 h)")).to_contain_text("web-team")
+    await page.get_by_role("button", name="Reload config").click()
+    await (
+        page.get_by_role("dialog", name="Reload the config?")
+        .get_by_role("button", name="Reload")
+        .click()
+    )
+    await expect(page.get_by_role("status")).to_have_text(
+        "The files hold the config served: nothing to reload"
+    )
     await shot(page, "console-overview-light.png")
     await page.emulate_media(color_scheme="dark")  # (prefers-color-scheme)
     background = await page.evaluate("getComputedStyle(document.body).backgroundColor")

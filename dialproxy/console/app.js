@@ -145,7 +145,8 @@ async function overview() {
         ["Reloads", `${c.reloadsApplied} applied, ${c.reloadsRefused} refused`],
         ["Serves", `${c.models} models, ${c.applications} apps, ${c.keys} keys, ${c.roles} roles`],
       ]),
-      h("h3", { text: "Last refusal" }), refusal),
+      h("h3", { text: "Last refusal" }), refusal,
+      canWrite() ? h("button", { type: "button", id: "reload-config", onclick: reloadConfig, text: "Reload config" }) : null),
     card("Storage", facts([
         ["Counters", [storage.backend, " ", badge(storage.healthy ? "ok" : "bad")]],
         ["If it fails", storage.policy],
@@ -183,6 +184,23 @@ async function overview() {
       ? meters(o.utilisation.map((b) => ({ label: `${b.project} · ${b.model} · ${b.type} per ${b.window}`, used: b.used, limit: b.limit })))
       : h("p.muted", { text: "No limited window in use." })));
   return h("div", {}, parts);
+}
+
+// POST /v1/ops/config/reload (DIAL's trigger): the files read now, served when they validate.
+async function reloadConfig() {
+  const ok = await confirmDialog("Reload the config?",
+    "The config files are read now and served if they validate; if not, the config served now stays and the refusal shows here.",
+    "Reload");
+  if (!ok) return;
+  let message;
+  try {
+    const result = await api("/v1/ops/config/reload", { method: "POST" });
+    message = result.applied ? `Config reloaded: generation ${result.generation}` : "The files hold the config served: nothing to reload";
+  } catch (e) {
+    message = e.message;
+  }
+  await route();
+  toast(message);
 }
 
 // --- keys ---------------------------------------------------------------------------------
