@@ -549,7 +549,15 @@ async function usagePage() {
   h("button.primary", { type: "submit", text: "Show" }),
   h("button", { type: "button", id: "export-csv", onclick: (e) => exportCsv(e.currentTarget), text: "Export CSV" }));
   const t = data.total;
-  return h("div", {}, heading("Usage"), form,
+  const perDay = new Map();
+  for (let d = new Date(usageQuery.from + "T00:00:00Z"); d <= new Date(usageQuery.to + "T00:00:00Z") && perDay.size < 400;
+    d = new Date(d.getTime() + 86400000)) perDay.set(d.toISOString().slice(0, 10), 0);
+  for (const r of data.rows) if (perDay.has(r.day)) perDay.set(r.day, perDay.get(r.day) + r.totalTokens);
+  const points = [...perDay].map(([d, value]) => ({ label: d.slice(5), value }));
+  const chart = points.length > 1
+    ? card("Tokens per day (UTC)", bars(points, { title: "Tokens per day", unit: "tokens", alt: true, every: Math.ceil(points.length / 8), width: 1200, height: 200 }))
+    : null;
+  return h("div", {}, heading("Usage"), form, chart,
     h("p", { "aria-live": "polite", text: `${plural(t.requests, "request")}, ${plural(t.totalTokens, "token")}, ${fmt.usd(t.cost)} from ${usageQuery.from} to ${usageQuery.to} (UTC days, both included).` }),
     h("section.card", {}, table([
       { label: "Day", value: (r) => r.day },

@@ -3,8 +3,8 @@ import { fmt, h, s } from "./ui.js";
 
 // Bars of `points` ([{label, value}]), labelled every `every`-th; `title` names it for
 // screen readers (role=img) and the table under it says the same in numbers.
-export function bars(points, { title, unit, alt = false, every = 6 }) {
-  const width = 640, height = 180, left = 44, bottom = 22, top = 10;
+export function bars(points, { title, unit, alt = false, every = 6, width = 640, height = 180 }) {
+  const left = 44, bottom = 22, top = 10;
   const max = Math.max(1, ...points.map((p) => p.value));
   const step = (width - left) / Math.max(points.length, 1);
   const scale = (v) => ((height - bottom - top) * v) / max;
@@ -28,7 +28,8 @@ export function bars(points, { title, unit, alt = false, every = 6 }) {
       y: height - bottom - barHeight, height: Math.max(barHeight, p.value ? 1 : 0),
     }, s("title", {}, `${p.label}: ${fmt.num(p.value)} ${unit}`));
     svg.append(bar);
-    if (i % every === 0 || i === points.length - 1) {
+    const tail = points.length - 1 - i; // (no label crowding the last one)
+    if ((i % every === 0 && (tail === 0 || tail >= every / 2)) || tail === 0) {
       const last = i === points.length - 1;
       svg.append(s("text", { x: last ? width : x + step * 0.35, y: height - 6, "text-anchor": last ? "end" : "middle" }, p.label));
     }
