@@ -297,6 +297,7 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await shot(page, "console-key-created.png")
     await shown.get_by_role("button", name="Done").click()
     await expect(key_row(page, fingerprint)).to_contain_text("browser test key")
+    await expect(page.get_by_role("button", name="New key")).to_be_focused()  # (given back)
     # The config holds its sha256: form only; the browser kept nothing of it.
     assert "sha256:" + _digest(secret) in server.config.read_text()
     assert secret not in server.config.read_text()

@@ -105,7 +105,11 @@ async function route() {
     else link.removeAttribute("aria-current");
   }
   const token = ++rendering;
-  const focused = view.contains(document.activeElement);
+  // After an action the view is drawn anew: the focus goes back to the same control (by
+  // id or label) when it is still there, else to the page's heading.
+  const active = view.contains(document.activeElement) ? document.activeElement : null;
+  const again = active && (active.id ? `#${CSS.escape(active.id)}`
+    : active.getAttribute("aria-label") ? `[aria-label="${CSS.escape(active.getAttribute("aria-label"))}"]` : null);
   if (!view.children.length) clear(view, h("p.muted", { text: "Loading…" }));
   let content;
   try {
@@ -120,7 +124,8 @@ async function route() {
   }
   if (token !== rendering) return;
   clear(view, content);
-  if (!focused) view.querySelector("h1")?.focus({ preventScroll: true });
+  const target = (again && view.querySelector(again)) || view.querySelector("h1");
+  target?.focus({ preventScroll: true });
 }
 
 // --- overview -----------------------------------------------------------------------------
@@ -546,7 +551,7 @@ async function usagePage() {
   h("div", {}, h("label", { for: "usage-to", text: "To" }), h("input", { id: "usage-to", type: "date", value: usageQuery.to })),
   h("div", {}, h("label", { for: "usage-by", text: "By" }),
     h("select", { id: "usage-by" }, ["project", "key", "model"].map((b) => h("option", { value: b, selected: b === data.by, text: b })))),
-  h("button.primary", { type: "submit", text: "Show" }),
+  h("button.primary", { type: "submit", id: "usage-show", text: "Show" }),
   h("button", { type: "button", id: "export-csv", onclick: (e) => exportCsv(e.currentTarget), text: "Export CSV" }));
   const t = data.total;
   const perDay = new Map();
