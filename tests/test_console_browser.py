@@ -337,6 +337,7 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await expect(row).to_contain_text("browser test key")
     cells = await row.locator("td").all_inner_texts()
     assert cells[2] == "1"  # requests
+    tokens = int(cells[6])
     async with page.expect_download() as download_info:
         await page.get_by_role("button", name="Export CSV").click()
     download = await download_info.value
@@ -356,6 +357,8 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await confirm_edit.get_by_role("button", name="Save changes").click()
     await expect(key_row(page, fingerprint)).to_contain_text("browser key, renamed")
     assert '"name": "browser key, renamed"' in server.config.read_text()
+
+    await expect(key_row(page, fingerprint)).to_contain_text(f"1 request, {tokens} tokens")
 
     # Its windows: Escape closes the dialog and focus goes back to the button that opened it.
     details = key_row(page, fingerprint).get_by_role("button", name="Details")

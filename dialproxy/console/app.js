@@ -16,6 +16,7 @@ const PAGES = {
   key: [["mine", "My key"]],
 };
 const canWrite = () => me && me.level === "admin";
+const day = (offset) => new Date(Date.now() + offset * 86400000).toISOString().slice(0, 10);
 const plural = (n, word) => `${fmt.num(n)} ${word}${n === 1 ? "" : "s"}`;
 const split = (text) => text.split(",").map((t) => t.trim()).filter(Boolean);
 const facts = (pairs) => h("dl.facts", {}, pairs.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
@@ -265,6 +266,11 @@ async function roleNames(listed) {
 async function keys() {
   let page = await listKeys();
   const roles = await roleNames(keyList.keys);
+  const today = new Map(); // fingerprint -> today's usage (UTC), from the ledger
+  try {
+    const used = await api(`/v1/console/usage?by=key&from=${day(0)}&to=${day(0)}`);
+    for (const r of used.rows) today.set(r.key, r);
+  } catch { /* the ledger is off: no column */ }
   const projects = [...new Set(keyList.keys.map((k) => k.project).filter(Boolean))].sort();
   const body = h("div");
   let typing;
@@ -306,6 +312,10 @@ async function keys() {
         { label: "Roles", value: (k) => (k.roles || []).join(", ") },
         { label: "State", value: (k) => badge(k.state) },
         { label: "Expires", cls: "hide-narrow", value: (k) => fmt.date(k.expiresAt) },
+        { label: "Today", num: true, value: (k) => {
+          const used = today.get(k.fingerprint);
+          return used ? `${plural(used.requests, "request")}, ${plural(used.totalTokens, "token")}` : "—";
+        } },
         { label: "Actions", cls: "actions", value: (k) => keyActions(k) },
       ], rows, Object.values(keyFilters).some(Boolean) ? "No key matches these filters." : "The config has no keys."),
       total > PAGE ? h("div.actions-row", {},
@@ -506,7 +516,6 @@ async function models() {
 }
 
 // --- usage --------------------------------------------------------------------------------
-const day = (offset) => new Date(Date.now() + offset * 86400000).toISOString().slice(0, 10);
 const usageQuery = { from: null, to: null, by: "project" };
 
 function usagePath(format) {
