@@ -527,3 +527,17 @@ async def test_console_data_endpoints_refuse_and_answer(server: Server) -> None:
         for missing in ("/console/nope.js", "/console/..%2Fapp.py"):
             async with s.get(server.url + missing) as r:
                 assert r.status == 404, missing
+
+
+async def test_a_wrong_key_is_refused_and_not_kept(server: Server, browser: Browser) -> None:
+    ctx = await browser.new_context(viewport=LAPTOP)
+    ctx.set_default_timeout(WAIT)
+    page = await ctx.new_page()
+    await page.goto(server.url + "/console")
+    await page.get_by_label("API key").fill("dp-not-a-key-of-this-proxy")
+    await page.keyboard.press("Enter")  # (the form submits from the keyboard)
+    await expect(page.get_by_role("alert")).to_have_text(
+        "This key is not accepted (unknown, revoked or expired)."
+    )
+    assert await page.evaluate("sessionStorage.length") == 0
+    await expect(page.get_by_role("button", name="Log out")).to_be_hidden()
