@@ -313,7 +313,7 @@ async function keys() {
         { label: "State", value: (k) => badge(k.state) },
         { label: "Expires", cls: "hide-narrow", value: (k) => fmt.date(k.expiresAt) },
         { label: "Today", num: true, value: (k) => {
-          const used = today.get(k.fingerprint);
+          const used = k.usageToday || today.get(k.fingerprint); // (the API's, when it says)
           return used ? `${plural(used.requests, "request")}, ${plural(used.totalTokens, "token")}` : "—";
         } },
         { label: "Actions", cls: "actions", value: (k) => keyActions(k) },
@@ -365,18 +365,34 @@ async function createKey(roles) {
   toast(`Key ${created.fingerprint} created`);
 }
 
+// The key's own quotas as the dialog shows them: JSON text, empty for none.
+const limitsText = (limits) => (limits && Object.keys(limits).length ? JSON.stringify(limits) : "");
+
 async function editKey(k) {
   const saved = await formDialog(`Edit key ${k.fingerprint}`, [
     { name: "name", label: "Name", value: k.name || "" },
     { name: "description", label: "Description", value: k.description || "" },
     { name: "roles", label: "Roles", value: (k.roles || []).join(", "), required: true, hint: "Comma-separated" },
-    { name: "expiresAt", label: "Expires", value: k.expiresAt || "", hint: "30d, 2027-01-31 or a date-time" },
+    { name: "expiresAt", label: "Expires", value: k.expiresAt || "", hint: "30d, 2027-01-31 or a date-time; empty: never" },
+    { name: "models", label: "Models", value: (k.models || []).join(", "), hint: "Comma-separated; empty: every model its roles allow" },
+    { name: "limits", label: "Own limits (JSON)", value: limitsText(k.limits),
+      hint: 'Per deployment or "*", as the config writes them, e.g. {"gpt-4o": {"day": "100000"}}; empty: none' },
+    { name: "canShare", label: "May create shared keys", type: "checkbox", value: k.canShare },
   ], "Save", async (v) => {
     const body = {};
-    if (v.name !== (k.name || "")) body.name = v.name;
-    if (v.description !== (k.description || "")) body.description = v.description;
+    if (v.name !== (k.name || "")) body.name = v.name || null;
+    if (v.description !== (k.description || "")) body.description = v.description || null;
     if (split(v.roles).join(",") !== (k.roles || []).join(",")) body.roles = split(v.roles);
-    if (v.expiresAt && v.expiresAt !== (k.expiresAt || "")) body.expiresAt = v.expiresAt;
+    if (v.expiresAt !== (k.expiresAt || "")) body.expiresAt = v.expiresAt || null;
+    if (split(v.models).join(",") !== (k.models || []).join(",")) body.models = v.models ? split(v.models) : null;
+    if (v.limits !== limitsText(k.limits)) {
+      try {
+        body.limits = v.limits ? JSON.parse(v.limits) : null;
+      } catch {
+        throw new Error("Own limits: not JSON, e.g. {\"gpt-4o\": {\"day\": \"100000\"}}");
+      }
+    }
+    if (v.canShare !== !!k.canShare) body.canShare = v.canShare;
     const changes = Object.keys(body);
     if (!changes.length) throw new Error("Nothing changed.");
     const ok = await confirmDialog("Save these changes?",
