@@ -363,7 +363,7 @@ def usage(args: argparse.Namespace) -> int:
         store = ledger.RedisLedgerStore(client, settings.ledger_retention)
         store.owns_client = True
     elif scheme == "memory":
-        from dialproxy.sharedkeys import state_path
+        from dialproxy.statefile import state_path
 
         path = ledger.usage_path(state_path(settings))
         if not path.is_file():

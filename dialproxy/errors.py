@@ -65,3 +65,11 @@ class BadGateway(ProxyError):
 
 class Unavailable(ProxyError):
     status = 503
+
+
+class StoreUnavailable(Unavailable):
+    """The shared key store (or the per-request keys' Redis) did not answer."""
+
+
+class SharedKeyCapReached(ProxyError):
+    status = 429

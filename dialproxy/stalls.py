@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Generic, TypeVar
 
 from aiohttp import StreamReader
@@ -71,3 +71,28 @@ class StallWatch(Generic[Read]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class BodyTimeout(TimeoutError):
+    """Set on a body's stream when nothing of it arrived for the body timeout (a
+    ``TimeoutError``: aiohttp's lingering read after the answer takes it as a timeout and
+    closes the connection)."""
+
+
+class BodyWatch(StallWatch[StreamReader]):
+    """The body timeout: a body being read that receives no byte for ``idle`` seconds gets
+    :class:`BodyTimeout` (within ``idle`` plus two periods)."""
+
+    @contextlib.contextmanager
+    def watching(self, stream: StreamReader) -> Iterator[None]:
+        self.watch(stream)
+        try:
+            yield
+        finally:
+            self.release(stream)
+
+    def stream(self, read: StreamReader) -> StreamReader:
+        return read
+
+    def stalled(self, read: StreamReader) -> None:
+        read.set_exception(BodyTimeout("The request body stopped arriving"))

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dialproxy import ledger, logs, metrics, sharedkeys
+from dialproxy import ledger, logs, metrics
 from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import LONG_MAX, Limit
@@ -25,11 +25,13 @@ from dialproxy.limiter import Limiter, WindowState
 from dialproxy.logs import cut
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
+from dialproxy.stalls import BodyWatch
+from dialproxy.statefile import state_path
 from dialproxy.storage import Storage
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import admin, features, guard, proxy, responses, routes, usage
+from dialproxy.web import admin, features, guard, proxy, responses, routes, sharedkeys, usage
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -43,7 +45,6 @@ from dialproxy.web.appkeys import (
     SHARED,
     STORE,
 )
-from dialproxy.web.body import BodyWatch
 from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded, json_response
 
@@ -310,7 +311,7 @@ def usage_ledger(settings: Settings, counters: Storage) -> ledger.Ledger:
     if isinstance(counters, RedisCounters):
         store = ledger.RedisLedgerStore(counters.client, settings.ledger_retention)
     else:
-        store = ledger.SqliteLedgerStore(ledger.usage_path(sharedkeys.state_path(settings)))
+        store = ledger.SqliteLedgerStore(ledger.usage_path(state_path(settings)))
     return ledger.Ledger(
         store, flush_every=settings.ledger_flush, retention_days=settings.ledger_retention
     )
