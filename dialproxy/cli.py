@@ -20,13 +20,12 @@ import structlog
 from aiohttp import web
 
 from dialproxy import keys, ledger, logs
-from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
+from dialproxy.config.loader import build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
+from dialproxy.errors import EXIT_INVALID, EXIT_OK, EXIT_USAGE, ConfigError
 from dialproxy.settings import LEDGER_MODES, LOOPS, METRICS_AUTH, NUMBERS, Settings
 from dialproxy.workers import FORWARDED, WORKER_FLAG, supervise, watch_parent
-
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 log = structlog.get_logger("dialproxy.cli")
 

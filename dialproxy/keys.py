@@ -38,10 +38,17 @@ from typing import Any, TextIO
 
 import yaml
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import Problem, key_digest
+from dialproxy.errors import EXIT_OK, EXIT_USAGE, ConfigError
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+# (the admin API catches these as keys.KeysError, keys.KeyNotFound, ...)
+from dialproxy.errors import FileChanged as FileChanged
+from dialproxy.errors import InvalidEdit as InvalidEdit
+from dialproxy.errors import KeyNotFound as KeyNotFound
+from dialproxy.errors import KeysError as KeysError
+from dialproxy.errors import NotEditable as NotEditable
+
 KEY_PREFIX = "dpk_"
 SHARED_KEY_PREFIX = "dps_"
 SECRET_PATTERN = re.compile(r"dp[ks]_[A-Za-z0-9]{43}")
@@ -135,30 +142,6 @@ def _safe(text: str) -> str:
 
 
 # --- the config file -----------------------------------------------------------------------
-
-
-class KeysError(Exception):
-    """A refusal with its exit code; the message never holds a secret."""
-
-    def __init__(self, message: str, code: int = EXIT_INVALID) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class KeyNotFound(KeysError):
-    """No key has the fingerprint given."""
-
-
-class InvalidEdit(KeysError):
-    """The edit would make the config invalid (it is not written)."""
-
-
-class FileChanged(KeysError):
-    """The file changed since it was read (it is not written)."""
-
-
-class NotEditable(KeysError):
-    """The file (YAML) or the key (named by a ``${VAR}``) is not edited."""
 
 
 def _is_yaml(path: Path) -> bool:

@@ -17,6 +17,8 @@ from typing import Generic, TypeVar
 
 from aiohttp import StreamReader
 
+from dialproxy.errors import BodyTimeout
+
 Read = TypeVar("Read")
 
 
@@ -71,12 +73,6 @@ class StallWatch(Generic[Read]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-class BodyTimeout(TimeoutError):
-    """Set on a body's stream when nothing of it arrived for the body timeout (a
-    ``TimeoutError``: aiohttp's lingering read after the answer takes it as a timeout and
-    closes the connection)."""
 
 
 class BodyWatch(StallWatch[StreamReader]):

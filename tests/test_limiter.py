@@ -14,7 +14,8 @@ from limits.aio.storage import MemoryStorage
 
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
 from dialproxy.counters import Counts, LocalCounters
-from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _scan, _state
+from dialproxy.errors import RateLimited
+from dialproxy.limiter import Limiter, Scope, WindowState, _scan, _state
 from dialproxy.server import counter_storage
 from dialproxy.storage import SlidingStorage, Storage, close_storage, take_back
 from tests.conftest import admit_request, check_tokens

@@ -24,16 +24,12 @@ import redis.asyncio
 
 from dialproxy.config.model import Window
 from dialproxy.counters import LocalCounters
-from dialproxy.errors import ProxyError
-from dialproxy.limiter import Limiter, RateLimited, Scope
+from dialproxy.errors import ProxyError, RateLimited, StorageUnavailable
+from dialproxy.limiter import Limiter, Scope
 from dialproxy.rediscounters import CONNECT_TIMEOUT, MAX_CONNECTIONS, TIMEOUT, RedisCounters
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
-from dialproxy.storage import (
-    FailurePolicy,
-    StorageUnavailable,
-    close_storage,
-)
+from dialproxy.storage import FailurePolicy, close_storage
 from tests.conftest import (
     Backend,
     ProxyFactory,

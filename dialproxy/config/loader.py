@@ -51,6 +51,7 @@ from dialproxy.config.reuse import Built, Canonical, RawProblem, changed_only
 from dialproxy.config.routes import build_routes, route_problems
 from dialproxy.config.schedule import Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
+from dialproxy.errors import ConfigError as ConfigError  # (imported from here too)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -81,15 +82,6 @@ _MODEL_ALIASES = {
 # Sections whose entries are deployments a role may limit (DIAL's selectDeployment, plus
 # the newer sections).  dialproxy serves `models` and `applications`; the others are accepted.
 _DEPLOYMENT_SECTIONS = ("models", "applications", "addons", "toolsets")
-
-
-class ConfigError(Exception):
-    """The config cannot be served; ``problems`` lists every reason (errors and warnings)."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = tuple(problems)
-        errors = [p for p in self.problems if p.severity == "error"]
-        super().__init__(f"invalid config: {len(errors)} error(s)")
 
 
 @dataclass(frozen=True, slots=True)

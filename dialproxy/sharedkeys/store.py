@@ -7,10 +7,9 @@ from typing import Protocol
 
 import structlog
 
-from dialproxy.errors import StoreUnavailable
+from dialproxy.errors import RETRY_AFTER, StoreUnavailable
 from dialproxy.keys import parse_datetime
 from dialproxy.sharedkeys.model import Changes, SharedKey
-from dialproxy.storage import RETRY_AFTER
 
 log = structlog.get_logger("dialproxy.sharedkeys")
 

@@ -24,8 +24,13 @@ from typing import Any
 import orjson
 from aiohttp import StreamReader, web
 
-from dialproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
-from dialproxy.stalls import BodyTimeout
+from dialproxy.errors import (
+    BadRequest,
+    BodyTimeout,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from dialproxy.web.appkeys import BODY_WATCH
 
 STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)

@@ -31,10 +31,11 @@ from dialproxy.errors import (
     BadRequest,
     Forbidden,
     NotFound,
+    RateLimited,
     Unavailable,
 )
 from dialproxy.ledger import Ledger
-from dialproxy.limiter import Admission, Limiter, RateLimited, Scope
+from dialproxy.limiter import Admission, Limiter, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.metrics import Metrics
 from dialproxy.settings import Settings

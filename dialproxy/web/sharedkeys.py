@@ -15,7 +15,7 @@ from aiohttp import web
 from dialproxy import perrequest
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import key_digest
-from dialproxy.errors import BadRequest, Forbidden, NotFound
+from dialproxy.errors import Forbidden, InvalidField, NotFound
 from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
@@ -87,13 +87,6 @@ def setup(app: web.Application) -> None:
     app.router.add_delete("/v1/sharedkeys/{id}", guarded(delete))
 
 
-class Invalid(BadRequest):
-    """400 naming the field that is wrong."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"Invalid field '{field}': {message}", extra={"field": field})
-
-
 async def _owner(request: web.Request) -> tuple[Principal, SharedKeys]:
     shared = request.app[SHARED]
     snapshot = request.app[STORE].snapshot
@@ -111,21 +104,21 @@ async def _body(request: web.Request) -> dict[str, Any]:
     body = await read_json_body(request, _MAX_BODY)
     for field in body:
         if field not in ("name", "tokens", "expiresAt"):
-            raise Invalid(field, "unknown field (expected name, tokens, expiresAt)")
+            raise InvalidField(field, "unknown field (expected name, tokens, expiresAt)")
     return body
 
 
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise Invalid("name", "must be a non-empty string")
+        raise InvalidField("name", "must be a non-empty string")
     if len(value) > MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise Invalid("name", f"at most {MAX_NAME} characters, no control characters")
+        raise InvalidField("name", f"at most {MAX_NAME} characters, no control characters")
     return value
 
 
 def _tokens(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= MAX_TOKENS:
-        raise Invalid("tokens", "must be an integer: the cap on tokens, or -1 for no cap")
+        raise InvalidField("tokens", "must be an integer: the cap on tokens, or -1 for no cap")
     return value
 
 
@@ -133,15 +126,17 @@ def _expires(value: Any, now: datetime) -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise Invalid("expiresAt", "must be an ISO 8601 date-time such as 2026-01-01T00:00:00Z")
+        raise InvalidField(
+            "expiresAt", "must be an ISO 8601 date-time such as 2026-01-01T00:00:00Z"
+        )
     try:
         when = parse_datetime(value)
     except ValueError:
-        raise Invalid(
+        raise InvalidField(
             "expiresAt", "must be an ISO 8601 date-time such as 2026-01-01T00:00:00Z"
         ) from None
     if when <= now:
-        raise Invalid("expiresAt", "must be in the future")
+        raise InvalidField("expiresAt", "must be in the future")
     return when
 
 
@@ -151,7 +146,7 @@ async def create(request: web.Request) -> web.Response:
     body = await _body(request)
     for field in ("name", "tokens"):
         if field not in body:
-            raise Invalid(field, "required")
+            raise InvalidField(field, "required")
     now = shared.now()
     secret = new_secret(SHARED_KEY_PREFIX)
     key = SharedKey(
