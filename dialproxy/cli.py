@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,6 +24,7 @@ from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import EXIT_INVALID, EXIT_OK, EXIT_USAGE, ConfigError
 from dialproxy.settings import LEDGER_MODES, LOOPS, METRICS_AUTH, NUMBERS, Settings
+from dialproxy.text import timestamp
 from dialproxy.workers import FORWARDED, WORKER_FLAG, supervise, watch_parent
 
 log = structlog.get_logger("dialproxy.cli")
@@ -328,10 +328,7 @@ def validate(files: Sequence[str], strict: bool, fmt: str) -> int:
 def _date(value: str | None, end: bool) -> float | None:
     if value is None:
         return None
-    when = keys.parse_datetime(value)
-    if end and "T" not in value.upper():  # a date: up to its end
-        when += timedelta(days=1)
-    return when.timestamp()
+    return timestamp(value, end_of_day=end)  # (a date: up to its end)
 
 
 def usage(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from dialproxy.errors import SharedKeyCapReached
-from dialproxy.keys import iso
+from dialproxy.text import iso
 
 MAX_TOKENS = 2**62
 MAX_NAME = 200

@@ -12,10 +12,10 @@ import structlog
 from dialproxy import perrequest
 from dialproxy.config.model import key_digest
 from dialproxy.errors import StoreUnavailable
-from dialproxy.keys import SHARED_KEY_PREFIX
 from dialproxy.sharedkeys.model import SharedKey, check_cap
 from dialproxy.sharedkeys.store import SharedKeyStore
 from dialproxy.storage import FailurePolicy, StorageHealth
+from dialproxy.text import SHARED_KEY_PREFIX
 
 log = structlog.get_logger("dialproxy.sharedkeys")
 Clock = Callable[[], datetime]

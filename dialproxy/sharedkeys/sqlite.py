@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dialproxy.errors import StoreUnavailable
-from dialproxy.keys import iso
 from dialproxy.sharedkeys.model import Changes, SharedKey
 from dialproxy.sharedkeys.store import parse_time as _time
 from dialproxy.sharedkeys.store import unavailable as _unavailable
 from dialproxy.statefile import StateDb
+from dialproxy.text import iso
 
 _T = TypeVar("_T")
 

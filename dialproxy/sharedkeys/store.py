@@ -8,8 +8,8 @@ from typing import Protocol
 import structlog
 
 from dialproxy.errors import RETRY_AFTER, StoreUnavailable
-from dialproxy.keys import parse_datetime
 from dialproxy.sharedkeys.model import Changes, SharedKey
+from dialproxy.text import parse_datetime
 
 log = structlog.get_logger("dialproxy.sharedkeys")
 

@@ -20,7 +20,6 @@ from dialproxy.config.model import LONG_MAX, Limit
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import Forbidden, NotFound
-from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
 from dialproxy.logs import cut
 from dialproxy.rediscounters import RedisCounters
@@ -28,6 +27,7 @@ from dialproxy.settings import Settings
 from dialproxy.stalls import BodyWatch
 from dialproxy.statefile import state_path
 from dialproxy.storage import Storage
+from dialproxy.text import iso
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch

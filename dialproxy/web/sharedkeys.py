@@ -16,7 +16,6 @@ from dialproxy import perrequest
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import key_digest
 from dialproxy.errors import Forbidden, InvalidField, NotFound
-from dialproxy.keys import SHARED_KEY_PREFIX, iso, new_secret, parse_datetime
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys.model import MAX_NAME, MAX_TOKENS, Changes, SharedKey
@@ -26,6 +25,7 @@ from dialproxy.sharedkeys.sqlite import SqliteSharedKeyStore
 from dialproxy.sharedkeys.store import SharedKeyStore
 from dialproxy.statefile import state_path
 from dialproxy.storage import StorageHealth
+from dialproxy.text import SHARED_KEY_PREFIX, has_control, iso, new_secret, parse_datetime
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_json_body
 from dialproxy.web.guard import guarded, json_response
@@ -111,7 +111,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidField("name", "must be a non-empty string")
-    if len(value) > MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if len(value) > MAX_NAME or has_control(value):
         raise InvalidField("name", f"at most {MAX_NAME} characters, no control characters")
     return value
 
