@@ -409,7 +409,7 @@ async def _serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT.  ``parent``: this is a worker of ``serve --workers N``
     (listening with SO_REUSEPORT beside the others; it stops if that process goes)."""
-    from dialproxy.demo_backend import BackendControl, create_backend_app
+    from dialproxy.demo_backend import Pace, create_backend_app
     from dialproxy.server import build_app, reload_soon, tune_gc
     from dialproxy.web.appkeys import DRAIN
     from dialproxy.web.drain import FINISH_TIMEOUT, shut_down
@@ -417,7 +417,7 @@ async def _serve(
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []
     if demo_port is not None:
-        demo = web.AppRunner(create_backend_app(BackendControl(record=False)), access_log=None)
+        demo = web.AppRunner(create_backend_app(Pace()), access_log=None)
         await demo.setup()
         await web.TCPSite(demo, settings.host, demo_port).start()
         runners.append(demo)
