@@ -244,6 +244,11 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def settings_for(argv: Sequence[str]) -> Settings:
+    """The settings a command line gives (``DIALPROXY_*`` variables, then its flags)."""
+    return _settings(_parser().parse_args(argv))
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
     changes: dict[str, object] = {}

@@ -172,15 +172,18 @@ def make_proxy(aiohttp_server: AiohttpServer, tmp_path: Path) -> ProxyFactory:
         *,
         storage: Storage | None = None,
         settings: Settings | None = None,
+        upstream_clock: Callable[[], float] = time.monotonic,
+        env: dict[str, str] | None = None,
     ) -> Proxy:
         path = tmp_path / "aidial.config.json"
         path.write_text(json.dumps(config))
-        store = ConfigStore([path], env={})
+        store = ConfigStore([path], env=env or {})
         store.load()
         app = create_app(
             store,
             settings=settings or Settings(config_paths=(str(path),)),
             storage=storage if storage is not None else LocalCounters(),
+            upstream_clock=upstream_clock,
         )
         server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect
         return Proxy(server, store, path)

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -334,9 +334,11 @@ def create_app(
     storage: Storage | None = None,
     client: aiohttp.ClientSession | None = None,
     tracing: Tracing | None = None,
+    upstream_clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """Build the app.  Tests inject their own store, counter storage and client session;
-    ``tracing``: the process's (None: off; see :func:`dialproxy.tracing.from_env`)."""
+    """Build the app.  Tests inject their own store, counter storage and client session,
+    and the clock the upstreams' pauses go by (``upstream_clock``); ``tracing``: the
+    process's (None: off; see :func:`dialproxy.tracing.from_env`)."""
     settings = settings or Settings()
     app = web.Application(
         client_max_size=settings.max_body,
@@ -359,6 +361,7 @@ def create_app(
     # Upstream pauses are shared through the counter storage when it is shared (Redis).
     limiter = app[LIMITER]
     app[BALANCER] = Balancer(
+        upstream_clock,
         shared=limiter.storage if isinstance(limiter.storage, RedisCounters) else None,
         shared_up=lambda: limiter.guard.healthy,
     )
