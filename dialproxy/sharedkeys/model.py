@@ -6,10 +6,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from dialproxy.config.model import UNLIMITED
 from dialproxy.errors import SharedKeyCapReached
 from dialproxy.text import iso
 
-MAX_TOKENS = 2**62
+MAX_TOKENS = UNLIMITED  # the largest cap (the counters' own bound)
 MAX_NAME = 200
 
 
