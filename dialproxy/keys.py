@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import re
-import secrets
 import stat
 import sys
 import tempfile
@@ -38,73 +37,25 @@ from typing import Any, TextIO
 
 import yaml
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import Problem, key_digest
+from dialproxy.errors import EXIT_OK, EXIT_USAGE, ConfigError
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
-KEY_PREFIX = "dpk_"
-SHARED_KEY_PREFIX = "dps_"
-SECRET_PATTERN = re.compile(r"dp[ks]_[A-Za-z0-9]{43}")
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_SECRET_DIGITS = 43  # 62**43 > 2**256
-_SHA256_KEY = re.compile(r"^sha256:([0-9a-f]{64})$")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_DURATION = re.compile(r"(\d+)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# (the admin API catches these as keys.KeysError, keys.KeyNotFound, ...)
+from dialproxy.errors import FileChanged as FileChanged
+from dialproxy.errors import InvalidEdit as InvalidEdit
+from dialproxy.errors import KeyNotFound as KeyNotFound
+from dialproxy.errors import KeysError as KeysError
+from dialproxy.errors import NotEditable as NotEditable
+from dialproxy.text import CONTROL, ENV_REF, SHA256_KEY, new_secret, parse_datetime
+
+# (the admin API calls these as keys.hashed, keys.iso, ...)
+from dialproxy.text import hashed as hashed
+from dialproxy.text import iso as iso
+from dialproxy.text import parse_duration as parse_duration
+from dialproxy.text import parse_expiry as parse_expiry
+
 Clock = Callable[[], datetime]
-
-
-def new_secret(prefix: str = KEY_PREFIX) -> str:
-    """A new key secret: ``prefix`` + 256 random bits written as 43 base62 characters."""
-    n = int.from_bytes(secrets.token_bytes(32), "big")
-    digits = []
-    for _ in range(_SECRET_DIGITS):
-        n, r = divmod(n, 62)
-        digits.append(_BASE62[r])
-    return prefix + "".join(reversed(digits))
-
-
-def hashed(secret: str) -> str:
-    """The form a key is written in the config: ``sha256:<64 hex>``."""
-    return "sha256:" + key_digest(secret)
-
-
-def iso(when: datetime) -> str:
-    """``2026-01-01T00:00:00Z``: the form written into configs and answers."""
-    return when.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_datetime(value: str) -> datetime:
-    """An ISO 8601 date or date-time; without an offset it is UTC."""
-    parsed = datetime.fromisoformat(value.strip().replace("z", "Z").replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def parse_duration(value: str) -> timedelta:
-    """``30d``, ``12h``, ``1w2d``, ``90m``, ``45s``, ``0``."""
-    text = value.strip().lower()
-    if text == "0":
-        return timedelta(0)
-    if not text or _DURATION.sub("", text):
-        raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 1w2d, 90m)")
-    return timedelta(seconds=sum(int(n) * _UNITS[u] for n, u in _DURATION.findall(text)))
-
-
-def parse_expiry(value: str, now: datetime) -> datetime:
-    """``30d`` (from now) or a date / date-time; must be in the future."""
-    try:
-        when = now + parse_duration(value)
-    except ValueError:
-        try:
-            when = parse_datetime(value)
-        except ValueError:
-            raise ValueError(
-                f"not a duration or a date: {value!r} (use 30d, 2026-01-01 or 2026-01-01T12:00:00Z)"
-            ) from None
-    if when <= now:
-        raise ValueError(f"{value!r} is not in the future")
-    return when
 
 
 def key_state(entry: Mapping[str, Any], now: datetime) -> str:
@@ -131,34 +82,10 @@ def _entry_time(value: Any) -> datetime | None:
 
 def _safe(text: str) -> str:
     """For a terminal: no control characters from a config file."""
-    return _CONTROL.sub("?", text)
+    return CONTROL.sub("?", text)
 
 
 # --- the config file -----------------------------------------------------------------------
-
-
-class KeysError(Exception):
-    """A refusal with its exit code; the message never holds a secret."""
-
-    def __init__(self, message: str, code: int = EXIT_INVALID) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class KeyNotFound(KeysError):
-    """No key has the fingerprint given."""
-
-
-class InvalidEdit(KeysError):
-    """The edit would make the config invalid (it is not written)."""
-
-
-class FileChanged(KeysError):
-    """The file changed since it was read (it is not written)."""
-
-
-class NotEditable(KeysError):
-    """The file (YAML) or the key (named by a ``${VAR}``) is not edited."""
 
 
 def _is_yaml(path: Path) -> bool:
@@ -188,7 +115,7 @@ def _parse(path: Path, data: bytes) -> dict[str, Any]:
 
 def _digest_of(name: str, env: Mapping[str, str]) -> str | None:
     """The SHA-256 of the key a ``keys`` map entry names (None: an unset ``${VAR}``)."""
-    if m := _SHA256_KEY.match(name):
+    if m := SHA256_KEY.match(name):
         return m.group(1)
     missing = False
 
@@ -199,7 +126,7 @@ def _digest_of(name: str, env: Mapping[str, str]) -> str | None:
             return ""
         return env[m.group(1)]
 
-    secret = _ENV_REF.sub(one, name)
+    secret = ENV_REF.sub(one, name)
     return None if missing else key_digest(secret)
 
 
@@ -622,7 +549,7 @@ def list_keys(paths: Sequence[Path], now: datetime, env: Mapping[str, str]) -> l
             if not isinstance(entry, dict):
                 continue
             digest = _digest_of(name, env)
-            stored = "sha256" if _SHA256_KEY.match(name) else "env" if "${" in name else "plaintext"
+            stored = "sha256" if SHA256_KEY.match(name) else "env" if "${" in name else "plaintext"
             role = entry.get("role")
             roles = [*(entry.get("roles") or ()), *([role] if role else [])]
             out.append(

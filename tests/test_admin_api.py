@@ -283,11 +283,10 @@ async def test_an_env_named_key_is_not_edited(
     backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
 ) -> None:
     k = Keys()
-    proxy = await make_proxy(config(backend, k))
+    proxy = await make_proxy(config(backend, k), env={"ENV_KEY": "env-secret"})
     doc = config(backend, k)
     doc["keys"]["${ENV_KEY}"] = {"project": "p", "role": "user"}
     proxy.path.write_text(json.dumps(doc, indent=2))
-    proxy.store._env = {"ENV_KEY": "env-secret"}
     assert (await proxy.store.reload_async()).applied
     tag, listed = await listing(session, proxy, k.admin)
     assert {e["stored"] for e in listed} == {"sha256", "env"}

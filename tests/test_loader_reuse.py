@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import Snapshot, key_digest
 from dialproxy.config.store import ConfigStore
+from dialproxy.errors import ConfigError
 from tests.conftest import new_key
 
 KEYS = [new_key() for _ in range(6)]

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
@@ -51,10 +51,9 @@ from dialproxy.config.reuse import Built, Canonical, RawProblem, changed_only
 from dialproxy.config.routes import build_routes, route_problems
 from dialproxy.config.schedule import Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
+from dialproxy.errors import ConfigError as ConfigError  # (imported from here too)
+from dialproxy.text import CONTROL, ENV_REF, SHA256_KEY, parse_datetime, written_digest
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 _IDENTIFIER = re.compile(r"[A-Za-z_$][\w$-]*")
 _DEFAULT_RETRIABLE = frozenset({429, 502, 503, 504})
 _MAX_DEPTH = 64  # nesting levels a document may have
@@ -81,15 +80,6 @@ _MODEL_ALIASES = {
 # Sections whose entries are deployments a role may limit (DIAL's selectDeployment, plus
 # the newer sections).  dialproxy serves `models` and `applications`; the others are accepted.
 _DEPLOYMENT_SECTIONS = ("models", "applications", "addons", "toolsets")
-
-
-class ConfigError(Exception):
-    """The config cannot be served; ``problems`` lists every reason (errors and warnings)."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = tuple(problems)
-        errors = [p for p in self.problems if p.severity == "error"]
-        super().__init__(f"invalid config: {len(errors)} error(s)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +111,9 @@ def render_path(parts: Sequence[str | int]) -> str:
             out.append(f"[{part}]")
             continue
         if i == 1 and parts[0] == "keys":
-            if _ENV_REF.fullmatch(part):
+            if ENV_REF.fullmatch(part):
                 out.append("[" + json.dumps(part) + "]")
-            elif part.startswith("sha256:") and _SHA256_KEY.match(part):
+            elif part.startswith("sha256:") and SHA256_KEY.match(part):
                 out.append(f".<key {fingerprint(part)}>")  # the digest's first hex digits
             else:  # a secret, or a malformed digest that could be one
                 out.append(f".<key {key_digest(part)[:8]}>")
@@ -363,7 +353,7 @@ class _Preparer:
             (self.redact if secret else self.env_values).add(value)
             return value
 
-        result = _ENV_REF.sub(one, text)
+        result = ENV_REF.sub(one, text)
         for name in dict.fromkeys(missing):
             self.error(parts, f"environment variable {name} is not set")
         if missing:
@@ -787,12 +777,6 @@ def _finish(
     return out
 
 
-def _key_digest_of(name: str) -> str:
-    if name.startswith("sha256:") and _SHA256_KEY.match(name):
-        return name[7:]
-    return key_digest(name)
-
-
 def _check_duplicate_keys(docs: Sequence[_Prepared], problems: list[Problem]) -> None:
     """The same secret twice across files (or as itself and as its ``sha256:`` form)."""
     seen: dict[str, str] = {}
@@ -801,9 +785,9 @@ def _check_duplicate_keys(docs: Sequence[_Prepared], problems: list[Problem]) ->
         if not isinstance(keys, dict):
             continue
         for name in keys:
-            if not name or _ENV_REF.search(name):
+            if not name or ENV_REF.search(name):
                 continue
-            digest = _key_digest_of(name)
+            digest = written_digest(name)
             if digest in seen:
                 problems.append(
                     Problem(
@@ -855,7 +839,7 @@ def _url_problems(url: Any) -> list[str]:
         found.append(
             "must not carry credentials (`user:secret@host`): put them in the upstream's key"
         )
-    if _CONTROL.search(url):
+    if CONTROL.search(url):
         found.append("contains control characters")
     return found
 
@@ -972,7 +956,7 @@ def _semantic_checks(
                 for message in _url_problems(url):
                     yield at.problem([*where, "endpoint"], message)
             key = _dict(up).get("key")
-            if isinstance(key, str) and _CONTROL.search(key):
+            if isinstance(key, str) and CONTROL.search(key):
                 message = "contains control characters (it is sent as a header value)"
                 yield at.problem([*where, "key"], message)
 
@@ -991,7 +975,7 @@ def _key_problems(
     for parts, role in named:
         if isinstance(role, str) and role and role not in roles and role != "default":
             yield parts, f"role {_show_name(role)} is not defined in roles", "warning"
-    if secret and not secret.startswith("sha256:") and not _ENV_REF.search(secret):
+    if secret and not secret.startswith("sha256:") and not ENV_REF.search(secret):
         if _key_bits(secret) < 128:
             yield (
                 base,
@@ -999,7 +983,7 @@ def _key_problems(
                 "key of at least 128 bits); make one with `dialproxy keys generate`",
                 "warning",
             )
-        if _CONTROL.search(secret) or secret != secret.strip():
+        if CONTROL.search(secret) or secret != secret.strip():
             yield base, "the key has spaces or control characters: no client can send it", "warning"
     for i, m in enumerate(_list(key.get("models"))):
         if isinstance(m, str) and m not in served:
@@ -1023,7 +1007,7 @@ def _key_problems(
         value = key.get(name)
         if isinstance(value, str) and value:
             try:
-                instants[name] = _datetime_strict(value)
+                instants[name] = parse_datetime(value)
             except ValueError:
                 yield (*base, name), "not a valid date-time", "error"
     if len(instants) == 2 and instants["notBefore"] >= instants["expiresAt"]:
@@ -1190,7 +1174,7 @@ def _model_checks(
             yield at.problem(
                 [*where, "base_url"], "`base_url` is an alias of `baseUrl`, which is also set"
             )
-        if isinstance(up.get("key"), str) and _CONTROL.search(up["key"]):
+        if isinstance(up.get("key"), str) and CONTROL.search(up["key"]):
             yield at.problem(
                 [*where, "key"], "contains control characters (it is sent as a header value)"
             )
@@ -1223,7 +1207,7 @@ def _header_checks(headers: Any, where: list[str | int], at: _Locator) -> Iterat
                 "or set by the proxy): ignored",
                 "warning",
             )
-        elif isinstance(value, str) and _CONTROL.search(value):
+        elif isinstance(value, str) and CONTROL.search(value):
             yield at.problem([*where, name], "contains control characters (a header value)")
 
 
@@ -1346,15 +1330,10 @@ def _interface(raw: Mapping[str, Any], model_base_url: str | None) -> Interface:
     )
 
 
-def _datetime_strict(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _datetime(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
-    return _datetime_strict(value)
+    return parse_datetime(value)
 
 
 def _snapshot(
@@ -1465,7 +1444,7 @@ def _snapshot(
 
 
 def _key(secret: str, raw: Mapping[str, Any], role_names: list[str], access: Access) -> Key:
-    digest_hex = _key_digest_of(secret)
+    digest_hex = written_digest(secret)
     return Key(
         digest=digest_hex,
         fingerprint=digest_hex[:8],

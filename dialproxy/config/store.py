@@ -15,15 +15,12 @@ from typing import Any
 
 import structlog
 
-from dialproxy.config.loader import ConfigError, Source, build_reusing, read_sources
+from dialproxy.config.loader import Source, build_reusing, read_sources
 from dialproxy.config.model import Problem, Snapshot
 from dialproxy.config.reuse import Built
+from dialproxy.errors import ConfigError, EmptyConfig
 
 log = structlog.get_logger("dialproxy.config")
-
-
-class EmptyConfig(ConfigError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)

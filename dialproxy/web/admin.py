@@ -30,9 +30,9 @@ from aiohttp import web
 from dialproxy import keys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config import schema
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import key_digest
-from dialproxy.errors import BadRequest, Forbidden, NotFound, ProxyError
+from dialproxy.errors import BadRequest, ConfigError, Forbidden, NotFound, ProxyError
 from dialproxy.web.appkeys import BALANCER, SETTINGS, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
 

@@ -6,30 +6,40 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from dialproxy import ledger, logs, metrics, sharedkeys
+from dialproxy import ledger, logs, metrics
 from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import LONG_MAX, Limit
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import Forbidden, NotFound
-from dialproxy.keys import iso
-from dialproxy.limiter import Limiter, WindowState
+from dialproxy.limiter import Limiter
 from dialproxy.logs import cut
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
+from dialproxy.stalls import BodyWatch
+from dialproxy.statefile import state_path
 from dialproxy.storage import Storage
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import admin, console, features, guard, proxy, responses, routes, usage
+from dialproxy.web import (
+    admin,
+    console,
+    features,
+    guard,
+    proxy,
+    responses,
+    routes,
+    sharedkeys,
+    usage,
+)
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -43,21 +53,16 @@ from dialproxy.web.appkeys import (
     SHARED,
     STORE,
 )
-from dialproxy.web.body import BodyWatch
 from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded, json_response
+from dialproxy.web.keylimits import callable_names as _callable
+from dialproxy.web.keylimits import limits_of
 
 
 async def _principal(request: web.Request) -> Principal:
     """The caller: a key of the config, or a shared key acting as its owner."""
     app = request.app
     return await authenticate(request.headers, app[STORE].snapshot, request.remote, app[SHARED])
-
-
-def _callable(principal: Principal) -> list[str]:
-    """Every deployment (model or application) the key may call."""
-    key_models = principal.key.models
-    return [name for name in principal.access.grants if key_models is None or name in key_models]
 
 
 def _visible(principal: Principal, kind: str = "model") -> list[str]:
@@ -205,90 +210,6 @@ async def user_limits(request: web.Request) -> web.Response:
     return json_response(await limits_of(request.app, await _principal(request)))
 
 
-async def limits_of(app: web.Application, principal: Principal) -> dict[str, Any]:
-    """What ``GET /v1/user/limits`` answers for ``principal`` (the console asks it for any
-    key of the config)."""
-    limiter = app[LIMITER]
-    key = principal.key
-    now = time.time()
-    models: dict[str, Any] = {}
-    for name in _callable(principal):
-        grant = principal.access.grants[name]
-        own = key.key_limits.get(name) or key.key_limits.get("*")
-        if grant.denied or (own is not None and own.denies):
-            continue
-        counted = [
-            ("project", "p:" + principal.project, grant.token_windows, grant.request_windows)
-        ]
-        if own is not None:
-            schedule = app[STORE].snapshot.schedule
-            counted.append(
-                (
-                    "key",
-                    "k:" + key.digest,
-                    own.token_windows(schedule),
-                    own.request_windows(schedule),
-                )
-            )
-        windows: list[dict[str, Any]] = []
-        for scope, owner, token_windows, request_windows in counted:
-            for kind, unit, limited in (
-                ("t", "tokens", token_windows),
-                ("r", "requests", request_windows),
-            ):
-                limited = tuple(w for w in limited if w.limited)  # (the others: counted only)
-                if limited:
-                    states = await limiter.usage(owner, name, limited, kind)
-                    windows += [_window_stats(scope, unit, state, now) for state in states]
-        models[name] = {"limits": windows}
-    body: dict[str, Any] = {"project": principal.project, "key": key.fingerprint, "models": models}
-    cost_windows = tuple(w for w in principal.access.cost_windows if w.limited)
-    if cost_windows:  # USD across the project's priced models
-        body["cost"] = [
-            _window_stats("project", "USD", state, now)
-            | {
-                "limit": state.window.limit / 1e9,
-                "used": state.used / 1e9,
-                "remaining": state.remaining / 1e9,
-            }
-            for state in await limiter.cost_usage("p:" + principal.project, cost_windows)
-        ]
-    if principal.shared is not None:
-        shared = principal.shared
-        body["sharedKey"] = shared.public(principal.project) | {
-            "remaining": None if shared.tokens < 0 else max(shared.tokens - shared.utilized, 0),
-            "capReached": shared.capped,
-        }
-    return body
-
-
-def _window_stats(scope: str, unit: str, state: WindowState, now: float) -> dict[str, Any]:
-    used = state.used > 0
-    calendar = state.window.calendar
-    if calendar is not None:  # (a calendar window resets at its period's end, used or not)
-        end = calendar.period(now)[1]
-        return {
-            "scope": scope,
-            "type": unit,
-            "window": state.window.name,
-            "limit": state.window.limit,
-            "used": state.used,
-            "remaining": state.remaining,
-            "resetSeconds": round(end - now, 3),
-            "resetAt": calendar.schedule.resets_at(end),
-        }
-    return {
-        "scope": scope,
-        "type": unit,
-        "window": state.window.name,
-        "limit": state.window.limit,
-        "used": state.used,
-        "remaining": state.remaining,
-        "resetSeconds": round(state.reset, 3) if used else 0,
-        "resetAt": iso(datetime.fromtimestamp(now + state.reset, UTC)) if used else None,
-    }
-
-
 async def health(request: web.Request) -> web.Response:
     """Always 200 and ``"ok"`` while a config is served: a refused reload leaves the last good
     config serving, so a load balancer must not pull the proxy; ``config.lastError`` says why
@@ -315,7 +236,7 @@ def usage_ledger(settings: Settings, counters: Storage) -> ledger.Ledger:
     if isinstance(counters, RedisCounters):
         store = ledger.RedisLedgerStore(counters.client, settings.ledger_retention)
     else:
-        store = ledger.SqliteLedgerStore(ledger.usage_path(sharedkeys.state_path(settings)))
+        store = ledger.SqliteLedgerStore(ledger.usage_path(state_path(settings)))
     return ledger.Ledger(
         store, flush_every=settings.ledger_flush, retention_days=settings.ledger_retention
     )
@@ -338,9 +259,11 @@ def create_app(
     storage: Storage | None = None,
     client: aiohttp.ClientSession | None = None,
     tracing: Tracing | None = None,
+    upstream_clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """Build the app.  Tests inject their own store, counter storage and client session;
-    ``tracing``: the process's (None: off; see :func:`dialproxy.tracing.from_env`)."""
+    """Build the app.  Tests inject their own store, counter storage and client session,
+    and the clock the upstreams' pauses go by (``upstream_clock``); ``tracing``: the
+    process's (None: off; see :func:`dialproxy.tracing.from_env`)."""
     settings = settings or Settings()
     app = web.Application(
         client_max_size=settings.max_body,
@@ -363,6 +286,7 @@ def create_app(
     # Upstream pauses are shared through the counter storage when it is shared (Redis).
     limiter = app[LIMITER]
     app[BALANCER] = Balancer(
+        upstream_clock,
         shared=limiter.storage if isinstance(limiter.storage, RedisCounters) else None,
         shared_up=lambda: limiter.guard.healthy,
     )

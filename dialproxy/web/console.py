@@ -32,13 +32,14 @@ from dialproxy import ledger
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Key, Model, Snapshot, Window
 from dialproxy.errors import BadRequest, NotFound, ProxyError
-from dialproxy.keys import iso
 from dialproxy.ledger import HOUR, MEASURES
-from dialproxy.sharedkeys import RedisSharedKeyStore
+from dialproxy.sharedkeys.redisstore import RedisSharedKeyStore
+from dialproxy.text import iso
 from dialproxy.web import proxy, usage
 from dialproxy.web.admin import _caller
 from dialproxy.web.appkeys import BALANCER, LEDGER, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
+from dialproxy.web.keylimits import limits_of
 
 STATIC = Path(__file__).resolve().parent.parent / "console"
 TYPES = {
@@ -401,8 +402,6 @@ async def key_detail(request: web.Request) -> web.Response:
     """``GET /v1/console/keys/{fingerprint}``: the served key's windows (as
     ``/v1/user/limits`` answers its holder), its shared keys and its usage today."""
     await _caller(request, write=False)
-    from dialproxy.web.app import limits_of  # (app imports this module)
-
     app = request.app
     key = _key(app[STORE].snapshot, request.match_info["fingerprint"])
     limits = await limits_of(app, Principal(key, ""))
