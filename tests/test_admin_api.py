@@ -112,6 +112,15 @@ async def test_list_create_use_revoke(
         "expiresAt": None,
         "state": "active",
         "stored": "sha256",
+        "file": str(proxy.path),
+        "usageToday": {
+            "requests": 0,
+            "errors": 0,
+            "promptTokens": 0,
+            "completionTokens": 0,
+            "totalTokens": 0,
+            "cost": 0.0,
+        },
     }
     before = proxy.path.read_text()
     with capture_logs() as logs:
@@ -396,3 +405,146 @@ async def test_edit_refusals_and_expiry(
     edited = await resp.json()
     assert edited["state"] == "active" and edited["expiresAt"].endswith("Z")
     assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
+
+
+def two_models(backend: Backend, k: Keys) -> dict[str, Any]:
+    doc = config(backend, k)
+    doc["models"]["other"] = chat_model(backend)
+    return doc
+
+
+async def start_with(make_proxy: ProxyFactory, doc: dict[str, Any]) -> Proxy:
+    proxy = await make_proxy(doc)
+    proxy.path.write_text(json.dumps(doc, indent=2) + "\n")
+    assert not (await proxy.store.reload_async()).refused
+    return proxy
+
+
+async def patch(
+    s: aiohttp.ClientSession, proxy: Proxy, key: str, fp: str, body: Any, tag: str
+) -> tuple[int, Any]:
+    resp = await s.patch(
+        proxy.url(f"/v1/admin/keys/{fp}"), json=body, headers=write_headers(key, tag)
+    )
+    return resp.status, await resp.json()
+
+
+async def call_model(s: aiohttp.ClientSession, proxy: Proxy, key: str, model: str) -> int:
+    resp = await s.post(
+        proxy.url(f"/openai/deployments/{model}/chat/completions"),
+        json=CHAT,
+        headers={"Api-Key": key},
+    )
+    await resp.read()
+    await proxy.settle()
+    return resp.status
+
+
+async def test_edit_models_limits_can_share_and_expiry(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    original = proxy.path.read_text()
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    user_entry = '"description": "the first user"'
+
+    # per-key quotas: one request a day on chat, counted for this key alone
+    status, edited = await patch(
+        session, proxy, k.admin, fp, {"limits": {"chat": {"requestDay": 1}}}, tag
+    )
+    assert status == 200, edited
+    assert edited["limits"] == {"chat": {"requestDay": 1}}
+    assert proxy.path.read_text() == original.replace(
+        user_entry,
+        user_entry + ',\n      "limits": {\n        "chat": {"requestDay": 1}\n      }',
+    )
+    assert await call_model(session, proxy, k.user, "chat") == 200
+    assert await call_model(session, proxy, k.user, "chat") == 429
+    assert await call_model(session, proxy, k.user, "other") == 200  # not limited
+    # null takes the member out: the file is the original again, byte for byte
+    status, edited = await patch(session, proxy, k.admin, fp, {"limits": None}, edited["etag"])
+    assert status == 200 and edited["limits"] is None
+    assert proxy.path.read_text() == original
+    assert await call_model(session, proxy, k.user, "chat") == 200
+
+    # models: the key may call only those
+    status, edited = await patch(session, proxy, k.admin, fp, {"models": ["other"]}, edited["etag"])
+    assert status == 200 and edited["models"] == ["other"]
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "models": ["other"]'
+    )
+    assert await call_model(session, proxy, k.user, "chat") == 403
+    assert await call_model(session, proxy, k.user, "other") == 200
+    status, edited = await patch(session, proxy, k.admin, fp, {"models": None}, edited["etag"])
+    assert status == 200 and proxy.path.read_text() == original
+    assert await call_model(session, proxy, k.user, "chat") == 200
+
+    # canShare: the key may create shared keys once it is set
+    share = {"name": "for a friend", "tokens": 100}
+    resp = await session.post(proxy.url("/v1/sharedkeys"), json=share, headers={"Api-Key": k.user})
+    assert resp.status == 403
+    status, edited = await patch(session, proxy, k.admin, fp, {"canShare": True}, edited["etag"])
+    assert status == 200 and edited["canShare"] is True
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "canShare": true'
+    )
+    resp = await session.post(proxy.url("/v1/sharedkeys"), json=share, headers={"Api-Key": k.user})
+    assert resp.status == 201, await resp.text()
+    status, edited = await patch(session, proxy, k.admin, fp, {"canShare": False}, edited["etag"])
+    assert status == 200 and edited["canShare"] is False
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "canShare": false'
+    )
+
+    # the expiry set, then removed (null): the key never expires again
+    tag = edited["etag"]
+    with capture_logs() as logs:
+        status, edited = await patch(session, proxy, k.admin, fp, {"expiresAt": "2h"}, tag)
+    assert status == 200 and edited["expiresAt"].endswith("Z")
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["before"].get("expiresAt") is None
+    assert audit["after"]["expiresAt"] == edited["expiresAt"]
+    assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
+    status, edited = await patch(session, proxy, k.admin, fp, {"expiresAt": None}, edited["etag"])
+    assert status == 200 and edited["expiresAt"] is None
+    assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is None
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "canShare": false'
+    )
+    # removing what is not there changes nothing
+    before = proxy.path.read_bytes()
+    status, edited = await patch(session, proxy, k.admin, fp, {"models": None}, edited["etag"])
+    assert status == 200 and proxy.path.read_bytes() == before
+
+
+async def test_edit_refusals_of_the_new_fields(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    original = proxy.path.read_bytes()
+    for body, status, said in (
+        ({"models": "chat"}, 400, "models"),
+        ({"models": [""]}, 400, "models"),
+        ({"models": ["nope"]}, 422, "nope"),  # a model the config does not define
+        ({"limits": 5}, 400, "limits"),
+        ({"limits": {"chat": 5}}, 400, "limits.chat"),
+        ({"limits": {"chat": {"minutes": 5}}}, 422, "minutes"),  # the schema refuses it
+        ({"limits": {"chat": {"day": -1.5}}}, 422, "day"),
+        ({"limits": {"nope": {"day": 5}}}, 422, "nope"),
+        ({"canShare": "yes"}, 400, "canShare"),
+        ({"canShare": None}, 400, "canShare"),
+        ({"roles": None}, 400, "roles"),
+        ({"expiresAt": 5}, 400, "expiresAt"),
+    ):
+        got, answer = await patch(session, proxy, k.admin, fp, body, tag)
+        assert got == status, (body, answer)
+        assert said in answer["error"]["message"], (body, answer)
+    for key in (k.viewer, k.user):
+        got, _ = await patch(session, proxy, key, fp, {"models": ["other"]}, tag)
+        assert got == 403
+    assert proxy.path.read_bytes() == original
