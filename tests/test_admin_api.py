@@ -548,3 +548,238 @@ async def test_edit_refusals_of_the_new_fields(
         got, _ = await patch(session, proxy, key, fp, {"models": ["other"]}, tag)
         assert got == 403
     assert proxy.path.read_bytes() == original
+
+
+async def test_list_pages_filters_and_usage_today(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    doc = config(backend, k)
+    team = [new_key() for _ in range(12)]
+    for i, secret in enumerate(team):
+        doc["keys"]["sha256:" + key_digest(secret)] = {
+            "project": "team" if i < 8 else "lab",
+            "role": "user",
+            "name": f"worker {i}",
+            **({"disabled": True} if i == 3 else {}),
+            **({"expiresAt": "2001-01-01T00:00:00Z"} if i == 4 else {}),
+            **({"description": "Nightly BATCH"} if i == 5 else {}),
+        }
+    proxy = await start_with(make_proxy, doc)
+    url = proxy.url("/v1/admin/keys")
+    viewer = {"Api-Key": k.viewer}
+
+    async def page(**query: str) -> Any:
+        resp = await session.get(url, params=query, headers=viewer)
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    everything = await page()
+    assert everything["total"] == 15 and len(everything["keys"]) == 15
+    assert (everything["offset"], everything["limit"]) == (0, 100)
+    assert everything["file"] == str(proxy.path)
+    assert everything["etag"] == '"' + hashlib.sha256(proxy.path.read_bytes()).hexdigest() + '"'
+    # pages: in the file's order, the total of all that match
+    first = await page(limit="5")
+    second = await page(limit="5", offset="5")
+    last = await page(limit="5", offset="13")
+    assert [e["fingerprint"] for e in first["keys"] + second["keys"]] == [
+        e["fingerprint"] for e in everything["keys"][:10]
+    ]
+    assert len(last["keys"]) == 2 and last["total"] == 15 and last["offset"] == 13
+    assert (await page(offset="99"))["keys"] == []
+    # filters
+    team_keys = await page(project="team")
+    assert team_keys["total"] == 8
+    assert {e["project"] for e in team_keys["keys"]} == {"team"}
+    assert (await page(role="viewer"))["total"] == 1
+    assert [e["name"] for e in (await page(state="revoked"))["keys"]] == ["worker 3"]
+    assert [e["name"] for e in (await page(state="disabled"))["keys"]] == ["worker 3"]
+    assert [e["name"] for e in (await page(state="expired"))["keys"]] == ["worker 4"]
+    assert (await page(state="active"))["total"] == 13
+    assert [e["name"] for e in (await page(q="batch"))["keys"]] == ["worker 5"]  # description
+    assert [e["name"] for e in (await page(q="WORKER 1"))["keys"]] == [
+        "worker 1",
+        "worker 10",
+        "worker 11",
+    ]
+    fp = key_digest(team[7])[:8]
+    assert [e["name"] for e in (await page(q=fp))["keys"]] == ["worker 7"]
+    assert (await page(q="lab", project="team"))["total"] == 0
+    assert (await page(q="lab"))["total"] == 4  # the project's name
+    assert (await page(project="team", state="active", limit="2"))["total"] == 6
+    # a bad value: 400 naming the parameter
+    for query, name in (
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+        ({"state": "gone"}, "state"),
+    ):
+        resp = await session.get(url, params=query, headers=viewer)
+        assert resp.status == 400, query
+        assert f"'{name}'" in (await resp.json())["error"]["message"]
+    # usage today: from the ledger, per key
+    for _ in range(2):
+        assert await call(session, proxy, team[0]) == 200
+    assert await call(session, proxy, team[1]) == 200
+    listed = {e["fingerprint"]: e for e in (await page())["keys"]}
+    used = listed[key_digest(team[0])[:8]]["usageToday"]
+    assert used["requests"] == 2 and used["errors"] == 0
+    assert used["totalTokens"] > 0
+    assert used["totalTokens"] == used["promptTokens"] + used["completionTokens"]
+    once = listed[key_digest(team[1])[:8]]["usageToday"]
+    assert once["requests"] == 1 and once["totalTokens"] * 2 == used["totalTokens"]
+    assert listed[key_digest(team[2])[:8]]["usageToday"]["requests"] == 0
+    assert (await page())["usageSince"].endswith("T00:00:00Z")  # the UTC day (the default)
+
+
+async def role_write(
+    s: aiohttp.ClientSession,
+    proxy: Proxy,
+    key: str,
+    method: str,
+    path: str,
+    tag: str | None,
+    body: Any = None,
+) -> tuple[int, Any]:
+    resp = await s.request(method, proxy.url(path), json=body, headers=write_headers(key, tag))
+    return resp.status, await resp.json()
+
+
+async def test_roles_read_and_their_limits_edited(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    doc = two_models(backend, k)
+    doc["roles"]["team"] = {
+        "name": "The team",
+        "limits": {"other": {"minute": "1000", "day": 20000}},
+        "costLimit": {"month": "5"},
+    }
+    doc["keys"]["sha256:" + key_digest(new_key())] = {"project": "p", "roles": ["team", "user"]}
+    proxy = await start_with(make_proxy, doc)
+    original = proxy.path.read_text()
+    # read: viewers and admins; anyone else 403
+    resp = await session.get(proxy.url("/v1/admin/roles"), headers={"Api-Key": k.user})
+    assert resp.status == 403
+    resp = await session.get(proxy.url("/v1/admin/roles"), headers={"Api-Key": k.viewer})
+    assert resp.status == 200
+    listed = await resp.json()
+    tag = listed["etag"]
+    assert resp.headers["ETag"] == tag == '"' + hashlib.sha256(original.encode()).hexdigest() + '"'
+    assert listed["file"] == str(proxy.path) and listed["total"] == 4
+    roles = {r["name"]: r for r in listed["roles"]}
+    assert roles["team"] == {
+        "name": "team",
+        "displayName": "The team",
+        "description": None,
+        "limits": {"other": {"minute": "1000", "day": 20000}},
+        "costLimit": {"month": "5"},
+        "keys": 1,
+        "files": [str(proxy.path)],
+    }
+    assert roles["user"]["keys"] == 2 and roles["user"]["limits"] == {}
+    resp = await session.get(proxy.url("/v1/admin/roles/team"), headers={"Api-Key": k.admin})
+    assert resp.status == 200
+    assert await resp.json() == roles["team"] | {"file": str(proxy.path), "etag": tag}
+    resp = await session.get(proxy.url("/v1/admin/roles/nope"), headers={"Api-Key": k.admin})
+    assert resp.status == 404
+
+    # a limit for a role that has none: one request a day on chat, for the project
+    limit_url = "/v1/admin/roles/user/limits/chat"
+    with capture_logs() as logs:
+        status, answer = await role_write(
+            session, proxy, k.admin, "PUT", limit_url, tag, {"requestDay": 1}
+        )
+    assert status == 200, answer
+    assert answer["limit"] == {"requestDay": 1} and answer["replaced"] is None
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["action"] == "role_limit" and audit["who"] == key_digest(k.admin)[:8]
+    assert (audit["role"], audit["model"]) == ("user", "chat")
+    assert audit["before"] is None and audit["after"] == {"requestDay": 1}
+    assert proxy.path.read_text() == original.replace(
+        '"user": {}',
+        '"user": {\n      "limits": {\n        "chat": {"requestDay": 1}\n      }\n    }',
+    )
+    assert await call(session, proxy, k.user) == 200
+    assert await call(session, proxy, k.user) == 429
+    # replaced in a role that has limits; then a second model added beside
+    status, answer = await role_write(
+        session,
+        proxy,
+        k.admin,
+        "PUT",
+        "/v1/admin/roles/team/limits/other",
+        answer["etag"],
+        {"minute": "500"},
+    )
+    assert status == 200 and answer["replaced"] == {"minute": "1000", "day": 20000}
+    status, answer = await role_write(
+        session,
+        proxy,
+        k.admin,
+        "PUT",
+        "/v1/admin/roles/team/limits/chat",
+        answer["etag"],
+        {"concurrentRequests": 2},
+    )
+    assert status == 200, answer
+    team = (
+        '"limits": {\n        "other": {\n          "minute": "1000",\n'
+        '          "day": 20000\n        }\n      }'
+    )
+    assert team in original
+    assert proxy.path.read_text() == original.replace(
+        '"user": {}',
+        '"user": {\n      "limits": {\n        "chat": {"requestDay": 1}\n      }\n    }',
+    ).replace(
+        team,
+        '"limits": {\n        "other": {"minute": "500"},\n'
+        '        "chat": {"concurrentRequests": 2}\n      }',
+    )
+    assert proxy.store.snapshot.roles["team"].limits["other"].minute == 500
+    # removed: the role's limits are the original again, and the user calls again
+    status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])
+    assert status == 200 and answer["removed"] == {"requestDay": 1}
+    assert '"user": {\n      "limits": {}\n    }' in proxy.path.read_text()
+    assert await call(session, proxy, k.user) == 200
+    status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])
+    assert status == 404, answer  # it has none now
+
+    # refusals; nothing written
+    tag = answer_tag = (
+        await (await session.get(proxy.url("/v1/admin/roles"), headers={"Api-Key": k.admin})).json()
+    )["etag"]
+    before = proxy.path.read_bytes()
+    for key, method, path, etag_, body, expected, said in (
+        (k.viewer, "PUT", limit_url, tag, {"day": 1}, 403, "denied"),
+        (k.user, "DELETE", "/v1/admin/roles/team/limits/chat", tag, None, 403, "denied"),
+        (k.admin, "PUT", limit_url, None, {"day": 1}, 428, "If-Match"),
+        (k.admin, "PUT", limit_url, '"00"', {"day": 1}, 412, "changed"),
+        (k.admin, "PUT", limit_url, tag, {"days": 1}, 422, "days"),
+        (k.admin, "PUT", limit_url, tag, {"day": "lots"}, 422, "day"),
+        (k.admin, "PUT", "/v1/admin/roles/user/limits/nope", tag, {"day": 1}, 422, "nope"),
+        (k.admin, "PUT", "/v1/admin/roles/nope/limits/chat", tag, {"day": 1}, 404, "nope"),
+        (k.admin, "PUT", limit_url, tag, [1], 400, "object"),
+        (k.admin, "DELETE", "/v1/admin/roles/team/limits/nope", tag, None, 404, "nope"),
+    ):
+        status, answer = await role_write(session, proxy, key, method, path, etag_, body)
+        assert status == expected, (path, body, answer)
+        assert said in answer["error"]["message"], answer
+    assert proxy.path.read_bytes() == before
+    assert answer_tag == tag
+
+
+async def test_a_role_named_by_a_variable_is_not_edited(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    doc = config(backend, k)
+    doc["roles"]["${TEAM_ROLE}"] = {}
+    proxy = await start_with(make_proxy, doc)
+    tag, _ = await listing(session, proxy, k.admin)
+    status, answer = await role_write(
+        session, proxy, k.admin, "PUT", "/v1/admin/roles/${TEAM_ROLE}/limits/chat", tag, {"day": 5}
+    )
+    assert status == 409 and "environment variable" in answer["error"]["message"], answer
