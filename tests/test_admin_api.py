@@ -783,3 +783,131 @@ async def test_a_role_named_by_a_variable_is_not_edited(
         session, proxy, k.admin, "PUT", "/v1/admin/roles/${TEAM_ROLE}/limits/chat", tag, {"day": 5}
     )
     assert status == 409 and "environment variable" in answer["error"]["message"], answer
+
+
+async def test_several_config_files(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Any,
+) -> None:
+    """Key writes go to the file holding keys, role writes to the one holding roles, each
+    checked with the files merged; the ETag is that file's; 409 when several hold one."""
+    k = Keys()
+    doc = config(backend, k)
+    doc["roles"]["team"] = {"limits": {"chat": {"day": 100000}}}
+    proxy = await make_proxy(doc)
+    models = tmp_path / "models.yaml"  # (a YAML file beside: read, never written)
+    models.write_text(json.dumps({"models": doc["models"], "roles": doc["roles"]}, indent=2))
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"keys": doc["keys"]}, indent=4) + "\n")
+    proxy.store.paths = (models, keys_file)
+    assert not (await proxy.store.reload_async()).refused
+
+    def tag_of(path: Any) -> str:
+        return '"' + hashlib.sha256(path.read_bytes()).hexdigest() + '"'
+
+    admin = {"Api-Key": k.admin}
+    resp = await session.get(proxy.url("/v1/admin/health/config"), headers=admin)
+    files = (await resp.json())["files"]
+    assert files == [
+        {"file": str(models), "etag": tag_of(models)},
+        {"file": str(keys_file), "etag": tag_of(keys_file)},
+    ]
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers=admin)
+    listed = await resp.json()
+    assert listed["file"] == str(keys_file) and listed["etag"] == tag_of(keys_file)
+    assert {e["file"] for e in listed["keys"]} == {str(keys_file)}
+    resp = await session.get(proxy.url("/v1/admin/roles"), headers=admin)
+    roles = await resp.json()
+    assert roles["file"] == str(models) and roles["etag"] == tag_of(models)
+
+    # a key with a role of the other file: checked merged, written to keys.json only
+    models_bytes, keys_text = models.read_bytes(), keys_file.read_text()
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["team"], "name": "merged"},
+        headers=write_headers(k.admin, listed["etag"]),
+    )
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert created["file"] == str(keys_file) and created["etag"] == tag_of(keys_file)
+    assert models.read_bytes() == models_bytes
+    removed, added = change(keys_text, keys_file.read_text())
+    assert removed == "" and added.startswith(',\n        "sha256:' + key_digest(created["key"]))
+    assert await call(session, proxy, created["key"]) == 200
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["teem"]},
+        headers=write_headers(k.admin, created["etag"]),
+    )
+    assert resp.status == 422 and "teem" in (await resp.json())["error"]["message"]
+    # the roles file is YAML: not written
+    limit = proxy.url("/v1/admin/roles/team/limits/chat")
+    resp = await session.put(
+        limit, json={"requestDay": 1}, headers=write_headers(k.admin, roles["etag"])
+    )
+    assert resp.status == 409 and "YAML" in (await resp.json())["error"]["message"]
+
+    # the roles in a JSON file: written there, checked merged, served
+    models_json = tmp_path / "models.json"
+    models_json.write_bytes(models_bytes)
+    proxy.store.paths = (models_json, keys_file)
+    assert not (await proxy.store.reload_async()).refused
+    keys_bytes = keys_file.read_bytes()
+    # the keys file's ETag is no role write's: 412, with the roles file's
+    resp = await session.put(
+        limit, json={"requestDay": 1}, headers=write_headers(k.admin, tag_of(keys_file))
+    )
+    assert resp.status == 412 and resp.headers["ETag"] == tag_of(models_json)
+    resp = await session.put(
+        limit, json={"requestDay": 1}, headers=write_headers(k.admin, tag_of(models_json))
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["file"] == str(models_json)
+    assert keys_file.read_bytes() == keys_bytes
+    old_limit = '"chat": {\n          "day": 100000\n        }'
+    assert old_limit in models_bytes.decode()
+    assert models_json.read_text() == models_bytes.decode().replace(
+        old_limit, '"chat": {"requestDay": 1}'
+    )
+    assert await call(session, proxy, created["key"]) == 429  # its one request of the day
+
+    # a third file with keys (and roles): key and role writes refused, naming the files
+    extra = tmp_path / "extra.json"
+    extra.write_text(
+        json.dumps(
+            {"keys": {"sha256:" + "ab" * 32: {"project": "x", "role": "user"}}, "roles": {"x": {}}}
+        )
+    )
+    proxy.store.paths = (models_json, keys_file, extra)
+    assert not (await proxy.store.reload_async()).refused
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers=admin)
+    listed = await resp.json()
+    assert "ETag" not in resp.headers and listed["etag"] is None and listed["file"] is None
+    assert listed["total"] == 5
+    assert [e["file"] for e in listed["keys"]][-1] == str(extra)
+    for method, path, body in (
+        ("POST", "/v1/admin/keys", {"project": "p", "roles": ["user"]}),
+        ("PUT", "/v1/admin/roles/team/limits/chat", {"day": 1}),
+    ):
+        resp = await session.request(
+            method, proxy.url(path), json=body, headers=write_headers(k.admin, tag_of(extra))
+        )
+        assert resp.status == 409
+        message = (await resp.json())["error"]["message"]
+        assert str(extra) in message and "several config files" in message
+        assert str(keys_file) in message or str(models_json) in message
+
+
+async def test_usage_today_is_null_without_the_ledger(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    k = Keys()
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),), ledger="off")
+    proxy = await make_proxy(config(backend, k), settings=settings)
+    assert await call(session, proxy, k.user) == 200
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.viewer})
+    listed = await resp.json()
+    assert listed["usageSince"] is None
+    assert [e["usageToday"] for e in listed["keys"]] == [None, None, None]
