@@ -911,3 +911,34 @@ async def test_usage_today_is_null_without_the_ledger(
     listed = await resp.json()
     assert listed["usageSince"] is None
     assert [e["usageToday"] for e in listed["keys"]] == [None, None, None]
+
+
+async def test_create_with_limits_and_a_description_taken_out(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    tag, _ = await listing(session, proxy, k.admin)
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["user"], "limits": {"*": {"requestDay": 1}}},
+        headers=write_headers(k.admin, tag),
+    )
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert created["limits"] == {"*": {"requestDay": 1}}
+    entry = json.loads(proxy.path.read_text())["keys"]["sha256:" + key_digest(created["key"])]
+    assert entry == {"project": "p", "role": "user", "limits": {"*": {"requestDay": 1}}}
+    assert await call_model(session, proxy, created["key"], "other") == 200
+    assert await call_model(session, proxy, created["key"], "other") == 429
+    # null takes the description out, and the comma that went before it
+    before = proxy.path.read_text()
+    fp = key_digest(k.user)[:8]
+    status, edited = await patch(
+        session, proxy, k.admin, fp, {"description": None}, created["etag"]
+    )
+    assert status == 200 and edited["description"] is None and edited["name"] == "alice"
+    assert proxy.path.read_text() == before.replace(
+        '"name": "alice",\n      "description": "the first user"', '"name": "alice"'
+    )
+    assert proxy.store.snapshot.keys[key_digest(k.user)].description is None
