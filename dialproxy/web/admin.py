@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,12 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def _docs(request: web.Request) -> list[tuple[Path, bytes, dict[str, Any] | None]]:
     """Each config file: its path, bytes and document (None: not readable as a config)."""
+    return _read_docs(request.app[STORE].paths)
+
+
+def _read_docs(paths: Sequence[Path]) -> list[tuple[Path, bytes, dict[str, Any] | None]]:
     out: list[tuple[Path, bytes, dict[str, Any] | None]] = []
-    for path in request.app[STORE].paths:
+    for path in paths:
         try:
             data = path.read_bytes()
         except OSError:
@@ -183,14 +187,24 @@ def _stored(name: str) -> str:
     return "sha256" if name.startswith("sha256:") else "env" if "${" in name else "plaintext"
 
 
-def _describe(name: str, entry: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """A key as the admin API shows it: never its secret."""
+def _digest(name: str, env: Mapping[str, str]) -> str | None:
+    """The SHA-256 of the key a ``keys`` entry names (None: an unset ``${VAR}``)."""
     if name.startswith("sha256:"):
-        digest: str | None = name.removeprefix("sha256:")
-    elif "${" in name:
-        digest = keys._digest_of(name, env)
-    else:
-        digest = key_digest(name)
+        return name.removeprefix("sha256:")
+    if "${" in name:
+        return keys._digest_of(name, env)
+    return key_digest(name)
+
+
+def _describe(
+    name: str,
+    entry: Mapping[str, Any],
+    env: Mapping[str, str],
+    now: datetime | None = None,
+    digest: str | None = None,
+) -> dict[str, Any]:
+    """A key as the admin API shows it: never its secret."""
+    digest = digest or _digest(name, env)
     role = entry.get("role")
     roles = [*([role] if role else []), *(entry.get("roles") or ())]
     return {
@@ -204,7 +218,7 @@ def _describe(name: str, entry: Mapping[str, Any], env: Mapping[str, str]) -> di
         "canShare": bool(entry.get("canShare", False)),
         "notBefore": entry.get("notBefore"),
         "expiresAt": entry.get("expiresAt"),
-        "state": keys.key_state(entry, datetime.now(UTC)),
+        "state": keys.key_state(entry, now or datetime.now(UTC)),
         "stored": _stored(name),
     }
 
@@ -367,6 +381,26 @@ def _matches(key: Mapping[str, Any], digest: str | None, wanted: Mapping[str, st
     return True
 
 
+def _list(
+    paths: Sequence[Path], env: Mapping[str, str], wanted: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The keys of the files, as listed, that pass the filters."""
+    now = datetime.now(UTC)
+    listed: list[dict[str, Any]] = []
+    for path, _, doc in _read_docs(paths):
+        if doc is None:
+            raise ProxyError(f"{path}: not a readable config file", status=409)
+        found = doc.get("keys")
+        for name, entry in (found if isinstance(found, dict) else {}).items():
+            if not isinstance(entry, dict):
+                continue
+            digest = _digest(name, env)
+            key = _describe(name, entry, env, now, digest) | {"file": str(path)}
+            if _matches(key, digest, wanted):
+                listed.append(key)
+    return listed
+
+
 # --- the handlers --------------------------------------------------------------------------
 
 
@@ -384,22 +418,15 @@ async def list_keys(request: web.Request) -> web.Response:
     if "state" in wanted and wanted["state"] not in _STATES:
         raise BadRequest(f"'state' must be one of {', '.join(sorted(_STATES))}")
     env = request.app[STORE].env()
-    listed: list[dict[str, Any]] = []
-    for path, _, doc in _docs(request):
-        if doc is None:
-            raise ProxyError(f"{path}: not a readable config file", status=409)
-        found = doc.get("keys")
-        for name, entry in (found if isinstance(found, dict) else {}).items():
-            if not isinstance(entry, dict):
-                continue
-            key = _answer(name, entry, env, path)
-            digest = keys._digest_of(name, env)
-            if _matches(key, digest, wanted):
-                listed.append(key)
+    paths = request.app[STORE].paths
+    # (10,000 keys: ~0.2 s of parsing and describing, off the event loop)
+    listed = await asyncio.to_thread(_list, paths, env, wanted)
     page = listed[offset : offset + limit]
     usage = await _usage_today(request)
     for key in page:
-        key["usageToday"] = None if usage is None else usage[0].get(key["fingerprint"], _NO_USAGE)
+        key["usageToday"] = (
+            None if usage is None else usage[0].get(key["fingerprint"], dict(_NO_USAGE))
+        )
     file, tag = _target(request, "keys")
     body = {
         "keys": page,
