@@ -3,6 +3,7 @@ byte for byte except the change, and the running proxy serving the change."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -942,3 +943,30 @@ async def test_create_with_limits_and_a_description_taken_out(
         '"name": "alice",\n      "description": "the first user"', '"name": "alice"'
     )
     assert proxy.store.snapshot.keys[key_digest(k.user)].description is None
+
+
+async def test_two_writes_from_the_same_etag_one_wins(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    """Two admins edit from the same read at once: one is written, the other is told the
+    file changed (412), and its edit is not written over the first."""
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    answers = await asyncio.gather(
+        patch(session, proxy, k.admin, fp, {"models": ["chat"]}, tag),
+        session.put(
+            proxy.url("/v1/admin/roles/user/limits/other"),
+            json={"day": 5},
+            headers=write_headers(k.admin, tag),
+        ),
+    )
+    statuses = sorted([answers[0][0], answers[1].status])
+    assert statuses == [200, 412], answers
+    doc = json.loads(proxy.path.read_text())
+    written = [
+        doc["keys"]["sha256:" + key_digest(k.user)].get("models") == ["chat"],
+        doc["roles"]["user"].get("limits") == {"other": {"day": 5}},
+    ]
+    assert sorted(written) == [False, True]
