@@ -461,8 +461,10 @@ class ConfigFile:
         if not same:  # cannot happen unless the splicing is wrong: never write it then
             raise KeysError(f"{self.path}: the edit did not produce the intended document")
         data = (b"\xef\xbb\xbf" if self.bom else b"") + new.encode("utf-8")
-        before = _problems(self.path, self.original, env, together)
         after = _problems(self.path, data, env, together)
+        # (the file as it was is built only when the edit's has problems to tell from its:
+        # a clean result, the usual case, is one build; 10,000 keys: ~1 s)
+        before = _problems(self.path, self.original, env, together) if after else []
         seen = {(p.path, p.message) for p in before}
         introduced = [p for p in after if (p.path, p.message) not in seen]
         errors = [p for p in introduced if strict or p.severity == "error"]
