@@ -763,6 +763,7 @@ async def test_roles_read_and_their_limits_edited(
         (k.admin, "PUT", "/v1/admin/roles/user/limits/nope", tag, {"day": 1}, 422, "nope"),
         (k.admin, "PUT", "/v1/admin/roles/nope/limits/chat", tag, {"day": 1}, 404, "nope"),
         (k.admin, "PUT", limit_url, tag, [1], 400, "object"),
+        (k.admin, "PUT", "/v1/admin/roles/a%2Fb/limits/chat", tag, {}, 404, "'a/b'"),
         (k.admin, "DELETE", "/v1/admin/roles/team/limits/nope", tag, None, 404, "nope"),
     ):
         status, answer = await role_write(session, proxy, key, method, path, etag_, body)
