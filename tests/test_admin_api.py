@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from dialproxy import cli
 from dialproxy.config.model import key_digest
 from dialproxy.settings import Settings
 from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
@@ -971,3 +972,58 @@ async def test_two_writes_from_the_same_etag_one_wins(
         doc["roles"]["user"].get("limits") == {"other": {"day": 5}},
     ]
     assert sorted(written) == [False, True]
+
+
+async def test_keys_file_names_where_keys_are_written(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Any,
+) -> None:
+    """Keys in two files: writes are refused (409) until --keys-file names one of them."""
+    k = Keys()
+    doc = config(backend, k)
+    base = tmp_path / "base.json"
+    base.write_text(
+        json.dumps({"models": doc["models"], "roles": doc["roles"], "keys": doc["keys"]})
+    )
+    team = tmp_path / "team.json"
+    team.write_text('{\n  "keys": {}\n}\n')
+    paths = (str(base), str(team))
+    new = {"project": "team", "roles": ["user"], "name": "t1"}
+    for keys_file, written in ((None, None), (str(team), team)):
+        settings = Settings(config_paths=paths, keys_file=keys_file)
+        proxy = await make_proxy(doc, settings=settings)
+        proxy.store.paths = (base, team)
+        assert not (await proxy.store.reload_async()).refused
+        resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.admin})
+        listed = await resp.json()
+        tag = '"' + hashlib.sha256(team.read_bytes()).hexdigest() + '"'
+        resp = await session.post(
+            proxy.url("/v1/admin/keys"), json=new, headers=write_headers(k.admin, tag)
+        )
+        if written is None:
+            assert listed["file"] is None and listed["etag"] is None
+            assert resp.status == 409
+            message = (await resp.json())["error"]["message"]
+            assert str(base) in message and str(team) in message and "--keys-file" in message
+            continue
+        assert listed["file"] == str(team) and listed["etag"] == tag
+        assert resp.status == 201, await resp.text()
+        secret = (await resp.json())["key"]
+        assert json.loads(team.read_text())["keys"] == {
+            "sha256:" + key_digest(secret): {"project": "team", "role": "user", "name": "t1"}
+        }
+        assert team.read_text().startswith('{\n  "keys": {\n    "sha256:')
+        assert await call(session, proxy, secret) == 200
+
+
+def test_keys_file_must_be_a_config_file(tmp_path: Any) -> None:
+    config_file = str(tmp_path / "a.json")
+    Settings(config_paths=(config_file,), keys_file=config_file).check()
+    with pytest.raises(ValueError, match="keys file must be one of the config files"):
+        Settings(config_paths=(config_file,), keys_file=str(tmp_path / "b.json")).check()
+    settings = Settings.from_env({"DIALPROXY_KEYS_FILE": config_file})
+    assert settings.keys_file == config_file
+    args = cli._parser().parse_args(["serve", "--config", config_file, "--keys-file", config_file])
+    assert cli._settings(args).keys_file == config_file

@@ -118,8 +118,18 @@ def _read_docs(paths: Sequence[Path]) -> list[tuple[Path, bytes, dict[str, Any] 
 
 def _section_file(request: web.Request, section: str) -> Path:
     """The file a write to ``section`` (``keys``, ``roles``) goes to: the config file, or of
-    several the one that holds the section (409 naming them when none or several do)."""
+    several the one that holds the section (409 naming them when none or several do); keys:
+    the one ``--keys-file`` names, when it does."""
     paths = request.app[STORE].paths
+    named = request.app[SETTINGS].keys_file if section == "keys" else None
+    if named is not None:  # --keys-file
+        chosen = [p for p in paths if p.resolve() == Path(named).resolve()]
+        if not chosen:
+            raise ProxyError(
+                f"The keys file {named} (--keys-file) is not one of the config files",
+                status=409,
+            )
+        return chosen[0]
     if len(paths) == 1:
         return paths[0]
     holding = [path for path, _, doc in _docs(request) if doc is not None and section in doc]
@@ -127,9 +137,10 @@ def _section_file(request: web.Request, section: str) -> Path:
         return holding[0]
     names = ", ".join(str(p) for p in (holding or paths))
     where = f"several config files hold {section}" if holding else f"no config file holds {section}"
+    setting = " or name one with --keys-file" if section == "keys" else ""
     raise ProxyError(
         f"The admin API writes {section} to the one config file that holds it; {where} "
-        f"({names}): edit them by hand or keep {section} in one file",
+        f"({names}): keep {section} in one file{setting}",
         status=409,
     )
 
