@@ -1016,6 +1016,13 @@ async def test_keys_file_names_where_keys_are_written(
         }
         assert team.read_text().startswith('{\n  "keys": {\n    "sha256:')
         assert await call(session, proxy, secret) == 200
+        # a key of the other file: not edited here (409 naming it)
+        resp = await session.patch(
+            proxy.url(f"/v1/admin/keys/{key_digest(k.user)[:8]}"),
+            json={"name": "x"},
+            headers=write_headers(k.admin, (await resp.json())["etag"]),
+        )
+        assert resp.status == 409 and str(base) in (await resp.json())["error"]["message"]
 
 
 def test_keys_file_must_be_a_config_file(tmp_path: Any) -> None:

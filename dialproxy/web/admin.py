@@ -179,10 +179,23 @@ def _target(request: web.Request, section: str) -> tuple[str | None, str | None]
         return None, None
 
 
-def _find(config: keys.ConfigFile, fingerprint: str, env: Mapping[str, str]) -> tuple[str, str]:
+def _find(request: web.Request, config: keys.ConfigFile, env: Mapping[str, str]) -> tuple[str, str]:
+    """The key the path's fingerprint names in the file written (409 when it is in another
+    of the config files: it cannot be edited there)."""
+    fingerprint = request.match_info["fingerprint"]
     try:
         name, fp = keys.find_key(config, fingerprint, env)
     except keys.KeyNotFound:
+        wanted = fingerprint.strip().lower()
+        for path, _, doc in _docs(request):
+            found = doc.get("keys") if doc is not None and path != config.path else None
+            for other in found if isinstance(found, dict) else {}:
+                if (keys._digest_of(other, env) or "-").startswith(wanted):
+                    raise ProxyError(
+                        f"Key {wanted[:8]} is in {path}; the admin API writes keys to "
+                        f"{config.path}: edit it by hand",
+                        status=409,
+                    ) from None
         raise NotFound(f"No key with fingerprint {fingerprint[:64]}") from None
     except keys.KeysError as e:
         raise BadRequest(str(e)) from None
@@ -511,7 +524,7 @@ async def edit_key(request: web.Request) -> web.Response:
     expires = _expiry(body.get("expiresAt"), now)
     config = _open(request)
     env = request.app[STORE].env()
-    name, fp = _find(config, request.match_info["fingerprint"], env)
+    name, fp = _find(request, config, env)
     before = dict(config.keys[name])
     try:
         for field, value in texts.items():
@@ -545,7 +558,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     who = await _caller(request, write=True)
     config = _open(request)
     env = request.app[STORE].env()
-    name, fp = _find(config, request.match_info["fingerprint"], env)
+    name, fp = _find(request, config, env)
     before = dict(config.keys[name])
     if not keys.revoke_key(config, name):
         tag = etag(config.original)
@@ -566,7 +579,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     body = await _body(request)
     config = _open(request)
     env = request.app[STORE].env()
-    name, fp = _find(config, request.match_info["fingerprint"], env)
+    name, fp = _find(request, config, env)
     now = datetime.now(UTC)
     overlap_text = _text(body, "overlap") or "7d"
     try:
