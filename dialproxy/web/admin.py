@@ -7,8 +7,9 @@ Who: a key of the config whose roles include ``--admin-role`` (everything) or
 :mod:`dialproxy.keys` (the same splice, validation and atomic replace as ``dialproxy keys``),
 then a reload, and only when the caller's ``If-Match`` is the ETag of the file's bytes as they
 are now (428 without it, 412 when stale).  Several config files: a key write goes to the one
-file holding ``keys``, a role write to the one holding ``roles`` (409 naming the files when
-none or several do), and is checked as the files load merged.  A write is refused with 409
+file holding ``keys`` (or the one ``--keys-file`` names), a role write to the one holding
+``roles`` (409 naming the files when none or several do), and is checked as the files load
+merged.  A write is refused with 409
 when the file is YAML or the key (role) is named by a ``${VAR}``, and with 422 when the
 result would not validate or would have a new warning (a role or a model the config does not
 define: a typo).  State-changing calls also refuse cross-site requests: ``Content-Type:
@@ -616,13 +617,13 @@ async def rotate_key(request: web.Request) -> web.Response:
 # --- roles ---------------------------------------------------------------------------------
 
 
-def _roles_view(request: web.Request) -> dict[str, dict[str, Any]]:
+def _roles_view(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
     """Every role of the config files (merged as the proxy merges them), as listed: its
     limits and cost limit as the config writes them, and how many keys name it."""
     roles: dict[str, Any] = {}
     holders: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
-    for path, _, doc in _docs(request):
+    for path, _, doc in _read_docs(paths):
         if doc is None:
             raise ProxyError(f"{path}: not a readable config file", status=409)
         found = doc.get("roles")
@@ -655,7 +656,7 @@ def _roles_view(request: web.Request) -> dict[str, dict[str, Any]]:
 async def list_roles(request: web.Request) -> web.Response:
     """``GET /v1/admin/roles``: every role, with the ETag of the file a role write goes to."""
     await _caller(request, write=False)
-    roles = list(_roles_view(request).values())
+    roles = list((await asyncio.to_thread(_roles_view, request.app[STORE].paths)).values())
     file, tag = _target(request, "roles")
     body = {"roles": roles, "total": len(roles), "file": file, "etag": tag}
     return json_response(body, headers={"ETag": tag} if tag is not None else None)
@@ -665,7 +666,7 @@ async def get_role(request: web.Request) -> web.Response:
     """``GET /v1/admin/roles/{name}``: one role as listed (404 when no file defines it)."""
     await _caller(request, write=False)
     name = request.match_info["name"]
-    role = _roles_view(request).get(name)
+    role = (await asyncio.to_thread(_roles_view, request.app[STORE].paths)).get(name)
     if role is None:
         raise NotFound(f"No role {name[:100]!r} in the config")
     file, tag = _target(request, "roles")
