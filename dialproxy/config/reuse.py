@@ -64,6 +64,9 @@ _dumps = _sorted_dumps()
 RawProblem = tuple[tuple[str | int, ...], str, str]
 
 
+_MISSING = object()
+
+
 @dataclass(frozen=True, slots=True)
 class Canonical:
     """A merged document's canonical JSON: per entry of :data:`SECTIONS`, and per other
@@ -72,28 +75,94 @@ class Canonical:
     entries: Mapping[str, Mapping[str, str]]  # section -> name -> canonical JSON
     rest: Mapping[str, str]  # other top-level field -> canonical JSON
     digest: str
+    # section -> the merged section the texts were made from (its entries, by name), and
+    # name -> `"name": text`, the entry's part of the whole document's text
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    pieces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, doc: Mapping[str, Any]) -> Canonical:
+    def of(cls, doc: Mapping[str, Any], last: Canonical | None = None) -> Canonical:
+        """The canonical JSON of ``doc``.  An entry that is the very object ``last`` was
+        made from (an unchanged entry the loader took as it was) has the text it had: the
+        loader's objects are never changed once built."""
         entries: dict[str, dict[str, str]] = {}
         rest: dict[str, str] = {}
+        sections: dict[str, Mapping[str, Any]] = {}
+        all_pieces: dict[str, dict[str, str]] = {}
         parts: list[str] = []
         dumps = _dumps
         for top in sorted(doc):
             value = doc[top]
             if top in SECTIONS and isinstance(value, dict):
-                section = {name: dumps(entry) for name, entry in value.items()}
+                old = last.sections.get(top, {}) if last is not None else {}
+                old_texts = last.entries.get(top, {}) if last is not None else {}
+                old_pieces = last.pieces.get(top, {}) if last is not None else {}
+                section: dict[str, str] = {}
+                pieces: dict[str, str] = {}
+                for name, entry in value.items():
+                    if old.get(name, _MISSING) is entry:
+                        section[name] = old_texts[name]
+                        pieces[name] = old_pieces[name]
+                    else:
+                        text = section[name] = dumps(entry)
+                        pieces[name] = f"{dumps(name)}: {text}"
                 entries[top] = section
-                text = "{" + ", ".join(f"{dumps(n)}: {section[n]}" for n in sorted(section)) + "}"
+                sections[top] = value
+                all_pieces[top] = pieces
+                text = "{" + ", ".join([pieces[n] for n in sorted(pieces)]) + "}"
             else:
                 text = rest[top] = dumps(value)
             parts.append(f"{dumps(top)}: {text}")
         whole = "{" + ", ".join(parts) + "}"
-        return cls(entries, rest, hashlib.sha256(whole.encode()).hexdigest())
+        digest = hashlib.sha256(whole.encode()).hexdigest()
+        return cls(entries, rest, digest, sections, all_pieces)
 
     def entry(self, section: str, name: str) -> str | None:
         found = self.entries.get(section)
         return found.get(name) if found is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Walked:
+    """One entry of a section of one JSON file as parsed, what ``${VAR}`` substitution made
+    of it, and all that this read or added: the next parse's entry, when it is equal and
+    the variables it names have the same values, is taken as it was (no walk, and the same
+    object, so :meth:`Canonical.of` keeps its text).  Only an entry that raised no problem
+    is kept."""
+
+    raw: Any  # as parsed
+    # repr(raw) when it holds a number or a boolean: `==` takes 1, 1.0 and true for one
+    # another (and the schema does not); repr tells them apart.  Without one, `==` is exact.
+    strict: str | None
+    out: Any  # after substitution
+    env: tuple[tuple[str, str], ...]  # the variables it named, with their values
+    secrets: tuple[str, ...]  # what it added to the secrets to redact
+    env_values: tuple[str, ...]  # and to the variable values to redact
+    values: int  # the values it counts for in the document's limit
+    plain: bool  # read nothing but itself, added nothing: the same when `==`
+
+    @classmethod
+    def of(
+        cls,
+        raw: Any,
+        out: Any,
+        numbers: bool,
+        env: tuple[tuple[str, str], ...],
+        secrets: tuple[str, ...],
+        env_values: tuple[str, ...],
+        values: int,
+    ) -> Walked:
+        strict = repr(raw) if numbers else None
+        plain = strict is None and not env and not secrets and not env_values
+        return cls(raw, strict, out, env, secrets, env_values, values, plain)
+
+    def same(self, raw: Any, env: Mapping[str, str]) -> bool:
+        if self.strict is not None:
+            if repr(raw) != self.strict:
+                return False
+        elif raw != self.raw:
+            return False
+        return all(env.get(name) == value for name, value in self.env)
 
 
 @dataclass(slots=True)
@@ -113,6 +182,10 @@ class Built:
     keys: dict[str, tuple[str, Key]] = field(default_factory=dict)
     # (model name, the roles with an entry for it) -> the grant and its inputs
     grants: dict[tuple[str, frozenset[str]], tuple[Grant, Any]] = field(default_factory=dict)
+    # file name -> section -> entry name -> the entry as parsed and substituted (JSON files)
+    walked: dict[str, dict[str, dict[str, Walked]]] = field(default_factory=dict)
+    # key name (a secret or its `sha256:` form) -> its digest
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 def changed_only(doc: Mapping[str, Any], canonical: Canonical, last: Built | None) -> Any:
