@@ -1563,11 +1563,8 @@ def _snapshot(
     same_schedule = prev.schedule is not None and prev.schedule[1] is schedule
     grants = Grants(models, roles, schedule, prev.grants if same_schedule else None)
     accesses: dict[frozenset[str], Access] = {}
-    keys: dict[str, Key] = {}
-    key_texts = canon.entries.get("keys", {})
-    for secret, raw in (doc.get("keys") or {}).items():
-        role_names = [*(raw.get("roles") or ()), *([raw["role"]] if raw.get("role") else [])]
-        role_set = frozenset(role_names)
+
+    def access_of(role_set: frozenset[str]) -> Access:
         access = accesses.get(role_set)
         if access is None:
             inputs = tuple(roles.get(r) for r in sorted(role_set | {"default"}))
@@ -1582,8 +1579,27 @@ def _snapshot(
             else:
                 access = grants.access(role_set)
             accesses[role_set] = access
-            built.accesses[role_set] = access
             built.access_roles[role_set] = inputs
+        return access
+
+    raw_keys: dict[str, Any] = doc.get("keys") or {}
+    key_texts = canon.entries.get("keys", {})
+    # The keys whose entry is the last build's and whose access is too are its objects, all
+    # at once (C speed: a reload of a big config changes few of its 10,000 keys).
+    moved = {rs for rs, access in prev.accesses.items() if access_of(rs) is not access}
+    same = {
+        secret: was
+        for secret, text in key_texts.items()
+        if (was := prev.keys.get(secret)) is not None and was[0] == text and was[2] not in moved
+    }
+    by_secret: dict[str, Key | None] = dict.fromkeys(raw_keys)
+    by_secret.update(zip(same, [was[1] for was in same.values()], strict=True))
+    built.keys.update(same)
+    for secret in [s for s in raw_keys if s not in same]:
+        raw = raw_keys[secret]
+        role_names = [*(raw.get("roles") or ()), *([raw["role"]] if raw.get("role") else [])]
+        role_set = frozenset(role_names)
+        access = access_of(role_set)
         text = key_texts.get(secret)
         found_key = prev.keys.get(secret)
         if found_key is None or found_key[0] != text:
@@ -1593,8 +1609,11 @@ def _snapshot(
         else:  # the same entry, re-resolved (a role of it changed): no digest, no parsing
             key = replace(found_key[1], access=access)
         if text is not None:
-            built.keys[secret] = (text, key)
-        keys[key.digest] = key
+            built.keys[secret] = (text, key, role_set)
+        by_secret[secret] = key
+    keys = {key.digest: key for key in by_secret.values() if key is not None}
+    used = {was[2] for was in built.keys.values()}
+    built.accesses = {rs: access for rs, access in accesses.items() if rs in used}
     built.grants = grants.kept
     retriable = _DEFAULT_RETRIABLE | frozenset(doc.get("retriableErrorCodes") or ())
     return Snapshot(

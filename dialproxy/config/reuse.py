@@ -179,7 +179,8 @@ class Built:
     accesses: dict[frozenset[str], Access] = field(default_factory=dict)
     # the roles each access was resolved with: its set's and `default` (None: absent)
     access_roles: dict[frozenset[str], tuple[Role | None, ...]] = field(default_factory=dict)
-    keys: dict[str, tuple[str, Key]] = field(default_factory=dict)
+    # key name -> its entry's canonical JSON, its object, and its set of roles
+    keys: dict[str, tuple[str, Key, frozenset[str]]] = field(default_factory=dict)
     # (model name, the roles with an entry for it) -> the grant and its inputs
     grants: dict[tuple[str, frozenset[str]], tuple[Grant, Any]] = field(default_factory=dict)
     # file name -> section -> entry name -> the entry as parsed and substituted (JSON files)
