@@ -941,13 +941,14 @@ def _check_duplicate_keys(
         keys = prepared.doc.get("keys")
         if not isinstance(keys, dict):
             continue
-        for name in keys:
-            if not name or ("${" in name and _ENV_REF.search(name)):
-                continue
-            digest = known.get(name)
-            if digest is None:
-                digest = _key_digest_of(name)
-            digests[name] = digest
+        names = [n for n in keys if n and not ("${" in n and _ENV_REF.search(n))]
+        found = [known.get(n) or _key_digest_of(n) for n in names]
+        digests.update(zip(names, found, strict=True))
+        unique = dict.fromkeys(found, prepared.name)
+        if len(unique) == len(found) and seen.keys().isdisjoint(unique):
+            seen.update(unique)  # (the usual case, at C speed)
+            continue
+        for name, digest in zip(names, found, strict=True):
             if digest in seen:
                 problems.append(
                     Problem(
@@ -1058,17 +1059,17 @@ def _semantic_checks(
     context = (frozenset(roles), frozenset(served))
     before = last.key_checks if last is not None and last.check_context == context else {}
     texts = canonical.entries.get("keys", {}) if canonical is not None else {}
-    kept: dict[str, tuple[str, tuple[RawProblem, ...]]] = {}
-    for secret, key in keys.items():
-        text = texts.get(secret)
-        found = before.get(secret)
-        if found is not None and text is not None and found[0] == text:
-            raw = found[1]
-        else:
-            raw = tuple(_key_problems(secret, key, roles, served))
-        if text is not None:
-            kept[secret] = (text, raw)
-        for key_parts, key_message, key_severity in raw:
+    # the unchanged keys' checks at once (C speed), then the others'
+    kept = {
+        secret: found
+        for secret, text in texts.items()
+        if (found := before.get(secret)) is not None and found[0] == text
+    }
+    for secret in [s for s in keys if s not in kept]:
+        found_now = tuple(_key_problems(secret, keys[secret], roles, served))
+        kept[secret] = (texts.get(secret), found_now)
+    for secret in [s for s in keys if kept[s][1]]:  # in the order of the keys
+        for key_parts, key_message, key_severity in kept[secret][1]:
             yield at.problem(list(key_parts), key_message, cast(Severity, key_severity))
     if built is not None:
         built.check_context = context

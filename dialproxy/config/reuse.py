@@ -79,43 +79,59 @@ class Canonical:
     # name -> `"name": text`, the entry's part of the whole document's text
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     pieces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # section -> its names in sorted order, and its whole text
+    orders: Mapping[str, list[str]] = field(default_factory=dict)
+    texts: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, doc: Mapping[str, Any], last: Canonical | None = None) -> Canonical:
         """The canonical JSON of ``doc``.  An entry that is the very object ``last`` was
         made from (an unchanged entry the loader took as it was) has the text it had: the
-        loader's objects are never changed once built."""
+        loader's objects are never changed once built.  A section with the same names
+        keeps their order; one with the same entries, its text."""
         entries: dict[str, dict[str, str]] = {}
         rest: dict[str, str] = {}
         sections: dict[str, Mapping[str, Any]] = {}
         all_pieces: dict[str, dict[str, str]] = {}
+        orders: dict[str, list[str]] = {}
+        texts: dict[str, str] = {}
         parts: list[str] = []
         dumps = _dumps
         for top in sorted(doc):
             value = doc[top]
             if top in SECTIONS and isinstance(value, dict):
-                old = last.sections.get(top, {}) if last is not None else {}
-                old_texts = last.entries.get(top, {}) if last is not None else {}
-                old_pieces = last.pieces.get(top, {}) if last is not None else {}
-                section: dict[str, str] = {}
-                pieces: dict[str, str] = {}
-                for name, entry in value.items():
-                    if old.get(name, _MISSING) is entry:
-                        section[name] = old_texts[name]
-                        pieces[name] = old_pieces[name]
-                    else:
-                        text = section[name] = dumps(entry)
-                        pieces[name] = f"{dumps(name)}: {text}"
+                old = (last.sections.get(top) if last is not None else None) or {}
+                modified = [n for n, e in value.items() if old.get(n, _MISSING) is not e]
+                if last is not None and old and len(modified) < len(value):  # (few dumped)
+                    section = dict(last.entries[top])
+                    pieces = dict(last.pieces[top])
+                    added = [n for n in modified if n not in old]
+                    removed = len(old) + len(added) - len(value)
+                    if removed:
+                        for name in [n for n in old if n not in value]:
+                            del section[name], pieces[name]
+                    order = last.orders[top] if not added and not removed else None
+                    text = last.texts[top] if not modified and not removed else None
+                else:
+                    section, pieces, order, text = {}, {}, None, None
+                for name in modified:
+                    entry_text = section[name] = dumps(value[name])
+                    pieces[name] = f"{dumps(name)}: {entry_text}"
+                if order is None:
+                    order = sorted(pieces)
+                if text is None:
+                    text = "{" + ", ".join([pieces[n] for n in order]) + "}"
                 entries[top] = section
                 sections[top] = value
                 all_pieces[top] = pieces
-                text = "{" + ", ".join([pieces[n] for n in sorted(pieces)]) + "}"
+                orders[top] = order
+                texts[top] = text
             else:
                 text = rest[top] = dumps(value)
             parts.append(f"{dumps(top)}: {text}")
         whole = "{" + ", ".join(parts) + "}"
         digest = hashlib.sha256(whole.encode()).hexdigest()
-        return cls(entries, rest, digest, sections, all_pieces)
+        return cls(entries, rest, digest, sections, all_pieces, orders, texts)
 
     def entry(self, section: str, name: str) -> str | None:
         found = self.entries.get(section)
@@ -171,7 +187,7 @@ class Built:
 
     canonical: Canonical
     check_context: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
-    key_checks: dict[str, tuple[str, tuple[RawProblem, ...]]] = field(default_factory=dict)
+    key_checks: dict[str, tuple[str | None, tuple[RawProblem, ...]]] = field(default_factory=dict)
     models: dict[tuple[str, str], tuple[str, Model]] = field(default_factory=dict)
     roles: dict[str, tuple[str, Role]] = field(default_factory=dict)
     schedule: tuple[str | None, Schedule] | None = None
