@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
@@ -1613,7 +1614,7 @@ def _snapshot(
             built.keys[secret] = (text, key, role_set)
         by_secret[secret] = key
     keys = {key.digest: key for key in by_secret.values() if key is not None}
-    used = {was[2] for was in built.keys.values()}
+    used = set(map(itemgetter(2), built.keys.values()))
     built.accesses = {rs: access for rs, access in accesses.items() if rs in used}
     built.grants = grants.kept
     retriable = _DEFAULT_RETRIABLE | frozenset(doc.get("retriableErrorCodes") or ())
