@@ -17,6 +17,15 @@ variable is a changed entry), with what it depends on beside it:
   by its role set, while every model, the schedule and the roles of the set (and
   ``default``) are the same objects; a :class:`Key` by its entry and its access.
 
+Before all of these, the entries themselves (:class:`Walked`): each entry of a JSON
+file's sections as parsed, beside what ``${VAR}`` substitution made of it.  An entry equal
+to the last one (``==`` on the parsed objects, at C speed; ``repr`` when it holds a number
+or a boolean, which ``==`` confuses) whose variables have the same values is not walked
+again: its substituted object is the last one, so its canonical JSON is the last text
+(:meth:`Canonical.of` compares objects by identity; the loader never changes an object it
+built) and everything after it finds it unchanged without dumping it.  The unchanged keys,
+key checks and digests are then taken in one comprehension each, not one by one.
+
 Every reuse is checked against all of its inputs, so a stale or foreign ``Built`` is never
 wrong, only slower.  The canonical JSON also gives the snapshot's digest (the same as a
 ``json.dumps(doc, sort_keys=True)`` of the whole document, without a second pass).
