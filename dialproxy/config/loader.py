@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from operator import itemgetter
@@ -1609,7 +1609,7 @@ def _snapshot(
         elif found_key[1].access is access:
             key = found_key[1]
         else:  # the same entry, re-resolved (a role of it changed): no digest, no parsing
-            key = replace(found_key[1], access=access)
+            key = _rebound(found_key[1], access)
         if text is not None:
             built.keys[secret] = (text, key, role_set)
         by_secret[secret] = key
@@ -1627,6 +1627,20 @@ def _snapshot(
         files=files,
         schedule=schedule,
     )
+
+
+_KEY_SLOTS: tuple[str, ...] = Key.__slots__
+
+
+def _rebound(key: Key, access: Access) -> Key:
+    """``key`` with another access, its other fields as they are: ``dataclasses.replace``
+    without running ``__init__`` again (which parses the IP ranges again; a role change
+    rebinds thousands of keys)."""
+    new = object.__new__(Key)
+    for name in _KEY_SLOTS:
+        object.__setattr__(new, name, getattr(key, name))
+    object.__setattr__(new, "access", access)
+    return new
 
 
 def _key(
