@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -387,8 +389,10 @@ EDITS = st.tuples(
 
 
 def written(doc: dict[str, Any], form: str) -> list[Source]:
-    """``doc`` as files: one (indented or compact), two (keys apart), or one with a field
-    given twice (a warning, and nothing of it is taken as it was)."""
+    """``doc`` as files: one (indented or compact), two (keys apart), one with a field given
+    twice (a warning, and nothing of it is taken as it was), or YAML (walked whole)."""
+    if form == "yaml":
+        return [Source("aidial.config.yaml", yaml.safe_dump(doc).encode())]
     if form == "split":
         rest = {k: v for k, v in doc.items() if k != "keys"}
         return [
@@ -401,10 +405,16 @@ def written(doc: dict[str, Any], form: str) -> list[Source]:
     return [Source("aidial.config.json", text.encode())]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(  # DIALPROXY_PROPERTY_EXAMPLES=2000 for a longer hunt
+    max_examples=int(os.environ.get("DIALPROXY_PROPERTY_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     st.lists(
-        st.tuples(EDITS, st.sampled_from(["indented", "compact", "split", "repeated field"])),
+        st.tuples(
+            EDITS, st.sampled_from(["indented", "compact", "split", "repeated field", "yaml"])
+        ),
         min_size=1,
         max_size=8,
     )
