@@ -97,6 +97,8 @@ _switch_saved = 0.0
 
 @contextlib.contextmanager
 def _short_switches() -> Iterator[None]:
+    """:data:`BUILD_SWITCH_INTERVAL` while at least one build runs (the interval is the
+    process's), the interval found before the first of them again after the last."""
     global _switch_users, _switch_saved
     with _switch_lock:
         if _switch_users == 0:
