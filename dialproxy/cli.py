@@ -193,6 +193,12 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "(env DIALPROXY_VIEWER_ROLE; viewer)",
     )
     parser.add_argument(
+        "--keys-file",
+        metavar="FILE",
+        help="of several config files, the one the admin API writes keys to (env "
+        "DIALPROXY_KEYS_FILE; default: the one file that holds a keys section)",
+    )
+    parser.add_argument(
         "--max-response",
         type=int,
         metavar="BYTES",
@@ -264,6 +270,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "metrics_auth",
         "admin_role",
         "viewer_role",
+        "keys_file",
         *NUMBERS,
     ):
         if getattr(args, name, None) is not None:  # (run-demo has no --workers)

@@ -213,5 +213,9 @@ class FileChanged(KeysError):
     """The file changed since it was read (it is not written)."""
 
 
+class RoleNotFound(KeysError):
+    """The file's ``roles`` has no such role, or the role no such limit."""
+
+
 class NotEditable(KeysError):
     """The file (YAML) or the key (named by a ``${VAR}``) is not edited."""

@@ -351,12 +351,19 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await key_row(page, fingerprint).get_by_role("button", name="Edit").click()
     edit = page.get_by_role("dialog", name=f"Edit key {fingerprint}")
     await edit.get_by_label("Name").fill("browser key, renamed")
+    await edit.get_by_label("Models").fill("echo")
+    await edit.get_by_label("Own limits (JSON)").fill('{"echo": {"day": "5000"}}')
+    await edit.get_by_label("May create shared keys").check()
     await edit.get_by_role("button", name="Save").click()
     confirm_edit = page.get_by_role("dialog", name="Save these changes?")
-    await expect(confirm_edit).to_contain_text(f"Key {fingerprint}: name will be written")
+    await expect(confirm_edit).to_contain_text(
+        f"Key {fingerprint}: name, models, limits, canShare will be written"
+    )
     await confirm_edit.get_by_role("button", name="Save changes").click()
     await expect(key_row(page, fingerprint)).to_contain_text("browser key, renamed")
-    assert '"name": "browser key, renamed"' in server.config.read_text()
+    entry = json.loads(server.config.read_text())["keys"]["sha256:" + _digest(secret)]
+    assert entry["name"] == "browser key, renamed" and entry["models"] == ["echo"]
+    assert entry["limits"] == {"echo": {"day": "5000"}} and entry["canShare"] is True
 
     await expect(key_row(page, fingerprint)).to_contain_text(f"1 request, {tokens} tokens")
 
@@ -365,6 +372,8 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await details.click()
     windows = page.get_by_role("dialog")
     await expect(windows.get_by_text("tokens per minute (project)")).to_be_visible()
+    await expect(windows.get_by_text("tokens per day (key)")).to_be_visible()  # its own
+    await expect(windows).to_contain_text("No shared keys.")  # (it may share now)
     await page.keyboard.press("Escape")
     await expect(windows).to_have_count(0)
     await expect(details).to_be_focused()

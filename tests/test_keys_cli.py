@@ -518,3 +518,41 @@ def test_durations_and_dates() -> None:
         with pytest.raises(ValueError):
             keys.parse_expiry(bad, now)
     assert text.parse_duration("0") == timedelta(0)
+
+
+_LAYOUTS = [
+    '{"roles": {"a": {}, "b": {"limits": {"m": {"day": 1}}}}, "keys": {"k": {"x": [1, {"y": 2}]}}}',
+    '{\n  "roles": {\n    "a": {},\n    "b": {\n      "limits": {\n'
+    '        "m": {"day": 1}\n      }\n    }\n  },\n'
+    '  "keys": {"k": {"x": [1, {"y": 2}]}}\n}\n',
+    '{\r\n\t"keys": {"k": {"x": [1, {"y": 2}]}},\r\n'
+    '\t"roles": {"a": {}, "b": {"limits": {"m": {"day": 1}}}}\r\n}',
+    '{ "roles" : { "b" : { "limits" : { "m" : { "day" : 1 } , "n" : {} } } , "a" : { } } ,\n'
+    ' "keys" : { "k" : { "x" : [1, {"y": 2}] , "é" : "ü" } } }',
+]
+
+
+@pytest.mark.parametrize("text", _LAYOUTS)
+def test_splices_set_and_remove_members_at_any_depth(text: str) -> None:
+    """Members set, added and taken out of nested objects in any layout: the text parses to
+    exactly the intended document, and taking out what was added gives the text back."""
+    edited = keys._JsonText(text)
+    doc = json.loads(text)
+    edited.set_member(["roles", "b", "limits"], "new", {"minute": 5}, expand=0)
+    doc["roles"]["b"]["limits"]["new"] = {"minute": 5}
+    assert json.loads(edited.text) == doc
+    edited.remove_member(["roles", "b", "limits"], "new")
+    del doc["roles"]["b"]["limits"]["new"]
+    assert edited.text == text
+    edited.set_member(["roles", "a"], "limits", {"m": {"day": "2"}})
+    doc["roles"]["a"]["limits"] = {"m": {"day": "2"}}
+    edited.set_member(["keys", "k"], "x", None)
+    doc["keys"]["k"]["x"] = None
+    edited.remove_member(["roles", "b", "limits"], "m")
+    del doc["roles"]["b"]["limits"]["m"]
+    assert json.loads(edited.text) == doc
+    edited.remove_member(["keys"], "k")
+    del doc["keys"]["k"]
+    assert json.loads(edited.text) == doc
+    with pytest.raises(keys.KeysError):
+        keys._JsonText("[1, 2]").set_member([], "a", 1)
