@@ -266,11 +266,13 @@ async function roleNames(listed) {
 async function keys() {
   let page = await listKeys();
   const roles = await roleNames(keyList.keys);
-  const today = new Map(); // fingerprint -> today's usage (UTC), from the ledger
-  try {
-    const used = await api(`/v1/console/usage?by=key&from=${day(0)}&to=${day(0)}`);
-    for (const r of used.rows) today.set(r.key, r);
-  } catch { /* the ledger is off: no column */ }
+  const today = new Map(); // fingerprint -> today's usage (UTC), when the list has none
+  if (keyList.keys.length && !("usageToday" in keyList.keys[0])) {
+    try {
+      const used = await api(`/v1/console/usage?by=key&from=${day(0)}&to=${day(0)}`);
+      for (const r of used.rows) today.set(r.key, r);
+    } catch { /* the ledger is off: no column */ }
+  }
   const projects = [...new Set(keyList.keys.map((k) => k.project).filter(Boolean))].sort();
   const body = h("div");
   let typing;
