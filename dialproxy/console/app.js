@@ -149,7 +149,7 @@ async function overview() {
         ["Generation", String(c.generation)],
         ["Loaded", fmt.date(c.loadedAt)],
         ["Reloads", `${c.reloadsApplied} applied, ${c.reloadsRefused} refused`],
-        ["Serves", `${c.models} models, ${c.applications} apps, ${c.keys} keys, ${c.roles} roles`],
+        ["Serves", [plural(c.models, "model"), plural(c.applications, "application"), plural(c.keys, "key"), plural(c.roles, "role")].join(", ")],
       ]),
       h("h3", { text: "Last refusal" }), refusal,
       canWrite() ? h("button", { type: "button", id: "reload-config", onclick: reloadConfig, text: "Reload config" }) : null),
