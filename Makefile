@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DEMO_PORT ?= 8081
 
-.PHONY: lock run test lint typecheck bench bench-instructions bench-hostile bench-reload validate install redis browser clean
+.PHONY: screenshots lock run test lint typecheck bench bench-instructions bench-hostile bench-reload validate install redis browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ browser:
 	  echo "/usr/bin/chromium not found: installing Debian's chromium with apt-get"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
 	@test -x /usr/bin/chromium || { echo "Debian's chromium (/usr/bin/chromium) is required for the console tests"; exit 1; }
+
+# The README's screenshots of the console, taken again by its browser tests.
+screenshots: $(STAMP) browser
+	DIALPROXY_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/test_console_browser.py
 
 test: $(STAMP) redis browser
 	$(BIN)/python -m pytest

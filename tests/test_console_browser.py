@@ -1,7 +1,8 @@
 """The console (/console) in a real browser: Debian's chromium driven by Playwright, against
 the real proxy process (`dialproxy run-demo`: the proxy and the demo model backend) with a
 config of an admin key, a viewer key and a plain key, and the usage ledger flushed every
-0.2 s.  The screenshots of docs/screenshots/ (shown in the README) are taken here.
+0.2 s.  A screenshot of each page is saved by every run, to build/screenshots/;
+`make screenshots` saves them to docs/screenshots/, which the README shows.
 
 The browser is /usr/bin/chromium (`make browser` installs Debian's package; `make test`
 depends on it); Playwright's own browsers are never downloaded.  A missing browser or
@@ -37,7 +38,9 @@ except ImportError:  # (failed with a message by the browser fixture, never skip
     async_playwright = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Where each page's screenshot goes: build/screenshots/ (ignored by git), or the README's
+# docs/screenshots/ with `make screenshots` (a test run leaves the work tree as it was).
+SCREENSHOTS = Path(os.environ.get("DIALPROXY_SCREENSHOTS") or ROOT / "build" / "screenshots")
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
