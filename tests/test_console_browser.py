@@ -217,7 +217,7 @@ def page_errors(page: Page) -> list[str]:
 
 
 async def shot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(SCREENSHOTS.mkdir, parents=True, exist_ok=True)
     await page.evaluate(  # (no passing notice in the pictures)
         "(t => { t.style.transition = 'none'; t.classList.remove('show'); })"
         "(document.getElementById('toast'))"
