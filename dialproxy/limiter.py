@@ -415,7 +415,11 @@ class Admission:
             owners += [scope] * len(scope.counted)
         kinds += [2] * (len(windows) - self.checks)
         self.windows, self.limits, self.kinds, self.owners = windows, limits, kinds, owners
-        self.modes = [0] * self.checks + [1] * (len(windows) - self.checks)
+        # (2: counted, not limited: the storage need not read it, only count in it)
+        self.modes = [
+            2 if limit >= UNLIMITED else int(index >= self.checks)
+            for index, limit in enumerate(limits)
+        ]
         self.token_spans = spans
         self.request_windows = tuple(chain.from_iterable(s.request_windows for s in scopes))
         self.slots = [(s.slot_set, s.concurrency) for s in scopes if s.concurrency is not None]

@@ -56,30 +56,36 @@ _WINDOW = """
 local ARGV_PACKED = ARGV[1]
 local ARGV = {}  -- (the arguments come as one comma-separated string: one to encode, not 20)
 for v in string.gmatch(ARGV_PACKED, '[^,]+') do ARGV[#ARGV + 1] = v end
-local function window(p, c, expiry)
-    -- (a TTL of -2: no such key, so no GET; Redis 7 holds its clock still in a script, so a
-    -- TTL just set reads back as set)
+-- The current bucket of KEYS[c] rolled over into KEYS[p] when its TTL fell under one
+-- window; returns its TTL (ms; -2: no such key) and whether it exists.
+local function roll(p, c, expiry)
+    -- (Redis 7 holds its clock still in a script, so a TTL just set reads back as set)
     local ct = tonumber(redis.call('pttl', KEYS[c]))
-    local cc = 0
-    if expiry < 0 then  -- a calendar period's counter (expiry: -its end, epoch ms)
-        local here = ct ~= -2
-        if here then cc = tonumber(redis.call('get', KEYS[c])) or 0 end
-        if ct < 0 then ct = 0 end
-        return 0, 0, cc, ct, here
-    end
-    local here = ct ~= -2
-    if ct > 0 and ct < expiry then
+    if expiry > 0 and ct > 0 and ct < expiry then
         redis.call('rename', KEYS[c], KEYS[p])
         redis.call('set', KEYS[c], 0, 'PX', ct + expiry)
-        ct = ct + expiry
-    elseif here then
-        cc = tonumber(redis.call('get', KEYS[c])) or 0
+        return ct + expiry, true, true
     end
-    local pc = 0
+    return ct, ct ~= -2, false
+end
+-- The previous bucket's count and TTL (ms), 0 and 0 when absent (no PTTL then).
+local function previous(p)
+    local pc = tonumber(redis.call('get', KEYS[p]))
+    if pc == nil then return 0, 0 end
     local pt = tonumber(redis.call('pttl', KEYS[p]))
-    if pt ~= -2 then pc = tonumber(redis.call('get', KEYS[p])) or 0 end
     if pt < 0 then pt = 0 end
+    return pc, pt
+end
+local function window(p, c, expiry)
+    -- (a TTL of -2: no such key, so no GET)
+    local ct, here, rolled = roll(p, c, expiry)
+    local cc = 0
+    if here and not rolled then cc = tonumber(redis.call('get', KEYS[c])) or 0 end
     if ct < 0 then ct = 0 end
+    if expiry < 0 then  -- a calendar period's counter (expiry: -its end, epoch ms)
+        return 0, 0, cc, ct, here
+    end
+    local pc, pt = previous(p)
     return pc, pt, cc, ct, here
 end
 -- ``amount`` added to KEYS[c], which ``window`` just read (``here``: it existed, with ``ct``
@@ -102,7 +108,9 @@ end
 
 # ARGV: n, then per window: seconds, limit, mode, amount; then m, member, lease (ms), and per
 # slot set its limit.  Mode 0: refused when full (a token or cost window); 1: refused when
-# adding ``amount`` would pass the limit (a request window).  A slot set (KEYS after the
+# adding ``amount`` would pass the limit (a request window); 2: never refused (a window
+# counted, not limited: only its current bucket is touched, and its counts answer as 0 but
+# for the current bucket's TTL: three commands fewer).  A slot set (KEYS after the
 # windows' pairs: members scored by their lease's end, Redis's own clock) refuses when it
 # holds its limit of live members.  Nothing is added unless nothing refuses.  Returns
 # {refused index (0: none; past n: a slot set), then per window read (all of them, at the
@@ -119,13 +127,20 @@ for i = 1, n do
     local limit = tonumber(ARGV[i * 4 - 1])
     local mode = tonumber(ARGV[i * 4])
     local amount = tonumber(ARGV[i * 4 + 1])
-    local pc, pt, cc, ct, here = window(i * 2 - 1, i * 2, expiry)
-    found[i] = here
-    local weighted = math.floor(pc * pt / expiry) + cc
-    table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
-    local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
-    if full and out[1] == 0 then
-        out[1] = i
+    if mode == 2 then  -- counted, not limited: only rolled over, its counts not read
+        local ct, here = roll(i * 2 - 1, i * 2, expiry)
+        found[i] = here
+        if ct < 0 then ct = 0 end
+        table.insert(out, 0); table.insert(out, 0); table.insert(out, 0); table.insert(out, ct)
+    else
+        local pc, pt, cc, ct, here = window(i * 2 - 1, i * 2, expiry)
+        found[i] = here
+        local weighted = math.floor(pc * pt / expiry) + cc
+        table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
+        local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
+        if full and out[1] == 0 then
+            out[1] = i
+        end
     end
 end
 if out[1] ~= 0 then
@@ -173,16 +188,20 @@ for i = 1, n do
     local expiry = tonumber(ARGV[i * 2]) * 1000
     local amount = tonumber(ARGV[i * 2 + 1])
     if amount > 0 then
-        local _, _, _, ct, here = window(i * 2 - 1, i * 2, expiry)
+        local ct, here = roll(i * 2 - 1, i * 2, expiry)
+        if ct < 0 then ct = 0 end
         add(i * 2, expiry, amount, here, ct)
     elseif amount < 0 then
-        local pc, pt, cc, ct = window(i * 2 - 1, i * 2, expiry)
+        local _, here, rolled = roll(i * 2 - 1, i * 2, expiry)
         local left = -amount
-        local here = math.min(cc, left)
-        if here > 0 then redis.call('decrby', KEYS[i * 2], here) end
-        left = left - here
-        here = math.min(pc, left)
-        if here > 0 then redis.call('decrby', KEYS[i * 2 - 1], here) end
+        if here and not rolled then  -- (DECRBY first, undone below 0: one command, mostly)
+            left = -tonumber(redis.call('decrby', KEYS[i * 2], left))
+            if left > 0 then redis.call('incrby', KEYS[i * 2], left) end
+        end
+        if left > 0 and expiry > 0 then  -- (a calendar period has no previous bucket)
+            local take = math.min(tonumber(redis.call('get', KEYS[i * 2 - 1])) or 0, left)
+            if take > 0 then redis.call('decrby', KEYS[i * 2 - 1], take) end
+        end
     end
 end
 local m = tonumber(ARGV[n * 2 + 2] or '0')
