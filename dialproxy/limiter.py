@@ -125,6 +125,11 @@ class Scope:
     counted: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     counted_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
     checked_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # Of the checked ones, the limited (the others are counted, never full nor tightest:
+    # an admission in memory reads these alone), and how many of them are token windows.
+    limited: tuple[Read, ...] = field(init=False, repr=False, compare=False)
+    limited_windows: tuple[Window, ...] = field(init=False, repr=False, compare=False)
+    limited_tokens: int = field(init=False, repr=False, compare=False)
     # Whether a finished request's usage is added here (any token or cost window).
     records: bool = field(init=False, repr=False, compare=False)
     slot_set: str = field(init=False, repr=False, compare=False)  # its requests in flight
@@ -135,6 +140,9 @@ class Scope:
         object.__setattr__(self, "period", [-math.inf, math.inf])
         self._count_at(time.time())
         object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
+        limited_windows = tuple(w for w in self.checked_windows if w.limited)
+        object.__setattr__(self, "limited_windows", limited_windows)
+        object.__setattr__(self, "limited_tokens", sum(w.limited for w in self.token_windows))
         object.__setattr__(self, "counted_limits", tuple(w.limit for w in self.request_windows))
         object.__setattr__(self, "checked_limits", tuple(w.limit for w in self.checked_windows))
         object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
@@ -155,6 +163,9 @@ class Scope:
         object.__setattr__(self, "cost_counters", costs)
         object.__setattr__(self, "checked", tokens + costs)
         object.__setattr__(self, "counted", counted)
+        windows = self.token_windows + self.cost_windows
+        limited = tuple(c for c, w in zip(tokens + costs, windows, strict=True) if w.limited)
+        object.__setattr__(self, "limited", limited)
         calendars = [
             w.calendar.period(now)
             for w in chain(self.token_windows, self.cost_windows, self.request_windows)
@@ -361,6 +372,10 @@ class Admission:
     concurrency cap."""
 
     __slots__ = (
+        "acquired",
+        "acquired_limits",
+        "acquired_owners",
+        "acquired_windows",
         "checks",
         "cost_counters",
         "counted",
@@ -375,6 +390,7 @@ class Admission:
         "slots",
         "token_counters",
         "token_spans",
+        "unacquired",
         "windows",
     )
 
@@ -425,6 +441,15 @@ class Admission:
         self.slots = [(s.slot_set, s.concurrency) for s in scopes if s.concurrency is not None]
         self.counted = windows[self.checks :]
         self.counted_limits = limits[self.checks :]
+        # In memory, the limited request windows are acquired (read, checked, counted) and
+        # the others only counted once they passed (nothing reads them: never full, never
+        # the tightest).
+        limited = [i for i in range(self.checks, len(windows)) if limits[i] < UNLIMITED]
+        self.acquired = [windows[i] for i in limited]
+        self.acquired_limits = [limits[i] for i in limited]
+        self.acquired_owners = [owners[i] for i in limited]
+        self.acquired_windows = tuple(w for w in self.request_windows if w.limited)
+        self.unacquired = [windows[i] for i in range(self.checks, len(windows)) if i not in limited]
         self.token_counters = list(chain.from_iterable(s.token_counters for s in scopes))
         self.cost_counters = list(chain.from_iterable(s.cost_counters for s in scopes))
 
@@ -483,23 +508,25 @@ def _admit_now(
     admission, now = batch.admission, batch.now
     token: Tight | None = None
     for scope in admission.scopes:
-        if scope.checked:
-            counts = local.read_many(scope.checked, now)
-            token, full = _scan(scope.checked_windows, counts, len(scope.token_windows), token)
+        if scope.limited:  # (the others are never full nor the tightest)
+            counts = local.read_many(scope.limited, now)
+            token, full = _scan(scope.limited_windows, counts, scope.limited_tokens, token)
             if full:
-                _refuse_checked(scope, counts)
+                _refuse_checked(scope, local.read_many(scope.checked, now))
     slots = local.slots
     for key, limit in batch.slots:
         if len(slots.get(key, ())) >= limit:
             raise ConcurrencyLimited(limit)
     request: Tight | None = None
-    if admission.counted:
-        acquired = local.acquire_many(admission.counted, admission.counted_limits, 1, now)
+    if admission.acquired:
+        acquired = local.acquire_many(admission.acquired, admission.acquired_limits, 1, now)
         if isinstance(acquired, int):  # (the windows before it taken back)
-            scope = admission.owners[admission.checks + acquired]
+            scope = admission.acquired_owners[acquired]
             reads = local.read_many(scope.counted, now)
-            _refuse_counted(scope, reads, admission.counted[acquired])
-        request = _scan(admission.request_windows, acquired, len(acquired), None)[0]
+            _refuse_counted(scope, reads, admission.acquired[acquired])
+        request = _scan(admission.acquired_windows, acquired, len(acquired), None)[0]
+    if admission.unacquired:
+        local.add_many(admission.unacquired, 1, now)
     tokens, cost = batch.reserved
     if tokens and admission.token_counters:
         local.add_many(admission.token_counters, tokens, now)
