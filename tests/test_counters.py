@@ -5,6 +5,7 @@ whole windows and more, must give the same answer."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 
@@ -82,6 +83,26 @@ async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, s
             await take_back(ours, key, expiry)
             await take_back(theirs, key, expiry)
         clock.now += rnd.choice([0.0, 0.01, 0.3, 1.1, 7.0, 7.0, 61.0, 125.0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_change_many_is_settle_window_by_window(seed: int) -> None:
+    """``change_many`` (a settlement's one signed amount for many windows, the loop inline)
+    leaves every counter as ``settle`` of each window on its own does: a negative amount
+    taken from the current bucket, then the previous; sliding and calendar windows."""
+    rnd = random.Random(seed)
+    batched, alone = LocalCounters(), LocalCounters()
+    batched._next_sweep = alone._next_sweep = math.inf  # (a sweep is not what is compared)
+    now = 1_800_000_000.0
+    windows = [("a", 1), ("b", 2), ("c", 60), ("d@1", -(1_800_000_000 + 90))]
+    for _ in range(3_000):
+        chosen = rnd.sample(windows, rnd.randint(1, len(windows)))
+        amount = rnd.randint(-8, 8)
+        batched.change_many(chosen, amount, now)
+        for window in chosen:
+            alone.settle([window], [amount], now=now)
+        assert batched.windows == alone.windows
+        now += rnd.choice([0.0, 0.01, 0.3, 1.1, 2.5, 61.0])
 
 
 async def test_expired_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
