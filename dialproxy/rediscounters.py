@@ -471,11 +471,9 @@ class ScriptBatch:
         if not self.pending:
             loop.call_soon(self._flush)
         self.pending.append((script, keys, windows, own, future))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(_consume)  # (its outcome is no one's now)
-            raise
+        # (A caller cancelled cancels its future alone: the call still goes, or has gone,
+        # with its batch, which skips the answers no one waits for.)
+        return await future
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
