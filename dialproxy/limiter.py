@@ -263,9 +263,9 @@ class Limiter:
         admission = scopes if isinstance(scopes, Admission) else Admission(scopes)
         if now >= admission.period[1] or now < admission.period[0]:
             admission.current(now)  # (a calendar period ended: its new counters)
-        batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         if self.local is not None:
-            return _admit_now(self.local, batch)
+            return _admit_now(self.local, admission, reserve_tokens, reserve_cost, member, now)
+        batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         return await self.guard.run(lambda s: _admit(s, batch), (None, None))
 
     async def settle(
@@ -490,7 +490,7 @@ class _Batch:
 
 async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowState | None]:
     if isinstance(s, LocalCounters):
-        return _admit_now(s, batch)
+        return _admit_now(s, batch.admission, *batch.reserved, batch.member, batch.now)
     refused, counts = await s.admit(*batch.args())
     on_clock(batch.windows, counts, batch.now)
     if refused:
@@ -499,13 +499,12 @@ async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowS
 
 
 def _admit_now(
-    local: LocalCounters, batch: _Batch
+    local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str, now: float
 ) -> tuple[WindowState | None, WindowState | None]:
     """:func:`_admit` on in-process counters: done before it returns, so one step (nothing
     else runs on the loop meanwhile).  The scopes' token and cost windows read and checked,
     the request counted in every request window or in none, then the reservation added
     (this runs on every request: the counters' batch calls, each window looked up once)."""
-    admission, now = batch.admission, batch.now
     token: Tight | None = None
     for scope in admission.scopes:
         if scope.limited:  # (the others are never full nor the tightest)
@@ -514,7 +513,8 @@ def _admit_now(
             if full:
                 _refuse_checked(scope, local.read_many(scope.checked, now))
     slots = local.slots
-    for key, limit in batch.slots:
+    taken = admission.slots if member else ()
+    for key, limit in taken:
         if len(slots.get(key, ())) >= limit:
             raise ConcurrencyLimited(limit)
     request: Tight | None = None
@@ -527,15 +527,14 @@ def _admit_now(
         request = _scan(admission.acquired_windows, acquired, len(acquired), None)[0]
     if admission.unacquired:
         local.add_many(admission.unacquired, 1, now)
-    tokens, cost = batch.reserved
     if tokens and admission.token_counters:
         local.add_many(admission.token_counters, tokens, now)
         if token is not None:  # (the headers count the request's own reservation)
             token = (token[0], token[1], token[2] - tokens)
     if cost and admission.cost_counters:
         local.add_many(admission.cost_counters, cost, now)
-    for key, _ in batch.slots:
-        slots.setdefault(key, set()).add(batch.member)
+    for key, _ in taken:
+        slots.setdefault(key, set()).add(member)
     return _state(request), _state(token)
 
 
