@@ -30,7 +30,7 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from dialproxy.counters import Counts, Read
 
@@ -259,7 +259,7 @@ class _Prepared:
     """What a script call on some windows sends that is the same for every call: the keys
     (encoded) and the windows' packed arguments (encoded)."""
 
-    __slots__ = ("keys", "windows")
+    __slots__ = ("keys", "windows", "wire_keys", "wire_windows")
 
     def __init__(self, windows: Sequence[Read], per_window: Iterable[Any]) -> None:
         keys: list[bytes] = []
@@ -268,6 +268,14 @@ class _Prepared:
             keys += (current + b"/-1", current)
         self.keys = keys
         self.windows = _packed(chain((len(windows),), per_window)).encode()
+        # (the same, as they go on the wire: RESP bulk strings)
+        self.wire_keys = b"".join(map(_bulk, keys))
+        self.wire_windows = _bulk(self.windows)
+
+
+def _bulk(value: bytes) -> bytes:
+    """``value`` as a RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
 def _counts(flat: Sequence[Any], start: int = 0) -> list[Counts]:
@@ -320,12 +328,13 @@ class RedisCounters:
         set (``slots``: key, limit) for ``member``; the counts of every window (after the
         adding, if nothing refused)."""
         prepared = self._prepared_admit(windows, limits, modes)
-        keys, own = prepared.keys, _packed(amounts)
+        extra: list[bytes] = []
+        own = _packed(amounts)
         if slots:
-            keys = keys + [(PREFIX + key).encode() for key, _ in slots]
+            extra = [(PREFIX + key).encode() for key, _ in slots]
             own += f",{len(slots)},{member},{int(self.lease * 1000)},"
             own += _packed(limit for _, limit in slots)
-        flat = await self._batch.call(self._admit, keys, prepared.windows, own)
+        flat = await self._batch.call(self._admit, prepared, extra, own)
         refused = int(flat[0])
         if refused > len(windows):
             return refused, _counts(flat[1 : len(flat) - 1], 0)
@@ -346,16 +355,17 @@ class RedisCounters:
         """Signed ``amounts`` added to the windows, and ``member``'s ``slots`` freed, in one
         step."""
         prepared = self._prepared_windows(windows)
-        keys, own = prepared.keys, _packed(amounts)
+        extra: list[bytes] = []
+        own = _packed(amounts)
         if slots:
-            keys = keys + [(PREFIX + key).encode() for key in slots]
+            extra = [(PREFIX + key).encode() for key in slots]
             own += f",{len(slots)},{member}"
             for key in slots:
                 if (members := self.held.get(key)) is not None:
                     members.discard(member)
                     if not members:
                         del self.held[key]
-        await self._batch.call(self._settle, keys, prepared.windows, own)
+        await self._batch.call(self._settle, prepared, extra, own)
 
     def _prepared_admit(
         self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int]
@@ -448,7 +458,7 @@ class RedisCounters:
         await self.client.aclose()
 
 
-_Call = tuple[AsyncScript, list[bytes], bytes, str, "asyncio.Future[Any]"]
+_Call = tuple[AsyncScript, _Prepared, list[bytes], str, "asyncio.Future[Any]"]
 
 
 class ScriptBatch:
@@ -465,12 +475,16 @@ class ScriptBatch:
         self.pending: list[_Call] = []
         self.sending: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: AsyncScript, keys: list[bytes], windows: bytes, own: str) -> Any:
+    async def call(
+        self, script: AsyncScript, prepared: _Prepared, extra: list[bytes], own: str
+    ) -> Any:
+        """The script's answer for ``prepared``'s keys and windows, then the keys
+        ``extra``, with the call's own arguments ``own``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
             loop.call_soon(self._flush)
-        self.pending.append((script, keys, windows, own, future))
+        self.pending.append((script, prepared, extra, own, future))
         # (A caller cancelled cancels its future alone: the call still goes, or has gone,
         # with its batch, which skips the answers no one waits for.)
         return await future
@@ -483,18 +497,12 @@ class ScriptBatch:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            if len(batch) == 1:
-                script, keys, windows, own, _ = batch[0]
-                results: list[Any] = [await script(keys=keys, args=[windows, own])]
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for script, keys, windows, own, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, windows, own)
-                results = await pipe.execute(raise_on_error=False)
-                for i, result in enumerate(results):
-                    if isinstance(result, NoScriptError):  # (Redis restarted: not run)
-                        script, keys, windows, own, _ = batch[i]
-                        results[i] = await script(keys=keys, args=[windows, own])  # (loads it)
+            results = await self._exchange(batch)
+            for i, result in enumerate(results):
+                if isinstance(result, NoScriptError):  # (Redis restarted: not run)
+                    script, prepared, extra, own, _ = batch[i]
+                    keys = prepared.keys + extra
+                    results[i] = await script(keys=keys, args=[prepared.windows, own])  # (loads)
         except BaseException as e:  # (an outage: every call of the batch sees it)
             for *_, future in batch:
                 if future.done():
@@ -513,6 +521,36 @@ class ScriptBatch:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _exchange(self, batch: list[_Call]) -> list[Any]:
+        """The batch's EVALSHA calls written at once on one connection of the pool, then
+        their answers read (an error answer in its call's place).  The calls are packed
+        from their keys' and windows' bytes made once (redis-py's pipeline would pack every
+        argument of every call again, and parse each answer through its callbacks).  A
+        connection that failed (or timed out) mid-way is dropped, never reused."""
+        wire = []
+        for script, prepared, extra, own, _ in batch:
+            nkeys = len(prepared.keys) + len(extra)
+            wire.append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5))
+            wire.append(_bulk(script.sha.encode()) + _bulk(b"%d" % nkeys) + prepared.wire_keys)
+            wire.extend(map(_bulk, extra))
+            wire.append(prepared.wire_windows + _bulk(own.encode()))
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(b"".join(wire))
+            results: list[Any] = []
+            for _ in batch:
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as e:  # (its call's answer: the others follow)
+                    results.append(e)
+            return results
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
     async def close(self) -> None:
         await asyncio.gather(*self.sending, return_exceptions=True)
