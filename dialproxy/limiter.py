@@ -373,9 +373,11 @@ class Admission:
 
     __slots__ = (
         "acquired",
+        "acquired_at",
         "acquired_limits",
         "acquired_owners",
         "acquired_windows",
+        "calendars",
         "checks",
         "cost_counters",
         "counted",
@@ -388,8 +390,9 @@ class Admission:
         "request_windows",
         "scopes",
         "slots",
+        "token_at",
         "token_counters",
-        "token_spans",
+        "token_windows",
         "unacquired",
         "windows",
     )
@@ -436,7 +439,16 @@ class Admission:
             2 if limit >= UNLIMITED else int(index >= self.checks)
             for index, limit in enumerate(limits)
         ]
-        self.token_spans = spans
+        # Where the limited token windows' counts are in a storage's answer, and those
+        # windows (the headers' tightest token window is one of them).
+        self.token_at = [
+            start + i
+            for start, _, scope in spans
+            for i, w in enumerate(scope.token_windows)
+            if w.limited
+        ]
+        self.token_windows = tuple(w for _, _, s in spans for w in s.token_windows if w.limited)
+        self.calendars = any(seconds < 0 for _, seconds in windows)  # (periods that end)
         self.request_windows = tuple(chain.from_iterable(s.request_windows for s in scopes))
         self.slots = [(s.slot_set, s.concurrency) for s in scopes if s.concurrency is not None]
         self.counted = windows[self.checks :]
@@ -446,6 +458,7 @@ class Admission:
         # the tightest).
         limited = [i for i in range(self.checks, len(windows)) if limits[i] < UNLIMITED]
         self.acquired = [windows[i] for i in limited]
+        self.acquired_at = limited
         self.acquired_limits = [limits[i] for i in limited]
         self.acquired_owners = [owners[i] for i in limited]
         self.acquired_windows = tuple(w for w in self.request_windows if w.limited)
@@ -492,7 +505,8 @@ async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowS
     if isinstance(s, LocalCounters):
         return _admit_now(s, batch.admission, *batch.reserved, batch.member, batch.now)
     refused, counts = await s.admit(*batch.args())
-    on_clock(batch.windows, counts, batch.now)
+    if batch.admission.calendars:
+        on_clock(batch.windows, counts, batch.now)
     if refused:
         _refuse(batch, refused, counts)
     return _admitted(batch, counts)
@@ -554,16 +568,17 @@ def _refuse(batch: _Batch, refused: int, counts: list[Counts]) -> NoReturn:
 
 
 def _admitted(batch: _Batch, counts: list[Counts]) -> tuple[WindowState | None, WindowState | None]:
-    """The tightest request and token windows of an admission (the rate-limit headers)."""
+    """The tightest request and token windows of an admission (the rate-limit headers):
+    of the limited ones (the others are never the tightest), in the scopes' order."""
     admission = batch.admission
     token: Tight | None = None
-    for start, end, scope in admission.token_spans:
-        select = len(scope.token_windows)
-        token, _ = _scan(scope.checked_windows, counts[start:end], select, token)
-    windows = admission.request_windows
-    if not windows:
-        return None, _state(token)
-    request = _scan(windows, counts[admission.checks :], len(windows), None)[0]
+    if at := admission.token_at:
+        windows = admission.token_windows
+        token = _scan(windows, [counts[i] for i in at], len(windows), None)[0]
+    request: Tight | None = None
+    if at := admission.acquired_at:
+        windows = admission.acquired_windows
+        request = _scan(windows, [counts[i] for i in at], len(windows), None)[0]
     return _state(request), _state(token)
 
 

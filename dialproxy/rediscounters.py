@@ -281,7 +281,7 @@ def _bulk(value: bytes) -> bytes:
 def _counts(flat: Sequence[Any], start: int = 0) -> list[Counts]:
     """Counts from a script's flat answer of integers (TTLs from ms to seconds)."""
     it = iter(flat[start:] if start else flat)
-    return [(int(a), b / 1000, int(c), d / 1000) for a, b, c, d in zip(it, it, it, it, strict=True)]
+    return [(a, b / 1000, c, d / 1000) for a, b, c, d in zip(it, it, it, it, strict=True)]
 
 
 class RedisCounters:
