@@ -14,8 +14,7 @@ from dialproxy.config.model import Access, IPNetwork, Key, Snapshot
 from dialproxy.errors import BadRequest, Forbidden, Unauthorized
 
 if TYPE_CHECKING:
-    from dialproxy.perrequest import PerRequestKeys
-    from dialproxy.sharedkeys import SharedKey
+    from dialproxy.sharedkeys.model import SharedKey
 
 NO_CREDENTIALS = "At least API-KEY or Authorization header must be provided"
 UNKNOWN_KEY = "Unknown api key"
@@ -81,12 +80,24 @@ def _admitted(key: Key, secret: str, remote: str | None, now: datetime | None) -
     return Principal(key, secret)
 
 
+class PerRequestFinder(Protocol):
+    """What :func:`authenticate` needs of the per-request keys in flight
+    (:class:`dialproxy.perrequest.PerRequestKeys`, which builds on this module)."""
+
+    async def principal(
+        self, secret: str, snapshot: Snapshot, shared: SharedKeyFinder, now: datetime
+    ) -> Principal: ...
+
+
 class SharedKeyFinder(Protocol):
     """What :func:`authenticate` needs of the app's shared keys
-    (:class:`dialproxy.sharedkeys.SharedKeys`)."""
+    (:class:`dialproxy.sharedkeys.service.SharedKeys`)."""
 
     clock: Callable[[], datetime] | None
-    per_request: PerRequestKeys | None  # the per-request keys in flight
+
+    @property
+    def per_request(self) -> PerRequestFinder | None:  # the per-request keys in flight
+        ...
 
     async def find(self, secret: str) -> SharedKey | None: ...
 

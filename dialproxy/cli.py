@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,13 +19,13 @@ import structlog
 from aiohttp import web
 
 from dialproxy import keys, ledger, logs
-from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
+from dialproxy.config.loader import build_snapshot, read_sources
 from dialproxy.config.model import Problem
 from dialproxy.config.store import ConfigStore
+from dialproxy.errors import EXIT_INVALID, EXIT_OK, EXIT_USAGE, ConfigError
 from dialproxy.settings import LEDGER_MODES, LOOPS, METRICS_AUTH, NUMBERS, Settings
+from dialproxy.text import timestamp
 from dialproxy.workers import FORWARDED, WORKER_FLAG, supervise, watch_parent
-
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 log = structlog.get_logger("dialproxy.cli")
 
@@ -194,6 +193,12 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "(env DIALPROXY_VIEWER_ROLE; viewer)",
     )
     parser.add_argument(
+        "--keys-file",
+        metavar="FILE",
+        help="of several config files, the one the admin API writes keys to (env "
+        "DIALPROXY_KEYS_FILE; default: the one file that holds a keys section)",
+    )
+    parser.add_argument(
         "--max-response",
         type=int,
         metavar="BYTES",
@@ -245,6 +250,11 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def settings_for(argv: Sequence[str]) -> Settings:
+    """The settings a command line gives (``DIALPROXY_*`` variables, then its flags)."""
+    return _settings(_parser().parse_args(argv))
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
     changes: dict[str, object] = {}
@@ -260,6 +270,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "metrics_auth",
         "admin_role",
         "viewer_role",
+        "keys_file",
         *NUMBERS,
     ):
         if getattr(args, name, None) is not None:  # (run-demo has no --workers)
@@ -329,10 +340,7 @@ def validate(files: Sequence[str], strict: bool, fmt: str) -> int:
 def _date(value: str | None, end: bool) -> float | None:
     if value is None:
         return None
-    when = keys.parse_datetime(value)
-    if end and "T" not in value.upper():  # a date: up to its end
-        when += timedelta(days=1)
-    return when.timestamp()
+    return timestamp(value, end_of_day=end)  # (a date: up to its end)
 
 
 def usage(args: argparse.Namespace) -> int:
@@ -363,7 +371,7 @@ def usage(args: argparse.Namespace) -> int:
         store = ledger.RedisLedgerStore(client, settings.ledger_retention)
         store.owns_client = True
     elif scheme == "memory":
-        from dialproxy.sharedkeys import state_path
+        from dialproxy.statefile import state_path
 
         path = ledger.usage_path(state_path(settings))
         if not path.is_file():
@@ -413,7 +421,7 @@ async def _serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT.  ``parent``: this is a worker of ``serve --workers N``
     (listening with SO_REUSEPORT beside the others; it stops if that process goes)."""
-    from dialproxy.demo_backend import BackendControl, create_backend_app
+    from dialproxy.demo_backend import Pace, create_backend_app
     from dialproxy.server import build_app, reload_soon, tune_gc
     from dialproxy.web.appkeys import DRAIN
     from dialproxy.web.drain import FINISH_TIMEOUT, shut_down
@@ -421,7 +429,7 @@ async def _serve(
     app = build_app(settings, store)
     runners: list[web.AppRunner] = []
     if demo_port is not None:
-        demo = web.AppRunner(create_backend_app(BackendControl(record=False)), access_log=None)
+        demo = web.AppRunner(create_backend_app(Pace()), access_log=None)
         await demo.setup()
         await web.TCPSite(demo, settings.host, demo_port).start()
         runners.append(demo)

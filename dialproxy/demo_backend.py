@@ -15,15 +15,16 @@ Two more APIs answer the same echo:
   ``GET .../responses/{id}`` (``?stream=true&starting_after=N`` replays and follows its
   events), ``DELETE .../responses/{id}`` and ``POST .../responses/{id}/cancel``. A
   background response is ``queued``, then ``in_progress``, then ``completed`` over
-  ``BackendControl.background_delay`` seconds; the last 10,000 responses are kept.
+  ``Pace.background_delay`` seconds; the last 10,000 responses are kept.
 * Anthropic's Messages API: ``POST .../v1/messages`` (``messages``, ``system``,
   ``max_tokens``, ``stream``) and ``POST .../v1/messages/count_tokens``, with errors in
   Anthropic's shape (``{"type": "error", "error": {"type", "message"}}``).
 
-Tests drive failures through a :class:`BackendControl` object (never through request
-headers) and read back what the server received from ``BackendControl.requests``.
-``GET /health`` is neither recorded nor subject to injected failures. Every SSE stream is
-framed with ``BackendControl.line_ending`` (``"\\n"``, ``"\\r\\n"`` or ``"\\r"``).
+Its :class:`Pace` sets its delays and the line ending of its SSE streams (``"\\n"``,
+``"\\r\\n"`` or ``"\\r"``).  The tests drive failures through a subclass of it that
+also records what the server received (``tests/backend_control.py``: ``BackendControl``;
+never through request headers): the package ships no fault switch.  ``GET /health`` is
+neither recorded nor intercepted.
 
 Run it standalone with ``python -m dialproxy.demo_backend --host 127.0.0.1 --port 8081``.
 """
@@ -39,21 +40,22 @@ import os
 import re
 import struct
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 __all__ = [
     "CONTROL_KEY",
     "DEFAULT_MODEL",
-    "BackendControl",
-    "ReceivedRequest",
+    "JSON_TYPE",
+    "Pace",
+    "anthropic_error_payload",
     "create_backend_app",
+    "dumps",
+    "embedding_vector",
+    "error_payload",
+    "is_anthropic",
     "main",
 ]
 
@@ -72,7 +74,7 @@ _EMBEDDING_OUT: Final = struct.Struct(f"<{EMBEDDING_DIMENSIONS}f")
 _PIECES: Final = re.compile(r"\s*\S+(?:\s+\Z)?")
 # .../responses/{id} and .../responses/{id}/cancel
 _RESPONSE_PATH: Final = re.compile(r"/responses/([^/]+)(/cancel)?\Z")
-_JSON: Final = "application/json"
+JSON_TYPE: Final = "application/json"
 _HEALTH_BODY: Final = _encode_json({"status": "ok"}).encode()
 _SSE_DONE: Final = b"data: [DONE]\n\n"
 _SSE_HEADERS: Final = {
@@ -81,7 +83,7 @@ _SSE_HEADERS: Final = {
 }
 
 
-def _dumps(payload: object) -> bytes:
+def dumps(payload: object) -> bytes:
     return _encode_json(payload).encode()
 
 
@@ -89,44 +91,18 @@ def _dumps(payload: object) -> bytes:
 # Control object
 
 
-@dataclass(frozen=True, slots=True)
-class ReceivedRequest:
-    """One request as the backend received it."""
+class Pace:
+    """How the demo backend answers: at once, streams framed with LF (``--chunk-delay``
+    spaces streamed events).  Nothing here fails on purpose: the tests' fault switches
+    (``tests/backend_control.py``: ``BackendControl``) subclass it and use its three hooks,
+    which do nothing here."""
 
-    method: str
-    path: str
-    query_string: str  # raw: as it came, percent-escapes and all
-    headers: CIMultiDict[str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        """The body parsed as JSON (raises ``ValueError`` when it is not JSON)."""
-        return json.loads(self.body)
-
-
-@dataclass(slots=True)
-class _Fault:
-    kind: Literal["fail", "drop"]
-    remaining: int
-    status: int = 0
-    body: bytes = b""
-    headers: CIMultiDict[str] | None = None
-    anthropic_body: bytes | None = None  # the default body, as the Anthropic paths send it
-
-
-class BackendControl:
-    """Failure injection and request recording for a backend app (used in-process)."""
-
-    requests: list[ReceivedRequest]
     chunk_delay: float
     first_byte_delay: float
     background_delay: float
     line_ending: str
 
-    def __init__(self, *, record: bool = True, chunk_delay: float = 0.0) -> None:
-        self.record = record  # off when run as a long-lived server: the list would only grow
-        self.requests = []
+    def __init__(self, *, chunk_delay: float = 0.0) -> None:
         self.chunk_delay = chunk_delay
         self.first_byte_delay = 0.0
         # Seconds a background response (Responses API) takes: queued for the first half,
@@ -134,102 +110,20 @@ class BackendControl:
         self.background_delay = DEFAULT_BACKGROUND_DELAY
         # What ends every line (and blank line) of every SSE stream: "\n", "\r\n" or "\r".
         self.line_ending = "\n"
-        self._faults: deque[_Fault] = deque()
-        self._stream_breaks: deque[list[int]] = deque()  # [n_chunks, remaining]
 
-    def fail_next(
-        self,
-        status: int,
-        *,
-        times: int = 1,
-        body: dict[str, Any] | str | bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        """Answer the next ``times`` requests with ``status`` and ``body``.
+    def received(self, request: web.Request, body: bytes) -> None:
+        """Each request but ``GET /health``, as it arrived (nothing is kept here)."""
 
-        ``body`` defaults to an OpenAI-style error object (an Anthropic-style one on the
-        Anthropic paths); a dict is sent as JSON, a str or bytes body is sent as is (as
-        ``text/plain`` unless ``headers`` set a Content-Type).
-        """
-        _check_times(times)
-        out_headers: CIMultiDict[str] = CIMultiDict(headers or {})
-        anthropic_payload = None
-        if body is None:
-            message = f"Injected failure: {_status_text(status)}"
-            payload = _dumps(_error_payload(status, message))
-            anthropic_payload = _dumps(_anthropic_error_payload(status, message))
-            out_headers.setdefault("Content-Type", _JSON)
-        elif isinstance(body, dict):
-            payload = _dumps(body)
-            out_headers.setdefault("Content-Type", _JSON)
-        else:
-            payload = body.encode() if isinstance(body, str) else bytes(body)
-            out_headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-        self._faults.append(_Fault("fail", times, status, payload, out_headers, anthropic_payload))
+    async def intercept(self, request: web.Request, route: str) -> web.StreamResponse | None:
+        """An answer instead of the model's (None here: the model answers)."""
+        return None
 
-    def drop_next(self, times: int = 1) -> None:
-        """Close the connection of the next ``times`` requests before any response bytes."""
-        _check_times(times)
-        self._faults.append(_Fault("drop", times))
-
-    def break_stream_after(self, n_chunks: int, times: int = 1) -> None:
-        """Abort the next ``times`` streamed responses after writing ``n_chunks`` chunks.
-
-        The connection is closed without the final chunk, the ``[DONE]`` event or the
-        chunked-encoding terminator, so a client sees an incomplete payload.
-        """
-        if n_chunks < 0:
-            raise ValueError("n_chunks must be >= 0")
-        _check_times(times)
-        self._stream_breaks.append([n_chunks, times])
-
-    def reset(self) -> None:
-        """Forget the recorded requests, pending failures and delays; frame streams with LF."""
-        self.requests.clear()
-        self._faults.clear()
-        self._stream_breaks.clear()
-        self.chunk_delay = 0.0
-        self.first_byte_delay = 0.0
-        self.background_delay = DEFAULT_BACKGROUND_DELAY
-        self.line_ending = "\n"
-
-    @property
-    def last_request(self) -> ReceivedRequest:
-        """The most recent recorded request (``IndexError`` when there is none)."""
-        return self.requests[-1]
-
-    def _take_fault(self) -> _Fault | None:
-        if not self._faults:
-            return None
-        fault = self._faults[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            self._faults.popleft()
-        return fault
-
-    def _take_stream_break(self) -> int | None:
-        if not self._stream_breaks:
-            return None
-        entry = self._stream_breaks[0]
-        entry[1] -= 1
-        if entry[1] <= 0:
-            self._stream_breaks.popleft()
-        return entry[0]
+    def stream_break(self) -> int | None:
+        """The events after which the next stream is cut (None here: never)."""
+        return None
 
 
-def _status_text(status: int) -> str:
-    try:
-        return f"{status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"HTTP {status}"
-
-
-def _check_times(times: int) -> None:
-    if times < 1:
-        raise ValueError("times must be >= 1")
-
-
-CONTROL_KEY: Final = web.AppKey("dialproxy.demo_backend.control", BackendControl)
+CONTROL_KEY: Final = web.AppKey("dialproxy.demo_backend.control", Pace)
 
 
 # --------------------------------------------------------------------------------------
@@ -255,7 +149,7 @@ _ERROR_TYPES: Final = {
 }
 
 
-def _error_payload(
+def error_payload(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     err_type = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "api_error")
@@ -274,8 +168,8 @@ def _error_response(
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=_dumps(_error_payload(status, message, param=param, code=code)),
-        content_type=_JSON,
+        body=dumps(error_payload(status, message, param=param, code=code)),
+        content_type=JSON_TYPE,
         headers=headers,
     )
 
@@ -294,7 +188,7 @@ _ANTHROPIC_ERROR_TYPES: Final = {
 }
 
 
-def _anthropic_error_payload(status: int, message: str) -> dict[str, Any]:
+def anthropic_error_payload(status: int, message: str) -> dict[str, Any]:
     default = "api_error" if status >= 500 else "invalid_request_error"
     err_type = _ANTHROPIC_ERROR_TYPES.get(status, default)
     return {"type": "error", "error": {"type": err_type, "message": message}}
@@ -310,18 +204,18 @@ def _anthropic_error_response(
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=_dumps(_anthropic_error_payload(status, message)),
-        content_type=_JSON,
+        body=dumps(anthropic_error_payload(status, message)),
+        content_type=JSON_TYPE,
         headers=headers,
     )
 
 
-def _is_anthropic(route: str) -> bool:
+def is_anthropic(route: str) -> bool:
     return route.endswith(("/v1/messages", "/v1/messages/count_tokens"))
 
 
 def _json_response(payload: object) -> web.Response:
-    return web.Response(body=_dumps(payload), content_type=_JSON)
+    return web.Response(body=dumps(payload), content_type=JSON_TYPE)
 
 
 # --------------------------------------------------------------------------------------
@@ -410,7 +304,7 @@ def _bool_field(body: dict[str, Any], name: str) -> bool:
 
 def _sse_event(event: str, data: object) -> bytes:
     """One named SSE event (framed with "\\n": the writer swaps in the line ending)."""
-    return b"event: " + event.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
 
 def _input_text(content: object) -> str:
@@ -524,7 +418,7 @@ class _ResponseRun:
 
     A foreground one is produced at once; a background one is ``queued``, then
     ``in_progress``, then ``completed`` (or ``incomplete`` when ``max_output_tokens``
-    cut it) over ``BackendControl.background_delay`` seconds, unless it is cancelled.
+    cut it) over ``Pace.background_delay`` seconds, unless it is cancelled.
     """
 
     __slots__ = (
@@ -694,10 +588,10 @@ def _output_text(text: str) -> dict[str, Any]:
 
 
 class _Backend:
-    __slots__ = ("control", "responses")
+    __slots__ = ("pace", "responses")
 
-    def __init__(self, control: BackendControl) -> None:
-        self.control = control
+    def __init__(self, pace: Pace) -> None:
+        self.pace = pace
         # The Responses API's kept responses, oldest first (dicts keep insertion order).
         self.responses: dict[str, _ResponseRun] = {}
 
@@ -714,32 +608,17 @@ class _Backend:
         if path == "/health":
             if request.method != "GET":
                 return _error_response(405, "Method not allowed", headers={"Allow": "GET"})
-            return web.Response(body=_HEALTH_BODY, content_type=_JSON)
+            return web.Response(body=_HEALTH_BODY, content_type=JSON_TYPE)
 
-        control = self.control
+        pace = self.pace
         raw = await request.read()
-        if control.record:
-            control.requests.append(
-                ReceivedRequest(
-                    method=request.method,
-                    path=path,
-                    query_string=request.rel_url.raw_query_string,
-                    headers=CIMultiDict(request.headers),
-                    body=raw,
-                )
-            )
-
-        fault = control._take_fault()
-        if fault is not None and fault.kind == "drop":
-            return self._drop(request)
-        if control.first_byte_delay > 0:
-            await asyncio.sleep(control.first_byte_delay)
+        pace.received(request, raw)
         route = path.rstrip("/")
-        if fault is not None:
-            fault_body = fault.body
-            if fault.anthropic_body is not None and _is_anthropic(route):
-                fault_body = fault.anthropic_body
-            return web.Response(status=fault.status, body=fault_body, headers=fault.headers)
+        answer = await pace.intercept(request, route)
+        if answer is not None:
+            return answer
+        if pace.first_byte_delay > 0:
+            await asyncio.sleep(pace.first_byte_delay)
 
         errors = _error_response
         if route.endswith("/chat/completions"):
@@ -783,15 +662,6 @@ class _Backend:
             return await endpoint(request, body)
         except _BadRequest as exc:
             return errors(400, exc.message, param=exc.param)
-
-    @staticmethod
-    def _drop(request: web.Request) -> web.StreamResponse:
-        transport = request.transport
-        if transport is not None:
-            transport.close()
-        # Never sent: writing to the closed transport fails and aiohttp treats that as a
-        # premature client disconnection (no error log, connection discarded).
-        return web.Response(status=502)
 
     async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         messages = body.get("messages")
@@ -934,9 +804,9 @@ class _Backend:
     ) -> web.StreamResponse:
         """Write one SSE event per entry of ``choices`` (+ the usage chunk), then [DONE]."""
         suffix = b',"usage":null}\n\n' if usage is not None else b"}\n\n"
-        events = [prefix + _dumps(choice) + suffix for choice in choices]
+        events = [prefix + dumps(choice) + suffix for choice in choices]
         if usage is not None:
-            events.append(prefix + b'[],"usage":' + _dumps(usage) + b"}\n\n")
+            events.append(prefix + b'[],"usage":' + dumps(usage) + b"}\n\n")
         events.append(_SSE_DONE)
         return await self._write_events(request, events)
 
@@ -950,12 +820,12 @@ class _Backend:
         """Stream ``events`` (each framed with "\\n") from ``events[start]`` on.
 
         With a ``run``, ``events`` is its growing list: written as they come until it ends.
-        Lines end with ``BackendControl.line_ending``; ``chunk_delay`` is waited between two
-        events and ``break_stream_after`` counts the events written.
+        Lines end with ``Pace.line_ending``; ``chunk_delay`` is waited between two
+        events and a cut (:meth:`Pace.stream_break`) counts the events written.
         """
-        control = self.control
-        break_after = control._take_stream_break()
-        newline = control.line_ending.encode()
+        pace = self.pace
+        break_after = pace.stream_break()
+        newline = pace.line_ending.encode()
 
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         try:
@@ -969,8 +839,8 @@ class _Backend:
                         if transport is not None:
                             transport.close()
                         return resp
-                    if written and control.chunk_delay > 0:
-                        await asyncio.sleep(control.chunk_delay)
+                    if written and pace.chunk_delay > 0:
+                        await asyncio.sleep(pace.chunk_delay)
                     event = events[index]
                     if newline != b"\n":
                         event = event.replace(b"\n", newline)  # (JSON data holds no raw LF)
@@ -1026,7 +896,7 @@ class _Backend:
         if store:
             self._keep(run)
         if background:
-            run.task = asyncio.create_task(run.run_in_background(self.control.background_delay))
+            run.task = asyncio.create_task(run.run_in_background(self.pace.background_delay))
             if stream:
                 return await self._write_events(request, run.events, run)
             return _json_response(run.snapshot())
@@ -1059,7 +929,7 @@ class _Backend:
                 "param": None,
                 "code": None,
             }
-            return web.Response(status=404, body=_dumps({"error": error}), content_type=_JSON)
+            return web.Response(status=404, body=dumps({"error": error}), content_type=JSON_TYPE)
         if cancel:
             if not run.background:
                 return _error_response(400, "Only background responses can be cancelled.")
@@ -1169,13 +1039,13 @@ class _Backend:
 def _chunk_prefix(completion_id: str, obj: str, created: int, model: str) -> bytes:
     return (
         b'data: {"id":'
-        + _dumps(completion_id)
+        + dumps(completion_id)
         + b',"object":'
-        + _dumps(obj)
+        + dumps(obj)
         + b',"created":'
         + str(created).encode()
         + b',"model":'
-        + _dumps(model)
+        + dumps(model)
         + b',"choices":'
     )
 
@@ -1184,10 +1054,11 @@ def _chunk_prefix(completion_id: str, obj: str, created: int, model: str) -> byt
 # App and CLI
 
 
-def create_backend_app(control: BackendControl | None = None) -> web.Application:
-    """The backend app; its control object is ``app[CONTROL_KEY]``."""
+def create_backend_app(control: Pace | None = None) -> web.Application:
+    """The backend app; its :class:`Pace` (in the tests: their fault switches) is
+    ``app[CONTROL_KEY]``."""
     if control is None:
-        control = BackendControl()
+        control = Pace()
     app = web.Application(client_max_size=64 * 1024**2)
     app[CONTROL_KEY] = control
     backend = _Backend(control)
@@ -1215,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo backend listening on http://{shown_host}:{port}", flush=True)
 
     web.run_app(
-        create_backend_app(BackendControl(record=False, chunk_delay=args.chunk_delay)),
+        create_backend_app(Pace(chunk_delay=args.chunk_delay)),
         host=host,
         port=port,
         access_log=None,

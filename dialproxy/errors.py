@@ -1,12 +1,27 @@
-"""The one exception tree: every refusal the proxy makes is a ProxyError with DIAL's message.
+"""Every exception type of the package, with its status and message.
 
-:func:`dialproxy.web.guard.response_for` is the one place that turns it into a response
-``{"error": {"message": ..., "code": "<status>"}}``.  Messages never carry a secret.
+The one exception tree: every refusal the proxy makes is a :class:`ProxyError` with DIAL's
+message, and :func:`dialproxy.web.guard.response_for` is the one place that turns it into a
+response ``{"error": {"message": ..., "code": "<status>"}}``.  Beside it, the refusals of
+the other entry points: :class:`ConfigError` (a config that cannot be served: every
+problem, with its JSON path) and :class:`KeysError` (the ``keys`` CLI and the admin API's
+edits, with the CLI's exit code).  Messages never carry a secret.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from dialproxy.config.model import Problem
+
+# The CLI's exit codes (a KeysError carries one).
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+# What a request refused while the counter storage is down (``deny``) or the shared key
+# store does not answer is told to wait: about two probes of the storage.
+RETRY_AFTER = 1
 
 
 class ProxyError(Exception):
@@ -65,3 +80,142 @@ class BadGateway(ProxyError):
 
 class Unavailable(ProxyError):
     status = 503
+
+
+class StoreUnavailable(Unavailable):
+    """The shared key store (or the per-request keys' Redis) did not answer."""
+
+
+class SharedKeyCapReached(ProxyError):
+    status = 429
+
+
+class StorageUnavailable(Unavailable):
+    """``deny``: the limits cannot be checked, so the request is not served."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Rate limit storage is unavailable",
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+
+
+class _Window(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def limited(self) -> bool: ...
+
+
+class _WindowState(Protocol):
+    """What a 429 says of a window (:class:`dialproxy.limiter.WindowState`)."""
+
+    @property
+    def window(self) -> _Window: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def retry_after(self) -> float: ...
+
+
+class RateLimited(ProxyError):
+    status = 429
+
+    def __init__(self, kind: str, states: Sequence[_WindowState], blocking: _WindowState) -> None:
+        unit = {"token": "tokens", "request": "requests", "cost": "USD"}[kind]
+        parts = [f"Hit {kind} rate limit."]
+        for s in states:
+            if not s.window.limited:  # (counted, not limited: nothing to say)
+                continue
+            if kind == "cost":
+                parts.append(
+                    f"{s.window.name.capitalize()} limit: {s.used / 1e9:.6g} / "
+                    f"{s.window.limit / 1e9:.6g} {unit}."
+                )
+            else:
+                parts.append(
+                    f"{s.window.name.capitalize()} limit: {s.used} / {s.window.limit} {unit}."
+                )
+        self.retry_after = max(1, math.ceil(blocking.retry_after))
+        super().__init__(" ".join(parts))
+        self.extra = {
+            "limit_type": kind,
+            "window": blocking.window.name,
+            "retry_after": self.retry_after,
+        }
+        self.headers = {"Retry-After": str(self.retry_after)}
+
+
+class ConcurrencyLimited(ProxyError):
+    """A scope's requests in flight are at its cap."""
+
+    status = 429
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Hit concurrency limit: {limit} / {limit} requests in flight.",
+            headers={"Retry-After": "1"},
+            extra={"limit_type": "concurrency", "retry_after": 1},
+        )
+
+
+class BodyTimeout(TimeoutError):
+    """Set on a body's stream when nothing of it arrived for the body timeout (a
+    ``TimeoutError``: aiohttp's lingering read after the answer takes it as a timeout and
+    closes the connection); answered 408."""
+
+
+class InvalidField(BadRequest):
+    """400 naming the field that is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"Invalid field '{field}': {message}", extra={"field": field})
+
+
+# --- the config -----------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The config cannot be served; ``problems`` lists every reason (errors and warnings)."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        errors = [p for p in self.problems if p.severity == "error"]
+        super().__init__(f"invalid config: {len(errors)} error(s)")
+
+
+class EmptyConfig(ConfigError):
+    """The config defines no keys or no models (refused unless ``--allow-empty-config``)."""
+
+
+# --- the keys CLI and the admin API's edits -------------------------------------------------
+
+
+class KeysError(Exception):
+    """A refusal with its exit code; the message never holds a secret."""
+
+    def __init__(self, message: str, code: int = EXIT_INVALID) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KeyNotFound(KeysError):
+    """No key has the fingerprint given."""
+
+
+class InvalidEdit(KeysError):
+    """The edit would make the config invalid (it is not written)."""
+
+
+class FileChanged(KeysError):
+    """The file changed since it was read (it is not written)."""
+
+
+class RoleNotFound(KeysError):
+    """The file's ``roles`` has no such role, or the role no such limit."""
+
+
+class NotEditable(KeysError):
+    """The file (YAML) or the key (named by a ``${VAR}``) is not edited."""

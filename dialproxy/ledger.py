@@ -42,7 +42,8 @@ from dialproxy.statefile import StateDb
 if TYPE_CHECKING:
     import redis.asyncio
 
-    from dialproxy.web.proxy import Outcome
+    from dialproxy.config.model import Model
+    from dialproxy.upstream.usage import Usage
 
 log = structlog.get_logger("dialproxy.ledger")
 
@@ -78,6 +79,20 @@ class LedgerStore(Protocol):
         self, start: int, end: int, project: str | None = None
     ) -> list[tuple[RowKey, list[int]]]: ...
     async def close(self) -> None: ...
+
+
+class Outcome(Protocol):
+    """What the ledger reads of a finished request (:class:`dialproxy.web.proxy.Outcome`,
+    described here so that the ledger does not import the request path that writes to it)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def usage(self) -> Usage | None: ...
+    @property
+    def model(self) -> Model | None: ...
 
 
 def _errored(outcome: Outcome) -> bool:

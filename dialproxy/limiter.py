@@ -31,7 +31,8 @@ from typing import Any, NoReturn
 
 from dialproxy.config.model import UNLIMITED, Window
 from dialproxy.counters import Counts, LocalCounters, Read
-from dialproxy.errors import ProxyError
+from dialproxy.errors import ConcurrencyLimited
+from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
 from dialproxy.storage import (
     DEFAULT_FAILURE_POLICY,
     FailurePolicy,
@@ -190,34 +191,6 @@ class Scope:
             return self.token_counters, self.cost_counters
         tokens, costs, _ = self.counters(when)
         return tokens, costs
-
-
-class RateLimited(ProxyError):
-    status = 429
-
-    def __init__(self, kind: str, states: Sequence[WindowState], blocking: WindowState) -> None:
-        unit = {"token": "tokens", "request": "requests", "cost": "USD"}[kind]
-        parts = [f"Hit {kind} rate limit."]
-        for s in states:
-            if not s.window.limited:  # (counted, not limited: nothing to say)
-                continue
-            if kind == "cost":
-                parts.append(
-                    f"{s.window.name.capitalize()} limit: {s.used / 1e9:.6g} / "
-                    f"{s.window.limit / 1e9:.6g} {unit}."
-                )
-            else:
-                parts.append(
-                    f"{s.window.name.capitalize()} limit: {s.used} / {s.window.limit} {unit}."
-                )
-        self.retry_after = max(1, math.ceil(blocking.retry_after))
-        super().__init__(" ".join(parts))
-        self.extra = {
-            "limit_type": kind,
-            "window": blocking.window.name,
-            "retry_after": self.retry_after,
-        }
-        self.headers = {"Retry-After": str(self.retry_after)}
 
 
 class Limiter:
@@ -580,19 +553,6 @@ def _admitted(batch: _Batch, counts: list[Counts]) -> tuple[WindowState | None, 
         windows = admission.acquired_windows
         request = _scan(windows, [counts[i] for i in at], len(windows), None)[0]
     return _state(request), _state(token)
-
-
-class ConcurrencyLimited(ProxyError):
-    """A scope's requests in flight are at its cap."""
-
-    status = 429
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"Hit concurrency limit: {limit} / {limit} requests in flight.",
-            headers={"Retry-After": "1"},
-            extra={"limit_type": "concurrency", "retry_after": 1},
-        )
 
 
 def _over_concurrency(batch: _Batch, refused: int) -> ConcurrencyLimited:

@@ -40,7 +40,7 @@ from dialproxy.config.model import Snapshot, key_digest
 from dialproxy.errors import Unauthorized
 
 if TYPE_CHECKING:
-    from dialproxy.sharedkeys import SharedKey
+    from dialproxy.sharedkeys.model import SharedKey
 
 log = structlog.get_logger("dialproxy.perrequest")
 
@@ -53,7 +53,7 @@ REDIS_PREFIX = "dp:prk:"
 
 class RedisCalls(Protocol):
     """What the keys use of the shared keys' Redis store
-    (:class:`dialproxy.sharedkeys.RedisSharedKeyStore`): its client, and its calls that
+    (:class:`dialproxy.sharedkeys.redisstore.RedisSharedKeyStore`): its client, and its calls that
     follow the storage's health (503 while Redis is down)."""
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from dialproxy.upstream.sse import MAX_EVENT
 
@@ -86,6 +87,9 @@ class Settings:
     # the viewer role read only.
     admin_role: str = "admin"
     viewer_role: str = "viewer"
+    # Of several config files, the one the admin API writes keys to (None: the one file that
+    # holds a `keys` section).
+    keys_file: str | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the setting at fault."""
@@ -114,6 +118,12 @@ class Settings:
             raise ValueError(
                 f"admin role and viewer role must differ, not both {self.admin_role!r}"
             )
+        if self.keys_file is not None:
+            configs = [Path(p).resolve() for p in self.config_paths]
+            if Path(self.keys_file).resolve() not in configs:
+                raise ValueError(
+                    f"keys file must be one of the config files, not {self.keys_file!r}"
+                )
         if not 1 <= self.slot_lease <= 3600:  # (NaN fails too)
             raise ValueError(f"slot lease must be 1 to 3600 seconds, not {self.slot_lease}")
         if not 0 <= self.stream_drain <= 3600:  # (NaN fails too)
@@ -198,6 +208,8 @@ class Settings:
         for name in ("admin_role", "viewer_role"):
             if env.get("DIALPROXY_" + name.upper()):
                 kwargs[name] = env["DIALPROXY_" + name.upper()]
+        if env.get("DIALPROXY_KEYS_FILE"):
+            kwargs["keys_file"] = env["DIALPROXY_KEYS_FILE"]
         if env.get("DIALPROXY_METRICS_AUTH"):
             kwargs["metrics_auth"] = env["DIALPROXY_METRICS_AUTH"]
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Generic, TypeVar
 
 from aiohttp import StreamReader
+
+from dialproxy.errors import BodyTimeout
 
 Read = TypeVar("Read")
 
@@ -71,3 +73,22 @@ class StallWatch(Generic[Read]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class BodyWatch(StallWatch[StreamReader]):
+    """The body timeout: a body being read that receives no byte for ``idle`` seconds gets
+    :class:`BodyTimeout` (within ``idle`` plus two periods)."""
+
+    @contextlib.contextmanager
+    def watching(self, stream: StreamReader) -> Iterator[None]:
+        self.watch(stream)
+        try:
+            yield
+        finally:
+            self.release(stream)
+
+    def stream(self, read: StreamReader) -> StreamReader:
+        return read
+
+    def stalled(self, read: StreamReader) -> None:
+        read.set_exception(BodyTimeout("The request body stopped arriving"))

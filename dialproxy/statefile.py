@@ -7,7 +7,24 @@ import asyncio
 import os
 import sqlite3
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+
+from dialproxy.settings import Settings
+
+STATE_FILE = "dialproxy-state.sqlite"
+
+
+def state_path(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
+    """The state file: ``settings.state``, else ``DIALPROXY_STATE``, else
+    ``dialproxy-state.sqlite`` next to the first config file (the shared keys' SQLite store;
+    the usage ledger's file is named after it)."""
+    env = os.environ if env is None else env
+    explicit = settings.state or env.get("DIALPROXY_STATE")
+    if explicit:
+        return Path(explicit)
+    first = settings.config_paths[0] if settings.config_paths else "aidial.config.json"
+    return Path(first).resolve().parent / STATE_FILE
 
 
 def open_db(path: Path, schema: str) -> sqlite3.Connection:

@@ -42,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from dialproxy.counters import Counts, LocalCounters, Read
-from dialproxy.errors import ProxyError, Unavailable
+from dialproxy.errors import ProxyError, StorageUnavailable
 from dialproxy.rediscounters import TIMEOUT, RedisCounters
 
 log = structlog.get_logger("dialproxy.storage")
@@ -52,8 +52,6 @@ log = structlog.get_logger("dialproxy.storage")
 READ_TIMEOUT = TIMEOUT
 # While the storage is down, it is pinged this often; the first answer brings it back.
 PROBE_INTERVAL = 0.5
-# What a refused (``deny``) request is told to wait: about two probes.
-RETRY_AFTER = 1
 
 T = TypeVar("T")
 # user:password in a URL an error message may quote: never logged.
@@ -69,16 +67,6 @@ class FailurePolicy(StrEnum):
 
 
 DEFAULT_FAILURE_POLICY = FailurePolicy.LOCAL
-
-
-class StorageUnavailable(Unavailable):
-    """``deny``: the limits cannot be checked, so the request is not served."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "Rate limit storage is unavailable",
-            headers={"Retry-After": str(RETRY_AFTER)},
-        )
 
 
 class SlidingStorage(Protocol):

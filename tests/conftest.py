@@ -22,12 +22,13 @@ from dialproxy import logs
 from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
-from dialproxy.demo_backend import BackendControl, create_backend_app
+from dialproxy.demo_backend import create_backend_app
 from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.settings import Settings
 from dialproxy.storage import Storage
 from dialproxy.web.app import create_app
 from dialproxy.web.appkeys import BACKGROUND
+from tests.backend_control import BackendControl
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
@@ -171,15 +172,18 @@ def make_proxy(aiohttp_server: AiohttpServer, tmp_path: Path) -> ProxyFactory:
         *,
         storage: Storage | None = None,
         settings: Settings | None = None,
+        upstream_clock: Callable[[], float] = time.monotonic,
+        env: dict[str, str] | None = None,
     ) -> Proxy:
         path = tmp_path / "aidial.config.json"
         path.write_text(json.dumps(config))
-        store = ConfigStore([path], env={})
+        store = ConfigStore([path], env=env or {})
         store.load()
         app = create_app(
             store,
             settings=settings or Settings(config_paths=(str(path),)),
             storage=storage if storage is not None else LocalCounters(),
+            upstream_clock=upstream_clock,
         )
         server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect
         return Proxy(server, store, path)

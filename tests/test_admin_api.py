@@ -3,6 +3,7 @@ byte for byte except the change, and the running proxy serving the change."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from dialproxy import cli
 from dialproxy.config.model import key_digest
 from dialproxy.settings import Settings
 from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
@@ -112,6 +114,15 @@ async def test_list_create_use_revoke(
         "expiresAt": None,
         "state": "active",
         "stored": "sha256",
+        "file": str(proxy.path),
+        "usageToday": {
+            "requests": 0,
+            "errors": 0,
+            "promptTokens": 0,
+            "completionTokens": 0,
+            "totalTokens": 0,
+            "cost": 0.0,
+        },
     }
     before = proxy.path.read_text()
     with capture_logs() as logs:
@@ -283,11 +294,10 @@ async def test_an_env_named_key_is_not_edited(
     backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
 ) -> None:
     k = Keys()
-    proxy = await make_proxy(config(backend, k))
+    proxy = await make_proxy(config(backend, k), env={"ENV_KEY": "env-secret"})
     doc = config(backend, k)
     doc["keys"]["${ENV_KEY}"] = {"project": "p", "role": "user"}
     proxy.path.write_text(json.dumps(doc, indent=2))
-    proxy.store._env = {"ENV_KEY": "env-secret"}
     assert (await proxy.store.reload_async()).applied
     tag, listed = await listing(session, proxy, k.admin)
     assert {e["stored"] for e in listed} == {"sha256", "env"}
@@ -396,3 +406,630 @@ async def test_edit_refusals_and_expiry(
     edited = await resp.json()
     assert edited["state"] == "active" and edited["expiresAt"].endswith("Z")
     assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
+
+
+def two_models(backend: Backend, k: Keys) -> dict[str, Any]:
+    doc = config(backend, k)
+    doc["models"]["other"] = chat_model(backend)
+    return doc
+
+
+async def start_with(make_proxy: ProxyFactory, doc: dict[str, Any]) -> Proxy:
+    proxy = await make_proxy(doc)
+    proxy.path.write_text(json.dumps(doc, indent=2) + "\n")
+    assert not (await proxy.store.reload_async()).refused
+    return proxy
+
+
+async def patch(
+    s: aiohttp.ClientSession, proxy: Proxy, key: str, fp: str, body: Any, tag: str
+) -> tuple[int, Any]:
+    resp = await s.patch(
+        proxy.url(f"/v1/admin/keys/{fp}"), json=body, headers=write_headers(key, tag)
+    )
+    return resp.status, await resp.json()
+
+
+async def call_model(s: aiohttp.ClientSession, proxy: Proxy, key: str, model: str) -> int:
+    resp = await s.post(
+        proxy.url(f"/openai/deployments/{model}/chat/completions"),
+        json=CHAT,
+        headers={"Api-Key": key},
+    )
+    await resp.read()
+    await proxy.settle()
+    return resp.status
+
+
+async def test_edit_models_limits_can_share_and_expiry(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    original = proxy.path.read_text()
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    user_entry = '"description": "the first user"'
+
+    # per-key quotas: one request a day on chat, counted for this key alone
+    status, edited = await patch(
+        session, proxy, k.admin, fp, {"limits": {"chat": {"requestDay": 1}}}, tag
+    )
+    assert status == 200, edited
+    assert edited["limits"] == {"chat": {"requestDay": 1}}
+    assert proxy.path.read_text() == original.replace(
+        user_entry,
+        user_entry + ',\n      "limits": {\n        "chat": {"requestDay": 1}\n      }',
+    )
+    assert await call_model(session, proxy, k.user, "chat") == 200
+    assert await call_model(session, proxy, k.user, "chat") == 429
+    assert await call_model(session, proxy, k.user, "other") == 200  # not limited
+    # null takes the member out: the file is the original again, byte for byte
+    status, edited = await patch(session, proxy, k.admin, fp, {"limits": None}, edited["etag"])
+    assert status == 200 and edited["limits"] is None
+    assert proxy.path.read_text() == original
+    assert await call_model(session, proxy, k.user, "chat") == 200
+
+    # models: the key may call only those
+    status, edited = await patch(session, proxy, k.admin, fp, {"models": ["other"]}, edited["etag"])
+    assert status == 200 and edited["models"] == ["other"]
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "models": ["other"]'
+    )
+    assert await call_model(session, proxy, k.user, "chat") == 403
+    assert await call_model(session, proxy, k.user, "other") == 200
+    status, edited = await patch(session, proxy, k.admin, fp, {"models": None}, edited["etag"])
+    assert status == 200 and proxy.path.read_text() == original
+    assert await call_model(session, proxy, k.user, "chat") == 200
+
+    # canShare: the key may create shared keys once it is set
+    share = {"name": "for a friend", "tokens": 100}
+    resp = await session.post(proxy.url("/v1/sharedkeys"), json=share, headers={"Api-Key": k.user})
+    assert resp.status == 403
+    status, edited = await patch(session, proxy, k.admin, fp, {"canShare": True}, edited["etag"])
+    assert status == 200 and edited["canShare"] is True
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "canShare": true'
+    )
+    resp = await session.post(proxy.url("/v1/sharedkeys"), json=share, headers={"Api-Key": k.user})
+    assert resp.status == 201, await resp.text()
+    status, edited = await patch(session, proxy, k.admin, fp, {"canShare": False}, edited["etag"])
+    assert status == 200 and edited["canShare"] is False
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "canShare": false'
+    )
+
+    # the expiry set, then removed (null): the key never expires again
+    tag = edited["etag"]
+    with capture_logs() as logs:
+        status, edited = await patch(session, proxy, k.admin, fp, {"expiresAt": "2h"}, tag)
+    assert status == 200 and edited["expiresAt"].endswith("Z")
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["before"].get("expiresAt") is None
+    assert audit["after"]["expiresAt"] == edited["expiresAt"]
+    assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
+    status, edited = await patch(session, proxy, k.admin, fp, {"expiresAt": None}, edited["etag"])
+    assert status == 200 and edited["expiresAt"] is None
+    assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is None
+    assert proxy.path.read_text() == original.replace(
+        user_entry, user_entry + ',\n      "canShare": false'
+    )
+    # removing what is not there changes nothing
+    before = proxy.path.read_bytes()
+    status, edited = await patch(session, proxy, k.admin, fp, {"models": None}, edited["etag"])
+    assert status == 200 and proxy.path.read_bytes() == before
+
+
+async def test_edit_refusals_of_the_new_fields(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    original = proxy.path.read_bytes()
+    for body, status, said in (
+        ({"models": "chat"}, 400, "models"),
+        ({"models": [""]}, 400, "models"),
+        ({"models": ["nope"]}, 422, "nope"),  # a model the config does not define
+        ({"limits": 5}, 400, "limits"),
+        ({"limits": {"chat": 5}}, 400, "limits.chat"),
+        ({"limits": {"chat": {"minutes": 5}}}, 422, "minutes"),  # the schema refuses it
+        ({"limits": {"chat": {"day": -1.5}}}, 422, "day"),
+        ({"limits": {"nope": {"day": 5}}}, 422, "nope"),
+        ({"canShare": "yes"}, 400, "canShare"),
+        ({"canShare": None}, 400, "canShare"),
+        ({"roles": None}, 400, "roles"),
+        ({"expiresAt": 5}, 400, "expiresAt"),
+    ):
+        got, answer = await patch(session, proxy, k.admin, fp, body, tag)
+        assert got == status, (body, answer)
+        assert said in answer["error"]["message"], (body, answer)
+    for key in (k.viewer, k.user):
+        got, _ = await patch(session, proxy, key, fp, {"models": ["other"]}, tag)
+        assert got == 403
+    assert proxy.path.read_bytes() == original
+
+
+async def test_list_pages_filters_and_usage_today(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    doc = config(backend, k)
+    team = [new_key() for _ in range(12)]
+    for i, secret in enumerate(team):
+        doc["keys"]["sha256:" + key_digest(secret)] = {
+            "project": "team" if i < 8 else "lab",
+            "role": "user",
+            "name": f"worker {i}",
+            **({"disabled": True} if i == 3 else {}),
+            **({"expiresAt": "2001-01-01T00:00:00Z"} if i == 4 else {}),
+            **({"description": "Nightly BATCH"} if i == 5 else {}),
+        }
+    proxy = await start_with(make_proxy, doc)
+    url = proxy.url("/v1/admin/keys")
+    viewer = {"Api-Key": k.viewer}
+
+    async def page(**query: str) -> Any:
+        resp = await session.get(url, params=query, headers=viewer)
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    everything = await page()
+    assert everything["total"] == 15 and len(everything["keys"]) == 15
+    assert (everything["offset"], everything["limit"]) == (0, 100)
+    assert everything["file"] == str(proxy.path)
+    assert everything["etag"] == '"' + hashlib.sha256(proxy.path.read_bytes()).hexdigest() + '"'
+    # pages: in the file's order, the total of all that match
+    first = await page(limit="5")
+    second = await page(limit="5", offset="5")
+    last = await page(limit="5", offset="13")
+    assert [e["fingerprint"] for e in first["keys"] + second["keys"]] == [
+        e["fingerprint"] for e in everything["keys"][:10]
+    ]
+    assert len(last["keys"]) == 2 and last["total"] == 15 and last["offset"] == 13
+    assert (await page(offset="99"))["keys"] == []
+    # filters
+    team_keys = await page(project="team")
+    assert team_keys["total"] == 8
+    assert {e["project"] for e in team_keys["keys"]} == {"team"}
+    assert (await page(role="viewer"))["total"] == 1
+    assert [e["name"] for e in (await page(state="revoked"))["keys"]] == ["worker 3"]
+    assert [e["name"] for e in (await page(state="disabled"))["keys"]] == ["worker 3"]
+    assert [e["name"] for e in (await page(state="expired"))["keys"]] == ["worker 4"]
+    assert (await page(state="active"))["total"] == 13
+    assert [e["name"] for e in (await page(q="batch"))["keys"]] == ["worker 5"]  # description
+    assert [e["name"] for e in (await page(q="WORKER 1"))["keys"]] == [
+        "worker 1",
+        "worker 10",
+        "worker 11",
+    ]
+    fp = key_digest(team[7])[:8]
+    assert [e["name"] for e in (await page(q=fp))["keys"]] == ["worker 7"]
+    assert (await page(q="lab", project="team"))["total"] == 0
+    assert (await page(q="lab"))["total"] == 4  # the project's name
+    assert (await page(project="team", state="active", limit="2"))["total"] == 6
+    # a bad value: 400 naming the parameter
+    for query, name in (
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+        ({"state": "gone"}, "state"),
+    ):
+        resp = await session.get(url, params=query, headers=viewer)
+        assert resp.status == 400, query
+        assert f"'{name}'" in (await resp.json())["error"]["message"]
+    # usage today: from the ledger, per key
+    for _ in range(2):
+        assert await call(session, proxy, team[0]) == 200
+    assert await call(session, proxy, team[1]) == 200
+    listed = {e["fingerprint"]: e for e in (await page())["keys"]}
+    used = listed[key_digest(team[0])[:8]]["usageToday"]
+    assert used["requests"] == 2 and used["errors"] == 0
+    assert used["totalTokens"] > 0
+    assert used["totalTokens"] == used["promptTokens"] + used["completionTokens"]
+    once = listed[key_digest(team[1])[:8]]["usageToday"]
+    assert once["requests"] == 1 and once["totalTokens"] * 2 == used["totalTokens"]
+    assert listed[key_digest(team[2])[:8]]["usageToday"]["requests"] == 0
+    assert (await page())["usageSince"].endswith("T00:00:00Z")  # the UTC day (the default)
+
+
+async def role_write(
+    s: aiohttp.ClientSession,
+    proxy: Proxy,
+    key: str,
+    method: str,
+    path: str,
+    tag: str | None,
+    body: Any = None,
+) -> tuple[int, Any]:
+    resp = await s.request(method, proxy.url(path), json=body, headers=write_headers(key, tag))
+    return resp.status, await resp.json()
+
+
+async def test_roles_read_and_their_limits_edited(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    doc = two_models(backend, k)
+    doc["roles"]["team"] = {
+        "name": "The team",
+        "limits": {"other": {"minute": "1000", "day": 20000}},
+        "costLimit": {"month": "5"},
+    }
+    doc["keys"]["sha256:" + key_digest(new_key())] = {"project": "p", "roles": ["team", "user"]}
+    proxy = await start_with(make_proxy, doc)
+    original = proxy.path.read_text()
+    # read: viewers and admins; anyone else 403
+    resp = await session.get(proxy.url("/v1/admin/roles"), headers={"Api-Key": k.user})
+    assert resp.status == 403
+    resp = await session.get(proxy.url("/v1/admin/roles"), headers={"Api-Key": k.viewer})
+    assert resp.status == 200
+    listed = await resp.json()
+    tag = listed["etag"]
+    assert resp.headers["ETag"] == tag == '"' + hashlib.sha256(original.encode()).hexdigest() + '"'
+    assert listed["file"] == str(proxy.path) and listed["total"] == 4
+    roles = {r["name"]: r for r in listed["roles"]}
+    assert roles["team"] == {
+        "name": "team",
+        "displayName": "The team",
+        "description": None,
+        "limits": {"other": {"minute": "1000", "day": 20000}},
+        "costLimit": {"month": "5"},
+        "keys": 1,
+        "files": [str(proxy.path)],
+    }
+    assert roles["user"]["keys"] == 2 and roles["user"]["limits"] == {}
+    resp = await session.get(proxy.url("/v1/admin/roles/team"), headers={"Api-Key": k.admin})
+    assert resp.status == 200
+    assert await resp.json() == roles["team"] | {"file": str(proxy.path), "etag": tag}
+    resp = await session.get(proxy.url("/v1/admin/roles/nope"), headers={"Api-Key": k.admin})
+    assert resp.status == 404
+
+    # a limit for a role that has none: one request a day on chat, for the project
+    limit_url = "/v1/admin/roles/user/limits/chat"
+    with capture_logs() as logs:
+        status, answer = await role_write(
+            session, proxy, k.admin, "PUT", limit_url, tag, {"requestDay": 1}
+        )
+    assert status == 200, answer
+    assert answer["limit"] == {"requestDay": 1} and answer["replaced"] is None
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["action"] == "role_limit" and audit["who"] == key_digest(k.admin)[:8]
+    assert (audit["role"], audit["model"]) == ("user", "chat")
+    assert audit["before"] is None and audit["after"] == {"requestDay": 1}
+    assert proxy.path.read_text() == original.replace(
+        '"user": {}',
+        '"user": {\n      "limits": {\n        "chat": {"requestDay": 1}\n      }\n    }',
+    )
+    assert await call(session, proxy, k.user) == 200
+    assert await call(session, proxy, k.user) == 429
+    # replaced in a role that has limits; then a second model added beside
+    status, answer = await role_write(
+        session,
+        proxy,
+        k.admin,
+        "PUT",
+        "/v1/admin/roles/team/limits/other",
+        answer["etag"],
+        {"minute": "500"},
+    )
+    assert status == 200 and answer["replaced"] == {"minute": "1000", "day": 20000}
+    status, answer = await role_write(
+        session,
+        proxy,
+        k.admin,
+        "PUT",
+        "/v1/admin/roles/team/limits/chat",
+        answer["etag"],
+        {"concurrentRequests": 2},
+    )
+    assert status == 200, answer
+    team = (
+        '"limits": {\n        "other": {\n          "minute": "1000",\n'
+        '          "day": 20000\n        }\n      }'
+    )
+    assert team in original
+    assert proxy.path.read_text() == original.replace(
+        '"user": {}',
+        '"user": {\n      "limits": {\n        "chat": {"requestDay": 1}\n      }\n    }',
+    ).replace(
+        team,
+        '"limits": {\n        "other": {"minute": "500"},\n'
+        '        "chat": {"concurrentRequests": 2}\n      }',
+    )
+    assert proxy.store.snapshot.roles["team"].limits["other"].minute == 500
+    # removed: the role's limits are the original again, and the user calls again
+    status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])
+    assert status == 200 and answer["removed"] == {"requestDay": 1}
+    assert '"user": {\n      "limits": {}\n    }' in proxy.path.read_text()
+    assert await call(session, proxy, k.user) == 200
+    status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])
+    assert status == 404, answer  # it has none now
+
+    # refusals; nothing written
+    tag = answer_tag = (
+        await (await session.get(proxy.url("/v1/admin/roles"), headers={"Api-Key": k.admin})).json()
+    )["etag"]
+    before = proxy.path.read_bytes()
+    for key, method, path, etag_, body, expected, said in (
+        (k.viewer, "PUT", limit_url, tag, {"day": 1}, 403, "denied"),
+        (k.user, "DELETE", "/v1/admin/roles/team/limits/chat", tag, None, 403, "denied"),
+        (k.admin, "PUT", limit_url, None, {"day": 1}, 428, "If-Match"),
+        (k.admin, "PUT", limit_url, '"00"', {"day": 1}, 412, "changed"),
+        (k.admin, "PUT", limit_url, tag, {"days": 1}, 422, "days"),
+        (k.admin, "PUT", limit_url, tag, {"day": "lots"}, 422, "day"),
+        (k.admin, "PUT", "/v1/admin/roles/user/limits/nope", tag, {"day": 1}, 422, "nope"),
+        (k.admin, "PUT", "/v1/admin/roles/nope/limits/chat", tag, {"day": 1}, 404, "nope"),
+        (k.admin, "PUT", limit_url, tag, [1], 400, "object"),
+        (k.admin, "PUT", "/v1/admin/roles/a%2Fb/limits/chat", tag, {}, 404, "'a/b'"),
+        (k.admin, "DELETE", "/v1/admin/roles/team/limits/nope", tag, None, 404, "nope"),
+    ):
+        status, answer = await role_write(session, proxy, key, method, path, etag_, body)
+        assert status == expected, (path, body, answer)
+        assert said in answer["error"]["message"], answer
+    assert proxy.path.read_bytes() == before
+    assert answer_tag == tag
+
+
+async def test_a_role_named_by_a_variable_is_not_edited(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    doc = config(backend, k)
+    doc["roles"]["${TEAM_ROLE}"] = {}
+    proxy = await start_with(make_proxy, doc)
+    tag, _ = await listing(session, proxy, k.admin)
+    status, answer = await role_write(
+        session, proxy, k.admin, "PUT", "/v1/admin/roles/${TEAM_ROLE}/limits/chat", tag, {"day": 5}
+    )
+    assert status == 409 and "environment variable" in answer["error"]["message"], answer
+
+
+async def test_several_config_files(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Any,
+) -> None:
+    """Key writes go to the file holding keys, role writes to the one holding roles, each
+    checked with the files merged; the ETag is that file's; 409 when several hold one."""
+    k = Keys()
+    doc = config(backend, k)
+    doc["roles"]["team"] = {"limits": {"chat": {"day": 100000}}}
+    proxy = await make_proxy(doc)
+    models = tmp_path / "models.yaml"  # (a YAML file beside: read, never written)
+    models.write_text(json.dumps({"models": doc["models"], "roles": doc["roles"]}, indent=2))
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"keys": doc["keys"]}, indent=4) + "\n")
+    proxy.store.paths = (models, keys_file)
+    assert not (await proxy.store.reload_async()).refused
+
+    def tag_of(path: Any) -> str:
+        return '"' + hashlib.sha256(path.read_bytes()).hexdigest() + '"'
+
+    admin = {"Api-Key": k.admin}
+    resp = await session.get(proxy.url("/v1/admin/health/config"), headers=admin)
+    files = (await resp.json())["files"]
+    assert files == [
+        {"file": str(models), "etag": tag_of(models)},
+        {"file": str(keys_file), "etag": tag_of(keys_file)},
+    ]
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers=admin)
+    listed = await resp.json()
+    assert listed["file"] == str(keys_file) and listed["etag"] == tag_of(keys_file)
+    assert {e["file"] for e in listed["keys"]} == {str(keys_file)}
+    resp = await session.get(proxy.url("/v1/admin/roles"), headers=admin)
+    roles = await resp.json()
+    assert roles["file"] == str(models) and roles["etag"] == tag_of(models)
+
+    # a key with a role of the other file: checked merged, written to keys.json only
+    models_bytes, keys_text = models.read_bytes(), keys_file.read_text()
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["team"], "name": "merged"},
+        headers=write_headers(k.admin, listed["etag"]),
+    )
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert created["file"] == str(keys_file) and created["etag"] == tag_of(keys_file)
+    assert models.read_bytes() == models_bytes
+    removed, added = change(keys_text, keys_file.read_text())
+    assert removed == "" and added.startswith(',\n        "sha256:' + key_digest(created["key"]))
+    assert await call(session, proxy, created["key"]) == 200
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["teem"]},
+        headers=write_headers(k.admin, created["etag"]),
+    )
+    assert resp.status == 422 and "teem" in (await resp.json())["error"]["message"]
+    # the roles file is YAML: not written
+    limit = proxy.url("/v1/admin/roles/team/limits/chat")
+    resp = await session.put(
+        limit, json={"requestDay": 1}, headers=write_headers(k.admin, roles["etag"])
+    )
+    assert resp.status == 409 and "YAML" in (await resp.json())["error"]["message"]
+
+    # the roles in a JSON file: written there, checked merged, served
+    models_json = tmp_path / "models.json"
+    models_json.write_bytes(models_bytes)
+    proxy.store.paths = (models_json, keys_file)
+    assert not (await proxy.store.reload_async()).refused
+    keys_bytes = keys_file.read_bytes()
+    # the keys file's ETag is no role write's: 412, with the roles file's
+    resp = await session.put(
+        limit, json={"requestDay": 1}, headers=write_headers(k.admin, tag_of(keys_file))
+    )
+    assert resp.status == 412 and resp.headers["ETag"] == tag_of(models_json)
+    resp = await session.put(
+        limit, json={"requestDay": 1}, headers=write_headers(k.admin, tag_of(models_json))
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["file"] == str(models_json)
+    assert keys_file.read_bytes() == keys_bytes
+    old_limit = '"chat": {\n          "day": 100000\n        }'
+    assert old_limit in models_bytes.decode()
+    assert models_json.read_text() == models_bytes.decode().replace(
+        old_limit, '"chat": {"requestDay": 1}'
+    )
+    assert await call(session, proxy, created["key"]) == 429  # its one request of the day
+
+    # a third file with keys (and roles): key and role writes refused, naming the files
+    extra = tmp_path / "extra.json"
+    extra.write_text(
+        json.dumps(
+            {"keys": {"sha256:" + "ab" * 32: {"project": "x", "role": "user"}}, "roles": {"x": {}}}
+        )
+    )
+    proxy.store.paths = (models_json, keys_file, extra)
+    assert not (await proxy.store.reload_async()).refused
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers=admin)
+    listed = await resp.json()
+    assert "ETag" not in resp.headers and listed["etag"] is None and listed["file"] is None
+    assert listed["total"] == 5
+    assert [e["file"] for e in listed["keys"]][-1] == str(extra)
+    for method, path, body in (
+        ("POST", "/v1/admin/keys", {"project": "p", "roles": ["user"]}),
+        ("PUT", "/v1/admin/roles/team/limits/chat", {"day": 1}),
+    ):
+        resp = await session.request(
+            method, proxy.url(path), json=body, headers=write_headers(k.admin, tag_of(extra))
+        )
+        assert resp.status == 409
+        message = (await resp.json())["error"]["message"]
+        assert str(extra) in message and "several config files" in message
+        assert str(keys_file) in message or str(models_json) in message
+
+
+async def test_usage_today_is_null_without_the_ledger(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    k = Keys()
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),), ledger="off")
+    proxy = await make_proxy(config(backend, k), settings=settings)
+    assert await call(session, proxy, k.user) == 200
+    resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.viewer})
+    listed = await resp.json()
+    assert listed["usageSince"] is None
+    assert [e["usageToday"] for e in listed["keys"]] == [None, None, None]
+
+
+async def test_create_with_limits_and_a_description_taken_out(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    tag, _ = await listing(session, proxy, k.admin)
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["user"], "limits": {"*": {"requestDay": 1}}},
+        headers=write_headers(k.admin, tag),
+    )
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert created["limits"] == {"*": {"requestDay": 1}}
+    entry = json.loads(proxy.path.read_text())["keys"]["sha256:" + key_digest(created["key"])]
+    assert entry == {"project": "p", "role": "user", "limits": {"*": {"requestDay": 1}}}
+    assert await call_model(session, proxy, created["key"], "other") == 200
+    assert await call_model(session, proxy, created["key"], "other") == 429
+    # null takes the description out, and the comma that went before it
+    before = proxy.path.read_text()
+    fp = key_digest(k.user)[:8]
+    status, edited = await patch(
+        session, proxy, k.admin, fp, {"description": None}, created["etag"]
+    )
+    assert status == 200 and edited["description"] is None and edited["name"] == "alice"
+    assert proxy.path.read_text() == before.replace(
+        '"name": "alice",\n      "description": "the first user"', '"name": "alice"'
+    )
+    assert proxy.store.snapshot.keys[key_digest(k.user)].description is None
+
+
+async def test_two_writes_from_the_same_etag_one_wins(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    """Two admins edit from the same read at once: one is written, the other is told the
+    file changed (412), and its edit is not written over the first."""
+    k = Keys()
+    proxy = await start_with(make_proxy, two_models(backend, k))
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    answers = await asyncio.gather(
+        patch(session, proxy, k.admin, fp, {"models": ["chat"]}, tag),
+        session.put(
+            proxy.url("/v1/admin/roles/user/limits/other"),
+            json={"day": 5},
+            headers=write_headers(k.admin, tag),
+        ),
+    )
+    statuses = sorted([answers[0][0], answers[1].status])
+    assert statuses == [200, 412], answers
+    doc = json.loads(proxy.path.read_text())
+    written = [
+        doc["keys"]["sha256:" + key_digest(k.user)].get("models") == ["chat"],
+        doc["roles"]["user"].get("limits") == {"other": {"day": 5}},
+    ]
+    assert sorted(written) == [False, True]
+
+
+async def test_keys_file_names_where_keys_are_written(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Any,
+) -> None:
+    """Keys in two files: writes are refused (409) until --keys-file names one of them."""
+    k = Keys()
+    doc = config(backend, k)
+    base = tmp_path / "base.json"
+    base.write_text(
+        json.dumps({"models": doc["models"], "roles": doc["roles"], "keys": doc["keys"]})
+    )
+    team = tmp_path / "team.json"
+    team.write_text('{\n  "keys": {}\n}\n')
+    paths = (str(base), str(team))
+    new = {"project": "team", "roles": ["user"], "name": "t1"}
+    for keys_file, written in ((None, None), (str(team), team)):
+        settings = Settings(config_paths=paths, keys_file=keys_file)
+        proxy = await make_proxy(doc, settings=settings)
+        proxy.store.paths = (base, team)
+        assert not (await proxy.store.reload_async()).refused
+        resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.admin})
+        listed = await resp.json()
+        tag = '"' + hashlib.sha256(team.read_bytes()).hexdigest() + '"'
+        resp = await session.post(
+            proxy.url("/v1/admin/keys"), json=new, headers=write_headers(k.admin, tag)
+        )
+        if written is None:
+            assert listed["file"] is None and listed["etag"] is None
+            assert resp.status == 409
+            message = (await resp.json())["error"]["message"]
+            assert str(base) in message and str(team) in message and "--keys-file" in message
+            continue
+        assert listed["file"] == str(team) and listed["etag"] == tag
+        assert resp.status == 201, await resp.text()
+        secret = (await resp.json())["key"]
+        assert json.loads(team.read_text())["keys"] == {
+            "sha256:" + key_digest(secret): {"project": "team", "role": "user", "name": "t1"}
+        }
+        assert team.read_text().startswith('{\n  "keys": {\n    "sha256:')
+        assert await call(session, proxy, secret) == 200
+        # a key of the other file: not edited here (409 naming it)
+        resp = await session.patch(
+            proxy.url(f"/v1/admin/keys/{key_digest(k.user)[:8]}"),
+            json={"name": "x"},
+            headers=write_headers(k.admin, (await resp.json())["etag"]),
+        )
+        assert resp.status == 409 and str(base) in (await resp.json())["error"]["message"]
+
+
+def test_keys_file_must_be_a_config_file(tmp_path: Any) -> None:
+    config_file = str(tmp_path / "a.json")
+    Settings(config_paths=(config_file,), keys_file=config_file).check()
+    with pytest.raises(ValueError, match="keys file must be one of the config files"):
+        Settings(config_paths=(config_file,), keys_file=str(tmp_path / "b.json")).check()
+    settings = Settings.from_env({"DIALPROXY_KEYS_FILE": config_file})
+    assert settings.keys_file == config_file
+    args = cli._parser().parse_args(["serve", "--config", config_file, "--keys-file", config_file])
+    assert cli._settings(args).keys_file == config_file

@@ -18,11 +18,12 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import Limit
 from dialproxy.config.schedule import Schedule
 from dialproxy.counters import LocalCounters
-from dialproxy.limiter import Limiter, RateLimited, Scope
+from dialproxy.errors import ConfigError, RateLimited
+from dialproxy.limiter import Limiter, Scope
 from dialproxy.server import counter_storage
 from dialproxy.storage import Storage, close_storage
 from tests.conftest import Backend, ProxyFactory, new_key

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dialproxy.limiter import ConcurrencyLimited, Limiter, Scope
+from dialproxy.errors import ConcurrencyLimited
+from dialproxy.limiter import Limiter, Scope
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings

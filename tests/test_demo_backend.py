@@ -19,12 +19,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from dialproxy.demo_backend import (
-    CONTROL_KEY,
-    BackendControl,
-    create_backend_app,
-    embedding_vector,
-)
+from dialproxy.demo_backend import CONTROL_KEY, create_backend_app, embedding_vector
+from tests.backend_control import BackendControl
 
 
 @dataclass

@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from dialproxy.cli import validate
-from dialproxy.config.loader import ConfigError, build_snapshot, read_sources
+from dialproxy.config.loader import build_snapshot, read_sources
 from dialproxy.config.model import Snapshot
+from dialproxy.errors import ConfigError
 from tests.conftest import Backend, ProxyFactory
 
 CONFIGS = Path(__file__).parent / "dial_configs"

@@ -4,6 +4,7 @@ redirects, Retry-After values, huge answers, encodings, hop-by-hop and stray hea
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -16,11 +17,9 @@ from structlog.testing import capture_logs
 
 from dialproxy import cli
 from dialproxy.config.model import Model, Upstream
-from dialproxy.rediscounters import PREFIX
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
-from dialproxy.web.appkeys import BALANCER
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
 from tests.hostile_upstream import (
     USAGE,
@@ -102,11 +101,18 @@ async def tokens_used(proxy: Proxy, model: str = "chat") -> int:
         return used
 
 
-def advance(proxy: Proxy, seconds: float) -> None:
-    """Move the balancer's clock on (a pause ends without waiting for it)."""
-    balancer: Balancer = proxy.app[BALANCER]
-    now = balancer._clock
-    balancer._clock = lambda: now() + seconds
+class UpstreamClock:
+    """The clock the upstreams' pauses go by, moved on by the test (a pause ends without
+    waiting for it)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def advance(self, seconds: float) -> None:
+        self.ahead += seconds
 
 
 NO_ROUTE = {"error": {"message": "No route", "code": "502"}}
@@ -187,7 +193,9 @@ async def test_a_redirecting_upstream_is_retried_on_the_next(
 async def test_no_retry_after_takes_an_upstream_out_for_long(
     value: str, told: int, hostile: HostileServer, make_proxy: ProxyFactory
 ) -> None:
-    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    clock = UpstreamClock()
+    cfg = config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}])
+    proxy = await make_proxy(cfg, upstream_clock=clock)
     hostile.control.retry_after = value
     code, body, resp = await call(proxy)
     assert code == 503  # every upstream rate limited (never a 500)
@@ -196,7 +204,7 @@ async def test_no_retry_after_takes_an_upstream_out_for_long(
     hostile.control.retry_after = None
     assert (await call(proxy))[0] == 502  # paused: not asked again yet (no route)
     assert len(hostile.control.requests) == 1
-    advance(proxy, 301)  # the longest pause there is, and a second
+    clock.advance(301)  # the longest pause there is, and a second
     code, body, _ = await call(proxy)
     assert (code, json.loads(body)) == (200, chat_answer())
 
@@ -204,7 +212,9 @@ async def test_no_retry_after_takes_an_upstream_out_for_long(
 async def test_retry_after_as_an_http_date(
     hostile: HostileServer, make_proxy: ProxyFactory
 ) -> None:
-    proxy = await make_proxy(config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}]))
+    clock = UpstreamClock()
+    cfg = config([{"endpoint": hostile.url(), "key": UPSTREAM_KEY}])
+    proxy = await make_proxy(cfg, upstream_clock=clock)
     for when, low, high in (
         (datetime.now(UTC) + timedelta(seconds=20), 19, 21),
         (datetime.now(UTC) - timedelta(days=1), 1, 1),  # past: at once (told 1 s)
@@ -213,7 +223,7 @@ async def test_retry_after_as_an_http_date(
         hostile.control.retry_after = format_datetime(when, usegmt=True)
         code, _, resp = await call(proxy)
         assert code == 503 and low <= int(resp.headers["Retry-After"]) <= high
-        advance(proxy, 301)
+        clock.advance(301)
 
 
 async def test_the_balancer_caps_every_pause() -> None:
@@ -238,10 +248,14 @@ async def test_a_shared_pause_is_capped_too(
     proxy = await make_proxy(cfg, storage=storage)
     hostile.control.retry_after = "99999999999"
     assert (await call(proxy, model))[0] == 503
-    snapshot_model = proxy.store.snapshot.models[model]
-    key = Balancer._shared_key(snapshot_model, snapshot_model.routes[0].upstream)
-    ttl = redis_server.command("TTL", PREFIX + key)  # (the key as the counters keep it)
-    assert isinstance(ttl, int) and 0 < ttl <= 300
+    # the pause shared with the other instances (dialproxy's dp:u:<model>:<upstream>, in
+    # whatever prefix the counter storage adds) expires within the cap
+    written = redis_server.command("KEYS", f"*dp:u:{model}:*")
+    assert isinstance(written, list) and written
+    for key in written:
+        assert isinstance(key, bytes)
+        ttl = redis_server.command("TTL", key.decode())
+        assert isinstance(ttl, int) and 0 < ttl <= 300
 
 
 # 6. A non-streamed answer over max_response: a 502, read no further.
@@ -287,10 +301,7 @@ async def test_an_answer_of_max_response_is_served(
 
 
 def test_max_response_from_the_flag_or_the_environment() -> None:
-    assert (
-        cli._settings(cli._parser().parse_args(["serve", "--max-response", "99"])).max_response
-        == 99
-    )
+    assert cli.settings_for(["serve", "--max-response", "99"]).max_response == 99
     assert Settings.from_env({}).max_response == 64 * 1024 * 1024
     assert Settings.from_env({"DIALPROXY_MAX_RESPONSE": "1000"}).max_response == 1000
     with pytest.raises(ValueError, match="DIALPROXY_MAX_RESPONSE"):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dialproxy import cli, keys
+from dialproxy import cli, keys, text
 from dialproxy.config.model import key_digest
 from tests.conftest import SECRETS
 
@@ -50,7 +50,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
     code = cli.main(["keys", *args])
     out, err = capsys.readouterr()
     for line in out.splitlines():  # the session's logs are searched for every secret
-        if keys.SECRET_PATTERN.fullmatch(line.strip()):
+        if text.SECRET_PATTERN.fullmatch(line.strip()):
             SECRETS.append(line.strip())
     return code, out, err
 
@@ -78,8 +78,8 @@ def test_generate_prints_a_new_secret_and_its_digest(capsys: pytest.CaptureFixtu
     record = json.loads(out)
     assert record["key"] != secret and record["hash"] == "sha256:" + key_digest(record["key"])
     assert record["fingerprint"] == key_digest(record["key"])[:8]
-    assert len({keys.new_secret() for _ in range(1000)}) == 1000
-    assert all(len(keys.new_secret()) == 47 for _ in range(1000))
+    assert len({text.new_secret() for _ in range(1000)}) == 1000
+    assert all(len(text.new_secret()) == 47 for _ in range(1000))
 
 
 def test_add_splices_the_hashed_entry_in_and_keeps_the_rest(
@@ -372,7 +372,7 @@ def test_an_ambiguous_fingerprint_is_refused(
 ) -> None:
     seen: dict[str, str] = {}
     while True:  # two secrets whose digests share 4 hex digits (a birthday: ~300 tries)
-        secret = keys.new_secret()
+        secret = text.new_secret()
         prefix = key_digest(secret)[:4]
         if prefix in seen:
             a, b = seen[prefix], secret
@@ -423,7 +423,7 @@ def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
         "canShare": True,
         "limits": {"*": {"requestHour": 5}},
     }
-    ends = keys.parse_datetime(doc["keys"][keys.hashed(old)]["expiresAt"])
+    ends = text.parse_datetime(doc["keys"][keys.hashed(old)]["expiresAt"])
     assert before + timedelta(days=2, seconds=-1) <= ends <= datetime.now(UTC) + timedelta(days=2)
     assert f"replaces {key_digest(old)[:8]}" in err
     assert valid(pretty, capsys)
@@ -448,7 +448,7 @@ def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
     third = json.loads(out)
     SECRETS.append(third["key"])
     doc = json.loads(pretty.read_text())
-    assert keys.parse_datetime(doc["keys"][keys.hashed(old)]["expiresAt"]) == ends.replace(
+    assert text.parse_datetime(doc["keys"][keys.hashed(old)]["expiresAt"]) == ends.replace(
         microsecond=0
     )
     assert third["oldExpiresAt"] == keys.iso(ends) and third["name"] == "svc 3"
@@ -508,8 +508,8 @@ def test_durations_and_dates() -> None:
         "90m": timedelta(minutes=90),
         "45s": timedelta(seconds=45),
     }
-    for text, delta in cases.items():
-        assert keys.parse_expiry(text, now) == now + delta
+    for value, delta in cases.items():
+        assert keys.parse_expiry(value, now) == now + delta
     assert keys.parse_expiry("2026-01-01", now) == datetime(2026, 1, 1, tzinfo=UTC)
     assert keys.parse_expiry("2026-01-01T12:00:00+02:00", now) == datetime(
         2026, 1, 1, 10, tzinfo=UTC
@@ -517,4 +517,42 @@ def test_durations_and_dates() -> None:
     for bad in ("", "d", "3x", "-1d", "2024-12-31", "0"):
         with pytest.raises(ValueError):
             keys.parse_expiry(bad, now)
-    assert keys.parse_duration("0") == timedelta(0)
+    assert text.parse_duration("0") == timedelta(0)
+
+
+_LAYOUTS = [
+    '{"roles": {"a": {}, "b": {"limits": {"m": {"day": 1}}}}, "keys": {"k": {"x": [1, {"y": 2}]}}}',
+    '{\n  "roles": {\n    "a": {},\n    "b": {\n      "limits": {\n'
+    '        "m": {"day": 1}\n      }\n    }\n  },\n'
+    '  "keys": {"k": {"x": [1, {"y": 2}]}}\n}\n',
+    '{\r\n\t"keys": {"k": {"x": [1, {"y": 2}]}},\r\n'
+    '\t"roles": {"a": {}, "b": {"limits": {"m": {"day": 1}}}}\r\n}',
+    '{ "roles" : { "b" : { "limits" : { "m" : { "day" : 1 } , "n" : {} } } , "a" : { } } ,\n'
+    ' "keys" : { "k" : { "x" : [1, {"y": 2}] , "é" : "ü" } } }',
+]
+
+
+@pytest.mark.parametrize("text", _LAYOUTS)
+def test_splices_set_and_remove_members_at_any_depth(text: str) -> None:
+    """Members set, added and taken out of nested objects in any layout: the text parses to
+    exactly the intended document, and taking out what was added gives the text back."""
+    edited = keys._JsonText(text)
+    doc = json.loads(text)
+    edited.set_member(["roles", "b", "limits"], "new", {"minute": 5}, expand=0)
+    doc["roles"]["b"]["limits"]["new"] = {"minute": 5}
+    assert json.loads(edited.text) == doc
+    edited.remove_member(["roles", "b", "limits"], "new")
+    del doc["roles"]["b"]["limits"]["new"]
+    assert edited.text == text
+    edited.set_member(["roles", "a"], "limits", {"m": {"day": "2"}})
+    doc["roles"]["a"]["limits"] = {"m": {"day": "2"}}
+    edited.set_member(["keys", "k"], "x", None)
+    doc["keys"]["k"]["x"] = None
+    edited.remove_member(["roles", "b", "limits"], "m")
+    del doc["roles"]["b"]["limits"]["m"]
+    assert json.loads(edited.text) == doc
+    edited.remove_member(["keys"], "k")
+    del doc["keys"]["k"]
+    assert json.loads(edited.text) == doc
+    with pytest.raises(keys.KeysError):
+        keys._JsonText("[1, 2]").set_member([], "a", 1)

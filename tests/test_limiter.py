@@ -13,8 +13,9 @@ import pytest
 from limits.aio.storage import MemoryStorage
 
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
-from dialproxy.counters import Counts, LocalCounters
-from dialproxy.limiter import Limiter, RateLimited, Scope, WindowState, _scan, _state
+from dialproxy.counters import LocalCounters
+from dialproxy.errors import RateLimited
+from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.server import counter_storage
 from dialproxy.storage import SlidingStorage, Storage, close_storage, take_back
 from tests.conftest import admit_request, check_tokens
@@ -113,7 +114,7 @@ async def test_the_previous_window_weighs_by_its_remaining_share(
     assert not await admitted(limiter, scope)
     (state,) = await limiter.usage(scope.owner, scope.model, [window], "r")
     # 4 * ttl / 2 + 1 < 4 once the previous ttl is below 1.5 s: about 0.45 s from now
-    assert 0.2 < state.retry_after < 0.5
+    assert 0 < state.retry_after <= 0.5  # (less as the machine is slower: no lower bound)
     await asyncio.sleep(state.retry_after + 0.05)
     assert await admitted(limiter, scope)
     assert not await admitted(limiter, scope)
@@ -252,29 +253,22 @@ async def test_each_owner_and_model_has_its_own_counters(limiter: Limiter) -> No
     assert await admitted(limiter, requests(model="embed", hour=1))
 
 
-def test_the_tightest_window_is_the_least_remaining_then_the_last_to_empty() -> None:
-    minute, hour, day = (
-        Window("minute", MINUTE, 10),
-        Window("hour", HOUR, 10),
-        Window("day", DAY, 50),
-    )
-    fresh, busy = (0, 0.0, 4, 90.0), (0, 0.0, 4, 5_000.0)
+async def test_the_tightest_window_is_the_least_remaining_then_the_last_to_empty() -> None:
+    """The window an admission reports (for the rate-limit headers), across scopes too."""
 
-    def name(state: WindowState | None) -> str | None:
+    async def tightest(scopes: list[Scope], times: int = 1) -> str | None:
+        limiter = Limiter(LocalCounters())
+        for _ in range(times):
+            state, _ = await limiter.admit(scopes)
         return state.window.name if state is not None else None
 
-    def _tightest(
-        windows: list[Window], counts: list[Counts], best: WindowState | None
-    ) -> WindowState | None:
-        tight = None if best is None else (best.window, best.counts, best.remaining)
-        return _state(_scan(windows, counts, len(windows), tight)[0])
-
-    assert name(_tightest([day, minute], [fresh, fresh], None)) == "minute"
+    assert await tightest([requests(day=50, minute=10)]) == "minute"  # 9 left, not 49
     # 6 left in both: the hour window takes longer to empty
-    assert name(_tightest([minute, hour], [fresh, busy], None)) == "hour"
-    assert name(_tightest([hour], [busy], WindowState(minute, fresh))) == "hour"
-    assert name(_tightest([minute], [fresh], WindowState(hour, busy))) == "hour"
-    assert _tightest([], [], None) is None
+    assert await tightest([requests(minute=10, hour=10)], times=4) == "hour"
+    by_minute, by_hour = requests("p:a", minute=10), requests("p:b", hour=10)
+    assert await tightest([by_minute, by_hour], times=4) == "hour"
+    assert await tightest([by_hour, by_minute], times=4) == "hour"
+    assert await tightest([requests("p:c")]) is None  # no request limit
 
 
 def test_window_state_remaining_never_negative() -> None:

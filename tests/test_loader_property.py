@@ -20,9 +20,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import Problem
 from dialproxy.config.schema import schema, schema_valid
+from dialproxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [

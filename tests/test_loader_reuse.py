@@ -7,13 +7,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import Snapshot, key_digest
 from dialproxy.config.store import ConfigStore
+from dialproxy.errors import ConfigError
 from tests.conftest import new_key
 
 KEYS = [new_key() for _ in range(6)]
@@ -284,3 +289,206 @@ def test_grants_a_role_change_leaves_alone_are_kept_across_reloads() -> None:
     assert new.grants["m2"].limit.request_hour == 20
     for model in ("m0", "m1", "m3"):  # grants role b's change does not touch
         assert new.grants[model] is old.grants[model]
+
+
+# --- incremental == full, for random sequences of edits -----------------------------------
+
+SECRET_VALUES = ["upstream-key-one-not-a-secret-really", "upstream-key-two-not-a-secret-really"]
+CLIENT_KEYS = [new_key(), new_key()]
+ROLE_NAMES = ["a", "b", "default", "ghost"]
+# Values `==` takes for one another, and the schema (and the canonical JSON) does not.
+LOOK_ALIKES: list[Any] = [True, 1, 1.0, False, 0, 0.0, -0.0, "1", None, [1], {"x": 1}]
+
+Edit = tuple[str, int, int]
+
+
+def edit(doc: dict[str, Any], env: dict[str, str], what: Edit) -> None:
+    """Apply one edit: (kind, which entry, which value)."""
+    kind, i, v = what
+    keys = list(doc["keys"])
+    secret = keys[i % len(keys)] if keys else None
+    model = doc["models"].get(f"m{i % 4}")
+    if kind == "key name" and secret is not None:
+        doc["keys"][secret]["name"] = f"name {v}"
+    elif kind == "key role" and secret is not None:
+        doc["keys"][secret].pop("roles", None)
+        doc["keys"][secret]["role"] = ROLE_NAMES[v % len(ROLE_NAMES)]
+    elif kind == "key roles" and secret is not None:
+        doc["keys"][secret].pop("role", None)
+        doc["keys"][secret]["roles"] = ROLE_NAMES[v % 3 :][:2]
+    elif kind == "key look-alike" and secret is not None:
+        doc["keys"][secret]["secured"] = LOOK_ALIKES[v % len(LOOK_ALIKES)]
+    elif kind == "key limits" and secret is not None:
+        doc["keys"][secret]["limits"] = {f"m{v % 4}": {"minute": str(v)}}
+    elif kind == "add key":
+        doc["keys"][KEYS[5] if v % 2 else f"sha256:{key_digest(new_key())}"] = {
+            "project": f"new {v}",
+            "role": ROLE_NAMES[v % len(ROLE_NAMES)],
+        }
+    elif kind == "remove key" and secret is not None:
+        del doc["keys"][secret]
+    elif kind == "variable key":
+        if v % 3 == 0:
+            doc["keys"].pop("${CLIENT_KEY}", None)
+        else:
+            doc["keys"]["${CLIENT_KEY}"] = {"project": "env", "role": "a"}
+            env["CLIENT_KEY"] = CLIENT_KEYS[v % 2]
+    elif kind == "role limit":
+        role = doc["roles"][ROLE_NAMES[v % 3]]
+        role.setdefault("limits", {})[f"m{i % 4}"] = {"minute": str(100 + v)}
+    elif kind == "role look-alike":
+        doc["roles"]["a"].setdefault("costLimit", {})["day"] = LOOK_ALIKES[v % len(LOOK_ALIKES)]
+    elif kind == "model look-alike" and model is not None:
+        model["upstreams"][0]["tier"] = LOOK_ALIKES[v % len(LOOK_ALIKES)]
+    elif kind == "model key" and model is not None:
+        texts = ["${UPSTREAM_KEY}", "literal-upstream-key-abcdef", "${UNSET_KEY}", None]
+        text = texts[v % len(texts)]
+        if text is None:
+            model["upstreams"][0].pop("key", None)
+        else:
+            model["upstreams"][0]["key"] = text
+    elif kind == "model endpoint" and model is not None:
+        model["upstreams"][0]["endpoint"] = f"https://up{v}.example.com/v1"
+    elif kind == "remove model" and model is not None and len(doc["models"]) > 1:
+        del doc["models"][f"m{i % 4}"]
+    elif kind == "add model":
+        doc["models"][f"m{i % 4}"] = {
+            "type": "chat",
+            "upstreams": [{"endpoint": f"https://new{v}.example.com/v1"}],
+        }
+    elif kind == "environment":
+        env["UPSTREAM_KEY"] = SECRET_VALUES[v % 2]
+    elif kind == "schedule":
+        doc["rateLimitSchedule"] = {"timezone": ["UTC", "Europe/Berlin", "Mars/Olympus"][v % 3]}
+
+
+EDITS = st.tuples(
+    st.sampled_from(
+        [
+            "key name",
+            "key role",
+            "key roles",
+            "key look-alike",
+            "key limits",
+            "add key",
+            "remove key",
+            "variable key",
+            "role limit",
+            "role look-alike",
+            "model look-alike",
+            "model key",
+            "model endpoint",
+            "remove model",
+            "add model",
+            "environment",
+            "schedule",
+        ]
+    ),
+    st.integers(0, 7),
+    st.integers(0, 30),
+)
+
+
+def written(doc: dict[str, Any], form: str) -> list[Source]:
+    """``doc`` as files: one (indented or compact), two (keys apart), one with a field given
+    twice (a warning, and nothing of it is taken as it was), or YAML (walked whole)."""
+    if form == "yaml":
+        return [Source("aidial.config.yaml", yaml.safe_dump(doc).encode())]
+    if form == "split":
+        rest = {k: v for k, v in doc.items() if k != "keys"}
+        return [
+            Source("aidial.config.json", json.dumps(rest).encode()),
+            Source("keys.json", json.dumps({"keys": doc["keys"]}, indent=1).encode()),
+        ]
+    text = json.dumps(doc, indent=2 if form == "indented" else None)
+    if form == "repeated field":
+        text = text.replace('"project": ', '"project": "first", "project": ', 1)
+    return [Source("aidial.config.json", text.encode())]
+
+
+@settings(  # DIALPROXY_PROPERTY_EXAMPLES=2000 for a longer hunt
+    max_examples=int(os.environ.get("DIALPROXY_PROPERTY_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    st.lists(
+        st.tuples(
+            EDITS, st.sampled_from(["indented", "compact", "split", "repeated field", "yaml"])
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_a_reload_serves_and_refuses_what_a_full_build_does(
+    steps: list[tuple[Edit, str]],
+) -> None:
+    doc = config()
+    env = dict(ENV)
+    form = steps[0][1]
+    # (allow_empty: the last key removed is the loader's to serve, not the store's to refuse)
+    store = ConfigStore(["aidial.config.json"], env=env, allow_empty=True)
+    assert store.reload(written(doc, form)).applied
+    for what, form in steps:
+        edit(doc, env, what)
+        files = written(doc, form)
+        served = store.snapshot
+        result = store.reload(files)
+        try:
+            full = build_snapshot(files, dict(env))
+        except ConfigError as e:
+            assert result.refused
+            assert result.problems == tuple(p for p in e.problems if p.severity == "error")
+            assert store.snapshot is served
+            continue
+        assert not result.refused, result.problems
+        if not result.applied:  # the same content (in other files perhaps): not a reload
+            assert full.digest == served.digest and store.snapshot is served
+            continue
+        assert full.digest != served.digest
+        assert store.snapshot == full
+        assert store.snapshot.digest == full.digest
+        assert store.snapshot.warnings == full.warnings
+        assert list(store.snapshot.keys) == list(full.keys)
+        assert list(store.snapshot.models) == list(full.models)
+
+
+def check_reload(store: ConfigStore, files: list[Source], env: dict[str, str]) -> None:
+    """``store`` reloads ``files`` as a full build of them serves or refuses them."""
+    served = store.snapshot
+    result = store.reload(files)
+    try:
+        full = build_snapshot(files, dict(env))
+    except ConfigError as e:
+        assert result.refused
+        assert result.problems == tuple(p for p in e.problems if p.severity == "error")
+        assert store.snapshot is served
+        return
+    assert not result.refused, result.problems
+    assert result.applied == (full.digest != served.digest)
+    assert store.snapshot == full
+    assert store.snapshot.warnings == full.warnings
+
+
+@pytest.mark.parametrize(
+    "place",
+    [
+        lambda d, v: d["keys"][KEYS[0]].update({"secured": v}),
+        lambda d, v: d["roles"]["a"]["costLimit"].update({"day": v}),
+        lambda d, v: d["models"]["m1"]["upstreams"][0].update({"tier": v}),
+    ],
+)
+def test_values_equal_in_python_but_not_in_json_are_changes(place: Any) -> None:
+    """True == 1 == 1.0 in Python, not in the schema: an entry changed from one to the other
+    is a changed entry."""
+    for before in LOOK_ALIKES:
+        doc = config()
+        place(doc, before)
+        store = ConfigStore(["aidial.config.json"], env=ENV)
+        if not store.reload(sources(doc)).applied:
+            continue  # (refused: nothing is served to reuse)
+        for after in LOOK_ALIKES:
+            place(doc, after)
+            check_reload(store, sources(doc), ENV)
+            place(doc, before)
+            check_reload(store, sources(doc), ENV)

@@ -344,14 +344,13 @@ def test_settings_from_flags_and_env() -> None:
         Settings(metrics_port=8080).check()
     with pytest.raises(ValueError, match="metrics auth"):
         Settings(metrics_auth="admin").check()
-    args = cli._parser().parse_args(
+    flags = cli.settings_for(
         ["serve", "--metrics-port", "9101", "--metrics-key-label", "--metrics-auth", "key"]
     )
-    flags = cli._settings(args)
     assert (flags.metrics, flags.metrics_port, flags.metrics_key_label, flags.metrics_auth) == (
         True,
         9101,
         True,
         "key",
     )
-    assert not cli._settings(cli._parser().parse_args(["serve", "--no-metrics"])).metrics
+    assert not cli.settings_for(["serve", "--no-metrics"]).metrics

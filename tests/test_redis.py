@@ -24,16 +24,12 @@ import redis.asyncio
 
 from dialproxy.config.model import Window
 from dialproxy.counters import LocalCounters
-from dialproxy.errors import ProxyError
-from dialproxy.limiter import Limiter, RateLimited, Scope
+from dialproxy.errors import ProxyError, RateLimited, StorageUnavailable
+from dialproxy.limiter import Limiter, Scope
 from dialproxy.rediscounters import CONNECT_TIMEOUT, MAX_CONNECTIONS, TIMEOUT, RedisCounters
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
-from dialproxy.storage import (
-    FailurePolicy,
-    StorageUnavailable,
-    close_storage,
-)
+from dialproxy.storage import FailurePolicy, close_storage
 from tests.conftest import (
     Backend,
     ProxyFactory,
@@ -46,9 +42,24 @@ from tests.redis_server import BackendProcess, ProxyProcess, RedisServer, free_p
 
 KEY = new_key()
 CHAT = {"messages": [{"role": "user", "content": "hello there proxy"}]}
-HOUR_KEY = "LIMITS:{dp:p:fleet:chat:r:hour}"  # limits' key for project fleet's hour window
 POLICIES = [p.value for p in FailurePolicy]
-FAST = 0.1  # an answer that did not wait for a Redis timeout (0.25 s)
+# No timed assertion is tight: the machine may be busy.  What these bound is a wait that
+# would be a bug (a call hanging on Redis past its timeout, a probe that never comes back).
+MARGIN = 2.0
+
+
+async def counted(url: str, owner: str = "p:fleet") -> int | None:
+    """A project's requests in its hour window of model ``chat`` as Redis holds them, read
+    as another instance reads them (a limiter of its own on that Redis); None while Redis
+    does not answer."""
+    limiter = Limiter(counter_storage(url), "deny")
+    try:
+        (state,) = await limiter.usage(owner, "chat", [Window("hour", 3_600, 1)], "r")
+        return state.used
+    except ProxyError:
+        return None
+    finally:
+        await limiter.close()
 
 
 # --- the storage URI ------------------------------------------------------------------------
@@ -93,7 +104,7 @@ async def test_redis_over_a_unix_socket(redis_server: RedisServer) -> None:
         await admit_request(limiter, scope)
         with pytest.raises(RateLimited):
             await admit_request(limiter, scope)
-        assert redis_server.command("GET", "LIMITS:{dp:p:unix:chat:r:hour}") == b"1"
+        assert await counted(redis_server.unix_url, "p:unix") == 1
     finally:
         await close_storage(storage)
 
@@ -121,16 +132,17 @@ async def attempt(limiter: Limiter, scope: Scope) -> tuple[str, float]:
     return outcome, time.monotonic() - started
 
 
-async def served_at_once(limiter: Limiter, scope: Scope) -> bool:
-    outcome, took = await attempt(limiter, scope)
-    return outcome == "200" and took < FAST
+async def served(limiter: Limiter, scope: Scope) -> bool:
+    outcome, _ = await attempt(limiter, scope)
+    return outcome == "200"
 
 
-async def until_healthy(limiter: Limiter, since: float, timeout: float = 5.0) -> float:
+async def until_healthy(limiter: Limiter, timeout: float = 10.0) -> None:
+    """Until a probe finds the storage back (a probe every 0.5 s: the timeout is generous)."""
+    deadline = time.monotonic() + timeout
     while not limiter.guard.healthy:
-        assert time.monotonic() - since < timeout, "the storage never came back"
+        assert time.monotonic() < deadline, "the storage never came back"
         await asyncio.sleep(0.01)
-    return time.monotonic() - since
 
 
 EXPECTED_IN_OUTAGE = {
@@ -147,7 +159,7 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
     roomy_minute = Window("minute", 60, 1_000_000)
     scope = Scope("p:fleet", "chat", request_windows=(roomy_minute, Window("hour", 3_600, 3)))
     try:
-        assert await served_at_once(limiter, scope)
+        assert await served(limiter, scope)
         assert limiter.health() == {
             "backend": "redis",
             "healthy": True,
@@ -161,8 +173,9 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
         own_redis.pause()
         outcomes = [await attempt(limiter, scope) for _ in range(6)]
         assert [o for o, _ in outcomes] == EXPECTED_IN_OUTAGE[policy]
-        assert outcomes[0][1] < TIMEOUT + 0.2
-        assert all(took < FAST for _, took in outcomes[1:])
+        assert outcomes[0][1] < TIMEOUT + MARGIN  # (bounded by the read timeout)
+        # the later ones skip Redis: one call failed, the rest answered by the policy
+        assert limiter.health()["failures"] == 1
         if policy == "deny":
             with pytest.raises(StorageUnavailable) as refused:
                 await admit_request(limiter, scope)
@@ -177,11 +190,10 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
 
         # SIGCONT: back within a probe.  The admission that timed out is one script call,
         # applied whole when Redis resumed: it counts (erring on counting, never half).
-        resumed_at = time.monotonic()
         own_redis.resume()
-        assert await until_healthy(limiter, resumed_at) < 2.0
-        assert own_redis.command("GET", HOUR_KEY) == b"2"
-        assert await served_at_once(limiter, scope)
+        await until_healthy(limiter)
+        assert await counted(own_redis.url) == 2
+        assert await served(limiter, scope)
         assert (await attempt(limiter, scope))[0] == "429"  # shared: 3 / 3 in Redis
 
         # SIGKILL: connections are refused at once; then a fresh Redis on the same port.
@@ -191,12 +203,11 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
         if policy == "local":  # the local counters still hold the first outage's 3
             expected = ["429"] * 6
         assert [o for o, _ in outcomes] == expected
-        assert all(took < FAST for _, took in outcomes)
-        restarted_at = time.monotonic()
+        assert limiter.health()["failures"] == 2  # the first call; the rest skipped Redis
         own_redis.start()
-        assert await until_healthy(limiter, restarted_at) < 2.0
-        assert await served_at_once(limiter, scope)
-        assert own_redis.command("GET", HOUR_KEY) == b"1"  # counted in the new Redis
+        await until_healthy(limiter)
+        assert await served(limiter, scope)
+        assert await counted(own_redis.url) == 1  # counted in the new Redis
         assert limiter.health()["outages"] == 2
     finally:
         await limiter.close()
@@ -206,11 +217,12 @@ async def test_close_cancels_the_probe_during_an_outage(own_redis: RedisServer) 
     limiter = Limiter(counter_storage(own_redis.url), "allow")
     scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 3),))
     own_redis.kill()
+    before = asyncio.all_tasks()
     assert (await attempt(limiter, scope))[0] == "200"
-    probe = limiter.guard.state._probe
-    assert probe is not None and not probe.done()
+    started = asyncio.all_tasks() - before  # the outage's probe, waiting to try again
+    assert started and not any(t.done() for t in started)
     await limiter.close()
-    assert probe.cancelled()
+    assert all(t.cancelled() for t in started)  # none left behind
 
 
 async def test_the_app_under_deny_answers_503_and_health_says_why(
@@ -376,7 +388,7 @@ async def test_two_instances_admit_exactly_the_limit(
         "Hit request rate limit. Hour limit: 100 / 100 requests."
     )
     assert refused.headers["Retry-After"].isdigit()
-    assert redis_server.command("GET", HOUR_KEY) == b"100"
+    assert await counted(redis_server.url) == 100
     print(
         f"\n1,000 requests over 2 instances in {took:.2f} s: admitted "
         f"{per_instance[0][200]} + {per_instance[1][200]} = 100, refused 900"
@@ -498,28 +510,24 @@ class Load:
             await asyncio.sleep(0.01)
 
 
-def counted(redis: RedisServer) -> int:
-    """Project fleet's requests in the current hour window, as Redis holds them."""
-    value = redis.command("GET", HOUR_KEY)
-    assert value is None or isinstance(value, bytes)
-    return int(value or 0)
-
-
 async def until_shared(
     session: aiohttp.ClientSession,
     proxies: list[ProxyProcess],
     redis: RedisServer,
-    since: float,
-    timeout: float = 5.0,
+    timeout: float = 10.0,
 ) -> float:
-    """Seconds from ``since`` until a request through each instance is counted in Redis."""
+    """Seconds until a request through each instance is counted in Redis (reported, not
+    asserted; the timeout is generous: the instances' probes run every 0.5 s)."""
+    started = time.monotonic()
+    deadline = started + timeout
     while True:
-        before = counted(redis)
+        before = await counted(redis.url)
         answers = [await chat(session, proxies, 0), await chat(session, proxies, 1)]
-        after = counted(redis)
-        if after - before == 2 and all(a.status == 200 for a in answers):
-            return time.monotonic() - since
-        assert time.monotonic() - since < timeout, "shared counting never resumed"
+        after = await counted(redis.url)
+        ok = before is not None and after is not None and after - before == 2
+        if ok and all(a.status == 200 for a in answers):
+            return time.monotonic() - started
+        assert time.monotonic() < deadline, "shared counting never resumed"
         await asyncio.sleep(0.02)
 
 
@@ -587,9 +595,8 @@ async def test_outage_under_load(
             await asyncio.sleep(0.5)
             back = time.monotonic()
         first = load.answers
-        restarted = time.monotonic()
         own_redis.start()
-        resume_after_restart = await until_shared(s, proxies, own_redis, restarted)
+        resume_after_restart = await until_shared(s, proxies, own_redis)
 
         async with Load(s, proxies) as load:
             await asyncio.sleep(0.3)
@@ -601,7 +608,7 @@ async def test_outage_under_load(
         second = load.answers
         await asyncio.sleep(0.05)  # what timed out during the pause is applied now...
         own_redis.flush()  # ...and forgotten, so that the next count is ours alone
-        resume_after_cont = await until_shared(s, proxies, own_redis, continued)
+        resume_after_cont = await until_shared(s, proxies, own_redis)
         healths = [await health(s, p) for p in proxies]
 
     # Every request got an HTTP answer, never a 500 or a 401.
@@ -621,8 +628,6 @@ async def test_outage_under_load(
             admitted = sum(a.status == 200 for a in served)
             assert 1 <= admitted <= LIMIT
             assert any(a.status == 429 for a in served)
-    assert resume_after_restart < 2.0
-    assert resume_after_cont < 2.0
     for h in healths:
         storage = h["storage"]
         assert storage["backend"] == "redis" and storage["policy"] == policy

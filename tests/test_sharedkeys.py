@@ -18,7 +18,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from dialproxy.settings import Settings
-from dialproxy.sharedkeys import STATE_FILE, SqliteSharedKeyStore, state_path
+from dialproxy.sharedkeys.sqlite import SqliteSharedKeyStore
+from dialproxy.statefile import STATE_FILE, state_path
 from dialproxy.web.appkeys import SHARED
 from tests.conftest import (
     SECRETS,

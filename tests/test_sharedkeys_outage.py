@@ -15,11 +15,14 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from dialproxy import sharedkeys as sharedkeys_module
 from dialproxy.config.model import key_digest
+from dialproxy.errors import StoreUnavailable
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
-from dialproxy.sharedkeys import REDIS_TIMEOUT, SharedKey, SharedKeys, StoreUnavailable
+from dialproxy.sharedkeys import service as sharedkeys_module
+from dialproxy.sharedkeys.model import SharedKey
+from dialproxy.sharedkeys.redisstore import REDIS_TIMEOUT
+from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.storage import FailurePolicy, StorageHealth
 from dialproxy.web.appkeys import LIMITER, SHARED
 from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory

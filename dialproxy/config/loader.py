@@ -18,10 +18,12 @@ import ipaddress
 import json
 import math
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
@@ -47,14 +49,13 @@ from dialproxy.config.model import (
     key_digest,
     never_default_header,
 )
-from dialproxy.config.reuse import Built, Canonical, RawProblem, changed_only
+from dialproxy.config.reuse import SECTIONS, Built, Canonical, RawProblem, Walked, changed_only
 from dialproxy.config.routes import build_routes, route_problems
 from dialproxy.config.schedule import Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
+from dialproxy.errors import ConfigError as ConfigError  # (imported from here too)
+from dialproxy.text import CONTROL, ENV_REF, SHA256_KEY, parse_datetime, written_digest
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 _IDENTIFIER = re.compile(r"[A-Za-z_$][\w$-]*")
 _DEFAULT_RETRIABLE = frozenset({429, 502, 503, 504})
 _MAX_DEPTH = 64  # nesting levels a document may have
@@ -81,15 +82,6 @@ _MODEL_ALIASES = {
 # Sections whose entries are deployments a role may limit (DIAL's selectDeployment, plus
 # the newer sections).  dialproxy serves `models` and `applications`; the others are accepted.
 _DEPLOYMENT_SECTIONS = ("models", "applications", "addons", "toolsets")
-
-
-class ConfigError(Exception):
-    """The config cannot be served; ``problems`` lists every reason (errors and warnings)."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = tuple(problems)
-        errors = [p for p in self.problems if p.severity == "error"]
-        super().__init__(f"invalid config: {len(errors)} error(s)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +113,9 @@ def render_path(parts: Sequence[str | int]) -> str:
             out.append(f"[{part}]")
             continue
         if i == 1 and parts[0] == "keys":
-            if _ENV_REF.fullmatch(part):
+            if ENV_REF.fullmatch(part):
                 out.append("[" + json.dumps(part) + "]")
-            elif part.startswith("sha256:") and _SHA256_KEY.match(part):
+            elif part.startswith("sha256:") and SHA256_KEY.match(part):
                 out.append(f".<key {fingerprint(part)}>")  # the digest's first hex digits
             else:  # a secret, or a malformed digest that could be one
                 out.append(f".<key {key_digest(part)[:8]}>")
@@ -151,6 +143,12 @@ class _Redactor:
     def add(self, secret: str) -> None:
         if len(secret) >= self.MIN and secret not in self._secrets:
             self._secrets.add(secret)
+            self._index = None
+
+    def add_all(self, secrets: Iterable[str]) -> None:
+        new = {s for s in secrets if len(s) >= self.MIN}
+        if not new <= self._secrets:
+            self._secrets |= new
             self._index = None
 
     def __contains__(self, text: object) -> bool:
@@ -329,6 +327,7 @@ class _Preparer:
         problems: list[Problem],
         redact: _Redactor,
         env_values: _Redactor,
+        last: Mapping[str, Mapping[str, Walked]] | None = None,
     ) -> None:
         self.file = file
         self.env = env
@@ -339,6 +338,17 @@ class _Preparer:
         self.values = 0
         self.reported: list[tuple[str, str]] = []
         self.stack: set[int] = set()
+        # The entries of the sections as they were last time (a JSON file's, in a good
+        # build): an equal one is taken as it was (:class:`Walked`).  ``kept``: this walk's,
+        # None when they cannot be kept (a field given twice: equal objects, not one input).
+        self.last = last if not duplicates else None
+        self.kept: dict[str, dict[str, Walked]] | None = {} if not duplicates else None
+        # What the walk read and added, in order, and the numbers and booleans it met: an
+        # entry's part is what it adds to these while it is walked.
+        self.used: list[tuple[str, str]] = []
+        self.secrets: list[str] = []
+        self.shown: list[str] = []
+        self.numbers = 0
 
     def error(self, parts: Sequence[str | int], message: str, severity: Severity = "error") -> None:
         self.problems.append(Problem(self.file, render_path(parts), message, severity))
@@ -360,16 +370,25 @@ class _Preparer:
             if value is None:
                 missing.append(m.group(1))
                 return m.group(0)
-            (self.redact if secret else self.env_values).add(value)
+            self.used.append((m.group(1), value))
+            if secret:
+                self.secret(value)
+            else:
+                self.shown.append(value)
+                self.env_values.add(value)
             return value
 
-        result = _ENV_REF.sub(one, text)
+        result = ENV_REF.sub(one, text)
         for name in dict.fromkeys(missing):
             self.error(parts, f"environment variable {name} is not set")
         if missing:
             self.reported.append((self.file, render_path(parts)))
             return text, False
         return result, True
+
+    def secret(self, text: str) -> None:
+        self.secrets.append(text)
+        self.redact.add(text)
 
     def walk(self, value: Any, parts: list[str | int], depth: int) -> Any:
         self.values += 1
@@ -383,13 +402,17 @@ class _Preparer:
             )
             text, resolved = self.substitute(value, parts, secret)
             if secret and resolved:
-                self.redact.add(text)
+                self.secret(text)
             if "@" in text and "://" in text:
                 self._url_password(text)
             return text
-        if value is None or isinstance(value, bool | int):
+        if value is None:
+            return value
+        if isinstance(value, bool | int):
+            self.numbers += 1
             return value
         if isinstance(value, float):
+            self.numbers += 1
             if math.isfinite(value):
                 return value
             self.replaced(parts, "not a finite number")
@@ -418,8 +441,19 @@ class _Preparer:
         finally:
             self.stack.discard(id(value))
 
-    def _object(self, value: dict[Any, Any], parts: list[str | int], depth: int) -> dict[str, Any]:
+    def _object(
+        self, value: dict[Any, Any], parts: list[str | int], depth: int, whole: bool = True
+    ) -> dict[str, Any]:
         in_keys = parts == ["keys"]
+        entries = len(parts) == 1 and parts[0] in SECTIONS and self.kept is not None
+        if entries and whole:
+            taken = self._unchanged(str(parts[0]), value)
+            if taken:  # the others are walked one by one; all in the order of the file
+                rest = {n: v for n, v in value.items() if n not in taken}
+                section: dict[str, Any] = dict.fromkeys(value)
+                section.update(zip(taken, [w.out for w in taken.values()], strict=True))
+                section.update(self._object(rest, parts, depth, whole=False))
+                return section
         repeated = self.duplicates.get(id(value), (None, []))[1]
         out: dict[str, Any] = {}
         for k, v in value.items():
@@ -445,7 +479,10 @@ class _Preparer:
                     self.redact.add(name)
                 if name in out:
                     self.error([*parts, name], "the same key is defined twice in this file")
-            out[name] = self.walk(v, [*parts, name], depth + 1)
+            if entries and name == k:
+                out[name] = self._entry(str(parts[0]), name, v, depth + 1)
+            else:
+                out[name] = self.walk(v, [*parts, name], depth + 1)
         for k in dict.fromkeys(repeated):
             if in_keys:
                 self.error([*parts, k], "the same key is defined twice in this file")
@@ -454,9 +491,75 @@ class _Preparer:
                 self.error(parts, f"field {shown} is given twice; the last one is used", "warning")
         return out
 
+    def _unchanged(self, section: str, value: dict[str, Any]) -> dict[str, Walked] | None:
+        """The entries of ``section`` that are as they were last time and read nothing
+        else (no number or boolean, no variable, no secret): all of them at once (C speed:
+        a reload of a big config changes few of its 10,000 keys).  The others go through
+        :meth:`_entry`."""
+        olds = self.last.get(section) if self.last is not None else None
+        if not olds or self.kept is None:
+            return None
+        if section == "keys" and any(["${" in name for name in value]):
+            return None  # (a name is substituted: see _object)
+        taken = {
+            n: w
+            for n, v in value.items()
+            if (w := olds.get(n)) is not None and w.plain and w.raw == v
+        }
+        total = sum([w.values for w in taken.values()])
+        if self.values + total > _MAX_VALUES:
+            return None  # (walked, to fail where a full walk does)
+        self.values += total
+        self.kept.setdefault(section, {}).update(taken)
+        if section == "keys":
+            self.redact.add_all(taken)  # (their names are the secrets)
+        return taken
+
+    def _entry(self, section: str, name: str, value: Any, depth: int) -> Any:
+        """An entry of a section: as it was last time when it is the same (see ``last``)."""
+        assert self.kept is not None
+        kept = self.kept.setdefault(section, {})
+        olds = self.last.get(section) if self.last is not None else None
+        was = olds.get(name) if olds is not None else None
+        if (
+            was is not None
+            and self.values + was.values <= _MAX_VALUES
+            and was.same(value, self.env)
+        ):
+            self.values += was.values
+            self.used += was.env
+            for text in was.secrets:
+                self.secret(text)
+            for text in was.env_values:
+                self.shown.append(text)
+                self.env_values.add(text)
+            kept[name] = was
+            return was.out
+        values, problems, reported = self.values, len(self.problems), len(self.reported)
+        used, secrets, shown, numbers = (
+            len(self.used),
+            len(self.secrets),
+            len(self.shown),
+            self.numbers,
+        )
+        out = self.walk(value, [section, name], depth)
+        if len(self.problems) == problems and len(self.reported) == reported:
+            kept[name] = Walked.of(
+                value,
+                out,
+                self.numbers != numbers,
+                tuple(self.used[used:]),
+                tuple(self.secrets[secrets:]),
+                tuple(self.shown[shown:]),
+                self.values - values,
+            )
+        else:
+            kept.pop(name, None)
+        return out
+
     def _url_password(self, text: str) -> None:
         for m in re.finditer(r"://[^/@:\s]*:([^/@\s]+)@", text):
-            self.redact.add(m.group(1))
+            self.secret(m.group(1))
 
 
 def merge(base: Any, update: Any) -> Any:
@@ -684,6 +787,12 @@ def _generic_message(error: jsonschema.ValidationError, parts: Sequence[str | in
 # --- the build -----------------------------------------------------------------------------
 
 
+def _pause() -> None:
+    """Between the phases of a build: let the other threads run (a reload builds in a
+    worker thread while the event loop serves, and both need the interpreter)."""
+    time.sleep(0)
+
+
 def build_snapshot(sources: Sequence[Source], env: Mapping[str, str]) -> Snapshot:
     """Build a snapshot, or raise :class:`ConfigError` with every problem found."""
     return build_reusing(sources, env, None)[0]
@@ -698,8 +807,10 @@ def build_reusing(
     redact = _Redactor()  # secrets: hidden in paths and messages
     env_values = _Redactor()  # other ${VAR} values: hidden in messages
     docs: list[_Prepared] = []
+    walked: dict[str, dict[str, dict[str, Walked]]] = {}
     unreadable = False
     for source in sources:
+        _pause()
         parsed = _parse(source)
         if parsed.problem is not None:
             problems.append(Problem(source.name, "$", parsed.problem))
@@ -717,15 +828,25 @@ def build_reusing(
             )
             unreadable = True
             continue
-        preparer = _Preparer(source.name, env, parsed.duplicates, problems, redact, env_values)
+        # A YAML document may hold one object in several places (aliases), even within
+        # itself: only a JSON file's entries are compared with the last ones.
+        json_file = not source.name.endswith((".yaml", ".yml"))
+        before = last.walked.get(source.name) if last is not None and json_file else None
+        preparer = _Preparer(
+            source.name, env, parsed.duplicates, problems, redact, env_values, before
+        )
+        _pause()
         try:
             doc = preparer.walk(parsed.doc, [], 0)
         except _TooBig:
             unreadable = True
             continue
+        if json_file and preparer.kept is not None:
+            walked[source.name] = preparer.kept
         docs.append(_Prepared(source.name, doc, preparer.reported))
     found: list[Problem] = []  # by the checks below, which may follow from the above
-    _check_duplicate_keys(docs, found)
+    digests: dict[str, str] = {}
+    _check_duplicate_keys(docs, found, last.digests if last is not None else {}, digests)
     if unreadable:
         raise ConfigError(_finish(problems, found, docs, redact, env_values))
 
@@ -735,18 +856,22 @@ def build_reusing(
     files = tuple(s.name for s in sources)
     locator = _Locator(docs, files)
 
-    canonical = Canonical.of(merged)
-    built_now = Built(canonical)
+    _pause()
+    canonical = Canonical.of(merged, last.canonical if last is not None else None)
+    built_now = Built(canonical, walked=walked, digests=digests)
+    _pause()
     # The entries the last good build had as they are were valid: the others are checked,
     # and when one is not, the whole document, for errors located as in a full build.
     if not schema_valid(changed_only(merged, canonical, last)):
         for error in validator().iter_errors(merged):
             found.extend(_schema_problem(error, locator)[0])
+    _pause()
     found.extend(_semantic_checks(merged, locator, canonical, last, built_now))
     final = _finish(problems, found, docs, redact, env_values)
     if any(p.severity == "error" for p in final):
         raise ConfigError(final)
 
+    _pause()
     digest = canonical.digest
     built = _snapshot(merged, files, digest, canonical, last, built_now)
     snapshot = Snapshot(
@@ -787,23 +912,28 @@ def _finish(
     return out
 
 
-def _key_digest_of(name: str) -> str:
-    if name.startswith("sha256:") and _SHA256_KEY.match(name):
-        return name[7:]
-    return key_digest(name)
-
-
-def _check_duplicate_keys(docs: Sequence[_Prepared], problems: list[Problem]) -> None:
-    """The same secret twice across files (or as itself and as its ``sha256:`` form)."""
+def _check_duplicate_keys(
+    docs: Sequence[_Prepared],
+    problems: list[Problem],
+    known: Mapping[str, str],
+    digests: dict[str, str],
+) -> None:
+    """The same secret twice across files (or as itself and as its ``sha256:`` form).
+    The digests of the key names are taken from ``known`` (the last build's) when there,
+    and kept in ``digests``."""
     seen: dict[str, str] = {}
     for prepared in docs:
         keys = prepared.doc.get("keys")
         if not isinstance(keys, dict):
             continue
-        for name in keys:
-            if not name or _ENV_REF.search(name):
-                continue
-            digest = _key_digest_of(name)
+        names = [n for n in keys if n and not ("${" in n and ENV_REF.search(n))]
+        found = [known.get(n) or written_digest(n) for n in names]
+        digests.update(zip(names, found, strict=True))
+        unique = dict.fromkeys(found, prepared.name)
+        if len(unique) == len(found) and seen.keys().isdisjoint(unique):
+            seen.update(unique)  # (the usual case, at C speed)
+            continue
+        for name, digest in zip(names, found, strict=True):
             if digest in seen:
                 problems.append(
                     Problem(
@@ -855,7 +985,7 @@ def _url_problems(url: Any) -> list[str]:
         found.append(
             "must not carry credentials (`user:secret@host`): put them in the upstream's key"
         )
-    if _CONTROL.search(url):
+    if CONTROL.search(url):
         found.append("contains control characters")
     return found
 
@@ -914,17 +1044,17 @@ def _semantic_checks(
     context = (frozenset(roles), frozenset(served))
     before = last.key_checks if last is not None and last.check_context == context else {}
     texts = canonical.entries.get("keys", {}) if canonical is not None else {}
-    kept: dict[str, tuple[str, tuple[RawProblem, ...]]] = {}
-    for secret, key in keys.items():
-        text = texts.get(secret)
-        found = before.get(secret)
-        if found is not None and text is not None and found[0] == text:
-            raw = found[1]
-        else:
-            raw = tuple(_key_problems(secret, key, roles, served))
-        if text is not None:
-            kept[secret] = (text, raw)
-        for key_parts, key_message, key_severity in raw:
+    # the unchanged keys' checks at once (C speed), then the others'
+    kept = {
+        secret: found
+        for secret, text in texts.items()
+        if (found := before.get(secret)) is not None and found[0] == text
+    }
+    for secret in [s for s in keys if s not in kept]:
+        found_now = tuple(_key_problems(secret, keys[secret], roles, served))
+        kept[secret] = (texts.get(secret), found_now)
+    for secret in [s for s in keys if kept[s][1]]:  # in the order of the keys
+        for key_parts, key_message, key_severity in kept[secret][1]:
             yield at.problem(list(key_parts), key_message, cast(Severity, key_severity))
     if built is not None:
         built.check_context = context
@@ -972,7 +1102,7 @@ def _semantic_checks(
                 for message in _url_problems(url):
                     yield at.problem([*where, "endpoint"], message)
             key = _dict(up).get("key")
-            if isinstance(key, str) and _CONTROL.search(key):
+            if isinstance(key, str) and CONTROL.search(key):
                 message = "contains control characters (it is sent as a header value)"
                 yield at.problem([*where, "key"], message)
 
@@ -991,7 +1121,7 @@ def _key_problems(
     for parts, role in named:
         if isinstance(role, str) and role and role not in roles and role != "default":
             yield parts, f"role {_show_name(role)} is not defined in roles", "warning"
-    if secret and not secret.startswith("sha256:") and not _ENV_REF.search(secret):
+    if secret and not secret.startswith("sha256:") and not ENV_REF.search(secret):
         if _key_bits(secret) < 128:
             yield (
                 base,
@@ -999,7 +1129,7 @@ def _key_problems(
                 "key of at least 128 bits); make one with `dialproxy keys generate`",
                 "warning",
             )
-        if _CONTROL.search(secret) or secret != secret.strip():
+        if CONTROL.search(secret) or secret != secret.strip():
             yield base, "the key has spaces or control characters: no client can send it", "warning"
     for i, m in enumerate(_list(key.get("models"))):
         if isinstance(m, str) and m not in served:
@@ -1023,7 +1153,7 @@ def _key_problems(
         value = key.get(name)
         if isinstance(value, str) and value:
             try:
-                instants[name] = _datetime_strict(value)
+                instants[name] = parse_datetime(value)
             except ValueError:
                 yield (*base, name), "not a valid date-time", "error"
     if len(instants) == 2 and instants["notBefore"] >= instants["expiresAt"]:
@@ -1190,7 +1320,7 @@ def _model_checks(
             yield at.problem(
                 [*where, "base_url"], "`base_url` is an alias of `baseUrl`, which is also set"
             )
-        if isinstance(up.get("key"), str) and _CONTROL.search(up["key"]):
+        if isinstance(up.get("key"), str) and CONTROL.search(up["key"]):
             yield at.problem(
                 [*where, "key"], "contains control characters (it is sent as a header value)"
             )
@@ -1223,7 +1353,7 @@ def _header_checks(headers: Any, where: list[str | int], at: _Locator) -> Iterat
                 "or set by the proxy): ignored",
                 "warning",
             )
-        elif isinstance(value, str) and _CONTROL.search(value):
+        elif isinstance(value, str) and CONTROL.search(value):
             yield at.problem([*where, name], "contains control characters (a header value)")
 
 
@@ -1346,15 +1476,10 @@ def _interface(raw: Mapping[str, Any], model_base_url: str | None) -> Interface:
     )
 
 
-def _datetime_strict(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _datetime(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
-    return _datetime_strict(value)
+    return parse_datetime(value)
 
 
 def _snapshot(
@@ -1419,11 +1544,8 @@ def _snapshot(
     same_schedule = prev.schedule is not None and prev.schedule[1] is schedule
     grants = Grants(models, roles, schedule, prev.grants if same_schedule else None)
     accesses: dict[frozenset[str], Access] = {}
-    keys: dict[str, Key] = {}
-    key_texts = canon.entries.get("keys", {})
-    for secret, raw in (doc.get("keys") or {}).items():
-        role_names = [*(raw.get("roles") or ()), *([raw["role"]] if raw.get("role") else [])]
-        role_set = frozenset(role_names)
+
+    def access_of(role_set: frozenset[str]) -> Access:
         access = accesses.get(role_set)
         if access is None:
             inputs = tuple(roles.get(r) for r in sorted(role_set | {"default"}))
@@ -1438,19 +1560,41 @@ def _snapshot(
             else:
                 access = grants.access(role_set)
             accesses[role_set] = access
-            built.accesses[role_set] = access
             built.access_roles[role_set] = inputs
+        return access
+
+    raw_keys: dict[str, Any] = doc.get("keys") or {}
+    key_texts = canon.entries.get("keys", {})
+    # The keys whose entry is the last build's and whose access is too are its objects, all
+    # at once (C speed: a reload of a big config changes few of its 10,000 keys).
+    moved = {rs for rs, access in prev.accesses.items() if access_of(rs) is not access}
+    same = {
+        secret: was
+        for secret, text in key_texts.items()
+        if (was := prev.keys.get(secret)) is not None and was[0] == text and was[2] not in moved
+    }
+    by_secret: dict[str, Key | None] = dict.fromkeys(raw_keys)
+    by_secret.update(zip(same, [was[1] for was in same.values()], strict=True))
+    built.keys.update(same)
+    for secret in [s for s in raw_keys if s not in same]:
+        raw = raw_keys[secret]
+        role_names = [*(raw.get("roles") or ()), *([raw["role"]] if raw.get("role") else [])]
+        role_set = frozenset(role_names)
+        access = access_of(role_set)
         text = key_texts.get(secret)
         found_key = prev.keys.get(secret)
         if found_key is None or found_key[0] != text:
-            key = _key(secret, raw, role_names, access)
+            key = _key(secret, raw, role_names, access, built.digests.get(secret))
         elif found_key[1].access is access:
             key = found_key[1]
         else:  # the same entry, re-resolved (a role of it changed): no digest, no parsing
-            key = replace(found_key[1], access=access)
+            key = _rebound(found_key[1], access)
         if text is not None:
-            built.keys[secret] = (text, key)
-        keys[key.digest] = key
+            built.keys[secret] = (text, key, role_set)
+        by_secret[secret] = key
+    keys = {key.digest: key for key in by_secret.values() if key is not None}
+    used = set(map(itemgetter(2), built.keys.values()))
+    built.accesses = {rs: access for rs, access in accesses.items() if rs in used}
     built.grants = grants.kept
     retriable = _DEFAULT_RETRIABLE | frozenset(doc.get("retriableErrorCodes") or ())
     return Snapshot(
@@ -1464,8 +1608,28 @@ def _snapshot(
     )
 
 
-def _key(secret: str, raw: Mapping[str, Any], role_names: list[str], access: Access) -> Key:
-    digest_hex = _key_digest_of(secret)
+_KEY_SLOTS: tuple[str, ...] = Key.__slots__
+
+
+def _rebound(key: Key, access: Access) -> Key:
+    """``key`` with another access, its other fields as they are: ``dataclasses.replace``
+    without running ``__init__`` again (which parses the IP ranges again; a role change
+    rebinds thousands of keys)."""
+    new = object.__new__(Key)
+    for name in _KEY_SLOTS:
+        object.__setattr__(new, name, getattr(key, name))
+    object.__setattr__(new, "access", access)
+    return new
+
+
+def _key(
+    secret: str,
+    raw: Mapping[str, Any],
+    role_names: list[str],
+    access: Access,
+    digest: str | None = None,
+) -> Key:
+    digest_hex = digest if digest is not None else written_digest(secret)
     return Key(
         digest=digest_hex,
         fingerprint=digest_hex[:8],

@@ -9,17 +9,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from dialproxy.config.schedule import DEFAULT_SCHEDULE, Calendar, Schedule
-
-if TYPE_CHECKING:
-    from dialproxy.config.routes import DialRoute
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
 
@@ -602,6 +600,28 @@ def listed_features(features: Mapping[str, Any] | None) -> dict[str, bool]:
 
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+@dataclass(frozen=True, slots=True)
+class DialRoute:
+    """One entry of the config's ``routes``, ready to match and serve (built by
+    :func:`dialproxy.config.routes.build_routes`)."""
+
+    name: str
+    patterns: tuple[re.Pattern[str], ...]  # empty: every path
+    methods: frozenset[str]  # empty: every method
+    user_roles: frozenset[str] | None
+    rewrite_path: bool
+    response: tuple[int, bytes] | None  # the canned answer: status, body
+    order: int
+    model: Model  # the upstreams, as the balancer and the limits see them
+
+    def matches_path(self, path: str) -> bool:
+        return not self.patterns or any(p.fullmatch(path) for p in self.patterns)
+
+    def admits(self, roles: frozenset[str]) -> bool:
+        """DIAL: absent ``userRoles`` = everyone, ``[]`` = nobody, else a role in common."""
+        return self.user_roles is None or not self.user_roles.isdisjoint(roles)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,15 @@ variable is a changed entry), with what it depends on beside it:
   by its role set, while every model, the schedule and the roles of the set (and
   ``default``) are the same objects; a :class:`Key` by its entry and its access.
 
+Before all of these, the entries themselves (:class:`Walked`): each entry of a JSON
+file's sections as parsed, beside what ``${VAR}`` substitution made of it.  An entry equal
+to the last one (``==`` on the parsed objects, at C speed; ``repr`` when it holds a number
+or a boolean, which ``==`` confuses) whose variables have the same values is not walked
+again: its substituted object is the last one, so its canonical JSON is the last text
+(:meth:`Canonical.of` compares objects by identity; the loader never changes an object it
+built) and everything after it finds it unchanged without dumping it.  The unchanged keys,
+key checks and digests are then taken in one comprehension each, not one by one.
+
 Every reuse is checked against all of its inputs, so a stale or foreign ``Built`` is never
 wrong, only slower.  The canonical JSON also gives the snapshot's digest (the same as a
 ``json.dumps(doc, sort_keys=True)`` of the whole document, without a second pass).
@@ -64,6 +73,9 @@ _dumps = _sorted_dumps()
 RawProblem = tuple[tuple[str | int, ...], str, str]
 
 
+_MISSING = object()
+
+
 @dataclass(frozen=True, slots=True)
 class Canonical:
     """A merged document's canonical JSON: per entry of :data:`SECTIONS`, and per other
@@ -72,28 +84,110 @@ class Canonical:
     entries: Mapping[str, Mapping[str, str]]  # section -> name -> canonical JSON
     rest: Mapping[str, str]  # other top-level field -> canonical JSON
     digest: str
+    # section -> the merged section the texts were made from (its entries, by name), and
+    # name -> `"name": text`, the entry's part of the whole document's text
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    pieces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # section -> its names in sorted order, and its whole text
+    orders: Mapping[str, list[str]] = field(default_factory=dict)
+    texts: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, doc: Mapping[str, Any]) -> Canonical:
+    def of(cls, doc: Mapping[str, Any], last: Canonical | None = None) -> Canonical:
+        """The canonical JSON of ``doc``.  An entry that is the very object ``last`` was
+        made from (an unchanged entry the loader took as it was) has the text it had: the
+        loader's objects are never changed once built.  A section with the same names
+        keeps their order; one with the same entries, its text."""
         entries: dict[str, dict[str, str]] = {}
         rest: dict[str, str] = {}
+        sections: dict[str, Mapping[str, Any]] = {}
+        all_pieces: dict[str, dict[str, str]] = {}
+        orders: dict[str, list[str]] = {}
+        texts: dict[str, str] = {}
         parts: list[str] = []
         dumps = _dumps
         for top in sorted(doc):
             value = doc[top]
             if top in SECTIONS and isinstance(value, dict):
-                section = {name: dumps(entry) for name, entry in value.items()}
+                old = (last.sections.get(top) if last is not None else None) or {}
+                modified = [n for n, e in value.items() if old.get(n, _MISSING) is not e]
+                if last is not None and old and len(modified) < len(value):  # (few dumped)
+                    section = dict(last.entries[top])
+                    pieces = dict(last.pieces[top])
+                    added = [n for n in modified if n not in old]
+                    removed = len(old) + len(added) - len(value)
+                    if removed:
+                        for name in [n for n in old if n not in value]:
+                            del section[name], pieces[name]
+                    order = last.orders[top] if not added and not removed else None
+                    text = last.texts[top] if not modified and not removed else None
+                else:
+                    section, pieces, order, text = {}, {}, None, None
+                for name in modified:
+                    entry_text = section[name] = dumps(value[name])
+                    pieces[name] = f"{dumps(name)}: {entry_text}"
+                if order is None:
+                    order = sorted(pieces)
+                if text is None:
+                    text = "{" + ", ".join([pieces[n] for n in order]) + "}"
                 entries[top] = section
-                text = "{" + ", ".join(f"{dumps(n)}: {section[n]}" for n in sorted(section)) + "}"
+                sections[top] = value
+                all_pieces[top] = pieces
+                orders[top] = order
+                texts[top] = text
             else:
                 text = rest[top] = dumps(value)
             parts.append(f"{dumps(top)}: {text}")
         whole = "{" + ", ".join(parts) + "}"
-        return cls(entries, rest, hashlib.sha256(whole.encode()).hexdigest())
+        digest = hashlib.sha256(whole.encode()).hexdigest()
+        return cls(entries, rest, digest, sections, all_pieces, orders, texts)
 
     def entry(self, section: str, name: str) -> str | None:
         found = self.entries.get(section)
         return found.get(name) if found is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Walked:
+    """One entry of a section of one JSON file as parsed, what ``${VAR}`` substitution made
+    of it, and all that this read or added: the next parse's entry, when it is equal and
+    the variables it names have the same values, is taken as it was (no walk, and the same
+    object, so :meth:`Canonical.of` keeps its text).  Only an entry that raised no problem
+    is kept."""
+
+    raw: Any  # as parsed
+    # repr(raw) when it holds a number or a boolean: `==` takes 1, 1.0 and true for one
+    # another (and the schema does not); repr tells them apart.  Without one, `==` is exact.
+    strict: str | None
+    out: Any  # after substitution
+    env: tuple[tuple[str, str], ...]  # the variables it named, with their values
+    secrets: tuple[str, ...]  # what it added to the secrets to redact
+    env_values: tuple[str, ...]  # and to the variable values to redact
+    values: int  # the values it counts for in the document's limit
+    plain: bool  # read nothing but itself, added nothing: the same when `==`
+
+    @classmethod
+    def of(
+        cls,
+        raw: Any,
+        out: Any,
+        numbers: bool,
+        env: tuple[tuple[str, str], ...],
+        secrets: tuple[str, ...],
+        env_values: tuple[str, ...],
+        values: int,
+    ) -> Walked:
+        strict = repr(raw) if numbers else None
+        plain = strict is None and not env and not secrets and not env_values
+        return cls(raw, strict, out, env, secrets, env_values, values, plain)
+
+    def same(self, raw: Any, env: Mapping[str, str]) -> bool:
+        if self.strict is not None:
+            if repr(raw) != self.strict:
+                return False
+        elif raw != self.raw:
+            return False
+        return all(env.get(name) == value for name, value in self.env)
 
 
 @dataclass(slots=True)
@@ -102,7 +196,7 @@ class Built:
 
     canonical: Canonical
     check_context: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
-    key_checks: dict[str, tuple[str, tuple[RawProblem, ...]]] = field(default_factory=dict)
+    key_checks: dict[str, tuple[str | None, tuple[RawProblem, ...]]] = field(default_factory=dict)
     models: dict[tuple[str, str], tuple[str, Model]] = field(default_factory=dict)
     roles: dict[str, tuple[str, Role]] = field(default_factory=dict)
     schedule: tuple[str | None, Schedule] | None = None
@@ -110,9 +204,14 @@ class Built:
     accesses: dict[frozenset[str], Access] = field(default_factory=dict)
     # the roles each access was resolved with: its set's and `default` (None: absent)
     access_roles: dict[frozenset[str], tuple[Role | None, ...]] = field(default_factory=dict)
-    keys: dict[str, tuple[str, Key]] = field(default_factory=dict)
+    # key name -> its entry's canonical JSON, its object, and its set of roles
+    keys: dict[str, tuple[str, Key, frozenset[str]]] = field(default_factory=dict)
     # (model name, the roles with an entry for it) -> the grant and its inputs
     grants: dict[tuple[str, frozenset[str]], tuple[Grant, Any]] = field(default_factory=dict)
+    # file name -> section -> entry name -> the entry as parsed and substituted (JSON files)
+    walked: dict[str, dict[str, dict[str, Walked]]] = field(default_factory=dict)
+    # key name (a secret or its `sha256:` form) -> its digest
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 def changed_only(doc: Mapping[str, Any], canonical: Canonical, last: Built | None) -> Any:

@@ -11,35 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from dialproxy.config.model import Model, Severity, Upstream
+from dialproxy.config.model import DialRoute, Model, Severity, Upstream
 
 # DIAL's Route.order default (Integer.MAX_VALUE) and maxRetryAttempts default.
 DEFAULT_ORDER = 2**31 - 1
 DEFAULT_MAX_RETRY_ATTEMPTS = 1
-
-
-@dataclass(frozen=True, slots=True)
-class DialRoute:
-    """One entry of the config's ``routes``, ready to match and serve."""
-
-    name: str
-    patterns: tuple[re.Pattern[str], ...]  # empty: every path
-    methods: frozenset[str]  # empty: every method
-    user_roles: frozenset[str] | None
-    rewrite_path: bool
-    response: tuple[int, bytes] | None  # the canned answer: status, body
-    order: int
-    model: Model  # the upstreams, as the balancer and the limits see them
-
-    def matches_path(self, path: str) -> bool:
-        return not self.patterns or any(p.fullmatch(path) for p in self.patterns)
-
-    def admits(self, roles: frozenset[str]) -> bool:
-        """DIAL: absent ``userRoles`` = everyone, ``[]`` = nobody, else a role in common."""
-        return self.user_roles is None or not self.user_roles.isdisjoint(roles)
 
 
 def _roles(raw: Mapping[str, Any]) -> frozenset[str] | None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import os
+import sys
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,15 +18,12 @@ from typing import Any
 
 import structlog
 
-from dialproxy.config.loader import ConfigError, Source, build_reusing, read_sources
+from dialproxy.config.loader import Source, build_reusing, read_sources
 from dialproxy.config.model import Problem, Snapshot
 from dialproxy.config.reuse import Built
+from dialproxy.errors import ConfigError, EmptyConfig
 
 log = structlog.get_logger("dialproxy.config")
-
-
-class EmptyConfig(ConfigError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,33 @@ class Memo:
         return len(self._entries)
 
 
+# While a build runs in a worker thread, the serving thread that wants the interpreter back
+# (after each socket read or write) waits at most this long instead of the default 5 ms.
+BUILD_SWITCH_INTERVAL = 0.0005
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def _short_switches() -> Iterator[None]:
+    """:data:`BUILD_SWITCH_INTERVAL` while at least one build runs (the interval is the
+    process's), the interval found before the first of them again after the last."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, BUILD_SWITCH_INTERVAL))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
+
 class ConfigStore:
     """Holds the current snapshot; ``reload`` swaps it in one step or keeps the old one."""
 
@@ -136,7 +163,8 @@ class ConfigStore:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            snapshot, built = build_reusing(sources, self.env(), self._built)
+            with _short_switches():
+                snapshot, built = build_reusing(sources, self.env(), self._built)
         finally:
             if collecting:
                 gc.enable()

@@ -111,7 +111,10 @@ class ConfigWatcher:
         self.checks += 1
         paths = self.store.paths
         sources = _read(paths)
-        if sources is not None and source_digest(sources) == self.store.source_digest:
+        first = sources
+        # (a big config's digest is worked out on the event loop: once per read kept)
+        digest = source_digest(sources) if sources is not None else None
+        if digest is not None and digest == self.store.source_digest:
             return None
         for _ in range(self.settle_reads):  # until two reads agree
             await asyncio.sleep(self.settle)
@@ -122,8 +125,11 @@ class ConfigWatcher:
         if sources is None:
             if self.store.source_digest is None and self.store.last_error is not None:
                 return None  # still unreadable: already reported
-        elif source_digest(sources) == self.store.source_digest:
-            return None
+        else:
+            if sources is not first:
+                digest = source_digest(sources)
+            if digest == self.store.source_digest:
+                return None
         return await self._reload(sources)
 
     async def _run(self) -> None:

@@ -1,16 +1,21 @@
-"""The admin API: the config's keys listed, created, edited, rotated and revoked over HTTP,
-plus DIAL's config reload trigger, a candidate config's validation and the schema.
+"""The admin API: the config's keys listed (paged, filtered, with their usage today), created,
+edited, rotated and revoked over HTTP; its roles listed and their limits per model set and
+removed; plus DIAL's config reload trigger, a candidate config's validation and the schema.
 
 Who: a key of the config whose roles include ``--admin-role`` (everything) or
 ``--viewer-role`` (reads only); anyone else gets 403.  Every write goes through
 :mod:`dialproxy.keys` (the same splice, validation and atomic replace as ``dialproxy keys``),
 then a reload, and only when the caller's ``If-Match`` is the ETag of the file's bytes as they
-are now (428 without it, 412 when stale).  A write is refused with 409 when the file is YAML
-or the key is named by a ``${VAR}``, and with 422 when the result would not validate or
-would have a new warning (a role or a model the config does not define: a typo).
-State-changing calls also refuse cross-site requests: ``Content-Type: application/json`` for a
-body, and no ``Origin`` other than the request's own host.  Each write logs one
-``admin_write`` line: who (fingerprint), what, the key's entry before and after (no secret).
+are now (428 without it, 412 when stale).  Several config files: a key write goes to the one
+file holding ``keys`` (or the one ``--keys-file`` names), a role write to the one holding
+``roles`` (409 naming the files when none or several do), and is checked as the files load
+merged.  A write is refused with 409
+when the file is YAML or the key (role) is named by a ``${VAR}``, and with 422 when the
+result would not validate or would have a new warning (a role or a model the config does not
+define: a typo).  State-changing calls also refuse cross-site requests: ``Content-Type:
+application/json`` for a body, and no ``Origin`` other than the request's own host.  Each
+write logs one ``admin_write`` line: who (fingerprint), what, the entry before and after (no
+secret).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,15 +35,33 @@ from aiohttp import web
 from dialproxy import keys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config import schema
-from dialproxy.config.loader import ConfigError, Source, build_snapshot
+from dialproxy.config.loader import Source, build_snapshot, merge
 from dialproxy.config.model import key_digest
-from dialproxy.errors import BadRequest, Forbidden, NotFound, ProxyError
-from dialproxy.web.appkeys import BALANCER, SETTINGS, SHARED, STORE
+from dialproxy.errors import (
+    BadRequest,
+    ConfigError,
+    FileChanged,
+    Forbidden,
+    InvalidEdit,
+    KeyNotFound,
+    KeysError,
+    NotEditable,
+    NotFound,
+    ProxyError,
+    RoleNotFound,
+)
+from dialproxy.ledger import HOUR
+from dialproxy.web.appkeys import BALANCER, LEDGER, SETTINGS, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
 
 log = structlog.get_logger("dialproxy.admin")
 
-_EDITABLE = ("name", "description", "roles", "expiresAt")
+_EDITABLE = ("name", "description", "roles", "models", "limits", "canShare", "expiresAt")
+# Key states a listing filters on (``revoked``: ``disabled``, as DELETE makes it).
+_STATES = {"active", "expired", "disabled", "revoked", "not yet valid"}
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+# What the answer of each section's list tells to read again after a 412.
+_LISTING = {"keys": "GET /v1/admin/keys", "roles": "GET /v1/admin/roles"}
 # One admin write at a time in a process (another process's: its write_atomic's check).
 WRITES = web.AppKey("admin_writes", asyncio.Lock)
 
@@ -86,45 +109,108 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _config_path(request: web.Request) -> Path:
+def _docs(request: web.Request) -> list[tuple[Path, bytes, dict[str, Any] | None]]:
+    """Each config file: its path, bytes and document (None: not readable as a config)."""
+    return _read_docs(request.app[STORE].paths)
+
+
+def _read_docs(paths: Sequence[Path]) -> list[tuple[Path, bytes, dict[str, Any] | None]]:
+    out: list[tuple[Path, bytes, dict[str, Any] | None]] = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            out.append((path, b"", None))
+            continue
+        try:
+            out.append((path, data, keys._parse(path, data)))
+        except KeysError:
+            out.append((path, data, None))
+    return out
+
+
+def _section_file(request: web.Request, section: str) -> Path:
+    """The file a write to ``section`` (``keys``, ``roles``) goes to: the config file, or of
+    several the one that holds the section (409 naming them when none or several do); keys:
+    the one ``--keys-file`` names, when it does."""
     paths = request.app[STORE].paths
-    if len(paths) != 1:
-        raise ProxyError(
-            "The admin API edits a single config file; this proxy serves "
-            f"{len(paths)}: edit them with `dialproxy keys`",
-            status=409,
-        )
-    return paths[0]
+    named = request.app[SETTINGS].keys_file if section == "keys" else None
+    if named is not None:  # --keys-file
+        chosen = [p for p in paths if p.resolve() == Path(named).resolve()]
+        if not chosen:
+            raise ProxyError(
+                f"The keys file {named} (--keys-file) is not one of the config files",
+                status=409,
+            )
+        return chosen[0]
+    if len(paths) == 1:
+        return paths[0]
+    holding = [path for path, _, doc in _docs(request) if doc is not None and section in doc]
+    if len(holding) == 1:
+        return holding[0]
+    names = ", ".join(str(p) for p in (holding or paths))
+    where = f"several config files hold {section}" if holding else f"no config file holds {section}"
+    setting = " or name one with --keys-file" if section == "keys" else ""
+    raise ProxyError(
+        f"The admin API writes {section} to the one config file that holds it; {where} "
+        f"({names}): keep {section} in one file{setting}",
+        status=409,
+    )
 
 
-def _open(request: web.Request) -> keys.ConfigFile:
-    """The config file, when the caller's ``If-Match`` is its ETag now."""
+def _open(request: web.Request, section: str = "keys") -> keys.ConfigFile:
+    """The file ``section`` is written to, when the caller's ``If-Match`` is its ETag now."""
     _same_origin(request)
-    path = _config_path(request)
+    path = _section_file(request, section)
     try:
         config = keys.ConfigFile(path)
-    except keys.KeysError as e:  # YAML (NotEditable), or not a config object
+    except KeysError as e:  # YAML (NotEditable), or not a config object
         raise ProxyError(str(e), status=409) from None
     wanted = request.headers.get("If-Match")
     if wanted is None:
-        raise ProxyError("If-Match is required: the ETag of GET /v1/admin/keys", status=428)
+        raise ProxyError(
+            f"If-Match is required: the ETag of {_LISTING[section]} (of {path})", status=428
+        )
     current = etag(config.original)
     # (no "*": a write must say which version of the file it was made from)
     if current not in [w.strip() for w in wanted.split(",")]:
         raise ProxyError(
-            "The config file changed since it was read: GET /v1/admin/keys again",
+            f"The config file {path} changed since it was read: {_LISTING[section]} again",
             status=412,
             headers={"ETag": current},
         )
     return config
 
 
-def _find(config: keys.ConfigFile, fingerprint: str, env: Mapping[str, str]) -> tuple[str, str]:
+def _target(request: web.Request, section: str) -> tuple[str | None, str | None]:
+    """The file a write to ``section`` would go to and its ETag, for a listing (None, None
+    when there is no one such file: writes are refused with 409)."""
+    try:
+        path = _section_file(request, section)
+        return str(path), etag(path.read_bytes())
+    except (ProxyError, OSError):
+        return None, None
+
+
+def _find(request: web.Request, config: keys.ConfigFile, env: Mapping[str, str]) -> tuple[str, str]:
+    """The key the path's fingerprint names in the file written (409 when it is in another
+    of the config files: it cannot be edited there)."""
+    fingerprint = request.match_info["fingerprint"]
     try:
         name, fp = keys.find_key(config, fingerprint, env)
-    except keys.KeyNotFound:
+    except KeyNotFound:
+        wanted = fingerprint.strip().lower()
+        for path, _, doc in _docs(request):
+            found = doc.get("keys") if doc is not None and path != config.path else None
+            for other in found if isinstance(found, dict) else {}:
+                if (keys._digest_of(other, env) or "-").startswith(wanted):
+                    raise ProxyError(
+                        f"Key {wanted[:8]} is in {path}; the admin API writes keys to "
+                        f"{config.path}: edit it by hand",
+                        status=409,
+                    ) from None
         raise NotFound(f"No key with fingerprint {fingerprint[:64]}") from None
-    except keys.KeysError as e:
+    except KeysError as e:
         raise BadRequest(str(e)) from None
     if "${" in name:
         raise ProxyError(
@@ -138,14 +224,24 @@ def _stored(name: str) -> str:
     return "sha256" if name.startswith("sha256:") else "env" if "${" in name else "plaintext"
 
 
-def _describe(name: str, entry: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """A key as the admin API shows it: never its secret."""
+def _digest(name: str, env: Mapping[str, str]) -> str | None:
+    """The SHA-256 of the key a ``keys`` entry names (None: an unset ``${VAR}``)."""
     if name.startswith("sha256:"):
-        digest: str | None = name.removeprefix("sha256:")
-    elif "${" in name:
-        digest = keys._digest_of(name, env)
-    else:
-        digest = key_digest(name)
+        return name.removeprefix("sha256:")
+    if "${" in name:
+        return keys._digest_of(name, env)
+    return key_digest(name)
+
+
+def _describe(
+    name: str,
+    entry: Mapping[str, Any],
+    env: Mapping[str, str],
+    now: datetime | None = None,
+    digest: str | None = None,
+) -> dict[str, Any]:
+    """A key as the admin API shows it: never its secret."""
+    digest = digest or _digest(name, env)
     role = entry.get("role")
     roles = [*([role] if role else []), *(entry.get("roles") or ())]
     return {
@@ -159,9 +255,15 @@ def _describe(name: str, entry: Mapping[str, Any], env: Mapping[str, str]) -> di
         "canShare": bool(entry.get("canShare", False)),
         "notBefore": entry.get("notBefore"),
         "expiresAt": entry.get("expiresAt"),
-        "state": keys.key_state(entry, datetime.now(UTC)),
+        "state": keys.key_state(entry, now or datetime.now(UTC)),
         "stored": _stored(name),
     }
+
+
+def _answer(
+    name: str, entry: Mapping[str, Any], env: Mapping[str, str], path: Path
+) -> dict[str, Any]:
+    return _describe(name, entry, env) | {"file": str(path)}
 
 
 async def _commit(
@@ -169,27 +271,28 @@ async def _commit(
     config: keys.ConfigFile,
     who: Principal,
     action: str,
-    fingerprint: str,
     before: Mapping[str, Any] | None,
     after: Mapping[str, Any] | None,
+    **subject: str,
 ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     """Save the edit (422 invalid, 412 changed meanwhile), reload, log; the new ETag, the
-    warnings the edit introduced and what the reload did."""
+    warnings the edit introduced and what the reload did.  ``subject``: what was edited
+    (``key=<fingerprint>``; ``role=``, ``model=``), for the audit line."""
     store = request.app[STORE]
     try:
         async with request.app[WRITES]:  # (the checks build the config twice: in a thread)
-            warnings = await asyncio.to_thread(config.save, store.env(), True)
-    except keys.InvalidEdit as e:
+            warnings = await asyncio.to_thread(config.save, store.env(), True, store.paths)
+    except InvalidEdit as e:
         raise ProxyError(str(e), status=422) from None
-    except keys.FileChanged as e:
+    except FileChanged as e:
         raise ProxyError(str(e), status=412) from None
-    except keys.KeysError as e:
+    except KeysError as e:
         raise ProxyError(str(e), status=409) from None
     log.info(
         "admin_write",
         who=who.fingerprint,
         action=action,
-        key=fingerprint,
+        **subject,
         file=str(config.path),
         before=dict(before) if before is not None else None,  # (the name holds the secret)
         after=dict(after) if after is not None else None,
@@ -230,24 +333,148 @@ def _roles(value: Any) -> list[str]:
     return value
 
 
+def _models(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise BadRequest("models must be a list of deployment names (or null: every model)")
+    return value
+
+
+def _key_limits(value: Any) -> dict[str, Any] | None:
+    """A key's ``limits`` as the body gives them: ``{deployment or "*": {field: value}}``
+    (the fields are the schema's to check, when the edit is saved: 422)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest('limits must be an object: {"<deployment or *>": {"minute": ...}}')
+    for model, limit in value.items():
+        if not isinstance(limit, dict):
+            raise BadRequest(f"limits.{model[:100]} must be an object of limit fields")
+    return value
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be a whole number from {low} to {high}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be a whole number from {low} to {high}")
+    return value
+
+
+async def _usage_today(request: web.Request) -> tuple[dict[str, dict[str, Any]], str] | None:
+    """Each key's usage in the current day of the config's ``rateLimitSchedule`` (its shared
+    keys' included), by fingerprint, from the usage ledger, and when that day began (None:
+    the ledger is off)."""
+    ledger = request.app.get(LEDGER)
+    if ledger is None:
+        return None
+    now = ledger.clock()
+    start, _ = request.app[STORE].snapshot.schedule.calendars["day"].period(now)
+    start = start // HOUR * HOUR
+    rows = await ledger.rows(start, now + HOUR, ("key",))
+    found = {
+        r["key"]: {
+            "requests": r["requests"],
+            "errors": r["errors"],
+            "promptTokens": r["prompt_tokens"],
+            "completionTokens": r["completion_tokens"],
+            "totalTokens": r["total_tokens"],
+            "cost": r["cost_nano_usd"] / 1e9,
+        }
+        for r in rows
+    }
+    return found, keys.iso(datetime.fromtimestamp(start, UTC))
+
+
+_NO_USAGE = {
+    "requests": 0,
+    "errors": 0,
+    "promptTokens": 0,
+    "completionTokens": 0,
+    "totalTokens": 0,
+    "cost": 0.0,
+}
+
+
+def _matches(key: Mapping[str, Any], digest: str | None, wanted: Mapping[str, str]) -> bool:
+    """Whether a listed key passes the filters (``q``: a case-insensitive substring of its
+    name, description, project or fingerprint; the rest: exact)."""
+    if (q := wanted.get("q")) is not None:
+        texts = [key["name"], key["description"], key["project"], digest]
+        if not any(isinstance(t, str) and q in t.lower() for t in texts):
+            return False
+    if (project := wanted.get("project")) is not None and key["project"] != project:
+        return False
+    if (role := wanted.get("role")) is not None and role not in key["roles"]:
+        return False
+    if (state := wanted.get("state")) is not None:
+        return bool(key["state"] == ("disabled" if state == "revoked" else state))
+    return True
+
+
+def _list(
+    paths: Sequence[Path], env: Mapping[str, str], wanted: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The keys of the files, as listed, that pass the filters."""
+    now = datetime.now(UTC)
+    listed: list[dict[str, Any]] = []
+    for path, _, doc in _read_docs(paths):
+        if doc is None:
+            raise ProxyError(f"{path}: not a readable config file", status=409)
+        found = doc.get("keys")
+        for name, entry in (found if isinstance(found, dict) else {}).items():
+            if not isinstance(entry, dict):
+                continue
+            digest = _digest(name, env)
+            key = _describe(name, entry, env, now, digest) | {"file": str(path)}
+            if _matches(key, digest, wanted):
+                listed.append(key)
+    return listed
+
+
 # --- the handlers --------------------------------------------------------------------------
 
 
 async def list_keys(request: web.Request) -> web.Response:
+    """``GET /v1/admin/keys[?q=&project=&role=&state=&limit=&offset=]``: the keys of every
+    config file, filtered, a page of them; with the ETag of the file a key write goes to."""
     await _caller(request, write=False)
-    path = _config_path(request)
-    data = path.read_bytes()
-    try:
-        doc = keys._parse(path, data)
-    except keys.KeysError as e:
-        raise ProxyError(str(e), status=409) from None
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = _int_param(request, "offset", 0, 0, 2**31)
+    wanted: dict[str, str] = {}
+    for name in ("q", "project", "role", "state"):
+        value = request.query.get(name)
+        if value:
+            wanted[name] = value.lower() if name == "q" else value
+    if "state" in wanted and wanted["state"] not in _STATES:
+        raise BadRequest(f"'state' must be one of {', '.join(sorted(_STATES))}")
     env = request.app[STORE].env()
-    found = doc.get("keys")
-    if not isinstance(found, dict):
-        found = {}
-    listed = [_describe(n, e, env) for n, e in found.items() if isinstance(e, dict)]
-    tag = etag(data)
-    return json_response({"keys": listed, "etag": tag}, headers={"ETag": tag})
+    paths = request.app[STORE].paths
+    # (10,000 keys: ~0.2 s of parsing and describing, off the event loop)
+    listed = await asyncio.to_thread(_list, paths, env, wanted)
+    page = listed[offset : offset + limit]
+    usage = await _usage_today(request)
+    for key in page:
+        key["usageToday"] = (
+            None if usage is None else usage[0].get(key["fingerprint"], dict(_NO_USAGE))
+        )
+    file, tag = _target(request, "keys")
+    body = {
+        "keys": page,
+        "total": len(listed),
+        "offset": offset,
+        "limit": limit,
+        "usageSince": usage[1] if usage is not None else None,
+        "file": file,
+        "etag": tag,
+    }
+    return json_response(body, headers={"ETag": tag} if tag is not None else None)
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -258,11 +485,9 @@ async def create_key(request: web.Request) -> web.Response:
     project = _text(body, "project")
     if not project:
         raise BadRequest("project is required")
-    models = body.get("models")
-    if models is not None and (
-        not isinstance(models, list) or not all(isinstance(m, str) for m in models)
-    ):
-        raise BadRequest("models must be a list of deployment names")
+    can_share = body.get("canShare", False)
+    if not isinstance(can_share, bool):
+        raise BadRequest("canShare must be true or false")
     try:
         secret, entry = keys.create_key(
             config,
@@ -271,15 +496,18 @@ async def create_key(request: web.Request) -> web.Response:
             name=_text(body, "name"),
             description=_text(body, "description"),
             expires=_expiry(body.get("expiresAt"), now),
-            models=models,
-            can_share=body.get("canShare") is True,
+            models=_models(body.get("models")),
+            can_share=can_share,
         )
-    except keys.KeysError as e:
+        if (limits := _key_limits(body.get("limits"))) is not None:
+            keys.set_key_limits(config, keys.hashed(secret), limits)
+    except KeysError as e:
         raise BadRequest(str(e)) from None
     name = keys.hashed(secret)
+    entry = dict(config.keys[name])
     fp = key_digest(secret)[:8]
-    tag, warnings, reload = await _commit(request, config, who, "create", fp, None, entry)
-    answer = _describe(name, entry, {}) | {
+    tag, warnings, reload = await _commit(request, config, who, "create", None, entry, key=fp)
+    answer = _answer(name, entry, {}, config.path) | {
         "key": secret,
         "warnings": warnings,
         "reload": reload,
@@ -289,6 +517,8 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def edit_key(request: web.Request) -> web.Response:
+    """``PATCH /v1/admin/keys/{fingerprint}``: the fields given set (``null``: the member
+    taken out, for all but ``roles`` and ``canShare``)."""
     who = await _caller(request, write=True)
     body = await _body(request)
     unknown = sorted(set(body) - set(_EDITABLE))
@@ -296,26 +526,44 @@ async def edit_key(request: web.Request) -> web.Response:
         raise BadRequest(f"Only {', '.join(_EDITABLE)} can be edited, not {', '.join(unknown)}")
     if not body:
         raise BadRequest(f"Nothing to edit: give one of {', '.join(_EDITABLE)}")
+    # (the body checked before the file is opened: a bad field is a 400 whatever the ETag)
+    now = datetime.now(UTC)
+    texts = {field: _text(body, field) for field in ("name", "description") if field in body}
+    roles = _roles(body["roles"]) if "roles" in body else None
+    models = _models(body.get("models"))
+    limits = _key_limits(body.get("limits"))
+    if "canShare" in body and not isinstance(body["canShare"], bool):
+        raise BadRequest("canShare must be true or false")
+    expires = _expiry(body.get("expiresAt"), now)
     config = _open(request)
     env = request.app[STORE].env()
-    name, fp = _find(config, request.match_info["fingerprint"], env)
+    name, fp = _find(request, config, env)
     before = dict(config.keys[name])
-    for field in ("name", "description"):
-        if field in body:
-            value = _text(body, field)
+    try:
+        for field, value in texts.items():
             if value is None:
-                raise BadRequest(f"{field} must be a string")
-            config.set_field(name, field, value)
-    if "roles" in body:
-        keys.set_roles(config, name, _roles(body["roles"]))
-    if "expiresAt" in body:
-        when = _expiry(body["expiresAt"], datetime.now(UTC))
-        if when is None:
-            raise BadRequest("expiresAt must be a string: 30d, 2026-01-01 or ...")
-        config.set_field(name, "expiresAt", keys.iso(when))
+                config.remove_field(name, field)
+            else:
+                config.set_field(name, field, value)
+        if roles is not None:
+            keys.set_roles(config, name, roles)
+        if "models" in body:
+            keys.set_models(config, name, models)
+        if "limits" in body:
+            keys.set_key_limits(config, name, limits)
+        if "canShare" in body:
+            keys.set_can_share(config, name, body["canShare"])
+        if "expiresAt" in body:
+            keys.set_expiry(config, name, expires)
+    except KeysError as e:
+        raise BadRequest(str(e)) from None
     after = dict(config.keys[name])
-    tag, warnings, reload = await _commit(request, config, who, "edit", fp, before, after)
-    answer = _describe(name, after, env) | {"warnings": warnings, "reload": reload, "etag": tag}
+    tag, warnings, reload = await _commit(request, config, who, "edit", before, after, key=fp)
+    answer = _answer(name, after, env, config.path) | {
+        "warnings": warnings,
+        "reload": reload,
+        "etag": tag,
+    }
     return json_response(answer, headers={"ETag": tag})
 
 
@@ -323,14 +571,19 @@ async def revoke_key(request: web.Request) -> web.Response:
     who = await _caller(request, write=True)
     config = _open(request)
     env = request.app[STORE].env()
-    name, fp = _find(config, request.match_info["fingerprint"], env)
+    name, fp = _find(request, config, env)
     before = dict(config.keys[name])
     if not keys.revoke_key(config, name):
         tag = etag(config.original)
-        return json_response(_describe(name, before, env) | {"etag": tag}, headers={"ETag": tag})
+        answer = _answer(name, before, env, config.path) | {"etag": tag}
+        return json_response(answer, headers={"ETag": tag})
     after = dict(config.keys[name])
-    tag, warnings, reload = await _commit(request, config, who, "revoke", fp, before, after)
-    answer = _describe(name, after, env) | {"warnings": warnings, "reload": reload, "etag": tag}
+    tag, warnings, reload = await _commit(request, config, who, "revoke", before, after, key=fp)
+    answer = _answer(name, after, env, config.path) | {
+        "warnings": warnings,
+        "reload": reload,
+        "etag": tag,
+    }
     return json_response(answer, headers={"ETag": tag})
 
 
@@ -339,7 +592,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     body = await _body(request)
     config = _open(request)
     env = request.app[STORE].env()
-    name, fp = _find(config, request.match_info["fingerprint"], env)
+    name, fp = _find(request, config, env)
     now = datetime.now(UTC)
     overlap_text = _text(body, "overlap") or "7d"
     try:
@@ -357,12 +610,12 @@ async def rotate_key(request: web.Request) -> web.Response:
             expires=_expiry(body.get("expiresAt"), now),
             env=env,
         )
-    except keys.KeysError as e:
+    except KeysError as e:
         raise ProxyError(str(e), status=409) from None
     after = dict(config.keys[name])
-    tag, warnings, reload = await _commit(request, config, who, "rotate", fp, before, after)
+    tag, warnings, reload = await _commit(request, config, who, "rotate", before, after, key=fp)
     new_name = keys.hashed(rotated.secret)
-    answer = _describe(new_name, rotated.entry, env) | {
+    answer = _answer(new_name, rotated.entry, env, config.path) | {
         "key": rotated.secret,
         "replaces": rotated.old_fingerprint,
         "oldExpiresAt": keys.iso(rotated.old_expires_at),
@@ -371,6 +624,127 @@ async def rotate_key(request: web.Request) -> web.Response:
         "etag": tag,
     }
     return json_response(answer, status=201, headers={"ETag": tag})
+
+
+# --- roles ---------------------------------------------------------------------------------
+
+
+def _roles_view(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """Every role of the config files (merged as the proxy merges them), as listed: its
+    limits and cost limit as the config writes them, and how many keys name it."""
+    roles: dict[str, Any] = {}
+    holders: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for path, _, doc in _read_docs(paths):
+        if doc is None:
+            raise ProxyError(f"{path}: not a readable config file", status=409)
+        found = doc.get("roles")
+        if isinstance(found, dict):
+            roles = merge(roles, found)
+            for name in found:
+                holders.setdefault(name, []).append(str(path))
+        listed = doc.get("keys")
+        for entry in (listed if isinstance(listed, dict) else {}).values():
+            if not isinstance(entry, dict):
+                continue
+            named = [entry.get("role"), *(entry.get("roles") or ())]
+            for role in {r for r in named if isinstance(r, str)}:
+                counts[role] = counts.get(role, 0) + 1
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in roles.items():
+        entry = raw if isinstance(raw, dict) else {}
+        out[name] = {
+            "name": name,
+            "displayName": entry.get("name"),
+            "description": entry.get("description"),
+            "limits": entry.get("limits") or {},
+            "costLimit": entry.get("costLimit"),
+            "keys": counts.get(name, 0),
+            "files": holders[name],
+        }
+    return out
+
+
+async def list_roles(request: web.Request) -> web.Response:
+    """``GET /v1/admin/roles``: every role, with the ETag of the file a role write goes to."""
+    await _caller(request, write=False)
+    roles = list((await asyncio.to_thread(_roles_view, request.app[STORE].paths)).values())
+    file, tag = _target(request, "roles")
+    body = {"roles": roles, "total": len(roles), "file": file, "etag": tag}
+    return json_response(body, headers={"ETag": tag} if tag is not None else None)
+
+
+async def get_role(request: web.Request) -> web.Response:
+    """``GET /v1/admin/roles/{name}``: one role as listed (404 when no file defines it)."""
+    await _caller(request, write=False)
+    name = request.match_info["name"]
+    role = (await asyncio.to_thread(_roles_view, request.app[STORE].paths)).get(name)
+    if role is None:
+        raise NotFound(f"No role {name[:100]!r} in the config")
+    file, tag = _target(request, "roles")
+    body = role | {"file": file, "etag": tag}
+    return json_response(body, headers={"ETag": tag} if tag is not None else None)
+
+
+def _role_refusal(e: KeysError) -> ProxyError:
+    if isinstance(e, RoleNotFound):
+        return NotFound(str(e))
+    if isinstance(e, NotEditable):
+        return ProxyError(str(e), status=409)
+    return BadRequest(str(e))
+
+
+async def set_role_limit(request: web.Request) -> web.Response:
+    """``PUT /v1/admin/roles/{name}/limits/{model}``: the body (a Limit: ``minute``, ``day``,
+    ``week``, ``month``, ``requestMinute``, ``requestHour``, ``requestDay``,
+    ``concurrentRequests``) becomes the role's limit for the model."""
+    who = await _caller(request, write=True)
+    body = await _body(request)
+    config = _open(request, "roles")
+    role, model = request.match_info["name"], request.match_info["model"]
+    try:
+        before = keys.set_role_limit(config, role, model, body)
+    except KeysError as e:
+        raise _role_refusal(e) from None
+    tag, warnings, reload = await _commit(
+        request, config, who, "role_limit", before, body, role=role, model=model
+    )
+    answer = {
+        "role": role,
+        "model": model,
+        "limit": body,
+        "replaced": before,
+        "file": str(config.path),
+        "warnings": warnings,
+        "reload": reload,
+        "etag": tag,
+    }
+    return json_response(answer, headers={"ETag": tag})
+
+
+async def remove_role_limit(request: web.Request) -> web.Response:
+    """``DELETE /v1/admin/roles/{name}/limits/{model}``: the role's limit for the model taken
+    out (404 when it has none)."""
+    who = await _caller(request, write=True)
+    config = _open(request, "roles")
+    role, model = request.match_info["name"], request.match_info["model"]
+    try:
+        before = keys.remove_role_limit(config, role, model)
+    except KeysError as e:
+        raise _role_refusal(e) from None
+    tag, warnings, reload = await _commit(
+        request, config, who, "role_limit_remove", before, None, role=role, model=model
+    )
+    answer = {
+        "role": role,
+        "model": model,
+        "removed": before,
+        "file": str(config.path),
+        "warnings": warnings,
+        "reload": reload,
+        "etag": tag,
+    }
+    return json_response(answer, headers={"ETag": tag})
 
 
 async def validate(request: web.Request) -> web.Response:
@@ -445,6 +819,10 @@ def routes(app: web.Application) -> None:
         ("PATCH", "/v1/admin/keys/{fingerprint}", edit_key),
         ("DELETE", "/v1/admin/keys/{fingerprint}", revoke_key),
         ("POST", "/v1/admin/keys/{fingerprint}/rotate", rotate_key),
+        ("GET", "/v1/admin/roles", list_roles),
+        ("GET", "/v1/admin/roles/{name:[^/]+}", get_role),
+        ("PUT", "/v1/admin/roles/{name:[^/]+}/limits/{model:[^/]+}", set_role_limit),
+        ("DELETE", "/v1/admin/roles/{name:[^/]+}/limits/{model:[^/]+}", remove_role_limit),
         ("POST", "/v1/admin/validate", validate),
         ("GET", "/v1/admin/health/config", config_health),
         ("GET", "/v1/admin/schema", get_schema),

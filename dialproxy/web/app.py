@@ -6,30 +6,32 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from dialproxy import ledger, logs, metrics, sharedkeys
+from dialproxy import ledger, logs, metrics
 from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import LONG_MAX, Limit
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import Forbidden, NotFound
-from dialproxy.keys import iso
 from dialproxy.limiter import Limiter, WindowState
 from dialproxy.logs import cut
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
+from dialproxy.stalls import BodyWatch
+from dialproxy.statefile import state_path
 from dialproxy.storage import Storage
+from dialproxy.text import iso
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.web import admin, features, guard, proxy, responses, routes, usage
+from dialproxy.web import admin, features, guard, proxy, responses, routes, sharedkeys, usage
 from dialproxy.web.appkeys import (
     BACKGROUND,
     BALANCER,
@@ -43,7 +45,6 @@ from dialproxy.web.appkeys import (
     SHARED,
     STORE,
 )
-from dialproxy.web.body import BodyWatch
 from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded, json_response
 
@@ -310,7 +311,7 @@ def usage_ledger(settings: Settings, counters: Storage) -> ledger.Ledger:
     if isinstance(counters, RedisCounters):
         store = ledger.RedisLedgerStore(counters.client, settings.ledger_retention)
     else:
-        store = ledger.SqliteLedgerStore(ledger.usage_path(sharedkeys.state_path(settings)))
+        store = ledger.SqliteLedgerStore(ledger.usage_path(state_path(settings)))
     return ledger.Ledger(
         store, flush_every=settings.ledger_flush, retention_days=settings.ledger_retention
     )
@@ -333,9 +334,11 @@ def create_app(
     storage: Storage | None = None,
     client: aiohttp.ClientSession | None = None,
     tracing: Tracing | None = None,
+    upstream_clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """Build the app.  Tests inject their own store, counter storage and client session;
-    ``tracing``: the process's (None: off; see :func:`dialproxy.tracing.from_env`)."""
+    """Build the app.  Tests inject their own store, counter storage and client session,
+    and the clock the upstreams' pauses go by (``upstream_clock``); ``tracing``: the
+    process's (None: off; see :func:`dialproxy.tracing.from_env`)."""
     settings = settings or Settings()
     app = web.Application(
         client_max_size=settings.max_body,
@@ -358,6 +361,7 @@ def create_app(
     # Upstream pauses are shared through the counter storage when it is shared (Redis).
     limiter = app[LIMITER]
     app[BALANCER] = Balancer(
+        upstream_clock,
         shared=limiter.storage if isinstance(limiter.storage, RedisCounters) else None,
         shared_up=lambda: limiter.guard.healthy,
     )

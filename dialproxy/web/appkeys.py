@@ -13,13 +13,13 @@ from dialproxy.ledger import Ledger
 from dialproxy.limiter import Limiter
 from dialproxy.metrics import Metrics
 from dialproxy.settings import Settings
+from dialproxy.sharedkeys.service import SharedKeys
+from dialproxy.stalls import BodyWatch
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.web.drain import Drain
 
 if TYPE_CHECKING:  # (their modules reach the app through these keys)
     from dialproxy.config.watcher import ConfigWatcher
-    from dialproxy.sharedkeys import SharedKeys
-    from dialproxy.web.body import BodyWatch
 
 STORE = web.AppKey("store", ConfigStore)
 LIMITER = web.AppKey("limiter", Limiter)
@@ -30,6 +30,6 @@ BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
 LEDGER = web.AppKey("ledger", Ledger)  # set unless --ledger off
 METRICS = web.AppKey("metrics", Metrics)  # (absent with --no-metrics)
-SHARED: web.AppKey[SharedKeys] = web.AppKey("shared_keys")
-BODY_WATCH: web.AppKey[BodyWatch] = web.AppKey("body_watch")  # (absent: no body timeout)
+SHARED = web.AppKey("shared_keys", SharedKeys)
+BODY_WATCH = web.AppKey("body_watch", BodyWatch)  # (absent: no body timeout)
 WATCHER: web.AppKey[ConfigWatcher] = web.AppKey("config_watcher")  # (absent with --no-watch)

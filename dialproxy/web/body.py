@@ -19,45 +19,24 @@ import asyncio
 import contextlib
 import json
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from aiohttp import StreamReader, web
 
-from dialproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
-from dialproxy.stalls import StallWatch
+from dialproxy.errors import (
+    BadRequest,
+    BodyTimeout,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from dialproxy.web.appkeys import BODY_WATCH
 
 STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)
 PIECE = 64 * 1024  # decoded bytes per call of zlib (below the allocator's mmap threshold)
 # Content-Encoding -> zlib's wbits (deflate: the zlib format, as RFC 9110 defines it)
 DECODED = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-class BodyTimeout(TimeoutError):
-    """Set on a body's stream when nothing of it arrived for the body timeout (a
-    ``TimeoutError``: aiohttp's lingering read after the answer takes it as a timeout and
-    closes the connection)."""
-
-
-class BodyWatch(StallWatch[StreamReader]):
-    """The body timeout: a body being read that receives no byte for ``idle`` seconds gets
-    :class:`BodyTimeout` (within ``idle`` plus two periods)."""
-
-    @contextlib.contextmanager
-    def watching(self, stream: StreamReader) -> Iterator[None]:
-        self.watch(stream)
-        try:
-            yield
-        finally:
-            self.release(stream)
-
-    def stream(self, read: StreamReader) -> StreamReader:
-        return read
-
-    def stalled(self, read: StreamReader) -> None:
-        read.set_exception(BodyTimeout("The request body stopped arriving"))
 
 
 async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:

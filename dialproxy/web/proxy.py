@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import aiohttp
 from aiohttp import compression_utils, web
 
-from dialproxy import sharedkeys
 from dialproxy.apis import AnswerIds, Api
 from dialproxy.apis.openai import FORWARDED_HEADERS
 from dialproxy.auth import Principal, authenticate
@@ -32,13 +31,16 @@ from dialproxy.errors import (
     BadRequest,
     Forbidden,
     NotFound,
+    RateLimited,
     Unavailable,
 )
 from dialproxy.ledger import Ledger
-from dialproxy.limiter import Admission, Limiter, RateLimited, Scope
+from dialproxy.limiter import Admission, Limiter, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.metrics import Metrics
 from dialproxy.settings import Settings
+from dialproxy.sharedkeys.model import SharedKey
+from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.balancer import Balancer
@@ -148,7 +150,7 @@ class Outcome:
     model: Model | None = None
     scopes: tuple[Scope, ...] = ()
     records: bool = False  # whether a scope counts usage
-    shared: sharedkeys.SharedKey | None = None  # the shared key that called, if one did
+    shared: SharedKey | None = None  # the shared key that called, if one did
     request_bytes: int = 0  # the body sent upstream (what a usage estimate goes by)
     estimated: bool = False  # the usage is an estimate (a stream cut before its usage)
     # An abandoned stream's upstream and reader, still to be drained for the usage.
@@ -278,7 +280,7 @@ class Services:
     settings: Settings
     limiter: Limiter
     balancer: Balancer
-    shared: sharedkeys.SharedKeys
+    shared: SharedKeys
     background: set[asyncio.Task[None]]
     log: RequestLog
     idle: IdleWatch  # the upstream idle timeout while an answer's body is read

@@ -32,8 +32,7 @@ from aiohttp import web
 from dialproxy.apis import openai
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.grants import resolve_grant
-from dialproxy.config.model import Snapshot
-from dialproxy.config.routes import DialRoute
+from dialproxy.config.model import DialRoute, Snapshot
 from dialproxy.config.store import Memo
 from dialproxy.errors import (
     Forbidden,

@@ -13,7 +13,7 @@ project's, as the limits count it).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -21,8 +21,8 @@ from aiohttp import web
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import LONG_MAX, Window
 from dialproxy.errors import BadRequest, NotFound
-from dialproxy.keys import iso, parse_datetime
 from dialproxy.ledger import DAY, HOUR, MEASURES, Ledger
+from dialproxy.text import iso, timestamp
 from dialproxy.web import proxy
 from dialproxy.web.appkeys import LEDGER, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
@@ -46,12 +46,9 @@ def _when(request: web.Request, name: str, end_of_day: bool) -> float | None:
     if value is None or not value.strip():
         return None
     try:
-        when = parse_datetime(value)
+        return timestamp(value, end_of_day)  # (a date: to its end)
     except ValueError:
         raise BadRequest(f"'{name}' must be an ISO 8601 date or date-time") from None
-    if end_of_day and "T" not in value.upper():  # a date: to its end
-        when += timedelta(days=1)
-    return when.timestamp()
 
 
 def query_range(request: web.Request, now: float) -> tuple[float, float]:

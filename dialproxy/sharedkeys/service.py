@@ -1,0 +1,116 @@
+"""What the app holds of the shared keys: the store, the clock, and the lookups' policy
+while the store's Redis is down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import structlog
+
+from dialproxy import perrequest
+from dialproxy.config.model import key_digest
+from dialproxy.errors import StoreUnavailable
+from dialproxy.sharedkeys.model import SharedKey, check_cap
+from dialproxy.sharedkeys.store import SharedKeyStore
+from dialproxy.storage import FailurePolicy, StorageHealth
+from dialproxy.text import SHARED_KEY_PREFIX
+
+log = structlog.get_logger("dialproxy.sharedkeys")
+Clock = Callable[[], datetime]
+# Under `local` and `allow`, while Redis is down, a shared key this instance found in the
+# last hour still works as it was then (at most this many are remembered, the latest used).
+REMEMBER_SECONDS = 3600.0
+REMEMBER_KEYS = 10_000
+
+
+class SharedKeys:
+    """The app's shared keys: the store, and the clock (None: the system clock; tests set
+    one to move time).
+
+    With ``health`` (the store is in Redis), lookups follow the ``--storage-failure`` policy
+    while Redis is down, without waiting for it: ``deny``, 503; ``local`` and ``allow``, the
+    keys found in the last :data:`REMEMBER_SECONDS` work as they were last seen (their own
+    cap counted here meanwhile), any other shared key gets the 503.  A shared key acts as
+    its owner, and only the store knows who that is: no policy can let an unknown one in.
+    """
+
+    def __init__(
+        self,
+        store: SharedKeyStore,
+        clock: Clock | None = None,
+        *,
+        health: StorageHealth | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.health = health
+        self.remembers = health is not None and health.policy is not FailurePolicy.DENY
+        # The per-request keys in flight (set by setup(); in the same Redis when these are).
+        self.per_request: perrequest.PerRequestKeys | None = None
+        self._seen: dict[str, tuple[SharedKey, datetime]] = {}  # digest -> key, when found
+        self.fallbacks = 0  # lookups answered from what was seen, while the store was down
+
+    def now(self) -> datetime:
+        return self.clock() if self.clock is not None else datetime.now(UTC)
+
+    async def find(self, secret: str) -> SharedKey | None:
+        """The shared key a secret names (only ``dps_`` secrets are looked up)."""
+        if not secret.startswith(SHARED_KEY_PREFIX):
+            return None
+        return await self.find_digest(key_digest(secret))
+
+    async def find_digest(self, digest: str) -> SharedKey | None:
+        """The shared key of a digest (a per-request key's record names its shared key so)."""
+        if not self.remembers:
+            return await self.store.find(digest)
+        seen = self._seen
+        try:
+            key = await self.store.find(digest)
+        except StoreUnavailable:
+            found = seen.get(digest)
+            if found is None or (self.now() - found[1]).total_seconds() > REMEMBER_SECONDS:
+                raise
+            self.fallbacks += 1
+            return found[0]
+        seen.pop(digest, None)  # (re-inserted last: the oldest are dropped first)
+        if key is not None:
+            seen[digest] = (key, self.now())
+            if len(seen) > REMEMBER_KEYS:
+                del seen[next(iter(seen))]
+        return key
+
+    async def reserve(self, key: SharedKey, tokens: int) -> int:
+        """Before forwarding: ``tokens`` held in the key's ``utilized`` (settled by
+        :meth:`record` with the difference), or 429 when its cap is reached, in one step,
+        so that requests arriving together see each other.  With the store down, the cap
+        as the key was last seen.  Returns what it holds (0: nothing)."""
+        if key.tokens < 0:
+            return 0
+        try:
+            held = await self.store.reserve(key, tokens)
+        except StoreUnavailable:
+            check_cap(key)
+            return 0
+        if not held:
+            check_cap(replace(key, utilized=max(key.utilized, key.tokens)))
+        self._remember_use(key, tokens)
+        return tokens
+
+    def _remember_use(self, key: SharedKey, tokens: int) -> None:
+        """The remembered copy counts too, so that its cap goes on counting here while
+        Redis is down."""
+        found = self._seen.get(key.digest) if self.remembers else None
+        if found is not None:
+            utilized = max(found[0].utilized + tokens, 0)
+            self._seen[key.digest] = (replace(found[0], utilized=utilized), found[1])
+
+    async def record(self, key: SharedKey, tokens: int) -> None:
+        """Add a finished request's tokens to ``utilized`` (runs after the response; less
+        what :meth:`reserve` held: negative, given back)."""
+        self._remember_use(key, tokens)
+        try:
+            await self.store.add_utilized(key, tokens)
+        except Exception as e:  # never lose the owner's counters to this
+            log.error("shared_key_record_failed", id=key.id, error=type(e).__name__)
