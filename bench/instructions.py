@@ -9,7 +9,9 @@ For each target (the proxy with the bench's config, the pass-through) and mode: 
 under callgrind beside the demo backend, send a warm-up, zero the counters, send exactly
 ``--requests`` requests over ``--connections`` keep-alive connections, dump, and divide.
 Under callgrind Python runs ~50x slower: the default takes about two minutes.  Needs
-valgrind (Debian: ``apt-get install valgrind``).
+valgrind (Debian: ``apt-get install valgrind``).  ``--redis`` also counts the proxy with its
+counters in a redis-server of its own (the proxy's instructions only: the bench prints
+redis-server's CPU and commands per request).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.procs import BenchError, Child, free_port, stop_all
+from bench.redisserver import RedisServer, redis_argv
 from bench.run import (
     BACKEND_PATH,
     BARE_FLAGS,
@@ -93,11 +96,40 @@ def count(
         stop_all([child])
 
 
+def _count_redis(
+    workdir: Path, py: str, config: Path, pport: int, opts: argparse.Namespace
+) -> dict[str, int]:
+    """The proxy's instructions per request with its counters in a redis-server of its own
+    (the server's are not counted: ``make bench`` prints its CPU and commands)."""
+    rport = free_port()
+    (workdir / "redis").mkdir()
+    server = RedisServer(
+        Child("redis", redis_argv(rport, workdir / "redis"), workdir / "redis.log"), rport
+    )
+    try:
+        server.wait_ready()
+        return count(
+            workdir, "proxy-redis",
+            [py, "-m", "dialproxy", "serve", "--config", str(config), "--host", HOST,
+             "--port", str(pport), "--storage", server.url, "--storage-failure", "deny",
+             "--no-watch", "--ledger", opts.ledger],
+            f"http://{HOST}:{pport}{PROXY_PATH}", f"http://{HOST}:{pport}/health", opts,
+        )  # fmt: skip
+    finally:
+        server.close()
+        stop_all([server.child])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--ledger", choices=("on", "off"), default="on", help="serve --ledger")
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also count the proxy with its counters in Redis (a redis-server of its own)",
+    )
     parser.add_argument(
         "--bare",
         action="store_true",
@@ -134,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                      "--port", str(pport), "--storage", "memory://", "--no-watch", *BARE_FLAGS],
                     f"http://{HOST}:{pport}{PROXY_PATH}", f"http://{HOST}:{pport}/health", opts,
                 )  # fmt: skip
+            redis: dict[str, int] = {}
+            if opts.redis:
+                redis = _count_redis(workdir, py, config, pport, opts)
             floor = count(
                 workdir, "passthrough",
                 [py, "-m", "bench.passthrough", "--host", HOST, "--port", str(tport),
@@ -153,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in MODES:
         ratio = floor[mode] / proxy[mode]
         print(f"{mode:16}{proxy[mode]:>12,}{floor[mode]:>14,}{ratio:>8.2f}")
+    if redis:
+        print("\nthe proxy with its counters in Redis (--storage redis://, the proxy's own count)")
+        print(f"{'':16}{'redis':>12}{'memory':>14}{'ratio':>8}")
+        for mode in MODES:
+            print(f"{mode:16}{redis[mode]:>12,}{proxy[mode]:>14,}{redis[mode] / proxy[mode]:>8.3f}")
     if bare:
         print(
             f"\nthe proxy with {' '.join(BARE_FLAGS)} (metrics and ledger off; tracing off in both)"

@@ -190,13 +190,57 @@ class LocalCounters(MemoryStorage):
         return counts
 
     def add_many(self, windows: Sequence[Read], amount: int, now: float | None = None) -> None:
-        """``amount`` added to every window, whatever its limit (usage after a response)."""
+        """``amount`` added to every window, whatever its limit (usage after a response).
+        (:meth:`_add` inline: this runs for every token and cost window of every request.)"""
         if now is None:
             now = time.time()
+        records = self.windows
         for window in windows:
-            self._add(window, amount, now)
+            seconds = window[1]
+            record = records.get(window)
+            if seconds < 0:  # a calendar period: [end, count, -1, 0]
+                if record is None:
+                    records[window] = [-seconds, amount, -1, 0]
+                else:
+                    record[1] += amount
+                continue
+            now_bucket = int(now / seconds)
+            if record is None:
+                records[window] = [now_bucket, amount, -1, 0]
+            elif record[0] == now_bucket:
+                record[1] += amount
+            else:  # a new bucket (see _add)
+                record[:] = now_bucket, amount, record[0], record[1]
         if now >= self._next_sweep:
             self._sweep(now)
+
+    def take_back_many(self, windows: Sequence[Read], amount: int, now: float) -> None:
+        """``_take_back(window, amount, now, previous_too=True)`` of every window, inline
+        (a settlement that used less than its reservation: most requests)."""
+        records = self.windows
+        for window in windows:
+            record = records.get(window)
+            if record is None:
+                continue
+            seconds = window[1]
+            if seconds < 0:
+                left = record[1] - amount
+                record[1] = left if left > 0 else 0
+                continue
+            now_bucket = int(now / seconds)
+            bucket = record[0]
+            if bucket == now_bucket:
+                count = record[1]
+                if count >= amount:
+                    record[1] = count - amount
+                else:
+                    record[1] = 0
+                    if record[2] == now_bucket - 1:
+                        left = record[3] - (amount - count)
+                        record[3] = left if left > 0 else 0
+            elif bucket == now_bucket - 1:
+                left = record[1] - amount
+                record[1] = left if left > 0 else 0
 
     def settle(
         self,
@@ -225,9 +269,8 @@ class LocalCounters(MemoryStorage):
         """:meth:`settle` with one signed amount for every window."""
         if amount > 0:
             self.add_many(windows, amount, now)
-        else:
-            for window in windows:
-                self._take_back(window, -amount, now, previous_too=True)
+        elif amount < 0:
+            self.take_back_many(windows, -amount, now)
 
     def take_back(self, key: str, seconds: int, amount: int = 1) -> None:
         """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""

@@ -126,6 +126,11 @@ class Scope:
     counted: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     counted_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
     checked_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # Of the checked ones, the limited (the others are counted, never full nor tightest:
+    # an admission in memory reads these alone), and how many of them are token windows.
+    limited: tuple[Read, ...] = field(init=False, repr=False, compare=False)
+    limited_windows: tuple[Window, ...] = field(init=False, repr=False, compare=False)
+    limited_tokens: int = field(init=False, repr=False, compare=False)
     # Whether a finished request's usage is added here (any token or cost window).
     records: bool = field(init=False, repr=False, compare=False)
     slot_set: str = field(init=False, repr=False, compare=False)  # its requests in flight
@@ -136,6 +141,9 @@ class Scope:
         object.__setattr__(self, "period", [-math.inf, math.inf])
         self._count_at(time.time())
         object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
+        limited_windows = tuple(w for w in self.checked_windows if w.limited)
+        object.__setattr__(self, "limited_windows", limited_windows)
+        object.__setattr__(self, "limited_tokens", sum(w.limited for w in self.token_windows))
         object.__setattr__(self, "counted_limits", tuple(w.limit for w in self.request_windows))
         object.__setattr__(self, "checked_limits", tuple(w.limit for w in self.checked_windows))
         object.__setattr__(self, "records", bool(self.token_windows or self.cost_windows))
@@ -156,6 +164,9 @@ class Scope:
         object.__setattr__(self, "cost_counters", costs)
         object.__setattr__(self, "checked", tokens + costs)
         object.__setattr__(self, "counted", counted)
+        windows = self.token_windows + self.cost_windows
+        limited = tuple(c for c, w in zip(tokens + costs, windows, strict=True) if w.limited)
+        object.__setattr__(self, "limited", limited)
         calendars = [
             w.calendar.period(now)
             for w in chain(self.token_windows, self.cost_windows, self.request_windows)
@@ -225,9 +236,9 @@ class Limiter:
         admission = scopes if isinstance(scopes, Admission) else Admission(scopes)
         if now >= admission.period[1] or now < admission.period[0]:
             admission.current(now)  # (a calendar period ended: its new counters)
-        batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         if self.local is not None:
-            return _admit_now(self.local, batch)
+            return _admit_now(self.local, admission, reserve_tokens, reserve_cost, member, now)
+        batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         return await self.guard.run(lambda s: _admit(s, batch), (None, None))
 
     async def settle(
@@ -334,6 +345,12 @@ class Admission:
     concurrency cap."""
 
     __slots__ = (
+        "acquired",
+        "acquired_at",
+        "acquired_limits",
+        "acquired_owners",
+        "acquired_windows",
+        "calendars",
         "checks",
         "cost_counters",
         "counted",
@@ -346,8 +363,10 @@ class Admission:
         "request_windows",
         "scopes",
         "slots",
+        "token_at",
         "token_counters",
-        "token_spans",
+        "token_windows",
+        "unacquired",
         "windows",
     )
 
@@ -388,12 +407,35 @@ class Admission:
             owners += [scope] * len(scope.counted)
         kinds += [2] * (len(windows) - self.checks)
         self.windows, self.limits, self.kinds, self.owners = windows, limits, kinds, owners
-        self.modes = [0] * self.checks + [1] * (len(windows) - self.checks)
-        self.token_spans = spans
+        # (2: counted, not limited: the storage need not read it, only count in it)
+        self.modes = [
+            2 if limit >= UNLIMITED else int(index >= self.checks)
+            for index, limit in enumerate(limits)
+        ]
+        # Where the limited token windows' counts are in a storage's answer, and those
+        # windows (the headers' tightest token window is one of them).
+        self.token_at = [
+            start + i
+            for start, _, scope in spans
+            for i, w in enumerate(scope.token_windows)
+            if w.limited
+        ]
+        self.token_windows = tuple(w for _, _, s in spans for w in s.token_windows if w.limited)
+        self.calendars = any(seconds < 0 for _, seconds in windows)  # (periods that end)
         self.request_windows = tuple(chain.from_iterable(s.request_windows for s in scopes))
         self.slots = [(s.slot_set, s.concurrency) for s in scopes if s.concurrency is not None]
         self.counted = windows[self.checks :]
         self.counted_limits = limits[self.checks :]
+        # In memory, the limited request windows are acquired (read, checked, counted) and
+        # the others only counted once they passed (nothing reads them: never full, never
+        # the tightest).
+        limited = [i for i in range(self.checks, len(windows)) if limits[i] < UNLIMITED]
+        self.acquired = [windows[i] for i in limited]
+        self.acquired_at = limited
+        self.acquired_limits = [limits[i] for i in limited]
+        self.acquired_owners = [owners[i] for i in limited]
+        self.acquired_windows = tuple(w for w in self.request_windows if w.limited)
+        self.unacquired = [windows[i] for i in range(self.checks, len(windows)) if i not in limited]
         self.token_counters = list(chain.from_iterable(s.token_counters for s in scopes))
         self.cost_counters = list(chain.from_iterable(s.cost_counters for s in scopes))
 
@@ -434,50 +476,52 @@ class _Batch:
 
 async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowState | None]:
     if isinstance(s, LocalCounters):
-        return _admit_now(s, batch)
+        return _admit_now(s, batch.admission, *batch.reserved, batch.member, batch.now)
     refused, counts = await s.admit(*batch.args())
-    on_clock(batch.windows, counts, batch.now)
+    if batch.admission.calendars:
+        on_clock(batch.windows, counts, batch.now)
     if refused:
         _refuse(batch, refused, counts)
     return _admitted(batch, counts)
 
 
 def _admit_now(
-    local: LocalCounters, batch: _Batch
+    local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str, now: float
 ) -> tuple[WindowState | None, WindowState | None]:
     """:func:`_admit` on in-process counters: done before it returns, so one step (nothing
     else runs on the loop meanwhile).  The scopes' token and cost windows read and checked,
     the request counted in every request window or in none, then the reservation added
     (this runs on every request: the counters' batch calls, each window looked up once)."""
-    admission, now = batch.admission, batch.now
     token: Tight | None = None
     for scope in admission.scopes:
-        if scope.checked:
-            counts = local.read_many(scope.checked, now)
-            token, full = _scan(scope.checked_windows, counts, len(scope.token_windows), token)
+        if scope.limited:  # (the others are never full nor the tightest)
+            counts = local.read_many(scope.limited, now)
+            token, full = _scan(scope.limited_windows, counts, scope.limited_tokens, token)
             if full:
-                _refuse_checked(scope, counts)
+                _refuse_checked(scope, local.read_many(scope.checked, now))
     slots = local.slots
-    for key, limit in batch.slots:
+    taken = admission.slots if member else ()
+    for key, limit in taken:
         if len(slots.get(key, ())) >= limit:
             raise ConcurrencyLimited(limit)
     request: Tight | None = None
-    if admission.counted:
-        acquired = local.acquire_many(admission.counted, admission.counted_limits, 1, now)
+    if admission.acquired:
+        acquired = local.acquire_many(admission.acquired, admission.acquired_limits, 1, now)
         if isinstance(acquired, int):  # (the windows before it taken back)
-            scope = admission.owners[admission.checks + acquired]
+            scope = admission.acquired_owners[acquired]
             reads = local.read_many(scope.counted, now)
-            _refuse_counted(scope, reads, admission.counted[acquired])
-        request = _scan(admission.request_windows, acquired, len(acquired), None)[0]
-    tokens, cost = batch.reserved
+            _refuse_counted(scope, reads, admission.acquired[acquired])
+        request = _scan(admission.acquired_windows, acquired, len(acquired), None)[0]
+    if admission.unacquired:
+        local.add_many(admission.unacquired, 1, now)
     if tokens and admission.token_counters:
         local.add_many(admission.token_counters, tokens, now)
         if token is not None:  # (the headers count the request's own reservation)
             token = (token[0], token[1], token[2] - tokens)
     if cost and admission.cost_counters:
         local.add_many(admission.cost_counters, cost, now)
-    for key, _ in batch.slots:
-        slots.setdefault(key, set()).add(batch.member)
+    for key, _ in taken:
+        slots.setdefault(key, set()).add(member)
     return _state(request), _state(token)
 
 
@@ -497,16 +541,17 @@ def _refuse(batch: _Batch, refused: int, counts: list[Counts]) -> NoReturn:
 
 
 def _admitted(batch: _Batch, counts: list[Counts]) -> tuple[WindowState | None, WindowState | None]:
-    """The tightest request and token windows of an admission (the rate-limit headers)."""
+    """The tightest request and token windows of an admission (the rate-limit headers):
+    of the limited ones (the others are never the tightest), in the scopes' order."""
     admission = batch.admission
     token: Tight | None = None
-    for start, end, scope in admission.token_spans:
-        select = len(scope.token_windows)
-        token, _ = _scan(scope.checked_windows, counts[start:end], select, token)
-    windows = admission.request_windows
-    if not windows:
-        return None, _state(token)
-    request = _scan(windows, counts[admission.checks :], len(windows), None)[0]
+    if at := admission.token_at:
+        windows = admission.token_windows
+        token = _scan(windows, [counts[i] for i in at], len(windows), None)[0]
+    request: Tight | None = None
+    if at := admission.acquired_at:
+        windows = admission.acquired_windows
+        request = _scan(windows, [counts[i] for i in at], len(windows), None)[0]
     return _state(request), _state(token)
 
 

@@ -21,7 +21,8 @@ No call is retried (one that timed out may have been applied: a retry could coun
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
+from itertools import chain
 from typing import Any, TypeVar
 
 import redis.asyncio
@@ -29,7 +30,7 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from dialproxy.counters import Counts, Read
 
@@ -53,33 +54,44 @@ LEASE = 60.0
 # over when the current bucket's TTL fell under one window (limits' acquire script), then
 # its counts (TTLs in ms, 0 when absent).
 _WINDOW = """
-local ARGV_PACKED = ARGV[1]
-local ARGV = {}  -- (the arguments come as one comma-separated string: one to encode, not 20)
-for v in string.gmatch(ARGV_PACKED, '[^,]+') do ARGV[#ARGV + 1] = v end
-local function window(p, c, expiry)
-    -- (a TTL of -2: no such key, so no GET; Redis 7 holds its clock still in a script, so a
-    -- TTL just set reads back as set)
+-- (the arguments come as two comma-separated strings: the windows', the same for every
+-- call of a scope and made once, and the call's own; two to encode, not 50)
+local function split(packed)
+    local t = {}
+    for v in string.gmatch(packed or '', '[^,]+') do t[#t + 1] = v end
+    return t
+end
+local W, A = split(ARGV[1]), split(ARGV[2])
+-- The current bucket of KEYS[c] rolled over into KEYS[p] when its TTL fell under one
+-- window; returns its TTL (ms; -2: no such key) and whether it exists.
+local function roll(p, c, expiry)
+    -- (Redis 7 holds its clock still in a script, so a TTL just set reads back as set)
     local ct = tonumber(redis.call('pttl', KEYS[c]))
-    local cc = 0
-    if expiry < 0 then  -- a calendar period's counter (expiry: -its end, epoch ms)
-        local here = ct ~= -2
-        if here then cc = tonumber(redis.call('get', KEYS[c])) or 0 end
-        if ct < 0 then ct = 0 end
-        return 0, 0, cc, ct, here
-    end
-    local here = ct ~= -2
-    if ct > 0 and ct < expiry then
+    if expiry > 0 and ct > 0 and ct < expiry then
         redis.call('rename', KEYS[c], KEYS[p])
         redis.call('set', KEYS[c], 0, 'PX', ct + expiry)
-        ct = ct + expiry
-    elseif here then
-        cc = tonumber(redis.call('get', KEYS[c])) or 0
+        return ct + expiry, true, true
     end
-    local pc = 0
+    return ct, ct ~= -2, false
+end
+-- The previous bucket's count and TTL (ms), 0 and 0 when absent (no PTTL then).
+local function previous(p)
+    local pc = tonumber(redis.call('get', KEYS[p]))
+    if pc == nil then return 0, 0 end
     local pt = tonumber(redis.call('pttl', KEYS[p]))
-    if pt ~= -2 then pc = tonumber(redis.call('get', KEYS[p])) or 0 end
     if pt < 0 then pt = 0 end
+    return pc, pt
+end
+local function window(p, c, expiry)
+    -- (a TTL of -2: no such key, so no GET)
+    local ct, here, rolled = roll(p, c, expiry)
+    local cc = 0
+    if here and not rolled then cc = tonumber(redis.call('get', KEYS[c])) or 0 end
     if ct < 0 then ct = 0 end
+    if expiry < 0 then  -- a calendar period's counter (expiry: -its end, epoch ms)
+        return 0, 0, cc, ct, here
+    end
+    local pc, pt = previous(p)
     return pc, pt, cc, ct, here
 end
 -- ``amount`` added to KEYS[c], which ``window`` just read (``here``: it existed, with ``ct``
@@ -100,9 +112,12 @@ local function add(c, expiry, amount, here, ct)
 end
 """
 
-# ARGV: n, then per window: seconds, limit, mode, amount; then m, member, lease (ms), and per
-# slot set its limit.  Mode 0: refused when full (a token or cost window); 1: refused when
-# adding ``amount`` would pass the limit (a request window).  A slot set (KEYS after the
+# W (ARGV[1]): n, then per window: seconds, limit, mode; A (ARGV[2]): per window its amount,
+# then m, member, lease (ms), and per slot set its limit.  Mode 0: refused when full (a
+# token or cost window); 1: refused when adding ``amount`` would pass the limit (a request
+# window); 2: never refused (a window
+# counted, not limited: only its current bucket is touched, and its counts answer as 0 but
+# for the current bucket's TTL: three commands fewer).  A slot set (KEYS after the
 # windows' pairs: members scored by their lease's end, Redis's own clock) refuses when it
 # holds its limit of live members.  Nothing is added unless nothing refuses.  Returns
 # {refused index (0: none; past n: a slot set), then per window read (all of them, at the
@@ -111,28 +126,35 @@ end
 _ADMIT = (
     _WINDOW
     + """
-local n = tonumber(ARGV[1])
+local n = tonumber(W[1])
 local out = {0}
 local found = {}  -- (per window: whether its current bucket exists)
 for i = 1, n do
-    local expiry = tonumber(ARGV[i * 4 - 2]) * 1000
-    local limit = tonumber(ARGV[i * 4 - 1])
-    local mode = tonumber(ARGV[i * 4])
-    local amount = tonumber(ARGV[i * 4 + 1])
-    local pc, pt, cc, ct, here = window(i * 2 - 1, i * 2, expiry)
-    found[i] = here
-    local weighted = math.floor(pc * pt / expiry) + cc
-    table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
-    local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
-    if full and out[1] == 0 then
-        out[1] = i
+    local expiry = tonumber(W[i * 3 - 1]) * 1000
+    local limit = tonumber(W[i * 3])
+    local mode = tonumber(W[i * 3 + 1])
+    local amount = tonumber(A[i])
+    if mode == 2 then  -- counted, not limited: only rolled over, its counts not read
+        local ct, here = roll(i * 2 - 1, i * 2, expiry)
+        found[i] = here
+        if ct < 0 then ct = 0 end
+        table.insert(out, 0); table.insert(out, 0); table.insert(out, 0); table.insert(out, ct)
+    else
+        local pc, pt, cc, ct, here = window(i * 2 - 1, i * 2, expiry)
+        found[i] = here
+        local weighted = math.floor(pc * pt / expiry) + cc
+        table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
+        local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
+        if full and out[1] == 0 then
+            out[1] = i
+        end
     end
 end
 if out[1] ~= 0 then
     return out
 end
-local m = tonumber(ARGV[n * 4 + 2] or '0')
-local member, lease, now = ARGV[n * 4 + 3], tonumber(ARGV[n * 4 + 4] or '0'), 0
+local m = tonumber(A[n + 1] or '0')
+local member, lease, now = A[n + 2], tonumber(A[n + 3] or '0'), 0
 if m > 0 then
     local t = redis.call('time')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -141,7 +163,7 @@ for j = 1, m do
     local key = KEYS[n * 2 + j]
     redis.call('zremrangebyscore', key, '-inf', now)
     local held = redis.call('zcard', key)
-    if held >= tonumber(ARGV[n * 4 + 4 + j]) then
+    if held >= tonumber(A[n + 3 + j]) then
         out[1] = n + j
         table.insert(out, held)
         return out
@@ -152,9 +174,9 @@ for j = 1, m do
     redis.call('pexpire', KEYS[n * 2 + j], lease * 2)
 end
 for i = 1, n do
-    local amount = tonumber(ARGV[i * 4 + 1])
+    local amount = tonumber(A[i])
     if amount > 0 then
-        local expiry = tonumber(ARGV[i * 4 - 2]) * 1000
+        local expiry = tonumber(W[i * 3 - 1]) * 1000
         out[i * 4], out[i * 4 + 1] = add(i * 2, expiry, amount, found[i], out[i * 4 + 1])
     end
 end
@@ -162,32 +184,36 @@ return out
 """
 )
 
-# ARGV: n, then per window: seconds, amount (signed); then m and the member whose slots
-# (KEYS after the windows' pairs) are freed.  A positive amount is added to the current
+# W: n, then per window: seconds; A: per window its amount (signed), then m and the member
+# whose slots (KEYS after the windows' pairs) are freed.  A positive amount is added to the current
 # bucket; a negative one taken from it, and what it lacks from the previous one.
 _SETTLE = (
     _WINDOW
     + """
-local n = tonumber(ARGV[1])
+local n = tonumber(W[1])
 for i = 1, n do
-    local expiry = tonumber(ARGV[i * 2]) * 1000
-    local amount = tonumber(ARGV[i * 2 + 1])
+    local expiry = tonumber(W[i + 1]) * 1000
+    local amount = tonumber(A[i])
     if amount > 0 then
-        local _, _, _, ct, here = window(i * 2 - 1, i * 2, expiry)
+        local ct, here = roll(i * 2 - 1, i * 2, expiry)
+        if ct < 0 then ct = 0 end
         add(i * 2, expiry, amount, here, ct)
     elseif amount < 0 then
-        local pc, pt, cc, ct = window(i * 2 - 1, i * 2, expiry)
+        local _, here, rolled = roll(i * 2 - 1, i * 2, expiry)
         local left = -amount
-        local here = math.min(cc, left)
-        if here > 0 then redis.call('decrby', KEYS[i * 2], here) end
-        left = left - here
-        here = math.min(pc, left)
-        if here > 0 then redis.call('decrby', KEYS[i * 2 - 1], here) end
+        if here and not rolled then  -- (DECRBY first, undone below 0: one command, mostly)
+            left = -tonumber(redis.call('decrby', KEYS[i * 2], left))
+            if left > 0 then redis.call('incrby', KEYS[i * 2], left) end
+        end
+        if left > 0 and expiry > 0 then  -- (a calendar period has no previous bucket)
+            local take = math.min(tonumber(redis.call('get', KEYS[i * 2 - 1])) or 0, left)
+            if take > 0 then redis.call('decrby', KEYS[i * 2 - 1], take) end
+        end
     end
 end
-local m = tonumber(ARGV[n * 2 + 2] or '0')
+local m = tonumber(A[n + 1] or '0')
 for j = 1, m do
-    redis.call('zrem', KEYS[n * 2 + j], ARGV[n * 2 + 3])
+    redis.call('zrem', KEYS[n * 2 + j], A[n + 2])
 end
 return n
 """
@@ -204,14 +230,14 @@ end
 return #KEYS
 """
 
-# ARGV: n, then per window: seconds.  Returns the counts of each (limits' read script).
+# W: n, then per window: seconds.  Returns the counts of each (limits' read script).
 _READ = (
     _WINDOW
     + """
-local n = tonumber(ARGV[1])
+local n = tonumber(W[1])
 local out = {}
 for i = 1, n do
-    local pc, pt, cc, ct = window(i * 2 - 1, i * 2, tonumber(ARGV[i + 1]) * 1000)
+    local pc, pt, cc, ct = window(i * 2 - 1, i * 2, tonumber(W[i + 1]) * 1000)
     table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
 end
 return out
@@ -219,25 +245,43 @@ return out
 )
 
 
-def _packed(args: list[Any]) -> str:
-    """A script's arguments as one string (redis-py encodes each argument on its own)."""
+def _packed(args: Iterable[Any]) -> str:
+    """Script arguments as one string (redis-py encodes each argument on its own)."""
     return ",".join(map(str, args))
 
 
-def _keys(windows: Sequence[Read]) -> list[str]:
-    keys: list[str] = []
-    for key, _ in windows:
-        current = f"{PREFIX}{{{key}}}"
-        keys += (current + "/-1", current)
-    return keys
+# How many windows' keys and arguments are kept made (a scope's few, times the scopes in
+# use); past it they are made again from scratch.
+PREPARED_MAX = 4096
+
+
+class _Prepared:
+    """What a script call on some windows sends that is the same for every call: the keys
+    (encoded) and the windows' packed arguments (encoded)."""
+
+    __slots__ = ("keys", "windows", "wire_keys", "wire_windows")
+
+    def __init__(self, windows: Sequence[Read], per_window: Iterable[Any]) -> None:
+        keys: list[bytes] = []
+        for key, _ in windows:
+            current = f"{PREFIX}{{{key}}}".encode()
+            keys += (current + b"/-1", current)
+        self.keys = keys
+        self.windows = _packed(chain((len(windows),), per_window)).encode()
+        # (the same, as they go on the wire: RESP bulk strings)
+        self.wire_keys = b"".join(map(_bulk, keys))
+        self.wire_windows = _bulk(self.windows)
+
+
+def _bulk(value: bytes) -> bytes:
+    """``value`` as a RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
 def _counts(flat: Sequence[Any], start: int = 0) -> list[Counts]:
-    """Counts from a script's flat answer (TTLs from ms to seconds)."""
-    return [
-        (int(flat[i]), int(flat[i + 1]) / 1000, int(flat[i + 2]), int(flat[i + 3]) / 1000)
-        for i in range(start, len(flat), 4)
-    ]
+    """Counts from a script's flat answer of integers (TTLs from ms to seconds)."""
+    it = iter(flat[start:] if start else flat)
+    return [(a, b / 1000, c, d / 1000) for a, b, c, d in zip(it, it, it, it, strict=True)]
 
 
 class RedisCounters:
@@ -266,6 +310,7 @@ class RedisCounters:
         self._read = self.client.register_script(_READ)
         self._renew = self.client.register_script(_RENEW)
         self._batch = ScriptBatch(self.client)
+        self._prepared: dict[Any, _Prepared] = {}
         # The slots this instance holds (slot set -> members): their leases renewed while
         # their requests run, by one task (a dead instance's lapse within LEASE seconds).
         self.held: dict[str, set[str]] = {}
@@ -282,14 +327,14 @@ class RedisCounters:
         windows: the slot set), or 0 and every amount added and a slot taken in every slot
         set (``slots``: key, limit) for ``member``; the counts of every window (after the
         adding, if nothing refused)."""
-        args: list[Any] = [len(windows)]
-        for (_, seconds), limit, mode, amount in zip(windows, limits, modes, amounts, strict=True):
-            args += (seconds, limit, mode, amount)
-        keys = _keys(windows)
+        prepared = self._prepared_admit(windows, limits, modes)
+        extra: list[bytes] = []
+        own = _packed(amounts)
         if slots:
-            args += (len(slots), member, int(self.lease * 1000), *(limit for _, limit in slots))
-            keys += (PREFIX + key for key, _ in slots)
-        flat = await self._batch.call(self._admit, keys, _packed(args))
+            extra = [(PREFIX + key).encode() for key, _ in slots]
+            own += f",{len(slots)},{member},{int(self.lease * 1000)},"
+            own += _packed(limit for _, limit in slots)
+        flat = await self._batch.call(self._admit, prepared, extra, own)
         refused = int(flat[0])
         if refused > len(windows):
             return refused, _counts(flat[1 : len(flat) - 1], 0)
@@ -309,19 +354,45 @@ class RedisCounters:
     ) -> None:
         """Signed ``amounts`` added to the windows, and ``member``'s ``slots`` freed, in one
         step."""
-        args: list[Any] = [len(windows)]
-        for (_, seconds), amount in zip(windows, amounts, strict=True):
-            args += (seconds, amount)
-        keys = _keys(windows)
+        prepared = self._prepared_windows(windows)
+        extra: list[bytes] = []
+        own = _packed(amounts)
         if slots:
-            args += (len(slots), member)
-            keys += (PREFIX + key for key in slots)
+            extra = [(PREFIX + key).encode() for key in slots]
+            own += f",{len(slots)},{member}"
             for key in slots:
                 if (members := self.held.get(key)) is not None:
                     members.discard(member)
                     if not members:
                         del self.held[key]
-        await self._batch.call(self._settle, keys, _packed(args))
+        await self._batch.call(self._settle, prepared, extra, own)
+
+    def _prepared_admit(
+        self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int]
+    ) -> _Prepared:
+        """The keys and packed windows of an admission, made once per windows, limits and
+        modes (a scope's: the same for each of its requests)."""
+        cache = self._prepared
+        index = (tuple(windows), tuple(limits), tuple(modes))
+        if (prepared := cache.get(index)) is None:
+            if len(cache) >= PREPARED_MAX:
+                cache.clear()
+            per_window = chain.from_iterable(
+                (seconds, limit, mode)
+                for (_, seconds), limit, mode in zip(windows, limits, modes, strict=True)
+            )
+            prepared = cache[index] = _Prepared(windows, per_window)
+        return prepared
+
+    def _prepared_windows(self, windows: Sequence[Read]) -> _Prepared:
+        """The keys and packed windows of a settlement or a read, made once per windows."""
+        cache = self._prepared
+        index = tuple(windows)
+        if (prepared := cache.get(index)) is None:
+            if len(cache) >= PREPARED_MAX:
+                cache.clear()
+            prepared = cache[index] = _Prepared(windows, (seconds for _, seconds in windows))
+        return prepared
 
     async def _renew_leases(self) -> None:
         """Every lease / 3 seconds while slots are held: their leases renewed, in one call."""
@@ -339,8 +410,8 @@ class RedisCounters:
     async def read(self, windows: Sequence[Read]) -> list[Counts]:
         if not windows:
             return []
-        args: list[Any] = [len(windows), *(seconds for _, seconds in windows)]
-        return _counts(await self._run(self._read(keys=_keys(windows), args=[_packed(args)])))
+        prepared = self._prepared_windows(windows)
+        return _counts(await self._run(self._read(keys=prepared.keys, args=[prepared.windows])))
 
     # What ``limits`` storages offer that the rest of dialproxy uses (one window at a time).
 
@@ -387,7 +458,7 @@ class RedisCounters:
         await self.client.aclose()
 
 
-_Call = tuple[AsyncScript, list[str], str, "asyncio.Future[Any]"]
+_Call = tuple[AsyncScript, _Prepared, list[bytes], str, "asyncio.Future[Any]"]
 
 
 class ScriptBatch:
@@ -404,17 +475,19 @@ class ScriptBatch:
         self.pending: list[_Call] = []
         self.sending: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: AsyncScript, keys: list[str], arg: str) -> Any:
+    async def call(
+        self, script: AsyncScript, prepared: _Prepared, extra: list[bytes], own: str
+    ) -> Any:
+        """The script's answer for ``prepared``'s keys and windows, then the keys
+        ``extra``, with the call's own arguments ``own``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
             loop.call_soon(self._flush)
-        self.pending.append((script, keys, arg, future))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(_consume)  # (its outcome is no one's now)
-            raise
+        self.pending.append((script, prepared, extra, own, future))
+        # (A caller cancelled cancels its future alone: the call still goes, or has gone,
+        # with its batch, which skips the answers no one waits for.)
+        return await future
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
@@ -424,18 +497,12 @@ class ScriptBatch:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            if len(batch) == 1:
-                script, keys, arg, _ = batch[0]
-                results: list[Any] = [await script(keys=keys, args=[arg])]
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for script, keys, arg, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, arg)
-                results = await pipe.execute(raise_on_error=False)
-                for i, result in enumerate(results):
-                    if isinstance(result, NoScriptError):  # (Redis restarted: not run)
-                        script, keys, arg, _ = batch[i]
-                        results[i] = await script(keys=keys, args=[arg])  # (loads it)
+            results = await self._exchange(batch)
+            for i, result in enumerate(results):
+                if isinstance(result, NoScriptError):  # (Redis restarted: not run)
+                    script, prepared, extra, own, _ = batch[i]
+                    keys = prepared.keys + extra
+                    results[i] = await script(keys=keys, args=[prepared.windows, own])  # (loads)
         except BaseException as e:  # (an outage: every call of the batch sees it)
             for *_, future in batch:
                 if future.done():
@@ -454,6 +521,36 @@ class ScriptBatch:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _exchange(self, batch: list[_Call]) -> list[Any]:
+        """The batch's EVALSHA calls written at once on one connection of the pool, then
+        their answers read (an error answer in its call's place).  The calls are packed
+        from their keys' and windows' bytes made once (redis-py's pipeline would pack every
+        argument of every call again, and parse each answer through its callbacks).  A
+        connection that failed (or timed out) mid-way is dropped, never reused."""
+        wire = []
+        for script, prepared, extra, own, _ in batch:
+            nkeys = len(prepared.keys) + len(extra)
+            wire.append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5))
+            wire.append(_bulk(script.sha.encode()) + _bulk(b"%d" % nkeys) + prepared.wire_keys)
+            wire.extend(map(_bulk, extra))
+            wire.append(prepared.wire_windows + _bulk(own.encode()))
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(b"".join(wire))
+            results: list[Any] = []
+            for _ in batch:
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as e:  # (its call's answer: the others follow)
+                    results.append(e)
+            return results
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
     async def close(self) -> None:
         await asyncio.gather(*self.sending, return_exceptions=True)

@@ -5,6 +5,7 @@ whole windows and more, must give the same answer."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 
@@ -82,6 +83,26 @@ async def test_same_answers_as_memory_storage(monkeypatch: pytest.MonkeyPatch, s
             await take_back(ours, key, expiry)
             await take_back(theirs, key, expiry)
         clock.now += rnd.choice([0.0, 0.01, 0.3, 1.1, 7.0, 7.0, 61.0, 125.0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_change_many_is_settle_window_by_window(seed: int) -> None:
+    """``change_many`` (a settlement's one signed amount for many windows, the loop inline)
+    leaves every counter as ``settle`` of each window on its own does: a negative amount
+    taken from the current bucket, then the previous; sliding and calendar windows."""
+    rnd = random.Random(seed)
+    batched, alone = LocalCounters(), LocalCounters()
+    batched._next_sweep = alone._next_sweep = math.inf  # (a sweep is not what is compared)
+    now = 1_800_000_000.0
+    windows = [("a", 1), ("b", 2), ("c", 60), ("d@1", -(1_800_000_000 + 90))]
+    for _ in range(3_000):
+        chosen = rnd.sample(windows, rnd.randint(1, len(windows)))
+        amount = rnd.randint(-8, 8)
+        batched.change_many(chosen, amount, now)
+        for window in chosen:
+            alone.settle([window], [amount], now=now)
+        assert batched.windows == alone.windows
+        now += rnd.choice([0.0, 0.01, 0.3, 1.1, 2.5, 61.0])
 
 
 async def test_expired_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,5 +217,65 @@ async def test_redis_calls_made_together_are_answered_each_as_alone(
         again = await asyncio.gather(*(counters.admit([window], [20], [1], [1]) for _ in range(5)))
         assert [refused for refused, _ in again] == [0] * 5
         assert [counts[0][2] for _, counts in again] == [11, 12, 13, 14, 15]
+    finally:
+        await counters.close()
+
+
+@pytest.mark.parametrize("seed", range(2))
+async def test_redis_windows_counted_unread_and_settled_match_the_read_path(
+    redis_server: RedisServer, seed: int
+) -> None:
+    """A window counted but not limited (mode 2: its counts not read at admission) ends
+    with the same counters as one given the same calls with every count read (mode 0, a
+    limit never reached), across roll-overs of 1 and 2 s windows; an admission that a
+    limited window refuses adds nothing to either; a settlement adds a positive amount to
+    the current bucket and takes a negative one from it, then what it lacks from the
+    previous one."""
+    redis_server.flush()
+    counters = RedisCounters(redis_server.url)
+    rnd = random.Random(seed)
+    huge = 2**62
+    pairs = [((f"dp:p:{i}:chat:t:x", i + 1), (f"dp:p:{i}:chat:t:y", i + 1)) for i in range(2)]
+
+    def same(a: Counts, b: Counts) -> bool:
+        return (a[0], a[2]) == (b[0], b[2]) and all(
+            abs(x - y) < 0.05 for x, y in ((a[1], b[1]), (a[3], b[3]))
+        )
+
+    try:
+        for _ in range(60):
+            unread, read = rnd.choice(pairs)
+            op, amount = rnd.random(), rnd.randint(-6, 6)
+            if op < 0.5 and amount > 0:
+                refused, counts = await counters.admit(
+                    [unread, read], [huge, huge], [2, 0], [amount, amount]
+                )
+                assert refused == 0
+                assert counts[0][:2] == (0, 0.0)  # (its previous bucket not read)
+                assert counts[1][2] >= amount
+            elif op < 0.6:  # refused by a limited window: nothing added anywhere
+                refused, _ = await counters.admit(
+                    [unread, read, ("dp:p:full:chat:r:x", 60)],
+                    [huge, huge, 0],
+                    [2, 0, 1],
+                    [1, 1, 1],
+                )
+                assert refused == 3
+            else:
+                (before,) = await counters.read([read])
+                await counters.settle([unread, read], [amount, amount])
+                (after,) = await counters.read([read])
+                if before[3] - read[1] > 0.1:  # (no roll-over in between)
+                    previous, current = before[0], before[2]
+                    if amount > 0:
+                        current += amount
+                    else:
+                        taken = min(current, -amount)
+                        current -= taken
+                        previous -= min(previous, -amount - taken)
+                    assert (after[0], after[2]) == (previous, current), (before, amount, after)
+            a, b = await counters.read([unread, read])
+            assert same(a, b), (a, b)
+            await asyncio.sleep(rnd.choice([0.0, 0.0, 0.01, 0.05, 0.3, 0.6]))
     finally:
         await counters.close()
