@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 
+from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.upstream.usage import UsageRule
 
 if TYPE_CHECKING:
@@ -30,19 +31,6 @@ if TYPE_CHECKING:
 
     from dialproxy.config.model import Model, Route, Serving
     from dialproxy.limiter import WindowState
-
-# The client's headers every API passes on to the upstream (Content-Type is always
-# application/json: it is set, not copied).
-FORWARDED_REQUEST_HEADERS = (
-    "accept",
-    "user-agent",
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-    "baggage",
-    "x-conversation-id",
-)
-
 
 BodyRule = Callable[[dict[str, Any], bytes, "Model"], tuple[bytes | None, bool]]
 """(body as read, its bytes, model) -> (the body the upstream gets, None: the client's bytes

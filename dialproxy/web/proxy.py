@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import aiohttp
-from aiohttp import compression_utils, web
+from aiohttp import web
 
 from dialproxy import sharedkeys
 from dialproxy.apis import AnswerIds, Api
-from dialproxy.apis.openai import FORWARDED_HEADERS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Grant, Model, Serving, Snapshot, Upstream, Window
 from dialproxy.config.store import ConfigStore, Memo
@@ -42,6 +41,7 @@ from dialproxy.settings import Settings
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.balancer import Balancer
+from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers, response_headers
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.relay import EventRewriter, UsageHider, UsageScanner
 from dialproxy.upstream.sse import EventTooLarge
@@ -49,88 +49,6 @@ from dialproxy.upstream.usage import Usage, estimate, find_usage
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 from dialproxy.web.drain import Drain
-
-# Upstream response headers passed back: an allow-list, everything else stays here (the
-# upstream's cookies, its server's name, its hop-by-hop headers, whatever else it sends).
-# aiohttp writes Content-Length (and Transfer-Encoding) itself; a body is relayed decoded.
-PASSED_RESPONSE_HEADERS = frozenset(
-    {
-        # the content
-        "content-type",
-        "content-language",
-        "content-disposition",
-        "cache-control",
-        "x-accel-buffering",  # (an upstream's "no" keeps a stream unbuffered by nginx)
-        # request ids, as the SDKs read them (openai: x-request-id; anthropic: request-id)
-        "x-request-id",
-        "request-id",
-        "apim-request-id",  # Azure OpenAI's
-        "openai-processing-ms",
-        "openai-version",
-        # retry advice on an answer passed through (a retried status never reaches the client)
-        "retry-after",
-        "retry-after-ms",
-        "x-should-retry",
-    }
-)
-# The provider's rate-limit headers: passed only when no limit of ours applies to the
-# request; when one does, ours (x-ratelimit-*, from our counters) replace them all.
-PROVIDER_RATELIMIT_HEADERS = frozenset(
-    [
-        f"x-ratelimit-{kind}-{unit}"
-        for kind in ("limit", "remaining", "reset")
-        for unit in ("requests", "tokens")
-    ]
-    + [
-        f"anthropic-ratelimit-{unit}-{kind}"
-        for unit in ("requests", "tokens", "input-tokens", "output-tokens")
-        for kind in ("limit", "remaining", "reset")
-    ]
-)
-# Dropped headers most upstreams send (known by name only to skip lowercasing them).
-_COMMON_DROPPED = frozenset(
-    {
-        "content-length",
-        "content-encoding",
-        "transfer-encoding",
-        "keep-alive",
-        "date",
-        "server",
-        "set-cookie",
-        "vary",
-        "strict-transport-security",
-        "x-content-type-options",
-        "alt-svc",
-        "cf-ray",
-        "cf-cache-status",
-        "openai-organization",
-        "openai-project",
-        "x-envoy-upstream-service-time",
-        "x-upstream-attempts",
-    }
-)
-
-_CONNECTION = 2  # the verdict on the Connection header: the names it lists are dropped too
-_CONNECTION_USUAL = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})  # (no name)
-
-
-def _verdicts(passed: frozenset[str]) -> dict[str, int]:
-    """Header name -> 1 (passes), 0 (dropped), 2 (Connection): the names we know, as servers
-    write them (lowercase, Capitalized-Words): found without lowercasing each header."""
-    known = {
-        name: 1 if name in passed else 0
-        for name in PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS | _COMMON_DROPPED
-    }
-    known["connection"] = _CONNECTION
-    verdicts: dict[str, int] = {}
-    for name, verdict in known.items():
-        verdicts[name] = verdicts["-".join(p.capitalize() for p in name.split("-"))] = verdict
-    return verdicts
-
-
-_VERDICTS_OURS = _verdicts(PASSED_RESPONSE_HEADERS)  # limits of ours apply
-_VERDICTS_THEIRS = _verdicts(PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS)
-
 
 Relay = UsageScanner | UsageHider | EventRewriter
 
@@ -213,29 +131,6 @@ def _scopes(principal: Principal, grant: Grant, snapshot: Snapshot) -> list[Scop
             )
         )
     return scopes
-
-
-def forwarded_headers(
-    request: web.Request,
-    principal: Principal,
-    model: Model,
-    defaults: tuple[tuple[str, str], ...] = (),
-    names: tuple[str, ...] = FORWARDED_HEADERS,
-) -> dict[str, str]:
-    """The client's headers an upstream gets (``names``: the API's), then the model's
-    ``defaultHeaders`` (lowercased names) it did not send (each route adds its own, which
-    win, see ``Route``)."""
-    client = request.headers  # (looked up by name: no lowercasing of every header the client sent)
-    headers = {name: value for name in names if (value := client.get(name)) is not None}
-    for name, value in defaults:  # (never a name the proxy sets: see NEVER_DEFAULT_HEADERS)
-        if name not in headers:
-            headers[name] = value
-    headers["Content-Type"] = "application/json"
-    if model.forward_auth_token:
-        authorization = request.headers.get("Authorization")
-        if authorization and principal.secret not in authorization:
-            headers["Authorization"] = authorization
-    return headers
 
 
 class Plan(NamedTuple):
@@ -636,11 +531,11 @@ async def _forward(
     outcome.request_bytes = len(data)
     query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
     headers = forwarded_headers(
-        request, principal, model, serving.default_headers, api.forwarded_headers
+        request.headers, principal.secret, model, serving.default_headers, api.forwarded_headers
     )
     if not model.direct and (keys := services.shared.per_request) is not None:
         # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
-        outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
+        outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
     attempts = Attempts(
         balancer, model, snapshot.retriable_codes, services.metrics, services.tracing, outcome.span
@@ -749,30 +644,6 @@ def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> S
     return serving
 
 
-def _response_headers(
-    resp: aiohttp.ClientResponse, attempts: int, extra: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """The upstream's headers we pass back (see ``PASSED_RESPONSE_HEADERS``), then ours (the
-    response copies them once).  ``extra``: our x-ratelimit-* (none: no limit of ours)."""
-    verdicts = _VERDICTS_OURS if extra else _VERDICTS_THEIRS
-    headers: list[tuple[str, str]] = []
-    listed: list[str] | None = None  # what the Connection header names
-    for k, v in resp.headers.items():
-        verdict = verdicts.get(k)
-        if verdict is None:  # a name not written as we know it
-            verdict = verdicts.get(k.lower(), 0)
-        if verdict == 1:
-            headers.append((k, v))
-        elif verdict == _CONNECTION and v not in _CONNECTION_USUAL:
-            listed = (listed or []) + v.split(",")
-    if listed and headers:
-        named = {name.strip().lower() for name in listed}
-        headers = [(k, v) for k, v in headers if k.lower() not in named]
-    headers.append(("X-UPSTREAM-ATTEMPTS", str(attempts)))
-    headers += extra
-    return headers
-
-
 async def _respond(
     resp: aiohttp.ClientResponse,
     outcome: Outcome,
@@ -781,12 +652,7 @@ async def _respond(
     extra_headers: list[tuple[str, str]],
     services: Services,
 ) -> web.StreamResponse:
-    headers = _response_headers(resp, outcome.attempts, extra_headers)
-    encoding = resp.headers.get("Content-Encoding")
-    if encoding is not None and encoding.lower() not in _DECODED:
-        # Not one the client session decodes: relayed as it came, with its encoding named
-        # (the usage in it cannot be read).
-        headers.append(("Content-Encoding", encoding))
+    headers = response_headers(resp.headers, outcome.attempts, extra_headers)
     settings, ids = services.settings, outcome.ids
     if resp.content_type != "text/event-stream":
         data = await read_answer(resp, services.idle, settings.max_response)
@@ -807,15 +673,6 @@ async def _respond(
         else UsageScanner(max_event, api.usage)
     )
     return stream
-
-
-# What the client session decodes (auto_decompress, see app.py; the name as aiohttp matches
-# it): gzip and deflate, br and zstd with their libraries installed ("identity": no coding).
-_DECODED = frozenset(
-    ["identity", "gzip", "deflate"]
-    + (["br"] if compression_utils.HAS_BROTLI else [])
-    + (["zstd"] if compression_utils.HAS_ZSTD else [])
-)
 
 
 async def read_answer(resp: aiohttp.ClientResponse, idle: IdleWatch, cap: int) -> bytes:

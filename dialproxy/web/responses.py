@@ -28,6 +28,7 @@ from dialproxy.errors import BadGateway, NotFound, Unavailable
 from dialproxy.logs import cut
 from dialproxy.perrequest import RedisCalls
 from dialproxy.upstream.attempts import NoRoute
+from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.web import proxy
 from dialproxy.web.body import read_raw_body
 
@@ -128,9 +129,9 @@ async def _forward(
     """One attempt, to the upstream that made the response; its answer relayed."""
     client = services.client
     assert client is not None and outcome.ids is not None
-    headers = proxy.forwarded_headers(
-        request,
-        principal,
+    headers = forwarded_headers(
+        request.headers,
+        principal.secret,
         services.store.snapshot.models[ref.deployment],
         serving.default_headers,
         RESPONSES.forwarded_headers,
@@ -142,7 +143,7 @@ async def _forward(
     if route.name == "endpoint" or "X-UPSTREAM-ENDPOINT" in route.headers:
         keys = services.shared.per_request  # an adapter: a per-request key (as for a create)
         if keys is not None:
-            outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
+            outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"
     url = follow_up_url(route, ref.upstream_id, _action(request))
     if query := request.rel_url.raw_query_string:
