@@ -42,7 +42,7 @@ from dialproxy.statefile import StateDb
 if TYPE_CHECKING:
     import redis.asyncio
 
-    from dialproxy.web.proxy import Outcome
+    from dialproxy.outcome import Outcome
 
 log = structlog.get_logger("dialproxy.ledger")
 

@@ -88,6 +88,32 @@ class Api:
         event = self.errors.stream_error("The server is shutting down: the stream was ended", 503)
         object.__setattr__(self, "shutdown_event", event)
 
+    def reservation(self, body: dict[str, Any], size: int, model: Model) -> tuple[int, int]:
+        """What a request holds in its token and cost windows from admission until it is
+        settled: the prompt at one token per four bytes of its body (``size``), the
+        completion at the most it asks for (the API's ``completion_fields``), else the
+        model's ``maxCompletionTokens``, else :data:`DEFAULT_COMPLETION_RESERVE`; an
+        embedding, none."""
+        prompt = max(size // 4, 1)
+        completion = 0
+        if self.completion_fields:
+            for name in self.completion_fields:
+                value = body.get(name)
+                if type(value) is int and value > 0:
+                    completion = value
+                    break
+            else:
+                most = model.token_limits.get("maxCompletionTokens")
+                completion = most if type(most) is int and most > 0 else DEFAULT_COMPLETION_RESERVE
+        pricing = model.pricing
+        cost = pricing.cost_nano_usd(prompt, completion) if pricing is not None else 0
+        return prompt + completion, cost
+
+
+# The completion tokens a request reserves when it says no maximum and its model has no
+# `limits.maxCompletionTokens`.
+DEFAULT_COMPLETION_RESERVE = 256
+
 
 def with_defaults(
     body: dict[str, Any], defaults: Mapping[str, Any], override_name: str | None

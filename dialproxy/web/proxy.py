@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hashlib
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -22,71 +21,26 @@ import aiohttp
 from aiohttp import web
 
 from dialproxy import sharedkeys
-from dialproxy.apis import AnswerIds, Api
+from dialproxy.apis import Api
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import Grant, Model, Serving, Snapshot, Upstream, Window
+from dialproxy.config.model import Grant, Model, Serving, Snapshot
 from dialproxy.config.store import ConfigStore, Memo
-from dialproxy.errors import (
-    BadGateway,
-    BadRequest,
-    Forbidden,
-    NotFound,
-    Unavailable,
-)
+from dialproxy.errors import BadRequest, Forbidden, NotFound, Unavailable
 from dialproxy.ledger import Ledger
-from dialproxy.limiter import Admission, Limiter, RateLimited, Scope
+from dialproxy.limiter import Admission, Limiter, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.metrics import Metrics
+from dialproxy.outcome import Outcome
 from dialproxy.settings import Settings
 from dialproxy.tracing import Tracing
-from dialproxy.upstream.attempts import Attempts
+from dialproxy.upstream.answer import Answer, drain, stop_draining
 from dialproxy.upstream.balancer import Balancer
-from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers, response_headers
+from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.upstream.relay import EventRewriter, UsageHider, UsageScanner
-from dialproxy.upstream.sse import EventTooLarge
-from dialproxy.upstream.usage import Usage, estimate, find_usage
+from dialproxy.upstream.outbound import Outbound, send
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 from dialproxy.web.drain import Drain
-
-Relay = UsageScanner | UsageHider | EventRewriter
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What one request did, for the log line and the usage record."""
-
-    status: int = 0
-    attempts: int = 0
-    upstream: str | None = None
-    usage: Usage | None = None
-    ttfb_ms: float | None = None
-    error: str | None = None
-    model: Model | None = None
-    scopes: tuple[Scope, ...] = ()
-    records: bool = False  # whether a scope counts usage
-    shared: sharedkeys.SharedKey | None = None  # the shared key that called, if one did
-    request_bytes: int = 0  # the body sent upstream (what a usage estimate goes by)
-    estimated: bool = False  # the usage is an estimate (a stream cut before its usage)
-    # An abandoned stream's upstream and reader, still to be drained for the usage.
-    leftover: tuple[aiohttp.ClientResponse, Relay] | None = None
-    per_request_key: str | None = None  # the key sent to an adapter: ended with the request
-    ids: AnswerIds | None = None  # the API's ids rewritten in the answer (Responses)
-    reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
-    admitted: float | None = None  # when (its calendar periods: the ones it is settled in)
-    slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
-    shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
-    capacity: tuple[Admission, int] | None = None  # the serving upstream's, and its hold
-    # The API's name (the usage ledger's rows and the metrics are per API); observed
-    # (dialproxy.metrics, dialproxy.tracing): what refused the request, when the served
-    # attempt was sent, whether it holds a reservation, its spans.
-    api: str = ""
-    refusal: Exception | None = None
-    sent: float = 0.0
-    holding: bool = False
-    span: Any = None
-    attempt_span: Any = None
 
 
 def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
@@ -216,45 +170,23 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             ids = outcome.ids = api.ids(body, deployment, principal.project)
             if (route := ids.route(serving)) is not None:  # (the upstream that has the rest)
                 serving = dataclasses.replace(serving, routes=(route,))
-        shared = principal.shared
-        held = (0, 0)  # the request's tokens and cost, held in its windows until settled
-        if api.counted and (plan.records or (shared is not None and shared.tokens >= 0)):
-            held = reservation(api, body, len(await request.read()), model)
-        if shared is not None:  # its own cap first (its share held); then the owner's limits
-            outcome.shared = shared
-            if api.counted:
-                outcome.shared_reserved = await services.shared.reserve(shared, held[0])
-        extra_headers: list[tuple[str, str]] = []
-        if plan.scopes and api.counted:
-            if not plan.records:
-                held = (0, 0)
-            slot = uuid.uuid4().hex if plan.capped else ""  # (its slot, freed when it ends)
-            request_state, token_state = await services.limiter.admit(plan.admission, *held, slot)
-            outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
-            outcome.admitted = time.time()
-            outcome.slot = slot
-            if request_state is not None or token_state is not None:
-                extra_headers = api.errors.ratelimit_headers(request_state, token_state)
-        if services.metrics is not None and (held != (0, 0) or outcome.shared_reserved):
-            outcome.holding = services.metrics.reserved()
-        response = await _forward(
-            request,
-            services,
-            snapshot,
-            principal,
-            model,
-            api,
-            body,
-            outcome,
-            extra_headers,
-            serving,
+        ours = await _admit(request, services, principal, plan, api, body, outcome)
+        raw = await request.read()  # (read already: the bytes as they came)
+        payload, injected = api.body(body, raw, model)
+        data = payload if payload is not None else raw
+        outcome.request_bytes = len(data)
+        headers = forwarded_headers(
+            request.headers, principal.secret, model, serving.default_headers, api.forwarded_headers
         )
-        if isinstance(response, _UpstreamStream):
-            relay = _relay_stream(request, response, outcome, services)
-            if await services.drain.relay(response, relay, api.shutdown_event):
-                outcome.error = "stream ended: the server is shutting down"
-                _stop_draining(outcome)  # no reading on when the process stops
-        return response
+        if not model.direct and (keys := services.shared.per_request) is not None:
+            # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
+            outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
+        headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded)
+        out = Outbound(
+            api, model, serving, data, headers, request.rel_url, injected, ours,
+            memo, snapshot.retriable_codes, body, len(raw),
+        )  # fmt: skip
+        return await write(request, await send(out, outcome, services), outcome, services, api)
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         return refused(request, api, outcome, e)
     finally:
@@ -269,6 +201,59 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             _hold(services, _settle_after_drain(services, outcome, settle))
 
 
+async def _admit(
+    request: web.Request,
+    services: Services,
+    principal: Principal,
+    plan: Plan,
+    api: Api,
+    body: dict[str, Any],
+    outcome: Outcome,
+) -> list[tuple[str, str]]:
+    """The request held in its limits: the shared key's own cap first (its share held, 429),
+    then the plan's windows (its tokens and cost held, its concurrency slot taken, 429 with
+    ``Retry-After``).  Returned: our rate-limit headers (none: no limit of ours applies)."""
+    model, shared = plan.model, principal.shared
+    held = (0, 0)  # the request's tokens and cost, held in its windows until settled
+    if api.counted and (plan.records or (shared is not None and shared.tokens >= 0)):
+        held = api.reservation(body, len(await request.read()), model)
+    if shared is not None:  # its own cap first (its share held); then the owner's limits
+        outcome.shared = shared
+        if api.counted:
+            outcome.shared_reserved = await services.shared.reserve(shared, held[0])
+    ours: list[tuple[str, str]] = []
+    if plan.scopes and api.counted:
+        if not plan.records:
+            held = (0, 0)
+        slot = uuid.uuid4().hex if plan.capped else ""  # (its slot, freed when it ends)
+        request_state, token_state = await services.limiter.admit(plan.admission, *held, slot)
+        outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
+        outcome.admitted = time.time()
+        outcome.slot = slot
+        if request_state is not None or token_state is not None:
+            ours = api.errors.ratelimit_headers(request_state, token_state)
+    if services.metrics is not None and (held != (0, 0) or outcome.shared_reserved):
+        outcome.holding = services.metrics.reserved()
+    return ours
+
+
+async def write(
+    request: web.Request, answer: Answer, outcome: Outcome, services: Services, api: Api
+) -> web.StreamResponse:
+    """The client answered: a whole body, or the stream relayed as it comes (ended with the
+    API's error event when the shutdown's grace is over)."""
+    stream = answer.stream
+    if stream is None:
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    response = web.StreamResponse(status=answer.status, headers=answer.headers)
+    if await services.drain.relay(
+        response, stream.relay(request, response, outcome), api.shutdown_event
+    ):
+        outcome.error = "stream ended: the server is shutting down"
+        stop_draining(outcome)  # no reading on when the process stops
+    return response
+
+
 def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) -> web.Response:
     """The answer to what a request of ``api`` raised, in the API's shape, noted in the
     request's outcome (its log line)."""
@@ -279,34 +264,9 @@ def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) 
     return response
 
 
-def reservation(api: Api, body: dict[str, Any], size: int, model: Model) -> tuple[int, int]:
-    """What a request holds in its token and cost windows from admission until it is
-    settled: the prompt at one token per four bytes of its body, the completion at the most
-    it asks for (the API's ``max_tokens`` field), else the model's ``maxCompletionTokens``,
-    else :data:`DEFAULT_COMPLETION_RESERVE`; an embedding, none."""
-    prompt = max(size // 4, 1)
-    completion = 0
-    if api.completion_fields:
-        for name in api.completion_fields:
-            value = body.get(name)
-            if type(value) is int and value > 0:
-                completion = value
-                break
-        else:
-            most = model.token_limits.get("maxCompletionTokens")
-            completion = most if type(most) is int and most > 0 else DEFAULT_COMPLETION_RESERVE
-    pricing = model.pricing
-    cost = pricing.cost_nano_usd(prompt, completion) if pricing is not None else 0
-    return prompt + completion, cost
-
-
 # The ledger's deployment of a request that named none the config has (any name a client
 # sends would be a row of its own).
 UNKNOWN_DEPLOYMENT = "(unknown)"
-
-# The completion tokens a request reserves when it says no maximum and its model has no
-# `limits.maxCompletionTokens`.
-DEFAULT_COMPLETION_RESERVE = 256
 
 
 def _settle(
@@ -349,7 +309,7 @@ async def _settle_after_drain(
     services: Services, outcome: Outcome, settle: Callable[[], None]
 ) -> None:
     try:
-        await _drain(outcome, services.settings.stream_drain)
+        await drain(outcome, services.settings.stream_drain)
     finally:  # (settled and its key ended whatever became of the drain)
         settle()
         if outcome.per_request_key is not None:
@@ -509,118 +469,6 @@ def _observe(
             )
 
 
-async def _forward(
-    request: web.Request,
-    services: Services,
-    snapshot: Snapshot,
-    principal: Principal,
-    model: Model,
-    api: Api,
-    body: dict[str, Any],
-    outcome: Outcome,
-    extra_headers: list[tuple[str, str]],
-    serving: Serving,
-) -> web.StreamResponse:
-    """Try the ``serving`` routes until one answers; return a complete response or a prepared
-    stream.  ``extra_headers`` (the x-ratelimit ones) are added to the upstream's."""
-    balancer, client = services.balancer, services.client
-    assert client is not None
-    raw = await request.read()  # (read already: the bytes as they came)
-    payload, injected = api.body(body, raw, model)
-    data = payload if payload is not None else raw
-    outcome.request_bytes = len(data)
-    query = request.rel_url.raw_query_string  # as the client wrote it: nothing decoded
-    headers = forwarded_headers(
-        request.headers, principal.secret, model, serving.default_headers, api.forwarded_headers
-    )
-    if not model.direct and (keys := services.shared.per_request) is not None:
-        # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
-        outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
-    headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded: _respond)
-    attempts = Attempts(
-        balancer, model, snapshot.retriable_codes, services.metrics, services.tracing, outcome.span
-    )
-    if balancer.sharing:
-        await balancer.refresh(model)
-    estimate = 0  # the request's tokens, held in an upstream's capacity while it is served
-    for route in balancer.plan(model, serving.routes):
-        if outcome.attempts >= model.max_retry_attempts:
-            break
-        capacity = capacity_of(route.upstream, services.store.memo_for(snapshot))
-        held = 0
-        if capacity is not None:  # its own capacity first: at it, skipped like a paused one
-            if not estimate:  # (worked out once, for the first upstream with a capacity)
-                estimate = outcome.reserved[0] or reservation(api, body, len(raw), model)[0]
-            held = estimate
-            try:
-                await services.limiter.admit(capacity, held)
-            except RateLimited as full:
-                attempts.at_capacity(full.retry_after)
-                continue
-        outcome.attempts += 1
-        url = route.url
-        if route.append_path:  # an `interfaces` base URL + the path the request came in on
-            url += request.rel_url.raw_path
-        if query:
-            url += ("&" if "?" in url else "?") + query
-        outcome.upstream = route.name
-        sent = attempts.sending(route, headers)
-        try:
-            async with services.idle.headers():  # (the idle timeout until the headers)
-                resp = await client.post(
-                    url,
-                    data=data,
-                    headers={**headers, **route.headers} if route.headers else headers,
-                    allow_redirects=False,  # the route's credentials go to its URL, nowhere else
-                )
-        except (aiohttp.ClientError, TimeoutError):
-            await attempts.broke(route.upstream)
-            await _give_back(services, capacity, held)
-            continue
-        except asyncio.CancelledError:  # the client left while the upstream was asked
-            attempts.cancelled()
-            raise
-        if not await attempts.served(resp, route.upstream):
-            await _give_back(services, capacity, held)
-            continue
-        if capacity is not None:
-            outcome.capacity = (capacity, held)
-        outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
-        outcome.status, outcome.sent, outcome.attempt_span = resp.status, sent, attempts.span
-        if outcome.ids is not None:
-            outcome.ids.served_by(route, serving)
-        return await _respond(resp, outcome, api, injected, extra_headers, services)
-    raise attempts.refusal()
-
-
-def capacity_of(upstream: Upstream, memo: Memo) -> Admission | None:
-    """The counters of an upstream's own capacity (its ``limits``), shared by every model
-    that calls it (the same URL and key), worked out once per snapshot (its ``memo``)."""
-    tokens, requests = upstream.capacity
-    if tokens is None and requests is None:
-        return None
-    memo_key = ("capacity", upstream.endpoint, upstream.key_fingerprint, upstream.capacity)
-    found: Admission | None = memo.get(memo_key)
-    if found is None:
-        name = f"{upstream.endpoint}|{upstream.key_fingerprint}"
-        scope = Scope(
-            owner="u:" + hashlib.sha256(name.encode()).hexdigest()[:16],
-            model="capacity",
-            token_windows=(Window("minute", 60, tokens),) if tokens is not None else (),
-            request_windows=(Window("minute", 60, requests),) if requests is not None else (),
-        )
-        found = Admission([scope])
-        memo.put(memo_key, found)
-    return found
-
-
-async def _give_back(services: Services, capacity: Admission | None, held: int) -> None:
-    """An attempt that was not served gives its upstream's capacity the tokens it held
-    back (its request stays counted: the upstream did get it)."""
-    if capacity is not None and held:
-        await services.limiter.settle(capacity.scopes, -held, 0)
-
-
 def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> Serving:
     """How ``model`` serves ``api``: none (DIAL's strict ``interfaces`` map): 503; a client's
     ``X-UPSTREAM-ID`` pins it to that upstream alone (an id no upstream has: 400)."""
@@ -642,179 +490,3 @@ def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> S
             raise BadRequest(f"Deployment {deployment} has no upstream with id {pin[:64]!r}")
         serving = dataclasses.replace(serving, routes=(route,))
     return serving
-
-
-async def _respond(
-    resp: aiohttp.ClientResponse,
-    outcome: Outcome,
-    api: Api,
-    injected: bool,
-    extra_headers: list[tuple[str, str]],
-    services: Services,
-) -> web.StreamResponse:
-    headers = response_headers(resp.headers, outcome.attempts, extra_headers)
-    settings, ids = services.settings, outcome.ids
-    if resp.content_type != "text/event-stream":
-        data = await read_answer(resp, services.idle, settings.max_response)
-        if resp.status == 200:
-            outcome.usage = find_usage(data, api.usage)
-        if ids is not None:  # (an error names a response by the id the client knows too)
-            data = ids.body(data, None, resp.status < 300)
-        return web.Response(status=resp.status, body=data, headers=headers)
-    stream = _UpstreamStream(status=resp.status, headers=headers)
-    stream.upstream = resp
-    stream.stream_error = api.errors.stream_error
-    max_event = settings.max_event
-    stream.relay = (
-        EventRewriter(ids.events, max_event, api.usage)
-        if ids is not None
-        else UsageHider(max_event)
-        if injected
-        else UsageScanner(max_event, api.usage)
-    )
-    return stream
-
-
-async def read_answer(resp: aiohttp.ClientResponse, idle: IdleWatch, cap: int) -> bytes:
-    """A non-streamed answer's body, decoded, read within the idle timeout and no further
-    than ``cap`` bytes; the upstream response released.  502 past the cap or when the
-    upstream breaks off (the connection closed)."""
-    idle.watch(resp)
-    try:
-        # (encoded, its Content-Length is not the size read: the decoded bytes count)
-        length = resp.content_length if "Content-Encoding" not in resp.headers else None
-        if length is not None and length <= cap:
-            return await resp.read()  # the usual answer: its length known, within the cap
-        return await _read_bounded(resp, cap, length)
-    except (aiohttp.ClientError, TimeoutError):
-        resp.close()
-        raise BadGateway("The upstream broke off its response") from None
-    finally:
-        idle.release(resp)
-        resp.release()
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, cap: int, length: int | None) -> bytes:
-    """A non-streamed answer's body (decoded) of no known ``length`` (None), read chunk by
-    chunk no further than ``cap`` bytes; over it (or a ``length`` over it): a 502 and the
-    connection closed."""
-    if length is None:
-        parts: list[bytes] = []
-        size = 0
-        content = resp.content
-        while chunk := await content.readany():
-            size += len(chunk)
-            if size > cap:
-                break
-            parts.append(chunk)
-        else:
-            return b"".join(parts)
-    resp.close()
-    raise BadGateway(f"The upstream's response is over the {cap}-byte limit")
-
-
-class _UpstreamStream(web.StreamResponse):
-    """A stream response still tied to the upstream response it relays."""
-
-    upstream: aiohttp.ClientResponse
-    relay: Relay  # what reads the stream (its usage) and gives what goes on to the client
-    stream_error: Callable[[str, int], bytes]  # the API's error event
-
-
-async def _relay_stream(
-    request: web.Request, response: web.StreamResponse, outcome: Outcome, services: Services
-) -> None:
-    """Relays the upstream's stream as it comes.  A stream that is cut (the upstream breaks
-    off, sends an event over the cap, or the client goes away) is still charged: what the
-    upstream reports, else an estimate; a client gone before the usage came leaves the
-    upstream in ``outcome.leftover`` to be drained for it."""
-    assert isinstance(response, _UpstreamStream)
-    upstream, idle, relay = response.upstream, services.idle, response.relay
-    cut = client_gone = False
-    idle.watch(upstream)
-    try:
-        await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                if out := relay.feed(chunk):
-                    await response.write(out)
-            if rest := relay.flush():
-                await response.write(rest)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            cut = True
-            outcome.error = f"upstream stream broke off: {type(e).__name__}"
-            await response.write(response.stream_error("The upstream broke off the response", 502))
-        except EventTooLarge as e:
-            cut = True
-            outcome.error = str(e)
-            if e.relayed:  # the events that came before it
-                await response.write(e.relayed)
-            message = "The upstream sent an event too large to relay"
-            await response.write(response.stream_error(message, 502))
-        await response.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError) as e:
-        outcome.error = "client disconnected"
-        cut = client_gone = True
-        if isinstance(e, asyncio.CancelledError):
-            raise
-    finally:
-        idle.release(upstream)
-        if upstream.status != 200:
-            _let_go(upstream)
-        elif client_gone and not relay.has_all_usage and not upstream.content.is_eof():
-            outcome.leftover = (upstream, relay)  # drained for its usage after the answer
-        else:
-            _let_go(upstream)
-            _charge(outcome, relay, cut)
-
-
-def _let_go(upstream: aiohttp.ClientResponse) -> None:
-    if upstream.content.is_eof():
-        upstream.release()
-    else:  # broken off, or the client went away: drop the upstream connection at once
-        upstream.close()
-
-
-def _charge(outcome: Outcome, relay: Relay, cut: bool) -> None:
-    """The usage of a relayed 200 stream: what it reported; if it reported none, an
-    estimate when it was cut, or when usage was asked for (a direct backend), and it
-    relayed something.  A stream cut with part of its usage (Anthropic's prompt, from its
-    first event) is charged that part and, for the rest, the estimate."""
-    usage = outcome.usage = relay.usage
-    if relay.events and (usage is None or (cut and not relay.has_all_usage)):
-        model = outcome.model
-        if cut or (model is not None and model.direct):
-            guess = estimate(outcome.request_bytes, relay.events)
-            if usage is not None:  # the prompt as reported; the completion as it came
-                completion = max(usage.completion_tokens, guess.completion_tokens)
-                total = usage.prompt_tokens + completion
-                guess = Usage(usage.prompt_tokens, completion, total, usage.details)
-            outcome.usage = guess
-            outcome.estimated = True
-
-
-def _stop_draining(outcome: Outcome) -> None:
-    """A stream ended by the shutdown is charged what it reported, else the estimate, now."""
-    if outcome.leftover is not None:
-        upstream, relay = outcome.leftover
-        outcome.leftover = None
-        _let_go(upstream)
-        _charge(outcome, relay, cut=True)
-
-
-async def _drain(outcome: Outcome, seconds: float) -> None:
-    """Reads what is left of an abandoned stream, for at most ``seconds``, to charge the
-    usage the upstream reports at its end (else an estimate)."""
-    assert outcome.leftover is not None
-    upstream, relay = outcome.leftover
-    try:
-        async with asyncio.timeout(seconds):
-            async for chunk in upstream.content.iter_any():
-                relay.feed(chunk)
-            relay.flush()
-    except (aiohttp.ClientError, TimeoutError, EventTooLarge):
-        pass
-    finally:
-        _let_go(upstream)
-        outcome.leftover = None
-    _charge(outcome, relay, cut=True)

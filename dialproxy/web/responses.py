@@ -26,7 +26,9 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Route, Serving
 from dialproxy.errors import BadGateway, NotFound, Unavailable
 from dialproxy.logs import cut
+from dialproxy.outcome import Outcome
 from dialproxy.perrequest import RedisCalls
+from dialproxy.upstream.answer import answer
 from dialproxy.upstream.attempts import NoRoute
 from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.web import proxy
@@ -124,7 +126,7 @@ async def _forward(
     serving: Serving,
     ref: ResponseRef,
     body: bytes,
-    outcome: proxy.Outcome,
+    outcome: Outcome,
 ) -> web.StreamResponse:
     """One attempt, to the upstream that made the response; its answer relayed."""
     client = services.client
@@ -166,13 +168,9 @@ async def _forward(
         raise NoRoute(f"upstream answered {resp.status}")
     outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
     outcome.status = resp.status
-    response = await proxy._respond(resp, outcome, RESPONSES, False, [], services)
-    if isinstance(response, proxy._UpstreamStream):
-        relay = proxy._relay_stream(request, response, outcome, services)
-        if await services.drain.relay(response, relay, RESPONSES.shutdown_event):
-            outcome.error = "stream ended: the server is shutting down"
-            proxy._stop_draining(outcome)
-    return response
+    return await proxy.write(
+        request, await answer(resp, outcome, RESPONSES, [], services), outcome, services, RESPONSES
+    )
 
 
 def _action(request: web.Request) -> str:
@@ -188,7 +186,7 @@ def _settle(
     principal: Principal | None,
     ref: ResponseRef | None,
     our_id: str,
-    outcome: proxy.Outcome,
+    outcome: Outcome,
     started: float,
 ) -> None:
     """The log line; a background response's usage charged the first time it is seen (an

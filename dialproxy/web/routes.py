@@ -39,6 +39,7 @@ from dialproxy.errors import (
     Forbidden,
 )
 from dialproxy.limiter import Scope
+from dialproxy.upstream.answer import read_answer
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.headers import UPSTREAM_KEY, response_headers
 from dialproxy.web import guard, proxy
@@ -240,7 +241,7 @@ async def _answer(
     headers = response_headers(resp.headers, fields["attempts"], extra)
     if resp.content_type in STREAMED_TYPES:
         return web.StreamResponse(status=resp.status, headers=headers), resp
-    data = await proxy.read_answer(resp, services.idle, services.settings.max_response)
+    data = await read_answer(resp, services.idle, services.settings.max_response)
     return web.Response(status=resp.status, body=data, headers=headers), None
 
 
