@@ -1,9 +1,20 @@
-"""The proxied endpoints: one straight line for every API (:mod:`dialproxy.apis`).
+"""The proxied endpoints' handler: one straight line for every API (:mod:`dialproxy.apis`).
 
-One request: snapshot taken once -> principal -> deployment (404) -> roles (403) -> limits
-(429) -> the API's body rule -> attempts over upstreams until one answers -> bytes relayed
-as they come (the API's usage rule reading them) -> usage recorded (shielded from a client
-disconnect) -> one log line.  What the proxy says itself is in the API's error shape.
+One request (:func:`handle`), top to bottom, nothing re-entered:
+
+1. the snapshot taken once; :func:`begin` (its start observed);
+2. authenticate (401) -> :func:`plan_for`: the deployment (404), the key's right to it
+   (403), its counters (memoised per key and deployment) -> the body read (415, 413, 400);
+3. :func:`_admit`: the shared key's cap, then the limits (429): the request held;
+4. the :class:`~dialproxy.upstream.outbound.Outbound` planned (the API's body rule, the
+   headers by :mod:`dialproxy.upstream.headers`, an adapter's per-request key) and sent:
+   :func:`~dialproxy.upstream.outbound.send` tries the upstreams and returns an
+   :class:`~dialproxy.upstream.answer.Answer`;
+5. :func:`write`: the answer's body, or its stream relayed as it comes;
+6. ``finally``: :func:`_settle`: the usage recorded (shielded from a client disconnect),
+   the ledger's row, one log line (:func:`log_line`) with the metrics and spans.
+
+What the proxy says itself is in the API's error shape (:func:`refused`).
 """
 
 from __future__ import annotations
@@ -41,81 +52,6 @@ from dialproxy.upstream.outbound import Outbound, send
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 from dialproxy.web.drain import Drain
-
-
-def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
-    """Deployment (404), role (403), resolved limit <= 0 (403)."""
-    if deployment not in snapshot.models:
-        raise NotFound(f"Unknown application: {cut(deployment)}")
-    grant = principal.access.grants.get(deployment)
-    key = principal.key
-    if grant is None or (key.models is not None and deployment not in key.models):
-        raise Forbidden(f"Forbidden deployment: {cut(deployment)}")
-    if grant.denied:
-        raise Forbidden("Access denied")
-    return grant
-
-
-def _scopes(principal: Principal, grant: Grant, snapshot: Snapshot) -> list[Scope]:
-    model = grant.model
-    scopes: list[Scope] = []
-    cost = principal.access.cost_windows if model.pricing is not None else ()
-    if grant.token_windows or grant.request_windows or cost or grant.concurrency is not None:
-        scopes.append(
-            Scope(
-                owner="p:" + principal.project,
-                model=model.name,
-                token_windows=grant.token_windows,
-                request_windows=grant.request_windows,
-                cost_windows=cost,
-                concurrency=grant.concurrency,
-            )
-        )
-    key_limit = principal.key.key_limits.get(model.name) or principal.key.key_limits.get("*")
-    if key_limit is not None and key_limit.denies:
-        raise Forbidden("Access denied")
-    if key_limit is not None and key_limit.limits_anything:  # (an empty entry counts nothing)
-        scopes.append(
-            Scope(
-                owner="k:" + principal.key.digest,
-                model=model.name,
-                token_windows=key_limit.token_windows(snapshot.schedule),
-                request_windows=key_limit.request_windows(snapshot.schedule),
-                concurrency=key_limit.concurrent,
-            )
-        )
-    return scopes
-
-
-class Plan(NamedTuple):
-    """What a key's requests to one deployment need, worked out once per snapshot."""
-
-    model: Model
-    scopes: tuple[Scope, ...]  # the counters they are charged to
-    records: bool  # whether a scope counts usage (tokens or cost)
-    capped: bool  # whether a scope caps the requests in flight
-    admission: Admission  # what admitting a request to the scopes takes
-
-
-def plan_for(principal: Principal, snapshot: Snapshot, deployment: str, memo: Memo) -> Plan:
-    """The deployment (404), the key's right to it (403), its counters: memoised per key
-    and deployment in the snapshot's ``memo`` (a 403 from the key's own quota is not)."""
-    memo_key = (principal.key.digest, deployment)
-    plan: Plan | None = memo.get(memo_key)
-    if plan is None:
-        grant = resolve(principal, snapshot, deployment)
-        scopes = tuple(_scopes(principal, grant, snapshot))
-        plan = Plan(
-            grant.model,
-            scopes,
-            any(scope.records for scope in scopes),
-            any(scope.concurrency is not None for scope in scopes),
-            Admission(scopes),
-        )
-        memo.put(memo_key, plan)
-    if principal.per_request and plan.model.features.get("accessibleByPerRequestKey") is False:
-        raise Forbidden(f"Forbidden deployment: {plan.model.name}")  # (every route's check)
-    return plan
 
 
 @dataclass(slots=True)
@@ -193,12 +129,120 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
         if outcome.leftover is None:
             _settle(services, request, principal, deployment, outcome, started)
             if outcome.per_request_key is not None:
-                _end_key(services, outcome.per_request_key)
+                end_key(services, outcome.per_request_key)
         else:  # the client left a stream before its usage: read on for it, then settle
             settle = functools.partial(
                 _settle, services, request, principal, deployment, outcome, started
             )
-            _hold(services, _settle_after_drain(services, outcome, settle))
+            hold(services.background, settle_after_drain(services, outcome, settle))
+
+
+def begin(services: Services, request: web.Request, api: str) -> Outcome:
+    """A request's outcome, to be filled; its start observed (in flight, its server span)."""
+    outcome = Outcome(api=api)
+    if services.metrics is not None:
+        services.metrics.begin()
+    if services.tracing is not None:
+        outcome.span = services.tracing.request(request, api)
+    return outcome
+
+
+class Plan(NamedTuple):
+    """What a key's requests to one deployment need, worked out once per snapshot."""
+
+    model: Model
+    scopes: tuple[Scope, ...]  # the counters they are charged to
+    records: bool  # whether a scope counts usage (tokens or cost)
+    capped: bool  # whether a scope caps the requests in flight
+    admission: Admission  # what admitting a request to the scopes takes
+
+
+def plan_for(principal: Principal, snapshot: Snapshot, deployment: str, memo: Memo) -> Plan:
+    """The deployment (404), the key's right to it (403), its counters: memoised per key
+    and deployment in the snapshot's ``memo`` (a 403 from the key's own quota is not)."""
+    memo_key = (principal.key.digest, deployment)
+    plan: Plan | None = memo.get(memo_key)
+    if plan is None:
+        grant = resolve(principal, snapshot, deployment)
+        scopes = tuple(_scopes(principal, grant, snapshot))
+        plan = Plan(
+            grant.model,
+            scopes,
+            any(scope.records for scope in scopes),
+            any(scope.concurrency is not None for scope in scopes),
+            Admission(scopes),
+        )
+        memo.put(memo_key, plan)
+    if principal.per_request and plan.model.features.get("accessibleByPerRequestKey") is False:
+        raise Forbidden(f"Forbidden deployment: {plan.model.name}")  # (every route's check)
+    return plan
+
+
+def resolve(principal: Principal, snapshot: Snapshot, deployment: str) -> Grant:
+    """Deployment (404), role (403), resolved limit <= 0 (403)."""
+    if deployment not in snapshot.models:
+        raise NotFound(f"Unknown application: {cut(deployment)}")
+    grant = principal.access.grants.get(deployment)
+    key = principal.key
+    if grant is None or (key.models is not None and deployment not in key.models):
+        raise Forbidden(f"Forbidden deployment: {cut(deployment)}")
+    if grant.denied:
+        raise Forbidden("Access denied")
+    return grant
+
+
+def _scopes(principal: Principal, grant: Grant, snapshot: Snapshot) -> list[Scope]:
+    model = grant.model
+    scopes: list[Scope] = []
+    cost = principal.access.cost_windows if model.pricing is not None else ()
+    if grant.token_windows or grant.request_windows or cost or grant.concurrency is not None:
+        scopes.append(
+            Scope(
+                owner="p:" + principal.project,
+                model=model.name,
+                token_windows=grant.token_windows,
+                request_windows=grant.request_windows,
+                cost_windows=cost,
+                concurrency=grant.concurrency,
+            )
+        )
+    key_limit = principal.key.key_limits.get(model.name) or principal.key.key_limits.get("*")
+    if key_limit is not None and key_limit.denies:
+        raise Forbidden("Access denied")
+    if key_limit is not None and key_limit.limits_anything:  # (an empty entry counts nothing)
+        scopes.append(
+            Scope(
+                owner="k:" + principal.key.digest,
+                model=model.name,
+                token_windows=key_limit.token_windows(snapshot.schedule),
+                request_windows=key_limit.request_windows(snapshot.schedule),
+                concurrency=key_limit.concurrent,
+            )
+        )
+    return scopes
+
+
+def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> Serving:
+    """How ``model`` serves ``api``: none (DIAL's strict ``interfaces`` map): 503; a client's
+    ``X-UPSTREAM-ID`` pins it to that upstream alone (an id no upstream has: 400)."""
+    serving = model.serving.get(api.name)
+    if serving is None:
+        if model.kind == "application":
+            if model.serving:
+                raise Unavailable(f"Application {deployment} serves chat/completions only")
+            raise Unavailable(
+                f"Application {deployment} has no endpoint dialproxy can call "
+                "(a schema-rich application's is its schema's, which dialproxy does not read)"
+            )
+        raise Unavailable(
+            f"Deployment {deployment} does not serve {api.name}: no {api.interface} interface"
+        )
+    if (pin := request.headers.get("X-UPSTREAM-ID")) is not None:
+        route = serving.by_id.get(pin)
+        if route is None:
+            raise BadRequest(f"Deployment {deployment} has no upstream with id {pin[:64]!r}")
+        serving = dataclasses.replace(serving, routes=(route,))
+    return serving
 
 
 async def _admit(
@@ -264,11 +308,6 @@ def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) 
     return response
 
 
-# The ledger's deployment of a request that named none the config has (any name a client
-# sends would be a row of its own).
-UNKNOWN_DEPLOYMENT = "(unknown)"
-
-
 def _settle(
     services: Services,
     request: web.Request,
@@ -282,30 +321,16 @@ def _settle(
     holds = outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved
     if outcome.usage is not None and outcome.status == 200:
         if holds or outcome.shared is not None or outcome.records or outcome.capacity:
-            _record(services, outcome)
+            record(services, outcome)
     elif holds or outcome.capacity is not None:  # nothing to charge: what it held given back
         outcome.usage = None
-        _record(services, outcome)
+        record(services, outcome)
     if services.ledger is not None and principal is not None:
         add_to_ledger(services.ledger, services.store.snapshot, principal, deployment, outcome)
-    _log(services, request, principal, deployment, outcome, started)
+    log_line(services, request, principal, deployment, outcome, started)
 
 
-def add_to_ledger(
-    ledger: Ledger,
-    snapshot: Snapshot,
-    principal: Principal,
-    deployment: str | None,
-    outcome: Outcome,
-) -> None:
-    """A finished request in the usage ledger (in memory: written in batches)."""
-    shared = principal.shared
-    row = (principal.project, principal.fingerprint, shared.id if shared else "")
-    name = deployment if deployment in snapshot.models else None
-    ledger.add((*row, name or UNKNOWN_DEPLOYMENT, outcome.api), outcome)
-
-
-async def _settle_after_drain(
+async def settle_after_drain(
     services: Services, outcome: Outcome, settle: Callable[[], None]
 ) -> None:
     try:
@@ -313,30 +338,10 @@ async def _settle_after_drain(
     finally:  # (settled and its key ended whatever became of the drain)
         settle()
         if outcome.per_request_key is not None:
-            _end_key(services, outcome.per_request_key)
+            end_key(services, outcome.per_request_key)
 
 
-def _end_key(services: Services, key: str) -> None:
-    """The request is over: its per-request key stops working here at once, and in Redis
-    in the background (the answer does not wait for Redis)."""
-    keys = services.shared.per_request
-    if keys is not None and (work := keys.end(key)) is not None:
-        hold(services.background, work)
-
-
-def _hold(services: Services, work: Coroutine[Any, Any, None]) -> None:
-    hold(services.background, work)
-
-
-def hold(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
-    """Runs ``work`` in a task of its own, held in ``tasks`` (the app's: awaited when it
-    stops)."""
-    task = asyncio.get_running_loop().create_task(work)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-
-
-def _record(services: Services, outcome: Outcome) -> None:
+def record(services: Services, outcome: Outcome) -> None:
     """Settle a request in its counters: a 200's usage (also to the shared key that called)
     less what was reserved at admission, or (no usage) the reservation given back.  At once
     in process memory, else in a task of its own, held by the app, so that a client that
@@ -355,14 +360,14 @@ def _record(services: Services, outcome: Outcome) -> None:
         if limiter.local is not None:
             limiter.record_now(capacity.scopes, tokens - held, 0)
         else:
-            _hold(services, limiter.settle(capacity.scopes, tokens - held, 0))
+            hold(services.background, limiter.settle(capacity.scopes, tokens - held, 0))
     if outcome.shared is None and limiter.local is not None:
         limiter.record_now(
             outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot, outcome.admitted
         )
         return
 
-    async def record() -> None:
+    async def in_storage() -> None:
         if outcome.shared is not None and tokens != outcome.shared_reserved:
             await services.shared.record(outcome.shared, tokens - outcome.shared_reserved)
         if outcome.scopes:
@@ -374,10 +379,45 @@ def _record(services: Services, outcome: Outcome) -> None:
                 outcome.admitted,
             )
 
-    _hold(services, record())
+    hold(services.background, in_storage())
 
 
-def _log(
+# The ledger's deployment of a request that named none the config has (any name a client
+# sends would be a row of its own).
+UNKNOWN_DEPLOYMENT = "(unknown)"
+
+
+def add_to_ledger(
+    ledger: Ledger,
+    snapshot: Snapshot,
+    principal: Principal,
+    deployment: str | None,
+    outcome: Outcome,
+) -> None:
+    """A finished request in the usage ledger (in memory: written in batches)."""
+    shared = principal.shared
+    row = (principal.project, principal.fingerprint, shared.id if shared else "")
+    name = deployment if deployment in snapshot.models else None
+    ledger.add((*row, name or UNKNOWN_DEPLOYMENT, outcome.api), outcome)
+
+
+def end_key(services: Services, key: str) -> None:
+    """The request is over: its per-request key stops working here at once, and in Redis
+    in the background (the answer does not wait for Redis)."""
+    keys = services.shared.per_request
+    if keys is not None and (work := keys.end(key)) is not None:
+        hold(services.background, work)
+
+
+def hold(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+    """Runs ``work`` in a task of its own, held in ``tasks`` (the app's: awaited when it
+    stops)."""
+    task = asyncio.get_running_loop().create_task(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+def log_line(
     services: Services,
     request: web.Request,
     principal: Principal | None,
@@ -411,16 +451,6 @@ def _log(
     services.log.line("request", fields)
     if services.metrics is not None or services.tracing is not None:
         _observe(services, principal, deployment, outcome, fields)
-
-
-def begin(services: Services, request: web.Request, api: str) -> Outcome:
-    """A request's outcome, to be filled; its start observed (in flight, its server span)."""
-    outcome = Outcome(api=api)
-    if services.metrics is not None:
-        services.metrics.begin()
-    if services.tracing is not None:
-        outcome.span = services.tracing.request(request, api)
-    return outcome
 
 
 def _observe(
@@ -467,26 +497,3 @@ def _observe(
                 },
                 status,
             )
-
-
-def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> Serving:
-    """How ``model`` serves ``api``: none (DIAL's strict ``interfaces`` map): 503; a client's
-    ``X-UPSTREAM-ID`` pins it to that upstream alone (an id no upstream has: 400)."""
-    serving = model.serving.get(api.name)
-    if serving is None:
-        if model.kind == "application":
-            if model.serving:
-                raise Unavailable(f"Application {deployment} serves chat/completions only")
-            raise Unavailable(
-                f"Application {deployment} has no endpoint dialproxy can call "
-                "(a schema-rich application's is its schema's, which dialproxy does not read)"
-            )
-        raise Unavailable(
-            f"Deployment {deployment} does not serve {api.name}: no {api.interface} interface"
-        )
-    if (pin := request.headers.get("X-UPSTREAM-ID")) is not None:
-        route = serving.by_id.get(pin)
-        if route is None:
-            raise BadRequest(f"Deployment {deployment} has no upstream with id {pin[:64]!r}")
-        serving = dataclasses.replace(serving, routes=(route,))
-    return serving

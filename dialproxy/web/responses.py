@@ -113,9 +113,9 @@ async def handle(
         if outcome.leftover is None:
             settle()
         else:
-            proxy.hold(services.background, proxy._settle_after_drain(services, outcome, settle))
+            proxy.hold(services.background, proxy.settle_after_drain(services, outcome, settle))
         if outcome.per_request_key is not None and outcome.leftover is None:
-            proxy._end_key(services, outcome.per_request_key)
+            proxy.end_key(services, outcome.per_request_key)
 
 
 async def _forward(
@@ -200,7 +200,7 @@ def _settle(
 
         async def charge() -> None:
             if await charged.first(our_id, redis):
-                proxy._record(services, outcome)
+                proxy.record(services, outcome)
                 if services.ledger is not None and principal is not None:  # (once too)
                     snapshot = services.store.snapshot
                     proxy.add_to_ledger(
@@ -209,7 +209,7 @@ def _settle(
 
         proxy.hold(services.background, charge())
     deployment = ref.deployment if ref is not None else None
-    proxy._log(services, request, principal, deployment, outcome, started)
+    proxy.log_line(services, request, principal, deployment, outcome, started)
 
 
 def routes(app: web.Application, services: proxy.Services) -> None:
