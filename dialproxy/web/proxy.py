@@ -57,7 +57,8 @@ from dialproxy.web.drain import Drain
 @dataclass(slots=True)
 class Services:
     """What a proxied request uses of its app, gathered once and handed to :func:`handle`
-    with the route (an ``app[KEY]`` lookup is a Python call: there were nine a request)."""
+    with the route (an ``app[KEY]`` lookup is a Python call: there were nine a request).
+    The upstream calls take it as their :class:`~dialproxy.upstream.answer.Context`."""
 
     store: ConfigStore
     settings: Settings
@@ -119,8 +120,9 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
         headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded)
         out = Outbound(
-            api, model, serving, data, headers, request.rel_url, injected, ours,
-            memo, snapshot.retriable_codes, body, len(raw),
+            api=api, model=model, serving=serving, data=data, headers=headers,
+            target=request.rel_url, injected=injected, ours=ours, memo=memo,
+            retriable=snapshot.retriable_codes, body=body, size=len(raw),
         )  # fmt: skip
         return await write(request, await send(out, outcome, services), outcome, services, api)
     except Exception as e:  # (the route is not guarded: its errors are answered here)
