@@ -124,7 +124,10 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             target=request.rel_url, injected=injected, ours=ours, memo=memo,
             retriable=snapshot.retriable_codes, body=body, size=len(raw),
         )  # fmt: skip
-        return await write(request, await send(out, outcome, services), outcome, services, api)
+        answer = await send(out, outcome, services)
+        if answer.stream is None:  # (the usual answer: written here, no coroutine more)
+            return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+        return await write(request, answer, outcome, services, api)
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         return refused(request, api, outcome, e)
     finally:
