@@ -10,7 +10,7 @@ One request (:func:`handle`), top to bottom, nothing re-entered:
    headers by :mod:`dialproxy.upstream.headers`, an adapter's per-request key) and sent:
    :func:`~dialproxy.upstream.outbound.send` tries the upstreams and returns an
    :class:`~dialproxy.upstream.answer.Answer`;
-5. :func:`write`: the answer's body, or its stream relayed as it comes;
+5. the answer's body written, or its stream relayed as it comes;
 6. ``finally``: :func:`_settle`: the usage recorded (shielded from a client disconnect),
    the ledger's row, one log line (:func:`log_line`) with the metrics and spans.
 
@@ -44,7 +44,7 @@ from dialproxy.metrics import Metrics
 from dialproxy.outcome import Outcome
 from dialproxy.settings import Settings
 from dialproxy.tracing import Tracing
-from dialproxy.upstream.answer import Answer, drain, stop_draining
+from dialproxy.upstream.answer import drain, stop_draining
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.upstream.idle import IdleWatch
@@ -125,9 +125,16 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             retriable=snapshot.retriable_codes, body=body, size=len(raw),
         )  # fmt: skip
         answer = await send(out, outcome, services)
-        if answer.stream is None:  # (the usual answer: written here, no coroutine more)
+        if answer.stream is None:
             return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
-        return await write(request, answer, outcome, services, api)
+        # A stream, relayed as it comes: awaited here, not in a helper (each coroutine between
+        # the task and the relay is one more step on every chunk).
+        response = web.StreamResponse(status=answer.status, headers=answer.headers)
+        relay = answer.stream.relay(request, response, outcome)
+        if await services.drain.relay(response, relay, api.shutdown_event):
+            outcome.error = "stream ended: the server is shutting down"
+            stop_draining(outcome)  # no reading on when the process stops
+        return response
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         return refused(request, api, outcome, e)
     finally:
@@ -284,23 +291,6 @@ async def _admit(
     if services.metrics is not None and (held != (0, 0) or outcome.shared_reserved):
         outcome.holding = services.metrics.reserved()
     return ours
-
-
-async def write(
-    request: web.Request, answer: Answer, outcome: Outcome, services: Services, api: Api
-) -> web.StreamResponse:
-    """The client answered: a whole body, or the stream relayed as it comes (ended with the
-    API's error event when the shutdown's grace is over)."""
-    stream = answer.stream
-    if stream is None:
-        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
-    response = web.StreamResponse(status=answer.status, headers=answer.headers)
-    if await services.drain.relay(
-        response, stream.relay(request, response, outcome), api.shutdown_event
-    ):
-        outcome.error = "stream ended: the server is shutting down"
-        stop_draining(outcome)  # no reading on when the process stops
-    return response
 
 
 def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) -> web.Response:

@@ -28,7 +28,7 @@ from dialproxy.errors import BadGateway, NotFound, Unavailable
 from dialproxy.logs import cut
 from dialproxy.outcome import Outcome
 from dialproxy.perrequest import RedisCalls
-from dialproxy.upstream.answer import answer
+from dialproxy.upstream.answer import answer, stop_draining
 from dialproxy.upstream.attempts import NoRoute
 from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.web import proxy
@@ -168,9 +168,15 @@ async def _forward(
         raise NoRoute(f"upstream answered {resp.status}")
     outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
     outcome.status = resp.status
-    return await proxy.write(
-        request, await answer(resp, outcome, RESPONSES, [], services), outcome, services, RESPONSES
-    )
+    answered = await answer(resp, outcome, RESPONSES, [], services)
+    if answered.stream is None:
+        return web.Response(status=answered.status, body=answered.body, headers=answered.headers)
+    response = web.StreamResponse(status=answered.status, headers=answered.headers)
+    relay = answered.stream.relay(request, response, outcome)
+    if await services.drain.relay(response, relay, RESPONSES.shutdown_event):
+        outcome.error = "stream ended: the server is shutting down"
+        stop_draining(outcome)
+    return response
 
 
 def _action(request: web.Request) -> str:
