@@ -107,8 +107,8 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             ids = outcome.ids = api.ids(body, deployment, principal.project)
             if (route := ids.route(serving)) is not None:  # (the upstream that has the rest)
                 serving = dataclasses.replace(serving, routes=(route,))
-        ours = await _admit(request, services, principal, plan, api, body, outcome)
         raw = await request.read()  # (read already: the bytes as they came)
+        ours = await _admit(services, principal, plan, api, body, len(raw), outcome)
         payload, injected = api.body(body, raw, model)
         data = payload if payload is not None else raw
         outcome.request_bytes = len(data)
@@ -258,21 +258,22 @@ def _serving(request: web.Request, model: Model, deployment: str, api: Api) -> S
 
 
 async def _admit(
-    request: web.Request,
     services: Services,
     principal: Principal,
     plan: Plan,
     api: Api,
     body: dict[str, Any],
+    size: int,
     outcome: Outcome,
 ) -> list[tuple[str, str]]:
     """The request held in its limits: the shared key's own cap first (its share held, 429),
     then the plan's windows (its tokens and cost held, its concurrency slot taken, 429 with
-    ``Retry-After``).  Returned: our rate-limit headers (none: no limit of ours applies)."""
+    ``Retry-After``), by the API's reservation of ``body`` (``size`` bytes).  Returned: our
+    rate-limit headers (none: no limit of ours applies)."""
     model, shared = plan.model, principal.shared
     held = (0, 0)  # the request's tokens and cost, held in its windows until settled
     if api.counted and (plan.records or (shared is not None and shared.tokens >= 0)):
-        held = api.reservation(body, len(await request.read()), model)
+        held = api.reservation(body, size, model)
     if shared is not None:  # its own cap first (its share held); then the owner's limits
         outcome.shared = shared
         if api.counted:
