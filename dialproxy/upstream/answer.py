@@ -154,9 +154,8 @@ async def answer(
         if injected
         else UsageScanner(max_event, api.usage)
     )
-    return Answer(
-        resp.status, headers, stream=Stream(resp, reader, api.errors.stream_error, context.idle)
-    )
+    stream = Stream(resp, reader, api.errors.stream_error, context.idle)
+    return Answer(resp.status, headers, b"", stream)  # (no keywords: they cost a dict)
 
 
 async def read_answer(resp: aiohttp.ClientResponse, idle: IdleWatch, cap: int) -> bytes:

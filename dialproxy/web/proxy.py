@@ -119,10 +119,10 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
             outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
         headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded)
+        # (in the order of its fields: a class called with keywords builds a dict of them)
         out = Outbound(
-            api=api, model=model, serving=serving, data=data, headers=headers,
-            target=request.rel_url, injected=injected, ours=ours, memo=memo,
-            retriable=snapshot.retriable_codes, body=body, size=len(raw),
+            api, model, serving, data, headers, request.rel_url, injected, ours,
+            memo, snapshot.retriable_codes, body, len(raw),
         )  # fmt: skip
         answer = await send(out, outcome, services)
         if answer.stream is None:
