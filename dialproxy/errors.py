@@ -1,7 +1,7 @@
 """Every exception type of the package, with its status and message.
 
 The one exception tree: every refusal the proxy makes is a :class:`ProxyError` with DIAL's
-message, and :func:`dialproxy.web.guard.response_for` is the one place that turns it into a
+message, and :func:`dialproxy.errorbody.response_for` is the one place that turns it into a
 response ``{"error": {"message": ..., "code": "<status>"}}``.  Beside it, the refusals of
 the other entry points: :class:`ConfigError` (a config that cannot be served: every
 problem, with its JSON path) and :class:`KeysError` (the ``keys`` CLI and the admin API's
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
-
-if TYPE_CHECKING:
-    from dialproxy.config.model import Problem
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
 
 # The CLI's exit codes (a KeysError carries one).
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -175,6 +173,29 @@ class InvalidField(BadRequest):
 
 
 # --- the config -----------------------------------------------------------------------------
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config, located by file and JSON path."""
+
+    file: str
+    path: str
+    message: str
+    severity: Severity = "error"
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "file": self.file,
+            "path": self.path,
+            "message": self.message,
+            "severity": self.severity,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message} [{self.severity}]"
 
 
 class ConfigError(Exception):

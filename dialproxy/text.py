@@ -13,11 +13,10 @@ config loader and the server's handlers read and write them alike.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
-
-from dialproxy.config.model import key_digest
 
 KEY_PREFIX = "dpk_"
 SHARED_KEY_PREFIX = "dps_"
@@ -31,6 +30,18 @@ ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DURATION = re.compile(r"(\d+)([smhdw])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}  # a duration's, in seconds
+
+
+def key_digest(secret: str) -> str:
+    """The SHA-256 hex digest of a key secret: how keys are looked up."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible name for a secret, safe for logs and messages."""
+    if secret.startswith("sha256:") and len(secret) == 71:
+        return secret[7:15]
+    return key_digest(secret)[:8]
 
 
 def new_secret(prefix: str = KEY_PREFIX) -> str:

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from dialproxy import errorbody
 from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
 from dialproxy.limiter import WindowState, seconds_to_empty
 from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.upstream.usage import Usage, UsageRule, read_counts
-from dialproxy.web import guard
 
 if TYPE_CHECKING:
     from dialproxy.config.model import Model
@@ -51,13 +51,13 @@ def error_type(status: int) -> str:
 
 def error_response(request: web.Request, error: Exception) -> web.Response:
     """The proxy's refusal in Anthropic's shape (the status, headers and message DIAL's
-    shape has: :func:`dialproxy.web.guard.response_for`)."""
-    dial = guard.response_for(request, error)
+    shape has: :func:`dialproxy.web.errorbody.response_for`)."""
+    dial = errorbody.response_for(request, error)
     assert isinstance(dial.body, bytes)
     message = json.loads(dial.body)["error"]["message"]
     body = {"type": "error", "error": {"type": error_type(dial.status), "message": message}}
     headers = {k: v for k, v in dial.headers.items() if k.lower() != "content-type"}
-    return guard.error_response(dial.status, body, headers)
+    return errorbody.error_response(dial.status, body, headers)
 
 
 def stream_error(message: str, status: int = 502) -> bytes:

@@ -13,11 +13,11 @@ import functools
 import json
 from typing import TYPE_CHECKING, Any
 
+from dialproxy import errorbody
 from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
 from dialproxy.limiter import WindowState, seconds_to_empty
 from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.upstream.usage import CHAT_USAGE
-from dialproxy.web import guard
 
 if TYPE_CHECKING:
     from dialproxy.config.model import Model
@@ -83,7 +83,7 @@ def sse_error(message: str, status: int = 502) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-DIAL_ERRORS = ErrorShape(guard.response_for, sse_error, ratelimit_headers)
+DIAL_ERRORS = ErrorShape(errorbody.response_for, sse_error, ratelimit_headers)
 
 
 # Appended to a streamed body (its closing brace replaced) to ask for usage.

@@ -6,7 +6,6 @@ never changes afterwards; a request takes the current one and lives on it to the
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import re
@@ -18,6 +17,10 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from dialproxy.config.schedule import DEFAULT_SCHEDULE, Calendar, Schedule
+from dialproxy.errors import Problem as Problem
+from dialproxy.errors import Severity as Severity
+from dialproxy.text import fingerprint as fingerprint
+from dialproxy.text import key_digest as key_digest
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
 
@@ -39,41 +42,6 @@ COST_WINDOWS = TOKEN_WINDOWS
 UNLIMITED = 2**62
 # What DIAL answers as the ``total`` of a window with no limit (Java's Long.MAX_VALUE).
 LONG_MAX = 2**63 - 1
-
-Severity = Literal["error", "warning"]
-
-
-def key_digest(secret: str) -> str:
-    """The SHA-256 hex digest of a key secret: how keys are looked up."""
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def fingerprint(secret: str) -> str:
-    """A short, non-reversible name for a secret, safe for logs and messages."""
-    if secret.startswith("sha256:") and len(secret) == 71:
-        return secret[7:15]
-    return key_digest(secret)[:8]
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with a config, located by file and JSON path."""
-
-    file: str
-    path: str
-    message: str
-    severity: Severity = "error"
-
-    def as_dict(self) -> dict[str, str]:
-        return {
-            "file": self.file,
-            "path": self.path,
-            "message": self.message,
-            "severity": self.severity,
-        }
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.path}: {self.message} [{self.severity}]"
 
 
 @dataclass(frozen=True, slots=True)
