@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
     from dialproxy.config.model import Model
-    from dialproxy.upstream.usage import Usage
+    from dialproxy.wire.usage import Usage
 
 log = structlog.get_logger("dialproxy.ledger")
 

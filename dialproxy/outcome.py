@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from dialproxy.config.model import Model
     from dialproxy.limiter import Admission, Scope
     from dialproxy.sharedkeys.model import SharedKey
-    from dialproxy.upstream.relay import Relay
-    from dialproxy.upstream.usage import Usage
+    from dialproxy.wire.relay import Relay
+    from dialproxy.wire.usage import Usage
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dialproxy.upstream.sse import MAX_EVENT
+from dialproxy.wire.sse import MAX_EVENT
 
 MAX_BODY = 16 * 1024 * 1024
 MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed upstream answer, decoded (over it: 502)

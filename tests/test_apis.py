@@ -13,8 +13,8 @@ from dialproxy.apis.all import APIS
 from dialproxy.apis.responses import ResponseIds, ResponseRef
 from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.model import API_INTERFACES
-from dialproxy.upstream.relay import EventRewriter, UsageScanner
-from dialproxy.upstream.usage import Usage, find_usage
+from dialproxy.wire.relay import EventRewriter, UsageScanner
+from dialproxy.wire.usage import Usage, find_usage
 
 
 def sse(kind: str, obj: object, end: str = "\n") -> bytes:

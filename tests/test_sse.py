@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from dialproxy.upstream import sse
-from dialproxy.upstream.relay import UsageHider, UsageScanner
-from dialproxy.upstream.sse import EventTooLarge
-from dialproxy.upstream.usage import Usage
+from dialproxy.wire import sse
+from dialproxy.wire.relay import UsageHider, UsageScanner
+from dialproxy.wire.sse import EventTooLarge
+from dialproxy.wire.usage import Usage
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dialproxy.upstream.relay import UsageHider, UsageScanner
-from dialproxy.upstream.usage import Usage, find_usage
+from dialproxy.wire.relay import UsageHider, UsageScanner
+from dialproxy.wire.usage import Usage, find_usage
 
 
 def event(obj: object, separators: tuple[str, str] = (",", ":")) -> bytes:

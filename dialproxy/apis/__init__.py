@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 
-from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
-from dialproxy.upstream.usage import UsageRule
+from dialproxy.wire.headers import FORWARDED_REQUEST_HEADERS
+from dialproxy.wire.usage import UsageRule
 
 if TYPE_CHECKING:
     from aiohttp import web

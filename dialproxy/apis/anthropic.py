@@ -25,8 +25,8 @@ from aiohttp import web
 from dialproxy import errorbody
 from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
 from dialproxy.limiter import WindowState, seconds_to_empty
-from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
-from dialproxy.upstream.usage import Usage, UsageRule, read_counts
+from dialproxy.wire.headers import FORWARDED_REQUEST_HEADERS
+from dialproxy.wire.usage import Usage, UsageRule, read_counts
 
 if TYPE_CHECKING:
     from dialproxy.config.model import Model

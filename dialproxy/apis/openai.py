@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from dialproxy import errorbody
 from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
 from dialproxy.limiter import WindowState, seconds_to_empty
-from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
-from dialproxy.upstream.usage import CHAT_USAGE
+from dialproxy.wire.headers import FORWARDED_REQUEST_HEADERS
+from dialproxy.wire.usage import CHAT_USAGE
 
 if TYPE_CHECKING:
     from dialproxy.config.model import Model

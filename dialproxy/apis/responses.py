@@ -32,8 +32,8 @@ from dialproxy.apis import Api, rewritten, with_defaults
 from dialproxy.apis.openai import DIAL_ERRORS, FORWARDED_HEADERS
 from dialproxy.errors import BadRequest, NotFound
 from dialproxy.logs import cut
-from dialproxy.upstream import sse
-from dialproxy.upstream.usage import Usage, UsageRule, counts
+from dialproxy.wire import sse
+from dialproxy.wire.usage import Usage, UsageRule, counts
 
 if TYPE_CHECKING:
     from dialproxy.config.model import Model, Route, Serving

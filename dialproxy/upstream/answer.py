@@ -1,7 +1,7 @@
 """The upstream's answer as a value the handler writes: its status, the headers the client
 gets, and either the body (read whole, decoded, bounded) or a :class:`Stream` to relay.
 
-A stream is relayed as it comes through the API's reader (:mod:`dialproxy.upstream.relay`),
+A stream is relayed as it comes through the API's reader (:mod:`dialproxy.wire.relay`),
 which finds its usage.  A stream that is cut (the upstream breaks off, sends an event over
 the cap, or the client goes away) is still charged: what the upstream reports, else an
 estimate; a client gone before the usage came leaves the upstream in ``outcome.leftover``,
@@ -21,11 +21,11 @@ from aiohttp import web
 from dialproxy.errors import BadGateway
 from dialproxy.outcome import Outcome
 from dialproxy.settings import Settings
-from dialproxy.upstream.headers import response_headers
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.upstream.relay import EventRewriter, Relay, UsageHider, UsageScanner
-from dialproxy.upstream.sse import EventTooLarge
-from dialproxy.upstream.usage import Usage, estimate, find_usage
+from dialproxy.wire.headers import response_headers
+from dialproxy.wire.relay import EventRewriter, Relay, UsageHider, UsageScanner
+from dialproxy.wire.sse import EventTooLarge
+from dialproxy.wire.usage import Usage, estimate, find_usage
 
 if TYPE_CHECKING:
     from dialproxy.apis import Api

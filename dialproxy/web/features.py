@@ -30,10 +30,10 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Model
 from dialproxy.errors import BadGateway, Forbidden
 from dialproxy.logs import request_log
-from dialproxy.upstream.headers import PASSED_RESPONSE_HEADERS, UPSTREAM_KEY, forwarded_headers
 from dialproxy.web import guard, proxy
 from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_raw_body
+from dialproxy.wire.headers import PASSED_RESPONSE_HEADERS, UPSTREAM_KEY, forwarded_headers
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
 # model without one answers 403 (else 200 with an empty body), as DIAL Core does.
@@ -47,7 +47,7 @@ FEATURES: dict[str, tuple[str, bool]] = {
 
 def endpoint_headers(request: web.Request, principal: Principal, model: Model) -> dict[str, str]:
     """Every header a call to one of the model's endpoints carries: the client's headers an
-    upstream gets (see :func:`dialproxy.upstream.headers.forwarded_headers`) and, for a model
+    upstream gets (see :func:`dialproxy.wire.headers.forwarded_headers`) and, for a model
     behind a DIAL adapter (``endpoint`` set), its first upstream in ``X-UPSTREAM-ENDPOINT``
     and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them (the per-request key,
     which needs an await, is added by :func:`_call`)."""

@@ -7,7 +7,7 @@ One request (:func:`handle`), top to bottom, nothing re-entered:
    (403), its counters (memoised per key and deployment) -> the body read (415, 413, 400);
 3. :func:`_admit`: the shared key's cap, then the limits (429): the request held;
 4. the :class:`~dialproxy.upstream.outbound.Outbound` planned (the API's body rule, the
-   headers by :mod:`dialproxy.upstream.headers`, an adapter's per-request key) and sent:
+   headers by :mod:`dialproxy.wire.headers`, an adapter's per-request key) and sent:
    :func:`~dialproxy.upstream.outbound.send` tries the upstreams and returns an
    :class:`~dialproxy.upstream.answer.Answer`;
 5. the answer's body written, or its stream relayed as it comes;
@@ -46,12 +46,12 @@ from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.answer import drain, stop_draining
 from dialproxy.upstream.balancer import Balancer
-from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.outbound import Outbound, send
 from dialproxy.web import guard
 from dialproxy.web.body import read_json_body
 from dialproxy.web.drain import Drain
+from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
 
 @dataclass(slots=True)

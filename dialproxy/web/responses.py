@@ -30,9 +30,9 @@ from dialproxy.outcome import Outcome
 from dialproxy.perrequest import RedisCalls
 from dialproxy.upstream.answer import answer, stop_draining
 from dialproxy.upstream.attempts import NoRoute
-from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.web import proxy
 from dialproxy.web.body import read_raw_body
+from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
 log = structlog.get_logger("dialproxy.responses")
 

@@ -40,9 +40,9 @@ from dialproxy.errors import (
 from dialproxy.limiter import Scope
 from dialproxy.upstream.answer import read_answer
 from dialproxy.upstream.attempts import Attempts
-from dialproxy.upstream.headers import UPSTREAM_KEY, response_headers
 from dialproxy.web import guard, proxy
 from dialproxy.web.body import read_raw_body
+from dialproxy.wire.headers import UPSTREAM_KEY, response_headers
 
 # The client's headers a route's upstream gets: the proxied endpoints' allow-list, and the
 # body's own description (a route's body goes as it came, in any type and encoding).

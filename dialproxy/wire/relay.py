@@ -7,7 +7,7 @@ return what goes on to the client and keep the stream's usage.
   on the client's behalf: the usage-only final event and the ``"usage": null`` fields.
 
 Both hold back at most one unfinished event, up to ``max_event`` bytes (beyond it
-:class:`~dialproxy.upstream.sse.EventTooLarge`), and count the chunks and bytes they have
+:class:`~dialproxy.wire.sse.EventTooLarge`), and count the chunks and bytes they have
 been fed (what an estimate goes by when a stream is cut before its usage: see
 :attr:`_Reader.events`).
 """
@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from dialproxy.upstream import sse
-from dialproxy.upstream.sse import EventTooLarge
-from dialproxy.upstream.usage import CHAT_USAGE, MARK, Usage, UsageRule, usage_of
+from dialproxy.wire import sse
+from dialproxy.wire.sse import EventTooLarge
+from dialproxy.wire.usage import CHAT_USAGE, MARK, Usage, UsageRule, usage_of
 
 _NULL = b'"usage":null'
 _NULL_SPACED = b'"usage": null'
@@ -211,7 +211,7 @@ class UsageHider(_Reader):
 class EventRewriter(_Reader):
     """Relays complete events, each batch passed through ``rewrite`` (an API's ids made the
     proxy's own); reads the usage of the events as they complete.  An event over
-    ``max_event`` cuts the stream (:class:`~dialproxy.upstream.sse.EventTooLarge`)."""
+    ``max_event`` cuts the stream (:class:`~dialproxy.wire.sse.EventTooLarge`)."""
 
     __slots__ = ("rewrite",)
 
