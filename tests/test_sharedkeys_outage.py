@@ -211,7 +211,7 @@ async def test_what_is_remembered_and_for_how_long(monkeypatch: pytest.MonkeyPat
         digest = key_digest(secret)
         store.keys[digest] = SharedKey(str(i), digest, "owner", f"k{i}", tokens=10)
     health = StorageHealth("redis", "local")
-    shared = SharedKeys(store, clock, health=health)  # type: ignore[arg-type]
+    shared: SharedKeys[None] = SharedKeys(store, clock, health=health)  # type: ignore[arg-type]
     for secret in secrets:  # only the last 3 are kept
         assert await shared.find(secret) is not None
     assert await shared.find(secrets[2]) is not None  # used again: now the latest

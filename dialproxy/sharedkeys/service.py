@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import structlog
 
-from dialproxy import perrequest
 from dialproxy.config.model import key_digest
 from dialproxy.errors import StoreUnavailable
 from dialproxy.sharedkeys.model import SharedKey, check_cap
@@ -23,9 +23,13 @@ Clock = Callable[[], datetime]
 # last hour still works as it was then (at most this many are remembered, the latest used).
 REMEMBER_SECONDS = 3600.0
 REMEMBER_KEYS = 10_000
+# What the app keeps beside the shared keys: the per-request keys in flight
+# (:class:`dialproxy.perrequest.PerRequestKeys`), a type parameter rather than an import: they
+# act as a Principal (dialproxy.auth), which stands above this package's model.
+PerRequest = TypeVar("PerRequest")
 
 
-class SharedKeys:
+class SharedKeys(Generic[PerRequest]):
     """The app's shared keys: the store, and the clock (None: the system clock; tests set
     one to move time).
 
@@ -48,7 +52,7 @@ class SharedKeys:
         self.health = health
         self.remembers = health is not None and health.policy is not FailurePolicy.DENY
         # The per-request keys in flight (set by setup(); in the same Redis when these are).
-        self.per_request: perrequest.PerRequestKeys | None = None
+        self.per_request: PerRequest | None = None
         self._seen: dict[str, tuple[SharedKey, datetime]] = {}  # digest -> key, when found
         self.fallbacks = 0  # lookups answered from what was seen, while the store was down
 

@@ -12,6 +12,7 @@ from dialproxy.config.store import ConfigStore
 from dialproxy.ledger import Ledger
 from dialproxy.limiter import Limiter
 from dialproxy.metrics import Metrics
+from dialproxy.perrequest import PerRequestKeys
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.stalls import BodyWatch
@@ -30,6 +31,6 @@ BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
 LEDGER = web.AppKey("ledger", Ledger)  # set unless --ledger off
 METRICS = web.AppKey("metrics", Metrics)  # (absent with --no-metrics)
-SHARED = web.AppKey("shared_keys", SharedKeys)
+SHARED = web.AppKey("shared_keys", SharedKeys[PerRequestKeys])
 BODY_WATCH = web.AppKey("body_watch", BodyWatch)  # (absent: no body timeout)
 WATCHER: web.AppKey[ConfigWatcher] = web.AppKey("config_watcher")  # (absent with --no-watch)

@@ -41,6 +41,7 @@ from dialproxy.limiter import Admission, Limiter, Scope
 from dialproxy.logs import RequestLog, cut
 from dialproxy.metrics import Metrics
 from dialproxy.outcome import Outcome
+from dialproxy.perrequest import PerRequestKeys
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.tracing import Tracing
@@ -64,7 +65,7 @@ class Services:
     settings: Settings
     limiter: Limiter
     balancer: Balancer
-    shared: SharedKeys
+    shared: SharedKeys[PerRequestKeys]
     background: set[asyncio.Task[None]]
     log: RequestLog
     idle: IdleWatch  # the upstream idle timeout while an answer's body is read

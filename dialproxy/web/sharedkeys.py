@@ -62,7 +62,7 @@ def setup(app: web.Application) -> None:
             health = StorageHealth("redis", settings.storage_failure)
         health.add_probe(store.probe)
         store.health = health
-    app[SHARED] = SharedKeys(store, health=health)
+    app[SHARED] = SharedKeys[perrequest.PerRequestKeys](store, health=health)
     app[SHARED].per_request = perrequest.PerRequestKeys(
         store if isinstance(store, RedisSharedKeyStore) else None
     )
@@ -87,7 +87,7 @@ def setup(app: web.Application) -> None:
     app.router.add_delete("/v1/sharedkeys/{id}", guarded(delete))
 
 
-async def _owner(request: web.Request) -> tuple[Principal, SharedKeys]:
+async def _owner(request: web.Request) -> tuple[Principal, SharedKeys[perrequest.PerRequestKeys]]:
     shared = request.app[SHARED]
     snapshot = request.app[STORE].snapshot
     principal = await authenticate(request.headers, snapshot, request.remote, shared)
