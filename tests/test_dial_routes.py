@@ -65,6 +65,15 @@ class Recorder:
             await stream.prepare(request)
             await stream.write(b"data: first\n\n")
             await asyncio.sleep(3600)
+        if request.path.endswith("/broken"):  # two chunks, then the connection dropped
+            kind = request.query.get("type", "text/event-stream")
+            stream = web.StreamResponse(headers={"Content-Type": kind})
+            await stream.prepare(request)
+            await stream.write(b"data: 0\n\n" if kind == "text/event-stream" else b'{"n":0}\n')
+            await stream.drain()
+            assert request.transport is not None
+            request.transport.close()
+            return stream
         if request.path.endswith("/stream"):
             stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await stream.prepare(request)
@@ -177,6 +186,38 @@ async def test_a_route_end_to_end(
     assert status == 200 and headers["Content-Type"] == "text/event-stream"
     assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert rec.seen[-1].method == "GET"
+
+
+async def test_a_route_stream_the_upstream_breaks_off(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """An event stream cut by the upstream ends with the proxied streams' error event; any
+    other stream (NDJSON) is cut for the client too, so it never looks complete."""
+    rec = await recorder(aiohttp_server)
+    route = {"paths": ["/s/.*"], "rewritePath": True, "upstreams": [{"endpoint": rec.url()}]}
+    proxy = await make_proxy(config({"s": route}))
+    with capture_logs() as logs:
+        status, body, headers = await call(proxy.url("/s/broken"))
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert body.startswith(b"data: 0\n\n")
+    (event,) = [json.loads(e[len(b"data: ") :]) for e in body.split(b"\n\n")[1:] if e]
+    assert event["error"]["message"] == "The upstream broke off the response"
+    assert event["error"]["code"] == "502"
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["status"] == 200 and line["error"].startswith("upstream stream broke off")
+
+    with capture_logs() as logs:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
+                proxy.url("/s/broken?type=application/x-ndjson"), headers={"Api-Key": USER}
+            ) as resp,
+        ):
+            assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["error"].startswith("upstream stream broke off")
 
 
 async def test_a_shutdown_ends_an_open_route_stream_with_an_event(

@@ -13,6 +13,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from dialproxy.apis import responses
 from dialproxy.settings import Settings
@@ -110,6 +111,30 @@ async def test_a_redirected_follow_up_sends_the_key_nowhere_else(
         "/v1/responses/resp_0123456789/cancel",
         "/v1/responses/resp_0123456789",
     ]
+
+
+async def test_a_follow_up_whose_upstream_drops_the_connection_is_a_502_no_route(
+    upstream: Upstream, make_proxy: ProxyFactory
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return web.json_response(a_response("resp_0123456789"))
+        assert request.transport is not None
+        request.transport.close()  # no answer at all
+        return web.Response()
+
+    upstream.handlers["/v1/responses"] = handler
+    proxy = await make_proxy(config(upstream))
+    async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+        made = await (
+            await s.post(proxy.url("/openai/v1/responses"), json={"model": "m", "input": "x"})
+        ).json()
+        with capture_logs() as logs:
+            gone = await s.get(proxy.url(f"/openai/v1/responses/{made['id']}"))
+            assert gone.status == 502
+            assert (await gone.json())["error"]["message"] == "No route"
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["status"] == 502 and line["attempts"] == 1
 
 
 async def test_a_follow_up_answer_over_the_cap_or_too_slow_is_a_502(

@@ -18,22 +18,21 @@ the whole call is bounded by the idle timeout.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from dialproxy.apis import openai
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Model
-from dialproxy.errors import BadGateway, Forbidden
+from dialproxy.errors import Forbidden
 from dialproxy.logs import request_log
+from dialproxy.upstream.feature import call_feature
 from dialproxy.web import guard, proxy
 from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_raw_body
-from dialproxy.wire.headers import PASSED_RESPONSE_HEADERS, UPSTREAM_KEY, forwarded_headers
+from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
 # model without one answers 403 (else 200 with an empty body), as DIAL Core does.
@@ -60,11 +59,6 @@ def endpoint_headers(request: web.Request, principal: Principal, model: Model) -
         if upstream.key is not None:
             headers["X-UPSTREAM-KEY"] = upstream.key
     return headers
-
-
-# The answer's headers passed back: the proxied endpoints' allow-list (content type,
-# request ids...), nothing else of the feature endpoint's.
-_PASSED = PASSED_RESPONSE_HEADERS
 
 
 async def handle(request: web.Request, feature: str) -> web.StreamResponse:
@@ -118,7 +112,8 @@ async def handle(request: web.Request, feature: str) -> web.StreamResponse:
 async def _call(
     request: web.Request, principal: Principal, model: Model, url: str, body: bytes
 ) -> web.Response:
-    """The request to the feature endpoint, its answer relayed (bounded, no redirect)."""
+    """The request to the feature endpoint planned (its headers, an adapter's per-request
+    key), made (:func:`dialproxy.upstream.feature.call_feature`), its answer written."""
     app = request.app
     settings, client = app[SETTINGS], app[CLIENT]
     headers = endpoint_headers(request, principal, model)
@@ -128,39 +123,8 @@ async def _call(
     if not model.direct and keys is not None:  # an adapter: a per-request key, as for chat
         key = headers[UPSTREAM_KEY] = await keys.mint(principal)
     try:
-        idle = settings.idle_timeout
-        async with asyncio.timeout(idle if idle > 0 else None):  # (the whole call)
-            async with client.request(
-                request.method,
-                url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,  # the credentials go to the configured URL, nowhere else
-            ) as resp:
-                if 300 <= resp.status < 400:
-                    raise BadGateway(f"The feature endpoint answered {resp.status}")
-                data = await _read_bounded(resp, settings.max_response)
-                passed = [(k, v) for k, v in resp.headers.items() if k.lower() in _PASSED]
-                return web.Response(status=resp.status, body=data, headers=passed)
-    except (aiohttp.ClientError, TimeoutError):
-        raise BadGateway("connection error to origin") from None
+        answered = await call_feature(client, settings, request.method, url, body, headers)
+        return web.Response(status=answered.status, body=answered.body, headers=answered.headers)
     finally:
         if key is not None and keys is not None and (work := keys.end(key)) is not None:
             proxy.hold(app[BACKGROUND], work)
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """The answer's body (decoded), read no further than ``cap`` bytes (over it: 502)."""
-    length = resp.content_length
-    if length is not None and length > cap:
-        resp.close()
-        raise BadGateway(f"The feature endpoint's response is over the {cap}-byte limit")
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await resp.content.readany():
-        size += len(chunk)
-        if size > cap:
-            resp.close()
-            raise BadGateway(f"The feature endpoint's response is over the {cap}-byte limit")
-        parts.append(chunk)
-    return b"".join(parts)

@@ -16,7 +16,6 @@ import functools
 import time
 from collections import OrderedDict
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -24,12 +23,12 @@ from dialproxy.apis import responses
 from dialproxy.apis.responses import RESPONSES, ResponseIds, ResponseRef
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Route, Serving
-from dialproxy.errors import BadGateway, NotFound, Unavailable
+from dialproxy.errors import NotFound, Unavailable
 from dialproxy.logs import cut
 from dialproxy.outcome import Outcome
 from dialproxy.perrequest import RedisCalls
-from dialproxy.upstream.answer import answer, stop_draining
-from dialproxy.upstream.attempts import NoRoute
+from dialproxy.upstream.answer import stop_draining
+from dialproxy.upstream.followup import FollowUp, follow_up
 from dialproxy.web import proxy
 from dialproxy.web.body import read_raw_body
 from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
@@ -65,13 +64,6 @@ class Charged:
             log.warning("charge_mark_failed", error=type(e).__name__)
             return True
         return bool(done)
-
-
-def follow_up_url(route: Route, upstream_id: str, action: str) -> str:
-    """Where a follow-up goes: after an ``interfaces`` base URL the Responses path, after a
-    verbatim endpoint its ``/{id}`` (``/cancel`` for a cancel)."""
-    base = route.url + "/openai/v1/responses" if route.append_path else route.url.rstrip("/")
-    return f"{base}/{upstream_id}" + ("/cancel" if action == "cancel" else "")
 
 
 async def handle(
@@ -128,9 +120,8 @@ async def _forward(
     body: bytes,
     outcome: Outcome,
 ) -> web.StreamResponse:
-    """One attempt, to the upstream that made the response; its answer relayed."""
-    client = services.client
-    assert client is not None and outcome.ids is not None
+    """The follow-up planned (the headers, an adapter's per-request key), sent to the
+    upstream that made the response; its answer written, or its stream relayed."""
     headers = forwarded_headers(
         request.headers,
         principal.secret,
@@ -147,28 +138,16 @@ async def _forward(
         if keys is not None:
             outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"
-    url = follow_up_url(route, ref.upstream_id, _action(request))
-    if query := request.rel_url.raw_query_string:
-        url += "?" + query
-    outcome.attempts, outcome.upstream = 1, route.name
-    sent = time.perf_counter()
-    try:
-        async with services.idle.headers():
-            resp = await client.request(
-                request.method,
-                url,
-                data=body or None,
-                headers={**headers, **route.headers},
-                allow_redirects=False,
-            )
-    except (aiohttp.ClientError, TimeoutError):
-        raise BadGateway("No route") from None
-    if 300 <= resp.status < 400:
-        resp.release()
-        raise NoRoute(f"upstream answered {resp.status}")
-    outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
-    outcome.status = resp.status
-    answered = await answer(resp, outcome, RESPONSES, [], services)
+    out = FollowUp(
+        route,
+        ref.upstream_id,
+        _action(request),
+        request.method,
+        request.rel_url.raw_query_string,
+        body,
+        headers,
+    )
+    answered = await follow_up(out, outcome, services)
     if answered.stream is None:
         return web.Response(status=answered.status, body=answered.body, headers=answered.headers)
     response = web.StreamResponse(status=answered.status, headers=answered.headers)

@@ -21,12 +21,9 @@ when it has one, else a per-request key (as DIAL does), released when the reques
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 from aiohttp import web
 
 from dialproxy.apis import openai
@@ -38,17 +35,13 @@ from dialproxy.errors import (
     Forbidden,
 )
 from dialproxy.limiter import Scope
-from dialproxy.upstream.answer import read_answer
-from dialproxy.upstream.attempts import Attempts
+from dialproxy.upstream.dialroute import RouteOutbound, Tried, send_route
 from dialproxy.web import guard, proxy
 from dialproxy.web.body import read_raw_body
-from dialproxy.wire.headers import UPSTREAM_KEY, response_headers
 
 # The client's headers a route's upstream gets: the proxied endpoints' allow-list, and the
 # body's own description (a route's body goes as it came, in any type and encoding).
 FORWARDED_HEADERS = (*openai.FORWARDED_HEADERS, "content-type", "content-encoding")
-# Answers relayed chunk by chunk as they come (others are read whole, within max_response).
-STREAMED_TYPES = frozenset({"text/event-stream", "application/x-ndjson"})
 
 
 def select(snapshot: Snapshot, method: str, path: str) -> tuple[DialRoute | None, set[str]]:
@@ -111,10 +104,9 @@ async def serve(
 ) -> web.StreamResponse:
     """One request to ``route``, answered, and its log line."""
     started = time.perf_counter()
-    fields: dict[str, Any] = {"upstream": None, "attempts": 0, "error": None}
+    tried = Tried()
     principal: Principal | None = None
     status = 500
-    minted: list[str] = []  # the per-request key, once made
     try:
         principal = await authenticate(request.headers, snapshot, request.remote, services.shared)
         if not route.admits(principal.access.roles):
@@ -131,25 +123,28 @@ async def serve(
             return web.Response(
                 status=status, body=route.response[1], content_type="text/plain", headers=extra
             )
-        resp = await _forward(request, services, snapshot, principal, route, body, fields, minted)
-        response, streamed = await _answer(resp, services, fields, extra)
+        out = _plan(request, services, snapshot, principal, route, body, extra)
+        answered = await send_route(out, tried, services)
+        if answered.stream is None:
+            status = answered.status
+            return web.Response(status=status, body=answered.body, headers=answered.headers)
+        response = web.StreamResponse(status=answered.status, headers=answered.headers)
         status = response.status
-        if streamed is not None:
-            sse = streamed.content_type == "text/event-stream"
-            farewell = openai.CHAT.shutdown_event if sse else b""  # (else the stream just ends)
-            relay = _relay(request, response, streamed, services, fields)
-            if await services.drain.relay(response, relay, farewell):
-                fields["error"] = "stream ended: the server is shutting down"
+        sse = answered.stream.content_type == "text/event-stream"
+        farewell = openai.CHAT.shutdown_event if sse else b""  # (else the stream just ends)
+        relay = answered.stream.relay(request, response, tried)
+        if await services.drain.relay(response, relay, farewell):
+            tried.error = "stream ended: the server is shutting down"
         return response
     except Exception as e:
         response, message = guard.refusal(request, e)
         status = response.status
         if message is not None:
-            fields["error"] = message
+            tried.error = message
         return response
     finally:
         keys = services.shared.per_request
-        if minted and keys is not None and (work := keys.end(minted[0])) is not None:
+        if tried.key is not None and keys is not None and (work := keys.end(tried.key)) is not None:
             proxy.hold(services.background, work)
         services.log.line(
             "request",
@@ -160,121 +155,30 @@ async def serve(
                 "project": principal.key.project if principal else None,
                 "key": principal.key.fingerprint if principal else None,
                 "route": route.name,
-                **fields,
+                "upstream": tried.upstream,
+                "attempts": tried.attempts,
+                "error": tried.error,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
 
 
-def upstream_url(endpoint: str, route: DialRoute, request: web.Request) -> str:
-    """DIAL: ``rewritePath`` puts the request's path and query string in place of the
-    endpoint's path and query; else the endpoint as written."""
-    if not route.rewrite_path:
-        return endpoint
-    parts = urlsplit(endpoint)
-    query = request.rel_url.raw_query_string
-    return urlunsplit((parts.scheme, parts.netloc, request.rel_url.raw_path, query, ""))
-
-
-async def _forward(
+def _plan(
     request: web.Request,
     services: proxy.Services,
     snapshot: Snapshot,
     principal: Principal,
     route: DialRoute,
     body: bytes,
-    fields: dict[str, Any],
-    minted: list[str],
-) -> aiohttp.ClientResponse:
-    """Attempts over the route's upstreams until one answers (its response, unread).  A
-    per-request key made for an upstream without ``key`` is put in ``minted`` (the caller
-    releases it when the request is over)."""
-    balancer, client, model = services.balancer, services.client, route.model
-    assert client is not None
+    extra: list[tuple[str, str]],
+) -> RouteOutbound:
+    """The request the route's upstreams get: the client's allow-listed headers, the body
+    as it came, a per-request key for an upstream without ``key`` (per-request keys on)."""
     client_headers = request.headers
     headers = {n: v for n in FORWARDED_HEADERS if (v := client_headers.get(n)) is not None}
     headers["Accept-Encoding"] = "identity"
-    attempts = Attempts(balancer, model, snapshot.retriable_codes)
-    if balancer.sharing:
-        await balancer.refresh(model)
-    for planned in balancer.plan(model):
-        if fields["attempts"] >= model.max_retry_attempts:
-            break
-        fields["attempts"] += 1
-        upstream = planned.upstream
-        fields["upstream"] = planned.name
-        sent = dict(headers)
-        if upstream.key is not None:
-            sent[UPSTREAM_KEY] = upstream.key
-        else:
-            keys = services.shared.per_request
-            if not minted and keys is not None:
-                minted.append(await keys.mint(principal))
-            if minted:
-                sent[UPSTREAM_KEY] = minted[0]
-        try:
-            async with services.idle.headers():
-                resp = await client.request(
-                    request.method,
-                    upstream_url(upstream.endpoint, route, request),
-                    data=body,
-                    headers=sent,
-                    allow_redirects=False,  # the key goes to the configured URL alone
-                )
-        except (aiohttp.ClientError, TimeoutError):
-            await attempts.broke(upstream)
-            continue
-        if await attempts.served(resp, upstream):
-            return resp
-    raise attempts.refusal()
-
-
-async def _answer(
-    resp: aiohttp.ClientResponse,
-    services: proxy.Services,
-    fields: dict[str, Any],
-    extra: list[tuple[str, str]],
-) -> tuple[web.StreamResponse, aiohttp.ClientResponse | None]:
-    """The upstream's answer: read whole (within ``max_response``) into a response, or a
-    stream response still to relay (with the upstream response it relays)."""
-    headers = response_headers(resp.headers, fields["attempts"], extra)
-    if resp.content_type in STREAMED_TYPES:
-        return web.StreamResponse(status=resp.status, headers=headers), resp
-    data = await read_answer(resp, services.idle, services.settings.max_response)
-    return web.Response(status=resp.status, body=data, headers=headers), None
-
-
-async def _relay(
-    request: web.Request,
-    response: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
-    services: proxy.Services,
-    fields: dict[str, Any],
-) -> None:
-    """An event stream relayed chunk by chunk as it comes (nothing in it is read)."""
-    idle = services.idle
-    idle.watch(upstream)
-    try:
-        await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            fields["error"] = f"upstream stream broke off: {type(e).__name__}"
-            upstream.close()
-            if upstream.content_type == "text/event-stream":  # said as the proxied streams say it
-                await response.write(openai.sse_error("The upstream broke off the response"))
-            elif request.transport is not None:  # the client sees the answer end unfinished
-                request.transport.abort()
-                return
-        await response.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError) as e:
-        fields["error"] = fields["error"] or "client disconnected"
-        if isinstance(e, asyncio.CancelledError):
-            raise  # (a cancellation goes on: the client went away, or the shutdown's end)
-    finally:
-        idle.release(upstream)
-        if upstream.content.is_eof():
-            upstream.release()
-        else:
-            upstream.close()
+    keys = services.shared.per_request
+    mint = functools.partial(keys.mint, principal) if keys is not None else None
+    return RouteOutbound(
+        route, request.method, request.rel_url, body, headers, snapshot.retriable_codes, extra, mint
+    )
