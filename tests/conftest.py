@@ -7,7 +7,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,13 @@ class Proxy:
 
 
 BackendFactory = Callable[[], Awaitable[Backend]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for the test's requests, closed after it."""
+    async with aiohttp.ClientSession() as s:
+        yield s
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,12 +18,6 @@ from dialproxy.settings import Settings
 from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
 
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 class Keys:

@@ -5,23 +5,15 @@ usage by day and its CSV, a key's windows and shared keys, who may read them."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from dialproxy.config.model import key_digest
 from tests.conftest import SECRETS, Backend, Proxy, ProxyFactory, new_key
 from tests.test_serve import free_port
 
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 class Keys:

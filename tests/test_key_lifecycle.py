@@ -5,7 +5,6 @@ proxy, on a controlled clock."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,12 +36,6 @@ def stamp(when: datetime) -> str:
 
 def models(backend: Backend) -> dict[str, Any]:
     return {"chat": chat_model(backend), "other": chat_model(backend), "third": chat_model(backend)}
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def call(

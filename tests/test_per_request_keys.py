@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +113,6 @@ def config(adapter: str, backend: Backend, **adapter_limit: Any) -> dict[str, An
             NARROW: {"project": "p1", "role": "user", "models": ["adapter"]},
         },
     }
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def start(

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -100,12 +99,6 @@ class Shared:
         )
         await self.proxy.settle()
         return status, data
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def settings_for(tmp_path: Path, storage: str) -> Settings:

@@ -80,27 +80,22 @@ async def limits_of(app: web.Application, principal: Principal) -> dict[str, Any
 
 
 def window_stats(scope: str, unit: str, state: WindowState, now: float) -> dict[str, Any]:
-    used = state.used > 0
-    calendar = state.window.calendar
-    if calendar is not None:  # (a calendar window resets at its period's end, used or not)
-        end = calendar.period(now)[1]
-        return {
-            "scope": scope,
-            "type": unit,
-            "window": state.window.name,
-            "limit": state.window.limit,
-            "used": state.used,
-            "remaining": state.remaining,
-            "resetSeconds": round(end - now, 3),
-            "resetAt": calendar.schedule.resets_at(end),
-        }
-    return {
+    stats: dict[str, Any] = {
         "scope": scope,
         "type": unit,
         "window": state.window.name,
         "limit": state.window.limit,
         "used": state.used,
         "remaining": state.remaining,
-        "resetSeconds": round(state.reset, 3) if used else 0,
-        "resetAt": iso(datetime.fromtimestamp(now + state.reset, UTC)) if used else None,
     }
+    calendar = state.window.calendar
+    if calendar is not None:  # (a calendar window resets at its period's end, used or not)
+        end = calendar.period(now)[1]
+        stats["resetSeconds"] = round(end - now, 3)
+        stats["resetAt"] = calendar.schedule.resets_at(end)
+    elif state.used > 0:
+        stats["resetSeconds"] = round(state.reset, 3)
+        stats["resetAt"] = iso(datetime.fromtimestamp(now + state.reset, UTC))
+    else:
+        stats["resetSeconds"], stats["resetAt"] = 0, None
+    return stats
