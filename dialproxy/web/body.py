@@ -51,9 +51,16 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     ):
         raise UnsupportedMediaType("Only application/json is supported")
     encoding = headers.get("Content-Encoding")
+    content = request.content
     try:
-        if encoding is None and request.content.is_eof():  # (the usual: all arrived)
-            raw = await request.read()
+        if encoding is None and content.is_eof() and request._read_bytes is None:
+            # The usual: all arrived.  Its buffered bytes taken at once (what request.read()
+            # gives, without its loop of awaits and its copy into a bytearray) and kept as
+            # request.read()'s answer.
+            raw = content.read_nowait()
+            if len(raw) > max_body:
+                raise PayloadTooLarge("Request body is too large")
+            request._read_bytes = raw
         else:
             watch = request.app.get(BODY_WATCH)
             with watch.watching(request.content) if watch else contextlib.nullcontext():
