@@ -28,12 +28,12 @@ from dialproxy.ledger import (
     SqliteLedgerStore,
     usage_path,
 )
+from dialproxy.outcome import Outcome
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.upstream.usage import Usage
 from dialproxy.web.appkeys import LEDGER
-from dialproxy.web.proxy import Outcome
 from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
 from tests.redis_server import RedisServer
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 
+from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.upstream.usage import UsageRule
 
 if TYPE_CHECKING:
@@ -30,19 +31,6 @@ if TYPE_CHECKING:
 
     from dialproxy.config.model import Model, Route, Serving
     from dialproxy.limiter import WindowState
-
-# The client's headers every API passes on to the upstream (Content-Type is always
-# application/json: it is set, not copied).
-FORWARDED_REQUEST_HEADERS = (
-    "accept",
-    "user-agent",
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-    "baggage",
-    "x-conversation-id",
-)
-
 
 BodyRule = Callable[[dict[str, Any], bytes, "Model"], tuple[bytes | None, bool]]
 """(body as read, its bytes, model) -> (the body the upstream gets, None: the client's bytes
@@ -99,6 +87,32 @@ class Api:
     def __post_init__(self) -> None:
         event = self.errors.stream_error("The server is shutting down: the stream was ended", 503)
         object.__setattr__(self, "shutdown_event", event)
+
+    def reservation(self, body: dict[str, Any], size: int, model: Model) -> tuple[int, int]:
+        """What a request holds in its token and cost windows from admission until it is
+        settled: the prompt at one token per four bytes of its body (``size``), the
+        completion at the most it asks for (the API's ``completion_fields``), else the
+        model's ``maxCompletionTokens``, else :data:`DEFAULT_COMPLETION_RESERVE`; an
+        embedding, none."""
+        prompt = max(size // 4, 1)
+        completion = 0
+        if self.completion_fields:
+            for name in self.completion_fields:
+                value = body.get(name)
+                if type(value) is int and value > 0:
+                    completion = value
+                    break
+            else:
+                most = model.token_limits.get("maxCompletionTokens")
+                completion = most if type(most) is int and most > 0 else DEFAULT_COMPLETION_RESERVE
+        pricing = model.pricing
+        cost = pricing.cost_nano_usd(prompt, completion) if pricing is not None else 0
+        return prompt + completion, cost
+
+
+# The completion tokens a request reserves when it says no maximum and its model has no
+# `limits.maxCompletionTokens`.
+DEFAULT_COMPLETION_RESERVE = 256
 
 
 def with_defaults(

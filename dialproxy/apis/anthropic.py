@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dialproxy.apis import FORWARDED_REQUEST_HEADERS, Api, ErrorShape, rewritten, with_defaults
+from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
 from dialproxy.limiter import WindowState, seconds_to_empty
+from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.upstream.usage import Usage, UsageRule, read_counts
 from dialproxy.web import guard
 

@@ -13,14 +13,9 @@ import functools
 import json
 from typing import TYPE_CHECKING, Any
 
-from dialproxy.apis import (
-    FORWARDED_REQUEST_HEADERS,
-    Api,
-    ErrorShape,
-    rewritten,
-    with_defaults,
-)
+from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
 from dialproxy.limiter import WindowState, seconds_to_empty
+from dialproxy.upstream.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.upstream.usage import CHAT_USAGE
 from dialproxy.web import guard
 

@@ -239,3 +239,7 @@ class EventRewriter(_Reader):
         if MARK in rest:
             self._read_usage(rest, len(rest))
         return self.rewrite(rest) if rest else rest
+
+
+Relay = UsageScanner | UsageHider | EventRewriter
+"""The reader a stream is relayed through."""

@@ -35,7 +35,8 @@ from dialproxy.errors import BadRequest, NotFound, ProxyError
 from dialproxy.ledger import HOUR, MEASURES
 from dialproxy.sharedkeys.redisstore import RedisSharedKeyStore
 from dialproxy.text import iso
-from dialproxy.web import proxy, usage
+from dialproxy.upstream.outbound import capacity_of
+from dialproxy.web import usage
 from dialproxy.web.admin import _caller
 from dialproxy.web.appkeys import BALANCER, LEDGER, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
@@ -280,7 +281,7 @@ async def _model(request: web.Request, model: Model) -> dict[str, Any]:
             "failures": failures,
             "capacity": None,
         }
-        capacity = proxy.capacity_of(upstream, memo)
+        capacity = capacity_of(upstream, memo)
         if capacity is not None:
             scope = capacity.scopes[0]
             windows: list[dict[str, Any]] = []

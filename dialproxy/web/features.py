@@ -25,10 +25,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from dialproxy.apis import openai
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Model
 from dialproxy.errors import BadGateway, Forbidden
 from dialproxy.logs import request_log
+from dialproxy.upstream.headers import PASSED_RESPONSE_HEADERS, UPSTREAM_KEY, forwarded_headers
 from dialproxy.web import guard, proxy
 from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_raw_body
@@ -45,11 +47,13 @@ FEATURES: dict[str, tuple[str, bool]] = {
 
 def endpoint_headers(request: web.Request, principal: Principal, model: Model) -> dict[str, str]:
     """Every header a call to one of the model's endpoints carries: the client's headers an
-    upstream gets (see :func:`dialproxy.web.proxy.forwarded_headers`) and, for a model
+    upstream gets (see :func:`dialproxy.upstream.headers.forwarded_headers`) and, for a model
     behind a DIAL adapter (``endpoint`` set), its first upstream in ``X-UPSTREAM-ENDPOINT``
     and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them (the per-request key,
     which needs an await, is added by :func:`_call`)."""
-    headers = proxy.forwarded_headers(request, principal, model)
+    headers = forwarded_headers(
+        request.headers, principal.secret, model, (), openai.FORWARDED_HEADERS
+    )
     if not model.direct and model.upstreams:
         upstream = model.upstreams[0]
         headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
@@ -60,7 +64,7 @@ def endpoint_headers(request: web.Request, principal: Principal, model: Model) -
 
 # The answer's headers passed back: the proxied endpoints' allow-list (content type,
 # request ids...), nothing else of the feature endpoint's.
-_PASSED = proxy.PASSED_RESPONSE_HEADERS
+_PASSED = PASSED_RESPONSE_HEADERS
 
 
 async def handle(request: web.Request, feature: str) -> web.StreamResponse:
@@ -122,7 +126,7 @@ async def _call(
     keys = app[SHARED].per_request
     key = None
     if not model.direct and keys is not None:  # an adapter: a per-request key, as for chat
-        key = headers["Api-Key"] = await keys.mint(principal)
+        key = headers[UPSTREAM_KEY] = await keys.mint(principal)
     try:
         idle = settings.idle_timeout
         async with asyncio.timeout(idle if idle > 0 else None):  # (the whole call)

@@ -26,8 +26,11 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Route, Serving
 from dialproxy.errors import BadGateway, NotFound, Unavailable
 from dialproxy.logs import cut
+from dialproxy.outcome import Outcome
 from dialproxy.perrequest import RedisCalls
+from dialproxy.upstream.answer import answer, stop_draining
 from dialproxy.upstream.attempts import NoRoute
+from dialproxy.upstream.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.web import proxy
 from dialproxy.web.body import read_raw_body
 
@@ -110,9 +113,9 @@ async def handle(
         if outcome.leftover is None:
             settle()
         else:
-            proxy.hold(services.background, proxy._settle_after_drain(services, outcome, settle))
+            proxy.hold(services.background, proxy.settle_after_drain(services, outcome, settle))
         if outcome.per_request_key is not None and outcome.leftover is None:
-            proxy._end_key(services, outcome.per_request_key)
+            proxy.end_key(services, outcome.per_request_key)
 
 
 async def _forward(
@@ -123,14 +126,14 @@ async def _forward(
     serving: Serving,
     ref: ResponseRef,
     body: bytes,
-    outcome: proxy.Outcome,
+    outcome: Outcome,
 ) -> web.StreamResponse:
     """One attempt, to the upstream that made the response; its answer relayed."""
     client = services.client
     assert client is not None and outcome.ids is not None
-    headers = proxy.forwarded_headers(
-        request,
-        principal,
+    headers = forwarded_headers(
+        request.headers,
+        principal.secret,
         services.store.snapshot.models[ref.deployment],
         serving.default_headers,
         RESPONSES.forwarded_headers,
@@ -142,7 +145,7 @@ async def _forward(
     if route.name == "endpoint" or "X-UPSTREAM-ENDPOINT" in route.headers:
         keys = services.shared.per_request  # an adapter: a per-request key (as for a create)
         if keys is not None:
-            outcome.per_request_key = headers["Api-Key"] = await keys.mint(principal)
+            outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
     headers["Accept-Encoding"] = "identity"
     url = follow_up_url(route, ref.upstream_id, _action(request))
     if query := request.rel_url.raw_query_string:
@@ -165,12 +168,14 @@ async def _forward(
         raise NoRoute(f"upstream answered {resp.status}")
     outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
     outcome.status = resp.status
-    response = await proxy._respond(resp, outcome, RESPONSES, False, [], services)
-    if isinstance(response, proxy._UpstreamStream):
-        relay = proxy._relay_stream(request, response, outcome, services)
-        if await services.drain.relay(response, relay, RESPONSES.shutdown_event):
-            outcome.error = "stream ended: the server is shutting down"
-            proxy._stop_draining(outcome)
+    answered = await answer(resp, outcome, RESPONSES, [], services)
+    if answered.stream is None:
+        return web.Response(status=answered.status, body=answered.body, headers=answered.headers)
+    response = web.StreamResponse(status=answered.status, headers=answered.headers)
+    relay = answered.stream.relay(request, response, outcome)
+    if await services.drain.relay(response, relay, RESPONSES.shutdown_event):
+        outcome.error = "stream ended: the server is shutting down"
+        stop_draining(outcome)
     return response
 
 
@@ -187,7 +192,7 @@ def _settle(
     principal: Principal | None,
     ref: ResponseRef | None,
     our_id: str,
-    outcome: proxy.Outcome,
+    outcome: Outcome,
     started: float,
 ) -> None:
     """The log line; a background response's usage charged the first time it is seen (an
@@ -201,7 +206,7 @@ def _settle(
 
         async def charge() -> None:
             if await charged.first(our_id, redis):
-                proxy._record(services, outcome)
+                proxy.record(services, outcome)
                 if services.ledger is not None and principal is not None:  # (once too)
                     snapshot = services.store.snapshot
                     proxy.add_to_ledger(
@@ -210,7 +215,7 @@ def _settle(
 
         proxy.hold(services.background, charge())
     deployment = ref.deployment if ref is not None else None
-    proxy._log(services, request, principal, deployment, outcome, started)
+    proxy.log_line(services, request, principal, deployment, outcome, started)
 
 
 def routes(app: web.Application, services: proxy.Services) -> None:

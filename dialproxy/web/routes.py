@@ -38,7 +38,9 @@ from dialproxy.errors import (
     Forbidden,
 )
 from dialproxy.limiter import Scope
+from dialproxy.upstream.answer import read_answer
 from dialproxy.upstream.attempts import Attempts
+from dialproxy.upstream.headers import UPSTREAM_KEY, response_headers
 from dialproxy.web import guard, proxy
 from dialproxy.web.body import read_raw_body
 
@@ -203,13 +205,13 @@ async def _forward(
         fields["upstream"] = planned.name
         sent = dict(headers)
         if upstream.key is not None:
-            sent["Api-Key"] = upstream.key
+            sent[UPSTREAM_KEY] = upstream.key
         else:
             keys = services.shared.per_request
             if not minted and keys is not None:
                 minted.append(await keys.mint(principal))
             if minted:
-                sent["Api-Key"] = minted[0]
+                sent[UPSTREAM_KEY] = minted[0]
         try:
             async with services.idle.headers():
                 resp = await client.request(
@@ -235,13 +237,10 @@ async def _answer(
 ) -> tuple[web.StreamResponse, aiohttp.ClientResponse | None]:
     """The upstream's answer: read whole (within ``max_response``) into a response, or a
     stream response still to relay (with the upstream response it relays)."""
-    headers = proxy._response_headers(resp, fields["attempts"], extra)
-    encoding = resp.headers.get("Content-Encoding")
-    if encoding is not None and encoding.lower() not in proxy._DECODED:
-        headers.append(("Content-Encoding", encoding))  # relayed as it came, still encoded
+    headers = response_headers(resp.headers, fields["attempts"], extra)
     if resp.content_type in STREAMED_TYPES:
         return web.StreamResponse(status=resp.status, headers=headers), resp
-    data = await proxy.read_answer(resp, services.idle, services.settings.max_response)
+    data = await read_answer(resp, services.idle, services.settings.max_response)
     return web.Response(status=resp.status, body=data, headers=headers), None
 
 

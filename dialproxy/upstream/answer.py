@@ -1,0 +1,248 @@
+"""The upstream's answer as a value the handler writes: its status, the headers the client
+gets, and either the body (read whole, decoded, bounded) or a :class:`Stream` to relay.
+
+A stream is relayed as it comes through the API's reader (:mod:`dialproxy.upstream.relay`),
+which finds its usage.  A stream that is cut (the upstream breaks off, sends an event over
+the cap, or the client goes away) is still charged: what the upstream reports, else an
+estimate; a client gone before the usage came leaves the upstream in ``outcome.leftover``,
+drained for it (:func:`drain`) after the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from dialproxy.errors import BadGateway
+from dialproxy.outcome import Outcome
+from dialproxy.settings import Settings
+from dialproxy.upstream.headers import response_headers
+from dialproxy.upstream.idle import IdleWatch
+from dialproxy.upstream.relay import EventRewriter, Relay, UsageHider, UsageScanner
+from dialproxy.upstream.sse import EventTooLarge
+from dialproxy.upstream.usage import Usage, estimate, find_usage
+
+if TYPE_CHECKING:
+    from dialproxy.apis import Api
+    from dialproxy.limiter import Limiter
+    from dialproxy.metrics import Metrics
+    from dialproxy.tracing import Tracing
+    from dialproxy.upstream.balancer import Balancer
+
+
+class Context(Protocol):
+    """What the calls to upstreams use of the app (its ``Services`` has each)."""
+
+    @property
+    def client(self) -> aiohttp.ClientSession | None: ...
+    @property
+    def balancer(self) -> Balancer: ...
+    @property
+    def idle(self) -> IdleWatch: ...  # the upstream idle timeout
+    @property
+    def limiter(self) -> Limiter: ...  # (the upstreams' own capacities)
+    @property
+    def settings(self) -> Settings: ...  # (the answer's caps)
+    @property
+    def metrics(self) -> Metrics | None: ...
+    @property
+    def tracing(self) -> Tracing | None: ...
+
+
+class Stream:
+    """An upstream's event stream, still to relay to the client (:meth:`relay`)."""
+
+    __slots__ = ("idle", "reader", "stream_error", "upstream")
+
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        reader: Relay,
+        stream_error: Callable[[str, int], bytes],
+        idle: IdleWatch,
+    ) -> None:
+        self.upstream = upstream
+        self.reader = reader  # what reads the stream (its usage), gives what the client gets
+        self.stream_error = stream_error  # the API's error event
+        self.idle = idle
+
+    async def relay(
+        self, request: web.Request, response: web.StreamResponse, outcome: Outcome
+    ) -> None:
+        """Relays the upstream's stream to ``response`` as it comes; the usage (or what is
+        left to drain for it) in ``outcome``."""
+        upstream, idle, relay = self.upstream, self.idle, self.reader
+        cut = client_gone = False
+        idle.watch(upstream)
+        try:
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    if out := relay.feed(chunk):
+                        await response.write(out)
+                if rest := relay.flush():
+                    await response.write(rest)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                cut = True
+                outcome.error = f"upstream stream broke off: {type(e).__name__}"
+                await response.write(self.stream_error("The upstream broke off the response", 502))
+            except EventTooLarge as e:
+                cut = True
+                outcome.error = str(e)
+                if e.relayed:  # the events that came before it
+                    await response.write(e.relayed)
+                message = "The upstream sent an event too large to relay"
+                await response.write(self.stream_error(message, 502))
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError) as e:
+            outcome.error = "client disconnected"
+            cut = client_gone = True
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            idle.release(upstream)
+            if upstream.status != 200:
+                _let_go(upstream)
+            elif client_gone and not relay.has_all_usage and not upstream.content.is_eof():
+                outcome.leftover = (upstream, relay)  # drained for its usage after the answer
+            else:
+                _let_go(upstream)
+                _charge(outcome, relay, cut)
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the client is answered: a body, or (``stream`` set) a stream to relay."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    stream: Stream | None = None
+
+
+async def answer(
+    resp: aiohttp.ClientResponse,
+    outcome: Outcome,
+    api: Api,
+    ours: list[tuple[str, str]],
+    context: Context,
+    injected: bool = False,
+) -> Answer:
+    """The answer of ``resp`` (the upstream that served): the client's headers (``ours``,
+    our rate-limit headers, among them); a body read whole with its usage, or a stream to
+    relay through the API's reader (``injected``: usage asked for on the client's behalf,
+    hidden from it)."""
+    headers = response_headers(resp.headers, outcome.attempts, ours)
+    settings, ids = context.settings, outcome.ids
+    if resp.content_type != "text/event-stream":
+        data = await read_answer(resp, context.idle, settings.max_response)
+        if resp.status == 200:
+            outcome.usage = find_usage(data, api.usage)
+        if ids is not None:  # (an error names a response by the id the client knows too)
+            data = ids.body(data, None, resp.status < 300)
+        return Answer(resp.status, headers, data)
+    max_event = settings.max_event
+    reader = (
+        EventRewriter(ids.events, max_event, api.usage)
+        if ids is not None
+        else UsageHider(max_event)
+        if injected
+        else UsageScanner(max_event, api.usage)
+    )
+    stream = Stream(resp, reader, api.errors.stream_error, context.idle)
+    return Answer(resp.status, headers, b"", stream)  # (no keywords: they cost a dict)
+
+
+async def read_answer(resp: aiohttp.ClientResponse, idle: IdleWatch, cap: int) -> bytes:
+    """A non-streamed answer's body, decoded, read within the idle timeout and no further
+    than ``cap`` bytes; the upstream response released.  502 past the cap or when the
+    upstream breaks off (the connection closed)."""
+    idle.watch(resp)
+    try:
+        # (encoded, its Content-Length is not the size read: the decoded bytes count)
+        length = resp.content_length if "Content-Encoding" not in resp.headers else None
+        if length is not None and length <= cap:
+            return await resp.read()  # the usual answer: its length known, within the cap
+        return await _read_bounded(resp, cap, length)
+    except (aiohttp.ClientError, TimeoutError):
+        resp.close()
+        raise BadGateway("The upstream broke off its response") from None
+    finally:
+        idle.release(resp)
+        resp.release()
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, cap: int, length: int | None) -> bytes:
+    """A non-streamed answer's body (decoded) of no known ``length`` (None), read chunk by
+    chunk no further than ``cap`` bytes; over it (or a ``length`` over it): a 502 and the
+    connection closed."""
+    if length is None:
+        parts: list[bytes] = []
+        size = 0
+        content = resp.content
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > cap:
+                break
+            parts.append(chunk)
+        else:
+            return b"".join(parts)
+    resp.close()
+    raise BadGateway(f"The upstream's response is over the {cap}-byte limit")
+
+
+def _let_go(upstream: aiohttp.ClientResponse) -> None:
+    if upstream.content.is_eof():
+        upstream.release()
+    else:  # broken off, or the client went away: drop the upstream connection at once
+        upstream.close()
+
+
+def _charge(outcome: Outcome, relay: Relay, cut: bool) -> None:
+    """The usage of a relayed 200 stream: what it reported; if it reported none, an
+    estimate when it was cut, or when usage was asked for (a direct backend), and it
+    relayed something.  A stream cut with part of its usage (Anthropic's prompt, from its
+    first event) is charged that part and, for the rest, the estimate."""
+    usage = outcome.usage = relay.usage
+    if relay.events and (usage is None or (cut and not relay.has_all_usage)):
+        model = outcome.model
+        if cut or (model is not None and model.direct):
+            guess = estimate(outcome.request_bytes, relay.events)
+            if usage is not None:  # the prompt as reported; the completion as it came
+                completion = max(usage.completion_tokens, guess.completion_tokens)
+                total = usage.prompt_tokens + completion
+                guess = Usage(usage.prompt_tokens, completion, total, usage.details)
+            outcome.usage = guess
+            outcome.estimated = True
+
+
+def stop_draining(outcome: Outcome) -> None:
+    """A stream ended by the shutdown is charged what it reported, else the estimate, now."""
+    if outcome.leftover is not None:
+        upstream, relay = outcome.leftover
+        outcome.leftover = None
+        _let_go(upstream)
+        _charge(outcome, relay, cut=True)
+
+
+async def drain(outcome: Outcome, seconds: float) -> None:
+    """Reads what is left of an abandoned stream, for at most ``seconds``, to charge the
+    usage the upstream reports at its end (else an estimate)."""
+    assert outcome.leftover is not None
+    upstream, relay = outcome.leftover
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in upstream.content.iter_any():
+                relay.feed(chunk)
+            relay.flush()
+    except (aiohttp.ClientError, TimeoutError, EventTooLarge):
+        pass
+    finally:
+        _let_go(upstream)
+        outcome.leftover = None
+    _charge(outcome, relay, cut=True)
