@@ -81,6 +81,14 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     return body
 
 
+def body_bytes(request: web.Request) -> bytes:
+    """The bytes of a body :func:`read_json_body` has read (decoded): what
+    ``await request.read()`` gives from then on, without a coroutine."""
+    raw = request._read_bytes
+    assert raw is not None, "read_json_body first"
+    return raw
+
+
 async def _read(request: web.Request, encoding: str | None, max_body: int) -> bytes:
     """The body, decoded when it has a ``Content-Encoding``; ``request.read()`` gives the
     decoded bytes afterwards (they are what the upstream gets, with no Content-Encoding)."""
