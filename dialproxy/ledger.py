@@ -95,13 +95,6 @@ class Outcome(Protocol):
     def model(self) -> Model | None: ...
 
 
-def _errored(outcome: Outcome) -> bool:
-    """An error: no answer, an answer of 400 or over, or a stream that ended on an error
-    (the upstream broke off, the client left, the shutdown ended it)."""
-    status = outcome.status
-    return status == 0 or status >= 400 or outcome.error is not None
-
-
 class Ledger:
     """The process's pending hours in memory, written to ``store`` in batches."""
 
@@ -133,10 +126,13 @@ class Ledger:
         if totals is None:
             totals = self.pending[key] = [0, 0, 0, 0, 0, 0]
         totals[0] += 1
-        if _errored(outcome):
+        status = outcome.status
+        # An error: no answer, an answer of 400 or over, or a stream that ended on an error
+        # (the upstream broke off, the client left, the shutdown ended it).
+        if status == 0 or status >= 400 or outcome.error is not None:
             totals[1] += 1
         usage = outcome.usage
-        if usage is not None and outcome.status == 200:  # (what the limits are charged)
+        if usage is not None and status == 200:  # (what the limits are charged)
             totals[2] += usage.prompt_tokens
             totals[3] += usage.completion_tokens
             totals[4] += usage.total_tokens

@@ -505,3 +505,37 @@ async def test_forward_auth_token(backend: Backend, make_proxy: ProxyFactory) ->
     )
     assert resp.status == 200
     assert "Authorization" not in backend.control.last_request.headers
+
+
+async def _chunked(proxy: Proxy, body: bytes) -> tuple[int, bytes]:
+    """``body`` sent chunked (no Content-Length), whole with its headers in one write: the
+    status line and the answer's body."""
+    port = proxy.server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        "POST /openai/deployments/chat/chat/completions HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\nApi-Key: {KEY}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def test_a_chunked_body_that_arrived_whole_is_held_to_max_body(
+    backend: Backend, make_proxy: ProxyFactory, tmp_path: Any
+) -> None:
+    from dialproxy.settings import Settings
+
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),), max_body=1024)
+    proxy = await make_proxy(config(backend), settings=settings)
+    fits = json.dumps({"messages": [{"role": "user", "content": "x" * 900}]}).encode()
+    status, _ = await _chunked(proxy, fits)
+    assert status == 200
+    assert backend.control.requests[-1].body == fits  # the bytes as they came
+    too_big = json.dumps({"messages": [{"role": "user", "content": "x" * 1100}]}).encode()
+    status, body = await _chunked(proxy, too_big)
+    assert status == 413 and b"Request body is too large" in body
+    assert len(backend.control.requests) == 1

@@ -43,37 +43,29 @@ def _whole_seconds(total: int) -> str:
     return f"{secs}s"
 
 
-_REQUEST_HEADERS = (
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-)
-_TOKEN_HEADERS = (
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-)
-
-
 def ratelimit_headers(
     requests: WindowState | None, tokens: WindowState | None
 ) -> list[tuple[str, str]]:
-    """The ``x-ratelimit-*`` headers of the tightest request and token windows."""
+    """The ``x-ratelimit-*`` headers of the tightest request and token windows.  (Built in
+    one call, no helper per window: this runs on every request with a limit.)"""
     headers: list[tuple[str, str]] = []
     if requests is not None:
-        headers += _window_headers(_REQUEST_HEADERS, requests)
+        window, used = requests.window, requests.used
+        limit = window.limit
+        headers += (
+            ("x-ratelimit-limit-requests", str(limit)),
+            ("x-ratelimit-remaining-requests", str(limit - used) if used < limit else "0"),
+            ("x-ratelimit-reset-requests", go_duration(seconds_to_empty(window, requests.counts))),
+        )
     if tokens is not None:
-        headers += _window_headers(_TOKEN_HEADERS, tokens)
+        window, used = tokens.window, tokens.used
+        limit = window.limit
+        headers += (
+            ("x-ratelimit-limit-tokens", str(limit)),
+            ("x-ratelimit-remaining-tokens", str(limit - used) if used < limit else "0"),
+            ("x-ratelimit-reset-tokens", go_duration(seconds_to_empty(window, tokens.counts))),
+        )
     return headers
-
-
-def _window_headers(names: tuple[str, str, str], state: WindowState) -> tuple[tuple[str, str], ...]:
-    limit, used = state.window.limit, state.used
-    return (
-        (names[0], str(limit)),
-        (names[1], str(limit - used) if used < limit else "0"),
-        (names[2], go_duration(seconds_to_empty(state.window, state.counts))),
-    )
 
 
 def sse_error(message: str, status: int = 502) -> bytes:

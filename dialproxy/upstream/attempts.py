@@ -13,6 +13,7 @@ import email.utils
 import math
 import re
 import time
+from bisect import bisect_left
 from collections.abc import Collection, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -132,6 +133,20 @@ class Attempts:
     async def _down(self, upstream: Upstream) -> None:
         self._all_limited = False
         await self._balancer.failed(self._model, upstream)
+
+    def served_now(self, resp: aiohttp.ClientResponse, upstream: Upstream) -> bool:
+        """:meth:`served` without a coroutine for the usual answer (True: served, below 300
+        and not retriable); False: :meth:`served` decides (nothing done yet)."""
+        status = resp.status
+        if status >= 300 or status in self._retriable:
+            return False
+        if self._cell is not None:
+            ttfb = self._cell.ttfb  # (the histogram's observe, inline)
+            seconds = time.perf_counter() - self._sent
+            ttfb.counts[bisect_left(ttfb.bounds, seconds)] += 1
+            ttfb.sum += seconds
+        self._balancer.succeeded(self._model, upstream)
+        return True
 
     async def served(self, resp: aiohttp.ClientResponse, upstream: Upstream) -> bool:
         """Whether ``resp`` is the answer to serve; if not, it is released and the next

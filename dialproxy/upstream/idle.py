@@ -37,12 +37,29 @@ class HeadersWait:
         self.since: float | None = None  # first seen by a check
         self.expired = False
 
-    async def __aenter__(self) -> None:
+    def enter(self) -> HeadersWait:
+        """The wait begins (``async with``'s enter, as a plain call: the request path's
+        retry loop calls it and :meth:`exit` without two coroutines a request)."""
         task = asyncio.current_task()
         assert task is not None
         self.task = task
         self.cancelling = task.cancelling()
         self.watch._waits.add(self)
+        return self
+
+    def exit(self, exc: BaseException | None) -> None:
+        """The wait ends, the block having raised ``exc`` (None: it did not): raises
+        ``TimeoutError`` from the cancellation that the timeout made."""
+        self.watch._waits.discard(self)
+        if (
+            self.expired
+            and self.task.uncancel() <= self.cancelling
+            and type(exc) is asyncio.CancelledError
+        ):
+            raise TimeoutError("No answer from the upstream") from exc
+
+    async def __aenter__(self) -> None:
+        self.enter()
 
     async def __aexit__(
         self,
@@ -50,13 +67,7 @@ class HeadersWait:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.watch._waits.discard(self)
-        if (
-            self.expired
-            and self.task.uncancel() <= self.cancelling
-            and exc_type is asyncio.CancelledError
-        ):
-            raise TimeoutError("No answer from the upstream") from exc
+        self.exit(exc)
 
 
 class IdleWatch(StallWatch[aiohttp.ClientResponse]):

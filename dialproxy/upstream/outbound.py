@@ -24,6 +24,7 @@ from dialproxy.limiter import Admission, Scope
 from dialproxy.outcome import Outcome
 from dialproxy.upstream.answer import Answer, Context, answer
 from dialproxy.upstream.attempts import Attempts
+from dialproxy.upstream.idle import HeadersWait
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -56,7 +57,7 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
     raised.  What the attempts did goes in ``outcome`` (for the log line and the usage)."""
     balancer, client, model = context.balancer, context.client, out.model
     assert client is not None
-    headers, limiter = out.headers, context.limiter
+    headers, limiter, idle = out.headers, context.limiter, context.idle
     query = out.target.raw_query_string  # as the client wrote it: nothing decoded
     attempts = Attempts(
         balancer, model, out.retriable, context.metrics, context.tracing, outcome.span
@@ -87,13 +88,20 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
         outcome.upstream = route.name
         sent = attempts.sending(route, headers)
         try:
-            async with context.idle.headers():  # (the idle timeout until the headers)
+            # The idle timeout until the headers (``async with idle.headers()`` as two plain
+            # calls: no coroutine for its enter and its exit).
+            wait = HeadersWait(idle).enter()
+            try:
                 resp = await client.post(
                     url,
                     data=out.data,
                     headers={**headers, **route.headers} if route.headers else headers,
                     allow_redirects=False,  # the route's credentials go to its URL, nowhere else
                 )
+            except BaseException as e:
+                wait.exit(e)
+                raise
+            wait.exit(None)
         except (aiohttp.ClientError, TimeoutError):
             await attempts.broke(route.upstream)
             await _give_back(context, capacity, held)
@@ -101,7 +109,9 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
         except asyncio.CancelledError:  # the client left while the upstream was asked
             attempts.cancelled()
             raise
-        if not await attempts.served(resp, route.upstream):
+        if not attempts.served_now(resp, route.upstream) and not await attempts.served(
+            resp, route.upstream
+        ):
             await _give_back(context, capacity, held)
             continue
         if capacity is not None:

@@ -51,9 +51,16 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     ):
         raise UnsupportedMediaType("Only application/json is supported")
     encoding = headers.get("Content-Encoding")
+    content = request.content
     try:
-        if encoding is None and request.content.is_eof():  # (the usual: all arrived)
-            raw = await request.read()
+        if encoding is None and content.is_eof() and request._read_bytes is None:
+            # The usual: all arrived.  Its buffered bytes taken at once (what request.read()
+            # gives, without its loop of awaits and its copy into a bytearray) and kept as
+            # request.read()'s answer.
+            raw = content.read_nowait()
+            if len(raw) > max_body:
+                raise PayloadTooLarge("Request body is too large")
+            request._read_bytes = raw
         else:
             watch = request.app.get(BODY_WATCH)
             with watch.watching(request.content) if watch else contextlib.nullcontext():
@@ -72,6 +79,14 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
     return body
+
+
+def body_bytes(request: web.Request) -> bytes:
+    """The bytes of a body :func:`read_json_body` has read (decoded): what
+    ``await request.read()`` gives from then on, without a coroutine."""
+    raw = request._read_bytes
+    assert raw is not None, "read_json_body first"
+    return raw
 
 
 async def _read(request: web.Request, encoding: str | None, max_body: int) -> bytes:

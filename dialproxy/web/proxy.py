@@ -50,7 +50,7 @@ from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.outbound import Outbound, send
 from dialproxy.web import guard
-from dialproxy.web.body import read_json_body
+from dialproxy.web.body import body_bytes, read_json_body
 from dialproxy.web.drain import Drain
 from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
@@ -108,7 +108,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             ids = outcome.ids = api.ids(body, deployment, principal.project)
             if (route := ids.route(serving)) is not None:  # (the upstream that has the rest)
                 serving = dataclasses.replace(serving, routes=(route,))
-        raw = await request.read()  # (read already: the bytes as they came)
+        raw = body_bytes(request)  # (read already: the bytes as they came)
         ours = await _admit(services, principal, plan, api, body, len(raw), outcome)
         payload, injected = api.body(body, raw, model)
         data = payload if payload is not None else raw
@@ -392,10 +392,16 @@ def add_to_ledger(
     outcome: Outcome,
 ) -> None:
     """A finished request in the usage ledger (in memory: written in batches)."""
-    shared = principal.shared
-    row = (principal.project, principal.fingerprint, shared.id if shared else "")
+    shared, key = principal.shared, principal.key  # (the key's fields: no property calls)
     name = deployment if deployment in snapshot.models else None
-    ledger.add((*row, name or UNKNOWN_DEPLOYMENT, outcome.api), outcome)
+    row = (
+        key.project,
+        key.fingerprint,
+        shared.id if shared else "",
+        name or UNKNOWN_DEPLOYMENT,
+        outcome.api,
+    )
+    ledger.add(row, outcome)
 
 
 def end_key(services: Services, key: str) -> None:
