@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 from multidict import CIMultiDictProxy
 
 from dialproxy.config.model import Access, IPNetwork, Key, Snapshot
+from dialproxy.config.store import Memo
 from dialproxy.errors import BadRequest, Forbidden, Unauthorized
 
 if TYPE_CHECKING:
@@ -104,24 +105,39 @@ class SharedKeyFinder(Protocol):
     async def find_digest(self, digest: str) -> SharedKey | None: ...
 
 
+def _known(secret: str, snapshot: Snapshot, memo: Memo) -> Key | None:
+    """The config key ``secret`` names, kept in the memo by its secret (a str: the memo's
+    other entries are tuples).  Only a secret that is a key is kept, so what clients send
+    cannot fill the memo; the memo is the snapshot's, so a reload forgets them all."""
+    key: Key | None = memo.get(secret)
+    if key is None:
+        key = snapshot.key_for_secret(secret)
+        if key is not None:
+            memo.put(secret, key)
+    return key
+
+
 async def authenticate(
     headers: CIMultiDictProxy[str],
     snapshot: Snapshot,
     remote: str | None,
     shared: SharedKeyFinder | None,
     x_api_key: bool = False,
+    memo: Memo | None = None,
 ) -> Principal:
     """The key a request carries, from the config or, for a secret the config does not
     know, from the per-request keys in flight (their prefix) or the shared keys.
 
     A shared key acts as its owner, who is looked up by digest in *this* snapshot: an owner
     key that is gone, disabled, expired or without ``canShare`` takes its shared keys with
-    it (401 like an unknown key), and the owner's address ranges apply.
+    it (401 like an unknown key), and the owner's address ranges apply.  With the store's
+    ``memo`` of ``snapshot``, a config key found by its secret is remembered there (no
+    SHA-256 the next time).
     """
     clock = shared.clock if shared is not None else None
     now = clock() if clock is not None else None
     secret = credentials(headers, x_api_key)
-    key = snapshot.key_for_secret(secret)
+    key = snapshot.key_for_secret(secret) if memo is None else _known(secret, snapshot, memo)
     if key is not None:
         return _admitted(key, secret, remote, now)
     if secret.startswith(PER_REQUEST_KEY_PREFIX) and shared is not None:

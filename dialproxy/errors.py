@@ -76,6 +76,13 @@ class BadGateway(ProxyError):
     status = 502
 
 
+class NoRoute(BadGateway):
+    """DIAL's "No route" to the client; the log line says what went wrong (the message)."""
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": "No route", "code": "502"}}
+
+
 class Unavailable(ProxyError):
     status = 503
 
@@ -240,3 +247,15 @@ class RoleNotFound(KeysError):
 
 class NotEditable(KeysError):
     """The file (YAML) or the key (named by a ``${VAR}``) is not edited."""
+
+
+# --- what an upstream sends ----------------------------------------------------------------
+
+
+class EventTooLarge(Exception):
+    """An upstream event grew past the cap before it ended: the stream is cut, after the
+    complete events that came before it in the same chunk (``relayed``)."""
+
+    def __init__(self, message: str, relayed: bytes = b"") -> None:
+        super().__init__(message)
+        self.relayed = relayed

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from dialproxy.errors import EventTooLarge
 from dialproxy.wire import sse
 from dialproxy.wire.relay import UsageHider, UsageScanner
-from dialproxy.wire.sse import EventTooLarge
 from dialproxy.wire.usage import Usage
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}

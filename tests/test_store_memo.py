@@ -7,8 +7,13 @@ import ipaddress
 import json
 from typing import Any
 
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from dialproxy.auth import authenticate
 from dialproxy.config.loader import Source, build_snapshot
 from dialproxy.config.store import ConfigStore, Memo
+from dialproxy.errors import Unauthorized
 from tests.conftest import new_key
 
 KEY = new_key()
@@ -64,3 +69,32 @@ def test_ip_ranges_are_parsed_once_at_build() -> None:
         ipaddress.ip_network("10.0.0.0/8"),
         ipaddress.ip_network("2001:db8::/32"),
     )
+
+
+async def test_a_key_found_by_its_secret_is_remembered_and_unknown_secrets_are_not() -> None:
+    """Auth keeps a config key found by its secret in the snapshot's memo (no SHA-256 the
+    next time); secrets that name no key are never kept (clients cannot fill the memo), and
+    a reload's new memo has none of them (a removed key is unknown at once)."""
+
+    def headers(secret: str) -> CIMultiDictProxy[str]:
+        return CIMultiDictProxy(CIMultiDict({"Api-Key": secret}))
+
+    store = ConfigStore(["aidial.config.json"], memo_size=100)
+    assert store.reload(source(config("one"))).applied
+    snapshot = store.snapshot
+    memo = store.memo_for(snapshot)
+    for _ in range(20):
+        with pytest.raises(Unauthorized):
+            await authenticate(headers(new_key()), snapshot, None, None, memo=memo)
+    assert len(memo) == 0
+    for _ in range(3):
+        principal = await authenticate(headers(KEY), snapshot, None, None, memo=memo)
+        assert principal.key.project == "one"
+    assert len(memo) == 1
+    doc = config("two")
+    doc["keys"] = {new_key(): {"project": "two", "role": "default"}}
+    assert store.reload(source(doc)).applied
+    fresh = store.memo_for(store.snapshot)
+    assert len(fresh) == 0
+    with pytest.raises(Unauthorized):  # the removed key: unknown at once
+        await authenticate(headers(KEY), store.snapshot, None, None, memo=fresh)

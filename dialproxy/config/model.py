@@ -687,15 +687,6 @@ class Snapshot:
     schedule: Schedule = DEFAULT_SCHEDULE
     # The config's `routes`, compiled and in `order` (dialproxy.config.routes).
     dial_routes: tuple[DialRoute, ...] = field(default=(), repr=False)
-    # The keys found by their secret in this snapshot: a SHA-256 per request saved.  Only
-    # a secret that is a key of ``keys`` is kept (at most one per key: the memo cannot
-    # grow with what clients send); never in a repr.
-    _by_secret: dict[str, Key] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def key_for_secret(self, secret: str) -> Key | None:
-        key = self._by_secret.get(secret)
-        if key is None:
-            key = self.keys.get(key_digest(secret))
-            if key is not None:
-                self._by_secret[secret] = key
-        return key
+        return self.keys.get(key_digest(secret))

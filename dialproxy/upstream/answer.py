@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 from aiohttp import web
 
-from dialproxy.errors import BadGateway
+from dialproxy.errors import BadGateway, EventTooLarge
 from dialproxy.outcome import Outcome
 from dialproxy.settings import Settings
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.wire.headers import response_headers
 from dialproxy.wire.relay import EventRewriter, Relay, UsageHider, UsageScanner
-from dialproxy.wire.sse import EventTooLarge
 from dialproxy.wire.usage import Usage, estimate, find_usage
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from dialproxy.config.model import Model, Route, Upstream
-from dialproxy.errors import BadGateway, ProxyError, Unavailable
+from dialproxy.errors import BadGateway, NoRoute, ProxyError, Unavailable
 from dialproxy.metrics import Metrics
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
@@ -49,13 +49,6 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     except Exception:  # whatever the date parser makes of it: no date
         return None
     return min(max(seconds, 0.0), MAX_PAUSE)
-
-
-class NoRoute(BadGateway):
-    """DIAL's "No route" to the client; the log line says what went wrong (the message)."""
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": "No route", "code": "502"}}
 
 
 class Attempts:

@@ -15,10 +15,9 @@ import aiohttp
 
 from dialproxy.apis.responses import RESPONSES
 from dialproxy.config.model import Route
-from dialproxy.errors import BadGateway
+from dialproxy.errors import BadGateway, NoRoute
 from dialproxy.outcome import Outcome
 from dialproxy.upstream.answer import Answer, Context, answer
-from dialproxy.upstream.attempts import NoRoute
 
 
 @dataclass(slots=True)

@@ -51,7 +51,7 @@ from dialproxy.errors import (
     RoleNotFound,
 )
 from dialproxy.ledger import HOUR
-from dialproxy.web.appkeys import BALANCER, LEDGER, SETTINGS, SHARED, STORE
+from dialproxy.web.appkeys import ADMIN_WRITES, BALANCER, LEDGER, SETTINGS, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
 
 log = structlog.get_logger("dialproxy.admin")
@@ -62,8 +62,6 @@ _STATES = {"active", "expired", "disabled", "revoked", "not yet valid"}
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 # What the answer of each section's list tells to read again after a 412.
 _LISTING = {"keys": "GET /v1/admin/keys", "roles": "GET /v1/admin/roles"}
-# One admin write at a time in a process (another process's: its write_atomic's check).
-WRITES = web.AppKey("admin_writes", asyncio.Lock)
 
 
 def etag(data: bytes) -> str:
@@ -280,7 +278,7 @@ async def _commit(
     (``key=<fingerprint>``; ``role=``, ``model=``), for the audit line."""
     store = request.app[STORE]
     try:
-        async with request.app[WRITES]:  # (the checks build the config twice: in a thread)
+        async with request.app[ADMIN_WRITES]:  # (the checks build the config twice: in a thread)
             warnings = await asyncio.to_thread(config.save, store.env(), True, store.paths)
     except InvalidEdit as e:
         raise ProxyError(str(e), status=422) from None
@@ -812,7 +810,7 @@ async def reload_config(request: web.Request) -> web.Response:
 
 def routes(app: web.Application) -> None:
     """Register the admin API's routes on ``app``."""
-    app[WRITES] = asyncio.Lock()
+    app[ADMIN_WRITES] = asyncio.Lock()
     table: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
         ("GET", "/v1/admin/keys", list_keys),
         ("POST", "/v1/admin/keys", create_key),

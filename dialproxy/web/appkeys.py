@@ -33,4 +33,6 @@ LEDGER = web.AppKey("ledger", Ledger)  # set unless --ledger off
 METRICS = web.AppKey("metrics", Metrics)  # (absent with --no-metrics)
 SHARED = web.AppKey("shared_keys", SharedKeys[PerRequestKeys])
 BODY_WATCH = web.AppKey("body_watch", BodyWatch)  # (absent: no body timeout)
+# One admin write at a time in a process (another process's: its write_atomic's check).
+ADMIN_WRITES = web.AppKey("admin_writes", asyncio.Lock)
 WATCHER: web.AppKey[ConfigWatcher] = web.AppKey("config_watcher")  # (absent with --no-watch)

@@ -87,7 +87,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
     principal: Principal | None = None
     try:
         principal = await authenticate(
-            request.headers, snapshot, request.remote, services.shared, api.x_api_key
+            request.headers, snapshot, request.remote, services.shared, api.x_api_key, memo
         )
         max_body = services.settings.max_body
         if deployment is None:  # /openai/v1/...: the deployment is the body's "model"

@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from dialproxy.errors import EventTooLarge
 from dialproxy.wire import sse
-from dialproxy.wire.sse import EventTooLarge
 from dialproxy.wire.usage import CHAT_USAGE, MARK, Usage, UsageRule, usage_of
 
 _NULL = b'"usage":null'

@@ -23,15 +23,6 @@ _CR, _LF = 13, 10
 MAX_EVENT = 4 * 1024 * 1024
 
 
-class EventTooLarge(Exception):
-    """An upstream event grew past the cap before it ended: the stream is cut, after the
-    complete events that came before it in the same chunk (``relayed``)."""
-
-    def __init__(self, message: str, relayed: bytes = b"") -> None:
-        super().__init__(message)
-        self.relayed = relayed
-
-
 def _past_blank(data: bytes, index: int) -> int:
     """Where the blank line whose byte pair starts at ``index`` ends."""
     end = index + 2
