@@ -272,10 +272,11 @@ async def _commit(
     before: Mapping[str, Any] | None,
     after: Mapping[str, Any] | None,
     **subject: str,
-) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    """Save the edit (422 invalid, 412 changed meanwhile), reload, log; the new ETag, the
-    warnings the edit introduced and what the reload did.  ``subject``: what was edited
-    (``key=<fingerprint>``; ``role=``, ``model=``), for the audit line."""
+) -> dict[str, Any]:
+    """Save the edit (422 invalid, 412 changed meanwhile), reload, log; what every write's
+    answer says of it: the ``warnings`` the edit introduced, what the ``reload`` did and the
+    file's new ``etag``.  ``subject``: what was edited (``key=<fingerprint>``; ``role=``,
+    ``model=``), for the audit line."""
     store = request.app[STORE]
     try:
         async with request.app[ADMIN_WRITES]:  # (the checks build the config twice: in a thread)
@@ -304,7 +305,12 @@ async def _commit(
         "problems": [p.as_dict() for p in result.problems],
     }
     written = (b"\xef\xbb\xbf" if config.bom else b"") + config.text.text.encode("utf-8")
-    return etag(written), [p.as_dict() for p in warnings], reload
+    return {"warnings": [p.as_dict() for p in warnings], "reload": reload, "etag": etag(written)}
+
+
+def _saved(answer: dict[str, Any], written: dict[str, Any], status: int = 200) -> web.Response:
+    """A write's answer: ``answer`` and what :func:`_commit` said, the new ETag as a header."""
+    return json_response(answer | written, status=status, headers={"ETag": written["etag"]})
 
 
 def _expiry(value: Any, now: datetime) -> datetime | None:
@@ -504,14 +510,11 @@ async def create_key(request: web.Request) -> web.Response:
     name = keys.hashed(secret)
     entry = dict(config.keys[name])
     fp = key_digest(secret)[:8]
-    tag, warnings, reload = await _commit(request, config, who, "create", None, entry, key=fp)
+    written = await _commit(request, config, who, "create", None, entry, key=fp)
     answer = _answer(name, entry, {}, config.path) | {
         "key": secret,
-        "warnings": warnings,
-        "reload": reload,
-        "etag": tag,
     }
-    return json_response(answer, status=201, headers={"ETag": tag})
+    return _saved(answer, written, status=201)
 
 
 async def edit_key(request: web.Request) -> web.Response:
@@ -556,13 +559,9 @@ async def edit_key(request: web.Request) -> web.Response:
     except KeysError as e:
         raise BadRequest(str(e)) from None
     after = dict(config.keys[name])
-    tag, warnings, reload = await _commit(request, config, who, "edit", before, after, key=fp)
-    answer = _answer(name, after, env, config.path) | {
-        "warnings": warnings,
-        "reload": reload,
-        "etag": tag,
-    }
-    return json_response(answer, headers={"ETag": tag})
+    written = await _commit(request, config, who, "edit", before, after, key=fp)
+    answer = _answer(name, after, env, config.path) | {}
+    return _saved(answer, written)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -576,13 +575,9 @@ async def revoke_key(request: web.Request) -> web.Response:
         answer = _answer(name, before, env, config.path) | {"etag": tag}
         return json_response(answer, headers={"ETag": tag})
     after = dict(config.keys[name])
-    tag, warnings, reload = await _commit(request, config, who, "revoke", before, after, key=fp)
-    answer = _answer(name, after, env, config.path) | {
-        "warnings": warnings,
-        "reload": reload,
-        "etag": tag,
-    }
-    return json_response(answer, headers={"ETag": tag})
+    written = await _commit(request, config, who, "revoke", before, after, key=fp)
+    answer = _answer(name, after, env, config.path) | {}
+    return _saved(answer, written)
 
 
 async def rotate_key(request: web.Request) -> web.Response:
@@ -611,17 +606,14 @@ async def rotate_key(request: web.Request) -> web.Response:
     except KeysError as e:
         raise ProxyError(str(e), status=409) from None
     after = dict(config.keys[name])
-    tag, warnings, reload = await _commit(request, config, who, "rotate", before, after, key=fp)
+    written = await _commit(request, config, who, "rotate", before, after, key=fp)
     new_name = keys.hashed(rotated.secret)
     answer = _answer(new_name, rotated.entry, env, config.path) | {
         "key": rotated.secret,
         "replaces": rotated.old_fingerprint,
         "oldExpiresAt": keys.iso(rotated.old_expires_at),
-        "warnings": warnings,
-        "reload": reload,
-        "etag": tag,
     }
-    return json_response(answer, status=201, headers={"ETag": tag})
+    return _saved(answer, written, status=201)
 
 
 # --- roles ---------------------------------------------------------------------------------
@@ -704,7 +696,7 @@ async def set_role_limit(request: web.Request) -> web.Response:
         before = keys.set_role_limit(config, role, model, body)
     except KeysError as e:
         raise _role_refusal(e) from None
-    tag, warnings, reload = await _commit(
+    written = await _commit(
         request, config, who, "role_limit", before, body, role=role, model=model
     )
     answer = {
@@ -713,11 +705,8 @@ async def set_role_limit(request: web.Request) -> web.Response:
         "limit": body,
         "replaced": before,
         "file": str(config.path),
-        "warnings": warnings,
-        "reload": reload,
-        "etag": tag,
     }
-    return json_response(answer, headers={"ETag": tag})
+    return _saved(answer, written)
 
 
 async def remove_role_limit(request: web.Request) -> web.Response:
@@ -730,7 +719,7 @@ async def remove_role_limit(request: web.Request) -> web.Response:
         before = keys.remove_role_limit(config, role, model)
     except KeysError as e:
         raise _role_refusal(e) from None
-    tag, warnings, reload = await _commit(
+    written = await _commit(
         request, config, who, "role_limit_remove", before, None, role=role, model=model
     )
     answer = {
@@ -738,11 +727,8 @@ async def remove_role_limit(request: web.Request) -> web.Response:
         "model": model,
         "removed": before,
         "file": str(config.path),
-        "warnings": warnings,
-        "reload": reload,
-        "etag": tag,
     }
-    return json_response(answer, headers={"ETag": tag})
+    return _saved(answer, written)
 
 
 async def validate(request: web.Request) -> web.Response:
