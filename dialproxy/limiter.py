@@ -207,11 +207,6 @@ class Limiter:
         # they need no guard.
         self.local = storage if isinstance(storage, LocalCounters) else None
 
-    @property
-    def in_process(self) -> bool:
-        """Counters in this process's memory: calls never wait on I/O."""
-        return self.local is not None
-
     def health(self) -> dict[str, Any]:
         return self.guard.health()
 
