@@ -31,7 +31,7 @@ from dialproxy.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from dialproxy.web.appkeys import BODY_WATCH
+from dialproxy.web.appkeys import BODY_WATCH, RAW_BODY
 
 STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)
 PIECE = 64 * 1024  # decoded bytes per call of zlib (below the allocator's mmap threshold)
@@ -53,14 +53,12 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
     encoding = headers.get("Content-Encoding")
     content = request.content
     try:
-        if encoding is None and content.is_eof() and request._read_bytes is None:
+        if encoding is None and content.is_eof():
             # The usual: all arrived.  Its buffered bytes taken at once (what request.read()
-            # gives, without its loop of awaits and its copy into a bytearray) and kept as
-            # request.read()'s answer.
+            # gives, without its loop of awaits and its copy into a bytearray).
             raw = content.read_nowait()
             if len(raw) > max_body:
                 raise PayloadTooLarge("Request body is too large")
-            request._read_bytes = raw
         else:
             watch = request.app.get(BODY_WATCH)
             with watch.watching(request.content) if watch else contextlib.nullcontext():
@@ -78,20 +76,19 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
             raise BadRequest("Invalid JSON in the request body") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
+    request[RAW_BODY] = raw
     return body
 
 
 def body_bytes(request: web.Request) -> bytes:
-    """The bytes of a body :func:`read_json_body` has read (decoded): what
-    ``await request.read()`` gives from then on, without a coroutine."""
-    raw = request._read_bytes
-    assert raw is not None, "read_json_body first"
-    return raw
+    """The bytes of a body :func:`read_json_body` has read (decoded): the stream they came
+    on is consumed (read them here, never with ``request.read()``)."""
+    return request[RAW_BODY]
 
 
 async def _read(request: web.Request, encoding: str | None, max_body: int) -> bytes:
-    """The body, decoded when it has a ``Content-Encoding``; ``request.read()`` gives the
-    decoded bytes afterwards (they are what the upstream gets, with no Content-Encoding)."""
+    """The body, decoded when it has a ``Content-Encoding`` (what the upstream gets, with no
+    Content-Encoding)."""
     name = encoding.strip().lower() if encoding is not None else "identity"
     if name in ("identity", ""):
         return await request.read()
@@ -100,9 +97,7 @@ async def _read(request: web.Request, encoding: str | None, max_body: int) -> by
         raise UnsupportedMediaType(
             "Unsupported Content-Encoding: only gzip and deflate are decoded"
         )
-    decoded = await _inflate(request.content, wbits, max_body, name)
-    request._read_bytes = decoded  # what request.read() returns from now on
-    return decoded
+    return await _inflate(request.content, wbits, max_body, name)
 
 
 async def _inflate(stream: StreamReader, wbits: int, max_body: int, name: str) -> bytes:
