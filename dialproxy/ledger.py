@@ -132,7 +132,8 @@ class Ledger:
         if status == 0 or status >= 400 or outcome.error is not None:
             totals[1] += 1
         usage = outcome.usage
-        if usage is not None and status == 200:  # (what the limits are charged)
+        # (what the limits are charged: a 200's usage, or an estimate: see web/proxy.py)
+        if usage is not None and (status == 200 or outcome.estimated):
             totals[2] += usage.prompt_tokens
             totals[3] += usage.completion_tokens
             totals[4] += usage.total_tokens

@@ -33,7 +33,9 @@ class Outcome:
     records: bool = False  # whether a scope counts usage
     shared: SharedKey | None = None  # the shared key that called, if one did
     request_bytes: int = 0  # the body sent upstream (what a usage estimate goes by)
-    estimated: bool = False  # the usage is an estimate (a stream cut before its usage)
+    # The usage is an estimate (a stream cut before its usage, a client gone before the
+    # answer): charged whatever the status.
+    estimated: bool = False
     # An abandoned stream's upstream and reader, still to be drained for the usage.
     leftover: tuple[aiohttp.ClientResponse, Relay] | None = None
     per_request_key: str | None = None  # the key sent to an adapter: ended with the request

@@ -4,6 +4,7 @@ comes, and a stream the client abandons (or the upstream breaks off) is still ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -263,3 +264,39 @@ async def test_a_stream_cut_at_any_point_ends_with_an_error_and_is_charged(
                 if data.count(b"data:") > 1:  # content relayed before the error event
                     assert now - used > 0, abort_at  # the estimate, never zero
             used = now
+
+
+async def test_a_client_that_hangs_up_before_a_whole_answer_is_charged_an_estimate(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, session_logs: Any
+) -> None:
+    """A non-streamed request reached the upstream, which works on it (and bills for it);
+    its client leaves before the answer: the request is charged the estimate (the prompt
+    at a token per 4 bytes sent, one completion token), not nothing; its log line says so.
+    A request refused before it reached an upstream is charged nothing."""
+    asked = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        asked.set()
+        await asyncio.sleep(2)
+        return web.json_response({"choices": [], "usage": USAGE})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow)
+    server = await aiohttp_server(app)
+    proxy = await make_proxy(config(str(server.make_url("/v1/chat/completions"))))
+    before = len(session_logs.lines)
+    body = {"messages": [{"role": "user", "content": PROMPT}]}
+    async with aiohttp.ClientSession() as s:
+        post = asyncio.ensure_future(s.post(url(proxy), json=body, headers={"Api-Key": KEY}))
+        await asyncio.wait_for(asked.wait(), 10)
+        post.cancel()  # the client hangs up while the upstream works
+        with contextlib.suppress(asyncio.CancelledError):
+            await post
+    await until(lambda: any('"request"' in line for line in session_logs.lines[before:]))
+    sent = len(json.dumps({**body, "stream": False}).encode())  # (about: the body sent)
+    used = await used_tokens(proxy)
+    assert used > 1 and abs(used - (sent // 4 + 2)) <= 10, used  # never the 0 of before
+    line = next(json.loads(x) for x in session_logs.lines[before:] if '"request"' in x)
+    assert line["usage"] == "estimated" and line["total_tokens"] == used
+    assert line["status"] == 499 and "client" in line["error"]

@@ -36,11 +36,12 @@ _POLL = 0.05
 class Drain:
     """The stream relays running now, and the end of the grace, which ends them."""
 
-    __slots__ = ("_ending", "_open")
+    __slots__ = ("_ending", "_open", "over")
 
     def __init__(self) -> None:
         self._open: set[asyncio.Task[object]] = set()
         self._ending: set[asyncio.Task[object]] = set()  # cancelled by end_streams
+        self.over = False  # the grace is over: what is cancelled now is the shutdown's
 
     def __len__(self) -> int:
         return len(self._open)
@@ -75,6 +76,7 @@ class Drain:
 
     def end_streams(self) -> int:
         """End every stream still relayed (the grace is over); how many there were."""
+        self.over = True
         ended = 0
         for task in self._open - self._ending:
             if not task.done():

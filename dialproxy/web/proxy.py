@@ -53,6 +53,7 @@ from dialproxy.web import guard
 from dialproxy.web.body import body_bytes, read_json_body
 from dialproxy.web.drain import Drain
 from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
+from dialproxy.wire.usage import estimate
 
 
 @dataclass(slots=True)
@@ -138,6 +139,11 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
         return response
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         return refused(request, api, outcome, e)
+    except asyncio.CancelledError:  # the client left, or the shutdown's grace ended
+        if outcome.attempts and outcome.usage is None and outcome.leftover is None:
+            if not services.drain.over:  # (the shutdown's is ours: not charged)
+                abandoned(outcome)
+        raise
     finally:
         if outcome.leftover is None:
             _settle(services, request, principal, deployment, outcome, started)
@@ -148,6 +154,20 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
                 _settle, services, request, principal, deployment, outcome, started
             )
             hold(services.background, settle_after_drain(services, outcome, settle))
+
+
+def abandoned(outcome: Outcome) -> None:
+    """A request that reached an upstream, whose client left before the answer (none came,
+    or a 200's body was still being read): the upstream worked on it (a provider bills a
+    request its client left), so it is charged the estimate of a stream cut before its
+    first event (the prompt at a token per 4 bytes sent, one completion token), as status
+    499, nginx's "client closed request".  An answer that failed is charged nothing."""
+    if outcome.status not in (0, 200):
+        return
+    outcome.usage = estimate(outcome.request_bytes, 0)
+    outcome.estimated = True
+    outcome.status = 499
+    outcome.error = "the client went away before the answer"
 
 
 def begin(services: Services, request: web.Request, api: str) -> Outcome:
@@ -316,7 +336,7 @@ def _settle(
     """The request's usage recorded (its reservation settled), added to the usage ledger,
     its log line written."""
     holds = outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved
-    if outcome.usage is not None and outcome.status == 200:
+    if outcome.usage is not None and (outcome.status == 200 or outcome.estimated):
         if holds or outcome.shared is not None or outcome.records or outcome.capacity:
             record(services, outcome)
     elif holds or outcome.capacity is not None:  # nothing to charge: what it held given back
@@ -468,7 +488,7 @@ def _observe(
     metrics, tracing = services.metrics, services.tracing
     if metrics is not None:
         counted = None
-        if usage is not None and status == 200:
+        if usage is not None and (status == 200 or outcome.estimated):
             counted = (usage.prompt_tokens, usage.completion_tokens)
         metrics.finish(
             outcome.api,
