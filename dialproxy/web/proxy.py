@@ -140,9 +140,9 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         return refused(request, api, outcome, e)
     except asyncio.CancelledError:  # the client left, or the shutdown's grace ended
-        if outcome.attempts and outcome.usage is None and outcome.leftover is None:
-            if not services.drain.over:  # (the shutdown's is ours: not charged)
-                abandoned(outcome)
+        # (what the shutdown cancels after its grace is ours: not charged)
+        if outcome.attempts and outcome.usage is None and not services.drain.over:
+            abandoned(outcome)
         raise
     finally:
         if outcome.leftover is None:
@@ -161,8 +161,9 @@ def abandoned(outcome: Outcome) -> None:
     or a 200's body was still being read): the upstream worked on it (a provider bills a
     request its client left), so it is charged the estimate of a stream cut before its
     first event (the prompt at a token per 4 bytes sent, one completion token), as status
-    499, nginx's "client closed request".  An answer that failed is charged nothing."""
-    if outcome.status not in (0, 200):
+    499, nginx's "client closed request".  An answer that failed is charged nothing, and a
+    stream the client left is drained for its usage instead (``outcome.leftover``)."""
+    if outcome.status not in (0, 200) or outcome.leftover is not None:
         return
     outcome.usage = estimate(outcome.request_bytes, 0)
     outcome.estimated = True
