@@ -31,8 +31,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from math import floor
+from typing import TypeVar
 
 from limits.aio.storage import MemoryStorage
+
+from dialproxy.config.model import UNLIMITED
 
 SWEEP_EVERY = 60.0
 
@@ -40,6 +43,24 @@ SWEEP_EVERY = 60.0
 Counts = tuple[int, float, int, float]
 # A window: (key, length in seconds), or a calendar period's counter: (key@start, -end).
 Read = tuple[str, int]
+
+T = TypeVar("T")
+# The tightest window of an admission: its tag, counts, what is left of its limit, and the
+# seconds until it is empty.
+Tightest = tuple[T, Counts, int, float]
+# More left than this: an unlimited window (counted, never the tightest).
+FAR = UNLIMITED // 2
+
+
+def _empties_in(seconds: int, counts: Counts) -> float:
+    """Seconds until a window is empty (the limiter's ``seconds_to_empty``, from the
+    window's ``Read`` length: a negative one is a calendar period's end)."""
+    _, previous_ttl, current, current_ttl = counts
+    if seconds < 0:
+        return current_ttl if current > 0 else 0.0
+    if current <= 0:
+        return previous_ttl
+    return current_ttl if current_ttl > seconds else float(seconds)
 
 
 class LocalCounters(MemoryStorage):
@@ -189,6 +210,126 @@ class LocalCounters(MemoryStorage):
             self._sweep(now)
         return counts
 
+    def admit(
+        self,
+        checks: Sequence[tuple[Read, int, T | None]],
+        requests: Sequence[tuple[Read, int, T]],
+        adds: Sequence[tuple[Read, int]],
+        amounts: tuple[int, int, int],
+        now: float,
+    ) -> tuple[Tightest[T] | None, Tightest[T] | None] | None:
+        """A whole admission in one call, or nothing done (None) when a window refuses.
+
+        ``checks``: windows read (as :meth:`read_many`) and full when nothing is left of
+        their limit; ``requests``: windows that must take one more (as :meth:`acquire_many`,
+        all or none); ``adds``: every window then counted (:meth:`add_many`), with its
+        amount's index in ``amounts`` (an amount of 0 adds nothing).  The answer: of the
+        ``requests`` (their counts with the request in them) and of the ``checks`` with a
+        tag, the tightest: its tag, counts and what is left (least left, then the last to
+        empty; :data:`FAR` or more left is unlimited, never the tightest).  (Everything is
+        checked before anything is counted, so a refusal changes nothing: the caller's slow
+        path then says why.  The counts are worked out only for a window that may be the
+        tightest.)"""
+        records = self.windows
+        token: Tightest[T] | None = None
+        for window, limit, tag in checks:
+            expiry = window[1]
+            record = records.get(window)
+            if expiry < 0:  # a calendar period
+                left = -expiry - now
+                count = record[1] if record is not None and left > 0 else 0
+                free = limit - int(0.0 + count)  # (the arithmetic of a sliding window's)
+                if free <= 0:
+                    return None
+                if tag is not None:
+                    counts: Counts = (0, 0.0, count, max(left, 0.0))
+                    if free < FAR and (
+                        token is None
+                        or free < token[2]
+                        or (free == token[2] and _empties_in(expiry, counts) > token[3])
+                    ):
+                        token = (tag, counts, free, _empties_in(expiry, counts))
+                continue
+            previous, previous_ttl, current = 0, 0.0, 0
+            if record is not None:
+                bucket, count, other, other_count = record
+                if bucket == int(now / expiry):
+                    current = count
+                previous_bucket = int((now - expiry) / expiry)
+                if bucket == previous_bucket:
+                    previous = count
+                elif other == previous_bucket:
+                    previous = other_count
+                if previous:
+                    previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+            free = limit - int(previous * previous_ttl / expiry + current)
+            if free <= 0:
+                return None
+            if tag is not None and free < FAR and (token is None or free <= token[2]):
+                ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+                counts = (previous, previous_ttl, current, ttl)
+                empties = _empties_in(expiry, counts)
+                if token is None or free < token[2] or empties > token[3]:
+                    token = (tag, counts, free, empties)
+        request: Tightest[T] | None = None
+        for window, limit, tag in requests:
+            expiry = window[1]
+            record = records.get(window)
+            if expiry < 0:
+                current = record[1] if record is not None else 0
+                if current + 1 > limit:
+                    return None
+                counts = (0, 0.0, current + 1, max(-expiry - now, 0.0))
+                free = limit - int(0.0 + (current + 1))
+            else:
+                previous, previous_ttl, current = 0, 0.0, 0
+                if record is not None:
+                    bucket, count, other, other_count = record
+                    if bucket == int(now / expiry):
+                        current = count
+                    previous_bucket = int((now - expiry) / expiry)
+                    if bucket == previous_bucket:
+                        previous = count
+                    elif other == previous_bucket:
+                        previous = other_count
+                    if previous:
+                        previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+                if floor(previous * previous_ttl / expiry + current) + 1 > limit:
+                    return None
+                counts = (
+                    previous,
+                    previous_ttl,
+                    current + 1,
+                    (1 - ((now / expiry) % 1)) * expiry + expiry,
+                )
+                free = limit - int(previous * previous_ttl / expiry + (current + 1))
+            if free < FAR and (request is None or free <= request[2]):
+                empties = _empties_in(expiry, counts)
+                if request is None or free < request[2] or empties > request[3]:
+                    request = (tag, counts, free, empties)
+        for window, kind in adds:
+            amount = amounts[kind]
+            if not amount:
+                continue
+            seconds = window[1]
+            record = records.get(window)
+            if seconds < 0:  # a calendar period: [end, count, -1, 0]
+                if record is None:
+                    records[window] = [-seconds, amount, -1, 0]
+                else:
+                    record[1] += amount
+                continue
+            now_bucket = int(now / seconds)
+            if record is None:
+                records[window] = [now_bucket, amount, -1, 0]
+            elif record[0] == now_bucket:
+                record[1] += amount
+            else:  # a new bucket (see _add)
+                record[:] = now_bucket, amount, record[0], record[1]
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return request, token
+
     def add_many(self, windows: Sequence[Read], amount: int, now: float | None = None) -> None:
         """``amount`` added to every window, whatever its limit (usage after a response).
         (:meth:`_add` inline: this runs for every token and cost window of every request.)"""
@@ -271,6 +412,57 @@ class LocalCounters(MemoryStorage):
             self.add_many(windows, amount, now)
         elif amount < 0:
             self.take_back_many(windows, -amount, now)
+
+    def change_kinds(
+        self, windows: Sequence[tuple[Read, int]], amounts: tuple[int, int], now: float
+    ) -> None:
+        """:meth:`change_many` of each window with its amount, ``amounts[kind]``, in one loop
+        (a settlement's tokens and cost: every request)."""
+        records = self.windows
+        for window, kind in windows:
+            amount = amounts[kind]
+            if not amount:
+                continue
+            record = records.get(window)
+            seconds = window[1]
+            if amount > 0:  # (add_many's)
+                if seconds < 0:  # a calendar period: [end, count, -1, 0]
+                    if record is None:
+                        records[window] = [-seconds, amount, -1, 0]
+                    else:
+                        record[1] += amount
+                    continue
+                now_bucket = int(now / seconds)
+                if record is None:
+                    records[window] = [now_bucket, amount, -1, 0]
+                elif record[0] == now_bucket:
+                    record[1] += amount
+                else:  # a new bucket (see _add)
+                    record[:] = now_bucket, amount, record[0], record[1]
+                continue
+            if record is None:  # (take_back_many's)
+                continue
+            amount = -amount
+            if seconds < 0:
+                left = record[1] - amount
+                record[1] = left if left > 0 else 0
+                continue
+            now_bucket = int(now / seconds)
+            bucket = record[0]
+            if bucket == now_bucket:
+                count = record[1]
+                if count >= amount:
+                    record[1] = count - amount
+                else:
+                    record[1] = 0
+                    if record[2] == now_bucket - 1:
+                        left = record[3] - (amount - count)
+                        record[3] = left if left > 0 else 0
+            elif bucket == now_bucket - 1:
+                left = record[1] - amount
+                record[1] = left if left > 0 else 0
+        if (amounts[0] > 0 or amounts[1] > 0) and now >= self._next_sweep:
+            self._sweep(now)
 
     def take_back(self, key: str, seconds: int, amount: int = 1) -> None:
         """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""

@@ -30,7 +30,7 @@ from itertools import chain
 from typing import Any, NoReturn
 
 from dialproxy.config.model import UNLIMITED, Window
-from dialproxy.counters import Counts, LocalCounters, Read
+from dialproxy.counters import Counts, LocalCounters, Read, Tightest
 from dialproxy.errors import ConcurrencyLimited
 from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
 from dialproxy.storage import (
@@ -126,6 +126,8 @@ class Scope:
     counted: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     counted_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
     checked_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # The token (0) and cost (1) counters, each with its kind: what a settlement changes.
+    usage: tuple[tuple[Read, int], ...] = field(init=False, repr=False, compare=False)
     # Of the checked ones, the limited (the others are counted, never full nor tightest:
     # an admission in memory reads these alone), and how many of them are token windows.
     limited: tuple[Read, ...] = field(init=False, repr=False, compare=False)
@@ -164,6 +166,7 @@ class Scope:
         object.__setattr__(self, "cost_counters", costs)
         object.__setattr__(self, "checked", tokens + costs)
         object.__setattr__(self, "counted", counted)
+        object.__setattr__(self, "usage", _kinds(tokens, costs))
         windows = self.token_windows + self.cost_windows
         limited = tuple(c for c, w in zip(tokens + costs, windows, strict=True) if w.limited)
         object.__setattr__(self, "limited", limited)
@@ -183,6 +186,13 @@ class Scope:
         self._count_at(now)
         return True
 
+    def usage_at(self, when: float) -> tuple[tuple[Read, int], ...]:
+        """:attr:`usage` in the periods of ``when`` (see :meth:`counters_at`)."""
+        period = self.period
+        if period[0] <= when < period[1]:
+            return self.usage
+        return _kinds(*self.counters(when)[:2])
+
     def counters_at(self, when: float) -> tuple[tuple[Read, ...], tuple[Read, ...]]:
         """The token and cost counters of the periods of ``when`` (a request is settled in
         the periods it was admitted in)."""
@@ -191,6 +201,10 @@ class Scope:
             return self.token_counters, self.cost_counters
         tokens, costs, _ = self.counters(when)
         return tokens, costs
+
+
+def _kinds(tokens: tuple[Read, ...], costs: tuple[Read, ...]) -> tuple[tuple[Read, int], ...]:
+    return tuple((c, 0) for c in tokens) + tuple((c, 1) for c in costs)
 
 
 class Limiter:
@@ -280,16 +294,12 @@ class Limiter:
         assert local is not None
         now = self.clock()
         when = now if admitted is None else admitted
+        amounts = (tokens, cost_nano_usd)
         for scope in scopes:  # (this runs on every request: no lists built)
             period = scope.period
-            if period[0] <= when < period[1]:
-                token_counters, cost_counters = scope.token_counters, scope.cost_counters
-            else:
-                token_counters, cost_counters = scope.counters_at(when)
-            if tokens and token_counters:
-                local.change_many(token_counters, tokens, now)
-            if cost_nano_usd and cost_counters:
-                local.change_many(cost_counters, cost_nano_usd, now)
+            usage = scope.usage if period[0] <= when < period[1] else scope.usage_at(when)
+            if usage and (tokens or cost_nano_usd):
+                local.change_kinds(usage, amounts, now)
             if member and scope.concurrency is not None:
                 local.settle((), (), (scope.slot_set,), member, now)
 
@@ -350,6 +360,7 @@ class Admission:
         "cost_counters",
         "counted",
         "counted_limits",
+        "fast",
         "kinds",
         "limits",
         "modes",
@@ -433,6 +444,27 @@ class Admission:
         self.unacquired = [windows[i] for i in range(self.checks, len(windows)) if i not in limited]
         self.token_counters = list(chain.from_iterable(s.token_counters for s in scopes))
         self.cost_counters = list(chain.from_iterable(s.cost_counters for s in scopes))
+        # In memory, all of it in one call (LocalCounters.admit): the limited token and cost
+        # windows (the token ones tagged: one may be the tightest), the limited request
+        # windows, then every window counted with its amount's kind (a window named twice
+        # would be counted twice between its checks: never fast).
+        checks = tuple(
+            (counter, window.limit, window if i < scope.limited_tokens else None)
+            for scope in scopes
+            for i, (counter, window) in enumerate(
+                zip(scope.limited, scope.limited_windows, strict=True)
+            )
+        )
+        requests = tuple(
+            zip(self.acquired, self.acquired_limits, self.acquired_windows, strict=True)
+        )
+        adds = (
+            tuple((c, 2) for c in self.acquired + self.unacquired)
+            + tuple((c, 0) for c in self.token_counters)
+            + tuple((c, 1) for c in self.cost_counters)
+        )
+        distinct = len({c for c, _ in adds}) == len(adds)
+        self.fast = (checks, requests, adds) if distinct else None
 
 
 class _Batch:
@@ -484,9 +516,43 @@ def _admit_now(
     local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str, now: float
 ) -> tuple[WindowState | None, WindowState | None]:
     """:func:`_admit` on in-process counters: done before it returns, so one step (nothing
-    else runs on the loop meanwhile).  The scopes' token and cost windows read and checked,
-    the request counted in every request window or in none, then the reservation added
-    (this runs on every request: the counters' batch calls, each window looked up once)."""
+    else runs on the loop meanwhile).  Every window checked and the slots, then everything
+    counted, in one call (this runs on every request); a refusal, rare, is said by
+    :func:`_refuse_now`."""
+    fast = admission.fast
+    if fast is not None:
+        slots = local.slots
+        taken = admission.slots if member else ()
+        for key, limit in taken:
+            if len(slots.get(key, ())) >= limit:
+                break
+        else:
+            admitted = local.admit(*fast, (tokens, cost, 1), now)
+            if admitted is not None:
+                for key, _ in taken:
+                    slots.setdefault(key, set()).add(member)
+                request, token = admitted
+                return (
+                    None if request is None else _tight_state(request, 0),
+                    None if token is None else _tight_state(token, tokens),
+                )
+    return _refuse_now(local, admission, tokens, cost, member, now)
+
+
+def _tight_state(tight: Tightest[Window], reserved: int) -> WindowState:
+    """The tightest window's state; ``reserved``: the request's own reservation, added
+    since its counts were read (the headers count it)."""
+    window, counts, left, _ = tight
+    return WindowState(window, counts, window.limit - left + reserved)
+
+
+def _refuse_now(
+    local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str, now: float
+) -> tuple[WindowState | None, WindowState | None]:
+    """:func:`_admit_now` window by window, each step as the storage takes it: the scopes'
+    token and cost windows read and checked, the request counted in every request window
+    or in none, then the reservation added.  It raises the 429 of what refuses (or admits:
+    what the one call would have, as when it is not to be used)."""
     token: Tight | None = None
     for scope in admission.scopes:
         if scope.limited:  # (the others are never full nor the tightest)
