@@ -50,6 +50,9 @@ T = TypeVar("T")
 Tightest = tuple[T, Counts, int, float]
 # More left than this: an unlimited window (counted, never the tightest).
 FAR = UNLIMITED // 2
+# Below this an int is its float exactly: ``int(0.0 + count)``, the sliding arithmetic of a
+# window with no previous count, is ``count``.
+_EXACT = 2**53
 
 
 def _empties_in(seconds: int, counts: Counts) -> float:
@@ -71,6 +74,8 @@ class LocalCounters(MemoryStorage):
         self.windows: dict[Read, list[int]] = {}
         self.slots: dict[str, set[str]] = {}  # slot set -> the members that hold a slot
         self._next_sweep = time.time() + SWEEP_EVERY
+        # Counted up when records are dropped: records kept outside (cell) are stale then.
+        self.epoch = 0
 
     def _add(self, window: Read, amount: int, now: float) -> None:
         """``amount`` added to the bucket of ``now``."""
@@ -210,125 +215,174 @@ class LocalCounters(MemoryStorage):
             self._sweep(now)
         return counts
 
+    def cell(self, window: Read) -> list[int]:
+        """The record of ``window``, made blank if it has none, for a caller to keep while
+        :attr:`epoch` stays.  (A blank record reads, counts and takes back as no record: a
+        sliding window's names bucket -1, that ``now`` never is; a calendar period's counts
+        0.  The sweep drops it as it would drop a record gone stale.)"""
+        record = self.windows.get(window)
+        if record is None:
+            seconds = window[1]
+            record = [-seconds if seconds < 0 else -1, 0, -1, 0]
+            self.windows[window] = record
+        return record
+
     def admit(
         self,
-        checks: Sequence[tuple[Read, int, T | None]],
-        requests: Sequence[tuple[Read, int, T]],
-        adds: Sequence[tuple[Read, int]],
+        checks: Sequence[tuple[list[int], int, int, T | None]],
+        requests: Sequence[tuple[list[int], int, int, T]],
+        sliding: Sequence[tuple[list[int], int, int]],
+        calendars: Sequence[Sequence[list[int]]],
         amounts: tuple[int, int, int],
         now: float,
     ) -> tuple[Tightest[T] | None, Tightest[T] | None] | None:
-        """A whole admission in one call, or nothing done (None) when a window refuses.
+        """A whole admission in one call on records kept (:meth:`cell`), or nothing done
+        (None) when a window refuses.
 
         ``checks``: windows read (as :meth:`read_many`) and full when nothing is left of
-        their limit; ``requests``: windows that must take one more (as :meth:`acquire_many`,
-        all or none); ``adds``: every window then counted (:meth:`add_many`), with its
-        amount's index in ``amounts`` (an amount of 0 adds nothing).  The answer: of the
-        ``requests`` (their counts with the request in them) and of the ``checks`` with a
-        tag, the tightest: its tag, counts and what is left (least left, then the last to
-        empty; :data:`FAR` or more left is unlimited, never the tightest).  (Everything is
-        checked before anything is counted, so a refusal changes nothing: the caller's slow
-        path then says why.  The counts are worked out only for a window that may be the
-        tightest.)"""
-        records = self.windows
+        their limit, each ``(record, seconds, limit, tag)``; ``requests``: windows that must
+        take one more (as :meth:`acquire_many`, all or none); then every window counted (as
+        :meth:`add_many`): the ``sliding`` ones ``(record, seconds, kind)`` and the calendar
+        periods' records by kind, each kind's amount ``amounts[kind]`` (0 adds nothing).
+        The answer: of the ``requests`` (their counts with the request in them) and of the
+        ``checks`` with a tag, the tightest: its tag, counts and what is left (least left,
+        then the last to empty; :data:`FAR` or more left is unlimited, never the tightest).
+        (Everything is checked before anything is counted, so a refusal changes nothing: the
+        caller's slow path then says why.  A window's counts are worked out only when it may
+        be the tightest.)"""
         token: Tightest[T] | None = None
-        for window, limit, tag in checks:
-            expiry = window[1]
-            record = records.get(window)
-            if expiry < 0:  # a calendar period
+        for record, expiry, limit, tag in checks:
+            if expiry < 0:  # a calendar period: [end, count, -1, 0]
                 left = -expiry - now
-                count = record[1] if record is not None and left > 0 else 0
-                free = limit - int(0.0 + count)  # (the arithmetic of a sliding window's)
+                count = record[1] if left > 0 else 0
+                free = limit - (count if count < _EXACT else int(0.0 + count))
                 if free <= 0:
                     return None
-                if tag is not None:
-                    counts: Counts = (0, 0.0, count, max(left, 0.0))
-                    if free < FAR and (
-                        token is None
-                        or free < token[2]
-                        or (free == token[2] and _empties_in(expiry, counts) > token[3])
-                    ):
-                        token = (tag, counts, free, _empties_in(expiry, counts))
+                if tag is not None and free < FAR and (token is None or free <= token[2]):
+                    empties = left if count > 0 else 0.0
+                    if token is None or free < token[2] or empties > token[3]:
+                        token = (tag, (0, 0.0, count, left if left > 0 else 0.0), free, empties)
                 continue
-            previous, previous_ttl, current = 0, 0.0, 0
-            if record is not None:
-                bucket, count, other, other_count = record
-                if bucket == int(now / expiry):
-                    current = count
-                previous_bucket = int((now - expiry) / expiry)
-                if bucket == previous_bucket:
-                    previous = count
-                elif other == previous_bucket:
-                    previous = other_count
-                if previous:
-                    previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
-            free = limit - int(previous * previous_ttl / expiry + current)
+            bucket, count, other, other_count = record
+            current = count if bucket == int(now / expiry) else 0
+            previous_bucket = int((now - expiry) / expiry)
+            if bucket == previous_bucket:
+                previous = count
+            elif other == previous_bucket:
+                previous = other_count
+            else:
+                previous = 0
+            if previous:
+                previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+                free = limit - int(previous * previous_ttl / expiry + current)
+            else:  # (a bucket taken back to 0 too)
+                previous_ttl = 0.0
+                free = limit - (current if current < _EXACT else int(0.0 + current))
             if free <= 0:
                 return None
             if tag is not None and free < FAR and (token is None or free <= token[2]):
                 ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
-                counts = (previous, previous_ttl, current, ttl)
-                empties = _empties_in(expiry, counts)
+                empties = previous_ttl  # (seconds until it is empty)
+                if current > 0:
+                    empties = ttl if ttl > expiry else float(expiry)
                 if token is None or free < token[2] or empties > token[3]:
-                    token = (tag, counts, free, empties)
+                    token = (tag, (previous, previous_ttl, current, ttl), free, empties)
         request: Tightest[T] | None = None
-        for window, limit, tag in requests:
-            expiry = window[1]
-            record = records.get(window)
+        for record, expiry, limit, tag in requests:
             if expiry < 0:
-                current = record[1] if record is not None else 0
-                if current + 1 > limit:
+                current = record[1] + 1
+                if current > limit:
                     return None
-                counts = (0, 0.0, current + 1, max(-expiry - now, 0.0))
-                free = limit - int(0.0 + (current + 1))
+                free = limit - (current if current < _EXACT else int(0.0 + current))
+                if free < FAR and (request is None or free <= request[2]):
+                    left = -expiry - now
+                    ttl = left if left > 0 else 0.0
+                    if request is None or free < request[2] or ttl > request[3]:
+                        request = (tag, (0, 0.0, current, ttl), free, ttl)
+                continue
+            bucket, count, other, other_count = record
+            current = count if bucket == int(now / expiry) else 0
+            previous_bucket = int((now - expiry) / expiry)
+            if bucket == previous_bucket:
+                previous = count
+            elif other == previous_bucket:
+                previous = other_count
             else:
-                previous, previous_ttl, current = 0, 0.0, 0
-                if record is not None:
-                    bucket, count, other, other_count = record
-                    if bucket == int(now / expiry):
-                        current = count
-                    previous_bucket = int((now - expiry) / expiry)
-                    if bucket == previous_bucket:
-                        previous = count
-                    elif other == previous_bucket:
-                        previous = other_count
-                    if previous:
-                        previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+                previous = 0
+            if previous:
+                previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
                 if floor(previous * previous_ttl / expiry + current) + 1 > limit:
                     return None
-                counts = (
-                    previous,
-                    previous_ttl,
-                    current + 1,
-                    (1 - ((now / expiry) % 1)) * expiry + expiry,
-                )
                 free = limit - int(previous * previous_ttl / expiry + (current + 1))
-            if free < FAR and (request is None or free <= request[2]):
-                empties = _empties_in(expiry, counts)
-                if request is None or free < request[2] or empties > request[3]:
-                    request = (tag, counts, free, empties)
-        for window, kind in adds:
-            amount = amounts[kind]
-            if not amount:
-                continue
-            seconds = window[1]
-            record = records.get(window)
-            if seconds < 0:  # a calendar period: [end, count, -1, 0]
-                if record is None:
-                    records[window] = [-seconds, amount, -1, 0]
+            else:
+                previous_ttl = 0.0
+                if current < _EXACT:
+                    if current + 1 > limit:
+                        return None
+                    free = limit - (current + 1)
                 else:
+                    if floor(0.0 + current) + 1 > limit:
+                        return None
+                    free = limit - int(0.0 + (current + 1))
+            if free < FAR and (request is None or free <= request[2]):
+                ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+                empties = ttl if ttl > expiry else float(expiry)  # (its current count > 0)
+                if request is None or free < request[2] or empties > request[3]:
+                    request = (tag, (previous, previous_ttl, current + 1, ttl), free, empties)
+        for record, seconds, kind in sliding:
+            amount = amounts[kind]
+            if amount:
+                now_bucket = int(now / seconds)
+                if record[0] == now_bucket:
                     record[1] += amount
-                continue
-            now_bucket = int(now / seconds)
-            if record is None:
-                records[window] = [now_bucket, amount, -1, 0]
-            elif record[0] == now_bucket:
-                record[1] += amount
-            else:  # a new bucket (see _add)
-                record[:] = now_bucket, amount, record[0], record[1]
+                else:  # a new bucket (see _add)
+                    record[:] = now_bucket, amount, record[0], record[1]
+        for kind, periods in enumerate(calendars):
+            amount = amounts[kind]
+            if amount:
+                for record in periods:
+                    record[1] += amount
         if now >= self._next_sweep:
             self._sweep(now)
         return request, token
+
+    def change_cells(
+        self, cells: Sequence[tuple[list[int], int, int]], amounts: tuple[int, int], now: float
+    ) -> None:
+        """:meth:`change_kinds` on records kept (:meth:`cell`): ``(record, seconds, kind)``."""
+        for record, seconds, kind in cells:
+            amount = amounts[kind]
+            if amount > 0:  # (add_many's)
+                if seconds < 0:  # a calendar period: [end, count, -1, 0]
+                    record[1] += amount
+                    continue
+                now_bucket = int(now / seconds)
+                if record[0] == now_bucket:
+                    record[1] += amount
+                else:  # a new bucket (see _add)
+                    record[:] = now_bucket, amount, record[0], record[1]
+            elif amount < 0:  # (take_back_many's)
+                amount = -amount
+                if seconds < 0:
+                    left = record[1] - amount
+                    record[1] = left if left > 0 else 0
+                    continue
+                now_bucket = int(now / seconds)
+                bucket = record[0]
+                if bucket == now_bucket:
+                    count = record[1]
+                    if count >= amount:
+                        record[1] = count - amount
+                    else:
+                        record[1] = 0
+                        if record[2] == now_bucket - 1:
+                            left = record[3] - (amount - count)
+                            record[3] = left if left > 0 else 0
+                elif bucket == now_bucket - 1:
+                    left = record[1] - amount
+                    record[1] = left if left > 0 else 0
+        if (amounts[0] > 0 or amounts[1] > 0) and now >= self._next_sweep:
+            self._sweep(now)
 
     def add_many(self, windows: Sequence[Read], amount: int, now: float | None = None) -> None:
         """``amount`` added to every window, whatever its limit (usage after a response).
@@ -477,9 +531,12 @@ class LocalCounters(MemoryStorage):
         ]
         for window in stale:
             del self.windows[window]
+        if stale:
+            self.epoch += 1
 
     async def reset(self) -> int | None:
         self.windows.clear()
+        self.epoch += 1
         return await super().reset()
 
 

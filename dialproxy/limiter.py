@@ -138,9 +138,12 @@ class Scope:
     slot_set: str = field(init=False, repr=False, compare=False)  # its requests in flight
     # [start, end) of the counters' periods (the calendar windows'; else all time).
     period: list[float] = field(init=False, repr=False, compare=False)
+    # [counters, their epoch, usage on their records]: see cells_on.
+    cells: list[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "period", [-math.inf, math.inf])
+        object.__setattr__(self, "cells", [None, -1, ()])
         self._count_at(time.time())
         object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
         limited_windows = tuple(w for w in self.checked_windows if w.limited)
@@ -167,6 +170,7 @@ class Scope:
         object.__setattr__(self, "checked", tokens + costs)
         object.__setattr__(self, "counted", counted)
         object.__setattr__(self, "usage", _kinds(tokens, costs))
+        self.cells[:] = None, -1, ()
         windows = self.token_windows + self.cost_windows
         limited = tuple(c for c, w in zip(tokens + costs, windows, strict=True) if w.limited)
         object.__setattr__(self, "limited", limited)
@@ -185,6 +189,13 @@ class Scope:
             return False
         self._count_at(now)
         return True
+
+    def cells_on(self, local: LocalCounters) -> list[Any]:
+        """:attr:`usage` on ``local``'s records (:meth:`LocalCounters.cell`), as
+        ``(record, seconds, kind)``: kept in :attr:`cells` while no record is dropped."""
+        cell = local.cell
+        self.cells[:] = local, local.epoch, tuple((cell(c), c[1], k) for c, k in self.usage)
+        return self.cells
 
     def usage_at(self, when: float) -> tuple[tuple[Read, int], ...]:
         """:attr:`usage` in the periods of ``when`` (see :meth:`counters_at`)."""
@@ -296,10 +307,15 @@ class Limiter:
         when = now if admitted is None else admitted
         amounts = (tokens, cost_nano_usd)
         for scope in scopes:  # (this runs on every request: no lists built)
-            period = scope.period
-            usage = scope.usage if period[0] <= when < period[1] else scope.usage_at(when)
-            if usage and (tokens or cost_nano_usd):
-                local.change_kinds(usage, amounts, now)
+            if scope.records and (tokens or cost_nano_usd):
+                period = scope.period
+                if period[0] <= when < period[1]:
+                    cells = scope.cells
+                    if cells[0] is not local or cells[1] != local.epoch:
+                        cells = scope.cells_on(local)
+                    local.change_cells(cells[2], amounts, now)
+                else:  # (admitted in a period that has ended)
+                    local.change_kinds(scope.usage_at(when), amounts, now)
             if member and scope.concurrency is not None:
                 local.settle((), (), (scope.slot_set,), member, now)
 
@@ -356,6 +372,7 @@ class Admission:
         "acquired_owners",
         "acquired_windows",
         "calendars",
+        "cells",
         "checks",
         "cost_counters",
         "counted",
@@ -465,6 +482,41 @@ class Admission:
         )
         distinct = len({c for c, _ in adds}) == len(adds)
         self.fast = (checks, requests, adds) if distinct else None
+        self.cells: Cells | None = None
+
+    def cells_on(self, local: LocalCounters) -> Cells:
+        """:attr:`fast` on ``local``'s records (:meth:`LocalCounters.cell`), kept while no
+        record is dropped (its ``epoch``): the one call's arguments, but the amounts."""
+        fast = None
+        if self.fast is not None:
+            cell = local.cell
+            checks, requests, adds = self.fast
+            fast = (
+                tuple((cell(c), c[1], limit, tag) for c, limit, tag in checks),
+                tuple((cell(c), c[1], limit, tag) for c, limit, tag in requests),
+                tuple((cell(c), c[1], kind) for c, kind in adds if c[1] >= 0),
+                tuple(
+                    tuple(cell(c) for c, k in adds if c[1] < 0 and k == kind) for kind in range(3)
+                ),
+            )
+        cells: Cells = (local, local.epoch, fast)
+        self.cells = cells
+        return cells
+
+
+# Admission.cells: the counters, their epoch, LocalCounters.admit's arguments on their
+# records (None: not to be used).
+Cells = tuple[
+    LocalCounters,
+    int,
+    tuple[
+        tuple[tuple[list[int], int, int, Window | None], ...],
+        tuple[tuple[list[int], int, int, Window], ...],
+        tuple[tuple[list[int], int, int], ...],
+        tuple[tuple[list[int], ...], ...],
+    ]
+    | None,
+]
 
 
 class _Batch:
@@ -519,7 +571,10 @@ def _admit_now(
     else runs on the loop meanwhile).  Every window checked and the slots, then everything
     counted, in one call (this runs on every request); a refusal, rare, is said by
     :func:`_refuse_now`."""
-    fast = admission.fast
+    cells = admission.cells
+    if cells is None or cells[0] is not local or cells[1] != local.epoch:
+        cells = admission.cells_on(local)
+    fast = cells[2]
     if fast is not None:
         slots = local.slots
         taken = admission.slots if member else ()
