@@ -231,7 +231,7 @@ class LocalCounters(MemoryStorage):
         self,
         checks: Sequence[tuple[list[int], int, int, T | None]],
         requests: Sequence[tuple[list[int], int, int, T]],
-        sliding: Sequence[tuple[list[int], int, int]],
+        sliding: Sequence[Sequence[tuple[list[int], int]]],
         calendars: Sequence[Sequence[list[int]]],
         amounts: tuple[int, int, int],
         now: float,
@@ -242,8 +242,8 @@ class LocalCounters(MemoryStorage):
         ``checks``: windows read (as :meth:`read_many`) and full when nothing is left of
         their limit, each ``(record, seconds, limit, tag)``; ``requests``: windows that must
         take one more (as :meth:`acquire_many`, all or none); then every window counted (as
-        :meth:`add_many`): the ``sliding`` ones ``(record, seconds, kind)`` and the calendar
-        periods' records by kind, each kind's amount ``amounts[kind]`` (0 adds nothing).
+        :meth:`add_many`), by kind: the ``sliding`` ones ``(record, seconds)`` and the
+        calendar periods' records, each kind's amount ``amounts[kind]`` (0 adds nothing).
         The answer: of the ``requests`` (their counts with the request in them) and of the
         ``checks`` with a tag, the tightest: its tag, counts and what is left (least left,
         then the last to empty; :data:`FAR` or more left is unlimited, never the tightest).
@@ -329,59 +329,61 @@ class LocalCounters(MemoryStorage):
                 empties = ttl if ttl > expiry else float(expiry)  # (its current count > 0)
                 if request is None or free < request[2] or empties > request[3]:
                     request = (tag, (previous, previous_ttl, current + 1, ttl), free, empties)
-        for record, seconds, kind in sliding:
-            amount = amounts[kind]
-            if amount:
-                now_bucket = int(now / seconds)
-                if record[0] == now_bucket:
-                    record[1] += amount
-                else:  # a new bucket (see _add)
-                    record[:] = now_bucket, amount, record[0], record[1]
         for kind, periods in enumerate(calendars):
             amount = amounts[kind]
             if amount:
                 for record in periods:
                     record[1] += amount
+                for record, seconds in sliding[kind]:
+                    now_bucket = int(now / seconds)
+                    if record[0] == now_bucket:
+                        record[1] += amount
+                    else:  # a new bucket (see _add)
+                        record[:] = now_bucket, amount, record[0], record[1]
         if now >= self._next_sweep:
             self._sweep(now)
         return request, token
 
     def change_cells(
-        self, cells: Sequence[tuple[list[int], int, int]], amounts: tuple[int, int], now: float
+        self,
+        cells: Sequence[tuple[Sequence[tuple[list[int], int]], Sequence[list[int]]]],
+        amounts: Sequence[int],
+        now: float,
     ) -> None:
-        """:meth:`change_kinds` on records kept (:meth:`cell`): ``(record, seconds, kind)``."""
-        for record, seconds, kind in cells:
-            amount = amounts[kind]
+        """:meth:`change_kinds` on records kept (:meth:`cell`): for each kind, its sliding
+        windows ``(record, seconds)`` and its calendar periods' records, changed by
+        ``amounts[kind]``."""
+        for (sliding, periods), amount in zip(cells, amounts, strict=True):
             if amount > 0:  # (add_many's)
-                if seconds < 0:  # a calendar period: [end, count, -1, 0]
+                for record in periods:  # [end, count, -1, 0]
                     record[1] += amount
-                    continue
-                now_bucket = int(now / seconds)
-                if record[0] == now_bucket:
-                    record[1] += amount
-                else:  # a new bucket (see _add)
-                    record[:] = now_bucket, amount, record[0], record[1]
+                for record, seconds in sliding:
+                    now_bucket = int(now / seconds)
+                    if record[0] == now_bucket:
+                        record[1] += amount
+                    else:  # a new bucket (see _add)
+                        record[:] = now_bucket, amount, record[0], record[1]
             elif amount < 0:  # (take_back_many's)
                 amount = -amount
-                if seconds < 0:
+                for record in periods:
                     left = record[1] - amount
                     record[1] = left if left > 0 else 0
-                    continue
-                now_bucket = int(now / seconds)
-                bucket = record[0]
-                if bucket == now_bucket:
-                    count = record[1]
-                    if count >= amount:
-                        record[1] = count - amount
-                    else:
-                        record[1] = 0
-                        if record[2] == now_bucket - 1:
-                            left = record[3] - (amount - count)
-                            record[3] = left if left > 0 else 0
-                elif bucket == now_bucket - 1:
-                    left = record[1] - amount
-                    record[1] = left if left > 0 else 0
-        if (amounts[0] > 0 or amounts[1] > 0) and now >= self._next_sweep:
+                for record, seconds in sliding:
+                    now_bucket = int(now / seconds)
+                    bucket = record[0]
+                    if bucket == now_bucket:
+                        count = record[1]
+                        if count >= amount:
+                            record[1] = count - amount
+                        else:
+                            record[1] = 0
+                            if record[2] == now_bucket - 1:
+                                left = record[3] - (amount - count)
+                                record[3] = left if left > 0 else 0
+                    elif bucket == now_bucket - 1:
+                        left = record[1] - amount
+                        record[1] = left if left > 0 else 0
+        if now >= self._next_sweep and (amounts[0] > 0 or amounts[1] > 0):
             self._sweep(now)
 
     def add_many(self, windows: Sequence[Read], amount: int, now: float | None = None) -> None:

@@ -30,7 +30,7 @@ from itertools import chain
 from typing import Any, NoReturn
 
 from dialproxy.config.model import UNLIMITED, Window
-from dialproxy.counters import Counts, LocalCounters, Read, Tightest
+from dialproxy.counters import Counts, LocalCounters, Read
 from dialproxy.errors import ConcurrencyLimited
 from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
 from dialproxy.storage import (
@@ -191,10 +191,21 @@ class Scope:
         return True
 
     def cells_on(self, local: LocalCounters) -> list[Any]:
-        """:attr:`usage` on ``local``'s records (:meth:`LocalCounters.cell`), as
-        ``(record, seconds, kind)``: kept in :attr:`cells` while no record is dropped."""
-        cell = local.cell
-        self.cells[:] = local, local.epoch, tuple((cell(c), c[1], k) for c, k in self.usage)
+        """:attr:`usage` on ``local``'s records (:meth:`LocalCounters.cell`), by kind, its
+        sliding windows ``(record, seconds)`` and its calendar periods' records: kept in
+        :attr:`cells` while no record is dropped."""
+        cell, usage = local.cell, self.usage
+        self.cells[:] = (
+            local,
+            local.epoch,
+            tuple(
+                (
+                    tuple((cell(c), c[1]) for c, k in usage if c[1] >= 0 and k == kind),
+                    tuple(cell(c) for c, k in usage if c[1] < 0 and k == kind),
+                )
+                for kind in (0, 1)
+            ),
+        )
         return self.cells
 
     def usage_at(self, when: float) -> tuple[tuple[Read, int], ...]:
@@ -260,6 +271,19 @@ class Limiter:
             return _admit_now(self.local, admission, reserve_tokens, reserve_cost, member, now)
         batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         return await self.guard.run(lambda s: _admit(s, batch), (None, None))
+
+    def admit_now(
+        self, admission: Admission, reserve_tokens: int, reserve_cost: int, member: str
+    ) -> tuple[WindowState | None, WindowState | None]:
+        """:meth:`admit` on in-process counters, done before it returns (a request's: no
+        coroutine to make and await)."""
+        local = self.local
+        assert local is not None
+        now = self.clock()
+        period = admission.period
+        if now >= period[1] or now < period[0]:
+            admission.current(now)  # (a calendar period ended: its new counters)
+        return _admit_now(local, admission, reserve_tokens, reserve_cost, member, now)
 
     async def settle(
         self,
@@ -494,7 +518,10 @@ class Admission:
             fast = (
                 tuple((cell(c), c[1], limit, tag) for c, limit, tag in checks),
                 tuple((cell(c), c[1], limit, tag) for c, limit, tag in requests),
-                tuple((cell(c), c[1], kind) for c, kind in adds if c[1] >= 0),
+                tuple(
+                    tuple((cell(c), c[1]) for c, k in adds if c[1] >= 0 and k == kind)
+                    for kind in range(3)
+                ),
                 tuple(
                     tuple(cell(c) for c, k in adds if c[1] < 0 and k == kind) for kind in range(3)
                 ),
@@ -512,7 +539,7 @@ Cells = tuple[
     tuple[
         tuple[tuple[list[int], int, int, Window | None], ...],
         tuple[tuple[list[int], int, int, Window], ...],
-        tuple[tuple[list[int], int, int], ...],
+        tuple[tuple[tuple[list[int], int], ...], ...],
         tuple[tuple[list[int], ...], ...],
     ]
     | None,
@@ -586,19 +613,18 @@ def _admit_now(
             if admitted is not None:
                 for key, _ in taken:
                     slots.setdefault(key, set()).add(member)
+                # The tightest windows' states (the token one's counts read before the
+                # request's reservation was added: the headers count it).
                 request, token = admitted
-                return (
-                    None if request is None else _tight_state(request, 0),
-                    None if token is None else _tight_state(token, tokens),
-                )
+                request_state = token_state = None
+                if request is not None:
+                    window = request[0]
+                    request_state = WindowState(window, request[1], window.limit - request[2])
+                if token is not None:
+                    window = token[0]
+                    token_state = WindowState(window, token[1], window.limit - token[2] + tokens)
+                return request_state, token_state
     return _refuse_now(local, admission, tokens, cost, member, now)
-
-
-def _tight_state(tight: Tightest[Window], reserved: int) -> WindowState:
-    """The tightest window's state; ``reserved``: the request's own reservation, added
-    since its counts were read (the headers count it)."""
-    window, counts, left, _ = tight
-    return WindowState(window, counts, window.limit - left + reserved)
 
 
 def _refuse_now(
