@@ -31,8 +31,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from math import floor
+from typing import TypeVar
 
 from limits.aio.storage import MemoryStorage
+
+from dialproxy.config.model import UNLIMITED
 
 SWEEP_EVERY = 60.0
 
@@ -40,6 +43,27 @@ SWEEP_EVERY = 60.0
 Counts = tuple[int, float, int, float]
 # A window: (key, length in seconds), or a calendar period's counter: (key@start, -end).
 Read = tuple[str, int]
+
+T = TypeVar("T")
+# The tightest window of an admission: its tag, counts, what is left of its limit, and the
+# seconds until it is empty.
+Tightest = tuple[T, Counts, int, float]
+# More left than this: an unlimited window (counted, never the tightest).
+FAR = UNLIMITED // 2
+# Below this an int is its float exactly: ``int(0.0 + count)``, the sliding arithmetic of a
+# window with no previous count, is ``count``.
+_EXACT = 2**53
+
+
+def _empties_in(seconds: int, counts: Counts) -> float:
+    """Seconds until a window is empty (the limiter's ``seconds_to_empty``, from the
+    window's ``Read`` length: a negative one is a calendar period's end)."""
+    _, previous_ttl, current, current_ttl = counts
+    if seconds < 0:
+        return current_ttl if current > 0 else 0.0
+    if current <= 0:
+        return previous_ttl
+    return current_ttl if current_ttl > seconds else float(seconds)
 
 
 class LocalCounters(MemoryStorage):
@@ -50,6 +74,8 @@ class LocalCounters(MemoryStorage):
         self.windows: dict[Read, list[int]] = {}
         self.slots: dict[str, set[str]] = {}  # slot set -> the members that hold a slot
         self._next_sweep = time.time() + SWEEP_EVERY
+        # Counted up when records are dropped: records kept outside (cell) are stale then.
+        self.epoch = 0
 
     def _add(self, window: Read, amount: int, now: float) -> None:
         """``amount`` added to the bucket of ``now``."""
@@ -189,6 +215,177 @@ class LocalCounters(MemoryStorage):
             self._sweep(now)
         return counts
 
+    def cell(self, window: Read) -> list[int]:
+        """The record of ``window``, made blank if it has none, for a caller to keep while
+        :attr:`epoch` stays.  (A blank record reads, counts and takes back as no record: a
+        sliding window's names bucket -1, that ``now`` never is; a calendar period's counts
+        0.  The sweep drops it as it would drop a record gone stale.)"""
+        record = self.windows.get(window)
+        if record is None:
+            seconds = window[1]
+            record = [-seconds if seconds < 0 else -1, 0, -1, 0]
+            self.windows[window] = record
+        return record
+
+    def admit(
+        self,
+        checks: Sequence[tuple[list[int], int, int, T | None]],
+        requests: Sequence[tuple[list[int], int, int, T]],
+        sliding: Sequence[Sequence[tuple[list[int], int]]],
+        calendars: Sequence[Sequence[list[int]]],
+        amounts: tuple[int, int, int],
+        now: float,
+    ) -> tuple[Tightest[T] | None, Tightest[T] | None] | None:
+        """A whole admission in one call on records kept (:meth:`cell`), or nothing done
+        (None) when a window refuses.
+
+        ``checks``: windows read (as :meth:`read_many`) and full when nothing is left of
+        their limit, each ``(record, seconds, limit, tag)``; ``requests``: windows that must
+        take one more (as :meth:`acquire_many`, all or none); then every window counted (as
+        :meth:`add_many`), by kind: the ``sliding`` ones ``(record, seconds)`` and the
+        calendar periods' records, each kind's amount ``amounts[kind]`` (0 adds nothing).
+        The answer: of the ``requests`` (their counts with the request in them) and of the
+        ``checks`` with a tag, the tightest: its tag, counts and what is left (least left,
+        then the last to empty; :data:`FAR` or more left is unlimited, never the tightest).
+        (Everything is checked before anything is counted, so a refusal changes nothing: the
+        caller's slow path then says why.  A window's counts are worked out only when it may
+        be the tightest.)"""
+        token: Tightest[T] | None = None
+        for record, expiry, limit, tag in checks:
+            if expiry < 0:  # a calendar period: [end, count, -1, 0]
+                left = -expiry - now
+                count = record[1] if left > 0 else 0
+                free = limit - (count if count < _EXACT else int(0.0 + count))
+                if free <= 0:
+                    return None
+                if tag is not None and free < FAR and (token is None or free <= token[2]):
+                    empties = left if count > 0 else 0.0
+                    if token is None or free < token[2] or empties > token[3]:
+                        token = (tag, (0, 0.0, count, left if left > 0 else 0.0), free, empties)
+                continue
+            bucket, count, other, other_count = record
+            current = count if bucket == int(now / expiry) else 0
+            previous_bucket = int((now - expiry) / expiry)
+            if bucket == previous_bucket:
+                previous = count
+            elif other == previous_bucket:
+                previous = other_count
+            else:
+                previous = 0
+            if previous:
+                previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+                free = limit - int(previous * previous_ttl / expiry + current)
+            else:  # (a bucket taken back to 0 too)
+                previous_ttl = 0.0
+                free = limit - (current if current < _EXACT else int(0.0 + current))
+            if free <= 0:
+                return None
+            if tag is not None and free < FAR and (token is None or free <= token[2]):
+                ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+                empties = previous_ttl  # (seconds until it is empty)
+                if current > 0:
+                    empties = ttl if ttl > expiry else float(expiry)
+                if token is None or free < token[2] or empties > token[3]:
+                    token = (tag, (previous, previous_ttl, current, ttl), free, empties)
+        request: Tightest[T] | None = None
+        for record, expiry, limit, tag in requests:
+            if expiry < 0:
+                current = record[1] + 1
+                if current > limit:
+                    return None
+                free = limit - (current if current < _EXACT else int(0.0 + current))
+                if free < FAR and (request is None or free <= request[2]):
+                    left = -expiry - now
+                    ttl = left if left > 0 else 0.0
+                    if request is None or free < request[2] or ttl > request[3]:
+                        request = (tag, (0, 0.0, current, ttl), free, ttl)
+                continue
+            bucket, count, other, other_count = record
+            current = count if bucket == int(now / expiry) else 0
+            previous_bucket = int((now - expiry) / expiry)
+            if bucket == previous_bucket:
+                previous = count
+            elif other == previous_bucket:
+                previous = other_count
+            else:
+                previous = 0
+            if previous:
+                previous_ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry
+                if floor(previous * previous_ttl / expiry + current) + 1 > limit:
+                    return None
+                free = limit - int(previous * previous_ttl / expiry + (current + 1))
+            else:
+                previous_ttl = 0.0
+                if current < _EXACT:
+                    if current + 1 > limit:
+                        return None
+                    free = limit - (current + 1)
+                else:
+                    if floor(0.0 + current) + 1 > limit:
+                        return None
+                    free = limit - int(0.0 + (current + 1))
+            if free < FAR and (request is None or free <= request[2]):
+                ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+                empties = ttl if ttl > expiry else float(expiry)  # (its current count > 0)
+                if request is None or free < request[2] or empties > request[3]:
+                    request = (tag, (previous, previous_ttl, current + 1, ttl), free, empties)
+        for kind, periods in enumerate(calendars):
+            amount = amounts[kind]
+            if amount:
+                for record in periods:
+                    record[1] += amount
+                for record, seconds in sliding[kind]:
+                    now_bucket = int(now / seconds)
+                    if record[0] == now_bucket:
+                        record[1] += amount
+                    else:  # a new bucket (see _add)
+                        record[:] = now_bucket, amount, record[0], record[1]
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return request, token
+
+    def change_cells(
+        self,
+        cells: Sequence[tuple[Sequence[tuple[list[int], int]], Sequence[list[int]]]],
+        amounts: Sequence[int],
+        now: float,
+    ) -> None:
+        """:meth:`change_kinds` on records kept (:meth:`cell`): for each kind, its sliding
+        windows ``(record, seconds)`` and its calendar periods' records, changed by
+        ``amounts[kind]``."""
+        for (sliding, periods), amount in zip(cells, amounts, strict=True):
+            if amount > 0:  # (add_many's)
+                for record in periods:  # [end, count, -1, 0]
+                    record[1] += amount
+                for record, seconds in sliding:
+                    now_bucket = int(now / seconds)
+                    if record[0] == now_bucket:
+                        record[1] += amount
+                    else:  # a new bucket (see _add)
+                        record[:] = now_bucket, amount, record[0], record[1]
+            elif amount < 0:  # (take_back_many's)
+                amount = -amount
+                for record in periods:
+                    left = record[1] - amount
+                    record[1] = left if left > 0 else 0
+                for record, seconds in sliding:
+                    now_bucket = int(now / seconds)
+                    bucket = record[0]
+                    if bucket == now_bucket:
+                        count = record[1]
+                        if count >= amount:
+                            record[1] = count - amount
+                        else:
+                            record[1] = 0
+                            if record[2] == now_bucket - 1:
+                                left = record[3] - (amount - count)
+                                record[3] = left if left > 0 else 0
+                    elif bucket == now_bucket - 1:
+                        left = record[1] - amount
+                        record[1] = left if left > 0 else 0
+        if now >= self._next_sweep and (amounts[0] > 0 or amounts[1] > 0):
+            self._sweep(now)
+
     def add_many(self, windows: Sequence[Read], amount: int, now: float | None = None) -> None:
         """``amount`` added to every window, whatever its limit (usage after a response).
         (:meth:`_add` inline: this runs for every token and cost window of every request.)"""
@@ -272,6 +469,57 @@ class LocalCounters(MemoryStorage):
         elif amount < 0:
             self.take_back_many(windows, -amount, now)
 
+    def change_kinds(
+        self, windows: Sequence[tuple[Read, int]], amounts: tuple[int, int], now: float
+    ) -> None:
+        """:meth:`change_many` of each window with its amount, ``amounts[kind]``, in one loop
+        (a settlement's tokens and cost: every request)."""
+        records = self.windows
+        for window, kind in windows:
+            amount = amounts[kind]
+            if not amount:
+                continue
+            record = records.get(window)
+            seconds = window[1]
+            if amount > 0:  # (add_many's)
+                if seconds < 0:  # a calendar period: [end, count, -1, 0]
+                    if record is None:
+                        records[window] = [-seconds, amount, -1, 0]
+                    else:
+                        record[1] += amount
+                    continue
+                now_bucket = int(now / seconds)
+                if record is None:
+                    records[window] = [now_bucket, amount, -1, 0]
+                elif record[0] == now_bucket:
+                    record[1] += amount
+                else:  # a new bucket (see _add)
+                    record[:] = now_bucket, amount, record[0], record[1]
+                continue
+            if record is None:  # (take_back_many's)
+                continue
+            amount = -amount
+            if seconds < 0:
+                left = record[1] - amount
+                record[1] = left if left > 0 else 0
+                continue
+            now_bucket = int(now / seconds)
+            bucket = record[0]
+            if bucket == now_bucket:
+                count = record[1]
+                if count >= amount:
+                    record[1] = count - amount
+                else:
+                    record[1] = 0
+                    if record[2] == now_bucket - 1:
+                        left = record[3] - (amount - count)
+                        record[3] = left if left > 0 else 0
+            elif bucket == now_bucket - 1:
+                left = record[1] - amount
+                record[1] = left if left > 0 else 0
+        if (amounts[0] > 0 or amounts[1] > 0) and now >= self._next_sweep:
+            self._sweep(now)
+
     def take_back(self, key: str, seconds: int, amount: int = 1) -> None:
         """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""
         self._take_back((key, seconds), amount, time.time())
@@ -285,9 +533,12 @@ class LocalCounters(MemoryStorage):
         ]
         for window in stale:
             del self.windows[window]
+        if stale:
+            self.epoch += 1
 
     async def reset(self) -> int | None:
         self.windows.clear()
+        self.epoch += 1
         return await super().reset()
 
 

@@ -126,6 +126,8 @@ class Scope:
     counted: tuple[Read, ...] = field(init=False, repr=False, compare=False)
     counted_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
     checked_limits: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # The token (0) and cost (1) counters, each with its kind: what a settlement changes.
+    usage: tuple[tuple[Read, int], ...] = field(init=False, repr=False, compare=False)
     # Of the checked ones, the limited (the others are counted, never full nor tightest:
     # an admission in memory reads these alone), and how many of them are token windows.
     limited: tuple[Read, ...] = field(init=False, repr=False, compare=False)
@@ -136,9 +138,12 @@ class Scope:
     slot_set: str = field(init=False, repr=False, compare=False)  # its requests in flight
     # [start, end) of the counters' periods (the calendar windows'; else all time).
     period: list[float] = field(init=False, repr=False, compare=False)
+    # [counters, their epoch, usage on their records]: see cells_on.
+    cells: list[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "period", [-math.inf, math.inf])
+        object.__setattr__(self, "cells", [None, -1, ()])
         self._count_at(time.time())
         object.__setattr__(self, "checked_windows", self.token_windows + self.cost_windows)
         limited_windows = tuple(w for w in self.checked_windows if w.limited)
@@ -164,6 +169,8 @@ class Scope:
         object.__setattr__(self, "cost_counters", costs)
         object.__setattr__(self, "checked", tokens + costs)
         object.__setattr__(self, "counted", counted)
+        object.__setattr__(self, "usage", _kinds(tokens, costs))
+        self.cells[:] = None, -1, ()
         windows = self.token_windows + self.cost_windows
         limited = tuple(c for c, w in zip(tokens + costs, windows, strict=True) if w.limited)
         object.__setattr__(self, "limited", limited)
@@ -183,6 +190,31 @@ class Scope:
         self._count_at(now)
         return True
 
+    def cells_on(self, local: LocalCounters) -> list[Any]:
+        """:attr:`usage` on ``local``'s records (:meth:`LocalCounters.cell`), by kind, its
+        sliding windows ``(record, seconds)`` and its calendar periods' records: kept in
+        :attr:`cells` while no record is dropped."""
+        cell, usage = local.cell, self.usage
+        self.cells[:] = (
+            local,
+            local.epoch,
+            tuple(
+                (
+                    tuple((cell(c), c[1]) for c, k in usage if c[1] >= 0 and k == kind),
+                    tuple(cell(c) for c, k in usage if c[1] < 0 and k == kind),
+                )
+                for kind in (0, 1)
+            ),
+        )
+        return self.cells
+
+    def usage_at(self, when: float) -> tuple[tuple[Read, int], ...]:
+        """:attr:`usage` in the periods of ``when`` (see :meth:`counters_at`)."""
+        period = self.period
+        if period[0] <= when < period[1]:
+            return self.usage
+        return _kinds(*self.counters(when)[:2])
+
     def counters_at(self, when: float) -> tuple[tuple[Read, ...], tuple[Read, ...]]:
         """The token and cost counters of the periods of ``when`` (a request is settled in
         the periods it was admitted in)."""
@@ -191,6 +223,10 @@ class Scope:
             return self.token_counters, self.cost_counters
         tokens, costs, _ = self.counters(when)
         return tokens, costs
+
+
+def _kinds(tokens: tuple[Read, ...], costs: tuple[Read, ...]) -> tuple[tuple[Read, int], ...]:
+    return tuple((c, 0) for c in tokens) + tuple((c, 1) for c in costs)
 
 
 class Limiter:
@@ -236,6 +272,19 @@ class Limiter:
         batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         return await self.guard.run(lambda s: _admit(s, batch), (None, None))
 
+    def admit_now(
+        self, admission: Admission, reserve_tokens: int, reserve_cost: int, member: str
+    ) -> tuple[WindowState | None, WindowState | None]:
+        """:meth:`admit` on in-process counters, done before it returns (a request's: no
+        coroutine to make and await)."""
+        local = self.local
+        assert local is not None
+        now = self.clock()
+        period = admission.period
+        if now >= period[1] or now < period[0]:
+            admission.current(now)  # (a calendar period ended: its new counters)
+        return _admit_now(local, admission, reserve_tokens, reserve_cost, member, now)
+
     async def settle(
         self,
         scopes: Sequence[Scope],
@@ -280,16 +329,17 @@ class Limiter:
         assert local is not None
         now = self.clock()
         when = now if admitted is None else admitted
+        amounts = (tokens, cost_nano_usd)
         for scope in scopes:  # (this runs on every request: no lists built)
-            period = scope.period
-            if period[0] <= when < period[1]:
-                token_counters, cost_counters = scope.token_counters, scope.cost_counters
-            else:
-                token_counters, cost_counters = scope.counters_at(when)
-            if tokens and token_counters:
-                local.change_many(token_counters, tokens, now)
-            if cost_nano_usd and cost_counters:
-                local.change_many(cost_counters, cost_nano_usd, now)
+            if scope.records and (tokens or cost_nano_usd):
+                period = scope.period
+                if period[0] <= when < period[1]:
+                    cells = scope.cells
+                    if cells[0] is not local or cells[1] != local.epoch:
+                        cells = scope.cells_on(local)
+                    local.change_cells(cells[2], amounts, now)
+                else:  # (admitted in a period that has ended)
+                    local.change_kinds(scope.usage_at(when), amounts, now)
             if member and scope.concurrency is not None:
                 local.settle((), (), (scope.slot_set,), member, now)
 
@@ -346,10 +396,12 @@ class Admission:
         "acquired_owners",
         "acquired_windows",
         "calendars",
+        "cells",
         "checks",
         "cost_counters",
         "counted",
         "counted_limits",
+        "fast",
         "kinds",
         "limits",
         "modes",
@@ -433,6 +485,65 @@ class Admission:
         self.unacquired = [windows[i] for i in range(self.checks, len(windows)) if i not in limited]
         self.token_counters = list(chain.from_iterable(s.token_counters for s in scopes))
         self.cost_counters = list(chain.from_iterable(s.cost_counters for s in scopes))
+        # In memory, all of it in one call (LocalCounters.admit): the limited token and cost
+        # windows (the token ones tagged: one may be the tightest), the limited request
+        # windows, then every window counted with its amount's kind (a window named twice
+        # would be counted twice between its checks: never fast).
+        checks = tuple(
+            (counter, window.limit, window if i < scope.limited_tokens else None)
+            for scope in scopes
+            for i, (counter, window) in enumerate(
+                zip(scope.limited, scope.limited_windows, strict=True)
+            )
+        )
+        requests = tuple(
+            zip(self.acquired, self.acquired_limits, self.acquired_windows, strict=True)
+        )
+        adds = (
+            tuple((c, 2) for c in self.acquired + self.unacquired)
+            + tuple((c, 0) for c in self.token_counters)
+            + tuple((c, 1) for c in self.cost_counters)
+        )
+        distinct = len({c for c, _ in adds}) == len(adds)
+        self.fast = (checks, requests, adds) if distinct else None
+        self.cells: Cells | None = None
+
+    def cells_on(self, local: LocalCounters) -> Cells:
+        """:attr:`fast` on ``local``'s records (:meth:`LocalCounters.cell`), kept while no
+        record is dropped (its ``epoch``): the one call's arguments, but the amounts."""
+        fast = None
+        if self.fast is not None:
+            cell = local.cell
+            checks, requests, adds = self.fast
+            fast = (
+                tuple((cell(c), c[1], limit, tag) for c, limit, tag in checks),
+                tuple((cell(c), c[1], limit, tag) for c, limit, tag in requests),
+                tuple(
+                    tuple((cell(c), c[1]) for c, k in adds if c[1] >= 0 and k == kind)
+                    for kind in range(3)
+                ),
+                tuple(
+                    tuple(cell(c) for c, k in adds if c[1] < 0 and k == kind) for kind in range(3)
+                ),
+            )
+        cells: Cells = (local, local.epoch, fast)
+        self.cells = cells
+        return cells
+
+
+# Admission.cells: the counters, their epoch, LocalCounters.admit's arguments on their
+# records (None: not to be used).
+Cells = tuple[
+    LocalCounters,
+    int,
+    tuple[
+        tuple[tuple[list[int], int, int, Window | None], ...],
+        tuple[tuple[list[int], int, int, Window], ...],
+        tuple[tuple[tuple[list[int], int], ...], ...],
+        tuple[tuple[list[int], ...], ...],
+    ]
+    | None,
+]
 
 
 class _Batch:
@@ -484,9 +595,45 @@ def _admit_now(
     local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str, now: float
 ) -> tuple[WindowState | None, WindowState | None]:
     """:func:`_admit` on in-process counters: done before it returns, so one step (nothing
-    else runs on the loop meanwhile).  The scopes' token and cost windows read and checked,
-    the request counted in every request window or in none, then the reservation added
-    (this runs on every request: the counters' batch calls, each window looked up once)."""
+    else runs on the loop meanwhile).  Every window checked and the slots, then everything
+    counted, in one call (this runs on every request); a refusal, rare, is said by
+    :func:`_refuse_now`."""
+    cells = admission.cells
+    if cells is None or cells[0] is not local or cells[1] != local.epoch:
+        cells = admission.cells_on(local)
+    fast = cells[2]
+    if fast is not None:
+        slots = local.slots
+        taken = admission.slots if member else ()
+        for key, limit in taken:
+            if len(slots.get(key, ())) >= limit:
+                break
+        else:
+            admitted = local.admit(*fast, (tokens, cost, 1), now)
+            if admitted is not None:
+                for key, _ in taken:
+                    slots.setdefault(key, set()).add(member)
+                # The tightest windows' states (the token one's counts read before the
+                # request's reservation was added: the headers count it).
+                request, token = admitted
+                request_state = token_state = None
+                if request is not None:
+                    window = request[0]
+                    request_state = WindowState(window, request[1], window.limit - request[2])
+                if token is not None:
+                    window = token[0]
+                    token_state = WindowState(window, token[1], window.limit - token[2] + tokens)
+                return request_state, token_state
+    return _refuse_now(local, admission, tokens, cost, member, now)
+
+
+def _refuse_now(
+    local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str, now: float
+) -> tuple[WindowState | None, WindowState | None]:
+    """:func:`_admit_now` window by window, each step as the storage takes it: the scopes'
+    token and cost windows read and checked, the request counted in every request window
+    or in none, then the reservation added.  It raises the 429 of what refuses (or admits:
+    what the one call would have, as when it is not to be used)."""
     token: Tight | None = None
     for scope in admission.scopes:
         if scope.limited:  # (the others are never full nor the tightest)

@@ -305,7 +305,11 @@ async def _admit(
         if not plan.records:
             held = (0, 0)
         slot = uuid.uuid4().hex if plan.capped else ""  # (its slot, freed when it ends)
-        request_state, token_state = await services.limiter.admit(plan.admission, *held, slot)
+        limiter = services.limiter
+        if limiter.local is not None:  # (at once in process memory)
+            request_state, token_state = limiter.admit_now(plan.admission, *held, slot)
+        else:
+            request_state, token_state = await limiter.admit(plan.admission, *held, slot)
         outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
         outcome.admitted = time.time()
         outcome.slot = slot
