@@ -158,7 +158,7 @@ def test_a_request_line_handed_over_is_written_as_a_line_given_to_copy() -> None
                 logs.request_log().take("request", handed)
                 assert handed["event"] == "request" and handed["level"] == "info"
             lines.flush()
-            text = raw.getvalue().decode() if binary else stream.getvalue()
+            text = stream.getvalue() if isinstance(stream, io.StringIO) else raw.getvalue().decode()
             out = text.splitlines()
             assert len(out) == 6 and text.endswith("\n")
             for given, taken in zip(out[::2], out[1::2], strict=True):
