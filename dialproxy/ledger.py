@@ -117,13 +117,16 @@ class Ledger:
         self.failures = 0  # batches that failed (kept for the next write)
         self.failing = 0  # writes failed in a row: one warning an outage, not one a flush
         self._pruned_hour = -1  # the hour retention last ran in
+        self._hour = -2 * HOUR  # the start of the hour rows were last added in
         self._lock = asyncio.Lock()  # one write at a time (the task's and a shutdown's)
         self._task: asyncio.Task[None] | None = None
 
     def add(self, row: Row, outcome: Outcome) -> None:
         """One finished request: O(1), in memory."""
-        hour = int(self.clock()) // HOUR * HOUR
-        key = (hour, *row)
+        now, hour = self.clock(), self._hour
+        if not hour <= now < hour + HOUR:  # (the hour's start worked out once an hour)
+            hour = self._hour = int(now) // HOUR * HOUR
+        key = (hour,) + row  # noqa: RUF005 (one tuple made; (hour, *row) makes a list first)
         totals = self.pending.get(key)
         if totals is None:
             totals = self.pending[key] = [0, 0, 0, 0, 0, 0]
@@ -136,12 +139,13 @@ class Ledger:
         usage = outcome.usage
         # (what the limits are charged: a 200's usage, or an estimate: see web/proxy.py)
         if usage is not None and (status == 200 or outcome.estimated):
-            totals[2] += usage.prompt_tokens
-            totals[3] += usage.completion_tokens
-            totals[4] += usage.total_tokens
+            prompt, completion, total, _ = usage
+            totals[2] += prompt
+            totals[3] += completion
+            totals[4] += total
             model = outcome.model
             if model is not None and (pricing := model.pricing) is not None:
-                totals[5] += pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
+                totals[5] += pricing.cost_nano_usd(prompt, completion)
 
     def health(self) -> dict[str, Any]:
         """For ``/health``: rows waiting for the next write, writes done and failed, and

@@ -35,14 +35,24 @@ MAX_LINE = 4096  # a line longer than this has its long strings cut
 
 
 class BatchedLines:
-    """A structlog logger writing rendered lines to a stream in batches."""
+    """A structlog logger writing rendered lines to a stream in batches.
+
+    Lines are kept as UTF-8 bytes: the request line comes rendered so (:meth:`raw`, no
+    decoding), and a batch goes to the stream's binary buffer when it has one and writes
+    UTF-8 (stderr does), else decoded to its text layer (a ``StringIO``)."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._pending: list[str] = []
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        self._buffer = getattr(stream, "buffer", None) if encoding == "utf8" else None
+        self._pending: list[bytes] = []
         self._scheduled = False
 
     def msg(self, line: str) -> None:
+        self.raw(line.encode("utf-8", "backslashreplace"))  # (as stderr writes it)
+
+    def raw(self, line: bytes) -> None:
+        """A line rendered as UTF-8 bytes (:meth:`JSONLines.info`), written with the batch."""
         self._pending.append(line)
         if self._scheduled:
             return
@@ -55,7 +65,7 @@ class BatchedLines:
         self._scheduled = True
 
     def urgent(self, line: str) -> None:
-        self._pending.append(line)
+        self._pending.append(line.encode("utf-8", "backslashreplace"))
         self.flush()
 
     log = debug = info = msg
@@ -66,12 +76,21 @@ class BatchedLines:
         if not self._pending:
             return
         lines, self._pending = self._pending, []
+        data = b"\n".join(lines) + b"\n"
         try:
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+            if self._buffer is not None:
+                self._stream.flush()  # (what was written to its text layer goes first)
+                self._buffer.write(data)
+                self._buffer.flush()
+            else:
+                self._stream.write(data.decode("utf-8", "backslashreplace"))
+                self._stream.flush()
         except (OSError, ValueError):  # the stream is gone (closed at exit): nothing to do
             pass
 
+
+# "000" to "999": a timestamp's microseconds in two lookups (a format is slower).
+_DIGITS = tuple(f"{n:03d}" for n in range(1000))
 
 # As structlog's add_log_level names them.
 _LEVELS = {"warn": "warning", "exception": "error"}
@@ -80,26 +99,61 @@ _LEVELS = {"warn": "warning", "exception": "error"}
 class JSONLines:
     """The one processor: what ``add_log_level``, a UTC ISO ``TimeStamper`` and
     ``JSONRenderer`` would do in a row, in one call (a request line goes through it on
-    every request).  The date part of the timestamp is made once a second; JSON is
-    orjson's (about ten times json.dumps' speed, as structlog's performance guide
-    suggests); a value JSON cannot hold is written as its ``repr``."""
+    every request).  The date part of the timestamp is made once a second, its
+    microseconds looked up (:data:`_DIGITS`); JSON is orjson's (about ten times
+    json.dumps' speed, as structlog's performance guide suggests); a value JSON cannot
+    hold is written as its ``repr``."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._base = 0  # the current second, in epoch nanoseconds
+        self._prefix = ""  # its timestamp up to the fraction: 2026-01-02T03:04:05.
+
+    def _stamp(self, now: int) -> str:
+        """The timestamp of ``now`` (epoch nanoseconds) in a second not the current one."""
+        second = now // 1_000_000_000
+        self._base = second * 1_000_000_000
+        self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        micros = (now - self._base) // 1000
+        return self._prefix + _DIGITS[micros // 1000] + _DIGITS[micros % 1000] + "Z"
 
     def __call__(self, _: Any, method: str, event: MutableMapping[str, Any]) -> str:
         event["level"] = _LEVELS.get(method, method)
-        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{micros:06d}Z"
+        now = time.time_ns()
+        micros = (now - self._base) // 1000  # (small numbers: quick, no formatting)
+        if 0 <= micros < 1_000_000:
+            event["timestamp"] = (
+                self._prefix + _DIGITS[micros // 1000] + _DIGITS[micros % 1000] + "Z"
+            )
+        else:
+            event["timestamp"] = self._stamp(now)
         if _pid is not None:
             event["pid"] = _pid
         line = _render(event)
         if len(line) > MAX_LINE:  # (one length test on the common path)
             line = _render({name: cut_value(value) for name, value in event.items()})
+        return line
+
+    def info(self, event: dict[str, Any]) -> bytes:
+        """The line of ``event`` at info level, as :meth:`__call__` makes it, in UTF-8 bytes:
+        what :class:`BatchedLines` keeps (the request line's way: no str made)."""
+        event["level"] = "info"
+        now = time.time_ns()
+        micros = (now - self._base) // 1000  # (small numbers: quick, no formatting)
+        if 0 <= micros < 1_000_000:
+            event["timestamp"] = (
+                self._prefix + _DIGITS[micros // 1000] + _DIGITS[micros % 1000] + "Z"
+            )
+        else:
+            event["timestamp"] = self._stamp(now)
+        if _pid is not None:
+            event["pid"] = _pid
+        try:
+            line = orjson.dumps(event, default=repr)
+        except TypeError:  # (as _render: json.dumps writes what orjson cannot)
+            line = json.dumps(event, default=repr).encode()
+        # (bytes count at least the characters: only a line this long may be too long)
+        if len(line) > MAX_LINE and len(line.decode()) > MAX_LINE:
+            line = _render({name: cut_value(value) for name, value in event.items()}).encode()
         return line
 
 
@@ -158,6 +212,26 @@ class RequestLog(structlog.BoundLoggerBase):
             self._logger.info(**event_dict)
         else:  # bytes
             self._logger.info(event_dict)
+
+    def take(self, event: str, fields: dict[str, Any]) -> None:
+        """:meth:`line` with ``fields`` handed over: the line's own (changed, not copied).
+        On the chain :func:`configure` sets (no context bound, :class:`JSONLines` to
+        :class:`BatchedLines`), rendered here to bytes and handed to the batch as they are:
+        the request line's way, every request."""
+        if _level > logging.INFO:
+            return
+        processors, logger = self._processors, self._logger
+        if (
+            self._context
+            or not isinstance(processors, list)
+            or len(processors) != 1
+            or type(logger) is not BatchedLines
+            or type(render := processors[0]) is not JSONLines
+        ):
+            self.line(event, fields)
+            return
+        fields["event"] = event
+        logger.raw(render.info(fields))
 
 
 def request_log() -> RequestLog:

@@ -40,8 +40,8 @@ from dialproxy.errors import ProxyError
 
 if TYPE_CHECKING:
     from dialproxy.auth import Principal
-    from dialproxy.config.model import Model
     from dialproxy.config.store import ConfigStore
+    from dialproxy.outcome import Outcome
 
 # Seconds to an upstream's first byte, and to the end of its answer (streams run long).
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -175,21 +175,14 @@ class Metrics:
         self.reservations += 1
         return True
 
-    def finish(
-        self,
-        api: str,
-        principal: Principal | None,
-        deployment: str | None,
-        model: Model | None,
-        status: int,
-        usage: tuple[int, int] | None,
-        refusal: BaseException | None,
-        holds: bool,
-    ) -> None:
-        """One request answered (once, when its log line is written)."""
+    def finish(self, outcome: Outcome, principal: Principal | None, deployment: str | None) -> None:
+        """One request answered (once, when its log line is written): its status, usage and
+        refusal counted; the served attempt's end timed (:meth:`served`, inline: this runs
+        on every request)."""
         self.in_flight -= 1
-        if holds:
+        if outcome.holding:
             self.reservations -= 1
+        model = outcome.model
         if model is not None:
             name = model.name
         elif deployment is not None and self._known(deployment):
@@ -199,15 +192,17 @@ class Metrics:
         project = principal.key.project if principal is not None else ""
         if self.key_label:
             key = principal.key.fingerprint if principal is not None else ""
-            labels: tuple[str, ...] = (api, name, project, key)
+            labels: tuple[str, ...] = (outcome.api, name, project, key)
         else:
-            labels = (api, name, project)
+            labels = (outcome.api, name, project)
         cell = self.cells.get(labels)
         if cell is None:
             cell = self.cells[labels] = _Cell(labels)
+        status = outcome.status
         cell.requests[status // 100 if 0 <= status < 600 else 0] += 1
-        if usage is not None:
-            prompt, completion = usage
+        usage = outcome.usage
+        if usage is not None and (status == 200 or outcome.estimated):  # (charged)
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
             cell.used = True
             cell.prompt += prompt
             cell.completion += completion
@@ -215,9 +210,19 @@ class Metrics:
             if pricing is not None:
                 cell.priced = True
                 cell.cost += pricing.cost_nano_usd(prompt, completion) / 1e9
+        refusal = outcome.refusal
         if refusal is not None and (why := refusal_reason(refusal)) is not None:
-            refused = (api, name, project, *why)
+            refused = (outcome.api, name, project, *why)
             self.refusals[refused] = self.refusals.get(refused, 0) + 1
+        route = outcome.upstream
+        if outcome.sent and model is not None and route is not None:
+            seconds = time.perf_counter() - outcome.sent
+            upstream = self.upstreams.get((name, route))
+            if upstream is None:
+                upstream = self.upstreams[(name, route)] = _UpstreamCell((name, route))
+            duration = upstream.duration
+            duration.counts[bisect_left(duration.bounds, seconds)] += 1
+            duration.sum += seconds
 
     def _known(self, deployment: str) -> bool:
         return self._store is not None and deployment in self._store.snapshot.models
@@ -235,16 +240,6 @@ class Metrics:
         cell.failures[reason] = cell.failures.get(reason, 0) + 1
         if seconds is not None:
             cell.duration.observe(seconds)
-
-    def served(self, deployment: str, route: str, seconds: float) -> None:
-        """The served attempt's end (its answer relayed), ``seconds`` after it was sent.
-        (:meth:`upstream` and the histogram's ``observe`` inline: this runs on every request.)"""
-        cell = self.upstreams.get((deployment, route))
-        if cell is None:
-            cell = self.upstreams[(deployment, route)] = _UpstreamCell((deployment, route))
-        duration = cell.duration
-        duration.counts[bisect_left(duration.bounds, seconds)] += 1
-        duration.sum += seconds
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)

@@ -361,6 +361,25 @@ async def test_usage_endpoints_show_the_callers_own(
     assert (bad, unknown) == (400, 404)
 
 
+async def test_each_request_lands_in_the_hour_it_ended_in(tmp_path: Path) -> None:
+    """The hour is worked out once an hour: requests at its last second, at the next
+    hour's first and with the clock set back each land in their own hour."""
+    now = [1_800_000_000.0]
+    ledger = Ledger(SqliteLedgerStore(tmp_path / "usage.sqlite"), clock=lambda: now[0])
+    row = ("p", "fp", "", "chat", "chat/completions")
+    start = int(now[0]) // HOUR * HOUR
+    for at in (start + 5, start + HOUR - 0.5, start + HOUR, start + 5.5, start + 3 * HOUR):
+        now[0] = at
+        ledger.add(row, Outcome(status=200, usage=Usage(1, 2, 3)))
+    rows = await ledger.rows(start - HOUR, start + 4 * HOUR, ("hour",))
+    assert {r["hour"]: r["requests"] for r in rows} == {
+        start: 3,
+        start + HOUR: 1,
+        start + 3 * HOUR: 1,
+    }
+    await ledger.close()
+
+
 async def test_retention_drops_old_hours(tmp_path: Path, redis_server: RedisServer) -> None:
     now = [1_800_000_000.0]
     store = SqliteLedgerStore(tmp_path / "usage.sqlite")

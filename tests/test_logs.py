@@ -129,6 +129,49 @@ def test_the_request_log_renders_through_the_configured_chain_and_obeys_its_leve
         structlog.configure(**saved)
 
 
+def test_a_request_line_handed_over_is_written_as_a_line_given_to_copy() -> None:
+    """``take`` (the request path's: the fields handed over, rendered to bytes) writes what
+    ``line`` writes, to a stream with a UTF-8 buffer (stderr) and to one without; an
+    overlong line is cut as any line is."""
+    import io
+    import logging
+    import re
+
+    import structlog
+
+    from dialproxy import logs
+
+    stamp = re.compile(r'"timestamp": ?"[^"]*"')
+    saved = structlog.get_config()
+    try:
+        for binary in (True, False):
+            raw = io.BytesIO()
+            stream = io.TextIOWrapper(raw, encoding="utf-8") if binary else io.StringIO()
+            lines = logs.configure(logging.INFO, stream)
+            for fields in (
+                {"status": 200, "path": "/caf\u00e9 \u263a", "cost": Decimal("1.5"), "n": None},
+                {"status": 200, "big": 2**70},
+                {"status": 500, "error": "x" * 5000, "details": {"k": "y" * 5000}},
+            ):
+                logs.request_log().line("request", fields)
+                handed = dict(fields)
+                logs.request_log().take("request", handed)
+                assert handed["event"] == "request" and handed["level"] == "info"
+            lines.flush()
+            text = stream.getvalue() if isinstance(stream, io.StringIO) else raw.getvalue().decode()
+            out = text.splitlines()
+            assert len(out) == 6 and text.endswith("\n")
+            for given, taken in zip(out[::2], out[1::2], strict=True):
+                assert stamp.sub("", given) == stamp.sub("", taken)
+            assert "caf\u00e9 \u263a" in out[1] and json.loads(out[3])["big"] == 2**70
+            assert len(out[5]) < 4096 and "more characters" in out[5]
+            stamp_of = json.loads(out[1])["timestamp"]
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp_of)
+    finally:
+        logs.configure(logging.INFO, io.StringIO())
+        structlog.configure(**saved)
+
+
 def test_the_served_process_writes_an_uncaught_exception_as_a_json_line() -> None:
     """What `dialproxy serve` sets up: an exception nobody caught (its message may quote
     anything) is one JSON line with its class and frames, not a text traceback."""

@@ -116,7 +116,7 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
             continue
         if capacity is not None:
             outcome.capacity = (capacity, held)
-        outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
+        outcome.ttfb_ms = round((time.perf_counter() - sent) * 100_000) / 100  # (round(ms, 2))
         outcome.status, outcome.sent, outcome.attempt_span = resp.status, sent, attempts.span
         if outcome.ids is not None:
             outcome.ids.served_by(route, out.serving)

@@ -445,6 +445,9 @@ def hold(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> Non
     task.add_done_callback(tasks.discard)
 
 
+_NO_USAGE = (None, None, None, None)  # a log line's counts and details without a usage
+
+
 def log_line(
     services: Services,
     request: web.Request,
@@ -453,75 +456,56 @@ def log_line(
     outcome: Outcome,
     started: float,
 ) -> None:
-    usage = outcome.usage
+    usage, key = outcome.usage, principal.key if principal is not None else None
+    prompt, completion, total, details = usage if usage is not None else _NO_USAGE
     fields = {
         "method": request.method,
         "path": request.path,
         "status": outcome.status,
-        "project": principal.key.project if principal else None,
-        "key": principal.key.fingerprint if principal else None,
+        "project": key.project if key is not None else None,
+        "key": key.fingerprint if key is not None else None,
         "deployment": deployment,
         "upstream": outcome.upstream,
         "attempts": outcome.attempts,
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
-        "total_tokens": usage.total_tokens if usage else None,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": total,
         "ttfb_ms": outcome.ttfb_ms,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        # (round(ms, 2) as a whole number of hundredths: half the work of round(x, 2); the same
+        # value but at an exact tie, which a float of seconds does not hit)
+        "duration_ms": round((time.perf_counter() - started) * 100_000) / 100,
         "error": outcome.error,
     }
     if principal is not None and principal.shared is not None:
         fields["shared_key"] = principal.shared.id
     if outcome.estimated:
         fields["usage"] = "estimated"
-    elif usage is not None and usage.details:
-        fields["usage_details"] = dict(usage.details)  # cached, reasoning tokens...
-    services.log.line("request", fields)
-    if services.metrics is not None or services.tracing is not None:
-        _observe(services, principal, deployment, outcome, fields)
+    elif details:
+        fields["usage_details"] = dict(details)  # cached, reasoning tokens...
+    services.log.take("request", fields)
+    if services.metrics is not None:
+        services.metrics.finish(outcome, principal, deployment)
+    if services.tracing is not None:
+        _trace(services.tracing, outcome, fields)
 
 
-def _observe(
-    services: Services,
-    principal: Principal | None,
-    deployment: str | None,
-    outcome: Outcome,
-    fields: dict[str, Any],
-) -> None:
-    """A request's end in the metrics and its spans (after its log line: ``fields``)."""
-    usage, model, status = outcome.usage, outcome.model, outcome.status
-    metrics, tracing = services.metrics, services.tracing
-    if metrics is not None:
-        counted = None
-        if usage is not None and (status == 200 or outcome.estimated):
-            counted = (usage.prompt_tokens, usage.completion_tokens)
-        metrics.finish(
-            outcome.api,
-            principal,
-            deployment,
-            model,
+def _trace(tracing: Tracing, outcome: Outcome, fields: dict[str, Any]) -> None:
+    """A request's end in its spans (after its log line: ``fields``)."""
+    status, model = outcome.status, outcome.model
+    if outcome.attempt_span is not None:
+        tracing.attempt_end(outcome.attempt_span, status, outcome.error)
+    if outcome.span is not None:
+        tracing.request_end(
+            outcome.span,
+            {
+                "dialproxy.deployment": model.name if model is not None else None,
+                "dialproxy.project": fields["project"],
+                "dialproxy.key": fields["key"],
+                "dialproxy.upstream": outcome.upstream,
+                "dialproxy.attempts": outcome.attempts,
+                "gen_ai.usage.input_tokens": fields["prompt_tokens"],
+                "gen_ai.usage.output_tokens": fields["completion_tokens"],
+                "error.type": outcome.error,
+            },
             status,
-            counted,
-            outcome.refusal,
-            outcome.holding,
         )
-        if outcome.sent and model is not None and outcome.upstream is not None:
-            metrics.served(model.name, outcome.upstream, time.perf_counter() - outcome.sent)
-    if tracing is not None:
-        if outcome.attempt_span is not None:
-            tracing.attempt_end(outcome.attempt_span, status, outcome.error)
-        if outcome.span is not None:
-            tracing.request_end(
-                outcome.span,
-                {
-                    "dialproxy.deployment": model.name if model is not None else None,
-                    "dialproxy.project": fields["project"],
-                    "dialproxy.key": fields["key"],
-                    "dialproxy.upstream": outcome.upstream,
-                    "dialproxy.attempts": outcome.attempts,
-                    "gen_ai.usage.input_tokens": fields["prompt_tokens"],
-                    "gen_ai.usage.output_tokens": fields["completion_tokens"],
-                    "error.type": outcome.error,
-                },
-                status,
-            )

@@ -97,17 +97,20 @@ _COMMON_DROPPED = frozenset(
 )
 
 _CONNECTION = 2  # the verdict on the Connection header: the names it lists are dropped too
+_ENCODING = 3  # on Content-Encoding: dropped, its value noted (see response_headers)
 _CONNECTION_USUAL = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})  # (no name)
 
 
 def _verdicts(passed: frozenset[str]) -> dict[str, int]:
-    """Header name -> 1 (passes), 0 (dropped), 2 (Connection): the names we know, as servers
-    write them (lowercase, Capitalized-Words): found without lowercasing each header."""
+    """Header name -> 1 (passes), 0 (dropped), 2 (Connection), 3 (Content-Encoding): the
+    names we know, as servers write them (lowercase, Capitalized-Words): found without
+    lowercasing each header."""
     known = {
         name: 1 if name in passed else 0
         for name in PASSED_RESPONSE_HEADERS | PROVIDER_RATELIMIT_HEADERS | _COMMON_DROPPED
     }
     known["connection"] = _CONNECTION
+    known["content-encoding"] = _ENCODING
     verdicts: dict[str, int] = {}
     for name, verdict in known.items():
         verdicts[name] = verdicts["-".join(p.capitalize() for p in name.split("-"))] = verdict
@@ -159,6 +162,7 @@ def response_headers(
     verdicts = _VERDICTS_OURS if ours else _VERDICTS_THEIRS
     headers: list[tuple[str, str]] = []
     listed: list[str] | None = None  # what the Connection header names
+    encoding: str | None = None  # the first Content-Encoding (found here: no lookup after)
     for k, v in upstream.items():
         verdict = verdicts.get(k)
         if verdict is None:  # a name not written as we know it
@@ -167,12 +171,13 @@ def response_headers(
             headers.append((k, v))
         elif verdict == _CONNECTION and v not in _CONNECTION_USUAL:
             listed = (listed or []) + v.split(",")
+        elif verdict == _ENCODING and encoding is None:
+            encoding = v
     if listed and headers:
         named = {name.strip().lower() for name in listed}
         headers = [(k, v) for k, v in headers if k.lower() not in named]
     headers.append(("X-UPSTREAM-ATTEMPTS", str(attempts)))
     headers += ours
-    encoding = upstream.get("Content-Encoding")
     if encoding is not None and encoding.lower() not in DECODED:
         headers.append(("Content-Encoding", encoding))
     return headers
