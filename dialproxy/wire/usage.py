@@ -36,7 +36,12 @@ def usage_of(answer: Any) -> Usage | None:
     0, a missing total the sum)."""
     if type(answer) is not dict:
         return None
-    obj = answer.get("usage")
+    return usage_in(answer.get("usage"))
+
+
+def usage_in(obj: Any) -> Usage | None:
+    """The usage of an answer's ``usage`` value, by the rule of :func:`usage_of` (None:
+    not an object, or counts that are not counts)."""
     if type(obj) is not dict:
         return None
     prompt = obj.get("prompt_tokens")
@@ -72,7 +77,7 @@ class UsageRule(NamedTuple):
 
 
 def _chat_usage(answer: Any, so_far: Usage | None) -> Usage | None:
-    return usage_of(answer)
+    return usage_in(answer.get("usage")) if type(answer) is dict else None
 
 
 CHAT_USAGE = UsageRule(_chat_usage)  # the top-level ``usage`` (DIAL's rule)
