@@ -30,18 +30,10 @@ class Usage(NamedTuple):
 _new_usage = tuple.__new__  # (Usage(...) is a Python-level call)
 
 
-def usage_of(answer: Any) -> Usage | None:
-    """The usage of a decoded answer or event (None: it has none, or one whose counts are
-    not counts: a count present must be a non-negative integer; a missing or null one is
-    0, a missing total the sum)."""
-    if type(answer) is not dict:
-        return None
-    return usage_in(answer.get("usage"))
-
-
 def usage_in(obj: Any) -> Usage | None:
-    """The usage of an answer's ``usage`` value, by the rule of :func:`usage_of` (None:
-    not an object, or counts that are not counts)."""
+    """The usage of an answer's or event's ``usage`` value (None: not an object, or one
+    whose counts are not counts: a count present must be a non-negative integer; a missing
+    or null one is 0, a missing total the sum)."""
     if type(obj) is not dict:
         return None
     prompt = obj.get("prompt_tokens")
@@ -100,7 +92,7 @@ def read_counts(obj: Any, names: tuple[str, ...]) -> list[int] | None:
 
 
 def counts(obj: Any, prompt_name: str, completion_name: str, total_name: str) -> Usage | None:
-    """A usage object's counts under the given names, by the rule of :func:`usage_of` (a
+    """A usage object's counts under the given names, by the rule of :func:`usage_in` (a
     missing total is the sum)."""
     found = read_counts(obj, (prompt_name, completion_name))
     if found is None:
