@@ -121,7 +121,7 @@ def decoded(body: bytes) -> Any:
 
 def find_usage(body: bytes, rule: UsageRule = CHAT_USAGE) -> Usage | None:
     """The usage of a complete (non-streamed) JSON answer."""
-    if MARK not in body:
+    if body.find(MARK) < 0:  # (find: bytes' ``in`` first tries its operand as an int)
         return None
     return rule.read(decoded(body), None)
 
