@@ -115,3 +115,24 @@ def test_counts_that_are_not_counts_make_no_usage_and_a_missing_total_is_the_sum
     assert usage({"prompt_tokens": 2, "total_tokens": -1}) is None
     assert usage({"prompt_tokens": 5, "total_tokens": 5}) == Usage(5, 0, 5)  # embeddings
     assert find_usage(b'{"usage" :\n {"prompt_tokens": 1}}') == Usage(1, 0, 1)  # spaced
+
+
+def test_the_last_usage_is_the_streams_and_every_usage_event_is_hidden() -> None:
+    """Two usage events and nulls written both ways, in one chunk or byte by byte: both
+    events hidden, the nulls cut, the later usage counted."""
+    first = event({"id": "c", "choices": [], "usage": {"total_tokens": 1}})
+    spaced = event({"id": "c", "choices": [{"delta": {}}], "usage": None}, SPACED)
+    stream = STREAM.replace(b"data: [DONE]", first + spaced + b"data: [DONE]")
+    expected = EXPECTED_FOR_CLIENT.replace(
+        b"data: [DONE]",
+        event({"id": "c", "choices": [{"delta": {}}]}, SPACED) + b"data: [DONE]",
+    )
+    usage_event = event({"id": "c", "choices": [], "usage": USAGE})
+    earlier = stream.replace(first, b"").replace(usage_event, first + usage_event)
+    for size in (1, 10_000):
+        hide = UsageHider()
+        out = b"".join(hide.feed(chunk) for chunk in cuts(stream, size)) + hide.flush()
+        assert (out, hide.usage) == (expected, Usage(0, 0, 1))
+        hide = UsageHider()  # the one-token usage first: the later one counts
+        out = b"".join(hide.feed(chunk) for chunk in cuts(earlier, size)) + hide.flush()
+        assert (out, hide.usage) == (expected, Usage(3, 4, 7))

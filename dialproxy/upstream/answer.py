@@ -208,7 +208,7 @@ def _charge(outcome: Outcome, relay: Relay, cut: bool) -> None:
     relayed something.  A stream cut with part of its usage (Anthropic's prompt, from its
     first event) is charged that part and, for the rest, the estimate."""
     usage = outcome.usage = relay.usage
-    if relay.events and (usage is None or (cut and not relay.has_all_usage)):
+    if (usage is None or (cut and not relay.has_all_usage)) and relay.events:
         model = outcome.model
         if cut or (model is not None and model.direct):
             guess = estimate(outcome.request_bytes, relay.events)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from dialproxy.errors import EventTooLarge
 from dialproxy.wire import sse
-from dialproxy.wire.usage import CHAT_USAGE, MARK, Usage, UsageRule, usage_of
+from dialproxy.wire.usage import CHAT_USAGE, MARK, Usage, UsageRule, usage_in
 
 _NULL = b'"usage":null'
 _NULL_SPACED = b'"usage": null'
@@ -62,8 +62,10 @@ class _Reader:
         self.bytes += len(chunk)
         held = self._held
         if not held:
+            if chunk.endswith(b"\n\n"):  # the usual: whole events, LF-framed
+                return chunk
             end = sse.complete_end(chunk)
-            if end == len(chunk):  # the usual: whole events
+            if end == len(chunk):
                 return chunk
             self._hold(chunk[end:], chunk[:end])
             return chunk[:end]
@@ -93,6 +95,8 @@ class _Reader:
     def _rest(self) -> bytes:
         """What is held when the stream ends (an event the upstream did not end)."""
         self.ended = True
+        if not self._held:  # the usual: the stream ended with its last event
+            return b""
         data = b"".join(self._held)
         self._held.clear()
         self._size = 0
@@ -132,13 +136,13 @@ class UsageScanner(_Reader):
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._complete(chunk)
-        if MARK in events:
+        if events.find(MARK) >= 0:  # (find: bytes' ``in`` first tries its operand as an int)
             self._scan(events)
         return chunk
 
     def flush(self) -> bytes:
         rest = self._rest()
-        if MARK in rest:
+        if rest.find(MARK) >= 0:
             self._scan(rest)
         return b""  # (every byte was relayed as it came)
 
@@ -161,48 +165,51 @@ class UsageHider(_Reader):
         try:
             events = self._complete(chunk)
         except EventTooLarge as e:  # the events before it still go out
-            e.relayed = self._hide(e.relayed) if MARK in e.relayed else e.relayed
+            e.relayed = self._hide(e.relayed) if e.relayed else e.relayed
             raise
-        return self._hide(events) if MARK in events else events
+        return self._hide(events) if events else events
 
     def flush(self) -> bytes:
         rest = self._rest()
-        return self._hide(rest) if MARK in rest else rest
+        return self._hide(rest) if rest else rest
 
     def _hide(self, events: bytes) -> bytes:
         # The nulls cut with one split (the usual: compact JSON, a null in every event);
-        # the marks left are usages with a value, or nulls written otherwise.
-        marks = events.count(MARK)
+        # a mark left is a usage with a value, or a null written otherwise.
         parts = events.split(_COMMA_NULL)
-        left = marks + 1 - len(parts)
         if len(parts) > 1:
             events = b"".join(parts)
-        return self._drop_usage_events(events, left) if left else events
+        index = events.find(MARK)
+        return events if index < 0 else self._drop_usage_events(events, index)
 
-    def _drop_usage_events(self, events: bytes, marks: int) -> bytes:
-        """``events`` without those that have a usage and no choices (``marks``: how many
-        usage marks are left in it), and without null usages written other than compactly;
-        the last usage is kept."""
-        found = self.usage
-        end = len(events)
+    def _drop_usage_events(self, events: bytes, index: int) -> bytes:
+        """``events`` without those that have a usage and no choices (``index``: the first
+        usage mark left in it), and without null usages written other than compactly; the
+        last usage is kept.  One pass forward: each mark's event read once, the search
+        going on past it."""
+        found: Usage | None = None
+        kept: list[bytes] = []  # what goes out before ``done``
+        done = 0  # where what is not yet kept starts
         nulls = False
-        for _ in range(marks):
-            index = events.rfind(MARK, 0, end)
-            if index < 0:  # (the rest were in an event already dropped)
-                break
+        while index >= 0:
             start, stop, answer = sse.decoded_event_around(events, index)
             if type(answer) is dict:
                 value = answer.get("usage", MARK)
                 if value is None:
                     nulls = True  # "usage": null, spaced: cut below
                 elif value is not MARK:
-                    usage = usage_of(answer)
-                    if usage is not None and found is self.usage:  # the last usage so far
+                    usage = usage_in(value)
+                    if usage is not None:  # (the last one is the stream's)
                         found = usage
                     if answer.get("choices") == []:  # the usage event (valid or not)
-                        events = events[:start] + events[stop:]
-            end = start
-        self.usage = found
+                        kept.append(events[done:start])
+                        done = stop
+            index = events.find(MARK, stop)
+        if found is not None:
+            self.usage = found
+        if done:
+            kept.append(events[done:])
+            events = b"".join(kept)
         if nulls:
             events = _ANY_NULL.sub(b"", events.replace(_COMMA_NULL_SPACED, b""))
         return events
@@ -230,13 +237,13 @@ class EventRewriter(_Reader):
         except EventTooLarge as e:  # the events before it still go out
             e.relayed = self.rewrite(e.relayed) if e.relayed else e.relayed
             raise
-        if MARK in events:
+        if events.find(MARK) >= 0:
             self._read_usage(events, len(events))
         return self.rewrite(events) if events else events
 
     def flush(self) -> bytes:
         rest = self._rest()
-        if MARK in rest:
+        if rest.find(MARK) >= 0:
             self._read_usage(rest, len(rest))
         return self.rewrite(rest) if rest else rest
 

@@ -30,13 +30,10 @@ class Usage(NamedTuple):
 _new_usage = tuple.__new__  # (Usage(...) is a Python-level call)
 
 
-def usage_of(answer: Any) -> Usage | None:
-    """The usage of a decoded answer or event (None: it has none, or one whose counts are
-    not counts: a count present must be a non-negative integer; a missing or null one is
-    0, a missing total the sum)."""
-    if type(answer) is not dict:
-        return None
-    obj = answer.get("usage")
+def usage_in(obj: Any) -> Usage | None:
+    """The usage of an answer's or event's ``usage`` value (None: not an object, or one
+    whose counts are not counts: a count present must be a non-negative integer; a missing
+    or null one is 0, a missing total the sum)."""
     if type(obj) is not dict:
         return None
     prompt = obj.get("prompt_tokens")
@@ -72,7 +69,7 @@ class UsageRule(NamedTuple):
 
 
 def _chat_usage(answer: Any, so_far: Usage | None) -> Usage | None:
-    return usage_of(answer)
+    return usage_in(answer.get("usage")) if type(answer) is dict else None
 
 
 CHAT_USAGE = UsageRule(_chat_usage)  # the top-level ``usage`` (DIAL's rule)
@@ -95,7 +92,7 @@ def read_counts(obj: Any, names: tuple[str, ...]) -> list[int] | None:
 
 
 def counts(obj: Any, prompt_name: str, completion_name: str, total_name: str) -> Usage | None:
-    """A usage object's counts under the given names, by the rule of :func:`usage_of` (a
+    """A usage object's counts under the given names, by the rule of :func:`usage_in` (a
     missing total is the sum)."""
     found = read_counts(obj, (prompt_name, completion_name))
     if found is None:
@@ -129,8 +126,8 @@ def _python_decoded(body: bytes) -> Any:
 
 def find_usage(body: bytes, rule: UsageRule = CHAT_USAGE) -> Usage | None:
     """The usage of a complete (non-streamed) JSON answer.  (:func:`decoded` and, for the
-    chat rule, :func:`usage_of` called here: this runs on every answer; ``rfind``: a usage
-    is near the end, and it costs less than ``in`` on bodies of a few hundred bytes.)"""
+    chat rule, :func:`usage_in` called here: this runs on every answer; ``rfind``: a usage
+    is near the end, and bytes' ``in`` first tries its operand as an int.)"""
     if body.rfind(MARK) < 0:
         return None
     try:
@@ -138,7 +135,7 @@ def find_usage(body: bytes, rule: UsageRule = CHAT_USAGE) -> Usage | None:
     except orjson.JSONDecodeError:
         answer = _python_decoded(body)
     if rule is CHAT_USAGE:
-        return usage_of(answer)
+        return usage_in(answer.get("usage")) if type(answer) is dict else None
     return rule.read(answer, None)
 
 
