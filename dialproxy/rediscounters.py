@@ -94,56 +94,84 @@ local function window(p, c, expiry)
     local pc, pt = previous(p)
     return pc, pt, cc, ct, here
 end
--- ``amount`` added to KEYS[c], which ``window`` just read (``here``: it existed, with ``ct``
--- ms to live); returns its count and TTL (ms) after.  (SET NX: the same key twice in one
--- call finds it made by the first.)
-local function add(c, expiry, amount, here, ct)
-    if not here then
-        if expiry < 0 then  -- (lapses at its period's end)
-            if redis.call('set', KEYS[c], amount, 'PXAT', -expiry, 'NX') then
-                return amount, tonumber(redis.call('pttl', KEYS[c]))
-            end
-        elseif redis.call('set', KEYS[c], amount, 'PX', expiry * 2, 'NX') then
-            return amount, expiry * 2
-        end
-        ct = tonumber(redis.call('pttl', KEYS[c]))
+-- ``amount`` (> 0) added to KEYS[c]; returns its count after.  A sliding window's current
+-- bucket was just rolled over (``here``: it exists; SET NX: the same key twice in one call
+-- finds it made by the first).  A calendar period's counter is not looked at first: the
+-- INCRBY that makes it (its count is the amount) gives it its end, which an INCRBY never
+-- moves (nor this PEXPIREAT, the same end, if a counter brought to 0 is made so again).
+local function add(c, expiry, amount, here)
+    if expiry < 0 then
+        local count = redis.call('incrby', KEYS[c], amount)
+        if count == amount then redis.call('pexpireat', KEYS[c], -expiry) end
+        return count
     end
-    return redis.call('incrby', KEYS[c], amount), ct
+    if not here and redis.call('set', KEYS[c], amount, 'PX', expiry * 2, 'NX') then
+        return amount
+    end
+    return redis.call('incrby', KEYS[c], amount)
 end
 """
 
 # W (ARGV[1]): n, then per window: seconds, limit, mode; A (ARGV[2]): per window its amount,
 # then m, member, lease (ms), and per slot set its limit.  Mode 0: refused when full (a
 # token or cost window); 1: refused when adding ``amount`` would pass the limit (a request
-# window); 2: never refused (a window
-# counted, not limited: only its current bucket is touched, and its counts answer as 0 but
-# for the current bucket's TTL: three commands fewer).  A slot set (KEYS after the
-# windows' pairs: members scored by their lease's end, Redis's own clock) refuses when it
-# holds its limit of live members.  Nothing is added unless nothing refuses.  Returns
-# {refused index (0: none; past n: a slot set), then per window read (all of them, at the
-# same instant, refused or not): previous, its ttl, current (with what was added), its ttl;
-# for a refusing slot set, its members}.
+# window); 2: never refused (a window counted, not limited: its counts are not read, and
+# answer as 0).  A slot set (KEYS after the windows' pairs: members scored by their lease's
+# end, Redis's own clock) refuses when it holds its limit of live members.  Nothing is added
+# unless nothing refuses.  Returns {refused index (0: none; past n: a slot set), then per
+# window read (all of them, at the same instant, refused or not): previous, its ttl,
+# current (with what was added), its ttl (a calendar period's counter: 0, 0, current, 0:
+# the caller knows its end, see ``on_clock``); for a refusing slot set, its members}.
+#
+# The commands: per sliding window one PTTL (its roll-over); then one MGET of every read
+# window's buckets; then per window one INCRBY.  The previous bucket's TTL is the current
+# one's less a window (a roll-over renames the current bucket to the previous, its expiry
+# kept, and makes the current one a window longer: Redis's clock stands still in a script),
+# and none when the current one has less (the previous one has lapsed).
 _ADMIT = (
     _WINDOW
     + """
 local n = tonumber(W[1])
 local out = {0}
-local found = {}  -- (per window: whether its current bucket exists)
+local found, ttl, at = {}, {}, {}  -- (per window: current bucket exists; its TTL; in MGET)
+local reads = {}
 for i = 1, n do
     local expiry = tonumber(W[i * 3 - 1]) * 1000
-    local limit = tonumber(W[i * 3])
     local mode = tonumber(W[i * 3 + 1])
-    local amount = tonumber(A[i])
-    if mode == 2 then  -- counted, not limited: only rolled over, its counts not read
+    if expiry > 0 then
         local ct, here = roll(i * 2 - 1, i * 2, expiry)
         found[i] = here
         if ct < 0 then ct = 0 end
-        table.insert(out, 0); table.insert(out, 0); table.insert(out, 0); table.insert(out, ct)
+        ttl[i] = ct
     else
-        local pc, pt, cc, ct, here = window(i * 2 - 1, i * 2, expiry)
-        found[i] = here
+        ttl[i] = 0
+    end
+    if mode ~= 2 then
+        at[i] = #reads + 1
+        reads[#reads + 1] = KEYS[i * 2]
+        if expiry > 0 then reads[#reads + 1] = KEYS[i * 2 - 1] end
+    end
+end
+local got = {}
+if #reads > 0 then got = redis.call('mget', unpack(reads)) end
+for i = 1, n do
+    local expiry = tonumber(W[i * 3 - 1]) * 1000
+    local j = at[i]
+    if j == nil then  -- counted, not limited
+        table.insert(out, 0); table.insert(out, 0); table.insert(out, 0); table.insert(out, 0)
+    else
+        local limit = tonumber(W[i * 3])
+        local mode = tonumber(W[i * 3 + 1])
+        local ct = ttl[i]
+        local cc = tonumber(got[j]) or 0
+        local pc, pt = 0, 0
+        if expiry > 0 and got[j + 1] then
+            pc = tonumber(got[j + 1])
+            if ct > expiry then pt = ct - expiry end
+        end
         local weighted = math.floor(pc * pt / expiry) + cc
         table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
+        local amount = tonumber(A[i])
         local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
         if full and out[1] == 0 then
             out[1] = i
@@ -177,7 +205,8 @@ for i = 1, n do
     local amount = tonumber(A[i])
     if amount > 0 then
         local expiry = tonumber(W[i * 3 - 1]) * 1000
-        out[i * 4], out[i * 4 + 1] = add(i * 2, expiry, amount, found[i], out[i * 4 + 1])
+        out[i * 4] = add(i * 2, expiry, amount, found[i])
+        if expiry > 0 and not found[i] then out[i * 4 + 1] = expiry * 2 end
     end
 end
 return out
@@ -185,8 +214,11 @@ return out
 )
 
 # W: n, then per window: seconds; A: per window its amount (signed), then m and the member
-# whose slots (KEYS after the windows' pairs) are freed.  A positive amount is added to the current
-# bucket; a negative one taken from it, and what it lacks from the previous one.
+# whose slots (KEYS after the windows' pairs) are freed.  A positive amount is added to the
+# current bucket; a negative one taken from it, and what it lacks from the previous one.
+# A negative amount is one DECRBY, mostly: no roll-over first (taken from a current bucket
+# due to roll over is taken from the previous one it becomes), the DECRBY undone when it
+# went below 0 (a bucket that was not there: no TTL on it then, so deleted).
 _SETTLE = (
     _WINDOW
     + """
@@ -195,19 +227,21 @@ for i = 1, n do
     local expiry = tonumber(W[i + 1]) * 1000
     local amount = tonumber(A[i])
     if amount > 0 then
-        local ct, here = roll(i * 2 - 1, i * 2, expiry)
-        if ct < 0 then ct = 0 end
-        add(i * 2, expiry, amount, here, ct)
+        local ct, here = 0, true
+        if expiry > 0 then ct, here = roll(i * 2 - 1, i * 2, expiry) end
+        add(i * 2, expiry, amount, here)
     elseif amount < 0 then
-        local _, here, rolled = roll(i * 2 - 1, i * 2, expiry)
-        local left = -amount
-        if here and not rolled then  -- (DECRBY first, undone below 0: one command, mostly)
-            left = -tonumber(redis.call('decrby', KEYS[i * 2], left))
-            if left > 0 then redis.call('incrby', KEYS[i * 2], left) end
-        end
-        if left > 0 and expiry > 0 then  -- (a calendar period has no previous bucket)
-            local take = math.min(tonumber(redis.call('get', KEYS[i * 2 - 1])) or 0, left)
-            if take > 0 then redis.call('decrby', KEYS[i * 2 - 1], take) end
+        local left = -tonumber(redis.call('decrby', KEYS[i * 2], -amount))
+        if left > 0 then
+            if redis.call('pttl', KEYS[i * 2]) == -1 then
+                redis.call('del', KEYS[i * 2])
+            else
+                redis.call('incrby', KEYS[i * 2], left)
+            end
+            if expiry > 0 then  -- (a calendar period has no previous bucket)
+                local take = math.min(tonumber(redis.call('get', KEYS[i * 2 - 1])) or 0, left)
+                if take > 0 then redis.call('decrby', KEYS[i * 2 - 1], take) end
+            end
         end
     end
 end
