@@ -21,16 +21,19 @@ No call is retried (one that timed out may have been applied: a retry could coun
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence
 from itertools import chain
 from typing import Any, TypeVar
 
 import redis.asyncio
 import structlog
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
 from dialproxy.counters import Counts, Read
 
@@ -496,18 +499,30 @@ _Call = tuple[AsyncScript, _Prepared, list[bytes], str, "asyncio.Future[Any]"]
 
 
 class ScriptBatch:
-    """Script calls made in one turn of the event loop go to Redis together: one pipeline
-    (not a transaction: each script is atomic on its own), one round trip.  Under load many
-    requests reach their admission or settlement in the same turn, and redis-py's per-call
-    cost (its pool, its packing, a task, two more turns of the loop) is mostly paid once per
-    batch instead of once per call: a third of it at 32 calls a batch, half at 4, measured
-    beside single calls.  The batch runs in a task of its own, so a request that is
-    cancelled (a client gone) never cuts off the others' calls, nor its own."""
+    """Script calls made in one turn of the event loop go to Redis together, written at
+    once (not a transaction: each script is atomic on its own), one round trip.  Under load
+    many requests reach their admission or settlement in the same turn.
+
+    The batches go on one connection of their own, taken from the pool once and kept: each
+    is written as soon as it is made (while the answers of those before it are still on
+    their way: Redis answers in order), and one reader task hands the answers to their
+    calls in that order.  So a call costs no pool round (its lock, its checks), no task of
+    its own, no write that waits: a request pays for its script and its answer alone.  A
+    request that is cancelled (a client gone) cancels its own wait only: its call still
+    goes, and nobody else's is cut off.  A failure of the connection (an error, an answer
+    that took longer than TIMEOUT) fails every call waiting on it, and the next batch
+    connects again."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
         self.pending: list[_Call] = []
-        self.sending: set[asyncio.Task[None]] = set()
+        # Written, their answers awaited (in order); made, waiting for a connection.
+        self.waiting: deque[_Call] = deque()
+        self.held: list[_Call] = []
+        self.connection: Connection | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # (the reader's, while it is idle)
 
     async def call(
         self, script: AsyncScript, prepared: _Prepared, extra: list[bytes], own: str
@@ -520,48 +535,28 @@ class ScriptBatch:
             loop.call_soon(self._flush)
         self.pending.append((script, prepared, extra, own, future))
         # (A caller cancelled cancels its future alone: the call still goes, or has gone,
-        # with its batch, which skips the answers no one waits for.)
+        # with its batch, and its answer is read and dropped.)
         return await future
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self.sending.add(task)
-        task.add_done_callback(self.sending.discard)
-
-    async def _send(self, batch: list[_Call]) -> None:
-        try:
-            results = await self._exchange(batch)
-            for i, result in enumerate(results):
-                if isinstance(result, NoScriptError):  # (Redis restarted: not run)
-                    script, prepared, extra, own, _ = batch[i]
-                    keys = prepared.keys + extra
-                    results[i] = await script(keys=keys, args=[prepared.windows, own])  # (loads)
-        except BaseException as e:  # (an outage: every call of the batch sees it)
-            for *_, future in batch:
-                if future.done():
-                    continue
-                if isinstance(e, Exception):
-                    future.set_exception(e)
-                else:
-                    future.cancel()  # (the loop is closing)
-            if not isinstance(e, Exception):
-                raise
+        connection = self.connection
+        if (
+            connection is not None
+            and connection._writer is not None
+            and self._reading is not None
+            and not self.held
+        ):
+            self._write(connection._writer, batch)
             return
-        for (*_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        self.held += batch
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
-    async def _exchange(self, batch: list[_Call]) -> list[Any]:
-        """The batch's EVALSHA calls written at once on one connection of the pool, then
-        their answers read (an error answer in its call's place).  The calls are packed
-        from their keys' and windows' bytes made once (redis-py's pipeline would pack every
-        argument of every call again, and parse each answer through its callbacks).  A
-        connection that failed (or timed out) mid-way is dropped, never reused."""
+    def _write(self, writer: asyncio.StreamWriter, batch: list[_Call]) -> None:
+        """The batch's EVALSHA calls, packed from their keys' and windows' bytes made once
+        (redis-py would pack every argument of every call again), into the connection's
+        buffer; its answers are awaited after those already written."""
         wire = []
         for script, prepared, extra, own, _ in batch:
             nkeys = len(prepared.keys) + len(extra)
@@ -569,25 +564,120 @@ class ScriptBatch:
             wire.append(_bulk(script.sha.encode()) + _bulk(b"%d" % nkeys) + prepared.wire_keys)
             wire.extend(map(_bulk, extra))
             wire.append(prepared.wire_windows + _bulk(own.encode()))
-        pool = self.client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        writer.write(b"".join(wire))
+        self.waiting.extend(batch)
+        if (wake := self._wake) is not None:
+            self._wake = None
+            wake.set_result(None)
+
+    async def _connect(self) -> None:
+        """A connection for the batches (the pool's, kept), then the batches held."""
         try:
-            await connection.send_packed_command(b"".join(wire))
-            results: list[Any] = []
-            for _ in batch:
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as e:  # (its call's answer: the others follow)
-                    results.append(e)
-            return results
-        except BaseException:
-            await connection.disconnect()
-            raise
+            if self.connection is None:
+                pool = self.client.connection_pool
+                self.connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = self.connection
+            if connection._writer is None:  # (dropped: after an error, or prepare())
+                await connection.connect()
+            if self._reading is None:
+                reader = self._read(connection)
+                self._reading = asyncio.get_running_loop().create_task(reader)
+            writer = connection._writer
+            assert writer is not None
+        except BaseException as e:  # (no connection: every call held sees it)
+            held, self.held = self.held, []
+            _fail(held, e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            held, self.held = self.held, []
+            self._write(writer, held)
         finally:
-            await pool.release(connection)
+            self._connecting = None
+
+    async def _read(self, connection: Connection) -> None:
+        """The answers of the calls written, in order, to their callers; on a failure,
+        the failure to every call waiting, and the connection dropped."""
+        waiting = self.waiting
+        try:
+            while True:
+                if not waiting:
+                    self._wake = wake = asyncio.get_running_loop().create_future()
+                    await wake
+                    continue
+                result = _buffered(connection)
+                if result is NOT_ENOUGH_DATA:
+                    try:
+                        result = await connection.read_response()
+                    except ResponseError as e:  # (its call's answer: the others follow)
+                        result = e
+                script, prepared, extra, own, future = waiting.popleft()
+                if isinstance(result, NoScriptError):  # (Redis restarted: not run; in order)
+                    keys = prepared.keys + extra
+                    try:
+                        result = await script(keys=keys, args=[prepared.windows, own])  # (loads)
+                    except Exception as e:
+                        result = e
+                if future.done():
+                    continue
+                elif isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        except BaseException as e:  # (the next batch takes a connection again)
+            self._reading = self._wake = None
+            if self.connection is connection:
+                self.connection = None
+            _fail(list(waiting), e)
+            waiting.clear()
+            try:
+                await connection.disconnect()
+            finally:
+                await self.client.connection_pool.release(connection)
+            if not isinstance(e, Exception):
+                raise
 
     async def close(self) -> None:
-        await asyncio.gather(*self.sending, return_exceptions=True)
+        """Once every call made has its answer: the reader stopped, the connection back."""
+        while calls := [
+            c[4] for c in (*self.pending, *self.held, *self.waiting) if not c[4].done()
+        ]:
+            await asyncio.wait(calls)
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            if self.waiting:  # (answers unread: of calls whose callers left)
+                await connection.disconnect()
+            await self.client.connection_pool.release(connection)
+
+
+def _buffered(connection: Connection) -> Any:
+    """The next answer if it is here already (read with the answers before it: those of a
+    batch come together), without redis-py's wait for one (a timeout set, then cancelled,
+    per answer); else NOT_ENOUGH_DATA.  (hiredis's reader: redis-py's own parser has no
+    such call.)"""
+    parser = connection._parser
+    if not isinstance(parser, _AsyncHiredisParser) or not parser._connected:
+        return NOT_ENOUGH_DATA
+    reader = parser._reader
+    answer = NOT_ENOUGH_DATA if reader is None else reader.gets()
+    if isinstance(answer, ConnectionError):  # (as redis-py raises it)
+        raise answer
+    return answer
+
+
+def _fail(calls: list[_Call], error: BaseException) -> None:
+    """``error`` to every call of ``calls`` still waited for (an outage: the loop closing,
+    a cancellation)."""
+    for *_, future in calls:
+        if future.done():
+            continue
+        if isinstance(error, Exception):
+            future.set_exception(error)
+        else:
+            future.cancel()
 
 
 async def uncancelled(call: Awaitable[T]) -> T:
