@@ -294,9 +294,10 @@ PREPARED_MAX = 4096
 
 class _Prepared:
     """What a script call on some windows sends that is the same for every call: the keys
-    (encoded) and the windows' packed arguments (encoded)."""
+    (encoded) and the windows' packed arguments (encoded); and where the calendar periods'
+    counters are, with their ends (epoch seconds)."""
 
-    __slots__ = ("keys", "windows", "wire_keys", "wire_windows")
+    __slots__ = ("calendars", "heads", "keys", "windows", "wire_keys", "wire_windows")
 
     def __init__(self, windows: Sequence[Read], per_window: Iterable[Any]) -> None:
         keys: list[bytes] = []
@@ -308,6 +309,21 @@ class _Prepared:
         # (the same, as they go on the wire: RESP bulk strings)
         self.wire_keys = b"".join(map(_bulk, keys))
         self.wire_windows = _bulk(self.windows)
+        self.calendars = [(i, -float(s)) for i, (_, s) in enumerate(windows) if s < 0]
+        self.heads: dict[str, bytes] = {}
+
+    def head(self, sha: str) -> bytes:
+        """A call of the script ``sha`` on these keys alone, all but its own argument."""
+        if (head := self.heads.get(sha)) is None:
+            nkeys = len(self.keys)
+            head = self.heads[sha] = (
+                b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5)
+                + _bulk(sha.encode())
+                + _bulk(b"%d" % nkeys)
+                + self.wire_keys
+                + self.wire_windows
+            )
+        return head
 
 
 def _bulk(value: bytes) -> bytes:
@@ -359,11 +375,14 @@ class RedisCounters:
     async def admit(
         self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int],
         amounts: Sequence[int], slots: Sequence[tuple[str, int]] = (), member: str = "",
+        now: float | None = None,
     ) -> tuple[int, list[Counts]]:  # fmt: skip
         """One atomic step: the index (from 1) of the first window that refused (past the
         windows: the slot set), or 0 and every amount added and a slot taken in every slot
         set (``slots``: key, limit) for ``member``; the counts of every window (after the
-        adding, if nothing refused)."""
+        adding, if nothing refused): a calendar period's counter's time to its end by
+        ``now`` (the instance's clock, that made the period; without it, Redis's own TTL
+        is not asked either: 0)."""
         prepared = self._prepared_admit(windows, limits, modes)
         extra: list[bytes] = []
         own = _packed(amounts)
@@ -374,13 +393,19 @@ class RedisCounters:
         flat = await self._batch.call(self._admit, prepared, extra, own)
         refused = int(flat[0])
         if refused > len(windows):
-            return refused, _counts(flat[1 : len(flat) - 1], 0)
-        if slots and not refused:
-            for key, _ in slots:
-                self.held.setdefault(key, set()).add(member)
-            if self._renewing is None or self._renewing.done():
-                self._renewing = asyncio.get_running_loop().create_task(self._renew_leases())
-        return refused, _counts(flat, 1)
+            counts = _counts(flat[1 : len(flat) - 1], 0)
+        else:
+            counts = _counts(flat, 1)
+            if slots and not refused:
+                for key, _ in slots:
+                    self.held.setdefault(key, set()).add(member)
+                if self._renewing is None or self._renewing.done():
+                    task = self._renew_leases()
+                    self._renewing = asyncio.get_running_loop().create_task(task)
+        if now is not None:
+            for index, end in prepared.calendars:
+                counts[index] = (0, 0.0, counts[index][2], max(end - now, 0.0))
+        return refused, counts
 
     async def settle(
         self,
@@ -557,8 +582,11 @@ class ScriptBatch:
         """The batch's EVALSHA calls, packed from their keys' and windows' bytes made once
         (redis-py would pack every argument of every call again), into the connection's
         buffer; its answers are awaited after those already written."""
-        wire = []
+        wire: list[bytes] = []
         for script, prepared, extra, own, _ in batch:
+            if not extra:
+                wire += (prepared.head(script.sha), _bulk(own.encode()))
+                continue
             nkeys = len(prepared.keys) + len(extra)
             wire.append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5))
             wire.append(_bulk(script.sha.encode()) + _bulk(b"%d" % nkeys) + prepared.wire_keys)
