@@ -38,7 +38,6 @@ from dialproxy.storage import (
     FailurePolicy,
     Storage,
     StorageGuard,
-    on_clock,
     read,
 )
 
@@ -583,9 +582,7 @@ class _Batch:
 async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowState | None]:
     if isinstance(s, LocalCounters):
         return _admit_now(s, batch.admission, *batch.reserved, batch.member, batch.now)
-    refused, counts = await s.admit(*batch.args())
-    if batch.admission.calendars:
-        on_clock(batch.windows, counts, batch.now)
+    refused, counts = await s.admit(*batch.args(), now=batch.now)  # (calendars by our clock)
     if refused:
         _refuse(batch, refused, counts)
     return _admitted(batch, counts)

@@ -21,16 +21,19 @@ No call is retried (one that timed out may have been applied: a retry could coun
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence
 from itertools import chain
 from typing import Any, TypeVar
 
 import redis.asyncio
 import structlog
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
 from dialproxy.counters import Counts, Read
 
@@ -94,56 +97,84 @@ local function window(p, c, expiry)
     local pc, pt = previous(p)
     return pc, pt, cc, ct, here
 end
--- ``amount`` added to KEYS[c], which ``window`` just read (``here``: it existed, with ``ct``
--- ms to live); returns its count and TTL (ms) after.  (SET NX: the same key twice in one
--- call finds it made by the first.)
-local function add(c, expiry, amount, here, ct)
-    if not here then
-        if expiry < 0 then  -- (lapses at its period's end)
-            if redis.call('set', KEYS[c], amount, 'PXAT', -expiry, 'NX') then
-                return amount, tonumber(redis.call('pttl', KEYS[c]))
-            end
-        elseif redis.call('set', KEYS[c], amount, 'PX', expiry * 2, 'NX') then
-            return amount, expiry * 2
-        end
-        ct = tonumber(redis.call('pttl', KEYS[c]))
+-- ``amount`` (> 0) added to KEYS[c]; returns its count after.  A sliding window's current
+-- bucket was just rolled over (``here``: it exists; SET NX: the same key twice in one call
+-- finds it made by the first).  A calendar period's counter is not looked at first: the
+-- INCRBY that makes it (its count is the amount) gives it its end, which an INCRBY never
+-- moves (nor this PEXPIREAT, the same end, if a counter brought to 0 is made so again).
+local function add(c, expiry, amount, here)
+    if expiry < 0 then
+        local count = redis.call('incrby', KEYS[c], amount)
+        if count == amount then redis.call('pexpireat', KEYS[c], -expiry) end
+        return count
     end
-    return redis.call('incrby', KEYS[c], amount), ct
+    if not here and redis.call('set', KEYS[c], amount, 'PX', expiry * 2, 'NX') then
+        return amount
+    end
+    return redis.call('incrby', KEYS[c], amount)
 end
 """
 
 # W (ARGV[1]): n, then per window: seconds, limit, mode; A (ARGV[2]): per window its amount,
 # then m, member, lease (ms), and per slot set its limit.  Mode 0: refused when full (a
 # token or cost window); 1: refused when adding ``amount`` would pass the limit (a request
-# window); 2: never refused (a window
-# counted, not limited: only its current bucket is touched, and its counts answer as 0 but
-# for the current bucket's TTL: three commands fewer).  A slot set (KEYS after the
-# windows' pairs: members scored by their lease's end, Redis's own clock) refuses when it
-# holds its limit of live members.  Nothing is added unless nothing refuses.  Returns
-# {refused index (0: none; past n: a slot set), then per window read (all of them, at the
-# same instant, refused or not): previous, its ttl, current (with what was added), its ttl;
-# for a refusing slot set, its members}.
+# window); 2: never refused (a window counted, not limited: its counts are not read, and
+# answer as 0).  A slot set (KEYS after the windows' pairs: members scored by their lease's
+# end, Redis's own clock) refuses when it holds its limit of live members.  Nothing is added
+# unless nothing refuses.  Returns {refused index (0: none; past n: a slot set), then per
+# window read (all of them, at the same instant, refused or not): previous, its ttl,
+# current (with what was added), its ttl (a calendar period's counter: 0, 0, current, 0:
+# the caller knows its end, see ``on_clock``); for a refusing slot set, its members}.
+#
+# The commands: per sliding window one PTTL (its roll-over); then one MGET of every read
+# window's buckets; then per window one INCRBY.  The previous bucket's TTL is the current
+# one's less a window (a roll-over renames the current bucket to the previous, its expiry
+# kept, and makes the current one a window longer: Redis's clock stands still in a script),
+# and none when the current one has less (the previous one has lapsed).
 _ADMIT = (
     _WINDOW
     + """
 local n = tonumber(W[1])
 local out = {0}
-local found = {}  -- (per window: whether its current bucket exists)
+local found, ttl, at = {}, {}, {}  -- (per window: current bucket exists; its TTL; in MGET)
+local reads = {}
 for i = 1, n do
     local expiry = tonumber(W[i * 3 - 1]) * 1000
-    local limit = tonumber(W[i * 3])
     local mode = tonumber(W[i * 3 + 1])
-    local amount = tonumber(A[i])
-    if mode == 2 then  -- counted, not limited: only rolled over, its counts not read
+    if expiry > 0 then
         local ct, here = roll(i * 2 - 1, i * 2, expiry)
         found[i] = here
         if ct < 0 then ct = 0 end
-        table.insert(out, 0); table.insert(out, 0); table.insert(out, 0); table.insert(out, ct)
+        ttl[i] = ct
     else
-        local pc, pt, cc, ct, here = window(i * 2 - 1, i * 2, expiry)
-        found[i] = here
+        ttl[i] = 0
+    end
+    if mode ~= 2 then
+        at[i] = #reads + 1
+        reads[#reads + 1] = KEYS[i * 2]
+        if expiry > 0 then reads[#reads + 1] = KEYS[i * 2 - 1] end
+    end
+end
+local got = {}
+if #reads > 0 then got = redis.call('mget', unpack(reads)) end
+for i = 1, n do
+    local expiry = tonumber(W[i * 3 - 1]) * 1000
+    local j = at[i]
+    if j == nil then  -- counted, not limited
+        table.insert(out, 0); table.insert(out, 0); table.insert(out, 0); table.insert(out, 0)
+    else
+        local limit = tonumber(W[i * 3])
+        local mode = tonumber(W[i * 3 + 1])
+        local ct = ttl[i]
+        local cc = tonumber(got[j]) or 0
+        local pc, pt = 0, 0
+        if expiry > 0 and got[j + 1] then
+            pc = tonumber(got[j + 1])
+            if ct > expiry then pt = ct - expiry end
+        end
         local weighted = math.floor(pc * pt / expiry) + cc
         table.insert(out, pc); table.insert(out, pt); table.insert(out, cc); table.insert(out, ct)
+        local amount = tonumber(A[i])
         local full = (mode == 0 and weighted >= limit) or (mode == 1 and weighted + amount > limit)
         if full and out[1] == 0 then
             out[1] = i
@@ -177,7 +208,8 @@ for i = 1, n do
     local amount = tonumber(A[i])
     if amount > 0 then
         local expiry = tonumber(W[i * 3 - 1]) * 1000
-        out[i * 4], out[i * 4 + 1] = add(i * 2, expiry, amount, found[i], out[i * 4 + 1])
+        out[i * 4] = add(i * 2, expiry, amount, found[i])
+        if expiry > 0 and not found[i] then out[i * 4 + 1] = expiry * 2 end
     end
 end
 return out
@@ -185,8 +217,11 @@ return out
 )
 
 # W: n, then per window: seconds; A: per window its amount (signed), then m and the member
-# whose slots (KEYS after the windows' pairs) are freed.  A positive amount is added to the current
-# bucket; a negative one taken from it, and what it lacks from the previous one.
+# whose slots (KEYS after the windows' pairs) are freed.  A positive amount is added to the
+# current bucket; a negative one taken from it, and what it lacks from the previous one.
+# A negative amount is one DECRBY, mostly: no roll-over first (taken from a current bucket
+# due to roll over is taken from the previous one it becomes), the DECRBY undone when it
+# went below 0 (a bucket that was not there: no TTL on it then, so deleted).
 _SETTLE = (
     _WINDOW
     + """
@@ -195,19 +230,21 @@ for i = 1, n do
     local expiry = tonumber(W[i + 1]) * 1000
     local amount = tonumber(A[i])
     if amount > 0 then
-        local ct, here = roll(i * 2 - 1, i * 2, expiry)
-        if ct < 0 then ct = 0 end
-        add(i * 2, expiry, amount, here, ct)
+        local ct, here = 0, true
+        if expiry > 0 then ct, here = roll(i * 2 - 1, i * 2, expiry) end
+        add(i * 2, expiry, amount, here)
     elseif amount < 0 then
-        local _, here, rolled = roll(i * 2 - 1, i * 2, expiry)
-        local left = -amount
-        if here and not rolled then  -- (DECRBY first, undone below 0: one command, mostly)
-            left = -tonumber(redis.call('decrby', KEYS[i * 2], left))
-            if left > 0 then redis.call('incrby', KEYS[i * 2], left) end
-        end
-        if left > 0 and expiry > 0 then  -- (a calendar period has no previous bucket)
-            local take = math.min(tonumber(redis.call('get', KEYS[i * 2 - 1])) or 0, left)
-            if take > 0 then redis.call('decrby', KEYS[i * 2 - 1], take) end
+        local left = -tonumber(redis.call('decrby', KEYS[i * 2], -amount))
+        if left > 0 then
+            if redis.call('pttl', KEYS[i * 2]) == -1 then
+                redis.call('del', KEYS[i * 2])
+            else
+                redis.call('incrby', KEYS[i * 2], left)
+            end
+            if expiry > 0 then  -- (a calendar period has no previous bucket)
+                local take = math.min(tonumber(redis.call('get', KEYS[i * 2 - 1])) or 0, left)
+                if take > 0 then redis.call('decrby', KEYS[i * 2 - 1], take) end
+            end
         end
     end
 end
@@ -257,9 +294,10 @@ PREPARED_MAX = 4096
 
 class _Prepared:
     """What a script call on some windows sends that is the same for every call: the keys
-    (encoded) and the windows' packed arguments (encoded)."""
+    (encoded) and the windows' packed arguments (encoded); and where the calendar periods'
+    counters are, with their ends (epoch seconds)."""
 
-    __slots__ = ("keys", "windows", "wire_keys", "wire_windows")
+    __slots__ = ("calendars", "heads", "keys", "windows", "wire_keys", "wire_windows")
 
     def __init__(self, windows: Sequence[Read], per_window: Iterable[Any]) -> None:
         keys: list[bytes] = []
@@ -271,6 +309,21 @@ class _Prepared:
         # (the same, as they go on the wire: RESP bulk strings)
         self.wire_keys = b"".join(map(_bulk, keys))
         self.wire_windows = _bulk(self.windows)
+        self.calendars = [(i, -float(s)) for i, (_, s) in enumerate(windows) if s < 0]
+        self.heads: dict[str, bytes] = {}
+
+    def head(self, sha: str) -> bytes:
+        """A call of the script ``sha`` on these keys alone, all but its own argument."""
+        if (head := self.heads.get(sha)) is None:
+            nkeys = len(self.keys)
+            head = self.heads[sha] = (
+                b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5)
+                + _bulk(sha.encode())
+                + _bulk(b"%d" % nkeys)
+                + self.wire_keys
+                + self.wire_windows
+            )
+        return head
 
 
 def _bulk(value: bytes) -> bytes:
@@ -322,11 +375,14 @@ class RedisCounters:
     async def admit(
         self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int],
         amounts: Sequence[int], slots: Sequence[tuple[str, int]] = (), member: str = "",
+        now: float | None = None,
     ) -> tuple[int, list[Counts]]:  # fmt: skip
         """One atomic step: the index (from 1) of the first window that refused (past the
         windows: the slot set), or 0 and every amount added and a slot taken in every slot
         set (``slots``: key, limit) for ``member``; the counts of every window (after the
-        adding, if nothing refused)."""
+        adding, if nothing refused): a calendar period's counter's time to its end by
+        ``now`` (the instance's clock, that made the period; without it, Redis's own TTL
+        is not asked either: 0)."""
         prepared = self._prepared_admit(windows, limits, modes)
         extra: list[bytes] = []
         own = _packed(amounts)
@@ -337,13 +393,19 @@ class RedisCounters:
         flat = await self._batch.call(self._admit, prepared, extra, own)
         refused = int(flat[0])
         if refused > len(windows):
-            return refused, _counts(flat[1 : len(flat) - 1], 0)
-        if slots and not refused:
-            for key, _ in slots:
-                self.held.setdefault(key, set()).add(member)
-            if self._renewing is None or self._renewing.done():
-                self._renewing = asyncio.get_running_loop().create_task(self._renew_leases())
-        return refused, _counts(flat, 1)
+            counts = _counts(flat[1 : len(flat) - 1], 0)
+        else:
+            counts = _counts(flat, 1)
+            if slots and not refused:
+                for key, _ in slots:
+                    self.held.setdefault(key, set()).add(member)
+                if self._renewing is None or self._renewing.done():
+                    task = self._renew_leases()
+                    self._renewing = asyncio.get_running_loop().create_task(task)
+        if now is not None:
+            for index, end in prepared.calendars:
+                counts[index] = (0, 0.0, counts[index][2], max(end - now, 0.0))
+        return refused, counts
 
     async def settle(
         self,
@@ -462,18 +524,30 @@ _Call = tuple[AsyncScript, _Prepared, list[bytes], str, "asyncio.Future[Any]"]
 
 
 class ScriptBatch:
-    """Script calls made in one turn of the event loop go to Redis together: one pipeline
-    (not a transaction: each script is atomic on its own), one round trip.  Under load many
-    requests reach their admission or settlement in the same turn, and redis-py's per-call
-    cost (its pool, its packing, a task, two more turns of the loop) is mostly paid once per
-    batch instead of once per call: a third of it at 32 calls a batch, half at 4, measured
-    beside single calls.  The batch runs in a task of its own, so a request that is
-    cancelled (a client gone) never cuts off the others' calls, nor its own."""
+    """Script calls made in one turn of the event loop go to Redis together, written at
+    once (not a transaction: each script is atomic on its own), one round trip.  Under load
+    many requests reach their admission or settlement in the same turn.
+
+    The batches go on one connection of their own, taken from the pool once and kept: each
+    is written as soon as it is made (while the answers of those before it are still on
+    their way: Redis answers in order), and one reader task hands the answers to their
+    calls in that order.  So a call costs no pool round (its lock, its checks), no task of
+    its own, no write that waits: a request pays for its script and its answer alone.  A
+    request that is cancelled (a client gone) cancels its own wait only: its call still
+    goes, and nobody else's is cut off.  A failure of the connection (an error, an answer
+    that took longer than TIMEOUT) fails every call waiting on it, and the next batch
+    connects again."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
         self.pending: list[_Call] = []
-        self.sending: set[asyncio.Task[None]] = set()
+        # Written, their answers awaited (in order); made, waiting for a connection.
+        self.waiting: deque[_Call] = deque()
+        self.held: list[_Call] = []
+        self.connection: Connection | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # (the reader's, while it is idle)
 
     async def call(
         self, script: AsyncScript, prepared: _Prepared, extra: list[bytes], own: str
@@ -486,74 +560,152 @@ class ScriptBatch:
             loop.call_soon(self._flush)
         self.pending.append((script, prepared, extra, own, future))
         # (A caller cancelled cancels its future alone: the call still goes, or has gone,
-        # with its batch, which skips the answers no one waits for.)
+        # with its batch, and its answer is read and dropped.)
         return await future
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self.sending.add(task)
-        task.add_done_callback(self.sending.discard)
-
-    async def _send(self, batch: list[_Call]) -> None:
-        try:
-            results = await self._exchange(batch)
-            for i, result in enumerate(results):
-                if isinstance(result, NoScriptError):  # (Redis restarted: not run)
-                    script, prepared, extra, own, _ = batch[i]
-                    keys = prepared.keys + extra
-                    results[i] = await script(keys=keys, args=[prepared.windows, own])  # (loads)
-        except BaseException as e:  # (an outage: every call of the batch sees it)
-            for *_, future in batch:
-                if future.done():
-                    continue
-                if isinstance(e, Exception):
-                    future.set_exception(e)
-                else:
-                    future.cancel()  # (the loop is closing)
-            if not isinstance(e, Exception):
-                raise
+        connection = self.connection
+        if (
+            connection is not None
+            and connection._writer is not None
+            and self._reading is not None
+            and not self.held
+        ):
+            self._write(connection._writer, batch)
             return
-        for (*_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        self.held += batch
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
-    async def _exchange(self, batch: list[_Call]) -> list[Any]:
-        """The batch's EVALSHA calls written at once on one connection of the pool, then
-        their answers read (an error answer in its call's place).  The calls are packed
-        from their keys' and windows' bytes made once (redis-py's pipeline would pack every
-        argument of every call again, and parse each answer through its callbacks).  A
-        connection that failed (or timed out) mid-way is dropped, never reused."""
-        wire = []
+    def _write(self, writer: asyncio.StreamWriter, batch: list[_Call]) -> None:
+        """The batch's EVALSHA calls, packed from their keys' and windows' bytes made once
+        (redis-py would pack every argument of every call again), into the connection's
+        buffer; its answers are awaited after those already written."""
+        wire: list[bytes] = []
         for script, prepared, extra, own, _ in batch:
+            if not extra:
+                wire += (prepared.head(script.sha), _bulk(own.encode()))
+                continue
             nkeys = len(prepared.keys) + len(extra)
             wire.append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5))
             wire.append(_bulk(script.sha.encode()) + _bulk(b"%d" % nkeys) + prepared.wire_keys)
             wire.extend(map(_bulk, extra))
             wire.append(prepared.wire_windows + _bulk(own.encode()))
-        pool = self.client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        writer.write(b"".join(wire))
+        self.waiting.extend(batch)
+        if (wake := self._wake) is not None:
+            self._wake = None
+            wake.set_result(None)
+
+    async def _connect(self) -> None:
+        """A connection for the batches (the pool's, kept), then the batches held."""
         try:
-            await connection.send_packed_command(b"".join(wire))
-            results: list[Any] = []
-            for _ in batch:
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as e:  # (its call's answer: the others follow)
-                    results.append(e)
-            return results
-        except BaseException:
-            await connection.disconnect()
-            raise
+            if self.connection is None:
+                pool = self.client.connection_pool
+                self.connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = self.connection
+            if connection._writer is None:  # (dropped: after an error, or prepare())
+                await connection.connect()
+            if self._reading is None:
+                reader = self._read(connection)
+                self._reading = asyncio.get_running_loop().create_task(reader)
+            writer = connection._writer
+            assert writer is not None
+        except BaseException as e:  # (no connection: every call held sees it)
+            held, self.held = self.held, []
+            _fail(held, e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            held, self.held = self.held, []
+            self._write(writer, held)
         finally:
-            await pool.release(connection)
+            self._connecting = None
+
+    async def _read(self, connection: Connection) -> None:
+        """The answers of the calls written, in order, to their callers; on a failure,
+        the failure to every call waiting, and the connection dropped."""
+        waiting = self.waiting
+        try:
+            while True:
+                if not waiting:
+                    self._wake = wake = asyncio.get_running_loop().create_future()
+                    await wake
+                    continue
+                result = _buffered(connection)
+                if result is NOT_ENOUGH_DATA:
+                    try:
+                        result = await connection.read_response()
+                    except ResponseError as e:  # (its call's answer: the others follow)
+                        result = e
+                script, prepared, extra, own, future = waiting.popleft()
+                if isinstance(result, NoScriptError):  # (Redis restarted: not run; in order)
+                    keys = prepared.keys + extra
+                    try:
+                        result = await script(keys=keys, args=[prepared.windows, own])  # (loads)
+                    except Exception as e:
+                        result = e
+                if future.done():
+                    continue
+                elif isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        except BaseException as e:  # (the next batch takes a connection again)
+            self._reading = self._wake = None
+            if self.connection is connection:
+                self.connection = None
+            _fail(list(waiting), e)
+            waiting.clear()
+            try:
+                await connection.disconnect()
+            finally:
+                await self.client.connection_pool.release(connection)
+            if not isinstance(e, Exception):
+                raise
 
     async def close(self) -> None:
-        await asyncio.gather(*self.sending, return_exceptions=True)
+        """Once every call made has its answer: the reader stopped, the connection back."""
+        while calls := [
+            c[4] for c in (*self.pending, *self.held, *self.waiting) if not c[4].done()
+        ]:
+            await asyncio.wait(calls)
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            if self.waiting:  # (answers unread: of calls whose callers left)
+                await connection.disconnect()
+            await self.client.connection_pool.release(connection)
+
+
+def _buffered(connection: Connection) -> Any:
+    """The next answer if it is here already (read with the answers before it: those of a
+    batch come together), without redis-py's wait for one (a timeout set, then cancelled,
+    per answer); else NOT_ENOUGH_DATA.  (hiredis's reader: redis-py's own parser has no
+    such call.)"""
+    parser = connection._parser
+    if not isinstance(parser, _AsyncHiredisParser) or not parser._connected:
+        return NOT_ENOUGH_DATA
+    reader = parser._reader
+    answer = NOT_ENOUGH_DATA if reader is None else reader.gets()
+    if isinstance(answer, ConnectionError):  # (as redis-py raises it)
+        raise answer
+    return answer
+
+
+def _fail(calls: list[_Call], error: BaseException) -> None:
+    """``error`` to every call of ``calls`` still waited for (an outage: the loop closing,
+    a cancellation)."""
+    for *_, future in calls:
+        if future.done():
+            continue
+        if isinstance(error, Exception):
+            future.set_exception(error)
+        else:
+            future.cancel()
 
 
 async def uncancelled(call: Awaitable[T]) -> T:

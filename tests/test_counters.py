@@ -253,6 +253,10 @@ async def test_redis_windows_counted_unread_and_settled_match_the_read_path(
                 assert refused == 0
                 assert counts[0][:2] == (0, 0.0)  # (its previous bucket not read)
                 assert counts[1][2] >= amount
+                # (the admission's counts, its previous bucket's TTL worked out, are the
+                # read path's, which asks Redis for it)
+                _, now = await counters.read([unread, read])
+                assert same(counts[1], now), (counts[1], now)
             elif op < 0.6:  # refused by a limited window: nothing added anywhere
                 refused, _ = await counters.admit(
                     [unread, read, ("dp:p:full:chat:r:x", 60)],
@@ -278,5 +282,42 @@ async def test_redis_windows_counted_unread_and_settled_match_the_read_path(
             a, b = await counters.read([unread, read])
             assert same(a, b), (a, b)
             await asyncio.sleep(rnd.choice([0.0, 0.0, 0.01, 0.05, 0.3, 0.6]))
+    finally:
+        await counters.close()
+
+
+async def test_redis_settlement_leaves_every_bucket_with_its_ttl(
+    redis_server: RedisServer,
+) -> None:
+    """A settlement takes back at most what a sliding or a calendar window holds (a bucket
+    that was not there stays away: never a key without a TTL, nor below 0), and a positive
+    one makes a calendar period's counter that lapses at the period's end."""
+    redis_server.flush()
+    counters = RedisCounters(redis_server.url)
+    end = int(time.time()) + 3600
+    sliding, calendar = ("dp:p:m:t:minute", 60), ("dp:p:m:t:day@1", -end)
+    keys = ["LIMITS:{dp:p:m:t:minute}", "LIMITS:{dp:p:m:t:day@1}"]
+
+    def ttls() -> list[int]:
+        return [int(redis_server.command("PTTL", key)) for key in keys]  # type: ignore[arg-type]
+
+    try:
+        await counters.settle([sliding, calendar], [-5, -5])
+        assert redis_server.command("EXISTS", *keys) == 0
+        refused, _ = await counters.admit([sliding, calendar], [100, 100], [0, 2], [3, 3])
+        assert refused == 0
+        await counters.settle([sliding, calendar], [-5, -5])
+        counts = await counters.read([sliding, calendar])
+        assert [c[2] for c in counts] == [0, 0]
+        assert all(t > 0 for t in ttls()), ttls()
+        redis_server.flush()
+        await counters.settle([sliding, calendar], [4, 4])
+        counts = await counters.read([sliding, calendar])
+        assert [c[2] for c in counts] == [4, 4]
+        sliding_ttl, calendar_ttl = ttls()
+        assert 119_000 < sliding_ttl <= 120_000
+        assert abs(calendar_ttl - (end - time.time()) * 1000) < 2000
+        await counters.settle([calendar], [2])  # (its end kept)
+        assert abs(int(redis_server.command("PTTL", keys[1])) - calendar_ttl) < 2000  # type: ignore[arg-type]
     finally:
         await counters.close()
