@@ -109,7 +109,10 @@ class JSONLines:
         self._prefix = ""  # its timestamp up to the fraction: 2026-01-02T03:04:05.
 
     def _stamp(self, now: int) -> str:
-        """The timestamp of ``now`` (epoch nanoseconds) in a second not the current one."""
+        """The timestamp of ``now`` (epoch nanoseconds)."""
+        micros = (now - self._base) // 1000
+        if 0 <= micros < 1_000_000:  # (the current second)
+            return self._prefix + _DIGITS[micros // 1000] + _DIGITS[micros % 1000] + "Z"
         second = now // 1_000_000_000
         self._base = second * 1_000_000_000
         self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
@@ -118,14 +121,7 @@ class JSONLines:
 
     def __call__(self, _: Any, method: str, event: MutableMapping[str, Any]) -> str:
         event["level"] = _LEVELS.get(method, method)
-        now = time.time_ns()
-        micros = (now - self._base) // 1000  # (small numbers: quick, no formatting)
-        if 0 <= micros < 1_000_000:
-            event["timestamp"] = (
-                self._prefix + _DIGITS[micros // 1000] + _DIGITS[micros % 1000] + "Z"
-            )
-        else:
-            event["timestamp"] = self._stamp(now)
+        event["timestamp"] = self._stamp(time.time_ns())  # (the request line's is inline)
         if _pid is not None:
             event["pid"] = _pid
         line = _render(event)
