@@ -472,53 +472,12 @@ class LocalCounters(MemoryStorage):
     def change_kinds(
         self, windows: Sequence[tuple[Read, int]], amounts: tuple[int, int], now: float
     ) -> None:
-        """:meth:`change_many` of each window with its amount, ``amounts[kind]``, in one loop
-        (a settlement's tokens and cost: every request)."""
-        records = self.windows
+        """:meth:`change_many` of each window with its amount, ``amounts[kind]`` (a
+        settlement's tokens and cost in periods its scope no longer keeps records for: rare,
+        the usual one is :meth:`change_cells`)."""
         for window, kind in windows:
-            amount = amounts[kind]
-            if not amount:
-                continue
-            record = records.get(window)
-            seconds = window[1]
-            if amount > 0:  # (add_many's)
-                if seconds < 0:  # a calendar period: [end, count, -1, 0]
-                    if record is None:
-                        records[window] = [-seconds, amount, -1, 0]
-                    else:
-                        record[1] += amount
-                    continue
-                now_bucket = int(now / seconds)
-                if record is None:
-                    records[window] = [now_bucket, amount, -1, 0]
-                elif record[0] == now_bucket:
-                    record[1] += amount
-                else:  # a new bucket (see _add)
-                    record[:] = now_bucket, amount, record[0], record[1]
-                continue
-            if record is None:  # (take_back_many's)
-                continue
-            amount = -amount
-            if seconds < 0:
-                left = record[1] - amount
-                record[1] = left if left > 0 else 0
-                continue
-            now_bucket = int(now / seconds)
-            bucket = record[0]
-            if bucket == now_bucket:
-                count = record[1]
-                if count >= amount:
-                    record[1] = count - amount
-                else:
-                    record[1] = 0
-                    if record[2] == now_bucket - 1:
-                        left = record[3] - (amount - count)
-                        record[3] = left if left > 0 else 0
-            elif bucket == now_bucket - 1:
-                left = record[1] - amount
-                record[1] = left if left > 0 else 0
-        if (amounts[0] > 0 or amounts[1] > 0) and now >= self._next_sweep:
-            self._sweep(now)
+            if amount := amounts[kind]:
+                self.change_many((window,), amount, now)
 
     def take_back(self, key: str, seconds: int, amount: int = 1) -> None:
         """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""
