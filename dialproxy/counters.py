@@ -55,17 +55,6 @@ FAR = UNLIMITED // 2
 _EXACT = 2**53
 
 
-def _empties_in(seconds: int, counts: Counts) -> float:
-    """Seconds until a window is empty (the limiter's ``seconds_to_empty``, from the
-    window's ``Read`` length: a negative one is a calendar period's end)."""
-    _, previous_ttl, current, current_ttl = counts
-    if seconds < 0:
-        return current_ttl if current > 0 else 0.0
-    if current <= 0:
-        return previous_ttl
-    return current_ttl if current_ttl > seconds else float(seconds)
-
-
 class LocalCounters(MemoryStorage):
     def __init__(self) -> None:
         super().__init__()

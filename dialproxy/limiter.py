@@ -467,7 +467,6 @@ class Admission:
             if w.limited
         ]
         self.token_windows = tuple(w for _, _, s in spans for w in s.token_windows if w.limited)
-        self.calendars = any(seconds < 0 for _, seconds in windows)  # (periods that end)
         self.request_windows = tuple(chain.from_iterable(s.request_windows for s in scopes))
         self.slots = [(s.slot_set, s.concurrency) for s in scopes if s.concurrency is not None]
         self.counted = windows[self.checks :]
