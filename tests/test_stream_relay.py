@@ -272,7 +272,7 @@ async def test_a_client_that_hangs_up_before_a_whole_answer_is_charged_an_estima
     """A non-streamed request reached the upstream, which works on it (and bills for it);
     its client leaves before the answer: the request is charged the estimate (the prompt
     at a token per 4 bytes sent, one completion token), not nothing; its log line says so.
-    A request refused before it reached an upstream is charged nothing."""
+    (What the shutdown cancels is not charged: tests/test_shutdown.py's ``hang``.)"""
     asked = asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
