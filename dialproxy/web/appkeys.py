@@ -1,5 +1,4 @@
-"""Every AppKey in one place: what ``create_app`` builds and the handlers reach; and the
-RequestKey of what a request keeps."""
+"""Every AppKey in one place: what ``create_app`` builds and the handlers reach."""
 
 from __future__ import annotations
 
@@ -29,8 +28,6 @@ BALANCER = web.AppKey("balancer", Balancer)
 SETTINGS = web.AppKey("settings", Settings)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
-# A JSON body read by dialproxy.web.body.read_json_body: its bytes (decoded), as they came.
-RAW_BODY = web.RequestKey("raw_body", bytes)
 DRAIN = web.AppKey("drain", Drain)
 LEDGER = web.AppKey("ledger", Ledger)  # set unless --ledger off
 METRICS = web.AppKey("metrics", Metrics)  # (absent with --no-metrics)

@@ -31,7 +31,7 @@ from dialproxy.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from dialproxy.web.appkeys import BODY_WATCH, RAW_BODY
+from dialproxy.web.appkeys import BODY_WATCH
 
 STEP = 256 * 1024  # decoded bytes per step (a fraction of a millisecond of zlib's time)
 PIECE = 64 * 1024  # decoded bytes per call of zlib (below the allocator's mmap threshold)
@@ -40,6 +40,13 @@ DECODED = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate"
 
 
 async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
+    """The body, a JSON object (see :func:`read_json`)."""
+    return (await read_json(request, max_body))[0]
+
+
+async def read_json(request: web.Request, max_body: int) -> tuple[dict[str, Any], bytes]:
+    """The body, a JSON object, and its bytes (decoded) as they came: the stream they came
+    on is consumed (never ``request.read()`` afterwards)."""
     length = request.content_length
     if length is not None and length > max_body:
         raise PayloadTooLarge("Request body is too large")
@@ -76,14 +83,7 @@ async def read_json_body(request: web.Request, max_body: int) -> dict[str, Any]:
             raise BadRequest("Invalid JSON in the request body") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
-    request[RAW_BODY] = raw
-    return body
-
-
-def body_bytes(request: web.Request) -> bytes:
-    """The bytes of a body :func:`read_json_body` has read (decoded): the stream they came
-    on is consumed (read them here, never with ``request.read()``)."""
-    return request[RAW_BODY]
+    return body, raw
 
 
 async def _read(request: web.Request, encoding: str | None, max_body: int) -> bytes:

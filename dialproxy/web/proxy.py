@@ -50,7 +50,7 @@ from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.upstream.outbound import Outbound, send
 from dialproxy.web import guard
-from dialproxy.web.body import body_bytes, read_json_body
+from dialproxy.web.body import read_json
 from dialproxy.web.drain import Drain
 from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 from dialproxy.wire.usage import estimate
@@ -92,7 +92,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
         )
         max_body = services.settings.max_body
         if deployment is None:  # /openai/v1/...: the deployment is the body's "model"
-            body = await read_json_body(request, max_body)
+            body, raw = await read_json(request, max_body)
             name = body.get("model")
             if not isinstance(name, str) or not name:
                 raise BadRequest("The request body must name the deployment in 'model'")
@@ -100,7 +100,7 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             plan = plan_for(principal, snapshot, deployment, memo)
         else:  # 404 and 403 before the body is read
             plan = plan_for(principal, snapshot, deployment, memo)
-            body = await read_json_body(request, max_body)
+            body, raw = await read_json(request, max_body)
         model = outcome.model = plan.model
         serving = model.serving.get(api.name)  # (refused here, 503 or 400, before limits count)
         if serving is None or "X-UPSTREAM-ID" in request.headers:
@@ -109,7 +109,6 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
             ids = outcome.ids = api.ids(body, deployment, principal.project)
             if (route := ids.route(serving)) is not None:  # (the upstream that has the rest)
                 serving = dataclasses.replace(serving, routes=(route,))
-        raw = body_bytes(request)  # (read already: the bytes as they came)
         ours = await _admit(services, principal, plan, api, body, len(raw), outcome)
         payload, injected = api.body(body, raw, model)
         data = payload if payload is not None else raw
