@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, NoReturn
@@ -314,6 +314,39 @@ class Limiter:
             await s.settle(windows, amounts, slots, member)
 
         await self.guard.run(add, None, refuse=False)
+
+    def settle_soon(
+        self,
+        scopes: Sequence[Scope],
+        tokens: int,
+        cost_nano_usd: int,
+        member: str = "",
+        admitted: float | None = None,
+    ) -> Coroutine[Any, Any, None] | None:
+        """:meth:`settle` without a coroutine of its own where it can: in memory at once; on
+        Redis (up and prepared) sent with its next batch, a failure handled by the guard
+        when the answer comes.  Otherwise (Redis down or not prepared yet) the coroutine
+        of :meth:`settle`, for the caller to run."""
+        if self.local is not None:
+            self.record_now(scopes, tokens, cost_nano_usd, member, admitted)
+            return None
+        guard = self.guard
+        redis = guard.redis_now()
+        if redis is None:
+            return self.settle(scopes, tokens, cost_nano_usd, member, admitted)
+        now = self.clock()
+        windows, amounts = _settlement(
+            scopes, tokens, cost_nano_usd, now if admitted is None else admitted
+        )
+        slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
+        if slots:  # (taken in memory while Redis was down: freed there too)
+            guard.local.settle((), (), slots, member)
+        if windows or slots:
+            guard.watch(
+                redis.settle_soon(windows, amounts, slots, member),
+                lambda local: local.settle(windows, amounts, slots, member),
+            )
+        return None
 
     def record_now(
         self,

@@ -416,6 +416,17 @@ class RedisCounters:
     ) -> None:
         """Signed ``amounts`` added to the windows, and ``member``'s ``slots`` freed, in one
         step."""
+        await self.settle_soon(windows, amounts, slots, member)
+
+    def settle_soon(
+        self,
+        windows: Sequence[Read],
+        amounts: Sequence[int],
+        slots: Sequence[str] = (),
+        member: str = "",
+    ) -> asyncio.Future[Any]:
+        """:meth:`settle` sent with the next batch, without a coroutine: the future of its
+        answer (awaited by nobody on a request's path; its failure is the caller's to see)."""
         prepared = self._prepared_windows(windows)
         extra: list[bytes] = []
         own = _packed(amounts)
@@ -427,7 +438,7 @@ class RedisCounters:
                     members.discard(member)
                     if not members:
                         del self.held[key]
-        await self._batch.call(self._settle, prepared, extra, own)
+        return self._batch.send(self._settle, prepared, extra, own)
 
     def _prepared_admit(
         self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int]
@@ -554,14 +565,20 @@ class ScriptBatch:
     ) -> Any:
         """The script's answer for ``prepared``'s keys and windows, then the keys
         ``extra``, with the call's own arguments ``own``."""
+        # (A caller cancelled cancels its future alone: the call still goes, or has gone,
+        # with its batch, and its answer is read and dropped.)
+        return await self.send(script, prepared, extra, own)
+
+    def send(
+        self, script: AsyncScript, prepared: _Prepared, extra: list[bytes], own: str
+    ) -> asyncio.Future[Any]:
+        """:meth:`call` made, its answer's future returned (to await, or to watch)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
             loop.call_soon(self._flush)
         self.pending.append((script, prepared, extra, own, future))
-        # (A caller cancelled cancels its future alone: the call still goes, or has gone,
-        # with its batch, and its answer is read and dropped.)
-        return await future
+        return future
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []

@@ -262,6 +262,32 @@ class StorageGuard:
             raise StorageUnavailable()
         return allowed
 
+    def redis_now(self) -> RedisCounters | None:
+        """The shared storage when a call may go to it at once without :meth:`run` (Redis,
+        up and prepared): the caller watches the call with :meth:`watch`."""
+        shared = self.shared
+        if self.state.healthy and self._ready and isinstance(shared, RedisCounters):
+            return shared
+        return None
+
+    def watch(self, call: asyncio.Future[Any], fallback: Callable[[LocalCounters], None]) -> None:
+        """A call made on :meth:`redis_now`'s storage that is never refused (a settlement),
+        awaited by nobody: when it fails, what :meth:`run` does for it (the storage marked
+        down; under ``local``, ``fallback`` done on the local counters)."""
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():  # (the loop closing: nothing to fall back on)
+                return
+            if (e := future.exception()) is not None and not isinstance(e, ProxyError):
+                self._ready = False
+                if self.state.healthy:
+                    self.state.failed(e, "counters")
+                self.fallbacks += 1
+                if self.policy is FailurePolicy.LOCAL:
+                    fallback(self.local)
+
+        call.add_done_callback(done)
+
     async def _prepare(self) -> None:
         async with self._preparing:
             if self.state.healthy and not self._ready:

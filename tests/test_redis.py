@@ -213,6 +213,43 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
         await limiter.close()
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_a_settlement_that_redis_fails_is_answered_by_the_policy(
+    own_redis: RedisServer, policy: str
+) -> None:
+    """A request's settlement goes to Redis with the next batch, awaited by nobody (no task
+    of its own): when Redis fails it, the storage is marked down as for any call, and under
+    ``local`` the usage lands in the instance's own counters, not nowhere."""
+    limiter = Limiter(counter_storage(own_redis.url), policy)
+    tokens = Window("hour", 3_600, 1_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,))
+    try:
+        await limiter.admit([scope])  # (up and prepared: a settlement goes at once)
+        own_redis.pause()
+        assert limiter.settle_soon([scope], tokens=40, cost_nano_usd=0) is None
+        deadline = time.monotonic() + 10 * TIMEOUT
+        while limiter.guard.healthy:  # (the read timeout, then the answer's callback)
+            assert time.monotonic() < deadline, "the failed settlement was never seen"
+            await asyncio.sleep(0.01)
+        health = limiter.health()
+        assert health["failures"] == 1 and health["fallbacks"] == 1
+        if policy != "deny":  # (deny refuses reads while Redis is down)
+            (state,) = await limiter.usage("p:fleet", "chat", [tokens], "t")
+            assert state.used == (40 if policy == "local" else 0)
+        # Down, nothing is sent: the caller runs the guard's settlement (its policy).
+        fallbacks = limiter.health()["fallbacks"]
+        work = limiter.settle_soon([scope], tokens=2, cost_nano_usd=0)
+        assert work is not None
+        await work
+        assert limiter.health()["fallbacks"] == fallbacks + 1
+        if policy == "local":
+            (state,) = await limiter.usage("p:fleet", "chat", [tokens], "t")
+            assert state.used == 42
+    finally:
+        own_redis.resume()
+        await limiter.close()
+
+
 async def test_close_cancels_the_probe_during_an_outage(own_redis: RedisServer) -> None:
     limiter = Limiter(counter_storage(own_redis.url), "allow")
     scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 3),))

@@ -366,7 +366,8 @@ def record(services: Services, outcome: Outcome) -> None:
     """Settle a request in its counters: a 200's usage (also to the shared key that called)
     less what was reserved at admission, or (no usage) the reservation given back.  At once
     in process memory, else in a task of its own, held by the app, so that a client that
-    disconnects cannot cut it off."""
+    disconnects cannot cut it off; on Redis, a settlement goes with the next batch of
+    calls, watched by the storage guard, and only a shared key's needs a task."""
     usage, model, limiter = outcome.usage, outcome.model, services.limiter
     pricing = model.pricing if model is not None else None
     tokens = cost = 0
@@ -378,14 +379,14 @@ def record(services: Services, outcome: Outcome) -> None:
     if outcome.capacity is not None:  # the upstream's own capacity: what it really served
         capacity, held = outcome.capacity
         outcome.capacity = None
+        if (work := limiter.settle_soon(capacity.scopes, tokens - held, 0)) is not None:
+            hold(services.background, work)
+    if outcome.shared is None:  # no coroutine: in memory at once, on Redis in its batch
+        amounts = (outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot)
         if limiter.local is not None:
-            limiter.record_now(capacity.scopes, tokens - held, 0)
-        else:
-            hold(services.background, limiter.settle(capacity.scopes, tokens - held, 0))
-    if outcome.shared is None and limiter.local is not None:
-        limiter.record_now(
-            outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot, outcome.admitted
-        )
+            limiter.record_now(*amounts, outcome.admitted)
+        elif (work := limiter.settle_soon(*amounts, outcome.admitted)) is not None:
+            hold(services.background, work)
         return
 
     async def in_storage() -> None:
