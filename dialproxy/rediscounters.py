@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import hiredis
 import redis.asyncio
 import structlog
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
-from redis.asyncio.connection import AbstractConnection as Connection
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, ResponseError
 
 from dialproxy.counters import Counts, Read
 
@@ -365,7 +366,7 @@ class RedisCounters:
         self._settle = self.client.register_script(_SETTLE)
         self._read = self.client.register_script(_READ)
         self._renew = self.client.register_script(_RENEW)
-        self._batch = ScriptBatch(self.client)
+        self._batch = ScriptBatch(self.client, url)
         self._prepared: dict[Any, _Prepared] = {}
         # The slots this instance holds (slot set -> members): their leases renewed while
         # their requests run, by one task (a dead instance's lapse within LEASE seconds).
@@ -537,7 +538,9 @@ class RedisCounters:
         await self.client.aclose()
 
 
-_Call = tuple[AsyncScript, _Prepared, list[bytes], str, "asyncio.Future[Any]"]
+# A script call: its script (None: a command of the connection's own set-up), keys and
+# windows, extra keys, own argument, and the future of its answer.
+_Call = tuple["AsyncScript | None", "_Prepared | None", list[bytes], str, "asyncio.Future[Any]"]
 
 
 class ScriptBatch:
@@ -545,26 +548,22 @@ class ScriptBatch:
     once (not a transaction: each script is atomic on its own), one round trip.  Under load
     many requests reach their admission or settlement in the same turn.
 
-    The batches go on one connection of their own, taken from the pool once and kept: each
-    is written as soon as it is made (while the answers of those before it are still on
-    their way: Redis answers in order), and one reader task hands the answers to their
-    calls in that order.  So a call costs no pool round (its lock, its checks), no task of
-    its own, no write that waits: a request pays for its script and its answer alone.  A
-    request that is cancelled (a client gone) cancels its own wait only: its call still
-    goes, and nobody else's is cut off.  A failure of the connection (an error, an answer
-    that took longer than TIMEOUT) fails every call waiting on it, and the next batch
-    connects again."""
+    The batches go on one connection of their own (:class:`_Link`, an asyncio protocol fed
+    to hiredis's reader): each is written as soon as it is made (while the answers of those
+    before it are still on their way: Redis answers in order), and each answer is handed to
+    its call as it is read, in that order.  So a call costs no pool round, no task, no
+    reader waking: a request pays for its script and its answer alone.  A request that is
+    cancelled (a client gone) cancels its own wait only: its call still goes, and nobody
+    else's is cut off.  A failure of the connection (an error, an answer that took longer
+    than TIMEOUT) fails every call waiting on it, and the next batch connects again."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
-        self.client = client
+    def __init__(self, client: redis.asyncio.Redis, url: str) -> None:
+        self.client = client  # (a script Redis lost is loaded again through it)
+        self.url = url
         self.pending: list[_Call] = []
-        # Written, their answers awaited (in order); made, waiting for a connection.
-        self.waiting: deque[_Call] = deque()
-        self.held: list[_Call] = []
-        self.connection: Connection | None = None
-        self._reading: asyncio.Task[None] | None = None
+        self.held: list[_Call] = []  # made, waiting for a connection
+        self.link: _Link | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None  # (the reader's, while it is idle)
 
     async def call(
         self, script: AsyncScript, prepared: _Prepared, extra: list[bytes], own: str
@@ -588,135 +587,222 @@ class ScriptBatch:
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        connection = self.connection
-        if (
-            connection is not None
-            and connection._writer is not None
-            and self._reading is not None
-            and not self.held
-        ):
-            self._write(connection._writer, batch)
+        link = self.link
+        if link is not None and link.open and not self.held:
+            link.write(batch, _wire(batch))
             return
         self.held += batch
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
-    def _write(self, writer: asyncio.StreamWriter, batch: list[_Call]) -> None:
-        """The batch's EVALSHA calls, packed from their keys' and windows' bytes made once
-        (redis-py would pack every argument of every call again), into the connection's
-        buffer; its answers are awaited after those already written."""
-        wire: list[bytes] = []
-        for script, prepared, extra, own, _ in batch:
-            if not extra:
-                wire += (prepared.head(script.sha), _bulk(own.encode()))
-                continue
-            nkeys = len(prepared.keys) + len(extra)
-            wire.append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5))
-            wire.append(_bulk(script.sha.encode()) + _bulk(b"%d" % nkeys) + prepared.wire_keys)
-            wire.extend(map(_bulk, extra))
-            wire.append(prepared.wire_windows + _bulk(own.encode()))
-        writer.write(b"".join(wire))
-        self.waiting.extend(batch)
-        if (wake := self._wake) is not None:
-            self._wake = None
-            wake.set_result(None)
-
     async def _connect(self) -> None:
-        """A connection for the batches (the pool's, kept), then the batches held."""
+        """A connection for the batches, then the batches held."""
+        held: list[_Call] = []
         try:
-            if self.connection is None:
-                pool = self.client.connection_pool
-                self.connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            connection = self.connection
-            if connection._writer is None:  # (dropped: after an error, or prepare())
-                await connection.connect()
-            if self._reading is None:
-                reader = self._read(connection)
-                self._reading = asyncio.get_running_loop().create_task(reader)
-            writer = connection._writer
-            assert writer is not None
-        except BaseException as e:  # (no connection: every call held sees it)
+            link = self.link
+            if link is None or not link.open:
+                self.link = None
+                link = self.link = await _Link.connect(self.url, self.client)
             held, self.held = self.held, []
+            link.write(held, _wire(held))  # (written, or raised before any is waited for)
+        except BaseException as e:  # (no connection: every call held sees it)
+            held, self.held = held + self.held, []
             _fail(held, e)
             if not isinstance(e, Exception):
                 raise
-        else:
-            held, self.held = self.held, []
-            self._write(writer, held)
         finally:
             self._connecting = None
 
-    async def _read(self, connection: Connection) -> None:
-        """The answers of the calls written, in order, to their callers; on a failure,
-        the failure to every call waiting, and the connection dropped."""
-        waiting = self.waiting
-        try:
-            while True:
-                if not waiting:
-                    self._wake = wake = asyncio.get_running_loop().create_future()
-                    await wake
-                    continue
-                result = _buffered(connection)
-                if result is NOT_ENOUGH_DATA:
-                    try:
-                        result = await connection.read_response()
-                    except ResponseError as e:  # (its call's answer: the others follow)
-                        result = e
-                script, prepared, extra, own, future = waiting.popleft()
-                if isinstance(result, NoScriptError):  # (Redis restarted: not run; in order)
-                    keys = prepared.keys + extra
-                    try:
-                        result = await script(keys=keys, args=[prepared.windows, own])  # (loads)
-                    except Exception as e:
-                        result = e
-                if future.done():
-                    continue
-                elif isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-        except BaseException as e:  # (the next batch takes a connection again)
-            self._reading = self._wake = None
-            if self.connection is connection:
-                self.connection = None
-            _fail(list(waiting), e)
-            waiting.clear()
-            try:
-                await connection.disconnect()
-            finally:
-                await self.client.connection_pool.release(connection)
-            if not isinstance(e, Exception):
-                raise
-
     async def close(self) -> None:
-        """Once every call made has its answer: the reader stopped, the connection back."""
+        """Once every call made has its answer: the connection closed."""
         while calls := [
-            c[4] for c in (*self.pending, *self.held, *self.waiting) if not c[4].done()
+            c[4]
+            for c in (*self.pending, *self.held, *(self.link.waiting if self.link else ()))
+            if not c[4].done()
         ]:
             await asyncio.wait(calls)
-        if self._reading is not None:
-            self._reading.cancel()
-            await asyncio.gather(self._reading, return_exceptions=True)
-        if self.connection is not None:
-            connection, self.connection = self.connection, None
-            if self.waiting:  # (answers unread: of calls whose callers left)
-                await connection.disconnect()
-            await self.client.connection_pool.release(connection)
+        if self.link is not None:
+            link, self.link = self.link, None
+            link.close()
 
 
-def _buffered(connection: Connection) -> Any:
-    """The next answer if it is here already (read with the answers before it: those of a
-    batch come together), without redis-py's wait for one (a timeout set, then cancelled,
-    per answer); else NOT_ENOUGH_DATA.  (hiredis's reader: redis-py's own parser has no
-    such call.)"""
-    parser = connection._parser
-    if not isinstance(parser, _AsyncHiredisParser) or not parser._connected:
-        return NOT_ENOUGH_DATA
-    reader = parser._reader
-    answer = NOT_ENOUGH_DATA if reader is None else reader.gets()
-    if isinstance(answer, ConnectionError):  # (as redis-py raises it)
-        raise answer
-    return answer
+def _wire(batch: list[_Call]) -> bytes:
+    """The batch's EVALSHA calls, packed from their keys' and windows' bytes made once
+    (redis-py would pack every argument of every call again)."""
+    wire: list[bytes] = []
+    for script, prepared, extra, own, _ in batch:
+        assert script is not None and prepared is not None
+        if not extra:
+            wire += (prepared.head(script.sha), _bulk(own.encode()))
+            continue
+        nkeys = len(prepared.keys) + len(extra)
+        wire.append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + 5))
+        wire.append(_bulk(script.sha.encode()) + _bulk(b"%d" % nkeys) + prepared.wire_keys)
+        wire.extend(map(_bulk, extra))
+        wire.append(prepared.wire_windows + _bulk(own.encode()))
+    return b"".join(wire)
+
+
+def _command(*args: str | int) -> bytes:
+    """A command as it goes on the wire (RESP)."""
+    parts = [str(a).encode() for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(map(_bulk, parts))
+
+
+class _Link(asyncio.Protocol):
+    """One connection to Redis for the script calls: batches written whole, each answer
+    read by hiredis's reader as its bytes arrive and handed to the oldest call waiting
+    (Redis answers in order).  An answer later than TIMEOUT, a broken connection or bytes
+    that are not RESP fail every call waiting and close it (:attr:`open` false)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.reader = hiredis.Reader(encoding="utf-8")
+        self.transport: asyncio.Transport | None = None
+        self.waiting: deque[_Call] = deque()
+        # Per batch written: how many of its answers are still to come, and by when.
+        self.due: deque[list[float]] = deque()
+        self.open = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def connect(cls, url: str, client: redis.asyncio.Redis) -> _Link:
+        """A link to the Redis of ``url`` (redis://, rediss://, unix://; its user,
+        password and database), within CONNECT_TIMEOUT."""
+        kwargs: dict[str, Any] = dict(parse_url(url))
+        loop = asyncio.get_running_loop()
+        link = cls(client)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                if (path := kwargs.get("path")) is not None:
+                    await loop.create_unix_connection(lambda: link, path)
+                else:
+                    host = kwargs.get("host", "localhost")
+                    port = int(kwargs.get("port", 6379))
+                    tls = _tls(kwargs) if kwargs.get("connection_class") is SSLConnection else None
+                    await loop.create_connection(
+                        lambda: link, host, port, ssl=tls, server_hostname=host if tls else None
+                    )
+                setup: list[asyncio.Future[Any]] = []
+                if (password := kwargs.get("password")) is not None:
+                    user = kwargs.get("username")
+                    auth = ("AUTH", user, password) if user else ("AUTH", password)
+                    setup.append(link.command(_command(*auth)))
+                if db := int(kwargs.get("db", 0) or 0):
+                    setup.append(link.command(_command("SELECT", db)))
+                for future in setup:
+                    await future
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def command(self, data: bytes) -> asyncio.Future[Any]:
+        """A command of the link's own (its set-up): the future of its answer."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self.write([(None, None, [], "", future)], data)
+        return future
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+
+    def write(self, batch: list[_Call], data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self.waiting.extend(batch)
+        self.due.append([len(batch), self._loop.time() + TIMEOUT])
+        if self._timer is None:
+            self._timer = self._loop.call_at(self.due[0][1], self._check)
+
+    def data_received(self, data: bytes) -> None:
+        reader, waiting, due = self.reader, self.waiting, self.due
+        reader.feed(data)
+        try:
+            while (answer := reader.gets()) is not False:
+                call = waiting.popleft()
+                head = due[0]
+                head[0] -= 1
+                if not head[0]:
+                    due.popleft()
+                future = call[4]
+                if isinstance(answer, hiredis.ReplyError):
+                    if call[0] is not None and str(answer).startswith("NOSCRIPT"):
+                        self._run_again(call)  # (Redis lost its scripts: loaded, run)
+                    elif not future.done():
+                        future.set_exception(ResponseError(str(answer)))
+                elif not future.done():
+                    future.set_result(answer)
+        except (hiredis.ProtocolError, IndexError) as e:  # (not RESP, or an answer too many)
+            self._lost(ConnectionError(f"Redis answered out of protocol: {type(e).__name__}"))
+
+    def _run_again(self, call: _Call) -> None:
+        script, prepared, extra, own, future = call
+        assert script is not None and prepared is not None
+        keys = prepared.keys + extra
+        args: list[bytes | str] = [prepared.windows, own]
+
+        async def again() -> None:
+            try:
+                result = await script(keys=keys, args=args)  # (EVALSHA, loading it first)
+            except Exception as e:
+                if not future.done():
+                    future.set_exception(e)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+        task = self._loop.create_task(again())
+        _AGAIN.add(task)
+        task.add_done_callback(_AGAIN.discard)
+
+    def _check(self) -> None:
+        """The oldest batch's answers are due: past it, the link has failed."""
+        self._timer = None
+        if not self.due:
+            return
+        if self._loop.time() >= self.due[0][1]:
+            self._lost(TimeoutError(f"Redis did not answer within {TIMEOUT} s"))
+        else:
+            self._timer = self._loop.call_at(self.due[0][1], self._check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc or ConnectionError("Redis closed the connection"))
+
+    def _lost(self, error: BaseException) -> None:
+        self.open = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting = list(self.waiting)
+        self.waiting.clear()
+        self.due.clear()
+        _fail(waiting, error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Closed; the calls still waiting (their callers left) dropped."""
+        self._lost(ConnectionError("closed"))
+
+
+# The re-runs of calls whose script Redis had lost (a task needs a reference held).
+_AGAIN: set[asyncio.Task[None]] = set()
+
+
+def _tls(kwargs: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context of a rediss:// URL's ``ssl_*`` options (as redis-py reads them)."""
+    context = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
+    if (certfile := kwargs.get("ssl_certfile")) is not None:
+        context.load_cert_chain(certfile, kwargs.get("ssl_keyfile"))
+    reqs = str(kwargs.get("ssl_cert_reqs", "required")).lower()
+    check = str(kwargs.get("ssl_check_hostname", reqs == "required")).lower()
+    context.check_hostname = check in ("true", "1", "yes")
+    if reqs == "none":
+        context.verify_mode = ssl.CERT_NONE
+    elif reqs == "optional":
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
 def _fail(calls: list[_Call], error: BaseException) -> None:

@@ -85,8 +85,11 @@ def command(port: int, *args: str | int, timeout: float = 1.0) -> Reply:
 class RedisServer:
     """``redis-server`` on ``port`` (a free one by default), its files in ``directory``."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.binary = redis_binary()
+        self.extra = extra  # more redis-server options (e.g. a TLS port)
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -122,6 +125,7 @@ class RedisServer:
                 str(self.socket_path),
                 "--unixsocketperm",
                 "700",
+                *self.extra,
             ],
             cwd=self.directory,
             stdout=subprocess.DEVNULL,

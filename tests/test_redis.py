@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio
+import trustme
 
 from dialproxy.config.model import Window
 from dialproxy.counters import LocalCounters
@@ -677,3 +678,135 @@ async def test_outage_under_load(
         f"{[dict(Counter(a.status for a in o)) for o in outages]}, shared counting back "
         f"{resume_after_restart:.2f} s after the restart, {resume_after_cont:.2f} s after SIGCONT"
     )
+
+
+# --- the script calls' own connection: its set-up, a Redis that lost its scripts, TLS -------
+
+
+async def test_script_calls_authenticate_and_use_the_urls_database(own_redis: RedisServer) -> None:
+    """The counters' script calls go on a connection of their own (not redis-py's): it
+    sends the URL's password and selects its database like every other call."""
+    own_redis.command("CONFIG", "SET", "requirepass", "s3cret")
+    url = f"redis://:s3cret@127.0.0.1:{own_redis.port}/3"
+    limiter = Limiter(counter_storage(url), "deny")
+    scope = Scope("p:auth", "chat", request_windows=(Window("hour", 3_600, 5),))
+    check = redis.asyncio.Redis.from_url(url)
+    other = redis.asyncio.Redis.from_url(url.removesuffix("/3") + "/0")
+    try:
+        await admit_request(limiter, scope)
+        await admit_request(limiter, scope)
+        assert limiter.health()["failures"] == 0
+        assert await check.keys("LIMITS:*") != []  # in database 3 ...
+        assert await other.dbsize() == 0  # ... not in 0
+    finally:
+        await check.aclose()
+        await other.aclose()
+        await limiter.close()
+    wrong = Limiter(counter_storage(f"redis://:nope@127.0.0.1:{own_redis.port}/3"), "deny")
+    try:  # a refused password is an outage (deny: 503), not a hang
+        with pytest.raises(StorageUnavailable):
+            await asyncio.wait_for(admit_request(wrong, scope), MARGIN)
+    finally:
+        await wrong.close()
+
+
+async def test_a_redis_that_lost_its_scripts_runs_the_call_anyway(own_redis: RedisServer) -> None:
+    """SCRIPT FLUSH (or a restart without persistence) between two admissions: the call
+    that finds its script gone is loaded and run again, counted once, and no outage."""
+    limiter = Limiter(counter_storage(own_redis.url), "deny")
+    scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 5),))
+    try:
+        await admit_request(limiter, scope)
+        own_redis.command("SCRIPT", "FLUSH")
+        await admit_request(limiter, scope)
+        await admit_request(limiter, scope)
+        assert await counted(own_redis.url) == 3
+        assert limiter.health()["failures"] == 0
+    finally:
+        await limiter.close()
+
+
+class _HostileRedis:
+    """A TCP server on a free port that answers ``reply`` to whatever it is sent (None:
+    never answers)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _HostileRedis:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    if self.reply is not None:
+                        writer.write(self.reply)
+                        await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None], ids=["not RESP", "silent"]
+)
+async def test_a_hostile_redis_is_an_outage_not_a_hang(reply: bytes | None) -> None:
+    """Bytes that are not Redis's protocol, or no answer at all: the call fails within the
+    read timeout and the storage is marked down (deny: 503), nothing waits for ever."""
+    async with _HostileRedis(reply) as hostile:
+        storage = RedisCounters(f"redis://127.0.0.1:{hostile.port}/0")
+        try:
+            started = time.monotonic()
+            with pytest.raises((ConnectionError, TimeoutError, redis.exceptions.RedisError)):
+                await asyncio.wait_for(
+                    storage.admit([("p:h:chat:r:hour", 3_600)], [5], [1], [1]), MARGIN + 5
+                )
+            assert time.monotonic() - started < TIMEOUT + MARGIN
+        finally:
+            await close_storage(storage)
+
+
+async def test_rediss_counts_over_tls(tmp_path: Path) -> None:
+    """rediss://: the script calls' own connection speaks TLS with the URL's CA, like
+    redis-py's; a server certificate the client cannot trust is an outage, not a call."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "redis",
+        extra=(
+            "--tls-port", str(tls_port), "--tls-cert-file", str(cert_file),
+            "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
+            "--tls-auth-clients", "no",
+        ),
+    )  # fmt: skip
+    server.start()
+    scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 5),))
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca_file}"
+        limiter = Limiter(counter_storage(url), "deny")
+        try:
+            await admit_request(limiter, scope)
+            await admit_request(limiter, scope)
+            assert limiter.health()["failures"] == 0
+        finally:
+            await limiter.close()
+        assert await counted(server.url) == 2  # (read back over the plain port)
+        untrusted = Limiter(counter_storage(f"rediss://127.0.0.1:{tls_port}/0"), "deny")
+        try:
+            with pytest.raises(StorageUnavailable):
+                await asyncio.wait_for(admit_request(untrusted, scope), MARGIN)
+        finally:
+            await untrusted.close()
+    finally:
+        server.stop()
