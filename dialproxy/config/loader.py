@@ -45,8 +45,6 @@ from dialproxy.config.model import (
     Severity,
     Snapshot,
     Upstream,
-    fingerprint,
-    key_digest,
     never_default_header,
 )
 from dialproxy.config.reuse import SECTIONS, Built, Canonical, RawProblem, Walked, changed_only
@@ -54,7 +52,15 @@ from dialproxy.config.routes import build_routes, route_problems
 from dialproxy.config.schedule import Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
 from dialproxy.errors import ConfigError as ConfigError  # (imported from here too)
-from dialproxy.text import CONTROL, ENV_REF, SHA256_KEY, parse_datetime, written_digest
+from dialproxy.text import (
+    CONTROL,
+    ENV_REF,
+    SHA256_KEY,
+    fingerprint,
+    key_digest,
+    parse_datetime,
+    written_digest,
+)
 
 _IDENTIFIER = re.compile(r"[A-Za-z_$][\w$-]*")
 _DEFAULT_RETRIABLE = frozenset({429, 502, 503, 504})

@@ -19,8 +19,7 @@ from typing import Any, Literal
 from dialproxy.config.schedule import DEFAULT_SCHEDULE, Calendar, Schedule
 from dialproxy.errors import Problem as Problem
 from dialproxy.errors import Severity as Severity
-from dialproxy.text import fingerprint as fingerprint
-from dialproxy.text import key_digest as key_digest
+from dialproxy.text import fingerprint, key_digest
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
 

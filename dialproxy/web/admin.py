@@ -36,7 +36,7 @@ from dialproxy import keys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config import schema
 from dialproxy.config.loader import Source, build_snapshot, merge
-from dialproxy.config.model import key_digest
+from dialproxy.configfile import ConfigFile, digest_of, parse_config
 from dialproxy.errors import (
     BadRequest,
     ConfigError,
@@ -51,6 +51,7 @@ from dialproxy.errors import (
     RoleNotFound,
 )
 from dialproxy.ledger import HOUR
+from dialproxy.text import hashed, iso, key_digest, parse_duration, parse_expiry
 from dialproxy.web.appkeys import ADMIN_WRITES, BALANCER, LEDGER, SETTINGS, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
 
@@ -121,7 +122,7 @@ def _read_docs(paths: Sequence[Path]) -> list[tuple[Path, bytes, dict[str, Any] 
             out.append((path, b"", None))
             continue
         try:
-            out.append((path, data, keys._parse(path, data)))
+            out.append((path, data, parse_config(path, data)))
         except KeysError:
             out.append((path, data, None))
     return out
@@ -156,12 +157,12 @@ def _section_file(request: web.Request, section: str) -> Path:
     )
 
 
-def _open(request: web.Request, section: str = "keys") -> keys.ConfigFile:
+def _open(request: web.Request, section: str = "keys") -> ConfigFile:
     """The file ``section`` is written to, when the caller's ``If-Match`` is its ETag now."""
     _same_origin(request)
     path = _section_file(request, section)
     try:
-        config = keys.ConfigFile(path)
+        config = ConfigFile(path)
     except KeysError as e:  # YAML (NotEditable), or not a config object
         raise ProxyError(str(e), status=409) from None
     wanted = request.headers.get("If-Match")
@@ -190,7 +191,7 @@ def _target(request: web.Request, section: str) -> tuple[str | None, str | None]
         return None, None
 
 
-def _find(request: web.Request, config: keys.ConfigFile, env: Mapping[str, str]) -> tuple[str, str]:
+def _find(request: web.Request, config: ConfigFile, env: Mapping[str, str]) -> tuple[str, str]:
     """The key the path's fingerprint names in the file written (409 when it is in another
     of the config files: it cannot be edited there)."""
     fingerprint = request.match_info["fingerprint"]
@@ -201,7 +202,7 @@ def _find(request: web.Request, config: keys.ConfigFile, env: Mapping[str, str])
         for path, _, doc in _docs(request):
             found = doc.get("keys") if doc is not None and path != config.path else None
             for other in found if isinstance(found, dict) else {}:
-                if (keys._digest_of(other, env) or "-").startswith(wanted):
+                if (digest_of(other, env) or "-").startswith(wanted):
                     raise ProxyError(
                         f"Key {wanted[:8]} is in {path}; the admin API writes keys to "
                         f"{config.path}: edit it by hand",
@@ -227,7 +228,7 @@ def _digest(name: str, env: Mapping[str, str]) -> str | None:
     if name.startswith("sha256:"):
         return name.removeprefix("sha256:")
     if "${" in name:
-        return keys._digest_of(name, env)
+        return digest_of(name, env)
     return key_digest(name)
 
 
@@ -266,7 +267,7 @@ def _answer(
 
 async def _commit(
     request: web.Request,
-    config: keys.ConfigFile,
+    config: ConfigFile,
     who: Principal,
     action: str,
     before: Mapping[str, Any] | None,
@@ -319,7 +320,7 @@ def _expiry(value: Any, now: datetime) -> datetime | None:
     if not isinstance(value, str):
         raise BadRequest("expiresAt must be a string: 30d, 2026-01-01 or 2026-01-01T12:00:00Z")
     try:
-        return keys.parse_expiry(value, now)
+        return parse_expiry(value, now)
     except ValueError as e:
         raise BadRequest(f"expiresAt: {e}") from None
 
@@ -393,7 +394,7 @@ async def _usage_today(request: web.Request) -> tuple[dict[str, dict[str, Any]],
         }
         for r in rows
     }
-    return found, keys.iso(datetime.fromtimestamp(start, UTC))
+    return found, iso(datetime.fromtimestamp(start, UTC))
 
 
 _NO_USAGE = {
@@ -504,10 +505,10 @@ async def create_key(request: web.Request) -> web.Response:
             can_share=can_share,
         )
         if (limits := _key_limits(body.get("limits"))) is not None:
-            keys.set_key_limits(config, keys.hashed(secret), limits)
+            keys.set_key_limits(config, hashed(secret), limits)
     except KeysError as e:
         raise BadRequest(str(e)) from None
-    name = keys.hashed(secret)
+    name = hashed(secret)
     entry = dict(config.keys[name])
     fp = key_digest(secret)[:8]
     written = await _commit(request, config, who, "create", None, entry, key=fp)
@@ -589,7 +590,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     now = datetime.now(UTC)
     overlap_text = _text(body, "overlap") or "7d"
     try:
-        overlap = keys.parse_duration(overlap_text)
+        overlap = parse_duration(overlap_text)
     except ValueError as e:
         raise BadRequest(f"overlap: {e}") from None
     before = dict(config.keys[name])
@@ -607,11 +608,11 @@ async def rotate_key(request: web.Request) -> web.Response:
         raise ProxyError(str(e), status=409) from None
     after = dict(config.keys[name])
     written = await _commit(request, config, who, "rotate", before, after, key=fp)
-    new_name = keys.hashed(rotated.secret)
+    new_name = hashed(rotated.secret)
     answer = _answer(new_name, rotated.entry, env, config.path) | {
         "key": rotated.secret,
         "replaces": rotated.old_fingerprint,
-        "oldExpiresAt": keys.iso(rotated.old_expires_at),
+        "oldExpiresAt": iso(rotated.old_expires_at),
     }
     return _saved(answer, written, status=201)
 
