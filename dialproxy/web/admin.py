@@ -40,6 +40,7 @@ from dialproxy.configfile import ConfigFile, digest_of, parse_config
 from dialproxy.errors import (
     BadRequest,
     ConfigError,
+    Conflict,
     FileChanged,
     Forbidden,
     InvalidEdit,
@@ -47,8 +48,12 @@ from dialproxy.errors import (
     KeysError,
     NotEditable,
     NotFound,
+    PreconditionFailed,
+    PreconditionRequired,
     ProxyError,
     RoleNotFound,
+    Unprocessable,
+    UnsupportedMediaType,
 )
 from dialproxy.ledger import HOUR
 from dialproxy.text import hashed, iso, key_digest, parse_duration, parse_expiry
@@ -98,7 +103,7 @@ def _same_origin(request: web.Request) -> None:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise ProxyError("Content-Type must be application/json", status=415)
+        raise UnsupportedMediaType("Content-Type must be application/json")
     try:
         body = json.loads(await request.read() or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -137,9 +142,8 @@ def _section_file(request: web.Request, section: str) -> Path:
     if named is not None:  # --keys-file
         chosen = [p for p in paths if p.resolve() == Path(named).resolve()]
         if not chosen:
-            raise ProxyError(
+            raise Conflict(
                 f"The keys file {named} (--keys-file) is not one of the config files",
-                status=409,
             )
         return chosen[0]
     if len(paths) == 1:
@@ -150,10 +154,9 @@ def _section_file(request: web.Request, section: str) -> Path:
     names = ", ".join(str(p) for p in (holding or paths))
     where = f"several config files hold {section}" if holding else f"no config file holds {section}"
     setting = " or name one with --keys-file" if section == "keys" else ""
-    raise ProxyError(
+    raise Conflict(
         f"The admin API writes {section} to the one config file that holds it; {where} "
         f"({names}): keep {section} in one file{setting}",
-        status=409,
     )
 
 
@@ -164,18 +167,17 @@ def _open(request: web.Request, section: str = "keys") -> ConfigFile:
     try:
         config = ConfigFile(path)
     except KeysError as e:  # YAML (NotEditable), or not a config object
-        raise ProxyError(str(e), status=409) from None
+        raise Conflict(str(e)) from None
     wanted = request.headers.get("If-Match")
     if wanted is None:
-        raise ProxyError(
-            f"If-Match is required: the ETag of {_LISTING[section]} (of {path})", status=428
+        raise PreconditionRequired(
+            f"If-Match is required: the ETag of {_LISTING[section]} (of {path})"
         )
     current = etag(config.original)
     # (no "*": a write must say which version of the file it was made from)
     if current not in [w.strip() for w in wanted.split(",")]:
-        raise ProxyError(
+        raise PreconditionFailed(
             f"The config file {path} changed since it was read: {_LISTING[section]} again",
-            status=412,
             headers={"ETag": current},
         )
     return config
@@ -203,18 +205,16 @@ def _find(request: web.Request, config: ConfigFile, env: Mapping[str, str]) -> t
             found = doc.get("keys") if doc is not None and path != config.path else None
             for other in found if isinstance(found, dict) else {}:
                 if (digest_of(other, env) or "-").startswith(wanted):
-                    raise ProxyError(
+                    raise Conflict(
                         f"Key {wanted[:8]} is in {path}; the admin API writes keys to "
                         f"{config.path}: edit it by hand",
-                        status=409,
                     ) from None
         raise NotFound(f"No key with fingerprint {fingerprint[:64]}") from None
     except KeysError as e:
         raise BadRequest(str(e)) from None
     if "${" in name:
-        raise ProxyError(
+        raise Conflict(
             f"Key {fp} is named by an environment variable in the config: edit it by hand",
-            status=409,
         )
     return name, fp
 
@@ -283,11 +283,11 @@ async def _commit(
         async with request.app[ADMIN_WRITES]:  # (the checks build the config twice: in a thread)
             warnings = await asyncio.to_thread(config.save, store.env(), True, store.paths)
     except InvalidEdit as e:
-        raise ProxyError(str(e), status=422) from None
+        raise Unprocessable(str(e)) from None
     except FileChanged as e:
-        raise ProxyError(str(e), status=412) from None
+        raise PreconditionFailed(str(e)) from None
     except KeysError as e:
-        raise ProxyError(str(e), status=409) from None
+        raise Conflict(str(e)) from None
     log.info(
         "admin_write",
         who=who.fingerprint,
@@ -431,7 +431,7 @@ def _list(
     listed: list[dict[str, Any]] = []
     for path, _, doc in _read_docs(paths):
         if doc is None:
-            raise ProxyError(f"{path}: not a readable config file", status=409)
+            raise Conflict(f"{path}: not a readable config file")
         found = doc.get("keys")
         for name, entry in (found if isinstance(found, dict) else {}).items():
             if not isinstance(entry, dict):
@@ -605,7 +605,7 @@ async def rotate_key(request: web.Request) -> web.Response:
             env=env,
         )
     except KeysError as e:
-        raise ProxyError(str(e), status=409) from None
+        raise Conflict(str(e)) from None
     after = dict(config.keys[name])
     written = await _commit(request, config, who, "rotate", before, after, key=fp)
     new_name = hashed(rotated.secret)
@@ -628,7 +628,7 @@ def _roles_view(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
     counts: dict[str, int] = {}
     for path, _, doc in _read_docs(paths):
         if doc is None:
-            raise ProxyError(f"{path}: not a readable config file", status=409)
+            raise Conflict(f"{path}: not a readable config file")
         found = doc.get("roles")
         if isinstance(found, dict):
             roles = merge(roles, found)
@@ -681,7 +681,7 @@ def _role_refusal(e: KeysError) -> ProxyError:
     if isinstance(e, RoleNotFound):
         return NotFound(str(e))
     if isinstance(e, NotEditable):
-        return ProxyError(str(e), status=409)
+        return Conflict(str(e))
     return BadRequest(str(e))
 
 
@@ -738,7 +738,7 @@ async def validate(request: web.Request) -> web.Response:
     await _caller(request, write=False)
     _same_origin(request)
     if request.content_type != "application/json":
-        raise ProxyError("Content-Type must be application/json", status=415)
+        raise UnsupportedMediaType("Content-Type must be application/json")
     data = await request.read()
     env = request.app[STORE].env()
     try:
