@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from dialproxy.config.model import Problem
+from dialproxy.config.model import Problem, key_state
 from dialproxy.configfile import ConfigFile, digest_of, keys_of, parse_config, read_config
 from dialproxy.errors import EXIT_OK, EXIT_USAGE, KeyNotFound, KeysError, NotEditable, RoleNotFound
 from dialproxy.text import (
@@ -51,17 +51,22 @@ from dialproxy.text import (
 Clock = Callable[[], datetime]
 
 
-def key_state(entry: Mapping[str, Any], now: datetime) -> str:
-    """``active``, ``expired``, ``disabled`` or ``not yet valid``: as the proxy decides."""
-    if entry.get("disabled") is True:
-        return "disabled"
-    not_before = _entry_time(entry.get("notBefore"))
-    if not_before is not None and now < not_before:
-        return "not yet valid"
-    expires = _entry_time(entry.get("expiresAt"))
-    if expires is not None and now >= expires:
-        return "expired"
-    return "active"
+@dataclass(frozen=True, slots=True)
+class _Validity:
+    disabled: bool
+    not_before: datetime | None
+    expires_at: datetime | None
+
+
+def entry_state(entry: Mapping[str, Any], now: datetime) -> str:
+    """``active``, ``expired``, ``disabled`` or ``not yet valid``: as the proxy decides
+    (:func:`dialproxy.config.model.key_state`; a time that is not one: none)."""
+    validity = _Validity(
+        entry.get("disabled") is True,
+        _entry_time(entry.get("notBefore")),
+        _entry_time(entry.get("expiresAt")),
+    )
+    return key_state(validity, now)
 
 
 def _entry_time(value: Any) -> datetime | None:
@@ -278,7 +283,7 @@ def list_keys(paths: Sequence[Path], now: datetime, env: Mapping[str, str]) -> l
                     roles=tuple(dict.fromkeys(str(r) for r in roles)),
                     not_before=_text(entry.get("notBefore")),
                     expires_at=_text(entry.get("expiresAt")),
-                    state=key_state(entry, now),
+                    state=entry_state(entry, now),
                     stored=stored,
                     file=str(path),
                 )

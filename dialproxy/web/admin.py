@@ -254,7 +254,7 @@ def _describe(
         "canShare": bool(entry.get("canShare", False)),
         "notBefore": entry.get("notBefore"),
         "expiresAt": entry.get("expiresAt"),
-        "state": keys.key_state(entry, now or datetime.now(UTC)),
+        "state": keys.entry_state(entry, now or datetime.now(UTC)),
         "stored": _stored(name),
     }
 
