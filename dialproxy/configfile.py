@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source
 from dialproxy.errors import (
     EXIT_USAGE,
     ConfigError,

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from dialproxy.config.grants import resolve_grant
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Limit, Model, Pricing, Problem, Role, Snapshot
+from dialproxy.config.parse import Source
 from dialproxy.config.schema import schema, schema_valid
 from dialproxy.errors import ConfigError
 from dialproxy.text import fingerprint

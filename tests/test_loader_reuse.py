@@ -15,8 +15,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Snapshot
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import ConfigError
 from dialproxy.text import key_digest

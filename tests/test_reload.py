@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from dialproxy.config.loader import Source
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore, source_digest
 from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.server import build_app, reload_app

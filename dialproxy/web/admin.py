@@ -4,12 +4,12 @@ removed; plus DIAL's config reload trigger, a candidate config's validation and 
 
 Who: a key of the config whose roles include ``--admin-role`` (everything) or
 ``--viewer-role`` (reads only); anyone else gets 403.  Every write goes through
-:mod:`dialproxy.keys` (the same splice, validation and atomic replace as ``dialproxy keys``),
-then a reload, and only when the caller's ``If-Match`` is the ETag of the file's bytes as they
-are now (428 without it, 412 when stale).  Several config files: a key write goes to the one
-file holding ``keys`` (or the one ``--keys-file`` names), a role write to the one holding
-``roles`` (409 naming the files when none or several do), and is checked as the files load
-merged.  A write is refused with 409
+:mod:`dialproxy.keys` and :mod:`dialproxy.configfile` (the same splice, validation and atomic
+replace as ``dialproxy keys``), then a reload, and only when the caller's ``If-Match`` is the
+ETag of the file's bytes as they are now (428 without it, 412 when stale).  Several config
+files: a key write goes to the one file holding ``keys`` (or the one ``--keys-file`` names), a
+role write to the one holding ``roles`` (409 naming the files when none or several do), and is
+checked as the files load merged.  A write is refused with 409
 when the file is YAML or the key (role) is named by a ``${VAR}``, and with 422 when the
 result would not validate or would have a new warning (a role or a model the config does not
 define: a typo).  State-changing calls also refuse cross-site requests: ``Content-Type:
@@ -35,7 +35,8 @@ from aiohttp import web
 from dialproxy import keys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config import schema
-from dialproxy.config.loader import Source, build_snapshot, merge
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source, merge
 from dialproxy.configfile import ConfigFile, digest_of, parse_config
 from dialproxy.errors import (
     BadRequest,
