@@ -40,7 +40,7 @@ from bench.load import LoadGenerator, LoadResult
 from bench.procs import BenchError, Child, free_port, stop_all
 from bench.run import DEPLOYMENT, HEADERS, HOST, PROXY_PATH, ROOT, bench_config, request_body
 from bench.validate_bench import UPSTREAM_ENV, generate
-from dialproxy.config.loader import Source
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore
 
 CPU_TARGET = 0.3  # s of CPU for a reload of the big config

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source
 
 ROLES = [f"team-{i}" for i in range(12)]
 UPSTREAM_ENV = {"BENCH_UPSTREAM_KEY": "bench-upstream-key-not-a-secret"}

@@ -19,8 +19,9 @@ import structlog
 from aiohttp import web
 
 from dialproxy import keys, ledger, logs
-from dialproxy.config.loader import build_snapshot, read_sources
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Problem
+from dialproxy.config.parse import read_sources
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import EXIT_INVALID, EXIT_OK, EXIT_USAGE, ConfigError
 from dialproxy.settings import LEDGER_MODES, LOOPS, METRICS_AUTH, NUMBERS, Settings

@@ -64,12 +64,37 @@ class RequestTimeout(ProxyError):
     status = 408
 
 
+class Conflict(ProxyError):
+    """The request conflicts with the config as it is (the admin API: a file it does not
+    write, an entry it does not edit)."""
+
+    status = 409
+
+
+class PreconditionFailed(ProxyError):
+    """``If-Match`` names another version of the file than the one there now."""
+
+    status = 412
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
 
 
 class UnsupportedMediaType(ProxyError):
     status = 415
+
+
+class Unprocessable(ProxyError):
+    """The edit is well formed but would make the config invalid."""
+
+    status = 422
+
+
+class PreconditionRequired(ProxyError):
+    """A write without ``If-Match``."""
+
+    status = 428
 
 
 class BadGateway(ProxyError):

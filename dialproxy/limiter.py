@@ -30,7 +30,7 @@ from itertools import chain
 from typing import Any, NoReturn
 
 from dialproxy.config.model import UNLIMITED, Window
-from dialproxy.counters import Counts, LocalCounters, Read
+from dialproxy.counters import FAR, Counts, LocalCounters, Read
 from dialproxy.errors import ConcurrencyLimited
 from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
 from dialproxy.storage import (
@@ -756,9 +756,6 @@ def _used(window: Window, counts: Counts) -> int:
     return int(previous * previous_ttl / window.seconds + current)
 
 
-# More left than this: an unlimited window (counted, never the tightest).
-_FAR = UNLIMITED // 2
-
 # The tightest window so far: the window, its counts and what is left of it.
 Tight = tuple[Window, Counts, int]
 
@@ -778,7 +775,7 @@ def _scan(
             full = True
         if (
             index < select
-            and left < _FAR
+            and left < FAR
             and (
                 tight is None
                 or left < tight[2]

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from dialproxy.auth import PER_REQUEST_KEY_PREFIX, UNKNOWN_KEY, Principal
-from dialproxy.config.model import Snapshot, key_digest
+from dialproxy.config.model import Snapshot
 from dialproxy.errors import Unauthorized
+from dialproxy.text import key_digest
 
 if TYPE_CHECKING:
     from dialproxy.sharedkeys.model import SharedKey

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 
 from dialproxy import tracing
-from dialproxy.config.loader import Source
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore, ReloadResult
 from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.counters import LocalCounters

@@ -19,13 +19,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from dialproxy import logs
-from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.demo_backend import create_backend_app
 from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.settings import Settings
 from dialproxy.storage import Storage
+from dialproxy.text import fingerprint
 from dialproxy.web.app import create_app
 from dialproxy.web.appkeys import BACKGROUND
 from tests.backend_control import BackendControl

@@ -13,8 +13,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from dialproxy import cli
-from dialproxy.config.model import key_digest
 from dialproxy.settings import Settings
+from dialproxy.text import key_digest
 from tests.conftest import Backend, Proxy, ProxyFactory, chat_model, new_key
 
 CHAT = {"messages": [{"role": "user", "content": "one two three"}]}

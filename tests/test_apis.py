@@ -11,8 +11,9 @@ import pytest
 from dialproxy.apis import anthropic, responses
 from dialproxy.apis.all import APIS
 from dialproxy.apis.responses import ResponseIds, ResponseRef
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import API_INTERFACES
+from dialproxy.config.parse import Source
 from dialproxy.wire.relay import EventRewriter, UsageScanner
 from dialproxy.wire.usage import Usage, find_usage
 

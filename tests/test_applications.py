@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 
 from dialproxy.auth import PER_REQUEST_KEY_PREFIX
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source
 from dialproxy.errors import ConfigError
 from tests.conftest import (
     AiohttpServer,

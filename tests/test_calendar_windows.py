@@ -18,8 +18,9 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Limit
+from dialproxy.config.parse import Source
 from dialproxy.config.schedule import Schedule
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import ConfigError, RateLimited

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from dialproxy.config.model import key_digest
+from dialproxy.text import key_digest
 from tests.conftest import SECRETS, Backend, Proxy, ProxyFactory, new_key
 from tests.test_serve import free_port
 

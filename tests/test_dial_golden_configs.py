@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from dialproxy.cli import validate
-from dialproxy.config.loader import build_snapshot, read_sources
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Snapshot
+from dialproxy.config.parse import read_sources
 from dialproxy.errors import ConfigError
 from tests.conftest import Backend, ProxyFactory
 

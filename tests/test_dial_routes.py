@@ -15,8 +15,9 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
-from dialproxy.config.loader import build_snapshot, read_sources
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Problem
+from dialproxy.config.parse import read_sources
 from dialproxy.errors import ConfigError
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import DRAIN, SHARED

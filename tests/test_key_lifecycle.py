@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from dialproxy import cli
-from dialproxy.config.model import key_digest
+from dialproxy.text import key_digest
 from dialproxy.web.appkeys import SHARED
 from tests.conftest import (
     SECRETS,

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from dialproxy import cli, keys, text
-from dialproxy.config.model import key_digest
+from dialproxy import cli, configfile, text
+from dialproxy.errors import KeysError
+from dialproxy.text import hashed, iso, key_digest, parse_expiry
 from tests.conftest import SECRETS
 
 PRETTY = """{
@@ -115,7 +116,7 @@ def test_add_splices_the_hashed_entry_in_and_keeps_the_rest(
         '      "project": "team",\n'
         '      "role": "user",\n'
         '      "name": "ci bot",\n'
-        f'      "expiresAt": "{keys.iso(expires)}"\n'
+        f'      "expiresAt": "{iso(expires)}"\n'
         "    }"
     )
     assert text == PRETTY[:LAST_ENTRY_END] + inserted + PRETTY[LAST_ENTRY_END:]
@@ -383,8 +384,8 @@ def test_an_ambiguous_fingerprint_is_refused(
         json.dumps(
             {
                 "keys": {
-                    keys.hashed(a): {"project": "p", "role": "r", "name": "a"},
-                    keys.hashed(b): {"project": "p", "role": "r", "name": "b"},
+                    hashed(a): {"project": "p", "role": "r", "name": "a"},
+                    hashed(b): {"project": "p", "role": "r", "name": "b"},
                 }
             },
             indent=2,
@@ -396,8 +397,8 @@ def test_an_ambiguous_fingerprint_is_refused(
     assert code == 1
     code, _, _ = run(capsys, "revoke", "--config", str(path), key_digest(b)[:12])
     assert code == 0
-    assert json.loads(path.read_text())["keys"][keys.hashed(b)]["disabled"] is True
-    assert "disabled" not in json.loads(path.read_text())["keys"][keys.hashed(a)]
+    assert json.loads(path.read_text())["keys"][hashed(b)]["disabled"] is True
+    assert "disabled" not in json.loads(path.read_text())["keys"][hashed(a)]
 
 
 def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
@@ -405,7 +406,7 @@ def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
 ) -> None:
     old = add_key(pretty, capsys, "--name", "svc", "--model", "echo", "--can-share")
     doc = json.loads(pretty.read_text())
-    doc["keys"][keys.hashed(old)]["limits"] = {"*": {"requestHour": 5}}
+    doc["keys"][hashed(old)]["limits"] = {"*": {"requestHour": 5}}
     pretty.write_text(json.dumps(doc, indent=2))
     before = datetime.now(UTC)
     code, out, err = run(
@@ -415,7 +416,7 @@ def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
     new = out.strip()
     assert re.fullmatch(r"dpk_[A-Za-z0-9]{43}", new)
     doc = json.loads(pretty.read_text())
-    assert doc["keys"][keys.hashed(new)] == {
+    assert doc["keys"][hashed(new)] == {
         "project": "team",
         "role": "user",
         "name": "svc",
@@ -423,7 +424,7 @@ def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
         "canShare": True,
         "limits": {"*": {"requestHour": 5}},
     }
-    ends = text.parse_datetime(doc["keys"][keys.hashed(old)]["expiresAt"])
+    ends = text.parse_datetime(doc["keys"][hashed(old)]["expiresAt"])
     assert before + timedelta(days=2, seconds=-1) <= ends <= datetime.now(UTC) + timedelta(days=2)
     assert f"replaces {key_digest(old)[:8]}" in err
     assert valid(pretty, capsys)
@@ -448,10 +449,8 @@ def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
     third = json.loads(out)
     SECRETS.append(third["key"])
     doc = json.loads(pretty.read_text())
-    assert text.parse_datetime(doc["keys"][keys.hashed(old)]["expiresAt"]) == ends.replace(
-        microsecond=0
-    )
-    assert third["oldExpiresAt"] == keys.iso(ends) and third["name"] == "svc 3"
+    assert text.parse_datetime(doc["keys"][hashed(old)]["expiresAt"]) == ends.replace(microsecond=0)
+    assert third["oldExpiresAt"] == iso(ends) and third["name"] == "svc 3"
     assert doc["keys"][third["hash"]]["expiresAt"] == third["expiresAt"]
 
     # A revoked key is not rotated; a bad overlap is a usage error.
@@ -475,7 +474,7 @@ def test_writes_are_atomic_and_keep_mode_and_symlinks(
     link = tmp_path / "aidial.config.json"
     link.symlink_to(target)
     secret = add_key(link, capsys)
-    assert link.is_symlink() and keys.hashed(secret) in target.read_text()
+    assert link.is_symlink() and hashed(secret) in target.read_text()
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
     assert sorted(p.name for p in real.iterdir()) == ["aidial.config.json"]  # no temp file left
 
@@ -483,17 +482,17 @@ def test_writes_are_atomic_and_keep_mode_and_symlinks(
 def test_an_edit_that_would_break_the_config_or_race_another_is_not_written(
     pretty: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = keys.ConfigFile(pretty)
+    config = configfile.ConfigFile(pretty)
     name = next(iter(config.keys))
     config.set_field(name, "expiresAt", "next tuesday")
-    with pytest.raises(keys.KeysError, match="would make the config invalid"):
+    with pytest.raises(KeysError, match="would make the config invalid"):
         config.save({})
     assert pretty.read_text() == PRETTY
 
-    config = keys.ConfigFile(pretty)
+    config = configfile.ConfigFile(pretty)
     config.set_field(name, "disabled", True)
     pretty.write_text(PRETTY.replace('"demo"', '"changed"'))
-    with pytest.raises(keys.KeysError, match="changed while it was being edited"):
+    with pytest.raises(KeysError, match="changed while it was being edited"):
         config.save({})
     assert '"changed"' in pretty.read_text()
     assert sorted(p.name for p in pretty.parent.iterdir()) == ["aidial.config.json"]
@@ -509,14 +508,12 @@ def test_durations_and_dates() -> None:
         "45s": timedelta(seconds=45),
     }
     for value, delta in cases.items():
-        assert keys.parse_expiry(value, now) == now + delta
-    assert keys.parse_expiry("2026-01-01", now) == datetime(2026, 1, 1, tzinfo=UTC)
-    assert keys.parse_expiry("2026-01-01T12:00:00+02:00", now) == datetime(
-        2026, 1, 1, 10, tzinfo=UTC
-    )
+        assert parse_expiry(value, now) == now + delta
+    assert parse_expiry("2026-01-01", now) == datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_expiry("2026-01-01T12:00:00+02:00", now) == datetime(2026, 1, 1, 10, tzinfo=UTC)
     for bad in ("", "d", "3x", "-1d", "2024-12-31", "0"):
         with pytest.raises(ValueError):
-            keys.parse_expiry(bad, now)
+            parse_expiry(bad, now)
     assert text.parse_duration("0") == timedelta(0)
 
 
@@ -536,7 +533,7 @@ _LAYOUTS = [
 def test_splices_set_and_remove_members_at_any_depth(text: str) -> None:
     """Members set, added and taken out of nested objects in any layout: the text parses to
     exactly the intended document, and taking out what was added gives the text back."""
-    edited = keys._JsonText(text)
+    edited = configfile.JsonText(text)
     doc = json.loads(text)
     edited.set_member(["roles", "b", "limits"], "new", {"minute": 5}, expand=0)
     doc["roles"]["b"]["limits"]["new"] = {"minute": 5}
@@ -554,5 +551,5 @@ def test_splices_set_and_remove_members_at_any_depth(text: str) -> None:
     edited.remove_member(["keys"], "k")
     del doc["keys"]["k"]
     assert json.loads(edited.text) == doc
-    with pytest.raises(keys.KeysError):
-        keys._JsonText("[1, 2]").set_member([], "a", 1)
+    with pytest.raises(KeysError):
+        configfile.JsonText("[1, 2]").set_member([], "a", 1)

@@ -15,10 +15,12 @@ import pytest
 import yaml
 
 from dialproxy.config.grants import resolve_grant
-from dialproxy.config.loader import Source, build_snapshot
-from dialproxy.config.model import Limit, Model, Pricing, Problem, Role, Snapshot, fingerprint
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.model import Limit, Model, Pricing, Problem, Role, Snapshot
+from dialproxy.config.parse import Source
 from dialproxy.config.schema import schema, schema_valid
 from dialproxy.errors import ConfigError
+from dialproxy.text import fingerprint
 from tests.samples import EXAMPLE_ENV, SECRET, base_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Problem
+from dialproxy.config.parse import Source
 from dialproxy.config.schema import schema, schema_valid
 from dialproxy.errors import ConfigError
 

@@ -15,10 +15,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dialproxy.config.loader import Source, build_snapshot
-from dialproxy.config.model import Snapshot, key_digest
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.model import Snapshot
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore
 from dialproxy.errors import ConfigError
+from dialproxy.text import key_digest
 from tests.conftest import new_key
 
 KEYS = [new_key() for _ in range(6)]

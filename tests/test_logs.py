@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 from structlog.testing import capture_logs
 
-from dialproxy.config.model import fingerprint
 from dialproxy.logs import JSONLines
+from dialproxy.text import fingerprint
 from tests.conftest import Backend, ProxyFactory, new_key
 
 KEY = new_key()

@@ -13,8 +13,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from dialproxy.config.model import fingerprint
 from dialproxy.settings import Settings
+from dialproxy.text import fingerprint
 from dialproxy.web.app import metrics_app
 from tests.conftest import AiohttpServer, Backend, Proxy, ProxyFactory, new_key
 

@@ -23,7 +23,8 @@ import pytest
 from aiohttp import web
 
 from dialproxy.auth import PER_REQUEST_KEY_PREFIX, Principal
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source
 from dialproxy.errors import ConfigError
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings

@@ -19,12 +19,12 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from dialproxy.config.loader import Source
-from dialproxy.config.model import fingerprint
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore, source_digest
 from dialproxy.config.watcher import ConfigWatcher
 from dialproxy.server import build_app, reload_app
 from dialproxy.settings import Settings
+from dialproxy.text import fingerprint
 from dialproxy.web.appkeys import WATCHER
 from tests.conftest import (
     AiohttpServer,

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from bench.validate_bench import generate
-from dialproxy.config.loader import Source
+from dialproxy.config.parse import Source
 from dialproxy.config.store import BUILD_SWITCH_INTERVAL, ConfigStore
 from dialproxy.server import reload_app
 from tests.conftest import Backend, ProxyFactory, new_key

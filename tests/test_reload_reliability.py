@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 from structlog.testing import capture_logs
 
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore, ReloadResult
 from dialproxy.web.appkeys import WATCHER
 from tests.conftest import AiohttpServer, Backend, BackendFactory, new_key

@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from dialproxy.config.model import key_digest
 from dialproxy.errors import StoreUnavailable
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
@@ -23,6 +22,7 @@ from dialproxy.sharedkeys.model import SharedKey
 from dialproxy.sharedkeys.redisstore import REDIS_TIMEOUT
 from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.storage import FailurePolicy, StorageHealth
+from dialproxy.text import key_digest
 from dialproxy.web.appkeys import LIMITER, SHARED
 from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory
 from tests.redis_server import RedisServer

@@ -11,7 +11,8 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from dialproxy.auth import authenticate
-from dialproxy.config.loader import Source, build_snapshot
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore, Memo
 from dialproxy.errors import Unauthorized
 from tests.conftest import new_key

@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from dialproxy import tracing
-from dialproxy.config.model import fingerprint
 from dialproxy.config.store import ConfigStore
 from dialproxy.counters import LocalCounters
 from dialproxy.settings import Settings
+from dialproxy.text import fingerprint
 from dialproxy.web.app import create_app
 from tests.conftest import AiohttpServer, Backend, Proxy, new_key
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dialproxy.config.model import fingerprint
+from dialproxy.text import fingerprint
 from tests.samples import EXAMPLE_ENV, SECRET
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from dialproxy.config.schedule import DEFAULT_SCHEDULE, Calendar, Schedule
 from dialproxy.errors import Problem as Problem
 from dialproxy.errors import Severity as Severity
-from dialproxy.text import fingerprint as fingerprint
-from dialproxy.text import key_digest as key_digest
+from dialproxy.text import fingerprint, key_digest
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
 
@@ -620,6 +619,29 @@ class Access:
     cost_windows: tuple[Window, ...]  # nano-USD limits across the project's models
 
 
+class Validity(Protocol):
+    """What a key's state follows from: a :class:`Key`, or a config file's entry as the
+    ``keys`` CLI and the admin API read it."""
+
+    @property
+    def disabled(self) -> bool: ...
+    @property
+    def not_before(self) -> datetime | None: ...
+    @property
+    def expires_at(self) -> datetime | None: ...
+
+
+def key_state(key: Validity, now: datetime) -> str:
+    """``active``, ``expired``, ``disabled`` or ``not yet valid``: the one rule."""
+    if key.disabled:
+        return "disabled"
+    if key.not_before is not None and now < key.not_before:
+        return "not yet valid"
+    if key.expires_at is not None and now >= key.expires_at:
+        return "expired"
+    return "active"
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
     """An API key entry.  ``digest`` is the SHA-256 of the secret; the secret is not kept."""
@@ -648,14 +670,7 @@ class Key:
             networks = tuple(_network(r) for r in self.allowed_ip_ranges)
         object.__setattr__(self, "allowed_networks", networks)
 
-    def state(self, now: datetime) -> str:
-        if self.disabled:
-            return "disabled"
-        if self.not_before is not None and now < self.not_before:
-            return "not yet valid"
-        if self.expires_at is not None and now >= self.expires_at:
-            return "expired"
-        return "active"
+    state = key_state  # (the rule itself, as a method: no call in between)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -18,8 +18,9 @@ from typing import Any
 
 import structlog
 
-from dialproxy.config.loader import Source, build_reusing, read_sources
+from dialproxy.config.loader import build_reusing
 from dialproxy.config.model import Problem, Snapshot
+from dialproxy.config.parse import Source, read_sources
 from dialproxy.config.reuse import Built
 from dialproxy.errors import ConfigError, EmptyConfig
 

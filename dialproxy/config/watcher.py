@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 from watchfiles import awatch
 
-from dialproxy.config.loader import Source, read_sources
+from dialproxy.config.parse import Source, read_sources
 from dialproxy.config.store import ConfigStore, ReloadResult, source_digest
 
 log = structlog.get_logger("dialproxy.config")

@@ -10,12 +10,11 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from dialproxy.config.model import key_digest
 from dialproxy.errors import StoreUnavailable
 from dialproxy.sharedkeys.model import SharedKey, check_cap
 from dialproxy.sharedkeys.store import SharedKeyStore
 from dialproxy.storage import FailurePolicy, StorageHealth
-from dialproxy.text import SHARED_KEY_PREFIX
+from dialproxy.text import SHARED_KEY_PREFIX, key_digest
 
 log = structlog.get_logger("dialproxy.sharedkeys")
 Clock = Callable[[], datetime]

@@ -24,12 +24,11 @@ from dialproxy.config.model import Model, Route, Upstream
 from dialproxy.errors import BadGateway, NoRoute, ProxyError, Unavailable
 from dialproxy.metrics import Metrics
 from dialproxy.tracing import Tracing
-from dialproxy.upstream.balancer import MAX_PAUSE, Balancer
+from dialproxy.upstream.balancer import DEFAULT_RETRY_AFTER, MAX_PAUSE, Balancer
 
 # Retry-After's delta-seconds: digits (a decimal point accepted too); anything else that is
 # not an HTTP date (nan, inf, -1, 1e12, words) counts as absent.
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?", re.ASCII)
-DEFAULT_PAUSE = 30.0  # a 429 without a Retry-After we can read
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -154,7 +153,7 @@ class Attempts:
                 self._failed("rate_limited", status)
                 after = retry_after(resp.headers)
                 await self._balancer.rate_limited(self._model, upstream, after)
-                self._waits.append(after if after is not None else DEFAULT_PAUSE)
+                self._waits.append(after if after is not None else DEFAULT_RETRY_AFTER)
             else:
                 if redirect:
                     self._redirected = status

@@ -23,7 +23,7 @@ import structlog
 from dialproxy.config.model import Model, Route, Upstream
 from dialproxy.rediscounters import RedisCounters
 
-DEFAULT_RETRY_AFTER = 30.0
+DEFAULT_RETRY_AFTER = 30.0  # the pause of a 429 without a Retry-After we can read
 SHARED_CHECK_EVERY = 1.0
 FAILURES_BEFORE_BACKOFF = 3
 MAX_BACKOFF = 300.0

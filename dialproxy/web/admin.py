@@ -4,12 +4,12 @@ removed; plus DIAL's config reload trigger, a candidate config's validation and 
 
 Who: a key of the config whose roles include ``--admin-role`` (everything) or
 ``--viewer-role`` (reads only); anyone else gets 403.  Every write goes through
-:mod:`dialproxy.keys` (the same splice, validation and atomic replace as ``dialproxy keys``),
-then a reload, and only when the caller's ``If-Match`` is the ETag of the file's bytes as they
-are now (428 without it, 412 when stale).  Several config files: a key write goes to the one
-file holding ``keys`` (or the one ``--keys-file`` names), a role write to the one holding
-``roles`` (409 naming the files when none or several do), and is checked as the files load
-merged.  A write is refused with 409
+:mod:`dialproxy.keys` and :mod:`dialproxy.configfile` (the same splice, validation and atomic
+replace as ``dialproxy keys``), then a reload, and only when the caller's ``If-Match`` is the
+ETag of the file's bytes as they are now (428 without it, 412 when stale).  Several config
+files: a key write goes to the one file holding ``keys`` (or the one ``--keys-file`` names), a
+role write to the one holding ``roles`` (409 naming the files when none or several do), and is
+checked as the files load merged.  A write is refused with 409
 when the file is YAML or the key (role) is named by a ``${VAR}``, and with 422 when the
 result would not validate or would have a new warning (a role or a model the config does not
 define: a typo).  State-changing calls also refuse cross-site requests: ``Content-Type:
@@ -35,11 +35,13 @@ from aiohttp import web
 from dialproxy import keys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config import schema
-from dialproxy.config.loader import Source, build_snapshot, merge
-from dialproxy.config.model import key_digest
+from dialproxy.config.loader import build_snapshot
+from dialproxy.config.parse import Source, merge
+from dialproxy.configfile import ConfigFile, digest_of, parse_config
 from dialproxy.errors import (
     BadRequest,
     ConfigError,
+    Conflict,
     FileChanged,
     Forbidden,
     InvalidEdit,
@@ -47,10 +49,15 @@ from dialproxy.errors import (
     KeysError,
     NotEditable,
     NotFound,
+    PreconditionFailed,
+    PreconditionRequired,
     ProxyError,
     RoleNotFound,
+    Unprocessable,
+    UnsupportedMediaType,
 )
 from dialproxy.ledger import HOUR
+from dialproxy.text import hashed, iso, key_digest, parse_duration, parse_expiry
 from dialproxy.web.appkeys import ADMIN_WRITES, BALANCER, LEDGER, SETTINGS, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
 
@@ -97,7 +104,7 @@ def _same_origin(request: web.Request) -> None:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise ProxyError("Content-Type must be application/json", status=415)
+        raise UnsupportedMediaType("Content-Type must be application/json")
     try:
         body = json.loads(await request.read() or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -121,7 +128,7 @@ def _read_docs(paths: Sequence[Path]) -> list[tuple[Path, bytes, dict[str, Any] 
             out.append((path, b"", None))
             continue
         try:
-            out.append((path, data, keys._parse(path, data)))
+            out.append((path, data, parse_config(path, data)))
         except KeysError:
             out.append((path, data, None))
     return out
@@ -136,9 +143,8 @@ def _section_file(request: web.Request, section: str) -> Path:
     if named is not None:  # --keys-file
         chosen = [p for p in paths if p.resolve() == Path(named).resolve()]
         if not chosen:
-            raise ProxyError(
+            raise Conflict(
                 f"The keys file {named} (--keys-file) is not one of the config files",
-                status=409,
             )
         return chosen[0]
     if len(paths) == 1:
@@ -149,32 +155,30 @@ def _section_file(request: web.Request, section: str) -> Path:
     names = ", ".join(str(p) for p in (holding or paths))
     where = f"several config files hold {section}" if holding else f"no config file holds {section}"
     setting = " or name one with --keys-file" if section == "keys" else ""
-    raise ProxyError(
+    raise Conflict(
         f"The admin API writes {section} to the one config file that holds it; {where} "
         f"({names}): keep {section} in one file{setting}",
-        status=409,
     )
 
 
-def _open(request: web.Request, section: str = "keys") -> keys.ConfigFile:
+def _open(request: web.Request, section: str = "keys") -> ConfigFile:
     """The file ``section`` is written to, when the caller's ``If-Match`` is its ETag now."""
     _same_origin(request)
     path = _section_file(request, section)
     try:
-        config = keys.ConfigFile(path)
+        config = ConfigFile(path)
     except KeysError as e:  # YAML (NotEditable), or not a config object
-        raise ProxyError(str(e), status=409) from None
+        raise Conflict(str(e)) from None
     wanted = request.headers.get("If-Match")
     if wanted is None:
-        raise ProxyError(
-            f"If-Match is required: the ETag of {_LISTING[section]} (of {path})", status=428
+        raise PreconditionRequired(
+            f"If-Match is required: the ETag of {_LISTING[section]} (of {path})"
         )
     current = etag(config.original)
     # (no "*": a write must say which version of the file it was made from)
     if current not in [w.strip() for w in wanted.split(",")]:
-        raise ProxyError(
+        raise PreconditionFailed(
             f"The config file {path} changed since it was read: {_LISTING[section]} again",
-            status=412,
             headers={"ETag": current},
         )
     return config
@@ -190,7 +194,7 @@ def _target(request: web.Request, section: str) -> tuple[str | None, str | None]
         return None, None
 
 
-def _find(request: web.Request, config: keys.ConfigFile, env: Mapping[str, str]) -> tuple[str, str]:
+def _find(request: web.Request, config: ConfigFile, env: Mapping[str, str]) -> tuple[str, str]:
     """The key the path's fingerprint names in the file written (409 when it is in another
     of the config files: it cannot be edited there)."""
     fingerprint = request.match_info["fingerprint"]
@@ -201,19 +205,17 @@ def _find(request: web.Request, config: keys.ConfigFile, env: Mapping[str, str])
         for path, _, doc in _docs(request):
             found = doc.get("keys") if doc is not None and path != config.path else None
             for other in found if isinstance(found, dict) else {}:
-                if (keys._digest_of(other, env) or "-").startswith(wanted):
-                    raise ProxyError(
+                if (digest_of(other, env) or "-").startswith(wanted):
+                    raise Conflict(
                         f"Key {wanted[:8]} is in {path}; the admin API writes keys to "
                         f"{config.path}: edit it by hand",
-                        status=409,
                     ) from None
         raise NotFound(f"No key with fingerprint {fingerprint[:64]}") from None
     except KeysError as e:
         raise BadRequest(str(e)) from None
     if "${" in name:
-        raise ProxyError(
+        raise Conflict(
             f"Key {fp} is named by an environment variable in the config: edit it by hand",
-            status=409,
         )
     return name, fp
 
@@ -227,7 +229,7 @@ def _digest(name: str, env: Mapping[str, str]) -> str | None:
     if name.startswith("sha256:"):
         return name.removeprefix("sha256:")
     if "${" in name:
-        return keys._digest_of(name, env)
+        return digest_of(name, env)
     return key_digest(name)
 
 
@@ -253,7 +255,7 @@ def _describe(
         "canShare": bool(entry.get("canShare", False)),
         "notBefore": entry.get("notBefore"),
         "expiresAt": entry.get("expiresAt"),
-        "state": keys.key_state(entry, now or datetime.now(UTC)),
+        "state": keys.entry_state(entry, now or datetime.now(UTC)),
         "stored": _stored(name),
     }
 
@@ -266,7 +268,7 @@ def _answer(
 
 async def _commit(
     request: web.Request,
-    config: keys.ConfigFile,
+    config: ConfigFile,
     who: Principal,
     action: str,
     before: Mapping[str, Any] | None,
@@ -282,11 +284,11 @@ async def _commit(
         async with request.app[ADMIN_WRITES]:  # (the checks build the config twice: in a thread)
             warnings = await asyncio.to_thread(config.save, store.env(), True, store.paths)
     except InvalidEdit as e:
-        raise ProxyError(str(e), status=422) from None
+        raise Unprocessable(str(e)) from None
     except FileChanged as e:
-        raise ProxyError(str(e), status=412) from None
+        raise PreconditionFailed(str(e)) from None
     except KeysError as e:
-        raise ProxyError(str(e), status=409) from None
+        raise Conflict(str(e)) from None
     log.info(
         "admin_write",
         who=who.fingerprint,
@@ -319,7 +321,7 @@ def _expiry(value: Any, now: datetime) -> datetime | None:
     if not isinstance(value, str):
         raise BadRequest("expiresAt must be a string: 30d, 2026-01-01 or 2026-01-01T12:00:00Z")
     try:
-        return keys.parse_expiry(value, now)
+        return parse_expiry(value, now)
     except ValueError as e:
         raise BadRequest(f"expiresAt: {e}") from None
 
@@ -393,7 +395,7 @@ async def _usage_today(request: web.Request) -> tuple[dict[str, dict[str, Any]],
         }
         for r in rows
     }
-    return found, keys.iso(datetime.fromtimestamp(start, UTC))
+    return found, iso(datetime.fromtimestamp(start, UTC))
 
 
 _NO_USAGE = {
@@ -430,7 +432,7 @@ def _list(
     listed: list[dict[str, Any]] = []
     for path, _, doc in _read_docs(paths):
         if doc is None:
-            raise ProxyError(f"{path}: not a readable config file", status=409)
+            raise Conflict(f"{path}: not a readable config file")
         found = doc.get("keys")
         for name, entry in (found if isinstance(found, dict) else {}).items():
             if not isinstance(entry, dict):
@@ -504,10 +506,10 @@ async def create_key(request: web.Request) -> web.Response:
             can_share=can_share,
         )
         if (limits := _key_limits(body.get("limits"))) is not None:
-            keys.set_key_limits(config, keys.hashed(secret), limits)
+            keys.set_key_limits(config, hashed(secret), limits)
     except KeysError as e:
         raise BadRequest(str(e)) from None
-    name = keys.hashed(secret)
+    name = hashed(secret)
     entry = dict(config.keys[name])
     fp = key_digest(secret)[:8]
     written = await _commit(request, config, who, "create", None, entry, key=fp)
@@ -589,7 +591,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     now = datetime.now(UTC)
     overlap_text = _text(body, "overlap") or "7d"
     try:
-        overlap = keys.parse_duration(overlap_text)
+        overlap = parse_duration(overlap_text)
     except ValueError as e:
         raise BadRequest(f"overlap: {e}") from None
     before = dict(config.keys[name])
@@ -604,14 +606,14 @@ async def rotate_key(request: web.Request) -> web.Response:
             env=env,
         )
     except KeysError as e:
-        raise ProxyError(str(e), status=409) from None
+        raise Conflict(str(e)) from None
     after = dict(config.keys[name])
     written = await _commit(request, config, who, "rotate", before, after, key=fp)
-    new_name = keys.hashed(rotated.secret)
+    new_name = hashed(rotated.secret)
     answer = _answer(new_name, rotated.entry, env, config.path) | {
         "key": rotated.secret,
         "replaces": rotated.old_fingerprint,
-        "oldExpiresAt": keys.iso(rotated.old_expires_at),
+        "oldExpiresAt": iso(rotated.old_expires_at),
     }
     return _saved(answer, written, status=201)
 
@@ -627,7 +629,7 @@ def _roles_view(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
     counts: dict[str, int] = {}
     for path, _, doc in _read_docs(paths):
         if doc is None:
-            raise ProxyError(f"{path}: not a readable config file", status=409)
+            raise Conflict(f"{path}: not a readable config file")
         found = doc.get("roles")
         if isinstance(found, dict):
             roles = merge(roles, found)
@@ -680,7 +682,7 @@ def _role_refusal(e: KeysError) -> ProxyError:
     if isinstance(e, RoleNotFound):
         return NotFound(str(e))
     if isinstance(e, NotEditable):
-        return ProxyError(str(e), status=409)
+        return Conflict(str(e))
     return BadRequest(str(e))
 
 
@@ -737,7 +739,7 @@ async def validate(request: web.Request) -> web.Response:
     await _caller(request, write=False)
     _same_origin(request)
     if request.content_type != "application/json":
-        raise ProxyError("Content-Type must be application/json", status=415)
+        raise UnsupportedMediaType("Content-Type must be application/json")
     data = await request.read()
     env = request.app[STORE].env()
     try:

@@ -31,7 +31,7 @@ from aiohttp import web
 from dialproxy import ledger
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Key, Model, Snapshot, Window
-from dialproxy.errors import BadRequest, NotFound, ProxyError
+from dialproxy.errors import BadRequest, Conflict, NotFound
 from dialproxy.ledger import HOUR, MEASURES
 from dialproxy.sharedkeys.redisstore import RedisSharedKeyStore
 from dialproxy.text import iso
@@ -395,7 +395,7 @@ def _key(snapshot: Snapshot, fingerprint: str) -> Key:
     if not found:
         raise NotFound(f"No key with fingerprint {fingerprint[:64]} is served")
     if len(found) > 1:
-        raise ProxyError(f"Several keys have the fingerprint {fingerprint[:64]}", status=409)
+        raise Conflict(f"Several keys have the fingerprint {fingerprint[:64]}")
     return found[0]
 
 

@@ -14,7 +14,6 @@ from aiohttp import web
 
 from dialproxy import perrequest
 from dialproxy.auth import Principal, authenticate
-from dialproxy.config.model import key_digest
 from dialproxy.errors import Forbidden, InvalidField, NotFound
 from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
@@ -25,7 +24,14 @@ from dialproxy.sharedkeys.sqlite import SqliteSharedKeyStore
 from dialproxy.sharedkeys.store import SharedKeyStore
 from dialproxy.statefile import state_path
 from dialproxy.storage import StorageHealth
-from dialproxy.text import SHARED_KEY_PREFIX, has_control, iso, new_secret, parse_datetime
+from dialproxy.text import (
+    SHARED_KEY_PREFIX,
+    has_control,
+    iso,
+    key_digest,
+    new_secret,
+    parse_datetime,
+)
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_json_body
 from dialproxy.web.guard import guarded, json_response
