@@ -135,14 +135,23 @@ class Balancer:
         """Whether pauses are shared with other instances (through Redis)."""
         return self._shared is not None
 
-    async def refresh(self, model: Model) -> None:
-        """Take in the pauses other instances wrote for this model's upstreams."""
+    def refresh_due(self, model: Model) -> bool:
+        """Whether to read now the pauses other instances wrote for this model's upstreams
+        (shared, Redis up, not read for SHARED_CHECK_EVERY): asked first, so that a request
+        makes no coroutine when it is not (most requests)."""
         if self._shared is None or not self._shared_up():
-            return
+            return False
         now = self._clock()
         if now - self._shared_checked.get(model.name, -math.inf) < SHARED_CHECK_EVERY:
-            return
+            return False
         self._shared_checked[model.name] = now
+        return True
+
+    async def refresh(self, model: Model) -> None:
+        """Take in the pauses other instances wrote for this model's upstreams (when
+        :meth:`refresh_due`)."""
+        assert self._shared is not None
+        now = self._clock()
         try:
             for upstream in (route.upstream for route in model.routes):
                 if await self._shared.get(self._shared_key(model, upstream)) > 0:

@@ -128,7 +128,7 @@ async def send_route(out: RouteOutbound, tried: Tried, context: Context) -> Rout
     balancer, client, model = context.balancer, context.client, out.route.model
     assert client is not None
     attempts = Attempts(balancer, model, out.retriable)
-    if balancer.sharing:
+    if balancer.refresh_due(model):
         await balancer.refresh(model)
     for planned in balancer.plan(model):
         if tried.attempts >= model.max_retry_attempts:

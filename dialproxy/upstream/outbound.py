@@ -62,7 +62,7 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
     attempts = Attempts(
         balancer, model, out.retriable, context.metrics, context.tracing, outcome.span
     )
-    if balancer.sharing:
+    if balancer.refresh_due(model):
         await balancer.refresh(model)
     estimate = 0  # the request's tokens, held in an upstream's capacity while it is served
     for route in balancer.plan(model, out.serving.routes):
