@@ -296,11 +296,9 @@ class Limiter:
         slots, in one storage step: the real usage less the reservation (negative: taken
         back), in the calendar periods of ``admitted`` (when the request was admitted: where
         its reservation is)."""
-        now = self.clock()
-        windows, amounts = _settlement(
-            scopes, tokens, cost_nano_usd, now if admitted is None else admitted
+        now, windows, amounts, slots = self._settling(
+            scopes, tokens, cost_nano_usd, member, admitted
         )
-        slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
         if not windows and not slots:
             return
         if self.local is not None:
@@ -314,6 +312,23 @@ class Limiter:
             await s.settle(windows, amounts, slots, member)
 
         await self.guard.run(add, None, refuse=False)
+
+    def _settling(
+        self,
+        scopes: Sequence[Scope],
+        tokens: int,
+        cost_nano_usd: int,
+        member: str,
+        admitted: float | None,
+    ) -> tuple[float, list[Read], list[int], list[str]]:
+        """A settlement's time, windows and amounts (in the periods of ``admitted``), and
+        the slot sets ``member`` frees."""
+        now = self.clock()
+        windows, amounts = _settlement(
+            scopes, tokens, cost_nano_usd, now if admitted is None else admitted
+        )
+        slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
+        return now, windows, amounts, slots
 
     def settle_soon(
         self,
@@ -334,11 +349,9 @@ class Limiter:
         redis = guard.redis_now()
         if redis is None:
             return self.settle(scopes, tokens, cost_nano_usd, member, admitted)
-        now = self.clock()
-        windows, amounts = _settlement(
-            scopes, tokens, cost_nano_usd, now if admitted is None else admitted
+        _, windows, amounts, slots = self._settling(
+            scopes, tokens, cost_nano_usd, member, admitted
         )
-        slots = [s.slot_set for s in scopes if s.concurrency is not None] if member else []
         if slots:  # (taken in memory while Redis was down: freed there too)
             guard.local.settle((), (), slots, member)
         if windows or slots:
