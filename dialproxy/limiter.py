@@ -349,9 +349,7 @@ class Limiter:
         redis = guard.redis_now()
         if redis is None:
             return self.settle(scopes, tokens, cost_nano_usd, member, admitted)
-        _, windows, amounts, slots = self._settling(
-            scopes, tokens, cost_nano_usd, member, admitted
-        )
+        _, windows, amounts, slots = self._settling(scopes, tokens, cost_nano_usd, member, admitted)
         if slots:  # (taken in memory while Redis was down: freed there too)
             guard.local.settle((), (), slots, member)
         if windows or slots:
