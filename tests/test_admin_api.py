@@ -211,18 +211,44 @@ async def test_edit_and_rotate(
     resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.user})
     assert resp.status == 200
     # rotate: a new key for the same project and roles; the old works during the overlap
-    resp = await session.post(
-        proxy.url(f"/v1/admin/keys/{fp}/rotate"),
-        json={"overlap": "1h"},
-        headers=write_headers(k.admin, edited["etag"]),
-    )
-    assert resp.status == 201, await resp.text()
-    rotated = await resp.json()
+    with capture_logs() as logs:
+        resp = await session.post(
+            proxy.url(f"/v1/admin/keys/{fp}/rotate"),
+            json={"overlap": "1h"},
+            headers=write_headers(k.admin, edited["etag"]),
+        )
+        assert resp.status == 201, await resp.text()
+        rotated = await resp.json()
     assert rotated["replaces"] == fp and rotated["project"] == "p"
+    assert rotated["fingerprint"] == key_digest(rotated["key"])[:8]
     assert await call(session, proxy, rotated["key"]) == 200
     assert await call(session, proxy, k.user) == 200
-    doc = json.loads(proxy.path.read_text())
-    assert doc["keys"]["sha256:" + key_digest(k.user)]["expiresAt"] == rotated["oldExpiresAt"]
+    # the file: the old entry's expiresAt and the new entry (after it), nothing else
+    old_entry = {
+        "project": "p",
+        "role": "user",
+        "name": "alice2",
+        "description": "renamed",
+        "roles": ["viewer"],
+    }
+    assert proxy.path.read_text() == after.replace(
+        '"roles": ["viewer"]\n    }',
+        f'"roles": ["viewer"],\n      "expiresAt": "{rotated["oldExpiresAt"]}"\n    }},\n'
+        f'    "sha256:{key_digest(rotated["key"])}": {{\n'
+        '      "project": "p",\n      "role": "user",\n      "name": "alice2",\n'
+        '      "description": "renamed",\n      "roles": ["viewer"]\n    }',
+    )
+    assert rotated["etag"] == '"' + hashlib.sha256(proxy.path.read_bytes()).hexdigest() + '"'
+    # its audit line: the old key's entry before and after, and the new key's as created
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["who"] == key_digest(k.admin)[:8] and audit["action"] == "rotate"
+    assert audit["key"] == fp and audit["file"] == str(proxy.path)
+    assert audit["before"] == old_entry
+    assert audit["after"] == old_entry | {"expiresAt": rotated["oldExpiresAt"]}
+    assert audit["new_key"] == rotated["fingerprint"] and audit["new_after"] == old_entry
+    logged = json.dumps(audit, default=str)
+    assert rotated["key"] not in logged and k.user not in logged
+    assert key_digest(rotated["key"]) not in logged  # (nor its sha256: form: the fingerprint)
 
 
 async def test_refusals(
