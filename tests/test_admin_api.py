@@ -153,15 +153,33 @@ async def test_list_create_use_revoke(
     assert await call(session, proxy, secret) == 200
     # revoke it: 401 from then on, and the entry kept with "disabled": true
     before = proxy.path.read_text()
-    resp = await session.delete(
-        proxy.url(f"/v1/admin/keys/{created['fingerprint']}"),
-        headers=write_headers(k.admin, created["etag"]),
-    )
-    assert resp.status == 200, await resp.text()
-    assert (await resp.json())["state"] == "disabled"
+    entry = json.loads(before)["keys"]["sha256:" + key_digest(secret)]
+    with capture_logs() as logs:
+        resp = await session.delete(
+            proxy.url(f"/v1/admin/keys/{created['fingerprint']}"),
+            headers=write_headers(k.admin, created["etag"]),
+        )
+        assert resp.status == 200, await resp.text()
+        revoked = await resp.json()
+    assert revoked["state"] == "disabled"
     assert await call(session, proxy, secret) == 401
     after = proxy.path.read_text()
     assert change(before, after) == ("", ',\n      "disabled": true')
+    (line,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert line["who"] == key_digest(k.admin)[:8] and line["action"] == "revoke"
+    assert line["key"] == created["fingerprint"] and line["file"] == str(proxy.path)
+    assert line["before"] == entry and line["after"] == entry | {"disabled": True}
+    assert secret not in json.dumps(line, default=str)
+    # a revoked key is not rotated back to life: 409 saying why, nothing written
+    resp = await session.post(
+        proxy.url(f"/v1/admin/keys/{created['fingerprint']}/rotate"),
+        json={},
+        headers=write_headers(k.admin, revoked["etag"]),
+    )
+    assert resp.status == 409
+    message = (await resp.json())["error"]["message"]
+    assert message == (f"key {created['fingerprint']} is disabled (revoked): add a new key instead")
+    assert proxy.path.read_text() == after
 
 
 async def test_edit_and_rotate(
@@ -321,10 +339,18 @@ async def test_an_env_named_key_is_not_edited(
     tag, listed = await listing(session, proxy, k.admin)
     assert {e["stored"] for e in listed} == {"sha256", "env"}
     fp = key_digest("env-secret")[:8]
+    original = proxy.path.read_bytes()
     resp = await session.delete(
         proxy.url(f"/v1/admin/keys/{fp}"), headers=write_headers(k.admin, tag)
     )
     assert resp.status == 409
+    resp = await session.post(
+        proxy.url(f"/v1/admin/keys/{fp}/rotate"), json={}, headers=write_headers(k.admin, tag)
+    )
+    assert resp.status == 409
+    message = (await resp.json())["error"]["message"]
+    assert message == f"Key {fp} is named by an environment variable in the config: edit it by hand"
+    assert proxy.path.read_bytes() == original
 
 
 async def test_validate_health_schema_and_reload(
