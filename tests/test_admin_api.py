@@ -266,7 +266,7 @@ async def test_edit_and_rotate(
     assert audit["new_key"] == rotated["fingerprint"] and audit["new_after"] == old_entry
     logged = json.dumps(audit, default=str)
     assert rotated["key"] not in logged and k.user not in logged
-    assert key_digest(rotated["key"]) not in logged  # (nor its sha256: form: the fingerprint)
+    assert key_digest(rotated["key"]) not in logged  # (keys named by fingerprint only)
 
 
 async def test_refusals(
@@ -383,18 +383,27 @@ async def test_validate_health_schema_and_reload(
     assert resp.status == 200 and "properties" in await resp.json()
 
     # reload: viewers may not; a bad file is refused (422) and the last good config serves
-    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=viewer)
-    assert resp.status == 403
-    proxy.path.write_text(json.dumps(bad))
-    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
-    assert resp.status == 422 and (await resp.json())["problems"]
+    with capture_logs() as logs:
+        resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=viewer)
+        assert resp.status == 403
+        proxy.path.write_text(json.dumps(bad))
+        resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+        assert resp.status == 422 and (await resp.json())["problems"]
     assert await call(session, proxy, k.user) == 200
     other = new_key()
     good["keys"]["sha256:" + key_digest(other)] = {"project": "q", "role": "user"}
     proxy.path.write_text(json.dumps(good))
-    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
-    assert resp.status == 200 and (await resp.json())["applied"] is True
+    with capture_logs() as applied_logs:
+        resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+        assert resp.status == 200 and (await resp.json())["applied"] is True
     assert await call(session, proxy, other) == 200
+    # one audit line per admin's reload, applied or not (the viewer's 403 wrote none)
+    audit = [e for e in logs + applied_logs if e.get("event") == "admin_write"]
+    line = {"event": "admin_write", "log_level": "info", "who": key_digest(k.admin)[:8]}
+    assert audit == [
+        line | {"action": "reload", "applied": False},
+        line | {"action": "reload", "applied": True},
+    ]  # (the whole config: no entry before or after, nor a secret)
 
 
 async def test_role_names_from_settings_and_yaml_is_not_written(
@@ -786,8 +795,17 @@ async def test_roles_read_and_their_limits_edited(
     )
     assert proxy.store.snapshot.roles["team"].limits["other"].minute == 500
     # removed: the role's limits are the original again, and the user calls again
-    status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])
+    with capture_logs() as logs:
+        status, answer = await role_write(
+            session, proxy, k.admin, "DELETE", limit_url, answer["etag"]
+        )
     assert status == 200 and answer["removed"] == {"requestDay": 1}
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["action"] == "role_limit_remove" and audit["who"] == key_digest(k.admin)[:8]
+    assert (audit["role"], audit["model"]) == ("user", "chat")
+    assert audit["file"] == str(proxy.path)
+    assert audit["before"] == {"requestDay": 1} and audit["after"] is None
+    assert k.admin not in json.dumps(audit, default=str)
     assert '"user": {\n      "limits": {}\n    }' in proxy.path.read_text()
     assert await call(session, proxy, k.user) == 200
     status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])
