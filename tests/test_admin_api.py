@@ -153,15 +153,33 @@ async def test_list_create_use_revoke(
     assert await call(session, proxy, secret) == 200
     # revoke it: 401 from then on, and the entry kept with "disabled": true
     before = proxy.path.read_text()
-    resp = await session.delete(
-        proxy.url(f"/v1/admin/keys/{created['fingerprint']}"),
-        headers=write_headers(k.admin, created["etag"]),
-    )
-    assert resp.status == 200, await resp.text()
-    assert (await resp.json())["state"] == "disabled"
+    entry = json.loads(before)["keys"]["sha256:" + key_digest(secret)]
+    with capture_logs() as logs:
+        resp = await session.delete(
+            proxy.url(f"/v1/admin/keys/{created['fingerprint']}"),
+            headers=write_headers(k.admin, created["etag"]),
+        )
+        assert resp.status == 200, await resp.text()
+        revoked = await resp.json()
+    assert revoked["state"] == "disabled"
     assert await call(session, proxy, secret) == 401
     after = proxy.path.read_text()
     assert change(before, after) == ("", ',\n      "disabled": true')
+    (line,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert line["who"] == key_digest(k.admin)[:8] and line["action"] == "revoke"
+    assert line["key"] == created["fingerprint"] and line["file"] == str(proxy.path)
+    assert line["before"] == entry and line["after"] == entry | {"disabled": True}
+    assert secret not in json.dumps(line, default=str)
+    # a revoked key is not rotated back to life: 409 saying why, nothing written
+    resp = await session.post(
+        proxy.url(f"/v1/admin/keys/{created['fingerprint']}/rotate"),
+        json={},
+        headers=write_headers(k.admin, revoked["etag"]),
+    )
+    assert resp.status == 409
+    message = (await resp.json())["error"]["message"]
+    assert message == (f"key {created['fingerprint']} is disabled (revoked): add a new key instead")
+    assert proxy.path.read_text() == after
 
 
 async def test_edit_and_rotate(
@@ -211,18 +229,44 @@ async def test_edit_and_rotate(
     resp = await session.get(proxy.url("/v1/admin/keys"), headers={"Api-Key": k.user})
     assert resp.status == 200
     # rotate: a new key for the same project and roles; the old works during the overlap
-    resp = await session.post(
-        proxy.url(f"/v1/admin/keys/{fp}/rotate"),
-        json={"overlap": "1h"},
-        headers=write_headers(k.admin, edited["etag"]),
-    )
-    assert resp.status == 201, await resp.text()
-    rotated = await resp.json()
+    with capture_logs() as logs:
+        resp = await session.post(
+            proxy.url(f"/v1/admin/keys/{fp}/rotate"),
+            json={"overlap": "1h"},
+            headers=write_headers(k.admin, edited["etag"]),
+        )
+        assert resp.status == 201, await resp.text()
+        rotated = await resp.json()
     assert rotated["replaces"] == fp and rotated["project"] == "p"
+    assert rotated["fingerprint"] == key_digest(rotated["key"])[:8]
     assert await call(session, proxy, rotated["key"]) == 200
     assert await call(session, proxy, k.user) == 200
-    doc = json.loads(proxy.path.read_text())
-    assert doc["keys"]["sha256:" + key_digest(k.user)]["expiresAt"] == rotated["oldExpiresAt"]
+    # the file: the old entry's expiresAt and the new entry (after it), nothing else
+    old_entry = {
+        "project": "p",
+        "role": "user",
+        "name": "alice2",
+        "description": "renamed",
+        "roles": ["viewer"],
+    }
+    assert proxy.path.read_text() == after.replace(
+        '"roles": ["viewer"]\n    }',
+        f'"roles": ["viewer"],\n      "expiresAt": "{rotated["oldExpiresAt"]}"\n    }},\n'
+        f'    "sha256:{key_digest(rotated["key"])}": {{\n'
+        '      "project": "p",\n      "role": "user",\n      "name": "alice2",\n'
+        '      "description": "renamed",\n      "roles": ["viewer"]\n    }',
+    )
+    assert rotated["etag"] == '"' + hashlib.sha256(proxy.path.read_bytes()).hexdigest() + '"'
+    # its audit line: the old key's entry before and after, and the new key's as created
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["who"] == key_digest(k.admin)[:8] and audit["action"] == "rotate"
+    assert audit["key"] == fp and audit["file"] == str(proxy.path)
+    assert audit["before"] == old_entry
+    assert audit["after"] == old_entry | {"expiresAt": rotated["oldExpiresAt"]}
+    assert audit["new_key"] == rotated["fingerprint"] and audit["new_after"] == old_entry
+    logged = json.dumps(audit, default=str)
+    assert rotated["key"] not in logged and k.user not in logged
+    assert key_digest(rotated["key"]) not in logged  # (keys named by fingerprint only)
 
 
 async def test_refusals(
@@ -295,10 +339,18 @@ async def test_an_env_named_key_is_not_edited(
     tag, listed = await listing(session, proxy, k.admin)
     assert {e["stored"] for e in listed} == {"sha256", "env"}
     fp = key_digest("env-secret")[:8]
+    original = proxy.path.read_bytes()
     resp = await session.delete(
         proxy.url(f"/v1/admin/keys/{fp}"), headers=write_headers(k.admin, tag)
     )
     assert resp.status == 409
+    resp = await session.post(
+        proxy.url(f"/v1/admin/keys/{fp}/rotate"), json={}, headers=write_headers(k.admin, tag)
+    )
+    assert resp.status == 409
+    message = (await resp.json())["error"]["message"]
+    assert message == f"Key {fp} is named by an environment variable in the config: edit it by hand"
+    assert proxy.path.read_bytes() == original
 
 
 async def test_validate_health_schema_and_reload(
@@ -331,18 +383,27 @@ async def test_validate_health_schema_and_reload(
     assert resp.status == 200 and "properties" in await resp.json()
 
     # reload: viewers may not; a bad file is refused (422) and the last good config serves
-    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=viewer)
-    assert resp.status == 403
-    proxy.path.write_text(json.dumps(bad))
-    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
-    assert resp.status == 422 and (await resp.json())["problems"]
+    with capture_logs() as logs:
+        resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=viewer)
+        assert resp.status == 403
+        proxy.path.write_text(json.dumps(bad))
+        resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+        assert resp.status == 422 and (await resp.json())["problems"]
     assert await call(session, proxy, k.user) == 200
     other = new_key()
     good["keys"]["sha256:" + key_digest(other)] = {"project": "q", "role": "user"}
     proxy.path.write_text(json.dumps(good))
-    resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
-    assert resp.status == 200 and (await resp.json())["applied"] is True
+    with capture_logs() as applied_logs:
+        resp = await session.post(proxy.url("/v1/ops/config/reload"), headers=admin)
+        assert resp.status == 200 and (await resp.json())["applied"] is True
     assert await call(session, proxy, other) == 200
+    # one audit line per admin's reload, applied or not (the viewer's 403 wrote none)
+    audit = [e for e in logs + applied_logs if e.get("event") == "admin_write"]
+    line = {"event": "admin_write", "log_level": "info", "who": key_digest(k.admin)[:8]}
+    assert audit == [
+        line | {"action": "reload", "applied": False},
+        line | {"action": "reload", "applied": True},
+    ]  # (the whole config: no entry before or after, nor a secret)
 
 
 async def test_role_names_from_settings_and_yaml_is_not_written(
@@ -734,8 +795,17 @@ async def test_roles_read_and_their_limits_edited(
     )
     assert proxy.store.snapshot.roles["team"].limits["other"].minute == 500
     # removed: the role's limits are the original again, and the user calls again
-    status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])
+    with capture_logs() as logs:
+        status, answer = await role_write(
+            session, proxy, k.admin, "DELETE", limit_url, answer["etag"]
+        )
     assert status == 200 and answer["removed"] == {"requestDay": 1}
+    (audit,) = [e for e in logs if e.get("event") == "admin_write"]
+    assert audit["action"] == "role_limit_remove" and audit["who"] == key_digest(k.admin)[:8]
+    assert (audit["role"], audit["model"]) == ("user", "chat")
+    assert audit["file"] == str(proxy.path)
+    assert audit["before"] == {"requestDay": 1} and audit["after"] is None
+    assert k.admin not in json.dumps(audit, default=str)
     assert '"user": {\n      "limits": {}\n    }' in proxy.path.read_text()
     assert await call(session, proxy, k.user) == 200
     status, answer = await role_write(session, proxy, k.admin, "DELETE", limit_url, answer["etag"])

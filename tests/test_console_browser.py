@@ -225,6 +225,15 @@ async def shot(page: Page, name: str) -> None:
     await page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
+async def assert_fits_a_phone(page: Page, what: str = "html") -> None:
+    """Nothing of ``what`` (the page, or a dialog) is wider than the phone's screen: no
+    sideways scrolling (its tables scroll in their cards)."""
+    width, right = await page.locator(what).evaluate(
+        "e => [e.scrollWidth, Math.ceil(e.getBoundingClientRect().right)]"
+    )
+    assert width <= PHONE["width"] and right <= PHONE["width"], (what, width, right)
+
+
 async def chat(server: Server, key: str, text: str) -> str:
     client = openai.AsyncOpenAI(base_url=server.url + "/openai/v1", api_key=key, max_retries=0)
     async with client:
@@ -435,11 +444,18 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
 
     # A phone's width: nothing wider than the screen (tables scroll in their cards).
     await page.set_viewport_size(PHONE)
-    for name in ("Overview", "Keys"):
+    for name in ("Overview", "Models", "Usage", "Keys"):
         await page.get_by_role("link", name=name).click()
         await expect(page.get_by_role("heading", name=name, exact=True)).to_be_visible()
-        assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        await expect(page.locator("tbody tr").first).to_be_visible()  # (its data shown)
+        await assert_fits_a_phone(page)
     await shot(page, "console-keys-phone.png")
+    await page.get_by_role("button", name="New key").click()
+    await expect(page.get_by_role("dialog", name="New key")).to_be_visible()
+    await assert_fits_a_phone(page, "dialog")
+    await assert_fits_a_phone(page)
+    await page.keyboard.press("Escape")
+    await expect(page.get_by_role("dialog")).to_have_count(0)
 
     # Log out: the tab forgets the key.
     await page.get_by_role("button", name="Log out").click()
@@ -471,8 +487,32 @@ async def test_viewer_sees_every_page_but_cannot_write(server: Server, browser: 
 
 
 async def test_plain_key_sees_only_its_own_key(server: Server, browser: Browser) -> None:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            server.url + "/openai/deployments/echo/chat/completions",
+            headers={"Api-Key": server.plain},
+            json={"messages": [{"role": "user", "content": "from the key itself"}]},
+        ) as r,
+    ):
+        assert r.status == 200
+        used = (await r.json())["usage"]
     page = await open_console(browser, server, server.plain)
     await expect(page.get_by_role("heading", name="My key")).to_be_visible()
+    # Its usage: the request it made (the ledger is written every 0.2 s: shown again until
+    # it is there).
+    usage = page.get_by_role("region", name="Usage (last 30 days, this key)")
+    for _ in range(50):
+        await expect(usage).to_be_visible()
+        if await usage.locator("tbody tr", has_text="echo").count():
+            break
+        await page.wait_for_timeout(200)
+        await page.reload()
+    tokens = f"{used['total_tokens']:,}"
+    cost = used["prompt_tokens"] * 0.000001 + used["completion_tokens"] * 0.000002
+    await expect(usage.locator("p")).to_have_text(f"1 requests, {tokens} tokens, ${cost:.6f}")
+    cells = await usage.locator("tbody tr").all_inner_texts()
+    assert cells == [f"echo\t1\t{tokens}\t${cost:.6f}"]
     links = await page.locator("#nav a").all_inner_texts()
     assert links == ["My key"]
     await page.goto(server.url + "/console#/keys")  # (another page's address: its own view)
@@ -501,6 +541,9 @@ async def test_plain_key_sees_only_its_own_key(server: Server, browser: Browser)
     await expect(row).to_contain_text("6,000")
     await expect(page.get_by_text("echo · tokens per minute (project)")).to_be_visible()
     await shot(page, "console-my-key.png")
+    await page.set_viewport_size(PHONE)
+    await assert_fits_a_phone(page)
+    await page.set_viewport_size(LAPTOP)
     await page.get_by_role("button", name="Delete intern").click()
     await page.get_by_role("dialog").get_by_role("button", name="Delete").click()
     await expect(page.get_by_text("No shared keys yet.")).to_be_visible()

@@ -273,12 +273,13 @@ async def _commit(
     action: str,
     before: Mapping[str, Any] | None,
     after: Mapping[str, Any] | None,
-    **subject: str,
+    **subject: Any,
 ) -> dict[str, Any]:
     """Save the edit (422 invalid, 412 changed meanwhile), reload, log; what every write's
     answer says of it: the ``warnings`` the edit introduced, what the ``reload`` did and the
     file's new ``etag``.  ``subject``: what was edited (``key=<fingerprint>``; ``role=``,
-    ``model=``), for the audit line."""
+    ``model=``; a rotation's new key: ``new_key=<fingerprint>``, ``new_after=<its entry>``),
+    for the audit line."""
     store = request.app[STORE]
     try:
         async with request.app[ADMIN_WRITES]:  # (the checks build the config twice: in a thread)
@@ -608,8 +609,18 @@ async def rotate_key(request: web.Request) -> web.Response:
     except KeysError as e:
         raise Conflict(str(e)) from None
     after = dict(config.keys[name])
-    written = await _commit(request, config, who, "rotate", before, after, key=fp)
     new_name = hashed(rotated.secret)
+    written = await _commit(
+        request,
+        config,
+        who,
+        "rotate",
+        before,
+        after,
+        key=fp,
+        new_key=key_digest(rotated.secret)[:8],  # (the key it created: its audit record)
+        new_after=dict(rotated.entry),
+    )
     answer = _answer(new_name, rotated.entry, env, config.path) | {
         "key": rotated.secret,
         "replaces": rotated.old_fingerprint,
