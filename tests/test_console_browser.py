@@ -510,7 +510,7 @@ async def test_plain_key_sees_only_its_own_key(server: Server, browser: Browser)
         await page.reload()
     tokens = f"{used['total_tokens']:,}"
     cost = used["prompt_tokens"] * 0.000001 + used["completion_tokens"] * 0.000002
-    await expect(usage.locator("p")).to_have_text(f"1 requests, {tokens} tokens, ${cost:.6f}")
+    await expect(usage.locator("p")).to_have_text(f"1 request, {tokens} tokens, ${cost:.6f}")
     cells = await usage.locator("tbody tr").all_inner_texts()
     assert cells == [f"echo\t1\t{tokens}\t${cost:.6f}"]
     links = await page.locator("#nav a").all_inner_texts()

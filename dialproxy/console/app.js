@@ -168,9 +168,9 @@ async function overview() {
   }
   const u = o.usage;
   parts.push(h("div.grid", {},
-    card("This hour", h("p.big", { text: `${fmt.num(u.hour.requests)} requests` }),
+    card("This hour", h("p.big", { text: plural(u.hour.requests, "request") }),
       h("p", { text: `${fmt.num(u.hour.totalTokens)} tokens · ${u.hour.errors} errors · ${fmt.usd(u.hour.cost)}` })),
-    card("Last 24 hours", h("p.big", { text: `${fmt.num(u.day.requests)} requests` }),
+    card("Last 24 hours", h("p.big", { text: plural(u.day.requests, "request") }),
       h("p", { text: `${fmt.num(u.day.totalTokens)} tokens · ${u.day.errors} errors · ${fmt.usd(u.day.cost)}` }))));
   const series = u.series;
   parts.push(h("div.grid", {},
@@ -467,7 +467,7 @@ async function keyDetails(k) {
     } else {
       dialog.append(
         facts([["Fingerprint", h("code", { text: detail.fingerprint })], ["Project", detail.project], ["State", badge(detail.state)],
-          ["Today", detail.today ? `${fmt.num(detail.today.requests)} requests, ${fmt.num(detail.today.totalTokens)} tokens` : "ledger off"]]),
+          ["Today", detail.today ? `${plural(detail.today.requests, "request")}, ${plural(detail.today.totalTokens, "token")}` : "ledger off"]]),
         h("h3", { text: "Windows" }), windowsTable(detail.models),
         h("h3", { text: "Shared keys" }),
         detail.sharedKeys === null
@@ -619,7 +619,7 @@ async function mine() {
     h("p.muted", { text: `Models this key may call: ${Object.keys(limits.models).join(", ") || "none"}` })));
   try {
     const u = await api("/v1/user/usage?scope=key");
-    parts.push(card("Usage (last 30 days, this key)", h("p", { text: `${fmt.num(u.usage.requests)} requests, ${fmt.num(u.usage.totalTokens)} tokens, ${fmt.usd(u.usage.cost)}` }),
+    parts.push(card("Usage (last 30 days, this key)", h("p", { text: `${plural(u.usage.requests, "request")}, ${plural(u.usage.totalTokens, "token")}, ${fmt.usd(u.usage.cost)}` }),
       table([
         { label: "Model", value: (r) => r[0] },
         { label: "Requests", num: true, value: (r) => fmt.num(r[1].usage ? r[1].usage.requests : 0) },
