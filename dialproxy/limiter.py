@@ -269,7 +269,24 @@ class Limiter:
         if self.local is not None:
             return _admit_now(self.local, admission, reserve_tokens, reserve_cost, member, now)
         batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
-        return await self.guard.run(lambda s: _admit(s, batch), (None, None))
+        guard = self.guard
+        if (redis := guard.redis_now()) is not None:  # the usual: the call, no layers
+            a = admission
+            future, prepared = redis.admit_soon(
+                a.windows, a.limits, a.modes, batch.amounts, batch.slots, member
+            )
+            try:
+                flat = await future
+            except Exception as e:  # (Redis failed it: as guard.run would)
+                guard.failed(e)
+                return await guard.fallback(lambda s: _admit(s, batch), (None, None))
+            refused, counts = redis.admitted(
+                flat, prepared, len(a.windows), batch.slots, member, now
+            )
+            if refused:
+                _refuse(batch, refused, counts)
+            return _admitted(batch, counts)
+        return await guard.run(lambda s: _admit(s, batch), (None, None))
 
     def admit_now(
         self, admission: Admission, reserve_tokens: int, reserve_cost: int, member: str

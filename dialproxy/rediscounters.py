@@ -387,6 +387,15 @@ class RedisCounters:
         adding, if nothing refused): a calendar period's counter's time to its end by
         ``now`` (the instance's clock, that made the period; without it, Redis's own TTL
         is not asked either: 0)."""
+        future, prepared = self.admit_soon(windows, limits, modes, amounts, slots, member)
+        return self.admitted(await future, prepared, len(windows), slots, member, now)
+
+    def admit_soon(
+        self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int],
+        amounts: Sequence[int], slots: Sequence[tuple[str, int]] = (), member: str = "",
+    ) -> tuple[asyncio.Future[Any], _Prepared]:  # fmt: skip
+        """:meth:`admit`'s call sent with the next batch, without a coroutine: the future
+        of its answer, for :meth:`admitted`."""
         prepared = self._prepared_admit(windows, limits, modes)
         extra: list[bytes] = []
         if slots:
@@ -396,9 +405,15 @@ class RedisCounters:
             own = _packed(chain(amounts, head, (limit for _, limit in slots)))
         else:
             own = _packed(amounts)
-        flat = await self._batch.call(self._admit, prepared, extra, own)
+        return self._batch.send(self._admit, prepared, extra, own), prepared
+
+    def admitted(
+        self, flat: list[Any], prepared: _Prepared, n: int,
+        slots: Sequence[tuple[str, int]], member: str, now: float | None,
+    ) -> tuple[int, list[Counts]]:  # fmt: skip
+        """:meth:`admit`'s answer from the script's (``flat``) on ``n`` windows."""
         refused = int(flat[0])
-        if refused > len(windows):
+        if refused > n:
             counts = _counts(flat[1 : len(flat) - 1], 0)
         else:
             counts = _counts(flat, 1)
@@ -643,9 +658,9 @@ def _wire(batch: list[_Call]) -> bytes:
     return b"".join(wire)
 
 
-def _command(*args: str | int) -> bytes:
+def _command(*args: str | int | bytes | memoryview) -> bytes:
     """A command as it goes on the wire (RESP)."""
-    parts = [str(a).encode() for a in args]
+    parts = [bytes(a) if isinstance(a, (bytes, memoryview)) else str(a).encode() for a in args]
     return b"*%d\r\n" % len(parts) + b"".join(map(_bulk, parts))
 
 
@@ -728,7 +743,7 @@ class _Link(asyncio.Protocol):
                 future = call[4]
                 if isinstance(answer, hiredis.ReplyError):
                     if call[0] is not None and str(answer).startswith("NOSCRIPT"):
-                        self._run_again(call)  # (Redis lost its scripts: loaded, run)
+                        self._run_again(call)  # (Redis lost its scripts: loaded, run again)
                     elif not future.done():
                         future.set_exception(ResponseError(str(answer)))
                 elif not future.done():
@@ -737,24 +752,13 @@ class _Link(asyncio.Protocol):
             self._lost(ConnectionError(f"Redis answered out of protocol: {type(e).__name__}"))
 
     def _run_again(self, call: _Call) -> None:
-        script, prepared, extra, own, future = call
-        assert script is not None and prepared is not None
-        keys = prepared.keys + extra
-        args: list[bytes | str] = [prepared.windows, own]
-
-        async def again() -> None:
-            try:
-                result = await script(keys=keys, args=args)  # (EVALSHA, loading it first)
-            except Exception as e:
-                if not future.done():
-                    future.set_exception(e)
-            else:
-                if not future.done():
-                    future.set_result(result)
-
-        task = self._loop.create_task(again())
-        _AGAIN.add(task)
-        task.add_done_callback(_AGAIN.discard)
+        """A call whose script Redis did not have (a restart, SCRIPT FLUSH): the script
+        loaded, then the call written again, on this link, behind what is waiting (the
+        calls that lost their script come back in the order they were made)."""
+        script = call[0]
+        assert script is not None
+        self.command(_command("SCRIPT", "LOAD", script.script)).add_done_callback(_retrieved)
+        self.write([call], _wire([call]))
 
     def _check(self) -> None:
         """The oldest batch's answers are due: past it, the link has failed."""
@@ -786,8 +790,10 @@ class _Link(asyncio.Protocol):
         self._lost(ConnectionError("closed"))
 
 
-# The re-runs of calls whose script Redis had lost (a task needs a reference held).
-_AGAIN: set[asyncio.Task[None]] = set()
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """(A set-up command's answer, not awaited: its failure is the calls' behind it.)"""
+    if not future.cancelled():
+        future.exception()
 
 
 def _tls(kwargs: dict[str, Any]) -> ssl.SSLContext:

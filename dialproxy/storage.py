@@ -253,8 +253,19 @@ class StorageGuard:
             except ProxyError:
                 raise
             except Exception as e:  # whatever the storage raised: it did not answer
-                self._ready = False
-                state.failed(e, "counters")
+                self.failed(e)
+        return await self.fallback(op, allowed, refuse=refuse)
+
+    def failed(self, error: Exception) -> None:
+        """The shared storage failed a call: down until a probe finds it back."""
+        self._ready = False
+        if self.state.healthy:
+            self.state.failed(error, "counters")
+
+    async def fallback(
+        self, op: Callable[[Storage], Awaitable[T]], allowed: T, *, refuse: bool = True
+    ) -> T:
+        """The policy's answer to ``op`` (see :meth:`run`) while the storage is down."""
         self.fallbacks += 1
         if self.policy is FailurePolicy.LOCAL:
             return await op(self.local)
@@ -278,10 +289,9 @@ class StorageGuard:
         def done(future: asyncio.Future[Any]) -> None:
             if future.cancelled():  # (the loop closing: nothing to fall back on)
                 return
-            if (e := future.exception()) is not None and not isinstance(e, ProxyError):
-                self._ready = False
-                if self.state.healthy:
-                    self.state.failed(e, "counters")
+            e = future.exception()
+            if isinstance(e, Exception) and not isinstance(e, ProxyError):
+                self.failed(e)
                 self.fallbacks += 1
                 if self.policy is FailurePolicy.LOCAL:
                     fallback(self.local)
