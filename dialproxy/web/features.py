@@ -5,7 +5,7 @@ Each is forwarded to the URL the model's ``features`` names (``rateEndpoint``,
 ``DeploymentFeatureController`` does:
 
 - the caller is authenticated and checked as for the deployment itself (404 unknown, 403 a
-  deployment its roles or key may not call: :func:`dialproxy.web.proxy.plan_for`);
+  deployment its roles or key may not call: :func:`dialproxy.web.plan.plan_for`);
 - a model without the endpoint: ``rate`` and ``configuration`` answer 200 with an empty
   body, ``tokenize`` and ``truncate_prompt`` 403 ``Forbidden deployment``;
 - the client's body goes as it came; the answer comes back with its status and body;
@@ -29,9 +29,11 @@ from dialproxy.config.model import Model
 from dialproxy.errors import Forbidden
 from dialproxy.logs import request_log
 from dialproxy.upstream.feature import call_feature
-from dialproxy.web import guard, proxy
+from dialproxy.web import guard
 from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_raw_body
+from dialproxy.web.finish import hold
+from dialproxy.web.plan import plan_for
 from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
@@ -74,7 +76,7 @@ async def handle(request: web.Request, feature: str) -> web.StreamResponse:
     try:
         principal = await authenticate(request.headers, snapshot, request.remote, app[SHARED])
         memo = app[STORE].memo_for(snapshot)
-        model = proxy.plan_for(principal, snapshot, deployment, memo).model  # 404, 403
+        model = plan_for(principal, snapshot, deployment, memo).model  # 404, 403
         field, required = FEATURES[feature]
         body = await read_raw_body(request, app[SETTINGS].max_body)  # (413, 408)
         url = model.features.get(field)
@@ -127,4 +129,4 @@ async def _call(
         return web.Response(status=answered.status, body=answered.body, headers=answered.headers)
     finally:
         if key is not None and keys is not None and (work := keys.end(key)) is not None:
-            proxy.hold(app[BACKGROUND], work)
+            hold(app[BACKGROUND], work)

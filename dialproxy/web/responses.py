@@ -29,8 +29,19 @@ from dialproxy.outcome import Outcome
 from dialproxy.perrequest import RedisCalls
 from dialproxy.upstream.answer import stop_draining
 from dialproxy.upstream.followup import FollowUp, follow_up
-from dialproxy.web import proxy
 from dialproxy.web.body import read_raw_body
+from dialproxy.web.finish import (
+    add_to_ledger,
+    begin,
+    end_key,
+    hold,
+    log_line,
+    record,
+    refused,
+    settle_after_drain,
+)
+from dialproxy.web.plan import plan_for
+from dialproxy.web.services import Services
 from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
 log = structlog.get_logger("dialproxy.responses")
@@ -67,12 +78,12 @@ class Charged:
 
 
 async def handle(
-    request: web.Request, services: proxy.Services, charged: Charged, action: str
+    request: web.Request, services: Services, charged: Charged, action: str
 ) -> web.StreamResponse:
     """One follow-up (``action``: retrieve, delete, cancel) on a response id of ours."""
     snapshot = services.store.snapshot
     started = time.perf_counter()
-    outcome = proxy.begin(services, request, RESPONSES.name)
+    outcome = begin(services, request, RESPONSES.name)
     principal: Principal | None = None
     ref: ResponseRef | None = None
     our_id = request.match_info["response_id"]
@@ -81,9 +92,7 @@ async def handle(
         ref = responses.parse(our_id)
         if ref is None or ref.project != responses.project_tag(principal.project):
             raise NotFound(f"Response {cut(our_id)} not found")
-        plan = proxy.plan_for(
-            principal, snapshot, ref.deployment, services.store.memo_for(snapshot)
-        )
+        plan = plan_for(principal, snapshot, ref.deployment, services.store.memo_for(snapshot))
         model = plan.model
         serving = model.serving.get(RESPONSES.name)
         if serving is None:
@@ -97,7 +106,7 @@ async def handle(
         body = await read_raw_body(request, services.settings.max_body)
         return await _forward(request, services, principal, route, serving, ref, body, outcome)
     except Exception as e:
-        return proxy.refused(request, RESPONSES, outcome, e)
+        return refused(request, RESPONSES, outcome, e)
     finally:
         settle = functools.partial(
             _settle, services, charged, request, principal, ref, our_id, outcome, started
@@ -105,14 +114,14 @@ async def handle(
         if outcome.leftover is None:
             settle()
         else:
-            proxy.hold(services.background, proxy.settle_after_drain(services, outcome, settle))
+            hold(services.background, settle_after_drain(services, outcome, settle))
         if outcome.per_request_key is not None and outcome.leftover is None:
-            proxy.end_key(services, outcome.per_request_key)
+            end_key(services, outcome.per_request_key)
 
 
 async def _forward(
     request: web.Request,
-    services: proxy.Services,
+    services: Services,
     principal: Principal,
     route: Route,
     serving: Serving,
@@ -165,7 +174,7 @@ def _action(request: web.Request) -> str:
 
 
 def _settle(
-    services: proxy.Services,
+    services: Services,
     charged: Charged,
     request: web.Request,
     principal: Principal | None,
@@ -185,19 +194,17 @@ def _settle(
 
         async def charge() -> None:
             if await charged.first(our_id, redis):
-                proxy.record(services, outcome)
+                record(services, outcome)
                 if services.ledger is not None and principal is not None:  # (once too)
                     snapshot = services.store.snapshot
-                    proxy.add_to_ledger(
-                        services.ledger, snapshot, principal, ref.deployment, outcome
-                    )
+                    add_to_ledger(services.ledger, snapshot, principal, ref.deployment, outcome)
 
-        proxy.hold(services.background, charge())
+        hold(services.background, charge())
     deployment = ref.deployment if ref is not None else None
-    proxy.log_line(services, request, principal, deployment, outcome, started)
+    log_line(services, request, principal, deployment, outcome, started)
 
 
-def routes(app: web.Application, services: proxy.Services) -> None:
+def routes(app: web.Application, services: Services) -> None:
     """The follow-up routes."""
     charged = Charged()
     path = "/openai/v1/responses/{response_id}"

@@ -36,8 +36,10 @@ from dialproxy.errors import (
 )
 from dialproxy.limiter import Scope
 from dialproxy.upstream.dialroute import RouteOutbound, Tried, send_route
-from dialproxy.web import guard, proxy
+from dialproxy.web import guard
 from dialproxy.web.body import read_raw_body
+from dialproxy.web.finish import hold
+from dialproxy.web.services import Services
 
 # The client's headers a route's upstream gets: the proxied endpoints' allow-list, and the
 # body's own description (a route's body goes as it came, in any type and encoding).
@@ -58,7 +60,7 @@ def select(snapshot: Snapshot, method: str, path: str) -> tuple[DialRoute | None
     return None, allowed
 
 
-async def handle(request: web.Request, services: proxy.Services) -> web.StreamResponse:
+async def handle(request: web.Request, services: Services) -> web.StreamResponse:
     """The app's last route: a DIAL route, or the app's 404/405 (:func:`guard.unmatched`)."""
     snapshot = services.store.snapshot
     if snapshot.dial_routes:
@@ -100,7 +102,7 @@ def _scopes(
 
 
 async def serve(
-    request: web.Request, services: proxy.Services, snapshot: Snapshot, route: DialRoute
+    request: web.Request, services: Services, snapshot: Snapshot, route: DialRoute
 ) -> web.StreamResponse:
     """One request to ``route``, answered, and its log line."""
     started = time.perf_counter()
@@ -145,7 +147,7 @@ async def serve(
     finally:
         keys = services.shared.per_request
         if tried.key is not None and keys is not None and (work := keys.end(tried.key)) is not None:
-            proxy.hold(services.background, work)
+            hold(services.background, work)
         services.log.line(
             "request",
             {
@@ -165,7 +167,7 @@ async def serve(
 
 def _plan(
     request: web.Request,
-    services: proxy.Services,
+    services: Services,
     snapshot: Snapshot,
     principal: Principal,
     route: DialRoute,
