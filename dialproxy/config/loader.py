@@ -47,7 +47,6 @@ from dialproxy.config.model import (
     Upstream,
     fingerprint,
     key_digest,
-    never_default_header,
 )
 from dialproxy.config.reuse import SECTIONS, Built, Canonical, RawProblem, Walked, changed_only
 from dialproxy.config.routes import build_routes, route_problems
@@ -55,6 +54,7 @@ from dialproxy.config.schedule import Schedule, zone
 from dialproxy.config.schema import def_names, schema_valid, validator
 from dialproxy.errors import ConfigError as ConfigError  # (imported from here too)
 from dialproxy.text import CONTROL, ENV_REF, SHA256_KEY, parse_datetime, written_digest
+from dialproxy.wire.headers import never_default_header
 
 _IDENTIFIER = re.compile(r"[A-Za-z_$][\w$-]*")
 _DEFAULT_RETRIABLE = frozenset({429, 502, 503, 504})

@@ -34,7 +34,7 @@ from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_raw_body
 from dialproxy.web.finish import hold
 from dialproxy.web.plan import plan_for
-from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
+from dialproxy.wire.headers import UPSTREAM_KEY, adapter_headers, forwarded_headers
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
 # model without one answers 403 (else 200 with an empty body), as DIAL Core does.
@@ -50,16 +50,15 @@ def endpoint_headers(request: web.Request, principal: Principal, model: Model) -
     """Every header a call to one of the model's endpoints carries: the client's headers an
     upstream gets (see :func:`dialproxy.wire.headers.forwarded_headers`) and, for a model
     behind a DIAL adapter (``endpoint`` set), its first upstream in ``X-UPSTREAM-ENDPOINT``
-    and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them (the per-request key,
+    and ``X-UPSTREAM-KEY`` (:func:`~dialproxy.wire.headers.adapter_headers`), as DIAL's
+    feature controller sends them (the per-request key,
     which needs an await, is added by :func:`_call`)."""
     headers = forwarded_headers(
         request.headers, principal.secret, model, (), openai.FORWARDED_HEADERS
     )
-    if not model.direct and model.upstreams:
+    if not model.direct and model.upstreams:  # (no X-UPSTREAM-EXTRA-DATA: DIAL sends none)
         upstream = model.upstreams[0]
-        headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
-        if upstream.key is not None:
-            headers["X-UPSTREAM-KEY"] = upstream.key
+        headers.update(adapter_headers(upstream.endpoint, upstream.key))
     return headers
 
 
@@ -119,7 +118,6 @@ async def _call(
     app = request.app
     settings, client = app[SETTINGS], app[CLIENT]
     headers = endpoint_headers(request, principal, model)
-    headers["Accept-Encoding"] = "identity"
     keys = app[SHARED].per_request
     key = None
     if not model.direct and keys is not None:  # an adapter: a per-request key, as for chat

@@ -94,7 +94,6 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
         if not model.direct and (keys := services.shared.per_request) is not None:
             # an adapter gets a per-request key, never the client's (dialproxy.perrequest)
             outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
-        headers["Accept-Encoding"] = "identity"  # (an encoded answer anyway is decoded)
         # (in the order of its fields: a class called with keywords builds a dict of them)
         out = Outbound(
             api, model, serving, data, headers, request.rel_url, injected, ours,

@@ -156,7 +156,6 @@ async def _forward(call: _Call, route: Route, serving: Serving, body: bytes) -> 
         keys = services.shared.per_request  # an adapter: a per-request key (as for a create)
         if keys is not None:
             outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
-    headers["Accept-Encoding"] = "identity"
     out = FollowUp(
         route,
         ref.upstream_id,

@@ -40,10 +40,11 @@ from dialproxy.web import guard
 from dialproxy.web.body import read_raw_body
 from dialproxy.web.finish import hold
 from dialproxy.web.services import Services
+from dialproxy.wire.headers import ROUTE_BODY_HEADERS, route_headers
 
 # The client's headers a route's upstream gets: the proxied endpoints' allow-list, and the
-# body's own description (a route's body goes as it came, in any type and encoding).
-FORWARDED_HEADERS = (*openai.FORWARDED_HEADERS, "content-type", "content-encoding")
+# body's own description (see dialproxy.wire.headers.route_headers).
+FORWARDED_HEADERS = (*openai.FORWARDED_HEADERS, *ROUTE_BODY_HEADERS)
 
 
 def select(snapshot: Snapshot, method: str, path: str) -> tuple[DialRoute | None, set[str]]:
@@ -176,9 +177,7 @@ def _plan(
 ) -> RouteOutbound:
     """The request the route's upstreams get: the client's allow-listed headers, the body
     as it came, a per-request key for an upstream without ``key`` (per-request keys on)."""
-    client_headers = request.headers
-    headers = {n: v for n in FORWARDED_HEADERS if (v := client_headers.get(n)) is not None}
-    headers["Accept-Encoding"] = "identity"
+    headers = route_headers(request.headers, FORWARDED_HEADERS)
     keys = services.shared.per_request
     mint = functools.partial(keys.mint, principal) if keys is not None else None
     return RouteOutbound(
