@@ -307,7 +307,7 @@ def create_app(
             timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            auto_decompress=True,  # (bounded: decoded as read, see proxy._read_bounded)
+            auto_decompress=True,  # (bounded: decoded as read, see upstream.answer.read_answer)
         )
         async with idle.running(), bodies.running():
             yield
