@@ -82,7 +82,7 @@ class LedgerStore(Protocol):
 
 
 class Outcome(Protocol):
-    """What the ledger reads of a finished request (:class:`dialproxy.web.proxy.Outcome`,
+    """What the ledger reads of a finished request (:class:`dialproxy.outcome.Outcome`,
     described here so that the ledger does not import the request path that writes to it)."""
 
     @property
@@ -137,7 +137,7 @@ class Ledger:
         if status == 0 or status >= 400 or outcome.error is not None:
             totals[1] += 1
         usage = outcome.usage
-        # (what the limits are charged: a 200's usage, or an estimate: see web/proxy.py)
+        # (what the limits are charged: a 200's usage, or an estimate: see web/finish.py)
         if usage is not None and (status == 200 or outcome.estimated):
             prompt, completion, total, _ = usage
             totals[2] += prompt

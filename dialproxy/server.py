@@ -18,6 +18,7 @@ from dialproxy.settings import Settings
 from dialproxy.storage import Storage
 from dialproxy.web.app import create_app
 from dialproxy.web.appkeys import BACKGROUND, BALANCER, STORE, WATCHER
+from dialproxy.web.finish import hold
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
@@ -105,9 +106,7 @@ def reload_soon(app: web.Application, trigger: str) -> None:
     async def reload() -> None:
         await reload_app(app, trigger)
 
-    task = asyncio.get_running_loop().create_task(reload())
-    app[BACKGROUND].add(task)
-    task.add_done_callback(app[BACKGROUND].discard)
+    hold(app[BACKGROUND], reload())
 
 
 async def watch_config(app: web.Application) -> AsyncIterator[None]:

@@ -13,12 +13,13 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from dialproxy.config.messages import Locator, render_path, show_name
-from dialproxy.config.model import Problem, Severity, never_default_header
+from dialproxy.config.model import Problem, Severity
 from dialproxy.config.parse import Prepared
 from dialproxy.config.reuse import Built, Canonical, RawProblem
 from dialproxy.config.routes import route_problems
 from dialproxy.config.schedule import zone
 from dialproxy.text import CONTROL, ENV_REF, parse_datetime, written_digest
+from dialproxy.wire.headers import never_default_header
 
 # DIAL's snake_case aliases of model fields, normalised to the camelCase names.
 MODEL_ALIASES = {

@@ -34,7 +34,6 @@ from dialproxy.config.model import (
     Role,
     Snapshot,
     Upstream,
-    never_default_header,
 )
 from dialproxy.config.parse import Prepared, Preparer, Source, TooBig, merge, parse_source
 from dialproxy.config.reuse import Built, Canonical, Walked, changed_only
@@ -43,6 +42,7 @@ from dialproxy.config.schedule import Schedule
 from dialproxy.config.schema import schema_valid, validator
 from dialproxy.errors import ConfigError
 from dialproxy.text import parse_datetime, written_digest
+from dialproxy.wire.headers import never_default_header
 
 _DEFAULT_RETRIABLE = frozenset({429, 502, 503, 504})
 

@@ -7,7 +7,6 @@ never changes afterwards; a request takes the current one and lives on it to the
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dialproxy.config.schedule import DEFAULT_SCHEDULE, Calendar, Schedule
 from dialproxy.errors import Problem as Problem
 from dialproxy.errors import Severity as Severity
 from dialproxy.text import fingerprint, key_digest
+from dialproxy.wire.headers import adapter_headers, direct_key_header
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
 
@@ -237,35 +237,6 @@ API_INTERFACES = {
 # "responses"; the Anthropic Messages API is served by `interfaces` (or directly) only.
 ENDPOINT_APIS = frozenset({"chat/completions", "completions", "embeddings"})
 ANTHROPIC_APIS = frozenset({"messages", "messages/count_tokens"})
-# Names a `defaultHeaders` entry can never set: hop-by-hop, the body's framing and type,
-# the client's key, and what the proxy sets itself (compared lowercased).
-NEVER_DEFAULT_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "content-type",
-        "content-encoding",
-        "accept-encoding",
-        "expect",
-        "api-key",
-        "x-api-key",
-        "authorization",
-    }
-)
-
-
-def never_default_header(name: str) -> bool:
-    lower = name.lower()
-    return lower in NEVER_DEFAULT_HEADERS or lower.startswith("x-upstream-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,27 +258,15 @@ class Serving:
 
 
 def _upstream_headers(upstream: Upstream, direct: bool, api: str) -> dict[str, str]:
-    """A direct upstream: its key, OpenAI style (``Authorization: Bearer``), Azure style
-    (``api-key``) or Anthropic style (``x-api-key``).  Through the model's endpoint (DIAL's
-    adapter shape): the upstream in ``X-UPSTREAM-ENDPOINT`` (for the Responses API its
-    ``responsesEndpoint``), ``-KEY`` and ``-EXTRA-DATA``."""
-    headers: dict[str, str] = {}
+    """A direct upstream: its key (where its ``auth`` says).  Through the model's endpoint
+    (DIAL's adapter shape): the upstream in ``X-UPSTREAM-ENDPOINT`` (for the Responses API
+    its ``responsesEndpoint``), ``-KEY`` and ``-EXTRA-DATA``."""
     if direct:
-        if upstream.key:
-            if upstream.auth == "bearer":
-                headers["Authorization"] = "Bearer " + upstream.key
-            else:
-                headers[upstream.auth] = upstream.key
-        return headers
+        return dict([direct_key_header(upstream.auth, upstream.key)]) if upstream.key else {}
     endpoint = upstream.endpoint
     if api == "responses" and upstream.responses_endpoint is not None:
         endpoint = upstream.responses_endpoint
-    headers["X-UPSTREAM-ENDPOINT"] = endpoint
-    if upstream.key is not None:
-        headers["X-UPSTREAM-KEY"] = upstream.key
-    if upstream.extra_data is not None:
-        headers["X-UPSTREAM-EXTRA-DATA"] = json.dumps(upstream.extra_data)
-    return headers
+    return adapter_headers(endpoint, upstream.key, upstream.extra_data)
 
 
 def _route_variant(api: str, direct: bool) -> str:

@@ -17,11 +17,7 @@ import aiohttp
 from dialproxy.errors import BadGateway
 from dialproxy.settings import Settings
 from dialproxy.upstream.answer import Answer
-from dialproxy.wire.headers import PASSED_RESPONSE_HEADERS
-
-# The answer's headers passed back: the proxied endpoints' allow-list (content type,
-# request ids...), nothing else of the feature endpoint's.
-_PASSED = PASSED_RESPONSE_HEADERS
+from dialproxy.wire.headers import feature_response_headers
 
 
 async def call_feature(
@@ -46,8 +42,7 @@ async def call_feature(
                 if 300 <= resp.status < 400:
                     raise BadGateway(f"The feature endpoint answered {resp.status}")
                 body = await _read_bounded(resp, settings.max_response)
-                passed = [(k, v) for k, v in resp.headers.items() if k.lower() in _PASSED]
-                return Answer(resp.status, passed, body)
+                return Answer(resp.status, feature_response_headers(resp.headers), body)
     except (aiohttp.ClientError, TimeoutError):
         raise BadGateway("connection error to origin") from None
 

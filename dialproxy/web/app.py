@@ -34,6 +34,7 @@ from dialproxy.web import (
     console,
     features,
     guard,
+    plan,
     proxy,
     responses,
     routes,
@@ -57,6 +58,7 @@ from dialproxy.web.drain import Drain
 from dialproxy.web.guard import guarded, json_response
 from dialproxy.web.keylimits import callable_names as _callable
 from dialproxy.web.keylimits import limits_of
+from dialproxy.web.services import Services
 
 
 async def _principal(request: web.Request) -> Principal:
@@ -77,7 +79,7 @@ async def _listing_entry(request: web.Request, deployment: str, object_name: str
     model = snapshot.models.get(deployment)
     if model is None or model.kind != "model":  # DIAL lists models only here
         raise NotFound(f"Unknown application: {logs.cut(deployment)}")
-    proxy.resolve(principal, snapshot, deployment)
+    plan.resolve(principal, snapshot, deployment)
     return model.listing(object_name)
 
 
@@ -177,7 +179,7 @@ async def deployment_limits(request: web.Request) -> web.Response:
     principal = await _principal(request)
     snapshot = request.app[STORE].snapshot
     deployment = request.match_info["id"]
-    grant = proxy.resolve(principal, snapshot, deployment)
+    grant = plan.resolve(principal, snapshot, deployment)
     limiter = request.app[LIMITER]
     owner = "p:" + principal.project
     limit = grant.limit or Limit()
@@ -305,7 +307,7 @@ def create_app(
             timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            auto_decompress=True,  # (bounded: decoded as read, see proxy._read_bounded)
+            auto_decompress=True,  # (bounded: decoded as read, see upstream.answer.read_answer)
         )
         async with idle.running(), bodies.running():
             yield
@@ -332,7 +334,7 @@ def create_app(
             tracing.close()
 
         app.on_cleanup.append(close_tracing)
-    services = proxy.Services(
+    services = Services(
         store=store,
         settings=settings,
         limiter=limiter,

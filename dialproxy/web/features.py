@@ -5,7 +5,7 @@ Each is forwarded to the URL the model's ``features`` names (``rateEndpoint``,
 ``DeploymentFeatureController`` does:
 
 - the caller is authenticated and checked as for the deployment itself (404 unknown, 403 a
-  deployment its roles or key may not call: :func:`dialproxy.web.proxy.plan_for`);
+  deployment its roles or key may not call: :func:`dialproxy.web.plan.plan_for`);
 - a model without the endpoint: ``rate`` and ``configuration`` answer 200 with an empty
   body, ``tokenize`` and ``truncate_prompt`` 403 ``Forbidden deployment``;
 - the client's body goes as it came; the answer comes back with its status and body;
@@ -29,10 +29,12 @@ from dialproxy.config.model import Model
 from dialproxy.errors import Forbidden
 from dialproxy.logs import request_log
 from dialproxy.upstream.feature import call_feature
-from dialproxy.web import guard, proxy
+from dialproxy.web import guard
 from dialproxy.web.appkeys import BACKGROUND, CLIENT, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_raw_body
-from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
+from dialproxy.web.finish import hold
+from dialproxy.web.plan import plan_for
+from dialproxy.wire.headers import UPSTREAM_KEY, adapter_headers, forwarded_headers
 
 # The feature (as in the path) -> the model's ``features`` field with its URL, and whether a
 # model without one answers 403 (else 200 with an empty body), as DIAL Core does.
@@ -48,16 +50,15 @@ def endpoint_headers(request: web.Request, principal: Principal, model: Model) -
     """Every header a call to one of the model's endpoints carries: the client's headers an
     upstream gets (see :func:`dialproxy.wire.headers.forwarded_headers`) and, for a model
     behind a DIAL adapter (``endpoint`` set), its first upstream in ``X-UPSTREAM-ENDPOINT``
-    and ``X-UPSTREAM-KEY``, as DIAL's feature controller sends them (the per-request key,
+    and ``X-UPSTREAM-KEY`` (:func:`~dialproxy.wire.headers.adapter_headers`), as DIAL's
+    feature controller sends them (the per-request key,
     which needs an await, is added by :func:`_call`)."""
     headers = forwarded_headers(
         request.headers, principal.secret, model, (), openai.FORWARDED_HEADERS
     )
-    if not model.direct and model.upstreams:
+    if not model.direct and model.upstreams:  # (no X-UPSTREAM-EXTRA-DATA: DIAL sends none)
         upstream = model.upstreams[0]
-        headers["X-UPSTREAM-ENDPOINT"] = upstream.endpoint
-        if upstream.key is not None:
-            headers["X-UPSTREAM-KEY"] = upstream.key
+        headers.update(adapter_headers(upstream.endpoint, upstream.key))
     return headers
 
 
@@ -74,7 +75,7 @@ async def handle(request: web.Request, feature: str) -> web.StreamResponse:
     try:
         principal = await authenticate(request.headers, snapshot, request.remote, app[SHARED])
         memo = app[STORE].memo_for(snapshot)
-        model = proxy.plan_for(principal, snapshot, deployment, memo).model  # 404, 403
+        model = plan_for(principal, snapshot, deployment, memo).model  # 404, 403
         field, required = FEATURES[feature]
         body = await read_raw_body(request, app[SETTINGS].max_body)  # (413, 408)
         url = model.features.get(field)
@@ -117,7 +118,6 @@ async def _call(
     app = request.app
     settings, client = app[SETTINGS], app[CLIENT]
     headers = endpoint_headers(request, principal, model)
-    headers["Accept-Encoding"] = "identity"
     keys = app[SHARED].per_request
     key = None
     if not model.direct and keys is not None:  # an adapter: a per-request key, as for chat
@@ -127,4 +127,4 @@ async def _call(
         return web.Response(status=answered.status, body=answered.body, headers=answered.headers)
     finally:
         if key is not None and keys is not None and (work := keys.end(key)) is not None:
-            proxy.hold(app[BACKGROUND], work)
+            hold(app[BACKGROUND], work)

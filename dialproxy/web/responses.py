@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
@@ -29,8 +30,19 @@ from dialproxy.outcome import Outcome
 from dialproxy.perrequest import RedisCalls
 from dialproxy.upstream.answer import stop_draining
 from dialproxy.upstream.followup import FollowUp, follow_up
-from dialproxy.web import proxy
 from dialproxy.web.body import read_raw_body
+from dialproxy.web.finish import (
+    add_to_ledger,
+    begin,
+    end_key,
+    hold,
+    log_line,
+    record,
+    refused,
+    settle_after_drain,
+)
+from dialproxy.web.plan import plan_for
+from dialproxy.web.services import Services
 from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
 log = structlog.get_logger("dialproxy.responses")
@@ -66,24 +78,38 @@ class Charged:
         return bool(done)
 
 
+@dataclass(slots=True)
+class _Call:
+    """One follow-up as it goes: what :func:`handle` learns of it (the caller, then the
+    reference its id holds), read by :func:`_forward` and :func:`_settle`."""
+
+    request: web.Request
+    services: Services
+    charged: Charged
+    our_id: str  # the response id in the path
+    outcome: Outcome
+    started: float
+    principal: Principal | None = None  # None: not authenticated (yet)
+    ref: ResponseRef | None = None  # None: not one of ours (or not read yet)
+
+
 async def handle(
-    request: web.Request, services: proxy.Services, charged: Charged, action: str
+    request: web.Request, services: Services, charged: Charged, action: str
 ) -> web.StreamResponse:
     """One follow-up (``action``: retrieve, delete, cancel) on a response id of ours."""
     snapshot = services.store.snapshot
     started = time.perf_counter()
-    outcome = proxy.begin(services, request, RESPONSES.name)
-    principal: Principal | None = None
-    ref: ResponseRef | None = None
+    outcome = begin(services, request, RESPONSES.name)
     our_id = request.match_info["response_id"]
+    call = _Call(request, services, charged, our_id, outcome, started)
     try:
-        principal = await authenticate(request.headers, snapshot, request.remote, services.shared)
-        ref = responses.parse(our_id)
+        principal = call.principal = await authenticate(
+            request.headers, snapshot, request.remote, services.shared
+        )
+        ref = call.ref = responses.parse(our_id)
         if ref is None or ref.project != responses.project_tag(principal.project):
             raise NotFound(f"Response {cut(our_id)} not found")
-        plan = proxy.plan_for(
-            principal, snapshot, ref.deployment, services.store.memo_for(snapshot)
-        )
+        plan = plan_for(principal, snapshot, ref.deployment, services.store.memo_for(snapshot))
         model = plan.model
         serving = model.serving.get(RESPONSES.name)
         if serving is None:
@@ -95,33 +121,26 @@ async def handle(
             outcome.model, outcome.scopes, outcome.records = model, plan.scopes, plan.records
         outcome.ids = ResponseIds.of(ref, our_id)
         body = await read_raw_body(request, services.settings.max_body)
-        return await _forward(request, services, principal, route, serving, ref, body, outcome)
+        return await _forward(call, route, serving, body)
     except Exception as e:
-        return proxy.refused(request, RESPONSES, outcome, e)
+        return refused(request, RESPONSES, outcome, e)
     finally:
-        settle = functools.partial(
-            _settle, services, charged, request, principal, ref, our_id, outcome, started
-        )
+        settle = functools.partial(_settle, call)
         if outcome.leftover is None:
             settle()
         else:
-            proxy.hold(services.background, proxy.settle_after_drain(services, outcome, settle))
+            hold(services.background, settle_after_drain(services, outcome, settle))
         if outcome.per_request_key is not None and outcome.leftover is None:
-            proxy.end_key(services, outcome.per_request_key)
+            end_key(services, outcome.per_request_key)
 
 
-async def _forward(
-    request: web.Request,
-    services: proxy.Services,
-    principal: Principal,
-    route: Route,
-    serving: Serving,
-    ref: ResponseRef,
-    body: bytes,
-    outcome: Outcome,
-) -> web.StreamResponse:
-    """The follow-up planned (the headers, an adapter's per-request key), sent to the
-    upstream that made the response; its answer written, or its stream relayed."""
+async def _forward(call: _Call, route: Route, serving: Serving, body: bytes) -> web.StreamResponse:
+    """The follow-up planned (the headers, an adapter's per-request key), sent to
+    ``route``, the upstream that made the response; its answer written, or its stream
+    relayed."""
+    request, services, outcome = call.request, call.services, call.outcome
+    principal, ref = call.principal, call.ref
+    assert principal is not None and ref is not None  # (found before the call is forwarded)
     headers = forwarded_headers(
         request.headers,
         principal.secret,
@@ -137,7 +156,6 @@ async def _forward(
         keys = services.shared.per_request  # an adapter: a per-request key (as for a create)
         if keys is not None:
             outcome.per_request_key = headers[UPSTREAM_KEY] = await keys.mint(principal)
-    headers["Accept-Encoding"] = "identity"
     out = FollowUp(
         route,
         ref.upstream_id,
@@ -164,18 +182,10 @@ def _action(request: web.Request) -> str:
     return "delete" if request.method == "DELETE" else "retrieve"
 
 
-def _settle(
-    services: proxy.Services,
-    charged: Charged,
-    request: web.Request,
-    principal: Principal | None,
-    ref: ResponseRef | None,
-    our_id: str,
-    outcome: Outcome,
-    started: float,
-) -> None:
+def _settle(call: _Call) -> None:
     """The log line; a background response's usage charged the first time it is seen (an
     estimate is never charged: the response runs on whatever became of this request)."""
+    services, outcome, principal, ref = call.services, call.outcome, call.principal, call.ref
     if outcome.estimated:
         outcome.usage, outcome.estimated = None, False
     usage = outcome.usage
@@ -184,20 +194,18 @@ def _settle(
         redis = keys.redis if keys is not None else None
 
         async def charge() -> None:
-            if await charged.first(our_id, redis):
-                proxy.record(services, outcome)
+            if await call.charged.first(call.our_id, redis):
+                record(services, outcome)
                 if services.ledger is not None and principal is not None:  # (once too)
                     snapshot = services.store.snapshot
-                    proxy.add_to_ledger(
-                        services.ledger, snapshot, principal, ref.deployment, outcome
-                    )
+                    add_to_ledger(services.ledger, snapshot, principal, ref.deployment, outcome)
 
-        proxy.hold(services.background, charge())
+        hold(services.background, charge())
     deployment = ref.deployment if ref is not None else None
-    proxy.log_line(services, request, principal, deployment, outcome, started)
+    log_line(services, call.request, principal, deployment, outcome, call.started)
 
 
-def routes(app: web.Application, services: proxy.Services) -> None:
+def routes(app: web.Application, services: Services) -> None:
     """The follow-up routes."""
     charged = Charged()
     path = "/openai/v1/responses/{response_id}"

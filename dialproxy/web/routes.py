@@ -36,12 +36,15 @@ from dialproxy.errors import (
 )
 from dialproxy.limiter import Scope
 from dialproxy.upstream.dialroute import RouteOutbound, Tried, send_route
-from dialproxy.web import guard, proxy
+from dialproxy.web import guard
 from dialproxy.web.body import read_raw_body
+from dialproxy.web.finish import hold
+from dialproxy.web.services import Services
+from dialproxy.wire.headers import ROUTE_BODY_HEADERS, route_headers
 
 # The client's headers a route's upstream gets: the proxied endpoints' allow-list, and the
-# body's own description (a route's body goes as it came, in any type and encoding).
-FORWARDED_HEADERS = (*openai.FORWARDED_HEADERS, "content-type", "content-encoding")
+# body's own description (see dialproxy.wire.headers.route_headers).
+FORWARDED_HEADERS = (*openai.FORWARDED_HEADERS, *ROUTE_BODY_HEADERS)
 
 
 def select(snapshot: Snapshot, method: str, path: str) -> tuple[DialRoute | None, set[str]]:
@@ -58,7 +61,7 @@ def select(snapshot: Snapshot, method: str, path: str) -> tuple[DialRoute | None
     return None, allowed
 
 
-async def handle(request: web.Request, services: proxy.Services) -> web.StreamResponse:
+async def handle(request: web.Request, services: Services) -> web.StreamResponse:
     """The app's last route: a DIAL route, or the app's 404/405 (:func:`guard.unmatched`)."""
     snapshot = services.store.snapshot
     if snapshot.dial_routes:
@@ -100,7 +103,7 @@ def _scopes(
 
 
 async def serve(
-    request: web.Request, services: proxy.Services, snapshot: Snapshot, route: DialRoute
+    request: web.Request, services: Services, snapshot: Snapshot, route: DialRoute
 ) -> web.StreamResponse:
     """One request to ``route``, answered, and its log line."""
     started = time.perf_counter()
@@ -145,7 +148,7 @@ async def serve(
     finally:
         keys = services.shared.per_request
         if tried.key is not None and keys is not None and (work := keys.end(tried.key)) is not None:
-            proxy.hold(services.background, work)
+            hold(services.background, work)
         services.log.line(
             "request",
             {
@@ -165,7 +168,7 @@ async def serve(
 
 def _plan(
     request: web.Request,
-    services: proxy.Services,
+    services: Services,
     snapshot: Snapshot,
     principal: Principal,
     route: DialRoute,
@@ -174,9 +177,7 @@ def _plan(
 ) -> RouteOutbound:
     """The request the route's upstreams get: the client's allow-listed headers, the body
     as it came, a per-request key for an upstream without ``key`` (per-request keys on)."""
-    client_headers = request.headers
-    headers = {n: v for n in FORWARDED_HEADERS if (v := client_headers.get(n)) is not None}
-    headers["Accept-Encoding"] = "identity"
+    headers = route_headers(request.headers, FORWARDED_HEADERS)
     keys = services.shared.per_request
     mint = functools.partial(keys.mint, principal) if keys is not None else None
     return RouteOutbound(

@@ -23,9 +23,9 @@ from dialproxy.config.model import LONG_MAX, Window
 from dialproxy.errors import BadRequest, NotFound
 from dialproxy.ledger import DAY, HOUR, MEASURES, Ledger
 from dialproxy.text import iso, timestamp
-from dialproxy.web import proxy
 from dialproxy.web.appkeys import LEDGER, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
+from dialproxy.web.plan import resolve
 
 DEFAULT_DAYS = 30  # DIAL's /v1/user/usage: what was used in the trailing 30 days
 # DIAL's stats the ledger can tell (it has hours: no minute), window name -> period length.
@@ -198,7 +198,7 @@ async def deployment_usage(request: web.Request) -> web.Response:
     caller may call (404, 403 as its limits)."""
     principal = await _principal(request)
     deployment = request.match_info["id"]
-    grant = proxy.resolve(principal, request.app[STORE].snapshot, deployment)
+    grant = resolve(principal, request.app[STORE].snapshot, deployment)
     head, found, hours, periods = await _read(request, principal, deployment)
     body = head | _stats(hours, periods, grant.token_windows, grant.request_windows)
     body |= _cost_stats(hours, periods, principal.access.cost_windows)

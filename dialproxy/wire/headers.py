@@ -2,23 +2,31 @@
 gets of the upstream's, and where the upstream's key goes.
 
 - To the upstream: an allow-list of the client's headers (:data:`FORWARDED_REQUEST_HEADERS`,
-  and each API's own beside it), the model's ``defaultHeaders``, ``Content-Type`` set; the
-  client's key never (only a JWT-style ``Authorization`` of a model that forwards it); an
-  adapter's key in :data:`UPSTREAM_KEY`.
+  and each API's own beside it; a DIAL route's: :func:`route_headers`), the model's
+  ``defaultHeaders`` (never a name of :data:`NEVER_DEFAULT_HEADERS`), ``Content-Type`` and
+  ``Accept-Encoding: identity`` set; the client's key never (only a JWT-style
+  ``Authorization`` of a model that forwards it); a direct upstream's key where its ``auth``
+  says (:func:`direct_key_header`); an adapter's upstream in DIAL's ``X-UPSTREAM-*`` headers
+  (:func:`adapter_headers`) and its per-request key in :data:`UPSTREAM_KEY`.
 - To the client: an allow-list of the upstream's headers (:data:`PASSED_RESPONSE_HEADERS`);
   the provider's rate-limit headers only when no limit of ours applies (ours replace them);
   hop-by-hop headers never, nor what the ``Connection`` header names; ``Content-Encoding``
-  only for a coding the client session does not decode (the body relayed as it came).
+  only for a coding the client session does not decode (the body relayed as it came); a
+  feature endpoint's: :func:`feature_response_headers`.
+
+Below :mod:`dialproxy.config` (which reads :func:`never_default_header` and builds its
+routes' headers here): nothing of the config is imported, a model is read through
+:class:`AuthForwarding`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Protocol
 
 from aiohttp import compression_utils
 from multidict import CIMultiDictProxy
-
-from dialproxy.config.model import Model
 
 # The client's headers every API passes on to the upstream (Content-Type is always
 # application/json: it is set, not copied).  Each API adds its own (`Api.forwarded_headers`).
@@ -32,9 +40,67 @@ FORWARDED_REQUEST_HEADERS = (
     "x-conversation-id",
 )
 
+# A DIAL route's body goes as it came (any content type and encoding): its upstream gets the
+# body's own description with it (see route_headers).
+ROUTE_BODY_HEADERS = ("content-type", "content-encoding")
+
 # Where an upstream behind a DIAL adapter, or a route's upstream, gets its key (a per-request
 # key when it has none): never the client's.
 UPSTREAM_KEY = "Api-Key"
+
+# Names a `defaultHeaders` entry can never set: hop-by-hop, the body's framing and type,
+# the client's key, and what the proxy sets itself (compared lowercased).
+NEVER_DEFAULT_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        "expect",
+        "api-key",
+        "x-api-key",
+        "authorization",
+    }
+)
+
+
+def never_default_header(name: str) -> bool:
+    """Whether a ``defaultHeaders`` entry may not set ``name`` (nor any ``X-UPSTREAM-*``:
+    DIAL's adapter headers are the proxy's, see :func:`adapter_headers`)."""
+    lower = name.lower()
+    return lower in NEVER_DEFAULT_HEADERS or lower.startswith("x-upstream-")
+
+
+def direct_key_header(auth: str, key: str) -> tuple[str, str]:
+    """Where a direct upstream gets its ``key``: OpenAI style (``auth`` ``bearer``:
+    ``Authorization: Bearer``), Azure style (``api-key``) or Anthropic style
+    (``x-api-key``)."""
+    if auth == "bearer":
+        return "Authorization", "Bearer " + key
+    return auth, key
+
+
+def adapter_headers(endpoint: str, key: str | None, extra_data: object = None) -> dict[str, str]:
+    """DIAL's adapter shape: the upstream an adapter is to call in ``X-UPSTREAM-ENDPOINT``,
+    its key (if any) in ``X-UPSTREAM-KEY`` and its ``extraData`` (if any, as JSON) in
+    ``X-UPSTREAM-EXTRA-DATA``."""
+    headers = {"X-UPSTREAM-ENDPOINT": endpoint}
+    if key is not None:
+        headers["X-UPSTREAM-KEY"] = key
+    if extra_data is not None:
+        headers["X-UPSTREAM-EXTRA-DATA"] = json.dumps(extra_data)
+    return headers
+
 
 # Upstream response headers passed back: an allow-list, everything else stays here (the
 # upstream's cookies, its server's name, its hop-by-hop headers, whatever else it sends).
@@ -129,27 +195,52 @@ DECODED = frozenset(
 )
 
 
+class AuthForwarding(Protocol):
+    """What :func:`forwarded_headers` reads of a model (``config.model.Model``)."""
+
+    @property
+    def forward_auth_token(self) -> bool: ...
+
+
 def forwarded_headers(
     client: Mapping[str, str],
     secret: str,
-    model: Model,
+    model: AuthForwarding,
     defaults: tuple[tuple[str, str], ...],
     names: tuple[str, ...],
 ) -> dict[str, str]:
     """The ``client``'s headers an upstream gets (``names``: the API's), then the model's
     ``defaultHeaders`` (lowercased names) it did not send (each route adds its own, which
-    win, see ``Route``).  ``secret``: the client's key, never passed on."""
+    win, see ``Route``), ``Content-Type`` and ``Accept-Encoding: identity`` (an answer
+    encoded anyway is decoded).  ``secret``: the client's key, never passed on."""
     # (looked up by name: no lowercasing of every header the client sent)
     headers = {name: value for name in names if (value := client.get(name)) is not None}
     for name, value in defaults:  # (never a name the proxy sets: see NEVER_DEFAULT_HEADERS)
         if name not in headers:
             headers[name] = value
     headers["Content-Type"] = "application/json"
+    headers["Accept-Encoding"] = "identity"
     if model.forward_auth_token:
         authorization = client.get("Authorization")
         if authorization and secret not in authorization:
             headers["Authorization"] = authorization
     return headers
+
+
+def route_headers(client: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    """The ``client``'s headers a DIAL route's upstream gets: ``names`` (the proxied
+    endpoints' allow-list and :data:`ROUTE_BODY_HEADERS`), and ``Accept-Encoding:
+    identity``; no ``Content-Type`` of ours (the body goes as it came)."""
+    headers = {n: v for n in names if (v := client.get(n)) is not None}
+    headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+def feature_response_headers(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A feature endpoint's headers its client gets: the proxied endpoints' allow-list
+    (content type, request ids...), nothing else (its body is read whole: no framing, no
+    encoding)."""
+    return [(k, v) for k, v in upstream.items() if k.lower() in PASSED_RESPONSE_HEADERS]
 
 
 def response_headers(
