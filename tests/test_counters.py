@@ -91,8 +91,8 @@ async def test_change_many_is_settle_window_by_window(seed: int) -> None:
     leaves every counter as ``settle`` of each window on its own does: a negative amount
     taken from the current bucket, then the previous; sliding and calendar windows."""
     rnd = random.Random(seed)
-    batched, alone = LocalCounters(), LocalCounters()
-    batched._next_sweep = alone._next_sweep = math.inf  # (a sweep is not what is compared)
+    # (a sweep is not what is compared)
+    batched, alone = LocalCounters(sweep_every=math.inf), LocalCounters(sweep_every=math.inf)
     now = 1_800_000_000.0
     windows = [("a", 1), ("b", 2), ("c", 60), ("d@1", -(1_800_000_000 + 90))]
     for _ in range(3_000):
