@@ -24,7 +24,7 @@ install: $(STAMP)
 lock: $(STAMP)
 	{ echo "# Versions the suite, lint and typecheck were last run with (make install applies them as"; \
 	  echo "# pip constraints). Refresh: make lock."; \
-	  $(BIN)/pip freeze | grep -v "^-e \|^dialproxy\|^aidial-client"; } > constraints.txt
+	  $(BIN)/pip freeze | grep -v "^-e \|^dialproxy\|^aidial-client\|^# Editable"; } > constraints.txt
 
 # Serves aidial.config.json, with the demo model backend it points at.
 run: $(STAMP)

@@ -56,13 +56,16 @@ _EXACT = 2**53
 
 
 class LocalCounters(MemoryStorage):
-    def __init__(self) -> None:
+    def __init__(self, sweep_every: float = SWEEP_EVERY) -> None:
+        """``sweep_every``: the seconds between two sweeps of the stale records (done by
+        the call that finds one due; ``math.inf``: only when :meth:`sweep` is called)."""
         super().__init__()
         # (key, seconds) -> [last bucket counted in, its count, the one before, its count]
         # (a bucket is int(time / seconds), as in limits).
         self.windows: dict[Read, list[int]] = {}
         self.slots: dict[str, set[str]] = {}  # slot set -> the members that hold a slot
-        self._next_sweep = time.time() + SWEEP_EVERY
+        self.sweep_every = sweep_every
+        self._next_sweep = time.time() + sweep_every
         # Counted up when records are dropped: records kept outside (cell) are stale then.
         self.epoch = 0
 
@@ -201,7 +204,7 @@ class LocalCounters(MemoryStorage):
                 record[:] = now_bucket, amount, record[0], record[1]
             counts.append((previous, previous_ttl, current + amount, current_ttl))
         if now >= self._next_sweep:
-            self._sweep(now)
+            self.sweep(now)
         return counts
 
     def cell(self, window: Read) -> list[int]:
@@ -330,7 +333,7 @@ class LocalCounters(MemoryStorage):
                     else:  # a new bucket (see _add)
                         record[:] = now_bucket, amount, record[0], record[1]
         if now >= self._next_sweep:
-            self._sweep(now)
+            self.sweep(now)
         return request, token
 
     def change_cells(
@@ -373,7 +376,7 @@ class LocalCounters(MemoryStorage):
                         left = record[1] - amount
                         record[1] = left if left > 0 else 0
         if now >= self._next_sweep and (amounts[0] > 0 or amounts[1] > 0):
-            self._sweep(now)
+            self.sweep(now)
 
     def add_many(self, windows: Sequence[Read], amount: int, now: float | None = None) -> None:
         """``amount`` added to every window, whatever its limit (usage after a response).
@@ -398,7 +401,7 @@ class LocalCounters(MemoryStorage):
             else:  # a new bucket (see _add)
                 record[:] = now_bucket, amount, record[0], record[1]
         if now >= self._next_sweep:
-            self._sweep(now)
+            self.sweep(now)
 
     def take_back_many(self, windows: Sequence[Read], amount: int, now: float) -> None:
         """``_take_back(window, amount, now, previous_too=True)`` of every window, inline
@@ -472,8 +475,10 @@ class LocalCounters(MemoryStorage):
         """Undo ``acquire_sliding_window_entry(key, ..., seconds, amount)``."""
         self._take_back((key, seconds), amount, time.time())
 
-    def _sweep(self, now: float) -> None:
-        self._next_sweep = now + SWEEP_EVERY
+    def sweep(self, now: float) -> None:
+        """Drop the records no read counts any more (a sliding window's buckets older than
+        the previous one, a calendar period's counter past its end)."""
+        self._next_sweep = now + self.sweep_every
         stale = [
             w
             for w, record in self.windows.items()

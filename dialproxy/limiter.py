@@ -654,7 +654,7 @@ def _admit_now(
     """:func:`_admit` on in-process counters: done before it returns, so one step (nothing
     else runs on the loop meanwhile).  Every window checked and the slots, then everything
     counted, in one call (this runs on every request); a refusal, rare, is said by
-    :func:`_refuse_now`."""
+    :func:`admit_in_steps`."""
     cells = admission.cells
     if cells is None or cells[0] is not local or cells[1] != local.epoch:
         cells = admission.cells_on(local)
@@ -681,16 +681,17 @@ def _admit_now(
                     window = token[0]
                     token_state = WindowState(window, token[1], window.limit - token[2] + tokens)
                 return request_state, token_state
-    return _refuse_now(local, admission, tokens, cost, member, now)
+    return admit_in_steps(local, admission, tokens, cost, member, now)
 
 
-def _refuse_now(
+def admit_in_steps(
     local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str, now: float
 ) -> tuple[WindowState | None, WindowState | None]:
-    """:func:`_admit_now` window by window, each step as the storage takes it: the scopes'
-    token and cost windows read and checked, the request counted in every request window
-    or in none, then the reservation added.  It raises the 429 of what refuses (or admits:
-    what the one call would have, as when it is not to be used)."""
+    """An admission on in-process counters (:meth:`Limiter.admit_now`'s one call) window by
+    window, each step as the storage takes it: the scopes' token and cost windows read and
+    checked, the request counted in every request window or in none, then the reservation
+    added.  It raises the 429 of what refuses (or admits: what the one call would have, as
+    when it is not to be used)."""
     token: Tight | None = None
     for scope in admission.scopes:
         if scope.limited:  # (the others are never full nor the tightest)

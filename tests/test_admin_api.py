@@ -1094,5 +1094,5 @@ def test_keys_file_must_be_a_config_file(tmp_path: Any) -> None:
         Settings(config_paths=(config_file,), keys_file=str(tmp_path / "b.json")).check()
     settings = Settings.from_env({"DIALPROXY_KEYS_FILE": config_file})
     assert settings.keys_file == config_file
-    args = cli._parser().parse_args(["serve", "--config", config_file, "--keys-file", config_file])
-    assert cli._settings(args).keys_file == config_file
+    argv = ["serve", "--config", config_file, "--keys-file", config_file]
+    assert cli.settings_for(argv).keys_file == config_file

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -15,7 +16,7 @@ from dialproxy.config.model import UNLIMITED, Window
 from dialproxy.config.schedule import Schedule
 from dialproxy.counters import LocalCounters
 from dialproxy.errors import ConcurrencyLimited, RateLimited
-from dialproxy.limiter import Admission, Limiter, Scope, WindowState, _admit_now, _refuse_now
+from dialproxy.limiter import Admission, Limiter, Scope, WindowState, admit_in_steps
 
 SCHEDULE = Schedule("UTC", reset=(6, 0))
 
@@ -91,14 +92,12 @@ def state(s: WindowState | None) -> object:
     return None if s is None else (s.window, s.counts, s.used)
 
 
-def admit(
-    fused: bool, local: LocalCounters, admission: Admission, tokens: int, cost: int, member: str,
-    now: float,
-) -> tuple[object, ...]:  # fmt: skip
-    """What an admission answers: the two states, or the 429's message and headers."""
-    step = _admit_now if fused else _refuse_now
+def answer(
+    admit: Callable[..., tuple[WindowState | None, WindowState | None]], *args: object
+) -> tuple[object, ...]:
+    """What ``admit(*args)`` answers: the two states, or the 429's message and headers."""
     try:
-        request, token = step(local, admission, tokens, cost, member, now)
+        request, token = admit(*args)
     except (RateLimited, ConcurrencyLimited) as e:
         return type(e), str(e), e.headers
     return state(request), state(token)
@@ -107,8 +106,8 @@ def admit(
 @pytest.mark.parametrize("seed", range(6))
 def test_one_call_admits_and_settles_as_the_steps(seed: int) -> None:
     rnd = random.Random(seed)
-    one, steps = LocalCounters(), LocalCounters()
-    one._next_sweep = steps._next_sweep = math.inf  # (swept below, both at once)
+    # (swept below, both at once)
+    one, steps = LocalCounters(sweep_every=math.inf), LocalCounters(sweep_every=math.inf)
     clock = Clock()
     limiter = Limiter(one, clock=clock)
     admitted = 0
@@ -125,8 +124,8 @@ def test_one_call_admits_and_settles_as_the_steps(seed: int) -> None:
                     admission.current(now)
             tokens, cost = rnd.choice([0, 1, 5, 30]), rnd.choice([0, 2, 50])
             member = f"{round_}.{i}" if rnd.random() < 0.8 else ""
-            got = admit(True, one, fast, tokens, cost, member, now)
-            assert got == admit(False, steps, slow, tokens, cost, member, now)
+            got = answer(limiter.admit_now, fast, tokens, cost, member)  # (at clock.now)
+            assert got == answer(admit_in_steps, steps, slow, tokens, cost, member, now)
             if isinstance(got[0], tuple | None):  # (admitted)
                 admitted += 1
                 held.append((member, tokens, cost, now))
@@ -143,7 +142,7 @@ def test_one_call_admits_and_settles_as_the_steps(seed: int) -> None:
                         steps.settle((), (), (scope.slot_set,), member, now)
                 assert counted(one, now) == counted(steps, now) and one.slots == steps.slots
             if rnd.random() < 0.05:  # the sweep drops records the one call keeps
-                one._sweep(now)
-                steps._sweep(now)
+                one.sweep(now)
+                steps.sweep(now)
             clock.now += rnd.choice([0.0, 0.01, 0.7, 3.0, 29.0, 61.0, 3_700.0, 40_000.0])
     assert admitted > 100  # (refusals too: small limits)
