@@ -140,7 +140,7 @@ class _Window(Protocol):
 
 
 class _WindowState(Protocol):
-    """What a 429 says of a window (:class:`dialproxy.limiter.WindowState`)."""
+    """What a 429 says of a window (:class:`dialproxy.counting.limiter.WindowState`)."""
 
     @property
     def window(self) -> _Window: ...

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from dialproxy.apis import AnswerIds
     from dialproxy.config.model import Model
-    from dialproxy.limiter import Admission, Scope
+    from dialproxy.counting.limiter import Admission, Scope
     from dialproxy.sharedkeys.model import SharedKey
     from dialproxy.wire.relay import Relay
     from dialproxy.wire.usage import Usage

@@ -16,7 +16,7 @@ for Redis); with Redis storage also in Redis (``dp:prk:<digest>`` -> the origina
 digest and shared key digest, with a TTL as a safety net for a process that dies
 mid-request), so that a call back landing on another instance works there too: it rebuilds
 the originator from the same config.  Redis is the shared keys' client and follows the same
-:class:`dialproxy.storage.StorageHealth` (one outage for all): while it is down a key is
+:class:`dialproxy.counting.storage.StorageHealth` (one outage for all): while it is down a key is
 minted in memory only, and a key this instance does not know answers 503 (it may be valid
 elsewhere: never a 401).
 

@@ -12,10 +12,10 @@ from dialproxy import tracing
 from dialproxy.config.parse import Source
 from dialproxy.config.store import ConfigStore, ReloadResult
 from dialproxy.config.watcher import ConfigWatcher
-from dialproxy.counters import LocalCounters
-from dialproxy.rediscounters import LEASE, RedisCounters
+from dialproxy.counting.counters import LocalCounters
+from dialproxy.counting.rediscounters import LEASE, RedisCounters
+from dialproxy.counting.storage import Storage
 from dialproxy.settings import Settings
-from dialproxy.storage import Storage
 from dialproxy.web.app import create_app
 from dialproxy.web.appkeys import BACKGROUND, BALANCER, STORE, WATCHER
 from dialproxy.web.finish import hold
@@ -24,7 +24,8 @@ REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 
 
 def counter_storage(uri: str, slot_lease: float = LEASE) -> Storage:
-    """``memory://`` (the default) or Redis (:class:`~dialproxy.rediscounters.RedisCounters`).
+    """``memory://`` (the default) or Redis
+    (:class:`~dialproxy.counting.rediscounters.RedisCounters`).
 
     ``redis://[:password@]HOST:PORT/DB``, ``rediss://...`` (TLS) and
     ``redis+unix:///path/to/socket?db=0``.  A Redis call gives up after a short timeout and

@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestServer
 
 from dialproxy import logs
 from dialproxy.config.store import ConfigStore
-from dialproxy.counters import LocalCounters
+from dialproxy.counting.counters import LocalCounters
+from dialproxy.counting.limiter import Limiter, Scope, WindowState
+from dialproxy.counting.storage import Storage
 from dialproxy.demo_backend import create_backend_app
-from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.settings import Settings
-from dialproxy.storage import Storage
 from dialproxy.text import fingerprint
 from dialproxy.web.app import create_app
 from dialproxy.web.appkeys import BACKGROUND

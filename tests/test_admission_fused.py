@@ -14,9 +14,9 @@ import pytest
 
 from dialproxy.config.model import UNLIMITED, Window
 from dialproxy.config.schedule import Schedule
-from dialproxy.counters import LocalCounters
+from dialproxy.counting.counters import LocalCounters
+from dialproxy.counting.limiter import Admission, Limiter, Scope, WindowState, admit_in_steps
 from dialproxy.errors import ConcurrencyLimited, RateLimited
-from dialproxy.limiter import Admission, Limiter, Scope, WindowState, admit_in_steps
 
 SCHEDULE = Schedule("UTC", reset=(6, 0))
 

@@ -214,7 +214,7 @@ def test_an_adapter_gets_an_upstreams_responses_endpoint_for_the_responses_api()
 
 def test_anthropic_reset_is_an_rfc3339_time() -> None:
     from dialproxy.config.model import Window
-    from dialproxy.limiter import WindowState
+    from dialproxy.counting.limiter import WindowState
 
     state = WindowState(Window("minute", 60, 10), (3, 0.0, 0, 0.0), 3)
     headers = dict(anthropic.ratelimit_headers(state, None))

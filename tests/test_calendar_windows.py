@@ -22,11 +22,11 @@ from dialproxy.config.loader import build_snapshot
 from dialproxy.config.model import Limit
 from dialproxy.config.parse import Source
 from dialproxy.config.schedule import Schedule
-from dialproxy.counters import LocalCounters
+from dialproxy.counting.counters import LocalCounters
+from dialproxy.counting.limiter import Limiter, Scope
+from dialproxy.counting.storage import Storage, close_storage
 from dialproxy.errors import ConfigError, RateLimited
-from dialproxy.limiter import Limiter, Scope
 from dialproxy.server import counter_storage
-from dialproxy.storage import Storage, close_storage
 from tests.conftest import Backend, ProxyFactory, new_key
 from tests.redis_server import RedisServer
 

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from dialproxy.counting.limiter import Limiter, Scope
+from dialproxy.counting.rediscounters import RedisCounters
 from dialproxy.errors import ConcurrencyLimited
-from dialproxy.limiter import Limiter, Scope
-from dialproxy.rediscounters import RedisCounters
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key

@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio
 from limits.aio.storage import MemoryStorage, RedisStorage
 
-from dialproxy.counters import SWEEP_EVERY, Counts, LocalCounters
-from dialproxy.rediscounters import PREFIX, RedisCounters
+from dialproxy.counting.counters import SWEEP_EVERY, Counts, LocalCounters
+from dialproxy.counting.rediscounters import PREFIX, RedisCounters
 from tests.redis_server import RedisServer
 
 

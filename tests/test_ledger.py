@@ -19,6 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from dialproxy import cli
+from dialproxy.counting.rediscounters import RedisCounters
 from dialproxy.ledger import (
     DAY,
     HOUR,
@@ -29,7 +30,6 @@ from dialproxy.ledger import (
     usage_path,
 )
 from dialproxy.outcome import Outcome
-from dialproxy.rediscounters import RedisCounters
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import LEDGER

@@ -13,11 +13,11 @@ import pytest
 from limits.aio.storage import MemoryStorage
 
 from dialproxy.config.model import REQUEST_WINDOWS, TOKEN_WINDOWS, Window
-from dialproxy.counters import LocalCounters
+from dialproxy.counting.counters import LocalCounters
+from dialproxy.counting.limiter import Limiter, Scope, WindowState
+from dialproxy.counting.storage import SlidingStorage, Storage, close_storage, take_back
 from dialproxy.errors import RateLimited
-from dialproxy.limiter import Limiter, Scope, WindowState
 from dialproxy.server import counter_storage
-from dialproxy.storage import SlidingStorage, Storage, close_storage, take_back
 from tests.conftest import admit_request, check_tokens
 from tests.redis_server import RedisServer
 

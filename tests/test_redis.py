@@ -24,13 +24,18 @@ import redis.asyncio
 import trustme
 
 from dialproxy.config.model import Window
-from dialproxy.counters import LocalCounters
+from dialproxy.counting.counters import LocalCounters
+from dialproxy.counting.limiter import Limiter, Scope
+from dialproxy.counting.rediscounters import (
+    CONNECT_TIMEOUT,
+    MAX_CONNECTIONS,
+    TIMEOUT,
+    RedisCounters,
+)
+from dialproxy.counting.storage import FailurePolicy, close_storage
 from dialproxy.errors import ProxyError, RateLimited, StorageUnavailable
-from dialproxy.limiter import Limiter, Scope
-from dialproxy.rediscounters import CONNECT_TIMEOUT, MAX_CONNECTIONS, TIMEOUT, RedisCounters
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
-from dialproxy.storage import FailurePolicy, close_storage
 from tests.conftest import (
     Backend,
     ProxyFactory,

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from dialproxy.counting.storage import FailurePolicy, StorageHealth
 from dialproxy.errors import StoreUnavailable
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
@@ -21,7 +22,6 @@ from dialproxy.sharedkeys import service as sharedkeys_module
 from dialproxy.sharedkeys.model import SharedKey
 from dialproxy.sharedkeys.redisstore import REDIS_TIMEOUT
 from dialproxy.sharedkeys.service import SharedKeys
-from dialproxy.storage import FailurePolicy, StorageHealth
 from dialproxy.text import key_digest
 from dialproxy.web.appkeys import LIMITER, SHARED
 from tests.conftest import SECRETS, Backend, Clock, Proxy, ProxyFactory

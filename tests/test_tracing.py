@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind
 
 from dialproxy import tracing
 from dialproxy.config.store import ConfigStore
-from dialproxy.counters import LocalCounters
+from dialproxy.counting.counters import LocalCounters
 from dialproxy.settings import Settings
 from dialproxy.text import fingerprint
 from dialproxy.web.app import create_app

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from dialproxy.config.model import Model, Route, Serving
-    from dialproxy.limiter import WindowState
+    from dialproxy.counting.limiter import WindowState
 
 BodyRule = Callable[[dict[str, Any], bytes, "Model"], tuple[bytes | None, bool]]
 """(body as read, its bytes, model) -> (the body the upstream gets, None: the client's bytes

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from dialproxy import errorbody
 from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
-from dialproxy.limiter import WindowState, seconds_to_empty
+from dialproxy.counting.limiter import WindowState, seconds_to_empty
 from dialproxy.wire.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.wire.usage import Usage, UsageRule, read_counts
 

@@ -12,12 +12,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from dialproxy.counting.rediscounters import uncancelled
+from dialproxy.counting.storage import StorageHealth
 from dialproxy.errors import StoreUnavailable
-from dialproxy.rediscounters import uncancelled
 from dialproxy.sharedkeys.model import Changes, SharedKey
 from dialproxy.sharedkeys.store import parse_time as _time
 from dialproxy.sharedkeys.store import unavailable as _unavailable
-from dialproxy.storage import StorageHealth
 from dialproxy.text import iso
 
 # A shared key's lookup waits this long at most while Redis does not answer; only the calls

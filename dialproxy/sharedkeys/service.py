@@ -10,10 +10,10 @@ from typing import Generic, TypeVar
 
 import structlog
 
+from dialproxy.counting.storage import FailurePolicy, StorageHealth
 from dialproxy.errors import StoreUnavailable
 from dialproxy.sharedkeys.model import SharedKey, check_cap
 from dialproxy.sharedkeys.store import SharedKeyStore
-from dialproxy.storage import FailurePolicy, StorageHealth
 from dialproxy.text import SHARED_KEY_PREFIX, key_digest
 
 log = structlog.get_logger("dialproxy.sharedkeys")

@@ -28,7 +28,7 @@ from dialproxy.wire.usage import Usage, estimate, find_usage
 
 if TYPE_CHECKING:
     from dialproxy.apis import Api
-    from dialproxy.limiter import Limiter
+    from dialproxy.counting.limiter import Limiter
     from dialproxy.metrics import Metrics
     from dialproxy.tracing import Tracing
     from dialproxy.upstream.balancer import Balancer

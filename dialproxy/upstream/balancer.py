@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from dialproxy.config.model import Model, Route, Upstream
-from dialproxy.rediscounters import RedisCounters
+from dialproxy.counting.rediscounters import RedisCounters
 
 DEFAULT_RETRY_AFTER = 30.0  # the pause of a 429 without a Retry-After we can read
 SHARED_CHECK_EVERY = 1.0

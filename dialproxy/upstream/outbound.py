@@ -19,8 +19,8 @@ import aiohttp
 
 from dialproxy.config.model import Model, Serving, Upstream, Window
 from dialproxy.config.store import Memo
+from dialproxy.counting.limiter import Admission, Scope
 from dialproxy.errors import RateLimited
-from dialproxy.limiter import Admission, Scope
 from dialproxy.outcome import Outcome
 from dialproxy.upstream.answer import Answer, Context, answer
 from dialproxy.upstream.attempts import Attempts

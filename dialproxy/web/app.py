@@ -17,15 +17,15 @@ from dialproxy.apis.all import APIS
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import LONG_MAX, Limit
 from dialproxy.config.store import ConfigStore
-from dialproxy.counters import LocalCounters
+from dialproxy.counting.counters import LocalCounters
+from dialproxy.counting.limiter import Limiter
+from dialproxy.counting.rediscounters import RedisCounters
+from dialproxy.counting.storage import Storage
 from dialproxy.errors import Forbidden, NotFound
-from dialproxy.limiter import Limiter
 from dialproxy.logs import cut
-from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
 from dialproxy.stalls import BodyWatch
 from dialproxy.statefile import state_path
-from dialproxy.storage import Storage
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch

@@ -9,8 +9,8 @@ import aiohttp
 from aiohttp import web
 
 from dialproxy.config.store import ConfigStore
+from dialproxy.counting.limiter import Limiter
 from dialproxy.ledger import Ledger
-from dialproxy.limiter import Limiter
 from dialproxy.metrics import Metrics
 from dialproxy.perrequest import PerRequestKeys
 from dialproxy.settings import Settings

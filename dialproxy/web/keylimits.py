@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from dialproxy.auth import Principal
-from dialproxy.limiter import WindowState
+from dialproxy.counting.limiter import WindowState
 from dialproxy.text import iso
 from dialproxy.web.appkeys import LIMITER, STORE
 

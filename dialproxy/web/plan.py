@@ -11,8 +11,8 @@ from typing import NamedTuple
 from dialproxy.auth import Principal
 from dialproxy.config.model import Grant, Model, Snapshot
 from dialproxy.config.store import Memo
+from dialproxy.counting.limiter import Admission, Scope
 from dialproxy.errors import Forbidden, NotFound
-from dialproxy.limiter import Admission, Scope
 from dialproxy.logs import cut
 
 

@@ -31,10 +31,10 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config.grants import resolve_grant
 from dialproxy.config.model import DialRoute, Snapshot
 from dialproxy.config.store import Memo
+from dialproxy.counting.limiter import Scope
 from dialproxy.errors import (
     Forbidden,
 )
-from dialproxy.limiter import Scope
 from dialproxy.upstream.dialroute import RouteOutbound, Tried, send_route
 from dialproxy.web import guard
 from dialproxy.web.body import read_raw_body

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from dialproxy.config.store import ConfigStore
+from dialproxy.counting.limiter import Limiter
 from dialproxy.ledger import Ledger
-from dialproxy.limiter import Limiter
 from dialproxy.logs import RequestLog
 from dialproxy.metrics import Metrics
 from dialproxy.perrequest import PerRequestKeys

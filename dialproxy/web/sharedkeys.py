@@ -14,8 +14,9 @@ from aiohttp import web
 
 from dialproxy import perrequest
 from dialproxy.auth import Principal, authenticate
+from dialproxy.counting.rediscounters import RedisCounters
+from dialproxy.counting.storage import StorageHealth
 from dialproxy.errors import Forbidden, InvalidField, NotFound
-from dialproxy.rediscounters import RedisCounters
 from dialproxy.settings import Settings
 from dialproxy.sharedkeys.model import MAX_NAME, MAX_TOKENS, Changes, SharedKey
 from dialproxy.sharedkeys.redisstore import RedisSharedKeyStore
@@ -23,7 +24,6 @@ from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.sharedkeys.sqlite import SqliteSharedKeyStore
 from dialproxy.sharedkeys.store import SharedKeyStore
 from dialproxy.statefile import state_path
-from dialproxy.storage import StorageHealth
 from dialproxy.text import (
     SHARED_KEY_PREFIX,
     has_control,

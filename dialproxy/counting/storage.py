@@ -1,6 +1,6 @@
 """The counter storage, and what the limits mean while it fails.
 
-Every counter lives in one storage: memory (one process, :class:`~dialproxy.counters.
+Every counter lives in one storage: memory (one process, :class:`~dialproxy.counting.counters.
 LocalCounters`) or Redis (every instance behind a load balancer shares it, :class:`~dialproxy.
 rediscounters.RedisCounters`).  :class:`StorageGuard` stands between the
 limiter and that storage.  While the storage answers, every operation goes to it.  When a
@@ -41,11 +41,11 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from dialproxy.counters import Counts, LocalCounters, Read
+from dialproxy.counting.counters import Counts, LocalCounters, Read
+from dialproxy.counting.rediscounters import TIMEOUT, RedisCounters
 from dialproxy.errors import ProxyError, StorageUnavailable
-from dialproxy.rediscounters import TIMEOUT, RedisCounters
 
-log = structlog.get_logger("dialproxy.storage")
+log = structlog.get_logger("dialproxy.counting.storage")
 
 # A Redis call waits CONNECT_TIMEOUT to connect, TIMEOUT for an answer, at most: an outage
 # adds bounded latency to a request.

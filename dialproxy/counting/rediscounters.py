@@ -37,10 +37,10 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, ResponseError
 
-from dialproxy.counters import Counts, Read
+from dialproxy.counting.counters import Counts, Read
 
 T = TypeVar("T")
-log = structlog.get_logger("dialproxy.rediscounters")
+log = structlog.get_logger("dialproxy.counting.rediscounters")
 
 PREFIX = "LIMITS:"  # limits' own prefix: the keys are the ones it would write
 # A call waits this long at most (to connect, for an answer): an outage adds bounded

@@ -15,7 +15,7 @@ script on Redis, so it holds across instances):
 - **settlement**: the reservation replaced by the real usage (the difference added; a
   negative one taken back), or given back when the request fails.
 
-Each operation runs as one unit through a :class:`~dialproxy.storage.StorageGuard`: on the
+Each operation runs as one unit through a :class:`~dialproxy.counting.storage.StorageGuard`: on the
 shared storage while it answers, else by the ``--storage-failure`` policy (local counters,
 no limits, or 503).  A storage failure is never a 500.
 """
@@ -30,16 +30,16 @@ from itertools import chain
 from typing import Any, NoReturn
 
 from dialproxy.config.model import UNLIMITED, Window
-from dialproxy.counters import FAR, Counts, LocalCounters, Read
-from dialproxy.errors import ConcurrencyLimited
-from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
-from dialproxy.storage import (
+from dialproxy.counting.counters import FAR, Counts, LocalCounters, Read
+from dialproxy.counting.storage import (
     DEFAULT_FAILURE_POLICY,
     FailurePolicy,
     Storage,
     StorageGuard,
     read,
 )
+from dialproxy.errors import ConcurrencyLimited
+from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
 
 _ZERO: Counts = (0, 0.0, 0, 0.0)
 
