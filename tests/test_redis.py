@@ -807,6 +807,16 @@ async def test_rediss_counts_over_tls(tmp_path: Path) -> None:
         finally:
             await limiter.close()
         assert await counted(server.url) == 2  # (read back over the plain port)
+        # ssl_cert_reqs=none: encrypted, the certificate not checked (nor its name)
+        unchecked = Limiter(
+            counter_storage(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none"), "deny"
+        )
+        try:
+            await admit_request(unchecked, scope)
+            assert unchecked.health()["failures"] == 0
+        finally:
+            await unchecked.close()
+        assert await counted(server.url) == 3
         untrusted = Limiter(counter_storage(f"rediss://127.0.0.1:{tls_port}/0"), "deny")
         try:
             with pytest.raises(StorageUnavailable):

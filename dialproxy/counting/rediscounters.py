@@ -803,7 +803,8 @@ def _tls(kwargs: dict[str, Any]) -> ssl.SSLContext:
         context.load_cert_chain(certfile, kwargs.get("ssl_keyfile"))
     reqs = str(kwargs.get("ssl_cert_reqs", "required")).lower()
     check = str(kwargs.get("ssl_check_hostname", reqs == "required")).lower()
-    context.check_hostname = check in ("true", "1", "yes")
+    # (no certificate checked: no name to check either; ssl refuses CERT_NONE with it on)
+    context.check_hostname = check in ("true", "1", "yes") and reqs != "none"
     if reqs == "none":
         context.verify_mode = ssl.CERT_NONE
     elif reqs == "optional":
