@@ -825,3 +825,122 @@ async def test_rediss_counts_over_tls(tmp_path: Path) -> None:
             await untrusted.close()
     finally:
         server.stop()
+
+
+async def test_a_redis_that_lost_its_scripts_and_may_not_load_them_is_an_outage(
+    own_redis: RedisServer,
+) -> None:
+    """Scripts lost (a restart, SCRIPT FLUSH) and SCRIPT LOAD refused (an ACL tightened
+    since the start): the call is re-sent once, then fails; the storage goes down (deny:
+    503) at once, the call is not sent for ever nor left waiting."""
+    own_redis.command("ACL", "SETUSER", "lim", "on", ">pw", "~*", "&*", "+@all")
+    limiter = Limiter(counter_storage(f"redis://lim:pw@127.0.0.1:{own_redis.port}/0"), "deny")
+    scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 5),))
+    try:
+        await admit_request(limiter, scope)
+        own_redis.command("ACL", "SETUSER", "lim", "-script|load")
+        own_redis.command("SCRIPT", "FLUSH")
+        with pytest.raises(StorageUnavailable):
+            await asyncio.wait_for(admit_request(limiter, scope), MARGIN)
+        stats = own_redis.command("INFO", "commandstats")
+        assert isinstance(stats, bytes)
+        lines = stats.decode().splitlines()
+        evalsha = next(line for line in lines if "cmdstat_evalsha" in line)
+        assert "calls=3," in evalsha  # the first admission, the call, its one re-sending
+    finally:
+        await limiter.close()
+
+
+async def test_every_call_redis_fails_is_counted(own_redis: RedisServer) -> None:
+    """Redis killed under calls in flight: each failed call is counted in ``failures``
+    (/health, the metrics), the outage once."""
+    limiter = Limiter(counter_storage(own_redis.url), "allow")
+    scope = Scope("p:fleet", "chat", request_windows=(Window("hour", 3_600, 50),))
+    try:
+        await admit_request(limiter, scope)
+        own_redis.kill()
+        await asyncio.gather(*(admit_request(limiter, scope) for _ in range(5)))
+        health = limiter.health()
+        assert (health["failures"], health["outages"], health["fallbacks"]) == (5, 1, 5)
+    finally:
+        await limiter.close()
+
+
+class _Relay:
+    """A TCP relay to a Redis whose connections can be made silently dead: their bytes
+    dropped, the sockets left open (a failover, a NAT or load balancer losing the flow)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.flows: list[object] = []
+        self.dead: set[object] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, flow: object) -> None:
+            try:
+                while data := await r.read(65536):
+                    if flow not in self.dead:
+                        w.write(data)
+            finally:
+                w.close()
+
+        async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.port)
+            flow = object()
+            self.flows.append(flow)
+            await asyncio.gather(pipe(r, uw, flow), pipe(ur, w, flow), return_exceptions=True)
+
+        self.server = await asyncio.start_server(relay, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def kill_flows(self) -> None:
+        self.dead.update(self.flows)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_storage_prepared_again_trusts_no_connection_from_before(
+    own_redis: RedisServer,
+) -> None:
+    """Every connection gone silently dead, then the storage prepared again (what the
+    outage probe does when Redis answers again): the next admission goes on a fresh
+    connection, not on the dead one (which would time out and knock it down again)."""
+    relay = _Relay(own_redis.port)
+    port = await relay.start()
+    storage = RedisCounters(f"redis://127.0.0.1:{port}/0")
+    window = ("dp:p:fleet:chat:r:hour", 3_600)  # (the hour window counted() reads)
+    try:
+        await storage.prepare()
+        assert (await storage.admit([window], [10], [1], [1]))[0] == 0
+        relay.kill_flows()
+        await storage.prepare()  # (fresh pool connections: it answers)
+        refused, _ = await asyncio.wait_for(storage.admit([window], [10], [1], [1]), MARGIN)
+        assert refused == 0
+        assert await counted(own_redis.url) == 2
+    finally:
+        await close_storage(storage)
+        await relay.stop()
+
+
+async def test_closed_counters_leave_no_connection_open(own_redis: RedisServer) -> None:
+    """A call whose caller left in the turn it was made, then close(): no connection is
+    opened after it (nor left open)."""
+
+    def clients() -> int:
+        info = own_redis.command("INFO", "clients")
+        assert isinstance(info, bytes)
+        lines = info.decode().splitlines()
+        line = next(x for x in lines if x.startswith("connected_clients:"))
+        return int(line.split(":")[1]) - 1  # (less the INFO's own connection)
+
+    storage = RedisCounters(own_redis.url)
+    await storage.prepare()
+    future, _ = storage.admit_soon([("p:fleet:chat:r:hour", 3_600)], [10], [1], [1])
+    future.cancel()
+    await close_storage(storage)
+    await asyncio.sleep(0.3)  # (what a flush or a connection scheduled before would do)
+    assert clients() == 0

@@ -541,6 +541,7 @@ class RedisCounters:
         """Fresh connections, the scripts loaded (so a call never finds Redis without
         them), then a PING: before the first use and after an outage."""
         await self.client.connection_pool.disconnect()
+        self._batch.reset()
         for script in (self._admit, self._settle, self._read):
             await self.client.script_load(script.script)
         await self.client.ping()
@@ -578,6 +579,7 @@ class ScriptBatch:
         self.pending: list[_Call] = []
         self.held: list[_Call] = []  # made, waiting for a connection
         self.link: _Link | None = None
+        self.closed = False  # (a call made after close() fails: no connection is opened)
         self._connecting: asyncio.Task[None] | None = None
 
     async def call(
@@ -602,6 +604,9 @@ class ScriptBatch:
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
+        if self.closed:
+            _fail(batch, ConnectionError("closed"))
+            return
         link = self.link
         if link is not None and link.open and not self.held:
             link.write(batch, _wire(batch))
@@ -628,6 +633,14 @@ class ScriptBatch:
         finally:
             self._connecting = None
 
+    def reset(self) -> None:
+        """The connection dropped (the next batch opens a fresh one): a storage prepared
+        again after an outage trusts no connection from before it, which may have gone
+        silently dead."""
+        if (link := self.link) is not None:
+            self.link = None
+            link.close()
+
     async def close(self) -> None:
         """Once every call made has its answer: the connection closed."""
         while calls := [
@@ -636,9 +649,10 @@ class ScriptBatch:
             if not c[4].done()
         ]:
             await asyncio.wait(calls)
-        if self.link is not None:
-            link, self.link = self.link, None
-            link.close()
+        self.closed = True
+        if self._connecting is not None:  # (a connection being opened: closed too)
+            await asyncio.wait({self._connecting})
+        self.reset()
 
 
 def _wire(batch: list[_Call]) -> bytes:
@@ -706,6 +720,8 @@ class _Link(asyncio.Protocol):
                     setup.append(link.command(_command(*auth)))
                 if db := int(kwargs.get("db", 0) or 0):
                     setup.append(link.command(_command("SELECT", db)))
+                for future in setup:  # (a refused AUTH fails the SELECT after it too)
+                    future.add_done_callback(_retrieved)
                 for future in setup:
                     await future
         except BaseException:
@@ -758,7 +774,9 @@ class _Link(asyncio.Protocol):
         script = call[0]
         assert script is not None
         self.command(_command("SCRIPT", "LOAD", script.script)).add_done_callback(_retrieved)
-        self.write([call], _wire([call]))
+        # (waited for as a call without a script: a second NOSCRIPT is its error, not a
+        # third try: a Redis that refuses SCRIPT LOAD would have it sent for ever)
+        self.write([(None, *call[1:])], _wire([call]))
 
     def _check(self) -> None:
         """The oldest batch's answers are due: past it, the link has failed."""

@@ -259,8 +259,7 @@ class StorageGuard:
     def failed(self, error: Exception) -> None:
         """The shared storage failed a call: down until a probe finds it back."""
         self._ready = False
-        if self.state.healthy:
-            self.state.failed(error, "counters")
+        self.state.failed(error, "counters")  # (counted each time; logged once an outage)
 
     async def fallback(
         self, op: Callable[[Storage], Awaitable[T]], allowed: T, *, refuse: bool = True
