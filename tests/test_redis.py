@@ -944,3 +944,38 @@ async def test_closed_counters_leave_no_connection_open(own_redis: RedisServer) 
     await close_storage(storage)
     await asyncio.sleep(0.3)  # (what a flush or a connection scheduled before would do)
     assert clients() == 0
+
+
+async def test_an_admission_whose_client_left_before_redis_answered_is_given_back(
+    own_redis: RedisServer,
+) -> None:
+    """A request cancelled (its client gone) after its admission went to Redis and before
+    the answer came: Redis admitted it all the same, so its reservation is taken back and
+    its concurrency slot freed as soon as the answer comes, not held for the slot's lease
+    (a minute) or the window; the request stays counted (as in memory)."""
+    limiter = Limiter(counter_storage(own_redis.url), "deny")
+    tokens = Window("hour", 3_600, 1_000)
+    scope = Scope(
+        "p:fleet", "chat", token_windows=(tokens,),
+        request_windows=(Window("hour", 3_600, 100),), concurrency=1,
+    )  # fmt: skip
+    try:
+        await limiter.admit([scope])  # (connected, prepared)
+        leaving = asyncio.ensure_future(limiter.admit([scope], 300, member="leaves"))
+        await asyncio.sleep(0)  # (its call made)
+        await asyncio.sleep(0)  # (its batch written)
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        deadline = time.monotonic() + MARGIN
+        while True:  # (its answer, then the give-back, a round trip each)
+            (state,) = await limiter.usage("p:fleet", "chat", [tokens], "t")
+            if state.used == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        assert state.used == 0  # the 300 tokens reserved, taken back
+        await limiter.admit([scope], 300, member="next")  # the one slot is free
+        (requests,) = await limiter.usage("p:fleet", "chat", [Window("hour", 3_600, 100)], "r")
+        assert requests.used == 3
+    finally:
+        await limiter.close()

@@ -22,6 +22,8 @@ no limits, or 503).  A storage failure is never a 500.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -241,11 +243,13 @@ class Limiter:
         # Counters in this process's memory: calls never wait on I/O and never fail, so
         # they need no guard.
         self.local = storage if isinstance(storage, LocalCounters) else None
+        self._giving_back: set[asyncio.Task[None]] = set()  # (see _left)
 
     def health(self) -> dict[str, Any]:
         return self.guard.health()
 
     async def close(self) -> None:
+        await asyncio.gather(*self._giving_back, return_exceptions=True)
         await self.guard.close()
 
     async def admit(
@@ -280,6 +284,9 @@ class Limiter:
             except Exception as e:  # (Redis failed it: as guard.run would)
                 guard.failed(e)
                 return await guard.fallback(lambda s: _admit(s, batch), (None, None))
+            except asyncio.CancelledError:  # the client left: what Redis takes, given back
+                redis.when_left(future, functools.partial(self._left, batch))
+                raise
             refused, counts = redis.admitted(
                 flat, prepared, len(a.windows), batch.slots, member, now
             )
@@ -287,6 +294,19 @@ class Limiter:
                 _refuse(batch, refused, counts)
             return _admitted(batch, counts)
         return await guard.run(lambda s: _admit(s, batch), (None, None))
+
+    def _left(self, batch: _Batch, answer: Any) -> None:
+        """An admission whose request was cancelled (its client gone) before Redis
+        answered: when Redis admitted it, its reservation is taken back and its slots
+        freed at once (not a lease later); its request stays counted, as in memory."""
+        if type(answer) is not list or not answer or answer[0] != 0:
+            return  # (refused: nothing was taken)
+        tokens, cost = batch.reserved
+        work = self.settle_soon(batch.admission.scopes, -tokens, -cost, batch.member, batch.now)
+        if work is not None:  # (Redis down meanwhile: the guard's way, in a task)
+            task = asyncio.get_running_loop().create_task(work)
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
 
     def admit_now(
         self, admission: Admission, reserve_tokens: int, reserve_cost: int, member: str

@@ -24,7 +24,7 @@ import asyncio
 import json
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any, TypeVar, cast
 
@@ -428,6 +428,18 @@ class RedisCounters:
                 counts[index] = (0, 0.0, counts[index][2], max(end - now, 0.0))
         return refused, counts
 
+    def when_left(self, future: asyncio.Future[Any], then: Callable[[Any], None]) -> None:
+        """``then`` with the answer of the call of ``future`` (:meth:`admit_soon`'s), whose
+        caller left (cancelled) before it came: the call went, or goes, to Redis all the
+        same, and what it took there is the caller's to give back."""
+        if future.cancelled():
+            late = self._batch.late
+            if len(late) >= PREPARED_MAX:  # (answers that never came: a bound all the same)
+                late.clear()
+            late[future] = then
+        elif future.exception() is None:  # (it came, and the caller left just after)
+            then(future.result())
+
     async def settle(
         self,
         windows: Sequence[Read],
@@ -580,6 +592,9 @@ class ScriptBatch:
         self.held: list[_Call] = []  # made, waiting for a connection
         self.link: _Link | None = None
         self.closed = False  # (a call made after close() fails: no connection is opened)
+        # What to do with the answer of a call whose caller left before it came (see
+        # RedisCounters.when_left), by the call's (cancelled) future.
+        self.late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
         self._connecting: asyncio.Task[None] | None = None
 
     async def call(
@@ -622,11 +637,13 @@ class ScriptBatch:
             link = self.link
             if link is None or not link.open:
                 self.link = None
-                link = self.link = await _Link.connect(self.url, self.client)
+                link = self.link = await _Link.connect(self.url, self.client, self.late)
             held, self.held = self.held, []
             link.write(held, _wire(held))  # (written, or raised before any is waited for)
         except BaseException as e:  # (no connection: every call held sees it)
             held, self.held = held + self.held, []
+            for *_, future in held:
+                self.late.pop(future, None)
             _fail(held, e)
             if not isinstance(e, Exception):
                 raise
@@ -684,8 +701,13 @@ class _Link(asyncio.Protocol):
     (Redis answers in order).  An answer later than TIMEOUT, a broken connection or bytes
     that are not RESP fail every call waiting and close it (:attr:`open` false)."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        late: dict[asyncio.Future[Any], Callable[[Any], None]] | None = None,
+    ) -> None:
         self.client = client
+        self.late = {} if late is None else late  # (ScriptBatch.late)
         self.reader = hiredis.Reader(encoding="utf-8")
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[_Call] = deque()
@@ -696,12 +718,17 @@ class _Link(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
 
     @classmethod
-    async def connect(cls, url: str, client: redis.asyncio.Redis) -> _Link:
+    async def connect(
+        cls,
+        url: str,
+        client: redis.asyncio.Redis,
+        late: dict[asyncio.Future[Any], Callable[[Any], None]] | None = None,
+    ) -> _Link:
         """A link to the Redis of ``url`` (redis://, rediss://, unix://; its user,
         password and database), within CONNECT_TIMEOUT."""
         kwargs: dict[str, Any] = dict(parse_url(url))
         loop = asyncio.get_running_loop()
-        link = cls(client)
+        link = cls(client, late)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 if (path := kwargs.get("path")) is not None:
@@ -762,8 +789,12 @@ class _Link(asyncio.Protocol):
                         self._run_again(call)  # (Redis lost its scripts: loaded, run again)
                     elif not future.done():
                         future.set_exception(ResponseError(str(answer)))
+                    elif self.late:
+                        self.late.pop(future, None)
                 elif not future.done():
                     future.set_result(answer)
+                elif self.late and (then := self.late.pop(future, None)) is not None:
+                    then(answer)  # (its caller left before it came: see when_left)
         except (hiredis.ProtocolError, IndexError) as e:  # (not RESP, or an answer too many)
             self._lost(ConnectionError(f"Redis answered out of protocol: {type(e).__name__}"))
 
@@ -799,6 +830,8 @@ class _Link(asyncio.Protocol):
         waiting = list(self.waiting)
         self.waiting.clear()
         self.due.clear()
+        for *_, future in waiting:
+            self.late.pop(future, None)
         _fail(waiting, error)
         if self.transport is not None:
             self.transport.abort()
