@@ -17,6 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from dialproxy.settings import Settings
+from dialproxy.sharedkeys.model import SharedKey
+from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.sharedkeys.sqlite import SqliteSharedKeyStore
 from dialproxy.statefile import STATE_FILE, state_path
 from dialproxy.web.appkeys import SHARED
@@ -536,3 +538,31 @@ async def test_a_cap_with_one_token_left_admits_at_most_one_of_fifty_at_once(
     assert listing == 200
     (entry,) = [k for k in listed["data"] if k["name"] == "capped"]
     assert entry["utilized"] == 14  # the reservations settled to what was used
+
+
+async def test_a_reservation_whose_client_left_is_given_back(tmp_path: Path) -> None:
+    """A request cancelled (its client gone) while its shared key's reservation is being
+    taken: the store takes it all the same, so it is given back; ``utilized`` counts every
+    token ever used through the key, and would keep it for ever."""
+    store = SqliteSharedKeyStore(tmp_path / "state.db")
+    await store.start()
+    shared: SharedKeys[Any] = SharedKeys(store)
+    key = SharedKey(id="k1", digest="d1", owner="o1", name="left", tokens=100)
+    await store.create(key)
+    try:
+        leaving = asyncio.ensure_future(shared.reserve(key, 30))
+        await asyncio.sleep(0)  # (the reservation on its way)
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        found = None
+        for _ in range(200):  # (the store's write, then the give-back's)
+            found = await store.find("d1")
+            if found is not None and found.utilized == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert found is not None and found.utilized == 0
+        assert await shared.reserve(key, 30) == 30  # (and a reservation that stays)
+        assert (await store.find("d1")).utilized == 30  # type: ignore[union-attr]
+    finally:
+        await store.close()

@@ -3,6 +3,8 @@ while the store's Redis is down."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -54,6 +56,7 @@ class SharedKeys(Generic[PerRequest]):
         self.per_request: PerRequest | None = None
         self._seen: dict[str, tuple[SharedKey, datetime]] = {}  # digest -> key, when found
         self.fallbacks = 0  # lookups answered from what was seen, while the store was down
+        self._giving_back: set[asyncio.Task[None]] = set()  # (see _left)
 
     def now(self) -> datetime:
         return self.clock() if self.clock is not None else datetime.now(UTC)
@@ -91,15 +94,30 @@ class SharedKeys(Generic[PerRequest]):
         as the key was last seen.  Returns what it holds (0: nothing)."""
         if key.tokens < 0:
             return 0
+        # (run to its end even when the request is cancelled, its client gone: what the
+        # store took is then given back, not kept in utilized for ever)
+        call = asyncio.ensure_future(self.store.reserve(key, tokens))
         try:
-            held = await self.store.reserve(key, tokens)
+            held = await asyncio.shield(call)
         except StoreUnavailable:
             check_cap(key)
             return 0
+        except asyncio.CancelledError:
+            call.add_done_callback(functools.partial(self._left, key, tokens))
+            raise
         if not held:
             check_cap(replace(key, utilized=max(key.utilized, key.tokens)))
         self._remember_use(key, tokens)
         return tokens
+
+    def _left(self, key: SharedKey, tokens: int, call: asyncio.Future[bool]) -> None:
+        """A reservation whose request was cancelled before the store answered: when the
+        store took it, it is given back (in a task of its own)."""
+        if call.cancelled() or call.exception() is not None or not call.result():
+            return
+        task = asyncio.get_running_loop().create_task(self.store.add_utilized(key, -tokens))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     def _remember_use(self, key: SharedKey, tokens: int) -> None:
         """The remembered copy counts too, so that its cap goes on counting here while
