@@ -979,3 +979,80 @@ async def test_an_admission_whose_client_left_before_redis_answered_is_given_bac
         assert requests.used == 3
     finally:
         await limiter.close()
+
+
+def _capped(owner: str) -> Scope:
+    """A scope of one token window and one slot (what a cancelled admission must give back)."""
+    return Scope(
+        owner, "chat", token_windows=(Window("hour", 3_600, 1_000),),
+        request_windows=(Window("hour", 3_600, 100),), concurrency=1,
+    )  # fmt: skip
+
+
+async def _tokens_held(url: str, owner: str) -> int:
+    reader = Limiter(counter_storage(url), "deny")
+    try:
+        (state,) = await reader.usage(owner, "chat", [Window("hour", 3_600, 1_000)], "t")
+        return state.used
+    finally:
+        await reader.close()
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["prepared", "first call"])
+async def test_admissions_cancelled_at_every_moment_are_given_back(
+    own_redis: RedisServer, warm: bool
+) -> None:
+    """A request cancelled after 0 to 200 turns of the loop (before its call is made,
+    before it is written, with its answer on its way, in the same turn as the answer,
+    after it; on its first call, while the storage is being prepared too): whatever Redis
+    took is given back (or the request holds it, admitted, and settles it), and the
+    scope's one slot is free again."""
+    for k in (*range(12), *range(12, 200, 7)):
+        owner = f"p:k{k}{'w' if warm else 'f'}"
+        scope = _capped(owner)
+        limiter = Limiter(counter_storage(own_redis.url), "deny")
+        try:
+            if warm:
+                await limiter.admit([_capped("p:warm")])
+            leaving = asyncio.ensure_future(limiter.admit([scope], 300, member="leaves"))
+            for _ in range(k):
+                await asyncio.sleep(0)
+            leaving.cancel()
+            try:
+                await leaving
+            except asyncio.CancelledError:
+                pass
+            else:  # (admitted before the cancel: the request holds it and settles it)
+                await limiter.settle([scope], -300, 0, member="leaves")
+            for _ in range(int(MARGIN / 0.01)):  # (the answer, then the give-back's)
+                if not (held := await _tokens_held(own_redis.url, owner)):
+                    break
+                await asyncio.sleep(0.01)
+            assert held == 0, f"after {k} turns"
+            await limiter.admit([scope], 10, member="next")  # the slot is free
+        finally:
+            await limiter.close()
+
+
+async def test_an_admission_cancelled_just_before_shutdown_is_given_back(
+    own_redis: RedisServer,
+) -> None:
+    """The client leaves, and the process stops before Redis answered: close() waits for
+    the answer and gives back what it took (not held for the window, nor the slot for its
+    lease)."""
+    scope = _capped("p:closing")
+    limiter = Limiter(counter_storage(own_redis.url), "deny")
+    await limiter.admit([_capped("p:warm")])
+    leaving = asyncio.ensure_future(limiter.admit([scope], 300, member="leaves"))
+    await asyncio.sleep(0)  # (its call made)
+    await asyncio.sleep(0)  # (written)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await limiter.close()
+    assert await _tokens_held(own_redis.url, "p:closing") == 0
+    other = Limiter(counter_storage(own_redis.url), "deny")
+    try:
+        await other.admit([scope], 10, member="next")  # the slot is free
+    finally:
+        await other.close()

@@ -251,6 +251,8 @@ class Limiter:
     async def close(self) -> None:
         await asyncio.gather(*self._giving_back, return_exceptions=True)
         await self.guard.close()
+        # (one made while the guard closed: the storage marked down at that moment)
+        await asyncio.gather(*self._giving_back, return_exceptions=True)
 
     async def admit(
         self,
@@ -279,8 +281,8 @@ class Limiter:
             future, prepared = redis.admit_soon(
                 a.windows, a.limits, a.modes, batch.amounts, batch.slots, member
             )
-            try:
-                flat = await future
+            try:  # (shielded: a cancel reaches this request, not the call it made)
+                flat = await asyncio.shield(future)
             except Exception as e:  # (Redis failed it: as guard.run would)
                 guard.failed(e)
                 return await guard.fallback(lambda s: _admit(s, batch), (None, None))
@@ -293,7 +295,7 @@ class Limiter:
             if refused:
                 _refuse(batch, refused, counts)
             return _admitted(batch, counts)
-        return await guard.run(lambda s: _admit(s, batch), (None, None))
+        return await guard.run(lambda s: _admit(s, batch, self._left), (None, None))
 
     def _left(self, batch: _Batch, answer: Any) -> None:
         """An admission whose request was cancelled (its client gone) before Redis
@@ -659,10 +661,26 @@ class _Batch:
         return a.windows, a.limits, a.modes, self.amounts, self.slots, self.member
 
 
-async def _admit(s: Storage, batch: _Batch) -> tuple[WindowState | None, WindowState | None]:
+async def _admit(
+    s: Storage, batch: _Batch, left: Callable[[_Batch, Any], None] | None = None
+) -> tuple[WindowState | None, WindowState | None]:
+    """``batch`` admitted on ``s``; on Redis, when the request is cancelled before the
+    answer, ``left`` gives back what Redis took (see :meth:`Limiter._left`)."""
     if isinstance(s, LocalCounters):
         return _admit_now(s, batch.admission, *batch.reserved, batch.member, batch.now)
-    refused, counts = await s.admit(*batch.args(), now=batch.now)  # (calendars by our clock)
+    a = batch.admission
+    future, prepared = s.admit_soon(
+        a.windows, a.limits, a.modes, batch.amounts, batch.slots, batch.member
+    )
+    try:
+        flat = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if left is not None:
+            s.when_left(future, functools.partial(left, batch))
+        raise
+    refused, counts = s.admitted(
+        flat, prepared, len(a.windows), batch.slots, batch.member, batch.now
+    )
     if refused:
         _refuse(batch, refused, counts)
     return _admitted(batch, counts)

@@ -429,16 +429,17 @@ class RedisCounters:
         return refused, counts
 
     def when_left(self, future: asyncio.Future[Any], then: Callable[[Any], None]) -> None:
-        """``then`` with the answer of the call of ``future`` (:meth:`admit_soon`'s), whose
-        caller left (cancelled) before it came: the call went, or goes, to Redis all the
-        same, and what it took there is the caller's to give back."""
-        if future.cancelled():
-            late = self._batch.late
-            if len(late) >= PREPARED_MAX:  # (answers that never came: a bound all the same)
-                late.clear()
-            late[future] = then
-        elif future.exception() is None:  # (it came, and the caller left just after)
-            then(future.result())
+        """``then`` with the answer of the call of ``future`` (:meth:`admit_soon`'s, awaited
+        shielded), whose caller left (cancelled) before it came, or came and was not read:
+        the call went, or goes, to Redis all the same, and what it took there is the
+        caller's to give back.  (The future stays pending till its answer: ``close()``
+        waits for it.)"""
+
+        def done(answered: asyncio.Future[Any]) -> None:
+            if not answered.cancelled() and answered.exception() is None:
+                then(answered.result())
+
+        future.add_done_callback(done)
 
     async def settle(
         self,
@@ -592,9 +593,6 @@ class ScriptBatch:
         self.held: list[_Call] = []  # made, waiting for a connection
         self.link: _Link | None = None
         self.closed = False  # (a call made after close() fails: no connection is opened)
-        # What to do with the answer of a call whose caller left before it came (see
-        # RedisCounters.when_left), by the call's (cancelled) future.
-        self.late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
         self._connecting: asyncio.Task[None] | None = None
 
     async def call(
@@ -637,13 +635,11 @@ class ScriptBatch:
             link = self.link
             if link is None or not link.open:
                 self.link = None
-                link = self.link = await _Link.connect(self.url, self.client, self.late)
+                link = self.link = await _Link.connect(self.url, self.client)
             held, self.held = self.held, []
             link.write(held, _wire(held))  # (written, or raised before any is waited for)
         except BaseException as e:  # (no connection: every call held sees it)
             held, self.held = held + self.held, []
-            for *_, future in held:
-                self.late.pop(future, None)
             _fail(held, e)
             if not isinstance(e, Exception):
                 raise
@@ -660,11 +656,17 @@ class ScriptBatch:
 
     async def close(self) -> None:
         """Once every call made has its answer: the connection closed."""
-        while calls := [
-            c[4]
-            for c in (*self.pending, *self.held, *(self.link.waiting if self.link else ()))
-            if not c[4].done()
-        ]:
+        while True:
+            # (the callbacks of answers read already run first: they may make calls, as a
+            # cancelled admission's give-back does)
+            await asyncio.sleep(0)
+            calls = [
+                c[4]
+                for c in (*self.pending, *self.held, *(self.link.waiting if self.link else ()))
+                if not c[4].done()
+            ]
+            if not calls:
+                break
             await asyncio.wait(calls)
         self.closed = True
         if self._connecting is not None:  # (a connection being opened: closed too)
@@ -701,13 +703,8 @@ class _Link(asyncio.Protocol):
     (Redis answers in order).  An answer later than TIMEOUT, a broken connection or bytes
     that are not RESP fail every call waiting and close it (:attr:`open` false)."""
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        late: dict[asyncio.Future[Any], Callable[[Any], None]] | None = None,
-    ) -> None:
+    def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
-        self.late = {} if late is None else late  # (ScriptBatch.late)
         self.reader = hiredis.Reader(encoding="utf-8")
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[_Call] = deque()
@@ -718,17 +715,12 @@ class _Link(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
 
     @classmethod
-    async def connect(
-        cls,
-        url: str,
-        client: redis.asyncio.Redis,
-        late: dict[asyncio.Future[Any], Callable[[Any], None]] | None = None,
-    ) -> _Link:
+    async def connect(cls, url: str, client: redis.asyncio.Redis) -> _Link:
         """A link to the Redis of ``url`` (redis://, rediss://, unix://; its user,
         password and database), within CONNECT_TIMEOUT."""
         kwargs: dict[str, Any] = dict(parse_url(url))
         loop = asyncio.get_running_loop()
-        link = cls(client, late)
+        link = cls(client)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 if (path := kwargs.get("path")) is not None:
@@ -789,12 +781,8 @@ class _Link(asyncio.Protocol):
                         self._run_again(call)  # (Redis lost its scripts: loaded, run again)
                     elif not future.done():
                         future.set_exception(ResponseError(str(answer)))
-                    elif self.late:
-                        self.late.pop(future, None)
                 elif not future.done():
                     future.set_result(answer)
-                elif self.late and (then := self.late.pop(future, None)) is not None:
-                    then(answer)  # (its caller left before it came: see when_left)
         except (hiredis.ProtocolError, IndexError) as e:  # (not RESP, or an answer too many)
             self._lost(ConnectionError(f"Redis answered out of protocol: {type(e).__name__}"))
 
@@ -830,8 +818,6 @@ class _Link(asyncio.Protocol):
         waiting = list(self.waiting)
         self.waiting.clear()
         self.due.clear()
-        for *_, future in waiting:
-            self.late.pop(future, None)
         _fail(waiting, error)
         if self.transport is not None:
             self.transport.abort()

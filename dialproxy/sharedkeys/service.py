@@ -57,6 +57,7 @@ class SharedKeys(Generic[PerRequest]):
         self._seen: dict[str, tuple[SharedKey, datetime]] = {}  # digest -> key, when found
         self.fallbacks = 0  # lookups answered from what was seen, while the store was down
         self._giving_back: set[asyncio.Task[None]] = set()  # (see _left)
+        self._reserving: set[asyncio.Future[bool]] = set()  # (left by their callers)
 
     def now(self) -> datetime:
         return self.clock() if self.clock is not None else datetime.now(UTC)
@@ -103,12 +104,20 @@ class SharedKeys(Generic[PerRequest]):
             check_cap(key)
             return 0
         except asyncio.CancelledError:
+            self._reserving.add(call)
+            call.add_done_callback(self._reserving.discard)
             call.add_done_callback(functools.partial(self._left, key, tokens))
             raise
         if not held:
             check_cap(replace(key, utilized=max(key.utilized, key.tokens)))
         self._remember_use(key, tokens)
         return tokens
+
+    async def close(self) -> None:
+        """Once the reservations still being taken and given back are done (the store
+        stays open: its owner closes it)."""
+        while self._giving_back or self._reserving:
+            await asyncio.gather(*self._giving_back, *self._reserving, return_exceptions=True)
 
     def _left(self, key: SharedKey, tokens: int, call: asyncio.Future[bool]) -> None:
         """A reservation whose request was cancelled before the store answered: when the

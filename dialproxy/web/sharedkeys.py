@@ -81,6 +81,7 @@ def setup(app: web.Application) -> None:
         pending = list(background)  # usage records still adding to utilized
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        await app[SHARED].close()  # (the give-backs of requests cancelled mid-reservation)
         if health is not None:
             await health.close()  # (no probe of a closed store)
         await store.close()
