@@ -281,8 +281,8 @@ class Limiter:
             future, prepared = redis.admit_soon(
                 a.windows, a.limits, a.modes, batch.amounts, batch.slots, member
             )
-            try:  # (shielded: a cancel reaches this request, not the call it made)
-                flat = await asyncio.shield(future)
+            try:  # (a cancel reaches this request once the answer came: see _Answer)
+                flat = await future
             except Exception as e:  # (Redis failed it: as guard.run would)
                 guard.failed(e)
                 return await guard.fallback(lambda s: _admit(s, batch), (None, None))
@@ -673,7 +673,7 @@ async def _admit(
         a.windows, a.limits, a.modes, batch.amounts, batch.slots, batch.member
     )
     try:
-        flat = await asyncio.shield(future)
+        flat = await future
     except asyncio.CancelledError:
         if left is not None:
             s.when_left(future, functools.partial(left, batch))

@@ -429,11 +429,10 @@ class RedisCounters:
         return refused, counts
 
     def when_left(self, future: asyncio.Future[Any], then: Callable[[Any], None]) -> None:
-        """``then`` with the answer of the call of ``future`` (:meth:`admit_soon`'s, awaited
-        shielded), whose caller left (cancelled) before it came, or came and was not read:
-        the call went, or goes, to Redis all the same, and what it took there is the
-        caller's to give back.  (The future stays pending till its answer: ``close()``
-        waits for it.)"""
+        """``then`` with the answer of the call of ``future`` (:meth:`admit_soon`'s), whose
+        caller was cancelled (its client gone) while waiting for it: the call went to Redis
+        all the same, and what it took there is the caller's to give back.  (The future
+        refuses a cancel: it stays pending till its answer, and ``close()`` waits for it.)"""
 
         def done(answered: asyncio.Future[Any]) -> None:
             if not answered.cancelled() and answered.exception() is None:
@@ -609,7 +608,7 @@ class ScriptBatch:
     ) -> asyncio.Future[Any]:
         """:meth:`call` made, its answer's future returned (to await, or to watch)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = _Answer(loop=loop)
         if not self.pending:
             loop.call_soon(self._flush)
         self.pending.append((script, prepared, extra, own, future))
@@ -849,6 +848,17 @@ def _tls(kwargs: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
+class _Answer(asyncio.Future[Any]):
+    """The future of a script call's answer.  A cancel of the request awaiting it does not
+    reach it: the call goes to Redis all the same, so its answer is waited for, and the
+    request is cancelled once it came (asyncio's own way when a future refuses a cancel),
+    with the answer there to give back what the call took (:meth:`RedisCounters.when_left`).
+    Cheaper than a shield around every call (no second future, no callbacks)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 def _fail(calls: list[_Call], error: BaseException) -> None:
     """``error`` to every call of ``calls`` still waited for (an outage: the loop closing,
     a cancellation)."""
@@ -858,7 +868,7 @@ def _fail(calls: list[_Call], error: BaseException) -> None:
         if isinstance(error, Exception):
             future.set_exception(error)
         else:
-            future.cancel()
+            asyncio.Future.cancel(future)  # (an _Answer's own cancel() refuses)
 
 
 async def uncancelled(call: Awaitable[T]) -> T:
