@@ -40,7 +40,7 @@ from dialproxy.counting.storage import (
     StorageGuard,
     read,
 )
-from dialproxy.errors import ConcurrencyLimited
+from dialproxy.errors import ConcurrencyLimited, ProxyError
 from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
 
 _ZERO: Counts = (0, 0.0, 0, 0.0)
@@ -276,25 +276,14 @@ class Limiter:
             return _admit_now(self.local, admission, reserve_tokens, reserve_cost, member, now)
         batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         guard = self.guard
-        if (redis := guard.redis_now()) is not None:  # the usual: the call, no layers
-            a = admission
-            future, prepared = redis.admit_soon(
-                a.windows, a.limits, a.modes, batch.amounts, batch.slots, member
-            )
-            try:  # (a cancel reaches this request once the answer came: see _Answer)
-                flat = await future
+        if (redis := guard.redis_now()) is not None:  # the usual: no guard.run around it
+            try:
+                return await _admit(redis, batch, self._left)
+            except ProxyError:  # (a 429: Redis answered)
+                raise
             except Exception as e:  # (Redis failed it: as guard.run would)
                 guard.failed(e)
                 return await guard.fallback(lambda s: _admit(s, batch), (None, None))
-            except asyncio.CancelledError:  # the client left: what Redis takes, given back
-                redis.when_left(future, functools.partial(self._left, batch))
-                raise
-            refused, counts = redis.admitted(
-                flat, prepared, len(a.windows), batch.slots, member, now
-            )
-            if refused:
-                _refuse(batch, refused, counts)
-            return _admitted(batch, counts)
         return await guard.run(lambda s: _admit(s, batch, self._left), (None, None))
 
     def _left(self, batch: _Batch, answer: Any) -> None:
