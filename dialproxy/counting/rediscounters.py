@@ -739,7 +739,7 @@ class _Link(asyncio.Protocol):
                 if db := int(kwargs.get("db", 0) or 0):
                     setup.append(link.command(_command("SELECT", db)))
                 for future in setup:  # (a refused AUTH fails the SELECT after it too)
-                    future.add_done_callback(_retrieved)
+                    future.add_done_callback(_consume)
                 for future in setup:
                     await future
         except BaseException:
@@ -791,7 +791,7 @@ class _Link(asyncio.Protocol):
         calls that lost their script come back in the order they were made)."""
         script = call[0]
         assert script is not None
-        self.command(_command("SCRIPT", "LOAD", script.script)).add_done_callback(_retrieved)
+        self.command(_command("SCRIPT", "LOAD", script.script)).add_done_callback(_consume)
         # (waited for as a call without a script: a second NOSCRIPT is its error, not a
         # third try: a Redis that refuses SCRIPT LOAD would have it sent for ever)
         self.write([(None, *call[1:])], _wire([call]))
@@ -824,12 +824,6 @@ class _Link(asyncio.Protocol):
     def close(self) -> None:
         """Closed; the calls still waiting (their callers left) dropped."""
         self._lost(ConnectionError("closed"))
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """(A set-up command's answer, not awaited: its failure is the calls' behind it.)"""
-    if not future.cancelled():
-        future.exception()
 
 
 def _tls(kwargs: dict[str, Any]) -> ssl.SSLContext:
@@ -884,5 +878,7 @@ async def uncancelled(call: Awaitable[T]) -> T:
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
+    """A failure retrieved of what nobody awaits (a command cut off from its caller, a
+    set-up command whose failure is the calls' behind it)."""
     if not task.cancelled():
         task.exception()  # (retrieved: an outage is seen by the next call)
