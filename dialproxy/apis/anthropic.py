@@ -24,7 +24,7 @@ from aiohttp import web
 
 from dialproxy import errorbody
 from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
-from dialproxy.counting.limiter import WindowState, seconds_to_empty
+from dialproxy.counting.limiter import WindowState
 from dialproxy.wire.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.wire.usage import Usage, UsageRule, read_counts
 
@@ -77,9 +77,9 @@ def ratelimit_headers(
         if state is None:
             continue
         limit, used = state.window.limit, state.used
-        reset = _rfc3339(math.ceil(now + seconds_to_empty(state.window, state.counts)))
+        reset = _rfc3339(math.ceil(now + state.reset))
         headers += [
-            (f"anthropic-ratelimit-{unit}-limit", str(limit)),
+            (f"anthropic-ratelimit-{unit}-limit", state.window.text),
             (f"anthropic-ratelimit-{unit}-remaining", str(limit - used) if used < limit else "0"),
             (f"anthropic-ratelimit-{unit}-reset", reset),
         ]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from dialproxy import errorbody
 from dialproxy.apis import Api, ErrorShape, rewritten, with_defaults
-from dialproxy.counting.limiter import WindowState, seconds_to_empty
+from dialproxy.counting.limiter import WindowState
 from dialproxy.wire.headers import FORWARDED_REQUEST_HEADERS
 from dialproxy.wire.usage import CHAT_USAGE
 
@@ -28,7 +28,7 @@ FORWARDED_HEADERS = (*FORWARDED_REQUEST_HEADERS, "openai-beta")
 def go_duration(seconds: float) -> str:
     """Seconds written as OpenAI writes resets: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
     if seconds < 1:
-        return f"{max(int(seconds * 1000), 0)}ms"
+        return f"{int(seconds * 1000)}ms" if seconds > 0 else "0ms"
     return _whole_seconds(round(seconds))
 
 
@@ -47,23 +47,30 @@ def ratelimit_headers(
     requests: WindowState | None, tokens: WindowState | None
 ) -> list[tuple[str, str]]:
     """The ``x-ratelimit-*`` headers of the tightest request and token windows.  (Built in
-    one call, no helper per window: this runs on every request with a limit.)"""
+    one call, :func:`go_duration` inline for a second or more: this runs on every request
+    with a limit.)"""
     headers: list[tuple[str, str]] = []
     if requests is not None:
-        window, used = requests.window, requests.used
+        window, used, reset = requests.window, requests.used, requests.reset
         limit = window.limit
         headers += (
-            ("x-ratelimit-limit-requests", str(limit)),
+            ("x-ratelimit-limit-requests", window.text),
             ("x-ratelimit-remaining-requests", str(limit - used) if used < limit else "0"),
-            ("x-ratelimit-reset-requests", go_duration(seconds_to_empty(window, requests.counts))),
+            (
+                "x-ratelimit-reset-requests",
+                _whole_seconds(round(reset)) if reset >= 1 else go_duration(reset),
+            ),
         )
     if tokens is not None:
-        window, used = tokens.window, tokens.used
+        window, used, reset = tokens.window, tokens.used, tokens.reset
         limit = window.limit
         headers += (
-            ("x-ratelimit-limit-tokens", str(limit)),
+            ("x-ratelimit-limit-tokens", window.text),
             ("x-ratelimit-remaining-tokens", str(limit - used) if used < limit else "0"),
-            ("x-ratelimit-reset-tokens", go_duration(seconds_to_empty(window, tokens.counts))),
+            (
+                "x-ratelimit-reset-tokens",
+                _whole_seconds(round(reset)) if reset >= 1 else go_duration(reset),
+            ),
         )
     return headers
 

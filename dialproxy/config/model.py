@@ -54,6 +54,11 @@ class Window:
     seconds: int
     limit: int
     calendar: Calendar | None = field(default=None, compare=False, repr=False)
+    # ``str(limit)``, for the x-ratelimit-limit-* headers of every request
+    text: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", str(self.limit))
 
     @property
     def limited(self) -> bool:

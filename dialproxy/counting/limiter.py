@@ -47,15 +47,23 @@ _ZERO: Counts = (0, 0.0, 0, 0.0)
 
 
 class WindowState:
-    """One window's use at a moment: ``used`` of ``window.limit``, and (worked out when
-    asked: most states only go through a comparison) the seconds until it frees up."""
+    """One window's use at a moment: ``used`` of ``window.limit``, the seconds until it is
+    empty (``reset``), and (worked out when asked) the seconds until it frees up."""
 
-    __slots__ = ("counts", "used", "window")
+    __slots__ = ("counts", "reset", "used", "window")
 
-    def __init__(self, window: Window, counts: Counts, used: int | None = None) -> None:
+    def __init__(
+        self,
+        window: Window,
+        counts: Counts,
+        used: int | None = None,
+        reset: float | None = None,
+    ) -> None:
         self.window = window
         self.counts = counts  # (previous, its ttl, current, its ttl)
         self.used = _used(window, counts) if used is None else used
+        # (an admission has worked it out already: the x-ratelimit-reset-* headers)
+        self.reset = seconds_to_empty(window, counts) if reset is None else reset
 
     @property
     def remaining(self) -> int:
@@ -81,11 +89,6 @@ class WindowState:
         if current > 0:
             return to_roll + e * (1 - limit / current) if limit > 0 else to_roll + e
         return to_roll
-
-    @property
-    def reset(self) -> float:
-        """Seconds until the window is empty."""
-        return seconds_to_empty(self.window, self.counts)
 
     def __repr__(self) -> str:
         return f"WindowState({self.window.name}: {self.used}/{self.window.limit})"
@@ -703,10 +706,14 @@ def _admit_now(
                 request_state = token_state = None
                 if request is not None:
                     window = request[0]
-                    request_state = WindowState(window, request[1], window.limit - request[2])
+                    request_state = WindowState(
+                        window, request[1], window.limit - request[2], request[3]
+                    )
                 if token is not None:
                     window = token[0]
-                    token_state = WindowState(window, token[1], window.limit - token[2] + tokens)
+                    token_state = WindowState(
+                        window, token[1], window.limit - token[2] + tokens, token[3]
+                    )
                 return request_state, token_state
     return admit_in_steps(local, admission, tokens, cost, member, now)
 
