@@ -43,6 +43,7 @@ class Outcome:
     reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
     admitted: float | None = None  # when (its calendar periods: the ones it is settled in)
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
+    held_locally: bool = False  # admitted in the local counters, Redis down: settled there
     shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
     capacity: tuple[Admission, int] | None = None  # the serving upstream's, and its hold
     # The API's name (the usage ledger's rows and the metrics are per API); observed

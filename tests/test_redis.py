@@ -25,7 +25,7 @@ import trustme
 
 from dialproxy.config.model import Window
 from dialproxy.counting.counters import LocalCounters
-from dialproxy.counting.limiter import Limiter, Scope
+from dialproxy.counting.limiter import Held, Limiter, Scope
 from dialproxy.counting.rediscounters import (
     CONNECT_TIMEOUT,
     MAX_CONNECTIONS,
@@ -43,6 +43,7 @@ from tests.conftest import (
     assert_json_lines_without_secrets,
     chat_model,
     new_key,
+    used_tokens,
 )
 from tests.redis_server import BackendProcess, ProxyProcess, RedisServer, free_port
 
@@ -173,6 +174,8 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
             "failures": 0,
             "fallbacks": 0,
             "outages": 0,
+            "owed": 0,
+            "owedDropped": 0,
         }
 
         # SIGSTOP: the call in flight waits out the read timeout; later ones skip Redis.
@@ -219,40 +222,94 @@ async def test_policy_while_redis_is_paused_or_dead(own_redis: RedisServer, poli
         await limiter.close()
 
 
+async def redis_tokens(url: str, scope: Scope, window: Window) -> int:
+    """What Redis holds of ``scope``'s token ``window``, read as another instance reads it."""
+    other = Limiter(counter_storage(url), "deny")
+    try:
+        (state,) = await other.usage(scope.owner, scope.model, [window], "t")
+        return state.used
+    finally:
+        await other.close()
+
+
 @pytest.mark.parametrize("policy", POLICIES)
-async def test_a_settlement_that_redis_fails_is_answered_by_the_policy(
+async def test_a_settlement_made_while_redis_is_down_is_owed_to_it_until_it_is_back(
     own_redis: RedisServer, policy: str
 ) -> None:
     """A request's settlement goes to Redis with the next batch, awaited by nobody (no task
-    of its own): when Redis fails it, the storage is marked down as for any call, and under
-    ``local`` the usage lands in the instance's own counters, not nowhere."""
+    of its own).  When Redis fails it, the storage is marked down as for any call; one made
+    while Redis is down is owed, and sent when Redis is back, so Redis ends with the real
+    usage (the reservations replaced).  Under ``local`` what they add counts in the
+    instance's own counters meanwhile; what they take back never does (they never held it)."""
     limiter = Limiter(counter_storage(own_redis.url), policy)
     tokens = Window("hour", 3_600, 1_000)
     scope = Scope("p:fleet", "chat", token_windows=(tokens,))
     try:
-        await limiter.admit([scope])  # (up and prepared: a settlement goes at once)
+        _, _, where = await limiter.admit_held([scope], 100)  # 100 tokens reserved in Redis
+        assert where is Held.SHARED
+        for _ in range(2):
+            await limiter.admit_held([scope], 50)
+        # SIGSTOP: the first two settlements are sent, time out, and wait in Redis's socket
         own_redis.pause()
-        assert limiter.settle_soon([scope], tokens=40, cost_nano_usd=0) is None
+        assert limiter.settle_soon([scope], tokens=-70, cost_nano_usd=0) is None  # 30 used
+        assert limiter.settle_soon([scope], tokens=40, cost_nano_usd=0) is None  # 90 used
         deadline = time.monotonic() + 10 * TIMEOUT
-        while limiter.guard.healthy:  # (the read timeout, then the answer's callback)
-            assert time.monotonic() < deadline, "the failed settlement was never seen"
+        while limiter.health()["fallbacks"] < 2:  # (the read timeout, then the callbacks)
+            assert time.monotonic() < deadline, "the failed settlements were never seen"
             await asyncio.sleep(0.01)
         health = limiter.health()
-        assert health["failures"] == 1 and health["fallbacks"] == 1
+        assert health["healthy"] is False and health["outages"] == 1
+        assert health["owed"] == 0  # (sent: they may yet be applied, not to be sent twice)
         if policy != "deny":  # (deny refuses reads while Redis is down)
             (state,) = await limiter.usage("p:fleet", "chat", [tokens], "t")
-            assert state.used == (40 if policy == "local" else 0)
-        # Down, nothing is sent: the caller runs the guard's settlement (its policy).
-        fallbacks = limiter.health()["fallbacks"]
-        work = limiter.settle_soon([scope], tokens=2, cost_nano_usd=0)
-        assert work is not None
-        await work
-        assert limiter.health()["fallbacks"] == fallbacks + 1
+            assert state.used == (40 if policy == "local" else 0)  # (the -70 not here)
+        # Down, nothing is sent, nothing to run: owed at once.
+        assert limiter.settle_soon([scope], tokens=-48, cost_nano_usd=0) is None  # 2 used
+        assert limiter.health()["owed"] == 1
         if policy == "local":
             (state,) = await limiter.usage("p:fleet", "chat", [tokens], "t")
-            assert state.used == 42
+            assert state.used == 40
+        own_redis.resume()
+        await until_healthy(limiter)
+        deadline = time.monotonic() + 10 * TIMEOUT
+        while limiter.health()["owed"]:
+            assert time.monotonic() < deadline, "the owed settlement was never sent"
+            await asyncio.sleep(0.01)
+        # reserved 100 + 50 + 50, then -70 +40 (applied on resume) and -48 (owed): the real
+        # usage, 30 + 90 + 2
+        assert await redis_tokens(own_redis.url, scope, tokens) == 122
+        assert limiter.health()["owedDropped"] == 0
     finally:
         own_redis.resume()
+        await limiter.close()
+
+
+async def test_a_request_admitted_in_memory_during_an_outage_is_settled_there(
+    own_redis: RedisServer,
+) -> None:
+    """Admitted in the local counters while Redis was down, a request's reservation is
+    there: its settlement goes there too, even when Redis is back by then (Redis never held
+    that reservation: taking it back there would erase other requests' usage)."""
+    limiter = Limiter(counter_storage(own_redis.url), "local")
+    tokens = Window("hour", 3_600, 1_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,))
+    try:
+        await limiter.admit_held([scope], 50)
+        await limiter.settle([scope], tokens=-10, cost_nano_usd=0)  # 40 used, in Redis
+        own_redis.kill()
+        _, _, where = await limiter.admit_held([scope], 100)  # held in memory
+        assert where is Held.LOCAL
+        (state,) = await limiter.usage("p:fleet", "chat", [tokens], "t")
+        assert state.used == 100
+        own_redis.start()
+        await limiter.admit([scope])  # (an admission on the new Redis... once it is found)
+        await until_healthy(limiter)
+        await limiter.settle([scope], tokens=-80, cost_nano_usd=0, held=Held.LOCAL)
+        assert limiter.settle_soon([scope], -5, 0, held=Held.LOCAL) is None  # (at once)
+        assert limiter.guard.local.read_many([scope.token_counters[0]])[0][2] == 15
+        assert await redis_tokens(own_redis.url, scope, tokens) == 0  # (a new Redis: empty)
+        assert limiter.health()["owed"] == 0
+    finally:
         await limiter.close()
 
 
@@ -266,6 +323,50 @@ async def test_close_cancels_the_probe_during_an_outage(own_redis: RedisServer) 
     assert started and not any(t.done() for t in started)
     await limiter.close()
     assert all(t.cancelled() for t in started)  # none left behind
+
+
+async def test_a_request_the_app_admitted_in_memory_is_settled_there_after_redis_is_back(
+    own_redis: RedisServer, backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """Through the app: a request admitted in the local counters while Redis was down,
+    answered after Redis is back, gives back its reservation there, not in Redis (where it
+    would erase the usage Redis holds of the requests since)."""
+    config = {
+        "models": {"chat": chat_model(backend)},
+        "roles": {"user": {"limits": {"chat": {"minute": "10000000"}}}},
+        "keys": {KEY: {"project": "fleet", "role": "user"}},
+    }
+    proxy = await make_proxy(config, storage=counter_storage(own_redis.url))
+    url = proxy.url("/openai/deployments/chat/chat/completions")
+    async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+
+        async def until(healthy: bool) -> None:
+            deadline = time.monotonic() + 10.0
+            while True:
+                async with s.get(proxy.url("/health")) as r:
+                    if (await r.json())["storage"]["healthy"] is healthy:
+                        return
+                assert time.monotonic() < deadline, "the storage never changed"
+                await asyncio.sleep(0.05)
+
+        async with s.post(url, json=CHAT) as r:  # (Redis prepared)
+            assert r.status == 200
+        own_redis.kill()  # (refused at once: the admission below never reaches Redis)
+        backend.control.first_byte_delay = 3.0  # (answered after Redis is back)
+        late = asyncio.create_task(s.post(url, json=CHAT))
+        await until(healthy=False)  # (its admission failed: held in the local counters)
+        own_redis.start()
+        await until(healthy=True)
+        backend.control.first_byte_delay = 0.0
+        async with s.post(url, json=CHAT) as r:  # counted in the new Redis
+            assert r.status == 200
+            since = (await r.json())["usage"]["total_tokens"]
+        assert await used_tokens(proxy, KEY, "chat") == since
+        async with await late as r:
+            assert r.status == 200
+            await r.read()
+    # the late request's reservation was given back where it was held, not in Redis
+    assert await used_tokens(proxy, KEY, "chat") == since
 
 
 async def test_the_app_under_deny_answers_503_and_health_says_why(
@@ -303,6 +404,8 @@ async def test_the_app_under_deny_answers_503_and_health_says_why(
         "failures": 1,
         "fallbacks": 2,
         "outages": 1,
+        "owed": 0,
+        "owedDropped": 0,
     }
 
 

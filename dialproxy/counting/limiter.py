@@ -17,7 +17,9 @@ script on Redis, so it holds across instances):
 
 Each operation runs as one unit through a :class:`~dialproxy.counting.storage.StorageGuard`: on the
 shared storage while it answers, else by the ``--storage-failure`` policy (local counters,
-no limits, or 503).  A storage failure is never a 500.
+no limits, or 503).  A storage failure is never a 500.  A request is settled where it was
+admitted (:class:`Held`): in Redis, or in the local counters that admitted it during an
+outage; a settlement Redis fails is owed to it until it is back.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from itertools import chain
 from typing import Any, NoReturn
 
@@ -44,6 +47,17 @@ from dialproxy.errors import ConcurrencyLimited, ProxyError
 from dialproxy.errors import RateLimited as RateLimited  # (imported from here too)
 
 _ZERO: Counts = (0, 0.0, 0, 0.0)
+# An admission's answer under ``allow`` while Redis is down: no window known.
+_UNCOUNTED: tuple[WindowState | None, WindowState | None] = (None, None)
+
+
+class Held(Enum):
+    """Where an admission holds what it took (the request, its reservation, its slots):
+    where it is to be settled."""
+
+    SHARED = "shared"  # in the limiter's storage (Redis, or memory without Redis)
+    LOCAL = "local"  # in the local counters, Redis down (the ``local`` policy)
+    NOTHING = "nothing"  # nowhere: admitted uncounted, Redis down (the ``allow`` policy)
 
 
 class WindowState:
@@ -270,24 +284,43 @@ class Limiter:
         added to the token and cost windows (settled by :meth:`settle`).  Returns the
         tightest request and token windows (None: no such limit), for the rate-limit
         headers.  A scope with a concurrency cap gives ``member`` (the request) a slot, or
-        refuses (freed by :meth:`settle`)."""
+        refuses (freed by :meth:`settle`).  (Where it holds them: :meth:`admit_held`.)"""
+        request, token, _ = await self.admit_held(scopes, reserve_tokens, reserve_cost, member)
+        return request, token
+
+    async def admit_held(
+        self,
+        scopes: Sequence[Scope] | Admission,
+        reserve_tokens: int = 0,
+        reserve_cost: int = 0,
+        member: str = "",
+    ) -> tuple[WindowState | None, WindowState | None, Held]:
+        """:meth:`admit`, and where what it took is held: its settlement's ``held``."""
         now = self.clock()
         admission = scopes if isinstance(scopes, Admission) else Admission(scopes)
         if now >= admission.period[1] or now < admission.period[0]:
             admission.current(now)  # (a calendar period ended: its new counters)
         if self.local is not None:
-            return _admit_now(self.local, admission, reserve_tokens, reserve_cost, member, now)
+            request, token = _admit_now(
+                self.local, admission, reserve_tokens, reserve_cost, member, now
+            )
+            return request, token, Held.SHARED
         batch = _Batch(admission, reserve_tokens, reserve_cost, member, now)
         guard = self.guard
         if (redis := guard.redis_now()) is not None:  # the usual: no guard.run around it
             try:
-                return await _admit(redis, batch, self._left)
+                request, token = await _admit(redis, batch, self._left)
+                return request, token, Held.SHARED
             except ProxyError:  # (a 429: Redis answered)
                 raise
             except Exception as e:  # (Redis failed it: as guard.run would)
                 guard.failed(e)
-                return await guard.fallback(lambda s: _admit(s, batch), (None, None))
-        return await guard.run(lambda s: _admit(s, batch, self._left), (None, None))
+                request, token = await guard.fallback(lambda s: _admit(s, batch), _UNCOUNTED)
+        else:
+            request, token = await guard.run(lambda s: _admit(s, batch, self._left), _UNCOUNTED)
+        on = batch.on
+        held = Held.NOTHING if on is None else Held.LOCAL if on is guard.local else Held.SHARED
+        return request, token, held
 
     def _left(self, batch: _Batch, answer: Any) -> None:
         """An admission whose request was cancelled (its client gone) before Redis
@@ -322,11 +355,14 @@ class Limiter:
         cost_nano_usd: int,
         member: str = "",
         admitted: float | None = None,
+        held: Held = Held.SHARED,
     ) -> None:
         """Add signed amounts to the scopes' token and cost windows, and free ``member``'s
         slots, in one storage step: the real usage less the reservation (negative: taken
         back), in the calendar periods of ``admitted`` (when the request was admitted: where
-        its reservation is)."""
+        its reservation is), where the admission ``held`` it: in the local counters that
+        admitted it during an outage, else in the shared storage (owed to it while it is
+        down: :meth:`StorageGuard.owe`)."""
         now, windows, amounts, slots = self._settling(
             scopes, tokens, cost_nano_usd, member, admitted
         )
@@ -334,15 +370,9 @@ class Limiter:
             return
         if self.local is not None:
             return self.local.settle(windows, amounts, slots, member, now)
-        if slots:  # (taken in memory while Redis was down: freed there too)
-            self.guard.local.settle((), (), slots, member)
-
-        async def add(s: Storage) -> None:
-            if isinstance(s, LocalCounters):
-                return s.settle(windows, amounts, slots, member)
-            await s.settle(windows, amounts, slots, member)
-
-        await self.guard.run(add, None, refuse=False)
+        if held is Held.LOCAL:
+            return self.guard.local.settle(windows, amounts, slots, member, now)
+        await self.guard.settle_shared(windows, amounts, slots, member)
 
     def _settling(
         self,
@@ -368,26 +398,27 @@ class Limiter:
         cost_nano_usd: int,
         member: str = "",
         admitted: float | None = None,
+        held: Held = Held.SHARED,
     ) -> Coroutine[Any, Any, None] | None:
         """:meth:`settle` without a coroutine of its own where it can: in memory at once; on
         Redis (up and prepared) sent with its next batch, a failure handled by the guard
-        when the answer comes.  Otherwise (Redis down or not prepared yet) the coroutine
-        of :meth:`settle`, for the caller to run."""
+        when the answer comes (owed); down, owed at once.  Otherwise (Redis not prepared
+        yet) the coroutine of :meth:`settle`, for the caller to run."""
         if self.local is not None:
             self.record_now(scopes, tokens, cost_nano_usd, member, admitted)
             return None
         guard = self.guard
         redis = guard.redis_now()
-        if redis is None:
-            return self.settle(scopes, tokens, cost_nano_usd, member, admitted)
+        if redis is None and held is not Held.LOCAL and guard.healthy:
+            return self.settle(scopes, tokens, cost_nano_usd, member, admitted, held)
         _, windows, amounts, slots = self._settling(scopes, tokens, cost_nano_usd, member, admitted)
-        if slots:  # (taken in memory while Redis was down: freed there too)
-            guard.local.settle((), (), slots, member)
-        if windows or slots:
-            guard.watch(
-                redis.settle_soon(windows, amounts, slots, member),
-                lambda local: local.settle(windows, amounts, slots, member),
-            )
+        if held is Held.LOCAL:  # (admitted in memory while Redis was down: settled there)
+            guard.local.settle(windows, amounts, slots, member)
+        elif redis is None:  # (down)
+            guard.owe(windows, amounts, slots, member)
+        elif windows or slots:
+            settling = redis.settle_soon(windows, amounts, slots, member)
+            guard.watch(settling, windows, amounts)
         return None
 
     def record_now(
@@ -622,12 +653,13 @@ Cells = tuple[
 class _Batch:
     """One request's admission: the scopes' :class:`Admission` with its amounts."""
 
-    __slots__ = ("admission", "member", "now", "reserved", "slots")
+    __slots__ = ("admission", "member", "now", "on", "reserved", "slots")
 
     def __init__(
         self, admission: Admission, tokens: int, cost: int, member: str, now: float
     ) -> None:
         self.admission = admission
+        self.on: Storage | None = None  # where it was admitted (None: not yet, or nowhere)
         self.now = now
         self.reserved = (tokens, cost)
         self.member = member
@@ -659,7 +691,9 @@ async def _admit(
     """``batch`` admitted on ``s``; on Redis, when the request is cancelled before the
     answer, ``left`` gives back what Redis took (see :meth:`Limiter._left`)."""
     if isinstance(s, LocalCounters):
-        return _admit_now(s, batch.admission, *batch.reserved, batch.member, batch.now)
+        states = _admit_now(s, batch.admission, *batch.reserved, batch.member, batch.now)
+        batch.on = s
+        return states
     a = batch.admission
     future, prepared = s.admit_soon(
         a.windows, a.limits, a.modes, batch.amounts, batch.slots, batch.member
@@ -675,6 +709,7 @@ async def _admit(
     )
     if refused:
         _refuse(batch, refused, counts)
+    batch.on = s
     return _admitted(batch, counts)
 
 

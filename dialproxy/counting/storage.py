@@ -25,9 +25,17 @@ The policies (``--storage-failure``):
 - ``deny``: every limited request gets 503 with ``Retry-After`` (fail closed).  No limit
   is ever exceeded; nothing limited is served either.
 
-Usage recorded after a response is never refused: under ``local`` it goes to the local
-counters, under ``allow``/``deny`` it is dropped and counted.  A call that timed out may
-still have reached Redis and be applied when Redis resumes: it errs on counting.
+Usage recorded after a response is never refused.  A request is settled where it was
+admitted: one admitted in the local counters during an outage is settled there (Redis never
+held its reservation), one admitted in Redis is settled in Redis.  A settlement made while
+Redis is down is owed (:meth:`StorageGuard.owe`): kept, at most :data:`OWED_MAX` of them,
+and sent when Redis is back, so the reservation Redis holds is replaced by the real usage
+after all (a sliding window's part only while its bucket is still current or the one
+before: older, the reservation has left the window by itself).  One sent when Redis failed
+is not owed: a call that timed out may still have reached Redis and be applied when Redis
+resumes (it errs on counting; sent again, it would count twice).  Either way, under
+``local`` what it adds also goes to the local counters at once, which limit the outage;
+what it takes back never does (they never held that reservation).
 """
 
 from __future__ import annotations
@@ -53,7 +61,13 @@ READ_TIMEOUT = TIMEOUT
 # While the storage is down, it is pinged this often; the first answer brings it back.
 PROBE_INTERVAL = 0.5
 
+# Settlements owed to Redis kept during an outage, at most (then dropped, and counted).
+OWED_MAX = 100_000
+
 T = TypeVar("T")
+# A settlement owed to Redis: when it was made, its windows and signed amounts, the slot
+# sets its member frees, the member.
+Owed = tuple[float, list[Read], list[int], list[str], str]
 # user:password in a URL an error message may quote: never logged.
 _CREDENTIALS = re.compile(r"://[^@/\s]*@")
 
@@ -154,12 +168,17 @@ class StorageHealth:
         self.failures = 0  # calls to the storage that failed
         self.outages = 0  # times the storage went from healthy to unhealthy
         self._probes: list[Callable[[], Awaitable[None]]] = []
+        self._back: list[Callable[[], None]] = []  # told when it is up again
         self._down_since = 0.0
         self._probe: asyncio.Task[None] | None = None
 
     def add_probe(self, probe: Callable[[], Awaitable[None]]) -> None:
         """A check the storage must pass to be up again (it raises if not)."""
         self._probes.append(probe)
+
+    def when_back(self, callback: Callable[[], None]) -> None:
+        """``callback`` is called each time the storage is up again after an outage."""
+        self._back.append(callback)
 
     def failed(self, error: BaseException, caller: str) -> None:
         """A call by ``caller`` (``counters``, ``shared_keys``) failed: down, if it was up."""
@@ -195,6 +214,8 @@ class StorageHealth:
             backend=self.backend,
             down_seconds=round(time.monotonic() - self._down_since, 3),
         )
+        for callback in self._back:
+            callback()
 
     async def close(self) -> None:
         """Stop the probe (if an outage is on)."""
@@ -223,8 +244,12 @@ class StorageGuard:
         self.state = StorageHealth(self.backend, self.policy, probe_interval=probe_interval)
         self.state.add_probe(self._prepare_again)
         self.fallbacks = 0  # operations the policy answered instead of the shared storage
+        self.owed: list[Owed] = []  # settlements Redis failed, sent when it is back
+        self.owed_dropped = 0  # settlements owed past OWED_MAX, or too old to send
         self._ready = isinstance(storage, LocalCounters)  # else: prepared before first use
         self._preparing = asyncio.Lock()
+        self._repaying: asyncio.Task[None] | None = None
+        self.state.when_back(self._repay_soon)
 
     @property
     def healthy(self) -> bool:
@@ -280,10 +305,17 @@ class StorageGuard:
             return shared
         return None
 
-    def watch(self, call: asyncio.Future[Any], fallback: Callable[[LocalCounters], None]) -> None:
-        """A call made on :meth:`redis_now`'s storage that is never refused (a settlement),
-        awaited by nobody: when it fails, what :meth:`run` does for it (the storage marked
-        down; under ``local``, ``fallback`` done on the local counters)."""
+    def watch(
+        self,
+        call: asyncio.Future[Any],
+        windows: list[Read],
+        amounts: list[int],
+    ) -> None:
+        """A settlement sent on :meth:`redis_now`'s storage, awaited by nobody: when Redis
+        fails it, the storage is marked down, and under ``local`` what it adds counts in the
+        local counters.  It is not owed: sent, it may have reached Redis and be applied when
+        Redis resumes (a second one would count it twice); lost, the reservation Redis holds
+        stays (erring on counting)."""
 
         def done(future: asyncio.Future[Any]) -> None:
             if future.cancelled():  # (the loop closing: nothing to fall back on)
@@ -292,10 +324,81 @@ class StorageGuard:
             if isinstance(e, Exception) and not isinstance(e, ProxyError):
                 self.failed(e)
                 self.fallbacks += 1
-                if self.policy is FailurePolicy.LOCAL:
-                    fallback(self.local)
+                self._add_locally(windows, amounts)
 
         call.add_done_callback(done)
+
+    async def settle_shared(
+        self, windows: list[Read], amounts: list[int], slots: list[str], member: str
+    ) -> None:
+        """A settlement of what the shared storage holds: sent to it (when it fails, as
+        :meth:`watch` says), or owed (:meth:`owe`) when it is down."""
+        storage = self.storage
+        if self.state.healthy:
+            try:
+                if not self._ready:
+                    await self._prepare()
+                if self.state.healthy:
+                    if isinstance(storage, LocalCounters):
+                        return storage.settle(windows, amounts, slots, member)
+                    return await storage.settle(windows, amounts, slots, member)
+            except Exception as e:  # whatever the storage raised: it did not answer
+                self.failed(e)
+                self.fallbacks += 1
+                self._add_locally(windows, amounts)
+                return
+        self.owe(windows, amounts, slots, member)
+
+    def owe(self, windows: list[Read], amounts: list[int], slots: list[str], member: str) -> None:
+        """A settlement of what Redis holds (a request it admitted), never sent: Redis is
+        down.  Kept, and sent when it is back (see the module's notes); under ``local``
+        what it adds counts in the local counters at once."""
+        self.fallbacks += 1
+        self._add_locally(windows, amounts)
+        if not windows and not slots:
+            return
+        if len(self.owed) >= OWED_MAX:
+            self.owed_dropped += 1
+            return
+        self.owed.append((time.time(), windows, amounts, slots, member))
+        if self.state.healthy:  # (up again already: the probe's call came before this)
+            self._repay_soon()
+
+    def _add_locally(self, windows: list[Read], amounts: list[int]) -> None:
+        """Under ``local``, a settlement's additions in the local counters, which limit
+        the outage (its take-backs never: they never held that reservation)."""
+        if self.policy is FailurePolicy.LOCAL:
+            added = [(w, a) for w, a in zip(windows, amounts, strict=True) if a > 0]
+            if added:
+                self.local.settle([w for w, _ in added], [a for _, a in added])
+
+    def _repay_soon(self) -> None:
+        if self.owed and (self._repaying is None or self._repaying.done()):
+            self._repaying = asyncio.get_running_loop().create_task(self._repay())
+
+    async def _repay(self) -> None:
+        """The settlements owed, sent one after another while Redis takes them."""
+        storage = self.storage
+        while self.owed and self.state.healthy and isinstance(storage, RedisCounters):
+            owed, self.owed = self.owed, []
+            now = time.time()
+            for index, (when, windows, amounts, slots, member) in enumerate(owed):
+                # (a sliding window's part while its bucket of then still counts: the
+                # current one or the previous; older, the reservation has left the window)
+                kept = [
+                    (w, a)
+                    for w, a in zip(windows, amounts, strict=True)
+                    if w[1] < 0 or int(now / w[1]) - int(when / w[1]) <= 1
+                ]
+                try:
+                    if kept or slots:
+                        await storage.settle(
+                            [w for w, _ in kept], [a for _, a in kept], slots, member
+                        )
+                except Exception as e:  # (down again: what is left waits for the next time)
+                    self.failed(e)
+                    self.owed[:0] = owed[index:]
+                    return
 
     async def _prepare(self) -> None:
         async with self._preparing:
@@ -318,9 +421,16 @@ class StorageGuard:
             "failures": state.failures,
             "fallbacks": self.fallbacks,
             "outages": state.outages,
+            "owed": len(self.owed),
+            "owedDropped": self.owed_dropped,
         }
 
     async def close(self) -> None:
-        """Stop the probe and close the storage's connections."""
+        """Stop the probe and close the storage's connections (the settlements owed sent
+        first, if Redis takes them; those it cannot are said in a warning)."""
+        if self._repaying is not None:
+            await asyncio.wait({self._repaying})
         await self.state.close()
+        if self.owed:
+            log.warning("owed_settlements_lost", backend=self.backend, count=len(self.owed))
         await close_storage(self.storage)

@@ -19,6 +19,7 @@ from aiohttp import web
 from dialproxy.apis import Api
 from dialproxy.auth import Principal
 from dialproxy.config.model import Snapshot
+from dialproxy.counting.limiter import Held
 from dialproxy.ledger import Ledger
 from dialproxy.outcome import Outcome
 from dialproxy.tracing import Tracing
@@ -121,7 +122,9 @@ def record(services: Services, outcome: Outcome) -> None:
         amounts = (outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot)
         if limiter.local is not None:
             limiter.record_now(*amounts, outcome.admitted)
-        elif (work := limiter.settle_soon(*amounts, outcome.admitted)) is not None:
+            return
+        where = Held.LOCAL if outcome.held_locally else Held.SHARED
+        if (work := limiter.settle_soon(*amounts, outcome.admitted, where)) is not None:
             hold(services.background, work)
         return
 
@@ -135,6 +138,7 @@ def record(services: Services, outcome: Outcome) -> None:
                 cost - held_cost,
                 outcome.slot,
                 outcome.admitted,
+                Held.LOCAL if outcome.held_locally else Held.SHARED,
             )
 
     hold(services.background, in_storage())

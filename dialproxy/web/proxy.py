@@ -33,6 +33,7 @@ from aiohttp import web
 from dialproxy.apis import Api
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import Model, Serving
+from dialproxy.counting.limiter import Held
 from dialproxy.errors import BadRequest, Unavailable
 from dialproxy.outcome import Outcome
 from dialproxy.upstream.answer import stop_draining
@@ -182,7 +183,13 @@ async def _admit(
         if limiter.local is not None:  # (at once in process memory)
             request_state, token_state = limiter.admit_now(plan.admission, *held, slot)
         else:
-            request_state, token_state = await limiter.admit(plan.admission, *held, slot)
+            request_state, token_state, where = await limiter.admit_held(
+                plan.admission, *held, slot
+            )
+            if where is not Held.SHARED:  # (Redis down: by the policy)
+                outcome.held_locally = where is Held.LOCAL
+                if where is Held.NOTHING:  # admitted uncounted: its usage is all to add
+                    held, slot = (0, 0), ""
         outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
         outcome.admitted = time.time()
         outcome.slot = slot
