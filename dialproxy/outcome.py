@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from dialproxy.apis import AnswerIds
     from dialproxy.config.model import Model
-    from dialproxy.counting.limiter import Admission, Scope
+    from dialproxy.counting.limiter import Admission, Held, Scope
     from dialproxy.sharedkeys.model import SharedKey
     from dialproxy.wire.relay import Relay
     from dialproxy.wire.usage import Usage
@@ -45,7 +45,8 @@ class Outcome:
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
     held_locally: bool = False  # admitted in the local counters, Redis down: settled there
     shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
-    capacity: tuple[Admission, int] | None = None  # the serving upstream's, and its hold
+    # the serving upstream's capacity, its hold, and where it is held
+    capacity: tuple[Admission, int, Held] | None = None
     # The API's name (the usage ledger's rows and the metrics are per API); observed
     # (dialproxy.metrics, dialproxy.tracing): what refused the request, when the served
     # attempt was sent, whether it holds a reservation, its spans.

@@ -411,9 +411,11 @@ class Limiter:
         redis = guard.redis_now()
         if redis is None and held is not Held.LOCAL and guard.healthy:
             return self.settle(scopes, tokens, cost_nano_usd, member, admitted, held)
-        _, windows, amounts, slots = self._settling(scopes, tokens, cost_nano_usd, member, admitted)
+        now, windows, amounts, slots = self._settling(
+            scopes, tokens, cost_nano_usd, member, admitted
+        )
         if held is Held.LOCAL:  # (admitted in memory while Redis was down: settled there)
-            guard.local.settle(windows, amounts, slots, member)
+            guard.local.settle(windows, amounts, slots, member, now)
         elif redis is None:  # (down)
             guard.owe(windows, amounts, slots, member)
         elif windows or slots:

@@ -467,12 +467,17 @@ class RedisCounters:
         else:
             extra = [(PREFIX + key).encode() for key in slots]
             own = _packed(chain(amounts, (len(slots), json.dumps(member))))
-            for key in slots:
-                if (members := self.held.get(key)) is not None:
-                    members.discard(member)
-                    if not members:
-                        del self.held[key]
+            self.forget(slots, member)
         return self._batch.send(self._settle, prepared, extra, own)
+
+    def forget(self, slots: Sequence[str], member: str) -> None:
+        """``member``'s leases on ``slots`` no longer renewed (freed, or to be freed later:
+        let lapse at worst)."""
+        for key in slots:
+            if (members := self.held.get(key)) is not None:
+                members.discard(member)
+                if not members:
+                    del self.held[key]
 
     def _prepared_admit(
         self, windows: Sequence[Read], limits: Sequence[int], modes: Sequence[int]

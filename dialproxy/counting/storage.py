@@ -30,8 +30,8 @@ admitted: one admitted in the local counters during an outage is settled there (
 held its reservation), one admitted in Redis is settled in Redis.  A settlement made while
 Redis is down is owed (:meth:`StorageGuard.owe`): kept, at most :data:`OWED_MAX` of them,
 and sent when Redis is back, so the reservation Redis holds is replaced by the real usage
-after all (a sliding window's part only while its bucket is still current or the one
-before: older, the reservation has left the window by itself).  One sent when Redis failed
+after all (a sliding window's part only within one window length of when it was owed:
+later, the reservation may have left the window by itself).  One sent when Redis failed
 is not owed: a call that timed out may still have reached Redis and be applied when Redis
 resumes (it errs on counting; sent again, it would count twice).  Either way, under
 ``local`` what it adds also goes to the local counters at once, which limit the outage;
@@ -245,7 +245,7 @@ class StorageGuard:
         self.state.add_probe(self._prepare_again)
         self.fallbacks = 0  # operations the policy answered instead of the shared storage
         self.owed: list[Owed] = []  # settlements Redis failed, sent when it is back
-        self.owed_dropped = 0  # settlements owed past OWED_MAX, or too old to send
+        self.owed_dropped = 0  # settlements owed past OWED_MAX
         self._ready = isinstance(storage, LocalCounters)  # else: prepared before first use
         self._preparing = asyncio.Lock()
         self._repaying: asyncio.Task[None] | None = None
@@ -355,6 +355,8 @@ class StorageGuard:
         what it adds counts in the local counters at once."""
         self.fallbacks += 1
         self._add_locally(windows, amounts)
+        if slots and isinstance(self.storage, RedisCounters):  # (a dropped one's let lapse)
+            self.storage.forget(slots, member)
         if not windows and not slots:
             return
         if len(self.owed) >= OWED_MAX:
@@ -383,21 +385,22 @@ class StorageGuard:
             owed, self.owed = self.owed, []
             now = time.time()
             for index, (when, windows, amounts, slots, member) in enumerate(owed):
-                # (a sliding window's part while its bucket of then still counts: the
-                # current one or the previous; older, the reservation has left the window)
+                # (a sliding window's part within one window length: its reservation is
+                # still in it, in the current bucket or the previous; later, it may have
+                # left the window by itself)
                 kept = [
                     (w, a)
                     for w, a in zip(windows, amounts, strict=True)
-                    if w[1] < 0 or int(now / w[1]) - int(when / w[1]) <= 1
+                    if w[1] < 0 or now - when < w[1]
                 ]
                 try:
                     if kept or slots:
                         await storage.settle(
                             [w for w, _ in kept], [a for _, a in kept], slots, member
                         )
-                except Exception as e:  # (down again: what is left waits for the next time)
-                    self.failed(e)
-                    self.owed[:0] = owed[index:]
+                except Exception as e:  # down again: what is left waits for the next time
+                    self.failed(e)  # (this one was sent: it may yet be applied, not resent)
+                    self.owed[:0] = owed[index + 1 :]
                     return
 
     async def _prepare(self) -> None:

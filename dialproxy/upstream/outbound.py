@@ -19,7 +19,7 @@ import aiohttp
 
 from dialproxy.config.model import Model, Serving, Upstream, Window
 from dialproxy.config.store import Memo
-from dialproxy.counting.limiter import Admission, Scope
+from dialproxy.counting.limiter import Admission, Held, Scope
 from dialproxy.errors import RateLimited
 from dialproxy.outcome import Outcome
 from dialproxy.upstream.answer import Answer, Context, answer
@@ -69,16 +69,18 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
         if outcome.attempts >= model.max_retry_attempts:
             break
         capacity = capacity_of(route.upstream, out.memo)
-        held = 0
+        held, where = 0, Held.SHARED
         if capacity is not None:  # its own capacity first: at it, skipped like a paused one
             if not estimate:  # (worked out once, for the first upstream with a capacity)
                 estimate = outcome.reserved[0] or out.api.reservation(out.body, out.size, model)[0]
             held = estimate
             try:
-                await limiter.admit(capacity, held)
+                _, _, where = await limiter.admit_held(capacity, held)
             except RateLimited as full:
                 attempts.at_capacity(full.retry_after)
                 continue
+            if where is Held.NOTHING:  # (Redis down, admitted uncounted: nothing to give back)
+                held = 0
         outcome.attempts += 1
         url = route.url
         if route.append_path:  # an `interfaces` base URL + the path the request came in on
@@ -104,7 +106,7 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
             wait.exit(None)
         except (aiohttp.ClientError, TimeoutError):
             await attempts.broke(route.upstream)
-            await _give_back(context, capacity, held)
+            await _give_back(context, capacity, held, where)
             continue
         except asyncio.CancelledError:  # the client left while the upstream was asked
             attempts.cancelled()
@@ -112,10 +114,10 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
         if not attempts.served_now(resp, route.upstream) and not await attempts.served(
             resp, route.upstream
         ):
-            await _give_back(context, capacity, held)
+            await _give_back(context, capacity, held, where)
             continue
         if capacity is not None:
-            outcome.capacity = (capacity, held)
+            outcome.capacity = (capacity, held, where)
         outcome.ttfb_ms = round((time.perf_counter() - sent) * 100_000) / 100  # (round(ms, 2))
         outcome.status, outcome.sent, outcome.attempt_span = resp.status, sent, attempts.span
         if outcome.ids is not None:
@@ -145,8 +147,8 @@ def capacity_of(upstream: Upstream, memo: Memo) -> Admission | None:
     return found
 
 
-async def _give_back(context: Context, capacity: Admission | None, held: int) -> None:
+async def _give_back(context: Context, capacity: Admission | None, held: int, where: Held) -> None:
     """An attempt that was not served gives its upstream's capacity the tokens it held
-    back (its request stays counted: the upstream did get it)."""
+    back, where it held them (its request stays counted: the upstream did get it)."""
     if capacity is not None and held:
-        await context.limiter.settle(capacity.scopes, -held, 0)
+        await context.limiter.settle(capacity.scopes, -held, 0, held=where)

@@ -114,9 +114,9 @@ def record(services: Services, outcome: Outcome) -> None:
             cost = pricing.cost_nano_usd(usage.prompt_tokens, usage.completion_tokens)
     held_tokens, held_cost = outcome.reserved
     if outcome.capacity is not None:  # the upstream's own capacity: what it really served
-        capacity, held = outcome.capacity
+        capacity, held, where = outcome.capacity
         outcome.capacity = None
-        if (work := limiter.settle_soon(capacity.scopes, tokens - held, 0)) is not None:
+        if (work := limiter.settle_soon(capacity.scopes, tokens - held, 0, held=where)) is not None:
             hold(services.background, work)
     if outcome.shared is None:  # no coroutine: in memory at once, on Redis in its batch
         amounts = (outcome.scopes, tokens - held_tokens, cost - held_cost, outcome.slot)
