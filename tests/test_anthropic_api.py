@@ -258,4 +258,6 @@ async def test_the_sdk_waits_the_retry_after_the_proxy_sends(
         with pytest.raises(anthropic.RateLimitError) as limited:
             await asyncio.to_thread(create)
         after = float(limited.value.response.headers["retry-after"])
-        assert len(waits) == 2 and all(after - 1 <= w <= after for w in waits)
+        # (the earlier answers' Retry-After: the same, or a second more when a second boundary
+        # fell between them and the last)
+        assert len(waits) == 2 and all(after <= w <= after + 1 for w in waits)

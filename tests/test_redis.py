@@ -734,8 +734,8 @@ async def test_outage_under_load(
         async with Load(s, proxies) as load:
             await load.until(lambda a: a.status == 429)  # the shared limit is reached...
             await asyncio.sleep(0.2)  # ...and every request it admitted is answered
-            stopped = time.monotonic()
             own_redis.pause()
+            stopped = time.monotonic()  # (after: a request sent before may reach Redis)
             await asyncio.sleep(1.0)
             own_redis.kill()
             await asyncio.sleep(0.5)
@@ -746,8 +746,8 @@ async def test_outage_under_load(
 
         async with Load(s, proxies) as load:
             await asyncio.sleep(0.3)
-            stopped_again = time.monotonic()
             own_redis.pause()
+            stopped_again = time.monotonic()
             await asyncio.sleep(0.8)
             continued = time.monotonic()
             own_redis.resume()
