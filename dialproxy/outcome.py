@@ -7,12 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dialproxy.counting.limiter import Held
+
 if TYPE_CHECKING:
     import aiohttp
 
     from dialproxy.apis import AnswerIds
     from dialproxy.config.model import Model
-    from dialproxy.counting.limiter import Admission, Held, Scope
+    from dialproxy.counting.limiter import Admission, Scope
     from dialproxy.sharedkeys.model import SharedKey
     from dialproxy.wire.relay import Relay
     from dialproxy.wire.usage import Usage
@@ -43,7 +45,7 @@ class Outcome:
     reserved: tuple[int, int] = (0, 0)  # tokens and nano-USD held at admission, till settled
     admitted: float | None = None  # when (its calendar periods: the ones it is settled in)
     slot: str = ""  # the request's concurrency slots' member (freed when it is settled)
-    held_locally: bool = False  # admitted in the local counters, Redis down: settled there
+    held: Held = Held.SHARED  # where its admission holds what it took: settled there
     shared_reserved: int = 0  # tokens held in the shared key's utilized, till settled
     # the serving upstream's capacity, its hold, and where it is held
     capacity: tuple[Admission, int, Held] | None = None

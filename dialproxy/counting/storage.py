@@ -322,9 +322,7 @@ class StorageGuard:
                 return
             e = future.exception()
             if isinstance(e, Exception) and not isinstance(e, ProxyError):
-                self.failed(e)
-                self.fallbacks += 1
-                self._add_locally(windows, amounts)
+                self._unsettled(e, windows, amounts)
 
         call.add_done_callback(done)
 
@@ -334,20 +332,23 @@ class StorageGuard:
         """A settlement of what the shared storage holds: sent to it (when it fails, as
         :meth:`watch` says), or owed (:meth:`owe`) when it is down."""
         storage = self.storage
+        assert isinstance(storage, RedisCounters)  # (memory: the limiter settles at once)
         if self.state.healthy:
             try:
                 if not self._ready:
                     await self._prepare()
                 if self.state.healthy:
-                    if isinstance(storage, LocalCounters):
-                        return storage.settle(windows, amounts, slots, member)
                     return await storage.settle(windows, amounts, slots, member)
             except Exception as e:  # whatever the storage raised: it did not answer
-                self.failed(e)
-                self.fallbacks += 1
-                self._add_locally(windows, amounts)
-                return
+                return self._unsettled(e, windows, amounts)
         self.owe(windows, amounts, slots, member)
+
+    def _unsettled(self, error: Exception, windows: list[Read], amounts: list[int]) -> None:
+        """A settlement sent that Redis failed: the storage down; not owed (see
+        :meth:`watch`), what it adds counted locally under ``local``."""
+        self.failed(error)
+        self.fallbacks += 1
+        self._add_locally(windows, amounts)
 
     def owe(self, windows: list[Read], amounts: list[int], slots: list[str], member: str) -> None:
         """A settlement of what Redis holds (a request it admitted), never sent: Redis is

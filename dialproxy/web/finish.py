@@ -19,7 +19,6 @@ from aiohttp import web
 from dialproxy.apis import Api
 from dialproxy.auth import Principal
 from dialproxy.config.model import Snapshot
-from dialproxy.counting.limiter import Held
 from dialproxy.ledger import Ledger
 from dialproxy.outcome import Outcome
 from dialproxy.tracing import Tracing
@@ -123,8 +122,7 @@ def record(services: Services, outcome: Outcome) -> None:
         if limiter.local is not None:
             limiter.record_now(*amounts, outcome.admitted)
             return
-        where = Held.LOCAL if outcome.held_locally else Held.SHARED
-        if (work := limiter.settle_soon(*amounts, outcome.admitted, where)) is not None:
+        if (work := limiter.settle_soon(*amounts, outcome.admitted, outcome.held)) is not None:
             hold(services.background, work)
         return
 
@@ -138,7 +136,7 @@ def record(services: Services, outcome: Outcome) -> None:
                 cost - held_cost,
                 outcome.slot,
                 outcome.admitted,
-                Held.LOCAL if outcome.held_locally else Held.SHARED,
+                outcome.held,
             )
 
     hold(services.background, in_storage())

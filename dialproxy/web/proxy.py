@@ -186,10 +186,9 @@ async def _admit(
             request_state, token_state, where = await limiter.admit_held(
                 plan.admission, *held, slot
             )
-            if where is not Held.SHARED:  # (Redis down: by the policy)
-                outcome.held_locally = where is Held.LOCAL
-                if where is Held.NOTHING:  # admitted uncounted: its usage is all to add
-                    held, slot = (0, 0), ""
+            outcome.held = where
+            if where is Held.NOTHING:  # (Redis down, admitted uncounted: its usage all added)
+                held, slot = (0, 0), ""
         outcome.scopes, outcome.records, outcome.reserved = plan.scopes, plan.records, held
         outcome.admitted = time.time()
         outcome.slot = slot
