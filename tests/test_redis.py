@@ -24,6 +24,7 @@ import redis.asyncio
 import trustme
 
 from dialproxy.config.model import Window
+from dialproxy.counting import storage
 from dialproxy.counting.counters import LocalCounters
 from dialproxy.counting.limiter import Held, Limiter, Scope
 from dialproxy.counting.rediscounters import (
@@ -42,6 +43,7 @@ from tests.conftest import (
     admit_request,
     assert_json_lines_without_secrets,
     chat_model,
+    clear_of_minute_boundary,
     new_key,
     used_tokens,
 )
@@ -284,6 +286,42 @@ async def test_a_settlement_made_while_redis_is_down_is_owed_to_it_until_it_is_b
         await limiter.close()
 
 
+async def test_settlements_owed_past_the_cap_are_dropped_and_counted(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most OWED_MAX settlements are kept for Redis; past it one is dropped (counted in
+    ``owedDropped``), its slot's lease no longer renewed (it lapses), and the rest are sent
+    when Redis is back."""
+    monkeypatch.setattr(storage, "OWED_MAX", 2)
+    limiter = Limiter(counter_storage(own_redis.url), "allow")
+    tokens = Window("hour", 3_600, 1_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,), concurrency=5)
+    redis_counters = limiter.guard.storage
+    assert isinstance(redis_counters, RedisCounters)
+    try:
+        for member in ("a", "b", "c"):
+            await limiter.admit_held([scope], 100, member=member)
+        assert sum(map(len, redis_counters.held.values())) == 3  # (leases renewed)
+        own_redis.pause()
+        assert (await limiter.admit_held([scope]))[2] is Held.NOTHING  # (Redis seen down)
+        for member in ("a", "b", "c"):  # each used 10 of its 100
+            assert limiter.settle_soon([scope], -90, 0, member) is None
+        health = limiter.health()
+        assert (health["owed"], health["owedDropped"]) == (2, 1)
+        assert redis_counters.held == {}  # (owed or dropped: none renewed)
+        own_redis.resume()
+        await until_healthy(limiter)
+        deadline = time.monotonic() + 10 * TIMEOUT
+        while limiter.health()["owed"]:
+            assert time.monotonic() < deadline, "the owed settlements were never sent"
+            await asyncio.sleep(0.01)
+        # 300 reserved, two of the three given back their 90: the third's stays
+        assert await redis_tokens(own_redis.url, scope, tokens) == 120
+    finally:
+        own_redis.resume()
+        await limiter.close()
+
+
 async def test_a_request_admitted_in_memory_during_an_outage_is_settled_there(
     own_redis: RedisServer,
 ) -> None:
@@ -367,6 +405,58 @@ async def test_a_request_the_app_admitted_in_memory_is_settled_there_after_redis
             await r.read()
     # the late request's reservation was given back where it was held, not in Redis
     assert await used_tokens(proxy, KEY, "chat") == since
+
+
+async def test_an_upstream_capacity_hold_taken_in_memory_is_settled_there(
+    own_redis: RedisServer, backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """Through the app: an upstream's capacity (`limits`, `minute: 40` tokens) held in the
+    local counters while Redis was down, answered after Redis is back, is settled there;
+    Redis keeps what it counted since, so the upstream is at capacity when Redis says so.
+    Each request holds its estimate (the body's bytes / 4 + max_tokens 10) while in flight,
+    then counts what it used (7)."""
+    config = {
+        "models": {
+            "m": {
+                "type": "chat",
+                "upstreams": [{"endpoint": backend.url(), "key": "a", "limits": {"minute": 40}}],
+            }
+        },
+        "keys": {KEY: {"project": "fleet", "role": "default"}},
+    }
+    proxy = await make_proxy(config, storage=counter_storage(own_redis.url))
+    url = proxy.url("/openai/deployments/m/chat/completions")
+    body = {"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 10}
+    await clear_of_minute_boundary(15.0)  # (the Redis counts below in one minute bucket)
+    async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+
+        async def until(healthy: bool) -> None:
+            deadline = time.monotonic() + 10.0
+            while True:
+                async with s.get(proxy.url("/health")) as r:
+                    if (await r.json())["storage"]["healthy"] is healthy:
+                        return
+                assert time.monotonic() < deadline, "the storage never changed"
+                await asyncio.sleep(0.05)
+
+        async def status() -> int:
+            async with s.post(url, json=body) as r:
+                await r.read()
+                return r.status
+
+        assert await status() == 200  # (Redis prepared)
+        own_redis.kill()  # (refused at once: the hold below never reaches Redis)
+        backend.control.first_byte_delay = 3.0  # (answered after Redis is back)
+        late = asyncio.create_task(status())
+        await until(healthy=False)
+        own_redis.start()  # (a new Redis: nothing counted)
+        await until(healthy=True)
+        backend.control.first_byte_delay = 0.0
+        assert await status() == 200  # 7 in Redis
+        assert await late == 200  # its hold settled in memory, nothing taken from Redis
+        # 7 + 5 x 7 = 42 >= 40: the sixth is refused (a hold taken back from Redis would
+        # have let a seventh through)
+        assert [await status() for _ in range(6)] == [200] * 5 + [429]
 
 
 async def test_the_app_under_deny_answers_503_and_health_says_why(
