@@ -399,6 +399,14 @@ class _StateCollector(Collector):
             )
             up.add_metric(backend, 1 if health["healthy"] else 0)
             yield up
+            owed = GaugeMetricFamily(
+                "dialproxy_storage_owed",
+                "Settlements owed to the counter storage: made while it was down, sent when "
+                "it is back.",
+                labels=("backend",),
+            )
+            owed.add_metric(backend, health["owed"])
+            yield owed
             for name, key, text in (
                 ("dialproxy_storage_failures", "failures", "Counter storage calls that failed."),
                 (
@@ -407,6 +415,12 @@ class _StateCollector(Collector):
                     "Operations the failure policy answered instead of the storage.",
                 ),
                 ("dialproxy_storage_outages", "outages", "Times the storage went down."),
+                (
+                    "dialproxy_storage_owed_dropped",
+                    "owedDropped",
+                    "Settlements owed to the storage that were dropped (past the cap, or owed "
+                    "at shutdown): their reservations stay counted.",
+                ),
             ):
                 family = CounterMetricFamily(name, text, labels=("backend",))
                 family.add_metric(backend, health[key])

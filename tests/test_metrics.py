@@ -205,6 +205,8 @@ async def test_counts_after_known_traffic(backend: Backend, make_proxy: ProxyFac
     assert value(m, "dialproxy_storage_healthy", backend="memory") == 1
     assert value(m, "dialproxy_storage_failures_total", backend="memory") == 0
     assert value(m, "dialproxy_storage_fallbacks_total", backend="memory") == 0
+    assert value(m, "dialproxy_storage_owed", backend="memory") == 0
+    assert value(m, "dialproxy_storage_owed_dropped_total", backend="memory") == 0
 
 
 async def test_reloads_taken_and_refused(backend: Backend, make_proxy: ProxyFactory) -> None:

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 import trustme
+from structlog.testing import capture_logs
 
 from dialproxy.config.model import Window
 from dialproxy.counting import storage
@@ -320,6 +321,77 @@ async def test_settlements_owed_past_the_cap_are_dropped_and_counted(
     finally:
         own_redis.resume()
         await limiter.close()
+
+
+async def test_a_replay_that_redis_fails_resends_none_it_sent_and_keeps_the_rest(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Owed settlements are sent one after another once Redis is back.  When one of them
+    fails (Redis down again as it was sent), it is not sent again (it may still be applied:
+    a second one would count twice), and those after it stay owed until the next time."""
+    limiter = Limiter(counter_storage(own_redis.url), "local")
+    tokens = Window("hour", 3_600, 10_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,))
+    redis_counters = limiter.guard.storage
+    assert isinstance(redis_counters, RedisCounters)
+    sent: list[tuple[int, bool]] = []  # each settlement sent: its amount, Redis up then
+    real_settle = redis_counters.settle
+
+    async def settle(windows: Any, amounts: list[int], *args: Any) -> None:
+        sent.append((amounts[0], limiter.guard.healthy))
+        if len(sent) == 2:  # the second one sent: Redis fails it
+            raise ConnectionError("Redis went away again")
+        await real_settle(windows, amounts, *args)
+
+    try:
+        for _ in range(3):
+            await limiter.admit_held([scope], 100)  # 300 reserved in Redis
+        own_redis.pause()
+        assert (await limiter.admit_held([scope]))[2] is Held.LOCAL  # (Redis seen down)
+        for used in (10, 20, 30):
+            assert limiter.settle_soon([scope], used - 100, 0) is None
+        assert limiter.health()["owed"] == 3
+        monkeypatch.setattr(redis_counters, "settle", settle)
+        own_redis.resume()
+        await until_healthy(limiter)  # the replay: the first sent, the second fails
+        deadline = time.monotonic() + 10 * TIMEOUT + MARGIN
+        while limiter.health()["owed"] or len(sent) < 3:
+            assert time.monotonic() < deadline, f"the owed settlements were not all sent: {sent}"
+            await asyncio.sleep(0.01)
+        # the failed one never twice; the third sent only once the next probe found Redis
+        # back (the failure marked it down: a second outage)
+        assert sent == [(-90, True), (-80, True), (-70, True)]
+        assert limiter.health()["outages"] == 2
+        # 300 reserved; the first and the third replaced by their usage, the second's
+        # reservation left (lost as it was sent: erring on counting)
+        assert await redis_tokens(own_redis.url, scope, tokens) == 10 + 100 + 30
+    finally:
+        own_redis.resume()
+        await limiter.close()
+
+
+async def test_a_settlement_owed_after_shutdown_is_dropped_with_a_warning(
+    own_redis: RedisServer,
+) -> None:
+    """A settlement owed once the limiter has closed (a give-back made while it closes:
+    an admission whose client left, answered by Redis during the close) can never be sent:
+    it is counted in ``owedDropped`` and said in a warning, never kept in silence."""
+    limiter = Limiter(counter_storage(own_redis.url), "allow")
+    tokens = Window("hour", 3_600, 1_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,))
+    try:
+        await limiter.admit_held([scope], 100)
+        own_redis.pause()
+        assert (await limiter.admit_held([scope]))[2] is Held.NOTHING  # (Redis seen down)
+        await limiter.close()
+        with capture_logs() as logs:
+            assert limiter.settle_soon([scope], -90, 0) is None
+        health = limiter.health()
+        assert (health["owed"], health["owedDropped"]) == (0, 1)
+        assert [e["event"] for e in logs] == ["owed_settlements_lost"]
+        assert logs[0]["count"] == 1 and logs[0]["log_level"] == "warning"
+    finally:
+        own_redis.resume()
 
 
 async def test_a_request_admitted_in_memory_during_an_outage_is_settled_there(

@@ -245,7 +245,8 @@ class StorageGuard:
         self.state.add_probe(self._prepare_again)
         self.fallbacks = 0  # operations the policy answered instead of the shared storage
         self.owed: list[Owed] = []  # settlements Redis failed, sent when it is back
-        self.owed_dropped = 0  # settlements owed past OWED_MAX
+        self.owed_dropped = 0  # settlements owed past OWED_MAX, or once closed
+        self.closed = False  # (owed from then on: never sent)
         self._ready = isinstance(storage, LocalCounters)  # else: prepared before first use
         self._preparing = asyncio.Lock()
         self._repaying: asyncio.Task[None] | None = None
@@ -360,6 +361,10 @@ class StorageGuard:
             self.storage.forget(slots, member)
         if not windows and not slots:
             return
+        if self.closed:  # (a give-back made as the limiter closed: never to be sent)
+            self.owed_dropped += 1
+            log.warning("owed_settlements_lost", backend=self.backend, count=1)
+            return
         if len(self.owed) >= OWED_MAX:
             self.owed_dropped += 1
             return
@@ -434,6 +439,7 @@ class StorageGuard:
         first, if Redis takes them; those it cannot are said in a warning)."""
         if self._repaying is not None:
             await asyncio.wait({self._repaying})
+        self.closed = True
         await self.state.close()
         if self.owed:
             log.warning("owed_settlements_lost", backend=self.backend, count=len(self.owed))
