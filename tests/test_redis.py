@@ -155,6 +155,17 @@ async def until_healthy(limiter: Limiter, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def health_says(s: aiohttp.ClientSession, url: str, *, healthy: bool) -> None:
+    """Until the app's ``/health`` (``url``) says its storage is ``healthy`` (or not)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        async with s.get(url) as r:
+            if (await r.json())["storage"]["healthy"] is healthy:
+                return
+        assert time.monotonic() < deadline, "the storage never changed"
+        await asyncio.sleep(0.05)
+
+
 EXPECTED_IN_OUTAGE = {
     "allow": ["200"] * 6,  # no limits
     "deny": ["503"] * 6,  # nothing limited is served
@@ -449,24 +460,15 @@ async def test_a_request_the_app_admitted_in_memory_is_settled_there_after_redis
     proxy = await make_proxy(config, storage=counter_storage(own_redis.url))
     url = proxy.url("/openai/deployments/chat/chat/completions")
     async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
-
-        async def until(healthy: bool) -> None:
-            deadline = time.monotonic() + 10.0
-            while True:
-                async with s.get(proxy.url("/health")) as r:
-                    if (await r.json())["storage"]["healthy"] is healthy:
-                        return
-                assert time.monotonic() < deadline, "the storage never changed"
-                await asyncio.sleep(0.05)
-
         async with s.post(url, json=CHAT) as r:  # (Redis prepared)
             assert r.status == 200
         own_redis.kill()  # (refused at once: the admission below never reaches Redis)
         backend.control.first_byte_delay = 3.0  # (answered after Redis is back)
         late = asyncio.create_task(s.post(url, json=CHAT))
-        await until(healthy=False)  # (its admission failed: held in the local counters)
+        # (its admission failed: held in the local counters)
+        await health_says(s, proxy.url("/health"), healthy=False)
         own_redis.start()
-        await until(healthy=True)
+        await health_says(s, proxy.url("/health"), healthy=True)
         backend.control.first_byte_delay = 0.0
         async with s.post(url, json=CHAT) as r:  # counted in the new Redis
             assert r.status == 200
@@ -502,15 +504,6 @@ async def test_an_upstream_capacity_hold_taken_in_memory_is_settled_there(
     await clear_of_minute_boundary(15.0)  # (the Redis counts below in one minute bucket)
     async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
 
-        async def until(healthy: bool) -> None:
-            deadline = time.monotonic() + 10.0
-            while True:
-                async with s.get(proxy.url("/health")) as r:
-                    if (await r.json())["storage"]["healthy"] is healthy:
-                        return
-                assert time.monotonic() < deadline, "the storage never changed"
-                await asyncio.sleep(0.05)
-
         async def status() -> int:
             async with s.post(url, json=body) as r:
                 await r.read()
@@ -520,9 +513,9 @@ async def test_an_upstream_capacity_hold_taken_in_memory_is_settled_there(
         own_redis.kill()  # (refused at once: the hold below never reaches Redis)
         backend.control.first_byte_delay = 3.0  # (answered after Redis is back)
         late = asyncio.create_task(status())
-        await until(healthy=False)
+        await health_says(s, proxy.url("/health"), healthy=False)
         own_redis.start()  # (a new Redis: nothing counted)
-        await until(healthy=True)
+        await health_says(s, proxy.url("/health"), healthy=True)
         backend.control.first_byte_delay = 0.0
         assert await status() == 200  # 7 in Redis
         assert await late == 200  # its hold settled in memory, nothing taken from Redis
