@@ -8,7 +8,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -46,11 +46,34 @@ def cpu_seconds(pid: int) -> float:
 def family_cpu_seconds(pid: int) -> float:
     """utime + stime of a process and of its live descendants (``serve --workers N``: the
     supervisor and its workers), from each one's /proc/<pid>/stat."""
+    return _family(pid, cpu_seconds)
+
+
+def waited_seconds(pid: int) -> float:
+    """How long the threads of a process were ready to run but waiting for a core (the
+    scheduler's run-queue wait, /proc/<pid>/task/<tid>/schedstat's second field); 0 where
+    the kernel keeps no such statistics."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue  # (a thread gone meanwhile; no schedstat)
+    return total / 1e9
+
+
+def family_waited_seconds(pid: int) -> float:
+    """:func:`waited_seconds` of a process and of its live descendants."""
+    return _family(pid, waited_seconds)
+
+
+def _family(pid: int, clock: Callable[[int], float]) -> float:
+    """``clock`` summed over a process and its live descendants."""
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
         try:
-            total += cpu_seconds(p)
+            total += clock(p)
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo.extend(int(c) for c in (task / "children").read_text().split())
         except (FileNotFoundError, ProcessLookupError):

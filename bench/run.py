@@ -53,6 +53,7 @@ from bench.procs import (
     Child,
     cpu_seconds,
     family_cpu_seconds,
+    family_waited_seconds,
     free_port,
     machine_busy_seconds,
     stop_all,
@@ -310,6 +311,10 @@ class Throughput:
     other_cpu: float = 0.0  # of every other process on the machine
     redis_cpu: float = 0.0  # of redis-server (INFO cpu), in the Redis-counter proxy's runs
     redis_calls: dict[str, int] = field(default_factory=dict)  # INFO commandstats, summed
+    # Ready to run but waiting for a core (the scheduler's run-queue wait): of the measured
+    # process, of redis-server
+    waited: float = 0.0
+    redis_waited: float = 0.0
     rounds: list[float] = field(default_factory=list)  # req/s of each round
 
     def add(
@@ -321,8 +326,11 @@ class Throughput:
         busy: float,
         redis_cpu: float = 0.0,
         redis_calls: dict[str, int] | None = None,
+        waited: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         self.requests += load.requests
+        self.waited += waited[0]
+        self.redis_waited += waited[1]
         self.seconds += load.seconds
         self.wall += wall
         self.cpu += cpu
@@ -519,11 +527,15 @@ class Bench:
         if redis is not None:
             rcpu0 = redis.cpu_seconds()
             redis.reset_stats()
+        rwait0 = 0.0 if redis is None else family_waited_seconds(redis.child.pid)
         wall0, busy0 = time.monotonic(), machine_busy_seconds()
         cpu0, bcpu0 = family_cpu_seconds(child.pid), cpu_seconds(backend.pid)
+        wait0 = family_waited_seconds(child.pid)
         result = load(mode, target, opts.connections, opts.seconds)
         cpu1, bcpu1 = family_cpu_seconds(child.pid), cpu_seconds(backend.pid)
+        waited = family_waited_seconds(child.pid) - wait0
         busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
+        redis_waited = 0.0 if redis is None else family_waited_seconds(redis.child.pid) - rwait0
         redis_cpu, calls, extra = 0.0, None, ""
         if redis is not None:
             time.sleep(REDIS_SETTLE)
@@ -540,8 +552,9 @@ class Bench:
                 f" {redis_cpu / result.requests * 1e6:4.0f} us CPU/req"
             )
         throughput[mode][target].add(
-            result, wall, cpu1 - cpu0, bcpu1 - bcpu0, busy, redis_cpu, calls
-        )
+            result, wall, cpu1 - cpu0, bcpu1 - bcpu0, busy, redis_cpu, calls,
+            (waited, redis_waited),
+        )  # fmt: skip
         self.say(
             f"round {rnd + 1}/{opts.rounds} {mode:16} {target:12}"
             f" {result.rps:8.0f} req/s"
@@ -632,6 +645,18 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     )
     workers_row(f"proxy redis x{WORKERS} CPU us/req", lambda t, m: f"{t.cpu_us:.0f}")
     row("pass-through CPU us/req", lambda m: f"{throughput[m][PASS].cpu_us:.0f}")
+
+    def waited(t: Throughput) -> str:
+        return f"{t.per_request(t.waited) * 1e6:.0f}"
+
+    # (what the other processes on the cores cost the measured one in time, not CPU)
+    row("proxy waited for a core us/req", lambda m: waited(throughput[m][PROXY]))
+    redis_row("proxy redis waited for a core us/req", lambda t, m: waited(t))
+    redis_row(
+        "redis-server waited for a core us/req",
+        lambda t, m: f"{t.per_request(t.redis_waited) * 1e6:.0f}",
+    )
+    row("pass-through waited for a core us/req", lambda m: waited(throughput[m][PASS]))
     row(
         "CPU ratio pass-through/proxy",
         lambda m: f"{throughput[m][PASS].cpu_us / throughput[m][PROXY].cpu_us:.2f}",
