@@ -198,10 +198,13 @@ class Ledger:
         deployment: str | None = None,
     ) -> list[dict[str, Any]]:
         """The ledger's rows of the hours from ``start`` to before ``end`` (epoch seconds),
-        this process's pending ones included, filtered and summed by ``by``."""
-        found = await self.store.read(int(start) // HOUR * HOUR, int(end), project)
+        this process's pending ones included, filtered and summed by ``by``.  Read between
+        writes (a batch being written is in neither the pending rows nor, yet, the store:
+        a read beside it would miss it), so a read waits for the write under way."""
         lo, hi = int(start) // HOUR * HOUR, int(end)
-        found += [(k, list(v)) for k, v in self.pending.items() if lo <= k[0] < hi]
+        async with self._lock:
+            found = await self.store.read(lo, hi, project)
+            found += [(k, list(v)) for k, v in self.pending.items() if lo <= k[0] < hi]
         return aggregate(found, by, project, key, shared_key, deployment)
 
     def start(self) -> None:

@@ -414,6 +414,37 @@ async def test_retention_drops_old_hours(tmp_path: Path, redis_server: RedisServ
     await client.aclose()
 
 
+async def test_a_read_while_a_batch_is_being_written_counts_it_once(tmp_path: Path) -> None:
+    """A usage read that comes while the flush task writes a batch (taken out of the
+    pending rows, not yet in the store) waits for the write: the batch's rows are counted,
+    neither lost to the read nor counted twice."""
+
+    class Slow(SqliteLedgerStore):
+        gate = asyncio.Event()
+
+        async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
+            await self.gate.wait()
+            await super().write(rows, keep_from)
+
+    store = Slow(tmp_path / "usage.sqlite")
+    ledger = Ledger(store)
+    row = ("p", "fp", "", "chat", "chat/completions")
+    ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+    flushing = asyncio.ensure_future(ledger.flush())
+    await asyncio.sleep(0.01)  # the batch taken, its write waiting
+    assert not ledger.pending
+    reading = asyncio.ensure_future(ledger.rows(0, time.time() + HOUR))
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    assert await flushing
+    (total,) = await reading
+    assert (total["requests"], total["total_tokens"]) == (1, 7)
+    ledger.add(row, Outcome(status=200, usage=Usage(1, 1, 2)))  # one written, one pending
+    (total,) = await ledger.rows(0, time.time() + HOUR)
+    assert (total["requests"], total["total_tokens"]) == (2, 9)
+    await ledger.close()
+
+
 async def test_a_failed_write_keeps_its_rows() -> None:
     class Broken:
         def __init__(self) -> None:
