@@ -50,6 +50,7 @@ log = structlog.get_logger("dialproxy.ledger")
 HOUR = 3600
 DAY = 86400
 FLUSH_EVERY = 5.0  # seconds between writes (the most a crash can lose)
+READ_TRIES = 3  # reads beside the writes before one waits for them (see Ledger.rows)
 RETENTION_DAYS = 400
 USAGE_FILE_SUFFIX = ".usage.sqlite"  # beside the state file: dialproxy-state.usage.sqlite
 
@@ -72,13 +73,22 @@ Clock = Callable[[], float]
 
 class LedgerStore(Protocol):
     """Where the ledger's rows live.  ``write`` adds (never replaces) and drops the hours
-    before ``keep_from`` (None: not this time); it raises when it failed (nothing written)."""
+    before ``keep_from`` (None: not this time); it raises when it failed: nothing written,
+    or :class:`Unwritten` with the rows it did not write (the others were)."""
 
     async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None: ...
     async def read(
         self, start: int, end: int, project: str | None = None
     ) -> list[tuple[RowKey, list[int]]]: ...
     async def close(self) -> None: ...
+
+
+class Unwritten(Exception):
+    """A write that failed part-way: the rows it did not write (the others it did)."""
+
+    def __init__(self, rows: list[tuple[RowKey, Sequence[int]]]) -> None:
+        super().__init__(f"{len(rows)} rows not written")
+        self.rows = rows
 
 
 class Outcome(Protocol):
@@ -119,6 +129,7 @@ class Ledger:
         self._pruned_hour = -1  # the hour retention last ran in
         self._hour = -2 * HOUR  # the start of the hour rows were last added in
         self._lock = asyncio.Lock()  # one write at a time (the task's and a shutdown's)
+        self.taken = 0  # batches taken out of the pending rows to be written (see rows())
         self._task: asyncio.Task[None] | None = None
 
     def add(self, row: Row, outcome: Outcome) -> None:
@@ -169,14 +180,19 @@ class Ledger:
             if not self.pending and keep_from is None:
                 return True
             batch, self.pending = self.pending, {}
+            self.taken += 1
             try:
                 await self.store.write(batch, keep_from)
             except Exception as e:
                 self.failures += 1
                 self.failing += 1
                 if self.failing == 1:
-                    log.warning("ledger_write_failed", error=type(e).__name__, rows=len(batch))
-                merge(self.pending, batch.items())
+                    cause = e.__cause__ if isinstance(e, Unwritten) else None
+                    error = type(cause or e).__name__
+                    log.warning("ledger_write_failed", error=error, rows=len(batch))
+                # (kept for the next write: what was not written; a part written is not
+                # written twice)
+                merge(self.pending, e.rows if isinstance(e, Unwritten) else batch.items())
                 return False
             self.writes += 1
             if self.failing:
@@ -199,12 +215,20 @@ class Ledger:
     ) -> list[dict[str, Any]]:
         """The ledger's rows of the hours from ``start`` to before ``end`` (epoch seconds),
         this process's pending ones included, filtered and summed by ``by``.  Read between
-        writes (a batch being written is in neither the pending rows nor, yet, the store:
-        a read beside it would miss it), so a read waits for the write under way."""
+        writes: a batch being written is in neither the pending rows nor, yet, the store (a
+        read beside it would miss it), so a read waits for the write under way, and reads
+        again when a write began while it read."""
         lo, hi = int(start) // HOUR * HOUR, int(end)
-        async with self._lock:
+        for _ in range(READ_TRIES):
+            async with self._lock:  # (a write under way ends first; reads run side by side)
+                taken = self.taken
             found = await self.store.read(lo, hi, project)
-            found += [(k, list(v)) for k, v in self.pending.items() if lo <= k[0] < hi]
+            if self.taken == taken:  # no batch left the pending rows meanwhile
+                break
+        else:  # (writes kept coming: read between them)
+            async with self._lock:
+                found = await self.store.read(lo, hi, project)
+        found += [(k, list(v)) for k, v in self.pending.items() if lo <= k[0] < hi]
         return aggregate(found, by, project, key, shared_key, deployment)
 
     def start(self) -> None:
@@ -221,7 +245,8 @@ class Ledger:
     async def close(self) -> None:
         """Stop the task, write the rest (once; a failure is logged), close the store."""
         if self._task is not None:
-            self._task.cancel()
+            async with self._lock:  # (a write under way ends first: cancelled, it is lost)
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self.pending and not await self.flush():
@@ -409,7 +434,12 @@ class RedisLedgerStore:
             if keep_from is not None and first == 0:
                 pipe.zremrangebyscore(hours_key, "-inf", f"({keep_from}")
             if len(pipe):
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except Exception as e:
+                    if first == 0:  # (nothing written)
+                        raise
+                    raise Unwritten(items[first:]) from e
 
     async def read(
         self, start: int, end: int, project: str | None = None

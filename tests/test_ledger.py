@@ -12,10 +12,11 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
+import redis.exceptions
 from structlog.testing import capture_logs
 
 from dialproxy import cli
@@ -23,6 +24,7 @@ from dialproxy.counting.rediscounters import RedisCounters
 from dialproxy.ledger import (
     DAY,
     HOUR,
+    ROWS_PER_CALL,
     Ledger,
     RedisLedgerStore,
     RowKey,
@@ -443,6 +445,119 @@ async def test_a_read_while_a_batch_is_being_written_counts_it_once(tmp_path: Pa
     (total,) = await ledger.rows(0, time.time() + HOUR)
     assert (total["requests"], total["total_tokens"]) == (2, 9)
     await ledger.close()
+
+
+async def test_a_write_that_begins_during_a_read_is_read_again_and_reads_run_side_by_side(
+    tmp_path: Path,
+) -> None:
+    """Reads do not wait for each other (a slow store: both read at once), and one during
+    which a batch left the pending rows reads again: that batch is counted once."""
+
+    class SlowReads(SqliteLedgerStore):
+        gate = asyncio.Event()
+        reading = 0
+        most = 0
+
+        async def read(
+            self, start: int, end: int, project: str | None = None
+        ) -> list[tuple[RowKey, list[int]]]:
+            self.reading += 1
+            self.most = max(self.most, self.reading)
+            try:
+                found = await super().read(start, end, project)  # (before the write)
+                await self.gate.wait()
+                return found
+            finally:
+                self.reading -= 1
+
+    store = SlowReads(tmp_path / "usage.sqlite")
+    ledger = Ledger(store)
+    row = ("p", "fp", "", "chat", "chat/completions")
+    ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+    reads = [asyncio.ensure_future(ledger.rows(0, time.time() + HOUR)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert store.most == 2  # side by side
+    assert await ledger.flush()  # the batch leaves the pending rows while they read
+    store.gate.set()
+    for read in reads:
+        (total,) = await read
+        assert (total["requests"], total["total_tokens"]) == (1, 7)
+    await ledger.close()
+
+
+async def test_a_shutdown_during_a_write_waits_for_it(tmp_path: Path) -> None:
+    """close() while the flush task writes a batch: the write ends, then the task is
+    stopped (cancelled mid-write, the batch was in neither the pending rows nor the store)."""
+
+    class Slow(SqliteLedgerStore):
+        gate = asyncio.Event()
+        started = asyncio.Event()
+
+        async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
+            self.started.set()
+            await self.gate.wait()
+            await super().write(rows, keep_from)
+
+    path = tmp_path / "usage.sqlite"
+    ledger = Ledger(Slow(path), flush_every=0.01)
+    ledger.start()
+    ledger.add(
+        ("p", "fp", "", "chat", "chat/completions"), Outcome(status=200, usage=Usage(1, 2, 3))
+    )
+    await asyncio.wait_for(Slow.started.wait(), 5)
+    closing = asyncio.ensure_future(ledger.close())
+    await asyncio.sleep(0.05)
+    Slow.gate.set()
+    with capture_logs() as logs:
+        await closing
+    assert not [e for e in logs if e["event"] == "ledger_rows_lost"]
+    again = Ledger(SqliteLedgerStore(path))
+    (total,) = await again.rows(0, time.time() + HOUR)
+    assert (total["requests"], total["total_tokens"]) == (1, 3)
+    await again.close()
+
+
+async def test_a_redis_write_that_fails_part_way_keeps_only_the_rows_it_did_not_write(
+    redis_server: RedisServer,
+) -> None:
+    """More rows than one MULTI/EXEC takes, and Redis fails the second: the first call's
+    rows are in Redis, so only the rest wait for the next write (none counted twice)."""
+    client = RedisCounters(redis_server.url).client
+
+    class SecondCallFails:
+        """The real client; its second transaction fails as Redis going away would."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def pipeline(self, transaction: bool = True) -> Any:
+            pipe = client.pipeline(transaction=transaction)
+            self.calls += 1
+            if self.calls == 2:
+
+                async def gone(raise_on_error: bool = True) -> list[Any]:
+                    raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+                pipe.execute = gone  # type: ignore[method-assign]
+            return pipe
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(client, name)
+
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    store = RedisLedgerStore(cast(Any, SecondCallFails()), 10, prefix)
+    ledger = Ledger(store)
+    rows = ROWS_PER_CALL + 100
+    for i in range(rows):
+        ledger.add(("p", f"fp{i}", "", "chat", "chat/completions"), Outcome(status=200))
+    with capture_logs() as logs:
+        assert not await ledger.flush()
+    assert [(e["event"], e["error"]) for e in logs] == [("ledger_write_failed", "ConnectionError")]
+    assert len(ledger.pending) == 100  # the second call's rows
+    assert await ledger.flush()
+    (total,) = await ledger.rows(0, time.time() + HOUR)
+    assert total["requests"] == rows
+    await client.aclose()
 
 
 async def test_a_failed_write_keeps_its_rows() -> None:
