@@ -49,10 +49,14 @@ def family_cpu_seconds(pid: int) -> float:
     return _family(pid, cpu_seconds)
 
 
+SCHEDSTAT = Path("/proc/self/schedstat").is_file()  # (the kernel keeps run-queue waits)
+
+
 def waited_seconds(pid: int) -> float:
-    """How long the threads of a process were ready to run but waiting for a core (the
-    scheduler's run-queue wait, /proc/<pid>/task/<tid>/schedstat's second field); 0 where
-    the kernel keeps no such statistics."""
+    """How long the live threads of a process were ready to run but waiting for a core
+    (the scheduler's run-queue wait, /proc/<pid>/task/<tid>/schedstat's second field; a
+    thread that ends takes its part with it); 0 where the kernel keeps no such statistics
+    (:data:`SCHEDSTAT`)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:

@@ -49,6 +49,7 @@ from typing import Any
 
 from bench.load import LoadGenerator, LoadResult
 from bench.procs import (
+    SCHEDSTAT,
     BenchError,
     Child,
     cpu_seconds,
@@ -535,12 +536,12 @@ class Bench:
         cpu1, bcpu1 = family_cpu_seconds(child.pid), cpu_seconds(backend.pid)
         waited = family_waited_seconds(child.pid) - wait0
         busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
-        redis_waited = 0.0 if redis is None else family_waited_seconds(redis.child.pid) - rwait0
-        redis_cpu, calls, extra = 0.0, None, ""
+        redis_cpu, redis_waited, calls, extra = 0.0, 0.0, None, ""
         if redis is not None:
             time.sleep(REDIS_SETTLE)
             calls = redis.command_calls()
             redis_cpu = redis.cpu_seconds() - rcpu0
+            redis_waited = family_waited_seconds(redis.child.pid) - rwait0  # (as its CPU)
             per_request = sum(calls.values()) / result.requests
             if calls.get("evalsha", 0) < result.requests:
                 raise BenchError(
@@ -646,16 +647,16 @@ def report(results: dict[str, Any], tool: str, opts: Options) -> str:
     workers_row(f"proxy redis x{WORKERS} CPU us/req", lambda t, m: f"{t.cpu_us:.0f}")
     row("pass-through CPU us/req", lambda m: f"{throughput[m][PASS].cpu_us:.0f}")
 
-    def waited(t: Throughput) -> str:
-        return f"{t.per_request(t.waited) * 1e6:.0f}"
+    def waited(t: Throughput, amount: float | None = None) -> str:
+        if not SCHEDSTAT:  # (no such statistics: not a 0)
+            return "-"
+        return f"{t.per_request(t.waited if amount is None else amount) * 1e6:.0f}"
 
     # (what the other processes on the cores cost the measured one in time, not CPU)
     row("proxy waited for a core us/req", lambda m: waited(throughput[m][PROXY]))
     redis_row("proxy redis waited for a core us/req", lambda t, m: waited(t))
-    redis_row(
-        "redis-server waited for a core us/req",
-        lambda t, m: f"{t.per_request(t.redis_waited) * 1e6:.0f}",
-    )
+    workers_row(f"proxy redis x{WORKERS} waited for a core us/req", lambda t, m: waited(t))
+    redis_row("redis-server waited for a core us/req", lambda t, m: waited(t, t.redis_waited))
     row("pass-through waited for a core us/req", lambda m: waited(throughput[m][PASS]))
     row(
         "CPU ratio pass-through/proxy",
