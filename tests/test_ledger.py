@@ -416,19 +416,32 @@ async def test_retention_drops_old_hours(tmp_path: Path, redis_server: RedisServ
     await client.aclose()
 
 
+async def requests_and_tokens(ledger: Ledger) -> tuple[int, int]:
+    """The ledger's requests and tokens of all time (to an hour from now)."""
+    (total,) = await ledger.rows(0, time.time() + HOUR)
+    return total["requests"], total["total_tokens"]
+
+
+class GatedWrites(SqliteLedgerStore):
+    """A real store whose writes wait for :attr:`gate` (a write under way, held there)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()  # (a write began)
+
+    async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
+        self.started.set()
+        await self.gate.wait()
+        await super().write(rows, keep_from)
+
+
 async def test_a_read_while_a_batch_is_being_written_counts_it_once(tmp_path: Path) -> None:
     """A usage read that comes while the flush task writes a batch (taken out of the
     pending rows, not yet in the store) waits for the write: the batch's rows are counted,
     neither lost to the read nor counted twice."""
 
-    class Slow(SqliteLedgerStore):
-        gate = asyncio.Event()
-
-        async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
-            await self.gate.wait()
-            await super().write(rows, keep_from)
-
-    store = Slow(tmp_path / "usage.sqlite")
+    store = GatedWrites(tmp_path / "usage.sqlite")
     ledger = Ledger(store)
     row = ("p", "fp", "", "chat", "chat/completions")
     ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
@@ -442,8 +455,7 @@ async def test_a_read_while_a_batch_is_being_written_counts_it_once(tmp_path: Pa
     (total,) = await reading
     assert (total["requests"], total["total_tokens"]) == (1, 7)
     ledger.add(row, Outcome(status=200, usage=Usage(1, 1, 2)))  # one written, one pending
-    (total,) = await ledger.rows(0, time.time() + HOUR)
-    assert (total["requests"], total["total_tokens"]) == (2, 9)
+    assert await requests_and_tokens(ledger) == (2, 9)
     await ledger.close()
 
 
@@ -489,31 +501,22 @@ async def test_a_shutdown_during_a_write_waits_for_it(tmp_path: Path) -> None:
     """close() while the flush task writes a batch: the write ends, then the task is
     stopped (cancelled mid-write, the batch was in neither the pending rows nor the store)."""
 
-    class Slow(SqliteLedgerStore):
-        gate = asyncio.Event()
-        started = asyncio.Event()
-
-        async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
-            self.started.set()
-            await self.gate.wait()
-            await super().write(rows, keep_from)
-
     path = tmp_path / "usage.sqlite"
-    ledger = Ledger(Slow(path), flush_every=0.01)
+    store = GatedWrites(path)
+    ledger = Ledger(store, flush_every=0.01)
     ledger.start()
     ledger.add(
         ("p", "fp", "", "chat", "chat/completions"), Outcome(status=200, usage=Usage(1, 2, 3))
     )
-    await asyncio.wait_for(Slow.started.wait(), 5)
+    await asyncio.wait_for(store.started.wait(), 5)
     closing = asyncio.ensure_future(ledger.close())
     await asyncio.sleep(0.05)
-    Slow.gate.set()
+    store.gate.set()
     with capture_logs() as logs:
         await closing
     assert not [e for e in logs if e["event"] == "ledger_rows_lost"]
     again = Ledger(SqliteLedgerStore(path))
-    (total,) = await again.rows(0, time.time() + HOUR)
-    assert (total["requests"], total["total_tokens"]) == (1, 3)
+    assert await requests_and_tokens(again) == (1, 3)
     await again.close()
 
 
@@ -555,8 +558,7 @@ async def test_a_redis_write_that_fails_part_way_keeps_only_the_rows_it_did_not_
     assert [(e["event"], e["error"]) for e in logs] == [("ledger_write_failed", "ConnectionError")]
     assert len(ledger.pending) == 100  # the second call's rows
     assert await ledger.flush()
-    (total,) = await ledger.rows(0, time.time() + HOUR)
-    assert total["requests"] == rows
+    assert await requests_and_tokens(ledger) == (rows, 0)
     await client.aclose()
 
 
