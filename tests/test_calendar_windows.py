@@ -109,9 +109,12 @@ async def test_a_day_window_resets_at_the_boundary_not_a_day_later(storage: Stor
     """100 tokens a day (on a schedule resetting at 06:00 UTC) and 5 requests an hour: full
     ten seconds before the reset, the day window refuses with a Retry-After of those ten
     seconds; past the reset it is empty, while the sliding hour still counts."""
-    # tomorrow 05:59:50 UTC: ahead of the real clock (Redis's), 10 s before the reset
-    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
-    clock = Clock(datetime(*tomorrow.timetuple()[:3], 5, 59, 50, tzinfo=UTC).timestamp())
+    # a day ahead of the real clock (Redis's) whose 06:00 starts a day but neither a week
+    # (Monday) nor a month, at 05:59:50 UTC: 10 s before the reset
+    date = datetime.now(UTC).date() + timedelta(days=1)
+    while date.weekday() == 0 or date.day == 1:
+        date += timedelta(days=1)
+    clock = Clock(datetime(date.year, date.month, date.day, 5, 59, 50, tzinfo=UTC).timestamp())
     schedule = Schedule("UTC", reset=(6, 0))
     limit = Limit(day=100, request_hour=5)
     scope = Scope(
