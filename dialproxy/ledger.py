@@ -10,15 +10,17 @@ once more when the app stops), in one step:
 - :class:`SqliteLedgerStore` (embedded, the default): an SQLite file beside the state file,
   one upsert per row, written off the event loop;
 - :class:`RedisLedgerStore` (with Redis storage): one hash per hour (``dp:usage:h:<hour>``,
-  a field per row and measure, HINCRBY) and a sorted set of the hours (``dp:usage:hours``)
-  in one MULTI/EXEC, each hour's hash expiring at the end of the retention, on the process's
-  one Redis client, so that every instance adds to the same ledger.
+  a field per row and measure, HINCRBY) and a sorted set of the hours (``dp:usage:hours``),
+  in script calls of up to 500 rows each, each hour's hash expiring at the end of the
+  retention, on the process's one Redis client, so that every instance adds to the same
+  ledger.
 
 What a restart can lose is what was added since the last write: at most ``flush_every``
 seconds of requests, and none on a clean stop (SIGTERM writes the rest).  A write that
 fails (Redis down, a disk error) keeps its rows for the next one, so an outage delays the
-ledger rather than losing it; a write that timed out after Redis applied it is counted
-twice, as the limit counters err (on counting).
+ledger rather than losing it.  A Redis call that got no answer may still have been applied
+(a timeout while Redis was busy): each call carries a sequence number Redis records with
+it, so the same call sent again is applied once, and a read in between counts it once.
 
 Retention: hours older than ``retention_days`` are dropped (at most once an hour, with a
 write; in Redis the hashes expire too).
@@ -31,6 +33,7 @@ import csv
 import io
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,8 +76,12 @@ Clock = Callable[[], float]
 
 class LedgerStore(Protocol):
     """Where the ledger's rows live.  ``write`` adds (never replaces) and drops the hours
-    before ``keep_from`` (None: not this time); it raises when it failed: nothing written,
-    or :class:`Unwritten` with the rows it did not write (the others were)."""
+    before ``keep_from`` (None: not this time); it raises when it failed: :class:`Kept` when
+    the store keeps the rows it could not confirm and sends them with its next write
+    (``held`` counts them; its reads include them), any other error when it wrote nothing
+    (the caller keeps the rows)."""
+
+    held: int
 
     async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None: ...
     async def read(
@@ -83,12 +90,8 @@ class LedgerStore(Protocol):
     async def close(self) -> None: ...
 
 
-class Unwritten(Exception):
-    """A write that failed part-way: the rows it did not write (the others it did)."""
-
-    def __init__(self, rows: list[tuple[RowKey, Sequence[int]]]) -> None:
-        super().__init__(f"{len(rows)} rows not written")
-        self.rows = rows
+class Kept(Exception):
+    """A write that failed, its rows not confirmed kept by the store for its next write."""
 
 
 class Outcome(Protocol):
@@ -162,7 +165,7 @@ class Ledger:
         """For ``/health``: rows waiting for the next write, writes done and failed, and
         whether the last ones failed (an outage in progress)."""
         return {
-            "pendingRows": len(self.pending),
+            "pendingRows": len(self.pending) + self.store.held,
             "writes": self.writes,
             "failedWrites": self.failures,
             "failing": self.failing > 0,
@@ -177,7 +180,7 @@ class Ledger:
             keep_from = None
             if hour != self._pruned_hour:
                 keep_from = (int(now) - self.retention_days * DAY) // HOUR * HOUR
-            if not self.pending and keep_from is None:
+            if not self.pending and keep_from is None and not self.store.held:
                 return True
             batch, self.pending = self.pending, {}
             self.taken += 1
@@ -187,12 +190,11 @@ class Ledger:
                 self.failures += 1
                 self.failing += 1
                 if self.failing == 1:
-                    cause = e.__cause__ if isinstance(e, Unwritten) else None
+                    cause = e.__cause__ if isinstance(e, Kept) else None
                     error = type(cause or e).__name__
                     log.warning("ledger_write_failed", error=error, rows=len(batch))
-                # (kept for the next write: what was not written; a part written is not
-                # written twice)
-                merge(self.pending, e.rows if isinstance(e, Unwritten) else batch.items())
+                if not isinstance(e, Kept):  # (else the store sends them with its next write)
+                    merge(self.pending, batch.items())
                 return False
             self.writes += 1
             if self.failing:
@@ -249,8 +251,8 @@ class Ledger:
                 self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.pending and not await self.flush():
-            log.error("ledger_rows_lost", rows=len(self.pending))
+        if (self.pending or self.store.held) and not await self.flush():
+            log.error("ledger_rows_lost", rows=len(self.pending) + self.store.held)
         await self.store.close()
 
 
@@ -342,6 +344,8 @@ class SqliteLedgerStore:
     """One SQLite file (WAL), written off the event loop; created by the first write.
     Several processes may add to one file (each write is one transaction of additions)."""
 
+    held = 0  # (a write is one transaction: all written or none)
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = StateDb(path, _SCHEMA)
@@ -393,7 +397,33 @@ class SqliteLedgerStore:
 
 PREFIX = "dp:usage:"
 _SEP = "\x1f"  # between a field's parts (never in a project, a key name or a deployment)
-ROWS_PER_CALL = 500  # rows in one MULTI/EXEC (each is six HINCRBYs)
+ROWS_PER_CALL = 500  # rows in one script call (each up to six HINCRBYs)
+WRITER_TTL = 30 * DAY  # how long Redis remembers a writer's last call (see RedisLedgerStore)
+
+# One call of a write, all or nothing: the rows added to their hours' hashes, the hours
+# indexed and set to expire, the old hours dropped, unless Redis has this writer's call of
+# that sequence number already (sent again after a timeout: it may have been applied).
+# KEYS: the writer's last sequence number, the hours' index, each hour's hash.
+# ARGV: the sequence number, its TTL, keep_from ('' none), each hash's hour and expiry,
+# then (hash, field, value) triples.
+_WRITE = """
+local seq = tonumber(ARGV[1])
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= seq then return 0 end
+local hashes = #KEYS - 2
+for i = 4 + 2 * hashes, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[2 + tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+end
+for h = 1, hashes do
+  redis.call('EXPIREAT', KEYS[2 + h], ARGV[3 + 2 * h])
+  redis.call('ZADD', KEYS[2], ARGV[2 + 2 * h], ARGV[2 + 2 * h])
+end
+if ARGV[3] ~= '' then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3]) end
+redis.call('SET', KEYS[1], seq, 'EX', ARGV[2])
+return 1
+"""
+
+# One call's rows: its sequence number, the rows, the hours to drop before (None: none).
+Chunk = tuple[int, list[tuple[RowKey, Sequence[int]]], int | None]
 
 
 def _field(row: RowKey, measure: int) -> str:
@@ -403,7 +433,13 @@ def _field(row: RowKey, measure: int) -> str:
 class RedisLedgerStore:
     """``dp:usage:h:<hour>``: a hash per hour, a field per row and measure; ``dp:usage:hours``:
     the hours (a sorted set scored by the hour).  Each hour's hash expires when the retention
-    drops it."""
+    drops it.
+
+    A write is sent in calls of up to :data:`ROWS_PER_CALL` rows, each numbered (this store's
+    own sequence, recorded by Redis in ``dp:usage:writer:<id>`` with the call).  A call that
+    failed or got no answer is kept, with the ones after it, and sent first with the next
+    write under the same number: applied once whether or not Redis had it.  A read adds the
+    kept calls Redis has not applied (read with the hashes, in one transaction)."""
 
     def __init__(
         self,
@@ -415,45 +451,68 @@ class RedisLedgerStore:
         self.retention_days = retention_days
         self.prefix = prefix
         self.owns_client = False  # (the CLI's own; a served process shares the counters')
+        self._script = client.register_script(_WRITE)
+        self._writer = f"{prefix}writer:{uuid.uuid4().hex}"
+        self._seq = 0  # the last call numbered
+        self._held: list[Chunk] = []  # calls not yet confirmed, in order
+
+    @property
+    def held(self) -> int:
+        return sum(len(rows) for _, rows, _ in self._held)
 
     async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None:
         items = list(rows.items())
-        hours_key = self.prefix + "hours"
-        for first in range(0, max(len(items), 1), ROWS_PER_CALL):
-            pipe = self.client.pipeline(transaction=True)
-            hours: set[int] = set()
-            for row, values in items[first : first + ROWS_PER_CALL]:
-                key = f"{self.prefix}h:{row[0]}"
-                for i, v in enumerate(values):
-                    if v:
-                        pipe.hincrby(key, _field(row, i), v)
-                hours.add(row[0])
-            for hour in hours:
-                pipe.expireat(f"{self.prefix}h:{hour}", hour + HOUR + self.retention_days * DAY)
-                pipe.zadd(hours_key, {str(hour): hour})
-            if keep_from is not None and first == 0:
-                pipe.zremrangebyscore(hours_key, "-inf", f"({keep_from}")
-            if len(pipe):
-                try:
-                    await pipe.execute()
-                except Exception as e:
-                    if first == 0:  # (nothing written)
-                        raise
-                    raise Unwritten(items[first:]) from e
+        calls = list(self._held)  # (a new list: a read may hold the old one)
+        for first in range(0, max(len(items), keep_from is not None), ROWS_PER_CALL):
+            self._seq += 1
+            calls.append((self._seq, items[first : first + ROWS_PER_CALL], keep_from))
+            keep_from = None
+        self._held = calls
+        for i, call in enumerate(calls):
+            try:
+                await self._send(call)
+            except Exception as e:  # (kept: self._held is calls[i:])
+                raise Kept(f"{len(calls) - i} calls kept") from e
+            self._held = calls[i + 1 :]
+
+    async def _send(self, call: Chunk) -> None:
+        seq, rows, keep_from = call
+        keys: list[str] = [self._writer, self.prefix + "hours"]
+        hashes: dict[int, int] = {}  # hour: its hash's number among the KEYS (1...)
+        triples: list[int | str] = []
+        for row, values in rows:
+            hour = row[0]
+            n = hashes.get(hour)
+            if n is None:
+                n = hashes[hour] = len(hashes) + 1
+                keys.append(f"{self.prefix}h:{hour}")
+            for measure, v in enumerate(values):
+                if v:
+                    triples += (n, _field(row, measure), v)
+        args: list[int | str] = [seq, WRITER_TTL, "" if keep_from is None else keep_from]
+        for hour in hashes:
+            args += (hour, hour + HOUR + self.retention_days * DAY)
+        await self._script(keys=keys, args=args + triples, client=self.client)
 
     async def read(
         self, start: int, end: int, project: str | None = None
     ) -> list[tuple[RowKey, list[int]]]:
-        """Whole hours (a project's rows are picked out by the caller)."""
+        """Whole hours (a project's rows are picked out by the caller), with the calls this
+        store keeps that Redis has not applied."""
+        held = self._held  # (replaced, never changed, by a write: this is a snapshot)
         listed = await self.client.zrangebyscore(self.prefix + "hours", start, f"({end}")
-        hours = [int(_decoded(hour)) for hour in listed]
+        hours = {int(_decoded(hour)) for hour in listed}
+        kept = [(seq, [r for r in rows if start <= r[0][0] < end]) for seq, rows, _ in held]
+        hours.update(row[0] for _, rows in kept for row, _ in rows)
         if not hours:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for hour in hours:
+        pipe = self.client.pipeline(transaction=True)  # (the hashes and the writer's number
+        pipe.get(self._writer)  # at one moment: a kept call is in the hashes or added here)
+        for hour in sorted(hours):
             pipe.hgetall(f"{self.prefix}h:{hour}")
+        applied, *hashes = await pipe.execute()
         found: dict[RowKey, list[int]] = {}
-        for hour, fields in zip(hours, await pipe.execute(), strict=True):
+        for hour, fields in zip(sorted(hours), hashes, strict=True):
             for name, value in fields.items():
                 *parts, measure = _decoded(name).split(_SEP)
                 row: RowKey = (hour, *parts)  # type: ignore[assignment]
@@ -461,6 +520,10 @@ class RedisLedgerStore:
                 if totals is None:
                     totals = found[row] = [0] * len(MEASURES)
                 totals[int(measure)] += int(value)
+        last = 0 if applied is None else int(_decoded(applied))
+        for seq, rows in kept:
+            if seq > last:
+                merge(found, rows)
         return list(found.items())
 
     async def close(self) -> None:

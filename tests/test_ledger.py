@@ -523,26 +523,22 @@ async def test_a_shutdown_during_a_write_waits_for_it(tmp_path: Path) -> None:
 async def test_a_redis_write_that_fails_part_way_keeps_only_the_rows_it_did_not_write(
     redis_server: RedisServer,
 ) -> None:
-    """More rows than one MULTI/EXEC takes, and Redis fails the second: the first call's
-    rows are in Redis, so only the rest wait for the next write (none counted twice)."""
+    """More rows than one script call takes, and Redis fails the second call: the first
+    call's rows are in Redis, the rest are kept by the store and sent with the next write
+    (none counted twice; a read in between counts each once)."""
     client = RedisCounters(redis_server.url).client
 
     class SecondCallFails:
-        """The real client; its second transaction fails as Redis going away would."""
+        """The real client; its second script call fails as Redis going away would."""
 
         def __init__(self) -> None:
             self.calls = 0
 
-        def pipeline(self, transaction: bool = True) -> Any:
-            pipe = client.pipeline(transaction=transaction)
+        async def evalsha(self, *args: Any) -> Any:
             self.calls += 1
             if self.calls == 2:
-
-                async def gone(raise_on_error: bool = True) -> list[Any]:
-                    raise redis.exceptions.ConnectionError("Connection closed by server.")
-
-                pipe.execute = gone  # type: ignore[method-assign]
-            return pipe
+                raise redis.exceptions.ConnectionError("Connection closed by server.")
+            return await client.evalsha(*args)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(client, name)
@@ -556,14 +552,59 @@ async def test_a_redis_write_that_fails_part_way_keeps_only_the_rows_it_did_not_
     with capture_logs() as logs:
         assert not await ledger.flush()
     assert [(e["event"], e["error"]) for e in logs] == [("ledger_write_failed", "ConnectionError")]
-    assert len(ledger.pending) == 100  # the second call's rows
-    assert await ledger.flush()
+    assert not ledger.pending and store.held == 100  # the second call's rows
+    assert ledger.health()["pendingRows"] == 100
+    assert await requests_and_tokens(ledger) == (rows, 0)
+    assert await ledger.flush()  # (nothing new: the kept call is sent)
+    assert store.held == 0
     assert await requests_and_tokens(ledger) == (rows, 0)
     await client.aclose()
 
 
+async def test_a_redis_write_that_timed_out_after_redis_applied_it_is_counted_once(
+    tmp_path: Path,
+) -> None:
+    """Redis stalls (SIGSTOP) while a write is sent: the client gives up after its timeout,
+    and Redis applies the call when it resumes.  Sent again with the next write, the call
+    is not applied twice; a read before that counts it once too."""
+    server = RedisServer(tmp_path / "redis")  # (its own: it is stopped)
+    server.start()
+    client = RedisCounters(server.url).client
+    try:
+        store = RedisLedgerStore(client)
+        ledger = Ledger(store)
+        row = ("p", "fp", "", "chat", "chat/completions")
+        await ledger.flush()  # (connected, the script loaded)
+        ledger.add(row, Outcome(status=200, usage=Usage(3, 4, 7)))
+        server.pause()
+        try:
+            assert not await ledger.flush()  # no answer within the client's timeout
+        finally:
+            server.resume()
+        hour = int(time.time()) // HOUR * HOUR
+        field = "\x1f".join((*row, "0"))
+        for _ in range(100):  # Redis applies what it was sent
+            if server.command("HGET", f"dp:usage:h:{hour}", field) == b"1":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("Redis never applied the call")
+        assert store.held == 1
+        assert await requests_and_tokens(ledger) == (1, 7)
+        ledger.add(row, Outcome(status=200, usage=Usage(1, 1, 2)))
+        assert await ledger.flush()  # the kept call again (skipped), then the new one
+        assert store.held == 0
+        assert await requests_and_tokens(ledger) == (2, 9)
+        assert server.command("HGET", f"dp:usage:h:{hour}", field) == b"2"
+    finally:
+        await client.aclose()
+        server.stop()
+
+
 async def test_a_failed_write_keeps_its_rows() -> None:
     class Broken:
+        held = 0
+
         def __init__(self) -> None:
             self.fail = True
             self.written: list[dict[RowKey, list[int]]] = []
