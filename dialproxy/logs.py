@@ -9,7 +9,9 @@ with it) in the message of a malformed request's error.  A string longer than
 
 Lines are written in batches: a request line costs a ``write`` system call otherwise (stderr
 redirected to a file or a pipe is line-buffered).  Buffered lines reach the stream within
-:data:`FLUSH_AFTER` seconds, at once for warnings and errors, and at exit.
+:data:`FLUSH_AFTER` seconds, at once for warnings and errors, and at exit.  A batch goes in
+writes of whole lines of at most ``PIPE_BUF`` bytes each: processes sharing one pipe
+(``--workers``) never split each other's lines (the kernel keeps such a write whole).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import atexit
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -32,6 +35,7 @@ import structlog
 FLUSH_AFTER = 0.1
 MAX_VALUE = 256  # characters of a string kept in an overlong log line
 MAX_LINE = 4096  # a line longer than this has its long strings cut
+PIPE_BUF = select.PIPE_BUF  # the most one write to a pipe keeps whole (4096 on Linux)
 
 
 class BatchedLines:
@@ -76,17 +80,31 @@ class BatchedLines:
         if not self._pending:
             return
         lines, self._pending = self._pending, []
-        data = b"\n".join(lines) + b"\n"
         try:
             if self._buffer is not None:
                 self._stream.flush()  # (what was written to its text layer goes first)
-                self._buffer.write(data)
-                self._buffer.flush()
+                for piece in pieces(lines):
+                    self._buffer.write(piece)
+                    self._buffer.flush()  # (one write: the buffer was empty)
             else:
-                self._stream.write(data.decode("utf-8", "backslashreplace"))
-                self._stream.flush()
+                for piece in pieces(lines):
+                    self._stream.write(piece.decode("utf-8", "backslashreplace"))
+                    self._stream.flush()
         except (OSError, ValueError):  # the stream is gone (closed at exit): nothing to do
             pass
+
+
+def pieces(lines: list[bytes]) -> Iterator[bytes]:
+    """``lines`` newline-ended, joined into pieces of at most :data:`PIPE_BUF` bytes (a
+    longer line goes alone)."""
+    first, size = 0, 0
+    for i, line in enumerate(lines):
+        size += len(line) + 1
+        if size > PIPE_BUF and i > first:
+            yield b"\n".join(lines[first:i]) + b"\n"
+            first, size = i, len(line) + 1
+    if first < len(lines):
+        yield b"\n".join(lines[first:]) + b"\n"
 
 
 # "000" to "999": a timestamp's microseconds in two lookups (a format is slower).

@@ -223,3 +223,52 @@ def test_standard_library_records_lose_exception_messages_and_keep_their_class()
     assert lines[1]["exception"].endswith("KeyError") and "test_logs.py" in lines[1]["exception"]
     assert lines[2]["event"] == "%s arguments %s"
     assert len(lines[3]["event"]) < 1100 and lines[3]["event"].endswith("more characters)")
+
+
+def test_workers_sharing_one_pipe_never_split_a_line() -> None:
+    """`--workers N` processes write to one stderr pipe: a batch goes in writes of at most
+    PIPE_BUF bytes of whole lines (the kernel keeps each such write whole), so a slow reader
+    of the shared pipe gets whole lines, every one JSON."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import asyncio, sys, structlog\n"
+        "from dialproxy import logs\n"
+        "logs.configure()\n"
+        "log = structlog.get_logger('t')\n"
+        "async def main():\n"
+        "    for burst in range(8):\n"
+        "        for i in range(300):\n"
+        "            log.info('line', worker=sys.argv[1], n=burst * 300 + i, pad='x' * 150)\n"
+        "        await asyncio.sleep(0.12)\n"
+        "asyncio.run(main())\n"
+    )
+    read_end, write_end = os.pipe()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(w)], stderr=write_end) for w in range(2)
+    ]
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 4000):  # (slowly: the pipe fills, the writers wait)
+        chunks.append(chunk)
+        time.sleep(0.002)
+    os.close(read_end)
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    lines = b"".join(chunks).decode().splitlines()
+    parsed = [json.loads(line) for line in lines]  # every line whole
+    assert sorted((p["worker"], p["n"]) for p in parsed) == [
+        (str(w), n) for w in range(2) for n in range(2400)
+    ]
+
+
+def test_a_batch_is_cut_into_whole_lines_of_at_most_pipe_buf_bytes() -> None:
+    from dialproxy.logs import PIPE_BUF, pieces
+
+    lines = [b"a" * 1000] * 9 + [b"b" * (PIPE_BUF + 10)] + [b"c" * (PIPE_BUF - 1)]
+    out = list(pieces(lines))
+    assert b"".join(out) == b"\n".join(lines) + b"\n"  # nothing lost or reordered
+    assert [len(p) for p in out] == [4004, 4004, 1001, PIPE_BUF + 11, PIPE_BUF]
