@@ -26,7 +26,6 @@ does not know: a request with a config key pays nothing for any of this.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -103,9 +102,13 @@ class PerRequestKeys:
         if self.redis is not None:
             value = origin.owner + ("|" + origin.shared if origin.shared else "")
             redis = self.redis
-            # (memory alone while Redis is down: the calls back to this instance still work)
-            with contextlib.suppress(Exception):
+            try:
                 await redis.call(lambda: redis.client.set(self._r(digest), value, ex=self.ttl))
+            except Exception:  # (memory alone while Redis is down: calls back here work)
+                pass
+            except BaseException:  # (cancelled: nobody will end the key; in Redis, the TTL)
+                del self._live[digest]
+                raise
         return secret
 
     def end(self, secret: str) -> Coroutine[Any, Any, None] | None:

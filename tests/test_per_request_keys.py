@@ -26,6 +26,7 @@ from dialproxy.auth import PER_REQUEST_KEY_PREFIX, Principal
 from dialproxy.config.loader import build_snapshot
 from dialproxy.config.parse import Source
 from dialproxy.errors import ConfigError
+from dialproxy.perrequest import PerRequestKeys
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import SHARED
@@ -559,3 +560,29 @@ def test_the_config_takes_accessible_by_per_request_key_as_a_boolean() -> None:
     assert [(p.path, p.message) for p in refused.value.problems] == [
         (f"$.models.m.features.{flag}", 'must be true or false (got "no")')
     ]
+
+
+async def test_a_mint_cancelled_while_redis_answers_leaves_no_key_behind() -> None:
+    """The request that mints a key is cancelled (the client left, a shutdown) while Redis
+    takes the key: nobody will end that key, so it must not stay live on the instance."""
+    cfg = {"keys": {KEY: {"project": "p1", "role": "user"}}, "roles": {"user": {}}}
+    snapshot = build_snapshot([Source("aidial.config.json", json.dumps(cfg).encode())], {})
+    key = snapshot.key_for_secret(KEY)
+    assert key is not None
+    answering = asyncio.Event()
+
+    class SlowRedis:
+        client = None
+
+        async def call(self, command: Any) -> Any:
+            answering.set()
+            await asyncio.sleep(10)
+
+    keys = PerRequestKeys(SlowRedis())
+    minting = asyncio.ensure_future(keys.mint(Principal(key=key, secret=KEY)))
+    await asyncio.wait_for(answering.wait(), 5)
+    assert len(keys) == 1  # (live while Redis takes it)
+    minting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await minting
+    assert len(keys) == 0
