@@ -81,7 +81,8 @@ class LedgerStore(Protocol):
     (``held`` counts them; its reads include them), any other error when it wrote nothing
     (the caller keeps the rows)."""
 
-    held: int
+    @property
+    def held(self) -> int: ...
 
     async def write(self, rows: Mapping[RowKey, Sequence[int]], keep_from: int | None) -> None: ...
     async def read(

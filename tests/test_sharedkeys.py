@@ -21,7 +21,7 @@ from dialproxy.sharedkeys.model import SharedKey
 from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.sharedkeys.sqlite import SqliteSharedKeyStore
 from dialproxy.statefile import STATE_FILE, state_path
-from dialproxy.web.appkeys import SHARED
+from dialproxy.web.appkeys import BACKGROUND, SHARED
 from tests.conftest import (
     SECRETS,
     Backend,
@@ -566,3 +566,34 @@ async def test_a_reservation_whose_client_left_is_given_back(tmp_path: Path) -> 
         assert (await store.find("d1")).utilized == 30  # type: ignore[union-attr]
     finally:
         await store.close()
+
+
+async def test_a_stream_left_by_its_client_is_charged_to_the_shared_key_across_a_shutdown(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+    storage_uri: str,
+) -> None:
+    """The client of a shared key's stream leaves and the proxy stops while it reads on for
+    the usage: the stop waits for the drain and for the charge it starts, and only then
+    closes the shared key store, so the next process sees the key's use."""
+    settings = settings_for(tmp_path, storage_uri)
+    first = await start(make_proxy, session, config(backend), settings)
+    created = await first.create(name="left", tokens=1000)
+    backend.control.chunk_delay = 0.05
+    resp = await session.post(
+        first.proxy.url("/openai/deployments/chat/chat/completions"),
+        json={**CHAT, "stream": True},
+        headers={"Api-Key": created["key"]},
+    )
+    assert resp.status == 200
+    await resp.content.readany()
+    resp.close()  # the client leaves; the proxy reads on for the usage
+    await asyncio.sleep(0.05)
+    assert first.proxy.app[BACKGROUND]  # (draining)
+    await first.proxy.server.close()
+
+    second = await start(make_proxy, session, config(backend), settings)
+    status, one = await second.call("GET", f"/v1/sharedkeys/{created['id']}", OWNER)
+    assert status == 200 and one["utilized"] == 7

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import time
@@ -55,6 +54,7 @@ from dialproxy.web.appkeys import (
     STORE,
 )
 from dialproxy.web.drain import Drain
+from dialproxy.web.finish import held_done
 from dialproxy.web.guard import guarded, json_response
 from dialproxy.web.keylimits import callable_names as _callable
 from dialproxy.web.keylimits import limits_of
@@ -249,8 +249,7 @@ async def _run_ledger(app: web.Application) -> AsyncIterator[None]:
     (after the requests in flight and their usage records: see create_app)."""
     app[LEDGER].start()
     yield
-    if app[BACKGROUND]:  # (the streams still drained for their usage)
-        await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+    await held_done(app[BACKGROUND])  # (the streams still drained for their usage)
     await app[LEDGER].close()
 
 
@@ -311,8 +310,7 @@ def create_app(
         )
         async with idle.running(), bodies.running():
             yield
-        if app[BACKGROUND]:
-            await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+        await held_done(app[BACKGROUND])
         if own:
             await app[CLIENT].close()
 

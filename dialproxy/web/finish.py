@@ -183,6 +183,13 @@ def hold(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> Non
     task.add_done_callback(tasks.discard)
 
 
+async def held_done(tasks: set[asyncio.Task[None]]) -> None:
+    """Waits until ``tasks`` is empty: for the tasks held, and for those they hold in turn
+    (a stream's drain ends in its settlement's task)."""
+    while tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 _NO_USAGE = (None, None, None, None)  # a log line's counts and details without a usage
 
 

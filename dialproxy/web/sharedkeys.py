@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from dialproxy.text import (
 )
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_json_body
+from dialproxy.web.finish import held_done
 from dialproxy.web.guard import guarded, json_response
 
 log = structlog.get_logger("dialproxy.sharedkeys")
@@ -77,10 +77,7 @@ def setup(app: web.Application) -> None:
         store = app[SHARED].store
         await store.start()
         yield
-        background = app[BACKGROUND]
-        pending = list(background)  # usage records still adding to utilized
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await held_done(app[BACKGROUND])  # usage records still adding to utilized
         await app[SHARED].close()  # (the give-backs of requests cancelled mid-reservation)
         if health is not None:
             await health.close()  # (no probe of a closed store)
