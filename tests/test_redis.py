@@ -337,9 +337,9 @@ async def test_settlements_owed_past_the_cap_are_dropped_and_counted(
 async def test_a_replay_that_redis_fails_resends_none_it_sent_and_keeps_the_rest(
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Owed settlements are sent one after another once Redis is back.  When one of them
-    fails (Redis down again as it was sent), it is not sent again (it may still be applied:
-    a second one would count twice), and those after it stay owed until the next time."""
+    """Owed settlements are sent once Redis is back.  When one of them fails (Redis down
+    again as it was sent), it is not sent again (it may still be applied: a second one would
+    count twice)."""
     limiter = Limiter(counter_storage(own_redis.url), "local")
     tokens = Window("hour", 3_600, 10_000)
     scope = Scope("p:fleet", "chat", token_windows=(tokens,))
@@ -369,8 +369,7 @@ async def test_a_replay_that_redis_fails_resends_none_it_sent_and_keeps_the_rest
         while limiter.health()["owed"] or len(sent) < 3:
             assert time.monotonic() < deadline, f"the owed settlements were not all sent: {sent}"
             await asyncio.sleep(0.01)
-        # the failed one never twice; the third sent only once the next probe found Redis
-        # back (the failure marked it down: a second outage)
+        # the failed one never twice (the failure marked Redis down: a second outage)
         assert sent == [(-90, True), (-80, True), (-70, True)]
         assert limiter.health()["outages"] == 2
         # 300 reserved; the first and the third replaced by their usage, the second's
@@ -379,6 +378,65 @@ async def test_a_replay_that_redis_fails_resends_none_it_sent_and_keeps_the_rest
     finally:
         own_redis.resume()
         await limiter.close()
+
+
+async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded_time(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back from an outage, the owed settlements go a group at a time (one pipelined batch
+    each, not one round trip each); a stop waits for them at most REPAY_AT_CLOSE (a slow
+    Redis with many owed does not hold the process past its orchestrator's grace), and what
+    was not sent is said in the warning."""
+    monkeypatch.setattr(storage, "REPAY_GROUP", 10)
+    monkeypatch.setattr(storage, "REPAY_AT_CLOSE", 0.5)
+    limiter = Limiter(counter_storage(own_redis.url), "allow")
+    tokens = Window("hour", 3_600, 1_000_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,))
+    redis_counters = limiter.guard.storage
+    assert isinstance(redis_counters, RedisCounters)
+    real_settle = redis_counters.settle
+    in_flight, most, sent = 0, 0, 0
+
+    async def slow_settle(*args: Any) -> None:  # (a slow Redis: 0.1 s a batch)
+        nonlocal in_flight, most, sent
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.1)
+            await real_settle(*args)
+            sent += 1
+        finally:
+            in_flight -= 1
+
+    owed = 400  # 40 groups: 4 s at 0.1 s a group
+    try:
+        for _ in range(owed):
+            await limiter.admit_held([scope], 100)
+        own_redis.pause()
+        assert (await limiter.admit_held([scope]))[2] is Held.NOTHING  # (Redis seen down)
+        for _ in range(owed):
+            assert limiter.settle_soon([scope], -90, 0) is None
+        assert limiter.health()["owed"] == owed
+        monkeypatch.setattr(redis_counters, "settle", slow_settle)
+        own_redis.resume()
+        await until_healthy(limiter)
+        while not sent:
+            await asyncio.sleep(0.01)
+        assert most == 10  # a group at once
+        with capture_logs() as logs:
+            started = time.monotonic()
+            await limiter.close()
+            took = time.monotonic() - started
+        assert took < 2.5  # (the rest of the 4 s was not waited for)
+        (lost,) = [e for e in logs if e["event"] == "owed_settlements_lost"]
+        # (the group cut off by the stop: sent, maybe applied, so neither owed nor lost)
+        assert 0 < lost["count"] and owed - 10 <= sent + lost["count"] <= owed
+        assert most == 10
+        # each settlement applied took back 90 of its 100
+        given_back = owed * 100 - await redis_tokens(own_redis.url, scope, tokens)
+        assert given_back % 90 == 0 and sent <= given_back // 90 <= sent + 10
+    finally:
+        own_redis.resume()
 
 
 async def test_a_settlement_owed_after_shutdown_is_dropped_with_a_warning(

@@ -63,6 +63,11 @@ PROBE_INTERVAL = 0.5
 
 # Settlements owed to Redis kept during an outage, at most (then dropped, and counted).
 OWED_MAX = 100_000
+# Owed settlements sent at once when Redis is back (pipelined: one round trip a group).
+REPAY_GROUP = 256
+# How long a stop waits for the owed settlements to be sent (then the rest are lost, said
+# in a warning): within the few seconds an orchestrator gives past the shutdown grace.
+REPAY_AT_CLOSE = 3.0
 
 T = TypeVar("T")
 # A settlement owed to Redis: when it was made, its windows and signed amounts, the slot
@@ -385,28 +390,35 @@ class StorageGuard:
             self._repaying = asyncio.get_running_loop().create_task(self._repay())
 
     async def _repay(self) -> None:
-        """The settlements owed, sent one after another while Redis takes them."""
+        """The settlements owed, sent in groups of :data:`REPAY_GROUP` (one pipelined batch
+        each), one group after another, while Redis takes them."""
         storage = self.storage
         while self.owed and self.state.healthy and isinstance(storage, RedisCounters):
             owed, self.owed = self.owed, []
             now = time.time()
-            for index, (when, windows, amounts, slots, member) in enumerate(owed):
-                # (a sliding window's part within one window length: its reservation is
-                # still in it, in the current bucket or the previous; later, it may have
-                # left the window by itself)
-                kept = [
-                    (w, a)
-                    for w, a in zip(windows, amounts, strict=True)
-                    if w[1] < 0 or now - when < w[1]
-                ]
-                try:
+            for first in range(0, len(owed), REPAY_GROUP):
+                calls = []
+                for when, windows, amounts, slots, member in owed[first : first + REPAY_GROUP]:
+                    # (a sliding window's part within one window length: its reservation is
+                    # still in it, in the current bucket or the previous; later, it may have
+                    # left the window by itself)
+                    kept = [
+                        (w, a)
+                        for w, a in zip(windows, amounts, strict=True)
+                        if w[1] < 0 or now - when < w[1]
+                    ]
                     if kept or slots:
-                        await storage.settle(
-                            [w for w, _ in kept], [a for _, a in kept], slots, member
-                        )
-                except Exception as e:  # down again: what is left waits for the next time
-                    self.failed(e)  # (this one was sent: it may yet be applied, not resent)
-                    self.owed[:0] = owed[index + 1 :]
+                        parts, sums = [w for w, _ in kept], [a for _, a in kept]
+                        calls.append(storage.settle(parts, sums, slots, member))
+                try:
+                    answers = await asyncio.gather(*calls, return_exceptions=True)
+                except BaseException:  # (the stop's wait ended: the group was sent)
+                    self.owed[:0] = owed[first + REPAY_GROUP :]
+                    raise
+                failed = next((a for a in answers if isinstance(a, Exception)), None)
+                if failed is not None:  # down again: the groups left wait for the next time
+                    self.failed(failed)  # (this group was sent: it may yet be applied)
+                    self.owed[:0] = owed[first + REPAY_GROUP :]
                     return
 
     async def _prepare(self) -> None:
@@ -436,9 +448,12 @@ class StorageGuard:
 
     async def close(self) -> None:
         """Stop the probe and close the storage's connections (the settlements owed sent
-        first, if Redis takes them; those it cannot are said in a warning)."""
+        first, if Redis takes them within :data:`REPAY_AT_CLOSE`; those it does not are said
+        in a warning)."""
         if self._repaying is not None:
-            await asyncio.wait({self._repaying})
+            await asyncio.wait({self._repaying}, timeout=REPAY_AT_CLOSE)
+            self._repaying.cancel()
+            await asyncio.gather(self._repaying, return_exceptions=True)
         self.closed = True
         await self.state.close()
         if self.owed:
