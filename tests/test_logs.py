@@ -269,6 +269,9 @@ def test_a_batch_is_cut_into_whole_lines_of_at_most_pipe_buf_bytes() -> None:
     from dialproxy.logs import PIPE_BUF, pieces
 
     lines = [b"a" * 1000] * 9 + [b"b" * (PIPE_BUF + 10)] + [b"c" * (PIPE_BUF - 1)]
-    out = list(pieces(lines))
-    assert b"".join(out) == b"\n".join(lines) + b"\n"  # nothing lost or reordered
+    data = b"\n".join(lines) + b"\n"
+    out = [bytes(p) for p in pieces(data)]
+    assert b"".join(out) == data  # nothing lost or reordered
     assert [len(p) for p in out] == [4004, 4004, 1001, PIPE_BUF + 11, PIPE_BUF]
+    assert all(p.endswith(b"\n") for p in out)
+    assert list(pieces(b"short\n")) == [b"short\n"]
