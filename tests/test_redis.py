@@ -396,6 +396,7 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
     assert isinstance(redis_counters, RedisCounters)
     real_settle = redis_counters.settle
     in_flight, most, sent = 0, 0, 0
+    first_sent = asyncio.Event()
 
     async def slow_settle(*args: Any) -> None:  # (a slow Redis: 0.1 s a batch)
         nonlocal in_flight, most, sent
@@ -405,6 +406,7 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
             await asyncio.sleep(0.1)
             await real_settle(*args)
             sent += 1
+            first_sent.set()
         finally:
             in_flight -= 1
 
@@ -420,8 +422,7 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
         monkeypatch.setattr(redis_counters, "settle", slow_settle)
         own_redis.resume()
         await until_healthy(limiter)
-        while not sent:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(first_sent.wait(), 10)
         assert most == 10  # a group at once
         with capture_logs() as logs:
             started = time.monotonic()
@@ -430,7 +431,7 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
         assert took < 2.5  # (the rest of the 4 s was not waited for)
         (lost,) = [e for e in logs if e["event"] == "owed_settlements_lost"]
         # (the group cut off by the stop: sent, maybe applied, so neither owed nor lost)
-        assert 0 < lost["count"] and owed - 10 <= sent + lost["count"] <= owed
+        assert lost["count"] > 0 and owed - 10 <= sent + lost["count"] <= owed
         assert most == 10
         # each settlement applied took back 90 of its 100
         given_back = owed * 100 - await redis_tokens(own_redis.url, scope, tokens)

@@ -214,6 +214,23 @@ async def test_the_whole_life_of_a_shared_key(
     assert listed == {"data": []}
 
 
+async def restarted(
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    backend: Backend,
+    settings: Settings,
+    first: Shared,
+    key_id: str,
+) -> tuple[Shared, dict[str, Any]]:
+    """``first`` stopped and a new proxy started on the same storage: it, and the shared
+    key ``key_id`` as its owner reads it there."""
+    await first.proxy.server.close()  # the old process goes away
+    second = await start(make_proxy, session, config(backend), settings)
+    status, one = await second.call("GET", f"/v1/sharedkeys/{key_id}", OWNER)
+    assert status == 200
+    return second, one
+
+
 async def test_a_restart_keeps_shared_keys_and_their_use(
     backend: Backend,
     make_proxy: ProxyFactory,
@@ -226,11 +243,8 @@ async def test_a_restart_keeps_shared_keys_and_their_use(
     created = await first.create(name="kept", tokens=15)
     assert (await first.chat(created["key"]))[0] == 200
     assert (await first.chat(created["key"]))[0] == 200
-    await first.proxy.server.close()  # the old process goes away
-
-    second = await start(make_proxy, session, config(backend), settings)
-    status, one = await second.call("GET", f"/v1/sharedkeys/{created['id']}", OWNER)
-    assert status == 200 and (one["utilized"], one["tokens"], one["name"]) == (14, 15, "kept")
+    second, one = await restarted(make_proxy, session, backend, settings, first, created["id"])
+    assert (one["utilized"], one["tokens"], one["name"]) == (14, 15, "kept")
     assert (await second.chat(created["key"]))[0] == 200  # 14 < 15
     status, error = await second.chat(created["key"])
     assert status == 429 and "token cap is reached: 21 / 15" in error["error"]["message"]
@@ -592,8 +606,5 @@ async def test_a_stream_left_by_its_client_is_charged_to_the_shared_key_across_a
     resp.close()  # the client leaves; the proxy reads on for the usage
     await asyncio.sleep(0.05)
     assert first.proxy.app[BACKGROUND]  # (draining)
-    await first.proxy.server.close()
-
-    second = await start(make_proxy, session, config(backend), settings)
-    status, one = await second.call("GET", f"/v1/sharedkeys/{created['id']}", OWNER)
-    assert status == 200 and one["utilized"] == 7
+    _, one = await restarted(make_proxy, session, backend, settings, first, created["id"])
+    assert one["utilized"] == 7
