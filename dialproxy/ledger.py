@@ -78,8 +78,8 @@ class LedgerStore(Protocol):
     """Where the ledger's rows live.  ``write`` adds (never replaces) and drops the hours
     before ``keep_from`` (None: not this time); it raises when it failed: :class:`Kept` when
     the store keeps the rows it could not confirm and sends them with its next write
-    (``held`` counts them; its reads include them), any other error when it wrote nothing
-    (the caller keeps the rows)."""
+    (``held`` counts them; its reads include them) and hands back those it did not send,
+    any other error when it wrote nothing (the caller keeps the rows)."""
 
     @property
     def held(self) -> int: ...
@@ -92,7 +92,12 @@ class LedgerStore(Protocol):
 
 
 class Kept(Exception):
-    """A write that failed, its rows not confirmed kept by the store for its next write."""
+    """A write that failed: the store keeps the call it could not confirm, for its next
+    write; ``rows``: those it did not send, for the caller to keep."""
+
+    def __init__(self, rows: list[tuple[RowKey, Sequence[int]]]) -> None:
+        super().__init__(f"{len(rows)} rows not sent")
+        self.rows = rows
 
 
 class Outcome(Protocol):
@@ -194,8 +199,8 @@ class Ledger:
                     cause = e.__cause__ if isinstance(e, Kept) else None
                     error = type(cause or e).__name__
                     log.warning("ledger_write_failed", error=error, rows=len(batch))
-                if not isinstance(e, Kept):  # (else the store sends them with its next write)
-                    merge(self.pending, batch.items())
+                # (kept for the next write: what the store did not take)
+                merge(self.pending, e.rows if isinstance(e, Kept) else batch.items())
                 return False
             self.writes += 1
             if self.failing:
@@ -438,9 +443,10 @@ class RedisLedgerStore:
 
     A write is sent in calls of up to :data:`ROWS_PER_CALL` rows, each numbered (this store's
     own sequence, recorded by Redis in ``dp:usage:writer:<id>`` with the call).  A call that
-    failed or got no answer is kept, with the ones after it, and sent first with the next
-    write under the same number: applied once whether or not Redis had it.  A read adds the
-    kept calls Redis has not applied (read with the hashes, in one transaction)."""
+    failed or got no answer is kept and sent first with the next write under the same
+    number: applied once whether or not Redis had it (the calls after it were not sent:
+    their rows go back to the ledger).  A read adds the kept call if Redis has not applied
+    it (read with the hashes, in one transaction)."""
 
     def __init__(
         self,
@@ -472,8 +478,12 @@ class RedisLedgerStore:
         for i, call in enumerate(calls):
             try:
                 await self._send(call)
-            except Exception as e:  # (kept: self._held is calls[i:])
-                raise Kept(f"{len(calls) - i} calls kept") from e
+            except Exception as e:
+                # It may have been applied: kept, to go again as it is.  Those after it
+                # were not sent: the caller's again (merged with what comes meanwhile, so
+                # an outage holds one call here however many writes fail).
+                self._held = [call]
+                raise Kept([row for _, rows, _ in calls[i + 1 :] for row in rows]) from e
             self._held = calls[i + 1 :]
 
     async def _send(self, call: Chunk) -> None:

@@ -561,6 +561,42 @@ async def test_a_redis_write_that_fails_part_way_keeps_only_the_rows_it_did_not_
     await client.aclose()
 
 
+async def test_a_redis_outage_holds_one_call_however_many_writes_fail(
+    redis_server: RedisServer,
+) -> None:
+    """Redis down for several flushes: the store keeps the one call it could not confirm;
+    the rows that came since stay merged in the ledger's pending rows (memory bounded by
+    the rows, not by the flushes), and all are counted once when Redis is back."""
+    client = RedisCounters(redis_server.url).client
+
+    class Down:
+        def __init__(self) -> None:
+            self.down = True
+
+        async def evalsha(self, *args: Any) -> Any:
+            if self.down:
+                raise redis.exceptions.ConnectionError("Connection refused")
+            return await client.evalsha(*args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(client, name)
+
+    failing = Down()
+    store = RedisLedgerStore(cast(Any, failing), 10, f"test:{uuid.uuid4().hex[:8]}:")
+    ledger = Ledger(store)
+    for _ in range(4):
+        for i in range(3):
+            ledger.add(("p", f"fp{i}", "", "chat", "chat/completions"), Outcome(status=200))
+        assert not await ledger.flush()
+        assert store.held <= 3 and len(ledger.pending) <= 3
+    assert await requests_and_tokens(ledger) == (12, 0)
+    failing.down = False
+    assert await ledger.flush()
+    assert store.held == 0 and not ledger.pending
+    assert await requests_and_tokens(ledger) == (12, 0)
+    await client.aclose()
+
+
 async def test_a_redis_write_that_timed_out_after_redis_applied_it_is_counted_once(
     tmp_path: Path,
 ) -> None:
