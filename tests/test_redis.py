@@ -25,7 +25,7 @@ import trustme
 from structlog.testing import capture_logs
 
 from dialproxy.config.model import Window
-from dialproxy.counting import storage
+from dialproxy.counting import rediscounters, storage
 from dialproxy.counting.counters import LocalCounters
 from dialproxy.counting.limiter import Held, Limiter, Scope
 from dialproxy.counting.rediscounters import (
@@ -438,6 +438,85 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
         assert given_back % 90 == 0 and sent <= given_back // 90 <= sent + 10
     finally:
         own_redis.resume()
+
+
+async def test_owed_settlements_that_never_left_stay_owed(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis back, then gone again just as the owed settlements go (their connection is
+    refused: nothing was written): they stay owed and go once Redis is back for good, so
+    every reservation is replaced by its usage.  (Only a call that was sent may have been
+    applied, and is not sent again.)"""
+    limiter = Limiter(counter_storage(own_redis.url), "allow")
+    tokens = Window("hour", 3_600, 10_000_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,))
+    owed = 300
+    real_connect = rediscounters._Link.connect
+    refused = asyncio.Event()
+
+    async def connect(url: str, client: Any) -> Any:
+        if not refused.is_set():  # (once: as the replay connects)
+            refused.set()
+            raise ConnectionRefusedError("Connection refused")
+        return await real_connect(url, client)
+
+    try:
+        for _ in range(owed):
+            await limiter.admit_held([scope], 100)  # 30,000 reserved
+        own_redis.pause()
+        assert (await limiter.admit_held([scope]))[2] is Held.NOTHING  # (Redis seen down)
+        for _ in range(owed):
+            assert limiter.settle_soon([scope], -90, 0) is None  # each used 10
+        assert limiter.health()["owed"] == owed
+        monkeypatch.setattr(rediscounters._Link, "connect", connect)
+        own_redis.resume()
+        await asyncio.wait_for(refused.wait(), 10 * TIMEOUT + MARGIN)
+        deadline = time.monotonic() + 10 * TIMEOUT + MARGIN
+        while limiter.health()["owed"] or limiter.health()["outages"] < 2:
+            assert time.monotonic() < deadline, limiter.health()
+            await asyncio.sleep(0.01)
+        await until_healthy(limiter)
+        assert limiter.health()["owedDropped"] == 0
+        assert await redis_tokens(own_redis.url, scope, tokens) == owed * 10
+    finally:
+        own_redis.resume()
+        await limiter.close()
+
+
+async def test_a_settlement_whose_connection_is_refused_is_owed(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis up, the counters' connection gone, and the new one refused as a settlement
+    goes: it never left, so it is owed (not dropped as one Redis may have applied), and
+    sent once Redis answers again."""
+    limiter = Limiter(counter_storage(own_redis.url), "allow")
+    tokens = Window("hour", 3_600, 1_000)
+    scope = Scope("p:fleet", "chat", token_windows=(tokens,))
+    redis_counters = limiter.guard.storage
+    assert isinstance(redis_counters, RedisCounters)
+    real_connect = rediscounters._Link.connect
+    refused: list[str] = []
+
+    async def connect(url: str, client: Any) -> Any:
+        if not refused:
+            refused.append(url)
+            raise ConnectionRefusedError("Connection refused")
+        return await real_connect(url, client)
+
+    try:
+        await limiter.admit_held([scope], 100)
+        redis_counters._batch.reset()  # (the connection dropped)
+        monkeypatch.setattr(rediscounters._Link, "connect", connect)
+        assert limiter.settle_soon([scope], -90, 0) is None  # sent: a watched call
+        deadline = time.monotonic() + 10 * TIMEOUT + MARGIN
+        # (the refusal seen: an outage, the settlement owed; then Redis back, and it sent)
+        while not limiter.health()["outages"] or limiter.health()["owed"]:
+            assert time.monotonic() < deadline, limiter.health()
+            await asyncio.sleep(0.01)
+        assert refused and limiter.health()["outages"] == 1 and limiter.guard.healthy
+        assert await redis_tokens(own_redis.url, scope, tokens) == 10
+    finally:
+        await limiter.close()
 
 
 async def test_a_settlement_owed_after_shutdown_is_dropped_with_a_warning(

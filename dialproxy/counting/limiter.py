@@ -420,7 +420,7 @@ class Limiter:
             guard.owe(windows, amounts, slots, member)
         elif windows or slots:
             settling = redis.settle_soon(windows, amounts, slots, member)
-            guard.watch(settling, windows, amounts)
+            guard.watch(settling, windows, amounts, slots, member)
         return None
 
     def record_now(

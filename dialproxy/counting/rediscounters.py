@@ -576,6 +576,12 @@ class RedisCounters:
 _Call = tuple["AsyncScript | None", "_Prepared | None", list[bytes], str, "asyncio.Future[Any]"]
 
 
+class NotSent(ConnectionError):
+    """A script call that never left: no connection to Redis could be had for it (or the
+    storage was closed), so nothing of it can have been applied (one that was sent and
+    got no answer fails with another error: it may have been)."""
+
+
 class ScriptBatch:
     """Script calls made in one turn of the event loop go to Redis together, written at
     once (not a transaction: each script is atomic on its own), one round trip.  Under load
@@ -622,7 +628,7 @@ class ScriptBatch:
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
         if self.closed:
-            _fail(batch, ConnectionError("closed"))
+            _fail(batch, NotSent("closed"))
             return
         link = self.link
         if link is not None and link.open and not self.held:
@@ -644,8 +650,12 @@ class ScriptBatch:
             link.write(held, _wire(held))  # (written, or raised before any is waited for)
         except BaseException as e:  # (no connection: every call held sees it)
             held, self.held = held + self.held, []
-            _fail(held, e)
-            if not isinstance(e, Exception):
+            if isinstance(e, Exception):
+                unsent = NotSent(f"{type(e).__name__}: {e}")
+                unsent.__cause__ = e
+                _fail(held, unsent)
+            else:
+                _fail(held, e)
                 raise
         finally:
             self._connecting = None

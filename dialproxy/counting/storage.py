@@ -50,7 +50,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from dialproxy.counting.counters import Counts, LocalCounters, Read
-from dialproxy.counting.rediscounters import TIMEOUT, RedisCounters
+from dialproxy.counting.rediscounters import TIMEOUT, NotSent, RedisCounters
 from dialproxy.errors import ProxyError, StorageUnavailable
 
 log = structlog.get_logger("dialproxy.counting.storage")
@@ -197,7 +197,9 @@ class StorageHealth:
             "storage_unavailable",
             backend=self.backend,
             caller=caller,
-            error=type(error).__name__,
+            error=type(error.__cause__ or error).__name__
+            if isinstance(error, NotSent)
+            else type(error).__name__,
             detail=_CREDENTIALS.sub("://***@", str(error))[:200],
             policy=str(self.policy),
         )
@@ -316,19 +318,21 @@ class StorageGuard:
         call: asyncio.Future[Any],
         windows: list[Read],
         amounts: list[int],
+        slots: list[str],
+        member: str,
     ) -> None:
         """A settlement sent on :meth:`redis_now`'s storage, awaited by nobody: when Redis
         fails it, the storage is marked down, and under ``local`` what it adds counts in the
         local counters.  It is not owed: sent, it may have reached Redis and be applied when
         Redis resumes (a second one would count it twice); lost, the reservation Redis holds
-        stays (erring on counting)."""
+        stays (erring on counting).  One that never left (no connection) is owed."""
 
         def done(future: asyncio.Future[Any]) -> None:
             if future.cancelled():  # (the loop closing: nothing to fall back on)
                 return
             e = future.exception()
             if isinstance(e, Exception) and not isinstance(e, ProxyError):
-                self._unsettled(e, windows, amounts)
+                self._unsettled(e, windows, amounts, slots, member)
 
         call.add_done_callback(done)
 
@@ -346,13 +350,23 @@ class StorageGuard:
                 if self.state.healthy:
                     return await storage.settle(windows, amounts, slots, member)
             except Exception as e:  # whatever the storage raised: it did not answer
-                return self._unsettled(e, windows, amounts)
+                return self._unsettled(e, windows, amounts, slots, member)
         self.owe(windows, amounts, slots, member)
 
-    def _unsettled(self, error: Exception, windows: list[Read], amounts: list[int]) -> None:
-        """A settlement sent that Redis failed: the storage down; not owed (see
-        :meth:`watch`), what it adds counted locally under ``local``."""
+    def _unsettled(
+        self,
+        error: Exception,
+        windows: list[Read],
+        amounts: list[int],
+        slots: list[str],
+        member: str,
+    ) -> None:
+        """A settlement that Redis failed: the storage down; sent, not owed (see
+        :meth:`watch`), what it adds counted locally under ``local``; never sent, owed."""
         self.failed(error)
+        if isinstance(error, NotSent):
+            self.owe(windows, amounts, slots, member)
+            return
         self.fallbacks += 1
         self._add_locally(windows, amounts)
 
@@ -397,8 +411,10 @@ class StorageGuard:
             owed, self.owed = self.owed, []
             now = time.time()
             for first in range(0, len(owed), REPAY_GROUP):
-                calls = []
-                for when, windows, amounts, slots, member in owed[first : first + REPAY_GROUP]:
+                group = owed[first : first + REPAY_GROUP]
+                calls, sent = [], []
+                for entry in group:
+                    when, windows, amounts, slots, member = entry
                     # (a sliding window's part within one window length: its reservation is
                     # still in it, in the current bucket or the previous; later, it may have
                     # left the window by itself)
@@ -410,6 +426,7 @@ class StorageGuard:
                     if kept or slots:
                         parts, sums = [w for w, _ in kept], [a for _, a in kept]
                         calls.append(storage.settle(parts, sums, slots, member))
+                        sent.append(entry)
                 try:
                     answers = await asyncio.gather(*calls, return_exceptions=True)
                 except BaseException:  # (the stop's wait ended: the group was sent)
@@ -417,8 +434,12 @@ class StorageGuard:
                     raise
                 failed = next((a for a in answers if isinstance(a, Exception)), None)
                 if failed is not None:  # down again: the groups left wait for the next time
-                    self.failed(failed)  # (this group was sent: it may yet be applied)
-                    self.owed[:0] = owed[first + REPAY_GROUP :]
+                    self.failed(failed)
+                    # (a call sent may yet be applied: not again; one that never left, is)
+                    unsent = [
+                        e for e, a in zip(sent, answers, strict=True) if isinstance(a, NotSent)
+                    ]
+                    self.owed[:0] = unsent + owed[first + REPAY_GROUP :]
                     return
 
     async def _prepare(self) -> None:
