@@ -400,7 +400,11 @@ def usage(args: argparse.Namespace) -> int:
     try:
         rows = asyncio.run(read())
     except Exception as e:  # (Redis unreachable, a file that is no ledger)
-        print(f"dialproxy usage: cannot read the ledger: {type(e).__name__}: {e}", file=sys.stderr)
+        cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+        print(
+            f"dialproxy usage: cannot read the ledger: {type(cause).__name__}: {cause}",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     sys.stdout.write(ledger.render(rows, by, args.format))
     return EXIT_OK

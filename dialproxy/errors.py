@@ -116,6 +116,15 @@ class StoreUnavailable(Unavailable):
     """The shared key store (or the per-request keys' Redis) did not answer."""
 
 
+class LedgerUnavailable(Unavailable):
+    """The usage ledger's store (Redis, the SQLite file) failed a read."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The usage ledger is unavailable", headers={"Retry-After": str(RETRY_AFTER)}
+        )
+
+
 class SharedKeyCapReached(ProxyError):
     status = 429
 

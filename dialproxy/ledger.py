@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from dialproxy.errors import LedgerUnavailable
 from dialproxy.statefile import StateDb
 
 if TYPE_CHECKING:
@@ -230,14 +231,22 @@ class Ledger:
         for _ in range(READ_TRIES):
             async with self._lock:  # (a write under way ends first; reads run side by side)
                 taken = self.taken
-            found = await self.store.read(lo, hi, project)
+            found = await self._read(lo, hi, project)
             if self.taken == taken:  # no batch left the pending rows meanwhile
                 break
         else:  # (writes kept coming: read between them)
             async with self._lock:
-                found = await self.store.read(lo, hi, project)
+                found = await self._read(lo, hi, project)
         found += [(k, list(v)) for k, v in self.pending.items() if lo <= k[0] < hi]
         return aggregate(found, by, project, key, shared_key, deployment)
+
+    async def _read(self, start: int, end: int, project: str | None) -> list[Any]:
+        """The store's rows; its failure (Redis down, a disk error): a 503."""
+        try:
+            return await self.store.read(start, end, project)
+        except Exception as e:
+            log.warning("ledger_read_failed", error=type(e).__name__)
+            raise LedgerUnavailable() from e
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run())
@@ -406,26 +415,36 @@ _SEP = "\x1f"  # between a field's parts (never in a project, a key name or a de
 ROWS_PER_CALL = 500  # rows in one script call (each up to six HINCRBYs)
 WRITER_TTL = 30 * DAY  # how long Redis remembers a writer's last call (see RedisLedgerStore)
 
-# One call of a write, all or nothing: the rows added to their hours' hashes, the hours
-# indexed and set to expire, the old hours dropped, unless Redis has this writer's call of
-# that sequence number already (sent again after a timeout: it may have been applied).
+# One call of a write: the rows added to their hours' hashes, the hours indexed and set to
+# expire, the old hours dropped, unless Redis has this writer's call of that sequence
+# number already (sent again after a timeout: it may have been applied).  A script is not
+# undone by an error half-way, so every write is a pcall and the number is always recorded:
+# a value that is not ours (a field that is not an integer, a key of another type) loses
+# that addition, counted in the answer, and never makes the call go again (adding twice
+# what went before it).
 # KEYS: the writer's last sequence number, the hours' index, each hour's hash.
 # ARGV: the sequence number, its TTL, keep_from ('' none), each hash's hour and expiry,
-# then (hash, field, value) triples.
+# then (hash, field, value) triples.  Answers the writes refused.
 _WRITE = """
 local seq = tonumber(ARGV[1])
-if tonumber(redis.call('GET', KEYS[1]) or '0') >= seq then return 0 end
+local last = redis.pcall('GET', KEYS[1])
+if type(last) == 'string' and (tonumber(last) or 0) >= seq then return 0 end
+local refused = 0
+local function write(...)
+  local answer = redis.pcall(...)
+  if type(answer) == 'table' and answer.err then refused = refused + 1 end
+end
 local hashes = #KEYS - 2
 for i = 4 + 2 * hashes, #ARGV, 3 do
-  redis.call('HINCRBY', KEYS[2 + tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+  write('HINCRBY', KEYS[2 + tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
 end
 for h = 1, hashes do
-  redis.call('EXPIREAT', KEYS[2 + h], ARGV[3 + 2 * h])
-  redis.call('ZADD', KEYS[2], ARGV[2 + 2 * h], ARGV[2 + 2 * h])
+  write('EXPIREAT', KEYS[2 + h], ARGV[3 + 2 * h])
+  write('ZADD', KEYS[2], ARGV[2 + 2 * h], ARGV[2 + 2 * h])
 end
-if ARGV[3] ~= '' then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3]) end
+if ARGV[3] ~= '' then write('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3]) end
 redis.call('SET', KEYS[1], seq, 'EX', ARGV[2])
-return 1
+return refused
 """
 
 # One call's rows: its sequence number, the rows, the hours to drop before (None: none).
@@ -503,7 +522,9 @@ class RedisLedgerStore:
         args: list[int | str] = [seq, WRITER_TTL, "" if keep_from is None else keep_from]
         for hour in hashes:
             args += (hour, hour + HOUR + self.retention_days * DAY)
-        await self._script(keys=keys, args=args + triples, client=self.client)
+        refused = await self._script(keys=keys, args=args + triples, client=self.client)
+        if refused:  # (a value in Redis that is not the ledger's: said, not retried)
+            log.warning("ledger_writes_refused", writes=refused, prefix=self.prefix)
 
     async def read(
         self, start: int, end: int, project: str | None = None
@@ -526,12 +547,21 @@ class RedisLedgerStore:
         for hour, fields in zip(sorted(hours), hashes, strict=True):
             for name, value in fields.items():
                 *parts, measure = _decoded(name).split(_SEP)
+                try:  # (a field that is not the ledger's is skipped)
+                    index, amount = int(measure), int(value)
+                except ValueError:
+                    continue
+                if len(parts) != len(DIMENSIONS) - 1 or not 0 <= index < len(MEASURES):
+                    continue
                 row: RowKey = (hour, *parts)  # type: ignore[assignment]
                 totals = found.get(row)
                 if totals is None:
                     totals = found[row] = [0] * len(MEASURES)
-                totals[int(measure)] += int(value)
-        last = 0 if applied is None else int(_decoded(applied))
+                totals[index] += amount
+        try:
+            last = int(_decoded(applied)) if applied is not None else 0
+        except ValueError:  # (not a number: as the script takes it, none applied)
+            last = 0
         for seq, rows in kept:
             if seq > last:
                 merge(found, rows)

@@ -597,6 +597,34 @@ async def test_a_redis_outage_holds_one_call_however_many_writes_fail(
     await client.aclose()
 
 
+async def test_a_value_in_redis_that_is_not_the_ledgers_costs_that_addition_only(
+    redis_server: RedisServer,
+) -> None:
+    """Something else left a field that is not an integer in an hour's hash (a restored
+    dump, another tool): the write adds every other row once and says what it could not
+    add (a script is not undone by an error half-way: sent again, it would add the rows
+    before the error twice); a read skips the field."""
+    client = RedisCounters(redis_server.url).client
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    ledger = Ledger(RedisLedgerStore(client, 10, prefix))
+    hour = int(time.time()) // HOUR * HOUR
+    good = ("p", "fp-good", "", "chat", "chat/completions")
+    bad = ("p", "fp-bad", "", "chat", "chat/completions")
+    await client.hset(f"{prefix}h:{hour}", "\x1f".join((*bad, "0")), "oops")
+    await client.hset(f"{prefix}h:{hour}", "not a ledger field", "7")
+    with capture_logs() as logs:
+        for _ in range(3):
+            ledger.add(good, Outcome(status=200))
+            ledger.add(bad, Outcome(status=200))
+            assert await ledger.flush()
+    refused = [e for e in logs if e["event"] == "ledger_writes_refused"]
+    assert [e["writes"] for e in refused] == [1, 1, 1]
+    assert await client.hget(f"{prefix}h:{hour}", "\x1f".join((*good, "0"))) == "3"
+    (row,) = await ledger.rows(0, time.time() + HOUR, ("key",))
+    assert (row["key"], row["requests"]) == ("fp-good", 3)
+    await client.aclose()
+
+
 async def test_a_redis_write_that_timed_out_after_redis_applied_it_is_counted_once(
     tmp_path: Path,
 ) -> None:
@@ -675,3 +703,33 @@ async def test_a_failed_write_keeps_its_rows() -> None:
     ]
     (written,) = store.written
     assert list(written.values()) == [[2, 0, 6, 8, 14, 0]]
+
+
+async def test_a_usage_read_while_redis_is_down_answers_503(
+    backend: Backend, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """The ledger in Redis and Redis gone: the usage endpoints say the ledger is
+    unavailable (503, Retry-After), never an internal error; back, they answer again."""
+    server = RedisServer(tmp_path / "redis")  # (its own: it is stopped)
+    server.start()
+    try:
+        proxy = await make_proxy(
+            config(backend),
+            storage=counter_storage(server.url),
+            settings=settings_for(tmp_path, storage=server.url),
+        )
+        async with aiohttp.ClientSession() as s:
+            await traffic(s, proxy, [KEY])
+            server.pause()
+            try:
+                async with s.get(proxy.url("/v1/user/usage"), headers={"Api-Key": KEY}) as r:
+                    status, retry, body = r.status, r.headers.get("Retry-After"), await r.json()
+            finally:
+                server.resume()
+            async with s.get(proxy.url("/v1/user/usage"), headers={"Api-Key": KEY}) as r:
+                back = r.status
+        assert (status, body["error"]["message"]) == (503, "The usage ledger is unavailable")
+        assert retry is not None and int(retry) > 0
+        assert back == 200
+    finally:
+        server.stop()
