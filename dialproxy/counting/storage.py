@@ -257,6 +257,7 @@ class StorageGuard:
         self._ready = isinstance(storage, LocalCounters)  # else: prepared before first use
         self._preparing = asyncio.Lock()
         self._repaying: asyncio.Task[None] | None = None
+        self._repaid = False  # (closing: the owed settlements' last chance has come)
         self.state.when_back(self._repay_soon)
 
     @property
@@ -400,6 +401,8 @@ class StorageGuard:
                 self.local.settle([w for w, _ in added], [a for _, a in added])
 
     def _repay_soon(self) -> None:
+        if self._repaid:
+            return
         if self.owed and (self._repaying is None or self._repaying.done()):
             self._repaying = asyncio.get_running_loop().create_task(self._repay())
 
@@ -473,6 +476,8 @@ class StorageGuard:
         in a warning)."""
         if self._repaying is not None:
             await asyncio.wait({self._repaying}, timeout=REPAY_AT_CLOSE)
+        self._repaid = True  # (no replay starts after this one: Redis back as it closes)
+        if self._repaying is not None:
             self._repaying.cancel()
             await asyncio.gather(self._repaying, return_exceptions=True)
         self.closed = True
