@@ -417,11 +417,13 @@ WRITER_TTL = 30 * DAY  # how long Redis remembers a writer's last call (see Redi
 
 # One call of a write: the rows added to their hours' hashes, the hours indexed and set to
 # expire, the old hours dropped, unless Redis has this writer's call of that sequence
-# number already (sent again after a timeout: it may have been applied).  A script is not
-# undone by an error half-way, so every write is a pcall and the number is always recorded:
-# a value that is not ours (a field that is not an integer, a key of another type) loses
-# that addition, counted in the answer, and never makes the call go again (adding twice
-# what went before it).
+# number already (sent again after a timeout: it may have been applied).  The number is
+# recorded first: refused (Redis out of memory, a read-only replica), nothing is applied
+# and the call goes again; recorded, the script's writes are no longer refused for memory.
+# A script is not undone by an error half-way, so every write after it is a pcall: a value
+# that is not ours (a field that is not an integer, a key of another type) loses that
+# addition, counted in the answer, and never makes the call go again (adding twice what
+# went before it).
 # KEYS: the writer's last sequence number, the hours' index, each hour's hash.
 # ARGV: the sequence number, its TTL, keep_from ('' none), each hash's hour and expiry,
 # then (hash, field, value) triples.  Answers the writes refused.
@@ -429,6 +431,7 @@ _WRITE = """
 local seq = tonumber(ARGV[1])
 local last = redis.pcall('GET', KEYS[1])
 if type(last) == 'string' and (tonumber(last) or 0) >= seq then return 0 end
+redis.call('SET', KEYS[1], seq, 'EX', ARGV[2])
 local refused = 0
 local function write(...)
   local answer = redis.pcall(...)
@@ -443,7 +446,6 @@ for h = 1, hashes do
   write('ZADD', KEYS[2], ARGV[2 + 2 * h], ARGV[2 + 2 * h])
 end
 if ARGV[3] ~= '' then write('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3]) end
-redis.call('SET', KEYS[1], seq, 'EX', ARGV[2])
 return refused
 """
 
@@ -533,7 +535,7 @@ class RedisLedgerStore:
         store keeps that Redis has not applied."""
         held = self._held  # (replaced, never changed, by a write: this is a snapshot)
         listed = await self.client.zrangebyscore(self.prefix + "hours", start, f"({end}")
-        hours = {int(_decoded(hour)) for hour in listed}
+        hours = {hour for hour in map(_integer, listed) if hour is not None}
         kept = [(seq, [r for r in rows if start <= r[0][0] < end]) for seq, rows, _ in held]
         hours.update(row[0] for _, rows in kept for row, _ in rows)
         if not hours:
@@ -542,26 +544,29 @@ class RedisLedgerStore:
         pipe.get(self._writer)  # at one moment: a kept call is in the hashes or added here)
         for hour in sorted(hours):
             pipe.hgetall(f"{self.prefix}h:{hour}")
-        applied, *hashes = await pipe.execute()
+        # (what is not the ledger's is skipped: a key of another type, a field that is not
+        # one of its rows, a value that is not an integer)
+        applied, *hashes = await pipe.execute(raise_on_error=False)
         found: dict[RowKey, list[int]] = {}
         for hour, fields in zip(sorted(hours), hashes, strict=True):
+            if not isinstance(fields, dict):
+                continue
             for name, value in fields.items():
                 *parts, measure = _decoded(name).split(_SEP)
-                try:  # (a field that is not the ledger's is skipped)
-                    index, amount = int(measure), int(value)
-                except ValueError:
+                index, amount = _integer(measure), _integer(value)
+                if len(parts) != len(DIMENSIONS) - 1 or index is None or amount is None:
                     continue
-                if len(parts) != len(DIMENSIONS) - 1 or not 0 <= index < len(MEASURES):
+                if not 0 <= index < len(MEASURES):
                     continue
                 row: RowKey = (hour, *parts)  # type: ignore[assignment]
                 totals = found.get(row)
                 if totals is None:
                     totals = found[row] = [0] * len(MEASURES)
                 totals[index] += amount
-        try:
-            last = int(_decoded(applied)) if applied is not None else 0
-        except ValueError:  # (not a number: as the script takes it, none applied)
-            last = 0
+        try:  # (as the script reads it: Lua's tonumber, else none applied)
+            last = float(_decoded(applied)) if isinstance(applied, (str, bytes)) else 0.0
+        except ValueError:
+            last = 0.0
         for seq, rows in kept:
             if seq > last:
                 merge(found, rows)
@@ -573,7 +578,15 @@ class RedisLedgerStore:
 
 
 def _decoded(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` (a Redis answer) as an integer; None when it is none."""
+    try:
+        return int(_decoded(value))
+    except ValueError:
+        return None
 
 
 # --- dialproxy usage: the rows printed ------------------------------------------------------

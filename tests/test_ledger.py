@@ -625,6 +625,49 @@ async def test_a_value_in_redis_that_is_not_the_ledgers_costs_that_addition_only
     await client.aclose()
 
 
+async def test_a_write_redis_refuses_for_memory_goes_again(tmp_path: Path) -> None:
+    """Redis out of memory for a moment (``maxmemory``, noeviction): the write is refused
+    whole, kept, and applied once memory is back (none of its rows lost to a script whose
+    first writes were refused and its later ones allowed)."""
+    server = RedisServer(tmp_path / "redis")  # (its own: its maxmemory is changed)
+    server.start()
+    client = RedisCounters(server.url).client
+    try:
+        ledger = Ledger(RedisLedgerStore(client))
+        row = ("p", "fp", "", "chat", "chat/completions")
+        ledger.add(row, Outcome(status=200))
+        assert await ledger.flush()  # (the hour's hash and the index exist)
+        await client.config_set("maxmemory", "1")
+        try:
+            ledger.add(row, Outcome(status=200))
+            assert not await ledger.flush()
+        finally:
+            await client.config_set("maxmemory", "0")
+        ledger.add(row, Outcome(status=200))
+        assert await ledger.flush()
+        assert await requests_and_tokens(ledger) == (3, 0)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_what_is_not_the_ledgers_in_redis_is_skipped_by_a_read(
+    redis_server: RedisServer,
+) -> None:
+    """An hour in the index that is no hour, an hour's key of another type: a read skips
+    them and counts the rest (not a 503 until someone cleans Redis)."""
+    client = RedisCounters(redis_server.url).client
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    ledger = Ledger(RedisLedgerStore(client, 10, prefix))
+    hour = int(time.time()) // HOUR * HOUR
+    ledger.add(("p", "fp", "", "chat", "chat/completions"), Outcome(status=200))
+    assert await ledger.flush()
+    await client.zadd(prefix + "hours", {"not-an-hour": hour, str(hour - HOUR): hour - HOUR})
+    await client.set(f"{prefix}h:{hour - HOUR}", "a string, not a hash")
+    assert await requests_and_tokens(ledger) == (1, 0)
+    await client.aclose()
+
+
 async def test_a_redis_write_that_timed_out_after_redis_applied_it_is_counted_once(
     tmp_path: Path,
 ) -> None:
