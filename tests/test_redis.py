@@ -1111,6 +1111,26 @@ async def test_script_calls_authenticate_and_use_the_urls_database(own_redis: Re
         await wrong.close()
 
 
+async def test_a_refused_auth_that_echoes_the_password_never_logs_it(tmp_path: Path) -> None:
+    """A Redis that does not know AUTH (renamed, or a proxy in front) answers it with an
+    error quoting its arguments: the password.  The outage is logged without it."""
+    server = RedisServer(tmp_path / "redis", extra=("--rename-command", "AUTH", ""))
+    server.start()
+    secret = "sekrit-" + new_key()
+    limiter = Limiter(counter_storage(f"redis://:{secret}@127.0.0.1:{server.port}/0"), "deny")
+    scope = Scope("p:auth", "chat", request_windows=(Window("hour", 3_600, 5),))
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(StorageUnavailable) as refused:
+                await asyncio.wait_for(admit_request(limiter, scope), MARGIN)
+            await asyncio.sleep(2 * storage.PROBE_INTERVAL)  # (the probe tries it too)
+        assert [e for e in logs if e["event"] == "storage_unavailable"]
+        assert secret not in repr(logs) and secret not in str(refused.value)
+    finally:
+        await limiter.close()
+        server.stop()
+
+
 async def test_a_redis_that_lost_its_scripts_runs_the_call_anyway(own_redis: RedisServer) -> None:
     """SCRIPT FLUSH (or a restart without persistence) between two admissions: the call
     that finds its script gone is loaded and run again, counted once, and no outage."""

@@ -746,17 +746,22 @@ class _Link(asyncio.Protocol):
                     await loop.create_connection(
                         lambda: link, host, port, ssl=tls, server_hostname=host if tls else None
                     )
-                setup: list[asyncio.Future[Any]] = []
+                setup: list[tuple[str, asyncio.Future[Any]]] = []
                 if (password := kwargs.get("password")) is not None:
                     user = kwargs.get("username")
                     auth = ("AUTH", user, password) if user else ("AUTH", password)
-                    setup.append(link.command(_command(*auth)))
+                    setup.append(("AUTH", link.command(_command(*auth))))
                 if db := int(kwargs.get("db", 0) or 0):
-                    setup.append(link.command(_command("SELECT", db)))
-                for future in setup:  # (a refused AUTH fails the SELECT after it too)
+                    setup.append(("SELECT", link.command(_command("SELECT", db))))
+                for _, future in setup:  # (a refused AUTH fails the SELECT after it too)
                     future.add_done_callback(_consume)
-                for future in setup:
-                    await future
+                for name, future in setup:
+                    try:
+                        await future
+                    except ResponseError as e:  # (its text may quote the password: not kept)
+                        code = str(e).split(" ", 1)[0]  # (ERR, WRONGPASS, NOPERM...)
+                        code = code if code.isalpha() and code.isupper() else "an error"
+                        raise ResponseError(f"Redis refused {name} ({code})") from None
         except BaseException:
             link.close()
             raise
