@@ -519,6 +519,16 @@ async def test_a_settlement_whose_connection_is_refused_is_owed(
         await limiter.close()
 
 
+async def test_a_failure_after_the_health_closed_starts_no_probe() -> None:
+    """A call that fails as the process stops (a settlement refused because the storage
+    closed) marks the storage down, but starts no probe: nothing would ever stop it."""
+    health = storage.StorageHealth("redis")
+    await health.close()
+    health.failed(ConnectionError("closed"), "counters")
+    assert not health.healthy and health.outages == 1
+    assert not [t for t in asyncio.all_tasks() if "_wait_until_back" in repr(t.get_coro())]
+
+
 async def test_a_settlement_owed_after_shutdown_is_dropped_with_a_warning(
     own_redis: RedisServer,
 ) -> None:

@@ -176,6 +176,7 @@ class StorageHealth:
         self._back: list[Callable[[], None]] = []  # told when it is up again
         self._down_since = 0.0
         self._probe: asyncio.Task[None] | None = None
+        self._closed = False  # (a failure then starts no probe: nobody would stop it)
 
     def add_probe(self, probe: Callable[[], Awaitable[None]]) -> None:
         """A check the storage must pass to be up again (it raises if not)."""
@@ -203,7 +204,7 @@ class StorageHealth:
             detail=_CREDENTIALS.sub("://***@", str(error))[:200],
             policy=str(self.policy),
         )
-        if self._probe is None or self._probe.done():
+        if not self._closed and (self._probe is None or self._probe.done()):
             self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
 
     async def _wait_until_back(self) -> None:
@@ -226,6 +227,7 @@ class StorageHealth:
 
     async def close(self) -> None:
         """Stop the probe (if an outage is on)."""
+        self._closed = True
         probe, self._probe = self._probe, None
         if probe is not None and not probe.done():
             probe.cancel()
