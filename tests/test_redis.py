@@ -519,6 +519,20 @@ async def test_a_settlement_whose_connection_is_refused_is_owed(
         await limiter.close()
 
 
+async def test_a_settlement_whose_storage_cannot_be_prepared_is_owed() -> None:
+    """The first call to a Redis that cannot be reached is a settlement (a reservation
+    another instance made): preparing the storage fails, nothing of it was sent, so it is
+    owed, not lost."""
+    limiter = Limiter(counter_storage(f"redis://127.0.0.1:{free_port()}/0"), "allow")
+    scope = Scope("p:fleet", "chat", token_windows=(Window("hour", 3_600, 1_000),))
+    try:
+        await limiter.settle([scope], tokens=-90, cost_nano_usd=0)
+        health = limiter.health()
+        assert (health["healthy"], health["outages"], health["owed"]) == (False, 1, 1)
+    finally:
+        await limiter.close()
+
+
 async def test_a_failure_after_the_health_closed_starts_no_probe() -> None:
     """A call that fails as the process stops (a settlement refused because the storage
     closed) marks the storage down, but starts no probe: nothing would ever stop it."""

@@ -350,10 +350,13 @@ class StorageGuard:
             try:
                 if not self._ready:
                     await self._prepare()
-                if self.state.healthy:
+            except Exception as e:  # (not prepared: nothing of it sent, owed below)
+                self.failed(e)
+            if self.state.healthy:
+                try:
                     return await storage.settle(windows, amounts, slots, member)
-            except Exception as e:  # whatever the storage raised: it did not answer
-                return self._unsettled(e, windows, amounts, slots, member)
+                except Exception as e:  # whatever the storage raised: it did not answer
+                    return self._unsettled(e, windows, amounts, slots, member)
         self.owe(windows, amounts, slots, member)
 
     def _unsettled(
