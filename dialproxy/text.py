@@ -82,10 +82,26 @@ def parse_datetime(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+# The instants a bound, a duration or an expiry may name: from 1970 to the end of 9998 (a
+# date-time at either end of Python's range overflows once moved to UTC or a day later).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9998, 12, 31, tzinfo=UTC)
+
+
+def _within(when: datetime, value: str) -> datetime:
+    try:
+        inside = EARLIEST <= when <= LATEST
+    except OverflowError:  # (compared in UTC: an offset may take it past year 9999)
+        inside = False
+    if not inside:
+        raise ValueError(f"{value!r} is out of range (1970 to 9998)")
+    return when
+
+
 def timestamp(value: str, end_of_day: bool = False) -> float:
     """A range's bound: an ISO 8601 date or date-time as epoch seconds; with
     ``end_of_day``, a date (no time) means the end of that day."""
-    when = parse_datetime(value)
+    when = _within(parse_datetime(value), value)
     if end_of_day and "T" not in value.upper():
         when += timedelta(days=1)
     return when.timestamp()
@@ -98,7 +114,10 @@ def parse_duration(value: str) -> timedelta:
         return timedelta(0)
     if not text or _DURATION.sub("", text):
         raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 1w2d, 90m)")
-    return timedelta(seconds=sum(int(n) * UNITS[u] for n, u in _DURATION.findall(text)))
+    seconds = sum(int(n) * UNITS[u] for n, u in _DURATION.findall(text))
+    if seconds > (LATEST - EARLIEST).total_seconds():
+        raise ValueError(f"{value!r} is too long")
+    return timedelta(seconds=seconds)
 
 
 def parse_expiry(value: str, now: datetime) -> datetime:
@@ -112,6 +131,7 @@ def parse_expiry(value: str, now: datetime) -> datetime:
             raise ValueError(
                 f"not a duration or a date: {value!r} (use 30d, 2026-01-01 or 2026-01-01T12:00:00Z)"
             ) from None
+    _within(when, value)
     if when <= now:
         raise ValueError(f"{value!r} is not in the future")
     return when

@@ -462,6 +462,49 @@ async def test_edit_refusals_and_expiry(
     assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
 
 
+async def test_hostile_values_get_a_4xx_never_a_500(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    """Values past what a date-time can hold, a body nested past the parser's depth, an
+    Origin that is no URL: each a 4xx that says what is wrong, the file untouched."""
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    tag, _ = await listing(session, proxy, k.admin)
+    fp = key_digest(k.user)[:8]
+    headers = write_headers(k.admin, tag)
+    original = proxy.path.read_bytes()
+    create = {"project": "x", "roles": ["user"]}
+    cases: list[tuple[str, str, dict[str, Any], Any, int]] = [
+        ("POST", "/v1/admin/keys", headers, {**create, "expiresAt": "99999999999d"}, 400),
+        (
+            "POST",
+            "/v1/admin/keys",
+            headers,
+            {**create, "expiresAt": "9999-12-31T23:59:59-14:00"},
+            400,
+        ),
+        ("PATCH", f"/v1/admin/keys/{fp}", headers, {"expiresAt": "99999999999d"}, 400),
+        ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "99999999999d"}, 400),
+        ("POST", "/v1/admin/keys", headers, b"[" * 100_000, 400),
+        ("POST", "/v1/ops/config/reload", {**headers, "Origin": "http://["}, None, 403),
+        ("GET", "/v1/console/usage?to=9999-12-31", headers, None, 400),
+        ("GET", "/v1/console/usage?from=0001-01-01T00:00:00%2B14:00", headers, None, 400),
+        ("GET", "/v1/user/usage?to=9999-12-31", {"Api-Key": k.user}, None, 400),
+        ("GET", "/v1/user/usage?from=0001-01-01T00:00:00%2B14:00", {"Api-Key": k.user}, None, 400),
+    ]
+    for method, path, sent, body, status in cases:
+        extra: dict[str, Any] = {}
+        if isinstance(body, bytes):
+            extra = {"data": body, "headers": {**sent, "Content-Type": "application/json"}}
+        else:
+            extra = {"json": body, "headers": sent}
+        resp = await session.request(method, proxy.url(path), **extra)
+        text = await resp.text()
+        assert resp.status == status, (method, path, resp.status, text)
+        assert json.loads(text)["error"]["message"] != "Internal error"
+    assert proxy.path.read_bytes() == original
+
+
 def two_models(backend: Backend, k: Keys) -> dict[str, Any]:
     doc = config(backend, k)
     doc["models"]["other"] = chat_model(backend)

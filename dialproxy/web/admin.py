@@ -97,7 +97,10 @@ def _same_origin(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is None:
         return
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # (not a URL: not this origin)
+        raise Forbidden("Cross-origin admin requests are refused") from None
     if not parts.netloc or parts.netloc.lower() != (request.host or "").lower():
         raise Forbidden("Cross-origin admin requests are refused")
 
@@ -107,7 +110,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise UnsupportedMediaType("Content-Type must be application/json")
     try:
         body = json.loads(await request.read() or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (too deep: not a config's)
         raise BadRequest("The body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("The body must be a JSON object")
