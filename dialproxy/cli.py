@@ -421,6 +421,10 @@ def _load_store(settings: Settings) -> ConfigStore | None:
     return store
 
 
+class CannotListen(Exception):
+    """A port the process cannot listen on (taken, not allowed): ``host:port: why``."""
+
+
 async def _serve(
     settings: Settings, store: ConfigStore, demo_port: int | None, parent: int | None = None
 ) -> None:
@@ -432,35 +436,43 @@ async def _serve(
     from dialproxy.web.drain import FINISH_TIMEOUT, shut_down
 
     app = build_app(settings, store)
+    reuse = True if parent is not None else None  # (workers share their ports)
     runners: list[web.AppRunner] = []
-    if demo_port is not None:
-        demo = web.AppRunner(create_backend_app(Pace()), access_log=None)
-        await demo.setup()
-        await web.TCPSite(demo, settings.host, demo_port).start()
-        runners.append(demo)
-        log.info("demo_backend_serving", url=f"http://{settings.host}:{demo_port}")
-    # The grace is shut_down's; aiohttp's own timeout (applied twice) only follows it.
-    runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=FINISH_TIMEOUT
-    )
-    await runner.setup()
-    await web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=True if parent is not None else None
-    ).start()
-    runners.insert(0, runner)
-    if settings.metrics and settings.metrics_port is not None:
-        from dialproxy.web.app import metrics_app
 
-        scrape = web.AppRunner(metrics_app(app), access_log=None)
-        await scrape.setup()
-        await web.TCPSite(
-            scrape,
-            settings.host,
-            settings.metrics_port,
-            reuse_port=True if parent is not None else None,
-        ).start()
-        runners.append(scrape)
-        log.info("metrics_serving", url=f"http://{settings.host}:{settings.metrics_port}/metrics")
+    async def listen(runner: web.AppRunner, port: int, reuse_port: bool | None) -> None:
+        runners.append(runner)  # (cleaned up below if a later port cannot be had)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.host, port, reuse_port=reuse_port).start()
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)  # (e's own text repeats the address)
+            raise CannotListen(f"{settings.host}:{port}: {why}") from None
+
+    try:
+        if demo_port is not None:
+            await listen(
+                web.AppRunner(create_backend_app(Pace()), access_log=None), demo_port, None
+            )
+            log.info("demo_backend_serving", url=f"http://{settings.host}:{demo_port}")
+        # The grace is shut_down's; aiohttp's own timeout (applied twice) only follows it.
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=FINISH_TIMEOUT
+        )
+        await listen(runner, settings.port, reuse)
+        runners.insert(0, runners.pop())  # (the app's first: it is stopped with the grace)
+        if settings.metrics and settings.metrics_port is not None:
+            from dialproxy.web.app import metrics_app
+
+            await listen(
+                web.AppRunner(metrics_app(app), access_log=None), settings.metrics_port, reuse
+            )
+            log.info(
+                "metrics_serving", url=f"http://{settings.host}:{settings.metrics_port}/metrics"
+            )
+    except CannotListen:
+        for r in reversed(runners):
+            await r.cleanup()
+        raise
     tune_gc()
     log.info("serving", url=f"http://{settings.host}:{settings.port}")
     stop = asyncio.Event()
@@ -521,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_port = args.demo_port if args.command == "run-demo" else None
     from dialproxy.server import event_loop_factory
 
-    with asyncio.Runner(loop_factory=event_loop_factory(settings.loop)) as runner:
-        runner.run(_serve(settings, store, demo_port, worker_of))
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.loop)) as runner:
+            runner.run(_serve(settings, store, demo_port, worker_of))
+    except CannotListen as e:
+        print(f"dialproxy: cannot listen on {e}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK

@@ -11,6 +11,10 @@ The parent forwards SIGTERM, SIGINT and SIGHUP to the workers and exits when the
 0 if every one exited 0.  A worker that exits on its own (a crash, killed, a port it could
 not take) is logged and the others are stopped as on SIGTERM: the parent exits 1 (the
 service manager restarts the whole set).  A worker whose parent is gone stops too.
+
+Before starting any, the parent checks that its ports are free (bound once without
+``SO_REUSEPORT``): taken, by anything, a second set of workers among them included, it
+says so and exits 2, rather than sharing the port with whatever holds it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -37,9 +42,36 @@ log = structlog.get_logger("dialproxy.workers")
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
-    """Run ``settings.workers`` workers of ``dialproxy <argv>``; the exit code: 0 or 1."""
+    """Run ``settings.workers`` workers of ``dialproxy <argv>``; the exit code: 0 or 1 (2:
+    a port taken)."""
+    ports = [settings.port]
+    if settings.metrics and settings.metrics_port is not None:
+        ports.append(settings.metrics_port)
+    for port in ports:
+        if (why := taken(settings.host, port)) is not None:
+            print(f"dialproxy: cannot listen on {settings.host}:{port}: {why}", file=sys.stderr)
+            return 2
     logs.tag_pid()
     return asyncio.run(_supervise(settings, argv))
+
+
+def taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on alone (None: it can), tried as a server
+    binds it, each address ``host`` names, with SO_REUSEADDR and without SO_REUSEPORT."""
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as e:
+        return str(e.strerror or e)
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                return str(e.strerror or e)
+    return None
 
 
 async def _supervise(settings: Settings, argv: Sequence[str]) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -240,3 +241,33 @@ def test_the_workers_setting() -> None:
     Settings(workers=4, storage="redis://127.0.0.1:6379/0").check()
     with pytest.raises(ValueError, match="4 workers need shared counters"):
         Settings(workers=4).check()
+
+
+@pytest.mark.parametrize(
+    "holder", ["one process, a plain listener", "workers, a plain listener", "workers, workers"]
+)
+def test_a_port_that_is_taken_is_said_and_exits_2(
+    tmp_path: Path, redis_server: RedisServer, holder: str
+) -> None:
+    """The port is held by another program, or by another set of workers (which listen with
+    SO_REUSEPORT, as these would): the server says it cannot listen there and exits 2,
+    with no traceback and, for workers, none started (they would share the port)."""
+    config = write_config(tmp_path)
+    with socket.socket() as held:
+        if holder.endswith("workers"):
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        args = ["--config", str(config), "--port", str(port), "--storage", redis_server.url]
+        if holder.startswith("workers"):
+            args += ["--workers", "2"]
+        proxy = Served(tmp_path, *args)
+        try:
+            code = proxy.proc.wait(30)
+        finally:
+            proxy.stop()
+    log = proxy.log()
+    assert code == 2, log
+    assert f"dialproxy: cannot listen on 127.0.0.1:{port}: Address already in use" in log
+    assert "Traceback" not in log and "uncaught" not in log and "workers_started" not in log
