@@ -373,6 +373,9 @@ def capture_stdlib(lines: BatchedLines, level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(stdlib_handler(lines.urgent))
     root.setLevel(level)
+    # watchfiles logs each batch of changes at INFO: with stderr written into the config's
+    # folder, each such line is a change, logged, a change... (the watcher logs its own)
+    logging.getLogger("watchfiles").setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
     uncaught = logging.getLogger("dialproxy.uncaught")
 

@@ -271,3 +271,21 @@ def test_a_port_that_is_taken_is_said_and_exits_2(
     assert code == 2, log
     assert f"dialproxy: cannot listen on 127.0.0.1:{port}: Address already in use" in log
     assert "Traceback" not in log and "uncaught" not in log and "workers_started" not in log
+
+
+async def test_stderr_written_into_the_configs_folder_is_not_a_change_logged_for_ever(
+    tmp_path: Path, served: list[Served]
+) -> None:
+    """`cd conf && dialproxy serve 2>serve.log`: the watcher sees the log file change, and
+    if that were logged it would change again, for ever.  A quiet proxy writes a few lines
+    and then nothing."""
+    config = write_config(tmp_path)  # (Served writes its log into tmp_path too)
+    proxy = Served(tmp_path, "--config", str(config))
+    served.append(proxy)
+    await proxy.pids(1)
+    await asyncio.sleep(1.0)
+    before = len(proxy.lines_so_far())
+    await asyncio.sleep(2.0)
+    lines = proxy.lines_so_far()
+    assert len(lines) == before, lines[before:]
+    assert not [line for line in lines if "change" in line["event"]], lines

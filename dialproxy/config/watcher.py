@@ -43,7 +43,8 @@ def watched_dirs(paths: Iterable[Path]) -> tuple[Path, ...]:
 
 
 def _not_state_file(_: object, path: str) -> bool:
-    return not Path(path).name.startswith("dialproxy-state.sqlite")
+    # (dialproxy-state.sqlite, its -wal and -shm, the ledger's dialproxy-state.usage.sqlite)
+    return not Path(path).name.startswith("dialproxy-state")
 
 
 def _read(paths: Sequence[Path]) -> list[Source] | None:
