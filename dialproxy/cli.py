@@ -436,6 +436,10 @@ async def _serve(
     from dialproxy.web.drain import FINISH_TIMEOUT, shut_down
 
     app = build_app(settings, store)
+    if parent is not None:  # (an admin write here is told to every worker through it)
+        from dialproxy.web.appkeys import SUPERVISOR
+
+        app[SUPERVISOR] = parent
     reuse = True if parent is not None else None  # (workers share their ports)
     runners: list[web.AppRunner] = []
 

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from dialproxy.settings import Settings
+from dialproxy.text import fingerprint
 from tests.conftest import assert_json_lines_without_secrets, new_key
 from tests.redis_server import ROOT, BackendProcess, RedisServer, free_port
 
@@ -289,3 +290,43 @@ async def test_stderr_written_into_the_configs_folder_is_not_a_change_logged_for
     lines = proxy.lines_so_far()
     assert len(lines) == before, lines[before:]
     assert not [line for line in lines if "change" in line["event"]], lines
+
+
+async def test_a_key_revoked_through_one_worker_is_revoked_on_all_without_the_watcher(
+    tmp_path: Path, redis_server: RedisServer, served: list[Served]
+) -> None:
+    """`--workers 2 --no-watch`: the admin API's write lands on one worker, which reloads;
+    the others are told through the supervisor (SIGHUP), so the revoked key is refused
+    wherever its next request lands."""
+    admin = new_key()
+    config = write_config(tmp_path)
+    doc = json.loads(config.read_text())
+    doc["roles"]["admin"] = {}
+    doc["keys"][admin] = {"project": "ops", "role": "admin"}
+    config.write_text(json.dumps(doc, indent=2))
+    proxy = two_workers(tmp_path, config, redis_server, "--no-watch")
+    served.append(proxy)
+    await proxy.pids(2)
+
+    async def sample(key: str) -> tuple[int, int]:
+        """Which worker a new connection reaches, and what it answers ``key``."""
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+            async with s.get(proxy.url + "/health") as r:
+                pid = (await r.json())["pid"]
+            async with s.get(proxy.url + "/v1/user/info", headers={"Api-Key": key}) as r:
+                return pid, r.status  # (the same connection: the same worker)
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/v1/admin/keys", headers={"Api-Key": admin}) as r:
+            tag = r.headers["ETag"]
+        async with s.delete(
+            proxy.url + f"/v1/admin/keys/{fingerprint(KEY)}",
+            headers={"Api-Key": admin, "If-Match": tag},
+        ) as r:
+            assert r.status == 200, await r.text()
+    last: dict[int, int] = {}
+    deadline = time.monotonic() + 10
+    while not (len(last) == 2 and set(last.values()) == {401}) and time.monotonic() < deadline:
+        pid, status = await sample(KEY)
+        last[pid] = status
+    assert len(last) == 2 and set(last.values()) == {401}, last

@@ -21,8 +21,11 @@ secret).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +40,7 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config import schema
 from dialproxy.config.loader import build_snapshot
 from dialproxy.config.parse import Source, merge
+from dialproxy.config.store import ReloadResult
 from dialproxy.configfile import ConfigFile, digest_of, parse_config
 from dialproxy.errors import (
     BadRequest,
@@ -58,7 +62,15 @@ from dialproxy.errors import (
 )
 from dialproxy.ledger import HOUR
 from dialproxy.text import hashed, iso, key_digest, parse_duration, parse_expiry
-from dialproxy.web.appkeys import ADMIN_WRITES, BALANCER, LEDGER, SETTINGS, SHARED, STORE
+from dialproxy.web.appkeys import (
+    ADMIN_WRITES,
+    BALANCER,
+    LEDGER,
+    SETTINGS,
+    SHARED,
+    STORE,
+    SUPERVISOR,
+)
 from dialproxy.web.guard import guarded, json_response
 
 log = structlog.get_logger("dialproxy.admin")
@@ -302,9 +314,7 @@ async def _commit(
         before=dict(before) if before is not None else None,  # (the name holds the secret)
         after=dict(after) if after is not None else None,
     )
-    result = await store.reload_async(trigger="admin")
-    if result.applied:
-        request.app[BALANCER].forget_missing(dict(store.snapshot.models))
+    result = await _reload(request)
     reload = {
         "applied": result.applied,
         "generation": result.generation,
@@ -797,10 +807,7 @@ async def reload_config(request: web.Request) -> web.Response:
     them when they validate; 422 with the problems when not (the last good config serves)."""
     who = await _caller(request, write=True)
     _same_origin(request)
-    store = request.app[STORE]
-    result = await store.reload_async(trigger="admin")
-    if result.applied:
-        request.app[BALANCER].forget_missing(dict(store.snapshot.models))
+    result = await _reload(request)
     log.info("admin_write", who=who.fingerprint, action="reload", applied=result.applied)
     body = {
         "applied": result.applied,
@@ -808,6 +815,21 @@ async def reload_config(request: web.Request) -> web.Response:
         "problems": [p.as_dict() for p in result.problems],
     }
     return json_response(body, status=422 if result.refused else 200)
+
+
+async def _reload(request: web.Request) -> ReloadResult:
+    """The files read again and served when they validate; in a worker of ``serve
+    --workers N``, every other worker told too (SIGHUP to the supervisor, which forwards it:
+    each reloads, with or without its watcher), so that a key revoked here is revoked
+    wherever the next request lands."""
+    store = request.app[STORE]
+    result = await store.reload_async(trigger="admin")
+    if result.applied:
+        request.app[BALANCER].forget_missing(dict(store.snapshot.models))
+    if (supervisor := request.app.get(SUPERVISOR)) is not None:
+        with contextlib.suppress(ProcessLookupError):  # (gone: this worker stops too)
+            os.kill(supervisor, signal.SIGHUP)
+    return result
 
 
 def routes(app: web.Application) -> None:

@@ -36,3 +36,5 @@ BODY_WATCH = web.AppKey("body_watch", BodyWatch)  # (absent: no body timeout)
 # One admin write at a time in a process (another process's: its write_atomic's check).
 ADMIN_WRITES = web.AppKey("admin_writes", asyncio.Lock)
 WATCHER: web.AppKey[ConfigWatcher] = web.AppKey("config_watcher")  # (absent with --no-watch)
+# The supervisor's pid, in a worker of serve --workers N (absent: one process).
+SUPERVISOR = web.AppKey("supervisor", int)
