@@ -440,6 +440,22 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
         own_redis.resume()
 
 
+def refuse_the_next_connection(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The counters' next connection to Redis refused (nothing written on it), the later
+    ones made; the event: it was refused."""
+    real_connect = rediscounters._Link.connect
+    refused = asyncio.Event()
+
+    async def connect(url: str, client: Any) -> Any:
+        if not refused.is_set():
+            refused.set()
+            raise ConnectionRefusedError("Connection refused")
+        return await real_connect(url, client)
+
+    monkeypatch.setattr(rediscounters._Link, "connect", connect)
+    return refused
+
+
 async def test_owed_settlements_that_never_left_stay_owed(
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -451,15 +467,6 @@ async def test_owed_settlements_that_never_left_stay_owed(
     tokens = Window("hour", 3_600, 10_000_000)
     scope = Scope("p:fleet", "chat", token_windows=(tokens,))
     owed = 300
-    real_connect = rediscounters._Link.connect
-    refused = asyncio.Event()
-
-    async def connect(url: str, client: Any) -> Any:
-        if not refused.is_set():  # (once: as the replay connects)
-            refused.set()
-            raise ConnectionRefusedError("Connection refused")
-        return await real_connect(url, client)
-
     try:
         for _ in range(owed):
             await limiter.admit_held([scope], 100)  # 30,000 reserved
@@ -468,7 +475,7 @@ async def test_owed_settlements_that_never_left_stay_owed(
         for _ in range(owed):
             assert limiter.settle_soon([scope], -90, 0) is None  # each used 10
         assert limiter.health()["owed"] == owed
-        monkeypatch.setattr(rediscounters._Link, "connect", connect)
+        refused = refuse_the_next_connection(monkeypatch)  # (as the replay connects)
         own_redis.resume()
         await asyncio.wait_for(refused.wait(), 10 * TIMEOUT + MARGIN)
         deadline = time.monotonic() + 10 * TIMEOUT + MARGIN
@@ -494,26 +501,17 @@ async def test_a_settlement_whose_connection_is_refused_is_owed(
     scope = Scope("p:fleet", "chat", token_windows=(tokens,))
     redis_counters = limiter.guard.storage
     assert isinstance(redis_counters, RedisCounters)
-    real_connect = rediscounters._Link.connect
-    refused: list[str] = []
-
-    async def connect(url: str, client: Any) -> Any:
-        if not refused:
-            refused.append(url)
-            raise ConnectionRefusedError("Connection refused")
-        return await real_connect(url, client)
-
     try:
         await limiter.admit_held([scope], 100)
         redis_counters._batch.reset()  # (the connection dropped)
-        monkeypatch.setattr(rediscounters._Link, "connect", connect)
+        refused = refuse_the_next_connection(monkeypatch)
         assert limiter.settle_soon([scope], -90, 0) is None  # sent: a watched call
         deadline = time.monotonic() + 10 * TIMEOUT + MARGIN
         # (the refusal seen: an outage, the settlement owed; then Redis back, and it sent)
         while not limiter.health()["outages"] or limiter.health()["owed"]:
             assert time.monotonic() < deadline, limiter.health()
             await asyncio.sleep(0.01)
-        assert refused and limiter.health()["outages"] == 1 and limiter.guard.healthy
+        assert refused.is_set() and limiter.health()["outages"] == 1 and limiter.guard.healthy
         assert await redis_tokens(own_redis.url, scope, tokens) == 10
     finally:
         await limiter.close()
