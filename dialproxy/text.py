@@ -86,6 +86,7 @@ def parse_datetime(value: str) -> datetime:
 # date-time at either end of Python's range overflows once moved to UTC or a day later).
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9998, 12, 31, tzinfo=UTC)
+LONGEST = (LATEST - EARLIEST).total_seconds()  # a duration's most, in seconds
 
 
 def _within(when: datetime, value: str) -> datetime:
@@ -115,7 +116,7 @@ def parse_duration(value: str) -> timedelta:
     if not text or _DURATION.sub("", text):
         raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 1w2d, 90m)")
     seconds = sum(int(n) * UNITS[u] for n, u in _DURATION.findall(text))
-    if seconds > (LATEST - EARLIEST).total_seconds():
+    if seconds > LONGEST:
         raise ValueError(f"{value!r} is too long")
     return timedelta(seconds=seconds)
 

@@ -31,6 +31,7 @@ from contextlib import suppress
 import structlog
 
 from dialproxy import logs
+from dialproxy.errors import EXIT_USAGE
 from dialproxy.settings import Settings
 
 WORKER_FLAG = "--worker-of"
@@ -50,7 +51,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     for port in ports:
         if (why := taken(settings.host, port)) is not None:
             print(f"dialproxy: cannot listen on {settings.host}:{port}: {why}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     logs.tag_pid()
     return asyncio.run(_supervise(settings, argv))
 

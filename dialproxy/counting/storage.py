@@ -194,13 +194,12 @@ class StorageHealth:
         self.healthy = False
         self.outages += 1
         self._down_since = time.monotonic()
+        cause = error.__cause__ if isinstance(error, NotSent) else None  # (what refused it)
         log.warning(
             "storage_unavailable",
             backend=self.backend,
             caller=caller,
-            error=type(error.__cause__ or error).__name__
-            if isinstance(error, NotSent)
-            else type(error).__name__,
+            error=type(cause or error).__name__,
             detail=_CREDENTIALS.sub("://***@", str(error))[:200],
             policy=str(self.policy),
         )
