@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from dialproxy import cli
@@ -428,3 +429,31 @@ async def test_only_listed_response_headers_pass(
     else:  # no limit of ours: the provider's pass
         assert got["x-ratelimit-remaining-tokens"] == "5"
         assert got["anthropic-ratelimit-requests-remaining"] == "7"
+
+
+async def test_an_upstreams_cookies_are_never_sent_back(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """The proxy keeps no cookies: what one answer sets (a balancer's affinity cookie, or a
+    hostile upstream's thousands) is neither stored nor sent with any later request, whoever
+    makes it.  (Reached by host name: aiohttp's cookie jar drops cookies of IP addresses.)"""
+    seen: list[str | None] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(request.headers.get("Cookie"))
+        resp = web.json_response(chat_answer("ok") | {"usage": USAGE})
+        for i in range(50):
+            resp.set_cookie(f"affinity{i}", "x" * 100, max_age=3600, path="/")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    upstream = await aiohttp_server(app)
+    endpoint = f"http://localhost:{upstream.port}/v1/chat/completions"
+    proxy = await make_proxy(config([{"endpoint": endpoint, "key": UPSTREAM_KEY}]))
+    for _ in range(3):
+        code, _, resp = await call(proxy)
+        assert code == 200
+        assert "Set-Cookie" not in resp.headers
+    assert seen == [None, None, None]

@@ -307,6 +307,9 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
             auto_decompress=True,  # (bounded: decoded as read, see upstream.answer.read_answer)
+            # no cookies kept: what one upstream answer sets must not go with another
+            # client's request (nor grow without bound); and no jar to look in per request
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         async with idle.running(), bodies.running():
             yield
