@@ -28,6 +28,7 @@ SHA256_KEY = re.compile(r"^sha256:([0-9a-f]{64})$")
 # A ``${VAR}`` reference in a config value; group 1: the variable's name.
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 _DURATION = re.compile(r"(\d+)([smhdw])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}  # a duration's, in seconds
 
@@ -69,6 +70,14 @@ def written_digest(name: str) -> str:
 
 def has_control(text: str) -> bool:
     return CONTROL.search(text) is not None
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first surrogate code point of ``text``, escaped (``\\ud800``), or None: half a
+    UTF-16 pair, which JSON's ``\\u`` escapes and ``surrogateescape`` can put in a str but no
+    UTF-8 text (a file, a log line, a Redis key, an SQLite row) can carry."""
+    m = SURROGATE.search(text)
+    return None if m is None else f"\\u{ord(m.group()):04x}"
 
 
 def iso(when: datetime) -> str:

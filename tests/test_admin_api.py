@@ -465,8 +465,8 @@ async def test_edit_refusals_and_expiry(
 async def test_hostile_values_get_a_4xx_never_a_500(
     backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
 ) -> None:
-    """Values past what a date-time can hold, a body nested past the parser's depth, an
-    Origin that is no URL: each a 4xx that says what is wrong, the file untouched."""
+    """Values past what a date-time can hold, a body nested past the parser's depth, a lone
+    surrogate, an Origin that is no URL: each a 4xx that says what is wrong, the file untouched."""
     k = Keys()
     proxy = await start(make_proxy, backend, k)
     tag, _ = await listing(session, proxy, k.admin)
@@ -486,6 +486,9 @@ async def test_hostile_values_get_a_4xx_never_a_500(
         ("PATCH", f"/v1/admin/keys/{fp}", headers, {"expiresAt": "99999999999d"}, 400),
         ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "99999999999d"}, 400),
         ("POST", "/v1/admin/keys", headers, b"[" * 100_000, 400),
+        # half a surrogate pair, which no UTF-8 file, log line or ledger row can hold
+        ("POST", "/v1/admin/keys", headers, b'{"project": "x\\ud800", "roles": ["user"]}', 422),
+        ("PATCH", f"/v1/admin/keys/{fp}", headers, b'{"name": "\\udc00"}', 422),
         ("POST", "/v1/ops/config/reload", {**headers, "Origin": "http://["}, None, 403),
         ("GET", "/v1/console/usage?to=9999-12-31", headers, None, 400),
         ("GET", "/v1/console/usage?from=0001-01-01T00:00:00%2B14:00", headers, None, 400),

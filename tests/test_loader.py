@@ -127,6 +127,37 @@ def test_not_utf8() -> None:
     assert p.message == "not UTF-8 text (line 2, byte 15)"
 
 
+def test_a_lone_surrogate_is_refused_where_it_is() -> None:
+    """JSON's and YAML's \\u escapes can name half of a pair, which no UTF-8 text (a log
+    line, a Redis key, a ledger row) can carry: one in a project stopped every later write
+    of the usage ledger.  A pair is one character, and fine."""
+    config = mutated(lambda c: c["keys"][SECRET].update(project="team\ud800", name="\ud83d\ude00"))
+    p = the_problem(problems(json.dumps(config)))
+    assert (p.path, p.severity) == (f"{KEY}.project", "error")
+    assert p.message == "not valid Unicode: a lone surrogate (\\ud800) cannot be UTF-8 text"
+    model = '"m": {"type": "chat", "endpoint": "http://localhost:7001/x"}'
+    yaml_text = f'models: {{"\\udc00x": {{"type": "chat"}}, {model}}}\nkeys: {{}}\n'
+    found = problems(yaml_text, "c.yaml")
+    assert [(p.path, p.message) for p in found if "surrogate" in p.message] == [
+        (
+            '$.models["\\udc00x"]',
+            "not valid Unicode: a lone surrogate (\\udc00) cannot be UTF-8 text",
+        )
+    ]
+
+
+def test_a_lone_surrogate_from_a_variable_is_refused() -> None:
+    env = {**ENV, "PROJECT": "p\udcff"}  # (a non-UTF-8 byte in the environment: surrogateescape)
+    found = problems_of(
+        source(mutated(lambda c: c["keys"][SECRET].update(project="${PROJECT}"))), env=env
+    )
+    p = the_problem(found)
+    assert (p.path, p.message) == (
+        f"{KEY}.project",
+        "not valid Unicode: a lone surrogate (\\udcff) cannot be UTF-8 text",
+    )
+
+
 def test_an_empty_yaml_file_is_an_empty_config() -> None:
     snapshot = build_snapshot([Source("empty.yaml", b"")], {})
     assert not snapshot.models and not snapshot.keys and snapshot.warnings == ()

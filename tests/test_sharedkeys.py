@@ -343,6 +343,7 @@ async def test_refusals_name_their_reason(
         ({"name": "x"}, "tokens"),
         ({"name": "", "tokens": 5}, "name"),
         ({"name": "x\n", "tokens": 5}, "name"),
+        ({"name": "x\ud800", "tokens": 5}, "name"),  # (no UTF-8 text can hold it)
         ({"name": "x" * 201, "tokens": 5}, "name"),
         ({"name": "x", "tokens": True}, "tokens"),
         ({"name": "x", "tokens": -2}, "tokens"),

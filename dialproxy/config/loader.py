@@ -22,7 +22,7 @@ from typing import Any
 
 from dialproxy.config.checks import MODEL_ALIASES, as_dict, check_duplicate_keys, semantic_checks
 from dialproxy.config.grants import Grants
-from dialproxy.config.messages import Locator, Redactor, json_type, schema_problem
+from dialproxy.config.messages import Locator, Redactor, json_type, render_path, schema_problem
 from dialproxy.config.model import (
     Access,
     Interface,
@@ -35,7 +35,16 @@ from dialproxy.config.model import (
     Snapshot,
     Upstream,
 )
-from dialproxy.config.parse import Prepared, Preparer, Source, TooBig, merge, parse_source
+from dialproxy.config.parse import (
+    Prepared,
+    Preparer,
+    Source,
+    TooBig,
+    lone_surrogates,
+    may_hold_surrogates,
+    merge,
+    parse_source,
+)
 from dialproxy.config.reuse import Built, Canonical, Walked, changed_only
 from dialproxy.config.routes import build_routes
 from dialproxy.config.schedule import Schedule
@@ -104,6 +113,16 @@ def build_reusing(
         except TooBig:
             unreadable = True
             continue
+        if may_hold_surrogates(source, preparer.used):
+            for parts, char in lone_surrogates(doc, []):
+                problems.append(
+                    Problem(
+                        source.name,
+                        render_path(parts),
+                        f"not valid Unicode: a lone surrogate ({char}) cannot be UTF-8 text",
+                    )
+                )
+                preparer.kept = None  # (not to be taken as valid by the next build)
         if json_file and preparer.kept is not None:
             walked[source.name] = preparer.kept
         docs.append(Prepared(source.name, doc, preparer.reported))

@@ -17,10 +17,13 @@ import yaml
 from dialproxy.config.messages import SECRET_FIELDS, Redactor, render_path, show_name
 from dialproxy.config.model import Problem, Severity
 from dialproxy.config.reuse import SECTIONS, Walked
-from dialproxy.text import ENV_REF
+from dialproxy.text import ENV_REF, SURROGATE, lone_surrogate
 
 _MAX_DEPTH = 64  # nesting levels a document may have
 _MAX_VALUES = 1_000_000  # values a document may expand to (YAML aliases)
+# A surrogate's escape (JSON's and YAML's \uD800-\uDFFF, YAML's \U0000D800-...): the one way
+# text decoded from UTF-8 comes to hold a lone surrogate (besides a ${VAR}'s value).
+_SURROGATE_ESCAPE = re.compile(rb"\\(?:u|U0000)[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +413,31 @@ class Preparer:
     def _url_password(self, text: str) -> None:
         for m in re.finditer(r"://[^/@:\s]*:([^/@\s]+)@", text):
             self.secret(m.group(1))
+
+
+def may_hold_surrogates(source: Source, used: Iterable[tuple[str, str]]) -> bool:
+    """Whether a document may hold a lone surrogate: its text escapes one (a pair is one
+    character, but which it is is found by looking) or a ${VAR} it read has one."""
+    return _SURROGATE_ESCAPE.search(source.data) is not None or any(
+        [SURROGATE.search(value) for _, value in used]
+    )
+
+
+def lone_surrogates(value: Any, parts: list[str | int]) -> Iterator[tuple[list[str | int], str]]:
+    """The paths of the strings (names and values) of a prepared document that hold a lone
+    surrogate, which no UTF-8 text can carry (a log line, a Redis key, the usage ledger's
+    rows would fail on it), each with the first such character, escaped."""
+    if isinstance(value, str):
+        if (char := lone_surrogate(value)) is not None:
+            yield parts, char
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (char := lone_surrogate(k)) is not None:
+                yield [*parts, k], char
+            yield from lone_surrogates(v, [*parts, k])
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from lone_surrogates(v, [*parts, i])
 
 
 def merge(base: Any, update: Any) -> Any:

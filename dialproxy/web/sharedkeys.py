@@ -28,6 +28,7 @@ from dialproxy.text import (
     has_control,
     iso,
     key_digest,
+    lone_surrogate,
     new_secret,
     parse_datetime,
 )
@@ -115,8 +116,10 @@ async def _body(request: web.Request) -> dict[str, Any]:
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidField("name", "must be a non-empty string")
-    if len(value) > MAX_NAME or has_control(value):
-        raise InvalidField("name", f"at most {MAX_NAME} characters, no control characters")
+    if len(value) > MAX_NAME or has_control(value) or lone_surrogate(value) is not None:
+        raise InvalidField(
+            "name", f"at most {MAX_NAME} characters, no control characters, valid Unicode"
+        )
     return value
 
 
