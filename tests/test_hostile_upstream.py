@@ -3,6 +3,8 @@ redirects, Retry-After values, huge answers, encodings, hop-by-hop and stray hea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -457,3 +459,44 @@ async def test_an_upstreams_cookies_are_never_sent_back(
         assert code == 200
         assert "Set-Cookie" not in resp.headers
     assert seen == [None, None, None]
+
+
+async def test_a_final_1xx_answer_is_a_502_not_relayed(make_proxy: ProxyFactory) -> None:
+    """An upstream that answers 101 Switching Protocols (no Upgrade asked): no HTTP answer to
+    relay.  Before, the client got the 101 with no body and hung until the proxy gave up on
+    the connection; now a 502 at once, nothing charged."""
+    answered = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:  # (keep-alive: a request after another on one connection)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                body = json.dumps(chat_answer() | {"usage": USAGE}).encode()
+                writer.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                answered += 1
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        endpoint = f"http://127.0.0.1:{port}/v1/chat/completions"
+        proxy = await make_proxy(config([{"endpoint": endpoint, "key": UPSTREAM_KEY}]))
+        for _ in range(2):
+            code, body, _ = await asyncio.wait_for(call(proxy), 5)
+            assert code == 502
+            assert json.loads(body) == {"error": {"message": "No route", "code": "502"}}
+        assert answered == 2
+        assert await tokens_used(proxy) == 0
+    finally:
+        server.close()

@@ -82,7 +82,7 @@ class Attempts:
         self._balancer, self._model, self._retriable = balancer, model, retriable
         self._waits: list[float] = []  # the rate-limited upstreams' Retry-After
         self._all_limited = True
-        self._redirected: int | None = None  # a redirect's status, for the log line
+        self._redirected: int | None = None  # a redirect's (or 1xx) status, for the log line
         self._full: list[float] = []  # the upstreams skipped at capacity: when they free up
         self._metrics, self._tracing, self._parent = metrics, tracing, parent
         self._cell: Any = None  # the metrics of the upstream tried now
@@ -130,7 +130,7 @@ class Attempts:
         """:meth:`served` without a coroutine for the usual answer (True: served, below 300
         and not retriable); False: :meth:`served` decides (nothing done yet)."""
         status = resp.status
-        if status >= 300 or status in self._retriable:
+        if not 200 <= status < 300 or status in self._retriable:
             return False
         if self._cell is not None:
             ttfb = self._cell.ttfb  # (the histogram's observe, inline)
@@ -147,7 +147,12 @@ class Attempts:
         if self._cell is not None:
             self._cell.ttfb.observe(time.perf_counter() - self._sent)
         redirect = 300 <= status < 400
-        if redirect or status in self._retriable:
+        # A final 1xx (101 Switching Protocols: aiohttp reads 100, 102 and 103 past): no
+        # HTTP answer to relay, and a connection no longer HTTP's.  Not served, as a redirect.
+        informational = status < 200
+        if informational:
+            resp.close()
+        if redirect or informational or status in self._retriable:
             resp.release()
             if status == 429:
                 self._failed("rate_limited", status)
@@ -155,7 +160,7 @@ class Attempts:
                 await self._balancer.rate_limited(self._model, upstream, after)
                 self._waits.append(after if after is not None else DEFAULT_RETRY_AFTER)
             else:
-                if redirect:
+                if redirect or informational:
                     self._redirected = status
                 self._failed("redirect" if redirect else "status", status)
                 await self._down(upstream)
