@@ -23,6 +23,7 @@ from dialproxy.config.model import Model, Upstream
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.upstream.balancer import Balancer
+from dialproxy.web.appkeys import LEDGER
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
 from tests.hostile_upstream import (
     USAGE,
@@ -500,3 +501,40 @@ async def test_a_final_1xx_answer_is_a_502_not_relayed(make_proxy: ProxyFactory)
         assert await tokens_used(proxy) == 0
     finally:
         server.close()
+
+
+async def test_a_usage_past_any_model_is_not_counted_and_the_ledger_goes_on(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """An upstream that says it read 10^16 tokens (a valid 64-bit count, but at the model's
+    price 10^19 nano-USD, past one): not believed (the request is served, nothing counted,
+    the log line says why).  Before, the usage ledger's batch could not be written, and
+    being kept for the next write it stopped every later row, everyone's."""
+    huge = {"prompt_tokens": 10**16, "completion_tokens": 1}
+    answers = [huge, USAGE]
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(chat_answer() | {"usage": answers.pop(0)})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    upstream = await aiohttp_server(app)
+    cfg = config([{"endpoint": str(upstream.make_url("/v1/chat/completions")), "key": "k"}])
+    cfg["models"]["chat"]["pricing"] = {"unit": "token", "prompt": "0.001", "completion": "0"}
+    proxy = await make_proxy(cfg)
+    ledger = proxy.app[LEDGER]
+    with capture_logs() as logs:
+        code, _, _ = await call(proxy)
+        assert code == 200
+        assert await tokens_used(proxy) == 0
+    (line,) = [e for e in logs if e.get("event") == "request"]
+    assert line["error"] == "the upstream's usage is over 1,000,000,000 tokens: not counted"
+    assert line["total_tokens"] is None
+    assert await ledger.flush()
+    code, _, _ = await call(proxy)  # an ordinary one after it: counted, and in the ledger
+    assert code == 200
+    assert await tokens_used(proxy) == USAGE["total_tokens"]
+    assert await ledger.flush()
+    rows = await ledger.rows(time.time() - 3600, time.time() + 3600, by=["project"])
+    assert [(r["requests"], r["errors"], r["total_tokens"]) for r in rows] == [(2, 1, 8)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,7 +13,8 @@ import pytest
 
 from dialproxy.apis.openai import go_duration
 from dialproxy.server import counter_storage
-from tests.conftest import Backend, Proxy, ProxyFactory, new_key, utc_day_end
+from dialproxy.settings import Settings
+from tests.conftest import Backend, Proxy, ProxyFactory, new_key, used_tokens, utc_day_end
 from tests.redis_server import RedisServer
 
 KEY = new_key()
@@ -280,3 +283,40 @@ async def test_user_limits_shows_token_request_and_cost_windows(
 def test_resets_are_written_as_openai_writes_them(seconds: float, written: str) -> None:
     assert go_duration(seconds) == written
     assert go_duration(seconds) == written  # the second time from the cache: the same
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+async def test_a_max_tokens_past_any_model_reserves_at_most_a_billion(
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    storage: str,
+) -> None:
+    """``max_tokens: 2^63 - 1`` reserves 10^9 tokens, not 2^63: on Redis that amount was
+    counted as a double and written back in float notation, after which every count on the
+    window failed (503 under ``deny`` for every project, the attacker's next request
+    included, until the window expired)."""
+    cfg = config(backend, minute=10**12)
+    if storage == "memory":
+        proxy = await make_proxy(cfg)
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        redis.flush()
+        settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),))
+        proxy = await make_proxy(
+            cfg,
+            storage=counter_storage(redis.url),
+            settings=dataclasses.replace(settings, storage_failure="deny"),
+        )
+    async with aiohttp.ClientSession() as s:
+        status, _, resp = await chat(s, proxy, OTHER_PROJECT, max_tokens=2**63 - 1)
+        assert status == 200
+        left = int(resp.headers["x-ratelimit-remaining-tokens"])
+        # (less the prompt's estimate too: the body's bytes / 4)
+        assert 10**12 - 10**9 - 100 < left < 10**12 - 10**9
+        for key in (OTHER_PROJECT, KEY):
+            status, _, _ = await chat(s, proxy, key)
+            assert status == 200
+    await proxy.settle()
+    assert [await used_tokens(proxy, k, "chat") for k in (OTHER_PROJECT, KEY)] == [14, 7]

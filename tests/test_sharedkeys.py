@@ -609,3 +609,18 @@ async def test_a_stream_left_by_its_client_is_charged_to_the_shared_key_across_a
     assert first.proxy.app[BACKGROUND]  # (draining)
     _, one = await restarted(make_proxy, session, backend, settings, first, created["id"])
     assert one["utilized"] == 7
+
+
+async def test_a_max_tokens_past_any_model_neither_fails_nor_burns_the_key(sk: Shared) -> None:
+    """``max_tokens: 2^63 - 1`` on a shared key holds at most 10^9 tokens of its cap.  Before,
+    SQLite could not store the share (a 500), and the key kept it in memory: every later
+    request was refused with the cap "reached" at 2^63 until a restart."""
+    created = await sk.create(name="big", tokens=2 * 10**9)
+    secret = created["key"]
+    body = {**CHAT, "max_tokens": 2**63 - 1}
+    status, _ = await sk.call("POST", "/openai/deployments/chat/chat/completions", secret, body)
+    assert status == 200
+    assert (await sk.chat(secret))[0] == 200
+    await sk.proxy.settle()
+    status, shown = await sk.call("GET", f"/v1/sharedkeys/{created['id']}", OWNER)
+    assert (status, shown["utilized"]) == (200, 14)

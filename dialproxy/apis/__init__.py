@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import orjson
 
 from dialproxy.wire.headers import FORWARDED_REQUEST_HEADERS
-from dialproxy.wire.usage import UsageRule
+from dialproxy.wire.usage import MAX_TOKENS, UsageRule
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -91,7 +91,9 @@ class Api:
     def reservation(self, body: dict[str, Any], size: int, model: Model) -> tuple[int, int]:
         """What a request holds in its token and cost windows from admission until it is
         settled: the prompt at one token per four bytes of its body (``size``), the
-        completion at the most it asks for (the API's ``completion_fields``), else the
+        completion at the most it asks for (the API's ``completion_fields``; at most
+        :data:`~dialproxy.wire.usage.MAX_TOKENS`: a client's 2^63 must not overflow a
+        counter), else the
         model's ``maxCompletionTokens``, else :data:`DEFAULT_COMPLETION_RESERVE`; an
         embedding, none."""
         prompt = max(size // 4, 1)
@@ -100,7 +102,7 @@ class Api:
             for name in self.completion_fields:
                 value = body.get(name)
                 if type(value) is int and value > 0:
-                    completion = value
+                    completion = value if value < MAX_TOKENS else MAX_TOKENS
                     break
             else:
                 most = model.token_limits.get("maxCompletionTokens")

@@ -22,6 +22,9 @@ from dialproxy.text import fingerprint, key_digest
 from dialproxy.wire.headers import adapter_headers, direct_key_header
 
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
+# The most one request may cost, in nano-USD ($1,000,000): what any price times any count
+# comes to stays inside a 64-bit counter and a double's exact integers (Redis's scripts).
+MAX_COST_NANO = 10**15
 
 # Token windows and request windows, with their lengths in seconds.  A month is 30 days.
 TOKEN_WINDOWS: tuple[tuple[str, int], ...] = (
@@ -161,9 +164,10 @@ class Pricing:
         if self.unit != "token":
             return 0
         if self._nano is not None:
-            return self._nano[0] * prompt_tokens + self._nano[1] * completion_tokens
+            nano = self._nano[0] * prompt_tokens + self._nano[1] * completion_tokens
+            return nano if nano < MAX_COST_NANO else MAX_COST_NANO
         cost = self.prompt * prompt_tokens + self.completion * completion_tokens
-        return int(cost * NANO)
+        return min(int(cost * NANO), MAX_COST_NANO)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from dialproxy.tracing import Tracing
 from dialproxy.upstream.answer import drain
 from dialproxy.web import guard
 from dialproxy.web.services import Services
-from dialproxy.wire.usage import estimate
+from dialproxy.wire.usage import MAX_TOKENS, estimate
 
 
 def begin(services: Services, request: web.Request, api: str) -> Outcome:
@@ -73,6 +73,15 @@ def settle(
 ) -> None:
     """The request's usage recorded (its reservation settled), added to the usage ledger,
     its log line written."""
+    usage = outcome.usage
+    if usage is not None and (  # (the upstream's counts: past the most, not believed)
+        usage.total_tokens > MAX_TOKENS
+        or usage.prompt_tokens > MAX_TOKENS
+        or usage.completion_tokens > MAX_TOKENS
+    ):
+        outcome.usage = None
+        if outcome.error is None:
+            outcome.error = f"the upstream's usage is over {MAX_TOKENS:,} tokens: not counted"
     holds = outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved
     if outcome.usage is not None and (outcome.status == 200 or outcome.estimated):
         if holds or outcome.shared is not None or outcome.records or outcome.capacity:

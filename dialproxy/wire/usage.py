@@ -2,8 +2,10 @@
 non-streamed answer, or of the last stream event that has one with a value.
 
 Counts are non-negative integers: a usage with a count that is not one is no usage; a
-missing count is 0, a missing total the sum.  A ``usage`` anywhere else (inside another
-object, inside the usage itself) is not a usage.
+missing count is 0, a missing total the sum.  A request's count over :data:`MAX_TOKENS` is
+not believed either (``web.finish.settle``): no model reads or writes that many, and the
+counters, the shared keys' store and the usage ledger hold 64-bit integers.  A ``usage``
+anywhere else (inside another object, inside the usage itself) is not a usage.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import orjson
 # Beyond this a body orjson refuses is not read again with Python's slower json.
 _JSON_FALLBACK_MAX = 1024 * 1024
 MARK = b'"usage"'
+# The most tokens one request may count (its usage, its reservation): a billion, past any
+# model's context, and far inside a 64-bit counter (and a double's exact integers, which the
+# Redis scripts count in) however many requests add up in a window.
+MAX_TOKENS = 1_000_000_000
 
 
 class Usage(NamedTuple):
