@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -141,6 +142,21 @@ def test_an_event_in_many_small_chunks(eol: bytes) -> None:
     hider = UsageHider()
     out = b"".join(hider.feed(event[i : i + 1]) for i in range(len(event))) + hider.flush()
     assert hider.usage == Usage(11, 5, 16) and b"usage" not in out
+
+
+@pytest.mark.parametrize("choices", [{"choices": []}, {"choices": None}, {}])
+def test_the_usage_event_is_hidden_whatever_its_choices_say(choices: dict[str, Any]) -> None:
+    """The usage-only event the proxy asked for, with its choices empty, null or left out
+    (as some OpenAI-compatible servers send it): dropped, its usage kept; an event with
+    choices and no usage goes out."""
+    content = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    data = _event(content, b"\n", (",", ":")) + _event(
+        {"id": "c1"} | choices | {"usage": USAGE}, b"\n", (",", ":")
+    )
+    hider = UsageHider()
+    out = hider.feed(data) + hider.flush()
+    assert out == _event(content, b"\n", (",", ":"))
+    assert hider.usage == Usage(11, 5, 16)
 
 
 def test_events_are_estimated_from_chunks_and_bytes() -> None:

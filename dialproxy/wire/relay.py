@@ -157,7 +157,8 @@ class UsageScanner(_Reader):
 
 class UsageHider(_Reader):
     """Relays complete events without the usage asked for on the client's behalf; keeps
-    the last usage it sees.  An event with a usage and no choices is dropped whole."""
+    the last usage it sees.  An event with a usage and no choices (empty, null or none) is
+    dropped whole."""
 
     __slots__ = ()
 
@@ -201,7 +202,8 @@ class UsageHider(_Reader):
                     usage = usage_in(value)
                     if usage is not None:  # (the last one is the stream's)
                         found = usage
-                    if answer.get("choices") == []:  # the usage event (valid or not)
+                    if not answer.get("choices"):  # the usage event (valid or not): its
+                        # choices empty, null or left out (not every upstream sends `[]`)
                         kept.append(events[done:start])
                         done = stop
             index = events.find(MARK, stop)
