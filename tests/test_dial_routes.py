@@ -71,6 +71,8 @@ class Recorder:
             stream = web.StreamResponse(headers={"Content-Type": kind})
             await stream.prepare(request)
             await stream.write(b"data: 0\n\n" if kind == "text/event-stream" else b'{"n":0}\n')
+            if "mid" in request.query:  # cut inside the next event
+                await stream.write(b'data: {"par')
             await stream.drain()
             assert request.transport is not None
             request.transport.close()
@@ -206,6 +208,12 @@ async def test_a_route_stream_the_upstream_breaks_off(
     assert event["error"]["code"] == "502"
     (line,) = [e for e in logs if e["event"] == "request"]
     assert line["status"] == 200 and line["error"].startswith("upstream stream broke off")
+    # cut inside an event: that one is ended first, so the error is an event of its own
+    status, body, _ = await call(proxy.url("/s/broken?mid=1"))
+    assert status == 200
+    first, cut, error, end = body.split(b"\n\n")
+    assert (first, cut, end) == (b"data: 0", b'data: {"par', b"")
+    assert json.loads(error[len(b"data: ") :])["error"]["code"] == "502"
 
     with capture_logs() as logs:
         async with (

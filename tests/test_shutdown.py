@@ -234,7 +234,7 @@ async def test_the_drain_ends_only_its_own_cancellations() -> None:
     forever = asyncio.Event()
 
     async def relay(response: _Response) -> bool:
-        return await drain.relay(response, forever.wait(), b"data: bye\n\n")  # type: ignore[arg-type]
+        return await drain.relay(response, forever.wait(), lambda: b"data: bye\n\n")  # type: ignore[arg-type]
 
     ended, gone = _Response(), _Response()
     by_drain = asyncio.create_task(relay(ended))

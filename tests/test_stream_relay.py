@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -241,19 +242,25 @@ async def test_only_a_valid_top_level_usage_is_counted(
         assert least <= got <= most
 
 
+@pytest.mark.parametrize("asks_usage", [False, True])
 async def test_a_stream_cut_at_any_point_ends_with_an_error_and_is_charged(
-    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, asks_usage: bool
 ) -> None:
+    """Cut at every 7th byte: the stream ends with an error event the client can read as
+    one, and is charged.  A client that asks for usage itself gets every byte as it came,
+    so a cut can leave it mid-event: the event is ended before the error's (before, the
+    error was glued to the unfinished line, and no SSE client could read it)."""
     _, upstream_url = await start_upstream(aiohttp_server)
     proxy = await make_proxy(config(upstream_url))
+    body = BODY | {"stream_options": {"include_usage": True}} if asks_usage else BODY
     async with aiohttp.ClientSession() as s:
         target = url(proxy, events=3, eol="crlf")
-        async with s.post(target, json=BODY, headers={"Api-Key": KEY}) as resp:
+        async with s.post(target, json=body, headers={"Api-Key": KEY}) as resp:
             whole = len(await resp.read())  # (as the client gets it: our usage hidden)
         used = await used_tokens(proxy)
         for abort_at in range(0, whole + 60, 7):  # every 7th byte, into the usage event
             target = url(proxy, events=3, eol="crlf", abort_at=abort_at)
-            async with s.post(target, json=BODY, headers={"Api-Key": KEY}) as resp:
+            async with s.post(target, json=body, headers={"Api-Key": KEY}) as resp:
                 data = await resp.read()
             assert resp.status == 200
             now = await used_tokens(proxy)
@@ -261,6 +268,9 @@ async def test_a_stream_cut_at_any_point_ends_with_an_error_and_is_charged(
                 assert now - used == USAGE["total_tokens"], abort_at
             else:
                 assert data.endswith(b"\n\n") and b'"code": "502"' in data, (abort_at, data)
+                last = data.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+                assert last.startswith(b"data: "), (abort_at, data)
+                assert json.loads(last[6:])["error"]["code"] == "502", (abort_at, data)
                 if data.count(b"data:") > 1:  # content relayed before the error event
                     assert now - used > 0, abort_at  # the estimate, never zero
             used = now

@@ -58,6 +58,12 @@ class Stream:
 
     __slots__ = ("idle", "reader", "stream_error", "upstream")
 
+    def ending(self, event: bytes) -> bytes:
+        """``event`` (an SSE error event the proxy ends the stream with) as it goes after
+        what was relayed: when that stops inside an event, after a blank line that ends it
+        (a client reads the cut event as one, then the error as its own, not glued to it)."""
+        return b"\n\n" + event if self.reader.mid_event else event
+
     def __init__(
         self,
         upstream: aiohttp.ClientResponse,
@@ -89,14 +95,15 @@ class Stream:
             except (aiohttp.ClientError, TimeoutError) as e:
                 cut = True
                 outcome.error = f"upstream stream broke off: {type(e).__name__}"
-                await response.write(self.stream_error("The upstream broke off the response", 502))
+                message = "The upstream broke off the response"
+                await response.write(self.ending(self.stream_error(message, 502)))
             except EventTooLarge as e:
                 cut = True
                 outcome.error = str(e)
                 if e.relayed:  # the events that came before it
                     await response.write(e.relayed)
                 message = "The upstream sent an event too large to relay"
-                await response.write(self.stream_error(message, 502))
+                await response.write(self.ending(self.stream_error(message, 502)))
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError) as e:
             outcome.error = "client disconnected"

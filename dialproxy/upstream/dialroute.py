@@ -62,11 +62,19 @@ class RouteOutbound:
 class Passthrough:
     """A route upstream's stream, still to relay to the client untouched (:meth:`relay`)."""
 
-    __slots__ = ("idle", "upstream")
+    __slots__ = ("idle", "tail", "upstream")
 
     def __init__(self, upstream: aiohttp.ClientResponse, idle: IdleWatch) -> None:
         self.upstream = upstream
         self.idle = idle
+        self.tail = b"\n\n"  # the last bytes relayed (an event stream's: at an event's end?)
+
+    def ending(self, event: bytes) -> bytes:
+        """``event`` (an SSE error event) as it goes after what was relayed: after a blank
+        line when that stops inside an event (see :meth:`.answer.Stream.ending`)."""
+        if self.tail.endswith((b"\n\n", b"\r\r", b"\n\r\n")):
+            return event
+        return b"\n\n" + event
 
     @property
     def content_type(self) -> str:
@@ -80,12 +88,14 @@ class Passthrough:
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
+                    self.tail = chunk[-3:] if len(chunk) >= 3 else (self.tail + chunk)[-3:]
                     await response.write(chunk)
             except (aiohttp.ClientError, TimeoutError) as e:
                 tried.error = f"upstream stream broke off: {type(e).__name__}"
                 upstream.close()
                 if upstream.content_type == "text/event-stream":  # as the proxied streams say it
-                    await response.write(openai.sse_error("The upstream broke off the response"))
+                    message = "The upstream broke off the response"
+                    await response.write(self.ending(openai.sse_error(message)))
                 elif request.transport is not None:  # the client sees the answer end unfinished
                     request.transport.abort()
                     return

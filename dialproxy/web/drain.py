@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -47,10 +47,11 @@ class Drain:
         return len(self._open)
 
     async def relay(
-        self, response: web.StreamResponse, relay: Awaitable[None], farewell: bytes
+        self, response: web.StreamResponse, relay: Awaitable[None], farewell: Callable[[], bytes]
     ) -> bool:
         """Await ``relay`` (the stream's relay); when :meth:`end_streams` ends it first,
-        write ``farewell`` (an SSE error event) and end the response.  True in that case."""
+        write ``farewell()`` (an SSE error event, as it goes after what was relayed) and end
+        the response.  True in that case."""
         task = asyncio.current_task()
         assert task is not None
         self._open.add(task)
@@ -70,7 +71,7 @@ class Drain:
             self._open.discard(task)
             self._ending.discard(task)
         with contextlib.suppress(ConnectionError, RuntimeError):  # the client is gone
-            await response.write(farewell)
+            await response.write(farewell())
             await response.write_eof()
         return True
 

@@ -107,7 +107,8 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
         # the task and the relay is one more step on every chunk).
         response = web.StreamResponse(status=answer.status, headers=answer.headers)
         relay = answer.stream.relay(request, response, outcome)
-        if await services.drain.relay(response, relay, api.shutdown_event):
+        farewell = functools.partial(answer.stream.ending, api.shutdown_event)
+        if await services.drain.relay(response, relay, farewell):
             outcome.error = "stream ended: the server is shutting down"
             stop_draining(outcome)  # no reading on when the process stops
         return response

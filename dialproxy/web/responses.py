@@ -170,7 +170,8 @@ async def _forward(call: _Call, route: Route, serving: Serving, body: bytes) -> 
         return web.Response(status=answered.status, body=answered.body, headers=answered.headers)
     response = web.StreamResponse(status=answered.status, headers=answered.headers)
     relay = answered.stream.relay(request, response, outcome)
-    if await services.drain.relay(response, relay, RESPONSES.shutdown_event):
+    farewell = functools.partial(answered.stream.ending, RESPONSES.shutdown_event)
+    if await services.drain.relay(response, relay, farewell):
         outcome.error = "stream ended: the server is shutting down"
         stop_draining(outcome)
     return response

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -133,8 +134,9 @@ async def serve(
             return web.Response(status=status, body=answered.body, headers=answered.headers)
         response = web.StreamResponse(status=answered.status, headers=answered.headers)
         status = response.status
-        sse = answered.stream.content_type == "text/event-stream"
-        farewell = openai.CHAT.shutdown_event if sse else b""  # (else the stream just ends)
+        farewell: Callable[[], bytes] = bytes  # (b"": not an event stream, it just ends)
+        if answered.stream.content_type == "text/event-stream":
+            farewell = functools.partial(answered.stream.ending, openai.CHAT.shutdown_event)
         relay = answered.stream.relay(request, response, tried)
         if await services.drain.relay(response, relay, farewell):
             tried.error = "stream ended: the server is shutting down"

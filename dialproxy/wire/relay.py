@@ -50,6 +50,12 @@ class _Reader:
         return max(self.chunks, self.bytes // EVENT_BYTES)
 
     @property
+    def mid_event(self) -> bool:
+        """Whether the client's stream stops inside an event (part of it relayed): only a
+        reader that relays bytes as they come (:class:`UsageScanner`) leaves it so."""
+        return False
+
+    @property
     def has_all_usage(self) -> bool:
         """Whether the usage read so far is the stream's (an API whose events each add to
         it has it all only once the stream has ended)."""
@@ -133,6 +139,10 @@ class UsageScanner(_Reader):
     def _overflow(self, complete: bytes) -> None:
         self._held[:] = [self._held[-1][-2:]]  # (a blank line may start in the last bytes)
         self._size = len(self._held[0])
+
+    @property
+    def mid_event(self) -> bool:
+        return bool(self._held)  # (what it holds of an event, it has relayed too)
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._complete(chunk)
