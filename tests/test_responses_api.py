@@ -172,6 +172,61 @@ async def test_background_retrieve_cancel_delete_on_our_ids_and_usage_charged_on
     assert ("POST", f"/v1/responses/{responses.parse(running.id)[4]}/cancel") in paths  # type: ignore[index]
 
 
+async def test_a_background_response_whose_stream_brought_its_usage_is_not_charged_again(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """Created with ``stream`` and ``background``: its stream ends with the usage, charged
+    then; a retrieve that sees it done charges nothing more (it charged it again before)."""
+    proxy = await make_proxy(config(backend))
+    async with aclient(proxy) as ac:
+        stream = await ac.responses.create(
+            model="m", input="both ways", stream=True, background=True
+        )
+        events = [e async for e in stream]
+        completed = events[-1]
+        assert completed.type == "response.completed" and completed.response.usage is not None
+        total = completed.response.usage.total_tokens
+        assert await used_tokens(proxy) == total
+        seen = await ac.responses.retrieve(completed.response.id)
+        assert seen.status == "completed" and seen.usage is not None
+    await proxy.settle()
+    assert await used_tokens(proxy) == total
+    (ledger,) = await proxy.app[LEDGER].rows(0, time.time() + 3600, (), project="p")
+    assert ledger["total_tokens"] == total
+
+
+async def test_a_background_response_a_shared_key_follows_up_is_charged_to_its_cap(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """A shared key's background response: its usage, charged when a retrieve first sees it
+    done, counts in the key's ``utilized`` as in its owner's limits (it did not: a key with
+    a cap of 100 tokens could spend any number through background responses)."""
+    backend.control.background_delay = 0.05
+    cfg = config(backend)
+    cfg["keys"][KEY]["canShare"] = True
+    proxy = await make_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            proxy.url("/v1/sharedkeys"),
+            json={"name": "lent", "tokens": 10**6},
+            headers={"Api-Key": KEY},
+        ) as r:
+            assert r.status == 201
+            lent = await r.json()
+        async with aclient(proxy, lent["key"]) as ac:
+            queued = await ac.responses.create(model="m", input="in the back", background=True)
+            for _ in range(100):
+                seen = await ac.responses.retrieve(queued.id)
+                if seen.status == "completed":
+                    break
+                await asyncio.sleep(0.05)
+            assert seen.usage is not None
+        await proxy.settle()
+        async with s.get(proxy.url(f"/v1/sharedkeys/{lent['id']}"), headers={"Api-Key": KEY}) as r:
+            shown = await r.json()
+    assert shown["utilized"] == seen.usage.total_tokens == await used_tokens(proxy)
+
+
 async def test_follow_ups_go_to_the_upstream_that_made_the_response(
     backend: Backend, make_backend: BackendFactory, make_proxy: ProxyFactory
 ) -> None:

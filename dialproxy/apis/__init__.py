@@ -64,6 +64,11 @@ class AnswerIds(Protocol):
     def events(self, data: bytes) -> bytes:
         """Complete stream events, their ids rewritten."""
 
+    @property
+    def charged_once(self) -> str | None:
+        """The id of ours whose usage is charged once, whoever brings it (a background
+        response's: a follow-up may see it too); None: none."""
+
 
 @dataclass(frozen=True, slots=True)
 class Api:

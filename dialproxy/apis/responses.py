@@ -170,6 +170,10 @@ class ResponseIds:
     def served_by(self, route: Route, serving: Serving) -> None:
         self.upstream = upstream_tag(route, serving)
 
+    @property
+    def charged_once(self) -> str | None:
+        return self.ours.decode() if self.background and self.ours else None
+
     def route(self, serving: Serving) -> Route | None:
         """The one upstream a request that follows a response may go to: the one that made
         it (None: any; 404 when the config has it no more)."""

@@ -24,6 +24,7 @@ from dialproxy.outcome import Outcome
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.answer import drain
 from dialproxy.web import guard
+from dialproxy.web.charged import responses_redis
 from dialproxy.web.services import Services
 from dialproxy.wire.usage import MAX_TOKENS, estimate
 
@@ -86,12 +87,20 @@ def settle(
     if outcome.usage is not None and (outcome.status == 200 or outcome.estimated):
         if holds or outcome.shared is not None or outcome.records or outcome.capacity:
             record(services, outcome)
+        if outcome.ids is not None and not outcome.estimated:
+            once = outcome.ids.charged_once  # (a background response its stream brought)
+            if once is not None:  # charged now: not again when a follow-up sees it
+                hold(services.background, _charged(services, once))
     elif holds or outcome.capacity is not None:  # nothing to charge: what it held given back
         outcome.usage = None
         record(services, outcome)
     if services.ledger is not None and principal is not None:
         add_to_ledger(services.ledger, services.store.snapshot, principal, deployment, outcome)
     log_line(services, request, principal, deployment, outcome, started)
+
+
+async def _charged(services: Services, response_id: str) -> None:
+    await services.charged.first(response_id, responses_redis(services.shared.per_request))
 
 
 async def settle_after_drain(

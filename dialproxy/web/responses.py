@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import structlog
@@ -27,10 +26,10 @@ from dialproxy.config.model import Route, Serving
 from dialproxy.errors import NotFound, Unavailable
 from dialproxy.logs import cut
 from dialproxy.outcome import Outcome
-from dialproxy.perrequest import RedisCalls
 from dialproxy.upstream.answer import stop_draining
 from dialproxy.upstream.followup import FollowUp, follow_up
 from dialproxy.web.body import read_raw_body
+from dialproxy.web.charged import responses_redis
 from dialproxy.web.finish import (
     add_to_ledger,
     begin,
@@ -47,36 +46,6 @@ from dialproxy.wire.headers import UPSTREAM_KEY, forwarded_headers
 
 log = structlog.get_logger("dialproxy.responses")
 
-# A background response's usage is charged once: the ids charged are remembered this long.
-CHARGED_TTL = 30 * 24 * 3600
-CHARGED_PREFIX = "dp:resp:charged:"
-
-
-class Charged:
-    """The background responses whose usage has been charged (this instance's memory, and
-    with Redis every instance's: ``SET NX``)."""
-
-    def __init__(self, size: int = 100_000) -> None:
-        self._size = size
-        self._seen: OrderedDict[str, None] = OrderedDict()
-
-    async def first(self, response_id: str, redis: RedisCalls | None) -> bool:
-        """Whether this is the first time ``response_id``'s usage is to be charged."""
-        if response_id in self._seen:
-            return False
-        self._seen[response_id] = None
-        if len(self._seen) > self._size:
-            self._seen.popitem(last=False)
-        if redis is None:
-            return True
-        key = CHARGED_PREFIX + responses.digest(response_id)
-        try:
-            done = await redis.call(lambda: redis.client.set(key, "1", nx=True, ex=CHARGED_TTL))
-        except Exception as e:  # Redis down: charged here (a charge twice beats none)
-            log.warning("charge_mark_failed", error=type(e).__name__)
-            return True
-        return bool(done)
-
 
 @dataclass(slots=True)
 class _Call:
@@ -85,7 +54,6 @@ class _Call:
 
     request: web.Request
     services: Services
-    charged: Charged
     our_id: str  # the response id in the path
     outcome: Outcome
     started: float
@@ -93,15 +61,13 @@ class _Call:
     ref: ResponseRef | None = None  # None: not one of ours (or not read yet)
 
 
-async def handle(
-    request: web.Request, services: Services, charged: Charged, action: str
-) -> web.StreamResponse:
+async def handle(request: web.Request, services: Services, action: str) -> web.StreamResponse:
     """One follow-up (``action``: retrieve, delete, cancel) on a response id of ours."""
     snapshot = services.store.snapshot
     started = time.perf_counter()
     outcome = begin(services, request, RESPONSES.name)
     our_id = request.match_info["response_id"]
-    call = _Call(request, services, charged, our_id, outcome, started)
+    call = _Call(request, services, our_id, outcome, started)
     try:
         principal = call.principal = await authenticate(
             request.headers, snapshot, request.remote, services.shared
@@ -117,8 +83,9 @@ async def handle(
         route = responses.find_route(serving, ref.upstream)
         if route is None:
             raise NotFound(f"Response {cut(our_id)} not found: its upstream is gone")
-        if ref.background:  # its usage is counted when first seen
+        if ref.background:  # its usage is counted when first seen (a shared key's too)
             outcome.model, outcome.scopes, outcome.records = model, plan.scopes, plan.records
+            outcome.shared = principal.shared
         outcome.ids = ResponseIds.of(ref, our_id)
         body = await read_raw_body(request, services.settings.max_body)
         return await _forward(call, route, serving, body)
@@ -191,11 +158,10 @@ def _settle(call: _Call) -> None:
         outcome.usage, outcome.estimated = None, False
     usage = outcome.usage
     if usage is not None and outcome.status == 200 and outcome.records and ref is not None:
-        keys = services.shared.per_request  # (its Redis: the shared keys' store)
-        redis = keys.redis if keys is not None else None
+        redis = responses_redis(services.shared.per_request)
 
         async def charge() -> None:
-            if await call.charged.first(call.our_id, redis):
+            if await services.charged.first(call.our_id, redis):
                 record(services, outcome)
                 if services.ledger is not None and principal is not None:  # (once too)
                     snapshot = services.store.snapshot
@@ -208,12 +174,11 @@ def _settle(call: _Call) -> None:
 
 def routes(app: web.Application, services: Services) -> None:
     """The follow-up routes."""
-    charged = Charged()
     path = "/openai/v1/responses/{response_id}"
     for method, route_path, action in (
         ("GET", path, "retrieve"),
         ("DELETE", path, "delete"),
         ("POST", path + "/cancel", "cancel"),
     ):
-        handler = functools.partial(handle, services=services, charged=charged, action=action)
+        handler = functools.partial(handle, services=services, action=action)
         app.router.add_route(method, route_path, handler)

@@ -6,7 +6,7 @@ made, handed to every handler of the request path (:mod:`dialproxy.web.proxy`,
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -21,6 +21,7 @@ from dialproxy.sharedkeys.service import SharedKeys
 from dialproxy.tracing import Tracing
 from dialproxy.upstream.balancer import Balancer
 from dialproxy.upstream.idle import IdleWatch
+from dialproxy.web.charged import Charged
 from dialproxy.web.drain import Drain
 
 
@@ -44,3 +45,5 @@ class Services:
     ledger: Ledger | None = None  # the usage ledger (None: --ledger off)
     metrics: Metrics | None = None  # None: --no-metrics
     tracing: Tracing | None = None  # None: off (no OTEL_* variables ask for traces)
+    # the background responses charged (by the stream that made one, or a follow-up)
+    charged: Charged = field(default_factory=Charged)
