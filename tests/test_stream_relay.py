@@ -310,3 +310,35 @@ async def test_a_client_that_hangs_up_before_a_whole_answer_is_charged_an_estima
     line = next(json.loads(x) for x in session_logs.lines[before:] if '"request"' in x)
     assert line["usage"] == "estimated" and line["total_tokens"] == used
     assert line["status"] == 499 and "client" in line["error"]
+
+
+async def test_a_stream_labelled_as_something_else_is_still_read_as_one(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """An upstream that streams events as ``text/plain``: the proxy reads the body it
+    buffered as the stream it is, so its usage is charged and the usage it asked for on the
+    client's behalf stays hidden (before: charged nothing, the usage event shown)."""
+    usage_event = {"id": "c1", "choices": [], "usage": USAGE}
+    content = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    with_usage = [content, usage_event]
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        events = with_usage if "usage" in request.query else [content]
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+        return web.Response(body=body + b"data: [DONE]\n\n", content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    upstream = await aiohttp_server(app)
+    proxy = await make_proxy(config(str(upstream.make_url("/v1/chat/completions"))))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(proxy, usage=1), json=BODY, headers={"Api-Key": KEY}) as resp:
+            data = await resp.read()
+        assert resp.status == 200
+        assert b"usage" not in data and b'"hi"' in data and data.endswith(b"data: [DONE]\n\n")
+        assert await used_tokens(proxy) == USAGE["total_tokens"]
+        # no usage at all from a backend called directly: the estimate, as for a stream
+        async with s.post(url(proxy), json=BODY, headers={"Api-Key": KEY}) as resp:
+            assert resp.status == 200 and b'"hi"' in await resp.read()
+        assert await used_tokens(proxy) > USAGE["total_tokens"]

@@ -149,19 +149,36 @@ async def answer(
         data = await read_answer(resp, context.idle, settings.max_response)
         if resp.status == 200:
             outcome.usage = find_usage(data, api.usage)
+            if outcome.usage is None and data.startswith(_EVENTS):  # an event stream all the
+                # same (labelled otherwise): read as one, its usage charged, ours hidden
+                reader, cut = _reader(outcome, api, settings.max_event, injected), False
+                try:
+                    data = reader.feed(data) + reader.flush()
+                except EventTooLarge as e:  # (as in a stream: the events before it, an error)
+                    message = "The upstream sent an event too large to relay"
+                    data, cut = e.relayed + api.errors.stream_error(message, 502), True
+                _charge(outcome, reader, cut)
+                return Answer(resp.status, headers, data)
         if ids is not None:  # (an error names a response by the id the client knows too)
             data = ids.body(data, None, resp.status < 300)
         return Answer(resp.status, headers, data)
-    max_event = settings.max_event
-    reader = (
-        EventRewriter(ids.events, max_event, api.usage)
-        if ids is not None
-        else UsageHider(max_event)
-        if injected
-        else UsageScanner(max_event, api.usage)
-    )
+    reader = _reader(outcome, api, settings.max_event, injected)
     stream = Stream(resp, reader, api.errors.stream_error, context.idle)
     return Answer(resp.status, headers, b"", stream)  # (no keywords: they cost a dict)
+
+
+# How an event stream starts (an event's field, or a comment): a body that starts so is
+# one, whatever its Content-Type says.
+_EVENTS = (b"data:", b"event:", b"id:", b":")
+
+
+def _reader(outcome: Outcome, api: Api, max_event: int, injected: bool) -> Relay:
+    """What a stream is relayed through: its ids made ours, else the usage asked for on the
+    client's behalf hidden, else every byte as it came with its usage read."""
+    ids = outcome.ids
+    if ids is not None:
+        return EventRewriter(ids.events, max_event, api.usage)
+    return UsageHider(max_event) if injected else UsageScanner(max_event, api.usage)
 
 
 async def read_answer(resp: aiohttp.ClientResponse, idle: IdleWatch, cap: int) -> bytes:
