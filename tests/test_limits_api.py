@@ -320,3 +320,25 @@ async def test_a_max_tokens_past_any_model_reserves_at_most_a_billion(
             assert status == 200
     await proxy.settle()
     assert [await used_tokens(proxy, k, "chat") for k in (OTHER_PROJECT, KEY)] == [14, 7]
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+async def test_the_first_request_in_a_window_says_when_its_reservation_leaves_it(
+    backend: Backend, make_proxy: ProxyFactory, request: pytest.FixtureRequest, storage: str
+) -> None:
+    """``x-ratelimit-remaining-tokens`` counts the request's own reservation; so does its
+    reset: the window empties when that leaves it (a minute on), as the request window's
+    does, not "0ms" (what an empty window said before the reservation was in it)."""
+    cfg = config(backend, minute=1000, requestMinute=1000)
+    if storage == "memory":
+        proxy = await make_proxy(cfg)
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        redis.flush()
+        proxy = await make_proxy(cfg, storage=counter_storage(redis.url))
+    async with aiohttp.ClientSession() as s:
+        status, _, resp = await chat(s, proxy, KEY)
+    assert status == 200
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) < 1000
+    reset = resp.headers["x-ratelimit-reset-tokens"]
+    assert reset == resp.headers["x-ratelimit-reset-requests"] and reset.startswith(("1m", "2m"))
