@@ -251,8 +251,7 @@ class LocalCounters(MemoryStorage):
                 if free <= 0:
                     return None
                 if tag is not None and free < FAR and (token is None or free <= token[2]):
-                    # (empty till its period ends once the request's reservation is in it)
-                    empties = left if count > 0 or amounts[0] else 0.0
+                    empties = left if count > 0 else 0.0
                     if token is None or free < token[2] or empties > token[3]:
                         token = (tag, (0, 0.0, count, left if left > 0 else 0.0), free, empties)
                 continue
@@ -276,7 +275,7 @@ class LocalCounters(MemoryStorage):
             if tag is not None and free < FAR and (token is None or free <= token[2]):
                 ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
                 empties = previous_ttl  # (seconds until it is empty)
-                if current > 0 or amounts[0]:  # (the request's reservation goes in it too)
+                if current > 0:
                     empties = ttl if ttl > expiry else float(expiry)
                 if token is None or free < token[2] or empties > token[3]:
                     token = (tag, (previous, previous_ttl, current, ttl), free, empties)

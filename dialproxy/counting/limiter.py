@@ -747,9 +747,10 @@ def _admit_now(
                         window, request[1], window.limit - request[2], request[3]
                     )
                 if token is not None:
-                    window = token[0]
+                    window, counts = token[0], token[1]
+                    reset = token[3] if token[3] or not tokens else _held(window, counts)
                     token_state = WindowState(
-                        window, token[1], window.limit - token[2] + tokens, token[3]
+                        window, counts, window.limit - token[2] + tokens, reset
                     )
                 return request_state, token_state
     return admit_in_steps(local, admission, tokens, cost, member, now)
@@ -793,7 +794,18 @@ def admit_in_steps(
         local.add_many(admission.cost_counters, cost, now)
     for key, _ in taken:
         slots.setdefault(key, set()).add(member)
-    return _state(request), _state(token)
+    token_state = _state(token)
+    if token_state is not None and tokens and not token_state.reset:
+        token_state.reset = _held(token_state.window, token_state.counts)
+    return _state(request), token_state
+
+
+def _held(window: Window, counts: Counts) -> float:
+    """When a token window that was empty empties again, now that it holds the request's
+    reservation (read before it went in): its current bucket's time, or its period's end
+    (the ``x-ratelimit-reset-tokens`` that goes with a remaining count that holds it)."""
+    previous, previous_ttl, _, current_ttl = counts
+    return seconds_to_empty(window, (previous, previous_ttl, 1, current_ttl))
 
 
 def _refuse(batch: _Batch, refused: int, counts: list[Counts]) -> NoReturn:
