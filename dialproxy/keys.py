@@ -27,7 +27,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -167,6 +167,18 @@ def _entry(
     return entry
 
 
+def _literal(field: str, values: Iterable[str | None]) -> None:
+    """A value given to be written (not read from the file) holding ``${``: refused, as the
+    config would read it as an environment variable's reference, and show its value (an
+    upstream key...) to whoever reads the field back."""
+    if any(value is not None and "${" in value for value in values):
+        raise KeysError(
+            f"the {field} holds '${{', which the config reads as an environment variable: "
+            "write such a value by hand",
+            EXIT_USAGE,
+        )
+
+
 def create_key(
     config: ConfigFile,
     *,
@@ -179,6 +191,11 @@ def create_key(
     can_share: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Add a new key to ``config`` (not saved yet): its secret (shown once) and entry."""
+    for field, values in (
+        ("project", [project]), ("roles", roles), ("name", [name]),
+        ("description", [description]), ("models", models or ()),
+    ):  # fmt: skip
+        _literal(field, values)
     if not project:
         raise KeysError("the project must not be empty", EXIT_USAGE)
     if not roles:
@@ -447,6 +464,7 @@ def rotate_key(
 ) -> Rotated:
     """Add a new key with the old one's project, roles and the rest, and let the old one
     expire ``overlap`` from now (sooner if it already did); not saved yet."""
+    _literal("name", [new_name])
     old = config.keys[name]
     old_fp = (digest_of(name, env) or "")[:8]
     if old.get("disabled") is True:

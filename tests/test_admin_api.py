@@ -465,8 +465,9 @@ async def test_edit_refusals_and_expiry(
 async def test_hostile_values_get_a_4xx_never_a_500(
     backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
 ) -> None:
-    """Values past what a date-time can hold, a body nested past the parser's depth, a lone
-    surrogate, an Origin that is no URL: each a 4xx that says what is wrong, the file untouched."""
+    """Values past what a date-time can hold, a body nested past the parser's depth, a
+    variable's reference, a lone surrogate, an Origin that is no URL: each a 4xx that says
+    what is wrong, the file untouched."""
     k = Keys()
     proxy = await start(make_proxy, backend, k)
     tag, _ = await listing(session, proxy, k.admin)
@@ -486,6 +487,12 @@ async def test_hostile_values_get_a_4xx_never_a_500(
         ("PATCH", f"/v1/admin/keys/{fp}", headers, {"expiresAt": "99999999999d"}, 400),
         ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "99999999999d"}, 400),
         ("POST", "/v1/admin/keys", headers, b"[" * 100_000, 400),
+        # "${": the config would read an environment variable there, and show its value
+        ("POST", "/v1/admin/keys", headers, {**create, "project": "${HOME}"}, 400),
+        ("POST", "/v1/admin/keys", headers, {**create, "roles": ["${HOME}"]}, 400),
+        ("PATCH", f"/v1/admin/keys/{fp}", headers, {"description": "see ${HOME}"}, 400),
+        ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"name": "${HOME}"}, 400),
+        ("PUT", "/v1/admin/roles/user/limits/chat", headers, {"minute": "${HOME}"}, 400),
         # half a surrogate pair, which no UTF-8 file, log line or ledger row can hold
         ("POST", "/v1/admin/keys", headers, b'{"project": "x\\ud800", "roles": ["user"]}', 422),
         ("PATCH", f"/v1/admin/keys/{fp}", headers, b'{"name": "\\udc00"}', 422),
@@ -505,6 +512,31 @@ async def test_hostile_values_get_a_4xx_never_a_500(
         text = await resp.text()
         assert resp.status == status, (method, path, resp.status, text)
         assert json.loads(text)["error"]["message"] != "Internal error"
+    assert proxy.path.read_bytes() == original
+
+
+async def test_a_variables_reference_is_never_written_so_its_value_never_shows(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    """A key created with ``"project": "${UPSTREAM_SECRET}"`` was written as typed, then read
+    by the config as the variable: its holder saw the proxy's upstream key in
+    ``/v1/user/info``, every log line and the usage ledger.  Now a 400, nothing written."""
+    k = Keys()
+    secret = "sk-upstream-topsecret-0123"
+    doc = config(backend, k)
+    proxy = await make_proxy(doc, env={"UPSTREAM_SECRET": secret})
+    proxy.path.write_text(json.dumps(doc, indent=2) + "\n")
+    assert not (await proxy.store.reload_async()).refused
+    tag, _ = await listing(session, proxy, k.admin)
+    original = proxy.path.read_bytes()
+    for field in ("project", "name", "description"):
+        body = {"project": "x", "roles": ["user"], field: "${UPSTREAM_SECRET}"}
+        resp = await session.post(
+            proxy.url("/v1/admin/keys"), json=body, headers=write_headers(k.admin, tag)
+        )
+        text = await resp.text()
+        assert resp.status == 400, text
+        assert "environment variable" in text and secret not in text
     assert proxy.path.read_bytes() == original
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import stat
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,10 @@ def test_add_options_and_usage_errors(pretty: Path, capsys: pytest.CaptureFixtur
         assert code == 2 and "--expires" in err, args
     code, _, err = run(capsys, "add", "--config", str(pretty), "--project", "", "--role", "r")
     assert code == 2
+    for option in ("--project", "--name", "--description", "--role"):  # read as variables
+        args = {"--project": "p", "--role": "r"} | {option: "${UPSTREAM_KEY}"}
+        code, _, err = run(capsys, "add", "--config", str(pretty), *chain(*args.items()))
+        assert code == 2 and "environment variable" in err, option
     for argv in (
         ["add", "--config", str(pretty), "--role", "r"],
         ["add", "--config", str(pretty), "--project", "p"],

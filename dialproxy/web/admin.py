@@ -126,7 +126,28 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise BadRequest("The body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("The body must be a JSON object")
+    _no_variables(body)
     return body
+
+
+def _no_variables(body: dict[str, Any]) -> None:
+    """400 when a name or value of ``body`` holds ``${``: written into the config, it would
+    be read as an environment variable's reference, and the variable's value (an upstream
+    key...) shown to whoever reads that field back (a key's project in ``/v1/user/info``)."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if "${" in value:
+                raise BadRequest(
+                    f"{where or 'a field name'} holds '${{', which the config reads as an "
+                    "environment variable: such a value is written by hand, not through the API"
+                )
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack += [(where or "a field name", k), (f"{where}.{k}"[:100].lstrip("."), v)]
+        elif isinstance(value, list):
+            stack += [(where, v) for v in value]
 
 
 def _docs(request: web.Request) -> list[tuple[Path, bytes, dict[str, Any] | None]]:
@@ -718,6 +739,7 @@ async def set_role_limit(request: web.Request) -> web.Response:
     body = await _body(request)
     config = _open(request, "roles")
     role, model = request.match_info["name"], request.match_info["model"]
+    _no_variables({"model": model})
     try:
         before = keys.set_role_limit(config, role, model, body)
     except KeysError as e:
