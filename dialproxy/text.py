@@ -98,7 +98,9 @@ LATEST = datetime(9998, 12, 31, tzinfo=UTC)
 LONGEST = (LATEST - EARLIEST).total_seconds()  # a duration's most, in seconds
 
 
-def _within(when: datetime, value: str) -> datetime:
+def within(when: datetime, value: str) -> datetime:
+    """``when`` (read from ``value``), if it is from :data:`EARLIEST` to :data:`LATEST`;
+    else a ValueError that says so."""
     try:
         inside = EARLIEST <= when <= LATEST
     except OverflowError:  # (compared in UTC: an offset may take it past year 9999)
@@ -111,7 +113,7 @@ def _within(when: datetime, value: str) -> datetime:
 def timestamp(value: str, end_of_day: bool = False) -> float:
     """A range's bound: an ISO 8601 date or date-time as epoch seconds; with
     ``end_of_day``, a date (no time) means the end of that day."""
-    when = _within(parse_datetime(value), value)
+    when = within(parse_datetime(value), value)
     if end_of_day and "T" not in value.upper():
         when += timedelta(days=1)
     return when.timestamp()
@@ -141,7 +143,7 @@ def parse_expiry(value: str, now: datetime) -> datetime:
             raise ValueError(
                 f"not a duration or a date: {value!r} (use 30d, 2026-01-01 or 2026-01-01T12:00:00Z)"
             ) from None
-    _within(when, value)
+    within(when, value)
     if when <= now:
         raise ValueError(f"{value!r} is not in the future")
     return when

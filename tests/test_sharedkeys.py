@@ -352,6 +352,7 @@ async def test_refusals_name_their_reason(
         ({"name": "x", "tokens": 5, "expiresAt": past}, "expiresAt"),
         ({"name": "x", "tokens": 5, "expiresAt": "soon"}, "expiresAt"),
         ({"name": "x", "tokens": 5, "expiresAt": 1}, "expiresAt"),
+        ({"name": "x", "tokens": 5, "expiresAt": "9999-12-31T23:59:59-05:00"}, "expiresAt"),
         ({"name": "x", "tokens": 5, "owner": "me"}, "owner"),
     ]
     for body, field in invalid:

@@ -31,6 +31,7 @@ from dialproxy.text import (
     lone_surrogate,
     new_secret,
     parse_datetime,
+    within,
 )
 from dialproxy.web.appkeys import BACKGROUND, LIMITER, SETTINGS, SHARED, STORE
 from dialproxy.web.body import read_json_body
@@ -142,6 +143,10 @@ def _expires(value: Any, now: datetime) -> datetime | None:
         raise InvalidField(
             "expiresAt", "must be an ISO 8601 date-time such as 2026-01-01T00:00:00Z"
         ) from None
+    try:
+        within(when, value)  # (stored in UTC: past the year 9999 it overflows)
+    except ValueError as e:
+        raise InvalidField("expiresAt", str(e)) from None
     if when <= now:
         raise InvalidField("expiresAt", "must be in the future")
     return when
