@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from dialproxy.config.loader import build_snapshot
-from dialproxy.config.parse import Source
+from dialproxy.config.parse import Source, oversized
 from dialproxy.errors import (
     EXIT_USAGE,
     ConfigError,
@@ -56,9 +56,14 @@ def parse_config(path: Path, data: bytes) -> dict[str, Any]:
     try:
         text = data.decode("utf-8-sig")
         doc = yaml.safe_load(text) if is_yaml(path) else json.loads(text)
-    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+    except (UnicodeDecodeError, ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
         reason = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
         raise KeysError(f"{path}: not a valid config file ({reason})") from None
+    except RecursionError:
+        raise KeysError(f"{path}: not a valid config file (nested too deeply)") from None
+    if is_yaml(path) and (too_big := oversized(doc)) is not None:  # (an alias bomb:
+        # a few hundred bytes that, shown or copied, are gigabytes; JSON has no aliases)
+        raise KeysError(f"{path}: not a valid config file ({too_big})")
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):

@@ -58,6 +58,14 @@ class _Validity:
     expires_at: datetime | None
 
 
+def key_roles(entry: Mapping[str, Any]) -> list[str]:
+    """A key entry's roles as written (``role``, then ``roles``), once each; what is not a
+    role name (a hand edit's ``"roles": 5``, the config refuses it) is left out."""
+    role, roles = entry.get("role"), entry.get("roles")
+    named = [role, *(roles if isinstance(roles, list) else ())]
+    return list(dict.fromkeys(r for r in named if isinstance(r, str) and r))
+
+
 def entry_state(entry: Mapping[str, Any], now: datetime) -> str:
     """``active``, ``expired``, ``disabled`` or ``not yet valid``: as the proxy decides
     (:func:`dialproxy.config.model.key_state`; a time that is not one: none)."""
@@ -290,8 +298,7 @@ def list_keys(paths: Sequence[Path], now: datetime, env: Mapping[str, str]) -> l
                 continue
             digest = digest_of(name, env)
             stored = "sha256" if SHA256_KEY.match(name) else "env" if "${" in name else "plaintext"
-            role = entry.get("role")
-            roles = [*(entry.get("roles") or ()), *([role] if role else [])]
+            roles = key_roles(entry)
             out.append(
                 Listed(
                     fingerprint=digest[:8] if digest else "?",

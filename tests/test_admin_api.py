@@ -540,6 +540,37 @@ async def test_a_variables_reference_is_never_written_so_its_value_never_shows(
     assert proxy.path.read_bytes() == original
 
 
+async def test_a_file_the_config_refuses_is_a_409_or_listed_never_a_500(
+    backend: Backend, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    """Hand edits the reload refuses, on disk under a running proxy: a key whose ``roles``
+    is no list (the listings and a PATCH answered 500, the PATCH after writing the file),
+    a file nested past Python's recursion (500s): listed, or a 409 (``/health`` says why)."""
+    k = Keys()
+    proxy = await start(make_proxy, backend, k)
+    doc = config(backend, k)
+    user = "sha256:" + key_digest(k.user)
+    doc["keys"][user]["roles"] = 5
+    proxy.path.write_text(json.dumps(doc, indent=2) + "\n")
+    tag, listed = await listing(session, proxy, k.admin)
+    roles = {key["fingerprint"]: key["roles"] for key in listed}
+    assert roles[key_digest(k.user)[:8]] == ["user"]
+    for path in ("/v1/admin/roles", "/v1/admin/roles/user"):
+        async with session.get(proxy.url(path), headers={"Api-Key": k.admin}) as resp:
+            assert resp.status == 200, await resp.text()
+    resp = await session.patch(
+        proxy.url(f"/v1/admin/keys/{key_digest(k.user)[:8]}"),
+        json={"description": "edited"},
+        headers=write_headers(k.admin, tag),
+    )
+    assert resp.status in (200, 422), await resp.text()
+    proxy.path.write_text('{"keys": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    for method, path in (("GET", "/v1/admin/keys"), ("GET", "/v1/admin/roles")):
+        async with session.request(method, proxy.url(path), headers={"Api-Key": k.admin}) as r:
+            assert r.status == 409, await r.text()
+            assert "not a readable config file" in (await r.json())["error"]["message"]
+
+
 def two_models(backend: Backend, k: Keys) -> dict[str, Any]:
     doc = config(backend, k)
     doc["models"]["other"] = chat_model(backend)

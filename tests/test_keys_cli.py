@@ -247,6 +247,29 @@ def test_add_options_and_usage_errors(pretty: Path, capsys: pytest.CaptureFixtur
     assert pretty.read_bytes() == unchanged
 
 
+def test_files_the_config_refuses_are_said_so_never_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand edit the proxy refuses: a key's ``roles`` that is no list (listed without it),
+    a file nested past Python's recursion (it raised RecursionError), a YAML alias bomb of
+    a few hundred bytes (listing it expanded it to gigabytes): exit 1 and why, or a list."""
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"keys": {"sha256:" + "1" * 64: {"project": "p", "roles": 5}}}))
+    code, out, err = run(capsys, "list", "--config", str(wrong), "--format", "json")
+    assert code == 0, err
+    assert [(k["fingerprint"], k["roles"]) for k in json.loads(out)] == [("11111111", [])]
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"keys": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    bomb = tmp_path / "bomb.yaml"
+    levels = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb.write_text("\n".join(levels) + "\nkeys: {}\nname: *a8\n")
+    for path, why in ((deep, "nested too deeply"), (bomb, "more than 1,000,000 values")):
+        code, out, err = run(capsys, "list", "--config", str(path))
+        assert (code, out) == (1, ""), err
+        assert "not a valid config file" in err and why in err and "Traceback" not in err
+
+
 def test_yaml_files_are_listed_but_never_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -440,6 +440,26 @@ def lone_surrogates(value: Any, parts: list[str | int]) -> Iterator[tuple[list[s
             yield from lone_surrogates(v, [*parts, i])
 
 
+def oversized(doc: Any) -> str | None:
+    """Why a parsed document is past what a config may be (None: it is not): more than the
+    loader's values once its YAML aliases are expanded (a few hundred bytes of aliases can
+    stand for billions), or nested deeper.  Walked without recursion, and no further than
+    the first value past the cap."""
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    values = 0
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if values > _MAX_VALUES:
+            return f"it expands to more than {_MAX_VALUES:,} values"
+        if isinstance(value, dict | list):
+            if depth >= _MAX_DEPTH:
+                return f"nested more than {_MAX_DEPTH} levels deep"
+            items = value.values() if isinstance(value, dict) else value
+            stack += [(v, depth + 1) for v in items]
+    return None
+
+
 def merge(base: Any, update: Any) -> Any:
     """DIAL's merge: objects key by key, arrays concatenated, later scalars win."""
     if isinstance(base, dict) and isinstance(update, dict):

@@ -278,14 +278,12 @@ def _describe(
 ) -> dict[str, Any]:
     """A key as the admin API shows it: never its secret."""
     digest = digest or _digest(name, env)
-    role = entry.get("role")
-    roles = [*([role] if role else []), *(entry.get("roles") or ())]
     return {
         "fingerprint": digest[:8] if digest else None,
         "name": entry.get("name"),
         "description": entry.get("description"),
         "project": entry.get("project"),
-        "roles": list(dict.fromkeys(str(r) for r in roles)),
+        "roles": keys.key_roles(entry),
         "models": entry.get("models"),
         "limits": entry.get("limits"),
         "canShare": bool(entry.get("canShare", False)),
@@ -684,8 +682,7 @@ def _roles_view(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
         for entry in (listed if isinstance(listed, dict) else {}).values():
             if not isinstance(entry, dict):
                 continue
-            named = [entry.get("role"), *(entry.get("roles") or ())]
-            for role in {r for r in named if isinstance(r, str)}:
+            for role in keys.key_roles(entry):
                 counts[role] = counts.get(role, 0) + 1
     out: dict[str, dict[str, Any]] = {}
     for name, raw in roles.items():
