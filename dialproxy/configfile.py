@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from dialproxy.config.loader import build_snapshot
-from dialproxy.config.parse import Source, oversized
+from dialproxy.config.parse import Source, oversized, read_file
 from dialproxy.errors import (
     EXIT_USAGE,
     ConfigError,
@@ -47,7 +47,7 @@ def is_yaml(path: Path) -> bool:
 
 def read_config(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        return read_file(path)
     except OSError as e:
         raise KeysError(f"cannot read {path}: {e.strerror or e}", EXIT_USAGE) from None
 
@@ -345,6 +345,13 @@ def _problems(
         return list(e.problems)
 
 
+def _current(path: Path) -> bytes | None:
+    try:
+        return read_file(path)
+    except OSError:  # (gone, or no longer a regular file)
+        return None
+
+
 def write_atomic(path: Path, data: bytes, expected: bytes | None = None) -> None:
     """Replace ``path`` by ``data`` in one step: a temporary file next to it, then
     ``os.replace``.  The file keeps its permissions; ``expected`` guards against a change
@@ -357,7 +364,7 @@ def write_atomic(path: Path, data: bytes, expected: bytes | None = None) -> None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-        if expected is not None and target.read_bytes() != expected:
+        if expected is not None and _current(target) != expected:
             raise FileChanged(f"{path}: the file changed while it was being edited; run again")
         os.replace(tmp, target)
     except BaseException:

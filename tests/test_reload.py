@@ -4,11 +4,13 @@ keeps its counters, and lets requests in flight finish on the config they starte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -475,6 +477,41 @@ async def test_check_reloads_only_on_new_bytes(backend: Backend, tmp_path: Path)
     assert store.last_error is not None and store.last_error[0].path == "$"
     assert await watcher.check() is None  # still missing: reported once, not at every check
     assert store.generation == 2
+
+
+async def test_a_config_path_swapped_for_a_fifo_is_refused_at_once(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """A config path that becomes a FIFO: reading it waited, on the event loop, for a writer
+    that never came (every request and /health hung).  Now it is not a regular file: refused
+    at once, the last good config kept.  (Writers come after 3 s, so the old code's test
+    fails instead of hanging.)"""
+    path = tmp_path / "aidial.config.json"
+    save(path, encode(config(backend)))
+    store = ConfigStore([path], env={})
+    store.load()
+    watcher = ConfigWatcher(store, settle=0.001)
+    path.unlink()
+    os.mkfifo(path)
+
+    def writer() -> None:  # (each read waits for one: a check reads more than once)
+        time.sleep(3)
+        for _ in range(100):
+            with contextlib.suppress(OSError), open(path, "wb", opener=nonblocking):
+                pass
+            time.sleep(0.1)
+
+    threading.Thread(target=writer, daemon=True).start()
+    started = time.monotonic()
+    result = await watcher.check()
+    assert time.monotonic() - started < 2
+    assert result is not None and result.refused and store.generation == 1
+    assert store.last_error is not None
+    assert "not a regular file" in store.last_error[0].message
+
+
+def nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 # --- SIGHUP, in the real process -----------------------------------------------------------

@@ -4,9 +4,12 @@ reported), and the documents merged as DIAL merges them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,21 @@ class Source:
 
 def read_sources(paths: Iterable[str | Path]) -> list[Source]:
     """Read config files; an unreadable file raises ``OSError`` (the caller's exit 2)."""
-    return [Source(str(p), Path(p).read_bytes()) for p in paths]
+    return [Source(str(p), read_file(p)) for p in paths]
+
+
+def read_file(path: str | Path) -> bytes:
+    """A config file's bytes; ``OSError`` when it cannot be read, or is not a regular file:
+    a FIFO (a path swapped for one) would block the reading thread, the event loop's, until
+    something wrote to it (it is opened without waiting, and refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 # --- parsing -------------------------------------------------------------------------------

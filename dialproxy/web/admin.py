@@ -39,7 +39,7 @@ from dialproxy import keys
 from dialproxy.auth import Principal, authenticate
 from dialproxy.config import schema
 from dialproxy.config.loader import build_snapshot
-from dialproxy.config.parse import Source, merge
+from dialproxy.config.parse import Source, merge, read_file
 from dialproxy.config.store import ReloadResult
 from dialproxy.configfile import ConfigFile, digest_of, parse_config
 from dialproxy.errors import (
@@ -159,7 +159,7 @@ def _read_docs(paths: Sequence[Path]) -> list[tuple[Path, bytes, dict[str, Any] 
     out: list[tuple[Path, bytes, dict[str, Any] | None]] = []
     for path in paths:
         try:
-            data = path.read_bytes()
+            data = read_file(path)
         except OSError:
             out.append((path, b"", None))
             continue
@@ -225,7 +225,7 @@ def _target(request: web.Request, section: str) -> tuple[str | None, str | None]
     when there is no one such file: writes are refused with 409)."""
     try:
         path = _section_file(request, section)
-        return str(path), etag(path.read_bytes())
+        return str(path), etag(read_file(path))
     except (ProxyError, OSError):
         return None, None
 
@@ -809,7 +809,7 @@ async def config_health(request: web.Request) -> web.Response:
     files = []
     for path in store.paths:
         try:
-            files.append({"file": str(path), "etag": etag(path.read_bytes())})
+            files.append({"file": str(path), "etag": etag(read_file(path))})
         except OSError as e:
             files.append({"file": str(path), "error": e.strerror or type(e).__name__})
     return json_response(store.health() | {"files": files})
