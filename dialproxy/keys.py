@@ -210,7 +210,7 @@ def create_key(
         raise KeysError("a key needs at least one role", EXIT_USAGE)
     secret = new_secret()
     entry = _entry(project, roles, name=name, description=description, expires=expires)
-    if models:
+    if models is not None:  # ([] as for an edit: no model at all)
         entry["models"] = list(dict.fromkeys(models))
     if can_share:
         entry["canShare"] = True

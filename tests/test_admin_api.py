@@ -487,6 +487,10 @@ async def test_hostile_values_get_a_4xx_never_a_500(
         ("PATCH", f"/v1/admin/keys/{fp}", headers, {"expiresAt": "99999999999d"}, 400),
         ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "99999999999d"}, 400),
         ("POST", "/v1/admin/keys", headers, b"[" * 100_000, 400),
+        # a field a create or a rotation does not take: named, not silently dropped
+        ("POST", "/v1/admin/keys", headers, {**create, "disabled": True}, 400),
+        ("POST", "/v1/admin/keys", headers, {**create, "notBefore": "2030-01-01"}, 400),
+        ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlpa": "0"}, 400),
         # "${": the config would read an environment variable there, and show its value
         ("POST", "/v1/admin/keys", headers, {**create, "project": "${HOME}"}, 400),
         ("POST", "/v1/admin/keys", headers, {**create, "roles": ["${HOME}"]}, 400),
@@ -1116,6 +1120,16 @@ async def test_create_with_limits_and_a_description_taken_out(
         '"name": "alice",\n      "description": "the first user"', '"name": "alice"'
     )
     assert proxy.store.snapshot.keys[key_digest(k.user)].description is None
+    # "models": [] is no model, as an edit's is (a create read it as every model)
+    resp = await session.post(
+        proxy.url("/v1/admin/keys"),
+        json={"project": "p", "roles": ["user"], "models": []},
+        headers=write_headers(k.admin, edited["etag"]),
+    )
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert created["models"] == []
+    assert await call_model(session, proxy, created["key"], "chat") == 403
 
 
 async def test_two_writes_from_the_same_etag_one_wins(

@@ -516,9 +516,22 @@ async def list_keys(request: web.Request) -> web.Response:
     return json_response(body, headers={"ETag": tag} if tag is not None else None)
 
 
+# What a create and a rotation take (anything else, a typo or a field set by another route
+# such as `disabled`, is a 400 naming it: not silently left out of the key written).
+_CREATED = ("project", "roles", "name", "description", "models", "limits", "canShare", "expiresAt")
+_ROTATED = ("overlap", "name", "expiresAt")
+
+
+def _only(body: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BadRequest(f"{what} takes {', '.join(allowed)}, not {', '.join(unknown)}")
+
+
 async def create_key(request: web.Request) -> web.Response:
     who = await _caller(request, write=True)
     body = await _body(request)
+    _only(body, _CREATED, "A new key")
     config = _open(request)
     now = datetime.now(UTC)
     project = _text(body, "project")
@@ -618,6 +631,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 async def rotate_key(request: web.Request) -> web.Response:
     who = await _caller(request, write=True)
     body = await _body(request)
+    _only(body, _ROTATED, "A rotation")
     config = _open(request)
     env = request.app[STORE].env()
     name, fp = _find(request, config, env)
