@@ -3,9 +3,9 @@
 Writing a config file changes only what it must: the new entry, or one field of an entry, is
 spliced into the file's text (the rest is kept byte for byte, indentation and layout
 included; members are taken out as they are put in, with their separating comma and
-layout), the result is checked to parse to exactly the intended document and to validate no
-worse than before, and it replaces the file atomically (a temporary file in the same folder,
-then ``os.replace``).  YAML files are read but never written.
+layout), the result is checked to parse to exactly the intended document, to validate, and
+to have no warning it did not have, and it replaces the file atomically (a temporary file
+in the same folder, then ``os.replace``).  YAML files are read but never written.
 
 The ``keys`` CLI (:mod:`dialproxy.keys`) and the admin API (:mod:`dialproxy.web.admin`) edit
 through :class:`ConfigFile`.
@@ -327,6 +327,14 @@ class ConfigFile:
         if errors:
             detail = "; ".join(f"{p.path}: {p.message}" for p in errors)
             raise InvalidEdit(f"{self.path}: the edit would make the config invalid: {detail}")
+        # An error the files had already: the result would not load either, so the edit
+        # would not take effect (a revoked key would go on working): nothing written.
+        if already := [p for p in after if p.severity == "error"]:
+            detail = "; ".join(f"{p.file} {p.path}: {p.message}" for p in already)
+            raise InvalidEdit(
+                f"the config does not validate as it is, so no edit can take effect: fix it "
+                f"first ({detail})"
+            )
         write_atomic(self.path, data, self.original)
         return introduced
 

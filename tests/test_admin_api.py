@@ -549,7 +549,8 @@ async def test_a_file_the_config_refuses_is_a_409_or_listed_never_a_500(
 ) -> None:
     """Hand edits the reload refuses, on disk under a running proxy: a key whose ``roles``
     is no list (the listings and a PATCH answered 500, the PATCH after writing the file),
-    a file nested past Python's recursion (500s): listed, or a 409 (``/health`` says why)."""
+    a file nested past Python's recursion (500s): listed, or a 409 (``/health`` says why);
+    a write is a 422 that says the config must be fixed first."""
     k = Keys()
     proxy = await start(make_proxy, backend, k)
     doc = config(backend, k)
@@ -562,12 +563,15 @@ async def test_a_file_the_config_refuses_is_a_409_or_listed_never_a_500(
     for path in ("/v1/admin/roles", "/v1/admin/roles/user"):
         async with session.get(proxy.url(path), headers={"Api-Key": k.admin}) as resp:
             assert resp.status == 200, await resp.text()
-    resp = await session.patch(
-        proxy.url(f"/v1/admin/keys/{key_digest(k.user)[:8]}"),
-        json={"description": "edited"},
-        headers=write_headers(k.admin, tag),
+    # and no write: the config would not load, so no edit would take effect (a revoke
+    # answered 200, the key still served)
+    on_disk = proxy.path.read_bytes()
+    resp = await session.delete(
+        proxy.url(f"/v1/admin/keys/{key_digest(k.user)[:8]}"), headers=write_headers(k.admin, tag)
     )
-    assert resp.status in (200, 422), await resp.text()
+    assert resp.status == 422, await resp.text()
+    assert "fix it first" in (await resp.json())["error"]["message"]
+    assert proxy.path.read_bytes() == on_disk
     proxy.path.write_text('{"keys": ' + "[" * 100_000 + "]" * 100_000 + "}")
     for method, path in (("GET", "/v1/admin/keys"), ("GET", "/v1/admin/roles")):
         async with session.request(method, proxy.url(path), headers={"Api-Key": k.admin}) as r:
