@@ -360,6 +360,9 @@ def usage(args: argparse.Namespace) -> int:
     except ValueError:
         print("dialproxy usage: --from and --to take ISO dates or date-times", file=sys.stderr)
         return EXIT_USAGE
+    if start is not None and end is not None and start >= end:  # (as the HTTP API: 400)
+        print("dialproxy usage: --from must be before --to", file=sys.stderr)
+        return EXIT_USAGE
     uri = settings.storage.removeprefix("async+")
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     store: ledger.LedgerStore

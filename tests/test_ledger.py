@@ -317,6 +317,11 @@ async def test_dialproxy_usage_prints_each_format(
         }
     ]
     assert cli.main(["usage", "--state", str(tmp_path / "none.sqlite")]) == 1  # (no file)
+    # a range that ends before it starts: a usage error, as the HTTP API's 400 (it printed
+    # no rows, as if nothing had been used)
+    backwards = ["usage", "--state", state, "--from", "2026-12-07", "--to", "2026-12-01"]
+    assert cli.main(backwards) == 2
+    assert "--from must be before --to" in capsys.readouterr().err
 
 
 async def test_usage_endpoints_show_the_callers_own(
