@@ -270,6 +270,20 @@ def test_files_the_config_refuses_are_said_so_never_a_traceback(
         assert "not a valid config file" in err and why in err and "Traceback" not in err
 
 
+def test_add_works_in_a_shell_without_the_servers_variables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI checks an edit with its shell's environment, which seldom holds the server's
+    secrets: an unset ``${VAR}`` the file had already does not refuse it (no worse than
+    before), where the admin API, checking with the server's, refuses a broken config."""
+    path = tmp_path / "aidial.config.json"
+    model = {"type": "chat", "upstreams": [{"endpoint": "http://x", "key": "${NOT_IN_THIS_SHELL}"}]}
+    path.write_text(json.dumps({"models": {"m": model}, "roles": {"r": {}}, "keys": {}}))
+    code, _, err = run(capsys, "add", "--config", str(path), "--project", "p", "--role", "r")
+    assert code == 0, err
+    assert len(json.loads(path.read_text())["keys"]) == 1
+
+
 def test_yaml_files_are_listed_but_never_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
