@@ -286,18 +286,24 @@ def test_resets_are_written_as_openai_writes_them(seconds: float, written: str) 
 
 
 @pytest.mark.parametrize("storage", ["memory", "redis"])
+@pytest.mark.parametrize("given_by", ["request", "model"])
 async def test_a_max_tokens_past_any_model_reserves_at_most_a_billion(
     backend: Backend,
     make_proxy: ProxyFactory,
     request: pytest.FixtureRequest,
     tmp_path: Path,
     storage: str,
+    given_by: str,
 ) -> None:
-    """``max_tokens: 2^63 - 1`` reserves 10^9 tokens, not 2^63: on Redis that amount was
-    counted as a double and written back in float notation, after which every count on the
-    window failed (503 under ``deny`` for every project, the attacker's next request
-    included, until the window expired)."""
+    """``max_tokens: 2^63 - 1`` (or a model's ``maxCompletionTokens`` as large) reserves
+    10^9 tokens, not 2^63: on Redis that amount was counted as a double and written back in
+    float notation, after which every count on the window failed (503 under ``deny`` for
+    every project, the attacker's next request included, until the window expired)."""
     cfg = config(backend, minute=10**12)
+    huge = {"max_tokens": 2**63 - 1}
+    if given_by == "model":
+        cfg["models"]["chat"]["limits"] = {"maxCompletionTokens": 2**63 - 1}
+        huge = {}
     if storage == "memory":
         proxy = await make_proxy(cfg)
     else:
@@ -310,7 +316,7 @@ async def test_a_max_tokens_past_any_model_reserves_at_most_a_billion(
             settings=dataclasses.replace(settings, storage_failure="deny"),
         )
     async with aiohttp.ClientSession() as s:
-        status, _, resp = await chat(s, proxy, OTHER_PROJECT, max_tokens=2**63 - 1)
+        status, _, resp = await chat(s, proxy, OTHER_PROJECT, **huge)
         assert status == 200
         left = int(resp.headers["x-ratelimit-remaining-tokens"])
         # (less the prompt's estimate too: the body's bytes / 4)

@@ -13,12 +13,14 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from dialproxy.apis import responses
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
 from dialproxy.web.appkeys import LEDGER
 from tests.conftest import (
+    AiohttpServer,
     Backend,
     BackendFactory,
     Proxy,
@@ -225,6 +227,47 @@ async def test_a_background_response_a_shared_key_follows_up_is_charged_to_its_c
         async with s.get(proxy.url(f"/v1/sharedkeys/{lent['id']}"), headers={"Api-Key": KEY}) as r:
             shown = await r.json()
     assert shown["utilized"] == seen.usage.total_tokens == await used_tokens(proxy)
+
+
+async def test_a_background_usage_past_any_model_is_not_charged_by_its_follow_up(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """A follow-up charges what the response used, and no more believes a count past 10^9
+    tokens than a request does (it charged 10^16 to the counters and the ledger)."""
+    upstream_id = "resp_0123456789abcdef"
+    usage = {"input_tokens": 10**16, "output_tokens": 1, "total_tokens": 10**16 + 1}
+
+    async def create(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": upstream_id, "object": "response", "status": "queued"})
+
+    async def retrieve(request: web.Request) -> web.Response:
+        done = {"id": upstream_id, "object": "response", "status": "completed"}
+        return web.json_response(done | {"usage": usage})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", create)
+    app.router.add_get("/v1/responses/{id}", retrieve)
+    server = await aiohttp_server(app)
+    up = {"endpoint": str(server.make_url("/v1/chat/completions")), "key": UPSTREAM_KEY}
+    up["responsesEndpoint"] = str(server.make_url("/v1/responses"))
+    cfg = {
+        "models": {"m": {"type": "chat", "upstreams": [up]}},
+        "roles": {"r": {"limits": {"m": {"minute": 10**12}}}},
+        "keys": {KEY: {"project": "p", "role": "r"}},
+    }
+    proxy = await make_proxy(cfg)
+    async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+        body = {"model": "m", "input": "x", "background": True}
+        async with s.post(proxy.url("/openai/v1/responses"), json=body) as r:
+            assert r.status == 200
+            ours = (await r.json())["id"]
+        async with s.get(proxy.url(f"/openai/v1/responses/{ours}")) as r:
+            assert r.status == 200 and (await r.json())["status"] == "completed"
+    await proxy.settle()
+    assert await used_tokens(proxy) == 0
+    (row,) = await proxy.app[LEDGER].rows(0, time.time() + 3600, (), project="p")
+    assert row["total_tokens"] == 0
 
 
 async def test_follow_ups_go_to_the_upstream_that_made_the_response(

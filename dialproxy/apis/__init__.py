@@ -111,7 +111,10 @@ class Api:
                     break
             else:
                 most = model.token_limits.get("maxCompletionTokens")
-                completion = most if type(most) is int and most > 0 else DEFAULT_COMPLETION_RESERVE
+                if type(most) is not int or most <= 0:
+                    completion = DEFAULT_COMPLETION_RESERVE
+                else:  # (the config's may be past any model's too)
+                    completion = most if most < MAX_TOKENS else MAX_TOKENS
         pricing = model.pricing
         cost = pricing.cost_nano_usd(prompt, completion) if pricing is not None else 0
         return prompt + completion, cost

@@ -74,15 +74,7 @@ def settle(
 ) -> None:
     """The request's usage recorded (its reservation settled), added to the usage ledger,
     its log line written."""
-    usage = outcome.usage
-    if usage is not None and (  # (the upstream's counts: past the most, not believed)
-        usage.total_tokens > MAX_TOKENS
-        or usage.prompt_tokens > MAX_TOKENS
-        or usage.completion_tokens > MAX_TOKENS
-    ):
-        outcome.usage = None
-        if outcome.error is None:
-            outcome.error = f"the upstream's usage is over {MAX_TOKENS:,} tokens: not counted"
+    disbelieve(outcome)
     holds = outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved
     if outcome.usage is not None and (outcome.status == 200 or outcome.estimated):
         if holds or outcome.shared is not None or outcome.records or outcome.capacity:
@@ -97,6 +89,20 @@ def settle(
     if services.ledger is not None and principal is not None:
         add_to_ledger(services.ledger, services.store.snapshot, principal, deployment, outcome)
     log_line(services, request, principal, deployment, outcome, started)
+
+
+def disbelieve(outcome: Outcome) -> None:
+    """An upstream's usage with a count past :data:`MAX_TOKENS` is not believed: no usage
+    (the log line says why), as a count that is no count."""
+    usage = outcome.usage
+    if usage is not None and (
+        usage.total_tokens > MAX_TOKENS
+        or usage.prompt_tokens > MAX_TOKENS
+        or usage.completion_tokens > MAX_TOKENS
+    ):
+        outcome.usage = None
+        if outcome.error is None:
+            outcome.error = f"the upstream's usage is over {MAX_TOKENS:,} tokens: not counted"
 
 
 async def _charged(services: Services, response_id: str) -> None:

@@ -33,6 +33,7 @@ from dialproxy.web.charged import responses_redis
 from dialproxy.web.finish import (
     add_to_ledger,
     begin,
+    disbelieve,
     end_key,
     hold,
     log_line,
@@ -156,6 +157,7 @@ def _settle(call: _Call) -> None:
     services, outcome, principal, ref = call.services, call.outcome, call.principal, call.ref
     if outcome.estimated:
         outcome.usage, outcome.estimated = None, False
+    disbelieve(outcome)  # (as any request's)
     usage = outcome.usage
     if usage is not None and outcome.status == 200 and outcome.records and ref is not None:
         redis = responses_redis(services.shared.per_request)
