@@ -13,6 +13,7 @@ second server that only records what reaches it (the place a redirect points to)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip as gzip_module
 import json
 import zlib
@@ -291,3 +292,43 @@ class HostileServer:
 
     def url(self, path: str = "/v1/chat/completions") -> str:
         return str(self.server.make_url(path))
+
+
+class Switching:
+    """A raw upstream that answers every request ``101 Switching Protocols`` (a body after it,
+    no Upgrade asked for), as an ``async with``; ``answered``: how many it answered."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.server: asyncio.Server | None = None
+
+    def url(self, path: str) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}{path}"
+
+    async def __aenter__(self) -> Switching:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, StopIteration):
+            while True:  # (keep-alive: a request after another on one connection)
+                head = await reader.readuntil(b"\r\n\r\n")
+                lengths = [
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                await reader.readexactly(lengths[0] if lengths else 0)
+                body = json.dumps(chat_answer() | {"usage": USAGE}).encode()
+                writer.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                self.answered += 1
+                await writer.drain()
+        writer.close()

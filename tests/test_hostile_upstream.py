@@ -4,7 +4,6 @@ redirects, Retry-After values, huge answers, encodings, hop-by-hop and stray hea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -19,6 +18,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from dialproxy import cli
+from dialproxy.apis import responses
 from dialproxy.config.model import Model, Upstream
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
@@ -30,6 +30,7 @@ from tests.hostile_upstream import (
     Hostile,
     HostileServer,
     Recorder,
+    Switching,
     chat_answer,
     create_hostile_app,
 )
@@ -466,41 +467,39 @@ async def test_a_final_1xx_answer_is_a_502_not_relayed(make_proxy: ProxyFactory)
     """An upstream that answers 101 Switching Protocols (no Upgrade asked): no HTTP answer to
     relay.  Before, the client got the 101 with no body and hung until the proxy gave up on
     the connection; now a 502 at once, nothing charged."""
-    answered = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal answered
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:  # (keep-alive: a request after another on one connection)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
-                body = json.dumps(chat_answer() | {"usage": USAGE}).encode()
-                writer.write(
-                    b"HTTP/1.1 101 Switching Protocols\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-                answered += 1
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        endpoint = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with Switching() as upstream:
+        endpoint = upstream.url("/v1/chat/completions")
         proxy = await make_proxy(config([{"endpoint": endpoint, "key": UPSTREAM_KEY}]))
         for _ in range(2):
             code, body, _ = await asyncio.wait_for(call(proxy), 5)
             assert code == 502
             assert json.loads(body) == {"error": {"message": "No route", "code": "502"}}
-        assert answered == 2
+        assert upstream.answered == 2
         assert await tokens_used(proxy) == 0
-    finally:
-        server.close()
+
+
+async def test_a_final_1xx_to_a_follow_up_or_a_feature_call_is_a_502(
+    make_proxy: ProxyFactory,
+) -> None:
+    """The same 101 from the upstream that made a response (asked for it again) or from a
+    feature endpoint (tokenize): a 502, not the 101 relayed."""
+    async with Switching() as upstream:
+        spec = {"endpoint": upstream.url("/v1/chat/completions"), "key": UPSTREAM_KEY}
+        cfg = config([spec | {"id": "u", "responsesEndpoint": upstream.url("/v1/responses")}])
+        cfg["models"]["chat"]["features"] = {"tokenizeEndpoint": upstream.url("/tokenize")}
+        proxy = await make_proxy(cfg)
+        ours = responses.mint(
+            responses.ResponseRef("chat", "u", responses.project_tag("p"), True, "resp_0123456789")
+        )
+        async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+            for method, path in (
+                ("GET", f"/openai/v1/responses/{ours}"),
+                ("POST", "/v1/deployments/chat/tokenize"),
+            ):
+                body = {"inputs": ["x"]} if method == "POST" else None
+                async with s.request(method, proxy.url(path), json=body) as r:
+                    assert r.status == 502, (path, r.status, await r.text())
+        assert upstream.answered == 2
 
 
 async def test_a_usage_past_any_model_is_not_counted_and_the_ledger_goes_on(

@@ -39,7 +39,7 @@ async def call_feature(
                 headers=headers,
                 allow_redirects=False,  # the credentials go to the configured URL, nowhere else
             ) as resp:
-                if 300 <= resp.status < 400:
+                if resp.status < 200 or 300 <= resp.status < 400:  # (a final 1xx: no answer)
                     raise BadGateway(f"The feature endpoint answered {resp.status}")
                 body = await _read_bounded(resp, settings.max_response)
                 return Answer(resp.status, feature_response_headers(resp.headers), body)

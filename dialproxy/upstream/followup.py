@@ -60,8 +60,8 @@ async def follow_up(out: FollowUp, outcome: Outcome, context: Context) -> Answer
             )
     except (aiohttp.ClientError, TimeoutError):
         raise BadGateway("No route") from None
-    if 300 <= resp.status < 400:
-        resp.release()
+    if resp.status < 200 or 300 <= resp.status < 400:  # (a redirect, a final 1xx: no answer)
+        resp.close()
         raise NoRoute(f"upstream answered {resp.status}")
     outcome.ttfb_ms = round((time.perf_counter() - sent) * 1000, 2)
     outcome.status = resp.status
