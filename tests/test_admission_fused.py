@@ -146,3 +146,30 @@ def test_one_call_admits_and_settles_as_the_steps(seed: int) -> None:
                 steps.sweep(now)
             clock.now += rnd.choice([0.0, 0.01, 0.7, 3.0, 29.0, 61.0, 3_700.0, 40_000.0])
     assert admitted > 100  # (refusals too: small limits)
+
+
+@pytest.mark.parametrize("steps", [False, True])
+def test_a_reservation_in_an_empty_bucket_resets_with_that_bucket(steps: bool) -> None:
+    """The token window's reset (``x-ratelimit-reset-tokens``) counts the request's own
+    reservation, as its remaining count does: in a new bucket (the previous one still
+    holding tokens, or none) it is that bucket's time, the request window's, not the
+    previous bucket's (what the first request of each minute said, or 0 at the first)."""
+    scope = Scope(
+        owner="p:team",
+        model="chat",
+        token_windows=(Window("minute", 60, 1000),),
+        request_windows=(Window("minute", 60, 1000),),
+    )
+    clock = Clock()
+    clock.now = 1_800_000_000.0 + 1.0  # (a second into a bucket)
+    local = LocalCounters()
+    limiter = Limiter(local, clock=clock)
+    admission = Admission([scope])
+    for _ in range(2):  # the first bucket empty, then the next with the previous full
+        if steps:
+            request, token = admit_in_steps(local, admission, 10, 0, "", clock.now)
+        else:
+            request, token = limiter.admit_now(admission, 10, 0, "")
+        assert request is not None and token is not None
+        assert token.reset == request.reset >= 60
+        clock.now += 60

@@ -748,7 +748,9 @@ def _admit_now(
                     )
                 if token is not None:
                     window, counts = token[0], token[1]
-                    reset = token[3] if token[3] or not tokens else _held(window, counts)
+                    # (its current bucket empty, the reservation goes in it: it empties
+                    # when that bucket does, not when the previous one does)
+                    reset = _held(window, counts) if tokens and counts[2] <= 0 else token[3]
                     token_state = WindowState(
                         window, counts, window.limit - token[2] + tokens, reset
                     )
@@ -795,15 +797,16 @@ def admit_in_steps(
     for key, _ in taken:
         slots.setdefault(key, set()).add(member)
     token_state = _state(token)
-    if token_state is not None and tokens and not token_state.reset:
+    if token_state is not None and tokens and token_state.counts[2] <= 0:
         token_state.reset = _held(token_state.window, token_state.counts)
     return _state(request), token_state
 
 
 def _held(window: Window, counts: Counts) -> float:
-    """When a token window that was empty empties again, now that it holds the request's
-    reservation (read before it went in): its current bucket's time, or its period's end
-    (the ``x-ratelimit-reset-tokens`` that goes with a remaining count that holds it)."""
+    """When a token window whose current bucket was empty (counts read before the request's
+    reservation went in) empties, now that it holds the reservation: when that bucket does,
+    or its period ends (the ``x-ratelimit-reset-tokens`` that goes with a remaining count
+    that holds it)."""
     previous, previous_ttl, _, current_ttl = counts
     return seconds_to_empty(window, (previous, previous_ttl, 1, current_ttl))
 
