@@ -304,7 +304,7 @@ def validate(files: Sequence[str], strict: bool, fmt: str) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        sources = read_sources(files)
+        sources = read_sources(files, pipes=True)  # (`validate <(envsubst < tmpl)`)
     except OSError as e:
         reason = e.strerror or type(e).__name__
         print(f"dialproxy validate: cannot read {e.filename}: {reason}", file=sys.stderr)

@@ -138,6 +138,22 @@ def test_an_unreadable_file_exits_2(tmp_path: Path) -> None:
     assert "cannot read" in directory.stderr
 
 
+def test_a_config_piped_in_is_validated(tmp_path: Path) -> None:
+    """``dialproxy validate /dev/stdin`` (or ``<(envsubst < tmpl)``): a pipe, read as the
+    command line gives it (the server refuses what is not a regular file; CI does not)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dialproxy", "validate", "/dev/stdin"],
+        input=json.dumps(config()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "valid (0 error(s), 0 warning(s))" in result.stderr
+
+
 @pytest.mark.parametrize(
     "args", [[], ["--format", "xml", "c.json"], ["--bogus", "c.json"], ["--strict"]]
 )

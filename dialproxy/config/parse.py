@@ -37,8 +37,12 @@ class Source:
     data: bytes
 
 
-def read_sources(paths: Iterable[str | Path]) -> list[Source]:
-    """Read config files; an unreadable file raises ``OSError`` (the caller's exit 2)."""
+def read_sources(paths: Iterable[str | Path], pipes: bool = False) -> list[Source]:
+    """Read config files; an unreadable file raises ``OSError`` (the caller's exit 2).
+    ``pipes``: a pipe is read too, waiting for its writer (a command line's ``<(...)`` or
+    ``/dev/stdin``: not the server's, whose event loop must not wait)."""
+    if pipes:
+        return [Source(str(p), Path(p).read_bytes()) for p in paths]
     return [Source(str(p), read_file(p)) for p in paths]
 
 
