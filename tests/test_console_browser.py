@@ -295,6 +295,7 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await expect(dialog.get_by_role("alert")).to_contain_text("no-such-role")
     await dialog.get_by_label("Roles").fill("default")
     await dialog.get_by_label("Name").fill("browser test key")
+    await dialog.get_by_label("Models").fill(" , ")  # (no name in it: every model, as hinted)
     await dialog.get_by_role("button", name="Create key").click()
     shown = page.get_by_role("dialog", name="Key created")
     await expect(shown.get_by_text("Copy this key now.")).to_be_visible()
@@ -312,6 +313,9 @@ async def test_admin_creates_uses_rotates_and_revokes_a_key(
     await expect(page.get_by_role("button", name="New key")).to_be_focused()  # (given back)
     # The config holds its sha256: form only; the browser kept nothing of it.
     assert "sha256:" + _digest(secret) in server.config.read_text()
+    assert (
+        "models" not in json.loads(server.config.read_text())["keys"]["sha256:" + _digest(secret)]
+    )
     assert secret not in server.config.read_text()
     stored = await page.evaluate(
         "JSON.stringify(sessionStorage) + JSON.stringify(localStorage) + document.cookie"

@@ -357,7 +357,8 @@ async function createKey(roles) {
   ], "Create key", async (v) => {
     const body = { project: v.project, roles: split(v.roles), canShare: v.canShare };
     for (const field of ["name", "description", "expiresAt"]) if (v[field]) body[field] = v[field];
-    if (v.models) body.models = split(v.models);
+    const models = split(v.models);  // (none given, spaces or commas only: every model)
+    if (models.length) body.models = models;
     return write("/v1/admin/keys", { method: "POST", body });
   });
   if (!created) return;
@@ -386,7 +387,8 @@ async function editKey(k) {
     if (v.description !== (k.description || "")) body.description = v.description || null;
     if (split(v.roles).join(",") !== (k.roles || []).join(",")) body.roles = split(v.roles);
     if (v.expiresAt !== (k.expiresAt || "")) body.expiresAt = v.expiresAt || null;
-    if (split(v.models).join(",") !== (k.models || []).join(",")) body.models = v.models ? split(v.models) : null;
+    const models = split(v.models);
+    if (models.join(",") !== (k.models || []).join(",")) body.models = models.length ? models : null;
     if (v.limits !== limitsText(k.limits)) {
       try {
         body.limits = v.limits ? JSON.parse(v.limits) : null;
