@@ -141,6 +141,9 @@ class Ledger:
         self._lock = asyncio.Lock()  # one write at a time (the task's and a shutdown's)
         self.taken = 0  # batches taken out of the pending rows to be written (see rows())
         self._task: asyncio.Task[None] | None = None
+        # told of each failed write's cause (the storage's health: a Redis the counters
+        # share, whose loss an idle instance would otherwise not notice)
+        self.on_failure: Callable[[BaseException], None] | None = None
 
     def add(self, row: Row, outcome: Outcome) -> None:
         """One finished request: O(1), in memory."""
@@ -196,10 +199,11 @@ class Ledger:
             except Exception as e:
                 self.failures += 1
                 self.failing += 1
+                cause = (e.__cause__ if isinstance(e, Kept) else None) or e
                 if self.failing == 1:
-                    cause = e.__cause__ if isinstance(e, Kept) else None
-                    error = type(cause or e).__name__
-                    log.warning("ledger_write_failed", error=error, rows=len(batch))
+                    log.warning("ledger_write_failed", error=type(cause).__name__, rows=len(batch))
+                if self.on_failure is not None:
+                    self.on_failure(cause)
                 # (kept for the next write: what the store did not take)
                 merge(self.pending, e.rows if isinstance(e, Kept) else batch.items())
                 return False

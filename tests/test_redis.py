@@ -38,6 +38,7 @@ from dialproxy.counting.storage import FailurePolicy, close_storage
 from dialproxy.errors import ProxyError, RateLimited, StorageUnavailable
 from dialproxy.server import counter_storage
 from dialproxy.settings import Settings
+from dialproxy.web.appkeys import LEDGER
 from tests.conftest import (
     Backend,
     ProxyFactory,
@@ -700,6 +701,9 @@ async def test_the_app_under_deny_answers_503_and_health_says_why(
         settings=replace(settings, storage_failure="deny"),
     )
     async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+        # from the start, before any limited request (it said healthy till the first)
+        async with s.get(proxy.url("/health")) as r:
+            assert (await r.json())["storage"]["healthy"] is False
         for model, status in (("chat", 503), ("chat", 503), ("free", 200)):
             url = proxy.url(f"/openai/deployments/{model}/chat/completions")
             async with s.post(url, json=CHAT) as r:
@@ -722,6 +726,32 @@ async def test_the_app_under_deny_answers_503_and_health_says_why(
         "owed": 0,
         "owedDropped": 0,
     }
+
+
+async def test_redis_lost_while_only_unlimited_requests_come_shows_in_health(
+    backend: Backend, make_proxy: ProxyFactory, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """No limited request to notice it: the usage ledger's write, in the same Redis, fails,
+    and ``/health`` says the storage is down (it said healthy), then up once it is back."""
+    config = {
+        "models": {"free": chat_model(backend)},
+        "roles": {"user": {"limits": {"free": {}}}},
+        "keys": {KEY: {"project": "fleet", "role": "user"}},
+    }
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),))
+    proxy = await make_proxy(config, storage=counter_storage(own_redis.url), settings=settings)
+    url = proxy.url("/openai/deployments/free/chat/completions")
+    async with aiohttp.ClientSession(headers={"Api-Key": KEY}) as s:
+        async with s.post(url, json=CHAT) as r:
+            assert r.status == 200
+        await health_says(s, proxy.url("/health"), healthy=True)
+        own_redis.kill()
+        async with s.post(url, json=CHAT) as r:
+            assert r.status == 200  # (nothing limited: served)
+        assert not await proxy.app[LEDGER].flush()
+        await health_says(s, proxy.url("/health"), healthy=False)
+        own_redis.start()
+        await health_says(s, proxy.url("/health"), healthy=True)
 
 
 # --- two instances on one Redis ---------------------------------------------------------------
@@ -1415,6 +1445,36 @@ async def test_an_admission_whose_client_left_before_redis_answered_is_given_bac
         await limiter.admit([scope], 300, member="next")  # the one slot is free
         (requests,) = await limiter.usage("p:fleet", "chat", [Window("hour", 3_600, 100)], "r")
         assert requests.used == 3
+    finally:
+        await limiter.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_a_slot_taken_by_an_admission_that_timed_out_is_freed_when_redis_is_back(
+    own_redis: RedisServer, policy: str
+) -> None:
+    """An admission that timed out (Redis paused) is one script call, applied whole when
+    Redis resumes: its slot then sits in Redis though the request, served meanwhile by the
+    policy, has long ended.  It is freed when Redis is back (owed), not a lease (a minute)
+    later: before, a one-second stall locked a project with a cap out of every instance."""
+    limiter = Limiter(counter_storage(own_redis.url), policy)
+    scope = Scope(
+        "p:fleet", "chat", request_windows=(Window("hour", 3_600, 100),), concurrency=1
+    )  # fmt: skip
+    try:
+        await limiter.admit([scope], member="first")  # (connected, prepared)
+        await limiter.settle([scope], 0, 0, member="first")
+        own_redis.pause()
+        with contextlib.suppress(ProxyError):  # (deny: a 503)
+            request = await limiter.admit_held([scope], member="stalled")
+            await limiter.settle([scope], 0, 0, "stalled", held=request[2])
+        own_redis.resume()
+        await until_healthy(limiter)
+        for _ in range(int(MARGIN / 0.01)):  # (the owed give-back sent, answered)
+            if not limiter.health()["owed"]:
+                break
+            await asyncio.sleep(0.01)
+        await limiter.admit([scope], member="next")  # the one slot is free in Redis
     finally:
         await limiter.close()
 

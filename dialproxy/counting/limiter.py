@@ -315,6 +315,9 @@ class Limiter:
                 raise
             except Exception as e:  # (Redis failed it: as guard.run would)
                 guard.failed(e)
+                if batch.slots:  # (a call that timed out may yet be applied when Redis is
+                    # back: its slots, taken there, are freed then, not a lease later)
+                    guard.owe([], [], [key for key, _ in batch.slots], batch.member)
                 request, token = await guard.fallback(lambda s: _admit(s, batch), _UNCOUNTED)
         else:
             request, token = await guard.run(lambda s: _admit(s, batch, self._left), _UNCOUNTED)

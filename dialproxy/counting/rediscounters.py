@@ -35,7 +35,7 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 
 from dialproxy.counting.counters import Counts, Read
 
@@ -902,3 +902,11 @@ def _consume(task: asyncio.Future[Any]) -> None:
     set-up command whose failure is the calls' behind it)."""
     if not task.cancelled():
         task.exception()  # (retrieved: an outage is seen by the next call)
+
+
+def unanswered(error: BaseException) -> bool:
+    """Whether ``error`` says Redis did not answer (down, unreachable, too slow), not that
+    it answered with a refusal (a script's error, a wrong password's is a refusal too)."""
+    if isinstance(error, ResponseError):
+        return False
+    return isinstance(error, OSError | TimeoutError | RedisError)

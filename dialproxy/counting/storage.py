@@ -291,6 +291,17 @@ class StorageGuard:
                 self.failed(e)
         return await self.fallback(op, allowed, refuse=refuse)
 
+    async def start(self) -> None:
+        """At the app's start: the shared storage prepared now (Redis: connected, its
+        scripts loaded), so that ``/health`` says at once when it is not there; it said
+        healthy until the first limited request, on an instance started without Redis."""
+        if self._ready:
+            return
+        try:
+            await self._prepare()
+        except Exception as e:
+            self.failed(e)
+
     def failed(self, error: Exception) -> None:
         """The shared storage failed a call: down until a probe finds it back."""
         self._ready = False

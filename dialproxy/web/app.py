@@ -18,8 +18,8 @@ from dialproxy.config.model import LONG_MAX, Limit
 from dialproxy.config.store import ConfigStore
 from dialproxy.counting.counters import LocalCounters
 from dialproxy.counting.limiter import Limiter
-from dialproxy.counting.rediscounters import RedisCounters
-from dialproxy.counting.storage import Storage
+from dialproxy.counting.rediscounters import RedisCounters, unanswered
+from dialproxy.counting.storage import Storage, StorageGuard
 from dialproxy.errors import Forbidden, NotFound
 from dialproxy.logs import cut
 from dialproxy.settings import Settings
@@ -244,6 +244,17 @@ def usage_ledger(settings: Settings, counters: Storage) -> ledger.Ledger:
     )
 
 
+def _ledger_tells(guard: StorageGuard) -> Callable[[BaseException], None]:
+    """What a failed ledger write in the counters' Redis tells their health: Redis did not
+    answer (not a write it refused), so ``/health`` says so though no request was limited."""
+
+    def failed(cause: BaseException) -> None:
+        if unanswered(cause):
+            guard.state.failed(cause, "ledger")
+
+    return failed
+
+
 async def _run_ledger(app: web.Application) -> AsyncIterator[None]:
     """Writes every ``--ledger-flush`` seconds while the app runs; the rest when it stops
     (after the requests in flight and their usage records: see create_app)."""
@@ -295,6 +306,8 @@ def create_app(
     app[DRAIN] = Drain()  # the open streams a shutdown ends (see dialproxy.web.drain)
     if settings.ledger == "on":  # (first: its last write follows the usage records' end)
         app[LEDGER] = usage_ledger(settings, limiter.storage)
+        if isinstance(limiter.storage, RedisCounters):  # (one Redis, one health)
+            app[LEDGER].on_failure = _ledger_tells(limiter.guard)
         app.cleanup_ctx.append(_run_ledger)
 
     idle = IdleWatch(settings.idle_timeout)  # (not aiohttp's sock_read: see its module)
@@ -319,6 +332,11 @@ def create_app(
 
     app.cleanup_ctx.append(client_ctx)
     app.on_cleanup.append(_close_limiter)  # after client_ctx has awaited the usage records
+
+    async def start_limiter(_: web.Application) -> None:
+        await limiter.guard.start()  # (Redis there or not: /health says so from the start)
+
+    app.on_startup.append(start_limiter)
     sharedkeys.setup(app)  # the shared key store (opened and closed with the app), its routes
     measured = None
     if settings.metrics:
