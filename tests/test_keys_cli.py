@@ -223,8 +223,8 @@ def test_add_options_and_usage_errors(pretty: Path, capsys: pytest.CaptureFixtur
     code, _, err = run(capsys, "add", "--config", str(pretty), "--project", "", "--role", "r")
     assert code == 2
     for option in ("--project", "--name", "--description", "--role"):  # read as variables
-        args = {"--project": "p", "--role": "r"} | {option: "${UPSTREAM_KEY}"}
-        code, _, err = run(capsys, "add", "--config", str(pretty), *chain(*args.items()))
+        given = {"--project": "p", "--role": "r"} | {option: "${UPSTREAM_KEY}"}
+        code, _, err = run(capsys, "add", "--config", str(pretty), *chain(*given.items()))
         assert code == 2 and "environment variable" in err, option
     for argv in (
         ["add", "--config", str(pretty), "--role", "r"],

@@ -300,7 +300,7 @@ async def test_a_max_tokens_past_any_model_reserves_at_most_a_billion(
     float notation, after which every count on the window failed (503 under ``deny`` for
     every project, the attacker's next request included, until the window expired)."""
     cfg = config(backend, minute=10**12)
-    huge = {"max_tokens": 2**63 - 1}
+    huge: dict[str, Any] = {"max_tokens": 2**63 - 1}
     if given_by == "model":
         cfg["models"]["chat"]["limits"] = {"maxCompletionTokens": 2**63 - 1}
         huge = {}
