@@ -221,6 +221,32 @@ async def test_an_aidial_sdk_adapter_gets_a_per_request_key(
     assert keys is not None and len(keys) == 0  # nothing left in memory
 
 
+async def test_an_adapter_on_the_v1_path_is_told_the_deployment(
+    adapter: str,
+    backend: Backend,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """``/openai/v1/chat/completions`` with ``"model": "agent"`` goes to the adapter's base
+    URL + that path, which aidial-sdk serves for all its deployments, picking one by
+    ``X-DIAL-DEPLOYMENT-ID`` (as DIAL Core sends it): it answered 500 without it.  A
+    client's own value never passes."""
+    cfg = config(adapter, backend)
+    cfg["models"]["agent"] = {
+        "type": "chat",
+        "interfaces": {"openaiChatCompletions": {"base_url": adapter}},
+    }
+    proxy = await start(make_proxy, cfg, tmp_path)
+    body = {"model": "agent", "messages": [{"role": "user", "content": "hello"}]}
+    status, answer = await call(
+        session, proxy, "/openai/v1/chat/completions", KEY, body,
+        **{"X-DIAL-DEPLOYMENT-ID": "adapter"},
+    )  # fmt: skip
+    assert status == 200, answer
+    assert seen_by_adapter(answer)["deployment"] == "agent"
+
+
 async def test_each_request_gets_its_own_key_and_our_limits_hold(
     adapter: str,
     backend: Backend,

@@ -21,6 +21,7 @@ from dialproxy.errors import Severity as Severity
 from dialproxy.text import fingerprint, key_digest
 from dialproxy.wire.headers import adapter_headers, direct_key_header
 
+DEPLOYMENT_ID_HEADER = "X-DIAL-DEPLOYMENT-ID"
 NANO = 1_000_000_000  # nano-USD in a dollar: cost counters are integers
 # The most one request may cost, in nano-USD ($1,000,000): what any price times any count
 # comes to stays inside a 64-bit counter and a double's exact integers (Redis's scripts).
@@ -406,18 +407,22 @@ class Model:
         object.__setattr__(self, "direct", direct)
 
     def _routes(self, url: str, append_path: bool, direct: bool, api: str) -> tuple[Route, ...]:
-        """The routes to one URL (a direct model: to each upstream's own for ``api``)."""
+        """The routes to one URL (a direct model: to each upstream's own for ``api``).  An
+        adapter or application is told the deployment in ``X-DIAL-DEPLOYMENT-ID``, as DIAL
+        Core tells it (the client's never passes): aidial-sdk's ``/openai/v1/...`` routes,
+        which serve every deployment, pick it by that header."""
+        deployment = {} if direct else {DEPLOYMENT_ID_HEADER: self.name}
         if self.upstreams:
             found = []
             for i, u in enumerate(self.upstreams):
                 target = _direct_url(u, api) if direct else url
                 if u.weight > 0 and target is not None:
-                    headers = _upstream_headers(u, direct=direct, api=api)
+                    headers = _upstream_headers(u, direct=direct, api=api) | deployment
                     found.append(Route(u, target, headers, f"upstreams[{i}]", append_path))
             return tuple(found)
         if direct:
             return ()
-        return (Route(Upstream(endpoint=url), url, {}, "endpoint", append_path),)
+        return (Route(Upstream(endpoint=url), url, deployment, "endpoint", append_path),)
 
     def interface_types(self) -> list[str]:
         """The interface types listings report: the declared ones, and a legacy ``endpoint``

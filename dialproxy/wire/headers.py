@@ -70,6 +70,7 @@ NEVER_DEFAULT_HEADERS = frozenset(
         "api-key",
         "x-api-key",
         "authorization",
+        "x-dial-deployment-id",  # (an adapter's: the proxy sets it, as DIAL Core does)
     }
 )
 
