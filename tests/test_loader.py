@@ -391,7 +391,7 @@ def test_other_bad_limit_values(value: Any) -> None:
 def test_limit_naming_an_undefined_model_is_a_warning() -> None:
     p = the_problem(problems(mutated(lambda c: c["roles"]["r"]["limits"].update(gpt5={}))))
     assert (p.path, p.severity) == ("$.roles.r.limits.gpt5", "warning")
-    assert p.message.startswith('no model (or application, addon, assistant, toolset) "gpt5"')
+    assert p.message.startswith('no model (or application, addon, assistant, toolset, route) "gpt5"')
 
 
 @pytest.mark.parametrize(
@@ -401,6 +401,8 @@ def test_limit_naming_an_undefined_model_is_a_warning() -> None:
         {"addons": {"app": {"endpoint": "http://localhost:7010/search"}}},
         {"toolsets": {"app": {"endpoint": "http://git-mcp/call"}}},
         {"assistant": {"endpoint": "http://h/a", "assistants": {"app": {"prompt": "p"}}}},
+        # a route: its entry counts the route's request windows
+        {"routes": {"app": {"paths": ["/v1/vs/.*"], "response": {"status": 200}}}},
     ],
 )
 def test_limit_naming_another_deployment_is_not_warned(section: dict[str, Any]) -> None:

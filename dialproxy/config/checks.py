@@ -130,10 +130,13 @@ def as_list(value: Any) -> list[Any]:
 
 
 def _deployment_names(doc: Mapping[str, Any]) -> set[str]:
+    """What a role's ``limits`` may name: the deployments, and the routes (a route's entry
+    counts its request windows, see ``config.routes``)."""
     names: set[str] = set()
     for section in _DEPLOYMENT_SECTIONS:
         names.update(as_dict(doc.get(section)))
     names.update(as_dict(as_dict(doc.get("assistant")).get("assistants")))
+    names.update(as_dict(doc.get("routes")))
     return names
 
 
@@ -188,8 +191,8 @@ def semantic_checks(
             if name not in deployments:
                 yield warn(
                     ["roles", role_name, "limits", name],
-                    f"no model (or application, addon, assistant, toolset) {show_name(name)} "
-                    "is defined",
+                    f"no model (or application, addon, assistant, toolset, route) "
+                    f"{show_name(name)} is defined",
                 )
 
     for model_name, raw in models.items():
