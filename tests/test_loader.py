@@ -391,7 +391,9 @@ def test_other_bad_limit_values(value: Any) -> None:
 def test_limit_naming_an_undefined_model_is_a_warning() -> None:
     p = the_problem(problems(mutated(lambda c: c["roles"]["r"]["limits"].update(gpt5={}))))
     assert (p.path, p.severity) == ("$.roles.r.limits.gpt5", "warning")
-    assert p.message.startswith('no model (or application, addon, assistant, toolset, route) "gpt5"')
+    assert p.message.startswith(
+        'no model (or application, addon, assistant, toolset, route) "gpt5"'
+    )
 
 
 @pytest.mark.parametrize(
