@@ -159,7 +159,7 @@ async def send_route(out: RouteOutbound, tried: Tried, context: Context) -> Rout
                 resp = await client.request(
                     out.method,
                     upstream_url(upstream.endpoint, out.route, out.target),
-                    data=out.data,
+                    data=out.data or None,  # (no body: no Content-Type aiohttp would add)
                     headers=sent,
                     allow_redirects=False,  # the key goes to the configured URL alone
                 )
