@@ -204,6 +204,32 @@ async def test_a_lying_content_length_without_a_key_gets_its_401_and_the_connect
     writer.close()
 
 
+async def test_expect_100_continue_is_said_only_to_a_good_key_and_a_size_within_the_cap(
+    backend: Backend, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """``Expect: 100-continue`` (curl's, for a big body): a bad key or a declared size over
+    ``--max-body`` gets its 401 or 413 at once, with no ``100 Continue`` first (aiohttp said
+    it to every client, which then sent the whole body to have it refused); a good key gets
+    the 100, then its answer."""
+    proxy = await start(make_proxy, tmp_path, backend)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    for key, length, status in ((None, len(body), 401), (KEY, 1 << 40, 413)):
+        reader, writer = await connect(proxy)
+        writer.write(request_head(CHAT, length, key=key, Expect="100-continue"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), WITHIN)
+        assert head.split()[1] == str(status).encode(), head
+        writer.close()
+    reader, writer = await connect(proxy)
+    writer.write(request_head(CHAT, len(body), Expect="100-continue"))
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(body)
+    status, _ = await read_answer(reader)
+    assert status == 200
+    writer.close()
+
+
 async def test_a_slow_body_that_stalls_gets_a_408_but_a_slow_one_that_flows_does_not(
     make_proxy: ProxyFactory, tmp_path: Path, backend: Backend
 ) -> None:

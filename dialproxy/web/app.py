@@ -374,8 +374,9 @@ def create_app(
     app.on_startup.append(bind_client)  # (after the cleanup contexts have run their start)
     for api in APIS:  # (a path without {id}: the deployment is the body's "model")
         handler = functools.partial(proxy.handle, services=services, api=api)
+        expect = functools.partial(proxy.expect_continue, services=services, api=api)
         for path in api.paths:
-            app.router.add_post(path, handler)
+            app.router.add_post(path, handler, expect_handler=expect)
     responses.routes(app, services)  # the Responses API's follow-ups on its ids
     usage.routes(app)  # DIAL's usage endpoints, on the ledger
     admin.routes(app)  # the admin API (keys, reload, validate, schema)
