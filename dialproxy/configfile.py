@@ -4,9 +4,9 @@ Writing a config file changes only what it must: the new entry, or one field of 
 spliced into the file's text (the rest is kept byte for byte, indentation and layout
 included; members are taken out as they are put in, with their separating comma and
 layout), the result is checked to parse to exactly the intended document and to validate
-no worse than before (for the admin API: to validate, with no warning it did not have), and
-it replaces the file atomically (a temporary file in the same folder, then ``os.replace``).
-YAML files are read but never written.
+(for the CLI an unset ``${VAR}`` aside: its shell may lack the server's; for the admin API
+with no warning it did not have), and it replaces the file atomically (a temporary file in
+the same folder, then ``os.replace``).  YAML files are read but never written.
 
 The ``keys`` CLI (:mod:`dialproxy.keys`) and the admin API (:mod:`dialproxy.web.admin`) edit
 through :class:`ConfigFile`.
@@ -307,8 +307,8 @@ class ConfigFile:
         together: Sequence[Path] = (),
     ) -> list[Problem]:
         """Check and write the edited text; returns the warnings the edit introduced
-        (``strict``: refuses those too, as errors, and an error the files had already: the
-        server's edit, checked with its environment, must take effect).  ``together``: every
+        (``strict``: refuses those too, as errors, and an unset variable: the server's edit
+        is checked with its environment).  ``together``: every
         file the config is made of, in their order, this one among them: the edit is
         checked as those files load merged (alone otherwise)."""
         new = self.text.text
@@ -329,11 +329,12 @@ class ConfigFile:
         if errors:
             detail = "; ".join(f"{p.path}: {p.message}" for p in errors)
             raise InvalidEdit(f"{self.path}: the edit would make the config invalid: {detail}")
-        # An error the files had already, for the server (``strict``): the result would not
-        # load either, so the edit would not take effect (a revoked key would go on
-        # working): nothing written.  (The CLI validates with its shell's environment, which
-        # may lack the server's variables: there, no worse than before.)
-        if strict and (already := [p for p in after if p.severity == "error"]):
+        # An error the files had already: the result would not load either, so the edit
+        # would not take effect (a revoked key would go on working): nothing written.  (The
+        # CLI checks with its shell's environment, which may lack the server's variables:
+        # an unset one is no such error there.)
+        already = [p for p in after if p.severity == "error" and (strict or not _unset_variable(p))]
+        if already:
             detail = "; ".join(f"{p.file} {p.path}: {p.message}" for p in already)
             raise InvalidEdit(
                 f"the config does not validate as it is, so no edit can take effect: fix it "
@@ -355,6 +356,12 @@ def _problems(
         return list(build_snapshot(sources, env).warnings)
     except ConfigError as e:
         return list(e.problems)
+
+
+def _unset_variable(problem: Problem) -> bool:
+    return problem.message.startswith("environment variable ") and problem.message.endswith(
+        " is not set"
+    )
 
 
 def _current(path: Path) -> bytes | None:

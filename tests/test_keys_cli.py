@@ -284,6 +284,22 @@ def test_add_works_in_a_shell_without_the_servers_variables(
     assert len(json.loads(path.read_text())["keys"]) == 1
 
 
+def test_an_edit_to_a_config_that_does_not_load_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config the proxy refuses already (a field it does not know): a revoke written there
+    would say "done" while the reload refused the file and the key went on working."""
+    path = tmp_path / "aidial.config.json"
+    model = {"type": "chat", "endpoint": "http://x/chat", "bogusField": 1}
+    secret = "sha256:" + "1" * 64
+    doc = {"models": {"m": model}, "roles": {"r": {}}, "keys": {secret: {"project": "p"}}}
+    path.write_text(json.dumps(doc))
+    before = path.read_bytes()
+    code, _, err = run(capsys, "revoke", "--config", str(path), "1111")
+    assert code == 1 and "fix it first" in err, err
+    assert path.read_bytes() == before
+
+
 def test_yaml_files_are_listed_but_never_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
