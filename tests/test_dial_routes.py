@@ -191,6 +191,10 @@ async def test_a_route_end_to_end(
     assert rec.seen[-1].method == "GET"
     # no body, no type: none is made up for it (aiohttp's octet-stream for an empty body)
     assert "Content-Type" not in rec.seen[-1].headers
+    for method in ("POST", "PUT"):  # (the client sends none either)
+        await call(proxy.url("/v1/fixed"), method, skip_auto_headers=["Content-Type"])
+        assert rec.seen[-1].method == method
+        assert "Content-Type" not in rec.seen[-1].headers, method
 
 
 async def test_a_route_stream_the_upstream_breaks_off(

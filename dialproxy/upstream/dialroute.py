@@ -25,7 +25,7 @@ from dialproxy.config.model import DialRoute
 from dialproxy.upstream.answer import Context, read_answer
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.idle import IdleWatch
-from dialproxy.wire.headers import UPSTREAM_KEY, response_headers
+from dialproxy.wire.headers import NO_BODY_TYPE, UPSTREAM_KEY, response_headers
 
 if TYPE_CHECKING:
     from yarl import URL
@@ -159,8 +159,10 @@ async def send_route(out: RouteOutbound, tried: Tried, context: Context) -> Rout
                 resp = await client.request(
                     out.method,
                     upstream_url(upstream.endpoint, out.route, out.target),
-                    data=out.data or None,  # (no body: no Content-Type aiohttp would add)
+                    data=out.data or None,
                     headers=sent,
+                    # (no body: none of the Content-Type aiohttp would make up for it)
+                    skip_auto_headers=() if out.data else NO_BODY_TYPE,
                     allow_redirects=False,  # the key goes to the configured URL alone
                 )
         except (aiohttp.ClientError, TimeoutError):

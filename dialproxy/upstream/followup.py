@@ -18,6 +18,7 @@ from dialproxy.config.model import Route
 from dialproxy.errors import BadGateway, NoRoute
 from dialproxy.outcome import Outcome
 from dialproxy.upstream.answer import Answer, Context, answer
+from dialproxy.wire.headers import NO_BODY_TYPE
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ async def follow_up(out: FollowUp, outcome: Outcome, context: Context) -> Answer
                 data=out.data or None,
                 headers={**out.headers, **route.headers},
                 allow_redirects=False,
+                skip_auto_headers=() if out.data else NO_BODY_TYPE,
             )
     except (aiohttp.ClientError, TimeoutError):
         raise BadGateway("No route") from None

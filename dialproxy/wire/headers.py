@@ -75,6 +75,11 @@ NEVER_DEFAULT_HEADERS = frozenset(
 )
 
 
+# For a request with no body: aiohttp would send it as ``application/octet-stream`` (a POST or
+# a PUT, with ``data=None``), a type the client never gave.
+NO_BODY_TYPE = ("Content-Type",)
+
+
 def never_default_header(name: str) -> bool:
     """Whether a ``defaultHeaders`` entry may not set ``name`` (nor any ``X-UPSTREAM-*``:
     DIAL's adapter headers are the proxy's, see :func:`adapter_headers`)."""
