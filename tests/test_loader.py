@@ -388,6 +388,22 @@ def test_other_bad_limit_values(value: Any) -> None:
     assert p.message.startswith("must be an integer")
 
 
+def test_a_deployment_name_with_a_control_character_is_an_error() -> None:
+    """Sent to an adapter in X-DIAL-DEPLOYMENT-ID: aiohttp refuses such a header value (every
+    request to it answered 500)."""
+
+    def mutate(c: dict[str, Any]) -> None:
+        c["models"]["a\x01b"] = c["models"]["m"]
+
+    found = [p for p in problems(mutated(mutate)) if p.severity == "error"]
+    assert [(p.path, p.message) for p in found] == [
+        (
+            '$.models["a\\u0001b"]',
+            "a deployment name is sent as a header value: no control characters",
+        )
+    ]
+
+
 def test_limit_naming_an_undefined_model_is_a_warning() -> None:
     p = the_problem(problems(mutated(lambda c: c["roles"]["r"]["limits"].update(gpt5={}))))
     assert (p.path, p.severity) == ("$.roles.r.limits.gpt5", "warning")

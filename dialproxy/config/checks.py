@@ -195,6 +195,13 @@ def semantic_checks(
                     f"{show_name(name)} is defined",
                 )
 
+    for section in ("models", "applications"):
+        for name in as_dict(doc.get(section)):
+            if CONTROL.search(name):  # (an adapter is told it in X-DIAL-DEPLOYMENT-ID)
+                yield at.problem(
+                    [section, name],
+                    "a deployment name is sent as a header value: no control characters",
+                )
     for model_name, raw in models.items():
         if not isinstance(raw, dict):
             continue
