@@ -1468,6 +1468,8 @@ async def test_a_slot_taken_by_an_admission_that_timed_out_is_freed_when_redis_i
         with contextlib.suppress(ProxyError):  # (deny: a 503)
             request = await limiter.admit_held([scope], member="stalled")
             await limiter.settle([scope], 0, 0, "stalled", held=request[2])
+        # the admission answered by the policy, once (and under allow, its settlement)
+        assert limiter.health()["fallbacks"] == {"deny": 1, "allow": 2, "local": 1}[policy]
         own_redis.resume()
         await until_healthy(limiter)
         for _ in range(int(MARGIN / 0.01)):  # (the owed give-back sent, answered)

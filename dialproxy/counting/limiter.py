@@ -317,7 +317,8 @@ class Limiter:
                 guard.failed(e)
                 if batch.slots:  # (a call that timed out may yet be applied when Redis is
                     # back: its slots, taken there, are freed then, not a lease later)
-                    guard.owe([], [], [key for key, _ in batch.slots], batch.member)
+                    slots = [key for key, _ in batch.slots]
+                    guard.owe([], [], slots, batch.member, fallback=False)
                 request, token = await guard.fallback(lambda s: _admit(s, batch), _UNCOUNTED)
         else:
             request, token = await guard.run(lambda s: _admit(s, batch, self._left), _UNCOUNTED)

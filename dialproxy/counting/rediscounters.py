@@ -905,8 +905,9 @@ def _consume(task: asyncio.Future[Any]) -> None:
 
 
 def unanswered(error: BaseException) -> bool:
-    """Whether ``error`` says Redis did not answer (down, unreachable, too slow), not that
-    it answered with a refusal (a script's error, a wrong password's is a refusal too)."""
+    """Whether ``error`` says Redis cannot be used (down, unreachable, too slow, a password
+    it refuses: redis-py's ``AuthenticationError`` is a ``ConnectionError``), not that it
+    answered one call with an error (a script's, ``OOM``: a ``ResponseError``)."""
     if isinstance(error, ResponseError):
         return False
     return isinstance(error, OSError | TimeoutError | RedisError)

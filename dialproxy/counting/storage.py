@@ -386,11 +386,20 @@ class StorageGuard:
         self.fallbacks += 1
         self._add_locally(windows, amounts)
 
-    def owe(self, windows: list[Read], amounts: list[int], slots: list[str], member: str) -> None:
+    def owe(
+        self,
+        windows: list[Read],
+        amounts: list[int],
+        slots: list[str],
+        member: str,
+        fallback: bool = True,
+    ) -> None:
         """A settlement of what Redis holds (a request it admitted), never sent: Redis is
         down.  Kept, and sent when it is back (see the module's notes); under ``local``
-        what it adds counts in the local counters at once."""
-        self.fallbacks += 1
+        what it adds counts in the local counters at once.  ``fallback``: it counts as one
+        (not when the policy's answer to the same request is counted already)."""
+        if fallback:
+            self.fallbacks += 1
         self._add_locally(windows, amounts)
         if slots and isinstance(self.storage, RedisCounters):  # (a dropped one's let lapse)
             self.storage.forget(slots, member)
