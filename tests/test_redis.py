@@ -1481,6 +1481,34 @@ async def test_a_slot_taken_by_an_admission_that_timed_out_is_freed_when_redis_i
         await limiter.close()
 
 
+async def test_a_slot_whose_settlement_was_lost_is_freed_when_redis_is_back(
+    own_redis: RedisServer,
+) -> None:
+    """A settlement sent to Redis and failed (a timeout, the connection dropped): not owed,
+    since it may yet be applied (its amounts would count twice), but its slot release is
+    (freeing a slot twice frees it once); before, the slot stayed taken for the lease, the
+    project capped on every instance."""
+    limiter = Limiter(counter_storage(own_redis.url), "local")
+    scope = Scope(
+        "p:fleet", "chat", request_windows=(Window("hour", 3_600, 100),), concurrency=1
+    )  # fmt: skip
+    try:
+        await limiter.admit([scope], member="lost")
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        limiter.guard.watch(lost, [], [], [scope.slot_set], "lost")  # (its call, as sent)
+        lost.set_exception(TimeoutError())  # (what Redis never answered)
+        await asyncio.sleep(0)
+        assert limiter.health()["owed"] == 1
+        await until_healthy(limiter)
+        for _ in range(int(MARGIN / 0.01)):
+            if not limiter.health()["owed"]:
+                break
+            await asyncio.sleep(0.01)
+        await limiter.admit([scope], member="next")  # the one slot is free in Redis
+    finally:
+        await limiter.close()
+
+
 def _capped(owner: str) -> Scope:
     """A scope of one token window and one slot (what a cancelled admission must give back)."""
     return Scope(

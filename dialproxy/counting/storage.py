@@ -385,6 +385,9 @@ class StorageGuard:
             return
         self.fallbacks += 1
         self._add_locally(windows, amounts)
+        if slots:  # (freeing a slot twice frees it once: that part is owed all the same,
+            # or the slot stays taken till its lease, the project capped on every instance)
+            self.owe([], [], slots, member, fallback=False)
 
     def owe(
         self,
