@@ -156,6 +156,16 @@ async def until_healthy(limiter: Limiter, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def until_repaid(limiter: Limiter) -> None:
+    """Until the storage is back and what it was owed is sent and answered."""
+    await until_healthy(limiter)
+    for _ in range(int(MARGIN / 0.01)):
+        if not limiter.health()["owed"]:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("what was owed was never repaid")
+
+
 async def health_says(s: aiohttp.ClientSession, url: str, *, healthy: bool) -> None:
     """Until the app's ``/health`` (``url``) says its storage is ``healthy`` (or not)."""
     deadline = time.monotonic() + 10.0
@@ -1471,11 +1481,7 @@ async def test_a_slot_taken_by_an_admission_that_timed_out_is_freed_when_redis_i
         # the admission answered by the policy, once (and under allow, its settlement)
         assert limiter.health()["fallbacks"] == {"deny": 1, "allow": 2, "local": 1}[policy]
         own_redis.resume()
-        await until_healthy(limiter)
-        for _ in range(int(MARGIN / 0.01)):  # (the owed give-back sent, answered)
-            if not limiter.health()["owed"]:
-                break
-            await asyncio.sleep(0.01)
+        await until_repaid(limiter)
         await limiter.admit([scope], member="next")  # the one slot is free in Redis
     finally:
         await limiter.close()
@@ -1499,11 +1505,7 @@ async def test_a_slot_whose_settlement_was_lost_is_freed_when_redis_is_back(
         lost.set_exception(TimeoutError())  # (what Redis never answered)
         await asyncio.sleep(0)
         assert limiter.health()["owed"] == 1
-        await until_healthy(limiter)
-        for _ in range(int(MARGIN / 0.01)):
-            if not limiter.health()["owed"]:
-                break
-            await asyncio.sleep(0.01)
+        await until_repaid(limiter)
         await limiter.admit([scope], member="next")  # the one slot is free in Redis
     finally:
         await limiter.close()

@@ -23,10 +23,14 @@ KEY = f"$.keys.<key {fingerprint(SECRET)}>"
 LINE = re.compile(r"^(?P<file>.+?): (?P<path>\$.*?): (?P<severity>error|warning): (?P<message>.+)$")
 
 
-def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m dialproxy validate ARGS`` with only ``env`` (and PATH) in the environment."""
+def run(
+    *args: str | Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m dialproxy validate ARGS`` with only ``env`` (and PATH) in the environment
+    (``stdin``: what it reads there)."""
     return subprocess.run(
         [sys.executable, "-m", "dialproxy", "validate", *map(str, args)],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
@@ -141,15 +145,7 @@ def test_an_unreadable_file_exits_2(tmp_path: Path) -> None:
 def test_a_config_piped_in_is_validated(tmp_path: Path) -> None:
     """``dialproxy validate /dev/stdin`` (or ``<(envsubst < tmpl)``): a pipe, read as the
     command line gives it (the server refuses what is not a regular file; CI does not)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "dialproxy", "validate", "/dev/stdin"],
-        input=json.dumps(config()),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
+    result = run("/dev/stdin", stdin=json.dumps(config()))
     assert result.returncode == 0, result.stderr
     assert "valid (0 error(s), 0 warning(s))" in result.stderr
 
