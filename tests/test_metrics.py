@@ -269,11 +269,20 @@ async def test_off_by_default_key_label_absent(backend: Backend, make_proxy: Pro
 
 
 async def test_auth_required_when_asked(backend: Backend, make_proxy: ProxyFactory) -> None:
-    proxy = await make_proxy(config(backend), settings=Settings(metrics_auth="key"))
+    cfg = config(backend)
+    cfg["keys"][KEY]["canShare"] = True
+    proxy = await make_proxy(cfg, settings=Settings(metrics_auth="key"))
     assert (await scrape(proxy.url("/metrics")))[0] == 401
     assert (await scrape(proxy.url("/metrics"), **{"Api-Key": "dp-wrong"}))[0] == 401
     status, text = await scrape(proxy.url("/metrics"), Authorization=f"Bearer {KEY}")
     assert status == 200 and "dialproxy_requests_in_flight" in text
+    # a shared key is no key of the config: it is for generation (it read every project's)
+    async with aiohttp.ClientSession() as s:
+        body = {"name": "friend", "tokens": 100}
+        async with s.post(proxy.url("/v1/sharedkeys"), json=body, headers={"Api-Key": KEY}) as r:
+            assert r.status == 201
+            lent = (await r.json())["key"]
+    assert (await scrape(proxy.url("/metrics"), **{"Api-Key": lent}))[0] == 401
 
 
 async def test_no_metrics(backend: Backend, make_proxy: ProxyFactory) -> None:
