@@ -14,6 +14,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from dialproxy.apis import responses
 from dialproxy.server import counter_storage
@@ -268,6 +269,37 @@ async def test_a_background_usage_past_any_model_is_not_charged_by_its_follow_up
     assert await used_tokens(proxy) == 0
     (row,) = await proxy.app[LEDGER].rows(0, time.time() + 3600, (), project="p")
     assert row["total_tokens"] == 0
+
+
+async def test_follow_ups_are_their_own_api_in_the_metrics_and_the_charge_a_responses_row(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """A poll is not a response made: ``/metrics`` counts follow-ups as
+    ``responses/retrieve`` (they counted as ``responses``, five "responses" for one made and
+    four polls); the usage a follow-up charges goes to the ledger's ``responses`` row."""
+    backend.control.background_delay = 0.05
+    proxy = await make_proxy(config(backend))
+    async with aiohttp.ClientSession() as s, aclient(proxy) as ac:
+        queued = await ac.responses.create(model="m", input="in the back", background=True)
+        polls = 0
+        while (seen := await ac.responses.retrieve(queued.id)).status != "completed":
+            polls += 1
+            assert polls < 100
+            await asyncio.sleep(0.05)
+        await ac.responses.retrieve(queued.id)
+        await proxy.settle()
+        async with s.get(proxy.url("/metrics")) as r:
+            text = await r.text()
+    counted: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dialproxy_requests_total":
+                api = sample.labels["api"]
+                counted[api] = counted.get(api, 0) + sample.value
+    assert counted == {"responses": 1, "responses/retrieve": polls + 2}
+    assert seen.usage is not None
+    rows = await proxy.app[LEDGER].rows(0, time.time() + 3600, ("api",), project="p")
+    assert [(r["api"], r["total_tokens"]) for r in rows] == [("responses", seen.usage.total_tokens)]
 
 
 async def test_follow_ups_go_to_the_upstream_that_made_the_response(

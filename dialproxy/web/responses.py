@@ -66,7 +66,8 @@ async def handle(request: web.Request, services: Services, action: str) -> web.S
     """One follow-up (``action``: retrieve, delete, cancel) on a response id of ours."""
     snapshot = services.store.snapshot
     started = time.perf_counter()
-    outcome = begin(services, request, RESPONSES.name)
+    # (its own API label, as the metrics list it: a poll is not a response made)
+    outcome = begin(services, request, f"{RESPONSES.name}/{action}")
     our_id = request.match_info["response_id"]
     call = _Call(request, services, our_id, outcome, started)
     try:
@@ -166,6 +167,7 @@ def _settle(call: _Call) -> None:
             if await services.charged.first(call.our_id, redis):
                 record(services, outcome)
                 if services.ledger is not None and principal is not None:  # (once too)
+                    outcome.api = RESPONSES.name  # (the ledger's row: a response's usage)
                     snapshot = services.store.snapshot
                     add_to_ledger(services.ledger, snapshot, principal, ref.deployment, outcome)
 
