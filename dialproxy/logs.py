@@ -21,6 +21,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import select
 import sys
 import threading
@@ -297,12 +298,21 @@ class ClientErrorFilter(logging.Filter):
 
 
 def _message(record: logging.LogRecord) -> str:
-    """The record's message, cut; its bare format string when its arguments do not fit it
-    (a filter's error would reach the code that logged)."""
+    """The record's message, cut, with the query strings and the ``user:password@`` of the
+    URLs in it hidden (an exporter's "max retries exceeded with url: /v1/traces?token=..."):
+    its bare format string when its arguments do not fit it (a filter's error would reach
+    the code that logged)."""
     try:
-        return cut(record.getMessage(), 1024)
+        text = record.getMessage()
     except Exception:
-        return cut(str(record.msg), 1024)
+        text = str(record.msg)
+    return cut(_URL_PASSWORD.sub("://***@", _URL_QUERY.sub(r"\1?***", text)), 1024)
+
+
+# A path's query string (``/v1/traces?api_key=...``, a URL's too) and a URL's credentials,
+# as third-party libraries quote them in their messages.
+_URL_QUERY = re.compile(r"(/[^\s?'\"<>]*)\?[^\s'\"<>)]+")
+_URL_PASSWORD = re.compile(r"://[^@/\s'\"]*@")
 
 
 def _from_client(exc: BaseException) -> bool:

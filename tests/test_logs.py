@@ -212,6 +212,9 @@ def test_standard_library_records_lose_exception_messages_and_keep_their_class()
                 logger.exception("Error handling request from %s", "127.0.0.1", exc_info=e)
         logger.warning("%s arguments %s", "too few")  # (the bare format string, no error)
         logger.warning("long " + "x" * 5000)
+        # an exporter's retry warning quotes the URL it could not reach, query string and all
+        logger.warning("Max retries exceeded with url: %s", f"/v1/traces?api_key={KEY}")
+        logger.warning("connecting to %s", f"https://user:{KEY}@collector:4318/v1/traces")
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
@@ -223,6 +226,8 @@ def test_standard_library_records_lose_exception_messages_and_keep_their_class()
     assert lines[1]["exception"].endswith("KeyError") and "test_logs.py" in lines[1]["exception"]
     assert lines[2]["event"] == "%s arguments %s"
     assert len(lines[3]["event"]) < 1100 and lines[3]["event"].endswith("more characters)")
+    assert lines[4]["event"] == "Max retries exceeded with url: /v1/traces?***"
+    assert lines[5]["event"] == "connecting to https://***@collector:4318/v1/traces"
 
 
 def test_workers_sharing_one_pipe_never_split_a_line() -> None:
