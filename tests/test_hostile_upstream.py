@@ -537,3 +537,28 @@ async def test_a_usage_past_any_model_is_not_counted_and_the_ledger_goes_on(
     assert await ledger.flush()
     rows = await ledger.rows(time.time() - 3600, time.time() + 3600, by=["project"])
     assert [(r["requests"], r["errors"], r["total_tokens"]) for r in rows] == [(2, 1, 8)]
+
+
+async def test_an_upstream_error_that_quotes_its_key_is_passed_without_it(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """A provider's 401 that quotes the key it got ("Incorrect API key provided: ..."), or a
+    400 that echoes the headers: the client gets the error, never the upstream's key."""
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        got = request.headers.get("Authorization", "")
+        return web.json_response(
+            {"error": {"message": f"Incorrect API key provided: {got}", "code": "invalid_key"}},
+            status=401,
+        )
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    upstream = await aiohttp_server(app)
+    endpoint = str(upstream.make_url("/v1/chat/completions"))
+    proxy = await make_proxy(config([{"endpoint": endpoint, "key": UPSTREAM_KEY}]))
+    code, body, _ = await call(proxy)
+    assert code == 401
+    assert UPSTREAM_KEY.encode() not in body
+    assert json.loads(body)["error"]["message"] == "Incorrect API key provided: Bearer ***"
