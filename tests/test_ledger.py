@@ -343,6 +343,10 @@ async def test_usage_endpoints_show_the_callers_own(
         status, forbidden = await get("/v1/deployments/closed/usage", KEY)
         bad, _ = await get("/v1/user/usage?from=yesterday", KEY)
         unknown, _ = await get("/v1/deployments/nope/usage", KEY)
+        # given twice (which one?), past the range: a 400 that says so
+        twice = await get("/v1/user/usage?from=2020-01-01&from=2026-01-01", KEY)
+        both_scopes = await get("/v1/user/usage?scope=key&scope=project", KEY)
+        late = await get("/v1/user/usage?to=9998-12-31T23:00Z", KEY)
     assert set(project["deployments"]) == {"chat", "other", "(unknown)", "closed"}
     assert project["deployments"]["other"]["usage"]["requests"] == 3
     assert own["deployments"]["other"]["usage"]["requests"] == 1
@@ -366,6 +370,15 @@ async def test_usage_endpoints_show_the_callers_own(
     assert old["from"] == "2020-01-01T00:00:00Z" and old["to"] == "2020-02-01T00:00:00Z"
     assert (status, forbidden["error"]["message"]) == (403, "Forbidden deployment: closed")
     assert (bad, unknown) == (400, 404)
+    assert twice == (
+        400,
+        {"error": {"message": "'from' is given 2 times: give it once", "code": "400"}},
+    )
+    assert (
+        both_scopes[0] == 400 and "'scope' is given 2 times" in both_scopes[1]["error"]["message"]
+    )
+    assert late[0] == 400
+    assert late[1]["error"]["message"].startswith("'to' must be from 1970-01-01 to 9998-12-31")
 
 
 async def test_each_request_lands_in_the_hour_it_ended_in(tmp_path: Path) -> None:

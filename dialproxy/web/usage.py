@@ -22,7 +22,8 @@ from dialproxy.auth import Principal, authenticate
 from dialproxy.config.model import LONG_MAX, Window
 from dialproxy.errors import BadRequest, NotFound
 from dialproxy.ledger import DAY, HOUR, MEASURES, Ledger
-from dialproxy.text import iso, timestamp
+from dialproxy.logs import cut
+from dialproxy.text import iso, parse_datetime, timestamp
 from dialproxy.web.appkeys import LEDGER, SHARED, STORE
 from dialproxy.web.guard import guarded, json_response
 from dialproxy.web.plan import resolve
@@ -41,14 +42,28 @@ def _ledger(request: web.Request) -> Ledger:
     return ledger
 
 
+def _once(request: web.Request, name: str) -> str | None:
+    """The query parameter ``name``; a 400 when it is given twice (which one was meant?)."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"'{name}' is given {len(values)} times: give it once")
+    return values[0] if values else None
+
+
 def _when(request: web.Request, name: str, end_of_day: bool) -> float | None:
-    value = request.query.get(name)
+    value = _once(request, name)
     if value is None or not value.strip():
         return None
     try:
-        return timestamp(value, end_of_day)  # (a date: to its end)
+        parse_datetime(value)
     except ValueError:
         raise BadRequest(f"'{name}' must be an ISO 8601 date or date-time") from None
+    try:
+        return timestamp(value, end_of_day)  # (a date: to its end)
+    except ValueError:  # (a date-time, out of the range a bound may name)
+        raise BadRequest(
+            f"'{name}' must be from 1970-01-01 to 9998-12-31 (got {cut(value, 40)})"
+        ) from None
 
 
 def query_range(request: web.Request, now: float) -> tuple[float, float]:
@@ -66,7 +81,7 @@ def query_range(request: web.Request, now: float) -> tuple[float, float]:
 def _filters(request: web.Request, principal: Principal) -> dict[str, str | None]:
     """Whose usage: the caller's project (``scope=project``, the default), or its own key
     (``scope=key``: a shared key's own id, for a shared key)."""
-    scope = request.query.get("scope", "project")
+    scope = _once(request, "scope") or "project"
     if scope == "project":
         return {"project": principal.project, "key": None, "shared_key": None}
     if scope == "key":
