@@ -198,6 +198,36 @@ async def test_a_background_response_whose_stream_brought_its_usage_is_not_charg
     assert ledger["total_tokens"] == total
 
 
+async def test_a_background_response_whose_stream_was_cut_is_charged_once_by_its_follow_up(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """Created with ``stream`` and ``background``, its stream cut: the response runs on at
+    the upstream, so the create charges no estimate; the retrieve that sees it done charges
+    what it used (the estimate and the usage were both charged)."""
+    proxy = await make_proxy(config(backend))
+    backend.control.break_stream_after(2)
+    async with aclient(proxy) as ac:
+        stream = await ac.responses.create(
+            model="m", input="cut short", stream=True, background=True
+        )
+        events = []
+        with pytest.raises((openai.APIError, openai.APIConnectionError)):
+            async for event in stream:
+                events.append(event)
+        created = events[0]
+        assert created.type == "response.created"
+        ours = created.response.id
+        await proxy.settle()
+        assert await used_tokens(proxy) == 0
+        for _ in range(100):
+            seen = await ac.responses.retrieve(ours)
+            if seen.status == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert seen.usage is not None
+    assert await used_tokens(proxy) == seen.usage.total_tokens
+
+
 async def test_a_background_response_a_shared_key_follows_up_is_charged_to_its_cap(
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:

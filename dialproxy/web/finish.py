@@ -75,6 +75,10 @@ def settle(
     """The request's usage recorded (its reservation settled), added to the usage ledger,
     its log line written."""
     disbelieve(outcome)
+    if outcome.estimated and outcome.ids is not None and outcome.ids.charged_once is not None:
+        # a background response whose stream was cut: its follow-up charges what it used
+        # (an estimate here too would charge it twice), as for one created without a stream
+        outcome.usage, outcome.estimated = None, False
     holds = outcome.reserved != (0, 0) or outcome.slot or outcome.shared_reserved
     if outcome.usage is not None and (outcome.status == 200 or outcome.estimated):
         if holds or outcome.shared is not None or outcome.records or outcome.capacity:
