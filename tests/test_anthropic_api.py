@@ -204,6 +204,28 @@ async def test_refusals_are_anthropics_errors_the_sdk_raises_as_its_own(
             await stranger.messages.create(model="claude", max_tokens=5, messages=MESSAGES)
 
 
+async def test_a_path_or_method_not_served_under_anthropic_answers_in_anthropics_shape(
+    backend: Backend, make_proxy: ProxyFactory
+) -> None:
+    """What the SDK may call that the proxy does not serve (``models.list``), or a method
+    it does not take: a 404 or 405 in Anthropic's error shape, as its refusals are (they were
+    DIAL's ``{"error": {"message", "code"}}`` there)."""
+    proxy = await make_proxy(config(backend))
+    async with aiohttp.ClientSession(headers={"x-api-key": KEY}) as s:
+        for method, path, status, kind in (
+            ("GET", "/anthropic/v1/models", 404, "not_found_error"),
+            ("GET", "/anthropic/v1/messages", 405, "invalid_request_error"),
+        ):
+            async with s.request(method, proxy.url(path)) as r:
+                body = await r.json()
+            assert r.status == status, path
+            assert body["type"] == "error" and body["error"]["type"] == kind, body
+    async with client(proxy, max_retries=0) as sdk:
+        with pytest.raises(anthropic.NotFoundError) as listed:
+            await sdk.models.list()
+    assert listed.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
 async def test_a_broken_stream_ends_with_an_error_event_the_sdk_raises(
     backend: Backend, make_proxy: ProxyFactory
 ) -> None:

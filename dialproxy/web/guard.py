@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from dialproxy.apis import anthropic
 from dialproxy.errorbody import error_response as error_response
 from dialproxy.errorbody import json_response as json_response
 from dialproxy.errorbody import response_for as response_for
@@ -60,9 +61,11 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
         match, methods = await resource.resolve(request)
         if match is None:
             allowed |= methods
+    # (under /anthropic/, Anthropic's error shape: what its SDK reads there)
+    shape = anthropic.error_response if request.path.startswith("/anthropic/") else response_for
     if allowed:
         error: web.HTTPException = web.HTTPMethodNotAllowed(request.method, allowed)
-        response = response_for(request, error)
+        response = shape(request, error)
         response.headers["Allow"] = ",".join(sorted(allowed))
         return response
-    return response_for(request, web.HTTPNotFound())
+    return shape(request, web.HTTPNotFound())
