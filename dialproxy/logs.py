@@ -33,6 +33,8 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from dialproxy.text import URL_CREDENTIALS
+
 FLUSH_AFTER = 0.1
 MAX_VALUE = 256  # characters of a string kept in an overlong log line
 MAX_LINE = 4096  # a line longer than this has its long strings cut
@@ -306,13 +308,12 @@ def _message(record: logging.LogRecord) -> str:
         text = record.getMessage()
     except Exception:
         text = str(record.msg)
-    return cut(_URL_PASSWORD.sub("://***@", _URL_QUERY.sub(r"\1?***", text)), 1024)
+    return cut(URL_CREDENTIALS.sub("://***@", _URL_QUERY.sub(r"\1?***", text)), 1024)
 
 
-# A path's query string (``/v1/traces?api_key=...``, a URL's too) and a URL's credentials,
-# as third-party libraries quote them in their messages.
+# A path's query string (``/v1/traces?api_key=...``, a URL's too), as third-party libraries
+# quote it in their messages.
 _URL_QUERY = re.compile(r"(/[^\s?'\"<>]*)\?[^\s'\"<>)]+")
-_URL_PASSWORD = re.compile(r"://[^@/\s'\"]*@")
 
 
 def _from_client(exc: BaseException) -> bool:

@@ -29,6 +29,8 @@ SHA256_KEY = re.compile(r"^sha256:([0-9a-f]{64})$")
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SURROGATE = re.compile("[\ud800-\udfff]")
+# A URL's ``user:password@`` (a Redis URL's, an exporter's endpoint), as an error quotes it.
+URL_CREDENTIALS = re.compile(r"://[^@/\s'\"]*@")
 _DURATION = re.compile(r"(\d+)([smhdw])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}  # a duration's, in seconds
 

@@ -41,7 +41,6 @@ what it takes back never does (they never held that reservation).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
@@ -52,6 +51,7 @@ import structlog
 from dialproxy.counting.counters import Counts, LocalCounters, Read
 from dialproxy.counting.rediscounters import TIMEOUT, NotSent, RedisCounters
 from dialproxy.errors import ProxyError, StorageUnavailable
+from dialproxy.text import URL_CREDENTIALS
 
 log = structlog.get_logger("dialproxy.counting.storage")
 
@@ -74,7 +74,6 @@ T = TypeVar("T")
 # sets its member frees, the member.
 Owed = tuple[float, list[Read], list[int], list[str], str]
 # user:password in a URL an error message may quote: never logged.
-_CREDENTIALS = re.compile(r"://[^@/\s]*@")
 
 
 class FailurePolicy(StrEnum):
@@ -200,7 +199,7 @@ class StorageHealth:
             backend=self.backend,
             caller=caller,
             error=type(cause or error).__name__,
-            detail=_CREDENTIALS.sub("://***@", str(error))[:200],
+            detail=URL_CREDENTIALS.sub("://***@", str(error))[:200],
             policy=str(self.policy),
         )
         if not self._closed and (self._probe is None or self._probe.done()):
