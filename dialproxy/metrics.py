@@ -402,7 +402,7 @@ class _StateCollector(Collector):
             owed = GaugeMetricFamily(
                 "dialproxy_storage_owed",
                 "Settlements owed to the counter storage: made while it was down, sent when "
-                "it is back.",
+                "it is back (counted until it has taken them).",
                 labels=("backend",),
             )
             owed.add_metric(backend, health["owed"])

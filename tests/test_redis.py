@@ -368,13 +368,15 @@ async def test_a_replay_that_redis_fails_resends_none_it_sent_and_keeps_the_rest
         monkeypatch.setattr(redis_counters, "settle", settle)
         own_redis.resume()
         await until_healthy(limiter)  # the replay: the first sent, the second fails
+        # (``owed`` reads 0 as soon as the group is sent: the replay is over when its
+        # answers are, the failure seen, a second outage)
         deadline = time.monotonic() + 10 * TIMEOUT + MARGIN
-        while limiter.health()["owed"] or len(sent) < 3:
+        while len(sent) < 3 or limiter.health()["outages"] < 2:
             assert time.monotonic() < deadline, f"the owed settlements were not all sent: {sent}"
             await asyncio.sleep(0.01)
-        # the failed one never twice (the failure marked Redis down: a second outage)
+        # the failed one never twice, nor owed again
         assert sent == [(-90, True), (-80, True), (-70, True)]
-        assert limiter.health()["outages"] == 2
+        assert (limiter.health()["outages"], limiter.health()["owed"]) == (2, 0)
         # 300 reserved; the first and the third replaced by their usage, the second's
         # reservation left (lost as it was sent: erring on counting)
         assert await redis_tokens(own_redis.url, scope, tokens) == 10 + 100 + 30
@@ -389,7 +391,8 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
     """Back from an outage, the owed settlements go a group at a time (one pipelined batch
     each, not one round trip each); a stop waits for them at most REPAY_AT_CLOSE (a slow
     Redis with many owed does not hold the process past its orchestrator's grace), and what
-    was not sent is said in the warning."""
+    was not sent is said in the warning.  A group on its way counts as owed on ``/health``
+    until Redis answers it (``owed`` at 0 means Redis has them all)."""
     monkeypatch.setattr(storage, "REPAY_GROUP", 10)
     monkeypatch.setattr(storage, "REPAY_AT_CLOSE", 0.5)
     limiter = Limiter(counter_storage(own_redis.url), "allow")
@@ -400,9 +403,11 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
     real_settle = redis_counters.settle
     in_flight, most, sent = 0, 0, 0
     first_sent = asyncio.Event()
+    owed_seen: list[int] = []  # what /health says as each settlement is on its way
 
     async def slow_settle(*args: Any) -> None:  # (a slow Redis: 0.1 s a batch)
         nonlocal in_flight, most, sent
+        owed_seen.append(limiter.health()["owed"])
         in_flight += 1
         most = max(most, in_flight)
         try:
@@ -427,6 +432,7 @@ async def test_owed_settlements_go_in_groups_and_a_stop_waits_for_them_a_bounded
         await until_healthy(limiter)
         await asyncio.wait_for(first_sent.wait(), 10)
         assert most == 10  # a group at once
+        assert owed_seen[:10] == [owed] * 10  # (the first group: 390 waiting, 10 on the way)
         with capture_logs() as logs:
             started = time.monotonic()
             await limiter.close()

@@ -252,6 +252,7 @@ class StorageGuard:
         self.state.add_probe(self._prepare_again)
         self.fallbacks = 0  # operations the policy answered instead of the shared storage
         self.owed: list[Owed] = []  # settlements Redis failed, sent when it is back
+        self.sending = 0  # owed settlements being sent, not answered yet
         self.owed_dropped = 0  # settlements owed past OWED_MAX, or once closed
         self.closed = False  # (owed from then on: never sent)
         self._ready = isinstance(storage, LocalCounters)  # else: prepared before first use
@@ -440,6 +441,8 @@ class StorageGuard:
             owed, self.owed = self.owed, []
             now = time.time()
             for first in range(0, len(owed), REPAY_GROUP):
+                # (taken from the list, not answered yet: still owed on /health)
+                self.sending = len(owed) - first
                 group = owed[first : first + REPAY_GROUP]
                 calls, sent = [], []
                 for entry in group:
@@ -461,6 +464,8 @@ class StorageGuard:
                 except BaseException:  # (the stop's wait ended: the group was sent)
                     self.owed[:0] = owed[first + REPAY_GROUP :]
                     raise
+                finally:
+                    self.sending = 0
                 failed = next((a for a in answers if isinstance(a, Exception)), None)
                 if failed is not None:  # down again: the groups left wait for the next time
                     self.failed(failed)
@@ -492,7 +497,7 @@ class StorageGuard:
             "failures": state.failures,
             "fallbacks": self.fallbacks,
             "outages": state.outages,
-            "owed": len(self.owed),
+            "owed": len(self.owed) + self.sending,
             "owedDropped": self.owed_dropped,
         }
 
