@@ -197,6 +197,47 @@ async def test_a_route_end_to_end(
         assert "Content-Type" not in rec.seen[-1].headers, method
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+async def test_a_route_upstream_error_that_quotes_its_key_is_passed_without_it(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, content_type: str
+) -> None:
+    """A route's upstream that answers an error quoting the key it got (the route's own, or
+    the per-request key made for it): the client gets the error without the key, as it does
+    from a model's upstream.  A success is relayed as it came."""
+
+    async def handle(request: web.Request) -> web.Response:
+        got = request.headers.get("Api-Key", "")
+        status = 200 if request.path.endswith("/fine") else 403
+        return web.Response(
+            status=status, text=f"data: bad key {got}!\n\n", content_type=content_type
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    proxy = await make_proxy(
+        config(
+            {
+                "own": {
+                    "paths": ["/v1/own"],
+                    "upstreams": [{"endpoint": str(server.make_url("/x")), "key": ROUTE_KEY}],
+                },
+                "minted": {
+                    "paths": ["/v1/minted(/.*)?"],
+                    "rewritePath": True,
+                    "upstreams": [{"endpoint": str(server.make_url("/"))}],
+                },
+            }
+        )
+    )
+    status, body, _ = await call(proxy.url("/v1/own"))
+    assert (status, body) == (403, b"data: bad key ***!\n\n")
+    status, body, _ = await call(proxy.url("/v1/minted"))
+    assert (status, body) == (403, b"data: bad key ***!\n\n")
+    status, body, _ = await call(proxy.url("/v1/minted/fine"))
+    assert status == 200 and body.startswith(b"data: bad key ") and b"***" not in body
+
+
 async def test_a_route_stream_the_upstream_breaks_off(
     aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
 ) -> None:

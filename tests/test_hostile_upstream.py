@@ -539,19 +539,19 @@ async def test_a_usage_past_any_model_is_not_counted_and_the_ledger_goes_on(
     assert [(r["requests"], r["errors"], r["total_tokens"]) for r in rows] == [(2, 1, 8)]
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
 async def test_an_upstream_error_that_quotes_its_key_is_passed_without_it(
-    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, content_type: str
 ) -> None:
     """A provider's 401 that quotes the key it got ("Incorrect API key provided: ..."), or a
-    400 that echoes the headers: the client gets the error, never the upstream's key."""
+    400 that echoes the headers: the client gets the error, never the upstream's key; an
+    error labelled an event stream too (it was relayed as it came, key and all)."""
 
     async def handle(request: web.Request) -> web.Response:
         await request.read()
         got = request.headers.get("Authorization", "")
-        return web.json_response(
-            {"error": {"message": f"Incorrect API key provided: {got}", "code": "invalid_key"}},
-            status=401,
-        )
+        error = {"error": {"message": f"Incorrect API key provided: {got}", "code": "invalid_key"}}
+        return web.Response(body=json.dumps(error), status=401, content_type=content_type)
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", handle)

@@ -145,7 +145,8 @@ async def answer(
     hidden from it)."""
     headers = response_headers(resp.headers, outcome.attempts, ours)
     settings, ids = context.settings, outcome.ids
-    if resp.content_type != "text/event-stream":
+    if resp.content_type != "text/event-stream" or resp.status >= 400:  # (an error is read
+        # whole, event stream or not: the keys it may quote are taken out of it)
         data = await read_answer(resp, context.idle, settings.max_response)
         if resp.status == 200:
             outcome.usage = find_usage(data, api.usage)
@@ -179,6 +180,16 @@ def _reader(outcome: Outcome, api: Api, max_event: int, injected: bool) -> Relay
     if ids is not None:
         return EventRewriter(ids.events, max_event, api.usage)
     return UsageHider(max_event) if injected else UsageScanner(max_event, api.usage)
+
+
+def without_keys(body: bytes, *keys: str | None) -> bytes:
+    """An upstream's error body without the ``keys`` the proxy gave it: the upstream's own
+    (a provider's "Incorrect API key provided: sk-..."), a per-request key (an adapter's
+    echo of the headers it got).  A client never sees a key that is not its own."""
+    for key in keys:
+        if key and len(key) >= 8 and (raw := key.encode()) in body:
+            body = body.replace(raw, b"***")
+    return body
 
 
 async def read_answer(resp: aiohttp.ClientResponse, idle: IdleWatch, cap: int) -> bytes:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from dialproxy.apis import openai
 from dialproxy.config.model import DialRoute
-from dialproxy.upstream.answer import Context, read_answer
+from dialproxy.upstream.answer import Context, read_answer, without_keys
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.idle import IdleWatch
 from dialproxy.wire.headers import NO_BODY_TYPE, UPSTREAM_KEY, response_headers
@@ -169,16 +169,24 @@ async def send_route(out: RouteOutbound, tried: Tried, context: Context) -> Rout
             await attempts.broke(upstream)
             continue
         if await attempts.served(resp, upstream):
-            return await _answer(resp, tried, out.ours, context)
+            return await _answer(resp, tried, out.ours, context, upstream.key)
     raise attempts.refusal()
 
 
 async def _answer(
-    resp: aiohttp.ClientResponse, tried: Tried, ours: list[tuple[str, str]], context: Context
+    resp: aiohttp.ClientResponse,
+    tried: Tried,
+    ours: list[tuple[str, str]],
+    context: Context,
+    key: str | None,
 ) -> RouteAnswer:
-    """The upstream's answer: read whole (within ``max_response``), or a stream to relay."""
+    """The upstream's answer: read whole (within ``max_response``), or a stream to relay.
+    An error is read whole, streamed or not, the keys the proxy gave it (``key``, the
+    upstream's, or the per-request one) taken out."""
     headers = response_headers(resp.headers, tried.attempts, ours)
-    if resp.content_type in STREAMED_TYPES:
+    if resp.status < 400 and resp.content_type in STREAMED_TYPES:
         return RouteAnswer(resp.status, headers, b"", Passthrough(resp, context.idle))
     data = await read_answer(resp, context.idle, context.settings.max_response)
+    if resp.status >= 400:
+        data = without_keys(data, key, tried.key)
     return RouteAnswer(resp.status, headers, data)

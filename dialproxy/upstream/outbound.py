@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from dialproxy.config.model import Model, Route, Serving, Upstream, Window
+from dialproxy.config.model import Model, Serving, Upstream, Window
 from dialproxy.config.store import Memo
 from dialproxy.counting.limiter import Admission, Held, Scope
 from dialproxy.errors import RateLimited
 from dialproxy.outcome import Outcome
-from dialproxy.upstream.answer import Answer, Context, answer
+from dialproxy.upstream.answer import Answer, Context, answer, without_keys
 from dialproxy.upstream.attempts import Attempts
 from dialproxy.upstream.idle import HeadersWait
 
@@ -124,19 +124,9 @@ async def send(out: Outbound, outcome: Outcome, context: Context) -> Answer:
             outcome.ids.served_by(route, out.serving)
         answered = await answer(resp, outcome, out.api, out.ours, context, out.injected)
         if answered.status >= 400 and answered.stream is None:  # (errors only: rare)
-            answered.body = without_keys(answered.body, route, outcome.per_request_key)
+            answered.body = without_keys(answered.body, route.upstream.key, outcome.per_request_key)
         return answered
     raise attempts.refusal()
-
-
-def without_keys(body: bytes, route: Route, per_request_key: str | None) -> bytes:
-    """An upstream's error body without the keys the proxy gave it: the upstream's own (a
-    provider's "Incorrect API key provided: sk-..."), an adapter's per-request key (an echo
-    of the headers it got).  A client never sees a key that is not its own."""
-    for key in (route.upstream.key, per_request_key):
-        if key and len(key) >= 8 and (raw := key.encode()) in body:
-            body = body.replace(raw, b"***")
-    return body
 
 
 def capacity_of(upstream: Upstream, memo: Memo) -> Admission | None:
