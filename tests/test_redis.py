@@ -615,6 +615,32 @@ async def test_close_cancels_the_probe_during_an_outage(own_redis: RedisServer) 
     assert all(t.cancelled() for t in started)  # none left behind
 
 
+async def test_health_says_redis_is_gone_on_an_idle_instance(
+    own_redis: RedisServer, backend: Backend, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """With no request to fail a Redis call, ``/health`` itself looks (a PING, at most once
+    a second): it said healthy for as long as Redis was gone, until a limited request came
+    (or the ledger had something to write).  Back, the probe finds it as after any
+    outage."""
+    config = {
+        "models": {"chat": chat_model(backend)},
+        "roles": {"user": {"limits": {"chat": {"minute": "10000000"}}}},
+        "keys": {KEY: {"project": "fleet", "role": "user"}},
+    }
+    settings = Settings(config_paths=(str(tmp_path / "aidial.config.json"),), ledger="off")
+    proxy = await make_proxy(config, storage=counter_storage(own_redis.url), settings=settings)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url("/health")) as r:
+            assert (await r.json())["storage"]["healthy"] is True
+        own_redis.kill()
+        await health_says(s, proxy.url("/health"), healthy=False)
+        async with s.get(proxy.url("/health")) as r:
+            storage_ = (await r.json())["storage"]
+        assert (storage_["outages"], storage_["fallbacks"]) == (1, 0)  # (no request answered)
+        own_redis.start()
+        await health_says(s, proxy.url("/health"), healthy=True)
+
+
 async def test_a_request_the_app_admitted_in_memory_is_settled_there_after_redis_is_back(
     own_redis: RedisServer, backend: Backend, make_proxy: ProxyFactory
 ) -> None:

@@ -550,9 +550,14 @@ class RedisCounters:
 
     async def check(self) -> bool:
         try:
-            return bool(await self._run(self.client.ping()))
+            await self.ping()
         except Exception:
             return False
+        return True
+
+    async def ping(self) -> None:
+        """A PING answered (else what failed it raised), a client's cancel notwithstanding."""
+        await self._run(self.client.ping())
 
     async def prepare(self) -> None:
         """Fresh connections, the scripts loaded (so a call never finds Redis without

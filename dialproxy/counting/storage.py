@@ -61,6 +61,10 @@ READ_TIMEOUT = TIMEOUT
 # While the storage is down, it is pinged this often; the first answer brings it back.
 PROBE_INTERVAL = 0.5
 
+# ``/health`` pings Redis (believed up) at most this often: an idle instance, with no call
+# to fail, says so when Redis is gone.
+PING_EVERY = 1.0
+
 # Settlements owed to Redis kept during an outage, at most (then dropped, and counted).
 OWED_MAX = 100_000
 # Owed settlements sent at once when Redis is back (pipelined: one round trip a group).
@@ -259,6 +263,7 @@ class StorageGuard:
         self._preparing = asyncio.Lock()
         self._repaying: asyncio.Task[None] | None = None
         self._repaid = False  # (closing: the owed settlements' last chance has come)
+        self._pinged = 0.0  # (monotonic) the last ping /health made
         self.state.when_back(self._repay_soon)
 
     @property
@@ -301,6 +306,21 @@ class StorageGuard:
             await self._prepare()
         except Exception as e:
             self.failed(e)
+
+    async def ping(self) -> None:
+        """``/health``'s look at Redis, believed up (at most every :data:`PING_EVERY`
+        seconds): a PING, which marks it down if it fails.  Calls fail only when there are
+        some: without it, an idle instance said healthy for as long as Redis was gone."""
+        storage = self.storage
+        now = time.monotonic()
+        if not isinstance(storage, RedisCounters) or now - self._pinged < PING_EVERY:
+            return
+        self._pinged = now
+        if self.state.healthy:
+            try:
+                await storage.ping()
+            except Exception as e:
+                self.failed(e)
 
     def failed(self, error: Exception) -> None:
         """The shared storage failed a call: down until a probe finds it back."""

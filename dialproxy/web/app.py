@@ -215,7 +215,9 @@ async def user_limits(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """Always 200 and ``"ok"`` while a config is served: a refused reload leaves the last good
     config serving, so a load balancer must not pull the proxy; ``config.lastError`` says why
-    the change was refused (until the next good reload clears it)."""
+    the change was refused (until the next good reload clears it).  Redis is pinged (at
+    most once a second) so that ``storage`` is true on an idle instance too."""
+    await request.app[LIMITER].guard.ping()
     body = {
         "status": "ok",
         "pid": os.getpid(),  # which process answered (serve --workers N: one of N)
