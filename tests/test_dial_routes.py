@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,45 @@ async def test_a_route_upstream_error_that_quotes_its_key_is_passed_without_it(
     assert (status, body) == (403, b"data: bad key ***!\n\n")
     status, body, _ = await call(proxy.url("/v1/minted/fine"))
     assert status == 200 and body.startswith(b"data: bad key ") and b"***" not in body
+
+
+async def test_a_route_request_its_client_leaves_is_logged_so(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
+) -> None:
+    """A client that leaves before the route's upstream answers: status 499 and why in the
+    log line (before: 500, as if the proxy had failed)."""
+    asked = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        asked.set()
+        await asyncio.sleep(5)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    server = await aiohttp_server(app)
+    proxy = await make_proxy(
+        config(
+            {
+                "slow": {
+                    "paths": ["/v1/slow"],
+                    "upstreams": [{"endpoint": str(server.make_url("/"))}],
+                }
+            }
+        )
+    )
+    with capture_logs() as logs:
+        call_ = asyncio.ensure_future(call(proxy.url("/v1/slow")))
+        await asyncio.wait_for(asked.wait(), 10)
+        call_.cancel()  # the client hangs up while the upstream works
+        with contextlib.suppress(asyncio.CancelledError):
+            await call_
+        for _ in range(500):
+            if any(e["event"] == "request" for e in logs):
+                break
+            await asyncio.sleep(0.01)
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert (line["status"], line["error"]) == (499, "the client went away before the answer")
 
 
 async def test_a_route_stream_the_upstream_breaks_off(

@@ -170,6 +170,7 @@ async def test_sigterm_gives_the_grace_then_ends_open_streams_with_an_error_even
         requests = {e["deployment"]: e for e in lines if e.get("event") == "request"}
         assert requests["slow"]["status"] == 200 and requests["slow"]["error"] is None
         assert requests["hang"]["status"] == 0  # cancelled: no answer was sent
+        assert requests["hang"]["error"] == "the server shut down before the answer"
         assert requests["hang"]["total_tokens"] is None  # the shutdown's cancel: not charged
         assert requests["forever"]["status"] == 200
         assert requests["forever"]["error"] == "stream ended: the server is shutting down"

@@ -312,6 +312,40 @@ async def test_a_client_that_hangs_up_before_a_whole_answer_is_charged_an_estima
     assert line["status"] == 499 and "client" in line["error"]
 
 
+async def test_a_client_that_hangs_up_before_an_upstream_is_asked_is_logged_so(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, session_logs: Any
+) -> None:
+    """A client that leaves while its body is still coming: nothing is charged (no upstream
+    was asked) and the log line says what happened, status 499 as for one that leaves
+    later (before: status 0 and no error, a line nobody could read)."""
+    asked = asyncio.Event()
+
+    async def never(request: web.Request) -> web.Response:
+        asked.set()
+        return web.json_response({"choices": [], "usage": USAGE})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", never)
+    server = await aiohttp_server(app)
+    proxy = await make_proxy(config(str(server.make_url("/v1/chat/completions"))))
+    before = len(session_logs.lines)
+    assert proxy.server.port is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(
+        b"POST /openai/deployments/chat/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + f"Api-Key: {KEY}\r\nContent-Type: application/json\r\n".encode()
+        + b'Content-Length: 1000\r\n\r\n{"messages": ['
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)  # (the handler waits for the rest of the body)
+    writer.close()
+    await until(lambda: any('"request"' in line for line in session_logs.lines[before:]))
+    line = next(json.loads(x) for x in session_logs.lines[before:] if '"request"' in x)
+    assert (line["status"], line["error"]) == (499, "the client went away before the answer")
+    assert line["total_tokens"] is None and line["attempts"] == 0
+    assert not asked.is_set() and await used_tokens(proxy) == 0
+
+
 async def test_a_stream_labelled_as_something_else_is_still_read_as_one(
     aiohttp_server: AiohttpServer, make_proxy: ProxyFactory
 ) -> None:

@@ -39,6 +39,10 @@ def begin(services: Services, request: web.Request, api: str) -> Outcome:
     return outcome
 
 
+# The log line's error of a request whose client left before the answer (status 499).
+CLIENT_GONE = "the client went away before the answer"
+
+
 def abandoned(outcome: Outcome) -> None:
     """A request that reached an upstream, whose client left before the answer (none came,
     or a 200's body was still being read): the upstream worked on it (a provider bills a
@@ -51,7 +55,7 @@ def abandoned(outcome: Outcome) -> None:
     outcome.usage = estimate(outcome.request_bytes, 0)
     outcome.estimated = True
     outcome.status = 499
-    outcome.error = "the client went away before the answer"
+    outcome.error = CLIENT_GONE
 
 
 def refused(request: web.Request, api: Api, outcome: Outcome, error: Exception) -> web.Response:

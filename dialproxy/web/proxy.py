@@ -40,6 +40,7 @@ from dialproxy.upstream.answer import stop_draining
 from dialproxy.upstream.outbound import Outbound, send
 from dialproxy.web.body import read_json
 from dialproxy.web.finish import (
+    CLIENT_GONE,
     abandoned,
     begin,
     end_key,
@@ -140,9 +141,12 @@ async def handle(request: web.Request, services: Services, api: Api) -> web.Stre
     except Exception as e:  # (the route is not guarded: its errors are answered here)
         return refused(request, api, outcome, e)
     except asyncio.CancelledError:  # the client left, or the shutdown's grace ended
-        # (what the shutdown cancels after its grace is ours: not charged)
-        if outcome.attempts and outcome.usage is None and not services.drain.over:
+        if services.drain.over:  # (what the shutdown cancels after its grace is ours: not
+            outcome.error = "the server shut down before the answer"  # charged)
+        elif outcome.attempts and outcome.usage is None:
             abandoned(outcome)
+        elif outcome.status == 0:  # (no upstream asked yet: nothing to charge)
+            outcome.status, outcome.error = 499, CLIENT_GONE
         raise
     finally:
         if outcome.leftover is None:

@@ -21,6 +21,7 @@ when it has one, else a per-request key (as DIAL does), released when the reques
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from dialproxy.errors import (
 from dialproxy.upstream.dialroute import RouteOutbound, Tried, send_route
 from dialproxy.web import guard
 from dialproxy.web.body import read_raw_body
-from dialproxy.web.finish import hold
+from dialproxy.web.finish import CLIENT_GONE, hold
 from dialproxy.web.services import Services
 from dialproxy.wire.headers import ROUTE_BODY_HEADERS, route_headers
 
@@ -110,7 +111,7 @@ async def serve(
     started = time.perf_counter()
     tried = Tried()
     principal: Principal | None = None
-    status = 500
+    status = 0  # (no answer yet)
     try:
         principal = await authenticate(request.headers, snapshot, request.remote, services.shared)
         if not route.admits(principal.access.roles):
@@ -147,6 +148,12 @@ async def serve(
         if message is not None:
             tried.error = message
         return response
+    except asyncio.CancelledError:  # the client left, or the shutdown's grace ended
+        if services.drain.over:
+            tried.error = "the server shut down before the answer"
+        elif status == 0:
+            status, tried.error = 499, CLIENT_GONE
+        raise
     finally:
         keys = services.shared.per_request
         if tried.key is not None and keys is not None and (work := keys.end(tried.key)) is not None:
