@@ -97,7 +97,9 @@ def parse_datetime(value: str) -> datetime:
 # date-time at either end of Python's range overflows once moved to UTC or a day later).
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9998, 12, 31, tzinfo=UTC)
-LONGEST = (LATEST - EARLIEST).total_seconds()  # a duration's most, in seconds
+# A duration's most, in seconds: 100 years (from now, always a date before LATEST; a
+# longer one would not make one).
+LONGEST = 36_525 * 86_400
 
 
 def within(when: datetime, value: str) -> datetime:
@@ -130,14 +132,20 @@ def parse_duration(value: str) -> timedelta:
         raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 1w2d, 90m)")
     seconds = sum(int(n) * UNITS[u] for n, u in _DURATION.findall(text))
     if seconds > LONGEST:
-        raise ValueError(f"{value!r} is too long")
+        raise TooLong(f"{value!r} is too long (at most 100 years)")
     return timedelta(seconds=seconds)
+
+
+class TooLong(ValueError):
+    """A duration past :data:`LONGEST`."""
 
 
 def parse_expiry(value: str, now: datetime) -> datetime:
     """``30d`` (from now) or a date / date-time; must be in the future."""
     try:
         when = now + parse_duration(value)
+    except TooLong:
+        raise
     except ValueError:
         try:
             when = parse_datetime(value)

@@ -486,6 +486,10 @@ async def test_hostile_values_get_a_4xx_never_a_500(
         ),
         ("PATCH", f"/v1/admin/keys/{fp}", headers, {"expiresAt": "99999999999d"}, 400),
         ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "99999999999d"}, 400),
+        # a duration a date-time holds, but not added to now (past year 9999): was a 500
+        ("POST", "/v1/admin/keys", headers, {**create, "expiresAt": "2932000d"}, 400),
+        ("PATCH", f"/v1/admin/keys/{fp}", headers, {"expiresAt": "2932000d"}, 400),
+        ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "2932000d"}, 400),
         ("POST", "/v1/admin/keys", headers, b"[" * 100_000, 400),
         # a field a create or a rotation does not take: named, not silently dropped
         ("POST", "/v1/admin/keys", headers, {**create, "disabled": True}, 400),

@@ -215,11 +215,18 @@ def test_add_options_and_usage_errors(pretty: Path, capsys: pytest.CaptureFixtur
         ["--expires", "2001-01-01"],
         ["--expires", "soon"],
         ["--expires", "0"],
+        ["--expires", "2932000d"],  # (past year 9999 from now: was a traceback)
+        ["--expires", "3000000d"],
     ):
         code, _, err = run(
             capsys, "add", "--config", str(pretty), "--project", "p", "--role", "r", *args
         )
         assert code == 2 and "--expires" in err, args
+    code, _, err = run(
+        capsys, "add", "--config", str(pretty), "--project", "p", "--role", "r",
+        "--expires", "3000000d",
+    )  # fmt: skip
+    assert "is too long (at most 100 years)" in err
     code, _, err = run(capsys, "add", "--config", str(pretty), "--project", "", "--role", "r")
     assert code == 2
     for option in ("--project", "--name", "--description", "--role"):  # read as variables
@@ -515,10 +522,11 @@ def test_rotate_issues_a_like_key_and_expires_the_old_one_after_the_overlap(
     run(capsys, "revoke", "--config", str(pretty), key_digest(new)[:8])
     code, _, err = run(capsys, "rotate", "--config", str(pretty), key_digest(new)[:8])
     assert code == 1 and "disabled" in err
-    code, _, err = run(
-        capsys, "rotate", "--config", str(pretty), key_digest(old)[:8], "--overlap", "a while"
-    )
-    assert code == 2 and "--overlap" in err
+    for overlap in ("a while", "2932000d"):  # (the latter past year 9999: was a traceback)
+        code, _, err = run(
+            capsys, "rotate", "--config", str(pretty), key_digest(old)[:8], "--overlap", overlap
+        )
+        assert code == 2 and "--overlap" in err, overlap
 
 
 def test_writes_are_atomic_and_keep_mode_and_symlinks(
