@@ -164,6 +164,9 @@ async def test_usage_by_day_and_its_csv(
     assert [(r["key"], r["keyName"], r["requests"]) for r in by_key["rows"]] == [
         (fingerprint, "alice", 2)
     ]
+    for written in (fingerprint, fingerprint.upper()):  # (hex in any case)
+        one = await get(session, proxy, f"/v1/console/usage?by=key&key={written}", k.viewer)
+        assert [(r["key"], r["requests"]) for r in one["rows"]] == [(fingerprint, 2)]
     nobody = await get(session, proxy, "/v1/console/usage?project=nobody", k.viewer)
     assert nobody["rows"] == [] and nobody["total"]["requests"] == 0
     async with session.get(
@@ -220,6 +223,8 @@ async def test_a_keys_windows_and_shared_keys(
     assert made["key"] not in json.dumps(detail)
     assert detail["today"]["requests"] == 1
     assert detail["name"] == "alice" and detail["state"] == "active"
+    upper = await get(session, proxy, f"/v1/console/keys/{fingerprint.upper()}", k.viewer)
+    assert upper["fingerprint"] == fingerprint  # (hex in any case, as the admin API takes it)
     admin = await get(session, proxy, f"/v1/console/keys/{key_digest(k.admin)[:8]}", k.admin)
     assert admin["sharedKeys"] is None  # (no canShare)
     assert all(m["limits"] == [] for m in admin["models"].values())  # (no limited window)

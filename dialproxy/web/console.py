@@ -357,8 +357,9 @@ async def usage_rows(request: web.Request) -> web.StreamResponse:
     start, end = usage.query_range(request, found.clock())
     group = ("day", USAGE_GROUPS[by])
     rows = await found.rows(
-        start, end, group, project=query.get("project") or None, key=query.get("key") or None
-    )
+        start, end, group, project=query.get("project") or None,
+        key=query.get("key", "").lower() or None,  # (a fingerprint: hex, any case)
+    )  # fmt: skip
     rows.sort(key=lambda r: (-r["day"], -r["total_tokens"], str(r[group[1]])))
     span = (
         iso(datetime.fromtimestamp(start, UTC)),
@@ -391,6 +392,7 @@ async def usage_rows(request: web.Request) -> web.StreamResponse:
 
 
 def _key(snapshot: Snapshot, fingerprint: str) -> Key:
+    fingerprint = fingerprint.lower()  # (hex: any case, as the admin API takes it)
     found = [k for k in snapshot.keys.values() if k.fingerprint == fingerprint]
     if not found:
         raise NotFound(f"No key with fingerprint {fingerprint[:64]} is served")
