@@ -157,7 +157,7 @@ class Ledger:
         totals[0] += 1
         status = outcome.status
         # An error: no answer, an answer of 400 or over, or a stream that ended on an error
-        # (the upstream broke off, the client left, the shutdown ended it).
+        # (the upstream broke off or sent an error event, the client left, the shutdown).
         if status == 0 or status >= 400 or outcome.error is not None:
             totals[1] += 1
         usage = outcome.usage

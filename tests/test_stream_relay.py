@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from dialproxy.settings import Settings
-from dialproxy.web.appkeys import BACKGROUND, CLIENT
+from dialproxy.web.appkeys import BACKGROUND, CLIENT, LEDGER
 from tests.conftest import AiohttpServer, Proxy, ProxyFactory, new_key
 from tests.hostile_upstream import EOLS, USAGE, Hostile, create_hostile_app
 
@@ -344,6 +344,59 @@ async def test_a_client_that_hangs_up_before_an_upstream_is_asked_is_logged_so(
     assert (line["status"], line["error"]) == (499, "the client went away before the answer")
     assert line["total_tokens"] is None and line["attempts"] == 0
     assert not asked.is_set() and await used_tokens(proxy) == 0
+
+
+async def test_a_stream_that_ends_on_the_upstreams_error_event_counts_as_an_error(
+    aiohttp_server: AiohttpServer, make_proxy: ProxyFactory, session_logs: Any
+) -> None:
+    """An upstream that reports a failure mid-stream as an event (OpenAI's and DIAL's
+    ``data: {"error": ...}``, Anthropic's ``event: error``) and ends the stream: relayed as
+    it came, and its log line and the ledger count it an error (before: a success).  An
+    ``"error": null`` (a Responses answer's) or the word quoted in the content is none."""
+    chunk = {"id": "c", "object": "chat.completion.chunk", "choices": []}
+    content = {**chunk, "choices": [{"index": 0, "delta": {"content": '{"error": {"x": 1}}'}}]}
+    endings = {
+        "error": [content, {"error": {"message": "The model is overloaded", "code": "500"}}],
+        "fine": [content, {**chunk, "error": None}, "[DONE]"],
+    }
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in endings[request.query["end"]]:
+            data = event if isinstance(event, str) else json.dumps(event)
+            await response.write(f"data: {data}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    proxy = await make_proxy(config(str(server.make_url("/v1/chat/completions"))))
+    ledger = proxy.app[LEDGER]
+    for end in ("error", "fine"):
+        seen = len(session_logs.lines)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url(proxy, end=end), json=BODY, headers={"Api-Key": KEY}) as r,
+        ):
+            assert r.status == 200
+            body = await r.read()
+        assert body.count(b"data: ") == len(endings[end])  # (relayed as it came)
+
+        def logged(since: int = seen) -> list[str]:
+            return [x for x in session_logs.lines[since:] if '"request"' in x]
+
+        await until(logged)
+        line = json.loads(logged()[0])
+        if end == "error":
+            assert line["error"] == "the upstream's stream ended on an error event"
+        else:
+            assert line["error"] is None
+    assert await ledger.flush()
+    rows = await ledger.rows(time.time() - 3600, time.time() + 3600, by=["project"])
+    assert [(r["requests"], r["errors"]) for r in rows] == [(2, 1)]
 
 
 async def test_a_stream_labelled_as_something_else_is_still_read_as_one(

@@ -11,6 +11,7 @@ drained for it (:func:`drain`) after the answer.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -83,15 +84,19 @@ class Stream:
         left to drain for it) in ``outcome``."""
         upstream, idle, relay = self.upstream, self.idle, self.reader
         cut = client_gone = False
+        before = last = b""  # the last two chunks: where an error event that ends it is
         idle.watch(upstream)
         try:
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
+                    before, last = last, chunk
                     if out := relay.feed(chunk):
                         await response.write(out)
                 if rest := relay.flush():
                     await response.write(rest)
+                if _ERROR_EVENT.search(before[-_TAIL:] + last[-_TAIL:]):
+                    outcome.error = "the upstream's stream ended on an error event"
             except (aiohttp.ClientError, TimeoutError) as e:
                 cut = True
                 outcome.error = f"upstream stream broke off: {type(e).__name__}"
@@ -167,6 +172,13 @@ async def answer(
     stream = Stream(resp, reader, api.errors.stream_error, context.idle)
     return Answer(resp.status, headers, b"", stream)  # (no keywords: they cost a dict)
 
+
+# An error event (OpenAI's and DIAL's ``{"error": {...}}``, Anthropic's ``"type": "error"``
+# one, a failed Responses answer's): an ``"error"`` key with an object or a text, unescaped
+# (quoted in a content string it is ``\"error\"``); looked for in the last _TAIL bytes
+# of the stream's last two chunks.
+_ERROR_EVENT = re.compile(rb'"error"\s*:\s*[{"]')
+_TAIL = 4096
 
 # How an event stream starts (an event's field, or a comment): a body that starts so is
 # one, whatever its Content-Type says.
