@@ -31,7 +31,7 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SURROGATE = re.compile("[\ud800-\udfff]")
 # A URL's ``user:password@`` (a Redis URL's, an exporter's endpoint), as an error quotes it.
 URL_CREDENTIALS = re.compile(r"://[^@/\s'\"]*@")
-_DURATION = re.compile(r"(\d+)([smhdw])")
+_DURATION = re.compile(r"([0-9]+)([smhdw])")  # (ASCII digits: int() reads others too)
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}  # a duration's, in seconds
 
 

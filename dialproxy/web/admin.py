@@ -445,7 +445,9 @@ def _matches(key: Mapping[str, Any], digest: str | None, wanted: Mapping[str, st
     """Whether a listed key passes the filters (``q``: a case-insensitive substring of its
     name, description, project or fingerprint; the rest: exact)."""
     if (q := wanted.get("q")) is not None:
-        texts = [key["name"], key["description"], key["project"], digest]
+        # (the fingerprint alone: the rest of the digest, found a digit at a time, would
+        # give a viewer the whole SHA-256 of the key to brute-force offline)
+        texts = [key["name"], key["description"], key["project"], digest and digest[:8]]
         if not any(isinstance(t, str) and q in t.lower() for t in texts):
             return False
     if (project := wanted.get("project")) is not None and key["project"] != project:
