@@ -39,6 +39,7 @@ from dialproxy.errors import EXIT_OK, EXIT_USAGE, KeyNotFound, KeysError, NotEdi
 from dialproxy.text import (
     CONTROL,
     SHA256_KEY,
+    has_control,
     hashed,
     iso,
     key_digest,
@@ -185,6 +186,12 @@ def _literal(field: str, values: Iterable[str | None]) -> None:
             "write such a value by hand",
             EXIT_USAGE,
         )
+    lines = field == "description"  # (a description's line breaks and tabs are its own)
+    for value in values:
+        if value is not None and has_control(
+            value.replace("\n", "").replace("\t", "") if lines else value
+        ):
+            raise KeysError(f"the {field} holds a control character", EXIT_USAGE)
 
 
 def create_key(

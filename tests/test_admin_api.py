@@ -460,6 +460,15 @@ async def test_edit_refusals_and_expiry(
     edited = await resp.json()
     assert edited["state"] == "active" and edited["expiresAt"].endswith("Z")
     assert proxy.store.snapshot.keys[key_digest(k.user)].expires_at is not None
+    # a description's lines and tabs are its own (other control characters: 400)
+    headers = write_headers(k.admin, edited["etag"])
+    resp = await session.patch(url, json={"description": "one\n\ttwo"}, headers=headers)
+    assert resp.status == 200 and (await resp.json())["description"] == "one\n\ttwo"
+    # a rotation takes every field as optional: no body at all is one
+    resp = await session.post(
+        url + "/rotate", headers=write_headers(k.admin, (await resp.json())["etag"])
+    )
+    assert resp.status == 201, await resp.text()
 
 
 async def test_hostile_values_get_a_4xx_never_a_500(
@@ -490,6 +499,12 @@ async def test_hostile_values_get_a_4xx_never_a_500(
         ("POST", "/v1/admin/keys", headers, {**create, "expiresAt": "2932000d"}, 400),
         ("PATCH", f"/v1/admin/keys/{fp}", headers, {"expiresAt": "2932000d"}, 400),
         ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "2932000d"}, 400),
+        # a control character in a name (a description's line break aside), a blank project
+        ("POST", "/v1/admin/keys", headers, {**create, "project": "a\u0000b"}, 400),
+        ("POST", "/v1/admin/keys", headers, {**create, "project": "\t"}, 400),
+        ("POST", "/v1/admin/keys", headers, {**create, "name": "one\ntwo"}, 400),
+        ("PATCH", f"/v1/admin/keys/{fp}", headers, {"description": "a\u0007"}, 400),
+        ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"name": "a\rb"}, 400),
         # digits other than ASCII's (int() reads them: "٣d" was 3 days)
         ("POST", "/v1/admin/keys", headers, {**create, "expiresAt": "\u0663d"}, 400),
         ("POST", f"/v1/admin/keys/{fp}/rotate", headers, {"overlap": "\uff11d"}, 400),

@@ -229,6 +229,10 @@ def test_add_options_and_usage_errors(pretty: Path, capsys: pytest.CaptureFixtur
     assert "is too long (at most 100 years)" in err
     code, _, err = run(capsys, "add", "--config", str(pretty), "--project", "", "--role", "r")
     assert code == 2
+    for option, value in (("--project", "a\nb"), ("--name", "a\x1bb"), ("--description", "\x07")):
+        given = {"--project": "p", "--role": "r"} | {option: value}
+        code, _, err = run(capsys, "add", "--config", str(pretty), *chain(*given.items()))
+        assert code == 2 and "control character" in err, option
     for option in ("--project", "--name", "--description", "--role"):  # read as variables
         given = {"--project": "p", "--role": "r"} | {option: "${UPSTREAM_KEY}"}
         code, _, err = run(capsys, "add", "--config", str(pretty), *chain(*given.items()))

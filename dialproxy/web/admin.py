@@ -61,7 +61,7 @@ from dialproxy.errors import (
     UnsupportedMediaType,
 )
 from dialproxy.ledger import HOUR
-from dialproxy.text import hashed, iso, key_digest, parse_duration, parse_expiry
+from dialproxy.text import has_control, hashed, iso, key_digest, parse_duration, parse_expiry
 from dialproxy.web.appkeys import (
     ADMIN_WRITES,
     BALANCER,
@@ -118,6 +118,8 @@ def _same_origin(request: web.Request) -> None:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.body_exists:  # (nothing given: a rotation's every field is optional)
+        return {}
     if request.content_type != "application/json":
         raise UnsupportedMediaType("Content-Type must be application/json")
     try:
@@ -133,7 +135,10 @@ async def _body(request: web.Request) -> dict[str, Any]:
 def _no_variables(body: dict[str, Any]) -> None:
     """400 when a name or value of ``body`` holds ``${``: written into the config, it would
     be read as an environment variable's reference, and the variable's value (an upstream
-    key...) shown to whoever reads that field back (a key's project in ``/v1/user/info``)."""
+    key...) shown to whoever reads that field back (a key's project in ``/v1/user/info``).
+    400 too for a control character (a description's line breaks and tabs aside): a NUL or
+    a line break in a project or a name went on into the usage ledger's CSV, the CLI's
+    tables and every log reader (the shared keys' API refused them already)."""
     stack: list[tuple[str, Any]] = [("", body)]
     while stack:
         where, value = stack.pop()
@@ -143,6 +148,10 @@ def _no_variables(body: dict[str, Any]) -> None:
                     f"{where or 'a field name'} holds '${{', which the config reads as an "
                     "environment variable: such a value is written by hand, not through the API"
                 )
+            if has_control(
+                value.replace("\n", "").replace("\t", "") if where == "description" else value
+            ):
+                raise BadRequest(f"{where or 'a field name'} holds a control character")
         elif isinstance(value, dict):
             for k, v in value.items():
                 stack += [(where or "a field name", k), (f"{where}.{k}"[:100].lstrip("."), v)]
@@ -537,7 +546,7 @@ async def create_key(request: web.Request) -> web.Response:
     config = _open(request)
     now = datetime.now(UTC)
     project = _text(body, "project")
-    if not project:
+    if not project or not project.strip():
         raise BadRequest("project is required")
     can_share = body.get("canShare", False)
     if not isinstance(can_share, bool):
